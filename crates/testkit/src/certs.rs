@@ -11,6 +11,7 @@ use rcgen::{
 };
 
 /// PEM material the control plane and its clients need, kept for writing the kubeconfig.
+#[allow(clippy::struct_field_names)] // all three are PEM text; the suffix says so
 pub(crate) struct Certs {
     pub(crate) ca_pem: String,
     pub(crate) admin_cert_pem: String,
@@ -20,23 +21,40 @@ pub(crate) struct Certs {
 pub(crate) fn generate(dir: &Path) -> Result<Certs, Error> {
     let ca_key = KeyPair::generate()?;
     let mut ca_params = CertificateParams::default();
-    ca_params.distinguished_name.push(DnType::CommonName, "cloak-testkit-ca");
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "cloak-testkit-ca");
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     let ca_cert = ca_params.self_signed(&ca_key)?;
     let ca = Issuer::new(ca_params, ca_key);
 
     let serving_key = KeyPair::generate()?;
-    let mut serving = CertificateParams::new(vec!["localhost".to_owned(), "kubernetes.default.svc".to_owned()])?;
-    serving.subject_alt_names.push(SanType::IpAddress([127, 0, 0, 1].into()));
-    serving.distinguished_name.push(DnType::CommonName, "kube-apiserver");
+    let mut serving = CertificateParams::new(vec![
+        "localhost".to_owned(),
+        "kubernetes.default.svc".to_owned(),
+    ])?;
+    serving
+        .subject_alt_names
+        .push(SanType::IpAddress([127, 0, 0, 1].into()));
+    serving
+        .distinguished_name
+        .push(DnType::CommonName, "kube-apiserver");
     serving.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     let serving_cert = serving.signed_by(&serving_key, &ca)?;
 
     let admin_key = KeyPair::generate()?;
     let mut admin = CertificateParams::default();
-    admin.distinguished_name.push(DnType::CommonName, "cloak-test-admin");
-    admin.distinguished_name.push(DnType::OrganizationName, "system:masters");
+    admin
+        .distinguished_name
+        .push(DnType::CommonName, "cloak-test-admin");
+    admin
+        .distinguished_name
+        .push(DnType::OrganizationName, "system:masters");
     admin.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     let admin_cert = admin.signed_by(&admin_key, &ca)?;
 
@@ -54,5 +72,9 @@ pub(crate) fn generate(dir: &Path) -> Result<Certs, Error> {
         fs::write(&path, pem).map_err(Error::io(&path))?;
         fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).map_err(Error::io(&path))?;
     }
-    Ok(Certs { ca_pem: ca_cert.pem(), admin_cert_pem: admin_cert.pem(), admin_key_pem: admin_key.serialize_pem() })
+    Ok(Certs {
+        ca_pem: ca_cert.pem(),
+        admin_cert_pem: admin_cert.pem(),
+        admin_key_pem: admin_key.serialize_pem(),
+    })
 }

@@ -90,13 +90,21 @@ rm -rf "$dir"
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("building the control-plane binaries failed: {0}")]
     Build(String),
     #[error("generating certificates: {0}")]
     Certs(#[from] rcgen::Error),
     #[error("{name} did not become ready within {timeout:?}; last error: {last}; log tail:\n{log}")]
-    NotReady { name: &'static str, timeout: Duration, last: String, log: String },
+    NotReady {
+        name: &'static str,
+        timeout: Duration,
+        last: String,
+        log: String,
+    },
     #[error("{name} exited during start-up; log tail:\n{log}")]
     Exited { name: &'static str, log: String },
     #[error("kubeconfig: {0}")]
@@ -104,12 +112,18 @@ pub enum Error {
     #[error("kube client: {0}")]
     Kube(#[from] kube::Error),
     #[error("reading CRD {path}: {source}")]
-    CrdYaml { path: PathBuf, source: serde_yaml::Error },
+    CrdYaml {
+        path: PathBuf,
+        source: serde_yaml::Error,
+    },
 }
 
 impl Error {
     pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Self + '_ {
-        move |source| Self::Io { path: path.to_owned(), source }
+        move |source| Self::Io {
+            path: path.to_owned(),
+            source,
+        }
     }
 }
 
@@ -131,7 +145,8 @@ impl Supervised {
 
     fn server_alive(&self) -> bool {
         // Before the pid file exists the server is still being started.
-        self.server_pid().is_none_or(|pid| Path::new(&format!("/proc/{pid}")).exists())
+        self.server_pid()
+            .is_none_or(|pid| Path::new(&format!("/proc/{pid}")).exists())
     }
 
     fn log_tail(&self) -> String {
@@ -213,16 +228,26 @@ impl ControlPlane {
 
         let dir = root.join(format!("cp-{}-{}", std::process::id(), unique()));
         fs::create_dir_all(&dir).map_err(Error::io(&dir))?;
-        fs::write(dir.join("owner"), owner_record(std::process::id()).unwrap_or_default())
-            .map_err(Error::io(&dir))?;
-        let janitor = spawn_supervised(&dir, "janitor", &["sh", "-c", JANITOR, "janitor", &path_str(&dir)], false)?;
+        fs::write(
+            dir.join("owner"),
+            owner_record(std::process::id()).unwrap_or_default(),
+        )
+        .map_err(Error::io(&dir))?;
+        let janitor = spawn_supervised(
+            &dir,
+            "janitor",
+            &["sh", "-c", JANITOR, "janitor", &path_str(&dir)],
+            false,
+        )?;
         let janitor_pid = dir.join("janitor.pid");
-        fs::write(&janitor_pid, janitor.watchdog.id().to_string()).map_err(Error::io(&janitor_pid))?;
+        fs::write(&janitor_pid, janitor.watchdog.id().to_string())
+            .map_err(Error::io(&janitor_pid))?;
 
         let certs = certs::generate(&dir)?;
         let [etcd_port, peer_port, api_port] = free_ports::<3>(&dir)?;
         let kubeconfig = dir.join("admin.kubeconfig");
-        fs::write(&kubeconfig, render_kubeconfig(api_port, &certs)).map_err(Error::io(&kubeconfig))?;
+        fs::write(&kubeconfig, render_kubeconfig(api_port, &certs))
+            .map_err(Error::io(&kubeconfig))?;
 
         let mut servers = Vec::new();
         let etcd_url = format!("http://127.0.0.1:{etcd_port}");
@@ -289,7 +314,8 @@ impl ControlPlane {
             janitor: Mutex::new(Some(janitor)),
             startup: Duration::ZERO,
         };
-        cp.wait_ok(&cp.client(), "kube-apiserver", "/readyz").await?;
+        cp.wait_ok(&cp.client(), "kube-apiserver", "/readyz")
+            .await?;
         cp.install_crds().await?;
         cp.startup = began.elapsed();
         Ok(cp)
@@ -299,7 +325,10 @@ impl ControlPlane {
     /// the other default controllers) unless it already runs. Idempotent.
     pub async fn ensure_controller_manager(&self) -> Result<(), Error> {
         {
-            let servers = self.servers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let servers = self
+                .servers
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             if servers.iter().any(|s| s.name == "kube-controller-manager") {
                 return Ok(());
             }
@@ -326,13 +355,20 @@ impl ControlPlane {
             ],
             true,
         )?;
-        self.servers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(kcm);
+        self.servers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(kcm);
         self.wait_controller_manager(port).await
     }
 
     /// A new client for the calling test's runtime.
+    ///
+    /// # Panics
+    /// When the stored configuration cannot make a client, which only a broken build causes.
     pub fn client(&self) -> Client {
-        Client::try_from(self.config.clone()).unwrap_or_else(|e| panic!("building a kube client: {e}"))
+        Client::try_from(self.config.clone())
+            .unwrap_or_else(|e| panic!("building a kube client: {e}"))
     }
 
     /// The admin kubeconfig, for `kubectl --kubeconfig` and `helm --kubeconfig`.
@@ -352,7 +388,10 @@ impl ControlPlane {
 
     /// PIDs of the servers (not the watchdogs) now running, for tests of the cleanup itself.
     pub fn server_pids(&self) -> Vec<u32> {
-        let servers = self.servers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let servers = self
+            .servers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         servers.iter().filter_map(Supervised::server_pid).collect()
     }
 
@@ -386,21 +425,40 @@ impl ControlPlane {
             .map_err(|e: http::uri::InvalidUri| self.not_ready(name, e.to_string()))?;
         config.accept_invalid_certs = true;
         config.root_cert = None;
-        self.wait_ok(&Client::try_from(config)?, name, "/healthz").await
+        self.wait_ok(&Client::try_from(config)?, name, "/healthz")
+            .await
     }
 
     fn check_alive(&self) -> Result<(), Error> {
-        let servers = self.servers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let servers = self
+            .servers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         match servers.iter().find(|s| !s.server_alive()) {
-            Some(dead) => Err(Error::Exited { name: dead.name, log: dead.log_tail() }),
+            Some(dead) => Err(Error::Exited {
+                name: dead.name,
+                log: dead.log_tail(),
+            }),
             None => Ok(()),
         }
     }
 
     fn not_ready(&self, name: &'static str, last: String) -> Error {
-        let servers = self.servers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let log = servers.iter().find(|s| s.name == name).map(Supervised::log_tail).unwrap_or_default();
-        Error::NotReady { name, timeout: READY_TIMEOUT, last, log }
+        let servers = self
+            .servers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let log = servers
+            .iter()
+            .find(|s| s.name == name)
+            .map(Supervised::log_tail)
+            .unwrap_or_default();
+        Error::NotReady {
+            name,
+            timeout: READY_TIMEOUT,
+            last,
+            log,
+        }
     }
 
     /// Applies every CRD in `deploy/crds/` and waits until each is Established.
@@ -417,10 +475,18 @@ impl ControlPlane {
         for path in entries {
             let text = fs::read_to_string(&path).map_err(Error::io(&path))?;
             for doc in serde_yaml::Deserializer::from_str(&text) {
-                let crd: CustomResourceDefinition = serde::Deserialize::deserialize(doc)
-                    .map_err(|source| Error::CrdYaml { path: path.clone(), source })?;
+                let crd: CustomResourceDefinition =
+                    serde::Deserialize::deserialize(doc).map_err(|source| Error::CrdYaml {
+                        path: path.clone(),
+                        source,
+                    })?;
                 let name = crd.name_any();
-                api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&crd)).await?;
+                api.patch(
+                    &name,
+                    &PatchParams::apply(FIELD_MANAGER).force(),
+                    &Patch::Apply(&crd),
+                )
+                .await?;
                 names.push(name);
             }
         }
@@ -428,14 +494,19 @@ impl ControlPlane {
         for name in names {
             loop {
                 let crd = api.get(&name).await?;
-                let established = crd.status.and_then(|s| s.conditions).unwrap_or_default().iter().any(|c| {
-                    c.type_ == "Established" && c.status == "True"
-                });
+                let established = crd
+                    .status
+                    .and_then(|s| s.conditions)
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|c| c.type_ == "Established" && c.status == "True");
                 if established {
                     break;
                 }
                 if Instant::now() > deadline {
-                    return Err(self.not_ready("kube-apiserver", format!("CRD {name} not Established")));
+                    return Err(
+                        self.not_ready("kube-apiserver", format!("CRD {name} not Established"))
+                    );
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
@@ -446,11 +517,20 @@ impl ControlPlane {
 
 impl Drop for ControlPlane {
     fn drop(&mut self) {
-        let mut servers = std::mem::take(self.servers.get_mut().unwrap_or_else(std::sync::PoisonError::into_inner));
+        let mut servers = std::mem::take(
+            self.servers
+                .get_mut()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
         while let Some(mut server) = servers.pop() {
             server.stop();
         }
-        if let Some(mut janitor) = self.janitor.get_mut().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
+        if let Some(mut janitor) = self
+            .janitor
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+        {
             janitor.stop();
         }
         let _ = fs::remove_dir_all(&self.dir);
@@ -475,8 +555,16 @@ impl TestNamespace {
             .take(50)
             .collect();
         let name = format!("{}-{}", prefix.trim_matches('-'), unique());
-        let ns = Namespace { metadata: ObjectMeta { name: Some(name.clone()), ..ObjectMeta::default() }, ..Namespace::default() };
-        Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await?;
+        let ns = Namespace {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                ..ObjectMeta::default()
+            },
+            ..Namespace::default()
+        };
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &ns)
+            .await?;
         Ok(Self { name })
     }
 
@@ -498,11 +586,21 @@ fn control_plane_binaries() -> Result<PathBuf, Error> {
         return Ok(PathBuf::from(dir));
     }
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools/build-control-plane.sh");
-    let output = Command::new("bash").arg(&script).stderr(Stdio::inherit()).output().map_err(Error::io(&script))?;
+    let output = Command::new("bash")
+        .arg(&script)
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(Error::io(&script))?;
     if !output.status.success() {
-        return Err(Error::Build(format!("{} exited with {}", script.display(), output.status)));
+        return Err(Error::Build(format!(
+            "{} exited with {}",
+            script.display(),
+            output.status
+        )));
     }
-    Ok(PathBuf::from(String::from_utf8_lossy(&output.stdout).trim()))
+    Ok(PathBuf::from(
+        String::from_utf8_lossy(&output.stdout).trim(),
+    ))
 }
 
 fn state_root() -> PathBuf {
@@ -511,12 +609,22 @@ fn state_root() -> PathBuf {
 
 /// Starts `argv` under the watchdog (or, for the janitor, as given) in its own process group, so
 /// a Ctrl-C aimed at the test run does not kill the watchdog before it can clean up.
-fn spawn_supervised(dir: &Path, name: &'static str, argv: &[&str], watched: bool) -> Result<Supervised, Error> {
+fn spawn_supervised(
+    dir: &Path,
+    name: &'static str,
+    argv: &[&str],
+    watched: bool,
+) -> Result<Supervised, Error> {
     let log = dir.join(format!("{name}.log"));
     let pidfile = dir.join(format!("{name}.pid"));
     let mut command = if watched {
         let mut c = Command::new("sh");
-        c.arg("-c").arg(WATCHDOG).arg(format!("watchdog-{name}")).arg(&log).arg(&pidfile).args(argv);
+        c.arg("-c")
+            .arg(WATCHDOG)
+            .arg(format!("watchdog-{name}"))
+            .arg(&log)
+            .arg(&pidfile)
+            .args(argv);
         c
     } else {
         let mut c = Command::new(argv[0]);
@@ -533,25 +641,42 @@ fn spawn_supervised(dir: &Path, name: &'static str, argv: &[&str], watched: bool
     let stdin = watchdog.stdin.take();
     if watched {
         let list = dir.join("watchdogs");
-        let mut file = fs::OpenOptions::new().create(true).append(true).open(&list).map_err(Error::io(&list))?;
+        let mut file = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&list)
+            .map_err(Error::io(&list))?;
         writeln!(file, "{}", watchdog.id()).map_err(Error::io(&list))?;
     }
-    Ok(Supervised { name, watchdog, stdin, log, pidfile })
+    Ok(Supervised {
+        name,
+        watchdog,
+        stdin,
+        log,
+        pidfile,
+    })
 }
 
 /// Reaps control planes whose owning test process is gone but whose servers still run (the
 /// owner and its watchdogs were killed together), then removes their directories.
 fn reap_stale(root: &Path) {
-    let Ok(entries) = fs::read_dir(root) else { return };
+    let Ok(entries) = fs::read_dir(root) else {
+        return;
+    };
     for entry in entries.flatten() {
         let dir = entry.path();
         let owner = fs::read_to_string(dir.join("owner")).unwrap_or_default();
-        let owner_pid = owner.split_whitespace().next().and_then(|p| p.parse::<u32>().ok());
+        let owner_pid = owner
+            .split_whitespace()
+            .next()
+            .and_then(|p| p.parse::<u32>().ok());
         if owner_pid.is_some_and(|pid| owner_record(pid).as_deref() == Some(owner.as_str())) {
             continue; // still running: another test binary's control plane
         }
         for name in BINARIES {
-            let pid = fs::read_to_string(dir.join(format!("{name}.pid"))).ok().and_then(|p| p.trim().parse::<u32>().ok());
+            let pid = fs::read_to_string(dir.join(format!("{name}.pid")))
+                .ok()
+                .and_then(|p| p.trim().parse::<u32>().ok());
             if let Some(pid) = pid.filter(|&pid| runs_binary(pid, name)) {
                 kill(pid, "KILL");
             }
@@ -565,23 +690,29 @@ fn reap_stale(root: &Path) {
 fn owner_record(pid: u32) -> Option<String> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let after_comm = &stat[stat.rfind(')')? + 2..];
-    let start = after_comm.split_whitespace().nth(19)?;
-    Some(format!("{pid} {start}"))
+    let started_at = after_comm.split_whitespace().nth(19)?;
+    Some(format!("{pid} {started_at}"))
 }
 
 fn runs_binary(pid: u32, name: &str) -> bool {
-    fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| exe.file_name().is_some_and(|f| f == name))
+    fs::read_link(format!("/proc/{pid}/exe"))
+        .is_ok_and(|exe| exe.file_name().is_some_and(|f| f == name))
 }
 
 fn kill(pid: u32, signal: &str) {
-    let _ = Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status();
+    let _ = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status();
 }
 
 /// Free loopback ports, held until all are chosen so they differ, then released for the servers.
 /// A port can in principle be taken in between; the servers then fail and say so in their log.
 fn free_ports<const N: usize>(dir: &Path) -> Result<[u16; N], Error> {
-    let listeners: Vec<TcpListener> =
-        (0..N).map(|_| TcpListener::bind("127.0.0.1:0")).collect::<Result<_, _>>().map_err(Error::io(dir))?;
+    let listeners: Vec<TcpListener> = (0..N)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<_, _>>()
+        .map_err(Error::io(dir))?;
     let mut ports = [0u16; N];
     for (port, listener) in ports.iter_mut().zip(&listeners) {
         *port = listener.local_addr().map_err(Error::io(dir))?.port();
@@ -592,8 +723,14 @@ fn free_ports<const N: usize>(dir: &Path) -> Result<[u16; N], Error> {
 fn unique() -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
     static COUNTER: AtomicU32 = AtomicU32::new(0);
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
-    format!("{:x}{}", nanos % 0xfffff, COUNTER.fetch_add(1, Ordering::Relaxed))
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!(
+        "{:x}{}",
+        nanos % 0xfffff,
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 fn path_str(path: &Path) -> String {
@@ -618,7 +755,11 @@ fn base64_encode(bytes: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
     for chunk in bytes.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..4 {
             if i <= chunk.len() {

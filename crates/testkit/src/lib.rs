@@ -7,3 +7,22 @@ mod certs;
 pub mod controlplane;
 
 pub use controlplane::{ControlPlane, Error, TestNamespace};
+
+/// Path of a tool the tests run (`helm`, `kubectl`): the copy `tools/install-deps.sh` put in the
+/// cache when there is one, otherwise whatever `PATH` finds.
+pub fn tool(name: &str) -> std::path::PathBuf {
+    let cache = std::env::var_os("CLOAK_CACHE")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("XDG_CACHE_HOME")
+                .map(std::path::PathBuf::from)
+                .or_else(|| {
+                    std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache"))
+                })
+                .map(|c| c.join("cloak"))
+        });
+    cache
+        .map(|c| c.join("bin").join(name))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| name.into())
+}

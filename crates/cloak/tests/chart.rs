@@ -1,0 +1,135 @@
+//! The Helm chart: lints clean, and every object it renders is accepted by a real kube-apiserver
+//! (server-side dry run), with default values and with every toggle flipped.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers, not only #[test] fns
+
+use std::{
+    io::Write,
+    path::Path,
+    process::{Command, Stdio},
+};
+
+use cloak_testkit::{ControlPlane, TestNamespace, tool};
+
+const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../charts/cloak");
+
+fn run(command: &mut Command, stdin: Option<&str>) -> String {
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut pipe = child.stdin.take().unwrap();
+    pipe.write_all(stdin.unwrap_or_default().as_bytes())
+        .unwrap();
+    drop(pipe);
+    let output = child.wait_with_output().unwrap();
+    let (out, err) = (
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+    );
+    assert!(output.status.success(), "{command:?} failed:\n{out}\n{err}");
+    out.into_owned()
+}
+
+fn render(namespace: &str, values: &[&str]) -> String {
+    let mut helm = Command::new(tool("helm"));
+    helm.args(["template", "cloak", CHART, "--namespace", namespace]);
+    for value in values {
+        helm.args(["--set", value]);
+    }
+    run(&mut helm, None)
+}
+
+fn server_dry_run(kubeconfig: &Path, namespace: &str, manifest: &str) -> String {
+    run(
+        Command::new(tool("kubectl"))
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .args([
+                "apply",
+                "--server-side",
+                "--force-conflicts",
+                "--field-manager=chart-test",
+                "--dry-run=server",
+                "--namespace",
+                namespace,
+                "-f",
+                "-",
+            ]),
+        Some(manifest),
+    )
+}
+
+#[test]
+fn the_chart_lints_clean() {
+    run(
+        Command::new(tool("helm")).args(["lint", "--strict", CHART]),
+        None,
+    );
+}
+
+#[tokio::test]
+async fn every_rendered_object_is_accepted_by_the_api_server() {
+    let cp = ControlPlane::shared();
+    let ns = TestNamespace::create(&cp.client(), "chart").await.unwrap();
+    let manifest = render(ns.name(), &[]);
+    let applied = server_dry_run(cp.kubeconfig(), ns.name(), &manifest);
+    for kind in [
+        "customresourcedefinition.apiextensions.k8s.io/vpnproviders.cloak.dev",
+        "customresourcedefinition.apiextensions.k8s.io/vpnmasks.cloak.dev",
+        "serviceaccount/cloak",
+        "clusterrole.rbac.authorization.k8s.io/cloak",
+        "clusterrolebinding.rbac.authorization.k8s.io/cloak",
+        "role.rbac.authorization.k8s.io/cloak-leader-election",
+        "rolebinding.rbac.authorization.k8s.io/cloak-leader-election",
+        "deployment.apps/cloak",
+    ] {
+        assert!(applied.contains(kind), "{kind} missing from:\n{applied}");
+    }
+}
+
+#[tokio::test]
+async fn toggles_render_objects_the_api_server_accepts() {
+    let cp = ControlPlane::shared();
+    let ns = TestNamespace::create(&cp.client(), "chart-toggles")
+        .await
+        .unwrap();
+    let manifest = render(
+        ns.name(),
+        &[
+            "crds.install=false",
+            "rbac.create=false",
+            "serviceAccount.create=false",
+            "prometheus.expose=false",
+        ],
+    );
+    assert!(!manifest.contains("CustomResourceDefinition") && !manifest.contains("ClusterRole"));
+    assert!(!manifest.contains("prometheus.io/scrape"));
+    server_dry_run(cp.kubeconfig(), ns.name(), &manifest);
+
+    let with_monitor = render(
+        ns.name(),
+        &[
+            "prometheus.podMonitors=true",
+            "prometheus.labels.release=kps",
+        ],
+    );
+    assert!(with_monitor.contains("kind: PodMonitor") && with_monitor.contains("release: kps"));
+}
+
+#[test]
+fn the_charts_crds_are_the_generated_ones_marked_keep() {
+    let chart_copy = std::fs::read_to_string(format!("{CHART}/files/crds.yaml")).unwrap();
+    let generated = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../deploy/crds/cloak.dev.yaml"
+    ))
+    .unwrap();
+    assert!(
+        chart_copy == generated,
+        "charts/cloak/files/crds.yaml drifted: copy deploy/crds/cloak.dev.yaml over it"
+    );
+    let rendered = render("default", &[]);
+    assert_eq!(rendered.matches("helm.sh/resource-policy: keep").count(), 2);
+}

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# cloak's one test command: installs what is missing (tools/install-deps.sh), then runs every check
+# and every test tier. `.ci/run` calls exactly this.
+#
+#   fmt, clippy (warnings denied), helm lint
+#   cargo test --workspace: unit tests, integration tests against a real local control plane
+#                           (etcd + kube-apiserver [+ kube-controller-manager]) on 127.0.0.1
+#
+# Builds are cached outside the work tree: CARGO_TARGET_DIR defaults to $CLOAK_CACHE/target.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CLOAK_CACHE=${CLOAK_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/cloak}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$CLOAK_CACHE/target}
+export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
+step() { printf '\n=== %s\n' "$*" >&2; }
+
+step "install dependencies"
+bin=$(tools/install-deps.sh)
+export PATH="$bin:$PATH"
+
+step "cargo fmt --check"
+cargo fmt --all --check
+
+step "cargo clippy -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "helm lint"
+helm lint --strict charts/cloak >/dev/null
+
+step "cargo test (all tiers)"
+cargo test --workspace --locked --no-fail-fast
