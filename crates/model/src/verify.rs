@@ -1,0 +1,208 @@
+//! The verification pod of a provider and how to read its outcome.
+//!
+//! The pod has three containers sharing an `emptyDir`: `init` records the unmasked public address,
+//! `vpn` (gluetun, with the mask's copy of the credentials as environment) connects, and `probe`
+//! exits 0 once the public address differs from the recorded one. The `vpn` container never
+//! exits, so the outcome is read from the `probe` container, not the pod phase.
+
+use cloak_api::VerifyOverrides;
+use k8s_openapi::api::core::v1::{Pod, PodStatus};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use serde_json::{Value, json};
+
+use crate::merge::merge;
+
+/// Label carried by a verification pod and mask: the provider's name.
+pub const LABEL_PROVIDER: &str = "cloak.dev/verify-provider";
+
+/// Inputs of [`pod`], all plain values.
+#[derive(Debug, Clone)]
+pub struct VerifyPod<'a> {
+    pub name: &'a str,
+    pub namespace: &'a str,
+    pub provider: &'a str,
+    /// The Secret holding the credentials (the verification mask's copy).
+    pub secret: &'a str,
+    /// A URL answering with the caller's public address in plain text.
+    pub ip_url: &'a str,
+    /// Owners: the provider (controller) and the mask (blocks its deletion while the pod exists).
+    pub owners: Vec<OwnerReference>,
+    pub overrides: Option<&'a VerifyOverrides>,
+}
+
+/// Builds the verification pod with the user's overrides merged in.
+pub fn pod(input: &VerifyPod<'_>) -> Result<Pod, serde_json::Error> {
+    let curl = "curlimages/curl:8.11.1";
+    let mut init = json!({
+        "name": "init", "image": curl,
+        "command": ["sh", "-c", "curl -fsS --max-time 20 \"$IP_URL\" > /shared/ip"],
+        "env": [{"name": "IP_URL", "value": input.ip_url}],
+        "volumeMounts": [{"name": "shared", "mountPath": "/shared"}],
+    });
+    let mut vpn = json!({
+        "name": "vpn", "image": "qmcgaw/gluetun:latest",
+        "envFrom": [{"secretRef": {"name": input.secret}}],
+        "securityContext": {"capabilities": {"add": ["NET_ADMIN"]}},
+    });
+    // Bounded: 90 tries 2 s apart; verify.timeout usually ends it first.
+    let mut probe = json!({
+        "name": "probe", "image": curl,
+        "command": ["sh", "-c", "initial=$(cat /shared/ip); i=0; while [ $i -lt 90 ]; do ip=$(curl -fsS --max-time 5 \"$IP_URL\") && [ -n \"$ip\" ] && [ \"$ip\" != \"$initial\" ] && exit 0; i=$((i+1)); sleep 2; done; exit 1"],
+        "env": [{"name": "IP_URL", "value": input.ip_url}],
+        "volumeMounts": [{"name": "shared", "mountPath": "/shared"}],
+    });
+    let containers = input.overrides.and_then(|o| o.containers.as_ref());
+    for (container, patch) in [
+        (&mut init, containers.and_then(|c| c.init.as_ref())),
+        (&mut vpn, containers.and_then(|c| c.vpn.as_ref())),
+        (&mut probe, containers.and_then(|c| c.probe.as_ref())),
+    ] {
+        if let Some(patch) = patch {
+            merge(container, patch);
+        }
+    }
+    let mut pod = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {
+            "name": input.name, "namespace": input.namespace,
+            "labels": {LABEL_PROVIDER: input.provider, "app.kubernetes.io/managed-by": "cloak"},
+            "ownerReferences": input.owners,
+        },
+        "spec": {
+            "restartPolicy": "Never",
+            "initContainers": [init],
+            "containers": [vpn, probe],
+            "volumes": [{"name": "shared", "emptyDir": {}}],
+        },
+    });
+    if let Some(patch) = input.overrides.and_then(|o| o.pod.as_ref()) {
+        merge(&mut pod, patch);
+    }
+    serde_json::from_value(pod)
+}
+
+/// What a verification pod's status says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Running,
+    Passed,
+    Failed(String),
+}
+
+/// Reads the outcome from the `probe` container (or a failed pod).
+pub fn outcome(status: Option<&PodStatus>) -> Outcome {
+    let Some(status) = status else {
+        return Outcome::Running;
+    };
+    let probe = status
+        .container_statuses
+        .iter()
+        .flatten()
+        .find(|c| c.name == "probe");
+    if let Some(done) = probe
+        .and_then(|c| c.state.as_ref())
+        .and_then(|s| s.terminated.as_ref())
+    {
+        return if done.exit_code == 0 {
+            Outcome::Passed
+        } else {
+            let why = done
+                .message
+                .as_deref()
+                .or(done.reason.as_deref())
+                .unwrap_or("public address did not change");
+            Outcome::Failed(format!("probe exited with {}: {why}", done.exit_code))
+        };
+    }
+    if status.phase.as_deref() == Some("Failed") {
+        let why = status
+            .message
+            .as_deref()
+            .or(status.reason.as_deref())
+            .unwrap_or("pod failed");
+        return Outcome::Failed(why.to_owned());
+    }
+    Outcome::Running
+}
+
+/// A JSON value of the pod, for tests and logs that need the raw shape.
+pub fn to_value(pod: &Pod) -> Value {
+    serde_json::to_value(pod).unwrap_or(Value::Null)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cloak_api::ContainerOverrides;
+
+    fn input<'a>(overrides: Option<&'a VerifyOverrides>) -> VerifyPod<'a> {
+        VerifyPod {
+            name: "p-verify",
+            namespace: "vpn",
+            provider: "p",
+            secret: "p-verify-vpn-credentials",
+            ip_url: "https://ip.example/",
+            owners: vec![],
+            overrides,
+        }
+    }
+
+    #[test]
+    fn the_pod_has_init_vpn_and_probe_with_the_credentials_as_environment() {
+        let pod = to_value(&pod(&input(None)).unwrap());
+        assert_eq!(pod["spec"]["initContainers"][0]["name"], "init");
+        assert_eq!(
+            pod["spec"]["containers"][0]["envFrom"][0]["secretRef"]["name"],
+            "p-verify-vpn-credentials"
+        );
+        assert_eq!(pod["spec"]["containers"][1]["name"], "probe");
+        assert_eq!(pod["spec"]["restartPolicy"], "Never");
+    }
+
+    #[test]
+    fn overrides_merge_onto_the_pod_and_each_container() {
+        let overrides = VerifyOverrides {
+            pod: Some(json!({"metadata": {"labels": {"mylabel": "v"}}})),
+            containers: Some(ContainerOverrides {
+                vpn: Some(json!({"image": "qmcgaw/gluetun:v3", "imagePullPolicy": "Always"})),
+                ..ContainerOverrides::default()
+            }),
+        };
+        let pod = to_value(&pod(&input(Some(&overrides))).unwrap());
+        assert_eq!(pod["metadata"]["labels"]["mylabel"], "v");
+        assert_eq!(pod["metadata"]["labels"][LABEL_PROVIDER], "p");
+        let vpn = &pod["spec"]["containers"][0];
+        assert_eq!(vpn["image"], "qmcgaw/gluetun:v3");
+        assert_eq!(vpn["imagePullPolicy"], "Always");
+        assert_eq!(
+            vpn["envFrom"][0]["secretRef"]["name"],
+            "p-verify-vpn-credentials"
+        );
+        assert_eq!(
+            pod["spec"]["containers"][1]["image"],
+            "curlimages/curl:8.11.1"
+        );
+    }
+
+    #[test]
+    fn the_outcome_is_read_from_the_probe_container() {
+        let status = |probe: Value| -> PodStatus {
+            serde_json::from_value(json!({"phase": "Running", "containerStatuses": [
+                {"name": "vpn", "ready": true, "restartCount": 0, "image": "g", "imageID": "", "state": {"running": {}}},
+                {"name": "probe", "ready": false, "restartCount": 0, "image": "c", "imageID": "", "state": probe}]}))
+            .unwrap()
+        };
+        assert_eq!(outcome(None), Outcome::Running);
+        assert_eq!(
+            outcome(Some(&status(json!({"running": {}})))),
+            Outcome::Running
+        );
+        assert_eq!(
+            outcome(Some(&status(json!({"terminated": {"exitCode": 0}})))),
+            Outcome::Passed
+        );
+        assert!(
+            matches!(outcome(Some(&status(json!({"terminated": {"exitCode": 1}})))), Outcome::Failed(m) if m.contains("exited with 1"))
+        );
+    }
+}
