@@ -19,7 +19,9 @@ command -v go >/dev/null || { echo "build-control-plane: go is not installed" >&
 export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-mod=mod
 tmp="$out.tmp.$$"
 mkdir -p "$tmp"
-trap 'rm -rf "$tmp"' EXIT
+# The Go build cache of this build (~2.8 GiB) is worth nothing once the binaries exist.
+export GOCACHE="$tmp.gocache"
+trap 'rm -rf "$tmp" "$GOCACHE"' EXIT
 major=${ver#v}; major=${major%%.*}
 minor=${ver#v*.}; minor=${minor%%.*}
 vpkg=k8s.io/component-base/version
@@ -30,5 +32,6 @@ go build -trimpath -ldflags "-s -w" -o "$tmp/etcd" go.etcd.io/etcd/server/v3
 go build -trimpath -ldflags "$ldflags" -o "$tmp/kube-apiserver" k8s.io/kubernetes/cmd/kube-apiserver
 go build -trimpath -ldflags "$ldflags" -o "$tmp/kube-controller-manager" k8s.io/kubernetes/cmd/kube-controller-manager
 mv "$tmp" "$out"
+rm -rf "$GOCACHE"
 trap - EXIT
 echo "$out"

@@ -1,0 +1,406 @@
+//! The VpnMask controller: leases one slot of a matching provider, keeps a copy of the provider's
+//! credentials in the mask's namespace, reports Ready/Active, and on deletion releases the slot
+//! only after every pod using the mask is gone.
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use cloak_api::{AssignedProvider, MaskPhase, VpnMask, VpnMaskStatus, VpnProvider};
+use cloak_model::{
+    names,
+    slots::{self, MaskRequest, Plan, ProviderSlots},
+    verify::LABEL_PROVIDER,
+};
+use futures::{Stream, StreamExt};
+use k8s_openapi::{
+    ByteString,
+    api::{
+        coordination::v1::{Lease, LeaseSpec},
+        core::v1::{Pod, Secret},
+    },
+    apimachinery::pkg::apis::meta::v1::OwnerReference,
+};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams, Preconditions},
+    core::DeserializeGuard,
+    runtime::{
+        Controller,
+        controller::Action,
+        events::EventType,
+        finalizer::{self, Event as Finalizer},
+        reflector::ObjectRef,
+        watcher,
+    },
+};
+use tokio::sync::watch;
+
+use super::{MaskRef, masks_of_provider, measured, publish, waiting_masks};
+use crate::{Context, Error, FINALIZER, MANAGER, Result, labels};
+
+const CONTROLLER: &str = "vpnmask";
+
+pub(crate) fn controller(client: &Client) -> Controller<DeserializeGuard<VpnMask>> {
+    Controller::new(Api::all(client.clone()), watcher::Config::default())
+}
+
+pub(crate) async fn run(
+    controller: Controller<DeserializeGuard<VpnMask>>,
+    ctx: Arc<Context>,
+    triggers: impl Stream<Item = MaskRef> + Send + 'static,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mapper_ctx = ctx.clone();
+    controller
+        // A provider appearing, changing or going away concerns the masks waiting for a slot
+        // and the masks holding one of its slots.
+        .watches(
+            Api::<DeserializeGuard<VpnProvider>>::all(ctx.client.clone()),
+            watcher::Config::default(),
+            move |provider| {
+                let mut refs = waiting_masks(&mapper_ctx);
+                if let Some(uid) = provider.uid() {
+                    refs.extend(masks_of_provider(&mapper_ctx, &uid));
+                }
+                refs
+            },
+        )
+        .reconcile_on(triggers)
+        .graceful_shutdown_on(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .run(reconcile, error_policy, ctx)
+        .for_each(|_| futures::future::ready(()))
+        .await;
+}
+
+async fn reconcile(guard: Arc<DeserializeGuard<VpnMask>>, ctx: Arc<Context>) -> Result<Action> {
+    measured(&ctx, CONTROLLER, async {
+        let mask = match &guard.0 {
+            Ok(mask) => Arc::new(mask.clone()),
+            Err(invalid) => {
+                // A malformed object waits for a fix; the others keep reconciling.
+                tracing::warn!(name = ?invalid.metadata.name, error = %invalid.error, "invalid VpnMask");
+                return Err(Error::Invalid(format!("invalid VpnMask: {}", invalid.error)));
+            }
+        };
+        let ns = mask.namespace().unwrap_or_default();
+        let api: Api<VpnMask> = Api::namespaced(ctx.client.clone(), &ns);
+        finalizer::finalizer(&api, FINALIZER, mask, |event| async {
+            match event {
+                Finalizer::Apply(mask) => apply(&mask, &ctx).await,
+                Finalizer::Cleanup(mask) => cleanup(&mask, &ctx).await,
+            }
+        })
+        .await
+        .map_err(|e| Error::Finalizer(Box::new(e)))
+    })
+    .await
+}
+
+fn error_policy(_: Arc<DeserializeGuard<VpnMask>>, error: &Error, _: Arc<Context>) -> Action {
+    tracing::debug!(%error, "VpnMask reconcile failed");
+    error.action()
+}
+
+/// Whether the provider named by an assignment still exists with the same uid and still has the
+/// reservation for this mask.
+async fn still_held(mask: &VpnMask, held: &AssignedProvider, ctx: &Context) -> Result<bool> {
+    let provider_alive = ctx.providers.state().iter().any(|p| {
+        p.0.as_ref().is_ok_and(|p| p.uid().as_deref() == Some(held.uid.as_str()) && p.meta().deletion_timestamp.is_none())
+    });
+    if !provider_alive {
+        return Ok(false);
+    }
+    let name = names::slot_lease(&held.name, held.slot);
+    let cached = ctx.leases.get(&ObjectRef::new(&name).within(&held.namespace));
+    let holder = match cached {
+        Some(lease) => lease.labels().get(labels::MASK_UID).cloned(),
+        None => Api::<Lease>::namespaced(ctx.client.clone(), &held.namespace)
+            .get_metadata_opt(&name)
+            .await?
+            .and_then(|l| l.labels().get(labels::MASK_UID).cloned()),
+    };
+    Ok(holder.is_some() && holder == mask.uid())
+}
+
+async fn apply(mask: &VpnMask, ctx: &Context) -> Result<Action> {
+    let ns = mask.namespace().unwrap_or_default();
+    let previous = mask.status.clone().unwrap_or_default();
+    let mut held = match &previous.provider {
+        Some(held) if still_held(mask, held, ctx).await? => Some(held.clone()),
+        Some(lost) => {
+            let note = format!("lost slot {} of provider {}/{}", lost.slot, lost.namespace, lost.name);
+            publish(ctx, mask, EventType::Warning, "SlotLost", note).await;
+            delete_secret_copy(ctx, &ns, &lost.secret).await?;
+            None
+        }
+        None => None,
+    };
+    let mut waiting_message = None;
+    if held.is_none() {
+        match allocate(mask, ctx).await? {
+            Ok(assigned) => {
+                let note = format!("leased slot {} of provider {}/{}", assigned.slot, assigned.namespace, assigned.name);
+                publish(ctx, mask, EventType::Normal, "SlotLeased", note).await;
+                held = Some(assigned);
+            }
+            Err((phase, message)) => waiting_message = Some((phase, message)),
+        }
+    }
+
+    let (phase, message, action) = match (&held, waiting_message) {
+        (Some(held), _) => {
+            sync_secret_copy(mask, held, ctx).await?;
+            let users = pods_using(ctx, mask).len();
+            if users > 0 {
+                (MaskPhase::Active, format!("slot {} of {}/{} in use by {users} pod(s)", held.slot, held.namespace, held.name), Action::await_change())
+            } else {
+                (MaskPhase::Ready, format!("slot {} of {}/{} ready; credentials in Secret {}", held.slot, held.namespace, held.name, held.secret), Action::await_change())
+            }
+        }
+        (None, Some((phase, message))) => (phase, message, Action::requeue(ctx.config.waiting_requeue)),
+        (None, None) => (MaskPhase::Pending, "allocating".into(), Action::requeue(ctx.config.waiting_requeue)),
+    };
+    let ready = matches!(phase, MaskPhase::Ready | MaskPhase::Active);
+    let status = VpnMaskStatus {
+        phase: Some(phase),
+        message: Some(message.clone()),
+        conditions: vec![super::condition(&previous.conditions, "Ready", ready, &format!("{phase:?}"), &message, mask.meta().generation)],
+        provider: held,
+        observed_generation: mask.meta().generation,
+    };
+    if previous.phase != status.phase || previous.provider != status.provider || previous.message != status.message {
+        if previous.phase != status.phase && matches!(phase, MaskPhase::ErrNoProviders | MaskPhase::Waiting) {
+            publish(ctx, mask, EventType::Normal, &format!("{phase:?}"), message).await;
+        }
+        let api: Api<VpnMask> = Api::namespaced(ctx.client.clone(), &ns);
+        // `provider: null` when no slot is held, so the merge patch removes a stale assignment.
+        let mut value = serde_json::to_value(&status)?;
+        value["provider"] = serde_json::to_value(&status.provider)?;
+        let patch = serde_json::json!({"status": value});
+        api.patch_status(&mask.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
+    }
+    Ok(action)
+}
+
+/// Tries to reserve a slot. `Ok(Err((phase, why)))` when none can be had now.
+async fn allocate(mask: &VpnMask, ctx: &Context) -> Result<std::result::Result<AssignedProvider, (MaskPhase, String)>> {
+    let ns = mask.namespace().unwrap_or_default();
+    let uid = mask.uid().unwrap_or_default();
+    let pinned = mask.labels().get(LABEL_PROVIDER).and_then(|provider| {
+        // A verification mask is pinned to the provider that owns it.
+        mask.owner_references().iter().find(|o| o.kind == VpnProvider::kind(&()) && &o.name == provider).map(|o| o.uid.clone())
+    });
+    let providers = provider_slots(ctx, pinned.is_some());
+
+    // A reservation made earlier whose status write was lost (crash, conflict) is adopted, so a
+    // mask never holds two slots.
+    let lease_api: Api<Lease> = Api::all(ctx.client.clone());
+    let mine = lease_api.list_metadata(&ListParams::default().labels(&format!("{}={uid}", labels::MASK_UID))).await?;
+    for lease in mine.items {
+        let provider_uid = lease.labels().get(labels::PROVIDER_UID).cloned().unwrap_or_default();
+        let slot = lease.labels().get(labels::SLOT).and_then(|s| s.parse().ok());
+        match (providers.iter().find(|p| p.uid == provider_uid), slot) {
+            (Some(p), Some(slot)) => return Ok(Ok(assignment(p, slot, mask))),
+            _ => delete_lease(ctx, &lease.namespace().unwrap_or_default(), &lease.name_any(), lease.uid()).await?,
+        }
+    }
+
+    let request = MaskRequest { namespace: &ns, tags: &mask.spec.providers, pinned_uid: pinned.as_deref() };
+    let attempts = match slots::plan(&providers, &request) {
+        Plan::NoProviders => {
+            let why = if mask.spec.providers.is_empty() {
+                format!("no Ready VpnProvider allows namespace {ns}")
+            } else {
+                format!("no Ready VpnProvider with tags {:?} allows namespace {ns}", mask.spec.providers)
+            };
+            return Ok(Err((MaskPhase::ErrNoProviders, why)));
+        }
+        Plan::Waiting { matching } => {
+            return Ok(Err((MaskPhase::Waiting, format!("all slots of the {matching} matching provider(s) are taken"))));
+        }
+        Plan::Try(attempts) => attempts,
+    };
+    for (provider, slot) in attempts {
+        if reserve(ctx, provider, slot, mask).await? {
+            return Ok(Ok(assignment(provider, slot, mask)));
+        }
+    }
+    Ok(Err((MaskPhase::Waiting, "every free slot was taken by another mask; retrying".into())))
+}
+
+fn assignment(provider: &ProviderSlots, slot: u32, mask: &VpnMask) -> AssignedProvider {
+    AssignedProvider {
+        name: provider.name.clone(),
+        namespace: provider.namespace.clone(),
+        uid: provider.uid.clone(),
+        slot,
+        secret: names::mask_secret(&mask.name_any()),
+    }
+}
+
+/// The allocator's view of every provider, from the caches.
+fn provider_slots(ctx: &Context, include_unusable: bool) -> Vec<ProviderSlots> {
+    let leases = ctx.leases.state();
+    ctx.providers
+        .state()
+        .iter()
+        .filter_map(|p| p.0.as_ref().ok())
+        .filter(|p| p.meta().deletion_timestamp.is_none())
+        .map(|p| {
+            let uid = p.uid().unwrap_or_default();
+            let taken = leases
+                .iter()
+                .filter(|l| l.labels().get(labels::PROVIDER_UID) == Some(&uid))
+                .filter_map(|l| l.labels().get(labels::SLOT).and_then(|s| s.parse().ok()))
+                .collect();
+            ProviderSlots {
+                namespace: p.namespace().unwrap_or_default(),
+                name: p.name_any(),
+                uid,
+                max_slots: p.spec.max_slots.get(),
+                tags: p.spec.tags.clone(),
+                namespaces: p.spec.namespaces.clone(),
+                usable: include_unusable || super::provider::usable(p),
+                taken,
+            }
+        })
+        .collect()
+}
+
+/// Creates the reservation of `slot`. `false` when another mask holds it already.
+async fn reserve(ctx: &Context, provider: &ProviderSlots, slot: u32, mask: &VpnMask) -> Result<bool> {
+    let mask_key = format!("{}/{}", mask.namespace().unwrap_or_default(), mask.name_any());
+    let lease = Lease {
+        metadata: ObjectMeta {
+            name: Some(names::slot_lease(&provider.name, slot)),
+            namespace: Some(provider.namespace.clone()),
+            labels: Some(BTreeMap::from([
+                (labels::MANAGED_BY.into(), labels::MANAGER.into()),
+                (labels::PROVIDER.into(), provider.name.clone()),
+                (labels::PROVIDER_UID.into(), provider.uid.clone()),
+                (labels::MASK_UID.into(), mask.uid().unwrap_or_default()),
+                (labels::SLOT.into(), slot.to_string()),
+            ])),
+            annotations: Some(BTreeMap::from([(labels::MASK.into(), mask_key.clone())])),
+            // Owned by the provider (owners must share the namespace): deleting the provider
+            // garbage-collects its reservations even when the operator is down.
+            owner_references: Some(vec![OwnerReference {
+                api_version: VpnProvider::api_version(&()).into(),
+                kind: VpnProvider::kind(&()).into(),
+                name: provider.name.clone(),
+                uid: provider.uid.clone(),
+                controller: Some(true),
+                block_owner_deletion: Some(false),
+            }]),
+            ..ObjectMeta::default()
+        },
+        spec: Some(LeaseSpec { holder_identity: Some(mask_key), ..LeaseSpec::default() }),
+    };
+    match Api::<Lease>::namespaced(ctx.client.clone(), &provider.namespace).create(&PostParams::default(), &lease).await {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn delete_lease(ctx: &Context, ns: &str, name: &str, uid: Option<String>) -> Result<()> {
+    let params = DeleteParams { preconditions: Some(Preconditions { uid, resource_version: None }), ..DeleteParams::default() };
+    match Api::<Lease>::namespaced(ctx.client.clone(), ns).delete(name, &params).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Copies the provider's credentials into the mask's namespace (owned by the mask), keeping the
+/// copy equal to the source: keys removed from the source are removed from the copy.
+async fn sync_secret_copy(mask: &VpnMask, held: &AssignedProvider, ctx: &Context) -> Result<()> {
+    let provider = ctx.providers.state().into_iter().find_map(|p| {
+        p.0.as_ref().ok().filter(|p| p.uid().as_deref() == Some(held.uid.as_str())).cloned()
+    });
+    let Some(provider) = provider else { return Ok(()) };
+    let source = Api::<Secret>::namespaced(ctx.client.clone(), &held.namespace).get_opt(&provider.spec.secret).await?;
+    let Some(source) = source else {
+        return Err(Error::Invalid(format!("provider {}/{} has no Secret {}", held.namespace, held.name, provider.spec.secret)));
+    };
+    let ns = mask.namespace().unwrap_or_default();
+    let copy = Secret {
+        metadata: ObjectMeta {
+            name: Some(held.secret.clone()),
+            namespace: Some(ns.clone()),
+            labels: Some(BTreeMap::from([
+                (labels::MANAGED_BY.into(), labels::MANAGER.into()),
+                (labels::PROVIDER.into(), held.name.clone()),
+            ])),
+            owner_references: Some(vec![mask.controller_owner_ref(&()).unwrap_or_default()]),
+            ..ObjectMeta::default()
+        },
+        data: Some(source.data.unwrap_or_default().into_iter().map(|(k, v)| (k, ByteString(v.0))).collect()),
+        type_: Some("Opaque".into()),
+        ..Secret::default()
+    };
+    Api::<Secret>::namespaced(ctx.client.clone(), &ns)
+        .patch(&held.secret, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&copy))
+        .await?;
+    Ok(())
+}
+
+async fn delete_secret_copy(ctx: &Context, ns: &str, name: &str) -> Result<()> {
+    match Api::<Secret>::namespaced(ctx.client.clone(), ns).delete(name, &DeleteParams::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Pods with an ownerReference to this mask, from the cache.
+fn pods_using(ctx: &Context, mask: &VpnMask) -> Vec<ObjectRef<kube::core::PartialObjectMeta<Pod>>> {
+    let (ns, uid) = (mask.namespace(), mask.uid());
+    ctx.pods
+        .state()
+        .iter()
+        .filter(|p| p.namespace() == ns && p.owner_references().iter().any(|o| Some(&o.uid) == uid.as_ref()))
+        .map(|p| ObjectRef::from_obj(p.as_ref()))
+        .collect()
+}
+
+/// Releases the slot only once no pod uses the mask: pods still holding it are deleted first
+/// (what the garbage collector does for `blockOwnerDeletion` dependents), and the slot is kept
+/// until they are gone, so it is never handed to a new mask while an old pod may be connected.
+async fn cleanup(mask: &VpnMask, ctx: &Context) -> Result<Action> {
+    let ns = mask.namespace().unwrap_or_default();
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let uid = mask.uid().unwrap_or_default();
+    let users: Vec<_> = pods
+        .list_metadata(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|p| p.owner_references().iter().any(|o| o.uid == uid))
+        .collect();
+    if !users.is_empty() {
+        for pod in &users {
+            if pod.meta().deletion_timestamp.is_none() {
+                match pods.delete(&pod.name_any(), &DeleteParams::background()).await {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(status)) if status.code == 404 => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        tracing::info!(mask = %mask.name_any(), pods = users.len(), "waiting for pods using the mask to go");
+        return Ok(Action::requeue(std::time::Duration::from_secs(1)));
+    }
+    if let Some(held) = mask.status.as_ref().and_then(|s| s.provider.as_ref()) {
+        delete_secret_copy(ctx, &ns, &held.secret).await?;
+    }
+    let mine = Api::<Lease>::all(ctx.client.clone())
+        .list_metadata(&ListParams::default().labels(&format!("{}={uid}", labels::MASK_UID)))
+        .await?;
+    for lease in mine.items {
+        delete_lease(ctx, &lease.namespace().unwrap_or_default(), &lease.name_any(), lease.uid()).await?;
+    }
+    publish(ctx, mask, EventType::Normal, "SlotReleased", "slot released".into()).await;
+    Ok(Action::await_change())
+}

@@ -1,0 +1,215 @@
+//! The two controllers and what they share: reconcile requests derived from slot leases, pods and
+//! Secrets, Events, and the reconcile wrapper that records metrics.
+
+pub(crate) mod mask;
+pub(crate) mod provider;
+
+use std::{
+    sync::{Arc, Mutex},
+    time::Instant,
+};
+
+use cloak_api::{VpnMask, VpnProvider};
+use futures::{Stream, StreamExt, channel::mpsc};
+use k8s_openapi::api::{
+    coordination::v1::Lease,
+    core::v1::{Pod, Secret},
+};
+use kube::{
+    Resource, ResourceExt,
+    core::{DeserializeGuard, PartialObjectMeta},
+    runtime::{
+        controller::Action,
+        events::{Event, EventType, Recorder},
+        reflector::ObjectRef,
+        watcher,
+    },
+};
+
+use crate::{Context, Error, labels, metrics::ReconcileLabels};
+
+pub(crate) type MaskRef = ObjectRef<DeserializeGuard<VpnMask>>;
+pub(crate) type ProviderRef = ObjectRef<DeserializeGuard<VpnProvider>>;
+
+/// Reconcile requests for both controllers, fed by [`feed`].
+#[derive(Clone)]
+pub(crate) struct Triggers {
+    masks: mpsc::UnboundedSender<MaskRef>,
+    providers: mpsc::UnboundedSender<ProviderRef>,
+    receivers: Arc<Mutex<Receivers>>,
+}
+
+struct Receivers {
+    masks: Option<mpsc::UnboundedReceiver<MaskRef>>,
+    providers: Option<mpsc::UnboundedReceiver<ProviderRef>>,
+}
+
+impl Triggers {
+    pub(crate) fn new() -> Self {
+        let (masks, mask_rx) = mpsc::unbounded();
+        let (providers, provider_rx) = mpsc::unbounded();
+        Self { masks, providers, receivers: Arc::new(Mutex::new(Receivers { masks: Some(mask_rx), providers: Some(provider_rx) })) }
+    }
+
+    pub(crate) fn masks(&self) -> impl Stream<Item = MaskRef> + Send + 'static {
+        let rx = self.receivers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).masks.take();
+        futures::stream::iter(rx).flatten()
+    }
+
+    pub(crate) fn providers(&self) -> impl Stream<Item = ProviderRef> + Send + 'static {
+        let rx = self.receivers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).providers.take();
+        futures::stream::iter(rx).flatten()
+    }
+
+    fn mask(&self, namespace: &str, name: &str) {
+        let _ = self.masks.unbounded_send(ObjectRef::new(name).within(namespace));
+    }
+
+    fn provider(&self, namespace: &str, name: &str) {
+        let _ = self.providers.unbounded_send(ObjectRef::new(name).within(namespace));
+    }
+}
+
+/// Masks that hold no slot (waiting for one), to wake when a slot or a provider appears.
+pub(crate) fn waiting_masks(ctx: &Context) -> Vec<MaskRef> {
+    ctx.masks
+        .state()
+        .iter()
+        .filter(|m| match &m.0 {
+            Ok(mask) => mask.status.as_ref().and_then(|s| s.provider.as_ref()).is_none(),
+            Err(_) => false,
+        })
+        .map(|m| ObjectRef::from_obj(m.as_ref()))
+        .collect()
+}
+
+/// Masks holding a slot of the provider with this uid.
+pub(crate) fn masks_of_provider(ctx: &Context, provider_uid: &str) -> Vec<MaskRef> {
+    ctx.masks
+        .state()
+        .iter()
+        .filter(|m| {
+            m.0.as_ref().is_ok_and(|mask| {
+                mask.status.as_ref().and_then(|s| s.provider.as_ref()).is_some_and(|p| p.uid == provider_uid)
+            })
+        })
+        .map(|m| ObjectRef::from_obj(m.as_ref()))
+        .collect()
+}
+
+/// Turns lease, pod and Secret changes into reconcile requests, for as long as the watches run.
+pub(crate) async fn feed(
+    ctx: Arc<Context>,
+    triggers: Triggers,
+    leases: impl Stream<Item = Result<PartialObjectMeta<Lease>, watcher::Error>> + Send,
+    pods: impl Stream<Item = Result<PartialObjectMeta<Pod>, watcher::Error>> + Send,
+    secrets: impl Stream<Item = Result<PartialObjectMeta<Secret>, watcher::Error>> + Send,
+) {
+    let on_lease = leases.for_each(|lease| {
+        if let Ok(lease) = lease {
+            if let Some((ns, name)) = lease.annotations().get(labels::MASK).and_then(|m| m.split_once('/')) {
+                triggers.mask(ns, name);
+            }
+            if let (Some(ns), Some(provider)) = (lease.namespace(), lease.labels().get(labels::PROVIDER)) {
+                triggers.provider(&ns, provider);
+            }
+            // A freed slot may be what a waiting mask needs.
+            for mask in waiting_masks(&ctx) {
+                let _ = triggers.masks.unbounded_send(mask);
+            }
+        }
+        futures::future::ready(())
+    });
+    let on_pod = pods.for_each(|pod| {
+        if let Ok(pod) = pod {
+            let ns = pod.namespace().unwrap_or_default();
+            for owner in pod.owner_references().iter().filter(|o| o.kind == VpnMask::kind(&())) {
+                triggers.mask(&ns, &owner.name);
+            }
+            if let Some(provider) = pod.labels().get(cloak_model::verify::LABEL_PROVIDER) {
+                triggers.provider(&ns, provider);
+            }
+        }
+        futures::future::ready(())
+    });
+    let on_secret = secrets.for_each(|secret| {
+        if let Ok(secret) = secret {
+            let (ns, name) = (secret.namespace().unwrap_or_default(), secret.name_any());
+            for provider in ctx.providers.state() {
+                let Ok(p) = &provider.0 else { continue };
+                if p.namespace().as_deref() == Some(ns.as_str()) && p.spec.secret == name {
+                    triggers.provider(&ns, &p.name_any());
+                    for mask in masks_of_provider(&ctx, &p.uid().unwrap_or_default()) {
+                        let _ = triggers.masks.unbounded_send(mask);
+                    }
+                }
+            }
+        }
+        futures::future::ready(())
+    });
+    tokio::join!(on_lease, on_pod, on_secret);
+}
+
+/// Publishes an Event about `object`. Failures are logged, never fatal: Events are advisory.
+pub(crate) async fn publish<K: Resource<DynamicType = ()>>(
+    ctx: &Context,
+    object: &K,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
+    let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
+    let event = Event { type_, reason: reason.into(), note: Some(note), action: "Reconcile".into(), secondary: None };
+    if let Err(e) = recorder.publish(&event, &object.object_ref(&())).await {
+        tracing::warn!(error = %e, reason, "publishing an event failed");
+    }
+}
+
+/// Runs one reconcile and records its outcome and duration.
+pub(crate) async fn measured<F: Future<Output = Result<Action, Error>>>(
+    ctx: &Context,
+    controller: &'static str,
+    reconcile: F,
+) -> Result<Action, Error> {
+    let started = Instant::now();
+    let result = reconcile.await;
+    let metrics = &ctx.metrics;
+    metrics
+        .reconcile_duration
+        .get_or_create(&crate::metrics::ControllerLabels { controller })
+        .observe(started.elapsed().as_secs_f64());
+    let outcome = if result.is_ok() { "success" } else { "error" };
+    metrics.reconciles.get_or_create(&ReconcileLabels { controller, outcome }).inc();
+    if let Err(e) = &result {
+        metrics
+            .errors
+            .get_or_create(&crate::metrics::ErrorLabels { controller, category: e.category() })
+            .inc();
+    }
+    result
+}
+
+/// A standard condition, its transition time kept when its status did not change.
+pub(crate) fn condition(
+    previous: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+    let status = if ok { "True" } else { "False" };
+    let since = previous
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .map_or_else(|| Time(k8s_openapi::jiff::Timestamp::now()), |c| c.last_transition_time.clone());
+    Condition {
+        type_: type_.into(),
+        status: status.into(),
+        reason: reason.into(),
+        message: message.into(),
+        last_transition_time: since,
+        observed_generation: generation,
+    }
+}

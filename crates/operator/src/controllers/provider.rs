@@ -1,0 +1,328 @@
+//! The VpnProvider controller: checks the credentials Secret, verifies the credentials through a
+//! pod that holds one of the provider's own slots (so verification never exceeds maxSlots),
+//! re-verifies on `verify.interval`, and reports phase and `activeSlots`.
+
+use std::{sync::Arc, time::Duration};
+
+use cloak_api::{ProviderPhase, VpnMask, VpnMaskSpec, VpnProvider, VpnProviderStatus};
+use cloak_model::{credentials, names, verify};
+use futures::{Stream, StreamExt};
+use k8s_openapi::{
+    api::{
+        coordination::v1::Lease,
+        core::v1::{Pod, Secret},
+    },
+    apimachinery::pkg::apis::meta::v1::{OwnerReference, Time},
+    jiff::Timestamp,
+};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams},
+    core::DeserializeGuard,
+    runtime::{
+        Controller,
+        controller::Action,
+        events::EventType,
+        finalizer::{self, Event as Finalizer},
+        watcher,
+    },
+};
+use tokio::sync::watch;
+
+use super::{ProviderRef, measured, publish};
+use crate::{Context, Error, FINALIZER, Result, labels};
+
+const CONTROLLER: &str = "vpnprovider";
+/// Seed 000's default verification timeout.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(90);
+
+pub(crate) fn controller(client: &Client) -> Controller<DeserializeGuard<VpnProvider>> {
+    let verification = watcher::Config::default().labels(verify::LABEL_PROVIDER);
+    Controller::new(Api::all(client.clone()), watcher::Config::default())
+        .owns(Api::<DeserializeGuard<VpnMask>>::all(client.clone()), verification.clone())
+        .owns(Api::<Pod>::all(client.clone()), verification)
+}
+
+pub(crate) async fn run(
+    controller: Controller<DeserializeGuard<VpnProvider>>,
+    ctx: Arc<Context>,
+    triggers: impl Stream<Item = ProviderRef> + Send + 'static,
+    mut stop: watch::Receiver<bool>,
+) {
+    controller
+        .reconcile_on(triggers)
+        .graceful_shutdown_on(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .run(reconcile, error_policy, ctx)
+        .for_each(|_| futures::future::ready(()))
+        .await;
+}
+
+/// Whether masks may get new slots of this provider: verified and not failed since, or verified
+/// before and being re-verified now (re-verification never blocks the other slots).
+pub(crate) fn usable(provider: &VpnProvider) -> bool {
+    let status = provider.status.as_ref();
+    match status.and_then(|s| s.phase) {
+        Some(ProviderPhase::Ready | ProviderPhase::Active) => true,
+        Some(ProviderPhase::Verifying | ProviderPhase::Verified) => status.is_some_and(|s| s.last_verified.is_some()),
+        _ => false,
+    }
+}
+
+async fn reconcile(guard: Arc<DeserializeGuard<VpnProvider>>, ctx: Arc<Context>) -> Result<Action> {
+    measured(&ctx, CONTROLLER, async {
+        let provider = match &guard.0 {
+            Ok(provider) => Arc::new(provider.clone()),
+            Err(invalid) => {
+                tracing::warn!(name = ?invalid.metadata.name, error = %invalid.error, "invalid VpnProvider");
+                return Err(Error::Invalid(format!("invalid VpnProvider: {}", invalid.error)));
+            }
+        };
+        let api: Api<VpnProvider> = Api::namespaced(ctx.client.clone(), &provider.namespace().unwrap_or_default());
+        finalizer::finalizer(&api, FINALIZER, provider, |event| async {
+            match event {
+                Finalizer::Apply(provider) => apply(&provider, &ctx).await,
+                Finalizer::Cleanup(provider) => cleanup(&provider, &ctx).await,
+            }
+        })
+        .await
+        .map_err(|e| Error::Finalizer(Box::new(e)))
+    })
+    .await
+}
+
+fn error_policy(_: Arc<DeserializeGuard<VpnProvider>>, error: &Error, _: Arc<Context>) -> Action {
+    tracing::debug!(%error, "VpnProvider reconcile failed");
+    error.action()
+}
+
+/// The desired status, and when to look again.
+struct Decision {
+    phase: ProviderPhase,
+    message: String,
+    last_verified: Option<Time>,
+    requeue: Option<Duration>,
+}
+
+async fn apply(provider: &VpnProvider, ctx: &Context) -> Result<Action> {
+    let ns = provider.namespace().unwrap_or_default();
+    let previous = provider.status.clone().unwrap_or_default();
+    let uid = provider.uid().unwrap_or_default();
+    let held = slot_leases(ctx, &uid);
+    let active = u32::try_from(held.len()).unwrap_or(u32::MAX);
+    let max = provider.spec.max_slots.get();
+
+    let secret = Api::<Secret>::namespaced(ctx.client.clone(), &ns).get_opt(&provider.spec.secret).await?;
+    let decision = match secret {
+        None => Decision {
+            phase: ProviderPhase::ErrSecretNotFound,
+            message: format!("Secret {ns}/{} not found", provider.spec.secret),
+            last_verified: previous.last_verified.clone(),
+            requeue: None,
+        },
+        Some(secret) => verification(provider, &secret, &previous, ctx).await?,
+    };
+    let phase = match decision.phase {
+        ProviderPhase::Ready | ProviderPhase::Active => {
+            if active > 0 { ProviderPhase::Active } else { ProviderPhase::Ready }
+        }
+        other => other,
+    };
+    let mut message = decision.message;
+    if active > max {
+        message = format!(
+            "{message}; maxSlots is {max} but {active} slots are held: holders keep their slots, no new slot is leased until fewer than {max} remain"
+        );
+    }
+    let ready = matches!(phase, ProviderPhase::Ready | ProviderPhase::Active);
+    let status = VpnProviderStatus {
+        phase: Some(phase),
+        message: Some(message.clone()),
+        conditions: vec![super::condition(&previous.conditions, "Ready", ready, &format!("{phase:?}"), &message, provider.meta().generation)],
+        active_slots: active,
+        last_verified: decision.last_verified,
+        observed_generation: provider.meta().generation,
+    };
+    if previous.phase != status.phase || previous.message != status.message || previous.active_slots != active || previous.last_verified != status.last_verified {
+        if previous.phase != status.phase {
+            let type_ = if phase_is_error(phase) { EventType::Warning } else { EventType::Normal };
+            publish(ctx, provider, type_, &format!("{phase:?}"), message).await;
+        }
+        let api: Api<VpnProvider> = Api::namespaced(ctx.client.clone(), &ns);
+        api.patch_status(&provider.name_any(), &PatchParams::default(), &Patch::Merge(&serde_json::json!({"status": status})))
+            .await?;
+    }
+    sweep_orphans(ctx, &held).await?;
+    Ok(decision.requeue.map_or_else(Action::await_change, Action::requeue))
+}
+
+fn phase_is_error(phase: ProviderPhase) -> bool {
+    matches!(phase, ProviderPhase::ErrSecretNotFound | ProviderPhase::ErrVerifyFailed)
+}
+
+/// The verification state machine: skip, keep, start, wait, pass or fail.
+async fn verification(
+    provider: &VpnProvider,
+    secret: &Secret,
+    previous: &VpnProviderStatus,
+    ctx: &Context,
+) -> Result<Decision> {
+    let verify_spec = provider.spec.verify.clone().unwrap_or_default();
+    let ns = provider.namespace().unwrap_or_default();
+    let decide = |phase, message: String, last_verified, requeue| Decision { phase, message, last_verified, requeue };
+    if verify_spec.skip {
+        return Ok(decide(ProviderPhase::Ready, "verification skipped".into(), previous.last_verified.clone(), None));
+    }
+    let data = secret.data.clone().unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect();
+    if let Err(e) = credentials::classify(&data, provider.spec.tunnel) {
+        return Ok(decide(ProviderPhase::ErrVerifyFailed, format!("Secret {}: {e}", provider.spec.secret), previous.last_verified.clone(), None));
+    }
+    let now = Timestamp::now();
+    let since = |t: &Time| Duration::try_from(now.duration_since(t.0)).unwrap_or_default();
+    let due = match (&previous.last_verified, &verify_spec.interval) {
+        (None, _) => true,
+        (Some(last), Some(interval)) => since(last) >= interval.get(),
+        (Some(_), None) => false,
+    };
+    let next_check = match (&previous.last_verified, &verify_spec.interval) {
+        (Some(last), Some(interval)) => interval.get().checked_sub(since(last)),
+        _ => None,
+    };
+    if !due {
+        let message = "credentials verified".to_owned();
+        return Ok(decide(ProviderPhase::Ready, message, previous.last_verified.clone(), next_check));
+    }
+    // A failed verification is not retried until the spec, the Secret or the interval changes.
+    if previous.phase == Some(ProviderPhase::ErrVerifyFailed) && previous.observed_generation == provider.meta().generation && !verification_running(ctx, &ns, provider) {
+        let message = previous.message.clone().unwrap_or_default();
+        return Ok(decide(ProviderPhase::ErrVerifyFailed, message, previous.last_verified.clone(), None));
+    }
+
+    let name = names::verification(&provider.name_any());
+    let mask = ensure_verification_mask(provider, &name, ctx).await?;
+    let Some(held) = mask.status.as_ref().and_then(|s| s.provider.clone()) else {
+        return Ok(decide(ProviderPhase::Verifying, "waiting for a free slot to verify the credentials".into(), previous.last_verified.clone(), None));
+    };
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let pod = match pods.get_opt(&name).await? {
+        Some(pod) => pod,
+        None => {
+            let owners = vec![
+                provider.controller_owner_ref(&()).unwrap_or_default(),
+                OwnerReference { block_owner_deletion: Some(true), controller: Some(false), ..mask.controller_owner_ref(&()).unwrap_or_default() },
+            ];
+            let pod = verify::pod(&verify::VerifyPod {
+                name: &name,
+                namespace: &ns,
+                provider: &provider.name_any(),
+                secret: &held.secret,
+                ip_url: &ctx.config.verify_ip_url,
+                owners,
+                overrides: verify_spec.overrides.as_ref(),
+            })?;
+            publish(ctx, provider, EventType::Normal, "Verifying", format!("verification pod {name} created")).await;
+            pods.create(&PostParams::default(), &pod).await?
+        }
+    };
+    let timeout = verify_spec.timeout.map_or(DEFAULT_TIMEOUT, |t| t.get());
+    let age = pod.creation_timestamp().map_or(Duration::ZERO, |t| since(&t));
+    let outcome = match verify::outcome(pod.status.as_ref()) {
+        verify::Outcome::Running if age >= timeout => verify::Outcome::Failed(format!("timed out after {}", provider.spec.verify.as_ref().and_then(|v| v.timeout.as_ref()).map_or_else(|| "1m30s".into(), ToString::to_string))),
+        other => other,
+    };
+    match outcome {
+        verify::Outcome::Running => Ok(decide(ProviderPhase::Verifying, format!("verification pod {name} running"), previous.last_verified.clone(), Some(timeout.saturating_sub(age)))),
+        verify::Outcome::Passed => {
+            end_verification(ctx, &ns, &name).await?;
+            Ok(decide(ProviderPhase::Ready, "credentials verified".into(), Some(Time(now)), verify_spec.interval.map(|i| i.get())))
+        }
+        verify::Outcome::Failed(why) => {
+            end_verification(ctx, &ns, &name).await?;
+            Ok(decide(ProviderPhase::ErrVerifyFailed, format!("verification failed: {why}"), previous.last_verified.clone(), None))
+        }
+    }
+}
+
+fn verification_running(ctx: &Context, ns: &str, provider: &VpnProvider) -> bool {
+    let name = names::verification(&provider.name_any());
+    ctx.masks.get(&kube::runtime::reflector::ObjectRef::new(&name).within(ns)).is_some()
+}
+
+async fn ensure_verification_mask(provider: &VpnProvider, name: &str, ctx: &Context) -> Result<VpnMask> {
+    let ns = provider.namespace().unwrap_or_default();
+    let api: Api<VpnMask> = Api::namespaced(ctx.client.clone(), &ns);
+    if let Some(mask) = api.get_opt(name).await? {
+        return Ok(mask);
+    }
+    let mask = VpnMask {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(ns.clone()),
+            labels: Some([(verify::LABEL_PROVIDER.to_owned(), provider.name_any())].into()),
+            owner_references: Some(vec![provider.controller_owner_ref(&()).unwrap_or_default()]),
+            ..ObjectMeta::default()
+        },
+        spec: VpnMaskSpec::default(),
+        status: None,
+    };
+    Ok(api.create(&PostParams::default(), &mask).await?)
+}
+
+/// Deletes the verification pod, then its mask (whose finalizer releases the slot once the pod
+/// is gone).
+async fn end_verification(ctx: &Context, ns: &str, name: &str) -> Result<()> {
+    let ignore_missing = |r: Result<(), kube::Error>| match r {
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+        other => other,
+    };
+    ignore_missing(Api::<Pod>::namespaced(ctx.client.clone(), ns).delete(name, &DeleteParams::background()).await.map(|_| ()))?;
+    ignore_missing(Api::<VpnMask>::namespaced(ctx.client.clone(), ns).delete(name, &DeleteParams::background()).await.map(|_| ()))?;
+    Ok(())
+}
+
+/// This provider's slot leases, from the cache.
+fn slot_leases(ctx: &Context, provider_uid: &str) -> Vec<Arc<kube::core::PartialObjectMeta<Lease>>> {
+    ctx.leases.state().into_iter().filter(|l| l.labels().get(labels::PROVIDER_UID).map(String::as_str) == Some(provider_uid)).collect()
+}
+
+/// Deletes reservations whose mask no longer exists (a mask removed without its finalizer
+/// running), so a slot never leaks. Only once the mask cache is complete.
+async fn sweep_orphans(ctx: &Context, held: &[Arc<kube::core::PartialObjectMeta<Lease>>]) -> Result<()> {
+    if ctx.masks.wait_until_ready().await.is_err() {
+        return Ok(());
+    }
+    let known: std::collections::HashSet<String> = ctx.masks.state().iter().filter_map(|m| m.uid()).collect();
+    for lease in held {
+        let Some(mask_uid) = lease.labels().get(labels::MASK_UID) else { continue };
+        if known.contains(mask_uid) {
+            continue;
+        }
+        // The cache may lag behind a mask created a moment ago: confirm with the API server.
+        let (ns, name) = lease.annotations().get(labels::MASK).and_then(|m| m.split_once('/')).unwrap_or_default();
+        let exists = Api::<VpnMask>::namespaced(ctx.client.clone(), ns).get_metadata_opt(name).await?.is_some_and(|m| m.uid().as_deref() == Some(mask_uid.as_str()));
+        if !exists {
+            tracing::info!(lease = %lease.name_any(), "releasing the slot of a mask that no longer exists");
+            let params = DeleteParams { preconditions: Some(kube::api::Preconditions { uid: lease.uid(), resource_version: None }), ..DeleteParams::default() };
+            match Api::<Lease>::namespaced(ctx.client.clone(), &lease.namespace().unwrap_or_default()).delete(&lease.name_any(), &params).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Provider deleted: its reservations go (masks then lose their assignment and look elsewhere),
+/// and so does any verification in progress.
+async fn cleanup(provider: &VpnProvider, ctx: &Context) -> Result<Action> {
+    let ns = provider.namespace().unwrap_or_default();
+    end_verification(ctx, &ns, &names::verification(&provider.name_any())).await?;
+    let uid = provider.uid().unwrap_or_default();
+    let leases: Api<Lease> = Api::namespaced(ctx.client.clone(), &ns);
+    leases
+        .delete_collection(&DeleteParams::default(), &ListParams::default().labels(&format!("{}={uid}", labels::PROVIDER_UID)))
+        .await?;
+    Ok(Action::await_change())
+}

@@ -1,0 +1,202 @@
+//! `cloak operator`: the VpnProvider and VpnMask controllers, leader election and the admin server.
+//!
+//! Owns every call to the Kubernetes API the control plane makes. Decisions (which slot, which
+//! phase, what a verification pod looks like) come from `cloak-model`; this crate reads what they
+//! need, applies what they return and writes status.
+//!
+//! Slot safety: a slot is held by a `Lease` named `cloak-slot-<provider>-<i>` (i < maxSlots) in
+//! the provider's namespace, created with a plain create. The API server creates a name at most
+//! once, so at most maxSlots reservations can exist per provider whatever the number of racing
+//! reconciles, replicas or restarts. See docs/architecture.md.
+
+pub mod admin;
+mod controllers;
+pub mod error;
+pub mod leader;
+pub mod metrics;
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use cloak_api::{VpnMask, VpnProvider};
+use k8s_openapi::api::{
+    coordination::v1::Lease,
+    core::v1::{Pod, Secret},
+};
+use kube::{
+    Api, Client,
+    core::{DeserializeGuard, PartialObjectMeta},
+    runtime::{
+        events::Reporter,
+        reflector::{self, Store},
+        WatchStreamExt, watcher,
+    },
+};
+use tokio::sync::watch;
+
+pub use error::{Error, Result};
+
+/// Labels and annotations on the objects the operator creates.
+pub mod labels {
+    pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+    pub const MANAGER: &str = "cloak";
+    pub const PROVIDER: &str = "cloak.dev/provider";
+    pub const PROVIDER_UID: &str = "cloak.dev/provider-uid";
+    pub const MASK_UID: &str = "cloak.dev/mask-uid";
+    pub const SLOT: &str = "cloak.dev/slot";
+    /// On slot leases: `<namespace>/<name>` of the holding mask.
+    pub const MASK: &str = "cloak.dev/mask";
+}
+
+/// The field manager of every server-side apply and the finalizer's prefix.
+pub const MANAGER: &str = "cloak-operator";
+pub const FINALIZER: &str = "cloak.dev/slot";
+
+/// Settings of one operator instance.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Identity in leader election and Events (the pod name in a cluster).
+    pub instance: String,
+    /// Where the admin server listens (`/livez`, `/readyz`, `/metrics`); None: no server.
+    pub admin_addr: Option<SocketAddr>,
+    /// Leader election Lease (namespace, name); None: act without electing (tests of racing).
+    pub leader_lease: Option<(String, String)>,
+    /// URL answering with the caller's public address, used by verification pods.
+    pub verify_ip_url: String,
+    /// Safety-net requeue of waiting masks (event-driven otherwise).
+    pub waiting_requeue: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            instance: "cloak-operator".into(),
+            admin_addr: None,
+            leader_lease: None,
+            verify_ip_url: "https://ifconfig.me/ip".into(),
+            waiting_requeue: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Everything reconcilers share: the client, the caches, metrics.
+#[derive(Clone)]
+pub(crate) struct Context {
+    pub client: Client,
+    pub config: Config,
+    pub reporter: Reporter,
+    pub metrics: Arc<metrics::Metrics>,
+    pub providers: Store<DeserializeGuard<VpnProvider>>,
+    pub masks: Store<DeserializeGuard<VpnMask>>,
+    pub leases: Store<PartialObjectMeta<Lease>>,
+    pub pods: Store<PartialObjectMeta<Pod>>,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context").field("instance", &self.config.instance).finish_non_exhaustive()
+    }
+}
+
+/// Readiness as the admin server reports it.
+#[derive(Debug, Clone, Default)]
+pub struct Health {
+    pub ready: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Runs the operator until `shutdown` resolves.
+pub async fn run(client: Client, config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
+    let metrics = metrics::Metrics::new();
+    let health = Health::default();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = {
+        let mut stop = stop_rx.clone();
+        async move {
+            let _ = stop.wait_for(|s| *s).await;
+        }
+    };
+
+    let (leases, lease_writer) = reflector::store();
+    let (pods, pod_writer) = reflector::store();
+    let mask_controller = controllers::mask::controller(&client);
+    let provider_controller = controllers::provider::controller(&client);
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        reporter: Reporter { controller: MANAGER.into(), instance: Some(config.instance.clone()) },
+        config: config.clone(),
+        metrics: metrics.clone(),
+        providers: provider_controller.store(),
+        masks: mask_controller.store(),
+        leases,
+        pods,
+    });
+
+    if let Some(addr) = config.admin_addr {
+        let (metrics, health, ctx) = (metrics.clone(), health.clone(), ctx.clone());
+        tokio::spawn(async move {
+            if let Err(e) = admin::serve(addr, metrics, health, ctx).await {
+                tracing::error!(error = %e, "admin server stopped");
+            }
+        });
+    }
+
+    let _leadership = match &config.leader_lease {
+        Some((ns, name)) => {
+            let mut stop = stop_rx.clone();
+            tokio::select! {
+                lease = leader::acquire(client.clone(), ns, name, &config.instance) => Some(lease?),
+                _ = stop.wait_for(|s| *s) => return Ok(()),
+            }
+        }
+        None => None,
+    };
+    tracing::info!(instance = %config.instance, "acting as leader");
+
+    // Slot leases, pods and secrets are watched once, as metadata only, and turned into
+    // reconcile requests for both controllers.
+    let slot_selector = format!("{}={}", labels::MANAGED_BY, labels::MANAGER);
+    let lease_stream = reflector::reflector(
+        lease_writer,
+        watcher(Api::<PartialObjectMeta<Lease>>::all(client.clone()), watcher::Config::default().labels(&slot_selector)),
+    )
+    .default_backoff()
+    .touched_objects();
+    let pod_stream = reflector::reflector(
+        pod_writer,
+        watcher(Api::<PartialObjectMeta<Pod>>::all(client.clone()), watcher::Config::default()),
+    )
+    .default_backoff()
+    .touched_objects();
+    let secret_stream = watcher(Api::<PartialObjectMeta<Secret>>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .touched_objects();
+    let triggers = controllers::Triggers::new();
+    let feed = controllers::feed(ctx.clone(), triggers.clone(), lease_stream, pod_stream, secret_stream);
+
+    let readiness = {
+        let (ctx, ready) = (ctx.clone(), health.ready.clone());
+        async move {
+            let _ = tokio::join!(
+                ctx.providers.wait_until_ready(),
+                ctx.masks.wait_until_ready(),
+                ctx.leases.wait_until_ready(),
+                ctx.pods.wait_until_ready(),
+            );
+            ready.store(true, std::sync::atomic::Ordering::Relaxed);
+            tracing::info!("caches synced");
+            futures::future::pending::<()>().await;
+        }
+    };
+    let masks = controllers::mask::run(mask_controller, ctx.clone(), triggers.masks(), stop_rx.clone());
+    let providers = controllers::provider::run(provider_controller, ctx.clone(), triggers.providers(), stop_rx.clone());
+    tokio::select! {
+        () = stopped => {},
+        () = feed => {},
+        () = readiness => {},
+        () = async { tokio::join!(masks, providers); } => {},
+    }
+    Ok(())
+}
