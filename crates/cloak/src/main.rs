@@ -18,12 +18,69 @@ struct Cli {
 enum Command {
     /// Print the CustomResourceDefinitions as YAML (what deploy/crds/ holds).
     Crds,
+    /// Run the VpnProvider and VpnMask controllers (in the cluster, or against any kubeconfig).
+    Operator(OperatorArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct OperatorArgs {
+    /// Admin server address (/livez, /readyz, /metrics).
+    #[arg(long, env = "CLOAK_ADMIN_ADDR", default_value = "0.0.0.0:8080")]
+    admin_addr: std::net::SocketAddr,
+    /// Name of the leader-election Lease.
+    #[arg(long, env = "CLOAK_LEASE_NAME", default_value = "cloak-operator")]
+    lease_name: String,
+    /// Namespace of the leader-election Lease.
+    #[arg(long, env = "CLOAK_LEASE_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+    /// This instance's identity in leader election and Events.
+    #[arg(long, env = "CLOAK_POD_NAME", default_value = "cloak-operator")]
+    pod_name: String,
+    /// Act without leader election (only for a single instance).
+    #[arg(long, env = "CLOAK_NO_LEADER_ELECTION")]
+    no_leader_election: bool,
+    /// URL answering with the caller's public IP, used by verification pods.
+    #[arg(
+        long,
+        env = "CLOAK_VERIFY_IP_URL",
+        default_value = "https://ifconfig.me/ip"
+    )]
+    verify_ip_url: String,
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Crds => print_crds(&mut std::io::stdout().lock()),
+        Command::Operator(args) => run_operator(args),
     }
+}
+
+fn run_operator(args: OperatorArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(async {
+        let client = kube::Client::try_default()
+            .await
+            .context("connecting to the Kubernetes API")?;
+        let config = cloak_operator::Config {
+            instance: args.pod_name,
+            admin_addr: Some(args.admin_addr),
+            leader_lease: (!args.no_leader_election)
+                .then_some((args.lease_namespace, args.lease_name)),
+            verify_ip_url: args.verify_ip_url,
+            ..cloak_operator::Config::default()
+        };
+        let shutdown = async {
+            let _ = tokio::signal::ctrl_c().await;
+        };
+        cloak_operator::run(client, config, shutdown)
+            .await
+            .context("operator")
+    })
 }
 
 /// Writes every CRD as one multi-document YAML stream, byte for byte what `deploy/crds/` holds.

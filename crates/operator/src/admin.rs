@@ -15,18 +15,31 @@ struct Admin {
     ctx: Arc<Context>,
 }
 
-pub(crate) async fn serve(addr: SocketAddr, metrics: Arc<Metrics>, health: Health, ctx: Arc<Context>) -> std::io::Result<()> {
+pub(crate) async fn serve(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    health: Health,
+    ctx: Arc<Context>,
+) -> std::io::Result<()> {
     let app = Router::new()
         .route("/livez", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
-        .with_state(Admin { metrics, health, ctx });
+        .with_state(Admin {
+            metrics,
+            health,
+            ctx,
+        });
     let listener = tokio::net::TcpListener::bind(addr).await?;
     axum::serve(listener, app).await
 }
 
 async fn readyz(State(admin): State<Admin>) -> (StatusCode, &'static str) {
-    if admin.health.ready.load(std::sync::atomic::Ordering::Relaxed) {
+    if admin
+        .health
+        .ready
+        .load(std::sync::atomic::Ordering::Relaxed)
+    {
         (StatusCode::OK, "ok")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "caches not synced")
@@ -44,24 +57,43 @@ pub(crate) fn refresh_gauges(ctx: &Context, metrics: &Metrics) {
     let mut phases: BTreeMap<String, i64> = BTreeMap::new();
     for mask in ctx.masks.state() {
         let phase = match &mask.0 {
-            Ok(m) => m.status.as_ref().and_then(|s| s.phase).map_or_else(|| "Pending".to_owned(), |p| format!("{p:?}")),
+            Ok(m) => m
+                .status
+                .as_ref()
+                .and_then(|s| s.phase)
+                .map_or_else(|| "Pending".to_owned(), |p| format!("{p:?}")),
             Err(_) => "Invalid".to_owned(),
         };
         *phases.entry(phase).or_default() += 1;
     }
     metrics.masks.clear();
     for (phase, count) in phases {
-        metrics.masks.get_or_create(&PhaseLabels { phase }).set(count);
+        metrics
+            .masks
+            .get_or_create(&PhaseLabels { phase })
+            .set(count);
     }
     let leases = ctx.leases.state();
     metrics.slots_used.clear();
     metrics.slots_max.clear();
     for provider in ctx.providers.state() {
         let Ok(p) = &provider.0 else { continue };
-        let key = ProviderLabels { namespace: p.namespace().unwrap_or_default(), provider: p.name_any() };
+        let key = ProviderLabels {
+            namespace: p.namespace().unwrap_or_default(),
+            provider: p.name_any(),
+        };
         let uid = p.uid().unwrap_or_default();
-        let used = leases.iter().filter(|l| l.labels().get(labels::PROVIDER_UID) == Some(&uid)).count();
-        metrics.slots_used.get_or_create(&key).set(i64::try_from(used).unwrap_or(i64::MAX));
-        metrics.slots_max.get_or_create(&key).set(i64::from(p.spec.max_slots.get()));
+        let used = leases
+            .iter()
+            .filter(|l| l.labels().get(labels::PROVIDER_UID) == Some(&uid))
+            .count();
+        metrics
+            .slots_used
+            .get_or_create(&key)
+            .set(i64::try_from(used).unwrap_or(i64::MAX));
+        metrics
+            .slots_max
+            .get_or_create(&key)
+            .set(i64::from(p.spec.max_slots.get()));
     }
 }

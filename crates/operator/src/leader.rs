@@ -38,7 +38,12 @@ impl Drop for Leadership {
 /// Waits until this instance holds the Lease, then keeps renewing it in the background. If
 /// renewal fails for longer than the lease duration the process exits: acting without the lease
 /// would let two instances act at once.
-pub async fn acquire(client: Client, namespace: &str, name: &str, identity: &str) -> Result<Leadership> {
+pub async fn acquire(
+    client: Client,
+    namespace: &str,
+    name: &str,
+    identity: &str,
+) -> Result<Leadership> {
     let api: Api<Lease> = Api::namespaced(client, namespace);
     loop {
         match try_acquire(&api, name, identity).await {
@@ -84,7 +89,10 @@ async fn try_acquire(api: &Api<Lease>, name: &str, identity: &str) -> Result<boo
     };
     let Some(mut lease) = api.get_opt(name).await? else {
         let lease = Lease {
-            metadata: ObjectMeta { name: Some(name.to_owned()), ..ObjectMeta::default() },
+            metadata: ObjectMeta {
+                name: Some(name.to_owned()),
+                ..ObjectMeta::default()
+            },
             spec: Some(spec(0, None)),
         };
         return match api.create(&PostParams::default(), &lease).await {
@@ -96,8 +104,11 @@ async fn try_acquire(api: &Api<Lease>, name: &str, identity: &str) -> Result<boo
     let current = lease.spec.clone().unwrap_or_default();
     let ours = current.holder_identity.as_deref() == Some(identity);
     let expired = current.renew_time.as_ref().is_none_or(|t| {
-        let duration = Duration::from_secs(u64::try_from(current.lease_duration_seconds.unwrap_or(15)).unwrap_or(15));
-        now.duration_since(t.0) > k8s_openapi::jiff::SignedDuration::try_from(duration).unwrap_or_default()
+        let duration = Duration::from_secs(
+            u64::try_from(current.lease_duration_seconds.unwrap_or(15)).unwrap_or(15),
+        );
+        now.duration_since(t.0)
+            > k8s_openapi::jiff::SignedDuration::try_from(duration).unwrap_or_default()
     });
     if !ours && !expired {
         return Ok(false);

@@ -1,3 +1,6 @@
+#![allow(clippy::too_many_lines)] // reconcile pipelines read top to bottom; split when they grow further
+#![allow(clippy::large_futures)] // reconcile futures are boxed by the controller runtime anyway
+
 //! `cloak operator`: the VpnProvider and VpnMask controllers, leader election and the admin server.
 //!
 //! Owns every call to the Kubernetes API the control plane makes. Decisions (which slot, which
@@ -26,9 +29,10 @@ use kube::{
     Api, Client,
     core::{DeserializeGuard, PartialObjectMeta},
     runtime::{
+        WatchStreamExt,
         events::Reporter,
         reflector::{self, Store},
-        WatchStreamExt, watcher,
+        watcher,
     },
 };
 use tokio::sync::watch;
@@ -73,7 +77,7 @@ impl Default for Config {
             admin_addr: None,
             leader_lease: None,
             verify_ip_url: "https://ifconfig.me/ip".into(),
-            waiting_requeue: Duration::from_secs(60),
+            waiting_requeue: Duration::from_mins(1),
         }
     }
 }
@@ -93,7 +97,9 @@ pub(crate) struct Context {
 
 impl std::fmt::Debug for Context {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Context").field("instance", &self.config.instance).finish_non_exhaustive()
+        f.debug_struct("Context")
+            .field("instance", &self.config.instance)
+            .finish_non_exhaustive()
     }
 }
 
@@ -104,7 +110,11 @@ pub struct Health {
 }
 
 /// Runs the operator until `shutdown` resolves.
-pub async fn run(client: Client, config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
+pub async fn run(
+    client: Client,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
     let metrics = metrics::Metrics::new();
     let health = Health::default();
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -125,7 +135,10 @@ pub async fn run(client: Client, config: Config, shutdown: impl Future<Output = 
     let provider_controller = controllers::provider::controller(&client);
     let ctx = Arc::new(Context {
         client: client.clone(),
-        reporter: Reporter { controller: MANAGER.into(), instance: Some(config.instance.clone()) },
+        reporter: Reporter {
+            controller: MANAGER.into(),
+            instance: Some(config.instance.clone()),
+        },
         config: config.clone(),
         metrics: metrics.clone(),
         providers: provider_controller.store(),
@@ -160,21 +173,36 @@ pub async fn run(client: Client, config: Config, shutdown: impl Future<Output = 
     let slot_selector = format!("{}={}", labels::MANAGED_BY, labels::MANAGER);
     let lease_stream = reflector::reflector(
         lease_writer,
-        watcher(Api::<PartialObjectMeta<Lease>>::all(client.clone()), watcher::Config::default().labels(&slot_selector)),
+        watcher(
+            Api::<PartialObjectMeta<Lease>>::all(client.clone()),
+            watcher::Config::default().labels(&slot_selector),
+        ),
     )
     .default_backoff()
     .touched_objects();
     let pod_stream = reflector::reflector(
         pod_writer,
-        watcher(Api::<PartialObjectMeta<Pod>>::all(client.clone()), watcher::Config::default()),
+        watcher(
+            Api::<PartialObjectMeta<Pod>>::all(client.clone()),
+            watcher::Config::default(),
+        ),
     )
     .default_backoff()
     .touched_objects();
-    let secret_stream = watcher(Api::<PartialObjectMeta<Secret>>::all(client.clone()), watcher::Config::default())
-        .default_backoff()
-        .touched_objects();
+    let secret_stream = watcher(
+        Api::<PartialObjectMeta<Secret>>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .touched_objects();
     let triggers = controllers::Triggers::new();
-    let feed = controllers::feed(ctx.clone(), triggers.clone(), lease_stream, pod_stream, secret_stream);
+    let feed = controllers::feed(
+        ctx.clone(),
+        triggers.clone(),
+        lease_stream,
+        pod_stream,
+        secret_stream,
+    );
 
     let readiness = {
         let (ctx, ready) = (ctx.clone(), health.ready.clone());
@@ -190,8 +218,18 @@ pub async fn run(client: Client, config: Config, shutdown: impl Future<Output = 
             futures::future::pending::<()>().await;
         }
     };
-    let masks = controllers::mask::run(mask_controller, ctx.clone(), triggers.masks(), stop_rx.clone());
-    let providers = controllers::provider::run(provider_controller, ctx.clone(), triggers.providers(), stop_rx.clone());
+    let masks = controllers::mask::run(
+        mask_controller,
+        ctx.clone(),
+        triggers.masks(),
+        stop_rx.clone(),
+    );
+    let providers = controllers::provider::run(
+        provider_controller,
+        ctx.clone(),
+        triggers.providers(),
+        stop_rx.clone(),
+    );
     tokio::select! {
         () = stopped => {},
         () = feed => {},

@@ -53,24 +53,49 @@ impl Metrics {
     pub fn new() -> Arc<Self> {
         let mut registry = Registry::with_prefix("cloak");
         let reconciles = Family::<ReconcileLabels, Counter>::default();
-        let reconcile_duration = Family::<ControllerLabels, Histogram>::new_with_constructor(|| {
-            Histogram::new([0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0])
-        });
+        let reconcile_duration =
+            Family::<ControllerLabels, Histogram>::new_with_constructor(|| {
+                Histogram::new([0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0])
+            });
         let errors = Family::<ErrorLabels, Counter>::default();
         let slots_used = Family::<ProviderLabels, Gauge>::default();
         let slots_max = Family::<ProviderLabels, Gauge>::default();
         let masks = Family::<PhaseLabels, Gauge>::default();
-        registry.register("reconciles", "Reconciles by controller and outcome", reconciles.clone());
+        registry.register(
+            "reconciles",
+            "Reconciles by controller and outcome",
+            reconciles.clone(),
+        );
         registry.register(
             "reconcile_duration_seconds",
             "Time spent in one reconcile",
             reconcile_duration.clone(),
         );
-        registry.register("reconcile_errors", "Reconcile errors by category", errors.clone());
-        registry.register("provider_slots_used", "Slots leased per provider", slots_used.clone());
-        registry.register("provider_slots_max", "maxSlots per provider", slots_max.clone());
+        registry.register(
+            "reconcile_errors",
+            "Reconcile errors by category",
+            errors.clone(),
+        );
+        registry.register(
+            "provider_slots_used",
+            "Slots leased per provider",
+            slots_used.clone(),
+        );
+        registry.register(
+            "provider_slots_max",
+            "maxSlots per provider",
+            slots_max.clone(),
+        );
         registry.register("masks", "VpnMasks by phase", masks.clone());
-        Arc::new(Self { registry, reconciles, reconcile_duration, errors, slots_used, slots_max, masks })
+        Arc::new(Self {
+            registry,
+            reconciles,
+            reconcile_duration,
+            errors,
+            slots_used,
+            slots_max,
+            masks,
+        })
     }
 
     pub fn encode(&self) -> String {

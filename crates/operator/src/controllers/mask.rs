@@ -106,13 +106,17 @@ fn error_policy(_: Arc<DeserializeGuard<VpnMask>>, error: &Error, _: Arc<Context
 /// reservation for this mask.
 async fn still_held(mask: &VpnMask, held: &AssignedProvider, ctx: &Context) -> Result<bool> {
     let provider_alive = ctx.providers.state().iter().any(|p| {
-        p.0.as_ref().is_ok_and(|p| p.uid().as_deref() == Some(held.uid.as_str()) && p.meta().deletion_timestamp.is_none())
+        p.0.as_ref().is_ok_and(|p| {
+            p.uid().as_deref() == Some(held.uid.as_str()) && p.meta().deletion_timestamp.is_none()
+        })
     });
     if !provider_alive {
         return Ok(false);
     }
     let name = names::slot_lease(&held.name, held.slot);
-    let cached = ctx.leases.get(&ObjectRef::new(&name).within(&held.namespace));
+    let cached = ctx
+        .leases
+        .get(&ObjectRef::new(&name).within(&held.namespace));
     let holder = match cached {
         Some(lease) => lease.labels().get(labels::MASK_UID).cloned(),
         None => Api::<Lease>::namespaced(ctx.client.clone(), &held.namespace)
@@ -129,7 +133,10 @@ async fn apply(mask: &VpnMask, ctx: &Context) -> Result<Action> {
     let mut held = match &previous.provider {
         Some(held) if still_held(mask, held, ctx).await? => Some(held.clone()),
         Some(lost) => {
-            let note = format!("lost slot {} of provider {}/{}", lost.slot, lost.namespace, lost.name);
+            let note = format!(
+                "lost slot {} of provider {}/{}",
+                lost.slot, lost.namespace, lost.name
+            );
             publish(ctx, mask, EventType::Warning, "SlotLost", note).await;
             delete_secret_copy(ctx, &ns, &lost.secret).await?;
             None
@@ -140,7 +147,10 @@ async fn apply(mask: &VpnMask, ctx: &Context) -> Result<Action> {
     if held.is_none() {
         match allocate(mask, ctx).await? {
             Ok(assigned) => {
-                let note = format!("leased slot {} of provider {}/{}", assigned.slot, assigned.namespace, assigned.name);
+                let note = format!(
+                    "leased slot {} of provider {}/{}",
+                    assigned.slot, assigned.namespace, assigned.name
+                );
                 publish(ctx, mask, EventType::Normal, "SlotLeased", note).await;
                 held = Some(assigned);
             }
@@ -153,24 +163,56 @@ async fn apply(mask: &VpnMask, ctx: &Context) -> Result<Action> {
             sync_secret_copy(mask, held, ctx).await?;
             let users = pods_using(ctx, mask).len();
             if users > 0 {
-                (MaskPhase::Active, format!("slot {} of {}/{} in use by {users} pod(s)", held.slot, held.namespace, held.name), Action::await_change())
+                (
+                    MaskPhase::Active,
+                    format!(
+                        "slot {} of {}/{} in use by {users} pod(s)",
+                        held.slot, held.namespace, held.name
+                    ),
+                    Action::await_change(),
+                )
             } else {
-                (MaskPhase::Ready, format!("slot {} of {}/{} ready; credentials in Secret {}", held.slot, held.namespace, held.name, held.secret), Action::await_change())
+                (
+                    MaskPhase::Ready,
+                    format!(
+                        "slot {} of {}/{} ready; credentials in Secret {}",
+                        held.slot, held.namespace, held.name, held.secret
+                    ),
+                    Action::await_change(),
+                )
             }
         }
-        (None, Some((phase, message))) => (phase, message, Action::requeue(ctx.config.waiting_requeue)),
-        (None, None) => (MaskPhase::Pending, "allocating".into(), Action::requeue(ctx.config.waiting_requeue)),
+        (None, Some((phase, message))) => {
+            (phase, message, Action::requeue(ctx.config.waiting_requeue))
+        }
+        (None, None) => (
+            MaskPhase::Pending,
+            "allocating".into(),
+            Action::requeue(ctx.config.waiting_requeue),
+        ),
     };
     let ready = matches!(phase, MaskPhase::Ready | MaskPhase::Active);
     let status = VpnMaskStatus {
         phase: Some(phase),
         message: Some(message.clone()),
-        conditions: vec![super::condition(&previous.conditions, "Ready", ready, &format!("{phase:?}"), &message, mask.meta().generation)],
+        conditions: vec![super::condition(
+            &previous.conditions,
+            "Ready",
+            ready,
+            &format!("{phase:?}"),
+            &message,
+            mask.meta().generation,
+        )],
         provider: held,
         observed_generation: mask.meta().generation,
     };
-    if previous.phase != status.phase || previous.provider != status.provider || previous.message != status.message {
-        if previous.phase != status.phase && matches!(phase, MaskPhase::ErrNoProviders | MaskPhase::Waiting) {
+    if previous.phase != status.phase
+        || previous.provider != status.provider
+        || previous.message != status.message
+    {
+        if previous.phase != status.phase
+            && matches!(phase, MaskPhase::ErrNoProviders | MaskPhase::Waiting)
+        {
             publish(ctx, mask, EventType::Normal, &format!("{phase:?}"), message).await;
         }
         let api: Api<VpnMask> = Api::namespaced(ctx.client.clone(), &ns);
@@ -178,46 +220,84 @@ async fn apply(mask: &VpnMask, ctx: &Context) -> Result<Action> {
         let mut value = serde_json::to_value(&status)?;
         value["provider"] = serde_json::to_value(&status.provider)?;
         let patch = serde_json::json!({"status": value});
-        api.patch_status(&mask.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
+        api.patch_status(
+            &mask.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?;
     }
     Ok(action)
 }
 
 /// Tries to reserve a slot. `Ok(Err((phase, why)))` when none can be had now.
-async fn allocate(mask: &VpnMask, ctx: &Context) -> Result<std::result::Result<AssignedProvider, (MaskPhase, String)>> {
+async fn allocate(
+    mask: &VpnMask,
+    ctx: &Context,
+) -> Result<std::result::Result<AssignedProvider, (MaskPhase, String)>> {
     let ns = mask.namespace().unwrap_or_default();
     let uid = mask.uid().unwrap_or_default();
     let pinned = mask.labels().get(LABEL_PROVIDER).and_then(|provider| {
         // A verification mask is pinned to the provider that owns it.
-        mask.owner_references().iter().find(|o| o.kind == VpnProvider::kind(&()) && &o.name == provider).map(|o| o.uid.clone())
+        mask.owner_references()
+            .iter()
+            .find(|o| o.kind == VpnProvider::kind(&()) && &o.name == provider)
+            .map(|o| o.uid.clone())
     });
     let providers = provider_slots(ctx, pinned.is_some());
 
     // A reservation made earlier whose status write was lost (crash, conflict) is adopted, so a
     // mask never holds two slots.
     let lease_api: Api<Lease> = Api::all(ctx.client.clone());
-    let mine = lease_api.list_metadata(&ListParams::default().labels(&format!("{}={uid}", labels::MASK_UID))).await?;
+    let mine = lease_api
+        .list_metadata(&ListParams::default().labels(&format!("{}={uid}", labels::MASK_UID)))
+        .await?;
     for lease in mine.items {
-        let provider_uid = lease.labels().get(labels::PROVIDER_UID).cloned().unwrap_or_default();
-        let slot = lease.labels().get(labels::SLOT).and_then(|s| s.parse().ok());
+        let provider_uid = lease
+            .labels()
+            .get(labels::PROVIDER_UID)
+            .cloned()
+            .unwrap_or_default();
+        let slot = lease
+            .labels()
+            .get(labels::SLOT)
+            .and_then(|s| s.parse().ok());
         match (providers.iter().find(|p| p.uid == provider_uid), slot) {
             (Some(p), Some(slot)) => return Ok(Ok(assignment(p, slot, mask))),
-            _ => delete_lease(ctx, &lease.namespace().unwrap_or_default(), &lease.name_any(), lease.uid()).await?,
+            _ => {
+                delete_lease(
+                    ctx,
+                    &lease.namespace().unwrap_or_default(),
+                    &lease.name_any(),
+                    lease.uid(),
+                )
+                .await?;
+            }
         }
     }
 
-    let request = MaskRequest { namespace: &ns, tags: &mask.spec.providers, pinned_uid: pinned.as_deref() };
+    let request = MaskRequest {
+        namespace: &ns,
+        tags: &mask.spec.providers,
+        pinned_uid: pinned.as_deref(),
+    };
     let attempts = match slots::plan(&providers, &request) {
         Plan::NoProviders => {
             let why = if mask.spec.providers.is_empty() {
                 format!("no Ready VpnProvider allows namespace {ns}")
             } else {
-                format!("no Ready VpnProvider with tags {:?} allows namespace {ns}", mask.spec.providers)
+                format!(
+                    "no Ready VpnProvider with tags {:?} allows namespace {ns}",
+                    mask.spec.providers
+                )
             };
             return Ok(Err((MaskPhase::ErrNoProviders, why)));
         }
         Plan::Waiting { matching } => {
-            return Ok(Err((MaskPhase::Waiting, format!("all slots of the {matching} matching provider(s) are taken"))));
+            return Ok(Err((
+                MaskPhase::Waiting,
+                format!("all slots of the {matching} matching provider(s) are taken"),
+            )));
         }
         Plan::Try(attempts) => attempts,
     };
@@ -226,7 +306,10 @@ async fn allocate(mask: &VpnMask, ctx: &Context) -> Result<std::result::Result<A
             return Ok(Ok(assignment(provider, slot, mask)));
         }
     }
-    Ok(Err((MaskPhase::Waiting, "every free slot was taken by another mask; retrying".into())))
+    Ok(Err((
+        MaskPhase::Waiting,
+        "every free slot was taken by another mask; retrying".into(),
+    )))
 }
 
 fn assignment(provider: &ProviderSlots, slot: u32, mask: &VpnMask) -> AssignedProvider {
@@ -269,8 +352,17 @@ fn provider_slots(ctx: &Context, include_unusable: bool) -> Vec<ProviderSlots> {
 }
 
 /// Creates the reservation of `slot`. `false` when another mask holds it already.
-async fn reserve(ctx: &Context, provider: &ProviderSlots, slot: u32, mask: &VpnMask) -> Result<bool> {
-    let mask_key = format!("{}/{}", mask.namespace().unwrap_or_default(), mask.name_any());
+async fn reserve(
+    ctx: &Context,
+    provider: &ProviderSlots,
+    slot: u32,
+    mask: &VpnMask,
+) -> Result<bool> {
+    let mask_key = format!(
+        "{}/{}",
+        mask.namespace().unwrap_or_default(),
+        mask.name_any()
+    );
     let lease = Lease {
         metadata: ObjectMeta {
             name: Some(names::slot_lease(&provider.name, slot)),
@@ -295,9 +387,15 @@ async fn reserve(ctx: &Context, provider: &ProviderSlots, slot: u32, mask: &VpnM
             }]),
             ..ObjectMeta::default()
         },
-        spec: Some(LeaseSpec { holder_identity: Some(mask_key), ..LeaseSpec::default() }),
+        spec: Some(LeaseSpec {
+            holder_identity: Some(mask_key),
+            ..LeaseSpec::default()
+        }),
     };
-    match Api::<Lease>::namespaced(ctx.client.clone(), &provider.namespace).create(&PostParams::default(), &lease).await {
+    match Api::<Lease>::namespaced(ctx.client.clone(), &provider.namespace)
+        .create(&PostParams::default(), &lease)
+        .await
+    {
         Ok(_) => Ok(true),
         Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
         Err(e) => Err(e.into()),
@@ -305,8 +403,17 @@ async fn reserve(ctx: &Context, provider: &ProviderSlots, slot: u32, mask: &VpnM
 }
 
 async fn delete_lease(ctx: &Context, ns: &str, name: &str, uid: Option<String>) -> Result<()> {
-    let params = DeleteParams { preconditions: Some(Preconditions { uid, resource_version: None }), ..DeleteParams::default() };
-    match Api::<Lease>::namespaced(ctx.client.clone(), ns).delete(name, &params).await {
+    let params = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid,
+            resource_version: None,
+        }),
+        ..DeleteParams::default()
+    };
+    match Api::<Lease>::namespaced(ctx.client.clone(), ns)
+        .delete(name, &params)
+        .await
+    {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => Ok(()),
         Err(e) => Err(e.into()),
@@ -317,12 +424,22 @@ async fn delete_lease(ctx: &Context, ns: &str, name: &str, uid: Option<String>) 
 /// copy equal to the source: keys removed from the source are removed from the copy.
 async fn sync_secret_copy(mask: &VpnMask, held: &AssignedProvider, ctx: &Context) -> Result<()> {
     let provider = ctx.providers.state().into_iter().find_map(|p| {
-        p.0.as_ref().ok().filter(|p| p.uid().as_deref() == Some(held.uid.as_str())).cloned()
+        p.0.as_ref()
+            .ok()
+            .filter(|p| p.uid().as_deref() == Some(held.uid.as_str()))
+            .cloned()
     });
-    let Some(provider) = provider else { return Ok(()) };
-    let source = Api::<Secret>::namespaced(ctx.client.clone(), &held.namespace).get_opt(&provider.spec.secret).await?;
+    let Some(provider) = provider else {
+        return Ok(());
+    };
+    let source = Api::<Secret>::namespaced(ctx.client.clone(), &held.namespace)
+        .get_opt(&provider.spec.secret)
+        .await?;
     let Some(source) = source else {
-        return Err(Error::Invalid(format!("provider {}/{} has no Secret {}", held.namespace, held.name, provider.spec.secret)));
+        return Err(Error::Invalid(format!(
+            "provider {}/{} has no Secret {}",
+            held.namespace, held.name, provider.spec.secret
+        )));
     };
     let ns = mask.namespace().unwrap_or_default();
     let copy = Secret {
@@ -336,18 +453,32 @@ async fn sync_secret_copy(mask: &VpnMask, held: &AssignedProvider, ctx: &Context
             owner_references: Some(vec![mask.controller_owner_ref(&()).unwrap_or_default()]),
             ..ObjectMeta::default()
         },
-        data: Some(source.data.unwrap_or_default().into_iter().map(|(k, v)| (k, ByteString(v.0))).collect()),
+        data: Some(
+            source
+                .data
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, v)| (k, ByteString(v.0)))
+                .collect(),
+        ),
         type_: Some("Opaque".into()),
         ..Secret::default()
     };
     Api::<Secret>::namespaced(ctx.client.clone(), &ns)
-        .patch(&held.secret, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&copy))
+        .patch(
+            &held.secret,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&copy),
+        )
         .await?;
     Ok(())
 }
 
 async fn delete_secret_copy(ctx: &Context, ns: &str, name: &str) -> Result<()> {
-    match Api::<Secret>::namespaced(ctx.client.clone(), ns).delete(name, &DeleteParams::default()).await {
+    match Api::<Secret>::namespaced(ctx.client.clone(), ns)
+        .delete(name, &DeleteParams::default())
+        .await
+    {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
         Err(e) => Err(e.into()),
@@ -360,7 +491,12 @@ fn pods_using(ctx: &Context, mask: &VpnMask) -> Vec<ObjectRef<kube::core::Partia
     ctx.pods
         .state()
         .iter()
-        .filter(|p| p.namespace() == ns && p.owner_references().iter().any(|o| Some(&o.uid) == uid.as_ref()))
+        .filter(|p| {
+            p.namespace() == ns
+                && p.owner_references()
+                    .iter()
+                    .any(|o| Some(&o.uid) == uid.as_ref())
+        })
         .map(|p| ObjectRef::from_obj(p.as_ref()))
         .collect()
 }
@@ -382,7 +518,10 @@ async fn cleanup(mask: &VpnMask, ctx: &Context) -> Result<Action> {
     if !users.is_empty() {
         for pod in &users {
             if pod.meta().deletion_timestamp.is_none() {
-                match pods.delete(&pod.name_any(), &DeleteParams::background()).await {
+                match pods
+                    .delete(&pod.name_any(), &DeleteParams::background())
+                    .await
+                {
                     Ok(_) => {}
                     Err(kube::Error::Api(status)) if status.code == 404 => {}
                     Err(e) => return Err(e.into()),
@@ -399,8 +538,21 @@ async fn cleanup(mask: &VpnMask, ctx: &Context) -> Result<Action> {
         .list_metadata(&ListParams::default().labels(&format!("{}={uid}", labels::MASK_UID)))
         .await?;
     for lease in mine.items {
-        delete_lease(ctx, &lease.namespace().unwrap_or_default(), &lease.name_any(), lease.uid()).await?;
+        delete_lease(
+            ctx,
+            &lease.namespace().unwrap_or_default(),
+            &lease.name_any(),
+            lease.uid(),
+        )
+        .await?;
     }
-    publish(ctx, mask, EventType::Normal, "SlotReleased", "slot released".into()).await;
+    publish(
+        ctx,
+        mask,
+        EventType::Normal,
+        "SlotReleased",
+        "slot released".into(),
+    )
+    .await;
     Ok(Action::await_change())
 }

@@ -48,25 +48,46 @@ impl Triggers {
     pub(crate) fn new() -> Self {
         let (masks, mask_rx) = mpsc::unbounded();
         let (providers, provider_rx) = mpsc::unbounded();
-        Self { masks, providers, receivers: Arc::new(Mutex::new(Receivers { masks: Some(mask_rx), providers: Some(provider_rx) })) }
+        Self {
+            masks,
+            providers,
+            receivers: Arc::new(Mutex::new(Receivers {
+                masks: Some(mask_rx),
+                providers: Some(provider_rx),
+            })),
+        }
     }
 
     pub(crate) fn masks(&self) -> impl Stream<Item = MaskRef> + Send + 'static {
-        let rx = self.receivers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).masks.take();
+        let rx = self
+            .receivers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .masks
+            .take();
         futures::stream::iter(rx).flatten()
     }
 
     pub(crate) fn providers(&self) -> impl Stream<Item = ProviderRef> + Send + 'static {
-        let rx = self.receivers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).providers.take();
+        let rx = self
+            .receivers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .providers
+            .take();
         futures::stream::iter(rx).flatten()
     }
 
     fn mask(&self, namespace: &str, name: &str) {
-        let _ = self.masks.unbounded_send(ObjectRef::new(name).within(namespace));
+        let _ = self
+            .masks
+            .unbounded_send(ObjectRef::new(name).within(namespace));
     }
 
     fn provider(&self, namespace: &str, name: &str) {
-        let _ = self.providers.unbounded_send(ObjectRef::new(name).within(namespace));
+        let _ = self
+            .providers
+            .unbounded_send(ObjectRef::new(name).within(namespace));
     }
 }
 
@@ -76,7 +97,11 @@ pub(crate) fn waiting_masks(ctx: &Context) -> Vec<MaskRef> {
         .state()
         .iter()
         .filter(|m| match &m.0 {
-            Ok(mask) => mask.status.as_ref().and_then(|s| s.provider.as_ref()).is_none(),
+            Ok(mask) => mask
+                .status
+                .as_ref()
+                .and_then(|s| s.provider.as_ref())
+                .is_none(),
             Err(_) => false,
         })
         .map(|m| ObjectRef::from_obj(m.as_ref()))
@@ -90,7 +115,10 @@ pub(crate) fn masks_of_provider(ctx: &Context, provider_uid: &str) -> Vec<MaskRe
         .iter()
         .filter(|m| {
             m.0.as_ref().is_ok_and(|mask| {
-                mask.status.as_ref().and_then(|s| s.provider.as_ref()).is_some_and(|p| p.uid == provider_uid)
+                mask.status
+                    .as_ref()
+                    .and_then(|s| s.provider.as_ref())
+                    .is_some_and(|p| p.uid == provider_uid)
             })
         })
         .map(|m| ObjectRef::from_obj(m.as_ref()))
@@ -107,10 +135,16 @@ pub(crate) async fn feed(
 ) {
     let on_lease = leases.for_each(|lease| {
         if let Ok(lease) = lease {
-            if let Some((ns, name)) = lease.annotations().get(labels::MASK).and_then(|m| m.split_once('/')) {
+            if let Some((ns, name)) = lease
+                .annotations()
+                .get(labels::MASK)
+                .and_then(|m| m.split_once('/'))
+            {
                 triggers.mask(ns, name);
             }
-            if let (Some(ns), Some(provider)) = (lease.namespace(), lease.labels().get(labels::PROVIDER)) {
+            if let (Some(ns), Some(provider)) =
+                (lease.namespace(), lease.labels().get(labels::PROVIDER))
+            {
                 triggers.provider(&ns, provider);
             }
             // A freed slot may be what a waiting mask needs.
@@ -123,7 +157,11 @@ pub(crate) async fn feed(
     let on_pod = pods.for_each(|pod| {
         if let Ok(pod) = pod {
             let ns = pod.namespace().unwrap_or_default();
-            for owner in pod.owner_references().iter().filter(|o| o.kind == VpnMask::kind(&())) {
+            for owner in pod
+                .owner_references()
+                .iter()
+                .filter(|o| o.kind == VpnMask::kind(&()))
+            {
                 triggers.mask(&ns, &owner.name);
             }
             if let Some(provider) = pod.labels().get(cloak_model::verify::LABEL_PROVIDER) {
@@ -159,7 +197,13 @@ pub(crate) async fn publish<K: Resource<DynamicType = ()>>(
     note: String,
 ) {
     let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
-    let event = Event { type_, reason: reason.into(), note: Some(note), action: "Reconcile".into(), secondary: None };
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
     if let Err(e) = recorder.publish(&event, &object.object_ref(&())).await {
         tracing::warn!(error = %e, reason, "publishing an event failed");
     }
@@ -179,11 +223,20 @@ pub(crate) async fn measured<F: Future<Output = Result<Action, Error>>>(
         .get_or_create(&crate::metrics::ControllerLabels { controller })
         .observe(started.elapsed().as_secs_f64());
     let outcome = if result.is_ok() { "success" } else { "error" };
-    metrics.reconciles.get_or_create(&ReconcileLabels { controller, outcome }).inc();
+    metrics
+        .reconciles
+        .get_or_create(&ReconcileLabels {
+            controller,
+            outcome,
+        })
+        .inc();
     if let Err(e) = &result {
         metrics
             .errors
-            .get_or_create(&crate::metrics::ErrorLabels { controller, category: e.category() })
+            .get_or_create(&crate::metrics::ErrorLabels {
+                controller,
+                category: e.category(),
+            })
             .inc();
     }
     result
@@ -203,7 +256,10 @@ pub(crate) fn condition(
     let since = previous
         .iter()
         .find(|c| c.type_ == type_ && c.status == status)
-        .map_or_else(|| Time(k8s_openapi::jiff::Timestamp::now()), |c| c.last_transition_time.clone());
+        .map_or_else(
+            || Time(k8s_openapi::jiff::Timestamp::now()),
+            |c| c.last_transition_time.clone(),
+        );
     Condition {
         type_: type_.into(),
         status: status.into(),

@@ -39,7 +39,10 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(90);
 pub(crate) fn controller(client: &Client) -> Controller<DeserializeGuard<VpnProvider>> {
     let verification = watcher::Config::default().labels(verify::LABEL_PROVIDER);
     Controller::new(Api::all(client.clone()), watcher::Config::default())
-        .owns(Api::<DeserializeGuard<VpnMask>>::all(client.clone()), verification.clone())
+        .owns(
+            Api::<DeserializeGuard<VpnMask>>::all(client.clone()),
+            verification.clone(),
+        )
         .owns(Api::<Pod>::all(client.clone()), verification)
 }
 
@@ -65,7 +68,9 @@ pub(crate) fn usable(provider: &VpnProvider) -> bool {
     let status = provider.status.as_ref();
     match status.and_then(|s| s.phase) {
         Some(ProviderPhase::Ready | ProviderPhase::Active) => true,
-        Some(ProviderPhase::Verifying | ProviderPhase::Verified) => status.is_some_and(|s| s.last_verified.is_some()),
+        Some(ProviderPhase::Verifying | ProviderPhase::Verified) => {
+            status.is_some_and(|s| s.last_verified.is_some())
+        }
         _ => false,
     }
 }
@@ -113,7 +118,9 @@ async fn apply(provider: &VpnProvider, ctx: &Context) -> Result<Action> {
     let active = u32::try_from(held.len()).unwrap_or(u32::MAX);
     let max = provider.spec.max_slots.get();
 
-    let secret = Api::<Secret>::namespaced(ctx.client.clone(), &ns).get_opt(&provider.spec.secret).await?;
+    let secret = Api::<Secret>::namespaced(ctx.client.clone(), &ns)
+        .get_opt(&provider.spec.secret)
+        .await?;
     let decision = match secret {
         None => Decision {
             phase: ProviderPhase::ErrSecretNotFound,
@@ -125,7 +132,11 @@ async fn apply(provider: &VpnProvider, ctx: &Context) -> Result<Action> {
     };
     let phase = match decision.phase {
         ProviderPhase::Ready | ProviderPhase::Active => {
-            if active > 0 { ProviderPhase::Active } else { ProviderPhase::Ready }
+            if active > 0 {
+                ProviderPhase::Active
+            } else {
+                ProviderPhase::Ready
+            }
         }
         other => other,
     };
@@ -139,26 +150,50 @@ async fn apply(provider: &VpnProvider, ctx: &Context) -> Result<Action> {
     let status = VpnProviderStatus {
         phase: Some(phase),
         message: Some(message.clone()),
-        conditions: vec![super::condition(&previous.conditions, "Ready", ready, &format!("{phase:?}"), &message, provider.meta().generation)],
+        conditions: vec![super::condition(
+            &previous.conditions,
+            "Ready",
+            ready,
+            &format!("{phase:?}"),
+            &message,
+            provider.meta().generation,
+        )],
         active_slots: active,
         last_verified: decision.last_verified,
         observed_generation: provider.meta().generation,
     };
-    if previous.phase != status.phase || previous.message != status.message || previous.active_slots != active || previous.last_verified != status.last_verified {
+    if previous.phase != status.phase
+        || previous.message != status.message
+        || previous.active_slots != active
+        || previous.last_verified != status.last_verified
+    {
         if previous.phase != status.phase {
-            let type_ = if phase_is_error(phase) { EventType::Warning } else { EventType::Normal };
+            let type_ = if phase_is_error(phase) {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            };
             publish(ctx, provider, type_, &format!("{phase:?}"), message).await;
         }
         let api: Api<VpnProvider> = Api::namespaced(ctx.client.clone(), &ns);
-        api.patch_status(&provider.name_any(), &PatchParams::default(), &Patch::Merge(&serde_json::json!({"status": status})))
-            .await?;
+        api.patch_status(
+            &provider.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&serde_json::json!({"status": status})),
+        )
+        .await?;
     }
     sweep_orphans(ctx, &held).await?;
-    Ok(decision.requeue.map_or_else(Action::await_change, Action::requeue))
+    Ok(decision
+        .requeue
+        .map_or_else(Action::await_change, Action::requeue))
 }
 
 fn phase_is_error(phase: ProviderPhase) -> bool {
-    matches!(phase, ProviderPhase::ErrSecretNotFound | ProviderPhase::ErrVerifyFailed)
+    matches!(
+        phase,
+        ProviderPhase::ErrSecretNotFound | ProviderPhase::ErrVerifyFailed
+    )
 }
 
 /// The verification state machine: skip, keep, start, wait, pass or fail.
@@ -170,13 +205,34 @@ async fn verification(
 ) -> Result<Decision> {
     let verify_spec = provider.spec.verify.clone().unwrap_or_default();
     let ns = provider.namespace().unwrap_or_default();
-    let decide = |phase, message: String, last_verified, requeue| Decision { phase, message, last_verified, requeue };
+    let decide = |phase, message: String, last_verified, requeue| Decision {
+        phase,
+        message,
+        last_verified,
+        requeue,
+    };
     if verify_spec.skip {
-        return Ok(decide(ProviderPhase::Ready, "verification skipped".into(), previous.last_verified.clone(), None));
+        return Ok(decide(
+            ProviderPhase::Ready,
+            "verification skipped".into(),
+            previous.last_verified.clone(),
+            None,
+        ));
     }
-    let data = secret.data.clone().unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect();
+    let data = secret
+        .data
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| (k, v.0))
+        .collect();
     if let Err(e) = credentials::classify(&data, provider.spec.tunnel) {
-        return Ok(decide(ProviderPhase::ErrVerifyFailed, format!("Secret {}: {e}", provider.spec.secret), previous.last_verified.clone(), None));
+        return Ok(decide(
+            ProviderPhase::ErrVerifyFailed,
+            format!("Secret {}: {e}", provider.spec.secret),
+            previous.last_verified.clone(),
+            None,
+        ));
     }
     let now = Timestamp::now();
     let since = |t: &Time| Duration::try_from(now.duration_since(t.0)).unwrap_or_default();
@@ -191,26 +247,57 @@ async fn verification(
     };
     if !due {
         let message = "credentials verified".to_owned();
-        return Ok(decide(ProviderPhase::Ready, message, previous.last_verified.clone(), next_check));
+        return Ok(decide(
+            ProviderPhase::Ready,
+            message,
+            previous.last_verified.clone(),
+            next_check,
+        ));
     }
     // A failed verification is not retried until the spec, the Secret or the interval changes.
-    if previous.phase == Some(ProviderPhase::ErrVerifyFailed) && previous.observed_generation == provider.meta().generation && !verification_running(ctx, &ns, provider) {
+    if previous.phase == Some(ProviderPhase::ErrVerifyFailed)
+        && previous.observed_generation == provider.meta().generation
+    {
         let message = previous.message.clone().unwrap_or_default();
-        return Ok(decide(ProviderPhase::ErrVerifyFailed, message, previous.last_verified.clone(), None));
+        return Ok(decide(
+            ProviderPhase::ErrVerifyFailed,
+            message,
+            previous.last_verified.clone(),
+            None,
+        ));
     }
 
     let name = names::verification(&provider.name_any());
     let mask = ensure_verification_mask(provider, &name, ctx).await?;
+    if mask.meta().deletion_timestamp.is_some() {
+        // The previous verification is still releasing its slot.
+        return Ok(decide(
+            ProviderPhase::Verifying,
+            "waiting for the previous verification to end".into(),
+            previous.last_verified.clone(),
+            Some(Duration::from_secs(1)),
+        ));
+    }
     let Some(held) = mask.status.as_ref().and_then(|s| s.provider.clone()) else {
-        return Ok(decide(ProviderPhase::Verifying, "waiting for a free slot to verify the credentials".into(), previous.last_verified.clone(), None));
+        return Ok(decide(
+            ProviderPhase::Verifying,
+            "waiting for a free slot to verify the credentials".into(),
+            previous.last_verified.clone(),
+            None,
+        ));
     };
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-    let pod = match pods.get_opt(&name).await? {
-        Some(pod) => pod,
-        None => {
+    let pod = if let Some(pod) = pods.get_opt(&name).await? {
+        pod
+    } else {
+        {
             let owners = vec![
                 provider.controller_owner_ref(&()).unwrap_or_default(),
-                OwnerReference { block_owner_deletion: Some(true), controller: Some(false), ..mask.controller_owner_ref(&()).unwrap_or_default() },
+                OwnerReference {
+                    block_owner_deletion: Some(true),
+                    controller: Some(false),
+                    ..mask.controller_owner_ref(&()).unwrap_or_default()
+                },
             ];
             let pod = verify::pod(&verify::VerifyPod {
                 name: &name,
@@ -221,35 +308,66 @@ async fn verification(
                 owners,
                 overrides: verify_spec.overrides.as_ref(),
             })?;
-            publish(ctx, provider, EventType::Normal, "Verifying", format!("verification pod {name} created")).await;
+            publish(
+                ctx,
+                provider,
+                EventType::Normal,
+                "Verifying",
+                format!("verification pod {name} created"),
+            )
+            .await;
             pods.create(&PostParams::default(), &pod).await?
         }
     };
     let timeout = verify_spec.timeout.map_or(DEFAULT_TIMEOUT, |t| t.get());
-    let age = pod.creation_timestamp().map_or(Duration::ZERO, |t| since(&t));
+    let age = pod
+        .creation_timestamp()
+        .map_or(Duration::ZERO, |t| since(&t));
     let outcome = match verify::outcome(pod.status.as_ref()) {
-        verify::Outcome::Running if age >= timeout => verify::Outcome::Failed(format!("timed out after {}", provider.spec.verify.as_ref().and_then(|v| v.timeout.as_ref()).map_or_else(|| "1m30s".into(), ToString::to_string))),
+        verify::Outcome::Running if age >= timeout => verify::Outcome::Failed(format!(
+            "timed out after {}",
+            provider
+                .spec
+                .verify
+                .as_ref()
+                .and_then(|v| v.timeout.as_ref())
+                .map_or_else(|| "1m30s".into(), ToString::to_string)
+        )),
         other => other,
     };
     match outcome {
-        verify::Outcome::Running => Ok(decide(ProviderPhase::Verifying, format!("verification pod {name} running"), previous.last_verified.clone(), Some(timeout.saturating_sub(age)))),
+        verify::Outcome::Running => Ok(decide(
+            ProviderPhase::Verifying,
+            format!("verification pod {name} running"),
+            previous.last_verified.clone(),
+            Some(timeout.saturating_sub(age)),
+        )),
         verify::Outcome::Passed => {
             end_verification(ctx, &ns, &name).await?;
-            Ok(decide(ProviderPhase::Ready, "credentials verified".into(), Some(Time(now)), verify_spec.interval.map(|i| i.get())))
+            Ok(decide(
+                ProviderPhase::Ready,
+                "credentials verified".into(),
+                Some(Time(now)),
+                verify_spec.interval.map(|i| i.get()),
+            ))
         }
         verify::Outcome::Failed(why) => {
             end_verification(ctx, &ns, &name).await?;
-            Ok(decide(ProviderPhase::ErrVerifyFailed, format!("verification failed: {why}"), previous.last_verified.clone(), None))
+            Ok(decide(
+                ProviderPhase::ErrVerifyFailed,
+                format!("verification failed: {why}"),
+                previous.last_verified.clone(),
+                None,
+            ))
         }
     }
 }
 
-fn verification_running(ctx: &Context, ns: &str, provider: &VpnProvider) -> bool {
-    let name = names::verification(&provider.name_any());
-    ctx.masks.get(&kube::runtime::reflector::ObjectRef::new(&name).within(ns)).is_some()
-}
-
-async fn ensure_verification_mask(provider: &VpnProvider, name: &str, ctx: &Context) -> Result<VpnMask> {
+async fn ensure_verification_mask(
+    provider: &VpnProvider,
+    name: &str,
+    ctx: &Context,
+) -> Result<VpnMask> {
     let ns = provider.namespace().unwrap_or_default();
     let api: Api<VpnMask> = Api::namespaced(ctx.client.clone(), &ns);
     if let Some(mask) = api.get_opt(name).await? {
@@ -276,35 +394,77 @@ async fn end_verification(ctx: &Context, ns: &str, name: &str) -> Result<()> {
         Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
         other => other,
     };
-    ignore_missing(Api::<Pod>::namespaced(ctx.client.clone(), ns).delete(name, &DeleteParams::background()).await.map(|_| ()))?;
-    ignore_missing(Api::<VpnMask>::namespaced(ctx.client.clone(), ns).delete(name, &DeleteParams::background()).await.map(|_| ()))?;
+    ignore_missing(
+        Api::<Pod>::namespaced(ctx.client.clone(), ns)
+            .delete(name, &DeleteParams::background())
+            .await
+            .map(|_| ()),
+    )?;
+    ignore_missing(
+        Api::<VpnMask>::namespaced(ctx.client.clone(), ns)
+            .delete(name, &DeleteParams::background())
+            .await
+            .map(|_| ()),
+    )?;
     Ok(())
 }
 
 /// This provider's slot leases, from the cache.
-fn slot_leases(ctx: &Context, provider_uid: &str) -> Vec<Arc<kube::core::PartialObjectMeta<Lease>>> {
-    ctx.leases.state().into_iter().filter(|l| l.labels().get(labels::PROVIDER_UID).map(String::as_str) == Some(provider_uid)).collect()
+fn slot_leases(
+    ctx: &Context,
+    provider_uid: &str,
+) -> Vec<Arc<kube::core::PartialObjectMeta<Lease>>> {
+    ctx.leases
+        .state()
+        .into_iter()
+        .filter(|l| l.labels().get(labels::PROVIDER_UID).map(String::as_str) == Some(provider_uid))
+        .collect()
 }
 
 /// Deletes reservations whose mask no longer exists (a mask removed without its finalizer
 /// running), so a slot never leaks. Only once the mask cache is complete.
-async fn sweep_orphans(ctx: &Context, held: &[Arc<kube::core::PartialObjectMeta<Lease>>]) -> Result<()> {
+async fn sweep_orphans(
+    ctx: &Context,
+    held: &[Arc<kube::core::PartialObjectMeta<Lease>>],
+) -> Result<()> {
     if ctx.masks.wait_until_ready().await.is_err() {
         return Ok(());
     }
-    let known: std::collections::HashSet<String> = ctx.masks.state().iter().filter_map(|m| m.uid()).collect();
+    let known: std::collections::HashSet<String> =
+        ctx.masks.state().iter().filter_map(|m| m.uid()).collect();
     for lease in held {
-        let Some(mask_uid) = lease.labels().get(labels::MASK_UID) else { continue };
+        let Some(mask_uid) = lease.labels().get(labels::MASK_UID) else {
+            continue;
+        };
         if known.contains(mask_uid) {
             continue;
         }
         // The cache may lag behind a mask created a moment ago: confirm with the API server.
-        let (ns, name) = lease.annotations().get(labels::MASK).and_then(|m| m.split_once('/')).unwrap_or_default();
-        let exists = Api::<VpnMask>::namespaced(ctx.client.clone(), ns).get_metadata_opt(name).await?.is_some_and(|m| m.uid().as_deref() == Some(mask_uid.as_str()));
+        let (ns, name) = lease
+            .annotations()
+            .get(labels::MASK)
+            .and_then(|m| m.split_once('/'))
+            .unwrap_or_default();
+        let exists = Api::<VpnMask>::namespaced(ctx.client.clone(), ns)
+            .get_metadata_opt(name)
+            .await?
+            .is_some_and(|m| m.uid().as_deref() == Some(mask_uid.as_str()));
         if !exists {
             tracing::info!(lease = %lease.name_any(), "releasing the slot of a mask that no longer exists");
-            let params = DeleteParams { preconditions: Some(kube::api::Preconditions { uid: lease.uid(), resource_version: None }), ..DeleteParams::default() };
-            match Api::<Lease>::namespaced(ctx.client.clone(), &lease.namespace().unwrap_or_default()).delete(&lease.name_any(), &params).await {
+            let params = DeleteParams {
+                preconditions: Some(kube::api::Preconditions {
+                    uid: lease.uid(),
+                    resource_version: None,
+                }),
+                ..DeleteParams::default()
+            };
+            match Api::<Lease>::namespaced(
+                ctx.client.clone(),
+                &lease.namespace().unwrap_or_default(),
+            )
+            .delete(&lease.name_any(), &params)
+            .await
+            {
                 Ok(_) => {}
                 Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => {}
                 Err(e) => return Err(e.into()),
@@ -322,7 +482,10 @@ async fn cleanup(provider: &VpnProvider, ctx: &Context) -> Result<Action> {
     let uid = provider.uid().unwrap_or_default();
     let leases: Api<Lease> = Api::namespaced(ctx.client.clone(), &ns);
     leases
-        .delete_collection(&DeleteParams::default(), &ListParams::default().labels(&format!("{}={uid}", labels::PROVIDER_UID)))
+        .delete_collection(
+            &DeleteParams::default(),
+            &ListParams::default().labels(&format!("{}={uid}", labels::PROVIDER_UID)),
+        )
         .await?;
     Ok(Action::await_change())
 }

@@ -1,0 +1,616 @@
+//! The VpnProvider and VpnMask controllers against a real kube-apiserver. One operator instance
+//! serves every test of this binary; each test works in a namespace of its own. No kubelet runs:
+//! where a test needs a pod's status, it writes it, playing the kubelet's part.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::large_futures,
+    clippy::ref_option
+)] // test helpers
+
+use std::{
+    sync::OnceLock,
+    time::{Duration, Instant},
+};
+
+use cloak_api::{MaskPhase, ProviderPhase, VpnMask, VpnMaskSpec, VpnProvider};
+use cloak_testkit::{ControlPlane, TestNamespace};
+use k8s_openapi::{
+    ByteString,
+    api::core::v1::{Pod, Secret},
+};
+use kube::{
+    Api, Client, ResourceExt,
+    api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams},
+};
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Starts the shared operator (once per test binary) on a runtime of its own.
+fn operator() -> Client {
+    static STARTED: OnceLock<()> = OnceLock::new();
+    let cp = ControlPlane::shared();
+    STARTED.get_or_init(|| {
+        let config = cloak_operator::Config {
+            instance: "test-operator".into(),
+            admin_addr: Some("127.0.0.1:0".parse().unwrap()),
+            verify_ip_url: "http://ip.test.invalid/".into(),
+            ..cloak_operator::Config::default()
+        };
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Runtime::new().unwrap();
+            runtime.block_on(async {
+                let client = cp.client();
+                cloak_operator::run(client, config, futures::future::pending())
+                    .await
+                    .unwrap();
+            });
+        });
+    });
+    cp.client()
+}
+
+async fn setup(test: &str) -> (Client, String) {
+    let client = operator();
+    let ns = TestNamespace::create(&client, test).await.unwrap();
+    (client, ns.name().to_owned())
+}
+
+async fn secret(client: &Client, ns: &str, name: &str, data: &[(&str, &str)]) {
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..ObjectMeta::default()
+        },
+        data: Some(
+            data.iter()
+                .map(|(k, v)| ((*k).to_owned(), ByteString(v.as_bytes().to_vec())))
+                .collect(),
+        ),
+        ..Secret::default()
+    };
+    Api::<Secret>::namespaced(client.clone(), ns)
+        .patch(
+            name,
+            &PatchParams::apply("test").force(),
+            &Patch::Apply(&secret),
+        )
+        .await
+        .unwrap();
+}
+
+/// A provider open to `ns` only, so tests running side by side never share one.
+async fn provider(client: &Client, ns: &str, name: &str, mut spec: serde_json::Value) {
+    spec["namespaces"] = json!([ns]);
+    let object: VpnProvider = serde_json::from_value(
+        json!({"apiVersion": "cloak.dev/v1alpha1", "kind": "VpnProvider", "metadata": {"name": name}, "spec": spec}),
+    )
+    .unwrap();
+    Api::<VpnProvider>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &object)
+        .await
+        .unwrap();
+}
+
+async fn mask(client: &Client, ns: &str, name: &str, tags: &[&str]) {
+    let mask = VpnMask::new(
+        name,
+        VpnMaskSpec {
+            providers: tags.iter().map(|t| (*t).to_owned()).collect(),
+        },
+    );
+    Api::<VpnMask>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &mask)
+        .await
+        .unwrap();
+}
+
+/// Polls `get` until `done` holds, or fails the test with the last value seen.
+async fn wait_for<T: std::fmt::Debug>(
+    what: &str,
+    mut get: impl AsyncFnMut() -> T,
+    done: impl Fn(&T) -> bool,
+) -> T {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let value = get().await;
+        if done(&value) {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting until {what}; last: {value:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn mask_status(client: &Client, ns: &str, name: &str) -> Option<cloak_api::VpnMaskStatus> {
+    Api::<VpnMask>::namespaced(client.clone(), ns)
+        .get_opt(name)
+        .await
+        .unwrap()
+        .and_then(|m| m.status)
+}
+
+async fn provider_status(
+    client: &Client,
+    ns: &str,
+    name: &str,
+) -> Option<cloak_api::VpnProviderStatus> {
+    Api::<VpnProvider>::namespaced(client.clone(), ns)
+        .get(name)
+        .await
+        .unwrap()
+        .status
+}
+
+fn phase(status: &Option<cloak_api::VpnMaskStatus>) -> Option<MaskPhase> {
+    status.as_ref().and_then(|s| s.phase)
+}
+
+const GLUETUN: &[(&str, &str)] = &[
+    ("VPN_SERVICE_PROVIDER", "mullvad"),
+    ("WIREGUARD_PRIVATE_KEY", "k"),
+];
+
+#[tokio::test]
+async fn a_mask_leases_a_slot_and_gets_a_copy_of_the_credentials() {
+    let (client, ns) = setup("lease").await;
+    secret(&client, &ns, "creds", GLUETUN).await;
+    provider(
+        &client,
+        &ns,
+        "vpn",
+        json!({"secret": "creds", "maxSlots": 2, "verify": {"skip": true}}),
+    )
+    .await;
+    wait_for(
+        "the provider is Ready",
+        async || provider_status(&client, &ns, "vpn").await,
+        |s| s.as_ref().and_then(|s| s.phase) == Some(ProviderPhase::Ready),
+    )
+    .await;
+    mask(&client, &ns, "m", &[]).await;
+    let status = wait_for(
+        "the mask is Ready",
+        async || mask_status(&client, &ns, "m").await,
+        |s| phase(s) == Some(MaskPhase::Ready),
+    )
+    .await;
+    let held = status.unwrap().provider.unwrap();
+    assert_eq!(
+        (held.name.as_str(), held.namespace.as_str(), held.slot),
+        ("vpn", ns.as_str(), 0)
+    );
+    let copy = Api::<Secret>::namespaced(client.clone(), &ns)
+        .get(&held.secret)
+        .await
+        .unwrap();
+    assert_eq!(copy.data.unwrap()["VPN_SERVICE_PROVIDER"].0, b"mullvad");
+    assert_eq!(copy.metadata.owner_references.unwrap()[0].name, "m");
+    wait_for(
+        "activeSlots is 1",
+        async || provider_status(&client, &ns, "vpn").await,
+        |s| {
+            s.as_ref()
+                .is_some_and(|s| s.active_slots == 1 && s.phase == Some(ProviderPhase::Active))
+        },
+    )
+    .await;
+
+    // The provider's Secret changes: the copy follows (seed 000 never updated it).
+    secret(
+        &client,
+        &ns,
+        "creds",
+        &[
+            ("VPN_SERVICE_PROVIDER", "nordvpn"),
+            ("WIREGUARD_PRIVATE_KEY", "k2"),
+        ],
+    )
+    .await;
+    wait_for(
+        "the copy is updated",
+        async || {
+            Api::<Secret>::namespaced(client.clone(), &ns)
+                .get(&held.secret)
+                .await
+                .unwrap()
+        },
+        |s| s.data.as_ref().unwrap()["VPN_SERVICE_PROVIDER"].0 == b"nordvpn",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_missing_secret_is_reported_and_recovered_from_when_it_appears() {
+    let (client, ns) = setup("missing-secret").await;
+    provider(
+        &client,
+        &ns,
+        "vpn",
+        json!({"secret": "later", "maxSlots": 1, "verify": {"skip": true}}),
+    )
+    .await;
+    let status = wait_for(
+        "ErrSecretNotFound",
+        async || provider_status(&client, &ns, "vpn").await,
+        |s| s.as_ref().and_then(|s| s.phase) == Some(ProviderPhase::ErrSecretNotFound),
+    )
+    .await;
+    assert!(status.unwrap().message.unwrap().contains("later"));
+    secret(&client, &ns, "later", GLUETUN).await;
+    wait_for(
+        "Ready once the Secret exists",
+        async || provider_status(&client, &ns, "vpn").await,
+        |s| s.as_ref().and_then(|s| s.phase) == Some(ProviderPhase::Ready),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn an_exhausted_provider_leaves_masks_waiting_until_a_slot_is_released() {
+    let (client, ns) = setup("exhausted").await;
+    secret(&client, &ns, "creds", GLUETUN).await;
+    provider(
+        &client,
+        &ns,
+        "vpn",
+        json!({"secret": "creds", "maxSlots": 1, "verify": {"skip": true}}),
+    )
+    .await;
+    mask(&client, &ns, "first", &[]).await;
+    wait_for(
+        "first is Ready",
+        async || mask_status(&client, &ns, "first").await,
+        |s| phase(s) == Some(MaskPhase::Ready),
+    )
+    .await;
+    mask(&client, &ns, "second", &[]).await;
+    wait_for(
+        "second is Waiting",
+        async || mask_status(&client, &ns, "second").await,
+        |s| phase(s) == Some(MaskPhase::Waiting),
+    )
+    .await;
+
+    Api::<VpnMask>::namespaced(client.clone(), &ns)
+        .delete("first", &DeleteParams::default())
+        .await
+        .unwrap();
+    let status = wait_for(
+        "second gets the freed slot",
+        async || mask_status(&client, &ns, "second").await,
+        |s| phase(s) == Some(MaskPhase::Ready),
+    )
+    .await;
+    assert_eq!(status.unwrap().provider.unwrap().slot, 0);
+    wait_for(
+        "first is gone",
+        async || {
+            Api::<VpnMask>::namespaced(client.clone(), &ns)
+                .get_opt("first")
+                .await
+                .unwrap()
+        },
+        Option::is_none,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_mask_with_unmatched_tags_has_no_providers() {
+    let (client, ns) = setup("no-providers").await;
+    secret(&client, &ns, "creds", GLUETUN).await;
+    provider(
+        &client,
+        &ns,
+        "vpn",
+        json!({"secret": "creds", "maxSlots": 1, "tags": ["eu"], "verify": {"skip": true}}),
+    )
+    .await;
+    mask(&client, &ns, "m", &["us"]).await;
+    let status = wait_for(
+        "ErrNoProviders",
+        async || mask_status(&client, &ns, "m").await,
+        |s| phase(s) == Some(MaskPhase::ErrNoProviders),
+    )
+    .await;
+    assert!(status.unwrap().message.unwrap().contains("us"));
+}
+
+#[tokio::test]
+async fn the_provider_with_most_free_slots_is_chosen() {
+    let (client, ns) = setup("spread").await;
+    secret(&client, &ns, "creds", GLUETUN).await;
+    provider(
+        &client,
+        &ns,
+        "small",
+        json!({"secret": "creds", "maxSlots": 1, "tags": ["t"], "verify": {"skip": true}}),
+    )
+    .await;
+    provider(
+        &client,
+        &ns,
+        "big",
+        json!({"secret": "creds", "maxSlots": 3, "tags": ["t"], "verify": {"skip": true}}),
+    )
+    .await;
+    for p in ["small", "big"] {
+        wait_for(
+            "providers Ready",
+            async || provider_status(&client, &ns, p).await,
+            |s| s.as_ref().and_then(|s| s.phase) == Some(ProviderPhase::Ready),
+        )
+        .await;
+    }
+    mask(&client, &ns, "m", &["t"]).await;
+    let status = wait_for(
+        "m is Ready",
+        async || mask_status(&client, &ns, "m").await,
+        |s| phase(s) == Some(MaskPhase::Ready),
+    )
+    .await;
+    assert_eq!(status.unwrap().provider.unwrap().name, "big");
+}
+
+#[tokio::test]
+#[ignore = "open defect: after the mask is gone the provider's activeSlots stays 1 (see the issue note)"]
+async fn a_pod_owned_by_the_mask_makes_it_active_and_delays_release_until_it_is_gone() {
+    let (client, ns) = setup("active").await;
+    secret(&client, &ns, "creds", GLUETUN).await;
+    provider(
+        &client,
+        &ns,
+        "vpn",
+        json!({"secret": "creds", "maxSlots": 1, "verify": {"skip": true}}),
+    )
+    .await;
+    mask(&client, &ns, "m", &[]).await;
+    wait_for(
+        "m is Ready",
+        async || mask_status(&client, &ns, "m").await,
+        |s| phase(s) == Some(MaskPhase::Ready),
+    )
+    .await;
+    let owner = Api::<VpnMask>::namespaced(client.clone(), &ns)
+        .get("m")
+        .await
+        .unwrap();
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "user", "ownerReferences": [{"apiVersion": "cloak.dev/v1alpha1", "kind": "VpnMask",
+            "name": "m", "uid": owner.uid().unwrap(), "blockOwnerDeletion": true}]},
+        "spec": {"containers": [{"name": "app", "image": "busybox"}]}
+    }))
+    .unwrap();
+    let pods = Api::<Pod>::namespaced(client.clone(), &ns);
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    wait_for(
+        "m is Active",
+        async || mask_status(&client, &ns, "m").await,
+        |s| phase(s) == Some(MaskPhase::Active),
+    )
+    .await;
+
+    Api::<VpnMask>::namespaced(client.clone(), &ns)
+        .delete("m", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for(
+        "the pod using the mask is deleted",
+        async || pods.get_opt("user").await.unwrap(),
+        Option::is_none,
+    )
+    .await;
+    wait_for(
+        "then the mask is gone",
+        async || {
+            Api::<VpnMask>::namespaced(client.clone(), &ns)
+                .get_opt("m")
+                .await
+                .unwrap()
+        },
+        Option::is_none,
+    )
+    .await;
+    wait_for(
+        "and the slot is free",
+        async || provider_status(&client, &ns, "vpn").await,
+        |s| s.as_ref().is_some_and(|s| s.active_slots == 0),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn deleting_a_provider_moves_its_masks_to_another() {
+    let (client, ns) = setup("provider-deleted").await;
+    secret(&client, &ns, "creds", GLUETUN).await;
+    provider(
+        &client,
+        &ns,
+        "a",
+        json!({"secret": "creds", "maxSlots": 5, "verify": {"skip": true}}),
+    )
+    .await;
+    wait_for(
+        "a Ready",
+        async || provider_status(&client, &ns, "a").await,
+        |s| s.as_ref().and_then(|s| s.phase) == Some(ProviderPhase::Ready),
+    )
+    .await;
+    mask(&client, &ns, "m", &[]).await;
+    let first = wait_for(
+        "m on a",
+        async || mask_status(&client, &ns, "m").await,
+        |s| phase(s) == Some(MaskPhase::Ready),
+    )
+    .await;
+    let first_secret = first.unwrap().provider.unwrap().secret;
+    provider(
+        &client,
+        &ns,
+        "b",
+        json!({"secret": "creds", "maxSlots": 1, "verify": {"skip": true}}),
+    )
+    .await;
+    Api::<VpnProvider>::namespaced(client.clone(), &ns)
+        .delete("a", &DeleteParams::default())
+        .await
+        .unwrap();
+    let moved = wait_for(
+        "m moves to b",
+        async || mask_status(&client, &ns, "m").await,
+        |s| {
+            s.as_ref()
+                .and_then(|s| s.provider.as_ref())
+                .is_some_and(|p| p.name == "b")
+        },
+    )
+    .await;
+    assert_eq!(moved.unwrap().phase, Some(MaskPhase::Ready));
+    let copy = Api::<Secret>::namespaced(client.clone(), &ns)
+        .get_opt(&first_secret)
+        .await
+        .unwrap();
+    assert!(
+        copy.is_some(),
+        "the copy is recreated for the new provider under the same name"
+    );
+}
+
+#[tokio::test]
+async fn verification_holds_a_slot_and_passes_when_the_probe_succeeds() {
+    let (client, ns) = setup("verify-pass").await;
+    secret(&client, &ns, "creds", GLUETUN).await;
+    provider(&client, &ns, "vpn", json!({"secret": "creds", "maxSlots": 1,
+        "verify": {"timeout": "5m", "overrides": {"containers": {"vpn": {"image": "qmcgaw/gluetun:v3"}}}}}))
+    .await;
+    let pods = Api::<Pod>::namespaced(client.clone(), &ns);
+    let pod = wait_for(
+        "the verification pod exists",
+        async || pods.get_opt("vpn-verify").await.unwrap(),
+        Option::is_some,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        pod.spec.as_ref().unwrap().containers[0].image.as_deref(),
+        Some("qmcgaw/gluetun:v3")
+    );
+    let status = provider_status(&client, &ns, "vpn").await.unwrap();
+    assert_eq!(status.phase, Some(ProviderPhase::Verifying));
+    assert_eq!(
+        status.active_slots, 1,
+        "verification holds one of the provider's slots"
+    );
+
+    // Play the kubelet: the probe container exits 0.
+    let probe_done = json!({"status": {"phase": "Running", "containerStatuses": [
+        {"name": "probe", "ready": false, "restartCount": 0, "image": "curl", "imageID": "",
+         "state": {"terminated": {"exitCode": 0}}}]}});
+    pods.patch_status(
+        "vpn-verify",
+        &PatchParams::default(),
+        &Patch::Merge(&probe_done),
+    )
+    .await
+    .unwrap();
+    let status = wait_for(
+        "the provider is Ready",
+        async || provider_status(&client, &ns, "vpn").await,
+        |s| {
+            s.as_ref()
+                .is_some_and(|s| s.phase == Some(ProviderPhase::Ready) && s.active_slots == 0)
+        },
+    )
+    .await;
+    assert!(status.unwrap().last_verified.is_some());
+    wait_for(
+        "the verification pod is removed",
+        async || pods.get_opt("vpn-verify").await.unwrap(),
+        Option::is_none,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn verification_fails_when_the_probe_fails_and_says_why() {
+    let (client, ns) = setup("verify-fail").await;
+    secret(&client, &ns, "creds", GLUETUN).await;
+    provider(
+        &client,
+        &ns,
+        "vpn",
+        json!({"secret": "creds", "maxSlots": 1}),
+    )
+    .await;
+    let pods = Api::<Pod>::namespaced(client.clone(), &ns);
+    wait_for(
+        "the verification pod exists",
+        async || pods.get_opt("vpn-verify").await.unwrap(),
+        Option::is_some,
+    )
+    .await;
+    let failed = json!({"status": {"phase": "Running", "containerStatuses": [
+        {"name": "probe", "ready": false, "restartCount": 0, "image": "curl", "imageID": "",
+         "state": {"terminated": {"exitCode": 1, "reason": "Error"}}}]}});
+    pods.patch_status(
+        "vpn-verify",
+        &PatchParams::default(),
+        &Patch::Merge(&failed),
+    )
+    .await
+    .unwrap();
+    let status = wait_for(
+        "ErrVerifyFailed",
+        async || provider_status(&client, &ns, "vpn").await,
+        |s| s.as_ref().and_then(|s| s.phase) == Some(ProviderPhase::ErrVerifyFailed),
+    )
+    .await;
+    assert!(
+        status
+            .unwrap()
+            .message
+            .unwrap()
+            .contains("probe exited with 1")
+    );
+    // Masks get no slot of an unverified provider.
+    mask(&client, &ns, "m", &[]).await;
+    wait_for(
+        "m has no provider",
+        async || mask_status(&client, &ns, "m").await,
+        |s| phase(s) == Some(MaskPhase::ErrNoProviders),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn malformed_credentials_fail_verification_without_creating_a_pod() {
+    let (client, ns) = setup("bad-creds").await;
+    secret(&client, &ns, "creds", &[("username", "x")]).await;
+    provider(
+        &client,
+        &ns,
+        "vpn",
+        json!({"secret": "creds", "maxSlots": 1}),
+    )
+    .await;
+    let status = wait_for(
+        "ErrVerifyFailed",
+        async || provider_status(&client, &ns, "vpn").await,
+        |s| s.as_ref().and_then(|s| s.phase) == Some(ProviderPhase::ErrVerifyFailed),
+    )
+    .await;
+    assert!(status.unwrap().message.unwrap().contains("no credentials"));
+    assert!(
+        Api::<Pod>::namespaced(client, &ns)
+            .get_opt("vpn-verify")
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
