@@ -74,10 +74,16 @@ fn run_operator(args: OperatorArgs) -> anyhow::Result<()> {
             verify_ip_url: args.verify_ip_url,
             ..cloak_operator::Config::default()
         };
-        let shutdown = async {
-            let _ = tokio::signal::ctrl_c().await;
+        // Kubernetes stops pods with SIGTERM; a terminal sends SIGINT.
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("installing the SIGTERM handler")?;
+        let shutdown = async move {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {},
+                _ = term.recv() => {},
+            }
         };
-        cloak_operator::run(client, config, shutdown)
+        Box::pin(cloak_operator::run(client, config, shutdown))
             .await
             .context("operator")
     })

@@ -135,7 +135,7 @@ mod tests {
     use super::*;
     use cloak_api::ContainerOverrides;
 
-    fn input<'a>(overrides: Option<&'a VerifyOverrides>) -> VerifyPod<'a> {
+    fn input(overrides: Option<&VerifyOverrides>) -> VerifyPod<'_> {
         VerifyPod {
             name: "p-verify",
             namespace: "vpn",
