@@ -15,6 +15,10 @@ pub enum Error {
     Serialize(#[from] serde_json::Error),
     #[error("{0}")]
     Invalid(String),
+    /// Not a failure: cleanup must wait (pods still use a mask). An error, because the finalizer
+    /// helper removes the finalizer after any successful cleanup, whatever the Action.
+    #[error("waiting: {0}")]
+    Waiting(String),
 }
 
 impl Error {
@@ -30,6 +34,7 @@ impl Error {
             },
             Self::Serialize(_) => "Serialize",
             Self::Invalid(_) => "InvalidSpec",
+            Self::Waiting(_) => "Waiting",
         }
     }
 
@@ -38,6 +43,7 @@ impl Error {
     pub fn action(&self) -> Action {
         match self {
             Self::Invalid(_) => Action::await_change(),
+            Self::Waiting(_) => Action::requeue(Duration::from_secs(1)),
             _ => Action::requeue(Duration::from_secs(2)),
         }
     }

@@ -39,6 +39,11 @@ fn operator() -> Client {
             verify_ip_url: "http://ip.test.invalid/".into(),
             ..cloak_operator::Config::default()
         };
+        // RUST_LOG=cloak_operator=debug shows what the operator does during a test run.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
         std::thread::spawn(move || {
             let runtime = tokio::runtime::Runtime::new().unwrap();
             runtime.block_on(async {
@@ -359,7 +364,6 @@ async fn the_provider_with_most_free_slots_is_chosen() {
 }
 
 #[tokio::test]
-#[ignore = "open defect: after the mask is gone the provider's activeSlots stays 1 (see the issue note)"]
 async fn a_pod_owned_by_the_mask_makes_it_active_and_delays_release_until_it_is_gone() {
     let (client, ns) = setup("active").await;
     secret(&client, &ns, "creds", GLUETUN).await;
@@ -538,7 +542,6 @@ async fn verification_holds_a_slot_and_passes_when_the_probe_succeeds() {
 }
 
 #[tokio::test]
-#[ignore = "flaky open defect: the provider sometimes stays Verifying after the probe fails (see the issue note)"]
 async fn verification_fails_when_the_probe_fails_and_says_why() {
     let (client, ns) = setup("verify-fail").await;
     secret(&client, &ns, "creds", GLUETUN).await;

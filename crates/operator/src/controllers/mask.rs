@@ -528,8 +528,11 @@ async fn cleanup(mask: &VpnMask, ctx: &Context) -> Result<Action> {
                 }
             }
         }
-        tracing::info!(mask = %mask.name_any(), pods = users.len(), "waiting for pods using the mask to go");
-        return Ok(Action::requeue(std::time::Duration::from_secs(1)));
+        return Err(Error::Waiting(format!(
+            "{} pod(s) still use mask {}",
+            users.len(),
+            mask.name_any()
+        )));
     }
     if let Some(held) = mask.status.as_ref().and_then(|s| s.provider.as_ref()) {
         delete_secret_copy(ctx, &ns, &held.secret).await?;

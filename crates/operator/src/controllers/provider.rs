@@ -53,6 +53,19 @@ pub(crate) async fn run(
     mut stop: watch::Receiver<bool>,
 ) {
     controller
+        // A mask holding a slot changed or went away: its provider recounts and sweeps orphans.
+        .watches(
+            Api::<DeserializeGuard<VpnMask>>::all(ctx.client.clone()),
+            watcher::Config::default(),
+            |mask| {
+                let held = mask
+                    .0
+                    .as_ref()
+                    .ok()
+                    .and_then(|m| m.status.as_ref()?.provider.clone());
+                held.map(|p| ProviderRef::new(&p.name).within(&p.namespace))
+            },
+        )
         .reconcile_on(triggers)
         .graceful_shutdown_on(async move {
             let _ = stop.wait_for(|s| *s).await;
@@ -112,7 +125,15 @@ struct Decision {
 
 async fn apply(provider: &VpnProvider, ctx: &Context) -> Result<Action> {
     let ns = provider.namespace().unwrap_or_default();
-    let previous = provider.status.clone().unwrap_or_default();
+    // Status is read fresh, not from the cache: the cache can still hold the status before this
+    // controller's last write, and deciding from it would, say, restart a verification that
+    // just failed. Providers are few; one GET each reconcile is cheap.
+    let api: Api<VpnProvider> = Api::namespaced(ctx.client.clone(), &ns);
+    let previous = api
+        .get_status(&provider.name_any())
+        .await?
+        .status
+        .unwrap_or_default();
     let uid = provider.uid().unwrap_or_default();
     let held = slot_leases(ctx, &uid);
     let active = u32::try_from(held.len()).unwrap_or(u32::MAX);
