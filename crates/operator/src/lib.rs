@@ -129,6 +129,9 @@ pub async fn run(
         }
     };
 
+    // The store the mask controller allocates from and the stream that wakes waiting masks come
+    // from one watch: a mask woken by a provider change then always sees that change.
+    let (providers, provider_writer) = reflector::store();
     let (leases, lease_writer) = reflector::store();
     let (pods, pod_writer) = reflector::store();
     let mask_controller = controllers::mask::controller(&client);
@@ -141,7 +144,7 @@ pub async fn run(
         },
         config: config.clone(),
         metrics: metrics.clone(),
-        providers: provider_controller.store(),
+        providers,
         masks: mask_controller.store(),
         leases,
         pods,
@@ -195,13 +198,25 @@ pub async fn run(
     )
     .default_backoff()
     .touched_objects();
+    let provider_stream = reflector::reflector(
+        provider_writer,
+        watcher(
+            Api::<DeserializeGuard<VpnProvider>>::all(client.clone()),
+            watcher::Config::default(),
+        ),
+    )
+    .default_backoff()
+    .touched_objects();
     let triggers = controllers::Triggers::new();
     let feed = controllers::feed(
         ctx.clone(),
         triggers.clone(),
-        lease_stream,
-        pod_stream,
-        secret_stream,
+        controllers::Streams {
+            providers: provider_stream,
+            leases: lease_stream,
+            pods: pod_stream,
+            secrets: secret_stream,
+        },
     );
 
     let readiness = {

@@ -34,7 +34,7 @@ use kube::{
 };
 use tokio::sync::watch;
 
-use super::{MaskRef, masks_of_provider, measured, publish, waiting_masks};
+use super::{MaskRef, measured, publish};
 use crate::{Context, Error, FINALIZER, MANAGER, Result, labels};
 
 const CONTROLLER: &str = "vpnmask";
@@ -49,21 +49,7 @@ pub(crate) async fn run(
     triggers: impl Stream<Item = MaskRef> + Send + 'static,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mapper_ctx = ctx.clone();
     controller
-        // A provider appearing, changing or going away concerns the masks waiting for a slot
-        // and the masks holding one of its slots.
-        .watches(
-            Api::<DeserializeGuard<VpnProvider>>::all(ctx.client.clone()),
-            watcher::Config::default(),
-            move |provider| {
-                let mut refs = waiting_masks(&mapper_ctx);
-                if let Some(uid) = provider.uid() {
-                    refs.extend(masks_of_provider(&mapper_ctx, &uid));
-                }
-                refs
-            },
-        )
         .reconcile_on(triggers)
         .graceful_shutdown_on(async move {
             let _ = stop.wait_for(|s| *s).await;

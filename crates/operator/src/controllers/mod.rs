@@ -125,14 +125,46 @@ pub(crate) fn masks_of_provider(ctx: &Context, provider_uid: &str) -> Vec<MaskRe
         .collect()
 }
 
-/// Turns lease, pod and Secret changes into reconcile requests, for as long as the watches run.
+/// The watches [`feed`] turns into reconcile requests.
+pub(crate) struct Streams<P, L, O, S> {
+    pub providers: P,
+    pub leases: L,
+    pub pods: O,
+    pub secrets: S,
+}
+
+/// Turns provider, lease, pod and Secret changes into reconcile requests, for as long as the
+/// watches run.
 pub(crate) async fn feed(
     ctx: Arc<Context>,
     triggers: Triggers,
-    leases: impl Stream<Item = Result<PartialObjectMeta<Lease>, watcher::Error>> + Send,
-    pods: impl Stream<Item = Result<PartialObjectMeta<Pod>, watcher::Error>> + Send,
-    secrets: impl Stream<Item = Result<PartialObjectMeta<Secret>, watcher::Error>> + Send,
+    streams: Streams<
+        impl Stream<Item = Result<DeserializeGuard<VpnProvider>, watcher::Error>> + Send,
+        impl Stream<Item = Result<PartialObjectMeta<Lease>, watcher::Error>> + Send,
+        impl Stream<Item = Result<PartialObjectMeta<Pod>, watcher::Error>> + Send,
+        impl Stream<Item = Result<PartialObjectMeta<Secret>, watcher::Error>> + Send,
+    >,
 ) {
+    let Streams {
+        providers,
+        leases,
+        pods,
+        secrets,
+    } = streams;
+    // A provider appearing, changing or going away concerns the masks waiting for a slot and
+    // the masks holding one of its slots.
+    let on_provider = providers.for_each(|provider| {
+        if let Ok(provider) = provider {
+            let mut refs = waiting_masks(&ctx);
+            if let Some(uid) = provider.uid() {
+                refs.extend(masks_of_provider(&ctx, &uid));
+            }
+            for mask in refs {
+                let _ = triggers.masks.unbounded_send(mask);
+            }
+        }
+        futures::future::ready(())
+    });
     let on_lease = leases.for_each(|lease| {
         if let Ok(lease) = lease {
             if let Some((ns, name)) = lease
@@ -185,7 +217,7 @@ pub(crate) async fn feed(
         }
         futures::future::ready(())
     });
-    tokio::join!(on_lease, on_pod, on_secret);
+    tokio::join!(on_provider, on_lease, on_pod, on_secret);
 }
 
 /// Publishes an Event about `object`. Failures are logged, never fatal: Events are advisory.

@@ -1,0 +1,274 @@
+//! Slot leasing under stress, against a real kube-apiserver: two operator instances acting at once
+//! (no leader election, the worst case), dozens of masks created and deleted concurrently, and
+//! providers deleted and recreated mid-run. A watcher sees every reservation the API server
+//! stores and fails the test if any provider ever has more than `maxSlots`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::large_futures)] // test helpers
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use cloak_api::{MaskPhase, VpnMask, VpnMaskSpec, VpnProvider};
+use cloak_testkit::{ControlPlane, TestNamespace};
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::{ByteString, api::coordination::v1::Lease, api::core::v1::Secret};
+use kube::{
+    Api, Client, ResourceExt,
+    api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams},
+    runtime::{WatchStreamExt, watcher},
+};
+use serde_json::json;
+
+const PROVIDERS: [(&str, u32); 3] = [("p1", 2), ("p2", 3), ("p3", 1)];
+const MASKS: usize = 40;
+
+/// What the watcher saw: the most reservations any provider (by uid) held at once.
+#[derive(Default, Debug)]
+struct Seen {
+    held: BTreeMap<String, BTreeSet<String>>,
+    max_of: BTreeMap<String, u32>,
+    violations: Vec<String>,
+    events: usize,
+}
+
+/// A running operator instance; `stop` ends it and waits until it has.
+struct Running {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.task.await.unwrap();
+    }
+}
+
+fn start_operator(instance: &str, client: Client) -> Running {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let config = cloak_operator::Config {
+        instance: instance.into(),
+        ..cloak_operator::Config::default()
+    };
+    let task = tokio::spawn(async move {
+        cloak_operator::run(client, config, async {
+            let _ = stopped.await;
+        })
+        .await
+        .unwrap();
+    });
+    Running { stop, task }
+}
+
+async fn provider(client: &Client, ns: &str, name: &str, max: u32) -> String {
+    let object: VpnProvider = serde_json::from_value(json!({
+        "apiVersion": "cloak.dev/v1alpha1", "kind": "VpnProvider", "metadata": {"name": name},
+        "spec": {"secret": "creds", "maxSlots": max, "namespaces": [ns], "verify": {"skip": true}}
+    }))
+    .unwrap();
+    let created = Api::<VpnProvider>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &object)
+        .await
+        .unwrap();
+    created.uid().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slots_never_exceed_max_slots_under_racing_operators_and_churn() {
+    let cp = ControlPlane::shared();
+    let client = cp.client();
+    let ns = TestNamespace::create(&client, "stress").await.unwrap();
+    let ns = ns.name().to_owned();
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some("creds".into()),
+            ..ObjectMeta::default()
+        },
+        data: Some([("VPN_SERVICE_PROVIDER".to_owned(), ByteString(b"x".to_vec()))].into()),
+        ..Secret::default()
+    };
+    Api::<Secret>::namespaced(client.clone(), &ns)
+        .patch("creds", &PatchParams::apply("t"), &Patch::Apply(&secret))
+        .await
+        .unwrap();
+
+    // The watcher: every stored reservation, checked against its provider's maxSlots.
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let watch_seen = seen.clone();
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
+    let watcher_task = tokio::spawn(async move {
+        let mut events = watcher(
+            leases,
+            watcher::Config::default().labels("app.kubernetes.io/managed-by=cloak"),
+        )
+        .boxed();
+        while let Ok(Some(event)) = events.try_next().await {
+            let mut seen = watch_seen.lock().unwrap();
+            seen.events += 1;
+            match event {
+                watcher::Event::Apply(lease) | watcher::Event::InitApply(lease) => {
+                    let uid = lease.labels()["cloak.dev/provider-uid"].clone();
+                    seen.held
+                        .entry(uid.clone())
+                        .or_default()
+                        .insert(lease.name_any());
+                    let count = seen.held[&uid].len();
+                    let max = seen.max_of.get(&uid).copied().unwrap_or(u32::MAX);
+                    if count > max as usize {
+                        let v = format!(
+                            "provider {uid} held {count} > maxSlots {max}: {:?}",
+                            seen.held[&uid]
+                        );
+                        seen.violations.push(v);
+                    }
+                }
+                watcher::Event::Delete(lease) => {
+                    let uid = lease.labels()["cloak.dev/provider-uid"].clone();
+                    seen.held.entry(uid).or_default().remove(&lease.name_any());
+                }
+                watcher::Event::Init | watcher::Event::InitDone => {}
+            }
+        }
+    });
+
+    for (name, max) in PROVIDERS {
+        let uid = provider(&client, &ns, name, max).await;
+        seen.lock().unwrap().max_of.insert(uid, max);
+    }
+    // Two operators act at once, each with its own client and caches.
+    let stop_a = start_operator("racer-a", cp.client());
+    let stop_b = start_operator("racer-b", cp.client());
+
+    let masks: Api<VpnMask> = Api::namespaced(client.clone(), &ns);
+    let create = futures::stream::iter(0..MASKS)
+        .map(|i| {
+            let masks = masks.clone();
+            async move {
+                masks
+                    .create(
+                        &PostParams::default(),
+                        &VpnMask::new(&format!("m{i}"), VpnMaskSpec::default()),
+                    )
+                    .await
+                    .unwrap()
+            }
+        })
+        .buffer_unordered(8)
+        .collect::<Vec<_>>();
+    create.await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // Churn: delete a third of the masks concurrently, and delete and recreate a provider.
+    let deletes = futures::stream::iter((0..MASKS).step_by(3))
+        .map(|i| {
+            let masks = masks.clone();
+            async move {
+                masks
+                    .delete(&format!("m{i}"), &DeleteParams::default())
+                    .await
+                    .unwrap()
+            }
+        })
+        .buffer_unordered(8)
+        .collect::<Vec<_>>();
+    let providers: Api<VpnProvider> = Api::namespaced(client.clone(), &ns);
+    let recreate = async {
+        providers
+            .delete("p2", &DeleteParams::default())
+            .await
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while providers.get_opt("p2").await.unwrap().is_some() {
+            assert!(Instant::now() < deadline, "p2 was not deleted");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let uid = provider(&client, &ns, "p2", 3).await;
+        seen.lock().unwrap().max_of.insert(uid, 3);
+    };
+    tokio::join!(deletes, recreate);
+    // More masks arrive while the others settle.
+    for i in MASKS..MASKS + 10 {
+        masks
+            .create(
+                &PostParams::default(),
+                &VpnMask::new(&format!("m{i}"), VpnMaskSpec::default()),
+            )
+            .await
+            .unwrap();
+    }
+
+    // Settle: every slot in use (6 in all) and every other mask waiting, with no free slot left.
+    let total: u32 = PROVIDERS.iter().map(|(_, max)| max).sum();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let final_masks = loop {
+        {
+            let seen = seen.lock().unwrap();
+            assert!(
+                seen.violations.is_empty(),
+                "maxSlots exceeded: {:#?}",
+                seen.violations
+            );
+        }
+        let list = masks.list(&Default::default()).await.unwrap().items;
+        let live: Vec<_> = list
+            .into_iter()
+            .filter(|m| m.metadata.deletion_timestamp.is_none())
+            .collect();
+        let ready = live
+            .iter()
+            .filter(|m| {
+                m.status
+                    .as_ref()
+                    .and_then(|s| s.phase)
+                    .is_some_and(|p| p == MaskPhase::Ready)
+            })
+            .count();
+        let waiting = live
+            .iter()
+            .filter(|m| m.status.as_ref().and_then(|s| s.phase) == Some(MaskPhase::Waiting))
+            .count();
+        if ready == total as usize && ready + waiting == live.len() {
+            break live;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "did not settle: {ready} ready, {waiting} waiting of {} (want {total} ready)",
+            live.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+
+    stop_a.stop().await;
+    stop_b.stop().await;
+    watcher_task.abort();
+    let seen = seen.lock().unwrap();
+    assert!(
+        seen.violations.is_empty(),
+        "maxSlots exceeded: {:#?}",
+        seen.violations
+    );
+    assert!(
+        seen.events > total as usize,
+        "the watcher saw only {} events",
+        seen.events
+    );
+    // Ready masks hold distinct slots of live providers.
+    let mut slots = BTreeSet::new();
+    for mask in &final_masks {
+        if let Some(held) = mask.status.as_ref().and_then(|s| s.provider.as_ref()) {
+            assert!(
+                slots.insert((held.uid.clone(), held.slot)),
+                "slot {held:?} assigned twice"
+            );
+        }
+    }
+    eprintln!(
+        "stress: {} lease events, {} masks settled, {} slots in use",
+        seen.events,
+        final_masks.len(),
+        slots.len()
+    );
+}
