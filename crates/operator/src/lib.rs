@@ -1,4 +1,3 @@
-#![allow(clippy::too_many_lines)] // reconcile pipelines read top to bottom; split when they grow further
 #![allow(clippy::large_futures)] // reconcile futures are boxed by the controller runtime anyway
 
 //! `cloak operator`: the VpnProvider and VpnMask controllers, leader election and the admin server.

@@ -18,7 +18,7 @@ use k8s_openapi::{ByteString, api::coordination::v1::Lease, api::core::v1::Secre
 use kube::{
     Api, Client, ResourceExt,
     api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams},
-    runtime::{WatchStreamExt, watcher},
+    runtime::watcher,
 };
 use serde_json::json;
 
@@ -202,7 +202,7 @@ async fn slots_never_exceed_max_slots_under_racing_operators_and_churn() {
 
     // Settle: every slot in use (6 in all) and every other mask waiting, with no free slot left.
     let total: u32 = PROVIDERS.iter().map(|(_, max)| max).sum();
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_mins(1);
     let final_masks = loop {
         {
             let seen = seen.lock().unwrap();
@@ -212,7 +212,7 @@ async fn slots_never_exceed_max_slots_under_racing_operators_and_churn() {
                 seen.violations
             );
         }
-        let list = masks.list(&Default::default()).await.unwrap().items;
+        let list = masks.list(&kube::api::ListParams::default()).await.unwrap().items;
         let live: Vec<_> = list
             .into_iter()
             .filter(|m| m.metadata.deletion_timestamp.is_none())
