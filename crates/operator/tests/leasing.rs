@@ -28,6 +28,15 @@ use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(30);
 
+/// The shared operator's admin server address.
+fn admin_addr() -> std::net::SocketAddr {
+    static ADDR: OnceLock<std::net::SocketAddr> = OnceLock::new();
+    *ADDR.get_or_init(|| {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap()
+    })
+}
+
 /// Starts the shared operator (once per test binary) on a runtime of its own.
 fn operator() -> Client {
     static STARTED: OnceLock<()> = OnceLock::new();
@@ -35,7 +44,7 @@ fn operator() -> Client {
     STARTED.get_or_init(|| {
         let config = cloak_operator::Config {
             instance: "test-operator".into(),
-            admin_addr: Some("127.0.0.1:0".parse().unwrap()),
+            admin_addr: Some(admin_addr()),
             verify_ip_url: "http://ip.test.invalid/".into(),
             ..cloak_operator::Config::default()
         };
@@ -617,4 +626,205 @@ async fn malformed_credentials_fail_verification_without_creating_a_pod() {
             .unwrap()
             .is_none()
     );
+}
+
+/// GET on the shared operator's admin server: (status code, body).
+async fn admin_get(path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(admin_addr()).await.unwrap();
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let code = response.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (code, body)
+}
+
+#[tokio::test]
+async fn the_admin_server_reports_liveness_readiness_and_recorded_metrics() {
+    let (client, ns) = setup("metrics").await;
+    secret(&client, &ns, "creds", GLUETUN).await;
+    provider(
+        &client,
+        &ns,
+        "metered",
+        json!({"secret": "creds", "maxSlots": 3, "verify": {"skip": true}}),
+    )
+    .await;
+    mask(&client, &ns, "m", &[]).await;
+    wait_for(
+        "m is Ready",
+        async || mask_status(&client, &ns, "m").await,
+        |s| phase(s) == Some(MaskPhase::Ready),
+    )
+    .await;
+    let (code, body) = wait_for(
+        "the admin server answers",
+        async || match tokio::net::TcpStream::connect(admin_addr()).await {
+            Ok(_) => admin_get("/livez").await,
+            Err(_) => (0, String::new()),
+        },
+        |(code, _)| *code == 200,
+    )
+    .await;
+    assert_eq!((code, body.as_str()), (200, "ok"));
+    assert_eq!(admin_get("/readyz").await, (200, "ok".to_owned()));
+    let (code, metrics) = admin_get("/metrics").await;
+    assert_eq!(code, 200);
+    // Seed 000's metrics were never recorded (a feature-flag typo); these must be.
+    let line = |prefix: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .map(str::to_owned)
+    };
+    let reconciles =
+        line("cloak_reconciles_total{controller=\"vpnmask\",outcome=\"success\"}").expect(&metrics);
+    assert!(
+        reconciles
+            .split_whitespace()
+            .last()
+            .unwrap()
+            .parse::<f64>()
+            .unwrap()
+            >= 1.0,
+        "{reconciles}"
+    );
+    assert!(
+        line("cloak_reconcile_duration_seconds_count{controller=\"vpnprovider\"}").is_some(),
+        "{metrics}"
+    );
+    let used = format!("cloak_provider_slots_used{{namespace=\"{ns}\",provider=\"metered\"}} 1");
+    let max = format!("cloak_provider_slots_max{{namespace=\"{ns}\",provider=\"metered\"}} 3");
+    assert!(
+        metrics.lines().any(|l| l == used),
+        "missing {used} in\n{metrics}"
+    );
+    assert!(metrics.lines().any(|l| l == max), "missing {max}");
+    assert!(line("cloak_masks{phase=\"Ready\"}").is_some(), "{metrics}");
+}
+
+#[tokio::test]
+async fn lowering_max_slots_below_the_holders_keeps_them_and_gives_no_new_slot() {
+    let (client, ns) = setup("shrink").await;
+    secret(&client, &ns, "creds", GLUETUN).await;
+    provider(
+        &client,
+        &ns,
+        "vpn",
+        json!({"secret": "creds", "maxSlots": 2, "verify": {"skip": true}}),
+    )
+    .await;
+    for m in ["a", "b"] {
+        mask(&client, &ns, m, &[]).await;
+        wait_for(
+            "holders Ready",
+            async || mask_status(&client, &ns, m).await,
+            |s| phase(s) == Some(MaskPhase::Ready),
+        )
+        .await;
+    }
+    let providers = Api::<VpnProvider>::namespaced(client.clone(), &ns);
+    providers
+        .patch(
+            "vpn",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"maxSlots": 1}})),
+        )
+        .await
+        .unwrap();
+    let status = wait_for(
+        "the provider says so",
+        async || provider_status(&client, &ns, "vpn").await,
+        |s| {
+            s.as_ref()
+                .and_then(|s| s.message.as_deref())
+                .is_some_and(|m| m.contains("maxSlots is 1 but 2 slots are held"))
+        },
+    )
+    .await;
+    assert_eq!(status.unwrap().active_slots, 2, "holders keep their slots");
+    mask(&client, &ns, "c", &[]).await;
+    wait_for(
+        "c waits",
+        async || mask_status(&client, &ns, "c").await,
+        |s| phase(s) == Some(MaskPhase::Waiting),
+    )
+    .await;
+    for m in ["a", "b"] {
+        assert_eq!(
+            phase(&mask_status(&client, &ns, m).await),
+            Some(MaskPhase::Ready)
+        );
+    }
+    // One holder leaves: one slot remains held, which is the new maximum, so c still waits.
+    let holder_of_slot_1 = if mask_status(&client, &ns, "a")
+        .await
+        .unwrap()
+        .provider
+        .unwrap()
+        .slot
+        == 1
+    {
+        "a"
+    } else {
+        "b"
+    };
+    Api::<VpnMask>::namespaced(client.clone(), &ns)
+        .delete(holder_of_slot_1, &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for(
+        "one slot left held",
+        async || provider_status(&client, &ns, "vpn").await,
+        |s| s.as_ref().is_some_and(|s| s.active_slots == 1),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        phase(&mask_status(&client, &ns, "c").await),
+        Some(MaskPhase::Waiting)
+    );
+}
+
+#[tokio::test]
+async fn errors_are_reported_as_events_on_the_object() {
+    let (client, ns) = setup("events").await;
+    provider(
+        &client,
+        &ns,
+        "vpn",
+        json!({"secret": "absent", "maxSlots": 1, "verify": {"skip": true}}),
+    )
+    .await;
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), &ns);
+    let found = wait_for(
+        "an ErrSecretNotFound event",
+        async || {
+            events
+                .list(&kube::api::ListParams::default())
+                .await
+                .unwrap()
+                .items
+        },
+        |items| {
+            items.iter().any(|e| {
+                e.reason.as_deref() == Some("ErrSecretNotFound")
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("vpn")
+            })
+        },
+    )
+    .await;
+    let event = found
+        .iter()
+        .find(|e| e.reason.as_deref() == Some("ErrSecretNotFound"))
+        .unwrap();
+    assert_eq!(event.type_.as_deref(), Some("Warning"));
+    assert!(event.note.as_deref().unwrap().contains("absent"));
 }

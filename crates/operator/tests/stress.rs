@@ -212,7 +212,11 @@ async fn slots_never_exceed_max_slots_under_racing_operators_and_churn() {
                 seen.violations
             );
         }
-        let list = masks.list(&kube::api::ListParams::default()).await.unwrap().items;
+        let list = masks
+            .list(&kube::api::ListParams::default())
+            .await
+            .unwrap()
+            .items;
         let live: Vec<_> = list
             .into_iter()
             .filter(|m| m.metadata.deletion_timestamp.is_none())
