@@ -48,6 +48,8 @@ pub mod labels {
     pub const SLOT: &str = "cloak.dev/slot";
     /// On slot leases: `<namespace>/<name>` of the holding mask.
     pub const MASK: &str = "cloak.dev/mask";
+    /// On credential copies: `<uid>/<resourceVersion>` of the Secret they copy.
+    pub const SOURCE_VERSION: &str = "cloak.dev/source-version";
 }
 
 /// The field manager of every server-side apply and the finalizer's prefix.
@@ -92,6 +94,8 @@ pub(crate) struct Context {
     pub masks: Store<DeserializeGuard<VpnMask>>,
     pub leases: Store<PartialObjectMeta<Lease>>,
     pub pods: Store<PartialObjectMeta<Pod>>,
+    /// Secret metadata: tells whether a mask's copy is current without reading any Secret.
+    pub secrets: Store<PartialObjectMeta<Secret>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -133,6 +137,7 @@ pub async fn run(
     let (providers, provider_writer) = reflector::store();
     let (leases, lease_writer) = reflector::store();
     let (pods, pod_writer) = reflector::store();
+    let (secrets, secret_writer) = reflector::store();
     let mask_controller = controllers::mask::controller(&client);
     let provider_controller = controllers::provider::controller(&client);
     let ctx = Arc::new(Context {
@@ -147,6 +152,7 @@ pub async fn run(
         masks: mask_controller.store(),
         leases,
         pods,
+        secrets,
     });
 
     if let Some(addr) = config.admin_addr {
@@ -173,6 +179,7 @@ pub async fn run(
     // Slot leases, pods and secrets are watched once, as metadata only, and turned into
     // reconcile requests for both controllers.
     let slot_selector = format!("{}={}", labels::MANAGED_BY, labels::MANAGER);
+    // Raw events, not touched objects: a deleted reservation (a freed slot) wakes waiting masks.
     let lease_stream = reflector::reflector(
         lease_writer,
         watcher(
@@ -180,8 +187,7 @@ pub async fn run(
             watcher::Config::default().labels(&slot_selector),
         ),
     )
-    .default_backoff()
-    .touched_objects();
+    .default_backoff();
     let pod_stream = reflector::reflector(
         pod_writer,
         watcher(
@@ -191,9 +197,12 @@ pub async fn run(
     )
     .default_backoff()
     .touched_objects();
-    let secret_stream = watcher(
-        Api::<PartialObjectMeta<Secret>>::all(client.clone()),
-        watcher::Config::default(),
+    let secret_stream = reflector::reflector(
+        secret_writer,
+        watcher(
+            Api::<PartialObjectMeta<Secret>>::all(client.clone()),
+            watcher::Config::default(),
+        ),
     )
     .default_backoff()
     .touched_objects();
@@ -226,6 +235,7 @@ pub async fn run(
                 ctx.masks.wait_until_ready(),
                 ctx.leases.wait_until_ready(),
                 ctx.pods.wait_until_ready(),
+                ctx.secrets.wait_until_ready(),
             );
             ready.store(true, std::sync::atomic::Ordering::Relaxed);
             tracing::info!("caches synced");

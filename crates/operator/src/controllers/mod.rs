@@ -5,6 +5,7 @@ pub(crate) mod mask;
 pub(crate) mod provider;
 
 use std::{
+    collections::HashMap,
     sync::{Arc, Mutex},
     time::Instant,
 };
@@ -140,7 +141,7 @@ pub(crate) async fn feed(
     triggers: Triggers,
     streams: Streams<
         impl Stream<Item = Result<DeserializeGuard<VpnProvider>, watcher::Error>> + Send,
-        impl Stream<Item = Result<PartialObjectMeta<Lease>, watcher::Error>> + Send,
+        impl Stream<Item = Result<watcher::Event<PartialObjectMeta<Lease>>, watcher::Error>> + Send,
         impl Stream<Item = Result<PartialObjectMeta<Pod>, watcher::Error>> + Send,
         impl Stream<Item = Result<PartialObjectMeta<Secret>, watcher::Error>> + Send,
     >,
@@ -153,32 +154,42 @@ pub(crate) async fn feed(
     } = streams;
     // A provider appearing, changing or going away concerns the masks waiting for a slot and
     // the masks holding one of its slots.
+    // Masks care about a provider's spec, usability and deletion, not its status counters: a
+    // provider's activeSlots changes with every lease, and waking every waiting mask and every
+    // holder on each of those writes made leasing quadratic.
+    let mut last_seen: HashMap<String, (Option<i64>, bool, bool)> = HashMap::new();
     let on_provider = providers.for_each(|provider| {
         if let Ok(provider) = provider {
-            let mut refs = waiting_masks(&ctx);
-            if let Some(uid) = provider.uid() {
+            let (uid, state) = match &provider.0 {
+                Ok(p) => (
+                    p.uid().unwrap_or_default(),
+                    (p.meta().generation, provider::usable(p), p.meta().deletion_timestamp.is_some()),
+                ),
+                Err(_) => (provider.uid().unwrap_or_default(), (None, false, false)),
+            };
+            if last_seen.insert(uid.clone(), state) != Some(state) {
+                let mut refs = waiting_masks(&ctx);
                 refs.extend(masks_of_provider(&ctx, &uid));
-            }
-            for mask in refs {
-                let _ = triggers.masks.unbounded_send(mask);
+                for mask in refs {
+                    let _ = triggers.masks.unbounded_send(mask);
+                }
             }
         }
         futures::future::ready(())
     });
-    let on_lease = leases.for_each(|lease| {
-        if let Ok(lease) = lease {
-            if let Some((ns, name)) = lease
-                .annotations()
-                .get(labels::MASK)
-                .and_then(|m| m.split_once('/'))
-            {
-                triggers.mask(ns, name);
-            }
-            if let (Some(ns), Some(provider)) =
-                (lease.namespace(), lease.labels().get(labels::PROVIDER))
-            {
-                triggers.provider(&ns, provider);
-            }
+    let on_lease = leases.for_each(|event| {
+        let (lease, freed) = match event {
+            Ok(watcher::Event::Apply(lease) | watcher::Event::InitApply(lease)) => (lease, false),
+            Ok(watcher::Event::Delete(lease)) => (lease, true),
+            _ => return futures::future::ready(()),
+        };
+        if let Some((ns, name)) = lease.annotations().get(labels::MASK).and_then(|m| m.split_once('/')) {
+            triggers.mask(ns, name);
+        }
+        if let (Some(ns), Some(provider)) = (lease.namespace(), lease.labels().get(labels::PROVIDER)) {
+            triggers.provider(&ns, provider);
+        }
+        if freed {
             // A freed slot may be what a waiting mask needs.
             for mask in waiting_masks(&ctx) {
                 let _ = triggers.masks.unbounded_send(mask);
