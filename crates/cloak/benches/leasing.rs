@@ -8,7 +8,13 @@
 //! Run: `cargo bench -p cloak --bench leasing` (or `-- 200` for a quick run with fewer masks).
 //! Prints figures; asserts nothing about speed.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout, clippy::large_futures)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::print_stdout,
+    clippy::large_futures,
+    clippy::cast_precision_loss // counts far below 2^52
+)]
 
 use std::{
     process::{Command, Stdio},
@@ -32,7 +38,10 @@ const SLOTS_PER_PROVIDER: u32 = 200;
 
 /// Total requests kube-apiserver has served, from its own metrics.
 async fn apiserver_requests(client: &Client) -> f64 {
-    let text = client.request_text(http::Request::get("/metrics").body(Vec::new()).unwrap()).await.unwrap();
+    let text = client
+        .request_text(http::Request::get("/metrics").body(Vec::new()).unwrap())
+        .await
+        .unwrap();
     text.lines()
         .filter(|l| l.starts_with("apiserver_request_total{"))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
@@ -43,7 +52,13 @@ async fn apiserver_requests(client: &Client) -> f64 {
 fn rss_mib(pid: u32) -> (f64, f64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let kib = |key: &str| -> f64 {
-        status.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1)).unwrap().parse::<f64>().unwrap()
+        status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .unwrap()
+            .parse::<f64>()
+            .unwrap()
     };
     (kib("VmRSS:") / 1024.0, kib("VmHWM:") / 1024.0)
 }
@@ -55,7 +70,8 @@ async fn create_masks(client: &Client, ns: &str, from: usize, to: usize) -> usiz
         .map(|i| {
             let masks = masks.clone();
             async move {
-                let mask = cloak_api::VpnMask::new(&format!("m{i}"), cloak_api::VpnMaskSpec::default());
+                let mask =
+                    cloak_api::VpnMask::new(&format!("m{i}"), cloak_api::VpnMaskSpec::default());
                 masks.create(&PostParams::default(), &mask).await.unwrap();
             }
         })
@@ -68,7 +84,7 @@ async fn create_masks(client: &Client, ns: &str, from: usize, to: usize) -> usiz
 /// Polls until `want` masks are Ready; returns the number of list requests made.
 async fn wait_ready(client: &Client, ns: &str, want: usize) -> usize {
     let masks: Api<cloak_api::VpnMask> = Api::namespaced(client.clone(), ns);
-    let deadline = Instant::now() + Duration::from_secs(1800);
+    let deadline = Instant::now() + Duration::from_mins(30);
     let mut polls = 0;
     loop {
         polls += 1;
@@ -78,33 +94,61 @@ async fn wait_ready(client: &Client, ns: &str, want: usize) -> usize {
             .unwrap()
             .items
             .iter()
-            .filter(|m| m.status.as_ref().and_then(|s| s.phase) == Some(cloak_api::MaskPhase::Ready))
+            .filter(|m| {
+                m.status.as_ref().and_then(|s| s.phase) == Some(cloak_api::MaskPhase::Ready)
+            })
             .count();
         if ready >= want {
             return polls;
         }
-        assert!(Instant::now() < deadline, "only {ready} of {want} masks Ready after 30 min");
+        assert!(
+            Instant::now() < deadline,
+            "only {ready} of {want} masks Ready after 30 min"
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
 #[tokio::main]
 async fn main() {
-    let first: usize = std::env::args().filter_map(|a| a.parse().ok()).next().unwrap_or(1000);
+    let first: usize = std::env::args()
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(1000);
     let second = first * 10;
     let cp = ControlPlane::start().await.unwrap();
     let client = cp.client();
     let ns = "bench";
     Api::<Namespace>::all(client.clone())
-        .create(&PostParams::default(), &Namespace { metadata: ObjectMeta { name: Some(ns.into()), ..ObjectMeta::default() }, ..Namespace::default() })
+        .create(
+            &PostParams::default(),
+            &Namespace {
+                metadata: ObjectMeta {
+                    name: Some(ns.into()),
+                    ..ObjectMeta::default()
+                },
+                ..Namespace::default()
+            },
+        )
         .await
         .unwrap();
     let secret = Secret {
-        metadata: ObjectMeta { name: Some("creds".into()), ..ObjectMeta::default() },
-        data: Some([("VPN_SERVICE_PROVIDER".to_owned(), ByteString(b"mullvad".to_vec()))].into()),
+        metadata: ObjectMeta {
+            name: Some("creds".into()),
+            ..ObjectMeta::default()
+        },
+        data: Some(
+            [(
+                "VPN_SERVICE_PROVIDER".to_owned(),
+                ByteString(b"mullvad".to_vec()),
+            )]
+            .into(),
+        ),
         ..Secret::default()
     };
-    Api::<Secret>::namespaced(client.clone(), ns).create(&PostParams::default(), &secret).await.unwrap();
+    Api::<Secret>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
     let providers: Api<cloak_api::VpnProvider> = Api::namespaced(client.clone(), ns);
     for i in 0..PROVIDERS {
         let p: cloak_api::VpnProvider = serde_json::from_value(json!({
@@ -116,7 +160,12 @@ async fn main() {
     }
 
     let mut operator = Command::new(env!("CARGO_BIN_EXE_cloak"))
-        .args(["operator", "--no-leader-election", "--admin-addr", "127.0.0.1:0"])
+        .args([
+            "operator",
+            "--no-leader-election",
+            "--admin-addr",
+            "127.0.0.1:0",
+        ])
         .env("KUBECONFIG", cp.kubeconfig())
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
@@ -124,9 +173,18 @@ async fn main() {
         .unwrap();
     let pid = operator.id();
     // Providers Ready before the clock starts.
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + Duration::from_mins(2);
     loop {
-        let ready = providers.list(&ListParams::default()).await.unwrap().items.iter().filter(|p| p.status.as_ref().and_then(|s| s.phase) == Some(cloak_api::ProviderPhase::Ready)).count();
+        let ready = providers
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .iter()
+            .filter(|p| {
+                p.status.as_ref().and_then(|s| s.phase) == Some(cloak_api::ProviderPhase::Ready)
+            })
+            .count();
         if ready == PROVIDERS {
             break;
         }
@@ -157,12 +215,26 @@ async fn main() {
 
     let _ = operator.kill();
     let _ = operator.wait();
-    println!("leasing benchmark ({PROVIDERS} providers x {SLOTS_PER_PROVIDER} slots, operator as its own process)");
+    println!(
+        "leasing benchmark ({PROVIDERS} providers x {SLOTS_PER_PROVIDER} slots, operator as its own process)"
+    );
     println!("  operator RSS idle (providers only)       {idle_rss:8.1} MiB");
-    println!("  lease {first:>6} masks                      {:8.2} s  ({:.0} masks/s)", elapsed.as_secs_f64(), first as f64 / elapsed.as_secs_f64());
+    println!(
+        "  lease {first:>6} masks                      {:8.2} s  ({:.0} masks/s)",
+        elapsed.as_secs_f64(),
+        first as f64 / elapsed.as_secs_f64()
+    );
     println!("  API requests per mask (operator)         {per_mask:8.1}");
-    println!("  operator RSS at {first:>6} masks            {rss_first:8.1} MiB (peak {hwm_first:.1} MiB)");
-    println!("  lease {:>6} more masks                 {:8.2} s", second - first, elapsed_second.as_secs_f64());
-    println!("  operator RSS at {second:>6} masks            {rss_second:8.1} MiB (peak {hwm_second:.1} MiB)");
+    println!(
+        "  operator RSS at {first:>6} masks            {rss_first:8.1} MiB (peak {hwm_first:.1} MiB)"
+    );
+    println!(
+        "  lease {:>6} more masks                 {:8.2} s",
+        second - first,
+        elapsed_second.as_secs_f64()
+    );
+    println!(
+        "  operator RSS at {second:>6} masks            {rss_second:8.1} MiB (peak {hwm_second:.1} MiB)"
+    );
     drop(cp);
 }

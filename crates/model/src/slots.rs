@@ -52,6 +52,10 @@ pub struct MaskRequest<'a> {
     pub tags: &'a [String],
     /// Only this provider (by uid), whatever its tags and phase: a provider's own verification.
     pub pinned_uid: Option<&'a str>,
+    /// The mask's uid: breaks ties and picks where among the free slots this mask starts, so
+    /// masks allocating at the same moment spread over providers and slots instead of all
+    /// racing for the same one. Deterministic for a given mask.
+    pub uid: &'a str,
 }
 
 /// The allocator's answer.
@@ -76,21 +80,39 @@ pub fn matches(provider: &ProviderSlots, mask: &MaskRequest<'_>) -> bool {
         && (mask.tags.is_empty() || mask.tags.iter().any(|t| provider.tags.contains(t)))
 }
 
-/// Orders every free slot of every matching provider: providers with more free slots first
-/// (ties by namespace, then name), each provider's slots lowest first.
+/// Orders every free slot of every matching provider: providers with more free slots first,
+/// ties broken by a hash of (mask uid, provider uid); within a provider, free slots in order
+/// starting from a position derived from the mask uid.
 pub fn plan<'a>(providers: &'a [ProviderSlots], mask: &MaskRequest<'_>) -> Plan<'a> {
     let mut matching: Vec<&ProviderSlots> = providers.iter().filter(|p| matches(p, mask)).collect();
     if matching.is_empty() {
         return Plan::NoProviders;
     }
-    matching.sort_by(|a, b| {
-        b.free_count()
-            .cmp(&a.free_count())
-            .then_with(|| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)))
+    matching.sort_by_cached_key(|p| {
+        (
+            std::cmp::Reverse(p.free_count()),
+            fnv1a(&[mask.uid.as_bytes(), p.uid.as_bytes()]),
+            p.namespace.clone(),
+            p.name.clone(),
+        )
     });
+    let start = fnv1a(&[mask.uid.as_bytes()]);
     let attempts: Vec<_> = matching
         .iter()
-        .flat_map(|p| p.free().map(move |slot| (*p, slot)))
+        .flat_map(|p| {
+            let free: Vec<u32> = p.free().collect();
+            let offset = if free.is_empty() {
+                0
+            } else {
+                usize::try_from(start % free.len() as u64).unwrap_or(0)
+            };
+            free.into_iter()
+                .cycle()
+                .skip(offset)
+                .take(p.free_count())
+                .map(move |slot| (*p, slot))
+                .collect::<Vec<_>>()
+        })
         .collect();
     if attempts.is_empty() {
         Plan::Waiting {
@@ -99,6 +121,15 @@ pub fn plan<'a>(providers: &'a [ProviderSlots], mask: &MaskRequest<'_>) -> Plan<
     } else {
         Plan::Try(attempts)
     }
+}
+
+/// FNV-1a over several byte strings (separated), stable across builds and platforms.
+fn fnv1a(parts: &[&[u8]]) -> u64 {
+    parts.iter().fold(0xcbf2_9ce4_8422_2325, |h, part| {
+        part.iter()
+            .chain(&[0xff])
+            .fold(h, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+    })
 }
 
 #[cfg(test)]
@@ -123,6 +154,7 @@ mod tests {
             namespace: ns,
             tags: &[],
             pinned_uid: None,
+            uid: "u",
         }
     }
 
@@ -139,13 +171,54 @@ mod tests {
             provider("a", 4, &[0, 1, 2], &[]),
             provider("b", 3, &[0], &[]),
         ];
-        assert_eq!(first(&plan(&providers, &any("x"))), ("b".into(), 1));
+        assert_eq!(first(&plan(&providers, &any("x"))).0, "b");
     }
 
     #[test]
-    fn ties_are_broken_by_name_so_every_replica_agrees() {
-        let providers = [provider("z", 2, &[], &[]), provider("m", 2, &[], &[])];
-        assert_eq!(first(&plan(&providers, &any("x"))), ("m".into(), 0));
+    fn every_free_slot_is_tried_once() {
+        let providers = [provider("a", 4, &[1], &[]), provider("b", 3, &[], &[])];
+        let Plan::Try(attempts) = plan(&providers, &any("x")) else {
+            panic!("expected attempts")
+        };
+        let mut seen: Vec<(String, u32)> =
+            attempts.iter().map(|(p, s)| (p.name.clone(), *s)).collect();
+        seen.sort();
+        let want = [("a", 0), ("a", 2), ("a", 3), ("b", 0), ("b", 1), ("b", 2)];
+        assert_eq!(seen, want.map(|(p, s)| (p.to_owned(), s)));
+    }
+
+    #[test]
+    fn ties_are_deterministic_per_mask_and_spread_across_masks() {
+        let providers: Vec<_> = (0..10)
+            .map(|i| provider(&format!("p{i}"), 20, &[], &[]))
+            .collect();
+        let uids: Vec<String> = (0..50).map(|i| format!("uid-{i}")).collect();
+        let firsts: std::collections::BTreeSet<(String, u32)> = uids
+            .iter()
+            .map(|uid| {
+                let request = MaskRequest {
+                    namespace: "x",
+                    tags: &[],
+                    pinned_uid: None,
+                    uid,
+                };
+                let choice = first(&plan(&providers, &request));
+                assert_eq!(
+                    first(&plan(&providers, &request)),
+                    choice,
+                    "same mask, same plan"
+                );
+                choice
+            })
+            .collect();
+        // 50 masks allocating at once start on many different slots, not all on one. Uniform
+        // picks of 50 among 200 slots give ~44 distinct on average (birthday collisions); a
+        // shared order would give 1.
+        assert!(
+            firsts.len() >= 25,
+            "only {} distinct first choices",
+            firsts.len()
+        );
     }
 
     #[test]
@@ -168,7 +241,8 @@ mod tests {
                 &MaskRequest {
                     namespace: "media",
                     tags: &eu,
-                    pinned_uid: None
+                    pinned_uid: None,
+                    uid: "u",
                 }
             ))
             .0,
@@ -180,7 +254,8 @@ mod tests {
                 &MaskRequest {
                     namespace: "other",
                     tags: &eu,
-                    pinned_uid: None
+                    pinned_uid: None,
+                    uid: "u",
                 }
             ),
             Plan::NoProviders
@@ -196,6 +271,7 @@ mod tests {
             namespace: "vpn",
             tags: &[],
             pinned_uid: Some("uid-p"),
+            uid: "u",
         };
         assert_eq!(first(&plan(&providers, &request)), ("p".into(), 0));
     }

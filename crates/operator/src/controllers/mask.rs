@@ -266,6 +266,7 @@ async fn allocate(
         namespace: &ns,
         tags: &mask.spec.providers,
         pinned_uid: pinned.as_deref(),
+        uid: &uid,
     };
     let attempts = match slots::plan(&providers, &request) {
         Plan::NoProviders => {
@@ -411,25 +412,49 @@ async fn delete_lease(ctx: &Context, ns: &str, name: &str, uid: Option<String>) 
 /// records the source's uid and resourceVersion, so an up-to-date copy costs no request at all.
 async fn sync_secret_copy(mask: &VpnMask, held: &AssignedProvider, ctx: &Context) -> Result<()> {
     let provider = ctx.providers.state().into_iter().find_map(|p| {
-        p.0.as_ref().ok().filter(|p| p.uid().as_deref() == Some(held.uid.as_str())).cloned()
+        p.0.as_ref()
+            .ok()
+            .filter(|p| p.uid().as_deref() == Some(held.uid.as_str()))
+            .cloned()
     });
-    let Some(provider) = provider else { return Ok(()) };
+    let Some(provider) = provider else {
+        return Ok(());
+    };
     let ns = mask.namespace().unwrap_or_default();
     let cached = |ns: &str, name: &str| ctx.secrets.get(&ObjectRef::new(name).within(ns));
-    let source_version = cached(&held.namespace, &provider.spec.secret)
-        .map(|s| format!("{}/{}", s.uid().unwrap_or_default(), s.resource_version().unwrap_or_default()));
+    let source_version = cached(&held.namespace, &provider.spec.secret).map(|s| {
+        format!(
+            "{}/{}",
+            s.uid().unwrap_or_default(),
+            s.resource_version().unwrap_or_default()
+        )
+    });
     let copy_version = cached(&ns, &held.secret).and_then(|c| {
-        let owned = c.owner_references().iter().any(|o| Some(&o.uid) == mask.uid().as_ref());
-        owned.then(|| c.annotations().get(labels::SOURCE_VERSION).cloned()).flatten()
+        let owned = c
+            .owner_references()
+            .iter()
+            .any(|o| Some(&o.uid) == mask.uid().as_ref());
+        owned
+            .then(|| c.annotations().get(labels::SOURCE_VERSION).cloned())
+            .flatten()
     });
     if source_version.is_some() && source_version == copy_version {
         return Ok(());
     }
-    let source = Api::<Secret>::namespaced(ctx.client.clone(), &held.namespace).get_opt(&provider.spec.secret).await?;
+    let source = Api::<Secret>::namespaced(ctx.client.clone(), &held.namespace)
+        .get_opt(&provider.spec.secret)
+        .await?;
     let Some(source) = source else {
-        return Err(Error::Invalid(format!("provider {}/{} has no Secret {}", held.namespace, held.name, provider.spec.secret)));
+        return Err(Error::Invalid(format!(
+            "provider {}/{} has no Secret {}",
+            held.namespace, held.name, provider.spec.secret
+        )));
     };
-    let version = format!("{}/{}", source.uid().unwrap_or_default(), source.resource_version().unwrap_or_default());
+    let version = format!(
+        "{}/{}",
+        source.uid().unwrap_or_default(),
+        source.resource_version().unwrap_or_default()
+    );
     let copy = Secret {
         metadata: ObjectMeta {
             name: Some(held.secret.clone()),
@@ -442,12 +467,23 @@ async fn sync_secret_copy(mask: &VpnMask, held: &AssignedProvider, ctx: &Context
             owner_references: Some(vec![mask.controller_owner_ref(&()).unwrap_or_default()]),
             ..ObjectMeta::default()
         },
-        data: Some(source.data.unwrap_or_default().into_iter().map(|(k, v)| (k, ByteString(v.0))).collect()),
+        data: Some(
+            source
+                .data
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, v)| (k, ByteString(v.0)))
+                .collect(),
+        ),
         type_: Some("Opaque".into()),
         ..Secret::default()
     };
     Api::<Secret>::namespaced(ctx.client.clone(), &ns)
-        .patch(&held.secret, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&copy))
+        .patch(
+            &held.secret,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&copy),
+        )
         .await?;
     Ok(())
 }

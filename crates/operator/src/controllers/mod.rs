@@ -163,7 +163,11 @@ pub(crate) async fn feed(
             let (uid, state) = match &provider.0 {
                 Ok(p) => (
                     p.uid().unwrap_or_default(),
-                    (p.meta().generation, provider::usable(p), p.meta().deletion_timestamp.is_some()),
+                    (
+                        p.meta().generation,
+                        provider::usable(p),
+                        p.meta().deletion_timestamp.is_some(),
+                    ),
                 ),
                 Err(_) => (provider.uid().unwrap_or_default(), (None, false, false)),
             };
@@ -183,10 +187,16 @@ pub(crate) async fn feed(
             Ok(watcher::Event::Delete(lease)) => (lease, true),
             _ => return futures::future::ready(()),
         };
-        if let Some((ns, name)) = lease.annotations().get(labels::MASK).and_then(|m| m.split_once('/')) {
+        if let Some((ns, name)) = lease
+            .annotations()
+            .get(labels::MASK)
+            .and_then(|m| m.split_once('/'))
+        {
             triggers.mask(ns, name);
         }
-        if let (Some(ns), Some(provider)) = (lease.namespace(), lease.labels().get(labels::PROVIDER)) {
+        if let (Some(ns), Some(provider)) =
+            (lease.namespace(), lease.labels().get(labels::PROVIDER))
+        {
             triggers.provider(&ns, provider);
         }
         if freed {
@@ -216,6 +226,14 @@ pub(crate) async fn feed(
     let on_secret = secrets.for_each(|secret| {
         if let Ok(secret) = secret {
             let (ns, name) = (secret.namespace().unwrap_or_default(), secret.name_any());
+            // A credentials copy changed or was deleted: its mask puts it back.
+            for owner in secret
+                .owner_references()
+                .iter()
+                .filter(|o| o.kind == VpnMask::kind(&()))
+            {
+                triggers.mask(&ns, &owner.name);
+            }
             for provider in ctx.providers.state() {
                 let Ok(p) = &provider.0 else { continue };
                 if p.namespace().as_deref() == Some(ns.as_str()) && p.spec.secret == name {
