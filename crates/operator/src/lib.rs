@@ -106,6 +106,17 @@ impl std::fmt::Debug for Context {
     }
 }
 
+/// Drops what the controllers never read from cached objects: managedFields and kubectl's
+/// last-applied copy are often larger than the rest of the object, and every cache holds one
+/// per object (10,000 masks, as many leases and credential copies).
+pub(crate) fn slim<K: kube::Resource>(object: &mut K) {
+    let meta = object.meta_mut();
+    meta.managed_fields = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+}
+
 /// Readiness as the admin server reports it.
 #[derive(Debug, Clone, Default)]
 pub struct Health {
@@ -185,7 +196,8 @@ pub async fn run(
         watcher(
             Api::<PartialObjectMeta<Lease>>::all(client.clone()),
             watcher::Config::default().labels(&slot_selector),
-        ),
+        )
+        .modify(slim),
     )
     .default_backoff();
     let pod_stream = reflector::reflector(
@@ -193,7 +205,8 @@ pub async fn run(
         watcher(
             Api::<PartialObjectMeta<Pod>>::all(client.clone()),
             watcher::Config::default(),
-        ),
+        )
+        .modify(slim),
     )
     .default_backoff()
     .touched_objects();
@@ -202,7 +215,8 @@ pub async fn run(
         watcher(
             Api::<PartialObjectMeta<Secret>>::all(client.clone()),
             watcher::Config::default(),
-        ),
+        )
+        .modify(slim),
     )
     .default_backoff()
     .touched_objects();
@@ -211,7 +225,8 @@ pub async fn run(
         watcher(
             Api::<DeserializeGuard<VpnProvider>>::all(client.clone()),
             watcher::Config::default(),
-        ),
+        )
+        .modify(slim),
     )
     .default_backoff()
     .touched_objects();

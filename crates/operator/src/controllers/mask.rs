@@ -19,6 +19,7 @@ use k8s_openapi::{
     },
     apimachinery::pkg::apis::meta::v1::OwnerReference,
 };
+use kube::runtime::WatchStreamExt;
 use kube::{
     Api, Client, Resource, ResourceExt,
     api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams, Preconditions},
@@ -40,7 +41,13 @@ use crate::{Context, Error, FINALIZER, MANAGER, Result, labels};
 const CONTROLLER: &str = "vpnmask";
 
 pub(crate) fn controller(client: &Client) -> Controller<DeserializeGuard<VpnMask>> {
-    Controller::new(Api::all(client.clone()), watcher::Config::default())
+    let (reader, writer) = kube::runtime::reflector::store();
+    let masks = kube::runtime::watcher(Api::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .modify(crate::slim)
+        .reflect(writer)
+        .applied_objects();
+    Controller::for_stream(masks, reader)
 }
 
 pub(crate) async fn run(
