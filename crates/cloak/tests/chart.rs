@@ -133,3 +133,104 @@ fn the_charts_crds_are_the_generated_ones_marked_keep() {
     let rendered = render("default", &[]);
     assert_eq!(rendered.matches("helm.sh/resource-policy: keep").count(), 2);
 }
+
+/// The chart's RBAC is enough for the operator: applied for real, then the operator runs as the
+/// chart's ServiceAccount (impersonated) with leader election, leases a slot, verifies a
+/// provider with a pod, and publishes Events. A missing verb fails this test.
+#[tokio::test]
+async fn the_operator_works_with_exactly_the_charts_rbac() {
+    use cloak_api::{MaskPhase, VpnMask, VpnMaskSpec, VpnProvider};
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::api::{Api, PostParams};
+
+    let cp = ControlPlane::shared();
+    let admin = cp.client();
+    let ns = TestNamespace::create(&admin, "chart-rbac").await.unwrap();
+    let ns = ns.name().to_owned();
+    let manifest = render(&ns, &["crds.install=false"]);
+    let mut apply = Command::new(tool("kubectl"));
+    apply.arg("--kubeconfig").arg(cp.kubeconfig()).args([
+        "apply",
+        "--server-side",
+        "--namespace",
+        &ns,
+        "-f",
+        "-",
+    ]);
+    // Only the RBAC objects and the ServiceAccount: no kubelet would run the Deployment here.
+    let rbac: String = manifest
+        .split("\n---")
+        .filter(|doc| !doc.contains("kind: Deployment"))
+        .collect::<Vec<_>>()
+        .join("\n---");
+    run(&mut apply, Some(&rbac));
+
+    let config = cloak_operator::Config {
+        instance: "rbac-test".into(),
+        leader_lease: Some((ns.clone(), "cloak".into())),
+        ..cloak_operator::Config::default()
+    };
+    let client = cp.client_as(&format!("system:serviceaccount:{ns}:cloak"));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let operator = tokio::spawn(Box::pin(cloak_operator::run(client, config, async {
+        let _ = stopped.await;
+    })));
+
+    let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "creds"}, "stringData": {}, "data": {"VPN_SERVICE_PROVIDER": "bXVsbHZhZA=="}
+    }))
+    .unwrap();
+    Api::namespaced(admin.clone(), &ns)
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+    let providers: Api<VpnProvider> = Api::namespaced(admin.clone(), &ns);
+    let provider = |name: &str, skip: bool| -> VpnProvider {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "cloak.dev/v1alpha1", "kind": "VpnProvider", "metadata": {"name": name},
+            "spec": {"secret": "creds", "maxSlots": 2, "namespaces": [ns], "verify": {"skip": skip}}
+        }))
+        .unwrap()
+    };
+    providers
+        .create(&PostParams::default(), &provider("skipped", true))
+        .await
+        .unwrap();
+    providers
+        .create(&PostParams::default(), &provider("verified", false))
+        .await
+        .unwrap();
+    let masks: Api<VpnMask> = Api::namespaced(admin.clone(), &ns);
+    masks
+        .create(
+            &PostParams::default(),
+            &VpnMask::new("m", VpnMaskSpec::default()),
+        )
+        .await
+        .unwrap();
+
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), &ns);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(40);
+    loop {
+        let mask_ready =
+            masks.get("m").await.unwrap().status.and_then(|s| s.phase) == Some(MaskPhase::Ready);
+        let verifying = pods.get_opt("verified-verify").await.unwrap().is_some();
+        let copied = masks
+            .get("m")
+            .await
+            .unwrap()
+            .status
+            .and_then(|s| s.provider)
+            .is_some();
+        if mask_ready && verifying && copied {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "with the chart's RBAC: mask Ready {mask_ready}, verification pod {verifying}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let _ = stop.send(());
+    operator.await.unwrap().unwrap();
+}

@@ -371,6 +371,17 @@ impl ControlPlane {
             .unwrap_or_else(|e| panic!("building a kube client: {e}"))
     }
 
+    /// A client that acts as `user` (e.g. `system:serviceaccount:ns:name`) through impersonation,
+    /// with only that user's RBAC permissions: how tests prove a Role grants enough.
+    ///
+    /// # Panics
+    /// When the stored configuration cannot make a client, which only a broken build causes.
+    pub fn client_as(&self, user: &str) -> Client {
+        let mut config = self.config.clone();
+        config.auth_info.impersonate = Some(user.to_owned());
+        Client::try_from(config).unwrap_or_else(|e| panic!("building a kube client: {e}"))
+    }
+
     /// The admin kubeconfig, for `kubectl --kubeconfig` and `helm --kubeconfig`.
     pub fn kubeconfig(&self) -> &Path {
         &self.kubeconfig

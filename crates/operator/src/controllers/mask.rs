@@ -47,8 +47,14 @@ pub(crate) fn controller(client: &Client) -> Controller<DeserializeGuard<VpnMask
         .modify(crate::slim)
         .reflect(writer)
         .applied_objects();
+    // Bounded concurrency: a burst of thousands of new masks must not mean thousands of
+    // reconciles (each with requests and object copies in flight) at once.
     Controller::for_stream(masks, reader)
+        .with_config(kube::runtime::controller::Config::default().concurrency(MAX_CONCURRENT))
 }
+
+/// Mask reconciles in flight at once.
+const MAX_CONCURRENT: u16 = 16;
 
 pub(crate) async fn run(
     controller: Controller<DeserializeGuard<VpnMask>>,

@@ -38,7 +38,13 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(90);
 
 pub(crate) fn controller(client: &Client) -> Controller<DeserializeGuard<VpnProvider>> {
     let verification = watcher::Config::default().labels(verify::LABEL_PROVIDER);
+    // A provider's reservations change with every mask it serves; debouncing folds a burst of
+    // them into one reconcile (one status write) instead of one each.
+    let config = kube::runtime::controller::Config::default()
+        .concurrency(4)
+        .debounce(Duration::from_millis(200));
     Controller::new(Api::all(client.clone()), watcher::Config::default())
+        .with_config(config)
         .owns(
             Api::<DeserializeGuard<VpnMask>>::all(client.clone()),
             verification.clone(),
