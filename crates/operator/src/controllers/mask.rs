@@ -324,7 +324,19 @@ fn assignment(provider: &ProviderSlots, slot: u32, mask: &VpnMask) -> AssignedPr
 
 /// The allocator's view of every provider, from the caches.
 fn provider_slots(ctx: &Context, include_unusable: bool) -> Vec<ProviderSlots> {
-    let leases = ctx.leases.state();
+    // One pass over the reservations, not one per provider: with 10,000 reservations and 50
+    // providers the difference is most of an allocation's CPU time.
+    let mut taken_by: std::collections::HashMap<String, std::collections::BTreeSet<u32>> =
+        std::collections::HashMap::new();
+    for lease in ctx.leases.state() {
+        let lease_labels = lease.labels();
+        if let (Some(uid), Some(slot)) = (
+            lease_labels.get(labels::PROVIDER_UID),
+            lease_labels.get(labels::SLOT).and_then(|s| s.parse().ok()),
+        ) {
+            taken_by.entry(uid.clone()).or_default().insert(slot);
+        }
+    }
     ctx.providers
         .state()
         .iter()
@@ -332,11 +344,7 @@ fn provider_slots(ctx: &Context, include_unusable: bool) -> Vec<ProviderSlots> {
         .filter(|p| p.meta().deletion_timestamp.is_none())
         .map(|p| {
             let uid = p.uid().unwrap_or_default();
-            let taken = leases
-                .iter()
-                .filter(|l| l.labels().get(labels::PROVIDER_UID) == Some(&uid))
-                .filter_map(|l| l.labels().get(labels::SLOT).and_then(|s| s.parse().ok()))
-                .collect();
+            let taken = taken_by.remove(&uid).unwrap_or_default();
             ProviderSlots {
                 namespace: p.namespace().unwrap_or_default(),
                 name: p.name_any(),
