@@ -833,3 +833,201 @@ async fn errors_are_reported_as_events_on_the_object() {
     assert_eq!(event.type_.as_deref(), Some("Warning"));
     assert!(event.note.as_deref().unwrap().contains("absent"));
 }
+
+/// Plays the kubelet for a verification pod: its probe container exits with `code`.
+async fn finish_probe(pods: &Api<Pod>, name: &str, code: i32) {
+    let status = json!({"status": {"phase": "Running", "containerStatuses": [
+        {"name": "probe", "ready": false, "restartCount": 0, "image": "curl", "imageID": "",
+         "state": {"terminated": {"exitCode": code}}}]}});
+    pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn re_verification_keeps_serving_masks_from_the_other_slots() {
+    let (client, ns) = setup("reverify").await;
+    secret(&client, &ns, "creds", GLUETUN).await;
+    provider(
+        &client,
+        &ns,
+        "vpn",
+        json!({"secret": "creds", "maxSlots": 2, "verify": {"interval": "3s"}}),
+    )
+    .await;
+    let pods = Api::<Pod>::namespaced(client.clone(), &ns);
+    let first = wait_for(
+        "the first verification pod",
+        async || pods.get_opt("vpn-verify").await.unwrap(),
+        Option::is_some,
+    )
+    .await
+    .unwrap();
+    finish_probe(&pods, "vpn-verify", 0).await;
+    wait_for(
+        "verified",
+        async || provider_status(&client, &ns, "vpn").await,
+        |s| {
+            s.as_ref()
+                .is_some_and(|s| s.phase == Some(ProviderPhase::Ready) && s.last_verified.is_some())
+        },
+    )
+    .await;
+
+    // The interval passes: a second verification starts and holds one slot...
+    let second = wait_for(
+        "the second verification pod",
+        async || pods.get_opt("vpn-verify").await.unwrap(),
+        |p| p.as_ref().is_some_and(|p| p.uid() != first.uid()),
+    )
+    .await;
+    assert!(second.is_some());
+    assert_eq!(
+        provider_status(&client, &ns, "vpn").await.unwrap().phase,
+        Some(ProviderPhase::Verifying)
+    );
+    // ...and a new mask still gets the other one.
+    mask(&client, &ns, "m", &[]).await;
+    wait_for(
+        "m is Ready during re-verification",
+        async || mask_status(&client, &ns, "m").await,
+        |s| phase(s) == Some(MaskPhase::Ready),
+    )
+    .await;
+    finish_probe(&pods, "vpn-verify", 0).await;
+    wait_for(
+        "Active after re-verification",
+        async || provider_status(&client, &ns, "vpn").await,
+        |s| s.as_ref().and_then(|s| s.phase) == Some(ProviderPhase::Active),
+    )
+    .await;
+    assert_eq!(
+        phase(&mask_status(&client, &ns, "m").await),
+        Some(MaskPhase::Ready),
+        "the holder kept its slot"
+    );
+}
+
+#[tokio::test]
+async fn verification_fails_after_its_timeout() {
+    let (client, ns) = setup("verify-timeout").await;
+    secret(&client, &ns, "creds", GLUETUN).await;
+    provider(
+        &client,
+        &ns,
+        "vpn",
+        json!({"secret": "creds", "maxSlots": 1, "verify": {"timeout": "1s"}}),
+    )
+    .await;
+    let status = wait_for(
+        "ErrVerifyFailed",
+        async || provider_status(&client, &ns, "vpn").await,
+        |s| s.as_ref().and_then(|s| s.phase) == Some(ProviderPhase::ErrVerifyFailed),
+    )
+    .await;
+    assert!(
+        status
+            .as_ref()
+            .unwrap()
+            .message
+            .as_deref()
+            .unwrap()
+            .contains("timed out after 1s"),
+        "{status:?}"
+    );
+    wait_for(
+        "the slot is released",
+        async || provider_status(&client, &ns, "vpn").await,
+        |s| s.as_ref().is_some_and(|s| s.active_slots == 0),
+    )
+    .await;
+}
+
+/// With kube-controller-manager's garbage collector running, a foreground deletion of a mask
+/// (the GC deletes the pods that block it first) and the operator's finalizer cooperate: the pod
+/// goes, then the slot is released, then the mask is gone.
+#[tokio::test]
+async fn foreground_deletion_through_the_garbage_collector_releases_the_slot_after_the_pods() {
+    ControlPlane::shared()
+        .ensure_controller_manager()
+        .await
+        .unwrap();
+    let (client, ns) = setup("foreground").await;
+    secret(&client, &ns, "creds", GLUETUN).await;
+    provider(
+        &client,
+        &ns,
+        "vpn",
+        json!({"secret": "creds", "maxSlots": 1, "verify": {"skip": true}}),
+    )
+    .await;
+    mask(&client, &ns, "m", &[]).await;
+    wait_for(
+        "m is Ready",
+        async || mask_status(&client, &ns, "m").await,
+        |s| phase(s) == Some(MaskPhase::Ready),
+    )
+    .await;
+    let owner = Api::<VpnMask>::namespaced(client.clone(), &ns)
+        .get("m")
+        .await
+        .unwrap();
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "user", "ownerReferences": [{"apiVersion": "cloak.dev/v1alpha1", "kind": "VpnMask",
+            "name": "m", "uid": owner.uid().unwrap(), "blockOwnerDeletion": true}]},
+        "spec": {"containers": [{"name": "app", "image": "busybox"}]}
+    }))
+    .unwrap();
+    let pods = Api::<Pod>::namespaced(client.clone(), &ns);
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    wait_for(
+        "m is Active",
+        async || mask_status(&client, &ns, "m").await,
+        |s| phase(s) == Some(MaskPhase::Active),
+    )
+    .await;
+
+    Api::<VpnMask>::namespaced(client.clone(), &ns)
+        .delete("m", &DeleteParams::foreground())
+        .await
+        .unwrap();
+    wait_for(
+        "the pod is gone",
+        async || pods.get_opt("user").await.unwrap(),
+        Option::is_none,
+    )
+    .await;
+    wait_for(
+        "the mask is gone",
+        async || {
+            Api::<VpnMask>::namespaced(client.clone(), &ns)
+                .get_opt("m")
+                .await
+                .unwrap()
+        },
+        Option::is_none,
+    )
+    .await;
+    wait_for(
+        "the slot is free",
+        async || provider_status(&client, &ns, "vpn").await,
+        |s| s.as_ref().is_some_and(|s| s.active_slots == 0),
+    )
+    .await;
+    let copy = names_secret("m");
+    wait_for(
+        "the credentials copy is gone",
+        async || {
+            Api::<Secret>::namespaced(client.clone(), &ns)
+                .get_opt(&copy)
+                .await
+                .unwrap()
+        },
+        Option::is_none,
+    )
+    .await;
+}
+
+fn names_secret(mask: &str) -> String {
+    format!("{mask}-vpn-credentials")
+}

@@ -76,11 +76,7 @@ async fn reconcile(guard: Arc<DeserializeGuard<VpnMask>>, ctx: Arc<Context>) -> 
     measured(&ctx, CONTROLLER, async {
         let mask = match &guard.0 {
             Ok(mask) => Arc::new(mask.clone()),
-            Err(invalid) => {
-                // A malformed object waits for a fix; the others keep reconciling.
-                tracing::warn!(name = ?invalid.metadata.name, error = %invalid.error, "invalid VpnMask");
-                return Err(Error::Invalid(format!("invalid VpnMask: {}", invalid.error)));
-            }
+            Err(invalid) => return Err(super::report_invalid::<VpnMask>(&ctx, invalid).await),
         };
         let ns = mask.namespace().unwrap_or_default();
         let api: Api<VpnMask> = Api::namespaced(ctx.client.clone(), &ns);

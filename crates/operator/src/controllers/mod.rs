@@ -270,6 +270,59 @@ pub(crate) async fn publish<K: Resource<DynamicType = ()>>(
     }
 }
 
+/// Reports an object that cannot be read as its type (the API server accepted something the
+/// Rust type refuses): an Event and `status.message` on the object, and an error that waits for
+/// the object to change. The other objects keep reconciling.
+pub(crate) async fn report_invalid<K>(
+    ctx: &Context,
+    invalid: &kube::core::error_boundary::InvalidObject,
+) -> Error
+where
+    K: Resource<DynamicType = ()>,
+{
+    let meta = &invalid.metadata;
+    let kind = K::kind(&());
+    let message = format!("invalid {kind}: {}", invalid.error);
+    tracing::warn!(name = ?meta.name, namespace = ?meta.namespace, %message);
+    let reference = k8s_openapi::api::core::v1::ObjectReference {
+        api_version: Some(K::api_version(&()).into_owned()),
+        kind: Some(kind.clone().into_owned()),
+        name: meta.name.clone(),
+        namespace: meta.namespace.clone(),
+        uid: meta.uid.clone(),
+        ..Default::default()
+    };
+    let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
+    let event = Event {
+        type_: EventType::Warning,
+        reason: "InvalidSpec".into(),
+        note: Some(message.clone()),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(e) = recorder.publish(&event, &reference).await {
+        tracing::warn!(error = %e, "publishing an event failed");
+    }
+    let resource = kube::api::ApiResource::erase::<K>(&());
+    let api: kube::Api<kube::api::DynamicObject> = kube::Api::namespaced_with(
+        ctx.client.clone(),
+        meta.namespace.as_deref().unwrap_or_default(),
+        &resource,
+    );
+    let patch = serde_json::json!({"status": {"message": message}});
+    if let Err(e) = api
+        .patch_status(
+            meta.name.as_deref().unwrap_or_default(),
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+    {
+        tracing::warn!(error = %e, "writing the status of an invalid object failed");
+    }
+    Error::Invalid(message)
+}
+
 /// Runs one reconcile and records its outcome and duration.
 pub(crate) async fn measured<F: Future<Output = Result<Action, Error>>>(
     ctx: &Context,

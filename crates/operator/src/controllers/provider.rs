@@ -98,12 +98,12 @@ async fn reconcile(guard: Arc<DeserializeGuard<VpnProvider>>, ctx: Arc<Context>)
     measured(&ctx, CONTROLLER, async {
         let provider = match &guard.0 {
             Ok(provider) => Arc::new(provider.clone()),
-            Err(invalid) => {
-                tracing::warn!(name = ?invalid.metadata.name, error = %invalid.error, "invalid VpnProvider");
-                return Err(Error::Invalid(format!("invalid VpnProvider: {}", invalid.error)));
-            }
+            Err(invalid) => return Err(super::report_invalid::<VpnProvider>(&ctx, invalid).await),
         };
-        let api: Api<VpnProvider> = Api::namespaced(ctx.client.clone(), &provider.namespace().unwrap_or_default());
+        let api: Api<VpnProvider> = Api::namespaced(
+            ctx.client.clone(),
+            &provider.namespace().unwrap_or_default(),
+        );
         finalizer::finalizer(&api, FINALIZER, provider, |event| async {
             match event {
                 Finalizer::Apply(provider) => apply(&provider, &ctx).await,
