@@ -7,8 +7,11 @@
 
 use std::time::{Duration, Instant};
 
+mod common;
+
 use cloak_api::{MaskPhase, VpnMask, VpnMaskSpec, VpnProvider};
 use cloak_testkit::{ControlPlane, TestNamespace};
+use common::Running;
 use k8s_openapi::{
     ByteString,
     api::{core::v1::Secret, events::v1::Event},
@@ -55,14 +58,7 @@ async fn an_unreadable_mask_is_reported_and_the_others_are_still_served() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let operator = tokio::spawn(cloak_operator::run(
-        cp.client(),
-        cloak_operator::Config::default(),
-        async {
-            let _ = stopped.await;
-        },
-    ));
+    let operator = Running::start(cp.client(), cloak_operator::Config::default());
     let secret = Secret {
         metadata: ObjectMeta {
             name: Some("creds".into()),
@@ -130,6 +126,5 @@ async fn an_unreadable_mask_is_reported_and_the_others_are_still_served() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let _ = stop.send(());
-    operator.await.unwrap().unwrap();
+    operator.stop().await;
 }

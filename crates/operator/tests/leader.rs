@@ -5,8 +5,11 @@
 
 use std::time::{Duration, Instant};
 
+mod common;
+
 use cloak_api::VpnProvider;
 use cloak_testkit::{ControlPlane, TestNamespace};
+use common::Running;
 use k8s_openapi::api::{coordination::v1::Lease, events::v1::Event};
 use kube::{
     Api, Client,
@@ -14,26 +17,13 @@ use kube::{
 };
 use serde_json::json;
 
-struct Running {
-    stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<()>,
-}
-
 fn start(instance: &str, client: Client, lease_ns: &str) -> Running {
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let config = cloak_operator::Config {
         instance: instance.into(),
         leader_lease: Some((lease_ns.into(), "cloak-leader".into())),
         ..cloak_operator::Config::default()
     };
-    let task = tokio::spawn(async move {
-        cloak_operator::run(client, config, async {
-            let _ = stopped.await;
-        })
-        .await
-        .unwrap();
-    });
-    Running { stop, task }
+    Running::start(client, config)
 }
 
 async fn provider_without_secret(client: &Client, ns: &str, name: &str) {
@@ -105,8 +95,7 @@ async fn only_the_lease_holder_acts_and_the_other_takes_over_when_it_stops() {
     assert_eq!(holder.as_deref(), Some("first"));
 
     // The leader stops; after the lease expires the other instance takes over and acts.
-    let _ = first.stop.send(());
-    first.task.await.unwrap();
+    first.stop().await;
     provider_without_secret(&client, &ns, "two").await;
     let within = cloak_operator::leader::LEASE_DURATION + Duration::from_secs(15);
     let seen = reporters(&client, &ns, "two", within).await;
@@ -122,6 +111,5 @@ async fn only_the_lease_holder_acts_and_the_other_takes_over_when_it_stops() {
         .unwrap()
         .holder_identity;
     assert_eq!(holder.as_deref(), Some("second"));
-    let _ = second.stop.send(());
-    second.task.await.unwrap();
+    second.stop().await;
 }

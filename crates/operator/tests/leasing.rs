@@ -395,24 +395,8 @@ async fn a_pod_owned_by_the_mask_makes_it_active_and_delays_release_until_it_is_
         |s| phase(s) == Some(MaskPhase::Ready),
     )
     .await;
-    let owner = Api::<VpnMask>::namespaced(client.clone(), &ns)
-        .get("m")
-        .await
-        .unwrap();
-    let pod: Pod = serde_json::from_value(json!({
-        "metadata": {"name": "user", "ownerReferences": [{"apiVersion": "cloak.dev/v1alpha1", "kind": "VpnMask",
-            "name": "m", "uid": owner.uid().unwrap(), "blockOwnerDeletion": true}]},
-        "spec": {"containers": [{"name": "app", "image": "busybox"}]}
-    }))
-    .unwrap();
     let pods = Api::<Pod>::namespaced(client.clone(), &ns);
-    pods.create(&PostParams::default(), &pod).await.unwrap();
-    wait_for(
-        "m is Active",
-        async || mask_status(&client, &ns, "m").await,
-        |s| phase(s) == Some(MaskPhase::Active),
-    )
-    .await;
+    use_mask(&client, &ns, "m", "user").await;
 
     Api::<VpnMask>::namespaced(client.clone(), &ns)
         .delete("m", &DeleteParams::default())
@@ -968,24 +952,8 @@ async fn foreground_deletion_through_the_garbage_collector_releases_the_slot_aft
         |s| phase(s) == Some(MaskPhase::Ready),
     )
     .await;
-    let owner = Api::<VpnMask>::namespaced(client.clone(), &ns)
-        .get("m")
-        .await
-        .unwrap();
-    let pod: Pod = serde_json::from_value(json!({
-        "metadata": {"name": "user", "ownerReferences": [{"apiVersion": "cloak.dev/v1alpha1", "kind": "VpnMask",
-            "name": "m", "uid": owner.uid().unwrap(), "blockOwnerDeletion": true}]},
-        "spec": {"containers": [{"name": "app", "image": "busybox"}]}
-    }))
-    .unwrap();
     let pods = Api::<Pod>::namespaced(client.clone(), &ns);
-    pods.create(&PostParams::default(), &pod).await.unwrap();
-    wait_for(
-        "m is Active",
-        async || mask_status(&client, &ns, "m").await,
-        |s| phase(s) == Some(MaskPhase::Active),
-    )
-    .await;
+    use_mask(&client, &ns, "m", "user").await;
 
     Api::<VpnMask>::namespaced(client.clone(), &ns)
         .delete("m", &DeleteParams::foreground())
@@ -1030,4 +998,29 @@ async fn foreground_deletion_through_the_garbage_collector_releases_the_slot_aft
 
 fn names_secret(mask: &str) -> String {
     format!("{mask}-vpn-credentials")
+}
+
+/// Creates pod `pod` using mask `mask` (an ownerReference with blockOwnerDeletion, as seed 000
+/// documents) and waits until the mask is Active.
+async fn use_mask(client: &Client, ns: &str, mask: &str, pod: &str) {
+    let owner = Api::<VpnMask>::namespaced(client.clone(), ns)
+        .get(mask)
+        .await
+        .unwrap();
+    let object: Pod = serde_json::from_value(json!({
+        "metadata": {"name": pod, "ownerReferences": [{"apiVersion": "cloak.dev/v1alpha1", "kind": "VpnMask",
+            "name": mask, "uid": owner.uid().unwrap(), "blockOwnerDeletion": true}]},
+        "spec": {"containers": [{"name": "app", "image": "busybox"}]}
+    }))
+    .unwrap();
+    Api::<Pod>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &object)
+        .await
+        .unwrap();
+    wait_for(
+        "the mask is Active",
+        async || mask_status(client, ns, mask).await,
+        |s| phase(s) == Some(MaskPhase::Active),
+    )
+    .await;
 }

@@ -11,8 +11,11 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod common;
+
 use cloak_api::{MaskPhase, VpnMask, VpnMaskSpec, VpnProvider};
 use cloak_testkit::{ControlPlane, TestNamespace};
+use common::Running;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::{ByteString, api::coordination::v1::Lease, api::core::v1::Secret};
 use kube::{
@@ -34,33 +37,12 @@ struct Seen {
     events: usize,
 }
 
-/// A running operator instance; `stop` ends it and waits until it has.
-struct Running {
-    stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Running {
-    async fn stop(self) {
-        let _ = self.stop.send(());
-        self.task.await.unwrap();
-    }
-}
-
 fn start_operator(instance: &str, client: Client) -> Running {
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let config = cloak_operator::Config {
         instance: instance.into(),
         ..cloak_operator::Config::default()
     };
-    let task = tokio::spawn(async move {
-        cloak_operator::run(client, config, async {
-            let _ = stopped.await;
-        })
-        .await
-        .unwrap();
-    });
-    Running { stop, task }
+    Running::start(client, config)
 }
 
 async fn provider(client: &Client, ns: &str, name: &str, max: u32) -> String {

@@ -22,8 +22,8 @@ use k8s_openapi::{
 use kube::runtime::WatchStreamExt;
 use kube::{
     Api, Client, Resource, ResourceExt,
-    api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams, Preconditions},
-    core::DeserializeGuard,
+    api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams},
+    core::{DeserializeGuard, PartialObjectMeta},
     runtime::{
         Controller,
         controller::Action,
@@ -35,7 +35,7 @@ use kube::{
 };
 use tokio::sync::watch;
 
-use super::{MaskRef, measured, publish};
+use super::{MaskRef, measured, publish, release};
 use crate::{Context, Error, FINALIZER, MANAGER, Result, labels};
 
 const CONTROLLER: &str = "vpnmask";
@@ -243,11 +243,7 @@ async fn allocate(
 
     // A reservation made earlier whose status write was lost (crash, conflict) is adopted, so a
     // mask never holds two slots.
-    let lease_api: Api<Lease> = Api::all(ctx.client.clone());
-    let mine = lease_api
-        .list_metadata(&ListParams::default().labels(&format!("{}={uid}", labels::MASK_UID)))
-        .await?;
-    for lease in mine.items {
+    for lease in reservations_of(ctx, &uid).await? {
         let provider_uid = lease
             .labels()
             .get(labels::PROVIDER_UID)
@@ -259,15 +255,7 @@ async fn allocate(
             .and_then(|s| s.parse().ok());
         match (providers.iter().find(|p| p.uid == provider_uid), slot) {
             (Some(p), Some(slot)) => return Ok(Ok(assignment(p, slot, mask))),
-            _ => {
-                delete_lease(
-                    ctx,
-                    &lease.namespace().unwrap_or_default(),
-                    &lease.name_any(),
-                    lease.uid(),
-                )
-                .await?;
-            }
+            _ => release(ctx, &lease).await?,
         }
     }
 
@@ -402,24 +390,6 @@ async fn reserve(
     {
         Ok(_) => Ok(true),
         Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
-        Err(e) => Err(e.into()),
-    }
-}
-
-async fn delete_lease(ctx: &Context, ns: &str, name: &str, uid: Option<String>) -> Result<()> {
-    let params = DeleteParams {
-        preconditions: Some(Preconditions {
-            uid,
-            resource_version: None,
-        }),
-        ..DeleteParams::default()
-    };
-    match Api::<Lease>::namespaced(ctx.client.clone(), ns)
-        .delete(name, &params)
-        .await
-    {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => Ok(()),
         Err(e) => Err(e.into()),
     }
 }
@@ -568,17 +538,8 @@ async fn cleanup(mask: &VpnMask, ctx: &Context) -> Result<Action> {
     if let Some(held) = mask.status.as_ref().and_then(|s| s.provider.as_ref()) {
         delete_secret_copy(ctx, &ns, &held.secret).await?;
     }
-    let mine = Api::<Lease>::all(ctx.client.clone())
-        .list_metadata(&ListParams::default().labels(&format!("{}={uid}", labels::MASK_UID)))
-        .await?;
-    for lease in mine.items {
-        delete_lease(
-            ctx,
-            &lease.namespace().unwrap_or_default(),
-            &lease.name_any(),
-            lease.uid(),
-        )
-        .await?;
+    for lease in reservations_of(ctx, &uid).await? {
+        release(ctx, &lease).await?;
     }
     publish(
         ctx,
@@ -589,4 +550,13 @@ async fn cleanup(mask: &VpnMask, ctx: &Context) -> Result<Action> {
     )
     .await;
     Ok(Action::await_change())
+}
+
+/// The reservations held by the mask with this uid, read from the API server (not the cache).
+async fn reservations_of(ctx: &Context, mask_uid: &str) -> Result<Vec<PartialObjectMeta<Lease>>> {
+    let selector = format!("{}={mask_uid}", labels::MASK_UID);
+    let list = Api::<Lease>::all(ctx.client.clone())
+        .list_metadata(&ListParams::default().labels(&selector))
+        .await?;
+    Ok(list.items)
 }

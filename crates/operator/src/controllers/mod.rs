@@ -249,6 +249,25 @@ pub(crate) async fn feed(
     tokio::join!(on_provider, on_lease, on_pod, on_secret);
 }
 
+/// Deletes a slot reservation, only if it is still the object that was read (uid precondition),
+/// so a slot re-reserved in between is never released by mistake. Gone already is fine.
+pub(crate) async fn release(ctx: &Context, lease: &PartialObjectMeta<Lease>) -> Result<(), Error> {
+    let params = kube::api::DeleteParams {
+        preconditions: Some(kube::api::Preconditions {
+            uid: lease.uid(),
+            resource_version: None,
+        }),
+        ..kube::api::DeleteParams::default()
+    };
+    let api: kube::Api<Lease> =
+        kube::Api::namespaced(ctx.client.clone(), &lease.namespace().unwrap_or_default());
+    match api.delete(&lease.name_any(), &params).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Publishes an Event about `object`. Failures are logged, never fatal: Events are advisory.
 pub(crate) async fn publish<K: Resource<DynamicType = ()>>(
     ctx: &Context,

@@ -478,24 +478,7 @@ async fn sweep_orphans(
             .is_some_and(|m| m.uid().as_deref() == Some(mask_uid.as_str()));
         if !exists {
             tracing::info!(lease = %lease.name_any(), "releasing the slot of a mask that no longer exists");
-            let params = DeleteParams {
-                preconditions: Some(kube::api::Preconditions {
-                    uid: lease.uid(),
-                    resource_version: None,
-                }),
-                ..DeleteParams::default()
-            };
-            match Api::<Lease>::namespaced(
-                ctx.client.clone(),
-                &lease.namespace().unwrap_or_default(),
-            )
-            .delete(&lease.name_any(), &params)
-            .await
-            {
-                Ok(_) => {}
-                Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => {}
-                Err(e) => return Err(e.into()),
-            }
+            super::release(ctx, lease).await?;
         }
     }
     Ok(())
