@@ -24,19 +24,12 @@ use kube::{
     Api, Client, Resource, ResourceExt,
     api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams},
     core::{DeserializeGuard, PartialObjectMeta},
-    runtime::{
-        Controller,
-        controller::Action,
-        events::EventType,
-        finalizer::{self, Event as Finalizer},
-        reflector::ObjectRef,
-        watcher,
-    },
+    runtime::{Controller, controller::Action, events::EventType, reflector::ObjectRef, watcher},
 };
 use tokio::sync::watch;
 
-use super::{MaskRef, measured, publish, release};
-use crate::{Context, Error, FINALIZER, MANAGER, Result, labels};
+use super::{MaskRef, publish, release};
+use crate::{Context, Error, MANAGER, Result, labels};
 
 const CONTROLLER: &str = "vpnmask";
 
@@ -67,34 +60,13 @@ pub(crate) async fn run(
         .graceful_shutdown_on(async move {
             let _ = stop.wait_for(|s| *s).await;
         })
-        .run(reconcile, error_policy, ctx)
+        .run(reconcile, super::error_policy, ctx)
         .for_each(|_| futures::future::ready(()))
         .await;
 }
 
 async fn reconcile(guard: Arc<DeserializeGuard<VpnMask>>, ctx: Arc<Context>) -> Result<Action> {
-    measured(&ctx, CONTROLLER, async {
-        let mask = match &guard.0 {
-            Ok(mask) => Arc::new(mask.clone()),
-            Err(invalid) => return Err(super::report_invalid::<VpnMask>(&ctx, invalid).await),
-        };
-        let ns = mask.namespace().unwrap_or_default();
-        let api: Api<VpnMask> = Api::namespaced(ctx.client.clone(), &ns);
-        finalizer::finalizer(&api, FINALIZER, mask, |event| async {
-            match event {
-                Finalizer::Apply(mask) => apply(&mask, &ctx).await,
-                Finalizer::Cleanup(mask) => cleanup(&mask, &ctx).await,
-            }
-        })
-        .await
-        .map_err(|e| Error::Finalizer(Box::new(e)))
-    })
-    .await
-}
-
-fn error_policy(_: Arc<DeserializeGuard<VpnMask>>, error: &Error, _: Arc<Context>) -> Action {
-    tracing::debug!(%error, "VpnMask reconcile failed");
-    error.action()
+    super::reconcile_guarded(&guard, &ctx, CONTROLLER, apply, cleanup).await
 }
 
 /// Whether the provider named by an assignment still exists with the same uid and still has the

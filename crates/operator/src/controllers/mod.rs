@@ -342,6 +342,47 @@ where
     Error::Invalid(message)
 }
 
+/// The reconcile every controller runs: report an unreadable object, otherwise hand the object
+/// to `apply` or, once it is being deleted, to `cleanup` (behind the finalizer); record metrics.
+pub(crate) async fn reconcile_guarded<K>(
+    guard: &DeserializeGuard<K>,
+    ctx: &Context,
+    controller: &'static str,
+    apply: impl AsyncFn(&K, &Context) -> Result<Action, Error>,
+    cleanup: impl AsyncFn(&K, &Context) -> Result<Action, Error>,
+) -> Result<Action, Error>
+where
+    K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + serde::Serialize
+        + std::fmt::Debug,
+{
+    measured(ctx, controller, async {
+        let object = match &guard.0 {
+            Ok(object) => Arc::new(object.clone()),
+            Err(invalid) => return Err(report_invalid::<K>(ctx, invalid).await),
+        };
+        let api: kube::Api<K> =
+            kube::Api::namespaced(ctx.client.clone(), &object.namespace().unwrap_or_default());
+        kube::runtime::finalizer::finalizer(&api, crate::FINALIZER, object, |event| async {
+            match event {
+                kube::runtime::finalizer::Event::Apply(object) => apply(&object, ctx).await,
+                kube::runtime::finalizer::Event::Cleanup(object) => cleanup(&object, ctx).await,
+            }
+        })
+        .await
+        .map_err(|e| Error::Finalizer(Box::new(e)))
+    })
+    .await
+}
+
+/// The error policy of every controller: the error decides (see [`Error::action`]).
+pub(crate) fn error_policy<K>(_: Arc<K>, error: &Error, _: Arc<Context>) -> Action {
+    tracing::debug!(%error, "reconcile failed");
+    error.action()
+}
+
 /// Runs one reconcile and records its outcome and duration.
 pub(crate) async fn measured<F: Future<Output = Result<Action, Error>>>(
     ctx: &Context,

@@ -19,18 +19,12 @@ use kube::{
     Api, Client, Resource, ResourceExt,
     api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams},
     core::DeserializeGuard,
-    runtime::{
-        Controller,
-        controller::Action,
-        events::EventType,
-        finalizer::{self, Event as Finalizer},
-        watcher,
-    },
+    runtime::{Controller, controller::Action, events::EventType, watcher},
 };
 use tokio::sync::watch;
 
-use super::{ProviderRef, measured, publish};
-use crate::{Context, Error, FINALIZER, Result, labels};
+use super::{ProviderRef, publish};
+use crate::{Context, Result, labels};
 
 const CONTROLLER: &str = "vpnprovider";
 /// Seed 000's default verification timeout.
@@ -76,7 +70,7 @@ pub(crate) async fn run(
         .graceful_shutdown_on(async move {
             let _ = stop.wait_for(|s| *s).await;
         })
-        .run(reconcile, error_policy, ctx)
+        .run(reconcile, super::error_policy, ctx)
         .for_each(|_| futures::future::ready(()))
         .await;
 }
@@ -95,30 +89,7 @@ pub(crate) fn usable(provider: &VpnProvider) -> bool {
 }
 
 async fn reconcile(guard: Arc<DeserializeGuard<VpnProvider>>, ctx: Arc<Context>) -> Result<Action> {
-    measured(&ctx, CONTROLLER, async {
-        let provider = match &guard.0 {
-            Ok(provider) => Arc::new(provider.clone()),
-            Err(invalid) => return Err(super::report_invalid::<VpnProvider>(&ctx, invalid).await),
-        };
-        let api: Api<VpnProvider> = Api::namespaced(
-            ctx.client.clone(),
-            &provider.namespace().unwrap_or_default(),
-        );
-        finalizer::finalizer(&api, FINALIZER, provider, |event| async {
-            match event {
-                Finalizer::Apply(provider) => apply(&provider, &ctx).await,
-                Finalizer::Cleanup(provider) => cleanup(&provider, &ctx).await,
-            }
-        })
-        .await
-        .map_err(|e| Error::Finalizer(Box::new(e)))
-    })
-    .await
-}
-
-fn error_policy(_: Arc<DeserializeGuard<VpnProvider>>, error: &Error, _: Arc<Context>) -> Action {
-    tracing::debug!(%error, "VpnProvider reconcile failed");
-    error.action()
+    super::reconcile_guarded(&guard, &ctx, CONTROLLER, apply, cleanup).await
 }
 
 /// The desired status, and when to look again.
