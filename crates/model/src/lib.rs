@@ -5,9 +5,11 @@
 //! - [`credentials`]: what kind of credentials a provider's Secret holds.
 //! - [`verify`]: the verification pod, with the user's overrides merged in.
 //! - [`merge`]: JSON merge patch (RFC 7386), used for overrides.
+//! - [`portfwd`]: Service annotations and Nodes to the host port-forwarding nftables ruleset.
 
 pub mod credentials;
 pub mod merge;
 pub mod names;
+pub mod portfwd;
 pub mod slots;
 pub mod verify;

@@ -1,0 +1,543 @@
+//! Host port forwarding, pure: Service annotations and Nodes in, one nftables ruleset out.
+//!
+//! Seed 003 (Epok) drove iptables from `epok.getbetter.ro/*` annotations; cloak reads the same
+//! information from `cloak.dev/*`:
+//! - `cloak.dev/external-ports: "22:2022,53:8053:udp"`: host port 22 to the Service's port 2022
+//!   (through its NodePort), host port 53/udp to its port 8053.
+//! - `cloak.dev/internal`: not reachable through the external interface.
+//! - `cloak.dev/allow-range: "203.0.113.0/24"`: only that source range may connect.
+//! - Nodes with the `cloak.dev/exclude` annotation or label, or not Ready, receive nothing.
+//!
+//! Annotations are parsed once into typed values; a Service with a bad annotation yields an
+//! error for that Service and is left out, the others are still forwarded. The ruleset is one
+//! table cloak owns outright, rendered so that loading it replaces the table atomically.
+
+use std::{collections::BTreeMap, fmt, net::Ipv4Addr, str::FromStr};
+
+pub const ANNOTATION_PORTS: &str = "cloak.dev/external-ports";
+pub const ANNOTATION_INTERNAL: &str = "cloak.dev/internal";
+pub const ANNOTATION_ALLOW: &str = "cloak.dev/allow-range";
+pub const EXCLUDE: &str = "cloak.dev/exclude";
+/// The nftables table cloak owns (family `ip`); nothing else is ever touched.
+pub const TABLE: &str = "cloak_portfwd";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+        })
+    }
+}
+
+/// One `external:service-port[:udp]` term of `cloak.dev/external-ports`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortMapping {
+    pub external: u16,
+    pub service_port: u16,
+    pub protocol: Protocol,
+}
+
+/// An IPv4 CIDR, normalized (host bits must be zero).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Ipv4Cidr {
+    pub addr: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl fmt::Display for Ipv4Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+/// Why a Service's annotations cannot be used. Becomes an Event on that Service.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AnnotationError {
+    #[error("{ANNOTATION_PORTS}: {term:?} is not external:port or external:port:udp")]
+    Term { term: String },
+    #[error("{ANNOTATION_PORTS}: {port:?} is not a port number from 1 to 65535")]
+    Port { port: String },
+    #[error("{ANNOTATION_PORTS}: protocol {0:?} is not tcp or udp")]
+    Protocol(String),
+    #[error("{ANNOTATION_PORTS}: external port {0} is listed twice")]
+    Duplicate(String),
+    #[error("{ANNOTATION_ALLOW}: {0:?} is not an IPv4 CIDR like 203.0.113.0/24")]
+    Cidr(String),
+    #[error("{ANNOTATION_ALLOW}: {0} has host bits set (did you mean {1}?)")]
+    HostBits(String, Ipv4Cidr),
+    #[error("service has no port {port}/{protocol} with a nodePort (is it of type NodePort?)")]
+    NoNodePort { port: u16, protocol: Protocol },
+}
+
+fn port(text: &str) -> Result<u16, AnnotationError> {
+    text.trim()
+        .parse::<u16>()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| AnnotationError::Port { port: text.into() })
+}
+
+/// Parses `cloak.dev/external-ports`.
+pub fn parse_ports(value: &str) -> Result<Vec<PortMapping>, AnnotationError> {
+    let mut mappings: Vec<PortMapping> = Vec::new();
+    for term in value.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+        let parts: Vec<&str> = term.split(':').collect();
+        let protocol = match parts.get(2).map(|p| p.trim().to_ascii_lowercase()) {
+            None => Protocol::Tcp,
+            Some(p) if p == "tcp" => Protocol::Tcp,
+            Some(p) if p == "udp" => Protocol::Udp,
+            Some(p) => return Err(AnnotationError::Protocol(p)),
+        };
+        if !(2..=3).contains(&parts.len()) {
+            return Err(AnnotationError::Term { term: term.into() });
+        }
+        let mapping = PortMapping {
+            external: port(parts[0])?,
+            service_port: port(parts[1])?,
+            protocol,
+        };
+        if mappings
+            .iter()
+            .any(|m| m.external == mapping.external && m.protocol == mapping.protocol)
+        {
+            return Err(AnnotationError::Duplicate(format!(
+                "{}/{}",
+                mapping.external, protocol
+            )));
+        }
+        mappings.push(mapping);
+    }
+    if mappings.is_empty() {
+        return Err(AnnotationError::Term { term: value.into() });
+    }
+    Ok(mappings)
+}
+
+impl FromStr for Ipv4Cidr {
+    type Err = AnnotationError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let bad = || AnnotationError::Cidr(text.into());
+        let (addr, prefix) = text.trim().split_once('/').unwrap_or((text.trim(), "32"));
+        let addr: Ipv4Addr = addr.parse().map_err(|_| bad())?;
+        let prefix: u8 = prefix.parse().ok().filter(|p| *p <= 32).ok_or_else(bad)?;
+        let mask = if prefix == 0 {
+            0
+        } else {
+            u32::MAX << (32 - prefix)
+        };
+        let network = Ipv4Addr::from(u32::from(addr) & mask);
+        if network != addr {
+            return Err(AnnotationError::HostBits(
+                text.into(),
+                Self {
+                    addr: network,
+                    prefix,
+                },
+            ));
+        }
+        Ok(Self { addr, prefix })
+    }
+}
+
+/// What the forwarder needs of a Service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceInput {
+    pub namespace: String,
+    pub name: String,
+    pub annotations: BTreeMap<String, String>,
+    /// `(port, protocol) -> nodePort` from `spec.ports`.
+    pub node_ports: BTreeMap<(u16, Protocol), u16>,
+}
+
+/// What the forwarder needs of a Node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeInput {
+    pub name: String,
+    pub ready: bool,
+    pub excluded: bool,
+    pub internal_ip: Option<Ipv4Addr>,
+}
+
+/// Forwarder settings (flags of `cloak portfwd`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Options {
+    /// Interfaces traffic is forwarded from.
+    pub interfaces: Vec<String>,
+    /// Internal services are not reachable through this one.
+    pub external_interface: Option<String>,
+}
+
+/// One forwarded port.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Forward {
+    pub protocol: Protocol,
+    pub external: u16,
+    pub node_port: u16,
+    pub internal: bool,
+    pub allow: Option<Ipv4Cidr>,
+    /// `namespace/name`, for the rule comment.
+    pub service: String,
+}
+
+/// The desired state: every forward and the nodes traffic is spread over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ruleset {
+    pub options: Options,
+    pub nodes: Vec<Ipv4Addr>,
+    pub forwards: Vec<Forward>,
+}
+
+/// A Service left out, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    pub namespace: String,
+    pub name: String,
+    pub error: AnnotationError,
+}
+
+/// (services, nodes, options) → desired ruleset, plus the Services left out with their reason.
+/// External ports claimed by two Services go to the first in namespace/name order; the other is
+/// rejected.
+pub fn desired(
+    services: &[ServiceInput],
+    nodes: &[NodeInput],
+    options: &Options,
+) -> (Ruleset, Vec<Rejected>) {
+    let mut nodes: Vec<Ipv4Addr> = nodes
+        .iter()
+        .filter(|n| n.ready && !n.excluded)
+        .filter_map(|n| n.internal_ip)
+        .collect();
+    nodes.sort_unstable();
+    nodes.dedup();
+    let mut sorted: Vec<&ServiceInput> = services
+        .iter()
+        .filter(|s| s.annotations.contains_key(ANNOTATION_PORTS))
+        .collect();
+    sorted.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    let mut forwards: Vec<Forward> = Vec::new();
+    let mut rejected = Vec::new();
+    for service in sorted {
+        match service_forwards(service) {
+            Ok(mine) => {
+                let clash = mine.iter().find(|f| {
+                    forwards
+                        .iter()
+                        .any(|o| o.external == f.external && o.protocol == f.protocol)
+                });
+                match clash {
+                    Some(f) => rejected.push(Rejected {
+                        namespace: service.namespace.clone(),
+                        name: service.name.clone(),
+                        error: AnnotationError::Duplicate(format!(
+                            "{}/{} (already forwarded for another Service)",
+                            f.external, f.protocol
+                        )),
+                    }),
+                    None => forwards.extend(mine),
+                }
+            }
+            Err(error) => rejected.push(Rejected {
+                namespace: service.namespace.clone(),
+                name: service.name.clone(),
+                error,
+            }),
+        }
+    }
+    forwards.sort();
+    (
+        Ruleset {
+            options: options.clone(),
+            nodes,
+            forwards,
+        },
+        rejected,
+    )
+}
+
+fn service_forwards(service: &ServiceInput) -> Result<Vec<Forward>, AnnotationError> {
+    let mappings = parse_ports(&service.annotations[ANNOTATION_PORTS])?;
+    let internal = service.annotations.contains_key(ANNOTATION_INTERNAL);
+    let allow = service
+        .annotations
+        .get(ANNOTATION_ALLOW)
+        .map(|a| a.parse::<Ipv4Cidr>())
+        .transpose()?;
+    mappings
+        .into_iter()
+        .map(|m| {
+            let node_port = *service
+                .node_ports
+                .get(&(m.service_port, m.protocol))
+                .ok_or(AnnotationError::NoNodePort {
+                    port: m.service_port,
+                    protocol: m.protocol,
+                })?;
+            Ok(Forward {
+                protocol: m.protocol,
+                external: m.external,
+                node_port,
+                internal,
+                allow,
+                service: format!("{}/{}", service.namespace, service.name),
+            })
+        })
+        .collect()
+}
+
+impl Ruleset {
+    /// The nft script that replaces cloak's table in one transaction: the table is declared
+    /// (so the delete never fails), deleted, and written anew, all in one `nft -f` run.
+    pub fn to_nft(&self) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "table ip {TABLE} {{\n}}\ndelete table ip {TABLE}\ntable ip {TABLE} {{"
+        );
+        let _ = writeln!(
+            out,
+            "\tchain prerouting {{\n\t\ttype nat hook prerouting priority dstnat; policy accept;"
+        );
+        let ifaces = set(self.options.interfaces.iter().map(|i| format!("\"{i}\"")));
+        if !self.nodes.is_empty() {
+            for f in &self.forwards {
+                let mut rule = format!("\t\tiifname {ifaces}");
+                if let (true, Some(ext)) = (f.internal, &self.options.external_interface) {
+                    let _ = write!(rule, " iifname != \"{ext}\"");
+                }
+                if let Some(cidr) = f.allow {
+                    let _ = write!(rule, " ip saddr {cidr}");
+                }
+                let targets: Vec<String> = self
+                    .nodes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, node)| format!("{i} : {node} . {}", f.node_port))
+                    .collect();
+                let _ = writeln!(
+                    rule,
+                    " {} dport {} dnat ip to numgen inc mod {} map {{ {} }} comment \"{}\"",
+                    f.protocol,
+                    f.external,
+                    self.nodes.len(),
+                    targets.join(", "),
+                    f.service
+                );
+                out.push_str(&rule);
+            }
+        }
+        let _ = writeln!(
+            out,
+            "\t}}\n\tchain forward {{\n\t\ttype filter hook forward priority filter; policy accept;"
+        );
+        let _ = writeln!(out, "\t\tct status dnat accept\n\t}}\n}}");
+        out
+    }
+}
+
+fn set(items: impl Iterator<Item = String>) -> String {
+    let items: Vec<String> = items.collect();
+    if items.len() == 1 {
+        items[0].clone()
+    } else {
+        format!("{{ {} }}", items.join(", "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service(
+        name: &str,
+        annotations: &[(&str, &str)],
+        ports: &[(u16, Protocol, u16)],
+    ) -> ServiceInput {
+        ServiceInput {
+            namespace: "default".into(),
+            name: name.into(),
+            annotations: annotations
+                .iter()
+                .map(|(k, v)| ((*k).into(), (*v).into()))
+                .collect(),
+            node_ports: ports
+                .iter()
+                .map(|(p, proto, np)| ((*p, *proto), *np))
+                .collect(),
+        }
+    }
+
+    fn node(name: &str, ip: [u8; 4], ready: bool, excluded: bool) -> NodeInput {
+        NodeInput {
+            name: name.into(),
+            ready,
+            excluded,
+            internal_ip: Some(ip.into()),
+        }
+    }
+
+    fn options() -> Options {
+        Options {
+            interfaces: vec!["eth0".into(), "wg0".into()],
+            external_interface: Some("eth0".into()),
+        }
+    }
+
+    #[test]
+    fn epok_style_port_lists_parse() {
+        let parsed = parse_ports("22:2022, 53:8053:udp").unwrap();
+        assert_eq!(
+            parsed[0],
+            PortMapping {
+                external: 22,
+                service_port: 2022,
+                protocol: Protocol::Tcp
+            }
+        );
+        assert_eq!(
+            parsed[1],
+            PortMapping {
+                external: 53,
+                service_port: 8053,
+                protocol: Protocol::Udp
+            }
+        );
+        assert_eq!(parse_ports("80:8080").unwrap().len(), 1);
+    }
+
+    #[test]
+    fn bad_port_lists_say_what_is_wrong() {
+        assert!(matches!(
+            parse_ports("22"),
+            Err(AnnotationError::Term { .. })
+        ));
+        assert!(matches!(
+            parse_ports("22:70000"),
+            Err(AnnotationError::Port { .. })
+        ));
+        assert!(matches!(
+            parse_ports("0:22"),
+            Err(AnnotationError::Port { .. })
+        ));
+        assert!(matches!(
+            parse_ports("22:22:sctp"),
+            Err(AnnotationError::Protocol(_))
+        ));
+        assert!(matches!(
+            parse_ports("22:1,22:2"),
+            Err(AnnotationError::Duplicate(_))
+        ));
+        assert!(
+            parse_ports("53:1:udp,53:1").is_ok(),
+            "same port, different protocols"
+        );
+        assert!(matches!(parse_ports(""), Err(AnnotationError::Term { .. })));
+    }
+
+    #[test]
+    fn cidrs_must_be_networks() {
+        assert_eq!("10.0.0.0/8".parse::<Ipv4Cidr>().unwrap().prefix, 8);
+        assert_eq!("192.0.2.7".parse::<Ipv4Cidr>().unwrap().prefix, 32);
+        assert!(matches!(
+            "10.0.0.1/8".parse::<Ipv4Cidr>(),
+            Err(AnnotationError::HostBits(..))
+        ));
+        assert!(matches!(
+            "10.0.0.0/33".parse::<Ipv4Cidr>(),
+            Err(AnnotationError::Cidr(_))
+        ));
+    }
+
+    #[test]
+    fn only_ready_nodes_that_are_not_excluded_receive_traffic() {
+        let nodes = [
+            node("a", [10, 0, 0, 2], true, false),
+            node("b", [10, 0, 0, 3], false, false),
+            node("c", [10, 0, 0, 4], true, true),
+        ];
+        let (ruleset, _) = desired(&[], &nodes, &options());
+        assert_eq!(ruleset.nodes, [Ipv4Addr::new(10, 0, 0, 2)]);
+    }
+
+    #[test]
+    fn a_bad_service_is_rejected_and_the_others_are_forwarded() {
+        let services = [
+            service(
+                "ssh",
+                &[(ANNOTATION_PORTS, "22:2022")],
+                &[(2022, Protocol::Tcp, 30022)],
+            ),
+            service("broken", &[(ANNOTATION_PORTS, "22")], &[]),
+            service("no-nodeport", &[(ANNOTATION_PORTS, "80:8080")], &[]),
+            service("plain", &[], &[(1, Protocol::Tcp, 30001)]),
+        ];
+        let (ruleset, rejected) = desired(
+            &services,
+            &[node("a", [10, 0, 0, 2], true, false)],
+            &options(),
+        );
+        assert_eq!(ruleset.forwards.len(), 1);
+        assert_eq!(ruleset.forwards[0].node_port, 30022);
+        let names: Vec<&str> = rejected.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["broken", "no-nodeport"]);
+    }
+
+    #[test]
+    fn an_external_port_claimed_twice_goes_to_the_first_service() {
+        let services = [
+            service(
+                "b",
+                &[(ANNOTATION_PORTS, "22:22")],
+                &[(22, Protocol::Tcp, 30002)],
+            ),
+            service(
+                "a",
+                &[(ANNOTATION_PORTS, "22:22")],
+                &[(22, Protocol::Tcp, 30001)],
+            ),
+        ];
+        let (ruleset, rejected) = desired(
+            &services,
+            &[node("n", [10, 0, 0, 2], true, false)],
+            &options(),
+        );
+        assert_eq!(ruleset.forwards[0].node_port, 30001);
+        assert_eq!(rejected[0].name, "b");
+    }
+
+    #[test]
+    fn the_nft_script_replaces_only_cloaks_table_and_spreads_over_nodes() {
+        let services = [service(
+            "dns",
+            &[
+                (ANNOTATION_PORTS, "53:53:udp"),
+                (ANNOTATION_INTERNAL, ""),
+                (ANNOTATION_ALLOW, "192.0.2.0/24"),
+            ],
+            &[(53, Protocol::Udp, 30053)],
+        )];
+        let nodes = [
+            node("a", [10, 0, 0, 2], true, false),
+            node("b", [10, 0, 0, 3], true, false),
+        ];
+        let script = desired(&services, &nodes, &options()).0.to_nft();
+        assert!(script.starts_with("table ip cloak_portfwd {\n}\ndelete table ip cloak_portfwd\n"));
+        assert!(script.contains(
+            "iifname { \"eth0\", \"wg0\" } iifname != \"eth0\" ip saddr 192.0.2.0/24 udp dport 53 dnat ip to numgen inc mod 2 map { 0 : 10.0.0.2 . 30053, 1 : 10.0.0.3 . 30053 } comment \"default/dns\""
+        ), "{script}");
+        assert_eq!(
+            script.matches("table ip ").count(),
+            3,
+            "only cloak's table is named"
+        );
+    }
+}
