@@ -293,6 +293,12 @@ fn service_forwards(service: &ServiceInput) -> Result<Vec<Forward>, AnnotationEr
         .collect()
 }
 
+/// The nft script that removes cloak's table (declaring it first, so it also succeeds when the
+/// table is absent) and touches nothing else.
+pub fn clean_script() -> String {
+    format!("table ip {TABLE} {{\n}}\ndelete table ip {TABLE}\n")
+}
+
 impl Ruleset {
     /// The nft script that replaces cloak's table in one transaction: the table is declared
     /// (so the delete never fails), deleted, and written anew, all in one `nft -f` run.

@@ -2,9 +2,11 @@
 //!
 //! - [`controlplane`]: a real Kubernetes control plane (etcd, kube-apiserver and, on request,
 //!   kube-controller-manager) on loopback ports, shared by the tests of one test binary.
+//! - [`netns`]: network namespaces and veth pairs that are removed, with their processes, on drop.
 
 mod certs;
 pub mod controlplane;
+pub mod netns;
 
 pub use controlplane::{ControlPlane, Error, TestNamespace};
 

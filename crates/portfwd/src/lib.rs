@@ -1,0 +1,296 @@
+//! `cloak portfwd`: forwards host ports to NodePort Services (seed 003, Epok, rebuilt).
+//!
+//! Watches Services and Nodes, turns them into one desired ruleset (`cloak_model::portfwd`), and
+//! loads it as one nftables transaction that replaces cloak's own table and nothing else. A sync
+//! whose ruleset equals the last one applied is skipped; bursts of events are debounced; a failed
+//! apply is retried with exponential backoff (Epok dropped a failed reconcile for good).
+//!
+//! Where the ruleset is loaded is the [`Executor`]'s business: `nft -f -` on this host, or the
+//! same over SSH to a restricted account on the host when cloak runs inside the cluster.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::PathBuf,
+    process::Stdio,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use cloak_model::portfwd::{self as model, NodeInput, Options, Protocol, ServiceInput};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Node, Service};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    runtime::{
+        WatchStreamExt,
+        events::{Event, EventType, Recorder, Reporter},
+        reflector::{self, Store},
+        watcher,
+    },
+};
+use prometheus_client::{
+    metrics::{counter::Counter, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+use tokio::io::AsyncWriteExt;
+
+/// Why loading a ruleset failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("starting {program}: {source}")]
+    Spawn { program: String, source: std::io::Error },
+    #[error("{program} exited with {status}: {stderr}")]
+    Failed { program: String, status: std::process::ExitStatus, stderr: String },
+}
+
+/// Where rulesets are loaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Executor {
+    /// `nft -f -` on this host; with `netns`, inside that network namespace (tests, or a host
+    /// whose forwarding lives in a namespace).
+    Local { netns: Option<String> },
+    /// `ssh [-p port] [-i key] destination <remote command>`, the script on standard input. The
+    /// account on the host should be allowed to run only that command (see docs).
+    Ssh { destination: String, port: Option<u16>, key: Option<PathBuf>, remote_command: String, options: Vec<String> },
+}
+
+impl Executor {
+    fn command(&self) -> tokio::process::Command {
+        match self {
+            Self::Local { netns: None } => {
+                let mut c = tokio::process::Command::new("nft");
+                c.args(["-f", "-"]);
+                c
+            }
+            Self::Local { netns: Some(ns) } => {
+                let mut c = tokio::process::Command::new("ip");
+                c.args(["netns", "exec", ns, "nft", "-f", "-"]);
+                c
+            }
+            Self::Ssh { destination, port, key, remote_command, options } => {
+                let mut c = tokio::process::Command::new("ssh");
+                c.args(["-o", "BatchMode=yes"]);
+                for option in options {
+                    c.args(["-o", option]);
+                }
+                if let Some(port) = port {
+                    c.args(["-p", &port.to_string()]);
+                }
+                if let Some(key) = key {
+                    c.arg("-i").arg(key);
+                }
+                c.arg(destination).arg(remote_command);
+                c
+            }
+        }
+    }
+
+    /// Loads `script`: one `nft -f` run, so one transaction.
+    pub async fn load(&self, script: &str) -> Result<(), Error> {
+        let mut command = self.command();
+        let program = format!("{:?}", command.as_std());
+        let mut child = command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|source| Error::Spawn { program: program.clone(), source })?;
+        if let Some(mut stdin) = child.stdin.take() {
+            // A write error shows up as the command's failure below.
+            let _ = stdin.write_all(script.as_bytes()).await;
+        }
+        let output = child.wait_with_output().await.map_err(|source| Error::Spawn { program: program.clone(), source })?;
+        if output.status.success() {
+            Ok(())
+        } else {
+            Err(Error::Failed { program, status: output.status, stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned() })
+        }
+    }
+
+    /// Removes everything cloak owns (its one table) and nothing else.
+    pub async fn clean(&self) -> Result<(), Error> {
+        self.load(&model::clean_script()).await
+    }
+}
+
+/// Settings of `cloak portfwd`.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub options: Options,
+    pub executor: Executor,
+    /// Quiet time after an event before syncing, so a burst becomes one sync.
+    pub debounce: Duration,
+    /// Identity in Events.
+    pub instance: String,
+}
+
+/// The forwarder's metrics, registered under `cloak_portfwd_*`.
+#[derive(Debug)]
+pub struct Metrics {
+    pub syncs: Counter,
+    pub skipped: Counter,
+    pub failures: Counter,
+    pub rules: Gauge,
+    pub apply_seconds: Histogram,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        Self {
+            syncs: Counter::default(),
+            skipped: Counter::default(),
+            failures: Counter::default(),
+            rules: Gauge::default(),
+            apply_seconds: Histogram::new([0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0]),
+        }
+    }
+
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register("portfwd_syncs", "Rulesets applied", self.syncs.clone());
+        registry.register("portfwd_skipped", "Syncs skipped: nothing changed", self.skipped.clone());
+        registry.register("portfwd_failures", "Failed applies (retried)", self.failures.clone());
+        registry.register("portfwd_rules", "Forwarded ports in the applied ruleset", self.rules.clone());
+        registry.register("portfwd_apply_duration_seconds", "Time to load one ruleset", self.apply_seconds.clone());
+    }
+}
+
+fn service_input(service: &Service) -> ServiceInput {
+    let mut node_ports = BTreeMap::new();
+    for port in service.spec.iter().flat_map(|s| s.ports.iter().flatten()) {
+        let protocol = if port.protocol.as_deref() == Some("UDP") { Protocol::Udp } else { Protocol::Tcp };
+        if let (Ok(p), Some(Ok(np))) = (u16::try_from(port.port), port.node_port.map(u16::try_from)) {
+            node_ports.insert((p, protocol), np);
+        }
+    }
+    ServiceInput {
+        namespace: service.namespace().unwrap_or_default(),
+        name: service.name_any(),
+        annotations: service.annotations().clone(),
+        node_ports,
+    }
+}
+
+fn node_input(node: &Node) -> NodeInput {
+    let status = node.status.as_ref();
+    let ready = status
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+    let internal_ip = status
+        .and_then(|s| s.addresses.as_ref())
+        .and_then(|a| a.iter().find(|a| a.type_ == "InternalIP"))
+        .and_then(|a| a.address.parse().ok());
+    let excluded = node.annotations().contains_key(model::EXCLUDE) || node.labels().contains_key(model::EXCLUDE);
+    NodeInput { name: node.name_any(), ready, excluded, internal_ip }
+}
+
+/// Runs the forwarder until `shutdown` resolves. `ready` is set once the first ruleset is loaded.
+pub async fn run(
+    client: Client,
+    config: Config,
+    metrics: Arc<Metrics>,
+    ready: Arc<std::sync::atomic::AtomicBool>,
+    shutdown: impl Future<Output = ()> + Send,
+) {
+    let (services, service_writer) = reflector::store::<Service>();
+    let (nodes, node_writer) = reflector::store::<Node>();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let (tx_s, tx_n) = (tx.clone(), tx);
+    let service_events = watcher(Api::<Service>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .reflect(service_writer)
+        .for_each(move |_| {
+            let _ = tx_s.send(());
+            futures::future::ready(())
+        });
+    let node_events = watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .reflect(node_writer)
+        .for_each(move |_| {
+            let _ = tx_n.send(());
+            futures::future::ready(())
+        });
+    let recorder = Recorder::new(client.clone(), Reporter { controller: "cloak-portfwd".into(), instance: Some(config.instance.clone()) });
+
+    let sync_loop = async {
+        let _ = tokio::join!(services.wait_until_ready(), nodes.wait_until_ready());
+        let mut applied: Option<String> = None;
+        let mut reported: BTreeSet<String> = BTreeSet::new();
+        loop {
+            // Debounce: wait until events stop arriving for `debounce`.
+            while let Ok(Some(())) = tokio::time::timeout(config.debounce, rx.recv()).await {}
+            let mut backoff = Duration::from_millis(200);
+            loop {
+                let script = sync_once(&services, &nodes, &config, &recorder, &mut reported, &metrics).await;
+                if applied.as_deref() == Some(script.as_str()) {
+                    metrics.skipped.inc();
+                    break;
+                }
+                let started = Instant::now();
+                match config.executor.load(&script).await {
+                    Ok(()) => {
+                        metrics.apply_seconds.observe(started.elapsed().as_secs_f64());
+                        metrics.syncs.inc();
+                        tracing::info!(bytes = script.len(), "ruleset applied");
+                        applied = Some(script);
+                        ready.store(true, std::sync::atomic::Ordering::Relaxed);
+                        break;
+                    }
+                    Err(e) => {
+                        metrics.failures.inc();
+                        tracing::warn!(error = %e, retry_in = ?backoff, "applying the ruleset failed");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                    }
+                }
+            }
+            if rx.recv().await.is_none() {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        () = shutdown => {},
+        () = sync_loop => {},
+        _ = service_events => {},
+        _ = node_events => {},
+    }
+}
+
+/// Computes the ruleset from the caches, reports newly rejected Services as Events, and returns
+/// the script to load.
+async fn sync_once(
+    services: &Store<Service>,
+    nodes: &Store<Node>,
+    config: &Config,
+    recorder: &Recorder,
+    reported: &mut BTreeSet<String>,
+    metrics: &Metrics,
+) -> String {
+    let service_inputs: Vec<ServiceInput> = services.state().iter().map(|s| service_input(s)).collect();
+    let node_inputs: Vec<NodeInput> = nodes.state().iter().map(|n| node_input(n)).collect();
+    let (ruleset, rejected) = model::desired(&service_inputs, &node_inputs, &config.options);
+    metrics.rules.set(i64::try_from(ruleset.forwards.len()).unwrap_or(i64::MAX));
+    let mut now_reported = BTreeSet::new();
+    for r in rejected {
+        let key = format!("{}/{}: {}", r.namespace, r.name, r.error);
+        if !reported.contains(&key) {
+            tracing::warn!(service = %format!("{}/{}", r.namespace, r.name), error = %r.error, "service not forwarded");
+            if let Some(service) = services.get(&reflector::ObjectRef::new(&r.name).within(&r.namespace)) {
+                let event = Event {
+                    type_: EventType::Warning,
+                    reason: "InvalidPortForward".into(),
+                    note: Some(r.error.to_string()),
+                    action: "PortForward".into(),
+                    secondary: None,
+                };
+                if let Err(e) = recorder.publish(&event, &service.object_ref(&())).await {
+                    tracing::warn!(error = %e, "publishing an event failed");
+                }
+            }
+        }
+        now_reported.insert(key);
+    }
+    *reported = now_reported;
+    ruleset.to_nft()
+}
