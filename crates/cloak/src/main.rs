@@ -20,6 +20,94 @@ enum Command {
     Crds,
     /// Run the VpnProvider and VpnMask controllers (in the cluster, or against any kubeconfig).
     Operator(OperatorArgs),
+    /// Forward host ports to NodePort Services from `cloak.dev/external-ports` annotations.
+    Portfwd(PortfwdArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct PortfwdArgs {
+    /// Interfaces to forward from, comma-separated (required to forward; not for `clean`).
+    #[arg(short, long, env = "CLOAK_INTERFACES", value_delimiter = ',')]
+    interfaces: Vec<String>,
+    /// Services annotated `cloak.dev/internal` are not reachable through this interface.
+    #[arg(long, env = "CLOAK_EXTERNAL_INTERFACE")]
+    external_interface: Option<String>,
+    /// Quiet time after a change before syncing, in milliseconds (a burst becomes one sync).
+    #[arg(long, env = "CLOAK_DEBOUNCE_MS", default_value_t = 200)]
+    debounce_ms: u64,
+    /// Admin server address (/livez, /readyz once the first ruleset is loaded, /metrics).
+    #[arg(long, env = "CLOAK_ADMIN_ADDR", default_value = "127.0.0.1:8081")]
+    admin_addr: std::net::SocketAddr,
+    #[command(subcommand)]
+    command: PortfwdCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum PortfwdCommand {
+    /// Forward, loading rules on this host (`nft -f -`).
+    Local(LocalArgs),
+    /// Forward, loading rules on the host over SSH (cloak inside the cluster).
+    Ssh(SshArgs),
+    /// Remove everything cloak owns on the host (its one nftables table), nothing else, and exit.
+    Clean {
+        #[command(subcommand)]
+        executor: ExecutorArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ExecutorArgs {
+    /// On this host.
+    Local(LocalArgs),
+    /// On the host over SSH.
+    Ssh(SshArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct LocalArgs {
+    /// Load inside this network namespace (`ip netns exec NAME nft -f -`).
+    #[arg(long, env = "CLOAK_NETNS")]
+    netns: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+struct SshArgs {
+    /// user@host of an account allowed to run only the rule-loading command.
+    #[arg(long, env = "CLOAK_SSH_HOST")]
+    host: String,
+    /// SSH port.
+    #[arg(long, env = "CLOAK_SSH_PORT")]
+    port: Option<u16>,
+    /// Private key file.
+    #[arg(long, env = "CLOAK_SSH_KEY")]
+    key: Option<std::path::PathBuf>,
+    /// Command run on the host; the script arrives on its standard input.
+    #[arg(long, env = "CLOAK_SSH_COMMAND", default_value = "sudo nft -f -")]
+    remote_command: String,
+    /// Extra `ssh -o` options (repeatable), e.g. `UserKnownHostsFile=/etc/cloak/known_hosts`.
+    #[arg(long = "ssh-option", env = "CLOAK_SSH_OPTIONS", value_delimiter = ',')]
+    ssh_options: Vec<String>,
+}
+
+impl From<ExecutorArgs> for cloak_portfwd::Executor {
+    fn from(args: ExecutorArgs) -> Self {
+        match args {
+            ExecutorArgs::Local(LocalArgs { netns }) => Self::Local { netns },
+            ExecutorArgs::Ssh(SshArgs {
+                host,
+                port,
+                key,
+                remote_command,
+                ssh_options,
+            }) => Self::Ssh {
+                destination: host,
+                port,
+                key,
+                remote_command,
+                options: ssh_options,
+            },
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -52,7 +140,100 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Crds => print_crds(&mut std::io::stdout().lock()),
         Command::Operator(args) => run_operator(args),
+        Command::Portfwd(args) => run_portfwd(args),
     }
+}
+
+fn run_portfwd(args: PortfwdArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let (executor, clean): (cloak_portfwd::Executor, bool) = match args.command {
+        PortfwdCommand::Local(local) => (ExecutorArgs::Local(local).into(), false),
+        PortfwdCommand::Ssh(ssh) => (ExecutorArgs::Ssh(ssh).into(), false),
+        PortfwdCommand::Clean { executor } => (executor.into(), true),
+    };
+    if !clean && args.interfaces.is_empty() {
+        anyhow::bail!(
+            "--interfaces (CLOAK_INTERFACES) is required: the interfaces to forward from"
+        );
+    }
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(async {
+        if clean {
+            return executor.clean().await.context("removing cloak's rules");
+        }
+        let client = kube::Client::try_default()
+            .await
+            .context("connecting to the Kubernetes API")?;
+        let config = cloak_portfwd::Config {
+            options: cloak_model::portfwd::Options {
+                interfaces: args.interfaces,
+                external_interface: args.external_interface,
+            },
+            executor,
+            debounce: std::time::Duration::from_millis(args.debounce_ms),
+            instance: hostname(),
+        };
+        let metrics = std::sync::Arc::new(cloak_portfwd::Metrics::new());
+        let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut registry = prometheus_client::registry::Registry::with_prefix("cloak");
+        metrics.register(&mut registry);
+        let admin = admin_server(
+            args.admin_addr,
+            std::sync::Arc::new(registry),
+            ready.clone(),
+        );
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("installing the SIGTERM handler")?;
+        let shutdown = async move {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {},
+                _ = term.recv() => {},
+            }
+        };
+        tokio::select! {
+            () = Box::pin(cloak_portfwd::run(client, config, metrics, ready, shutdown)) => Ok(()),
+            result = admin => result.context("admin server"),
+        }
+    })
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map_or_else(|_| "cloak-portfwd".into(), |h| h.trim().to_owned())
+}
+
+/// `/livez`, `/readyz` (the first ruleset is loaded) and `/metrics` for `cloak portfwd`.
+async fn admin_server(
+    addr: std::net::SocketAddr,
+    registry: std::sync::Arc<prometheus_client::registry::Registry>,
+    ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::io::Result<()> {
+    use axum::{http::StatusCode, routing::get};
+    let app = axum::Router::new()
+        .route("/livez", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || async move {
+                if ready.load(std::sync::atomic::Ordering::Relaxed) {
+                    (StatusCode::OK, "ok")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "no ruleset loaded yet")
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(move || async move {
+                let mut out = String::new();
+                let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+                out
+            }),
+        );
+    axum::serve(tokio::net::TcpListener::bind(addr).await?, app).await
 }
 
 fn run_operator(args: OperatorArgs) -> anyhow::Result<()> {

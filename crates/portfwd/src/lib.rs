@@ -38,9 +38,16 @@ use tokio::io::AsyncWriteExt;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("starting {program}: {source}")]
-    Spawn { program: String, source: std::io::Error },
+    Spawn {
+        program: String,
+        source: std::io::Error,
+    },
     #[error("{program} exited with {status}: {stderr}")]
-    Failed { program: String, status: std::process::ExitStatus, stderr: String },
+    Failed {
+        program: String,
+        status: std::process::ExitStatus,
+        stderr: String,
+    },
 }
 
 /// Where rulesets are loaded.
@@ -51,7 +58,13 @@ pub enum Executor {
     Local { netns: Option<String> },
     /// `ssh [-p port] [-i key] destination <remote command>`, the script on standard input. The
     /// account on the host should be allowed to run only that command (see docs).
-    Ssh { destination: String, port: Option<u16>, key: Option<PathBuf>, remote_command: String, options: Vec<String> },
+    Ssh {
+        destination: String,
+        port: Option<u16>,
+        key: Option<PathBuf>,
+        remote_command: String,
+        options: Vec<String>,
+    },
 }
 
 impl Executor {
@@ -67,7 +80,13 @@ impl Executor {
                 c.args(["netns", "exec", ns, "nft", "-f", "-"]);
                 c
             }
-            Self::Ssh { destination, port, key, remote_command, options } => {
+            Self::Ssh {
+                destination,
+                port,
+                key,
+                remote_command,
+                options,
+            } => {
                 let mut c = tokio::process::Command::new("ssh");
                 c.args(["-o", "BatchMode=yes"]);
                 for option in options {
@@ -95,16 +114,29 @@ impl Executor {
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
-            .map_err(|source| Error::Spawn { program: program.clone(), source })?;
+            .map_err(|source| Error::Spawn {
+                program: program.clone(),
+                source,
+            })?;
         if let Some(mut stdin) = child.stdin.take() {
             // A write error shows up as the command's failure below.
             let _ = stdin.write_all(script.as_bytes()).await;
         }
-        let output = child.wait_with_output().await.map_err(|source| Error::Spawn { program: program.clone(), source })?;
+        let output = child
+            .wait_with_output()
+            .await
+            .map_err(|source| Error::Spawn {
+                program: program.clone(),
+                source,
+            })?;
         if output.status.success() {
             Ok(())
         } else {
-            Err(Error::Failed { program, status: output.status, stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned() })
+            Err(Error::Failed {
+                program,
+                status: output.status,
+                stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+            })
         }
     }
 
@@ -148,18 +180,39 @@ impl Metrics {
 
     pub fn register(&self, registry: &mut Registry) {
         registry.register("portfwd_syncs", "Rulesets applied", self.syncs.clone());
-        registry.register("portfwd_skipped", "Syncs skipped: nothing changed", self.skipped.clone());
-        registry.register("portfwd_failures", "Failed applies (retried)", self.failures.clone());
-        registry.register("portfwd_rules", "Forwarded ports in the applied ruleset", self.rules.clone());
-        registry.register("portfwd_apply_duration_seconds", "Time to load one ruleset", self.apply_seconds.clone());
+        registry.register(
+            "portfwd_skipped",
+            "Syncs skipped: nothing changed",
+            self.skipped.clone(),
+        );
+        registry.register(
+            "portfwd_failures",
+            "Failed applies (retried)",
+            self.failures.clone(),
+        );
+        registry.register(
+            "portfwd_rules",
+            "Forwarded ports in the applied ruleset",
+            self.rules.clone(),
+        );
+        registry.register(
+            "portfwd_apply_duration_seconds",
+            "Time to load one ruleset",
+            self.apply_seconds.clone(),
+        );
     }
 }
 
 fn service_input(service: &Service) -> ServiceInput {
     let mut node_ports = BTreeMap::new();
     for port in service.spec.iter().flat_map(|s| s.ports.iter().flatten()) {
-        let protocol = if port.protocol.as_deref() == Some("UDP") { Protocol::Udp } else { Protocol::Tcp };
-        if let (Ok(p), Some(Ok(np))) = (u16::try_from(port.port), port.node_port.map(u16::try_from)) {
+        let protocol = if port.protocol.as_deref() == Some("UDP") {
+            Protocol::Udp
+        } else {
+            Protocol::Tcp
+        };
+        if let (Ok(p), Some(Ok(np))) = (u16::try_from(port.port), port.node_port.map(u16::try_from))
+        {
             node_ports.insert((p, protocol), np);
         }
     }
@@ -180,8 +233,14 @@ fn node_input(node: &Node) -> NodeInput {
         .and_then(|s| s.addresses.as_ref())
         .and_then(|a| a.iter().find(|a| a.type_ == "InternalIP"))
         .and_then(|a| a.address.parse().ok());
-    let excluded = node.annotations().contains_key(model::EXCLUDE) || node.labels().contains_key(model::EXCLUDE);
-    NodeInput { name: node.name_any(), ready, excluded, internal_ip }
+    let excluded = node.annotations().contains_key(model::EXCLUDE)
+        || node.labels().contains_key(model::EXCLUDE);
+    NodeInput {
+        name: node.name_any(),
+        ready,
+        excluded,
+        internal_ip,
+    }
 }
 
 /// Runs the forwarder until `shutdown` resolves. `ready` is set once the first ruleset is loaded.
@@ -196,13 +255,16 @@ pub async fn run(
     let (nodes, node_writer) = reflector::store::<Node>();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let (tx_s, tx_n) = (tx.clone(), tx);
-    let service_events = watcher(Api::<Service>::all(client.clone()), watcher::Config::default())
-        .default_backoff()
-        .reflect(service_writer)
-        .for_each(move |_| {
-            let _ = tx_s.send(());
-            futures::future::ready(())
-        });
+    let service_events = watcher(
+        Api::<Service>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .reflect(service_writer)
+    .for_each(move |_| {
+        let _ = tx_s.send(());
+        futures::future::ready(())
+    });
     let node_events = watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
         .default_backoff()
         .reflect(node_writer)
@@ -210,7 +272,13 @@ pub async fn run(
             let _ = tx_n.send(());
             futures::future::ready(())
         });
-    let recorder = Recorder::new(client.clone(), Reporter { controller: "cloak-portfwd".into(), instance: Some(config.instance.clone()) });
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "cloak-portfwd".into(),
+            instance: Some(config.instance.clone()),
+        },
+    );
 
     let sync_loop = async {
         let _ = tokio::join!(services.wait_until_ready(), nodes.wait_until_ready());
@@ -221,7 +289,15 @@ pub async fn run(
             while let Ok(Some(())) = tokio::time::timeout(config.debounce, rx.recv()).await {}
             let mut backoff = Duration::from_millis(200);
             loop {
-                let script = sync_once(&services, &nodes, &config, &recorder, &mut reported, &metrics).await;
+                let script = sync_once(
+                    &services,
+                    &nodes,
+                    &config,
+                    &recorder,
+                    &mut reported,
+                    &metrics,
+                )
+                .await;
                 if applied.as_deref() == Some(script.as_str()) {
                     metrics.skipped.inc();
                     break;
@@ -229,7 +305,9 @@ pub async fn run(
                 let started = Instant::now();
                 match config.executor.load(&script).await {
                     Ok(()) => {
-                        metrics.apply_seconds.observe(started.elapsed().as_secs_f64());
+                        metrics
+                            .apply_seconds
+                            .observe(started.elapsed().as_secs_f64());
                         metrics.syncs.inc();
                         tracing::info!(bytes = script.len(), "ruleset applied");
                         applied = Some(script);
@@ -267,16 +345,21 @@ async fn sync_once(
     reported: &mut BTreeSet<String>,
     metrics: &Metrics,
 ) -> String {
-    let service_inputs: Vec<ServiceInput> = services.state().iter().map(|s| service_input(s)).collect();
+    let service_inputs: Vec<ServiceInput> =
+        services.state().iter().map(|s| service_input(s)).collect();
     let node_inputs: Vec<NodeInput> = nodes.state().iter().map(|n| node_input(n)).collect();
     let (ruleset, rejected) = model::desired(&service_inputs, &node_inputs, &config.options);
-    metrics.rules.set(i64::try_from(ruleset.forwards.len()).unwrap_or(i64::MAX));
+    metrics
+        .rules
+        .set(i64::try_from(ruleset.forwards.len()).unwrap_or(i64::MAX));
     let mut now_reported = BTreeSet::new();
     for r in rejected {
         let key = format!("{}/{}: {}", r.namespace, r.name, r.error);
         if !reported.contains(&key) {
             tracing::warn!(service = %format!("{}/{}", r.namespace, r.name), error = %r.error, "service not forwarded");
-            if let Some(service) = services.get(&reflector::ObjectRef::new(&r.name).within(&r.namespace)) {
+            if let Some(service) =
+                services.get(&reflector::ObjectRef::new(&r.name).within(&r.namespace))
+            {
                 let event = Event {
                     type_: EventType::Warning,
                     reason: "InvalidPortForward".into(),

@@ -68,7 +68,12 @@ struct Lab {
     _echo: Vec<Child>,
 }
 
-const NODES: [(&str, &str); 4] = [("node1", "10.98.0.11"), ("node2", "10.98.0.12"), ("node3", "10.98.0.13"), ("node4", "10.98.0.14")];
+const NODES: [(&str, &str); 4] = [
+    ("node1", "10.98.0.11"),
+    ("node2", "10.98.0.12"),
+    ("node3", "10.98.0.13"),
+    ("node4", "10.98.0.14"),
+];
 
 impl Lab {
     fn new() -> Self {
@@ -76,9 +81,23 @@ impl Lab {
         let ext = Netns::new("ext");
         let int = Netns::new("int");
         host.sysctl("net.ipv4.ip_forward", "1");
-        veth(&host, "ext0", Some("198.51.100.1/24"), &ext, "eth0", Some("198.51.100.2/24"));
+        veth(
+            &host,
+            "ext0",
+            Some("198.51.100.1/24"),
+            &ext,
+            "eth0",
+            Some("198.51.100.2/24"),
+        );
         ext.run(&["ip", "addr", "add", "198.51.100.3/24", "dev", "eth0"]);
-        veth(&host, "int0", Some("10.99.0.1/24"), &int, "eth0", Some("10.99.0.2/24"));
+        veth(
+            &host,
+            "int0",
+            Some("10.99.0.1/24"),
+            &int,
+            "eth0",
+            Some("10.99.0.2/24"),
+        );
         host.run(&["ip", "link", "add", "br0", "type", "bridge"]);
         host.run(&["ip", "addr", "add", "10.98.0.1/24", "dev", "br0"]);
         host.run(&["ip", "link", "set", "br0", "up"]);
@@ -92,7 +111,15 @@ impl Lab {
             ns.run(&["ip", "route", "add", "default", "via", "10.98.0.1"]);
             let child = ns
                 .command("python3")
-                .args(["-c", ECHO, name, "tcp/30022", "udp/30053", "tcp/30080", "tcp/30090"])
+                .args([
+                    "-c",
+                    ECHO,
+                    name,
+                    "tcp/30022",
+                    "udp/30053",
+                    "tcp/30080",
+                    "tcp/30090",
+                ])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
@@ -100,11 +127,27 @@ impl Lab {
             echo.push(child);
             nodes.push(ns);
         }
-        Self { host, ext, int, _nodes: nodes, _echo: echo }
+        Self {
+            host,
+            ext,
+            int,
+            _nodes: nodes,
+            _echo: echo,
+        }
     }
 
     fn connect(from: &Netns, kind: &str, host: &str, port: u16, src: Option<&str>) -> String {
-        from.run(&["python3", "-c", CLIENT, kind, host, &port.to_string(), src.unwrap_or("-")]).trim().to_owned()
+        from.run(&[
+            "python3",
+            "-c",
+            CLIENT,
+            kind,
+            host,
+            &port.to_string(),
+            src.unwrap_or("-"),
+        ])
+        .trim()
+        .to_owned()
     }
 }
 
@@ -118,22 +161,44 @@ impl Drop for Lab {
 }
 
 async fn node(client: &Client, name: &str, ip: &str, ready: bool, excluded: bool) {
-    let labels = if excluded { json!({"cloak.dev/exclude": "true"}) } else { json!({}) };
+    let labels = if excluded {
+        json!({"cloak.dev/exclude": "true"})
+    } else {
+        json!({})
+    };
     let api: Api<Node> = Api::all(client.clone());
-    api.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}})).unwrap()).await.unwrap();
+    api.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}})).unwrap(),
+    )
+    .await
+    .unwrap();
     let status = json!({"status": {
         "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }, "reason": "Test"}],
         "addresses": [{"type": "InternalIP", "address": ip}]}});
-    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status)).await.unwrap();
+    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .unwrap();
 }
 
-async fn service(client: &Client, ns: &str, name: &str, annotations: serde_json::Value, port: u16, node_port: u16, protocol: &str) {
+async fn service(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    annotations: serde_json::Value,
+    port: u16,
+    node_port: u16,
+    protocol: &str,
+) {
     let object: Service = serde_json::from_value(json!({
         "metadata": {"name": name, "annotations": annotations},
         "spec": {"type": "NodePort", "ports": [{"port": port, "nodePort": node_port, "protocol": protocol}]}
     }))
     .unwrap();
-    Api::<Service>::namespaced(client.clone(), ns).create(&PostParams::default(), &object).await.unwrap();
+    Api::<Service>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &object)
+        .await
+        .unwrap();
 }
 
 /// Polls `check` until it holds (10 s at most).
@@ -144,7 +209,10 @@ async fn eventually(what: &str, mut check: impl FnMut() -> (bool, String)) {
         if ok {
             return;
         }
-        assert!(Instant::now() < deadline, "timed out waiting until {what}; last: {seen}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting until {what}; last: {seen}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -158,21 +226,70 @@ async fn forwards_follow_annotations_and_nodes_with_real_traffic() {
     let lab = Lab::new();
     // A table of someone else's, which nothing cloak does may touch.
     lab.host.run(&["nft", "add", "table", "ip", "foreign"]);
-    lab.host.run(&["nft", "add", "chain", "ip", "foreign", "keep", "{ type filter hook input priority 0 ; policy accept ; }"]);
+    lab.host.run(&[
+        "nft",
+        "add",
+        "chain",
+        "ip",
+        "foreign",
+        "keep",
+        "{ type filter hook input priority 0 ; policy accept ; }",
+    ]);
 
     node(&client, "node1", NODES[0].1, true, false).await;
     node(&client, "node2", NODES[1].1, true, false).await;
     node(&client, "node3", NODES[2].1, true, true).await; // excluded
     node(&client, "node4", NODES[3].1, false, false).await; // NotReady
-    service(&client, &ns, "ssh", json!({"cloak.dev/external-ports": "22:2022"}), 2022, 30022, "TCP").await;
-    service(&client, &ns, "dns", json!({"cloak.dev/external-ports": "53:5353:udp"}), 5353, 30053, "UDP").await;
-    service(&client, &ns, "admin", json!({"cloak.dev/external-ports": "8080:8080", "cloak.dev/internal": "true"}), 8080, 30080, "TCP").await;
+    service(
+        &client,
+        &ns,
+        "ssh",
+        json!({"cloak.dev/external-ports": "22:2022"}),
+        2022,
+        30022,
+        "TCP",
+    )
+    .await;
+    service(
+        &client,
+        &ns,
+        "dns",
+        json!({"cloak.dev/external-ports": "53:5353:udp"}),
+        5353,
+        30053,
+        "UDP",
+    )
+    .await;
+    service(
+        &client,
+        &ns,
+        "admin",
+        json!({"cloak.dev/external-ports": "8080:8080", "cloak.dev/internal": "true"}),
+        8080,
+        30080,
+        "TCP",
+    )
+    .await;
     service(&client, &ns, "partner", json!({"cloak.dev/external-ports": "9000:9000", "cloak.dev/allow-range": "198.51.100.2/32"}), 9000, 30090, "TCP").await;
-    service(&client, &ns, "broken", json!({"cloak.dev/external-ports": "22"}), 1, 30001, "TCP").await;
+    service(
+        &client,
+        &ns,
+        "broken",
+        json!({"cloak.dev/external-ports": "22"}),
+        1,
+        30001,
+        "TCP",
+    )
+    .await;
 
-    let executor = Executor::Local { netns: Some(lab.host.name().to_owned()) };
+    let executor = Executor::Local {
+        netns: Some(lab.host.name().to_owned()),
+    };
     let config = Config {
-        options: Options { interfaces: vec!["ext0".into(), "int0".into()], external_interface: Some("ext0".into()) },
+        options: Options {
+            interfaces: vec!["ext0".into(), "int0".into()],
+            external_interface: Some("ext0".into()),
+        },
         executor: executor.clone(),
         debounce: Duration::from_millis(100),
         instance: "test".into(),
@@ -196,9 +313,17 @@ async fn forwards_follow_annotations_and_nodes_with_real_traffic() {
         (r.starts_with("node"), r)
     })
     .await;
-    let answers: Vec<String> = (0..12).map(|_| Lab::connect(&lab.ext, "tcp", "198.51.100.1", 22, None)).collect();
-    assert!(answers.iter().all(|a| a == "node1" || a == "node2"), "{answers:?}");
-    assert!(answers.iter().any(|a| a == "node1") && answers.iter().any(|a| a == "node2"), "spread: {answers:?}");
+    let answers: Vec<String> = (0..12)
+        .map(|_| Lab::connect(&lab.ext, "tcp", "198.51.100.1", 22, None))
+        .collect();
+    assert!(
+        answers.iter().all(|a| a == "node1" || a == "node2"),
+        "{answers:?}"
+    );
+    assert!(
+        answers.iter().any(|a| a == "node1") && answers.iter().any(|a| a == "node2"),
+        "spread: {answers:?}"
+    );
     let udp = Lab::connect(&lab.ext, "udp", "198.51.100.1", 53, None);
     assert!(udp == "node1" || udp == "node2", "udp: {udp}");
 
@@ -208,21 +333,40 @@ async fn forwards_follow_annotations_and_nodes_with_real_traffic() {
     assert!(internal.starts_with("node"), "internal: {internal}");
 
     // allow-range admits only its CIDR.
-    assert!(Lab::connect(&lab.ext, "tcp", "198.51.100.1", 9000, Some("198.51.100.2")).starts_with("node"));
-    assert!(Lab::connect(&lab.ext, "tcp", "198.51.100.1", 9000, Some("198.51.100.3")).starts_with("ERR"));
+    assert!(
+        Lab::connect(&lab.ext, "tcp", "198.51.100.1", 9000, Some("198.51.100.2"))
+            .starts_with("node")
+    );
+    assert!(
+        Lab::connect(&lab.ext, "tcp", "198.51.100.1", 9000, Some("198.51.100.3"))
+            .starts_with("ERR")
+    );
 
     // The malformed Service got an Event; the others were forwarded anyway (above).
     let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), &ns);
-    let listed = events.list(&kube::api::ListParams::default()).await.unwrap();
+    let listed = events
+        .list(&kube::api::ListParams::default())
+        .await
+        .unwrap();
     assert!(
-        listed.items.iter().any(|e| e.reason.as_deref() == Some("InvalidPortForward") && e.note.as_deref().is_some_and(|n| n.contains("external-ports"))),
+        listed
+            .items
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("InvalidPortForward")
+                && e.note
+                    .as_deref()
+                    .is_some_and(|n| n.contains("external-ports"))),
         "no InvalidPortForward event"
     );
 
     // Removing the annotation removes the forward.
     let services: Api<Service> = Api::namespaced(client.clone(), &ns);
     services
-        .patch("ssh", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"annotations": {"cloak.dev/external-ports": null}}})))
+        .patch(
+            "ssh",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {"cloak.dev/external-ports": null}}})),
+        )
         .await
         .unwrap();
     eventually("ssh is no longer forwarded", || {
@@ -232,11 +376,20 @@ async fn forwards_follow_annotations_and_nodes_with_real_traffic() {
     .await;
     // A node becoming NotReady stops receiving.
     let nodes: Api<Node> = Api::all(client.clone());
-    let not_ready = json!({"status": {"conditions": [{"type": "Ready", "status": "False", "reason": "Test"}]}});
-    nodes.patch_status("node2", &PatchParams::default(), &Patch::Merge(&not_ready)).await.unwrap();
+    let not_ready =
+        json!({"status": {"conditions": [{"type": "Ready", "status": "False", "reason": "Test"}]}});
+    nodes
+        .patch_status("node2", &PatchParams::default(), &Patch::Merge(&not_ready))
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(800)).await;
-    let answers: Vec<String> = (0..8).map(|_| Lab::connect(&lab.int, "tcp", "10.99.0.1", 8080, None)).collect();
-    assert!(answers.iter().all(|a| a == "node1"), "after node2 went NotReady: {answers:?}");
+    let answers: Vec<String> = (0..8)
+        .map(|_| Lab::connect(&lab.int, "tcp", "10.99.0.1", 8080, None))
+        .collect();
+    assert!(
+        answers.iter().all(|a| a == "node1"),
+        "after node2 went NotReady: {answers:?}"
+    );
 
     let _ = stop.send(());
     forwarder.await.unwrap();
@@ -246,7 +399,10 @@ async fn forwards_follow_annotations_and_nodes_with_real_traffic() {
     // clean removes cloak's table and nothing else.
     executor.clean().await.unwrap();
     let ruleset = lab.host.run(&["nft", "list", "tables"]);
-    assert!(ruleset.contains("table ip foreign") && !ruleset.contains("cloak_portfwd"), "{ruleset}");
+    assert!(
+        ruleset.contains("table ip foreign") && !ruleset.contains("cloak_portfwd"),
+        "{ruleset}"
+    );
     executor.clean().await.unwrap(); // idempotent
     for name in ["node1", "node2", "node3", "node4"] {
         let _ = nodes.delete(name, &DeleteParams::default()).await;
@@ -263,22 +419,40 @@ async fn the_ssh_executor_loads_rules_through_a_restricted_account() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let keygen = |file: &str| {
-        let status = Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(dir.join(file)).status().unwrap();
+        let status = Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(dir.join(file))
+            .status()
+            .unwrap();
         assert!(status.success());
     };
     keygen("host_key");
     keygen("client_key");
     let public = std::fs::read_to_string(dir.join("client_key.pub")).unwrap();
-    let forced = format!("command=\"ip netns exec {} nft -f -\",no-pty,no-port-forwarding {public}", host.name());
+    let forced = format!(
+        "command=\"ip netns exec {} nft -f -\",no-pty,no-port-forwarding {public}",
+        host.name()
+    );
     std::fs::write(dir.join("authorized_keys"), forced).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let config = format!(
         "Port {port}\nListenAddress 127.0.0.1\nHostKey {dir}/host_key\nAuthorizedKeysFile {dir}/authorized_keys\nPidFile {dir}/sshd.pid\nPermitRootLogin prohibit-password\nPasswordAuthentication no\nStrictModes no\nUsePAM no\n",
         dir = dir.display()
     );
     std::fs::write(dir.join("sshd_config"), config).unwrap();
     std::fs::create_dir_all("/run/sshd").unwrap();
-    let mut sshd = Command::new("/usr/sbin/sshd").arg("-D").arg("-e").arg("-f").arg(dir.join("sshd_config")).stderr(Stdio::null()).spawn().unwrap();
+    let mut sshd = Command::new("/usr/sbin/sshd")
+        .arg("-D")
+        .arg("-e")
+        .arg("-f")
+        .arg(dir.join("sshd_config"))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     struct Kill(Child, std::path::PathBuf);
     impl Drop for Kill {
         fn drop(&mut self) {
@@ -300,14 +474,32 @@ async fn the_ssh_executor_loads_rules_through_a_restricted_account() {
         port: Some(port),
         key: Some(dir.join("client_key")),
         remote_command: "sudo nft -f -".into(),
-        options: vec!["StrictHostKeyChecking=no".into(), "UserKnownHostsFile=/dev/null".into(), "LogLevel=ERROR".into()],
+        options: vec![
+            "StrictHostKeyChecking=no".into(),
+            "UserKnownHostsFile=/dev/null".into(),
+            "LogLevel=ERROR".into(),
+        ],
     };
-    let options = Options { interfaces: vec!["eth0".into()], external_interface: None };
-    let ruleset = cloak_model::portfwd::Ruleset { options, nodes: vec!["10.98.0.11".parse().unwrap()], forwards: vec![] };
+    let options = Options {
+        interfaces: vec!["eth0".into()],
+        external_interface: None,
+    };
+    let ruleset = cloak_model::portfwd::Ruleset {
+        options,
+        nodes: vec!["10.98.0.11".parse().unwrap()],
+        forwards: vec![],
+    };
     executor.load(&ruleset.to_nft()).await.unwrap();
-    assert!(host.run(&["nft", "list", "tables"]).contains("table ip cloak_portfwd"));
+    assert!(
+        host.run(&["nft", "list", "tables"])
+            .contains("table ip cloak_portfwd")
+    );
     executor.clean().await.unwrap();
-    assert!(!host.run(&["nft", "list", "tables"]).contains("cloak_portfwd"));
+    assert!(
+        !host
+            .run(&["nft", "list", "tables"])
+            .contains("cloak_portfwd")
+    );
     // A broken script is an error that says why.
     let err = executor.load("this is not nft\n").await.unwrap_err();
     assert!(err.to_string().contains("exited with"), "{err}");

@@ -13,20 +13,31 @@ pub struct Netns {
 }
 
 fn ip(args: &[&str]) -> Output {
-    Command::new("ip").args(args).output().unwrap_or_else(|e| panic!("running ip {args:?}: {e}"))
+    Command::new("ip")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running ip {args:?}: {e}"))
 }
 
 /// Runs `ip args`, panicking with its stderr on failure.
 pub fn ip_ok(args: &[&str]) {
     let out = ip(args);
-    assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 impl Netns {
     /// Creates `ck<pid>-<n>-<label>` (short: interface and namespace names are limited).
     pub fn new(label: &str) -> Self {
         static N: AtomicU32 = AtomicU32::new(0);
-        let name = format!("ck{}-{}-{label}", std::process::id() % 100_000, N.fetch_add(1, Ordering::Relaxed));
+        let name = format!(
+            "ck{}-{}-{label}",
+            std::process::id() % 100_000,
+            N.fetch_add(1, Ordering::Relaxed)
+        );
         ip_ok(&["netns", "add", &name]);
         let ns = Self { name };
         ns.run(&["ip", "link", "set", "lo", "up"]);
@@ -46,8 +57,18 @@ impl Netns {
 
     /// Runs a command inside the namespace, panicking with its stderr on failure.
     pub fn run(&self, argv: &[&str]) -> String {
-        let out = self.command(argv[0]).args(&argv[1..]).stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("{argv:?}: {e}"));
-        assert!(out.status.success(), "in {}: {argv:?}: {}", self.name, String::from_utf8_lossy(&out.stderr));
+        let out = self
+            .command(argv[0])
+            .args(&argv[1..])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+        assert!(
+            out.status.success(),
+            "in {}: {argv:?}: {}",
+            self.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
@@ -69,8 +90,28 @@ impl Drop for Netns {
 
 /// A veth pair from `a` (named `a_if`, address `a_addr`) to `b` (`b_if`, `b_addr`), both up.
 /// Addresses are CIDRs (`10.1.0.1/24`); `None` leaves an end unaddressed.
-pub fn veth(a: &Netns, a_if: &str, a_addr: Option<&str>, b: &Netns, b_if: &str, b_addr: Option<&str>) {
-    ip_ok(&["link", "add", a_if, "netns", a.name(), "type", "veth", "peer", "name", b_if, "netns", b.name()]);
+pub fn veth(
+    a: &Netns,
+    a_if: &str,
+    a_addr: Option<&str>,
+    b: &Netns,
+    b_if: &str,
+    b_addr: Option<&str>,
+) {
+    ip_ok(&[
+        "link",
+        "add",
+        a_if,
+        "netns",
+        a.name(),
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b_if,
+        "netns",
+        b.name(),
+    ]);
     for (ns, iface, addr) in [(a, a_if, a_addr), (b, b_if, b_addr)] {
         if let Some(addr) = addr {
             ns.run(&["ip", "addr", "add", addr, "dev", iface]);
