@@ -12,7 +12,12 @@
 //! error for that Service and is left out, the others are still forwarded. The ruleset is one
 //! table cloak owns outright, rendered so that loading it replaces the table atomically.
 
-use std::{collections::BTreeMap, fmt, net::Ipv4Addr, str::FromStr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::Ipv4Addr,
+    str::FromStr,
+};
 
 pub const ANNOTATION_PORTS: &str = "cloak.dev/external-ports";
 pub const ANNOTATION_INTERNAL: &str = "cloak.dev/internal";
@@ -300,22 +305,65 @@ pub fn clean_script() -> String {
 }
 
 impl Ruleset {
+    /// Forwards restricted by interface or source: one rule each, checked before the maps.
+    fn restricted(&self) -> impl Iterator<Item = &Forward> {
+        self.forwards
+            .iter()
+            .filter(|f| f.internal || f.allow.is_some())
+    }
+
+    /// Map elements of the unrestricted forwards: `(protocol, "i . dport", "node . nodePort")`,
+    /// one per node, so `numgen inc mod N` spreads new connections over the nodes.
+    fn elements(&self) -> BTreeSet<(Protocol, String, String)> {
+        self.forwards
+            .iter()
+            .filter(|f| !f.internal && f.allow.is_none())
+            .flat_map(|f| {
+                self.nodes.iter().enumerate().map(move |(i, node)| {
+                    (
+                        f.protocol,
+                        format!("{i} . {}", f.external),
+                        format!("{node} . {}", f.node_port),
+                    )
+                })
+            })
+            .collect()
+    }
+
     /// The nft script that replaces cloak's table in one transaction: the table is declared
     /// (so the delete never fails), deleted, and written anew, all in one `nft -f` run.
+    ///
+    /// Unrestricted forwards are elements of two maps (`fwd_tcp`, `fwd_udp`) keyed by
+    /// `numgen inc mod N . dport`: thousands of forwards are thousands of map elements, not
+    /// thousands of rules, and changing one Service changes only its elements ([`Ruleset::update_from`]).
     pub fn to_nft(&self) -> String {
         use std::fmt::Write as _;
-        let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "table ip {TABLE} {{\n}}\ndelete table ip {TABLE}\ntable ip {TABLE} {{"
-        );
+        let mut out = clean_script();
+        let _ = writeln!(out, "table ip {TABLE} {{");
+        let n = self.nodes.len().max(1);
+        let elements = self.elements();
+        for protocol in [Protocol::Tcp, Protocol::Udp] {
+            let _ = writeln!(
+                out,
+                "\tmap fwd_{protocol} {{\n\t\ttypeof numgen inc mod {n} . {protocol} dport : ip daddr . {protocol} dport"
+            );
+            let mine: Vec<String> = elements
+                .iter()
+                .filter(|e| e.0 == protocol)
+                .map(|(_, k, v)| format!("{k} : {v}"))
+                .collect();
+            if !mine.is_empty() {
+                let _ = writeln!(out, "\t\telements = {{ {} }}", mine.join(", "));
+            }
+            let _ = writeln!(out, "\t}}");
+        }
         let _ = writeln!(
             out,
             "\tchain prerouting {{\n\t\ttype nat hook prerouting priority dstnat; policy accept;"
         );
         let ifaces = set(self.options.interfaces.iter().map(|i| format!("\"{i}\"")));
         if !self.nodes.is_empty() {
-            for f in &self.forwards {
+            for f in self.restricted() {
                 let mut rule = format!("\t\tiifname {ifaces}");
                 if let (true, Some(ext)) = (f.internal, &self.options.external_interface) {
                     let _ = write!(rule, " iifname != \"{ext}\"");
@@ -331,14 +379,19 @@ impl Ruleset {
                     .collect();
                 let _ = writeln!(
                     rule,
-                    " {} dport {} dnat ip to numgen inc mod {} map {{ {} }} comment \"{}\"",
+                    " {} dport {} dnat ip to numgen inc mod {n} map {{ {} }} comment \"{}\"",
                     f.protocol,
                     f.external,
-                    self.nodes.len(),
                     targets.join(", "),
                     f.service
                 );
                 out.push_str(&rule);
+            }
+            for protocol in [Protocol::Tcp, Protocol::Udp] {
+                let _ = writeln!(
+                    out,
+                    "\t\tiifname {ifaces} dnat ip to numgen inc mod {n} . {protocol} dport map @fwd_{protocol}"
+                );
             }
         }
         let _ = writeln!(
@@ -347,6 +400,51 @@ impl Ruleset {
         );
         let _ = writeln!(out, "\t\tct status dnat accept\n\t}}\n}}");
         out
+    }
+
+    /// The smallest transaction taking `old` (the ruleset in place) to `self`: when only
+    /// unrestricted forwards changed, just their map elements are deleted and added; otherwise
+    /// `None`, and the caller loads [`Ruleset::to_nft`].
+    pub fn update_from(&self, old: &Self) -> Option<String> {
+        use std::fmt::Write as _;
+        let same_shape = self.options == old.options
+            && self.nodes == old.nodes
+            && self.restricted().eq(old.restricted())
+            // A port that moves between restricted and unrestricted changes the rules.
+            && !self.nodes.is_empty();
+        if !same_shape {
+            return None;
+        }
+        let (new, before) = (self.elements(), old.elements());
+        let mut out = String::new();
+        for protocol in [Protocol::Tcp, Protocol::Udp] {
+            let gone: Vec<&String> = before
+                .difference(&new)
+                .filter(|e| e.0 == protocol)
+                .map(|e| &e.1)
+                .collect();
+            let added: Vec<String> = new
+                .difference(&before)
+                .filter(|e| e.0 == protocol)
+                .map(|(_, k, v)| format!("{k} : {v}"))
+                .collect();
+            if !gone.is_empty() {
+                let keys: Vec<&str> = gone.iter().map(|k| k.as_str()).collect();
+                let _ = writeln!(
+                    out,
+                    "delete element ip {TABLE} fwd_{protocol} {{ {} }}",
+                    keys.join(", ")
+                );
+            }
+            if !added.is_empty() {
+                let _ = writeln!(
+                    out,
+                    "add element ip {TABLE} fwd_{protocol} {{ {} }}",
+                    added.join(", ")
+                );
+            }
+        }
+        Some(out)
     }
 }
 
@@ -522,15 +620,22 @@ mod tests {
 
     #[test]
     fn the_nft_script_replaces_only_cloaks_table_and_spreads_over_nodes() {
-        let services = [service(
-            "dns",
-            &[
-                (ANNOTATION_PORTS, "53:53:udp"),
-                (ANNOTATION_INTERNAL, ""),
-                (ANNOTATION_ALLOW, "192.0.2.0/24"),
-            ],
-            &[(53, Protocol::Udp, 30053)],
-        )];
+        let services = [
+            service(
+                "dns",
+                &[
+                    (ANNOTATION_PORTS, "53:53:udp"),
+                    (ANNOTATION_INTERNAL, ""),
+                    (ANNOTATION_ALLOW, "192.0.2.0/24"),
+                ],
+                &[(53, Protocol::Udp, 30053)],
+            ),
+            service(
+                "ssh",
+                &[(ANNOTATION_PORTS, "22:2022")],
+                &[(2022, Protocol::Tcp, 30022)],
+            ),
+        ];
         let nodes = [
             node("a", [10, 0, 0, 2], true, false),
             node("b", [10, 0, 0, 3], true, false),
@@ -540,10 +645,56 @@ mod tests {
         assert!(script.contains(
             "iifname { \"eth0\", \"wg0\" } iifname != \"eth0\" ip saddr 192.0.2.0/24 udp dport 53 dnat ip to numgen inc mod 2 map { 0 : 10.0.0.2 . 30053, 1 : 10.0.0.3 . 30053 } comment \"default/dns\""
         ), "{script}");
+        assert!(
+            script.contains("elements = { 0 . 22 : 10.0.0.2 . 30022, 1 . 22 : 10.0.0.3 . 30022 }"),
+            "{script}"
+        );
         assert_eq!(
             script.matches("table ip ").count(),
             3,
             "only cloak's table is named"
+        );
+    }
+
+    #[test]
+    fn changing_one_service_rewrites_only_its_map_elements() {
+        let nodes = [node("a", [10, 0, 0, 2], true, false)];
+        let before = [
+            service(
+                "ssh",
+                &[(ANNOTATION_PORTS, "22:2022")],
+                &[(2022, Protocol::Tcp, 30022)],
+            ),
+            service(
+                "web",
+                &[(ANNOTATION_PORTS, "80:80")],
+                &[(80, Protocol::Tcp, 30080)],
+            ),
+        ];
+        let mut after = before.clone();
+        after[1].node_ports = [((80, Protocol::Tcp), 30081)].into();
+        let old = desired(&before, &nodes, &options()).0;
+        let new = desired(&after, &nodes, &options()).0;
+        let update = new.update_from(&old).expect("an element update");
+        assert_eq!(
+            update,
+            "delete element ip cloak_portfwd fwd_tcp { 0 . 80 }\nadd element ip cloak_portfwd fwd_tcp { 0 . 80 : 10.0.0.2 . 30081 }\n"
+        );
+        assert_eq!(
+            new.update_from(&new).as_deref(),
+            Some(""),
+            "nothing changed, nothing to load"
+        );
+        // A node change reshapes the maps (mod N): the whole table is replaced.
+        let more_nodes = [
+            node("a", [10, 0, 0, 2], true, false),
+            node("b", [10, 0, 0, 3], true, false),
+        ];
+        assert!(
+            desired(&after, &more_nodes, &options())
+                .0
+                .update_from(&new)
+                .is_none()
         );
     }
 }

@@ -167,6 +167,12 @@ pub struct Metrics {
     pub apply_seconds: Histogram,
 }
 
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Metrics {
     pub fn new() -> Self {
         Self {
@@ -282,14 +288,14 @@ pub async fn run(
 
     let sync_loop = async {
         let _ = tokio::join!(services.wait_until_ready(), nodes.wait_until_ready());
-        let mut applied: Option<String> = None;
+        let mut applied: Option<model::Ruleset> = None;
         let mut reported: BTreeSet<String> = BTreeSet::new();
         loop {
             // Debounce: wait until events stop arriving for `debounce`.
             while let Ok(Some(())) = tokio::time::timeout(config.debounce, rx.recv()).await {}
             let mut backoff = Duration::from_millis(200);
             loop {
-                let script = sync_once(
+                let ruleset = sync_once(
                     &services,
                     &nodes,
                     &config,
@@ -298,10 +304,15 @@ pub async fn run(
                     &metrics,
                 )
                 .await;
-                if applied.as_deref() == Some(script.as_str()) {
+                if applied.as_ref() == Some(&ruleset) {
                     metrics.skipped.inc();
                     break;
                 }
+                // Only what changed when only map elements changed; the whole table otherwise.
+                let script = applied
+                    .as_ref()
+                    .and_then(|old| ruleset.update_from(old))
+                    .unwrap_or_else(|| ruleset.to_nft());
                 let started = Instant::now();
                 match config.executor.load(&script).await {
                     Ok(()) => {
@@ -309,8 +320,12 @@ pub async fn run(
                             .apply_seconds
                             .observe(started.elapsed().as_secs_f64());
                         metrics.syncs.inc();
-                        tracing::info!(bytes = script.len(), "ruleset applied");
-                        applied = Some(script);
+                        tracing::info!(
+                            forwards = ruleset.forwards.len(),
+                            bytes = script.len(),
+                            "ruleset applied"
+                        );
+                        applied = Some(ruleset);
                         ready.store(true, std::sync::atomic::Ordering::Relaxed);
                         break;
                     }
@@ -330,13 +345,12 @@ pub async fn run(
     tokio::select! {
         () = shutdown => {},
         () = sync_loop => {},
-        _ = service_events => {},
-        _ = node_events => {},
+        () = service_events => {},
+        () = node_events => {},
     }
 }
 
-/// Computes the ruleset from the caches, reports newly rejected Services as Events, and returns
-/// the script to load.
+/// Computes the ruleset from the caches and reports newly rejected Services as Events.
 async fn sync_once(
     services: &Store<Service>,
     nodes: &Store<Node>,
@@ -344,7 +358,7 @@ async fn sync_once(
     recorder: &Recorder,
     reported: &mut BTreeSet<String>,
     metrics: &Metrics,
-) -> String {
+) -> model::Ruleset {
     let service_inputs: Vec<ServiceInput> =
         services.state().iter().map(|s| service_input(s)).collect();
     let node_inputs: Vec<NodeInput> = nodes.state().iter().map(|n| node_input(n)).collect();
@@ -375,5 +389,5 @@ async fn sync_once(
         now_reported.insert(key);
     }
     *reported = now_reported;
-    ruleset.to_nft()
+    ruleset
 }

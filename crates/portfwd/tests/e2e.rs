@@ -65,7 +65,7 @@ struct Lab {
     ext: Netns,
     int: Netns,
     _nodes: Vec<Netns>,
-    _echo: Vec<Child>,
+    echo: Vec<Child>,
 }
 
 const NODES: [(&str, &str); 4] = [
@@ -132,7 +132,7 @@ impl Lab {
             ext,
             int,
             _nodes: nodes,
-            _echo: echo,
+            echo,
         }
     }
 
@@ -153,7 +153,7 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        for child in &mut self._echo {
+        for child in &mut self.echo {
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -409,6 +409,16 @@ async fn forwards_follow_annotations_and_nodes_with_real_traffic() {
     }
 }
 
+/// Kills sshd and removes its files when the test ends, even on panic.
+struct Kill(Child, std::path::PathBuf);
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        let _ = std::fs::remove_dir_all(&self.1);
+    }
+}
+
 /// The SSH executor against a real sshd (on 127.0.0.1, a throwaway host key and client key),
 /// whose account may run only the rule-loading command: here the forced command loads into the
 /// test's "host" namespace, as a restricted account on a real host would run `sudo nft -f -`.
@@ -453,14 +463,6 @@ async fn the_ssh_executor_loads_rules_through_a_restricted_account() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    struct Kill(Child, std::path::PathBuf);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-            let _ = std::fs::remove_dir_all(&self.1);
-        }
-    }
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(sshd.try_wait().unwrap().is_none(), "sshd exited");

@@ -1,6 +1,8 @@
 //! Network namespaces for tests: created with a unique prefix, removed on drop (also on panic),
 //! together with every process started inside them (found with `ip netns pids`, killed by PID).
 
+#![allow(clippy::missing_panics_doc)] // test helpers: panicking with the reason is their contract
+
 use std::{
     process::{Command, Output, Stdio},
     sync::atomic::{AtomicU32, Ordering},
