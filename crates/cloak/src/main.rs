@@ -38,8 +38,27 @@ struct PortfwdArgs {
     /// Admin server address (/livez, /readyz once the first ruleset is loaded, /metrics).
     #[arg(long, env = "CLOAK_ADMIN_ADDR", default_value = "127.0.0.1:8081")]
     admin_addr: std::net::SocketAddr,
+    /// How rules are written: one nftables table (default), or iptables-restore into cloak's
+    /// own chains on hosts without nft.
+    #[arg(long, env = "CLOAK_BACKEND", value_enum, default_value_t = BackendArg::Nftables)]
+    backend: BackendArg,
     #[command(subcommand)]
     command: PortfwdCommand,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum BackendArg {
+    Nftables,
+    Iptables,
+}
+
+impl From<BackendArg> for cloak_portfwd::Backend {
+    fn from(arg: BackendArg) -> Self {
+        match arg {
+            BackendArg::Nftables => Self::Nftables,
+            BackendArg::Iptables => Self::Iptables,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -163,7 +182,10 @@ fn run_portfwd(args: PortfwdArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async {
         if clean {
-            return executor.clean().await.context("removing cloak's rules");
+            return executor
+                .clean_with(args.backend.into())
+                .await
+                .context("removing cloak's rules");
         }
         let client = kube::Client::try_default()
             .await
@@ -174,6 +196,7 @@ fn run_portfwd(args: PortfwdArgs) -> anyhow::Result<()> {
                 external_interface: args.external_interface,
             },
             executor,
+            backend: args.backend.into(),
             debounce: std::time::Duration::from_millis(args.debounce_ms),
             instance: hostname(),
         };

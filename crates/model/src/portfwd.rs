@@ -25,6 +25,9 @@ pub const ANNOTATION_ALLOW: &str = "cloak.dev/allow-range";
 pub const EXCLUDE: &str = "cloak.dev/exclude";
 /// The nftables table cloak owns (family `ip`); nothing else is ever touched.
 pub const TABLE: &str = "cloak_portfwd";
+/// The iptables chains cloak owns (nat and filter), for hosts without nft.
+pub const CHAIN_NAT: &str = "CLOAK-PORTFWD";
+pub const CHAIN_FORWARD: &str = "CLOAK-PORTFWD-FWD";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Protocol {
@@ -402,6 +405,51 @@ impl Ruleset {
         out
     }
 
+    /// The `iptables-restore --noflush` input that rewrites cloak's own chains (declared, so
+    /// created if absent, and flushed) in one commit per table; other chains are not named.
+    /// Connections are spread with `statistic --mode nth`: with N nodes, rule i takes every
+    /// (N - i)-th connection that reaches it, so each node gets 1/N.
+    pub fn to_iptables_restore(&self) -> String {
+        use std::fmt::Write as _;
+        let mut out = format!("*nat\n:{CHAIN_NAT} - [0:0]\n-F {CHAIN_NAT}\n");
+        let n = self.nodes.len();
+        for f in &self.forwards {
+            for iface in &self.options.interfaces {
+                if f.internal && self.options.external_interface.as_deref() == Some(iface.as_str())
+                {
+                    continue;
+                }
+                for (i, node) in self.nodes.iter().enumerate() {
+                    let mut rule = format!(
+                        "-A {CHAIN_NAT} -i {iface} -p {} --dport {}",
+                        f.protocol, f.external
+                    );
+                    if let Some(cidr) = f.allow {
+                        let _ = write!(rule, " -s {cidr}");
+                    }
+                    if i + 1 < n {
+                        let _ = write!(
+                            rule,
+                            " -m statistic --mode nth --every {} --packet 0",
+                            n - i
+                        );
+                    }
+                    let _ = writeln!(
+                        rule,
+                        " -m comment --comment \"{}\" -j DNAT --to-destination {node}:{}",
+                        f.service, f.node_port
+                    );
+                    out.push_str(&rule);
+                }
+            }
+        }
+        let _ = write!(
+            out,
+            "COMMIT\n*filter\n:{CHAIN_FORWARD} - [0:0]\n-F {CHAIN_FORWARD}\n-A {CHAIN_FORWARD} -m conntrack --ctstate DNAT -j ACCEPT\nCOMMIT\n"
+        );
+        out
+    }
+
     /// The smallest transaction taking `old` (the ruleset in place) to `self`: when only
     /// unrestricted forwards changed, just their map elements are deleted and added; otherwise
     /// `None`, and the caller loads [`Ruleset::to_nft`].
@@ -653,6 +701,44 @@ mod tests {
             script.matches("table ip ").count(),
             3,
             "only cloak's table is named"
+        );
+    }
+
+    #[test]
+    fn the_iptables_rules_live_in_cloaks_chains_and_spread_over_nodes() {
+        let services = [
+            service(
+                "ssh",
+                &[(ANNOTATION_PORTS, "22:2022")],
+                &[(2022, Protocol::Tcp, 30022)],
+            ),
+            service(
+                "admin",
+                &[(ANNOTATION_PORTS, "80:80"), (ANNOTATION_INTERNAL, "")],
+                &[(80, Protocol::Tcp, 30080)],
+            ),
+        ];
+        let nodes = [
+            node("a", [10, 0, 0, 2], true, false),
+            node("b", [10, 0, 0, 3], true, false),
+        ];
+        let restore = desired(&services, &nodes, &options())
+            .0
+            .to_iptables_restore();
+        assert!(
+            restore.starts_with("*nat\n:CLOAK-PORTFWD - [0:0]\n-F CLOAK-PORTFWD\n"),
+            "{restore}"
+        );
+        assert!(restore.contains("-A CLOAK-PORTFWD -i eth0 -p tcp --dport 22 -m statistic --mode nth --every 2 --packet 0 -m comment --comment \"default/ssh\" -j DNAT --to-destination 10.0.0.2:30022\n"), "{restore}");
+        assert!(restore.contains("-A CLOAK-PORTFWD -i eth0 -p tcp --dport 22 -m comment --comment \"default/ssh\" -j DNAT --to-destination 10.0.0.3:30022\n"), "{restore}");
+        assert!(
+            !restore.contains("-i eth0 -p tcp --dport 80"),
+            "internal is not on the external interface"
+        );
+        assert!(restore.contains("-i wg0 -p tcp --dport 80"));
+        assert!(
+            !restore.contains("PREROUTING") && !restore.contains("-A FORWARD"),
+            "only cloak's chains are written"
         );
     }
 

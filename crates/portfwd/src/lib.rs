@@ -67,17 +67,62 @@ pub enum Executor {
     },
 }
 
+/// How rules are written on the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Backend {
+    /// One nftables table replaced (or its map elements updated) in one `nft -f` transaction.
+    #[default]
+    Nftables,
+    /// `iptables-restore --noflush` into cloak's own chains, for hosts without nft.
+    Iptables,
+}
+
+/// After the restore, the jumps into cloak's chains are added once (checked with `-C` first).
+const IPTABLES_LOAD: &str = "iptables-restore --noflush && \
+{ iptables -t nat -C PREROUTING -j CLOAK-PORTFWD 2>/dev/null || iptables -t nat -I PREROUTING 1 -j CLOAK-PORTFWD; } && \
+{ iptables -C FORWARD -j CLOAK-PORTFWD-FWD 2>/dev/null || iptables -I FORWARD 1 -j CLOAK-PORTFWD-FWD; }";
+/// Removes the jumps (each loop deletes one per pass, and stops when none is left) and the chains.
+const IPTABLES_CLEAN: &str = "while iptables -t nat -D PREROUTING -j CLOAK-PORTFWD 2>/dev/null; do :; done; \
+iptables -t nat -F CLOAK-PORTFWD 2>/dev/null; iptables -t nat -X CLOAK-PORTFWD 2>/dev/null; \
+while iptables -D FORWARD -j CLOAK-PORTFWD-FWD 2>/dev/null; do :; done; \
+iptables -F CLOAK-PORTFWD-FWD 2>/dev/null; iptables -X CLOAK-PORTFWD-FWD 2>/dev/null; true";
+
+impl Backend {
+    fn loader(self) -> &'static [&'static str] {
+        match self {
+            Self::Nftables => &["nft", "-f", "-"],
+            Self::Iptables => &["sh", "-c", IPTABLES_LOAD],
+        }
+    }
+
+    /// The whole ruleset.
+    pub fn render(self, ruleset: &model::Ruleset) -> String {
+        match self {
+            Self::Nftables => ruleset.to_nft(),
+            Self::Iptables => ruleset.to_iptables_restore(),
+        }
+    }
+
+    /// Only what changed since `old`, where the backend can express that.
+    pub fn update(self, ruleset: &model::Ruleset, old: &model::Ruleset) -> Option<String> {
+        match self {
+            Self::Nftables => ruleset.update_from(old),
+            Self::Iptables => None,
+        }
+    }
+}
+
 impl Executor {
-    fn command(&self) -> tokio::process::Command {
+    fn command(&self, loader: &[&str]) -> tokio::process::Command {
         match self {
             Self::Local { netns: None } => {
-                let mut c = tokio::process::Command::new("nft");
-                c.args(["-f", "-"]);
+                let mut c = tokio::process::Command::new(loader[0]);
+                c.args(&loader[1..]);
                 c
             }
             Self::Local { netns: Some(ns) } => {
                 let mut c = tokio::process::Command::new("ip");
-                c.args(["netns", "exec", ns, "nft", "-f", "-"]);
+                c.args(["netns", "exec", ns]).args(loader);
                 c
             }
             Self::Ssh {
@@ -104,9 +149,14 @@ impl Executor {
         }
     }
 
-    /// Loads `script`: one `nft -f` run, so one transaction.
+    /// Loads an nftables script: one `nft -f` run, so one transaction.
     pub async fn load(&self, script: &str) -> Result<(), Error> {
-        let mut command = self.command();
+        self.load_with(Backend::Nftables, script).await
+    }
+
+    /// Loads `script` with `backend`'s loader. Over SSH the remote account's command decides.
+    pub async fn load_with(&self, backend: Backend, script: &str) -> Result<(), Error> {
+        let mut command = self.command(backend.loader());
         let program = format!("{:?}", command.as_std());
         let mut child = command
             .stdin(Stdio::piped())
@@ -144,6 +194,34 @@ impl Executor {
     pub async fn clean(&self) -> Result<(), Error> {
         self.load(&model::clean_script()).await
     }
+
+    /// Removes everything cloak owns for `backend`: its table, or its chains and the jumps to them.
+    pub async fn clean_with(&self, backend: Backend) -> Result<(), Error> {
+        match backend {
+            Backend::Nftables => self.clean().await,
+            Backend::Iptables => {
+                let mut command = self.command(&["sh", "-c", IPTABLES_CLEAN]);
+                let program = format!("{:?}", command.as_std());
+                let status = command
+                    .stdin(Stdio::null())
+                    .status()
+                    .await
+                    .map_err(|source| Error::Spawn {
+                        program: program.clone(),
+                        source,
+                    })?;
+                if status.success() {
+                    Ok(())
+                } else {
+                    Err(Error::Failed {
+                        program,
+                        status,
+                        stderr: String::new(),
+                    })
+                }
+            }
+        }
+    }
 }
 
 /// Settings of `cloak portfwd`.
@@ -151,6 +229,7 @@ impl Executor {
 pub struct Config {
     pub options: Options,
     pub executor: Executor,
+    pub backend: Backend,
     /// Quiet time after an event before syncing, so a burst becomes one sync.
     pub debounce: Duration,
     /// Identity in Events.
@@ -311,10 +390,10 @@ pub async fn run(
                 // Only what changed when only map elements changed; the whole table otherwise.
                 let script = applied
                     .as_ref()
-                    .and_then(|old| ruleset.update_from(old))
-                    .unwrap_or_else(|| ruleset.to_nft());
+                    .and_then(|old| config.backend.update(&ruleset, old))
+                    .unwrap_or_else(|| config.backend.render(&ruleset));
                 let started = Instant::now();
-                match config.executor.load(&script).await {
+                match config.executor.load_with(config.backend, &script).await {
                     Ok(()) => {
                         metrics
                             .apply_seconds

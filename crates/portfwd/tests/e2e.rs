@@ -12,7 +12,7 @@ use std::{
 };
 
 use cloak_model::portfwd::Options;
-use cloak_portfwd::{Config, Executor, Metrics};
+use cloak_portfwd::{Backend, Config, Executor, Metrics};
 use cloak_testkit::{
     ControlPlane, TestNamespace,
     netns::{Netns, veth},
@@ -29,18 +29,22 @@ use serde_json::json;
 const ECHO: &str = r#"
 import socket, sys, threading
 name = sys.argv[1].encode()
-def tcp(port):
-    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("0.0.0.0", port)); s.listen(64)
+def tcp(s):
     while True:
         c, _ = s.accept(); c.sendall(name); c.close()
-def udp(port):
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", port))
+def udp(s):
     while True:
         _, a = s.recvfrom(64); s.sendto(name, a)
 for p in sys.argv[2:]:
     kind, port = p.split("/")
-    threading.Thread(target=tcp if kind == "tcp" else udp, args=(int(port),), daemon=True).start()
+    if kind == "tcp":
+        s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("0.0.0.0", int(port))); s.listen(64)
+        threading.Thread(target=tcp, args=(s,), daemon=True).start()
+    else:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", int(port)))
+        threading.Thread(target=udp, args=(s,), daemon=True).start()
+print("ready", flush=True)
 threading.Event().wait()
 "#;
 
@@ -76,7 +80,7 @@ const NODES: [(&str, &str); 4] = [
 ];
 
 impl Lab {
-    fn new() -> Self {
+    fn new(base: u16) -> Self {
         let host = Netns::new("host");
         let ext = Netns::new("ext");
         let int = Netns::new("int");
@@ -109,21 +113,27 @@ impl Lab {
             veth(&host, &port, None, &ns, "eth0", Some(&format!("{ip}/24")));
             host.run(&["ip", "link", "set", &port, "master", "br0"]);
             ns.run(&["ip", "route", "add", "default", "via", "10.98.0.1"]);
-            let child = ns
+            let mut child = ns
                 .command("python3")
+                .args(["-c", ECHO, name])
                 .args([
-                    "-c",
-                    ECHO,
-                    name,
-                    "tcp/30022",
-                    "udp/30053",
-                    "tcp/30080",
-                    "tcp/30090",
+                    format!("tcp/{}", base + 22),
+                    format!("udp/{}", base + 53),
+                    format!("tcp/{}", base + 80),
+                    format!("tcp/{}", base + 90),
                 ])
-                .stdout(Stdio::null())
+                .stdout(Stdio::piped())
                 .stderr(Stdio::null())
                 .spawn()
                 .unwrap();
+            // Every socket is bound before "ready" is printed.
+            let mut line = String::new();
+            std::io::BufRead::read_line(
+                &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+                &mut line,
+            )
+            .unwrap();
+            assert_eq!(line.trim(), "ready", "echo server in {name} did not start");
             echo.push(child);
             nodes.push(ns);
         }
@@ -217,13 +227,21 @@ async fn eventually(what: &str, mut check: impl FnMut() -> (bool, String)) {
     }
 }
 
+/// Both backends, one after the other: a forwarder sees every Service and Node of the cluster,
+/// so two scenarios side by side would forward each other's ports.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn forwards_follow_annotations_and_nodes_with_real_traffic() {
+async fn forwards_follow_annotations_and_nodes_with_real_traffic_on_both_backends() {
+    scenario(Backend::Nftables, "pf-nft", 30_000).await;
+    scenario(Backend::Iptables, "pf-ipt", 30_100).await;
+}
+
+/// NodePorts are cluster-wide: each scenario uses its own (`base + 22`, `+ 53`, `+ 80`, `+ 90`).
+async fn scenario(backend: Backend, prefix: &str, base: u16) {
     let cp = ControlPlane::shared();
     let client = cp.client();
-    let ns = TestNamespace::create(&client, "portfwd").await.unwrap();
+    let ns = TestNamespace::create(&client, prefix).await.unwrap();
     let ns = ns.name().to_owned();
-    let lab = Lab::new();
+    let lab = Lab::new(base);
     // A table of someone else's, which nothing cloak does may touch.
     lab.host.run(&["nft", "add", "table", "ip", "foreign"]);
     lab.host.run(&[
@@ -235,18 +253,32 @@ async fn forwards_follow_annotations_and_nodes_with_real_traffic() {
         "keep",
         "{ type filter hook input priority 0 ; policy accept ; }",
     ]);
+    lab.host.run(&[
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "PREROUTING",
+        "-p",
+        "tcp",
+        "--dport",
+        "1",
+        "-j",
+        "ACCEPT",
+    ]);
 
-    node(&client, "node1", NODES[0].1, true, false).await;
-    node(&client, "node2", NODES[1].1, true, false).await;
-    node(&client, "node3", NODES[2].1, true, true).await; // excluded
-    node(&client, "node4", NODES[3].1, false, false).await; // NotReady
+    let node_name = |i: usize| format!("{prefix}-{}", NODES[i].0);
+    node(&client, &node_name(0), NODES[0].1, true, false).await;
+    node(&client, &node_name(1), NODES[1].1, true, false).await;
+    node(&client, &node_name(2), NODES[2].1, true, true).await; // excluded
+    node(&client, &node_name(3), NODES[3].1, false, false).await; // NotReady
     service(
         &client,
         &ns,
         "ssh",
         json!({"cloak.dev/external-ports": "22:2022"}),
         2022,
-        30022,
+        base + 22,
         "TCP",
     )
     .await;
@@ -256,7 +288,7 @@ async fn forwards_follow_annotations_and_nodes_with_real_traffic() {
         "dns",
         json!({"cloak.dev/external-ports": "53:5353:udp"}),
         5353,
-        30053,
+        base + 53,
         "UDP",
     )
     .await;
@@ -266,18 +298,18 @@ async fn forwards_follow_annotations_and_nodes_with_real_traffic() {
         "admin",
         json!({"cloak.dev/external-ports": "8080:8080", "cloak.dev/internal": "true"}),
         8080,
-        30080,
+        base + 80,
         "TCP",
     )
     .await;
-    service(&client, &ns, "partner", json!({"cloak.dev/external-ports": "9000:9000", "cloak.dev/allow-range": "198.51.100.2/32"}), 9000, 30090, "TCP").await;
+    service(&client, &ns, "partner", json!({"cloak.dev/external-ports": "9000:9000", "cloak.dev/allow-range": "198.51.100.2/32"}), 9000, base + 90, "TCP").await;
     service(
         &client,
         &ns,
         "broken",
         json!({"cloak.dev/external-ports": "22"}),
         1,
-        30001,
+        base + 1,
         "TCP",
     )
     .await;
@@ -291,6 +323,7 @@ async fn forwards_follow_annotations_and_nodes_with_real_traffic() {
             external_interface: Some("ext0".into()),
         },
         executor: executor.clone(),
+        backend,
         debounce: Duration::from_millis(100),
         instance: "test".into(),
     };
@@ -379,33 +412,51 @@ async fn forwards_follow_annotations_and_nodes_with_real_traffic() {
     let not_ready =
         json!({"status": {"conditions": [{"type": "Ready", "status": "False", "reason": "Test"}]}});
     nodes
-        .patch_status("node2", &PatchParams::default(), &Patch::Merge(&not_ready))
+        .patch_status(
+            &node_name(1),
+            &PatchParams::default(),
+            &Patch::Merge(&not_ready),
+        )
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    let answers: Vec<String> = (0..8)
-        .map(|_| Lab::connect(&lab.int, "tcp", "10.99.0.1", 8080, None))
-        .collect();
-    assert!(
-        answers.iter().all(|a| a == "node1"),
-        "after node2 went NotReady: {answers:?}"
-    );
+    eventually("node2, NotReady now, no longer receives", || {
+        let answers: Vec<String> = (0..8)
+            .map(|_| Lab::connect(&lab.int, "tcp", "10.99.0.1", 8080, None))
+            .collect();
+        (answers.iter().all(|a| a == "node1"), format!("{answers:?}"))
+    })
+    .await;
 
     let _ = stop.send(());
     forwarder.await.unwrap();
     assert!(ready.load(std::sync::atomic::Ordering::Relaxed));
     assert!(metrics.syncs.get() >= 3, "syncs: {}", metrics.syncs.get());
 
-    // clean removes cloak's table and nothing else.
-    executor.clean().await.unwrap();
-    let ruleset = lab.host.run(&["nft", "list", "tables"]);
+    // clean removes what cloak owns and nothing else, and can run twice.
+    executor.clean_with(backend).await.unwrap();
+    executor.clean_with(backend).await.unwrap();
+    let tables = lab.host.run(&["nft", "list", "tables"]);
     assert!(
-        ruleset.contains("table ip foreign") && !ruleset.contains("cloak_portfwd"),
-        "{ruleset}"
+        tables.contains("table ip foreign") && !tables.contains("cloak_portfwd"),
+        "{tables}"
     );
-    executor.clean().await.unwrap(); // idempotent
-    for name in ["node1", "node2", "node3", "node4"] {
-        let _ = nodes.delete(name, &DeleteParams::default()).await;
+    let nat = lab.host.run(&["iptables", "-t", "nat", "-S"]);
+    assert!(
+        nat.contains("-A PREROUTING -p tcp -m tcp --dport 1 -j ACCEPT"),
+        "{nat}"
+    );
+    assert!(!nat.contains("CLOAK"), "{nat}");
+    for i in 0..NODES.len() {
+        nodes
+            .delete(&node_name(i), &DeleteParams::default())
+            .await
+            .unwrap();
+    }
+    for name in ["ssh", "dns", "admin", "partner", "broken"] {
+        services
+            .delete(name, &DeleteParams::default())
+            .await
+            .unwrap();
     }
 }
 
