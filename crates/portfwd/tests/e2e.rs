@@ -557,3 +557,70 @@ async fn the_ssh_executor_loads_rules_through_a_restricted_account() {
     let err = executor.load("this is not nft\n").await.unwrap_err();
     assert!(err.to_string().contains("exited with"), "{err}");
 }
+
+/// Deletes a namespace made outside [`Netns`] (its name is fixed in advance), even on panic.
+struct Del(String);
+impl Drop for Del {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// A failed apply is retried with backoff until it succeeds (Epok dropped it): the forwarder
+/// starts while its target namespace does not exist yet, and loads once it appears.
+#[tokio::test]
+async fn a_failed_apply_is_retried_until_it_succeeds() {
+    let cp = ControlPlane::shared();
+    let later = format!("ck{}-later", std::process::id() % 100_000);
+    let config = Config {
+        options: Options {
+            interfaces: vec!["eth0".into()],
+            external_interface: None,
+        },
+        executor: Executor::Local {
+            netns: Some(later.clone()),
+        },
+        backend: Backend::Nftables,
+        debounce: Duration::from_millis(50),
+        instance: "retry-test".into(),
+    };
+    let metrics = Arc::new(Metrics::new());
+    let ready = Arc::new(AtomicBool::new(false));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let forwarder = tokio::spawn({
+        let (client, metrics, ready) = (cp.client(), metrics.clone(), ready.clone());
+        async move {
+            cloak_portfwd::run(client, config, metrics, ready, async {
+                let _ = stopped.await;
+            })
+            .await;
+        }
+    });
+    eventually("an apply has failed", || {
+        (
+            metrics.failures.get() >= 1,
+            format!("failures {}", metrics.failures.get()),
+        )
+    })
+    .await;
+    assert!(
+        !ready.load(std::sync::atomic::Ordering::Relaxed),
+        "not ready before a ruleset is loaded"
+    );
+    cloak_testkit::netns::ip_ok(&["netns", "add", &later]);
+    let _cleanup = Del(later.clone());
+    eventually("the retry loads the ruleset", || {
+        (
+            ready.load(std::sync::atomic::Ordering::Relaxed),
+            String::new(),
+        )
+    })
+    .await;
+    let tables = Command::new("ip")
+        .args(["netns", "exec", &later, "nft", "list", "tables"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&tables.stdout).contains("cloak_portfwd"));
+    let _ = stop.send(());
+    forwarder.await.unwrap();
+}
