@@ -209,17 +209,22 @@ fn run_portfwd(args: PortfwdArgs) -> anyhow::Result<()> {
             std::sync::Arc::new(registry),
             ready.clone(),
         );
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .context("installing the SIGTERM handler")?;
-        let shutdown = async move {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {},
-                _ = term.recv() => {},
-            }
-        };
+        let shutdown = shutdown_signal()?;
         tokio::select! {
             () = Box::pin(cloak_portfwd::run(client, config, metrics, ready, shutdown)) => Ok(()),
             result = admin => result.context("admin server"),
+        }
+    })
+}
+
+/// Resolves on SIGTERM (how Kubernetes stops a pod) or SIGINT (a terminal).
+fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()> + Send> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = term.recv() => {},
         }
     })
 }
@@ -279,14 +284,7 @@ fn run_operator(args: OperatorArgs) -> anyhow::Result<()> {
             ..cloak_operator::Config::default()
         };
         // Kubernetes stops pods with SIGTERM; a terminal sends SIGINT.
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .context("installing the SIGTERM handler")?;
-        let shutdown = async move {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {},
-                _ = term.recv() => {},
-            }
-        };
+        let shutdown = shutdown_signal()?;
         Box::pin(cloak_operator::run(client, config, shutdown))
             .await
             .context("operator")

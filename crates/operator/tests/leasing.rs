@@ -380,21 +380,7 @@ async fn the_provider_with_most_free_slots_is_chosen() {
 #[tokio::test]
 async fn a_pod_owned_by_the_mask_makes_it_active_and_delays_release_until_it_is_gone() {
     let (client, ns) = setup("active").await;
-    secret(&client, &ns, "creds", GLUETUN).await;
-    provider(
-        &client,
-        &ns,
-        "vpn",
-        json!({"secret": "creds", "maxSlots": 1, "verify": {"skip": true}}),
-    )
-    .await;
-    mask(&client, &ns, "m", &[]).await;
-    wait_for(
-        "m is Ready",
-        async || mask_status(&client, &ns, "m").await,
-        |s| phase(s) == Some(MaskPhase::Ready),
-    )
-    .await;
+    one_slot_provider_and_ready_mask(&client, &ns).await;
     let pods = Api::<Pod>::namespaced(client.clone(), &ns);
     use_mask(&client, &ns, "m", "user").await;
 
@@ -937,21 +923,7 @@ async fn foreground_deletion_through_the_garbage_collector_releases_the_slot_aft
         .await
         .unwrap();
     let (client, ns) = setup("foreground").await;
-    secret(&client, &ns, "creds", GLUETUN).await;
-    provider(
-        &client,
-        &ns,
-        "vpn",
-        json!({"secret": "creds", "maxSlots": 1, "verify": {"skip": true}}),
-    )
-    .await;
-    mask(&client, &ns, "m", &[]).await;
-    wait_for(
-        "m is Ready",
-        async || mask_status(&client, &ns, "m").await,
-        |s| phase(s) == Some(MaskPhase::Ready),
-    )
-    .await;
+    one_slot_provider_and_ready_mask(&client, &ns).await;
     let pods = Api::<Pod>::namespaced(client.clone(), &ns);
     use_mask(&client, &ns, "m", "user").await;
 
@@ -1021,6 +993,25 @@ async fn use_mask(client: &Client, ns: &str, mask: &str, pod: &str) {
         "the mask is Active",
         async || mask_status(client, ns, mask).await,
         |s| phase(s) == Some(MaskPhase::Active),
+    )
+    .await;
+}
+
+/// Provider `vpn` (one slot, verification skipped) and mask `m` holding that slot.
+async fn one_slot_provider_and_ready_mask(client: &Client, ns: &str) {
+    secret(client, ns, "creds", GLUETUN).await;
+    provider(
+        client,
+        ns,
+        "vpn",
+        json!({"secret": "creds", "maxSlots": 1, "verify": {"skip": true}}),
+    )
+    .await;
+    mask(client, ns, "m", &[]).await;
+    wait_for(
+        "m is Ready",
+        async || mask_status(client, ns, "m").await,
+        |s| phase(s) == Some(MaskPhase::Ready),
     )
     .await;
 }
