@@ -28,4 +28,13 @@ step "helm lint"
 helm lint --strict charts/cloak >/dev/null
 
 step "cargo test (all tiers)"
-cargo test --workspace --locked --no-fail-fast
+# --lib --bins --tests: every tier, without benchmark targets (they run with `cargo bench`) and
+# without doc-tests (there are none to run).
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --workspace --locked --no-fail-fast --lib --bins --tests 2>&1 | tee "$log" || status=$?
+# One closing line for the whole run, summed over every test binary.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed;?$/) p += $(i-1); if ($i ~ /^failed;?$/) f += $(i-1) } }
+     END { printf "cloak: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"

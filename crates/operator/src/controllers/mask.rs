@@ -258,7 +258,22 @@ async fn allocate(
         Plan::Try(attempts) => attempts,
     };
     for (provider, slot) in attempts {
-        if reserve(ctx, provider, slot, mask).await? {
+        if let Some(reservation) = reserve(ctx, provider, slot, mask).await? {
+            // The mask may have started deleting while the reservation was made; its cleanup
+            // could then have looked for reservations before this one existed, and the slot
+            // would leak. Checked after the create, a deletion that starts later finds it.
+            let api: Api<VpnMask> =
+                Api::namespaced(ctx.client.clone(), &mask.namespace().unwrap_or_default());
+            let current = api.get_metadata_opt(&mask.name_any()).await?;
+            let alive = current
+                .is_some_and(|m| m.uid() == mask.uid() && m.metadata.deletion_timestamp.is_none());
+            if !alive {
+                release(ctx, &reservation).await?;
+                return Ok(Err((
+                    MaskPhase::Pending,
+                    "the mask is being deleted".into(),
+                )));
+            }
             return Ok(Ok(assignment(provider, slot, mask)));
         }
     }
@@ -315,13 +330,13 @@ fn provider_slots(ctx: &Context, include_unusable: bool) -> Vec<ProviderSlots> {
         .collect()
 }
 
-/// Creates the reservation of `slot`. `false` when another mask holds it already.
+/// Creates the reservation of `slot`; `None` when another mask holds it already.
 async fn reserve(
     ctx: &Context,
     provider: &ProviderSlots,
     slot: u32,
     mask: &VpnMask,
-) -> Result<bool> {
+) -> Result<Option<PartialObjectMeta<Lease>>> {
     let mask_key = format!(
         "{}/{}",
         mask.namespace().unwrap_or_default(),
@@ -360,8 +375,10 @@ async fn reserve(
         .create(&PostParams::default(), &lease)
         .await
     {
-        Ok(_) => Ok(true),
-        Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
+        Ok(created) => Ok(Some(
+            kube::core::PartialObjectMetaExt::into_response_partial(created.metadata),
+        )),
+        Err(kube::Error::Api(status)) if status.code == 409 => Ok(None),
         Err(e) => Err(e.into()),
     }
 }
