@@ -13,13 +13,12 @@ use cloak_api::{MaskPhase, VpnMask, VpnMaskSpec, VpnProvider};
 use cloak_testkit::{ControlPlane, TestNamespace};
 use common::Running;
 use k8s_openapi::{
-    ByteString,
-    api::{core::v1::Secret, events::v1::Event},
+    api::events::v1::Event,
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
 };
 use kube::{
     Api,
-    api::{DynamicObject, ListParams, ObjectMeta, Patch, PatchParams, PostParams},
+    api::{DynamicObject, ListParams, Patch, PatchParams, PostParams},
 };
 use serde_json::json;
 
@@ -59,18 +58,7 @@ async fn an_unreadable_mask_is_reported_and_the_others_are_still_served() {
     }
 
     let operator = Running::start(cp.client(), cloak_operator::Config::default());
-    let secret = Secret {
-        metadata: ObjectMeta {
-            name: Some("creds".into()),
-            ..ObjectMeta::default()
-        },
-        data: Some([("VPN_SERVICE_PROVIDER".to_owned(), ByteString(b"x".to_vec()))].into()),
-        ..Secret::default()
-    };
-    Api::<Secret>::namespaced(client.clone(), &ns)
-        .create(&PostParams::default(), &secret)
-        .await
-        .unwrap();
+    common::credentials_secret(&client, &ns).await;
     let provider: VpnProvider = serde_json::from_value(json!({
         "apiVersion": "cloak.dev/v1alpha1", "kind": "VpnProvider", "metadata": {"name": "p"},
         "spec": {"secret": "creds", "maxSlots": 2, "verify": {"skip": true}}

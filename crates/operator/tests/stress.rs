@@ -17,10 +17,10 @@ use cloak_api::{MaskPhase, VpnMask, VpnMaskSpec, VpnProvider};
 use cloak_testkit::{ControlPlane, TestNamespace};
 use common::Running;
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::{ByteString, api::coordination::v1::Lease, api::core::v1::Secret};
+use k8s_openapi::api::coordination::v1::Lease;
 use kube::{
     Api, Client, ResourceExt,
-    api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams},
+    api::{DeleteParams, PostParams},
     runtime::watcher,
 };
 use serde_json::json;
@@ -64,18 +64,7 @@ async fn slots_never_exceed_max_slots_under_racing_operators_and_churn() {
     let client = cp.client();
     let ns = TestNamespace::create(&client, "stress").await.unwrap();
     let ns = ns.name().to_owned();
-    let secret = Secret {
-        metadata: ObjectMeta {
-            name: Some("creds".into()),
-            ..ObjectMeta::default()
-        },
-        data: Some([("VPN_SERVICE_PROVIDER".to_owned(), ByteString(b"x".to_vec()))].into()),
-        ..Secret::default()
-    };
-    Api::<Secret>::namespaced(client.clone(), &ns)
-        .patch("creds", &PatchParams::apply("t"), &Patch::Apply(&secret))
-        .await
-        .unwrap();
+    common::credentials_secret(&client, &ns).await;
 
     // The watcher: every stored reservation, checked against its provider's maxSlots.
     let seen = Arc::new(Mutex::new(Seen::default()));

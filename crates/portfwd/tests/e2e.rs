@@ -211,6 +211,42 @@ async fn service(
         .unwrap();
 }
 
+/// A forwarder running on the test's runtime, with its metrics and readiness.
+struct Forwarder {
+    metrics: Arc<Metrics>,
+    ready: Arc<AtomicBool>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Forwarder {
+    fn start(client: Client, config: Config) -> Self {
+        let metrics = Arc::new(Metrics::new());
+        let ready = Arc::new(AtomicBool::new(false));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn({
+            let (metrics, ready) = (metrics.clone(), ready.clone());
+            async move {
+                cloak_portfwd::run(client, config, metrics, ready, async {
+                    let _ = stopped.await;
+                })
+                .await;
+            }
+        });
+        Self {
+            metrics,
+            ready,
+            stop,
+            task,
+        }
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.task.await.unwrap();
+    }
+}
+
 /// Polls `check` until it holds (10 s at most).
 async fn eventually(what: &str, mut check: impl FnMut() -> (bool, String)) {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -327,18 +363,8 @@ async fn scenario(backend: Backend, prefix: &str, base: u16) {
         debounce: Duration::from_millis(100),
         instance: "test".into(),
     };
-    let metrics = Arc::new(Metrics::new());
-    let ready = Arc::new(AtomicBool::new(false));
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let forwarder = tokio::spawn({
-        let (client, metrics, ready) = (cp.client(), metrics.clone(), ready.clone());
-        async move {
-            cloak_portfwd::run(client, config, metrics, ready, async {
-                let _ = stopped.await;
-            })
-            .await;
-        }
-    });
+    let forwarder = Forwarder::start(cp.client(), config);
+    let (metrics, ready) = (forwarder.metrics.clone(), forwarder.ready.clone());
 
     // TCP and UDP reach the ready, not excluded nodes, spread over both, never the others.
     eventually("ssh is forwarded", || {
@@ -427,8 +453,7 @@ async fn scenario(backend: Backend, prefix: &str, base: u16) {
     })
     .await;
 
-    let _ = stop.send(());
-    forwarder.await.unwrap();
+    forwarder.stop().await;
     assert!(ready.load(std::sync::atomic::Ordering::Relaxed));
     assert!(metrics.syncs.get() >= 3, "syncs: {}", metrics.syncs.get());
 
@@ -584,18 +609,8 @@ async fn a_failed_apply_is_retried_until_it_succeeds() {
         debounce: Duration::from_millis(50),
         instance: "retry-test".into(),
     };
-    let metrics = Arc::new(Metrics::new());
-    let ready = Arc::new(AtomicBool::new(false));
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let forwarder = tokio::spawn({
-        let (client, metrics, ready) = (cp.client(), metrics.clone(), ready.clone());
-        async move {
-            cloak_portfwd::run(client, config, metrics, ready, async {
-                let _ = stopped.await;
-            })
-            .await;
-        }
-    });
+    let forwarder = Forwarder::start(cp.client(), config);
+    let (metrics, ready) = (forwarder.metrics.clone(), forwarder.ready.clone());
     eventually("an apply has failed", || {
         (
             metrics.failures.get() >= 1,
@@ -621,6 +636,5 @@ async fn a_failed_apply_is_retried_until_it_succeeds() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&tables.stdout).contains("cloak_portfwd"));
-    let _ = stop.send(());
-    forwarder.await.unwrap();
+    forwarder.stop().await;
 }

@@ -2,7 +2,11 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::large_futures)] // each binary uses a subset
 
-use kube::Client;
+use k8s_openapi::{ByteString, api::core::v1::Secret};
+use kube::{
+    Api, Client,
+    api::{ObjectMeta, Patch, PatchParams},
+};
 
 /// An operator instance running on the calling test's runtime.
 pub(crate) struct Running {
@@ -29,4 +33,20 @@ impl Running {
         let _ = self.stop.send(());
         self.task.await.unwrap();
     }
+}
+
+/// Secret `creds` in `ns` with gluetun-style credentials (enough for `verify.skip` providers).
+pub(crate) async fn credentials_secret(client: &Client, ns: &str) {
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some("creds".into()),
+            ..ObjectMeta::default()
+        },
+        data: Some([("VPN_SERVICE_PROVIDER".to_owned(), ByteString(b"x".to_vec()))].into()),
+        ..Secret::default()
+    };
+    Api::<Secret>::namespaced(client.clone(), ns)
+        .patch("creds", &PatchParams::apply("test"), &Patch::Apply(&secret))
+        .await
+        .unwrap();
 }
