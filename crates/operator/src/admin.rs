@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, net::SocketAddr, sync::Arc};
 use axum::{Router, extract::State, http::StatusCode, routing::get};
 use kube::ResourceExt;
 
-use crate::{Context, Health, labels, metrics::Metrics};
+use crate::{Context, Health, metrics::Metrics};
 
 #[derive(Clone)]
 struct Admin {
@@ -73,7 +73,7 @@ pub(crate) fn refresh_gauges(ctx: &Context, metrics: &Metrics) {
             .get_or_create(&PhaseLabels { phase })
             .set(count);
     }
-    let leases = ctx.leases.state();
+    let taken = crate::controllers::reservations_by_provider(ctx);
     metrics.slots_used.clear();
     metrics.slots_max.clear();
     for provider in ctx.providers.state() {
@@ -82,11 +82,10 @@ pub(crate) fn refresh_gauges(ctx: &Context, metrics: &Metrics) {
             namespace: p.namespace().unwrap_or_default(),
             provider: p.name_any(),
         };
-        let uid = p.uid().unwrap_or_default();
-        let used = leases
-            .iter()
-            .filter(|l| l.labels().get(labels::PROVIDER_UID) == Some(&uid))
-            .count();
+        let used = p
+            .uid()
+            .and_then(|uid| taken.get(&uid))
+            .map_or(0, std::collections::BTreeSet::len);
         metrics
             .slots_used
             .get_or_create(&key)

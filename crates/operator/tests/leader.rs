@@ -63,6 +63,25 @@ async fn reporters(client: &Client, ns: &str, name: &str, within: Duration) -> V
     }
 }
 
+/// A new provider is handled by `instance` alone (every Event about it is that instance's), and
+/// `instance` holds the leader Lease.
+async fn acts_alone(client: &Client, ns: &str, provider: &str, instance: &str, within: Duration) {
+    provider_without_secret(client, ns, provider).await;
+    let seen = reporters(client, ns, provider, within).await;
+    assert!(
+        seen.iter().all(|r| r == instance),
+        "only {instance} acts: {seen:?}"
+    );
+    let lease = Api::<Lease>::namespaced(client.clone(), ns)
+        .get("cloak-leader")
+        .await
+        .unwrap();
+    assert_eq!(
+        lease.spec.unwrap().holder_identity.as_deref(),
+        Some(instance)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_lease_holder_acts_and_the_other_takes_over_when_it_stops() {
     let cp = ControlPlane::shared();
@@ -79,37 +98,11 @@ async fn only_the_lease_holder_acts_and_the_other_takes_over_when_it_stops() {
     }
     let second = start("second", cp.client(), &ns);
 
-    provider_without_secret(&client, &ns, "one").await;
-    let seen = reporters(&client, &ns, "one", Duration::from_secs(20)).await;
-    assert!(
-        seen.iter().all(|r| r == "first"),
-        "only the leader acts: {seen:?}"
-    );
-    let holder = leases
-        .get("cloak-leader")
-        .await
-        .unwrap()
-        .spec
-        .unwrap()
-        .holder_identity;
-    assert_eq!(holder.as_deref(), Some("first"));
+    acts_alone(&client, &ns, "one", "first", Duration::from_secs(20)).await;
 
     // The leader stops; after the lease expires the other instance takes over and acts.
     first.stop().await;
-    provider_without_secret(&client, &ns, "two").await;
     let within = cloak_operator::leader::LEASE_DURATION + Duration::from_secs(15);
-    let seen = reporters(&client, &ns, "two", within).await;
-    assert!(
-        seen.iter().all(|r| r == "second"),
-        "the new leader acts: {seen:?}"
-    );
-    let holder = leases
-        .get("cloak-leader")
-        .await
-        .unwrap()
-        .spec
-        .unwrap()
-        .holder_identity;
-    assert_eq!(holder.as_deref(), Some("second"));
+    acts_alone(&client, &ns, "two", "second", within).await;
     second.stop().await;
 }

@@ -381,36 +381,9 @@ async fn the_provider_with_most_free_slots_is_chosen() {
 async fn a_pod_owned_by_the_mask_makes_it_active_and_delays_release_until_it_is_gone() {
     let (client, ns) = setup("active").await;
     one_slot_provider_and_ready_mask(&client, &ns).await;
-    let pods = Api::<Pod>::namespaced(client.clone(), &ns);
     use_mask(&client, &ns, "m", "user").await;
 
-    Api::<VpnMask>::namespaced(client.clone(), &ns)
-        .delete("m", &DeleteParams::default())
-        .await
-        .unwrap();
-    wait_for(
-        "the pod using the mask is deleted",
-        async || pods.get_opt("user").await.unwrap(),
-        Option::is_none,
-    )
-    .await;
-    wait_for(
-        "then the mask is gone",
-        async || {
-            Api::<VpnMask>::namespaced(client.clone(), &ns)
-                .get_opt("m")
-                .await
-                .unwrap()
-        },
-        Option::is_none,
-    )
-    .await;
-    wait_for(
-        "and the slot is free",
-        async || provider_status(&client, &ns, "vpn").await,
-        |s| s.as_ref().is_some_and(|s| s.active_slots == 0),
-    )
-    .await;
+    delete_mask_in_use(&client, &ns, &DeleteParams::default()).await;
 }
 
 #[tokio::test]
@@ -924,37 +897,10 @@ async fn foreground_deletion_through_the_garbage_collector_releases_the_slot_aft
         .unwrap();
     let (client, ns) = setup("foreground").await;
     one_slot_provider_and_ready_mask(&client, &ns).await;
-    let pods = Api::<Pod>::namespaced(client.clone(), &ns);
     use_mask(&client, &ns, "m", "user").await;
 
-    Api::<VpnMask>::namespaced(client.clone(), &ns)
-        .delete("m", &DeleteParams::foreground())
-        .await
-        .unwrap();
-    wait_for(
-        "the pod is gone",
-        async || pods.get_opt("user").await.unwrap(),
-        Option::is_none,
-    )
-    .await;
-    wait_for(
-        "the mask is gone",
-        async || {
-            Api::<VpnMask>::namespaced(client.clone(), &ns)
-                .get_opt("m")
-                .await
-                .unwrap()
-        },
-        Option::is_none,
-    )
-    .await;
-    wait_for(
-        "the slot is free",
-        async || provider_status(&client, &ns, "vpn").await,
-        |s| s.as_ref().is_some_and(|s| s.active_slots == 0),
-    )
-    .await;
-    let copy = names_secret("m");
+    delete_mask_in_use(&client, &ns, &DeleteParams::foreground()).await;
+    let copy = cloak_model::names::mask_secret("m");
     wait_for(
         "the credentials copy is gone",
         async || {
@@ -966,10 +912,6 @@ async fn foreground_deletion_through_the_garbage_collector_releases_the_slot_aft
         Option::is_none,
     )
     .await;
-}
-
-fn names_secret(mask: &str) -> String {
-    format!("{mask}-vpn-credentials")
 }
 
 /// Creates pod `pod` using mask `mask` (an ownerReference with blockOwnerDeletion, as seed 000
@@ -1012,6 +954,32 @@ async fn one_slot_provider_and_ready_mask(client: &Client, ns: &str) {
         "m is Ready",
         async || mask_status(client, ns, "m").await,
         |s| phase(s) == Some(MaskPhase::Ready),
+    )
+    .await;
+}
+
+/// Deletes mask `m`, used by pod `user`, with `params`; then the pod goes first, the mask after,
+/// and only then is the provider's slot free.
+async fn delete_mask_in_use(client: &Client, ns: &str, params: &DeleteParams) {
+    let pods = Api::<Pod>::namespaced(client.clone(), ns);
+    let masks = Api::<VpnMask>::namespaced(client.clone(), ns);
+    masks.delete("m", params).await.unwrap();
+    wait_for(
+        "the pod using the mask is gone",
+        async || pods.get_opt("user").await.unwrap(),
+        Option::is_none,
+    )
+    .await;
+    wait_for(
+        "then the mask is gone",
+        async || masks.get_opt("m").await.unwrap(),
+        Option::is_none,
+    )
+    .await;
+    wait_for(
+        "and the slot is free",
+        async || provider_status(client, ns, "vpn").await,
+        |s| s.as_ref().is_some_and(|s| s.active_slots == 0),
     )
     .await;
 }

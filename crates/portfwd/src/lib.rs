@@ -156,7 +156,13 @@ impl Executor {
 
     /// Loads `script` with `backend`'s loader. Over SSH the remote account's command decides.
     pub async fn load_with(&self, backend: Backend, script: &str) -> Result<(), Error> {
-        let mut command = self.command(backend.loader());
+        self.run(backend.loader(), script).await
+    }
+
+    /// Runs `program` here, in the namespace, or over SSH, with `script` on its standard input;
+    /// a non-zero exit is an error carrying its standard error.
+    async fn run(&self, program: &[&str], script: &str) -> Result<(), Error> {
+        let mut command = self.command(program);
         let program = format!("{:?}", command.as_std());
         let mut child = command
             .stdin(Stdio::piped())
@@ -190,36 +196,12 @@ impl Executor {
         }
     }
 
-    /// Removes everything cloak owns (its one table) and nothing else.
-    pub async fn clean(&self) -> Result<(), Error> {
-        self.load(&model::clean_script()).await
-    }
-
-    /// Removes everything cloak owns for `backend`: its table, or its chains and the jumps to them.
+    /// Removes everything cloak owns for `backend` and nothing else: its table, or its chains
+    /// and the jumps to them. Succeeds when there is nothing to remove.
     pub async fn clean_with(&self, backend: Backend) -> Result<(), Error> {
         match backend {
-            Backend::Nftables => self.clean().await,
-            Backend::Iptables => {
-                let mut command = self.command(&["sh", "-c", IPTABLES_CLEAN]);
-                let program = format!("{:?}", command.as_std());
-                let status = command
-                    .stdin(Stdio::null())
-                    .status()
-                    .await
-                    .map_err(|source| Error::Spawn {
-                        program: program.clone(),
-                        source,
-                    })?;
-                if status.success() {
-                    Ok(())
-                } else {
-                    Err(Error::Failed {
-                        program,
-                        status,
-                        stderr: String::new(),
-                    })
-                }
-            }
+            Backend::Nftables => self.run(backend.loader(), &model::clean_script()).await,
+            Backend::Iptables => self.run(&["sh", "-c", IPTABLES_CLEAN], "").await,
         }
     }
 }

@@ -572,7 +572,7 @@ async fn the_ssh_executor_loads_rules_through_a_restricted_account() {
         host.run(&["nft", "list", "tables"])
             .contains("table ip cloak_portfwd")
     );
-    executor.clean().await.unwrap();
+    executor.clean_with(Backend::Nftables).await.unwrap();
     assert!(
         !host
             .run(&["nft", "list", "tables"])

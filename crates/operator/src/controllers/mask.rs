@@ -297,17 +297,7 @@ fn assignment(provider: &ProviderSlots, slot: u32, mask: &VpnMask) -> AssignedPr
 fn provider_slots(ctx: &Context, include_unusable: bool) -> Vec<ProviderSlots> {
     // One pass over the reservations, not one per provider: with 10,000 reservations and 50
     // providers the difference is most of an allocation's CPU time.
-    let mut taken_by: std::collections::HashMap<String, std::collections::BTreeSet<u32>> =
-        std::collections::HashMap::new();
-    for lease in ctx.leases.state() {
-        let lease_labels = lease.labels();
-        if let (Some(uid), Some(slot)) = (
-            lease_labels.get(labels::PROVIDER_UID),
-            lease_labels.get(labels::SLOT).and_then(|s| s.parse().ok()),
-        ) {
-            taken_by.entry(uid.clone()).or_default().insert(slot);
-        }
-    }
+    let mut taken_by = super::reservations_by_provider(ctx);
     ctx.providers
         .state()
         .iter()

@@ -109,6 +109,23 @@ pub(crate) fn waiting_masks(ctx: &Context) -> Vec<MaskRef> {
         .collect()
 }
 
+/// Slot indices reserved per provider uid, from the cache, in one pass over the reservations.
+pub(crate) fn reservations_by_provider(
+    ctx: &Context,
+) -> HashMap<String, std::collections::BTreeSet<u32>> {
+    let mut taken: HashMap<String, std::collections::BTreeSet<u32>> = HashMap::new();
+    for lease in ctx.leases.state() {
+        let lease_labels = lease.labels();
+        if let (Some(uid), Some(slot)) = (
+            lease_labels.get(labels::PROVIDER_UID),
+            lease_labels.get(labels::SLOT).and_then(|s| s.parse().ok()),
+        ) {
+            taken.entry(uid.clone()).or_default().insert(slot);
+        }
+    }
+    taken
+}
+
 /// Masks holding a slot of the provider with this uid.
 pub(crate) fn masks_of_provider(ctx: &Context, provider_uid: &str) -> Vec<MaskRef> {
     ctx.masks
@@ -276,6 +293,17 @@ pub(crate) async fn publish<K: Resource<DynamicType = ()>>(
     reason: &str,
     note: String,
 ) {
+    publish_about(ctx, &object.object_ref(&()), type_, reason, note).await;
+}
+
+/// [`publish`] for an object known only by reference (one that could not be deserialized).
+async fn publish_about(
+    ctx: &Context,
+    reference: &k8s_openapi::api::core::v1::ObjectReference,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
     let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
     let event = Event {
         type_,
@@ -284,7 +312,7 @@ pub(crate) async fn publish<K: Resource<DynamicType = ()>>(
         action: "Reconcile".into(),
         secondary: None,
     };
-    if let Err(e) = recorder.publish(&event, &object.object_ref(&())).await {
+    if let Err(e) = recorder.publish(&event, reference).await {
         tracing::warn!(error = %e, reason, "publishing an event failed");
     }
 }
@@ -311,17 +339,14 @@ where
         uid: meta.uid.clone(),
         ..Default::default()
     };
-    let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
-    let event = Event {
-        type_: EventType::Warning,
-        reason: "InvalidSpec".into(),
-        note: Some(message.clone()),
-        action: "Reconcile".into(),
-        secondary: None,
-    };
-    if let Err(e) = recorder.publish(&event, &reference).await {
-        tracing::warn!(error = %e, "publishing an event failed");
-    }
+    publish_about(
+        ctx,
+        &reference,
+        EventType::Warning,
+        "InvalidSpec",
+        message.clone(),
+    )
+    .await;
     let resource = kube::api::ApiResource::erase::<K>(&());
     let api: kube::Api<kube::api::DynamicObject> = kube::Api::namespaced_with(
         ctx.client.clone(),

@@ -173,7 +173,6 @@ async fn apply(provider: &VpnProvider, ctx: &Context) -> Result<Action> {
             };
             publish(ctx, provider, type_, &format!("{phase:?}"), message).await;
         }
-        let api: Api<VpnProvider> = Api::namespaced(ctx.client.clone(), &ns);
         api.patch_status(
             &provider.name_any(),
             &PatchParams::default(),
