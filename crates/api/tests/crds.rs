@@ -304,8 +304,7 @@ async fn kubectl_explain_shows_the_field_documentation() {
 #[tokio::test]
 async fn every_yaml_example_in_the_readme_is_accepted() {
     let (client, ns) = setup("readme").await;
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).unwrap();
+    let readme = std::fs::read_to_string(cloak_testkit::repo_path("README.md")).unwrap();
     let mut applied = 0;
     for block in readme.split("```yaml\n").skip(1) {
         let block = block.split("```").next().unwrap();

@@ -318,10 +318,7 @@ mod tests {
 
     #[test]
     fn checked_in_crds_match_the_rust_types() {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../deploy/crds/cloak.dev.yaml"
-        );
+        let path = cloak_testkit::repo_path("deploy/crds/cloak.dev.yaml");
         let checked_in = std::fs::read_to_string(path).unwrap_or_default();
         assert!(
             checked_in == render_crds().unwrap(),

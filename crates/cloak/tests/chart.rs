@@ -10,7 +10,10 @@ use std::{
 
 use cloak_testkit::{ControlPlane, TestNamespace, tool};
 
-const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../charts/cloak");
+/// The chart of the checkout running the test (see `cloak_testkit::repo_path`).
+fn chart() -> std::path::PathBuf {
+    cloak_testkit::repo_path("charts/cloak")
+}
 
 fn run(command: &mut Command, stdin: Option<&str>) -> String {
     let mut child = command
@@ -34,7 +37,9 @@ fn run(command: &mut Command, stdin: Option<&str>) -> String {
 
 fn render(namespace: &str, values: &[&str]) -> String {
     let mut helm = Command::new(tool("helm"));
-    helm.args(["template", "cloak", CHART, "--namespace", namespace]);
+    helm.args(["template", "cloak"])
+        .arg(chart())
+        .args(["--namespace", namespace]);
     for value in values {
         helm.args(["--set", value]);
     }
@@ -64,7 +69,9 @@ fn server_dry_run(kubeconfig: &Path, namespace: &str, manifest: &str) -> String 
 #[test]
 fn the_chart_lints_clean() {
     run(
-        Command::new(tool("helm")).args(["lint", "--strict", CHART]),
+        Command::new(tool("helm"))
+            .args(["lint", "--strict"])
+            .arg(chart()),
         None,
     );
 }
@@ -120,12 +127,9 @@ async fn toggles_render_objects_the_api_server_accepts() {
 
 #[test]
 fn the_charts_crds_are_the_generated_ones_marked_keep() {
-    let chart_copy = std::fs::read_to_string(format!("{CHART}/files/crds.yaml")).unwrap();
-    let generated = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../deploy/crds/cloak.dev.yaml"
-    ))
-    .unwrap();
+    let chart_copy = std::fs::read_to_string(chart().join("files/crds.yaml")).unwrap();
+    let generated =
+        std::fs::read_to_string(cloak_testkit::repo_path("deploy/crds/cloak.dev.yaml")).unwrap();
     assert!(
         chart_copy == generated,
         "charts/cloak/files/crds.yaml drifted: copy deploy/crds/cloak.dev.yaml over it"

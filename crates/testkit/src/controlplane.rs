@@ -587,7 +587,7 @@ impl TestNamespace {
 
 /// `deploy/crds/` of this repository.
 pub fn crds_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/crds")
+    crate::repo_path("deploy/crds")
 }
 
 /// Runs `tools/build-control-plane.sh` (a no-op when cached) and returns the binaries' directory,
@@ -596,7 +596,7 @@ fn control_plane_binaries() -> Result<PathBuf, Error> {
     if let Some(dir) = std::env::var_os("CLOAK_CONTROL_PLANE_BIN") {
         return Ok(PathBuf::from(dir));
     }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools/build-control-plane.sh");
+    let script = crate::repo_path("tools/build-control-plane.sh");
     let output = Command::new("bash")
         .arg(&script)
         .stderr(Stdio::inherit())

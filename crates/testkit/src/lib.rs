@@ -28,3 +28,17 @@ pub fn tool(name: &str) -> std::path::PathBuf {
         .filter(|p| p.is_file())
         .unwrap_or_else(|| name.into())
 }
+
+/// A path inside this repository, e.g. `repo_path("deploy/crds")`.
+///
+/// Resolved when the test runs, from the `CARGO_MANIFEST_DIR` cargo sets for every test process
+/// (a crate two levels below the root), not from the value compiled in: builds are cached in a
+/// target directory shared by every checkout (`tools/test.sh`), and a test binary compiled in
+/// one checkout must read the files of the checkout that runs it.
+pub fn repo_path(relative: &str) -> std::path::PathBuf {
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(
+        || std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")),
+        std::path::PathBuf::from,
+    );
+    manifest_dir.join("../..").join(relative)
+}
