@@ -1,0 +1,337 @@
+//! The kill switch: one nftables table (`inet cloak`) rendered from a [`FirewallPolicy`] value,
+//! replaced in one transaction (declare, delete, recreate: a load either applies whole or not at
+//! all), then read back and checked rule by rule.
+//!
+//! Output and forward chains drop by default. What may leave: replies to connections that came
+//! in, the VPN endpoints (only their address, transport and port), anything through the tunnel
+//! interface (IPv6 only when the tunnel carries it), the bypass networks, and DNS only through
+//! the tunnel to the one resolver.
+
+use std::{
+    fmt::{self, Write as _},
+    net::IpAddr,
+    sync::{Arc, Mutex},
+};
+
+use ipnet::IpNet;
+
+use crate::{Endpoint, Error, NFT_TABLE, command::run};
+
+/// What may leave the namespace.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FirewallPolicy {
+    /// VPN servers: reachable outside the tunnel.
+    pub endpoints: Vec<Endpoint>,
+    /// The tunnel interface; `None` blocks everything but the endpoints.
+    pub tunnel: Option<String>,
+    /// Let IPv6 through the tunnel (only when the tunnel carries it; otherwise IPv6 is dropped).
+    pub tunnel_ipv6: bool,
+    /// The one DNS server; DNS to any other address is dropped. DNS never leaves outside the
+    /// tunnel, with or without it.
+    pub dns: Option<IpAddr>,
+    /// Networks reachable outside the tunnel (the cluster, a LAN).
+    pub bypass: Vec<IpNet>,
+    /// TCP MSS to clamp forwarded SYNs to, in both directions (tunnel MTU - 40; NETNOTES trap 2).
+    pub clamp_mss: Option<u32>,
+}
+
+impl FirewallPolicy {
+    /// Nothing leaves at all (no config, or a config that cannot be used).
+    pub fn block_all() -> Self {
+        Self::default()
+    }
+
+    /// The nftables script that replaces the table with this policy.
+    pub fn render(&self) -> String {
+        let chains = self.chains();
+        let mut s = format!("table inet {NFT_TABLE} {{\n}}\ndelete table inet {NFT_TABLE}\ntable inet {NFT_TABLE} {{\n");
+        for chain in &chains {
+            let _ = write!(s, "\tchain {} {{\n\t\t{}\n", chain.name, chain.hook);
+            for rule in &chain.rules {
+                let _ = writeln!(s, "\t\t{rule}");
+            }
+            s.push_str("\t}\n");
+        }
+        s.push_str("}\n");
+        s
+    }
+
+    fn chains(&self) -> Vec<Chain> {
+        let mut allow = Vec::new();
+        // DNS first: it must not slip out through the endpoint or bypass rules.
+        let dns = "meta l4proto { tcp, udp } th dport 53";
+        match &self.tunnel {
+            Some(tun) => allow.push(format!("{dns} oifname != \"{tun}\" drop")),
+            None => allow.push(format!("{dns} drop")),
+        }
+        match self.dns {
+            Some(IpAddr::V4(r)) => allow.push(format!("{dns} ip daddr != {r} drop")),
+            Some(IpAddr::V6(r)) => allow.push(format!("{dns} ip6 daddr != {r} drop")),
+            None => {}
+        }
+        if let Some(tun) = &self.tunnel {
+            allow.push(format!("oifname \"{tun}\" meta nfproto ipv4 accept"));
+            if self.tunnel_ipv6 {
+                allow.push(format!("oifname \"{tun}\" meta nfproto ipv6 accept"));
+            }
+        }
+        for net in &self.bypass {
+            let family = if net.addr().is_ipv4() { "ip" } else { "ip6" };
+            allow.push(format!("{family} daddr {net} accept"));
+        }
+
+        let mut output = vec![
+            "oifname \"lo\" accept".to_owned(),
+            // Replies to connections that came in (probes, the admin server, forwarded clients).
+            // Only the reply direction: an outbound flow must never continue outside the tunnel
+            // once the tunnel's route is gone.
+            "ct state established,related ct direction reply accept".to_owned(),
+        ];
+        for ep in &self.endpoints {
+            let family = if ep.addr.is_ipv4() { "ip" } else { "ip6" };
+            output.push(format!(
+                "{family} daddr {} {} dport {} accept",
+                ep.addr.ip(),
+                ep.proto.as_str(),
+                ep.addr.port()
+            ));
+        }
+        output.extend(allow.iter().cloned());
+        output.push("counter drop".to_owned());
+
+        let mut forward = vec!["ct state established,related ct direction reply accept".to_owned()];
+        forward.extend(allow);
+        forward.push("counter drop".to_owned());
+
+        let mut chains = vec![
+            Chain {
+                name: "output",
+                hook: "type filter hook output priority filter; policy drop;".into(),
+                rules: output,
+            },
+            Chain {
+                name: "forward",
+                hook: "type filter hook forward priority filter; policy drop;".into(),
+                rules: forward,
+            },
+        ];
+        if let (Some(tun), Some(mss)) = (&self.tunnel, self.clamp_mss) {
+            chains.push(Chain {
+                name: "clamp",
+                hook: "type filter hook forward priority mangle; policy accept;".into(),
+                rules: ["oifname", "iifname"]
+                    .iter()
+                    .map(|dir| {
+                        format!(
+                            "{dir} \"{tun}\" tcp flags syn tcp option maxseg size > {mss} tcp option maxseg size set {mss}"
+                        )
+                    })
+                    .collect(),
+            });
+        }
+        chains
+    }
+}
+
+struct Chain {
+    name: &'static str,
+    hook: String,
+    rules: Vec<String>,
+}
+
+impl fmt::Display for FirewallPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.endpoints.is_empty() && self.tunnel.is_none() && self.bypass.is_empty() {
+            return f.write_str("block all");
+        }
+        write!(f, "allow endpoints [")?;
+        for (i, ep) in self.endpoints.iter().enumerate() {
+            write!(f, "{}{ep}", if i > 0 { ", " } else { "" })?;
+        }
+        f.write_str("]")?;
+        match &self.tunnel {
+            Some(t) => write!(
+                f,
+                ", tunnel {t} ({})",
+                if self.tunnel_ipv6 { "ipv4+ipv6" } else { "ipv4, ipv6 blocked" }
+            )?,
+            None => f.write_str(", no tunnel")?,
+        }
+        if let Some(dns) = self.dns {
+            write!(f, ", dns {dns} only")?;
+        }
+        if !self.bypass.is_empty() {
+            let nets: Vec<String> = self.bypass.iter().map(ToString::to_string).collect();
+            write!(f, ", bypass [{}]", nets.join(", "))?;
+        }
+        if let Some(mss) = self.clamp_mss {
+            write!(f, ", mss {mss}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Applies firewall policies to the kernel objects cloak owns.
+pub trait Firewall: Send {
+    /// Replaces the whole policy atomically and verifies it.
+    fn apply(&mut self, policy: &FirewallPolicy) -> Result<(), Error>;
+    /// Removes cloak's table, and nothing else.
+    fn reset(&mut self) -> Result<(), Error>;
+    /// Packets the output chain dropped so far, when known.
+    fn blocked_packets(&mut self) -> Option<u64>;
+}
+
+/// The nftables implementation.
+#[derive(Debug, Default)]
+pub struct Nftables;
+
+impl Firewall for Nftables {
+    fn apply(&mut self, policy: &FirewallPolicy) -> Result<(), Error> {
+        run("nft", &["-f", "-"], Some(policy.render().as_bytes()))?;
+        verify(policy)
+    }
+
+    fn reset(&mut self) -> Result<(), Error> {
+        match run("nft", &["delete", "table", "inet", NFT_TABLE], None) {
+            Err(Error::Command { stderr, .. }) if stderr.contains("No such file") => Ok(()),
+            other => other.map(drop),
+        }
+    }
+
+    fn blocked_packets(&mut self) -> Option<u64> {
+        let listing = run("nft", &["list", "chain", "inet", NFT_TABLE, "output"], None).ok()?;
+        listing
+            .lines()
+            .find(|l| l.contains("counter packets") && l.trim_end().ends_with("drop"))
+            .and_then(|l| l.split_whitespace().skip_while(|w| *w != "packets").nth(1))
+            .and_then(|n| n.parse().ok())
+    }
+}
+
+/// Reads the table back and checks every chain holds exactly the rules rendered.
+fn verify(policy: &FirewallPolicy) -> Result<(), Error> {
+    let listing = run("nft", &["list", "table", "inet", NFT_TABLE], None)?;
+    for chain in policy.chains() {
+        let header = format!("chain {} {{", chain.name);
+        let Some(start) = listing.find(&header) else {
+            return Err(Error::Verify(format!(
+                "nftables table {NFT_TABLE} has no chain {} after apply",
+                chain.name
+            )));
+        };
+        let body = &listing[start + header.len()..];
+        let body = &body[..body.find('}').unwrap_or(body.len())];
+        let rules = body
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with("type "))
+            .count();
+        if rules != chain.rules.len() {
+            return Err(Error::Verify(format!(
+                "chain {} holds {rules} rules after apply, {} expected",
+                chain.name,
+                chain.rules.len()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The in-memory fake: records every policy applied into a shared journal.
+#[derive(Debug, Clone, Default)]
+pub struct FakeFirewall {
+    pub journal: Arc<Mutex<Vec<String>>>,
+    /// Applying fails with this message while set.
+    pub fail: Arc<Mutex<Option<String>>>,
+}
+
+impl Firewall for FakeFirewall {
+    fn apply(&mut self, policy: &FirewallPolicy) -> Result<(), Error> {
+        if let Some(message) = self.fail.lock().ok().and_then(|f| f.clone()) {
+            return Err(Error::Verify(message));
+        }
+        if let Ok(mut j) = self.journal.lock() {
+            j.push(format!("firewall {policy}"));
+        }
+        Ok(())
+    }
+
+    fn reset(&mut self) -> Result<(), Error> {
+        if let Ok(mut j) = self.journal.lock() {
+            j.push("firewall reset".into());
+        }
+        Ok(())
+    }
+
+    fn blocked_packets(&mut self) -> Option<u64> {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Proto;
+
+    fn connected() -> FirewallPolicy {
+        FirewallPolicy {
+            endpoints: vec![Endpoint {
+                addr: "192.0.2.2:51820".parse().unwrap(),
+                proto: Proto::Udp,
+            }],
+            tunnel: Some("ck0".into()),
+            tunnel_ipv6: false,
+            dns: Some("10.64.0.1".parse().unwrap()),
+            bypass: vec!["10.96.0.0/12".parse().unwrap()],
+            clamp_mss: Some(1380),
+        }
+    }
+
+    #[test]
+    fn block_all_lets_nothing_out_but_loopback_and_replies() {
+        let script = FirewallPolicy::block_all().render();
+        assert_eq!(FirewallPolicy::block_all().to_string(), "block all");
+        assert!(script.starts_with("table inet cloak {\n}\ndelete table inet cloak\n"));
+        assert!(script.contains("policy drop;"));
+        assert!(!script.contains("accept\n\t\tcounter") || !script.contains("daddr"));
+        assert!(!script.contains("oifname \"ck"));
+        assert!(!script.contains("clamp"));
+    }
+
+    #[test]
+    fn connected_policy_allows_endpoint_tunnel_bypass_and_one_resolver() {
+        let p = connected();
+        let script = p.render();
+        for rule in [
+            "ip daddr 192.0.2.2 udp dport 51820 accept",
+            "meta l4proto { tcp, udp } th dport 53 oifname != \"ck0\" drop",
+            "meta l4proto { tcp, udp } th dport 53 ip daddr != 10.64.0.1 drop",
+            "oifname \"ck0\" meta nfproto ipv4 accept",
+            "ip daddr 10.96.0.0/12 accept",
+            "iifname \"ck0\" tcp flags syn tcp option maxseg size > 1380 tcp option maxseg size set 1380",
+        ] {
+            assert!(script.contains(rule), "missing {rule:?} in\n{script}");
+        }
+        assert!(!script.contains("nfproto ipv6 accept"), "IPv6 stays blocked");
+        assert_eq!(
+            p.to_string(),
+            "allow endpoints [192.0.2.2:51820/udp], tunnel ck0 (ipv4, ipv6 blocked), dns 10.64.0.1 only, bypass [10.96.0.0/12], mss 1380"
+        );
+        let v6 = FirewallPolicy {
+            tunnel_ipv6: true,
+            ..p
+        };
+        assert!(v6.render().contains("oifname \"ck0\" meta nfproto ipv6 accept"));
+    }
+
+    #[test]
+    fn dns_rules_come_before_anything_that_accepts() {
+        let script = connected().render();
+        let dns = script.find("th dport 53").unwrap();
+        let endpoint = script.find("udp dport 51820 accept").unwrap();
+        let forward = script.find("chain forward").unwrap();
+        assert!(endpoint < dns && dns < forward, "DNS is checked right after the endpoints");
+        let tunnel = script.find("oifname \"ck0\" meta nfproto ipv4 accept").unwrap();
+        assert!(dns < tunnel);
+    }
+}

@@ -1,0 +1,67 @@
+//! cloak's side-effect seam: everything the data plane does to the kernel goes through the traits
+//! here, [`Tunnel`]/[`TunnelDriver`], [`Firewall`] and [`Routes`]. Each has a Linux implementation
+//! and an in-memory fake beside it, so the agent's state machine is unit-tested without root.
+//!
+//! Desired state is a value ([`TunnelConfig`], [`FirewallPolicy`], [`RouteSet`]) with a one-line
+//! `Display` the agent logs on every apply. Values are applied to kernel objects cloak owns
+//! outright, named by the constants below, and `reset()` removes exactly those.
+//!
+//! What does not belong here: deciding *when* to apply what (the agent's state machine), parsing
+//! credentials files (the agent's config), anything Kubernetes.
+
+mod command;
+pub mod firewall;
+pub mod openvpn;
+pub mod routes;
+pub mod secret;
+pub mod tunnel;
+pub mod wireguard;
+
+pub use firewall::{Firewall, FirewallPolicy};
+pub use routes::{RouteSet, Routes};
+pub use secret::{Key, Secret};
+pub use tunnel::{Endpoint, Proto, Tunnel, TunnelConfig, TunnelDriver, TunnelState, TunnelStatus};
+
+/// The one nftables table cloak owns in a pod's network namespace (family `inet`).
+pub const NFT_TABLE: &str = "cloak";
+
+/// The routing table cloak owns. 17260 = 0x436c, "Cl"; far from the tables CNIs use (Cilium
+/// 2004/2005, Calico 254-adjacent via rules, wg-quick 51820), and never `main`/`local`.
+pub const ROUTE_TABLE: u32 = 17_260;
+
+/// The firewall mark carried by the tunnel's own encrypted packets, so they bypass
+/// [`ROUTE_TABLE`] (which would send them into the tunnel again). Same value as the table; the
+/// bits avoid kube-proxy's 0x4000/0x8000 and Cilium's 0x0f00 ranges.
+pub const FWMARK: u32 = 0x436c;
+
+/// Priority of cloak's two policy-routing rules (this one and the next): above `main` (32766),
+/// below anything a CNI installs at the low end.
+pub const RULE_PRIORITY: u32 = 17_260;
+
+/// Interface names cloak creates start with this, so `reset` and humans can tell them apart.
+pub const IFACE_PREFIX: &str = "ck";
+
+/// Why applying a desired state failed. Messages name the object and the kernel's answer; they
+/// never contain key material.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{command} failed: {stderr}")]
+    Command { command: String, stderr: String },
+    #[error("{0}")]
+    Verify(String),
+    #[error("{0}")]
+    Tunnel(String),
+}
+
+impl Error {
+    pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
+        let what = what.into();
+        move |source| Self::Io { what, source }
+    }
+}

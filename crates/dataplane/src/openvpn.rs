@@ -1,0 +1,363 @@
+//! OpenVPN: the provider's `config.ovpn` (+ optional username/password) run by a supervised
+//! `openvpn` child process. cloak keeps routing and the firewall to itself: the child is told not
+//! to touch routes (`--route-noexec`, pushed `redirect-gateway` ignored), to mark its packets
+//! with [`FWMARK`], to keep its tun across its own restarts (`--persist-tun`), and to report its
+//! state over a management socket private to this tunnel. Restarting a dead child is the agent's
+//! job (with backoff); [`OpenVpn::status`] says when it died and why.
+
+use std::{
+    collections::VecDeque,
+    fs,
+    io::{BufRead, BufReader, Write},
+    net::{SocketAddr, ToSocketAddrs},
+    os::unix::{fs::PermissionsExt, net::UnixStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use crate::{
+    Endpoint, Error, FWMARK, Proto, Secret,
+    tunnel::{Tunnel, TunnelState, TunnelStatus},
+};
+
+/// An OpenVPN client configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenVpnConfig {
+    pub interface: String,
+    /// The provider's config file as given (it may hold inline keys).
+    pub config: Secret,
+    /// Username and password for `--auth-user-pass`.
+    pub auth: Option<(Secret, Secret)>,
+    /// The `remote` lines, resolved.
+    pub remotes: Vec<Endpoint>,
+    /// Whether the config routes IPv6 (`ifconfig-ipv6`, `route-ipv6`, `tun-ipv6`).
+    pub ipv6: bool,
+    pub mtu: u32,
+}
+
+/// Why a `config.ovpn` cannot be used. Names directives, never values of secret ones.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    #[error("config.ovpn has no `remote` line")]
+    NoRemote,
+    #[error("config.ovpn line {line}: {problem}")]
+    Bad { line: usize, problem: String },
+    #[error("config.ovpn uses `dev tap`; cloak supports tun only")]
+    Tap,
+}
+
+impl OpenVpnConfig {
+    pub fn from_ovpn(
+        text: &str,
+        auth: Option<(Secret, Secret)>,
+        interface: &str,
+    ) -> Result<Self, ParseError> {
+        let mut proto = Proto::Udp;
+        let mut port: u16 = 1194;
+        let mut remotes: Vec<(usize, String, Option<u16>, Option<Proto>)> = Vec::new();
+        let mut ipv6 = false;
+        let mut mtu = 1500;
+        let parse_proto = |p: &str| {
+            if p.starts_with("tcp") {
+                Proto::Tcp
+            } else {
+                Proto::Udp
+            }
+        };
+        let mut in_block = false;
+        for (n, raw) in text.lines().enumerate() {
+            let line = raw.trim();
+            // Inline blocks (<ca>...</ca>) hold keys and certificates: skip their contents.
+            if line.starts_with("</") {
+                in_block = false;
+                continue;
+            }
+            if line.starts_with('<') {
+                in_block = true;
+                continue;
+            }
+            if in_block || line.starts_with('#') || line.starts_with(';') || line.is_empty() {
+                continue;
+            }
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let bad = |problem: &str| ParseError::Bad {
+                line: n + 1,
+                problem: problem.to_owned(),
+            };
+            match words[0] {
+                "proto" => proto = parse_proto(words.get(1).ok_or_else(|| bad("proto needs a value"))?),
+                "port" => {
+                    port = words
+                        .get(1)
+                        .and_then(|p| p.parse().ok())
+                        .ok_or_else(|| bad("port is not a number"))?;
+                }
+                "remote" => {
+                    let host = words.get(1).ok_or_else(|| bad("remote needs a host"))?;
+                    let rport = words
+                        .get(2)
+                        .map(|p| p.parse().map_err(|_| bad("remote port is not a number")))
+                        .transpose()?;
+                    remotes.push((n + 1, (*host).to_owned(), rport, words.get(3).map(|p| parse_proto(p))));
+                }
+                "dev" | "dev-type" if words.get(1).is_some_and(|d| d.starts_with("tap")) => {
+                    return Err(ParseError::Tap);
+                }
+                "ifconfig-ipv6" | "route-ipv6" | "tun-ipv6" => ipv6 = true,
+                "tun-mtu" => {
+                    mtu = words
+                        .get(1)
+                        .and_then(|m| m.parse().ok())
+                        .ok_or_else(|| bad("tun-mtu is not a number"))?;
+                }
+                _ => {}
+            }
+        }
+        if remotes.is_empty() {
+            return Err(ParseError::NoRemote);
+        }
+        let mut endpoints = Vec::new();
+        for (line, host, rport, rproto) in remotes {
+            let port = rport.unwrap_or(port);
+            let addrs: Vec<SocketAddr> = (host.as_str(), port)
+                .to_socket_addrs()
+                .map_err(|e| ParseError::Bad {
+                    line,
+                    problem: format!("remote {host} does not resolve: {e}"),
+                })?
+                .collect();
+            for addr in addrs {
+                endpoints.push(Endpoint {
+                    addr,
+                    proto: rproto.unwrap_or(proto),
+                });
+            }
+        }
+        Ok(Self {
+            interface: interface.to_owned(),
+            config: Secret::new(text.to_owned()),
+            auth,
+            remotes: endpoints,
+            ipv6,
+            mtu,
+        })
+    }
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    /// OpenVPN's state name (`CONNECTING`, `WAIT`, `AUTH`, `GET_CONFIG`, `CONNECTED`, ...).
+    state: String,
+    connected_at: Option<Instant>,
+    rx: u64,
+    tx: u64,
+    /// The last lines OpenVPN logged, for error messages.
+    log: VecDeque<String>,
+}
+
+/// A supervised `openvpn` process.
+#[derive(Debug)]
+pub struct OpenVpn {
+    child: Child,
+    dir: PathBuf,
+    shared: Arc<Mutex<Shared>>,
+}
+
+impl OpenVpn {
+    /// Starts `openvpn`; files go to `state_dir/openvpn-<interface>` (mode 0700).
+    pub fn open(config: &OpenVpnConfig, state_dir: &Path) -> Result<Self, Error> {
+        let dir = state_dir.join(format!("openvpn-{}", config.interface));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).map_err(Error::io(format!("creating {}", dir.display())))?;
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
+            .map_err(Error::io(format!("chmod {}", dir.display())))?;
+        let write_private = |name: &str, content: &str| -> Result<PathBuf, Error> {
+            let path = dir.join(name);
+            fs::write(&path, content).map_err(Error::io(format!("writing {}", path.display())))?;
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o600))
+                .map_err(Error::io(format!("chmod {}", path.display())))?;
+            Ok(path)
+        };
+        let conf = write_private("config.ovpn", config.config.expose())?;
+        let mgmt = dir.join("management.sock");
+        let mut cmd = Command::new("openvpn");
+        cmd.arg("--config")
+            .arg(&conf)
+            .args(["--dev", &config.interface, "--dev-type", "tun"])
+            .args(["--route-noexec", "--pull-filter", "ignore", "redirect-gateway"])
+            .args(["--pull-filter", "ignore", "dhcp-option"])
+            .args(["--mark", &FWMARK.to_string(), "--persist-tun"])
+            .args(["--connect-retry", "1", "5", "--script-security", "1"])
+            .arg("--management")
+            .arg(&mgmt)
+            .args(["unix", "--verb", "3", "--cd"])
+            .arg(&dir);
+        if let Some((user, pass)) = &config.auth {
+            let auth = write_private(
+                "auth.txt",
+                &format!("{}\n{}\n", user.expose(), pass.expose()),
+            )?;
+            cmd.arg("--auth-user-pass").arg(auth).arg("--auth-nocache");
+        }
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(Error::io("starting openvpn"))?;
+        let shared = Arc::new(Mutex::new(Shared {
+            state: "STARTING".into(),
+            ..Shared::default()
+        }));
+        for pipe in [
+            child.stdout.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+            child.stderr.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let shared = Arc::clone(&shared);
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    tracing::debug!(target: "openvpn", "{line}");
+                    if let Ok(mut s) = shared.lock() {
+                        if s.log.len() == 3 {
+                            s.log.pop_front();
+                        }
+                        s.log.push_back(line);
+                    }
+                }
+            });
+        }
+        let reader = Arc::clone(&shared);
+        std::thread::spawn(move || management(&mgmt, &reader));
+        Ok(Self { child, dir, shared })
+    }
+}
+
+/// Follows the management interface: real-time state and byte counts.
+fn management(path: &Path, shared: &Mutex<Shared>) {
+    // The socket appears once openvpn has parsed its config; give it up to 10 s.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let stream = loop {
+        match UnixStream::connect(path) {
+            Ok(s) => break s,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            Err(_) => return,
+        }
+    };
+    let Ok(mut writer) = stream.try_clone() else {
+        return;
+    };
+    if writer.write_all(b"state on\nbytecount 1\nstate\n").is_err() {
+        return;
+    }
+    for line in BufReader::new(stream).lines().map_while(Result::ok) {
+        let Ok(mut s) = shared.lock() else { return };
+        if let Some(counts) = line.strip_prefix(">BYTECOUNT:") {
+            let mut it = counts.split(',').map(|n| n.trim().parse().unwrap_or(0));
+            s.rx = it.next().unwrap_or(0);
+            s.tx = it.next().unwrap_or(0);
+            continue;
+        }
+        // ">STATE:1700000000,CONNECTED,SUCCESS,10.8.0.2,..." or the same without the prefix as
+        // the answer to `state`.
+        let body = line.strip_prefix(">STATE:").unwrap_or(&line);
+        let mut fields = body.split(',');
+        if let (Some(ts), Some(name)) = (fields.next(), fields.next())
+            && ts.chars().all(|c| c.is_ascii_digit())
+            && !ts.is_empty()
+        {
+            if name == "CONNECTED" && s.state != "CONNECTED" {
+                s.connected_at = Some(Instant::now());
+            } else if name != "CONNECTED" {
+                s.connected_at = None;
+            }
+            name.clone_into(&mut s.state);
+        }
+    }
+}
+
+impl Tunnel for OpenVpn {
+    fn status(&mut self) -> Result<TunnelStatus, Error> {
+        let exited = self
+            .child
+            .try_wait()
+            .map_err(Error::io("waiting for openvpn"))?;
+        let s = self
+            .shared
+            .lock()
+            .map_err(|_| Error::Tunnel("openvpn state poisoned".into()))?;
+        let state = match exited {
+            Some(code) => TunnelState::Failed(format!(
+                "openvpn exited ({code}): {}",
+                s.log.iter().cloned().collect::<Vec<_>>().join(" | ")
+            )),
+            None if s.state == "CONNECTED" => TunnelState::Up,
+            None => TunnelState::Connecting,
+        };
+        Ok(TunnelStatus {
+            state,
+            handshake_age: s.connected_at.map(|t| t.elapsed()),
+            rx_bytes: s.rx,
+            tx_bytes: s.tx,
+        })
+    }
+
+    fn implementation(&self) -> &'static str {
+        "openvpn"
+    }
+}
+
+impl Drop for OpenVpn {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OVPN: &str = "client\ndev tun\nproto udp\nremote 192.0.2.2 1194\nremote 192.0.2.3 443 tcp\nport 1195\nnobind\n<key>\n-----BEGIN PRIVATE KEY-----\nremote 6.6.6.6\n-----END PRIVATE KEY-----\n</key>\n";
+
+    #[test]
+    fn remotes_are_read_outside_inline_blocks() {
+        let c = OpenVpnConfig::from_ovpn(OVPN, None, "ck0").unwrap();
+        assert_eq!(
+            c.remotes,
+            vec![
+                Endpoint {
+                    addr: "192.0.2.2:1194".parse().unwrap(),
+                    proto: Proto::Udp
+                },
+                Endpoint {
+                    addr: "192.0.2.3:443".parse().unwrap(),
+                    proto: Proto::Tcp
+                },
+            ]
+        );
+        assert!(!c.ipv6);
+        assert_eq!(format!("{:?}", c.config), "<redacted>");
+    }
+
+    #[test]
+    fn bad_ovpn_files_say_what_is_wrong() {
+        assert_eq!(
+            OpenVpnConfig::from_ovpn("client\ndev tun\n", None, "ck0"),
+            Err(ParseError::NoRemote)
+        );
+        assert_eq!(
+            OpenVpnConfig::from_ovpn("dev tap0\nremote 192.0.2.2\n", None, "ck0"),
+            Err(ParseError::Tap)
+        );
+        assert!(matches!(
+            OpenVpnConfig::from_ovpn("remote 192.0.2.2 notaport\n", None, "ck0"),
+            Err(ParseError::Bad { line: 1, .. })
+        ));
+    }
+}

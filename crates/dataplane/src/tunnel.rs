@@ -1,0 +1,264 @@
+//! Tunnels: the desired tunnel as a value ([`TunnelConfig`]), a [`TunnelDriver`] that opens it and
+//! an open [`Tunnel`] that reports its [`TunnelStatus`]. Closing is dropping.
+
+use std::{
+    fmt,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use ipnet::IpNet;
+
+use crate::{Error, openvpn::OpenVpnConfig, wireguard::WireguardConfig};
+
+/// The tunnel to bring up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TunnelConfig {
+    WireGuard(WireguardConfig),
+    OpenVpn(OpenVpnConfig),
+}
+
+impl TunnelConfig {
+    /// Where the encrypted packets go: the only destinations the kill switch lets out.
+    pub fn endpoints(&self) -> Vec<Endpoint> {
+        match self {
+            Self::WireGuard(c) => vec![Endpoint {
+                addr: c.peer.endpoint,
+                proto: Proto::Udp,
+            }],
+            Self::OpenVpn(c) => c.remotes.clone(),
+        }
+    }
+
+    /// Whether the tunnel carries IPv6 (otherwise IPv6 is blocked outright).
+    pub fn carries_ipv6(&self) -> bool {
+        match self {
+            Self::WireGuard(c) => {
+                c.addresses.iter().any(|a| a.addr().is_ipv6())
+                    && c.peer.allowed_ips.iter().any(|n| n.addr().is_ipv6())
+            }
+            Self::OpenVpn(c) => c.ipv6,
+        }
+    }
+
+    /// Interface name the tunnel will have.
+    pub fn interface(&self) -> &str {
+        match self {
+            Self::WireGuard(c) => &c.interface,
+            Self::OpenVpn(c) => &c.interface,
+        }
+    }
+
+    /// The MTU of the tunnel interface.
+    pub fn mtu(&self) -> u32 {
+        match self {
+            Self::WireGuard(c) => c.mtu,
+            Self::OpenVpn(c) => c.mtu,
+        }
+    }
+
+    /// DNS servers the credentials name (wg-quick `DNS =`), if any.
+    pub fn dns(&self) -> &[IpAddr] {
+        match self {
+            Self::WireGuard(c) => &c.dns,
+            Self::OpenVpn(_) => &[],
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::WireGuard(_) => "wireguard",
+            Self::OpenVpn(_) => "openvpn",
+        }
+    }
+}
+
+impl fmt::Display for TunnelConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::WireGuard(c) => write!(
+                f,
+                "wireguard {} mtu {} addresses [{}] peer {} endpoint {} allowed [{}]",
+                c.interface,
+                c.mtu,
+                join(&c.addresses),
+                c.peer.public_key,
+                c.peer.endpoint,
+                join(&c.peer.allowed_ips),
+            ),
+            Self::OpenVpn(c) => write!(
+                f,
+                "openvpn {} mtu {} remotes [{}]{}",
+                c.interface,
+                c.mtu,
+                join(&c.remotes),
+                if c.auth.is_some() { " with auth" } else { "" },
+            ),
+        }
+    }
+}
+
+fn join<T: fmt::Display>(items: &[T]) -> String {
+    items
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Transport of a tunnel's encrypted packets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Proto {
+    Udp,
+    Tcp,
+}
+
+impl Proto {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Udp => "udp",
+            Self::Tcp => "tcp",
+        }
+    }
+}
+
+/// A VPN server address the encrypted packets go to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    pub proto: Proto,
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.proto.as_str())
+    }
+}
+
+/// What an open tunnel reports.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TunnelStatus {
+    pub state: TunnelState,
+    /// Time since the last completed handshake (WireGuard), or since the connection came up
+    /// (OpenVPN). `None` before the first.
+    pub handshake_age: Option<Duration>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
+
+/// Where a tunnel is in its own lifecycle.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum TunnelState {
+    /// Interface up, no handshake yet (or the implementation is still connecting).
+    #[default]
+    Connecting,
+    /// The implementation reports the tunnel up (WireGuard: a handshake completed).
+    Up,
+    /// The implementation failed for good (OpenVPN exited); the tunnel must be reopened.
+    Failed(String),
+}
+
+/// An open tunnel. Dropping it tears it down.
+pub trait Tunnel: Send + fmt::Debug {
+    /// Reads the current status from the implementation.
+    fn status(&mut self) -> Result<TunnelStatus, Error>;
+    /// Which implementation is carrying it (`boringtun`, `kernel`, `openvpn`), for logs/metrics.
+    fn implementation(&self) -> &'static str;
+}
+
+/// Opens tunnels. The agent holds one driver and asks it for a tunnel per attempt.
+pub trait TunnelDriver: Send + Sync {
+    fn open(&self, config: &TunnelConfig) -> Result<Box<dyn Tunnel>, Error>;
+}
+
+/// The Linux driver: WireGuard in the kernel when the module exists, otherwise userspace
+/// (boringtun, in this process); OpenVPN as a supervised child process.
+#[derive(Debug, Clone, Default)]
+pub struct LinuxDriver {
+    /// Directory for per-tunnel files (OpenVPN management socket, credentials), private to
+    /// this agent: pods in one test share a filesystem.
+    pub state_dir: std::path::PathBuf,
+    /// Force userspace WireGuard even when the kernel module exists.
+    pub userspace_only: bool,
+}
+
+impl TunnelDriver for LinuxDriver {
+    fn open(&self, config: &TunnelConfig) -> Result<Box<dyn Tunnel>, Error> {
+        match config {
+            TunnelConfig::WireGuard(c) => crate::wireguard::open(c, self.userspace_only),
+            TunnelConfig::OpenVpn(c) => {
+                crate::openvpn::OpenVpn::open(c, &self.state_dir).map(|t| Box::new(t) as _)
+            }
+        }
+    }
+}
+
+/// The in-memory fake: records what was opened; tests script what the tunnels report.
+#[derive(Debug, Clone, Default)]
+pub struct FakeDriver {
+    pub inner: Arc<Mutex<FakeDriverState>>,
+}
+
+/// What a [`FakeDriver`] saw and what it will answer.
+#[derive(Debug, Default)]
+pub struct FakeDriverState {
+    /// Every config opened, in order.
+    pub opened: Vec<TunnelConfig>,
+    /// Tunnels currently open.
+    pub open_now: usize,
+    /// Opening fails with this message while set.
+    pub fail_open: Option<String>,
+    /// What every open tunnel reports.
+    pub status: TunnelStatus,
+}
+
+impl TunnelDriver for FakeDriver {
+    fn open(&self, config: &TunnelConfig) -> Result<Box<dyn Tunnel>, Error> {
+        let mut state = self.inner.lock().map_err(|_| Error::Tunnel("poisoned".into()))?;
+        state.opened.push(config.clone());
+        if let Some(message) = &state.fail_open {
+            return Err(Error::Tunnel(message.clone()));
+        }
+        state.open_now += 1;
+        Ok(Box::new(FakeTunnel {
+            driver: Arc::clone(&self.inner),
+        }))
+    }
+}
+
+#[derive(Debug)]
+struct FakeTunnel {
+    driver: Arc<Mutex<FakeDriverState>>,
+}
+
+impl Tunnel for FakeTunnel {
+    fn status(&mut self) -> Result<TunnelStatus, Error> {
+        Ok(self
+            .driver
+            .lock()
+            .map_err(|_| Error::Tunnel("poisoned".into()))?
+            .status
+            .clone())
+    }
+
+    fn implementation(&self) -> &'static str {
+        "fake"
+    }
+}
+
+impl Drop for FakeTunnel {
+    fn drop(&mut self) {
+        if let Ok(mut state) = self.driver.lock() {
+            state.open_now -= 1;
+        }
+    }
+}
+
+/// Networks a full-tunnel config routes (`0.0.0.0/0`, `::/0`).
+pub fn default_routes() -> Vec<IpNet> {
+    vec![
+        IpNet::new(std::net::Ipv4Addr::UNSPECIFIED.into(), 0).unwrap_or_default(),
+        IpNet::new(std::net::Ipv6Addr::UNSPECIFIED.into(), 0).unwrap_or_default(),
+    ]
+}
