@@ -1,1 +1,153 @@
-//! placeholder
+//! `cloak agent`: the data plane inside the pods the operator creates. Config in (a YAML file,
+//! re-read when it or the credentials change), a fail-closed tunnel state machine
+//! ([`machine`]), status and metrics out (the admin server: `/livez`, `/readyz` ready only while
+//! the tunnel passes its probe, `/metrics`).
+//!
+//! What does not belong here: kernel side effects (the `dataplane` crate), Kubernetes.
+
+pub mod config;
+pub mod machine;
+pub mod metrics;
+pub mod probe;
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use axum::{Router, extract::State, http::StatusCode, routing::get};
+use cloak_dataplane::{
+    Firewall, Routes, firewall::Nftables, routes::LinuxRoutes, tunnel::LinuxDriver,
+};
+use tokio::sync::watch;
+
+use crate::{
+    config::Resolved,
+    machine::{ConfigResult, Machine, Status},
+    metrics::Metrics,
+    probe::NetProber,
+};
+
+/// How to run the agent.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub config: PathBuf,
+    pub admin_addr: SocketAddr,
+    /// Private directory for tunnel files (OpenVPN's management socket and credentials).
+    pub state_dir: PathBuf,
+    /// How often the config and credentials files are checked for changes.
+    pub watch_interval: Duration,
+}
+
+/// Runs until SIGTERM/SIGINT, then leaves the namespace blocked.
+pub async fn run(options: Options) -> std::io::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let (status_tx, status_rx) = watch::channel(Status::default());
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+
+    let (config_tx, config_rx) = watch::channel(load(&options));
+    let watcher = tokio::spawn(watch_config(options.clone(), config_tx));
+
+    let listener = tokio::net::TcpListener::bind(options.admin_addr).await?;
+    let app = Router::new()
+        .route("/livez", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .with_state((status_rx, Arc::clone(&metrics)));
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(%e, "admin server stopped");
+        }
+    });
+
+    let userspace = match &*config_rx.borrow() {
+        Ok(c) => c.userspace,
+        Err(_) => false,
+    };
+    std::fs::create_dir_all(&options.state_dir)?;
+    let machine = Machine {
+        firewall: Nftables,
+        routes: LinuxRoutes,
+        driver: LinuxDriver {
+            state_dir: options.state_dir.clone(),
+            userspace_only: userspace,
+        },
+        prober: NetProber,
+        status: status_tx,
+        metrics,
+    };
+    let signals = tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        let _ = shutdown_tx.send(true);
+    });
+    machine.run(config_rx, shutdown_rx).await;
+    watcher.abort();
+    signals.abort();
+    Ok(())
+}
+
+/// Removes everything the agent owns (its nftables table, routing rule and table).
+pub fn reset() -> Result<(), cloak_dataplane::Error> {
+    Nftables.reset()?;
+    LinuxRoutes.reset()
+}
+
+fn load(options: &Options) -> ConfigResult {
+    let loaded = Resolved::load(&options.config).map(Arc::new);
+    if let Err(e) = &loaded {
+        tracing::error!(error = %e, "config");
+    }
+    loaded
+}
+
+/// Re-reads the config whenever the file or the credentials change (a mounted Secret changes
+/// by a symlink swap, which a content fingerprint notices and a watch on one inode would not).
+async fn watch_config(options: Options, tx: watch::Sender<ConfigResult>) {
+    let mut seen = config::fingerprint(&options.config);
+    loop {
+        tokio::time::sleep(options.watch_interval).await;
+        let now = config::fingerprint(&options.config);
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        let next = load(&options);
+        let same = match (&*tx.borrow(), &next) {
+            (Ok(a), Ok(b)) => a == b,
+            (Err(a), Err(b)) => a == b,
+            _ => false,
+        };
+        if !same {
+            tracing::info!("config changed; re-applying");
+            let _ = tx.send(next);
+        }
+    }
+}
+
+type AdminState = (watch::Receiver<Status>, Arc<Metrics>);
+
+async fn readyz(State((status, _)): State<AdminState>) -> (StatusCode, String) {
+    let s = status.borrow().clone();
+    let mut line = format!("{}: {}", s.phase, s.message);
+    if let Some(ip) = s.exit_ip {
+        line.push_str(&format!(" (exit {ip})"));
+    }
+    if s.ready() {
+        (StatusCode::OK, format!("ready: {line}\n"))
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {line}\n"),
+        )
+    }
+}
+
+async fn metrics_text(State((_, metrics)): State<AdminState>) -> String {
+    metrics.encode()
+}

@@ -44,7 +44,9 @@ impl FirewallPolicy {
     /// The nftables script that replaces the table with this policy.
     pub fn render(&self) -> String {
         let chains = self.chains();
-        let mut s = format!("table inet {NFT_TABLE} {{\n}}\ndelete table inet {NFT_TABLE}\ntable inet {NFT_TABLE} {{\n");
+        let mut s = format!(
+            "table inet {NFT_TABLE} {{\n}}\ndelete table inet {NFT_TABLE}\ntable inet {NFT_TABLE} {{\n"
+        );
         for chain in &chains {
             let _ = write!(s, "\tchain {} {{\n\t\t{}\n", chain.name, chain.hook);
             for rule in &chain.rules {
@@ -153,7 +155,11 @@ impl fmt::Display for FirewallPolicy {
             Some(t) => write!(
                 f,
                 ", tunnel {t} ({})",
-                if self.tunnel_ipv6 { "ipv4+ipv6" } else { "ipv4, ipv6 blocked" }
+                if self.tunnel_ipv6 {
+                    "ipv4+ipv6"
+                } else {
+                    "ipv4, ipv6 blocked"
+                }
             )?,
             None => f.write_str(", no tunnel")?,
         }
@@ -312,7 +318,10 @@ mod tests {
         ] {
             assert!(script.contains(rule), "missing {rule:?} in\n{script}");
         }
-        assert!(!script.contains("nfproto ipv6 accept"), "IPv6 stays blocked");
+        assert!(
+            !script.contains("nfproto ipv6 accept"),
+            "IPv6 stays blocked"
+        );
         assert_eq!(
             p.to_string(),
             "allow endpoints [192.0.2.2:51820/udp], tunnel ck0 (ipv4, ipv6 blocked), dns 10.64.0.1 only, bypass [10.96.0.0/12], mss 1380"
@@ -321,7 +330,10 @@ mod tests {
             tunnel_ipv6: true,
             ..p
         };
-        assert!(v6.render().contains("oifname \"ck0\" meta nfproto ipv6 accept"));
+        assert!(
+            v6.render()
+                .contains("oifname \"ck0\" meta nfproto ipv6 accept")
+        );
     }
 
     #[test]
@@ -330,8 +342,13 @@ mod tests {
         let dns = script.find("th dport 53").unwrap();
         let endpoint = script.find("udp dport 51820 accept").unwrap();
         let forward = script.find("chain forward").unwrap();
-        assert!(endpoint < dns && dns < forward, "DNS is checked right after the endpoints");
-        let tunnel = script.find("oifname \"ck0\" meta nfproto ipv4 accept").unwrap();
+        assert!(
+            endpoint < dns && dns < forward,
+            "DNS is checked right after the endpoints"
+        );
+        let tunnel = script
+            .find("oifname \"ck0\" meta nfproto ipv4 accept")
+            .unwrap();
         assert!(dns < tunnel);
     }
 }

@@ -87,7 +87,9 @@ impl OpenVpnConfig {
                 problem: problem.to_owned(),
             };
             match words[0] {
-                "proto" => proto = parse_proto(words.get(1).ok_or_else(|| bad("proto needs a value"))?),
+                "proto" => {
+                    proto = parse_proto(words.get(1).ok_or_else(|| bad("proto needs a value"))?)
+                }
                 "port" => {
                     port = words
                         .get(1)
@@ -100,7 +102,12 @@ impl OpenVpnConfig {
                         .get(2)
                         .map(|p| p.parse().map_err(|_| bad("remote port is not a number")))
                         .transpose()?;
-                    remotes.push((n + 1, (*host).to_owned(), rport, words.get(3).map(|p| parse_proto(p))));
+                    remotes.push((
+                        n + 1,
+                        (*host).to_owned(),
+                        rport,
+                        words.get(3).map(|p| parse_proto(p)),
+                    ));
                 }
                 "dev" | "dev-type" if words.get(1).is_some_and(|d| d.starts_with("tap")) => {
                     return Err(ParseError::Tap);
@@ -186,7 +193,12 @@ impl OpenVpn {
         cmd.arg("--config")
             .arg(&conf)
             .args(["--dev", &config.interface, "--dev-type", "tun"])
-            .args(["--route-noexec", "--pull-filter", "ignore", "redirect-gateway"])
+            .args([
+                "--route-noexec",
+                "--pull-filter",
+                "ignore",
+                "redirect-gateway",
+            ])
             .args(["--pull-filter", "ignore", "dhcp-option"])
             .args(["--mark", &FWMARK.to_string(), "--persist-tun"])
             .args(["--connect-retry", "1", "5", "--script-security", "1"])
@@ -212,8 +224,14 @@ impl OpenVpn {
             ..Shared::default()
         }));
         for pipe in [
-            child.stdout.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
-            child.stderr.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
         ]
         .into_iter()
         .flatten()

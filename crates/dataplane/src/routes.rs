@@ -37,7 +37,11 @@ impl fmt::Display for RouteSet {
             Some(t) => write!(
                 f,
                 "default dev {t}{}",
-                if self.ipv6 { " (ipv4+ipv6)" } else { " (ipv6 unreachable)" }
+                if self.ipv6 {
+                    " (ipv4+ipv6)"
+                } else {
+                    " (ipv6 unreachable)"
+                }
             )?,
             None => f.write_str("unreachable")?,
         }
@@ -72,22 +76,33 @@ impl Routes for LinuxRoutes {
         }
         for family in ["-4", "-6"] {
             ip(&[
-                family, "route", "replace", "unreachable", "default", "metric",
-                FALLBACK_METRIC, "table", &table,
+                family,
+                "route",
+                "replace",
+                "unreachable",
+                "default",
+                "metric",
+                FALLBACK_METRIC,
+                "table",
+                &table,
             ])?;
             let carry = family == "-4" || routes.ipv6;
             match (&routes.tunnel, carry) {
                 (Some(tun), true) => {
-                    ip(&[family, "route", "replace", "default", "dev", tun, "table", &table])?;
+                    ip(&[
+                        family, "route", "replace", "default", "dev", tun, "table", &table,
+                    ])?;
                 }
                 _ => {
-                    let _ = ip(&[family, "route", "del", "default", "metric", "0", "table", &table]);
+                    let _ = ip(&[
+                        family, "route", "del", "default", "metric", "0", "table", &table,
+                    ]);
                 }
             }
             if !has_rule(family)? {
                 ip(&[
-                    family, "rule", "add", "not", "fwmark", &mark, "lookup", &table,
-                    "priority", &prio,
+                    family, "rule", "add", "not", "fwmark", &mark, "lookup", &table, "priority",
+                    &prio,
                 ])?;
             }
         }
@@ -99,7 +114,11 @@ impl Routes for LinuxRoutes {
                 if matches!(dst, "default" | "unreachable" | "") {
                     continue;
                 }
-                if !routes.bypass.iter().any(|n| n.to_string() == dst || n.addr().to_string() == dst) {
+                if !routes
+                    .bypass
+                    .iter()
+                    .any(|n| n.to_string() == dst || n.addr().to_string() == dst)
+                {
                     let _ = ip(&[family, "route", "del", dst, "table", &table]);
                 }
             }
@@ -120,7 +139,13 @@ impl Routes for LinuxRoutes {
         let table = ROUTE_TABLE.to_string();
         for family in ["-4", "-6"] {
             while has_rule(family)? {
-                ip(&[family, "rule", "del", "priority", &RULE_PRIORITY.to_string()])?;
+                ip(&[
+                    family,
+                    "rule",
+                    "del",
+                    "priority",
+                    &RULE_PRIORITY.to_string(),
+                ])?;
             }
             match ip(&[family, "route", "flush", "table", &table]) {
                 Ok(_) => {}
@@ -135,7 +160,13 @@ impl Routes for LinuxRoutes {
 }
 
 fn has_rule(family: &str) -> Result<bool, Error> {
-    let rules = ip(&[family, "rule", "show", "priority", &RULE_PRIORITY.to_string()])?;
+    let rules = ip(&[
+        family,
+        "rule",
+        "show",
+        "priority",
+        &RULE_PRIORITY.to_string(),
+    ])?;
     Ok(!rules.trim().is_empty())
 }
 
@@ -146,7 +177,13 @@ struct Hop {
 
 /// How `main` reaches `addr` (asked with the mark, so cloak's own rule is skipped).
 fn main_route(addr: IpAddr) -> Result<Hop, Error> {
-    let out = ip(&["route", "get", &addr.to_string(), "mark", &FWMARK.to_string()])?;
+    let out = ip(&[
+        "route",
+        "get",
+        &addr.to_string(),
+        "mark",
+        &FWMARK.to_string(),
+    ])?;
     let words: Vec<&str> = out.split_whitespace().collect();
     let after = |key: &str| {
         words
@@ -158,7 +195,9 @@ fn main_route(addr: IpAddr) -> Result<Hop, Error> {
     Ok(Hop {
         via: after("via"),
         dev: after("dev").ok_or_else(|| {
-            Error::Verify(format!("no route to bypass network {addr} in the main table"))
+            Error::Verify(format!(
+                "no route to bypass network {addr} in the main table"
+            ))
         })?,
     })
 }

@@ -123,7 +123,10 @@ mod tests {
     fn secrets_never_print() {
         let key = Key::generate();
         let secret = Secret::new("hunter2".into());
-        assert_eq!(format!("{key:?} {secret:?} {secret}"), "<redacted> <redacted> <redacted>");
+        assert_eq!(
+            format!("{key:?} {secret:?} {secret}"),
+            "<redacted> <redacted> <redacted>"
+        );
     }
 
     #[test]

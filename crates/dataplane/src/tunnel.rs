@@ -215,7 +215,10 @@ pub struct FakeDriverState {
 
 impl TunnelDriver for FakeDriver {
     fn open(&self, config: &TunnelConfig) -> Result<Box<dyn Tunnel>, Error> {
-        let mut state = self.inner.lock().map_err(|_| Error::Tunnel("poisoned".into()))?;
+        let mut state = self
+            .inner
+            .lock()
+            .map_err(|_| Error::Tunnel("poisoned".into()))?;
         state.opened.push(config.clone());
         if let Some(message) = &state.fail_open {
             return Err(Error::Tunnel(message.clone()));

@@ -173,14 +173,20 @@ impl WireguardConfig {
         get: impl Fn(&str) -> Option<String>,
         interface: &str,
     ) -> Result<Self, ParseError> {
-        let need = |k: &'static str| get(k).filter(|v| !v.trim().is_empty()).ok_or(ParseError::Missing(k));
+        let need = |k: &'static str| {
+            get(k)
+                .filter(|v| !v.trim().is_empty())
+                .ok_or(ParseError::Missing(k))
+        };
         let private_key = Key::from_base64(&need("WIREGUARD_PRIVATE_KEY")?)
             .map_err(|_| ParseError::BadKey("WIREGUARD_PRIVATE_KEY"))?;
         let public_key = PublicKey::from_base64(&need("WIREGUARD_PUBLIC_KEY")?)
             .map_err(|_| ParseError::BadKey("WIREGUARD_PUBLIC_KEY"))?;
         let preshared_key = get("WIREGUARD_PRESHARED_KEY")
             .filter(|v| !v.trim().is_empty())
-            .map(|v| Key::from_base64(&v).map_err(|_| ParseError::BadKey("WIREGUARD_PRESHARED_KEY")))
+            .map(|v| {
+                Key::from_base64(&v).map_err(|_| ParseError::BadKey("WIREGUARD_PRESHARED_KEY"))
+            })
             .transpose()?;
         let ip: IpAddr = need("VPN_ENDPOINT_IP")?
             .trim()
@@ -278,7 +284,11 @@ impl WireguardConfig {
     fn wg_setconf(&self) -> Zeroizing<String> {
         use std::fmt::Write as _;
         let mut s = Zeroizing::new(String::new());
-        let _ = write!(s, "[Interface]\nPrivateKey = {}\n", &*self.private_key.to_base64());
+        let _ = write!(
+            s,
+            "[Interface]\nPrivateKey = {}\n",
+            &*self.private_key.to_base64()
+        );
         if let Some(port) = self.listen_port {
             let _ = writeln!(s, "ListenPort = {port}");
         }
@@ -328,9 +338,8 @@ impl PeerBuilder {
                 );
             }
             "presharedkey" => {
-                self.preshared_key = Some(
-                    Key::from_base64(value).map_err(|_| ParseError::BadKey("PresharedKey"))?,
-                );
+                self.preshared_key =
+                    Some(Key::from_base64(value).map_err(|_| ParseError::BadKey("PresharedKey"))?);
             }
             "endpoint" => {
                 // Resolved once, here: the kill switch needs the address before anything leaves.
@@ -417,7 +426,15 @@ fn configure_interface(config: &WireguardConfig) -> Result<(), Error> {
     for addr in &config.addresses {
         ip(&["address", "replace", &addr.to_string(), "dev", name])?;
     }
-    ip(&["link", "set", "dev", name, "mtu", &config.mtu.to_string(), "up"])?;
+    ip(&[
+        "link",
+        "set",
+        "dev",
+        name,
+        "mtu",
+        &config.mtu.to_string(),
+        "up",
+    ])?;
     Ok(())
 }
 
@@ -665,11 +682,7 @@ mod tests {
             ("WIREGUARD_PUBLIC_KEY", p.public().to_string()),
             ("WIREGUARD_ADDRESSES", "10.64.0.2/32".to_owned()),
         ];
-        let get = |key: &str| {
-            vars.iter()
-                .find(|(k, _)| *k == key)
-                .map(|(_, v)| v.clone())
-        };
+        let get = |key: &str| vars.iter().find(|(k, _)| *k == key).map(|(_, v)| v.clone());
         let c = WireguardConfig::from_gluetun(get, "ck0").unwrap();
         assert_eq!(c.peer.endpoint, "192.0.2.2:51821".parse().unwrap());
         assert_eq!(c.peer.allowed_ips.len(), 2, "full tunnel by default");
@@ -689,7 +702,10 @@ mod tests {
         assert!(set.starts_with("set=1\nprivate_key="));
         assert!(set.contains(&format!("fwmark={FWMARK}\n")));
         assert!(set.contains(&format!("public_key={}\n", p.public().to_hex())));
-        assert!(set.contains("endpoint=192.0.2.2:51820\nallowed_ip=") || set.contains("endpoint=192.0.2.2:51820\npersistent"));
+        assert!(
+            set.contains("endpoint=192.0.2.2:51820\nallowed_ip=")
+                || set.contains("endpoint=192.0.2.2:51820\npersistent")
+        );
         assert!(set.contains("allowed_ip=::/0\n"));
         assert!(set.ends_with("\n\n"));
     }

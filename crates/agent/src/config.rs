@@ -1,0 +1,596 @@
+//! The agent's declarative config: a YAML file (the operator renders it) naming the credentials
+//! and the health settings, read and checked once into a [`Resolved`] value the state machine
+//! uses. Everything that can be wrong with the input is found here and reported with the key or
+//! file at fault, never with a secret value.
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    hash::{Hash, Hasher},
+    net::{IpAddr, SocketAddr, ToSocketAddrs},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use cloak_dataplane::{
+    Secret, TunnelConfig,
+    openvpn::OpenVpnConfig,
+    wireguard::{self, WireguardConfig},
+};
+use ipnet::IpNet;
+use serde::Deserialize;
+
+/// The file as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AgentConfig {
+    /// A directory of credential files (a mounted Secret: `wg0.conf`, or `config.ovpn` with
+    /// optional `username`/`password`, or gluetun variables one per file), or one such file
+    /// (`*.conf` wg-quick, `*.ovpn` OpenVPN, anything else `KEY=value` lines).
+    pub credentials: PathBuf,
+    /// Name of the tunnel interface.
+    #[serde(default = "default_interface")]
+    pub interface: String,
+    /// The DNS server, reached through the tunnel; DNS to anything else is dropped. Defaults to
+    /// the `DNS =` of a wg-quick file.
+    #[serde(default)]
+    pub dns: Option<IpAddr>,
+    /// Write `nameserver <dns>` to this file (the pod's `/etc/resolv.conf`) once connected.
+    #[serde(default)]
+    pub resolv_conf: Option<PathBuf>,
+    /// Networks reached outside the tunnel (cluster and service CIDRs, a LAN).
+    #[serde(default)]
+    pub bypass: Vec<IpNet>,
+    #[serde(default)]
+    pub health: HealthConfig,
+    /// How long a connection attempt may take before it is abandoned and retried.
+    #[serde(default = "default_connect_timeout", with = "duration")]
+    pub connect_timeout: Duration,
+    /// Wait before the first retry; doubles per failure up to `backoffMax`.
+    #[serde(default = "default_backoff", with = "duration")]
+    pub backoff: Duration,
+    #[serde(default = "default_backoff_max", with = "duration")]
+    pub backoff_max: Duration,
+    /// Use userspace WireGuard even where the kernel module exists.
+    #[serde(default)]
+    pub userspace: bool,
+}
+
+/// How the agent decides the tunnel works.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Active probe through the tunnel: `tcp://host:port` (connect; a reply line holding an IP
+    /// address is taken as the public exit address) or `http://host:port/path` (GET; the body
+    /// likewise). Without a probe, the tunnel's own state decides.
+    #[serde(default)]
+    pub probe: Option<String>,
+    #[serde(default = "default_interval", with = "duration")]
+    pub interval: Duration,
+    #[serde(default = "default_timeout", with = "duration")]
+    pub timeout: Duration,
+    /// Consecutive failed probes before the tunnel is reconnected.
+    #[serde(default = "default_failures")]
+    pub failures: u32,
+    /// A WireGuard handshake older than this means the peer is gone (WireGuard re-handshakes
+    /// every 2 minutes while traffic flows; 180 s = 120 s + the 3 × 5 s retries + slack).
+    #[serde(default = "default_handshake_timeout", with = "duration")]
+    pub handshake_timeout: Duration,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            probe: None,
+            interval: default_interval(),
+            timeout: default_timeout(),
+            failures: default_failures(),
+            handshake_timeout: default_handshake_timeout(),
+        }
+    }
+}
+
+fn default_interface() -> String {
+    "ck0".into()
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(15)
+}
+fn default_backoff() -> Duration {
+    Duration::from_millis(500)
+}
+fn default_backoff_max() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_interval() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_failures() -> u32 {
+    3
+}
+fn default_handshake_timeout() -> Duration {
+    Duration::from_secs(180)
+}
+
+/// A checked config: what the state machine runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolved {
+    pub tunnel: TunnelConfig,
+    pub dns: Option<IpAddr>,
+    pub resolv_conf: Option<PathBuf>,
+    pub bypass: Vec<IpNet>,
+    pub probe: Option<ProbeTarget>,
+    pub health: HealthConfig,
+    pub connect_timeout: Duration,
+    pub backoff: Duration,
+    pub backoff_max: Duration,
+    pub userspace: bool,
+}
+
+/// Where the active probe goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbeTarget {
+    Tcp(SocketAddr),
+    Http {
+        addr: SocketAddr,
+        host: String,
+        path: String,
+    },
+}
+
+impl fmt::Display for ProbeTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Tcp(a) => write!(f, "tcp://{a}"),
+            Self::Http { host, path, .. } => write!(f, "http://{host}{path}"),
+        }
+    }
+}
+
+/// Why the agent cannot run with this config. Says which file or key; never a value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {reason}")]
+    Read { path: String, reason: String },
+    #[error("{path} is not a valid agent config: {reason}")]
+    Syntax { path: String, reason: String },
+    #[error("{path}: {reason}")]
+    Credentials { path: String, reason: String },
+    #[error("health.probe {probe:?}: {reason}")]
+    Probe { probe: String, reason: String },
+    #[error("interface name {0:?} must be 1-15 characters of [a-zA-Z0-9_-]")]
+    Interface(String),
+}
+
+impl Resolved {
+    /// Reads the config file and the credentials it names.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = read(path)?;
+        let config: AgentConfig = serde_yaml::from_str(&text).map_err(|e| ConfigError::Syntax {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        Self::from_config(config, path.parent().unwrap_or(Path::new(".")))
+    }
+
+    /// Checks a parsed config; relative credential paths are relative to `base`.
+    pub fn from_config(config: AgentConfig, base: &Path) -> Result<Self, ConfigError> {
+        let iface = &config.interface;
+        if iface.is_empty()
+            || iface.len() > 15
+            || !iface
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            return Err(ConfigError::Interface(iface.clone()));
+        }
+        let credentials = base.join(&config.credentials);
+        let tunnel = read_credentials(&credentials, iface)?;
+        let probe = config
+            .health
+            .probe
+            .as_deref()
+            .map(parse_probe)
+            .transpose()?;
+        Ok(Self {
+            dns: config.dns.or_else(|| tunnel.dns().first().copied()),
+            tunnel,
+            resolv_conf: config.resolv_conf,
+            bypass: config.bypass,
+            probe,
+            health: config.health,
+            connect_timeout: config.connect_timeout,
+            backoff: config.backoff,
+            backoff_max: config.backoff_max,
+            userspace: config.userspace,
+        })
+    }
+}
+
+/// A fingerprint of the config file and every credentials file, to notice edits.
+pub fn fingerprint(path: &Path) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    let mut add = |p: &Path| {
+        p.hash(&mut h);
+        std::fs::read(p).ok().hash(&mut h);
+    };
+    add(path);
+    if let Ok(text) = std::fs::read_to_string(path)
+        && let Ok(config) = serde_yaml::from_str::<AgentConfig>(&text)
+    {
+        let creds = path
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join(config.credentials);
+        if creds.is_dir() {
+            let mut entries: Vec<PathBuf> = std::fs::read_dir(&creds)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path())
+                .collect();
+            entries.sort();
+            for e in entries {
+                add(&e);
+            }
+        } else {
+            add(&creds);
+        }
+    }
+    h.finish()
+}
+
+fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })
+}
+
+fn read_credentials(path: &Path, iface: &str) -> Result<TunnelConfig, ConfigError> {
+    let err = |p: &Path, reason: String| ConfigError::Credentials {
+        path: p.display().to_string(),
+        reason,
+    };
+    if path.is_dir() {
+        // A mounted Secret: one file per key (Kubernetes adds dot-files for its own bookkeeping).
+        let mut keys = BTreeMap::new();
+        for entry in std::fs::read_dir(path).map_err(|e| err(path, e.to_string()))? {
+            let entry = entry.map_err(|e| err(path, e.to_string()))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') || !entry.path().is_file() {
+                continue;
+            }
+            keys.insert(name, Secret::new(read(&entry.path())?));
+        }
+        from_keys(&keys, iface).map_err(|reason| err(path, reason))
+    } else {
+        let text = read(path)?;
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let key = if name.ends_with(".conf") {
+            "wg0.conf".to_owned()
+        } else if name.ends_with(".ovpn") {
+            "config.ovpn".to_owned()
+        } else {
+            // KEY=value lines (an env file).
+            let keys = text
+                .lines()
+                .filter_map(|l| l.trim().split_once('='))
+                .map(|(k, v)| {
+                    (
+                        k.trim().to_owned(),
+                        Secret::new(v.trim().trim_matches('"').to_owned()),
+                    )
+                })
+                .collect();
+            return from_keys(&keys, iface).map_err(|reason| err(path, reason));
+        };
+        let keys = BTreeMap::from([(key, Secret::new(text))]);
+        from_keys(&keys, iface).map_err(|reason| err(path, reason))
+    }
+}
+
+/// Credentials from Secret-style keys, in the order the model crate classifies them.
+fn from_keys(keys: &BTreeMap<String, Secret>, iface: &str) -> Result<TunnelConfig, String> {
+    let get = |k: &str| keys.get(k).map(|s| s.expose().trim().to_owned());
+    if let Some(conf) = keys.get("wg0.conf") {
+        return WireguardConfig::from_wg_quick(conf.expose(), iface)
+            .map(TunnelConfig::WireGuard)
+            .map_err(|e| format!("wg0.conf: {e}"));
+    }
+    if let Some(conf) = keys.get("config.ovpn") {
+        let user = get("username").or_else(|| get("OPENVPN_USER"));
+        let pass = get("password").or_else(|| get("OPENVPN_PASSWORD"));
+        let auth = match (user, pass) {
+            (Some(u), Some(p)) => Some((Secret::new(u), Secret::new(p))),
+            (None, None) => None,
+            _ => return Err("username and password must be given together".into()),
+        };
+        return OpenVpnConfig::from_ovpn(conf.expose(), auth, iface)
+            .map(TunnelConfig::OpenVpn)
+            .map_err(|e| e.to_string());
+    }
+    let wireguard = get("VPN_TYPE").is_some_and(|t| t == "wireguard")
+        || keys.contains_key("WIREGUARD_PRIVATE_KEY");
+    if wireguard {
+        if let Some(provider) = get("VPN_SERVICE_PROVIDER")
+            && provider != "custom"
+            && !keys.contains_key("VPN_ENDPOINT_IP")
+        {
+            return Err(format!(
+                "gluetun variables for VPN_SERVICE_PROVIDER={provider} need gluetun's server list; set VPN_ENDPOINT_IP and WIREGUARD_PUBLIC_KEY (a custom endpoint) or give a wg0.conf"
+            ));
+        }
+        return WireguardConfig::from_gluetun(get, iface)
+            .map(TunnelConfig::WireGuard)
+            .map_err(|e: wireguard::ParseError| e.to_string());
+    }
+    if keys.contains_key("VPN_SERVICE_PROVIDER") {
+        return Err("gluetun OpenVPN variables name a provider's server list, which the agent does not carry: give a config.ovpn (with username/password) instead".into());
+    }
+    Err("no credentials found: expected wg0.conf, config.ovpn, or gluetun WireGuard variables (WIREGUARD_PRIVATE_KEY, WIREGUARD_PUBLIC_KEY, WIREGUARD_ADDRESSES, VPN_ENDPOINT_IP)".into())
+}
+
+fn parse_probe(probe: &str) -> Result<ProbeTarget, ConfigError> {
+    let bad = |reason: &str| ConfigError::Probe {
+        probe: probe.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let (scheme, rest) = probe
+        .split_once("://")
+        .ok_or_else(|| bad("expected tcp://host:port or http://host:port/path"))?;
+    let (hostport, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let default_port = if scheme == "http" { 80 } else { 0 };
+    let with_port = if hostport
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+    {
+        hostport.to_owned()
+    } else if default_port > 0 {
+        format!("{hostport}:{default_port}")
+    } else {
+        return Err(bad("a tcp probe needs a port"));
+    };
+    let addr = with_port
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| bad("host does not resolve (use an address: DNS may be closed)"))?;
+    match scheme {
+        "tcp" => Ok(ProbeTarget::Tcp(addr)),
+        "http" => Ok(ProbeTarget::Http {
+            addr,
+            host: hostport.to_owned(),
+            path: path.to_owned(),
+        }),
+        _ => Err(bad("the scheme must be tcp or http")),
+    }
+}
+
+/// Durations as `500ms`, `2s`, `1m`, `1h`, or combinations (`1m30s`).
+mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        parse(&text).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "{text:?} is not a duration (examples: 500ms, 2s, 1m30s)"
+            ))
+        })
+    }
+
+    pub(super) fn parse(text: &str) -> Option<Duration> {
+        let mut total = Duration::ZERO;
+        let mut rest = text.trim();
+        if rest.is_empty() {
+            return None;
+        }
+        while !rest.is_empty() {
+            let digits = rest
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(rest.len());
+            let n: u64 = rest[..digits].parse().ok()?;
+            rest = &rest[digits..];
+            let unit = rest
+                .find(|c: char| c.is_ascii_digit())
+                .unwrap_or(rest.len());
+            total += match &rest[..unit] {
+                "ms" => Duration::from_millis(n),
+                "s" => Duration::from_secs(n),
+                "m" => Duration::from_secs(n * 60),
+                "h" => Duration::from_secs(n * 3600),
+                _ => return None,
+            };
+            rest = &rest[unit..];
+        }
+        Some(total)
+    }
+
+    #[cfg(test)]
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse("1m30s"), Some(Duration::from_secs(90)));
+        assert_eq!(parse("2"), None);
+        assert_eq!(parse("x"), None);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cloak_dataplane::Key;
+
+    fn dir() -> tempdir::Dir {
+        tempdir::Dir::new()
+    }
+
+    /// A tiny temporary directory (the agent has no tempfile dependency).
+    mod tempdir {
+        use std::path::{Path, PathBuf};
+
+        pub(super) struct Dir(PathBuf);
+        impl Dir {
+            pub(super) fn new() -> Self {
+                use std::sync::atomic::{AtomicU32, Ordering};
+                static N: AtomicU32 = AtomicU32::new(0);
+                let p = std::env::temp_dir().join(format!(
+                    "cloak-agent-test-{}-{}",
+                    std::process::id(),
+                    N.fetch_add(1, Ordering::Relaxed)
+                ));
+                std::fs::create_dir_all(&p).unwrap();
+                Self(p)
+            }
+            pub(super) fn path(&self) -> &Path {
+                &self.0
+            }
+        }
+        impl Drop for Dir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+    }
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    fn wg_conf() -> String {
+        format!(
+            "[Interface]\nPrivateKey = {}\nAddress = 10.64.0.2/32\nDNS = 10.64.0.1\n[Peer]\nPublicKey = {}\nEndpoint = 192.0.2.2:51820\nAllowedIPs = 0.0.0.0/0\n",
+            &*Key::generate().to_base64(),
+            Key::generate().public()
+        )
+    }
+
+    #[test]
+    fn a_mounted_secret_directory_with_wg0_conf_loads() {
+        let d = dir();
+        std::fs::create_dir(d.path().join("creds")).unwrap();
+        write(&d.path().join("creds"), "wg0.conf", &wg_conf());
+        let cfg = write(
+            d.path(),
+            "agent.yaml",
+            "credentials: creds\nbypass: [10.96.0.0/12]\nhealth:\n  probe: tcp://203.0.113.10:7\n  interval: 500ms\n",
+        );
+        let r = Resolved::load(&cfg).unwrap();
+        assert_eq!(r.tunnel.interface(), "ck0");
+        assert_eq!(
+            r.dns,
+            Some("10.64.0.1".parse().unwrap()),
+            "from wg0.conf's DNS"
+        );
+        assert_eq!(
+            r.probe,
+            Some(ProbeTarget::Tcp("203.0.113.10:7".parse().unwrap()))
+        );
+        assert_eq!(r.health.interval, Duration::from_millis(500));
+        assert_eq!(r.health.failures, 3);
+    }
+
+    #[test]
+    fn gluetun_env_file_and_ovpn_file_load() {
+        let d = dir();
+        let env = format!(
+            "VPN_SERVICE_PROVIDER=custom\nVPN_TYPE=wireguard\nVPN_ENDPOINT_IP=192.0.2.2\nVPN_ENDPOINT_PORT=51820\nWIREGUARD_PRIVATE_KEY={}\nWIREGUARD_PUBLIC_KEY={}\nWIREGUARD_ADDRESSES=10.64.0.2/32\n",
+            &*Key::generate().to_base64(),
+            Key::generate().public()
+        );
+        write(d.path(), "gluetun.env", &env);
+        let cfg = write(d.path(), "a.yaml", "credentials: gluetun.env\n");
+        assert!(matches!(
+            Resolved::load(&cfg).unwrap().tunnel,
+            TunnelConfig::WireGuard(_)
+        ));
+
+        write(d.path(), "vpn.ovpn", "client\nremote 192.0.2.2 1194\n");
+        let cfg = write(d.path(), "b.yaml", "credentials: vpn.ovpn\n");
+        assert!(matches!(
+            Resolved::load(&cfg).unwrap().tunnel,
+            TunnelConfig::OpenVpn(_)
+        ));
+    }
+
+    #[test]
+    fn bad_configs_say_exactly_what_is_wrong() {
+        let d = dir();
+        let missing_key = wg_conf()
+            .lines()
+            .filter(|l| !l.starts_with("PrivateKey"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        write(d.path(), "wg0.conf", &missing_key);
+        let cfg = write(d.path(), "a.yaml", "credentials: wg0.conf\n");
+        let e = Resolved::load(&cfg).unwrap_err().to_string();
+        assert!(
+            e.ends_with("wg0.conf: wg0.conf: PrivateKey is missing"),
+            "{e}"
+        );
+
+        let cfg = write(
+            d.path(),
+            "b.yaml",
+            "credentials: wg0.conf\nhealth: {intervl: 1s}\n",
+        );
+        let e = Resolved::load(&cfg).unwrap_err().to_string();
+        assert!(e.contains("unknown field `intervl`"), "{e}");
+
+        let cfg = write(d.path(), "c.yaml", "credentials: nowhere\n");
+        let e = Resolved::load(&cfg).unwrap_err().to_string();
+        assert!(
+            e.starts_with("cannot read ") && e.contains("nowhere"),
+            "{e}"
+        );
+
+        write(d.path(), "wg1.conf", &wg_conf());
+        let cfg = write(
+            d.path(),
+            "d.yaml",
+            "credentials: wg1.conf\nhealth: {probe: 'udp://x'}\n",
+        );
+        let e = Resolved::load(&cfg).unwrap_err().to_string();
+        assert!(e.starts_with("health.probe \"udp://x\""), "{e}");
+
+        let cfg = write(
+            d.path(),
+            "e.yaml",
+            "credentials: wg1.conf\nconnectTimeout: soon\n",
+        );
+        let e = Resolved::load(&cfg).unwrap_err().to_string();
+        assert!(e.contains("\"soon\" is not a duration"), "{e}");
+    }
+
+    #[test]
+    fn errors_never_contain_key_material() {
+        let d = dir();
+        let conf = wg_conf();
+        let key_line = conf
+            .lines()
+            .find(|l| l.starts_with("PrivateKey"))
+            .unwrap()
+            .to_owned();
+        let broken = conf.replace(&key_line, &format!("{key_line}x"));
+        write(d.path(), "wg0.conf", &broken);
+        let cfg = write(d.path(), "a.yaml", "credentials: wg0.conf\n");
+        let e = Resolved::load(&cfg).unwrap_err().to_string();
+        let secret = key_line.trim_start_matches("PrivateKey = ");
+        assert!(!e.contains(secret), "{e}");
+        assert!(e.contains("PrivateKey is not a valid WireGuard key"), "{e}");
+    }
+}

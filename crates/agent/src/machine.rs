@@ -1,0 +1,422 @@
+//! The tunnel state machine. It fails closed: entering a phase applies that phase's firewall
+//! policy *before* anything else happens, and every error lands in a phase whose policy lets
+//! nothing out but the VPN endpoints (or, with no usable config, nothing at all).
+//!
+//! ```text
+//!            config error                        config error
+//!   start ─────────────────► Blocked ◄──────────────────────────────┐
+//!     │ config ok               │ config changes                    │
+//!     ▼                         ▼                                   │
+//!   Connecting ──(up + probe ok)──► Connected ──(probes fail,       │
+//!     ▲   │ timeout/error               │        stale handshake,   │
+//!     │   ▼                             ▼        tunnel dies)       │
+//!   Reconnecting ◄──────────────────────┘                           │
+//!    (backoff, doubling)  ────────── config changes ────────────────┘
+//! ```
+//!
+//! | phase | firewall | routes (cloak's table) |
+//! |---|---|---|
+//! | Blocked | nothing leaves | unreachable |
+//! | Connecting, Reconnecting | endpoints only (the tunnel interface leads only to them) | tunnel when open, else unreachable |
+//! | Connected | endpoints, tunnel, bypass, DNS to the resolver through the tunnel | tunnel |
+
+use std::{fmt, net::IpAddr, sync::Arc, time::Duration};
+
+use cloak_dataplane::{Firewall, FirewallPolicy, RouteSet, Routes, TunnelDriver, TunnelState};
+use tokio::{
+    sync::watch,
+    time::{Instant, sleep},
+};
+
+use crate::{
+    config::{ConfigError, Resolved},
+    metrics::Metrics,
+    probe::Prober,
+};
+
+/// Where the agent is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum Phase {
+    /// No usable config, or stopped: nothing leaves.
+    #[default]
+    Blocked,
+    Connecting,
+    Connected,
+    /// The tunnel failed; waiting out the backoff before the next attempt.
+    Reconnecting,
+}
+
+impl Phase {
+    pub const ALL: [Self; 4] = [
+        Self::Blocked,
+        Self::Connecting,
+        Self::Connected,
+        Self::Reconnecting,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Blocked => "blocked",
+            Self::Connecting => "connecting",
+            Self::Connected => "connected",
+            Self::Reconnecting => "reconnecting",
+        }
+    }
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What the agent reports (admin server, logs).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Status {
+    pub phase: Phase,
+    /// Why the agent is in this phase, in words.
+    pub message: String,
+    /// Whether the last probe passed (always true without a probe once connected).
+    pub probe_ok: bool,
+    pub implementation: Option<&'static str>,
+    pub handshake_age: Option<Duration>,
+    pub exit_ip: Option<IpAddr>,
+    pub probe_latency: Option<Duration>,
+    pub reconnects: u64,
+}
+
+impl Status {
+    /// Ready: connected, and the tunnel passes its probe.
+    pub fn ready(&self) -> bool {
+        self.phase == Phase::Connected && self.probe_ok
+    }
+}
+
+/// The config as the watcher last read it.
+pub type ConfigResult = Result<Arc<Resolved>, ConfigError>;
+
+enum Outcome {
+    Shutdown,
+    ConfigChanged,
+    Failed(String),
+}
+
+/// The state machine and the side effects it drives.
+#[allow(missing_debug_implementations)] // holds trait objects' implementations, not data
+pub struct Machine<F, R, D, P> {
+    pub firewall: F,
+    pub routes: R,
+    pub driver: D,
+    pub prober: P,
+    pub status: watch::Sender<Status>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl<F, R, D, P> Machine<F, R, D, P>
+where
+    F: Firewall,
+    R: Routes,
+    D: TunnelDriver,
+    P: Prober,
+{
+    /// Runs until `shutdown` turns true; leaves everything blocked on the way out (the
+    /// application containers outlive the agent; they must not leak when it stops).
+    pub async fn run(
+        mut self,
+        mut config: watch::Receiver<ConfigResult>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut failures: u32 = 0;
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            let current = config.borrow_and_update().clone();
+            let cfg = match current {
+                Err(e) => {
+                    self.block(&format!("config: {e}"));
+                    tokio::select! {
+                        _ = config.changed() => continue,
+                        _ = shutdown.changed() => break,
+                    }
+                }
+                Ok(cfg) => cfg,
+            };
+            match self.session(&cfg, &mut config, &mut shutdown).await {
+                Outcome::Shutdown => break,
+                Outcome::ConfigChanged => failures = 0,
+                Outcome::Failed(reason) => {
+                    failures = failures.saturating_add(1);
+                    let backoff = backoff(cfg.backoff, cfg.backoff_max, failures);
+                    tracing::warn!(%reason, attempt = failures, ?backoff, "tunnel failed; reconnecting");
+                    self.metrics.reconnects.inc();
+                    self.status.send_modify(|s| s.reconnects += 1);
+                    if let Err(e) = self.enter(
+                        Phase::Reconnecting,
+                        format!("{reason} (attempt {failures}, next in {backoff:?})"),
+                        &connecting_policy(&cfg, false),
+                        &RouteSet::default(),
+                    ) {
+                        tracing::error!(%e, "applying the reconnecting policy failed");
+                    }
+                    tokio::select! {
+                        () = sleep(backoff) => {}
+                        _ = config.changed() => failures = 0,
+                        _ = shutdown.changed() => break,
+                    }
+                }
+            }
+        }
+        self.block("agent stopped");
+    }
+
+    /// One connection: open, wait for it to work, then watch it until it fails.
+    async fn session(
+        &mut self,
+        cfg: &Resolved,
+        config: &mut watch::Receiver<ConfigResult>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Outcome {
+        let endpoints: Vec<String> = cfg
+            .tunnel
+            .endpoints()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        tracing::info!(tunnel = %cfg.tunnel, "connecting");
+        if let Err(e) = self.enter(
+            Phase::Connecting,
+            format!("connecting to {}", endpoints.join(", ")),
+            &connecting_policy(cfg, true),
+            &RouteSet::default(),
+        ) {
+            return Outcome::Failed(format!("firewall: {e}"));
+        }
+        let mut tunnel = match self.driver.open(&cfg.tunnel) {
+            Ok(t) => t,
+            Err(e) => return Outcome::Failed(format!("opening the tunnel: {e}")),
+        };
+        let implementation = tunnel.implementation();
+        let routes = RouteSet {
+            tunnel: Some(cfg.tunnel.interface().to_owned()),
+            ipv6: cfg.tunnel.carries_ipv6(),
+            bypass: cfg.bypass.clone(),
+        };
+        tracing::info!(%routes, "routes");
+        if let Err(e) = self.routes.apply(&routes) {
+            return Outcome::Failed(format!("routes: {e}"));
+        }
+        self.status
+            .send_modify(|s| s.implementation = Some(implementation));
+        let deadline = Instant::now() + cfg.connect_timeout;
+        let mut connected = false;
+        let mut probe_failures = 0;
+        let mut last = (0, 0);
+        loop {
+            // While connecting, look often; once connected, at the probe interval.
+            let pause = if connected {
+                cfg.health.interval
+            } else {
+                cfg.health.interval.min(Duration::from_millis(100))
+            };
+            tokio::select! {
+                () = sleep(pause) => {}
+                _ = config.changed() => return Outcome::ConfigChanged,
+                _ = shutdown.changed() => return Outcome::Shutdown,
+            }
+            let status = match tunnel.status() {
+                Ok(s) => s,
+                Err(e) => return Outcome::Failed(format!("reading tunnel status: {e}")),
+            };
+            self.metrics.record_tunnel(&status, &mut last);
+            self.status
+                .send_modify(|s| s.handshake_age = status.handshake_age);
+            let up = match status.state {
+                TunnelState::Failed(reason) => return Outcome::Failed(reason),
+                TunnelState::Up => true,
+                TunnelState::Connecting => false,
+            };
+            if let Some(age) = status.handshake_age
+                && age > cfg.health.handshake_timeout
+            {
+                return Outcome::Failed(format!(
+                    "last handshake {}s ago (limit {}s): the server is not answering",
+                    age.as_secs(),
+                    cfg.health.handshake_timeout.as_secs()
+                ));
+            }
+            if !up {
+                if !connected && Instant::now() > deadline {
+                    return Outcome::Failed(format!(
+                        "no {} handshake with {} within {:?}",
+                        cfg.tunnel.kind(),
+                        endpoints.join(", "),
+                        cfg.connect_timeout
+                    ));
+                }
+                if connected {
+                    probe_failures += 1;
+                    if probe_failures >= cfg.health.failures {
+                        return Outcome::Failed(format!(
+                            "{implementation} reports the tunnel down"
+                        ));
+                    }
+                }
+                continue;
+            }
+            let probe = match &cfg.probe {
+                None => Ok(None),
+                Some(target) => self
+                    .prober
+                    .probe(target, cfg.health.timeout)
+                    .await
+                    .map(Some),
+            };
+            match probe {
+                Ok(result) => {
+                    probe_failures = 0;
+                    if let Some(ok) = &result {
+                        self.metrics.record_probe(ok);
+                    }
+                    let exit_ip = result.as_ref().and_then(|r| r.exit_ip);
+                    if !connected {
+                        connected = true;
+                        let message = format!(
+                            "connected via {implementation}{}",
+                            exit_ip.map(|ip| format!(", exit {ip}")).unwrap_or_default()
+                        );
+                        tracing::info!(%message);
+                        if let Err(e) =
+                            self.enter(Phase::Connected, message, &connected_policy(cfg), &routes)
+                        {
+                            return Outcome::Failed(format!("firewall: {e}"));
+                        }
+                        write_resolv_conf(cfg);
+                    }
+                    self.status.send_modify(|s| {
+                        s.probe_ok = true;
+                        if let Some(r) = &result {
+                            s.exit_ip = r.exit_ip.or(s.exit_ip);
+                            s.probe_latency = Some(r.latency);
+                        }
+                    });
+                }
+                Err(e) => {
+                    self.metrics.probe_failures.inc();
+                    probe_failures += 1;
+                    tracing::warn!(error = %e, failures = probe_failures, "probe failed");
+                    if !connected && Instant::now() > deadline {
+                        return Outcome::Failed(format!("probe through the tunnel failed: {e}"));
+                    }
+                    if connected {
+                        self.status.send_modify(|s| {
+                            s.probe_ok = false;
+                            s.message = format!(
+                                "probe failing ({probe_failures}/{}): {e}",
+                                cfg.health.failures
+                            );
+                        });
+                        if probe_failures >= cfg.health.failures {
+                            return Outcome::Failed(format!(
+                                "{probe_failures} probes in a row failed: {e}"
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies the phase's firewall policy first, then its routes, then reports the phase.
+    fn enter(
+        &mut self,
+        phase: Phase,
+        message: String,
+        policy: &FirewallPolicy,
+        routes: &RouteSet,
+    ) -> Result<(), cloak_dataplane::Error> {
+        tracing::info!(%phase, %policy, "firewall");
+        let applied = self.firewall.apply(policy);
+        if applied.is_err() && phase != Phase::Blocked {
+            // Whatever failed, what remains must be closed.
+            let _ = self.firewall.apply(&FirewallPolicy::block_all());
+        }
+        applied?;
+        self.routes.apply(routes)?;
+        self.metrics.set_phase(phase);
+        self.status.send_modify(|s| {
+            s.phase = phase;
+            s.message = message;
+            s.probe_ok = false;
+            if phase != Phase::Connected {
+                s.handshake_age = None;
+                s.exit_ip = None;
+                s.probe_latency = None;
+            }
+        });
+        if phase != Phase::Connected {
+            self.metrics.set_exit_ip(None);
+        }
+        Ok(())
+    }
+
+    fn block(&mut self, message: &str) {
+        tracing::warn!(reason = message, "blocking all traffic");
+        if let Err(e) = self.enter(
+            Phase::Blocked,
+            message.to_owned(),
+            &FirewallPolicy::block_all(),
+            &RouteSet::default(),
+        ) {
+            tracing::error!(%e, "applying the block-all policy failed");
+            self.status.send_modify(|s| {
+                s.phase = Phase::Blocked;
+                s.message = format!("{message}; applying the block-all policy failed: {e}");
+            });
+        }
+    }
+}
+
+/// While (re)connecting: only the endpoints, and the tunnel interface, whose packets leave only
+/// as encrypted packets to the endpoints.
+fn connecting_policy(cfg: &Resolved, with_tunnel: bool) -> FirewallPolicy {
+    FirewallPolicy {
+        endpoints: cfg.tunnel.endpoints(),
+        tunnel: with_tunnel.then(|| cfg.tunnel.interface().to_owned()),
+        tunnel_ipv6: cfg.tunnel.carries_ipv6(),
+        dns: cfg.dns,
+        bypass: Vec::new(),
+        clamp_mss: None,
+    }
+}
+
+fn connected_policy(cfg: &Resolved) -> FirewallPolicy {
+    FirewallPolicy {
+        bypass: cfg.bypass.clone(),
+        // IPv4 TCP header 20 + IP header 20 (the IPv6 case is 20 bytes tighter, covered by the
+        // tunnel MTU's own 80-byte margin).
+        clamp_mss: Some(cfg.tunnel.mtu().saturating_sub(40)),
+        ..connecting_policy(cfg, true)
+    }
+}
+
+fn write_resolv_conf(cfg: &Resolved) {
+    if let (Some(path), Some(dns)) = (&cfg.resolv_conf, cfg.dns)
+        && let Err(e) = std::fs::write(
+            path,
+            format!("# written by cloak agent\nnameserver {dns}\n"),
+        )
+    {
+        tracing::warn!(path = %path.display(), %e, "writing resolv.conf failed");
+    }
+}
+
+/// `initial × 2^(failures-1)`, capped.
+fn backoff(initial: Duration, max: Duration, failures: u32) -> Duration {
+    initial
+        .saturating_mul(1 << failures.saturating_sub(1).min(20))
+        .min(max)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,352 @@
+//! The state machine against the in-memory fakes, with time paused: every transition's order of
+//! side effects, and that every failure path ends closed.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use cloak_dataplane::{
+    Key, TunnelConfig, TunnelState, TunnelStatus, firewall::FakeFirewall, routes::FakeRoutes,
+    tunnel::FakeDriver, wireguard::WireguardConfig,
+};
+use tokio::sync::watch;
+
+use super::*;
+use crate::{
+    config::{ConfigError, HealthConfig, ProbeTarget},
+    probe::ProbeOk,
+};
+
+/// Answers probes from a script: `Ok` with an exit address, or the error text.
+#[derive(Clone)]
+struct FakeProber(Arc<Mutex<Result<(), String>>>);
+
+impl Default for FakeProber {
+    fn default() -> Self {
+        Self(Arc::new(Mutex::new(Ok(()))))
+    }
+}
+
+impl Prober for FakeProber {
+    async fn probe(&self, _: &ProbeTarget, _: Duration) -> Result<ProbeOk, String> {
+        let answer = self.0.lock().unwrap().clone();
+        answer.map(|()| ProbeOk {
+            latency: Duration::from_millis(3),
+            exit_ip: Some("198.51.100.2".parse().unwrap()),
+        })
+    }
+}
+
+struct Rig {
+    journal: Arc<Mutex<Vec<String>>>,
+    driver: FakeDriver,
+    prober: FakeProber,
+    status: watch::Receiver<Status>,
+    config: watch::Sender<ConfigResult>,
+    shutdown: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+fn resolved() -> Resolved {
+    let conf = format!(
+        "[Interface]\nPrivateKey = {}\nAddress = 10.64.0.2/32\n[Peer]\nPublicKey = {}\nEndpoint = 192.0.2.2:51820\nAllowedIPs = 0.0.0.0/0\n",
+        &*Key::generate().to_base64(),
+        Key::generate().public()
+    );
+    Resolved {
+        tunnel: TunnelConfig::WireGuard(WireguardConfig::from_wg_quick(&conf, "ck0").unwrap()),
+        dns: Some("10.64.0.1".parse().unwrap()),
+        resolv_conf: None,
+        bypass: vec!["10.96.0.0/12".parse().unwrap()],
+        probe: Some(ProbeTarget::Tcp("203.0.113.10:7".parse().unwrap())),
+        health: HealthConfig {
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            failures: 3,
+            ..HealthConfig::default()
+        },
+        connect_timeout: Duration::from_secs(10),
+        backoff: Duration::from_secs(1),
+        backoff_max: Duration::from_secs(8),
+        userspace: true,
+    }
+}
+
+fn start(config: ConfigResult) -> Rig {
+    let journal = Arc::new(Mutex::new(Vec::new()));
+    let driver = FakeDriver::default();
+    let prober = FakeProber::default();
+    let (status_tx, status) = watch::channel(Status::default());
+    let (config_tx, config_rx) = watch::channel(config);
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let machine = Machine {
+        firewall: FakeFirewall {
+            journal: Arc::clone(&journal),
+            ..FakeFirewall::default()
+        },
+        routes: FakeRoutes {
+            journal: Arc::clone(&journal),
+        },
+        driver: driver.clone(),
+        prober: prober.clone(),
+        status: status_tx,
+        metrics: Arc::new(Metrics::new()),
+    };
+    let task = tokio::spawn(machine.run(config_rx, shutdown_rx));
+    Rig {
+        journal,
+        driver,
+        prober,
+        status,
+        config: config_tx,
+        shutdown,
+        task,
+    }
+}
+
+impl Rig {
+    fn set_tunnel(&self, state: TunnelState, age: Option<u64>) {
+        self.driver.inner.lock().unwrap().status = TunnelStatus {
+            state,
+            handshake_age: age.map(Duration::from_secs),
+            ..TunnelStatus::default()
+        };
+    }
+
+    async fn wait_phase(&mut self, phase: Phase) -> Status {
+        let journal = Arc::clone(&self.journal);
+        tokio::time::timeout(
+            Duration::from_secs(600),
+            self.status.wait_for(|s| s.phase == phase),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "never reached {phase}; journal {:?}",
+                journal.lock().unwrap()
+            )
+        })
+        .unwrap()
+        .clone()
+    }
+
+    fn journal(&self) -> Vec<String> {
+        self.journal.lock().unwrap().clone()
+    }
+
+    fn open_now(&self) -> usize {
+        self.driver.inner.lock().unwrap().open_now
+    }
+
+    async fn stop(self) -> Vec<String> {
+        self.shutdown.send(true).unwrap();
+        let journal = self.journal();
+        self.task.await.unwrap();
+        let mut after = self.journal.lock().unwrap().clone();
+        after.drain(..journal.len().min(after.len()));
+        [journal, after].concat()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_bad_config_blocks_everything_and_says_why() {
+    let mut rig = start(Err(ConfigError::Interface("x".repeat(20))));
+    let s = rig
+        .status
+        .wait_for(|s| !s.message.is_empty())
+        .await
+        .unwrap()
+        .clone();
+    assert_eq!(s.phase, Phase::Blocked);
+    assert!(
+        s.message.starts_with("config: interface name"),
+        "{}",
+        s.message
+    );
+    assert!(!s.ready());
+    assert_eq!(
+        rig.journal(),
+        [
+            "firewall block all",
+            "routes table 17260 for unmarked packets: unreachable"
+        ]
+    );
+    assert!(
+        rig.driver.inner.lock().unwrap().opened.is_empty(),
+        "no tunnel without a config"
+    );
+    rig.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn connecting_closes_the_firewall_before_the_tunnel_opens_and_opens_it_only_after_the_probe()
+{
+    let mut rig = start(Ok(Arc::new(resolved())));
+    rig.set_tunnel(TunnelState::Up, Some(1));
+    let s = rig.wait_phase(Phase::Connected).await;
+    assert!(s.ready());
+    assert_eq!(s.exit_ip, Some("198.51.100.2".parse().unwrap()));
+    let j = rig.journal();
+    assert_eq!(
+        j[0],
+        "firewall allow endpoints [192.0.2.2:51820/udp], tunnel ck0 (ipv4, ipv6 blocked), dns 10.64.0.1 only",
+        "connecting: endpoints only, no bypass"
+    );
+    assert!(j[2].starts_with("routes table 17260 for unmarked packets: default dev ck0"));
+    assert!(
+        j[3].ends_with("bypass [10.96.0.0/12], mss 1380"),
+        "{}",
+        j[3]
+    );
+    assert_eq!(rig.driver.inner.lock().unwrap().opened.len(), 1);
+    let j = rig.stop().await;
+    assert_eq!(
+        j.last().unwrap(),
+        "routes table 17260 for unmarked packets: unreachable"
+    );
+    assert_eq!(
+        j[j.len() - 2],
+        "firewall block all",
+        "stopping leaves the namespace closed"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_tunnel_that_never_comes_up_is_retried_with_doubling_backoff_and_stays_closed() {
+    let mut rig = start(Ok(Arc::new(resolved())));
+    let s = rig.wait_phase(Phase::Reconnecting).await;
+    assert!(
+        s.message.starts_with(
+            "no wireguard handshake with 192.0.2.2:51820/udp within 10s (attempt 1, next in 1s)"
+        ),
+        "{}",
+        s.message
+    );
+    assert_eq!(rig.open_now(), 0, "the failed tunnel is closed");
+    rig.wait_phase(Phase::Connecting).await;
+    let s = rig.wait_phase(Phase::Reconnecting).await;
+    assert!(
+        s.message.ends_with("(attempt 2, next in 2s)"),
+        "{}",
+        s.message
+    );
+    assert!(
+        rig.journal()
+            .iter()
+            .filter(|l| l.starts_with("firewall"))
+            .all(|l| !l.contains("bypass")),
+        "nothing but the endpoints is ever allowed while the tunnel does not work"
+    );
+    // The server returns: the next attempt connects by itself.
+    rig.set_tunnel(TunnelState::Up, Some(0));
+    rig.wait_phase(Phase::Connected).await;
+    assert_eq!(rig.status.borrow().reconnects, 2);
+    rig.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn failing_probes_make_the_agent_unready_then_reconnect() {
+    let mut rig = start(Ok(Arc::new(resolved())));
+    rig.set_tunnel(TunnelState::Up, Some(1));
+    rig.wait_phase(Phase::Connected).await;
+    *rig.prober.0.lock().unwrap() = Err("203.0.113.10:7: no answer within 1s".into());
+    let s = tokio::time::timeout(
+        Duration::from_secs(60),
+        rig.status
+            .wait_for(|s| s.phase == Phase::Connected && !s.probe_ok),
+    )
+    .await
+    .unwrap()
+    .unwrap()
+    .clone();
+    assert!(!s.ready());
+    assert!(
+        s.message.starts_with("probe failing (1/3)"),
+        "{}",
+        s.message
+    );
+    let s = rig.wait_phase(Phase::Reconnecting).await;
+    assert!(
+        s.message.starts_with("3 probes in a row failed"),
+        "{}",
+        s.message
+    );
+    assert_eq!(rig.open_now(), 0);
+    rig.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stale_handshake_or_a_dead_tunnel_process_reconnects() {
+    let mut rig = start(Ok(Arc::new(resolved())));
+    rig.set_tunnel(TunnelState::Up, Some(1));
+    rig.wait_phase(Phase::Connected).await;
+    rig.set_tunnel(TunnelState::Up, Some(200));
+    let s = rig.wait_phase(Phase::Reconnecting).await;
+    assert!(
+        s.message
+            .starts_with("last handshake 200s ago (limit 180s)"),
+        "{}",
+        s.message
+    );
+    rig.set_tunnel(
+        TunnelState::Failed("openvpn exited (exit status: 1): AUTH_FAILED".into()),
+        None,
+    );
+    rig.wait_phase(Phase::Connecting).await;
+    let s = rig.wait_phase(Phase::Reconnecting).await;
+    assert!(
+        s.message
+            .starts_with("openvpn exited (exit status: 1): AUTH_FAILED"),
+        "{}",
+        s.message
+    );
+    rig.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_config_change_reconnects_at_once_and_a_broken_one_blocks() {
+    let mut rig = start(Ok(Arc::new(resolved())));
+    rig.set_tunnel(TunnelState::Up, Some(1));
+    rig.wait_phase(Phase::Connected).await;
+    rig.config.send(Ok(Arc::new(resolved()))).unwrap();
+    rig.wait_phase(Phase::Connecting).await;
+    rig.wait_phase(Phase::Connected).await;
+    assert_eq!(rig.driver.inner.lock().unwrap().opened.len(), 2);
+    rig.config
+        .send(Err(ConfigError::Credentials {
+            path: "/creds".into(),
+            reason: "wg0.conf: PrivateKey is missing".into(),
+        }))
+        .unwrap();
+    let s = rig.wait_phase(Phase::Blocked).await;
+    assert_eq!(s.message, "config: /creds: wg0.conf: PrivateKey is missing");
+    assert_eq!(rig.open_now(), 0);
+    rig.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_tunnel_that_cannot_open_is_retried() {
+    let rig = start(Ok(Arc::new(resolved())));
+    rig.driver.inner.lock().unwrap().fail_open = Some("creating ck0: permission denied".into());
+    let mut rig = rig;
+    let s = rig.wait_phase(Phase::Reconnecting).await;
+    assert!(
+        s.message
+            .starts_with("opening the tunnel: creating ck0: permission denied"),
+        "{}",
+        s.message
+    );
+    rig.driver.inner.lock().unwrap().fail_open = None;
+    rig.set_tunnel(TunnelState::Up, Some(0));
+    rig.wait_phase(Phase::Connected).await;
+    rig.stop().await;
+}
+
+#[test]
+fn backoff_doubles_and_caps() {
+    let (a, b) = (Duration::from_millis(500), Duration::from_secs(30));
+    assert_eq!(backoff(a, b, 1), Duration::from_millis(500));
+    assert_eq!(backoff(a, b, 3), Duration::from_secs(2));
+    assert_eq!(backoff(a, b, 40), b);
+}

@@ -1,0 +1,151 @@
+//! The agent's metrics: one registry, names prefixed `cloak_agent_`, units in names.
+
+use std::{net::IpAddr, sync::Mutex};
+
+use cloak_dataplane::TunnelStatus;
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+use crate::{machine::Phase, probe::ProbeOk};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ExitLabels {
+    ip: String,
+}
+
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    state: Family<StateLabels, Gauge>,
+    handshake_age: Gauge<f64, std::sync::atomic::AtomicU64>,
+    rx: Counter,
+    tx: Counter,
+    pub(crate) reconnects: Counter,
+    probe_latency: Histogram,
+    pub(crate) probe_failures: Counter,
+    exit: Family<ExitLabels, Gauge>,
+    exit_now: Mutex<Option<IpAddr>>,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("cloak_agent");
+        let state = Family::<StateLabels, Gauge>::default();
+        let handshake_age = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        let (rx, tx, reconnects, probe_failures) = Default::default();
+        let probe_latency =
+            Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]);
+        let exit = Family::<ExitLabels, Gauge>::default();
+        registry.register("state", "1 for the phase the agent is in", state.clone());
+        registry.register(
+            "handshake_age_seconds",
+            "Age of the tunnel's last handshake",
+            handshake_age.clone(),
+        );
+        registry.register(
+            "tunnel_received_bytes",
+            "Bytes received through the tunnel",
+            Counter::clone(&rx),
+        );
+        registry.register(
+            "tunnel_sent_bytes",
+            "Bytes sent through the tunnel",
+            Counter::clone(&tx),
+        );
+        registry.register(
+            "reconnects",
+            "Tunnel reconnections",
+            Counter::clone(&reconnects),
+        );
+        registry.register(
+            "probe_latency_seconds",
+            "Round trip of successful health probes through the tunnel",
+            probe_latency.clone(),
+        );
+        registry.register(
+            "probe_failures",
+            "Failed health probes",
+            Counter::clone(&probe_failures),
+        );
+        registry.register(
+            "exit_info",
+            "The public exit address the probe target reported (value 1)",
+            exit.clone(),
+        );
+        let m = Self {
+            registry,
+            state,
+            handshake_age,
+            rx,
+            tx,
+            reconnects,
+            probe_latency,
+            probe_failures,
+            exit,
+            exit_now: Mutex::new(None),
+        };
+        m.set_phase(Phase::Blocked);
+        m
+    }
+
+    pub(crate) fn set_phase(&self, phase: Phase) {
+        for p in Phase::ALL {
+            self.state
+                .get_or_create(&StateLabels { state: p.as_str() })
+                .set(i64::from(p == phase));
+        }
+    }
+
+    /// Adds the byte counts since the last reading (`last` is per tunnel: a new tunnel starts
+    /// from zero).
+    pub(crate) fn record_tunnel(&self, status: &TunnelStatus, last: &mut (u64, u64)) {
+        self.rx.inc_by(status.rx_bytes.saturating_sub(last.0));
+        self.tx.inc_by(status.tx_bytes.saturating_sub(last.1));
+        *last = (status.rx_bytes, status.tx_bytes);
+        self.handshake_age
+            .set(status.handshake_age.map_or(0.0, |a| a.as_secs_f64()));
+    }
+
+    pub(crate) fn record_probe(&self, ok: &ProbeOk) {
+        self.probe_latency.observe(ok.latency.as_secs_f64());
+        if ok.exit_ip.is_some() {
+            self.set_exit_ip(ok.exit_ip);
+        }
+    }
+
+    pub(crate) fn set_exit_ip(&self, ip: Option<IpAddr>) {
+        let Ok(mut now) = self.exit_now.lock() else {
+            return;
+        };
+        if *now != ip {
+            self.exit.clear();
+            if let Some(ip) = ip {
+                self.exit
+                    .get_or_create(&ExitLabels { ip: ip.to_string() })
+                    .set(1);
+            }
+            *now = ip;
+        }
+    }
+
+    /// Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
