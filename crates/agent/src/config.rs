@@ -20,6 +20,10 @@ use cloak_dataplane::{
 use ipnet::IpNet;
 use serde::Deserialize;
 
+/// Seconds between WireGuard keepalives when the credentials set none: below the 30 s after
+/// which common NATs forget an idle UDP mapping.
+const DEFAULT_KEEPALIVE: u16 = 25;
+
 /// The file as written.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -188,7 +192,13 @@ impl Resolved {
             return Err(ConfigError::Interface(iface.clone()));
         }
         let credentials = base.join(&config.credentials);
-        let tunnel = read_credentials(&credentials, iface)?;
+        let mut tunnel = read_credentials(&credentials, iface)?;
+        if let TunnelConfig::WireGuard(wg) = &mut tunnel {
+            // The pod sits behind the node's NAT, whose UDP mappings expire after ~30 s idle.
+            wg.peer
+                .persistent_keepalive
+                .get_or_insert(DEFAULT_KEEPALIVE);
+        }
         let probe = config
             .health
             .probe

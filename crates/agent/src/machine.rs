@@ -245,7 +245,9 @@ where
                     cfg.health.handshake_timeout.as_secs()
                 ));
             }
-            if !up {
+            // A WireGuard tunnel handshakes only when it has something to send: while
+            // connecting, the probe is that something (and proves the path end to end).
+            if !up && (connected || cfg.probe.is_none()) {
                 if !connected && Instant::now() > deadline {
                     return Outcome::Failed(format!(
                         "no {} handshake with {} within {:?}",
@@ -306,7 +308,16 @@ where
                     probe_failures += 1;
                     tracing::warn!(error = %e, failures = probe_failures, "probe failed");
                     if !connected && Instant::now() > deadline {
-                        return Outcome::Failed(format!("probe through the tunnel failed: {e}"));
+                        return Outcome::Failed(if up {
+                            format!("probe through the tunnel failed: {e}")
+                        } else {
+                            format!(
+                                "no {} handshake with {} within {:?}",
+                                cfg.tunnel.kind(),
+                                endpoints.join(", "),
+                                cfg.connect_timeout
+                            )
+                        });
                     }
                     if connected {
                         self.status.send_modify(|s| {

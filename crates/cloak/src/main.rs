@@ -22,6 +22,39 @@ enum Command {
     Operator(OperatorArgs),
     /// Forward host ports to NodePort Services from `cloak.dev/external-ports` annotations.
     Portfwd(PortfwdArgs),
+    /// The data plane inside a pod: bring up the VPN tunnel with a kill switch, keep it healthy.
+    Agent(AgentArgs),
+}
+
+#[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct AgentArgs {
+    /// The agent's config file (YAML; re-read when it or the credentials change).
+    #[arg(
+        short,
+        long,
+        env = "CLOAK_AGENT_CONFIG",
+        default_value = "/etc/cloak/agent.yaml"
+    )]
+    config: std::path::PathBuf,
+    /// Admin server address (/livez, /readyz while the tunnel passes its probe, /metrics).
+    #[arg(long, env = "CLOAK_ADMIN_ADDR", default_value = "0.0.0.0:9090")]
+    admin_addr: std::net::SocketAddr,
+    /// Private directory for tunnel state (OpenVPN's management socket and credentials).
+    #[arg(long, env = "CLOAK_STATE_DIR", default_value = "/run/cloak")]
+    state_dir: std::path::PathBuf,
+    /// How often the config and credentials are checked for changes, in milliseconds.
+    #[arg(long, env = "CLOAK_WATCH_MS", default_value_t = 1000)]
+    watch_ms: u64,
+    #[command(subcommand)]
+    command: Option<AgentCommand>,
+}
+
+#[derive(Debug, Subcommand)]
+enum AgentCommand {
+    /// Remove the agent's nftables table, routing rule and routing table (after it stopped: a
+    /// stopped agent leaves traffic blocked on purpose), and exit.
+    Reset,
 }
 
 #[derive(Debug, clap::Args)]
@@ -160,7 +193,29 @@ fn main() -> anyhow::Result<()> {
         Command::Crds => print_crds(&mut std::io::stdout().lock()),
         Command::Operator(args) => run_operator(args),
         Command::Portfwd(args) => run_portfwd(args),
+        Command::Agent(args) => run_agent(args),
     }
+}
+
+fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+        .init();
+    if let Some(AgentCommand::Reset) = args.command {
+        return cloak_agent::reset().context("removing the agent's firewall and routes");
+    }
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime
+        .block_on(cloak_agent::run(cloak_agent::Options {
+            config: args.config,
+            admin_addr: args.admin_addr,
+            state_dir: args.state_dir,
+            watch_interval: std::time::Duration::from_millis(args.watch_ms),
+        }))
+        .context("agent")
 }
 
 fn run_portfwd(args: PortfwdArgs) -> anyhow::Result<()> {
@@ -168,6 +223,7 @@ fn run_portfwd(args: PortfwdArgs) -> anyhow::Result<()> {
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
     let (executor, clean): (cloak_portfwd::Executor, bool) = match args.command {
         PortfwdCommand::Local(local) => (ExecutorArgs::Local(local).into(), false),
@@ -269,6 +325,7 @@ fn run_operator(args: OperatorArgs) -> anyhow::Result<()> {
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async {

@@ -225,11 +225,10 @@ fn verify(policy: &FirewallPolicy) -> Result<(), Error> {
                 chain.name
             )));
         };
-        let body = &listing[start + header.len()..];
-        let body = &body[..body.find('}').unwrap_or(body.len())];
-        let rules = body
+        let rules = listing[start + header.len()..]
             .lines()
             .map(str::trim)
+            .take_while(|l| *l != "}")
             .filter(|l| !l.is_empty() && !l.starts_with("type "))
             .count();
         if rules != chain.rules.len() {

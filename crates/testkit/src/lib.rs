@@ -6,6 +6,7 @@
 
 mod certs;
 pub mod controlplane;
+pub mod netlab;
 pub mod netns;
 
 pub use controlplane::{ControlPlane, Error, TestNamespace};

@@ -1,0 +1,404 @@
+//! `cloak agent` end to end, as root, in the network lab: a real `cloak agent` process in a "pod"
+//! namespace, real WireGuard (userspace boringtun) and OpenVPN tunnels to fake providers, real
+//! packets to an echo service that reports the source address it saw, and leak counters on the
+//! node that count everything the pod sends outside its tunnel.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use cloak_dataplane::Key;
+use cloak_testkit::netlab::{
+    FakeOpenVpn, FakeWireguard, INTERNET, INTERNET6, Lab, PROVIDER, PROVIDER_EXIT, RESOLVER,
+    wait_until,
+};
+
+const HEALTH: &str = "health:\n  probe: tcp://203.0.113.10:7\n  interval: 300ms\n  timeout: 700ms\n  failures: 2\nconnectTimeout: 3s\nbackoff: 200ms\nbackoffMax: 1s\n";
+
+/// A `cloak agent` process in the lab's pod namespace. Stopped (by PID) on drop.
+struct Agent {
+    child: Child,
+    dir: tempfile::TempDir,
+    pod: String,
+}
+
+impl Agent {
+    /// Starts the agent with `yaml` as its config and `files` in its credentials directory.
+    fn start(lab: &Lab, yaml: &str, files: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("creds")).unwrap();
+        for (name, content) in files {
+            std::fs::write(dir.path().join("creds").join(name), content).unwrap();
+        }
+        std::fs::write(dir.path().join("agent.yaml"), yaml).unwrap();
+        let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", lab.pod().name()])
+            .arg(env!("CARGO_BIN_EXE_cloak"))
+            .args([
+                "agent",
+                "--admin-addr",
+                "127.0.0.1:9090",
+                "--watch-ms",
+                "200",
+            ])
+            .arg("--config")
+            .arg(dir.path().join("agent.yaml"))
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Self {
+            child,
+            dir,
+            pod: lab.pod().name().to_owned(),
+        }
+    }
+
+    fn creds(&self) -> PathBuf {
+        self.dir.path().join("creds")
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    }
+
+    /// GET on the admin server, from inside the pod: (status code, body).
+    fn admin(&self, path: &str) -> (u16, String) {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.pod,
+                "curl",
+                "-s",
+                "-m",
+                "2",
+                "-w",
+                "\n%{http_code}",
+            ])
+            .arg(format!("http://127.0.0.1:9090{path}"))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.trim().parse().unwrap_or(0), body.to_owned())
+    }
+
+    /// Waits until `/readyz` answers `ready` (true) or not (false); returns its last body.
+    fn wait_ready(&self, ready: bool, limit: Duration) -> String {
+        let mut last = String::new();
+        let ok = wait_until(limit, || {
+            let (code, body) = self.admin("/readyz");
+            last = body;
+            (code == 200) == ready && code != 0
+        });
+        assert!(
+            ok,
+            "readyz never became {}: {last}\n--- agent log\n{}",
+            if ready { "ready" } else { "unready" },
+            self.log()
+        );
+        last
+    }
+
+    fn metric(&self, line_start: &str) -> Option<String> {
+        self.admin("/metrics")
+            .1
+            .lines()
+            .find(|l| l.starts_with(line_start))
+            .map(str::to_owned)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wg_lab() -> (Lab, FakeWireguard, Key) {
+    let lab = Lab::new();
+    let key = Key::generate();
+    let server = FakeWireguard::start(
+        lab.provider(),
+        format!("{PROVIDER}:51820").parse().unwrap(),
+        key.public(),
+    );
+    (lab, server, key)
+}
+
+/// Every kind of traffic a leak could take, tried from the pod: TCP, UDP, DNS to the resolver
+/// and to another server, IPv6. Returns how many attempts succeeded.
+fn try_everything(lab: &Lab) -> usize {
+    let t = Duration::from_millis(400);
+    [
+        lab.ask("tcp", INTERNET, t),
+        lab.ask("udp", INTERNET, t),
+        lab.ask("dns", RESOLVER, t),
+        lab.ask("dns", INTERNET, t),
+        lab.ask("tcp", INTERNET6, t),
+    ]
+    .iter()
+    .filter(|r| r.is_ok())
+    .count()
+}
+
+fn write_atomically(path: &Path, content: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, content).unwrap();
+    std::fs::rename(tmp, path).unwrap();
+}
+
+#[test]
+fn wireguard_egress_leaves_through_the_provider_and_nothing_else_leaves() {
+    let (lab, server, key) = wg_lab();
+    let counters = lab.count_leaks(server.endpoint, "udp");
+    let agent = Agent::start(
+        &lab,
+        &format!("credentials: creds\nbypass: []\n{HEALTH}"),
+        &[("wg0.conf", &server.client_conf(&key))],
+    );
+    let ready = agent.wait_ready(true, Duration::from_secs(20));
+    assert!(
+        ready.starts_with("ready: connected: connected via boringtun, exit 198.51.100.2"),
+        "{ready}"
+    );
+
+    let t = Duration::from_secs(2);
+    assert_eq!(lab.ask("tcp", INTERNET, t).as_deref(), Ok(PROVIDER_EXIT));
+    assert_eq!(lab.ask("http", INTERNET, t).as_deref(), Ok(PROVIDER_EXIT));
+    assert_eq!(lab.ask("udp", INTERNET, t).as_deref(), Ok(PROVIDER_EXIT));
+    assert_eq!(
+        lab.ask("dns", RESOLVER, t).as_deref(),
+        Ok(PROVIDER_EXIT),
+        "DNS goes through the tunnel to the configured resolver"
+    );
+    let short = Duration::from_millis(500);
+    assert!(
+        lab.ask("dns", INTERNET, short).is_err(),
+        "DNS to any other server is dropped"
+    );
+    assert!(
+        lab.ask("tcp", INTERNET6, short).is_err(),
+        "IPv6 is blocked: the tunnel carries only IPv4 here"
+    );
+
+    let leaks = counters.read();
+    assert_eq!(
+        leaks.leaked(),
+        0,
+        "packets left outside the tunnel: {leaks:?}"
+    );
+    assert!(
+        leaks.tunnel > 10,
+        "the traffic went to the endpoint: {leaks:?}"
+    );
+
+    assert_eq!(
+        agent
+            .metric("cloak_agent_state{state=\"connected\"}")
+            .as_deref(),
+        Some("cloak_agent_state{state=\"connected\"} 1")
+    );
+    assert!(
+        agent
+            .metric("cloak_agent_exit_info{ip=\"198.51.100.2\"} 1")
+            .is_some()
+    );
+    assert!(
+        agent
+            .metric("cloak_agent_probe_latency_seconds_count")
+            .is_some()
+    );
+    let log = agent.log();
+    assert!(
+        !log.contains(&*key.to_base64()),
+        "the private key is never logged"
+    );
+    assert!(log.contains("firewall"), "{log}");
+}
+
+#[test]
+fn kill_switch_holds_while_the_provider_is_stopped_blackholed_or_rekeyed_and_traffic_resumes() {
+    let (lab, mut server, key) = wg_lab();
+    let counters = lab.count_leaks(server.endpoint, "udp");
+    let agent = Agent::start(
+        &lab,
+        &format!("credentials: creds\n{HEALTH}"),
+        &[("wg0.conf", &server.client_conf(&key))],
+    );
+    agent.wait_ready(true, Duration::from_secs(20));
+    let t = Duration::from_secs(2);
+
+    // 1. The provider stops.
+    server.stop();
+    let before = counters.read();
+    let unready = agent.wait_ready(false, Duration::from_secs(10));
+    assert!(unready.starts_with("not ready: "), "{unready}");
+    assert_eq!(
+        try_everything(&lab),
+        0,
+        "nothing gets through while the provider is down"
+    );
+    let outage = counters.read() - before;
+    assert_eq!(outage.leaked(), 0, "leaked during the outage: {outage:?}");
+    assert_eq!(outage.dns, 0);
+    server.resume();
+    agent.wait_ready(true, Duration::from_secs(20));
+    assert_eq!(lab.ask("tcp", INTERNET, t).as_deref(), Ok(PROVIDER_EXIT));
+
+    // 2. The path to the provider silently drops everything.
+    let before = counters.read();
+    lab.blackhole_provider(true);
+    agent.wait_ready(false, Duration::from_secs(10));
+    assert_eq!(try_everything(&lab), 0);
+    lab.blackhole_provider(false);
+    agent.wait_ready(true, Duration::from_secs(20));
+    let outage = counters.read() - before;
+    assert_eq!(
+        outage.leaked(),
+        0,
+        "leaked during the blackhole: {outage:?}"
+    );
+    assert_eq!(lab.ask("udp", INTERNET, t).as_deref(), Ok(PROVIDER_EXIT));
+
+    // 3. The provider rotates its key: the agent cannot connect until its credentials change.
+    let before = counters.read();
+    server.rotate_key();
+    let unready = agent.wait_ready(false, Duration::from_secs(10));
+    assert!(unready.contains("not ready"), "{unready}");
+    assert_eq!(try_everything(&lab), 0);
+    let outage = counters.read() - before;
+    assert_eq!(
+        outage.leaked(),
+        0,
+        "leaked after the key rotation: {outage:?}"
+    );
+    write_atomically(&agent.creds().join("wg0.conf"), &server.client_conf(&key));
+    agent.wait_ready(true, Duration::from_secs(20));
+    assert_eq!(lab.ask("tcp", INTERNET, t).as_deref(), Ok(PROVIDER_EXIT));
+    assert!(agent.log().contains("config changed; re-applying"));
+    let reconnects = agent.metric("cloak_agent_reconnects_total").unwrap();
+    assert_ne!(reconnects, "cloak_agent_reconnects_total 0");
+    assert_eq!(counters.read().leaked(), 0);
+}
+
+#[test]
+fn openvpn_egress_works_and_its_kill_switch_holds_across_a_server_restart() {
+    let lab = Lab::new();
+    let mut server =
+        FakeOpenVpn::start(lab.provider(), format!("{PROVIDER}:1194").parse().unwrap());
+    let counters = lab.count_leaks(server.endpoint, "udp");
+    let agent = Agent::start(
+        &lab,
+        &format!("credentials: creds\ndns: {RESOLVER}\n{HEALTH}"),
+        &[("config.ovpn", server.client_ovpn())],
+    );
+    let ready = agent.wait_ready(true, Duration::from_secs(30));
+    assert!(
+        ready.contains("connected via openvpn, exit 198.51.100.2"),
+        "{ready}"
+    );
+    let t = Duration::from_secs(2);
+    assert_eq!(lab.ask("tcp", INTERNET, t).as_deref(), Ok(PROVIDER_EXIT));
+    assert_eq!(lab.ask("dns", RESOLVER, t).as_deref(), Ok(PROVIDER_EXIT));
+    assert!(
+        lab.ask("dns", INTERNET, Duration::from_millis(500))
+            .is_err()
+    );
+
+    server.stop();
+    let before = counters.read();
+    agent.wait_ready(false, Duration::from_secs(15));
+    assert_eq!(try_everything(&lab), 0);
+    let outage = counters.read() - before;
+    assert_eq!(outage.leaked(), 0, "leaked during the outage: {outage:?}");
+    server.resume();
+    agent.wait_ready(true, Duration::from_secs(40));
+    assert_eq!(lab.ask("tcp", INTERNET, t).as_deref(), Ok(PROVIDER_EXIT));
+    assert_eq!(counters.read().leaked(), 0, "{:?}", counters.read());
+}
+
+#[test]
+fn bad_config_keeps_the_pod_closed_says_what_is_wrong_and_recovers_when_fixed() {
+    let (lab, server, key) = wg_lab();
+    let counters = lab.count_leaks(server.endpoint, "udp");
+    let good = server.client_conf(&key);
+    let no_key: String = good
+        .lines()
+        .filter(|l| !l.starts_with("PrivateKey"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let agent = Agent::start(
+        &lab,
+        &format!("credentials: creds\n{HEALTH}"),
+        &[("wg0.conf", &no_key)],
+    );
+
+    // Missing key: blocked, with the reason in /readyz and the log; nothing leaves.
+    let unready = agent.wait_ready(false, Duration::from_secs(10));
+    assert!(unready.contains("blocked: config: "), "{unready}");
+    assert!(
+        unready.contains("wg0.conf: PrivateKey is missing"),
+        "{unready}"
+    );
+    assert_eq!(try_everything(&lab), 0);
+    assert!(agent.log().contains("PrivateKey is missing"));
+
+    // Malformed agent config.
+    write_atomically(
+        &agent.dir.path().join("agent.yaml"),
+        "credentials: [not, a, path\n",
+    );
+    assert!(wait_until(Duration::from_secs(5), || agent
+        .admin("/readyz")
+        .1
+        .contains("is not a valid agent config")));
+
+    // Unreachable endpoint: keeps retrying, says so.
+    let unreachable = good.replace(&format!("{PROVIDER}:51820"), "192.0.2.99:51820");
+    write_atomically(&agent.creds().join("wg0.conf"), &unreachable);
+    write_atomically(
+        &agent.dir.path().join("agent.yaml"),
+        &format!("credentials: creds\n{HEALTH}"),
+    );
+    assert!(
+        wait_until(Duration::from_secs(15), || agent
+            .admin("/readyz")
+            .1
+            .contains(
+                "no wireguard handshake with 192.0.2.99:51820/udp within 3s (attempt 2"
+            )),
+        "{}",
+        agent.admin("/readyz").1
+    );
+    assert_eq!(try_everything(&lab), 0);
+
+    // Fixed: connects by itself.
+    write_atomically(&agent.creds().join("wg0.conf"), &good);
+    agent.wait_ready(true, Duration::from_secs(20));
+    assert_eq!(
+        lab.ask("tcp", INTERNET, Duration::from_secs(2)).as_deref(),
+        Ok(PROVIDER_EXIT)
+    );
+    let leaks = counters.read();
+    assert_eq!(leaks.leaked(), 0, "{leaks:?}");
+}
