@@ -170,7 +170,7 @@ fn write_atomically(path: &Path, content: &str) {
 #[test]
 fn wireguard_egress_leaves_through_the_provider_and_nothing_else_leaves() {
     let (lab, server, key) = wg_lab();
-    let counters = lab.count_leaks(server.endpoint, "udp");
+    let counters = lab.count_leaks(&[server.endpoint], "udp");
     let agent = Agent::start(
         &lab,
         &format!("credentials: creds\nbypass: []\n{HEALTH}"),
@@ -239,7 +239,7 @@ fn wireguard_egress_leaves_through_the_provider_and_nothing_else_leaves() {
 #[test]
 fn kill_switch_holds_while_the_provider_is_stopped_blackholed_or_rekeyed_and_traffic_resumes() {
     let (lab, mut server, key) = wg_lab();
-    let counters = lab.count_leaks(server.endpoint, "udp");
+    let counters = lab.count_leaks(&[server.endpoint], "udp");
     let agent = Agent::start(
         &lab,
         &format!("credentials: creds\n{HEALTH}"),
@@ -306,7 +306,7 @@ fn openvpn_egress_works_and_its_kill_switch_holds_across_a_server_restart() {
     let lab = Lab::new();
     let mut server =
         FakeOpenVpn::start(lab.provider(), format!("{PROVIDER}:1194").parse().unwrap());
-    let counters = lab.count_leaks(server.endpoint, "udp");
+    let counters = lab.count_leaks(&[server.endpoint], "udp");
     let agent = Agent::start(
         &lab,
         &format!("credentials: creds\ndns: {RESOLVER}\n{HEALTH}"),
@@ -340,7 +340,11 @@ fn openvpn_egress_works_and_its_kill_switch_holds_across_a_server_restart() {
 #[test]
 fn bad_config_keeps_the_pod_closed_says_what_is_wrong_and_recovers_when_fixed() {
     let (lab, server, key) = wg_lab();
-    let counters = lab.count_leaks(server.endpoint, "udp");
+    // The agent is pointed at an unreachable endpoint below; packets to it are not leaks.
+    let counters = lab.count_leaks(
+        &[server.endpoint, "192.0.2.99:51820".parse().unwrap()],
+        "udp",
+    );
     let good = server.client_conf(&key);
     let no_key: String = good
         .lines()
@@ -354,6 +358,10 @@ fn bad_config_keeps_the_pod_closed_says_what_is_wrong_and_recovers_when_fixed() 
     );
 
     // Missing key: blocked, with the reason in /readyz and the log; nothing leaves.
+    assert!(wait_until(Duration::from_secs(10), || agent
+        .admin("/readyz")
+        .1
+        .contains("PrivateKey")));
     let unready = agent.wait_ready(false, Duration::from_secs(10));
     assert!(unready.contains("blocked: config: "), "{unready}");
     assert!(

@@ -167,6 +167,7 @@ struct Shared {
 /// A supervised `openvpn` process.
 #[derive(Debug)]
 pub struct OpenVpn {
+    interface: String,
     child: Child,
     dir: PathBuf,
     shared: Arc<Mutex<Shared>>,
@@ -188,6 +189,19 @@ impl OpenVpn {
             Ok(path)
         };
         let conf = write_private("config.ovpn", config.config.expose())?;
+        // cloak creates the tun itself, before openvpn runs: routes and firewall rules naming it
+        // can be in place while openvpn connects, and it outlives openvpn's own restarts.
+        let _ = crate::command::ip(&["tuntap", "del", "dev", &config.interface, "mode", "tun"]);
+        crate::command::ip(&["tuntap", "add", "dev", &config.interface, "mode", "tun"])?;
+        crate::command::ip(&[
+            "link",
+            "set",
+            "dev",
+            &config.interface,
+            "mtu",
+            &config.mtu.to_string(),
+            "up",
+        ])?;
         let mgmt = dir.join("management.sock");
         let mut cmd = Command::new("openvpn");
         cmd.arg("--config")
@@ -251,7 +265,12 @@ impl OpenVpn {
         }
         let reader = Arc::clone(&shared);
         std::thread::spawn(move || management(&mgmt, &reader));
-        Ok(Self { child, dir, shared })
+        Ok(Self {
+            interface: config.interface.clone(),
+            child,
+            dir,
+            shared,
+        })
     }
 }
 
@@ -333,6 +352,7 @@ impl Drop for OpenVpn {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = crate::command::ip(&["tuntap", "del", "dev", &self.interface, "mode", "tun"]);
         let _ = fs::remove_dir_all(&self.dir);
     }
 }

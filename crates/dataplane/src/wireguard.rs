@@ -442,8 +442,7 @@ fn configure_interface(config: &WireguardConfig) -> Result<(), Error> {
 pub struct Userspace {
     interface: String,
     uapi: BufReader<UnixStream>,
-    // Dropped last: stops the device's thread and closes the tun (which removes the interface).
-    _device: DeviceHandle,
+    device: Option<DeviceHandle>,
 }
 
 impl fmt::Debug for Userspace {
@@ -473,7 +472,7 @@ impl Userspace {
         let mut tunnel = Self {
             interface: config.interface.clone(),
             uapi: BufReader::new(ours),
-            _device: device,
+            device: Some(device),
         };
         tunnel.uapi(&config.uapi_set())?;
         configure_interface(config)?;
@@ -545,6 +544,15 @@ impl Tunnel for Userspace {
 
     fn implementation(&self) -> &'static str {
         "boringtun"
+    }
+}
+
+impl Drop for Userspace {
+    fn drop(&mut self) {
+        drop(self.device.take());
+        // boringtun opens the tun without O_CLOEXEC, so a child process started meanwhile may
+        // hold it and keep the interface (its address, its routes) alive; delete it outright.
+        let _ = ip(&["link", "del", "dev", &self.interface]);
     }
 }
 

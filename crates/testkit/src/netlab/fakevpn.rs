@@ -101,6 +101,18 @@ impl FakeWireguard {
         if let Some(running) = self.running.take() {
             drop(running.commands);
             running.thread.join().expect("WireGuard server thread");
+            // The device deleted its interface from the server thread, which was inside the
+            // provider's namespace; make sure of it from outside too.
+            let ns = self
+                .netns_path
+                .rsplit('/')
+                .next()
+                .unwrap_or_default()
+                .to_owned();
+            let _ = std::process::Command::new("ip")
+                .args(["-n", &ns, "link", "del", &format!("wgs{}", self.generation)])
+                .stderr(Stdio::null())
+                .status();
         }
     }
 

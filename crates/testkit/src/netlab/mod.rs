@@ -274,13 +274,21 @@ impl Lab {
         }
     }
 
-    /// Installs the leak counters on the node for traffic from the pod; `endpoint` is the only
-    /// destination that is not a leak.
-    pub fn count_leaks(&self, endpoint: SocketAddr, proto: &str) -> LeakCounters<'_> {
+    /// Installs the leak counters on the node for traffic from the pod; the VPN endpoints
+    /// (the agent is told of each) are the only destinations that are not leaks.
+    pub fn count_leaks(&self, endpoints: &[SocketAddr], proto: &str) -> LeakCounters<'_> {
+        let tunnel: String = endpoints
+            .iter()
+            .map(|e| {
+                format!(
+                    "\t\tiifname \"pod0\" ip daddr {} {proto} dport {} counter name \"tunnel\" accept\n",
+                    e.ip(),
+                    e.port()
+                )
+            })
+            .collect();
         let script = format!(
-            "table inet lab_leaks {{\n\tcounter tunnel {{\n\t}}\n\tcounter ipv4 {{\n\t}}\n\tcounter ipv6 {{\n\t}}\n\tcounter dns {{\n\t}}\n\tchain pre {{\n\t\ttype filter hook prerouting priority -300; policy accept;\n\t\tiifname \"pod0\" ip daddr {} {proto} dport {} counter name \"tunnel\" accept\n\t\tiifname \"pod0\" meta l4proto {{ tcp, udp }} th dport 53 counter name \"dns\"\n\t\tiifname \"pod0\" meta nfproto ipv4 counter name \"ipv4\"\n\t\tiifname \"pod0\" meta nfproto ipv6 counter name \"ipv6\"\n\t}}\n}}\n",
-            endpoint.ip(),
-            endpoint.port()
+            "table inet lab_leaks {{\n\tcounter tunnel {{\n\t}}\n\tcounter ipv4 {{\n\t}}\n\tcounter ipv6 {{\n\t}}\n\tcounter dns {{\n\t}}\n\tchain pre {{\n\t\ttype filter hook prerouting priority -300; policy accept;\n{tunnel}\t\tiifname \"pod0\" meta l4proto {{ tcp, udp }} th dport 53 counter name \"dns\"\n\t\tiifname \"pod0\" meta nfproto ipv4 counter name \"ipv4\"\n\t\tiifname \"pod0\" meta nfproto ipv6 counter name \"ipv6\"\n\t}}\n}}\n"
         );
         nft(self.node(), &script);
         LeakCounters { node: self.node() }
@@ -292,7 +300,7 @@ impl Lab {
         if on {
             nft(
                 self.node(),
-                "table inet lab_blackhole {\n\tchain fwd {\n\t\ttype filter hook forward priority -200; policy accept;\n\t\toifname \"wan0\" drop\n\t}\n}\n",
+                "table inet lab_blackhole {\n\tchain drop_wan {\n\t\ttype filter hook forward priority -200; policy accept;\n\t\toifname \"wan0\" drop\n\t}\n}\n",
             );
         } else {
             self.node()
