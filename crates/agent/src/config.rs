@@ -116,7 +116,7 @@ fn default_failures() -> u32 {
     3
 }
 fn default_handshake_timeout() -> Duration {
-    Duration::from_secs(180)
+    Duration::from_mins(3)
 }
 
 /// A checked config: what the state machine runs.
@@ -283,9 +283,12 @@ fn read_credentials(path: &Path, iface: &str) -> Result<TunnelConfig, ConfigErro
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let key = if name.ends_with(".conf") {
+        let extension = Path::new(&name)
+            .extension()
+            .map(|e| e.to_string_lossy().to_ascii_lowercase());
+        let key = if extension.as_deref() == Some("conf") {
             "wg0.conf".to_owned()
-        } else if name.ends_with(".ovpn") {
+        } else if extension.as_deref() == Some("ovpn") {
             "config.ovpn".to_owned()
         } else {
             // KEY=value lines (an env file).

@@ -136,7 +136,7 @@ async fn readyz(State((status, _)): State<AdminState>) -> (StatusCode, String) {
     let s = status.borrow().clone();
     let mut line = format!("{}: {}", s.phase, s.message);
     if let Some(ip) = s.exit_ip {
-        line.push_str(&format!(" (exit {ip})"));
+        line = format!("{line}, exit {ip}");
     }
     if s.ready() {
         (StatusCode::OK, format!("ready: {line}\n"))

@@ -283,11 +283,8 @@ where
                     let exit_ip = result.as_ref().and_then(|r| r.exit_ip);
                     if !connected {
                         connected = true;
-                        let message = format!(
-                            "connected via {implementation}{}",
-                            exit_ip.map(|ip| format!(", exit {ip}")).unwrap_or_default()
-                        );
-                        tracing::info!(%message);
+                        let message = format!("connected via {implementation}");
+                        tracing::info!(exit = ?exit_ip, "{message}");
                         if let Err(e) =
                             self.enter(Phase::Connected, message, &connected_policy(cfg), &routes)
                         {

@@ -3,6 +3,8 @@
 //! packets to an echo service that reports the source address it saw, and leak counters on the
 //! node that count everything the pod sends outside its tunnel.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers
+
 use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -349,7 +351,7 @@ fn bad_config_keeps_the_pod_closed_says_what_is_wrong_and_recovers_when_fixed() 
     let no_key: String = good
         .lines()
         .filter(|l| !l.starts_with("PrivateKey"))
-        .map(|l| format!("{l}\n"))
+        .flat_map(|l| [l, "\n"])
         .collect();
     let agent = Agent::start(
         &lab,

@@ -88,7 +88,7 @@ impl OpenVpnConfig {
             };
             match words[0] {
                 "proto" => {
-                    proto = parse_proto(words.get(1).ok_or_else(|| bad("proto needs a value"))?)
+                    proto = parse_proto(words.get(1).ok_or_else(|| bad("proto needs a value"))?);
                 }
                 "port" => {
                     port = words

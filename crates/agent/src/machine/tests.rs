@@ -117,7 +117,7 @@ impl Rig {
     async fn wait_phase(&mut self, phase: Phase) -> Status {
         let journal = Arc::clone(&self.journal);
         tokio::time::timeout(
-            Duration::from_secs(600),
+            Duration::from_mins(10),
             self.status.wait_for(|s| s.phase == phase),
         )
         .await
@@ -252,7 +252,7 @@ async fn failing_probes_make_the_agent_unready_then_reconnect() {
     rig.wait_phase(Phase::Connected).await;
     *rig.prober.0.lock().unwrap() = Err("203.0.113.10:7: no answer within 1s".into());
     let s = tokio::time::timeout(
-        Duration::from_secs(60),
+        Duration::from_mins(1),
         rig.status
             .wait_for(|s| s.phase == Phase::Connected && !s.probe_ok),
     )

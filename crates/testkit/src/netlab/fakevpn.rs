@@ -3,6 +3,8 @@
 //! server (an `openvpn` process in that namespace, with a fresh EC PKI). The provider namespace
 //! masquerades tunnel traffic into the internet, so the internet sees the provider's exit address.
 
+#![allow(clippy::missing_panics_doc, clippy::expect_used)] // test helpers: panicking with the reason is their contract
+
 use std::{
     fs::File,
     io::{BufRead, BufReader},

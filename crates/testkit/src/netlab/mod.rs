@@ -17,12 +17,13 @@
 //! Everything is removed on drop, also on panic: namespaces with every process inside them, the
 //! in-process WireGuard servers (their threads stop when their handle drops).
 
-#![allow(clippy::missing_panics_doc)] // test helpers: panicking with the reason is their contract
+#![allow(clippy::missing_panics_doc, clippy::expect_used)] // test helpers: panicking with the reason is their contract
 
 mod fakevpn;
 
 use std::{
     collections::BTreeMap,
+    fmt::Write as _,
     io::{BufRead, BufReader},
     net::SocketAddr,
     process::{Child, Stdio},
@@ -277,16 +278,15 @@ impl Lab {
     /// Installs the leak counters on the node for traffic from the pod; the VPN endpoints
     /// (the agent is told of each) are the only destinations that are not leaks.
     pub fn count_leaks(&self, endpoints: &[SocketAddr], proto: &str) -> LeakCounters<'_> {
-        let tunnel: String = endpoints
-            .iter()
-            .map(|e| {
-                format!(
-                    "\t\tiifname \"pod0\" ip daddr {} {proto} dport {} counter name \"tunnel\" accept\n",
-                    e.ip(),
-                    e.port()
-                )
-            })
-            .collect();
+        let mut tunnel = String::new();
+        for e in endpoints {
+            let _ = writeln!(
+                tunnel,
+                "\t\tiifname \"pod0\" ip daddr {} {proto} dport {} counter name \"tunnel\" accept",
+                e.ip(),
+                e.port()
+            );
+        }
         let script = format!(
             "table inet lab_leaks {{\n\tcounter tunnel {{\n\t}}\n\tcounter ipv4 {{\n\t}}\n\tcounter ipv6 {{\n\t}}\n\tcounter dns {{\n\t}}\n\tchain pre {{\n\t\ttype filter hook prerouting priority -300; policy accept;\n{tunnel}\t\tiifname \"pod0\" meta l4proto {{ tcp, udp }} th dport 53 counter name \"dns\"\n\t\tiifname \"pod0\" meta nfproto ipv4 counter name \"ipv4\"\n\t\tiifname \"pod0\" meta nfproto ipv6 counter name \"ipv6\"\n\t}}\n}}\n"
         );
