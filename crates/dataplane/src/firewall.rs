@@ -48,7 +48,10 @@ impl FirewallPolicy {
             "table inet {NFT_TABLE} {{\n}}\ndelete table inet {NFT_TABLE}\ntable inet {NFT_TABLE} {{\n"
         );
         for chain in &chains {
-            let _ = write!(s, "\tchain {} {{\n\t\t{}\n", chain.name, chain.hook);
+            let _ = writeln!(s, "\tchain {} {{", chain.name);
+            if !chain.hook.is_empty() {
+                let _ = writeln!(s, "\t\t{}", chain.hook);
+            }
             for rule in &chain.rules {
                 let _ = writeln!(s, "\t\t{rule}");
             }
@@ -59,36 +62,40 @@ impl FirewallPolicy {
     }
 
     fn chains(&self) -> Vec<Chain> {
-        let mut allow = Vec::new();
-        // DNS first: it must not slip out through the endpoint or bypass rules.
         let dns = "meta l4proto { tcp, udp } th dport 53";
-        match &self.tunnel {
-            Some(tun) => allow.push(format!("{dns} oifname != \"{tun}\" drop")),
-            None => allow.push(format!("{dns} drop")),
-        }
+        // Into the tunnel: the hot path, so it is the second rule of each base chain. DNS only
+        // to the one resolver; IPv6 only when the tunnel carries it.
+        let mut tunnel = Vec::new();
         match self.dns {
-            Some(IpAddr::V4(r)) => allow.push(format!("{dns} ip daddr != {r} drop")),
-            Some(IpAddr::V6(r)) => allow.push(format!("{dns} ip6 daddr != {r} drop")),
+            Some(IpAddr::V4(r)) => tunnel.push(format!("{dns} ip daddr != {r} drop")),
+            Some(IpAddr::V6(r)) => tunnel.push(format!("{dns} ip6 daddr != {r} drop")),
             None => {}
         }
-        if let Some(tun) = &self.tunnel {
-            allow.push(format!("oifname \"{tun}\" meta nfproto ipv4 accept"));
-            if self.tunnel_ipv6 {
-                allow.push(format!("oifname \"{tun}\" meta nfproto ipv6 accept"));
-            }
+        tunnel.push("meta nfproto ipv4 accept".to_owned());
+        if self.tunnel_ipv6 {
+            tunnel.push("meta nfproto ipv6 accept".to_owned());
         }
+        let jump: Vec<String> = self
+            .tunnel
+            .iter()
+            .map(|tun| format!("oifname \"{tun}\" jump tunnel"))
+            .collect();
+        // Outside the tunnel: never DNS (checked before the bypass networks), then the bypass.
+        let mut outside = vec![format!("{dns} drop")];
         for net in &self.bypass {
             let family = if net.addr().is_ipv4() { "ip" } else { "ip6" };
-            allow.push(format!("{family} daddr {net} accept"));
+            outside.push(format!("{family} daddr {net} accept"));
         }
+        outside.push("counter drop".to_owned());
+        // Replies to connections that came in (probes, the admin server, forwarded clients).
+        // Only the reply direction: an outbound flow must never continue outside the tunnel
+        // once the tunnel's route is gone.
+        let replies = "ct state established,related ct direction reply accept".to_owned();
 
-        let mut output = vec![
-            "oifname \"lo\" accept".to_owned(),
-            // Replies to connections that came in (probes, the admin server, forwarded clients).
-            // Only the reply direction: an outbound flow must never continue outside the tunnel
-            // once the tunnel's route is gone.
-            "ct state established,related ct direction reply accept".to_owned(),
-        ];
+        let mut output = vec!["oifname \"lo\" accept".to_owned()];
+        output.extend(jump.iter().cloned());
+        output.push(replies.clone());
+        // The endpoints come before the DNS drop: some providers listen on port 53.
         for ep in &self.endpoints {
             let family = if ep.addr.is_ipv4() { "ip" } else { "ip6" };
             output.push(format!(
@@ -98,12 +105,11 @@ impl FirewallPolicy {
                 ep.addr.port()
             ));
         }
-        output.extend(allow.iter().cloned());
-        output.push("counter drop".to_owned());
+        output.extend(outside.iter().cloned());
 
-        let mut forward = vec!["ct state established,related ct direction reply accept".to_owned()];
-        forward.extend(allow);
-        forward.push("counter drop".to_owned());
+        let mut forward = jump;
+        forward.push(replies);
+        forward.extend(outside);
 
         let mut chains = vec![
             Chain {
@@ -117,6 +123,13 @@ impl FirewallPolicy {
                 rules: forward,
             },
         ];
+        if self.tunnel.is_some() {
+            chains.push(Chain {
+                name: "tunnel",
+                hook: String::new(),
+                rules: tunnel,
+            });
+        }
         if let (Some(tun), Some(mss)) = (&self.tunnel, self.clamp_mss) {
             chains.push(Chain {
                 name: "clamp",
@@ -294,13 +307,25 @@ mod tests {
 
     #[test]
     fn block_all_lets_nothing_out_but_loopback_and_replies() {
-        let script = FirewallPolicy::block_all().render();
-        assert_eq!(FirewallPolicy::block_all().to_string(), "block all");
+        let policy = FirewallPolicy::block_all();
+        assert_eq!(policy.to_string(), "block all");
+        let chains = policy.chains();
+        assert_eq!(
+            chains.iter().map(|c| c.name).collect::<Vec<_>>(),
+            ["output", "forward"]
+        );
+        assert_eq!(
+            chains[0].rules,
+            [
+                "oifname \"lo\" accept",
+                "ct state established,related ct direction reply accept",
+                "meta l4proto { tcp, udp } th dport 53 drop",
+                "counter drop",
+            ]
+        );
+        let script = policy.render();
         assert!(script.starts_with("table inet cloak {\n}\ndelete table inet cloak\n"));
-        assert!(script.contains("policy drop;"));
-        assert!(!script.contains("accept\n\t\tcounter") || !script.contains("daddr"));
-        assert!(!script.contains("oifname \"ck"));
-        assert!(!script.contains("clamp"));
+        assert_eq!(script.matches("policy drop;").count(), 2);
     }
 
     #[test]
@@ -309,9 +334,10 @@ mod tests {
         let script = p.render();
         for rule in [
             "ip daddr 192.0.2.2 udp dport 51820 accept",
-            "meta l4proto { tcp, udp } th dport 53 oifname != \"ck0\" drop",
+            "oifname \"ck0\" jump tunnel",
+            "meta l4proto { tcp, udp } th dport 53 drop",
             "meta l4proto { tcp, udp } th dport 53 ip daddr != 10.64.0.1 drop",
-            "oifname \"ck0\" meta nfproto ipv4 accept",
+            "\t\tmeta nfproto ipv4 accept",
             "ip daddr 10.96.0.0/12 accept",
             "iifname \"ck0\" tcp flags syn tcp option maxseg size > 1380 tcp option maxseg size set 1380",
         ] {
@@ -329,25 +355,19 @@ mod tests {
             tunnel_ipv6: true,
             ..p
         };
-        assert!(
-            v6.render()
-                .contains("oifname \"ck0\" meta nfproto ipv6 accept")
-        );
+        assert!(v6.render().contains("\t\tmeta nfproto ipv6 accept"));
     }
 
     #[test]
-    fn dns_rules_come_before_anything_that_accepts() {
+    fn dns_is_checked_before_anything_that_accepts_it() {
         let script = connected().render();
-        let dns = script.find("th dport 53").unwrap();
-        let endpoint = script.find("udp dport 51820 accept").unwrap();
-        let forward = script.find("chain forward").unwrap();
-        assert!(
-            endpoint < dns && dns < forward,
-            "DNS is checked right after the endpoints"
-        );
-        let tunnel = script
-            .find("oifname \"ck0\" meta nfproto ipv4 accept")
-            .unwrap();
-        assert!(dns < tunnel);
+        let at = |needle: &str| script.find(needle).unwrap_or_else(|| panic!("{needle}"));
+        // Outside the tunnel: the endpoints (some listen on 53), then no DNS, then the bypass.
+        assert!(at("udp dport 51820 accept") < at("th dport 53 drop"));
+        assert!(at("th dport 53 drop") < at("ip daddr 10.96.0.0/12 accept"));
+        // Inside: only to the resolver, checked before the accept.
+        let tunnel = at("chain tunnel");
+        assert!(tunnel < at("th dport 53 ip daddr != 10.64.0.1 drop"));
+        assert!(at("th dport 53 ip daddr != 10.64.0.1 drop") < at("\t\tmeta nfproto ipv4 accept"));
     }
 }
