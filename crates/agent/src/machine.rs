@@ -395,6 +395,8 @@ fn connecting_policy(cfg: &Resolved, with_tunnel: bool) -> FirewallPolicy {
         dns: cfg.dns,
         bypass: Vec::new(),
         clamp_mss: None,
+        // The agent forwards nothing through the tunnel (yet): its traffic needs no tracking.
+        notrack_tunnel: true,
     }
 }
 

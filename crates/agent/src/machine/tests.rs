@@ -190,12 +190,12 @@ async fn connecting_closes_the_firewall_before_the_tunnel_opens_and_opens_it_onl
     let j = rig.journal();
     assert_eq!(
         j[0],
-        "firewall allow endpoints [192.0.2.2:51820/udp], tunnel ck0 (ipv4, ipv6 blocked), dns 10.64.0.1 only",
+        "firewall allow endpoints [192.0.2.2:51820/udp], tunnel ck0 (ipv4, ipv6 blocked), dns 10.64.0.1 only, tunnel untracked",
         "connecting: endpoints only, no bypass"
     );
     assert!(j[2].starts_with("routes table 17260 for unmarked packets: default dev ck0"));
     assert!(
-        j[3].ends_with("bypass [10.96.0.0/12], mss 1380"),
+        j[3].ends_with("bypass [10.96.0.0/12], mss 1380, tunnel untracked"),
         "{}",
         j[3]
     );
@@ -215,6 +215,8 @@ async fn connecting_closes_the_firewall_before_the_tunnel_opens_and_opens_it_onl
 #[tokio::test(start_paused = true)]
 async fn a_tunnel_that_never_comes_up_is_retried_with_doubling_backoff_and_stays_closed() {
     let mut rig = start(Ok(Arc::new(resolved())));
+    // No handshake, so nothing gets through the tunnel either.
+    *rig.prober.0.lock().unwrap() = Err("203.0.113.10:7: no answer within 1s".into());
     let s = rig.wait_phase(Phase::Reconnecting).await;
     assert!(
         s.message.starts_with(
@@ -240,6 +242,7 @@ async fn a_tunnel_that_never_comes_up_is_retried_with_doubling_backoff_and_stays
     );
     // The server returns: the next attempt connects by itself.
     rig.set_tunnel(TunnelState::Up, Some(0));
+    *rig.prober.0.lock().unwrap() = Ok(());
     rig.wait_phase(Phase::Connected).await;
     assert_eq!(rig.status.borrow().reconnects, 2);
     rig.stop().await;
