@@ -4,7 +4,8 @@
 #
 #   fmt, clippy (warnings denied), helm lint
 #   cargo test --workspace: unit tests, integration tests against a real local control plane
-#                           (etcd + kube-apiserver [+ kube-controller-manager]) on 127.0.0.1
+#                           (etcd + kube-apiserver [+ kube-controller-manager]) on 127.0.0.1,
+#                           root tests in network namespaces with real WireGuard/OpenVPN tunnels
 #
 # Builds are cached outside the work tree: CARGO_TARGET_DIR defaults to $CLOAK_CACHE/target.
 set -euo pipefail

@@ -32,7 +32,7 @@ use cloak_dataplane::{
 };
 use cloak_testkit::netlab::{FakeWireguard, INTERNET, Lab, PROVIDER, wait_until};
 
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 5;
 
 /// Runs `f` on a thread inside namespace `ns` and returns its result.
 fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
