@@ -126,8 +126,8 @@ fn udp_rtt(pod: &str, samples: usize) -> (f64, f64) {
         rtts
     });
     rtts.sort_by(f64::total_cmp);
-    let at = |q: f64| rtts[((rtts.len() - 1) as f64 * q) as usize];
-    (at(0.5), at(0.99))
+    let at = |percent: usize| rtts[(rtts.len() - 1) * percent / 100];
+    (at(50), at(99))
 }
 
 fn rss_kib(pid: u32, field: &str) -> u64 {
@@ -227,7 +227,7 @@ fn main() {
         key.public(),
     );
     let wg0 = server.client_conf(&key);
-    let _iperf = lab
+    let mut iperf_server = lab
         .internet()
         .command("iperf3")
         .args(["-s"])
@@ -297,4 +297,6 @@ fn main() {
         idle_rss as f64 / 1024.0,
         peak_rss as f64 / 1024.0
     );
+    let _ = iperf_server.kill();
+    let _ = iperf_server.wait();
 }

@@ -197,13 +197,18 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
+/// Logs to stdout, filtered by `RUST_LOG` (default `info`), colored only on a terminal.
+fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
+}
+
+fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
+    init_logging();
     if let Some(AgentCommand::Reset) = args.command {
         return cloak_agent::reset().context("removing the agent's firewall and routes");
     }
@@ -219,12 +224,7 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
 }
 
 fn run_portfwd(args: PortfwdArgs) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .init();
+    init_logging();
     let (executor, clean): (cloak_portfwd::Executor, bool) = match args.command {
         PortfwdCommand::Local(local) => (ExecutorArgs::Local(local).into(), false),
         PortfwdCommand::Ssh(ssh) => (ExecutorArgs::Ssh(ssh).into(), false),
@@ -321,12 +321,7 @@ async fn admin_server(
 }
 
 fn run_operator(args: OperatorArgs) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .init();
+    init_logging();
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async {
         let client = kube::Client::try_default()

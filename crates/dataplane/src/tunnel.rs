@@ -147,6 +147,22 @@ pub struct TunnelStatus {
     pub tx_bytes: u64,
 }
 
+impl TunnelStatus {
+    /// A WireGuard tunnel's status: up once a handshake completed.
+    pub fn wireguard(handshake_age: Option<Duration>, rx_bytes: u64, tx_bytes: u64) -> Self {
+        Self {
+            state: if handshake_age.is_some() {
+                TunnelState::Up
+            } else {
+                TunnelState::Connecting
+            },
+            handshake_age,
+            rx_bytes,
+            tx_bytes,
+        }
+    }
+}
+
 /// Where a tunnel is in its own lifecycle.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum TunnelState {

@@ -29,7 +29,7 @@ use crate::{
     Error, FWMARK,
     command::{ip, run},
     secret::{Key, PublicKey},
-    tunnel::{Tunnel, TunnelState, TunnelStatus},
+    tunnel::{Tunnel, TunnelStatus},
 };
 
 /// 1420 = 1500 - 80: the largest WireGuard overhead (IPv6 outer header 40 + UDP 8 + WireGuard 32).
@@ -521,25 +521,22 @@ impl Tunnel for Userspace {
         // boringtun reads exactly one line per command; a trailing blank line would be taken
         // for a second (invalid) command.
         let pairs = self.uapi("get=1\n")?;
-        let mut status = TunnelStatus::default();
-        let (mut secs, mut nanos) = (None, 0);
+        let (mut secs, mut nanos, mut rx, mut tx) = (None, 0, 0, 0);
         for (k, v) in pairs {
             match k.as_str() {
                 "last_handshake_time_sec" => secs = v.parse().ok(),
                 "last_handshake_time_nsec" => nanos = v.parse().unwrap_or(0),
-                "rx_bytes" => status.rx_bytes += v.parse().unwrap_or(0),
-                "tx_bytes" => status.tx_bytes += v.parse().unwrap_or(0),
+                "rx_bytes" => rx += v.parse::<u64>().unwrap_or(0),
+                "tx_bytes" => tx += v.parse::<u64>().unwrap_or(0),
                 _ => {}
             }
         }
         // boringtun reports the handshake's age here (not a Unix time like the kernel does).
-        status.handshake_age = secs.map(|s| Duration::new(s, nanos));
-        status.state = if status.handshake_age.is_some() {
-            TunnelState::Up
-        } else {
-            TunnelState::Connecting
-        };
-        Ok(status)
+        Ok(TunnelStatus::wireguard(
+            secs.map(|s| Duration::new(s, nanos)),
+            rx,
+            tx,
+        ))
     }
 
     fn implementation(&self) -> &'static str {
@@ -593,7 +590,7 @@ impl Tunnel for Kernel {
         // dump: line 1 the interface, then per peer:
         // public-key psk endpoint allowed-ips latest-handshake rx tx keepalive
         let dump = run("wg", &["show", &self.interface, "dump"], None)?;
-        let mut status = TunnelStatus::default();
+        let (mut age, mut rx, mut tx) = (None, 0, 0);
         for line in dump.lines().skip(1) {
             let f: Vec<&str> = line.split('\t').collect();
             if f.len() < 7 {
@@ -604,17 +601,12 @@ impl Tunnel for Kernel {
                 let now = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .unwrap_or_default();
-                status.handshake_age = Some(now.saturating_sub(Duration::from_secs(latest)));
+                age = Some(now.saturating_sub(Duration::from_secs(latest)));
             }
-            status.rx_bytes += f[5].parse::<u64>().unwrap_or(0);
-            status.tx_bytes += f[6].parse::<u64>().unwrap_or(0);
+            rx += f[5].parse::<u64>().unwrap_or(0);
+            tx += f[6].parse::<u64>().unwrap_or(0);
         }
-        status.state = if status.handshake_age.is_some() {
-            TunnelState::Up
-        } else {
-            TunnelState::Connecting
-        };
-        Ok(status)
+        Ok(TunnelStatus::wireguard(age, rx, tx))
     }
 
     fn implementation(&self) -> &'static str {
