@@ -13,8 +13,8 @@ use std::{
 
 use cloak_dataplane::Key;
 use cloak_testkit::netlab::{
-    FakeOpenVpn, FakeWireguard, INTERNET, INTERNET6, Lab, PROVIDER, PROVIDER_EXIT, RESOLVER,
-    wait_until,
+    FakeOpenVpn, FakeWireguard, INTERNET, INTERNET6, Lab, PROVIDER, PROVIDER_EXIT, PROVIDER_EXIT6,
+    RESOLVER, wait_until,
 };
 
 const HEALTH: &str = "health:\n  probe: tcp://203.0.113.10:7\n  interval: 300ms\n  timeout: 700ms\n  failures: 2\nconnectTimeout: 3s\nbackoff: 200ms\nbackoffMax: 1s\n";
@@ -409,6 +409,25 @@ fn bad_config_keeps_the_pod_closed_says_what_is_wrong_and_recovers_when_fixed() 
         lab.ask("tcp", INTERNET, Duration::from_secs(2)).as_deref(),
         Ok(PROVIDER_EXIT)
     );
+    let leaks = counters.read();
+    assert_eq!(leaks.leaked(), 0, "{leaks:?}");
+}
+
+#[test]
+fn ipv6_goes_through_the_tunnel_when_the_tunnel_carries_it() {
+    let (lab, server, key) = wg_lab();
+    let counters = lab.count_leaks(&[server.endpoint], "udp");
+    let agent = Agent::start(
+        &lab,
+        &format!("credentials: creds\n{HEALTH}"),
+        &[("wg0.conf", &server.client_conf_dual_stack(&key))],
+    );
+    let ready = agent.wait_ready(true, Duration::from_secs(20));
+    assert!(ready.contains("exit 198.51.100.2"), "{ready}");
+    let t = Duration::from_secs(2);
+    assert_eq!(lab.ask("tcp", INTERNET6, t).as_deref(), Ok(PROVIDER_EXIT6));
+    assert_eq!(lab.ask("udp", INTERNET6, t).as_deref(), Ok(PROVIDER_EXIT6));
+    assert_eq!(lab.ask("tcp", INTERNET, t).as_deref(), Ok(PROVIDER_EXIT));
     let leaks = counters.read();
     assert_eq!(leaks.leaked(), 0, "{leaks:?}");
 }

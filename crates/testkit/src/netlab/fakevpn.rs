@@ -27,8 +27,9 @@ use rcgen::{
 
 use crate::netns::Netns;
 
-/// The client's address inside the WireGuard tunnel.
+/// The client's addresses inside the WireGuard tunnel (IPv6 only in a dual-stack client config).
 pub const WG_CLIENT: &str = "10.64.0.2";
+pub const WG_CLIENT6: &str = "fd64::2";
 
 /// A WireGuard server in a namespace. Dropping it stops it.
 #[derive(Debug)]
@@ -66,10 +67,19 @@ impl FakeWireguard {
         self.key.public()
     }
 
-    /// A wg-quick file for the client holding `client_key`.
+    /// A wg-quick file for the client holding `client_key` (IPv4 inside the tunnel).
     pub fn client_conf(&self, client_key: &Key) -> String {
+        self.conf(client_key, &format!("{WG_CLIENT}/32"))
+    }
+
+    /// The same with an IPv6 address too: the tunnel then carries IPv6.
+    pub fn client_conf_dual_stack(&self, client_key: &Key) -> String {
+        self.conf(client_key, &format!("{WG_CLIENT}/32, {WG_CLIENT6}/128"))
+    }
+
+    fn conf(&self, client_key: &Key, addresses: &str) -> String {
         format!(
-            "[Interface]\nPrivateKey = {}\nAddress = {WG_CLIENT}/32\nDNS = {}\n\n[Peer]\nPublicKey = {}\nEndpoint = {}\nAllowedIPs = 0.0.0.0/0, ::/0\n",
+            "[Interface]\nPrivateKey = {}\nAddress = {addresses}\nDNS = {}\n\n[Peer]\nPublicKey = {}\nEndpoint = {}\nAllowedIPs = 0.0.0.0/0, ::/0\n",
             &*client_key.to_base64(),
             super::RESOLVER,
             self.public_key(),
@@ -84,14 +94,20 @@ impl FakeWireguard {
             private_key: self.key.clone(),
             listen_port: Some(self.endpoint.port()),
             fwmark: None,
-            addresses: vec!["10.64.0.1/24".parse().expect("cidr")],
+            addresses: vec![
+                "10.64.0.1/24".parse().expect("cidr"),
+                "fd64::1/64".parse().expect("cidr"),
+            ],
             mtu: cloak_dataplane::wireguard::DEFAULT_MTU,
             dns: Vec::new(),
             peer: WireguardPeer {
                 public_key: self.client,
                 preshared_key: None,
                 endpoint: SocketAddr::from(([0, 0, 0, 0], 0)),
-                allowed_ips: vec![format!("{WG_CLIENT}/32").parse().expect("cidr")],
+                allowed_ips: vec![
+                    format!("{WG_CLIENT}/32").parse().expect("cidr"),
+                    format!("{WG_CLIENT6}/128").parse().expect("cidr"),
+                ],
                 persistent_keepalive: None,
             },
             extra_peers: Vec::new(),

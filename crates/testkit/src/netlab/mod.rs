@@ -5,7 +5,7 @@
 //! ```text
 //!   pod ──eth0─────pod0── node ──wan0──────wan── provider ──exit──────isp── internet
 //!  10.77.0.2    10.77.0.1  │  192.0.2.1   192.0.2.2 (VPN)  198.51.100.2  198.51.100.1
-//!  fd77::2      fd77::1    │                               (masquerade)   203.0.113.10 (echo)
+//!  fd77::2      fd77::1    │                  fd05::2 (masquerade) fd05::1  203.0.113.10 (echo)
 //!                          └──inet0──────────────────────────────uplink── 203.0.113.53 (DNS)
 //!                         203.0.113.1 / fd03::1                            fd03::10
 //! ```
@@ -30,7 +30,7 @@ use std::{
     time::Duration,
 };
 
-pub use fakevpn::{FakeOpenVpn, FakeWireguard, WG_CLIENT, wait_until};
+pub use fakevpn::{FakeOpenVpn, FakeWireguard, WG_CLIENT, WG_CLIENT6, wait_until};
 
 use crate::netns::Netns;
 
@@ -42,6 +42,7 @@ pub const POD6: &str = "fd77::2";
 pub const NODE_POD: &str = "10.77.0.1";
 pub const PROVIDER: &str = "192.0.2.2";
 pub const PROVIDER_EXIT: &str = "198.51.100.2";
+pub const PROVIDER_EXIT6: &str = "fd05::2";
 pub const NODE_INTERNET: &str = "203.0.113.1";
 pub const INTERNET: &str = "203.0.113.10";
 pub const INTERNET6: &str = "fd03::10";
@@ -187,8 +188,8 @@ impl Lab {
                 ("provider", "wan", &["192.0.2.2/24"]),
             )
             .link(
-                ("provider", "exit", &["198.51.100.2/24"]),
-                ("internet", "isp", &["198.51.100.1/24"]),
+                ("provider", "exit", &["198.51.100.2/24", "fd05::2/64"]),
+                ("internet", "isp", &["198.51.100.1/24", "fd05::1/64"]),
             )
             .link(
                 ("node", "inet0", &["203.0.113.1/24", "fd03::1/64"]),
@@ -201,6 +202,7 @@ impl Lab {
             .route("pod", "default via 10.77.0.1")
             .route("pod", "default via fd77::1")
             .route("provider", "default via 198.51.100.1")
+            .route("provider", "default via fd05::1")
             .forwarding("node")
             .forwarding("provider")
             .nft(
@@ -209,7 +211,7 @@ impl Lab {
             )
             .nft(
                 "provider",
-                "table ip lab_nat {\n\tchain post {\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n\t\toifname \"exit\" masquerade\n\t}\n}\n",
+                "table inet lab_nat {\n\tchain post {\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n\t\toifname \"exit\" masquerade\n\t}\n}\n",
             );
         // The pod must not learn routes from router advertisements: its routes are the test's.
         topology["pod"].sysctl("net.ipv6.conf.all.accept_ra", "0");
