@@ -34,6 +34,10 @@ use crate::{
     probe::Prober,
 };
 
+/// While connecting, a handshake that has not completed after this long is started afresh: a
+/// server that comes back is then found within about a second, not at WireGuard's next 5 s retry.
+const HANDSHAKE_RETRY: Duration = Duration::from_secs(1);
+
 /// Where the agent is.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub enum Phase {
@@ -212,6 +216,7 @@ where
         let mut connected = false;
         let mut probe_failures = 0;
         let mut last = (0, 0);
+        let mut handshake_started = Instant::now();
         loop {
             // While connecting, look often; once connected, at the probe interval.
             let pause = if connected {
@@ -244,6 +249,12 @@ where
                     age.as_secs(),
                     cfg.health.handshake_timeout.as_secs()
                 ));
+            }
+            if !up && !connected && handshake_started.elapsed() >= HANDSHAKE_RETRY {
+                handshake_started = Instant::now();
+                if let Err(e) = tunnel.restart_handshake() {
+                    return Outcome::Failed(format!("restarting the handshake: {e}"));
+                }
             }
             // A WireGuard tunnel handshakes only when it has something to send: while
             // connecting, the probe is that something (and proves the path end to end).

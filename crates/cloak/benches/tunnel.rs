@@ -33,6 +33,10 @@ use cloak_dataplane::{
 use cloak_testkit::netlab::{FakeWireguard, INTERNET, Lab, PROVIDER, wait_until};
 
 const ROUNDS: usize = 5;
+/// Throughput runs: a probe every 2 s, as a deployment would.
+const SLOW_PROBES: &str = "health:\n  probe: tcp://203.0.113.10:7\n  interval: 2s\n";
+/// Outage runs: the settings the end-to-end tests use.
+const FAST_PROBES: &str = "health:\n  probe: tcp://203.0.113.10:7\n  interval: 300ms\n  timeout: 700ms\n  failures: 2\nbackoff: 200ms\nbackoffMax: 1s\n";
 
 /// Runs `f` on a thread inside namespace `ns` and returns its result.
 fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
@@ -147,12 +151,12 @@ struct Agent {
 }
 
 impl Agent {
-    fn start(lab: &Lab, wg0: &str) -> Self {
+    fn start(lab: &Lab, wg0: &str, health: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("wg0.conf"), wg0).unwrap();
         std::fs::write(
             dir.path().join("agent.yaml"),
-            "credentials: wg0.conf\nhealth:\n  probe: tcp://203.0.113.10:7\n  interval: 2s\n",
+            format!("credentials: wg0.conf\n{health}"),
         )
         .unwrap();
         let child = lab
@@ -204,6 +208,41 @@ impl Drop for Agent {
     }
 }
 
+fn ready(lab: &Lab) -> bool {
+    lab.pod()
+        .command("curl")
+        .args(["-sf", "-m", "1", "http://127.0.0.1:9090/readyz"])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Whether a TCP connection from the pod to the internet gets its answer within 200 ms.
+fn tcp_works(pod: &str) -> bool {
+    in_netns(pod, || {
+        let addr = format!("{INTERNET}:7").parse().unwrap();
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+    })
+}
+
+/// Stops the provider and measures until the agent reports unready, then restarts it and
+/// measures until traffic flows again and until the agent reports ready: seconds.
+fn outage(lab: &Lab, server: &mut FakeWireguard) -> (f64, f64, f64) {
+    let pod = lab.pod().name().to_owned();
+    server.stop();
+    let start = Instant::now();
+    assert!(wait_until(Duration::from_secs(20), || !ready(lab)));
+    let detected = start.elapsed().as_secs_f64();
+    // Let the agent sit in its backoff a while, as it would during a real outage.
+    std::thread::sleep(Duration::from_secs(3));
+    server.resume();
+    let start = Instant::now();
+    assert!(wait_until(Duration::from_secs(30), || tcp_works(&pod)));
+    let traffic = start.elapsed().as_secs_f64();
+    assert!(wait_until(Duration::from_secs(30), || ready(lab)));
+    (detected, traffic, start.elapsed().as_secs_f64())
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -249,7 +288,7 @@ fn main() {
             bare_down.push(iperf(&lab, seconds, true));
         }
         {
-            let agent = Agent::start(&lab, &wg0);
+            let agent = Agent::start(&lab, &wg0, SLOW_PROBES);
             let pid = agent.child.id();
             idle_rss = idle_rss.max(rss_kib(pid, "VmRSS:"));
             agent_rtt.push(udp_rtt(&pod, 500).0);
@@ -297,6 +336,18 @@ fn main() {
         idle_rss as f64 / 1024.0,
         peak_rss as f64 / 1024.0
     );
+
+    let mut server = server;
+    let agent = Agent::start(&lab, &wg0, FAST_PROBES);
+    println!(
+        "\n| provider outage (probe every 300 ms, timeout 700 ms, 2 failures; backoff 200 ms..1 s) | detected (unready) | traffic flows after restart | ready after restart |"
+    );
+    println!("|---|---|---|---|");
+    for round in 1..=3 {
+        let (detected, traffic, ready) = outage(&lab, &mut server);
+        println!("| round {round} | {detected:.2} s | {traffic:.2} s | {ready:.2} s |");
+    }
+    drop(agent);
     let _ = iperf_server.kill();
     let _ = iperf_server.wait();
 }

@@ -181,6 +181,11 @@ pub trait Tunnel: Send + fmt::Debug {
     fn status(&mut self) -> Result<TunnelStatus, Error>;
     /// Which implementation is carrying it (`boringtun`, `kernel`, `openvpn`), for logs/metrics.
     fn implementation(&self) -> &'static str;
+    /// Forgets a handshake that has not completed, so the next packet starts a new one at once
+    /// (WireGuard otherwise retries only every 5 s: REKEY_TIMEOUT). Called while connecting.
+    fn restart_handshake(&mut self) -> Result<(), Error> {
+        Ok(())
+    }
 }
 
 /// Opens tunnels. The agent holds one driver and asks it for a tunnel per attempt.

@@ -441,6 +441,7 @@ fn configure_interface(config: &WireguardConfig) -> Result<(), Error> {
 /// Userspace WireGuard: a boringtun device in this process.
 pub struct Userspace {
     interface: String,
+    config: WireguardConfig,
     uapi: BufReader<UnixStream>,
     device: Option<DeviceHandle>,
 }
@@ -471,6 +472,7 @@ impl Userspace {
         .map_err(|e| Error::Tunnel(format!("creating {}: {e:?}", config.interface)))?;
         let mut tunnel = Self {
             interface: config.interface.clone(),
+            config: config.clone(),
             uapi: BufReader::new(ours),
             device: Some(device),
         };
@@ -481,7 +483,10 @@ impl Userspace {
 
     /// Replaces the device's configuration (keys, peers) in place.
     pub fn reconfigure(&mut self, config: &WireguardConfig) -> Result<(), Error> {
-        self.uapi(&config.uapi_set()).map(drop)
+        // `replace_peers` is in every request: boringtun panics on an update to an existing peer.
+        self.uapi(&config.uapi_set())?;
+        config.clone_into(&mut self.config);
+        Ok(())
     }
 
     /// One UAPI exchange; returns the `key=value` lines before `errno`.
@@ -541,6 +546,12 @@ impl Tunnel for Userspace {
 
     fn implementation(&self) -> &'static str {
         "boringtun"
+    }
+
+    fn restart_handshake(&mut self) -> Result<(), Error> {
+        // Re-adding the peers gives each a fresh session state with no handshake timer running.
+        let request = self.config.uapi_set();
+        self.uapi(&request).map(drop)
     }
 }
 
