@@ -8,7 +8,7 @@
 //! - the agent's RSS, idle and after the throughput runs (peak).
 //!
 //! Bare and agent runs alternate (`ROUNDS` each) so drift on a shared machine hits both alike.
-//! Run: `cargo bench -p cloak --bench tunnel` (`-- 3` for 3-second iperf runs). Prints figures;
+//! Run: `cargo bench -p cloak --bench tunnel` (`-- 3 9`: 3-second iperf runs, 9 rounds). Prints figures;
 //! asserts nothing about speed.
 
 #![allow(
@@ -249,10 +249,12 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
-    let seconds: u64 = std::env::args()
-        .skip(1)
-        .find_map(|a| a.parse().ok())
-        .unwrap_or(5);
+    // cargo passes `--bench`; the numbers are ours: [seconds per iperf run] [rounds].
+    let numbers: Vec<u64> = std::env::args().filter_map(|a| a.parse().ok()).collect();
+    let seconds = numbers.first().copied().unwrap_or(5);
+    let rounds = numbers
+        .get(1)
+        .map_or(ROUNDS, |&r| usize::try_from(r).unwrap_or(ROUNDS));
     assert!(
         nix::unistd::Uid::effective().is_root(),
         "the tunnel benchmark needs root (network namespaces)"
@@ -280,7 +282,7 @@ fn main() {
         (vec![], vec![], vec![], vec![]);
     let (mut bare_rtt, mut agent_rtt) = (vec![], vec![]);
     let (mut idle_rss, mut peak_rss) = (0, 0);
-    for round in 1..=ROUNDS {
+    for round in 1..=rounds {
         {
             let _bare = BareTunnel::start(&pod, &wg0);
             bare_rtt.push(udp_rtt(&pod, 500).0);
