@@ -314,7 +314,7 @@ fn main() {
     );
     let (br, ar) = (median(bare_rtt), median(agent_rtt));
     println!(
-        "\n| one TCP stream, {seconds} s, median of {ROUNDS} | bare boringtun | cloak agent | agent/bare |"
+        "\n| one TCP stream, {seconds} s, median of {rounds} | bare boringtun | cloak agent | agent/bare |"
     );
     println!("|---|---|---|---|");
     println!(
