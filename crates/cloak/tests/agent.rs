@@ -13,8 +13,8 @@ use std::{
 
 use cloak_dataplane::Key;
 use cloak_testkit::netlab::{
-    FakeOpenVpn, FakeWireguard, INTERNET, INTERNET6, Lab, PROVIDER, PROVIDER_EXIT, PROVIDER_EXIT6,
-    RESOLVER, wait_until,
+    FakeOpenVpn, FakeWireguard, INTERNET, INTERNET6, Lab, NODE_INTERNET, PROVIDER, PROVIDER_EXIT,
+    PROVIDER_EXIT6, RESOLVER, wait_until,
 };
 
 const HEALTH: &str = "health:\n  probe: tcp://203.0.113.10:7\n  interval: 300ms\n  timeout: 700ms\n  failures: 2\nconnectTimeout: 3s\nbackoff: 200ms\nbackoffMax: 1s\n";
@@ -173,9 +173,14 @@ fn write_atomically(path: &Path, content: &str) {
 fn wireguard_egress_leaves_through_the_provider_and_nothing_else_leaves() {
     let (lab, server, key) = wg_lab();
     let counters = lab.count_leaks(&[server.endpoint], "udp");
+    let etc = tempfile::tempdir().unwrap();
+    let resolv_conf = etc.path().join("resolv.conf");
     let agent = Agent::start(
         &lab,
-        &format!("credentials: creds\nbypass: []\n{HEALTH}"),
+        &format!(
+            "credentials: creds\nresolvConf: {}\nbypass: []\n{HEALTH}",
+            resolv_conf.display()
+        ),
         &[("wg0.conf", &server.client_conf(&key))],
     );
     let ready = agent.wait_ready(true, Duration::from_secs(20));
@@ -230,12 +235,35 @@ fn wireguard_egress_leaves_through_the_provider_and_nothing_else_leaves() {
             .metric("cloak_agent_probe_latency_seconds_count")
             .is_some()
     );
+    assert_eq!(
+        std::fs::read_to_string(&resolv_conf).unwrap(),
+        "# written by cloak agent\nnameserver 203.0.113.53\n"
+    );
     let log = agent.log();
     assert!(
         !log.contains(&*key.to_base64()),
         "the private key is never logged"
     );
     assert!(log.contains("firewall"), "{log}");
+
+    // A stopped agent leaves the pod closed; `cloak agent reset` opens it, and then traffic
+    // leaves through the node, where the leak counters see it (they are not blind).
+    drop(agent);
+    assert!(
+        lab.ask("tcp", INTERNET, short).is_err(),
+        "closed after the agent stopped"
+    );
+    assert_eq!(counters.read().leaked(), 0);
+    lab.pod()
+        .run(&[env!("CARGO_BIN_EXE_cloak"), "agent", "reset"]);
+    assert_eq!(lab.ask("tcp", INTERNET, t).as_deref(), Ok(NODE_INTERNET));
+    let after = counters.read();
+    assert!(
+        after.ipv4 > 0,
+        "the counters count traffic outside the tunnel: {after:?}"
+    );
+    assert_eq!(lab.pod().run(&["nft", "list", "tables"]).trim(), "");
+    assert!(!lab.pod().run(&["ip", "rule", "show"]).contains("17260"));
 }
 
 #[test]
