@@ -459,3 +459,71 @@ fn ipv6_goes_through_the_tunnel_when_the_tunnel_carries_it() {
     let leaks = counters.read();
     assert_eq!(leaks.leaked(), 0, "{leaks:?}");
 }
+
+#[test]
+fn openvpn_username_and_password_are_used_and_a_wrong_password_is_reported() {
+    let lab = Lab::new();
+    let server = FakeOpenVpn::start_with_password(
+        lab.provider(),
+        format!("{PROVIDER}:1194").parse().unwrap(),
+        "alice",
+        "s3cret",
+    );
+    let counters = lab.count_leaks(&[server.endpoint], "udp");
+    let agent = Agent::start(
+        &lab,
+        &format!("credentials: creds\ndns: {RESOLVER}\n{HEALTH}"),
+        &[
+            ("config.ovpn", server.client_ovpn()),
+            ("username", "alice"),
+            ("password", "wrong"),
+        ],
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || agent
+            .admin("/readyz")
+            .1
+            .contains("AUTH_FAILED")),
+        "{}\n{}",
+        agent.admin("/readyz").1,
+        agent.log()
+    );
+    assert_eq!(try_everything(&lab), 0);
+    assert!(
+        !agent.log().contains("wrong"),
+        "the password is never logged"
+    );
+
+    write_atomically(&agent.creds().join("password"), "s3cret");
+    agent.wait_ready(true, Duration::from_secs(30));
+    assert_eq!(
+        lab.ask("tcp", INTERNET, Duration::from_secs(2)).as_deref(),
+        Ok(PROVIDER_EXIT)
+    );
+    assert_eq!(counters.read().leaked(), 0, "{:?}", counters.read());
+}
+
+#[test]
+fn gluetun_variables_for_a_custom_wireguard_endpoint_connect() {
+    let (lab, server, key) = wg_lab();
+    let private = key.to_base64();
+    let public = server.public_key().to_string();
+    let agent = Agent::start(
+        &lab,
+        &format!("credentials: creds\ndns: {RESOLVER}\n{HEALTH}"),
+        &[
+            ("VPN_SERVICE_PROVIDER", "custom"),
+            ("VPN_TYPE", "wireguard"),
+            ("VPN_ENDPOINT_IP", PROVIDER),
+            ("VPN_ENDPOINT_PORT", "51820"),
+            ("WIREGUARD_PRIVATE_KEY", &private),
+            ("WIREGUARD_PUBLIC_KEY", &public),
+            ("WIREGUARD_ADDRESSES", "10.64.0.2/32"),
+        ],
+    );
+    agent.wait_ready(true, Duration::from_secs(20));
+    assert_eq!(
+        lab.ask("tcp", INTERNET, Duration::from_secs(2)).as_deref(),
+        Ok(PROVIDER_EXIT)
+    );
+}

@@ -206,6 +206,15 @@ pub struct FakeOpenVpn {
 impl FakeOpenVpn {
     /// Generates a PKI and starts the server on `endpoint` (an address of `ns`).
     pub fn start(ns: &Netns, endpoint: SocketAddr) -> Self {
+        Self::start_with(ns, endpoint, None)
+    }
+
+    /// The same, also requiring this username and password (`auth-user-pass-verify`).
+    pub fn start_with_password(ns: &Netns, endpoint: SocketAddr, user: &str, pass: &str) -> Self {
+        Self::start_with(ns, endpoint, Some((user, pass)))
+    }
+
+    fn start_with(ns: &Netns, endpoint: SocketAddr, password: Option<(&str, &str)>) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let pki = Pki::generate();
         for (name, pem) in [
@@ -221,6 +230,24 @@ impl FakeOpenVpn {
             endpoint.port(),
             super::RESOLVER
         );
+        let mut conf = conf;
+        if let Some((user, pass)) = password {
+            use std::os::unix::fs::PermissionsExt;
+            let check = dir.path().join("check-password");
+            std::fs::write(
+                &check,
+                format!(
+                    "#!/bin/sh\n[ \"$(sed -n 1p \"$1\")\" = '{user}' ] && [ \"$(sed -n 2p \"$1\")\" = '{pass}' ]\n"
+                ),
+            )
+            .expect("writing the password check");
+            std::fs::set_permissions(&check, std::fs::Permissions::from_mode(0o755))
+                .expect("chmod");
+            conf.push_str(&format!(
+                "script-security 2\nauth-user-pass-verify {} via-file\n",
+                check.display()
+            ));
+        }
         std::fs::write(dir.path().join("server.conf"), conf).expect("writing server.conf");
         let client_ovpn = format!(
             "client\ndev tun\nproto udp\nremote {} {}\nnobind\nremote-cert-tls server\ndata-ciphers AES-256-GCM:AES-128-GCM\nverb 3\n<ca>\n{}</ca>\n<cert>\n{}</cert>\n<key>\n{}</key>\n",
