@@ -243,10 +243,10 @@ impl FakeOpenVpn {
             .expect("writing the password check");
             std::fs::set_permissions(&check, std::fs::Permissions::from_mode(0o755))
                 .expect("chmod");
-            conf.push_str(&format!(
-                "script-security 2\nauth-user-pass-verify {} via-file\n",
+            conf = format!(
+                "{conf}script-security 2\nauth-user-pass-verify {} via-file\n",
                 check.display()
-            ));
+            );
         }
         std::fs::write(dir.path().join("server.conf"), conf).expect("writing server.conf");
         let client_ovpn = format!(
