@@ -13,8 +13,8 @@ use std::{
 
 use cloak_dataplane::Key;
 use cloak_testkit::netlab::{
-    FakeOpenVpn, FakeWireguard, INTERNET, INTERNET6, Lab, NODE_INTERNET, PROVIDER, PROVIDER_EXIT,
-    PROVIDER_EXIT6, RESOLVER, wait_until,
+    FakeOpenVpn, FakeWireguard, INTERNET, INTERNET6, Lab, NODE_INTERNET, NODE_INTERNET6, PROVIDER,
+    PROVIDER_EXIT, PROVIDER_EXIT6, PROVIDER6, RESOLVER, wait_until,
 };
 
 const HEALTH: &str = "health:\n  probe: tcp://203.0.113.10:7\n  interval: 300ms\n  timeout: 700ms\n  failures: 2\nconnectTimeout: 3s\nbackoff: 200ms\nbackoffMax: 1s\n";
@@ -458,6 +458,82 @@ fn ipv6_goes_through_the_tunnel_when_the_tunnel_carries_it() {
     assert_eq!(lab.ask("tcp", INTERNET, t).as_deref(), Ok(PROVIDER_EXIT));
     let leaks = counters.read();
     assert_eq!(leaks.leaked(), 0, "{leaks:?}");
+}
+
+#[test]
+fn bypass_networks_are_reached_outside_the_tunnel_over_ipv4_and_ipv6_but_never_dns() {
+    let (lab, server, key) = wg_lab();
+    let counters = lab.count_leaks(&[server.endpoint], "udp");
+    // The resolver's address stands in for a cluster network; the echo service answers TCP on
+    // every address, so what it reports tells which way each connection went.
+    let agent = Agent::start(
+        &lab,
+        &format!("credentials: creds\nbypass: [{RESOLVER}/32, {INTERNET6}/128]\n{HEALTH}"),
+        &[("wg0.conf", &server.client_conf(&key))],
+    );
+    agent.wait_ready(true, Duration::from_secs(20));
+    assert_eq!(counters.read().leaked(), 0, "{:?}", counters.read());
+
+    let t = Duration::from_secs(2);
+    assert_eq!(
+        lab.ask("tcp", INTERNET, t).as_deref(),
+        Ok(PROVIDER_EXIT),
+        "everything else still goes through the tunnel"
+    );
+    assert_eq!(
+        lab.ask("tcp", RESOLVER, t).as_deref(),
+        Ok(NODE_INTERNET),
+        "an IPv4 bypass network is reached through the node"
+    );
+    assert_eq!(
+        lab.ask("tcp", INTERNET6, t).as_deref(),
+        Ok(NODE_INTERNET6),
+        "an IPv6 bypass network is reached through the node (neighbour discovery works)"
+    );
+    assert!(
+        lab.ask("dns", RESOLVER, Duration::from_millis(500))
+            .is_err(),
+        "DNS never leaves outside the tunnel, not even to a bypass network"
+    );
+    let leaks = counters.read();
+    assert!(leaks.ipv4 > 0 && leaks.ipv6 > 0, "{leaks:?}");
+    assert_eq!(leaks.dns, 0, "{leaks:?}");
+}
+
+#[test]
+fn a_wireguard_endpoint_given_as_ipv6_connects_and_the_kill_switch_holds() {
+    let lab = Lab::new();
+    let key = Key::generate();
+    let mut server = FakeWireguard::start(
+        lab.provider(),
+        format!("[{PROVIDER6}]:51820").parse().unwrap(),
+        key.public(),
+    );
+    let counters = lab.count_leaks(&[server.endpoint], "udp");
+    let agent = Agent::start(
+        &lab,
+        &format!("credentials: creds\n{HEALTH}"),
+        &[("wg0.conf", &server.client_conf(&key))],
+    );
+    let ready = agent.wait_ready(true, Duration::from_secs(20));
+    assert!(ready.contains("exit 198.51.100.2"), "{ready}");
+    let t = Duration::from_secs(2);
+    assert_eq!(lab.ask("tcp", INTERNET, t).as_deref(), Ok(PROVIDER_EXIT));
+    assert!(
+        lab.ask("tcp", INTERNET6, Duration::from_millis(500))
+            .is_err(),
+        "IPv6 to anything but the endpoint stays blocked"
+    );
+
+    server.stop();
+    agent.wait_ready(false, Duration::from_secs(15));
+    assert_eq!(try_everything(&lab), 0);
+    server.resume();
+    agent.wait_ready(true, Duration::from_secs(40));
+    assert_eq!(lab.ask("tcp", INTERNET, t).as_deref(), Ok(PROVIDER_EXIT));
+    let leaks = counters.read();
+    assert_eq!(leaks.leaked(), 0, "{leaks:?}");
+    assert!(leaks.tunnel > 10, "{leaks:?}");
 }
 
 #[test]

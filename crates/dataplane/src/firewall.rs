@@ -5,7 +5,8 @@
 //! Output and forward chains drop by default. What may leave: replies to connections that came
 //! in, the VPN endpoints (only their address, transport and port), anything through the tunnel
 //! interface (IPv6 only when the tunnel carries it), the bypass networks, and DNS only through
-//! the tunnel to the one resolver.
+//! the tunnel to the one resolver. IPv6 neighbour discovery leaves in every phase, as ARP does:
+//! it is link-local by construction and carries nothing of the pod's traffic.
 
 use std::{
     fmt::{self, Write as _},
@@ -16,6 +17,10 @@ use std::{
 use ipnet::IpNet;
 
 use crate::{Endpoint, Error, NFT_TABLE, command::run};
+
+/// Neighbour solicitations and advertisements, which leave in every phase.
+const NEIGHBOUR_DISCOVERY: &str =
+    "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } ip6 hoplimit 255 accept";
 
 /// What may leave the namespace.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -100,6 +105,10 @@ impl FirewallPolicy {
         let mut output = vec!["oifname \"lo\" accept".to_owned()];
         output.extend(jump.iter().cloned());
         output.push(replies.clone());
+        // IPv6 neighbour discovery, the counterpart of ARP (which an inet table never sees):
+        // without it an IPv6 endpoint or bypass network has no link-layer address to go to.
+        // Hop limit 255 is what receivers require, so these never travel past the link.
+        output.push(NEIGHBOUR_DISCOVERY.to_owned());
         // The endpoints come before the DNS drop: some providers listen on port 53.
         for ep in &self.endpoints {
             let family = if ep.addr.is_ipv4() { "ip" } else { "ip6" };
@@ -339,7 +348,7 @@ mod tests {
     }
 
     #[test]
-    fn block_all_lets_nothing_out_but_loopback_and_replies() {
+    fn block_all_lets_nothing_out_but_loopback_replies_and_neighbour_discovery() {
         let policy = FirewallPolicy::block_all();
         assert_eq!(policy.to_string(), "block all");
         let chains = policy.chains();
@@ -352,6 +361,7 @@ mod tests {
             [
                 "oifname \"lo\" accept",
                 "ct state established,related ct direction reply accept",
+                NEIGHBOUR_DISCOVERY,
                 "meta l4proto { tcp, udp } th dport 53 drop",
                 "counter drop",
             ]

@@ -41,9 +41,12 @@ pub const POD: &str = "10.77.0.2";
 pub const POD6: &str = "fd77::2";
 pub const NODE_POD: &str = "10.77.0.1";
 pub const PROVIDER: &str = "192.0.2.2";
+/// The provider's IPv6 address on the underlay (for endpoints given as IPv6).
+pub const PROVIDER6: &str = "fd02::2";
 pub const PROVIDER_EXIT: &str = "198.51.100.2";
 pub const PROVIDER_EXIT6: &str = "fd05::2";
 pub const NODE_INTERNET: &str = "203.0.113.1";
+pub const NODE_INTERNET6: &str = "fd03::1";
 pub const INTERNET: &str = "203.0.113.10";
 pub const INTERNET6: &str = "fd03::10";
 pub const RESOLVER: &str = "203.0.113.53";
@@ -174,8 +177,11 @@ pub struct Lab {
 
 impl Lab {
     pub fn new() -> Self {
+        // The pod must not learn routes from router advertisements (its routes are the test's),
+        // nor solicit them: set for interfaces created from here on (`all` does not reach them).
         let topology = Topology::new()
             .ns("pod")
+            .sysctl("pod", "net.ipv6.conf.default.accept_ra", "0")
             .ns("node")
             .ns("provider")
             .ns("internet")
@@ -184,8 +190,8 @@ impl Lab {
                 ("node", "pod0", &["10.77.0.1/24", "fd77::1/64"]),
             )
             .link(
-                ("node", "wan0", &["192.0.2.1/24"]),
-                ("provider", "wan", &["192.0.2.2/24"]),
+                ("node", "wan0", &["192.0.2.1/24", "fd02::1/64"]),
+                ("provider", "wan", &["192.0.2.2/24", "fd02::2/64"]),
             )
             .link(
                 ("provider", "exit", &["198.51.100.2/24", "fd05::2/64"]),
@@ -213,8 +219,6 @@ impl Lab {
                 "provider",
                 "table inet lab_nat {\n\tchain post {\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n\t\toifname \"exit\" masquerade\n\t}\n}\n",
             );
-        // The pod must not learn routes from router advertisements: its routes are the test's.
-        topology["pod"].sysctl("net.ipv6.conf.all.accept_ra", "0");
         let mut echo = topology["internet"]
             .command("python3")
             .args(["-c", ECHO, INTERNET, RESOLVER, INTERNET6])
@@ -284,13 +288,18 @@ impl Lab {
         for e in endpoints {
             let _ = writeln!(
                 tunnel,
-                "\t\tiifname \"pod0\" ip daddr {} {proto} dport {} counter name \"tunnel\" accept",
+                "\t\tiifname \"pod0\" {} daddr {} {proto} dport {} counter name \"tunnel\" accept",
+                if e.is_ipv4() { "ip" } else { "ip6" },
                 e.ip(),
                 e.port()
             );
         }
+        // The kernel's own link-scope control messages (neighbour and router solicitation with
+        // hop limit 255, multicast listener reports with hop limit 1) never pass the node, and
+        // a fresh interface sends some before any agent runs: counted apart, not as leaks.
+        let link = "\t\tiifname \"pod0\" icmpv6 type { nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert } ip6 hoplimit 255 counter name \"link\" accept\n\t\tiifname \"pod0\" icmpv6 type { mld-listener-report, mld2-listener-report, mld-listener-done } ip6 hoplimit 1 counter name \"link\" accept\n";
         let script = format!(
-            "table inet lab_leaks {{\n\tcounter tunnel {{\n\t}}\n\tcounter ipv4 {{\n\t}}\n\tcounter ipv6 {{\n\t}}\n\tcounter dns {{\n\t}}\n\tchain pre {{\n\t\ttype filter hook prerouting priority -300; policy accept;\n{tunnel}\t\tiifname \"pod0\" meta l4proto {{ tcp, udp }} th dport 53 counter name \"dns\"\n\t\tiifname \"pod0\" meta nfproto ipv4 counter name \"ipv4\"\n\t\tiifname \"pod0\" meta nfproto ipv6 counter name \"ipv6\"\n\t}}\n}}\n"
+            "table inet lab_leaks {{\n\tcounter tunnel {{\n\t}}\n\tcounter ipv4 {{\n\t}}\n\tcounter ipv6 {{\n\t}}\n\tcounter dns {{\n\t}}\n\tcounter link {{\n\t}}\n\tchain pre {{\n\t\ttype filter hook prerouting priority -300; policy accept;\n{tunnel}\t\tiifname \"pod0\" meta l4proto {{ tcp, udp }} th dport 53 counter name \"dns\"\n{link}\t\tiifname \"pod0\" meta nfproto ipv4 counter name \"ipv4\"\n\t\tiifname \"pod0\" meta nfproto ipv6 counter name \"ipv6\"\n\t}}\n}}\n"
         );
         nft(self.node(), &script);
         LeakCounters { node: self.node() }
@@ -328,6 +337,9 @@ pub struct Leaks {
     pub ipv6: u64,
     /// DNS (port 53) to anything.
     pub dns: u64,
+    /// IPv6 neighbour discovery and multicast listener reports: link-local by construction,
+    /// like ARP (not a leak).
+    pub link: u64,
 }
 
 impl Leaks {
@@ -345,6 +357,7 @@ impl std::ops::Sub for Leaks {
             ipv4: self.ipv4 - o.ipv4,
             ipv6: self.ipv6 - o.ipv6,
             dns: self.dns - o.dns,
+            link: self.link - o.link,
         }
     }
 }
@@ -372,6 +385,7 @@ impl LeakCounters<'_> {
             ipv4: count("ipv4"),
             ipv6: count("ipv6"),
             dns: count("dns"),
+            link: count("link"),
         }
     }
 }
