@@ -1,0 +1,35 @@
+//! The network lab itself, as root: the leak counters see what a pod without an agent sends
+//! (they are not blind), and keep the kernel's link-scope IPv6 chatter apart from leaks.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use cloak_testkit::netlab::{INTERNET, INTERNET6, Lab, NODE_INTERNET, NODE_INTERNET6, RESOLVER};
+
+#[test]
+fn leak_counters_count_what_an_open_pod_sends_and_keep_neighbour_discovery_apart() {
+    let lab = Lab::new();
+    let counters = lab.count_leaks(&[], "udp");
+    let t = Duration::from_secs(2);
+
+    assert_eq!(lab.ask("tcp", INTERNET, t).as_deref(), Ok(NODE_INTERNET));
+    let v4 = counters.read();
+    assert!(v4.ipv4 > 0 && v4.ipv6 == 0 && v4.dns == 0, "{v4:?}");
+
+    // The first IPv6 packet needs the node's link-layer address: a neighbour solicitation,
+    // counted as link traffic, then the connection itself, counted as IPv6.
+    assert_eq!(lab.ask("tcp", INTERNET6, t).as_deref(), Ok(NODE_INTERNET6));
+    let v6 = counters.read() - v4;
+    assert!(v6.ipv6 > 0 && v6.ipv4 == 0, "{v6:?}");
+    assert!(
+        v6.link > 0,
+        "neighbour discovery is seen as link traffic: {v6:?}"
+    );
+
+    let before = counters.read();
+    assert_eq!(lab.ask("dns", RESOLVER, t).as_deref(), Ok(NODE_INTERNET));
+    let dns = counters.read() - before;
+    assert!(dns.dns > 0 && dns.ipv4 == dns.dns, "{dns:?}");
+    assert_eq!(dns.leaked(), dns.ipv4);
+}
