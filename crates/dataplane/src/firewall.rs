@@ -41,7 +41,10 @@ pub struct FirewallPolicy {
     /// Skip connection tracking for the tunnel's packets (plain ones on the tunnel interface,
     /// encrypted ones to and from the endpoints). Tracking them cost ~7 % of single-stream
     /// throughput in the benchmark, and nothing here needs it; it must stay off where traffic
-    /// is NATed through the tunnel (a gateway), which needs the conntrack entries.
+    /// is NATed through the tunnel (a gateway), which needs the conntrack entries. Also while
+    /// reconnecting (no tunnel interface): a tracked endpoint flow made the server's late
+    /// packets to a dead client port a "connection that came in", and the kernel's ICMP
+    /// port-unreachable its "reply", which the reply rule let out.
     pub notrack_tunnel: bool,
 }
 
@@ -137,9 +140,13 @@ impl FirewallPolicy {
                 rules: forward,
             },
         ];
-        if let (Some(tun), true) = (&self.tunnel, self.notrack_tunnel) {
-            let mut out = vec![format!("oifname \"{tun}\" notrack")];
-            let mut into = vec![format!("iifname \"{tun}\" notrack")];
+        if self.notrack_tunnel && (self.tunnel.is_some() || !self.endpoints.is_empty()) {
+            let mut out = Vec::new();
+            let mut into = Vec::new();
+            if let Some(tun) = &self.tunnel {
+                out.push(format!("oifname \"{tun}\" notrack"));
+                into.push(format!("iifname \"{tun}\" notrack"));
+            }
             for ep in &self.endpoints {
                 let (family, ip, proto, port) = (
                     if ep.addr.is_ipv4() { "ip" } else { "ip6" },
@@ -226,6 +233,8 @@ impl fmt::Display for FirewallPolicy {
         }
         if self.notrack_tunnel && self.tunnel.is_some() {
             f.write_str(", tunnel untracked")?;
+        } else if self.notrack_tunnel && !self.endpoints.is_empty() {
+            f.write_str(", endpoints untracked")?;
         }
         Ok(())
     }
@@ -399,6 +408,35 @@ mod tests {
             ..p
         };
         assert!(v6.render().contains("\t\tmeta nfproto ipv6 accept"));
+    }
+
+    #[test]
+    fn endpoint_traffic_is_untracked_also_while_there_is_no_tunnel() {
+        let reconnecting = FirewallPolicy {
+            tunnel: None,
+            dns: None,
+            bypass: Vec::new(),
+            clamp_mss: None,
+            ..connected()
+        };
+        let chains = reconnecting.chains();
+        let raw: Vec<&Vec<String>> = chains
+            .iter()
+            .filter(|c| c.name.starts_with("raw_"))
+            .map(|c| &c.rules)
+            .collect();
+        assert_eq!(
+            raw,
+            [
+                &vec!["ip daddr 192.0.2.2 udp dport 51820 notrack".to_owned()],
+                &vec!["ip saddr 192.0.2.2 udp sport 51820 notrack".to_owned()],
+            ]
+        );
+        assert!(
+            reconnecting
+                .to_string()
+                .ends_with(", no tunnel, endpoints untracked")
+        );
     }
 
     #[test]
