@@ -146,7 +146,10 @@ where
                 }
                 Ok(cfg) => cfg,
             };
-            match self.session(&cfg, &mut config, &mut shutdown).await {
+            match self
+                .session(&cfg, &mut failures, &mut config, &mut shutdown)
+                .await
+            {
                 Outcome::Shutdown => break,
                 Outcome::ConfigChanged => failures = 0,
                 Outcome::Failed(reason) => {
@@ -174,10 +177,12 @@ where
         self.block("agent stopped");
     }
 
-    /// One connection: open, wait for it to work, then watch it until it fails.
+    /// One connection: open, wait for it to work, then watch it until it fails. A connection
+    /// that worked clears `failures`: the next outage starts again from the shortest backoff.
     async fn session(
         &mut self,
         cfg: &Resolved,
+        failures: &mut u32,
         config: &mut watch::Receiver<ConfigResult>,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Outcome {
@@ -294,6 +299,7 @@ where
                     let exit_ip = result.as_ref().and_then(|r| r.exit_ip);
                     if !connected {
                         connected = true;
+                        *failures = 0;
                         let message = format!("connected via {implementation}");
                         tracing::info!(exit = ?exit_ip, "{message}");
                         if let Err(e) =

@@ -308,6 +308,23 @@ async fn a_stale_handshake_or_a_dead_tunnel_process_reconnects() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_connection_that_worked_starts_the_next_outage_at_the_shortest_backoff() {
+    let mut rig = start(Ok(Arc::new(resolved())));
+    for _ in 0..3 {
+        rig.set_tunnel(TunnelState::Up, Some(1));
+        rig.wait_phase(Phase::Connected).await;
+        rig.set_tunnel(TunnelState::Failed("openvpn exited".into()), None);
+        let s = rig.wait_phase(Phase::Reconnecting).await;
+        assert!(
+            s.message.ends_with("(attempt 1, next in 1s)"),
+            "each outage after a working connection is attempt 1: {}",
+            s.message
+        );
+    }
+    rig.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_config_change_reconnects_at_once_and_a_broken_one_blocks() {
     let mut rig = start(Ok(Arc::new(resolved())));
     rig.set_tunnel(TunnelState::Up, Some(1));
