@@ -175,15 +175,10 @@ impl Agent {
             pod: lab.pod().name().to_owned(),
             _dir: dir,
         };
-        let ready = wait_until(Duration::from_secs(30), || {
-            lab.pod()
-                .command("curl")
-                .args(["-sf", "-m", "1", "http://127.0.0.1:9090/readyz"])
-                .stdout(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        });
-        assert!(ready, "the agent did not become ready");
+        assert!(
+            wait_until(Duration::from_secs(30), || ready(lab)),
+            "the agent did not become ready"
+        );
         agent
     }
 }
