@@ -20,16 +20,19 @@ fn leak_counters_count_what_an_open_pod_sends_and_keep_neighbour_discovery_apart
     // The first IPv6 packet needs the node's link-layer address: a neighbour solicitation,
     // counted as link traffic, then the connection itself, counted as IPv6.
     assert_eq!(lab.ask("tcp", INTERNET6, t).as_deref(), Ok(NODE_INTERNET6));
+    assert_eq!(v4.to, ["203.0.113.10 . tcp"]);
     let v6 = counters.read() - v4;
     assert!(v6.ipv6 > 0 && v6.ipv4 == 0, "{v6:?}");
     assert!(
         v6.link > 0,
         "neighbour discovery is seen as link traffic: {v6:?}"
     );
+    assert_eq!(v6.to, ["203.0.113.10 . tcp", "fd03::10 . tcp"]);
 
     let before = counters.read();
     assert_eq!(lab.ask("dns", RESOLVER, t).as_deref(), Ok(NODE_INTERNET));
     let dns = counters.read() - before;
     assert!(dns.dns > 0 && dns.ipv4 == dns.dns, "{dns:?}");
     assert_eq!(dns.leaked(), dns.ipv4);
+    assert!(dns.to.contains(&"203.0.113.53 . udp".to_owned()), "{dns:?}");
 }

@@ -299,7 +299,7 @@ impl Lab {
         // a fresh interface sends some before any agent runs: counted apart, not as leaks.
         let link = "\t\tiifname \"pod0\" icmpv6 type { nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert } ip6 hoplimit 255 counter name \"link\" accept\n\t\tiifname \"pod0\" icmpv6 type { mld-listener-report, mld2-listener-report, mld-listener-done } ip6 hoplimit 1 counter name \"link\" accept\n";
         let script = format!(
-            "table inet lab_leaks {{\n\tcounter tunnel {{\n\t}}\n\tcounter ipv4 {{\n\t}}\n\tcounter ipv6 {{\n\t}}\n\tcounter dns {{\n\t}}\n\tcounter link {{\n\t}}\n\tchain pre {{\n\t\ttype filter hook prerouting priority -300; policy accept;\n{tunnel}\t\tiifname \"pod0\" meta l4proto {{ tcp, udp }} th dport 53 counter name \"dns\"\n{link}\t\tiifname \"pod0\" meta nfproto ipv4 counter name \"ipv4\"\n\t\tiifname \"pod0\" meta nfproto ipv6 counter name \"ipv6\"\n\t}}\n}}\n"
+            "table inet lab_leaks {{\n\tcounter tunnel {{\n\t}}\n\tcounter ipv4 {{\n\t}}\n\tcounter ipv6 {{\n\t}}\n\tcounter dns {{\n\t}}\n\tcounter link {{\n\t}}\n\tset to4 {{\n\t\ttypeof ip daddr . meta l4proto\n\t\tsize 256\n\t\tflags dynamic\n\t}}\n\tset to6 {{\n\t\ttypeof ip6 daddr . meta l4proto\n\t\tsize 256\n\t\tflags dynamic\n\t}}\n\tchain pre {{\n\t\ttype filter hook prerouting priority -300; policy accept;\n{tunnel}\t\tiifname \"pod0\" meta l4proto {{ tcp, udp }} th dport 53 counter name \"dns\"\n{link}\t\tiifname \"pod0\" meta nfproto ipv4 counter name \"ipv4\" add @to4 {{ ip daddr . meta l4proto }}\n\t\tiifname \"pod0\" meta nfproto ipv6 counter name \"ipv6\" add @to6 {{ ip6 daddr . meta l4proto }}\n\t}}\n}}\n"
         );
         nft(self.node(), &script);
         LeakCounters { node: self.node() }
@@ -327,7 +327,7 @@ impl Default for Lab {
 }
 
 /// Packet counts seen at the node from the pod.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Leaks {
     /// To the VPN endpoint (not a leak).
     pub tunnel: u64,
@@ -340,6 +340,9 @@ pub struct Leaks {
     /// IPv6 neighbour discovery and multicast listener reports: link-local by construction,
     /// like ARP (not a leak).
     pub link: u64,
+    /// Where the leaked packets went (`address . protocol`), so a failing test says what
+    /// leaked; every destination since the counters were installed.
+    pub to: Vec<String>,
 }
 
 impl Leaks {
@@ -358,8 +361,24 @@ impl std::ops::Sub for Leaks {
             ipv6: self.ipv6 - o.ipv6,
             dns: self.dns - o.dns,
             link: self.link - o.link,
+            to: self.to,
         }
     }
+}
+
+/// The elements of a listed nftables set (`elements = { a . tcp,\n b . udp }`).
+fn elements(listing: &str) -> Vec<String> {
+    listing
+        .split_once("elements = {")
+        .and_then(|(_, rest)| rest.split_once('}'))
+        .map(|(inside, _)| {
+            inside
+                .split(',')
+                .map(|e| e.trim().to_owned())
+                .filter(|e| !e.is_empty())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Reads the node's leak counters.
@@ -386,6 +405,15 @@ impl LeakCounters<'_> {
             ipv6: count("ipv6"),
             dns: count("dns"),
             link: count("link"),
+            to: ["to4", "to6"]
+                .iter()
+                .flat_map(|set| {
+                    let out = self
+                        .node
+                        .run(&["nft", "list", "set", "inet", "lab_leaks", set]);
+                    elements(&out)
+                })
+                .collect(),
         }
     }
 }
