@@ -1,11 +1,15 @@
 //! Network namespaces for tests: created with a unique prefix, removed on drop (also on panic),
-//! together with every process started inside them (found with `ip netns pids`, killed by PID).
+//! together with every process started inside them (found with `ip netns pids`, killed by PID);
+//! those of a test process that was killed are removed by the next one.
 
 #![allow(clippy::missing_panics_doc)] // test helpers: panicking with the reason is their contract
 
 use std::{
     process::{Command, Output, Stdio},
-    sync::atomic::{AtomicU32, Ordering},
+    sync::{
+        Once,
+        atomic::{AtomicU32, Ordering},
+    },
 };
 
 /// A network namespace owned by a test.
@@ -32,12 +36,15 @@ pub fn ip_ok(args: &[&str]) {
 }
 
 impl Netns {
-    /// Creates `ck<pid>-<n>-<label>` (short: interface and namespace names are limited).
+    /// Creates `ck<pid>-<n>-<label>`. The first one a process creates also removes what dead
+    /// test processes left behind ([`reap_orphans`]).
     pub fn new(label: &str) -> Self {
         static N: AtomicU32 = AtomicU32::new(0);
+        static REAP: Once = Once::new();
+        REAP.call_once(reap_orphans);
         let name = format!(
             "ck{}-{}-{label}",
-            std::process::id() % 100_000,
+            std::process::id(),
             N.fetch_add(1, Ordering::Relaxed)
         );
         ip_ok(&["netns", "add", &name]);
@@ -82,11 +89,38 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let pids = ip(&["netns", "pids", &self.name]);
-        for pid in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
-            let _ = Command::new("kill").args(["-KILL", pid]).status();
+        remove(&self.name);
+    }
+}
+
+/// Kills every process in namespace `name` (by PID) and deletes it.
+fn remove(name: &str) {
+    let pids = ip(&["netns", "pids", name]);
+    for pid in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
+        let _ = Command::new("kill").args(["-KILL", pid]).status();
+    }
+    let _ = ip(&["netns", "del", name]);
+}
+
+/// Removes the namespaces of test processes that died without dropping them (killed by a
+/// timeout, SIGKILL): `ck<pid>-…` whose `<pid>` is no longer running. A namespace whose PID
+/// was reused meanwhile is left alone; only names of this shape are ever touched.
+pub fn reap_orphans() {
+    let Ok(entries) = std::fs::read_dir("/var/run/netns") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("ck")
+            .and_then(|rest| rest.split_once('-'))
+            .and_then(|(pid, _)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            remove(&name);
         }
-        let _ = ip(&["netns", "del", &self.name]);
     }
 }
 
