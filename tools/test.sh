@@ -34,7 +34,15 @@ step "cargo test (all tiers)"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
-cargo test --workspace --locked --no-fail-fast --lib --bins --tests 2>&1 | tee "$log" || status=$?
+# Bounded: a hung test must fail the run with a reason long before CI's 90-minute limit (a warm
+# run takes ~3 minutes, a cold one with every build ~15). Killed test processes leave nothing for
+# long: the harness's watchdogs stop their servers and the next run reaps their namespaces.
+limit=${CLOAK_TEST_TIMEOUT:-45m}
+timeout --kill-after=30s "$limit" \
+  cargo test --workspace --locked --no-fail-fast --lib --bins --tests 2>&1 | tee "$log" || status=$?
+if [ "$status" -eq 124 ] || [ "$status" -eq 137 ]; then
+  echo "cloak: the tests did not finish within $limit (CLOAK_TEST_TIMEOUT); a test hung" >&2
+fi
 # One closing line for the whole run, summed over every test binary.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed;?$/) p += $(i-1); if ($i ~ /^failed;?$/) f += $(i-1) } }
      END { printf "cloak: %d passed, %d failed\n", p, f }' "$log"

@@ -18,6 +18,7 @@ use std::{
     io::{BufRead, BufReader, Write},
     net::{IpAddr, SocketAddr, ToSocketAddrs},
     os::unix::{io::IntoRawFd, net::UnixStream},
+    sync::mpsc,
     time::Duration,
 };
 
@@ -34,6 +35,11 @@ use crate::{
 
 /// 1420 = 1500 - 80: the largest WireGuard overhead (IPv6 outer header 40 + UDP 8 + WireGuard 32).
 pub const DEFAULT_MTU: u32 = 1420;
+
+/// How long one UAPI exchange with the userspace device may take. It answers in microseconds; a
+/// device that does not answer at all is wedged, and the caller (the agent) must get an error it
+/// can act on (close and reopen) instead of a read that blocks forever.
+const UAPI_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A WireGuard interface and its peers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -458,6 +464,9 @@ impl Userspace {
     /// Creates the interface in this thread's network namespace and configures it.
     pub fn open(config: &WireguardConfig) -> Result<Self, Error> {
         let (ours, theirs) = UnixStream::pair().map_err(Error::io("UAPI socket pair"))?;
+        ours.set_read_timeout(Some(UAPI_TIMEOUT))
+            .and_then(|()| ours.set_write_timeout(Some(UAPI_TIMEOUT)))
+            .map_err(Error::io("UAPI socket timeout"))?;
         let device = DeviceHandle::new(
             &config.interface,
             DeviceConfig {
@@ -557,7 +566,22 @@ impl Tunnel for Userspace {
 
 impl Drop for Userspace {
     fn drop(&mut self) {
-        drop(self.device.take());
+        if let Some(device) = self.device.take() {
+            // Stopping the device takes its lock; a wedged device would hold the agent here
+            // forever. Bounded: past the limit the device is left to its thread, and the
+            // interface is deleted regardless (which also ends the device's tun reads).
+            let (done_tx, done) = mpsc::channel::<()>();
+            std::thread::spawn(move || {
+                drop(device);
+                drop(done_tx);
+            });
+            if let Err(mpsc::RecvTimeoutError::Timeout) = done.recv_timeout(UAPI_TIMEOUT) {
+                tracing::warn!(
+                    interface = %self.interface,
+                    "the userspace WireGuard device did not stop within {UAPI_TIMEOUT:?}; deleting its interface"
+                );
+            }
+        }
         // boringtun opens the tun without O_CLOEXEC, so a child process started meanwhile may
         // hold it and keep the interface (its address, its routes) alive; delete it outright.
         let _ = ip(&["link", "del", "dev", &self.interface]);

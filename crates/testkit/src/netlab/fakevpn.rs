@@ -46,7 +46,12 @@ pub struct FakeWireguard {
 struct Running {
     commands: mpsc::Sender<(WireguardConfig, mpsc::Sender<Result<(), String>>)>,
     thread: JoinHandle<()>,
+    /// Disconnects when the server thread has ended.
+    exited: mpsc::Receiver<()>,
 }
+
+/// The longest a fake server may take to start, stop or answer (it takes milliseconds).
+const SERVER_WAIT: Duration = Duration::from_secs(10);
 
 impl FakeWireguard {
     /// Starts a server listening on `endpoint` (an address of `ns`) that accepts `client`.
@@ -118,7 +123,24 @@ impl FakeWireguard {
     pub fn stop(&mut self) {
         if let Some(running) = self.running.take() {
             drop(running.commands);
-            running.thread.join().expect("WireGuard server thread");
+            // Bounded: a wedged device must fail the test, not hang it; and never a second
+            // panic while a failing test unwinds (that aborts the whole test binary).
+            let stopped = match running.exited.recv_timeout(SERVER_WAIT) {
+                Err(mpsc::RecvTimeoutError::Timeout) => Err(format!(
+                    "the fake WireGuard server did not stop within {SERVER_WAIT:?}"
+                )),
+                _ => running
+                    .thread
+                    .join()
+                    .map_err(|_| "the fake WireGuard server thread panicked".to_owned()),
+            };
+            if let Err(message) = stopped {
+                if std::thread::panicking() {
+                    eprintln!("{message}");
+                } else {
+                    panic!("{message}");
+                }
+            }
             // The device deleted its interface from the server thread, which was inside the
             // provider's namespace; make sure of it from outside too.
             let ns = self
@@ -142,7 +164,10 @@ impl FakeWireguard {
         let path = self.netns_path.clone();
         let (commands, rx) = mpsc::channel::<(WireguardConfig, mpsc::Sender<Result<(), String>>)>();
         let (ready_tx, ready) = mpsc::channel();
+        let (exited_tx, exited) = mpsc::channel::<()>();
         let thread = std::thread::spawn(move || {
+            // Dropped last, after the device: tells `stop` the thread is done.
+            let _exited = exited_tx;
             // Namespaces are per thread: this thread enters the provider's, and the device's
             // worker thread it spawns inherits it.
             let entered = File::open(&path).map_err(|e| e.to_string()).and_then(|f| {
@@ -165,10 +190,14 @@ impl FakeWireguard {
             }
         });
         ready
-            .recv()
-            .expect("WireGuard server thread")
+            .recv_timeout(SERVER_WAIT)
+            .expect("the fake WireGuard server thread did not report")
             .unwrap_or_else(|e| panic!("starting the fake WireGuard server: {e}"));
-        self.running = Some(Running { commands, thread });
+        self.running = Some(Running {
+            commands,
+            thread,
+            exited,
+        });
     }
 
     /// Replaces the server's private key: clients holding the old public key can no longer
@@ -180,8 +209,8 @@ impl FakeWireguard {
         let running = self.running.as_ref().expect("server running");
         let (ack, done) = mpsc::channel();
         running.commands.send((config, ack)).expect("server thread");
-        done.recv()
-            .expect("server thread")
+        done.recv_timeout(SERVER_WAIT)
+            .expect("the fake WireGuard server did not answer")
             .unwrap_or_else(|e| panic!("rotating the key: {e}"));
         self.public_key()
     }
