@@ -368,6 +368,36 @@ fn openvpn_egress_works_and_its_kill_switch_holds_across_a_server_restart() {
 }
 
 #[test]
+fn openvpn_to_an_ipv6_endpoint_connects_and_nothing_else_leaves() {
+    let lab = Lab::new();
+    let server = FakeOpenVpn::start(
+        lab.provider(),
+        format!("[{PROVIDER6}]:1194").parse().unwrap(),
+    );
+    let counters = lab.count_leaks(&[server.endpoint], "udp");
+    let agent = Agent::start(
+        &lab,
+        &format!("credentials: creds\ndns: {RESOLVER}\n{HEALTH}"),
+        &[("config.ovpn", server.client_ovpn())],
+    );
+    let ready = agent.wait_ready(true, Duration::from_secs(30));
+    assert!(
+        ready.contains("connected via openvpn, exit 198.51.100.2"),
+        "{ready}"
+    );
+    let t = Duration::from_secs(2);
+    assert_eq!(lab.ask("tcp", INTERNET, t).as_deref(), Ok(PROVIDER_EXIT));
+    assert!(
+        lab.ask("tcp", INTERNET6, Duration::from_millis(500))
+            .is_err(),
+        "IPv6 to anything but the endpoint stays blocked"
+    );
+    let leaks = counters.read();
+    assert_eq!(leaks.leaked(), 0, "{leaks:?}");
+    assert!(leaks.tunnel > 10, "{leaks:?}");
+}
+
+#[test]
 fn bad_config_keeps_the_pod_closed_says_what_is_wrong_and_recovers_when_fixed() {
     let (lab, server, key) = wg_lab();
     // The agent is pointed at an unreachable endpoint below; packets to it are not leaks.
