@@ -569,7 +569,7 @@ impl Drop for Userspace {
         if let Some(device) = self.device.take() {
             // Stopping the device takes its lock; a wedged device would hold the agent here
             // forever. Bounded: past the limit the device is left to its thread, and the
-            // interface is deleted regardless (which also ends the device's tun reads).
+            // interface is deleted regardless, so no route or address of it stays behind.
             let (done_tx, done) = mpsc::channel::<()>();
             std::thread::spawn(move || {
                 drop(device);
