@@ -13,8 +13,8 @@ use std::{
 
 use cloak_dataplane::Key;
 use cloak_testkit::netlab::{
-    FakeOpenVpn, FakeWireguard, INTERNET, INTERNET6, Lab, NODE_INTERNET, NODE_INTERNET6, PROVIDER,
-    PROVIDER_EXIT, PROVIDER_EXIT6, PROVIDER6, RESOLVER, wait_until,
+    FakeOpenVpn, FakeWireguard, INTERNET, INTERNET6, Lab, LeakCounters, NODE_INTERNET,
+    NODE_INTERNET6, PROVIDER, PROVIDER_EXIT, PROVIDER_EXIT6, PROVIDER6, RESOLVER, wait_until,
 };
 
 const HEALTH: &str = "health:\n  probe: tcp://203.0.113.10:7\n  interval: 300ms\n  timeout: 700ms\n  failures: 2\nconnectTimeout: 3s\nbackoff: 200ms\nbackoffMax: 1s\n";
@@ -145,6 +145,24 @@ fn wg_lab() -> (Lab, FakeWireguard, Key) {
         key.public(),
     );
     (lab, server, key)
+}
+
+/// An OpenVPN server on `endpoint`, leak counters that know it, and an agent connected to it
+/// (asserted: ready, through OpenVPN, with the provider's exit address).
+fn openvpn_connected<'a>(lab: &'a Lab, endpoint: &str) -> (FakeOpenVpn, LeakCounters<'a>, Agent) {
+    let server = FakeOpenVpn::start(lab.provider(), endpoint.parse().unwrap());
+    let counters = lab.count_leaks(&[server.endpoint], "udp");
+    let agent = Agent::start(
+        lab,
+        &format!("credentials: creds\ndns: {RESOLVER}\n{HEALTH}"),
+        &[("config.ovpn", server.client_ovpn())],
+    );
+    let ready = agent.wait_ready(true, Duration::from_secs(30));
+    assert!(
+        ready.contains("connected via openvpn, exit 198.51.100.2"),
+        "{ready}"
+    );
+    (server, counters, agent)
 }
 
 /// Every kind of traffic a leak could take, tried from the pod: TCP, UDP, DNS to the resolver
@@ -334,19 +352,7 @@ fn kill_switch_holds_while_the_provider_is_stopped_blackholed_or_rekeyed_and_tra
 #[test]
 fn openvpn_egress_works_and_its_kill_switch_holds_across_a_server_restart() {
     let lab = Lab::new();
-    let mut server =
-        FakeOpenVpn::start(lab.provider(), format!("{PROVIDER}:1194").parse().unwrap());
-    let counters = lab.count_leaks(&[server.endpoint], "udp");
-    let agent = Agent::start(
-        &lab,
-        &format!("credentials: creds\ndns: {RESOLVER}\n{HEALTH}"),
-        &[("config.ovpn", server.client_ovpn())],
-    );
-    let ready = agent.wait_ready(true, Duration::from_secs(30));
-    assert!(
-        ready.contains("connected via openvpn, exit 198.51.100.2"),
-        "{ready}"
-    );
+    let (mut server, counters, agent) = openvpn_connected(&lab, &format!("{PROVIDER}:1194"));
     let t = Duration::from_secs(2);
     assert_eq!(lab.ask("tcp", INTERNET, t).as_deref(), Ok(PROVIDER_EXIT));
     assert_eq!(lab.ask("dns", RESOLVER, t).as_deref(), Ok(PROVIDER_EXIT));
@@ -370,21 +376,7 @@ fn openvpn_egress_works_and_its_kill_switch_holds_across_a_server_restart() {
 #[test]
 fn openvpn_to_an_ipv6_endpoint_connects_and_nothing_else_leaves() {
     let lab = Lab::new();
-    let server = FakeOpenVpn::start(
-        lab.provider(),
-        format!("[{PROVIDER6}]:1194").parse().unwrap(),
-    );
-    let counters = lab.count_leaks(&[server.endpoint], "udp");
-    let agent = Agent::start(
-        &lab,
-        &format!("credentials: creds\ndns: {RESOLVER}\n{HEALTH}"),
-        &[("config.ovpn", server.client_ovpn())],
-    );
-    let ready = agent.wait_ready(true, Duration::from_secs(30));
-    assert!(
-        ready.contains("connected via openvpn, exit 198.51.100.2"),
-        "{ready}"
-    );
+    let (_server, counters, _agent) = openvpn_connected(&lab, &format!("[{PROVIDER6}]:1194"));
     let t = Duration::from_secs(2);
     assert_eq!(lab.ask("tcp", INTERNET, t).as_deref(), Ok(PROVIDER_EXIT));
     assert!(

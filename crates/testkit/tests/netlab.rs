@@ -19,11 +19,11 @@ fn leak_counters_count_what_an_open_pod_sends_and_keep_neighbour_discovery_apart
     assert_eq!(lab.ask("tcp", INTERNET, t).as_deref(), Ok(NODE_INTERNET));
     let v4 = counters.read();
     assert!(v4.ipv4 > 0 && v4.ipv6 == 0 && v4.dns == 0, "{v4:?}");
+    assert_eq!(v4.to, ["203.0.113.10 . tcp"]);
 
     // The first IPv6 packet needs the node's link-layer address: a neighbour solicitation,
     // counted as link traffic, then the connection itself, counted as IPv6.
     assert_eq!(lab.ask("tcp", INTERNET6, t).as_deref(), Ok(NODE_INTERNET6));
-    assert_eq!(v4.to, ["203.0.113.10 . tcp"]);
     let v6 = counters.read() - v4;
     assert!(v6.ipv6 > 0 && v6.ipv4 == 0, "{v6:?}");
     assert!(
