@@ -69,6 +69,9 @@ pub struct Config {
     pub verify_ip_url: String,
     /// Safety-net requeue of waiting masks (event-driven otherwise).
     pub waiting_requeue: Duration,
+    /// Safety-net requeue of masks holding a slot: a missed event (a provider deleted while
+    /// the mask's assignment was still being recorded) is noticed within this time.
+    pub holder_resync: Duration,
 }
 
 impl Default for Config {
@@ -79,6 +82,7 @@ impl Default for Config {
             leader_lease: None,
             verify_ip_url: "https://ifconfig.me/ip".into(),
             waiting_requeue: Duration::from_mins(1),
+            holder_resync: Duration::from_mins(5),
         }
     }
 }
@@ -228,8 +232,8 @@ pub async fn run(
         )
         .modify(slim),
     )
-    .default_backoff()
-    .touched_objects();
+    // Raw events: a provider's final deletion wakes the masks that held its slots.
+    .default_backoff();
     let triggers = controllers::Triggers::new();
     let feed = controllers::feed(
         ctx.clone(),

@@ -320,6 +320,79 @@ async fn an_exhausted_provider_leaves_masks_waiting_until_a_slot_is_released() {
     .await;
 }
 
+/// Two operators allocating for one mask at once, or one stopping between reserving a slot and
+/// recording it, leave the mask a second reservation. The provider releases it (the mask keeps
+/// the one its status names) and a waiting mask gets the slot.
+#[tokio::test]
+async fn a_second_reservation_of_a_mask_is_released_for_a_waiting_mask() {
+    let (client, ns) = setup("double").await;
+    secret(&client, &ns, "creds", GLUETUN).await;
+    provider(
+        &client,
+        &ns,
+        "vpn",
+        json!({"secret": "creds", "maxSlots": 2, "verify": {"skip": true}}),
+    )
+    .await;
+    mask(&client, &ns, "first", &[]).await;
+    let held = wait_for(
+        "first is Ready",
+        async || mask_status(&client, &ns, "first").await,
+        |s| phase(s) == Some(MaskPhase::Ready),
+    )
+    .await
+    .unwrap()
+    .provider
+    .unwrap();
+    let first_uid = Api::<VpnMask>::namespaced(client.clone(), &ns)
+        .get("first")
+        .await
+        .unwrap()
+        .uid()
+        .unwrap();
+    let other = 1 - held.slot;
+    let extra: k8s_openapi::api::coordination::v1::Lease = serde_json::from_value(json!({
+        "metadata": {
+            "name": format!("cloak-slot-vpn-{other}"),
+            "labels": {
+                "app.kubernetes.io/managed-by": "cloak",
+                "cloak.dev/provider": "vpn",
+                "cloak.dev/provider-uid": held.uid,
+                "cloak.dev/mask-uid": first_uid,
+                "cloak.dev/slot": other.to_string(),
+            },
+            "annotations": {"cloak.dev/mask": format!("{ns}/first")},
+        },
+        "spec": {"holderIdentity": format!("{ns}/first")},
+    }))
+    .unwrap();
+    let leases = Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(client.clone(), &ns);
+    leases.create(&PostParams::default(), &extra).await.unwrap();
+    mask(&client, &ns, "second", &[]).await;
+
+    let second = wait_for(
+        "second gets the slot first held twice",
+        async || mask_status(&client, &ns, "second").await,
+        |s| phase(s) == Some(MaskPhase::Ready),
+    )
+    .await
+    .unwrap()
+    .provider
+    .unwrap();
+    assert_eq!(second.slot, other);
+    let lease = leases
+        .get_metadata(&format!("cloak-slot-vpn-{other}"))
+        .await
+        .unwrap();
+    assert_ne!(lease.labels()["cloak.dev/mask-uid"], first_uid);
+    let first = mask_status(&client, &ns, "first").await.unwrap();
+    assert_eq!(
+        first.provider,
+        Some(held),
+        "first keeps the slot it records"
+    );
+}
+
 #[tokio::test]
 async fn a_mask_with_unmatched_tags_has_no_providers() {
     let (client, ns) = setup("no-providers").await;

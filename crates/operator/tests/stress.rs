@@ -20,7 +20,7 @@ use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::{
     Api, Client, ResourceExt,
-    api::{DeleteParams, PostParams},
+    api::{DeleteParams, ListParams, PostParams},
     runtime::watcher,
 };
 use serde_json::json;
@@ -56,6 +56,117 @@ async fn provider(client: &Client, ns: &str, name: &str, max: u32) -> String {
         .await
         .unwrap();
     created.uid().unwrap()
+}
+
+/// What the API server stores at one moment: live masks, reservations, live provider uids.
+struct Snapshot {
+    masks: Vec<VpnMask>,
+    /// Reservation name → the uid of the mask it was made for.
+    reservations: BTreeMap<String, String>,
+    providers: BTreeSet<String>,
+}
+
+impl Snapshot {
+    async fn read(client: &Client, ns: &str) -> Self {
+        let masks = Api::<VpnMask>::namespaced(client.clone(), ns)
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|m| m.metadata.deletion_timestamp.is_none())
+            .collect();
+        let reservations = Api::<Lease>::namespaced(client.clone(), ns)
+            .list_metadata(&ListParams::default().labels("app.kubernetes.io/managed-by=cloak"))
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .map(|l| {
+                let mask = l.labels().get("cloak.dev/mask-uid").cloned();
+                (l.name_any(), mask.unwrap_or_default())
+            })
+            .collect();
+        let providers = Api::<VpnProvider>::namespaced(client.clone(), ns)
+            .list_metadata(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .filter_map(|p| p.uid())
+            .collect();
+        Self {
+            masks,
+            reservations,
+            providers,
+        }
+    }
+
+    fn count(&self, phase: MaskPhase) -> usize {
+        self.masks
+            .iter()
+            .filter(|m| m.status.as_ref().and_then(|s| s.phase) == Some(phase))
+            .count()
+    }
+
+    /// The reservations the Ready masks name, as (reservation, mask uid), when all are of live
+    /// providers.
+    fn assigned(&self) -> Option<BTreeMap<String, String>> {
+        let mut assigned = BTreeMap::new();
+        for mask in &self.masks {
+            let status = mask.status.as_ref();
+            if status.and_then(|s| s.phase) != Some(MaskPhase::Ready) {
+                continue;
+            }
+            let held = status.and_then(|s| s.provider.as_ref())?;
+            if !self.providers.contains(&held.uid) {
+                return None;
+            }
+            let name = cloak_model::names::slot_lease(&held.name, held.slot);
+            assigned.insert(name, mask.uid().unwrap_or_default());
+        }
+        Some(assigned)
+    }
+
+    fn settled(&self, total: usize) -> bool {
+        let (ready, waiting) = (self.count(MaskPhase::Ready), self.count(MaskPhase::Waiting));
+        ready == total
+            && ready + waiting == self.masks.len()
+            && self.assigned().as_ref() == Some(&self.reservations)
+    }
+}
+
+impl std::fmt::Display for Snapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (ready, waiting) = (self.count(MaskPhase::Ready), self.count(MaskPhase::Waiting));
+        writeln!(
+            f,
+            "{ready} ready, {waiting} waiting of {} masks",
+            self.masks.len()
+        )?;
+        writeln!(f, "live providers: {:?}", self.providers)?;
+        writeln!(
+            f,
+            "stored reservations (name -> mask uid): {:#?}",
+            self.reservations
+        )?;
+        for mask in &self.masks {
+            let status = mask.status.clone().unwrap_or_default();
+            if status.provider.is_some() || status.phase != Some(MaskPhase::Waiting) {
+                writeln!(
+                    f,
+                    "mask {} uid {}: {:?} {:?} {:?}",
+                    mask.name_any(),
+                    mask.uid().unwrap_or_default(),
+                    status.phase,
+                    status.provider,
+                    status.message
+                )?;
+            }
+        }
+        Ok(())
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -171,7 +282,9 @@ async fn slots_never_exceed_max_slots_under_racing_operators_and_churn() {
             .unwrap();
     }
 
-    // Settle: every slot in use (6 in all) and every other mask waiting, with no free slot left.
+    // Settle: every slot in use (6 in all), every other mask waiting, and the stored
+    // reservations exactly the Ready masks' assignments, of live providers: no slot held by a
+    // mask that does not show it, none held twice by one mask.
     let total: u32 = PROVIDERS.iter().map(|(_, max)| max).sum();
     let deadline = Instant::now() + Duration::from_mins(1);
     let final_masks = loop {
@@ -183,35 +296,13 @@ async fn slots_never_exceed_max_slots_under_racing_operators_and_churn() {
                 seen.violations
             );
         }
-        let list = masks
-            .list(&kube::api::ListParams::default())
-            .await
-            .unwrap()
-            .items;
-        let live: Vec<_> = list
-            .into_iter()
-            .filter(|m| m.metadata.deletion_timestamp.is_none())
-            .collect();
-        let ready = live
-            .iter()
-            .filter(|m| {
-                m.status
-                    .as_ref()
-                    .and_then(|s| s.phase)
-                    .is_some_and(|p| p == MaskPhase::Ready)
-            })
-            .count();
-        let waiting = live
-            .iter()
-            .filter(|m| m.status.as_ref().and_then(|s| s.phase) == Some(MaskPhase::Waiting))
-            .count();
-        if ready == total as usize && ready + waiting == live.len() {
-            break live;
+        let snapshot = Snapshot::read(&client, &ns).await;
+        if snapshot.settled(total as usize) {
+            break snapshot.masks;
         }
         assert!(
             Instant::now() < deadline,
-            "did not settle: {ready} ready, {waiting} waiting of {} (want {total} ready)",
-            live.len()
+            "did not settle (want {total} ready): {snapshot}"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
@@ -230,7 +321,7 @@ async fn slots_never_exceed_max_slots_under_racing_operators_and_churn() {
         "the watcher saw only {} events",
         seen.events
     );
-    // Ready masks hold distinct slots of live providers.
+    // Ready masks hold distinct slots.
     let mut slots = BTreeSet::new();
     for mask in &final_masks {
         if let Some(held) = mask.status.as_ref().and_then(|s| s.provider.as_ref()) {

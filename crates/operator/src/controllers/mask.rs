@@ -111,15 +111,12 @@ async fn apply(mask: &VpnMask, ctx: &Context) -> Result<Action> {
         None => None,
     };
     let mut waiting_message = None;
+    let mut reserved = None;
     if held.is_none() {
         match allocate(mask, ctx).await? {
-            Ok(assigned) => {
-                let note = format!(
-                    "leased slot {} of provider {}/{}",
-                    assigned.slot, assigned.namespace, assigned.name
-                );
-                publish(ctx, mask, EventType::Normal, "SlotLeased", note).await;
-                held = Some(assigned);
+            Ok(obtained) => {
+                held = Some(obtained.assigned);
+                reserved = obtained.reserved;
             }
             Err((phase, message)) => waiting_message = Some((phase, message)),
         }
@@ -136,7 +133,7 @@ async fn apply(mask: &VpnMask, ctx: &Context) -> Result<Action> {
                         "slot {} of {}/{} in use by {users} pod(s)",
                         held.slot, held.namespace, held.name
                     ),
-                    Action::await_change(),
+                    Action::requeue(ctx.config.holder_resync),
                 )
             } else {
                 (
@@ -145,7 +142,7 @@ async fn apply(mask: &VpnMask, ctx: &Context) -> Result<Action> {
                         "slot {} of {}/{} ready; credentials in Secret {}",
                         held.slot, held.namespace, held.name, held.secret
                     ),
-                    Action::await_change(),
+                    Action::requeue(ctx.config.holder_resync),
                 )
             }
         }
@@ -186,22 +183,50 @@ async fn apply(mask: &VpnMask, ctx: &Context) -> Result<Action> {
         // `provider: null` when no slot is held, so the merge patch removes a stale assignment.
         let mut value = serde_json::to_value(&status)?;
         value["provider"] = serde_json::to_value(&status.provider)?;
-        let patch = serde_json::json!({"status": value});
-        api.patch_status(
-            &mask.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
-        .await?;
+        let mut patch = serde_json::json!({"status": value});
+        let reassigned = previous.provider != status.provider;
+        if reassigned {
+            // A new assignment is recorded only over the mask as read: two operators (or a
+            // reconcile on a stale cache) that allocated for the mask at once cannot both
+            // record one. The one that loses releases what it reserved and reads again.
+            patch["metadata"] = serde_json::json!({"resourceVersion": mask.resource_version()});
+        }
+        let written = api
+            .patch_status(
+                &mask.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await;
+        if let Err(e) = written {
+            if let Some(reservation) = &reserved {
+                release(ctx, reservation).await?;
+            }
+            return Err(e.into());
+        }
+        if let Some(leased) = status.provider.as_ref().filter(|_| reassigned) {
+            let note = format!(
+                "leased slot {} of provider {}/{}",
+                leased.slot, leased.namespace, leased.name
+            );
+            publish(ctx, mask, EventType::Normal, "SlotLeased", note).await;
+        }
     }
     Ok(action)
+}
+
+/// A slot obtained by [`allocate`]: reserved by this reconcile (`reserved` is then the new
+/// reservation) or adopted from an earlier one.
+struct Obtained {
+    assigned: AssignedProvider,
+    reserved: Option<PartialObjectMeta<Lease>>,
 }
 
 /// Tries to reserve a slot. `Ok(Err((phase, why)))` when none can be had now.
 async fn allocate(
     mask: &VpnMask,
     ctx: &Context,
-) -> Result<std::result::Result<AssignedProvider, (MaskPhase, String)>> {
+) -> Result<std::result::Result<Obtained, (MaskPhase, String)>> {
     let ns = mask.namespace().unwrap_or_default();
     let uid = mask.uid().unwrap_or_default();
     let pinned = mask.labels().get(LABEL_PROVIDER).and_then(|provider| {
@@ -226,7 +251,12 @@ async fn allocate(
             .get(labels::SLOT)
             .and_then(|s| s.parse().ok());
         match (providers.iter().find(|p| p.uid == provider_uid), slot) {
-            (Some(p), Some(slot)) => return Ok(Ok(assignment(p, slot, mask))),
+            (Some(p), Some(slot)) => {
+                return Ok(Ok(Obtained {
+                    assigned: assignment(p, slot, mask),
+                    reserved: None,
+                }));
+            }
             _ => release(ctx, &lease).await?,
         }
     }
@@ -274,7 +304,10 @@ async fn allocate(
                     "the mask is being deleted".into(),
                 )));
             }
-            return Ok(Ok(assignment(provider, slot, mask)));
+            return Ok(Ok(Obtained {
+                assigned: assignment(provider, slot, mask),
+                reserved: Some(reservation),
+            }));
         }
     }
     Ok(Err((

@@ -157,7 +157,7 @@ pub(crate) async fn feed(
     ctx: Arc<Context>,
     triggers: Triggers,
     streams: Streams<
-        impl Stream<Item = Result<DeserializeGuard<VpnProvider>, watcher::Error>> + Send,
+        impl Stream<Item = Result<watcher::Event<DeserializeGuard<VpnProvider>>, watcher::Error>> + Send,
         impl Stream<Item = Result<watcher::Event<PartialObjectMeta<Lease>>, watcher::Error>> + Send,
         impl Stream<Item = Result<PartialObjectMeta<Pod>, watcher::Error>> + Send,
         impl Stream<Item = Result<PartialObjectMeta<Secret>, watcher::Error>> + Send,
@@ -175,25 +175,34 @@ pub(crate) async fn feed(
     // provider's activeSlots changes with every lease, and waking every waiting mask and every
     // holder on each of those writes made leasing quadratic.
     let mut last_seen: HashMap<String, (Option<i64>, bool, bool)> = HashMap::new();
-    let on_provider = providers.for_each(|provider| {
-        if let Ok(provider) = provider {
-            let (uid, state) = match &provider.0 {
+    let on_provider = providers.for_each(|event| {
+        let (provider, gone) = match event {
+            Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) => (p, false),
+            Ok(watcher::Event::Delete(p)) => (p, true),
+            _ => return futures::future::ready(()),
+        };
+        let uid = provider.uid().unwrap_or_default();
+        let changed = if gone {
+            // Also when the deleting state was seen before: a mask that recorded a slot of
+            // this provider since then was not woken by it.
+            last_seen.remove(&uid);
+            true
+        } else {
+            let state = match &provider.0 {
                 Ok(p) => (
-                    p.uid().unwrap_or_default(),
-                    (
-                        p.meta().generation,
-                        provider::usable(p),
-                        p.meta().deletion_timestamp.is_some(),
-                    ),
+                    p.meta().generation,
+                    provider::usable(p),
+                    p.meta().deletion_timestamp.is_some(),
                 ),
-                Err(_) => (provider.uid().unwrap_or_default(), (None, false, false)),
+                Err(_) => (None, false, false),
             };
-            if last_seen.insert(uid.clone(), state) != Some(state) {
-                let mut refs = waiting_masks(&ctx);
-                refs.extend(masks_of_provider(&ctx, &uid));
-                for mask in refs {
-                    let _ = triggers.masks.unbounded_send(mask);
-                }
+            last_seen.insert(uid.clone(), state) != Some(state)
+        };
+        if changed {
+            let mut refs = waiting_masks(&ctx);
+            refs.extend(masks_of_provider(&ctx, &uid));
+            for mask in refs {
+                let _ = triggers.masks.unbounded_send(mask);
             }
         }
         futures::future::ready(())

@@ -418,8 +418,12 @@ fn slot_leases(
         .collect()
 }
 
-/// Deletes reservations whose mask no longer exists (a mask removed without its finalizer
-/// running), so a slot never leaks. Only once the mask cache is complete.
+/// Releases the reservations no mask will use, so a slot never leaks: those of a mask that no
+/// longer exists (removed without its finalizer running), and those of a mask that records
+/// another reservation (two operators allocated for it at once, or one stopped between
+/// reserving and recording). Decided from the API server's copy of the mask, never from the
+/// cache alone: a reservation made a moment ago is recorded a moment later. Only once the mask
+/// cache is complete.
 async fn sweep_orphans(
     ctx: &Context,
     held: &[Arc<kube::core::PartialObjectMeta<Lease>>],
@@ -427,31 +431,77 @@ async fn sweep_orphans(
     if ctx.masks.wait_until_ready().await.is_err() {
         return Ok(());
     }
-    let known: std::collections::HashSet<String> =
-        ctx.masks.state().iter().filter_map(|m| m.uid()).collect();
+    let cached: std::collections::HashMap<String, Arc<DeserializeGuard<VpnMask>>> = ctx
+        .masks
+        .state()
+        .into_iter()
+        .filter_map(|m| Some((m.uid()?, m)))
+        .collect();
     for lease in held {
         let Some(mask_uid) = lease.labels().get(labels::MASK_UID) else {
             continue;
         };
-        if known.contains(mask_uid) {
+        let recorded = cached
+            .get(mask_uid)
+            .and_then(|m| m.0.as_ref().ok())
+            .is_some_and(|m| records(m, lease));
+        if recorded {
             continue;
         }
-        // The cache may lag behind a mask created a moment ago: confirm with the API server.
         let (ns, name) = lease
             .annotations()
             .get(labels::MASK)
             .and_then(|m| m.split_once('/'))
             .unwrap_or_default();
-        let exists = Api::<VpnMask>::namespaced(ctx.client.clone(), ns)
-            .get_metadata_opt(name)
+        let current = Api::<DeserializeGuard<VpnMask>>::namespaced(ctx.client.clone(), ns)
+            .get_opt(name)
             .await?
-            .is_some_and(|m| m.uid().as_deref() == Some(mask_uid.as_str()));
-        if !exists {
-            tracing::info!(lease = %lease.name_any(), "releasing the slot of a mask that no longer exists");
+            .filter(|m| m.uid().as_deref() == Some(mask_uid.as_str()));
+        let unused = match current.as_ref().map(|m| &m.0) {
+            None => true,
+            // Recording none (yet) or this one: in use, or about to be. Unreadable: undecided.
+            Some(Err(_)) => false,
+            Some(Ok(mask)) => match mask.status.as_ref().and_then(|s| s.provider.as_ref()) {
+                Some(other) if !records(mask, lease) => {
+                    reservation_exists(ctx, other, mask_uid).await?
+                }
+                _ => false,
+            },
+        };
+        if unused {
+            tracing::info!(lease = %lease.name_any(), mask = %format!("{ns}/{name}"), "releasing a slot no mask uses");
             super::release(ctx, lease).await?;
         }
     }
     Ok(())
+}
+
+/// Whether the mask's status names this reservation.
+fn records(mask: &VpnMask, lease: &kube::core::PartialObjectMeta<Lease>) -> bool {
+    mask.status
+        .as_ref()
+        .and_then(|s| s.provider.as_ref())
+        .is_some_and(|held| {
+            lease.namespace().as_deref() == Some(held.namespace.as_str())
+                && lease.name_any() == names::slot_lease(&held.name, held.slot)
+                && lease.labels().get(labels::PROVIDER_UID) == Some(&held.uid)
+        })
+}
+
+/// Whether the reservation an assignment names exists and was made for this mask.
+async fn reservation_exists(
+    ctx: &Context,
+    held: &cloak_api::AssignedProvider,
+    mask_uid: &str,
+) -> Result<bool> {
+    let name = names::slot_lease(&held.name, held.slot);
+    let lease = Api::<Lease>::namespaced(ctx.client.clone(), &held.namespace)
+        .get_metadata_opt(&name)
+        .await?;
+    Ok(lease.is_some_and(|l| {
+        l.labels().get(labels::MASK_UID).map(String::as_str) == Some(mask_uid)
+            && l.labels().get(labels::PROVIDER_UID) == Some(&held.uid)
+    }))
 }
 
 /// Provider deleted: its reservations go (masks then lose their assignment and look elsewhere),
