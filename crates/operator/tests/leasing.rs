@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use cloak_api::{MaskPhase, ProviderPhase, VpnMask, VpnMaskSpec, VpnProvider};
+use cloak_api::{AssignedProvider, MaskPhase, ProviderPhase, VpnMask, VpnMaskSpec, VpnProvider};
 use cloak_testkit::{ControlPlane, TestNamespace};
 use k8s_openapi::{
     ByteString,
@@ -165,6 +165,18 @@ fn phase(status: &Option<cloak_api::VpnMaskStatus>) -> Option<MaskPhase> {
     status.as_ref().and_then(|s| s.phase)
 }
 
+/// Waits until mask `name` is Ready and returns the slot it holds.
+async fn ready_slot(client: &Client, ns: &str, name: &str, what: &str) -> AssignedProvider {
+    wait_for(
+        what,
+        async || mask_status(client, ns, name).await,
+        |s| phase(s) == Some(MaskPhase::Ready),
+    )
+    .await
+    .and_then(|s| s.provider)
+    .expect("a Ready mask names its slot")
+}
+
 const GLUETUN: &[(&str, &str)] = &[
     ("VPN_SERVICE_PROVIDER", "mullvad"),
     ("WIREGUARD_PRIVATE_KEY", "k"),
@@ -188,13 +200,7 @@ async fn a_mask_leases_a_slot_and_gets_a_copy_of_the_credentials() {
     )
     .await;
     mask(&client, &ns, "m", &[]).await;
-    let status = wait_for(
-        "the mask is Ready",
-        async || mask_status(&client, &ns, "m").await,
-        |s| phase(s) == Some(MaskPhase::Ready),
-    )
-    .await;
-    let held = status.unwrap().provider.unwrap();
+    let held = ready_slot(&client, &ns, "m", "the mask is Ready").await;
     assert_eq!(
         (held.name.as_str(), held.namespace.as_str()),
         ("vpn", ns.as_str())
@@ -300,13 +306,8 @@ async fn an_exhausted_provider_leaves_masks_waiting_until_a_slot_is_released() {
         .delete("first", &DeleteParams::default())
         .await
         .unwrap();
-    let status = wait_for(
-        "second gets the freed slot",
-        async || mask_status(&client, &ns, "second").await,
-        |s| phase(s) == Some(MaskPhase::Ready),
-    )
-    .await;
-    assert_eq!(status.unwrap().provider.unwrap().slot, 0);
+    let second = ready_slot(&client, &ns, "second", "second gets the freed slot").await;
+    assert_eq!(second.slot, 0);
     wait_for(
         "first is gone",
         async || {
@@ -335,15 +336,7 @@ async fn a_second_reservation_of_a_mask_is_released_for_a_waiting_mask() {
     )
     .await;
     mask(&client, &ns, "first", &[]).await;
-    let held = wait_for(
-        "first is Ready",
-        async || mask_status(&client, &ns, "first").await,
-        |s| phase(s) == Some(MaskPhase::Ready),
-    )
-    .await
-    .unwrap()
-    .provider
-    .unwrap();
+    let held = ready_slot(&client, &ns, "first", "first is Ready").await;
     let first_uid = Api::<VpnMask>::namespaced(client.clone(), &ns)
         .get("first")
         .await
@@ -370,15 +363,13 @@ async fn a_second_reservation_of_a_mask_is_released_for_a_waiting_mask() {
     leases.create(&PostParams::default(), &extra).await.unwrap();
     mask(&client, &ns, "second", &[]).await;
 
-    let second = wait_for(
+    let second = ready_slot(
+        &client,
+        &ns,
+        "second",
         "second gets the slot first held twice",
-        async || mask_status(&client, &ns, "second").await,
-        |s| phase(s) == Some(MaskPhase::Ready),
     )
-    .await
-    .unwrap()
-    .provider
-    .unwrap();
+    .await;
     assert_eq!(second.slot, other);
     let lease = leases
         .get_metadata(&format!("cloak-slot-vpn-{other}"))
@@ -441,13 +432,8 @@ async fn the_provider_with_most_free_slots_is_chosen() {
         .await;
     }
     mask(&client, &ns, "m", &["t"]).await;
-    let status = wait_for(
-        "m is Ready",
-        async || mask_status(&client, &ns, "m").await,
-        |s| phase(s) == Some(MaskPhase::Ready),
-    )
-    .await;
-    assert_eq!(status.unwrap().provider.unwrap().name, "big");
+    let held = ready_slot(&client, &ns, "m", "m is Ready").await;
+    assert_eq!(held.name, "big");
 }
 
 #[tokio::test]
@@ -477,13 +463,7 @@ async fn deleting_a_provider_moves_its_masks_to_another() {
     )
     .await;
     mask(&client, &ns, "m", &[]).await;
-    let first = wait_for(
-        "m on a",
-        async || mask_status(&client, &ns, "m").await,
-        |s| phase(s) == Some(MaskPhase::Ready),
-    )
-    .await;
-    let first_secret = first.unwrap().provider.unwrap().secret;
+    let first_secret = ready_slot(&client, &ns, "m", "m on a").await.secret;
     provider(
         &client,
         &ns,
