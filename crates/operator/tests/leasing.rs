@@ -108,6 +108,12 @@ async fn provider(client: &Client, ns: &str, name: &str, mut spec: serde_json::V
         .unwrap();
 }
 
+/// A provider of Secret `creds` with `maxSlots` slots, Ready without verification.
+async fn skip_provider(client: &Client, ns: &str, name: &str, max_slots: u32) {
+    let spec = json!({"secret": "creds", "maxSlots": max_slots, "verify": {"skip": true}});
+    provider(client, ns, name, spec).await;
+}
+
 async fn mask(client: &Client, ns: &str, name: &str, tags: &[&str]) {
     let mask = VpnMask::new(
         name,
@@ -186,13 +192,7 @@ const GLUETUN: &[(&str, &str)] = &[
 async fn a_mask_leases_a_slot_and_gets_a_copy_of_the_credentials() {
     let (client, ns) = setup("lease").await;
     secret(&client, &ns, "creds", GLUETUN).await;
-    provider(
-        &client,
-        &ns,
-        "vpn",
-        json!({"secret": "creds", "maxSlots": 2, "verify": {"skip": true}}),
-    )
-    .await;
+    skip_provider(&client, &ns, "vpn", 2).await;
     wait_for(
         "the provider is Ready",
         async || provider_status(&client, &ns, "vpn").await,
@@ -280,13 +280,7 @@ async fn a_missing_secret_is_reported_and_recovered_from_when_it_appears() {
 async fn an_exhausted_provider_leaves_masks_waiting_until_a_slot_is_released() {
     let (client, ns) = setup("exhausted").await;
     secret(&client, &ns, "creds", GLUETUN).await;
-    provider(
-        &client,
-        &ns,
-        "vpn",
-        json!({"secret": "creds", "maxSlots": 1, "verify": {"skip": true}}),
-    )
-    .await;
+    skip_provider(&client, &ns, "vpn", 1).await;
     mask(&client, &ns, "first", &[]).await;
     wait_for(
         "first is Ready",
@@ -328,13 +322,7 @@ async fn an_exhausted_provider_leaves_masks_waiting_until_a_slot_is_released() {
 async fn a_second_reservation_of_a_mask_is_released_for_a_waiting_mask() {
     let (client, ns) = setup("double").await;
     secret(&client, &ns, "creds", GLUETUN).await;
-    provider(
-        &client,
-        &ns,
-        "vpn",
-        json!({"secret": "creds", "maxSlots": 2, "verify": {"skip": true}}),
-    )
-    .await;
+    skip_provider(&client, &ns, "vpn", 2).await;
     mask(&client, &ns, "first", &[]).await;
     let held = ready_slot(&client, &ns, "first", "first is Ready").await;
     let first_uid = Api::<VpnMask>::namespaced(client.clone(), &ns)
@@ -449,13 +437,7 @@ async fn a_pod_owned_by_the_mask_makes_it_active_and_delays_release_until_it_is_
 async fn deleting_a_provider_moves_its_masks_to_another() {
     let (client, ns) = setup("provider-deleted").await;
     secret(&client, &ns, "creds", GLUETUN).await;
-    provider(
-        &client,
-        &ns,
-        "a",
-        json!({"secret": "creds", "maxSlots": 5, "verify": {"skip": true}}),
-    )
-    .await;
+    skip_provider(&client, &ns, "a", 5).await;
     wait_for(
         "a Ready",
         async || provider_status(&client, &ns, "a").await,
@@ -464,13 +446,7 @@ async fn deleting_a_provider_moves_its_masks_to_another() {
     .await;
     mask(&client, &ns, "m", &[]).await;
     let first_secret = ready_slot(&client, &ns, "m", "m on a").await.secret;
-    provider(
-        &client,
-        &ns,
-        "b",
-        json!({"secret": "creds", "maxSlots": 1, "verify": {"skip": true}}),
-    )
-    .await;
+    skip_provider(&client, &ns, "b", 1).await;
     Api::<VpnProvider>::namespaced(client.clone(), &ns)
         .delete("a", &DeleteParams::default())
         .await
@@ -651,13 +627,7 @@ async fn admin_get(path: &str) -> (u16, String) {
 async fn the_admin_server_reports_liveness_readiness_and_recorded_metrics() {
     let (client, ns) = setup("metrics").await;
     secret(&client, &ns, "creds", GLUETUN).await;
-    provider(
-        &client,
-        &ns,
-        "metered",
-        json!({"secret": "creds", "maxSlots": 3, "verify": {"skip": true}}),
-    )
-    .await;
+    skip_provider(&client, &ns, "metered", 3).await;
     mask(&client, &ns, "m", &[]).await;
     wait_for(
         "m is Ready",
@@ -715,13 +685,7 @@ async fn the_admin_server_reports_liveness_readiness_and_recorded_metrics() {
 async fn lowering_max_slots_below_the_holders_keeps_them_and_gives_no_new_slot() {
     let (client, ns) = setup("shrink").await;
     secret(&client, &ns, "creds", GLUETUN).await;
-    provider(
-        &client,
-        &ns,
-        "vpn",
-        json!({"secret": "creds", "maxSlots": 2, "verify": {"skip": true}}),
-    )
-    .await;
+    skip_provider(&client, &ns, "vpn", 2).await;
     for m in ["a", "b"] {
         mask(&client, &ns, m, &[]).await;
         wait_for(
