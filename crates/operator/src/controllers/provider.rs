@@ -19,7 +19,7 @@ use kube::{
     Api, Client, Resource, ResourceExt,
     api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams},
     core::DeserializeGuard,
-    runtime::{Controller, controller::Action, events::EventType, watcher},
+    runtime::{Controller, controller::Action, events::EventType, reflector::ObjectRef, watcher},
 };
 use tokio::sync::watch;
 
@@ -431,28 +431,24 @@ async fn sweep_orphans(
     if ctx.masks.wait_until_ready().await.is_err() {
         return Ok(());
     }
-    let cached: std::collections::HashMap<String, Arc<DeserializeGuard<VpnMask>>> = ctx
-        .masks
-        .state()
-        .into_iter()
-        .filter_map(|m| Some((m.uid()?, m)))
-        .collect();
     for lease in held {
         let Some(mask_uid) = lease.labels().get(labels::MASK_UID) else {
             continue;
         };
-        let recorded = cached
-            .get(mask_uid)
-            .and_then(|m| m.0.as_ref().ok())
-            .is_some_and(|m| records(m, lease));
-        if recorded {
-            continue;
-        }
         let (ns, name) = lease
             .annotations()
             .get(labels::MASK)
             .and_then(|m| m.split_once('/'))
             .unwrap_or_default();
+        let recorded = ctx
+            .masks
+            .get(&ObjectRef::new(name).within(ns))
+            .as_deref()
+            .and_then(|m| m.0.as_ref().ok())
+            .is_some_and(|m| m.uid().as_ref() == Some(mask_uid) && records(m, lease));
+        if recorded {
+            continue;
+        }
         let current = Api::<DeserializeGuard<VpnMask>>::namespaced(ctx.client.clone(), ns)
             .get_opt(name)
             .await?
