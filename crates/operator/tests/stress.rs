@@ -1,4 +1,4 @@
-//! Slot leasing under stress, against a real kube-apiserver: two operator instances acting at once
+//! Slot leasing under stress, against a real kube-apiserver: four operator instances acting at once
 //! (no leader election, the worst case), dozens of masks created and deleted concurrently, and
 //! providers deleted and recreated mid-run. A watcher sees every reservation the API server
 //! stores and fails the test if any provider ever has more than `maxSlots`.
@@ -27,6 +27,8 @@ use serde_json::json;
 
 const PROVIDERS: [(&str, u32); 3] = [("p1", 2), ("p2", 3), ("p3", 1)];
 const MASKS: usize = 40;
+/// Operator instances acting at once.
+const RACERS: usize = 4;
 
 /// What the watcher saw: the most reservations any provider (by uid) held at once.
 #[derive(Default, Debug)]
@@ -220,9 +222,10 @@ async fn slots_never_exceed_max_slots_under_racing_operators_and_churn() {
         let uid = provider(&client, &ns, name, max).await;
         seen.lock().unwrap().max_of.insert(uid, max);
     }
-    // Two operators act at once, each with its own client and caches.
-    let stop_a = start_operator("racer-a", cp.client());
-    let stop_b = start_operator("racer-b", cp.client());
+    // The operators act at once, each with its own client and caches.
+    let racers: Vec<Running> = (0..RACERS)
+        .map(|i| start_operator(&format!("racer-{i}"), cp.client()))
+        .collect();
 
     let masks: Api<VpnMask> = Api::namespaced(client.clone(), &ns);
     let create = futures::stream::iter(0..MASKS)
@@ -307,8 +310,9 @@ async fn slots_never_exceed_max_slots_under_racing_operators_and_churn() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
 
-    stop_a.stop().await;
-    stop_b.stop().await;
+    for racer in racers {
+        racer.stop().await;
+    }
     watcher_task.abort();
     let seen = seen.lock().unwrap();
     assert!(
