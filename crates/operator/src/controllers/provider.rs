@@ -458,7 +458,7 @@ async fn sweep_orphans(
             // Recording none (yet) or this one: in use, or about to be. Unreadable: undecided.
             Some(Err(_)) => false,
             Some(Ok(mask)) => match mask.status.as_ref().and_then(|s| s.provider.as_ref()) {
-                Some(other) if !records(mask, lease) => {
+                Some(other) if !names_reservation(other, lease) => {
                     reservation_exists(ctx, other, mask_uid).await?
                 }
                 _ => false,
@@ -477,11 +477,17 @@ fn records(mask: &VpnMask, lease: &kube::core::PartialObjectMeta<Lease>) -> bool
     mask.status
         .as_ref()
         .and_then(|s| s.provider.as_ref())
-        .is_some_and(|held| {
-            lease.namespace().as_deref() == Some(held.namespace.as_str())
-                && lease.name_any() == names::slot_lease(&held.name, held.slot)
-                && lease.labels().get(labels::PROVIDER_UID) == Some(&held.uid)
-        })
+        .is_some_and(|held| names_reservation(held, lease))
+}
+
+/// Whether an assignment names this reservation: its slot of the provider with its uid.
+fn names_reservation(
+    held: &cloak_api::AssignedProvider,
+    lease: &kube::core::PartialObjectMeta<Lease>,
+) -> bool {
+    lease.namespace().as_deref() == Some(held.namespace.as_str())
+        && lease.name_any() == names::slot_lease(&held.name, held.slot)
+        && lease.labels().get(labels::PROVIDER_UID) == Some(&held.uid)
 }
 
 /// Whether the reservation an assignment names exists and was made for this mask.
@@ -496,7 +502,7 @@ async fn reservation_exists(
         .await?;
     Ok(lease.is_some_and(|l| {
         l.labels().get(labels::MASK_UID).map(String::as_str) == Some(mask_uid)
-            && l.labels().get(labels::PROVIDER_UID) == Some(&held.uid)
+            && names_reservation(held, &l)
     }))
 }
 
