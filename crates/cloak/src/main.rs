@@ -24,6 +24,48 @@ enum Command {
     Portfwd(PortfwdArgs),
     /// The data plane inside a pod: bring up the VPN tunnel with a kill switch, keep it healthy.
     Agent(AgentArgs),
+    /// A real Kubernetes cluster on this machine, in network namespaces of its own, with cloak
+    /// installed by its Helm chart, fake VPN providers and an internet (as root).
+    Lab(LabArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct LabArgs {
+    /// The lab's name: labs of different names run side by side.
+    #[arg(long, env = "CLOAK_LAB_NAME", default_value = "lab", global = true)]
+    name: String,
+    #[command(subcommand)]
+    command: LabCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum LabCommand {
+    /// Build what is missing and bring the lab up; does nothing when it is up already.
+    Up {
+        /// Number of nodes (1-10).
+        #[arg(long, env = "CLOAK_LAB_NODES", default_value_t = 2)]
+        nodes: u8,
+        /// The cloak repository (charts/cloak, examples/lab, tools/).
+        #[arg(long, env = "CLOAK_REPO", default_value = ".")]
+        repo: std::path::PathBuf,
+        /// Tear the lab down when this process exits (used by tests).
+        #[arg(long, hide = true)]
+        owner: Option<u32>,
+    },
+    /// What runs: nodes, the operator's leader, providers, masks, exit addresses, ports.
+    Status,
+    /// Stop the lab and remove everything it made (also what a killed lab left).
+    Down,
+    /// Print the path of the lab's admin kubeconfig (`export KUBECONFIG=$(cloak lab kubeconfig)`).
+    Kubeconfig,
+    /// Run kubectl against the lab: `cloak lab kubectl get vpnmasks -A`.
+    Kubectl {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// The lab's supervisor (started by `up`).
+    #[command(hide = true)]
+    Supervise,
 }
 
 #[derive(Debug, clap::Args)]
@@ -194,6 +236,63 @@ fn main() -> anyhow::Result<()> {
         Command::Operator(args) => run_operator(args),
         Command::Portfwd(args) => run_portfwd(args),
         Command::Agent(args) => run_agent(args),
+        Command::Lab(args) => run_lab(args),
+    }
+}
+
+fn run_lab(args: LabArgs) -> anyhow::Result<()> {
+    let lab = cloak_lab::Lab::new(&args.name)?;
+    let kubectl = cloak_lab::tool("kubectl");
+    match args.command {
+        LabCommand::Up { nodes, repo, owner } => {
+            let exe = std::env::current_exe().context("finding the cloak binary")?;
+            let repo = std::fs::canonicalize(&repo)
+                .with_context(|| format!("the cloak repository {}", repo.display()))?;
+            anyhow::ensure!(
+                repo.join("charts/cloak").is_dir(),
+                "{} is not the cloak repository (no charts/cloak): run from it or set --repo / CLOAK_REPO",
+                repo.display()
+            );
+            let supervisor = vec![
+                exe.to_string_lossy().into_owned(),
+                "lab".to_owned(),
+                "supervise".to_owned(),
+            ];
+            let mut options = cloak_lab::UpOptions::from_repo(&repo, nodes, exe, supervisor)?;
+            options.owner = owner;
+            lab.up(&options, &mut std::io::stdout().lock())?;
+            Ok(())
+        }
+        LabCommand::Status => {
+            let table = lab.status(&kubectl)?;
+            std::io::stdout()
+                .lock()
+                .write_all(table.as_bytes())
+                .context("writing the status")
+        }
+        LabCommand::Down => {
+            let reaped = lab.down()?;
+            writeln!(
+                std::io::stdout().lock(),
+                "lab {} is down: {reaped}",
+                lab.name()
+            )
+            .context("writing")
+        }
+        LabCommand::Kubeconfig => {
+            anyhow::ensure!(lab.is_up(), "lab {} is not up (`cloak lab up`)", lab.name());
+            writeln!(std::io::stdout().lock(), "{}", lab.kubeconfig().display()).context("writing")
+        }
+        LabCommand::Kubectl { args } => {
+            anyhow::ensure!(lab.is_up(), "lab {} is not up (`cloak lab up`)", lab.name());
+            let status = lab
+                .kubectl(&kubectl)
+                .args(args)
+                .status()
+                .context("running kubectl")?;
+            std::process::exit(status.code().unwrap_or(1));
+        }
+        LabCommand::Supervise => Ok(lab.supervise()?),
     }
 }
 

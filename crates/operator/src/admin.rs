@@ -1,4 +1,4 @@
-//! The admin server: `/livez` (the process runs), `/readyz` (caches synced) and `/metrics`
+//! The admin server: `/livez` (the process runs), `/readyz` (see [`Health`]) and `/metrics`
 //! (Prometheus text). State gauges are computed from the caches on each scrape.
 
 use std::{collections::BTreeMap, net::SocketAddr, sync::Arc};
@@ -35,14 +35,13 @@ pub(crate) async fn serve(
 }
 
 async fn readyz(State(admin): State<Admin>) -> (StatusCode, &'static str) {
-    if admin
-        .health
-        .ready
-        .load(std::sync::atomic::Ordering::Relaxed)
-    {
+    if admin.health.is_ready() {
         (StatusCode::OK, "ok")
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "caches not synced")
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "caches not synced, or the API server did not answer the last election attempt",
+        )
     }
 }
 

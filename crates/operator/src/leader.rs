@@ -43,13 +43,18 @@ pub async fn acquire(
     namespace: &str,
     name: &str,
     identity: &str,
+    on_attempt: impl Fn(bool),
 ) -> Result<Leadership> {
     let api: Api<Lease> = Api::namespaced(client, namespace);
     loop {
         match try_acquire(&api, name, identity).await {
             Ok(true) => break,
-            Ok(false) => {}
-            Err(e) => tracing::warn!(error = %e, "leader election attempt failed"),
+            // Another instance leads: this one stands by, and the API server answered.
+            Ok(false) => on_attempt(true),
+            Err(e) => {
+                on_attempt(false);
+                tracing::warn!(error = %e, "leader election attempt failed");
+            }
         }
         tokio::time::sleep(RETRY).await;
     }

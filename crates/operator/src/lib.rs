@@ -121,10 +121,24 @@ pub(crate) fn slim<K: kube::Resource>(object: &mut K) {
     }
 }
 
-/// Readiness as the admin server reports it.
+/// Readiness as the admin server reports it: a leader is ready once its caches are synced; a
+/// standby is ready while the API server answers its election attempts, because it could serve
+/// as soon as it is elected. (A rolling update waits for every replica's readiness: a standby
+/// that waited for leadership would never become Ready.) Leadership itself is reported apart,
+/// by the `cloak_leader` gauge and the Lease.
 #[derive(Debug, Clone, Default)]
 pub struct Health {
+    /// The leader's caches are synced.
     pub ready: Arc<std::sync::atomic::AtomicBool>,
+    /// Standing by, and the last election attempt reached the API server.
+    pub standby: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Health {
+    pub fn is_ready(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.ready.load(Relaxed) || self.standby.load(Relaxed)
+    }
 }
 
 /// Runs the operator until `shutdown` resolves.
@@ -182,13 +196,22 @@ pub async fn run(
     let _leadership = match &config.leader_lease {
         Some((ns, name)) => {
             let mut stop = stop_rx.clone();
+            let standby = health.standby.clone();
+            let on_attempt = move |reached: bool| {
+                standby.store(reached, std::sync::atomic::Ordering::Relaxed);
+            };
             tokio::select! {
-                lease = leader::acquire(client.clone(), ns, name, &config.instance) => Some(lease?),
+                lease = leader::acquire(client.clone(), ns, name, &config.instance, on_attempt) => Some(lease?),
                 _ = stop.wait_for(|s| *s) => return Ok(()),
             }
         }
         None => None,
     };
+    // Until the caches are synced, the new leader is not ready.
+    health
+        .standby
+        .store(false, std::sync::atomic::Ordering::Relaxed);
+    metrics.leader.set(1);
     tracing::info!(instance = %config.instance, "acting as leader");
 
     // Slot leases, pods and secrets are watched once, as metadata only, and turned into

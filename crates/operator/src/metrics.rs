@@ -47,6 +47,8 @@ pub struct Metrics {
     pub slots_used: Family<ProviderLabels, Gauge>,
     pub slots_max: Family<ProviderLabels, Gauge>,
     pub masks: Family<PhaseLabels, Gauge>,
+    /// 1 while this instance holds the leader Lease, 0 while it stands by.
+    pub leader: Gauge,
 }
 
 impl Metrics {
@@ -87,6 +89,12 @@ impl Metrics {
             slots_max.clone(),
         );
         registry.register("masks", "VpnMasks by phase", masks.clone());
+        let leader = Gauge::default();
+        registry.register(
+            "leader",
+            "1 while this instance holds the leader Lease and acts, 0 while it stands by",
+            leader.clone(),
+        );
         Arc::new(Self {
             registry,
             reconciles,
@@ -95,6 +103,7 @@ impl Metrics {
             slots_used,
             slots_max,
             masks,
+            leader,
         })
     }
 

@@ -106,3 +106,92 @@ async fn only_the_lease_holder_acts_and_the_other_takes_over_when_it_stops() {
     acts_alone(&client, &ns, "two", "second", within).await;
     second.stop().await;
 }
+
+/// `GET path` on `addr`: the status code and the body, or the connection error.
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> Result<(u16, String), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .await
+        .map_err(|e| e.to_string())?;
+    let code = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("not HTTP: {response:?}"))?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or(String::new(), |(_, b)| b.to_owned());
+    Ok((code, body))
+}
+
+fn free_addr() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// Waits until `GET /readyz` on `addr` answers `want`; panics with the last answer otherwise.
+async fn readyz_becomes(addr: std::net::SocketAddr, want: u16, within: Duration) -> String {
+    let deadline = Instant::now() + within;
+    loop {
+        let answer = http_get(addr, "/readyz").await;
+        if let Ok((code, body)) = &answer
+            && *code == want
+        {
+            return body.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/readyz on {addr} did not answer {want} within {within:?}: {answer:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A rolling update of the chart waits for every replica's readiness probe: a standby that
+/// would serve once elected must be Ready, or the rollout never completes (defect 3 of the
+/// hardening issue). Leadership is reported apart, in `cloak_leader`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_replica_is_ready_and_reports_that_it_does_not_lead() {
+    let cp = ControlPlane::shared();
+    let client = cp.client();
+    let ns = TestNamespace::create(&client, "standby").await.unwrap();
+    let ns = ns.name().to_owned();
+    let with_admin = |instance: &str, addr| cloak_operator::Config {
+        instance: instance.into(),
+        admin_addr: Some(addr),
+        leader_lease: Some((ns.clone(), "cloak-leader".into())),
+        ..cloak_operator::Config::default()
+    };
+    let (leader_addr, standby_addr) = (free_addr(), free_addr());
+    let leader = Running::start(cp.client(), with_admin("leader", leader_addr));
+    readyz_becomes(leader_addr, 200, Duration::from_secs(30)).await;
+    let standby = Running::start(cp.client(), with_admin("standby", standby_addr));
+    readyz_becomes(standby_addr, 200, Duration::from_secs(30)).await;
+
+    let leads = |text: &str| {
+        text.lines()
+            .find(|l| l.starts_with("cloak_leader "))
+            .map(|l| l.trim_end().ends_with(" 1"))
+    };
+    let (_, metrics) = http_get(leader_addr, "/metrics").await.unwrap();
+    assert_eq!(leads(&metrics), Some(true), "leader's metrics:\n{metrics}");
+    let (_, metrics) = http_get(standby_addr, "/metrics").await.unwrap();
+    assert_eq!(
+        leads(&metrics),
+        Some(false),
+        "standby's metrics:\n{metrics}"
+    );
+    standby.stop().await;
+    leader.stop().await;
+}

@@ -1,0 +1,302 @@
+//! The internet's fake VPN providers. Each lives in a namespace of its own (`ck-<lab>-p<i>`)
+//! behind a transit link to the internet, with a pool of servers on addresses of its own and
+//! one exit address that it masquerades its clients' traffic to — what a commercial VPN does.
+//!
+//! - WireGuard servers are boringtun devices (the data plane crate's userspace WireGuard), each
+//!   on a thread of the supervisor that entered the provider's namespace. One account key per
+//!   provider is accepted by every server of its pool.
+//! - OpenVPN servers are `openvpn` processes sharing one fresh EC PKI per provider.
+//!
+//! What clients need is written under `providers/<name>/`: one client configuration per server
+//! (`server-<k>.conf` or `server-<k>.ovpn`); the first one goes into the provider's Secret.
+
+use std::{fs, net::SocketAddr, path::Path, sync::mpsc, thread::JoinHandle, time::Duration};
+
+use cloak_dataplane::{
+    Key,
+    wireguard::{Userspace, WireguardConfig, WireguardPeer},
+};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
+
+use crate::{
+    error::{Error, Result},
+    layout::{self, Lab, Provider, TunnelKind},
+    procs::Procs,
+    sh,
+};
+
+/// A running WireGuard server: dropping it stops the device (its thread then ends).
+#[derive(Debug)]
+pub(crate) struct WireguardServer {
+    stop: Option<mpsc::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for WireguardServer {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Wires provider `p`'s namespace to the internet: transit link, server and exit addresses,
+/// forwarding, masquerade to the exit address.
+pub(crate) fn network(lab: &Lab, p: &Provider) -> Result<()> {
+    let ns = lab.netns(&format!("p{}", p.index));
+    let net = lab.netns("net");
+    let transit = p.transit_prefix();
+    sh::run(&["ip", "netns", "add", &ns])?;
+    sh::ip(&ns, &["link", "set", "lo", "up"])?;
+    let outside = format!("p{}", p.index);
+    sh::ip(
+        &net,
+        &[
+            "link", "add", &outside, "type", "veth", "peer", "name", "up0", "netns", &ns,
+        ],
+    )?;
+    sh::ip(
+        &net,
+        &["addr", "add", &format!("{transit}.1/30"), "dev", &outside],
+    )?;
+    sh::ip(&net, &["link", "set", &outside, "up"])?;
+    sh::ip(
+        &ns,
+        &["addr", "add", &format!("{transit}.2/30"), "dev", "up0"],
+    )?;
+    sh::ip(&ns, &["link", "set", "up0", "up"])?;
+    sh::ip(
+        &ns,
+        &["route", "add", "default", "via", &format!("{transit}.1")],
+    )?;
+    let mut owned = vec![p.exit()];
+    owned.extend((1..=p.servers).map(|k| p.server(k)));
+    for addr in &owned {
+        sh::ip(&ns, &["addr", "add", &format!("{addr}/32"), "dev", "lo"])?;
+        sh::ip(
+            &net,
+            &[
+                "route",
+                "add",
+                &format!("{addr}/32"),
+                "via",
+                &format!("{transit}.2"),
+            ],
+        )?;
+    }
+    sh::sysctl(&ns, "net.ipv4.ip_forward", "1")?;
+    // Replies to clients come back on the tunnel interfaces, not the transit link.
+    sh::sysctl(&ns, "net.ipv4.conf.all.rp_filter", "0")?;
+    sh::nft(
+        &ns,
+        &format!(
+            "table ip provider {{\n  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n    oifname \"up0\" ip saddr 10.0.0.0/8 snat to {}\n  }}\n}}\n",
+            p.exit()
+        ),
+    )
+}
+
+/// Starts every WireGuard server of `p` and writes the client configurations. Returns the
+/// servers (they stop when dropped).
+pub(crate) fn wireguard(lab: &Lab, p: &Provider, dir: &Path) -> Result<Vec<WireguardServer>> {
+    let ns_path = format!("/var/run/netns/{}", lab.netns(&format!("p{}", p.index)));
+    let client = Key::generate();
+    let mut servers = Vec::new();
+    for k in 1..=p.servers {
+        let server_key = Key::generate();
+        let prefix = p.tunnel_prefix(k);
+        let parse = |cidr: String| {
+            cidr.parse()
+                .map_err(|e| Error::Other(format!("{cidr}: {e}")))
+        };
+        let config = WireguardConfig {
+            interface: format!("wgs{k}"),
+            private_key: server_key.clone(),
+            listen_port: Some(p.port()),
+            fwmark: None,
+            addresses: vec![parse(format!("{prefix}.1/24"))?],
+            mtu: cloak_dataplane::wireguard::DEFAULT_MTU,
+            dns: Vec::new(),
+            peer: WireguardPeer {
+                public_key: client.public(),
+                preshared_key: None,
+                endpoint: SocketAddr::from(([0, 0, 0, 0], 0)),
+                allowed_ips: vec![parse(format!("{prefix}.2/32"))?],
+                persistent_keepalive: None,
+            },
+            extra_peers: Vec::new(),
+        };
+        servers.push(start_wireguard(&ns_path, config)?);
+        let conf = format!(
+            "[Interface]\nPrivateKey = {}\nAddress = {prefix}.2/32\nDNS = {}\n\n[Peer]\nPublicKey = {}\nEndpoint = {}:{}\nAllowedIPs = 0.0.0.0/0\n",
+            &*client.to_base64(),
+            layout::INTERNET_DNS,
+            server_key.public(),
+            p.server(k),
+            p.port()
+        );
+        crate::certs::write_private(&dir.join(format!("server-{k}.conf")), &conf)?;
+    }
+    Ok(servers)
+}
+
+/// One WireGuard device on a thread that entered the provider's namespace (namespaces are per
+/// thread; the device's worker thread inherits it).
+fn start_wireguard(ns_path: &str, config: WireguardConfig) -> Result<WireguardServer> {
+    let (ready_tx, ready) = mpsc::channel::<std::result::Result<(), String>>();
+    let (stop, stopped) = mpsc::channel::<()>();
+    let path = ns_path.to_owned();
+    let name = config.interface.clone();
+    let thread = std::thread::Builder::new()
+        .name(format!("wg-{name}"))
+        .spawn(move || {
+            let opened = fs::File::open(&path)
+                .map_err(|e| format!("{path}: {e}"))
+                .and_then(|f| {
+                    nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
+                        .map_err(|e| format!("entering {path}: {e}"))
+                })
+                .and_then(|()| Userspace::open(&config).map_err(|e| e.to_string()));
+            match opened {
+                Ok(device) => {
+                    let _ = ready_tx.send(Ok(()));
+                    // Blocks until the supervisor drops the sender.
+                    let _ = stopped.recv();
+                    drop(device);
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                }
+            }
+        })
+        .map_err(|e| Error::Other(format!("starting the WireGuard server thread: {e}")))?;
+    match ready.recv_timeout(Duration::from_secs(10)) {
+        Ok(Ok(())) => Ok(WireguardServer {
+            stop: Some(stop),
+            thread: Some(thread),
+        }),
+        Ok(Err(e)) => Err(Error::Other(format!("WireGuard server {name}: {e}"))),
+        Err(_) => Err(Error::Other(format!(
+            "WireGuard server {name} did not start within 10 s"
+        ))),
+    }
+}
+
+/// Starts every OpenVPN server of `p` (processes of the supervisor) and writes the client
+/// configurations.
+pub(crate) fn openvpn(lab: &Lab, p: &Provider, dir: &Path, procs: &mut Procs) -> Result<()> {
+    let ns = lab.netns(&format!("p{}", p.index));
+    let pki = Pki::generate()?;
+    for (name, pem) in [
+        ("ca.crt", &pki.ca),
+        ("server.crt", &pki.server_cert),
+        ("server.key", &pki.server_key),
+    ] {
+        crate::certs::write_private(&dir.join(name), pem)?;
+    }
+    for k in 1..=p.servers {
+        let prefix = p.tunnel_prefix(k);
+        let conf = format!(
+            "dev ovs{k}\ndev-type tun\nproto udp\nlocal {server}\nport {port}\ntopology subnet\nserver {prefix}.0 255.255.255.0\nca ca.crt\ncert server.crt\nkey server.key\ndh none\nkeepalive 2 10\ndata-ciphers AES-256-GCM:AES-128-GCM\npush \"redirect-gateway def1\"\npush \"dhcp-option DNS {dns}\"\nverb 3\n",
+            server = p.server(k),
+            port = p.port(),
+            dns = layout::INTERNET_DNS,
+        );
+        let conf_path = dir.join(format!("server-{k}.server.conf"));
+        fs::write(&conf_path, conf).map_err(Error::io(&conf_path))?;
+        procs.spawn(
+            &format!("{}-{k}", p.name),
+            &[
+                "nsenter".into(),
+                format!("--net=/var/run/netns/{ns}"),
+                "--".into(),
+                "openvpn".into(),
+                "--config".into(),
+                conf_path.to_string_lossy().into_owned(),
+            ],
+            Some(dir),
+        )?;
+        let client = format!(
+            "client\ndev tun\nproto udp\nremote {} {}\nnobind\nremote-cert-tls server\ndata-ciphers AES-256-GCM:AES-128-GCM\nverb 3\n<ca>\n{}</ca>\n<cert>\n{}</cert>\n<key>\n{}</key>\n",
+            p.server(k),
+            p.port(),
+            pki.ca,
+            pki.client_cert,
+            pki.client_key
+        );
+        crate::certs::write_private(&dir.join(format!("server-{k}.ovpn")), &client)?;
+    }
+    Ok(())
+}
+
+/// Starts the servers of one provider.
+pub(crate) fn start(lab: &Lab, p: &Provider, procs: &mut Procs) -> Result<Vec<WireguardServer>> {
+    let dir = lab.dir().join("providers").join(p.name);
+    fs::create_dir_all(&dir).map_err(Error::io(&dir))?;
+    network(lab, p)?;
+    match p.kind {
+        TunnelKind::Wireguard => wireguard(lab, p, &dir),
+        TunnelKind::OpenVpn => openvpn(lab, p, &dir, procs).map(|()| Vec::new()),
+    }
+}
+
+/// The client configuration of provider `p`'s server `k`, as written by [`start`].
+pub fn client_config(lab: &Lab, p: &Provider, k: u8) -> Result<String> {
+    let ext = match p.kind {
+        TunnelKind::Wireguard => "conf",
+        TunnelKind::OpenVpn => "ovpn",
+    };
+    let path = lab
+        .dir()
+        .join("providers")
+        .join(p.name)
+        .join(format!("server-{k}.{ext}"));
+    fs::read_to_string(&path).map_err(Error::io(path))
+}
+
+struct Pki {
+    ca: String,
+    server_cert: String,
+    server_key: String,
+    client_cert: String,
+    client_key: String,
+}
+
+impl Pki {
+    fn generate() -> Result<Self> {
+        let ca_key = KeyPair::generate()?;
+        let mut ca_params = CertificateParams::default();
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "cloak-lab-vpn-ca");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let ca_cert = ca_params.self_signed(&ca_key)?;
+        let ca = Issuer::new(ca_params, ca_key);
+        let leaf = |cn: &str, eku: ExtendedKeyUsagePurpose| -> Result<(String, String)> {
+            let key = KeyPair::generate()?;
+            let mut params = CertificateParams::new(vec![cn.to_owned()])?;
+            params.distinguished_name.push(DnType::CommonName, cn);
+            params.key_usages = vec![
+                KeyUsagePurpose::DigitalSignature,
+                KeyUsagePurpose::KeyAgreement,
+            ];
+            params.extended_key_usages = vec![eku];
+            let cert = params.signed_by(&key, &ca)?;
+            Ok((cert.pem(), key.serialize_pem()))
+        };
+        let (server_cert, server_key) = leaf("server", ExtendedKeyUsagePurpose::ServerAuth)?;
+        let (client_cert, client_key) = leaf("client", ExtendedKeyUsagePurpose::ClientAuth)?;
+        Ok(Self {
+            ca: ca_cert.pem(),
+            server_cert,
+            server_key,
+            client_cert,
+            client_key,
+        })
+    }
+}
