@@ -165,6 +165,9 @@ pub(crate) fn network(lab: &Lab, nodes: u8) -> Result<()> {
         sh::sysctl(&ns, "net.ipv4.ip_forward", "1")?;
         sh::sysctl(&ns, "net.ipv4.conf.all.rp_filter", "0")?;
         sh::sysctl(&ns, "net.ipv4.conf.default.rp_filter", "0")?;
+        // The external network lies behind the host (as VMs reach the LAN through theirs):
+        // replies to what `cloak portfwd` forwards go back the way they came.
+        sh::ip(&ns, &["route", "add", "198.18.0.0/24", "via", layout::HOST])?;
         for other in (1..=nodes).filter(|&o| o != k) {
             sh::ip(
                 &ns,
@@ -679,6 +682,9 @@ evictionHard:
   imagefs.available: "1%"
   nodefs.inodesFree: "1%"
 shutdownGracePeriod: 0s
+# How soon a changed Secret reaches a mounted volume (default 1m): rotated credentials reach
+# a running agent within ~10 s.
+syncFrequency: 10s
 "#,
         cgroup = lab.cgroup(k),
         dns = layout::CLUSTER_DNS,

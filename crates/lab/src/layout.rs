@@ -66,11 +66,15 @@ impl Provider {
         format!("{}-{k}.vpn.{INTERNET_ZONE}", self.name)
     }
 
-    pub fn port(&self) -> u16 {
-        match self.kind {
+    /// Server `k`'s port. Each server of a pool has its own: the userspace WireGuard servers
+    /// of one provider share its namespace and bind the wildcard address, and two devices on one
+    /// port would split a client's handshakes between them (SO_REUSEPORT).
+    pub fn port(&self, k: u8) -> u16 {
+        let base = match self.kind {
             TunnelKind::Wireguard => 51820,
             TunnelKind::OpenVpn => 1194,
-        }
+        };
+        base + u16::from(k) - 1
     }
 
     /// The tunnel subnet of server `k`: the server is `.1`, its client `.2`.

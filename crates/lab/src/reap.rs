@@ -58,6 +58,7 @@ pub(crate) fn reap(lab: &Lab) -> Result<Reaped> {
     // cgroup of the lab (pods' containers, in namespaces containerd made). Bounded: a process
     // that survives SIGKILL for 10 s is reported, not waited for.
     let deadline = Instant::now() + Duration::from_secs(10);
+    let mut killed = std::collections::BTreeSet::new();
     loop {
         let pids = lab_processes(lab, &namespaces);
         if pids.is_empty() {
@@ -72,9 +73,10 @@ pub(crate) fn reap(lab: &Lab) -> Result<Reaped> {
         for &pid in &pids {
             procs::signal(pid, nix::sys::signal::Signal::SIGKILL);
         }
-        reaped.processes += pids.len();
+        killed.extend(pids);
         std::thread::sleep(Duration::from_millis(100));
     }
+    reaped.processes = killed.len();
     // Mounts of the host under the lab's directory (there are none unless a holder leaked one:
     // nodes mount inside mount namespaces of their own).
     for mount in mounts_under(lab.dir()) {

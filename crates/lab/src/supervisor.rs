@@ -129,6 +129,10 @@ impl Lab {
                 .spawn()
                 .map_err(|e| Error::Other(format!("starting the lab supervisor {program}: {e}")))?
         };
+        // Recorded here too (the supervisor writes the same), so `follow` never sees a lab
+        // without a supervisor while it starts.
+        let identity = procs::identity(child.id()).unwrap_or_default();
+        fs::write(self.supervisor_file(), identity).map_err(Error::io(self.supervisor_file()))?;
         let _ = writeln!(
             out,
             "lab {}: {} nodes, supervisor PID {} (log {})",

@@ -88,6 +88,38 @@ pub(crate) fn network(lab: &Lab, p: &Provider) -> Result<()> {
             ],
         )?;
     }
+    // The userspace servers bind the wildcard address, so a reply's source would be the transit
+    // address; each server's port is routed through a table whose default route has that
+    // server's address as the source (route lookups for a socket's packets see its port).
+    if p.kind == TunnelKind::Wireguard {
+        for k in 1..=p.servers {
+            let table = (100 + u32::from(k)).to_string();
+            let port = p.port(k).to_string();
+            sh::ip(
+                &ns,
+                &[
+                    "rule", "add", "ipproto", "udp", "sport", &port, "table", &table, "pref",
+                    &table,
+                ],
+            )?;
+            sh::ip(
+                &ns,
+                &[
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &format!("{transit}.1"),
+                    "dev",
+                    "up0",
+                    "src",
+                    &p.server(k),
+                    "table",
+                    &table,
+                ],
+            )?;
+        }
+    }
     sh::sysctl(&ns, "net.ipv4.ip_forward", "1")?;
     // Replies to clients come back on the tunnel interfaces, not the transit link.
     sh::sysctl(&ns, "net.ipv4.conf.all.rp_filter", "0")?;
@@ -116,7 +148,7 @@ pub(crate) fn wireguard(lab: &Lab, p: &Provider, dir: &Path) -> Result<Vec<Wireg
         let config = WireguardConfig {
             interface: format!("wgs{k}"),
             private_key: server_key.clone(),
-            listen_port: Some(p.port()),
+            listen_port: Some(p.port(k)),
             fwmark: None,
             addresses: vec![parse(format!("{prefix}.1/24"))?],
             mtu: cloak_dataplane::wireguard::DEFAULT_MTU,
@@ -137,7 +169,7 @@ pub(crate) fn wireguard(lab: &Lab, p: &Provider, dir: &Path) -> Result<Vec<Wireg
             layout::INTERNET_DNS,
             server_key.public(),
             p.server(k),
-            p.port()
+            p.port(k)
         );
         crate::certs::write_private(&dir.join(format!("server-{k}.conf")), &conf)?;
     }
@@ -203,7 +235,7 @@ pub(crate) fn openvpn(lab: &Lab, p: &Provider, dir: &Path, procs: &mut Procs) ->
         let conf = format!(
             "dev ovs{k}\ndev-type tun\nproto udp\nlocal {server}\nport {port}\ntopology subnet\nserver {prefix}.0 255.255.255.0\nca ca.crt\ncert server.crt\nkey server.key\ndh none\nkeepalive 2 10\ndata-ciphers AES-256-GCM:AES-128-GCM\npush \"redirect-gateway def1\"\npush \"dhcp-option DNS {dns}\"\nverb 3\n",
             server = p.server(k),
-            port = p.port(),
+            port = p.port(k),
             dns = layout::INTERNET_DNS,
         );
         let conf_path = dir.join(format!("server-{k}.server.conf"));
@@ -223,7 +255,7 @@ pub(crate) fn openvpn(lab: &Lab, p: &Provider, dir: &Path, procs: &mut Procs) ->
         let client = format!(
             "client\ndev tun\nproto udp\nremote {} {}\nnobind\nremote-cert-tls server\ndata-ciphers AES-256-GCM:AES-128-GCM\nverb 3\n<ca>\n{}</ca>\n<cert>\n{}</cert>\n<key>\n{}</key>\n",
             p.server(k),
-            p.port(),
+            p.port(k),
             pki.ca,
             pki.client_cert,
             pki.client_key
