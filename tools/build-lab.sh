@@ -5,7 +5,7 @@
 #
 #   containerd 2.x, containerd-shim-runc-v2, ctr   Go module github.com/containerd/containerd/v2
 #   coredns                                        Go module github.com/coredns/coredns
-#   pause                                          a static C program (gcc -static), the sandbox image
+#   pause, udp-echo                                static C programs (gcc -static) for the images
 #   runc, CNI plugins, busybox, setpriv            Debian packages
 #
 #   CLOAK_CACHE   cache root (default: ${XDG_CACHE_HOME:-$HOME/.cache}/cloak)
@@ -31,29 +31,20 @@ if [ "${#missing[@]}" -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
 fi
 
-bins=(containerd containerd-shim-runc-v2 ctr coredns pause)
 # One build at a time: a second caller waits for the first, then finds the binaries there.
-mkdir -p "$(dirname "$out")"
-exec 9>"$(dirname "$out")/.build.lock"
+exec 9>"$cache/lab/.build.lock"
 flock 9
-have_all() { for b in "${bins[@]}"; do [ -x "$out/$b" ] || return 1; done; }
-if have_all; then echo "$out"; exit 0; fi
 
-command -v go >/dev/null || { echo "build-lab: go is not installed" >&2; exit 1; }
-export GOTOOLCHAIN=local CGO_ENABLED=0
-tmp="$out.tmp.$$"
-mkdir -p "$tmp"
-# The Go build cache is kept outside the work tree, shared with tools/build-control-plane.sh.
-export GOCACHE="$cache/go-build" GOBIN="$tmp"
-trap 'rm -rf "$tmp"' EXIT
-echo "build-lab: building containerd $containerd_version and coredns $coredns_version into $out (~2 min cold)" >&2
-go install -trimpath -ldflags "-s -w" -tags "no_btrfs no_devmapper no_zfs urfave_cli_no_docs" \
-  "github.com/containerd/containerd/v2/cmd/containerd@$containerd_version" \
-  "github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2@$containerd_version" \
-  "github.com/containerd/containerd/v2/cmd/ctr@$containerd_version"
-go install -trimpath -ldflags "-s -w" "github.com/coredns/coredns@$coredns_version"
-# The sandbox ("pause") container: sleeps until told to stop, reaps nothing else.
-cat > "$tmp/pause.c" <<'C'
+go_bins=(containerd containerd-shim-runc-v2 ctr coredns)
+have_go() { for b in "${go_bins[@]}"; do [ -x "$out/$b" ] || return 1; done; }
+
+# Small static C programs for the lab's images: built into the same directory when missing
+# (each takes a second), without touching the Go binaries.
+c_programs() {
+  local dir=$1
+  if [ ! -x "$dir/pause" ]; then
+    # The sandbox ("pause") container: sleeps until told to stop.
+    cat > "$dir/pause.c" <<'C'
 #include <signal.h>
 #include <unistd.h>
 static void stop(int sig) { (void)sig; _exit(0); }
@@ -63,8 +54,47 @@ int main(void) {
   for (;;) pause();
 }
 C
-gcc -static -O2 -s -o "$tmp/pause" "$tmp/pause.c"
-rm "$tmp/pause.c"
+    gcc -static -O2 -s -o "$dir/pause" "$dir/pause.c" && rm "$dir/pause.c"
+  fi
+  if [ ! -x "$dir/udp-echo" ]; then
+    # A UDP echo server for the client image (busybox has none): udp-echo PORT.
+    cat > "$dir/udp-echo.c" <<'C'
+#include <netinet/in.h>
+#include <stdlib.h>
+#include <sys/socket.h>
+int main(int argc, char **argv) {
+  int fd = socket(AF_INET, SOCK_DGRAM, 0);
+  struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = htons(argc > 1 ? atoi(argv[1]) : 7)};
+  if (fd < 0 || bind(fd, (struct sockaddr *)&addr, sizeof addr) < 0) return 1;
+  char buf[2048];
+  for (;;) {
+    struct sockaddr_in from;
+    socklen_t len = sizeof from;
+    ssize_t n = recvfrom(fd, buf, sizeof buf, 0, (struct sockaddr *)&from, &len);
+    if (n >= 0) sendto(fd, buf, (size_t)n, 0, (struct sockaddr *)&from, len);
+  }
+}
+C
+    gcc -static -O2 -s -o "$dir/udp-echo" "$dir/udp-echo.c" && rm "$dir/udp-echo.c"
+  fi
+}
+
+if have_go; then c_programs "$out"; echo "$out"; exit 0; fi
+
+command -v go >/dev/null || { echo "build-lab: go is not installed" >&2; exit 1; }
+export GOTOOLCHAIN=local CGO_ENABLED=0
+tmp="$out.tmp.$$"
+mkdir -p "$tmp"
+# The Go build cache is kept outside the work tree, shared with tools/build-control-plane.sh.
+export GOCACHE="$cache/go-build" GOBIN="$tmp"
+trap 'rm -rf "$tmp"' EXIT
+echo "build-lab: building containerd $containerd_version and coredns $coredns_version into $out (~6 min cold)" >&2
+go install -trimpath -ldflags "-s -w" -tags "no_btrfs no_devmapper no_zfs urfave_cli_no_docs" \
+  "github.com/containerd/containerd/v2/cmd/containerd@$containerd_version" \
+  "github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2@$containerd_version" \
+  "github.com/containerd/containerd/v2/cmd/ctr@$containerd_version"
+go install -trimpath -ldflags "-s -w" "github.com/coredns/coredns@$coredns_version"
+c_programs "$tmp"
 mv "$tmp" "$out"
 trap - EXIT
 echo "$out"

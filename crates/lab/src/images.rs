@@ -8,7 +8,7 @@
 //!   published image; a test keeps the two lists equal.
 //! - `cloak.dev/lab/pause:dev`: the sandbox container, a static C program.
 //! - `cloak.dev/lab/coredns:dev`: CoreDNS, a static Go binary.
-//! - `cloak.dev/lab/client:dev`: busybox (static), for demo workloads.
+//! - `cloak.dev/lab/client:dev`: busybox (static) and a UDP echo server, for demo workloads.
 //!
 //! Layers are reproducible (every timestamp 0, entries sorted), so an unchanged image keeps its
 //! digest and importing it again changes nothing.
@@ -284,10 +284,11 @@ pub(crate) fn coredns(binary: &Path) -> Result<Image> {
     Ok(image)
 }
 
-/// busybox-static as the client image (its `sh`, `nc`, `wget`, ...).
-pub(crate) fn client() -> Result<Image> {
+/// busybox-static as the client image (its `sh`, `nc`, `httpd`, ...), and `udp-echo PORT`.
+pub(crate) fn client(udp_echo: &Path) -> Result<Image> {
     let mut image = Image::new(CLIENT_IMAGE, &["/bin/sh"]);
     image.copy(Path::new("/bin/busybox"), "/bin/busybox")?;
+    image.copy(udp_echo, "/bin/udp-echo")?;
     for applet in BUSYBOX_APPLETS {
         image.symlink(&format!("/bin/{applet}"), "busybox");
     }

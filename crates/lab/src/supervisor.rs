@@ -398,7 +398,7 @@ fn build_images(lab: &Lab, options: &UpOptions) -> Result<()> {
             "coredns",
             images::coredns(&options.lab_bin.join("coredns"))?,
         ),
-        ("client", images::client()?),
+        ("client", images::client(&options.lab_bin.join("udp-echo"))?),
     ];
     for (file, image) in built {
         image.write_archive(&dir.join(format!("{file}.tar")))?;
