@@ -318,6 +318,11 @@ impl Lab {
         command
     }
 
+    /// What the echo service last saw per `?from=` name: name → (source address, unix time).
+    pub fn echo_seen(&self) -> std::collections::BTreeMap<String, (String, u64)> {
+        echo::seen(&self.dir().join("echo.json"))
+    }
+
     /// The status table.
     pub fn status(&self, kubectl: &Path) -> Result<String> {
         crate::status::render(self, kubectl)
