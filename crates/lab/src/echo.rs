@@ -49,7 +49,7 @@ pub(crate) fn start(netns_path: &str, record: PathBuf) -> Result<()> {
             for stream in tcp.incoming().flatten() {
                 let seen = seen.clone();
                 let record = record.clone();
-                std::thread::spawn(move || answer(stream, &seen, &record));
+                std::thread::spawn(move || answer(&stream, &seen, &record));
             }
         })
         .map_err(|e| Error::Other(format!("starting the echo service: {e}")))?;
@@ -66,13 +66,13 @@ fn enter(path: &str) -> std::result::Result<(), String> {
         .map_err(|e| format!("entering {path}: {e}"))
 }
 
-fn answer(stream: TcpStream, seen: &Mutex<BTreeMap<String, (String, u64)>>, record: &PathBuf) {
+fn answer(stream: &TcpStream, seen: &Mutex<BTreeMap<String, (String, u64)>>, record: &PathBuf) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
     let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
     let Ok(peer) = stream.peer_addr() else {
         return;
     };
-    let mut reader = BufReader::new(&stream);
+    let mut reader = BufReader::new(stream);
     let mut request_line = String::new();
     if reader.read_line(&mut request_line).is_err() {
         return;
@@ -114,8 +114,9 @@ fn answer(stream: TcpStream, seen: &Mutex<BTreeMap<String, (String, u64)>>, reco
         }
     }
     let body = format!("{ip}\n");
+    let mut stream = stream;
     let _ = write!(
-        &stream,
+        stream,
         "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );

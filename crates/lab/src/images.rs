@@ -432,3 +432,39 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod containerfile {
+    /// The package list of `apt-get install` in `images/cloak/Containerfile`.
+    fn containerfile_packages() -> Vec<String> {
+        let path = cloak_testkit::repo_path("images/cloak/Containerfile");
+        let text =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let joined = text.replace("\\\n", " ");
+        let install = joined
+            .lines()
+            .find(|l| l.contains("apt-get install"))
+            .unwrap_or_else(|| panic!("no apt-get install in {}", path.display()));
+        let after = install.split("apt-get install").nth(1).unwrap_or_default();
+        let mut packages: Vec<String> = after
+            .split("&&")
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter(|w| !w.starts_with('-'))
+            .map(str::to_owned)
+            .collect();
+        packages.sort();
+        packages
+    }
+
+    #[test]
+    fn the_containerfile_installs_exactly_the_packages_the_lab_image_carries() {
+        let mut ours: Vec<String> = super::CLOAK_PACKAGES
+            .iter()
+            .map(|p| (*p).to_owned())
+            .collect();
+        ours.sort();
+        assert_eq!(containerfile_packages(), ours);
+    }
+}

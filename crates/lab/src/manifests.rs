@@ -123,7 +123,7 @@ pub(crate) fn fill_owner_uids(lab: &Lab, kubectl: &Path, yaml: &str) -> Result<S
         let object = after[..end].trim();
         let uid = sh::wait_for(
             &format!("{object} to exist"),
-            Duration::from_secs(60),
+            Duration::from_mins(1),
             Duration::from_millis(250),
             || {
                 lab_kubectl_jsonpath(

@@ -4,6 +4,7 @@
 //! lab) and killed by PID; nothing is matched by command line.
 
 use std::{
+    fmt::Write as _,
     fs,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
@@ -106,7 +107,7 @@ pub(crate) fn record_sysctls() -> Result<()> {
     let mut text = String::new();
     for key in KUBELET_SYSCTLS {
         let value = fs::read_to_string(sysctl_path(key)).map_err(Error::io(sysctl_path(key)))?;
-        text.push_str(&format!("{key}={}\n", value.trim()));
+        let _ = writeln!(text, "{key}={}", value.trim());
     }
     if let Some(parent) = file.parent() {
         fs::create_dir_all(parent).map_err(Error::io(parent))?;

@@ -75,9 +75,9 @@ pub(crate) fn run_with_input<S: AsRef<OsStr>>(argv: &[S], input: &str) -> Result
 
 /// `ip -n <netns> args...`
 pub(crate) fn ip(netns: &str, args: &[&str]) -> Result<String> {
-    let mut argv = vec!["ip", "-n", netns];
-    argv.extend_from_slice(args);
-    run(&argv)
+    let mut command = vec!["ip", "-n", netns];
+    command.extend_from_slice(args);
+    run(&command)
 }
 
 /// Loads an nftables script into `netns`.

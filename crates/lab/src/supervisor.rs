@@ -62,7 +62,7 @@ impl UpOptions {
 }
 
 /// The longest `up` waits for the supervisor to report ready.
-const UP_TIMEOUT: Duration = Duration::from_secs(600);
+const UP_TIMEOUT: Duration = Duration::from_mins(10);
 /// The namespace cloak is installed into, and the examples' namespace.
 pub const CLOAK_NAMESPACE: &str = "cloak-system";
 pub const DEMO_NAMESPACE: &str = "cloak-demo";
@@ -212,6 +212,11 @@ impl Lab {
             }
         }
         reap::reap(self)
+    }
+
+    /// Whether the lab's supervisor process runs (building, up, or tearing down).
+    pub fn supervisor_alive(&self) -> bool {
+        supervisor_pid(self).is_some()
     }
 
     /// Whether the supervisor runs and reported ready.
@@ -431,7 +436,7 @@ fn kubectl_apply(lab: &Lab, kubectl: &Path, yaml: &str) -> Result<()> {
 fn wait_nodes_ready(lab: &Lab, bins: &Binaries, procs: &mut Procs, nodes: u8) -> Result<()> {
     sh::wait_for(
         "every node Ready",
-        Duration::from_secs(120),
+        Duration::from_mins(2),
         Duration::from_millis(250),
         || {
             procs.check_all().map_err(|e| e.to_string())?;
