@@ -151,3 +151,92 @@ async fn readyz(State((status, _)): State<AdminState>) -> (StatusCode, String) {
 async fn metrics_text(State((_, metrics)): State<AdminState>) -> String {
     metrics.encode()
 }
+
+/// What `cloak agent verify` needs: the credentials (a mounted Secret), the URL that answers
+/// with the caller's address, and how long the tunnel may take to pass it.
+#[derive(Debug, Clone)]
+pub struct VerifyOptions {
+    pub credentials: PathBuf,
+    pub probe: String,
+    pub timeout: Duration,
+    pub state_dir: PathBuf,
+}
+
+/// Verifies native credentials (`wg0.conf`, `config.ovpn`): brings the tunnel up behind the kill
+/// switch in this network namespace, exactly as the agent does, and returns the exit address
+/// the probe reports through the tunnel (none for a `tcp://` probe). Fails at once on
+/// credentials the agent refuses, and with the agent's own last reason ("no wireguard handshake
+/// with ...") when the tunnel did not pass its probe within the timeout.
+pub async fn verify(options: VerifyOptions) -> Result<Option<std::net::IpAddr>, String> {
+    std::fs::create_dir_all(&options.state_dir)
+        .map_err(|e| format!("{}: {e}", options.state_dir.display()))?;
+    let config_path = options.state_dir.join("verify.yaml");
+    let yaml = format!(
+        "credentials: {}\nhealth:\n  probe: {}\n  interval: 1s\n  timeout: 3s\n  failures: 3\nconnectTimeout: 15s\nbackoff: 500ms\nbackoffMax: 5s\n",
+        yaml_quoted(&options.credentials.to_string_lossy()),
+        yaml_quoted(&options.probe),
+    );
+    std::fs::write(&config_path, yaml).map_err(|e| format!("{}: {e}", config_path.display()))?;
+    let loaded = Resolved::load(&config_path).map(Arc::new);
+    if let Err(e) = &loaded {
+        return Err(format!("the agent refuses these credentials: {e}"));
+    }
+    let userspace = loaded.as_ref().is_ok_and(|c| c.userspace);
+    let (status_tx, mut status_rx) = watch::channel(Status::default());
+    let (_shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (_config_tx, config_rx) = watch::channel(loaded);
+    let machine = Machine {
+        firewall: Nftables,
+        routes: LinuxRoutes,
+        driver: LinuxDriver {
+            state_dir: options.state_dir.clone(),
+            userspace_only: userspace,
+        },
+        prober: NetProber,
+        status: status_tx,
+        metrics: Arc::new(Metrics::new()),
+    };
+    // The reason of the last failed attempt ("no wireguard handshake with ... within 15s") says
+    // more than the attempt in progress when time runs out.
+    let mut last_failure: Option<String> = None;
+    let passed = async {
+        loop {
+            {
+                let status = status_rx.borrow_and_update();
+                if status.ready() {
+                    return status.exit_ip;
+                }
+                if matches!(
+                    status.phase,
+                    machine::Phase::Reconnecting | machine::Phase::Blocked
+                ) && !status.message.is_empty()
+                {
+                    last_failure = Some(status.message.clone());
+                }
+            }
+            if status_rx.changed().await.is_err() {
+                return None;
+            }
+        }
+    };
+    // The machine runs until the probe passes or time is up; the pod is thrown away afterwards,
+    // and the machine's tunnel and firewall with its network namespace.
+    let outcome = tokio::select! {
+        () = machine.run(config_rx, shutdown_rx) => None,
+        passed = tokio::time::timeout(options.timeout, passed) => Some(passed),
+    };
+    if let Some(Ok(exit)) = outcome {
+        return Ok(exit);
+    }
+    let last = status_rx.borrow().clone();
+    let why = last_failure.unwrap_or_else(|| format!("{}: {}", last.phase, last.message));
+    Err(format!(
+        "the tunnel did not pass its probe within {:?}: {why}",
+        options.timeout
+    ))
+}
+
+/// A YAML single-quoted scalar: any text, with `'` doubled.
+fn yaml_quoted(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}

@@ -168,6 +168,11 @@ pub struct VpnProviderStatus {
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+
+    /// The credentials Secret's resourceVersion this status was decided with: a failed
+    /// verification is retried once the spec or the Secret changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_secret_version: Option<String>,
 }
 
 // Phases of a `VpnProvider` (seed 000's, unchanged).

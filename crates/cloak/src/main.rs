@@ -97,6 +97,20 @@ enum AgentCommand {
     /// Remove the agent's nftables table, routing rule and routing table (after it stopped: a
     /// stopped agent leaves traffic blocked on purpose), and exit.
     Reset,
+    /// Verify native credentials (what a VpnProvider's verification pod runs): bring the tunnel
+    /// up behind the kill switch, ask the probe through it, exit 0 with the exit address, or 1
+    /// with the reason (also written to /dev/termination-log, where Kubernetes reads it).
+    Verify {
+        /// The credentials: a mounted Secret (wg0.conf, or config.ovpn with username/password).
+        #[arg(long, default_value = "/var/run/cloak/credentials")]
+        credentials: std::path::PathBuf,
+        /// A URL answering with the caller's public address (or tcp://host:port).
+        #[arg(long, env = "CLOAK_VERIFY_IP_URL")]
+        probe: String,
+        /// How long the tunnel may take to pass the probe, in seconds.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -228,6 +242,14 @@ struct OperatorArgs {
         default_value = "https://ifconfig.me/ip"
     )]
     verify_ip_url: String,
+    /// The image verification pods of native credentials (wg0.conf, config.ovpn) run
+    /// `cloak agent verify` from: the operator's own.
+    #[arg(
+        long,
+        env = "CLOAK_IMAGE",
+        default_value = "ghcr.io/cloak-dev/cloak:latest"
+    )]
+    image: String,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -308,8 +330,33 @@ fn init_logging() {
 
 fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     init_logging();
-    if let Some(AgentCommand::Reset) = args.command {
-        return cloak_agent::reset().context("removing the agent's firewall and routes");
+    match args.command {
+        Some(AgentCommand::Reset) => {
+            return cloak_agent::reset().context("removing the agent's firewall and routes");
+        }
+        Some(AgentCommand::Verify {
+            credentials,
+            probe,
+            timeout,
+        }) => {
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            let outcome = runtime.block_on(cloak_agent::verify(cloak_agent::VerifyOptions {
+                credentials,
+                probe,
+                timeout: std::time::Duration::from_secs(timeout),
+                state_dir: args.state_dir,
+            }));
+            let message = match &outcome {
+                Ok(Some(ip)) => format!("verified: exit address {ip}"),
+                Ok(None) => "verified".to_owned(),
+                Err(e) => e.clone(),
+            };
+            // Kubernetes puts this file's text into the container's terminated state.
+            let _ = std::fs::write("/dev/termination-log", &message);
+            tracing::info!(%message, "verification");
+            std::process::exit(i32::from(outcome.is_err()));
+        }
+        None => {}
     }
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime
@@ -432,6 +479,7 @@ fn run_operator(args: OperatorArgs) -> anyhow::Result<()> {
             leader_lease: (!args.no_leader_election)
                 .then_some((args.lease_namespace, args.lease_name)),
             verify_ip_url: args.verify_ip_url,
+            agent_image: args.image,
             ..cloak_operator::Config::default()
         };
         // Kubernetes stops pods with SIGTERM; a terminal sends SIGINT.

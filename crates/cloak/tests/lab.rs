@@ -653,3 +653,131 @@ fn portfwd_in_the_host_namespace_reaches_an_annotated_nodeport_service_over_tcp_
         if map.contains(&n2) { Ok(()) } else { Err(map) }
     });
 }
+
+/// A provider in `ns` whose Secret holds `wg0_conf`, verified within `timeout`, re-verified
+/// every `interval` when given.
+fn provider_with(lab: &lab::TestLab, ns: &str, name: &str, wg0_conf: &str, interval: Option<&str>) {
+    let secret = serde_json::json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": format!("{name}-credentials"), "namespace": ns},
+        "stringData": {"wg0.conf": wg0_conf},
+    });
+    lab.apply(&secret.to_string());
+    let mut verify = serde_json::json!({"timeout": "40s"});
+    if let Some(interval) = interval {
+        verify["interval"] = interval.into();
+    }
+    let provider = serde_json::json!({
+        "apiVersion": "cloak.dev/v1alpha1", "kind": "VpnProvider",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"secret": format!("{name}-credentials"), "maxSlots": 2, "tags": [name],
+                 "namespaces": [ns], "verify": verify},
+    });
+    lab.apply(&provider.to_string());
+}
+
+fn provider_phase(lab: &lab::TestLab, ns: &str, name: &str, want: &str, within: Duration) -> Value {
+    eventually(&format!("provider {ns}/{name} {want}"), within, || {
+        let p = lab.json(&["-n", ns, "get", "vpnprovider", name]);
+        if str_at(&p, "/status/phase") == want {
+            Ok(p["status"].clone())
+        } else {
+            Err(format!(
+                "{}: {}",
+                str_at(&p, "/status/phase"),
+                str_at(&p, "/status/message")
+            ))
+        }
+    })
+}
+
+#[test]
+fn native_credentials_are_verified_by_a_real_pod_a_wrong_key_fails_naming_the_cause_and_a_fix_is_retried()
+ {
+    let lab = lab::shared();
+    let _turn = lab::serial();
+    // The examples' providers (WireGuard and OpenVPN) passed through verification pods.
+    for p in layout::PROVIDERS {
+        let status = eventually(
+            &format!("{} verified", p.name),
+            Duration::from_mins(2),
+            || {
+                let status =
+                    lab.json(&["-n", DEMO_NAMESPACE, "get", "vpnprovider", p.name])["status"]
+                        .clone();
+                match str_at(&status, "/phase").as_str() {
+                    "Ready" | "Active" => Ok(status),
+                    _ => Err(status.to_string()),
+                }
+            },
+        );
+        assert!(!status["lastVerified"].is_null(), "{}: {status}", p.name);
+        assert_eq!(str_at(&status, "/message"), "credentials verified");
+    }
+    let ns = lab.namespace("verify");
+    let beta = layout::PROVIDERS[1];
+    let good = cloak_lab::client_config(&lab.lab, &beta, 1).unwrap();
+    let wrong_key = cloak_dataplane::Key::generate();
+    let bad: String = good
+        .lines()
+        .map(|l| {
+            if l.starts_with("PrivateKey") {
+                format!("PrivateKey = {}", &*wrong_key.to_base64())
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    provider_with(lab, &ns, "wrong-key", &bad, None);
+    let failed = provider_phase(
+        lab,
+        &ns,
+        "wrong-key",
+        "ErrVerifyFailed",
+        Duration::from_mins(2),
+    );
+    let message = str_at(&failed, "/message");
+    assert!(
+        message.contains("no wireguard handshake") && message.contains(&beta.server(1)),
+        "the message names the cause: {message}"
+    );
+    assert!(failed["lastVerified"].is_null());
+    // Fixing the Secret retries the verification, which passes.
+    provider_with(lab, &ns, "wrong-key", &good, None);
+    provider_phase(lab, &ns, "wrong-key", "Ready", Duration::from_mins(2));
+}
+
+#[test]
+fn verify_interval_re_verifies_while_masks_keep_their_slots() {
+    let lab = lab::shared();
+    let _turn = lab::serial();
+    let ns = lab.namespace("interval");
+    let beta = layout::PROVIDERS[1];
+    let good = cloak_lab::client_config(&lab.lab, &beta, 1).unwrap();
+    provider_with(lab, &ns, "often", &good, Some("20s"));
+    let first = provider_phase(lab, &ns, "often", "Ready", Duration::from_mins(2));
+    let status = ready_mask(lab, &ns, "keeper", "often");
+    let slot = status["provider"]["slot"].clone();
+    let first_verified = str_at(&first, "/lastVerified");
+    let later = eventually("a second verification", Duration::from_mins(2), || {
+        let p = lab.json(&["-n", &ns, "get", "vpnprovider", "often"]);
+        let at = str_at(&p, "/status/lastVerified");
+        if !at.is_empty() && at != first_verified {
+            Ok(at)
+        } else {
+            Err(format!(
+                "lastVerified {at}, phase {}",
+                str_at(&p, "/status/phase")
+            ))
+        }
+    });
+    assert!(later > first_verified);
+    let mask = lab.json(&["-n", &ns, "get", "vpnmask", "keeper"]);
+    assert_eq!(
+        str_at(&mask, "/status/phase"),
+        "Ready",
+        "the mask kept its lease: {mask}"
+    );
+    assert_eq!(mask["status"]["provider"]["slot"], slot, "and its slot");
+}

@@ -43,6 +43,7 @@ pub use cluster::Binaries;
 pub use error::Error;
 pub use images::CLOAK_PACKAGES;
 pub use layout::Lab;
+pub use manifests::HELM_VALUES;
 pub use supervisor::{CLOAK_NAMESPACE, DEMO_NAMESPACE, Reaped, UpOptions, tool};
 pub use vpn::client_config;
 

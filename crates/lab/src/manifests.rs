@@ -10,11 +10,13 @@ use crate::{
     sh,
 };
 
-/// `helm --set` values for the lab: the locally built image, never pulled.
-pub(crate) const HELM_VALUES: [&str; 3] = [
+/// `helm --set` values for the lab: the locally built image, never pulled, and the internet's
+/// echo service as the address verification pods ask.
+pub const HELM_VALUES: [&str; 4] = [
     "image.repository=cloak.dev/lab/cloak",
     "image.tag=dev",
     "image.pullPolicy=Never",
+    "operator.verifyIpUrl=http://203.0.113.10/ip",
 ];
 
 /// CoreDNS in `kube-system`, Service `kube-dns` on the cluster DNS address, forwarding

@@ -1,9 +1,16 @@
 //! The verification pod of a provider and how to read its outcome.
 //!
-//! The pod has three containers sharing an `emptyDir`: `init` records the unmasked public address,
-//! `vpn` (gluetun, with the mask's copy of the credentials as environment) connects, and `probe`
-//! exits 0 once the public address differs from the recorded one. The `vpn` container never
-//! exits, so the outcome is read from the `probe` container, not the pod phase.
+//! Two kinds, chosen by the credentials' format ([`Verifier`]):
+//! - gluetun's variables: three containers sharing an `emptyDir`: `init` records the unmasked
+//!   public address, `vpn` (gluetun, with the mask's copy of the credentials as environment)
+//!   connects, and `probe` exits 0 once the public address differs from the recorded one.
+//! - native credentials (`wg0.conf`, `config.ovpn`): one container, `probe`, running
+//!   `cloak agent verify` from the operator's own image with the credentials mounted: the
+//!   agent's own tunnel and kill switch, so a provider is Ready exactly when the agent can use
+//!   its credentials. It exits 0 once its probe answers through the tunnel, or 1 with the
+//!   agent's reason in its termination message.
+//!
+//! Either way the outcome is read from the `probe` container, not the pod phase.
 
 use cloak_api::VerifyOverrides;
 use k8s_openapi::api::core::v1::{Pod, PodStatus};
@@ -28,10 +35,47 @@ pub struct VerifyPod<'a> {
     /// Owners: the provider (controller) and the mask (blocks its deletion while the pod exists).
     pub owners: Vec<OwnerReference>,
     pub overrides: Option<&'a VerifyOverrides>,
+    pub verifier: Verifier<'a>,
+}
+
+/// What verifies the credentials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verifier<'a> {
+    /// gluetun, for gluetun's variables.
+    Gluetun,
+    /// `cloak agent verify` in `image` (the operator's own), for native credentials; the
+    /// tunnel must pass its probe within `timeout_secs`.
+    Agent { image: &'a str, timeout_secs: u64 },
+}
+
+impl Verifier<'_> {
+    /// The verifier for credentials of `format`.
+    pub fn for_format(
+        format: crate::credentials::Format,
+        image: &str,
+        timeout_secs: u64,
+    ) -> Verifier<'_> {
+        match format {
+            crate::credentials::Format::Gluetun => Verifier::Gluetun,
+            crate::credentials::Format::WgQuick | crate::credentials::Format::Ovpn => {
+                Verifier::Agent {
+                    image,
+                    timeout_secs,
+                }
+            }
+        }
+    }
 }
 
 /// Builds the verification pod with the user's overrides merged in.
 pub fn pod(input: &VerifyPod<'_>) -> Result<Pod, serde_json::Error> {
+    if let Verifier::Agent {
+        image,
+        timeout_secs,
+    } = input.verifier
+    {
+        return agent_pod(input, image, timeout_secs);
+    }
     let curl = "curlimages/curl:8.11.1";
     let mut init = json!({
         "name": "init", "image": curl,
@@ -73,6 +117,53 @@ pub fn pod(input: &VerifyPod<'_>) -> Result<Pod, serde_json::Error> {
             "initContainers": [init],
             "containers": [vpn, probe],
             "volumes": [{"name": "shared", "emptyDir": {}}],
+        },
+    });
+    if let Some(patch) = input.overrides.and_then(|o| o.pod.as_ref()) {
+        merge(&mut pod, patch);
+    }
+    serde_json::from_value(pod)
+}
+
+/// The native verification pod: `cloak agent verify` with the credentials mounted, NET_ADMIN for
+/// its firewall and routes, and `/dev/net/tun` for a userspace WireGuard or OpenVPN tunnel.
+fn agent_pod(
+    input: &VerifyPod<'_>,
+    image: &str,
+    timeout_secs: u64,
+) -> Result<Pod, serde_json::Error> {
+    let mut probe = json!({
+        "name": "probe", "image": image,
+        "args": ["agent", "verify", "--credentials", "/var/run/cloak/credentials",
+                 "--probe", input.ip_url, "--timeout", timeout_secs.to_string()],
+        "securityContext": {"capabilities": {"add": ["NET_ADMIN"]}},
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "volumeMounts": [
+            {"name": "credentials", "mountPath": "/var/run/cloak/credentials", "readOnly": true},
+            {"name": "tun", "mountPath": "/dev/net/tun"},
+        ],
+    });
+    if let Some(patch) = input
+        .overrides
+        .and_then(|o| o.containers.as_ref())
+        .and_then(|c| c.probe.as_ref())
+    {
+        merge(&mut probe, patch);
+    }
+    let mut pod = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {
+            "name": input.name, "namespace": input.namespace,
+            "labels": {LABEL_PROVIDER: input.provider, "app.kubernetes.io/managed-by": "cloak"},
+            "ownerReferences": input.owners,
+        },
+        "spec": {
+            "restartPolicy": "Never",
+            "containers": [probe],
+            "volumes": [
+                {"name": "credentials", "secret": {"secretName": input.secret}},
+                {"name": "tun", "hostPath": {"path": "/dev/net/tun", "type": "CharDevice"}},
+            ],
         },
     });
     if let Some(patch) = input.overrides.and_then(|o| o.pod.as_ref()) {
@@ -144,7 +235,53 @@ mod tests {
             ip_url: "https://ip.example/",
             owners: vec![],
             overrides,
+            verifier: Verifier::Gluetun,
         }
+    }
+
+    #[test]
+    fn native_credentials_are_verified_by_the_agent_with_the_secret_mounted() {
+        let mut native = input(None);
+        native.verifier = Verifier::for_format(
+            crate::credentials::Format::WgQuick,
+            "cloak.dev/lab/cloak:dev",
+            45,
+        );
+        let pod = to_value(&pod(&native).unwrap());
+        let containers = pod["spec"]["containers"].as_array().unwrap();
+        assert_eq!(containers.len(), 1, "one container: {pod}");
+        let probe = &containers[0];
+        assert_eq!(
+            probe["name"], "probe",
+            "the outcome is read from the probe container"
+        );
+        assert_eq!(probe["image"], "cloak.dev/lab/cloak:dev");
+        assert_eq!(
+            probe["args"],
+            json!([
+                "agent",
+                "verify",
+                "--credentials",
+                "/var/run/cloak/credentials",
+                "--probe",
+                "https://ip.example/",
+                "--timeout",
+                "45"
+            ])
+        );
+        assert!(
+            probe.get("envFrom").is_none(),
+            "native credentials are never environment"
+        );
+        assert_eq!(
+            pod["spec"]["volumes"][0]["secret"]["secretName"],
+            "p-verify-vpn-credentials"
+        );
+        assert!(pod["spec"]["initContainers"].is_null());
+        assert_eq!(
+            Verifier::for_format(crate::credentials::Format::Gluetun, "x", 1),
+            Verifier::Gluetun
+        );
     }
 
     #[test]

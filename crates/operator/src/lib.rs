@@ -67,6 +67,9 @@ pub struct Config {
     pub leader_lease: Option<(String, String)>,
     /// URL answering with the caller's public address, used by verification pods.
     pub verify_ip_url: String,
+    /// The image of `cloak` itself: verification pods of native credentials run
+    /// `cloak agent verify` from it (the chart passes the operator's own image).
+    pub agent_image: String,
     /// Safety-net requeue of waiting masks (event-driven otherwise).
     pub waiting_requeue: Duration,
     /// Safety-net requeue of masks holding a slot: a missed event (a provider deleted while
@@ -81,6 +84,7 @@ impl Default for Config {
             admin_addr: None,
             leader_lease: None,
             verify_ip_url: "https://ifconfig.me/ip".into(),
+            agent_image: "ghcr.io/cloak-dev/cloak:latest".into(),
             waiting_requeue: Duration::from_mins(1),
             holder_resync: Duration::from_mins(5),
         }

@@ -605,6 +605,37 @@ async fn malformed_credentials_fail_verification_without_creating_a_pod() {
     );
 }
 
+/// Defect 6 of the hardening issue: the retry guard compared only the provider's generation,
+/// so fixing the Secret left the provider failed until someone edited the provider itself.
+#[tokio::test]
+async fn a_failed_verification_is_retried_when_the_secret_is_fixed() {
+    let (client, ns) = setup("fixed-creds").await;
+    secret(&client, &ns, "creds", &[("wg0.conf", "[Interface]\n")]).await;
+    provider(
+        &client,
+        &ns,
+        "vpn",
+        json!({"secret": "creds", "maxSlots": 1}),
+    )
+    .await;
+    wait_for(
+        "ErrVerifyFailed",
+        async || provider_status(&client, &ns, "vpn").await,
+        |s| s.as_ref().and_then(|s| s.phase) == Some(ProviderPhase::ErrVerifyFailed),
+    )
+    .await;
+    let fixed = "[Interface]\nPrivateKey = wOEI9rqqbDwnN8/Bpp22sVz48T71vJ4fYmFWujulwUU=\nAddress = 10.64.0.2/32\n\n[Peer]\nPublicKey = wOEI9rqqbDwnN8/Bpp22sVz48T71vJ4fYmFWujulwUU=\nEndpoint = 192.0.2.1:51820\nAllowedIPs = 0.0.0.0/0\n";
+    secret(&client, &ns, "creds", &[("wg0.conf", fixed)]).await;
+    // Without a kubelet the verification pod never runs: Verifying is the retry.
+    let status = wait_for(
+        "verification retried",
+        async || provider_status(&client, &ns, "vpn").await,
+        |s| s.as_ref().and_then(|s| s.phase) == Some(ProviderPhase::Verifying),
+    )
+    .await;
+    assert!(status.is_some());
+}
+
 /// GET on the shared operator's admin server: (status code, body).
 async fn admin_get(path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -119,6 +119,7 @@ async fn apply(provider: &VpnProvider, ctx: &Context) -> Result<Action> {
     let secret = Api::<Secret>::namespaced(ctx.client.clone(), &ns)
         .get_opt(&provider.spec.secret)
         .await?;
+    let secret_version = secret.as_ref().and_then(ResourceExt::resource_version);
     let decision = match secret {
         None => Decision {
             phase: ProviderPhase::ErrSecretNotFound,
@@ -126,7 +127,9 @@ async fn apply(provider: &VpnProvider, ctx: &Context) -> Result<Action> {
             last_verified: previous.last_verified.clone(),
             requeue: None,
         },
-        Some(secret) => verification(provider, &secret, &previous, ctx).await?,
+        Some(secret) => {
+            verification(provider, &secret, secret_version.as_deref(), &previous, ctx).await?
+        }
     };
     let phase = match decision.phase {
         ProviderPhase::Ready | ProviderPhase::Active => {
@@ -159,11 +162,13 @@ async fn apply(provider: &VpnProvider, ctx: &Context) -> Result<Action> {
         active_slots: active,
         last_verified: decision.last_verified,
         observed_generation: provider.meta().generation,
+        observed_secret_version: secret_version,
     };
     if previous.phase != status.phase
         || previous.message != status.message
         || previous.active_slots != active
         || previous.last_verified != status.last_verified
+        || previous.observed_secret_version != status.observed_secret_version
     {
         if previous.phase != status.phase {
             let type_ = if phase_is_error(phase) {
@@ -197,6 +202,7 @@ fn phase_is_error(phase: ProviderPhase) -> bool {
 async fn verification(
     provider: &VpnProvider,
     secret: &Secret,
+    secret_version: Option<&str>,
     previous: &VpnProviderStatus,
     ctx: &Context,
 ) -> Result<Decision> {
@@ -223,14 +229,17 @@ async fn verification(
         .into_iter()
         .map(|(k, v)| (k, v.0))
         .collect();
-    if let Err(e) = credentials::classify(&data, provider.spec.tunnel) {
-        return Ok(decide(
-            ProviderPhase::ErrVerifyFailed,
-            format!("Secret {}: {e}", provider.spec.secret),
-            previous.last_verified.clone(),
-            None,
-        ));
-    }
+    let format = match credentials::classify(&data, provider.spec.tunnel) {
+        Ok(found) => found.format,
+        Err(e) => {
+            return Ok(decide(
+                ProviderPhase::ErrVerifyFailed,
+                format!("Secret {}: {e}", provider.spec.secret),
+                previous.last_verified.clone(),
+                None,
+            ));
+        }
+    };
     let now = Timestamp::now();
     let since = |t: &Time| Duration::try_from(now.duration_since(t.0)).unwrap_or_default();
     let due = match (&previous.last_verified, &verify_spec.interval) {
@@ -251,9 +260,11 @@ async fn verification(
             next_check,
         ));
     }
-    // A failed verification is not retried until the spec, the Secret or the interval changes.
+    // A failed verification is not retried until the spec or the Secret changes (a new
+    // interval is a spec change too).
     if previous.phase == Some(ProviderPhase::ErrVerifyFailed)
         && previous.observed_generation == provider.meta().generation
+        && previous.observed_secret_version.as_deref() == secret_version
     {
         let message = previous.message.clone().unwrap_or_default();
         return Ok(decide(
@@ -304,6 +315,18 @@ async fn verification(
                 ip_url: &ctx.config.verify_ip_url,
                 owners,
                 overrides: verify_spec.overrides.as_ref(),
+                // The agent gets the verification's whole time but the 10 s it needs to start.
+                verifier: verify::Verifier::for_format(
+                    format,
+                    &ctx.config.agent_image,
+                    verify_spec
+                        .timeout
+                        .as_ref()
+                        .map_or(DEFAULT_TIMEOUT, cloak_api::GoDuration::get)
+                        .as_secs()
+                        .saturating_sub(10)
+                        .max(10),
+                ),
             })?;
             publish(
                 ctx,
