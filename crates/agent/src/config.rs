@@ -358,6 +358,11 @@ fn parse_probe(probe: &str) -> Result<ProbeTarget, ConfigError> {
     let (scheme, rest) = probe
         .split_once("://")
         .ok_or_else(|| bad("expected tcp://host:port or http://host:port/path"))?;
+    if scheme != "tcp" && scheme != "http" {
+        return Err(bad(&format!(
+            "unsupported scheme {scheme}: expected tcp://host:port or http://host[:port]/path (the probe speaks plain HTTP)"
+        )));
+    }
     let (hostport, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
@@ -579,6 +584,17 @@ mod tests {
         );
         let e = Resolved::load(&cfg).unwrap_err().to_string();
         assert!(e.starts_with("health.probe \"udp://x\""), "{e}");
+        assert!(
+            e.contains("unsupported scheme udp"),
+            "the reason is the scheme: {e}"
+        );
+        let cfg = write(
+            d.path(),
+            "h.yaml",
+            "credentials: wg1.conf\nhealth: {probe: 'https://203.0.113.10/ip'}\n",
+        );
+        let e = Resolved::load(&cfg).unwrap_err().to_string();
+        assert!(e.contains("unsupported scheme https"), "{e}");
 
         let cfg = write(
             d.path(),

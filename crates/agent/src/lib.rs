@@ -179,7 +179,7 @@ pub async fn verify(options: VerifyOptions) -> Result<Option<std::net::IpAddr>, 
     std::fs::write(&config_path, yaml).map_err(|e| format!("{}: {e}", config_path.display()))?;
     let loaded = Resolved::load(&config_path).map(Arc::new);
     if let Err(e) = &loaded {
-        return Err(format!("the agent refuses these credentials: {e}"));
+        return Err(format!("the agent refuses its config or credentials: {e}"));
     }
     let userspace = loaded.as_ref().is_ok_and(|c| c.userspace);
     let (status_tx, mut status_rx) = watch::channel(Status::default());
@@ -225,8 +225,10 @@ pub async fn verify(options: VerifyOptions) -> Result<Option<std::net::IpAddr>, 
         () = machine.run(config_rx, shutdown_rx) => None,
         passed = tokio::time::timeout(options.timeout, passed) => Some(passed),
     };
-    if let Some(Ok(exit)) = outcome {
-        return Ok(exit);
+    match outcome {
+        Some(Ok(exit)) => return Ok(exit),
+        None => return Err("the agent stopped before its tunnel passed the probe".into()),
+        Some(Err(_)) => {}
     }
     let last = status_rx.borrow().clone();
     let why = last_failure.unwrap_or_else(|| format!("{}: {}", last.phase, last.message));

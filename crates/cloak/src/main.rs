@@ -235,11 +235,12 @@ struct OperatorArgs {
     /// Act without leader election (only for a single instance).
     #[arg(long, env = "CLOAK_NO_LEADER_ELECTION")]
     no_leader_election: bool,
-    /// URL answering with the caller's public IP, used by verification pods.
+    /// URL answering with the caller's public IP, used by verification pods. Plain HTTP: native
+    /// verification asks it with the agent's probe, which speaks HTTP or tcp://host:port.
     #[arg(
         long,
         env = "CLOAK_VERIFY_IP_URL",
-        default_value = "https://ifconfig.me/ip"
+        default_value = "http://ifconfig.me/ip"
     )]
     verify_ip_url: String,
     /// The image verification pods of native credentials (wg0.conf, config.ovpn) run
@@ -353,6 +354,10 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
             };
             // Kubernetes puts this file's text into the container's terminated state.
             let _ = std::fs::write("/dev/termination-log", &message);
+            // The namespace is open again afterwards (the agent's kill switch stays otherwise).
+            if let Err(e) = cloak_agent::reset() {
+                tracing::warn!(error = %e, "removing the verification's firewall and routes");
+            }
             tracing::info!(%message, "verification");
             std::process::exit(i32::from(outcome.is_err()));
         }

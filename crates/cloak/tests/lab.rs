@@ -195,11 +195,7 @@ fn the_chart_installs_two_ready_replicas_rolls_out_an_upgrade_hands_leadership_o
 
     // Back as the lab installed it, for the other tests.
     let mut args: Vec<&str> = vec!["install", "cloak", &chart, "--namespace", CLOAK_NAMESPACE];
-    for value in [
-        "image.repository=cloak.dev/lab/cloak",
-        "image.tag=dev",
-        "image.pullPolicy=Never",
-    ] {
+    for value in cloak_lab::HELM_VALUES {
         args.extend(["--set", value]);
     }
     args.extend(["--wait", "--timeout", "180s"]);

@@ -130,9 +130,15 @@ fn up_twice_is_a_no_op_and_down_leaves_nothing_and_restores_the_kubelets_sysctls
         "{status:?}"
     );
 
+    let namespaces = netns_inodes(&name);
     let down = cloak_lab(&name, &["down"]);
     assert!(down.status.success(), "{down:?}");
     assert_eq!(leftovers(&name), Vec::<String>::new());
+    assert_eq!(
+        processes_in(&namespaces),
+        Vec::<u32>::new(),
+        "nothing runs in the lab's namespaces"
+    );
     assert_eq!(sysctls(), before, "sysctls restored");
 }
 
@@ -148,15 +154,17 @@ fn a_sigkilled_up_is_reaped_by_the_next_down() {
         .spawn()
         .unwrap();
     let dir = Path::new("/var/lib/cloak/lab").join(&name);
-    // Killed while the node is being built: containerd and the kubelet have started.
-    eventually("the lab building its node", Duration::from_mins(2), || {
+    // Killed while cloak is being installed: the node runs containerd, the kubelet, containerd's
+    // shims and CoreDNS's container, which only the lab's namespaces and cgroups lead to.
+    eventually("the lab installing cloak", Duration::from_mins(2), || {
         let progress = std::fs::read_to_string(dir.join("progress")).unwrap_or_default();
-        if progress.contains("begin\tnodes Ready") {
+        if progress.contains("begin\tcloak (helm install)") {
             Ok(())
         } else {
             Err(progress)
         }
     });
+    let namespaces = netns_inodes(&name);
     let supervisor: i32 = std::fs::read_to_string(dir.join("supervisor.pid"))
         .unwrap()
         .split_whitespace()
@@ -175,14 +183,56 @@ fn a_sigkilled_up_is_reaped_by_the_next_down() {
     while Path::new(&format!("/proc/{supervisor}")).exists() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
+    let survivors = processes_in(&namespaces);
     assert!(
-        !leftovers(&name).is_empty(),
-        "a killed lab leaves something to reap (or this test checks nothing)"
+        !survivors.is_empty() && leftovers(&name).iter().any(|l| l.starts_with("process")),
+        "a killed supervisor leaves processes in the lab's namespaces and cgroups (or this test checks nothing): {survivors:?}"
     );
 
     let down = cloak_lab(&name, &["down"]);
     assert!(down.status.success(), "{down:?}");
     let said = String::from_utf8_lossy(&down.stdout);
-    assert!(said.contains("network namespaces"), "{said}");
+    assert!(
+        !said.contains(" 0 processes"),
+        "down reaped the survivors: {said}"
+    );
+    assert!(
+        !said.contains(" 0 network namespaces"),
+        "and the namespaces: {said}"
+    );
     assert_eq!(leftovers(&name), Vec::<String>::new(), "after: {said}");
+    assert_eq!(
+        processes_in(&namespaces),
+        Vec::<u32>::new(),
+        "after: {said}"
+    );
+}
+
+/// The inodes of lab `name`'s network namespaces: they identify the namespaces after their
+/// names are gone.
+fn netns_inodes(name: &str) -> Vec<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let prefix = format!("ck-{name}-");
+    std::fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .filter_map(|e| e.metadata().ok().map(|m| m.ino()))
+        .collect()
+}
+
+/// PIDs of the processes in one of the network namespaces `inodes`.
+fn processes_in(inodes: &[u64]) -> Vec<u32> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|p| p.parse::<u32>().ok()))
+        .filter(|pid| {
+            std::fs::metadata(format!("/proc/{pid}/ns/net"))
+                .is_ok_and(|m| inodes.contains(&m.ino()))
+        })
+        .collect()
 }

@@ -30,8 +30,8 @@ impl std::fmt::Debug for Certs {
     }
 }
 
-/// Generates the certificates into `dir` (`ca.crt`, `apiserver.{crt,key}`, `sa.{key,pub}`),
-/// or reads the admin's back from `admin.{crt,key}` when they exist.
+/// Generates fresh certificates into `dir` (`ca.crt`, `apiserver.{crt,key}`, `sa.{key,pub}`);
+/// the admin's go into the kubeconfigs only.
 pub(crate) fn generate(dir: &Path) -> Result<Certs> {
     let ca_key = KeyPair::generate()?;
     let mut ca_params = CertificateParams::default();

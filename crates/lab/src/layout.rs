@@ -40,8 +40,8 @@ pub enum TunnelKind {
 /// A fake VPN provider of the internet: a namespace with a pool of servers and one exit address.
 #[derive(Debug, Clone, Copy)]
 pub struct Provider {
-    /// Its name: the namespace suffix, the DNS label (`<name>-<k>.vpn.lab.test`), and the
-    /// VpnProvider and Secret names in `examples/lab`.
+    /// Its name: the DNS label (`<name>-<k>.vpn.lab.test`), and the VpnProvider and Secret
+    /// names in `examples/lab`. Its namespace is `ck-<lab>-p<index>`.
     pub name: &'static str,
     pub kind: TunnelKind,
     /// 1-based; picks its addresses.

@@ -127,8 +127,11 @@ fn restore_sysctls() -> Result<bool> {
             fs::write(sysctl_path(key), value).map_err(Error::io(sysctl_path(key)))?;
         }
     }
-    fs::remove_file(&file).map_err(Error::io(&file))?;
-    Ok(true)
+    match fs::remove_file(&file) {
+        // Another reap of the same lab (the supervisor's own, and `down`'s) restored them too.
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(&file)(e)),
+        _ => Ok(true),
+    }
 }
 
 fn saved_sysctls() -> PathBuf {
@@ -209,18 +212,24 @@ fn in_lab_cgroup(lab: &Lab, pid: u32) -> bool {
     })
 }
 
-/// Every cgroup hierarchy's mount point (`/sys/fs/cgroup/<controller>`).
+/// Every cgroup hierarchy's mount point: `/sys/fs/cgroup/<controller>` on the cgroup v1
+/// (hybrid) hosts the lab is built for, `/sys/fs/cgroup` itself on a pure v2 host. Read from the
+/// mount table, so a cgroup directory is never taken for a hierarchy.
 pub(crate) fn hierarchies() -> Vec<PathBuf> {
-    let mut found: Vec<PathBuf> = fs::read_dir("/sys/fs/cgroup")
-        .map(|entries| {
-            entries
-                .flatten()
-                .map(|e| e.path())
-                .filter(|p| p.join("cgroup.procs").exists() && !p.is_symlink())
-                .collect()
+    let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut found: Vec<PathBuf> = text
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let mount_point = fields.get(4)?;
+            // After the optional fields comes "-", then the filesystem type.
+            let fstype = fields.iter().skip_while(|f| **f != "-").nth(1)?;
+            (matches!(*fstype, "cgroup" | "cgroup2") && mount_point.starts_with("/sys/fs/cgroup"))
+                .then(|| PathBuf::from(mount_point))
         })
-        .unwrap_or_default();
+        .collect();
     found.sort();
+    found.dedup();
     found
 }
 

@@ -91,7 +91,7 @@ impl Lab {
                 "lab {} is coming up; following its progress",
                 self.name()
             );
-            return self.follow(out);
+            return self.follow(out, None);
         }
         if self.dir().exists() || !reap::lab_namespaces(self).is_empty() {
             let reaped = reap::reap(self)?;
@@ -117,7 +117,7 @@ impl Lab {
             .split_first()
             .ok_or_else(|| Error::Other("no supervisor command".into()))?;
         // Its own process group: a Ctrl-C aimed at `up` does not cut the lab down half-built.
-        let child = {
+        let mut child = {
             use std::os::unix::process::CommandExt;
             Command::new(program)
                 .args(args)
@@ -141,11 +141,17 @@ impl Lab {
             child.id(),
             log_path.display()
         );
-        self.follow(out)
+        self.follow(out, Some(&mut child))
     }
 
-    /// Prints the supervisor's progress until it is ready or failed.
-    fn follow(&self, out: &mut dyn Write) -> Result<()> {
+    /// Prints the supervisor's progress until it is ready or failed. `child` is the supervisor
+    /// when this process started it: its exit is then seen at once (it stays a zombie, whose
+    /// identity still matches, until waited for).
+    fn follow(
+        &self,
+        out: &mut dyn Write,
+        mut child: Option<&mut std::process::Child>,
+    ) -> Result<()> {
         let deadline = Instant::now() + UP_TIMEOUT;
         let mut shown = 0;
         loop {
@@ -181,7 +187,11 @@ impl Lab {
                 let _ = out.flush();
             }
             shown = lines.len();
-            if supervisor_pid(self).is_none() {
+            let exited = match child.as_mut() {
+                Some(child) => !matches!(child.try_wait(), Ok(None)),
+                None => supervisor_pid(self).is_none(),
+            };
+            if exited {
                 return Err(Error::Other(format!(
                     "the lab supervisor exited before the lab was up; its log:\n{}",
                     procs::tail(&self.dir().join("supervisor.log"), 30)
@@ -201,9 +211,12 @@ impl Lab {
     /// Stops the lab and removes everything it made. Nothing to do is not an error.
     pub fn down(&self) -> Result<Reaped> {
         if let Some(pid) = supervisor_pid(self) {
+            let identity = procs::identity(pid);
             procs::signal(pid, Signal::SIGTERM);
             let deadline = Instant::now() + Duration::from_secs(90);
-            while supervisor_pid(self).is_some() && procs::identity(pid).is_some() {
+            // On the process, not on its pid file: the supervisor's own reap deletes the file
+            // before it is done.
+            while procs::identity(pid).is_some() && procs::identity(pid) == identity {
                 if Instant::now() > deadline {
                     procs::signal(pid, Signal::SIGKILL);
                     break;
@@ -256,15 +269,17 @@ impl Lab {
                 &format!("failed\t{}", e.to_string().replace('\n', "\\n")),
             ),
         }
-        if built.is_ok() {
-            // Held until told to stop; a process that dies meanwhile is for `status` to show.
-            let _ = signals.wait();
+        if built.is_err() {
+            // A failed lab stops its processes at once but keeps its logs for the user until
+            // `down` (or the owner's exit) removes it with the rest.
+            drop(std::mem::take(&mut servers));
+            procs.stop_all();
         }
+        // Held until told to stop; a process that dies meanwhile is for `status` to show.
+        let _ = signals.wait();
         drop(servers);
         procs.stop_all();
-        if built.is_ok() {
-            reap::reap(self)?;
-        }
+        reap::reap(self)?;
         built
     }
 
@@ -463,7 +478,12 @@ pub(crate) fn node_ready(node: &Value) -> bool {
 
 fn cluster_dns(lab: &Lab, bins: &Binaries) -> Result<()> {
     kubectl_apply(lab, &bins.kubectl, &crate::manifests::coredns())?;
-    let mut command = lab.kubectl(&bins.kubectl);
+    let mut command = Command::new("setpriv");
+    command
+        .args(["--pdeathsig", "KILL", "--"])
+        .arg(&bins.kubectl)
+        .arg("--kubeconfig")
+        .arg(lab.kubeconfig());
     command.args([
         "-n",
         "kube-system",
@@ -476,8 +496,12 @@ fn cluster_dns(lab: &Lab, bins: &Binaries) -> Result<()> {
 }
 
 fn helm_install(lab: &Lab, options: &UpOptions) -> Result<()> {
-    let mut command = Command::new(&options.helm);
+    // Under the supervisor's death signal like its servers: a killed supervisor leaves no helm
+    // waiting out its timeout.
+    let mut command = Command::new("setpriv");
     command
+        .args(["--pdeathsig", "KILL", "--"])
+        .arg(&options.helm)
         .arg("upgrade")
         .arg("--install")
         .arg("cloak")

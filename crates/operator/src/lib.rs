@@ -83,7 +83,7 @@ impl Default for Config {
             instance: "cloak-operator".into(),
             admin_addr: None,
             leader_lease: None,
-            verify_ip_url: "https://ifconfig.me/ip".into(),
+            verify_ip_url: "http://ifconfig.me/ip".into(),
             agent_image: "ghcr.io/cloak-dev/cloak:latest".into(),
             waiting_requeue: Duration::from_mins(1),
             holder_resync: Duration::from_mins(5),
