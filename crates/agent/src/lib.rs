@@ -62,17 +62,7 @@ pub async fn run(options: Options) -> std::io::Result<()> {
         Err(_) => false,
     };
     std::fs::create_dir_all(&options.state_dir)?;
-    let machine = Machine {
-        firewall: Nftables,
-        routes: LinuxRoutes,
-        driver: LinuxDriver {
-            state_dir: options.state_dir.clone(),
-            userspace_only: userspace,
-        },
-        prober: NetProber,
-        status: status_tx,
-        metrics,
-    };
+    let machine = linux_machine(&options.state_dir, userspace, status_tx, metrics);
     let signals = tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
         if let (Ok(mut term), Ok(mut int)) = (
@@ -90,6 +80,26 @@ pub async fn run(options: Options) -> std::io::Result<()> {
     watcher.abort();
     signals.abort();
     Ok(())
+}
+
+/// The state machine on this machine's kernel: nftables, routes, tunnels, probes.
+fn linux_machine(
+    state_dir: &std::path::Path,
+    userspace: bool,
+    status: watch::Sender<Status>,
+    metrics: Arc<Metrics>,
+) -> Machine<Nftables, LinuxRoutes, LinuxDriver, NetProber> {
+    Machine {
+        firewall: Nftables,
+        routes: LinuxRoutes,
+        driver: LinuxDriver {
+            state_dir: state_dir.to_owned(),
+            userspace_only: userspace,
+        },
+        prober: NetProber,
+        status,
+        metrics,
+    }
 }
 
 /// Removes everything the agent owns (its nftables table, routing rule and table).
@@ -185,17 +195,12 @@ pub async fn verify(options: VerifyOptions) -> Result<Option<std::net::IpAddr>, 
     let (status_tx, mut status_rx) = watch::channel(Status::default());
     let (_shutdown_tx, shutdown_rx) = watch::channel(false);
     let (_config_tx, config_rx) = watch::channel(loaded);
-    let machine = Machine {
-        firewall: Nftables,
-        routes: LinuxRoutes,
-        driver: LinuxDriver {
-            state_dir: options.state_dir.clone(),
-            userspace_only: userspace,
-        },
-        prober: NetProber,
-        status: status_tx,
-        metrics: Arc::new(Metrics::new()),
-    };
+    let machine = linux_machine(
+        &options.state_dir,
+        userspace,
+        status_tx,
+        Arc::new(Metrics::new()),
+    );
     // The reason of the last failed attempt ("no wireguard handshake with ... within 15s") says
     // more than the attempt in progress when time runs out.
     let mut last_failure: Option<String> = None;

@@ -1,4 +1,4 @@
-//! The cluster's certificates: a CA, the API server's serving certificate (valid for every
+//! The cluster's certificates (also the test control plane's, `cloak-testkit`): a CA, the API server's serving certificate (valid for every
 //! address it is reached at: the lab's proxy on 127.0.0.1, 10.250.0.2 on the lan, the
 //! `kubernetes` Service), an admin client certificate (group `system:masters`, used by the
 //! admin, the kubelets, kube-proxy, the scheduler and the controller manager: this is a lab, and
@@ -18,10 +18,10 @@ use crate::{
 };
 
 /// PEM text the kubeconfigs need.
-pub(crate) struct Certs {
-    pub(crate) ca: String,
-    pub(crate) admin_cert: String,
-    pub(crate) admin_key: String,
+pub struct Certs {
+    pub ca: String,
+    pub admin_cert: String,
+    pub admin_key: String,
 }
 
 impl std::fmt::Debug for Certs {
@@ -32,7 +32,7 @@ impl std::fmt::Debug for Certs {
 
 /// Generates fresh certificates into `dir` (`ca.crt`, `apiserver.{crt,key}`, `sa.{key,pub}`);
 /// the admin's go into the kubeconfigs only.
-pub(crate) fn generate(dir: &Path) -> Result<Certs> {
+pub fn generate(dir: &Path) -> Result<Certs> {
     let ca_key = KeyPair::generate()?;
     let mut ca_params = CertificateParams::default();
     ca_params
@@ -96,7 +96,7 @@ pub(crate) fn generate(dir: &Path) -> Result<Certs> {
 }
 
 /// A kubeconfig for `server` with the admin identity.
-pub(crate) fn kubeconfig(server: &str, certs: &Certs) -> String {
+pub fn kubeconfig(server: &str, certs: &Certs) -> String {
     let b64 = |pem: &str| base64::engine::general_purpose::STANDARD.encode(pem);
     format!(
         "apiVersion: v1\nkind: Config\nclusters:\n- name: cloak-lab\n  cluster:\n    server: {server}\n    certificate-authority-data: {}\nusers:\n- name: admin\n  user:\n    client-certificate-data: {}\n    client-key-data: {}\ncontexts:\n- name: cloak-lab\n  context:\n    cluster: cloak-lab\n    user: admin\n    namespace: default\ncurrent-context: cloak-lab\n",
@@ -106,7 +106,8 @@ pub(crate) fn kubeconfig(server: &str, certs: &Certs) -> String {
     )
 }
 
-pub(crate) fn write_private(path: &Path, text: &str) -> Result<()> {
+/// Writes `text` to `path` with mode 0600.
+pub fn write_private(path: &Path, text: &str) -> Result<()> {
     fs::write(path, text).map_err(Error::io(path))?;
     fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(Error::io(path))
 }

@@ -26,7 +26,7 @@
 //! directories, files) and restores the sysctls the kubelet changes: the same reaping runs
 //! before every `up`, so a lab left by a killed `up` never lingers.
 
-mod certs;
+pub mod certs;
 mod cluster;
 mod echo;
 mod error;
@@ -45,7 +45,7 @@ pub use images::CLOAK_PACKAGES;
 pub use layout::Lab;
 pub use manifests::HELM_VALUES;
 pub use supervisor::{CLOAK_NAMESPACE, DEMO_NAMESPACE, Reaped, UpOptions, tool};
-pub use vpn::client_config;
+pub use vpn::{Pki, client_config};
 
 mod manifests;
 mod status;

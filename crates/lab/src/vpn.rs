@@ -290,16 +290,25 @@ pub fn client_config(lab: &Lab, p: &Provider, k: u8) -> Result<String> {
     fs::read_to_string(&path).map_err(Error::io(path))
 }
 
-struct Pki {
-    ca: String,
-    server_cert: String,
-    server_key: String,
-    client_cert: String,
-    client_key: String,
+/// A fresh EC PKI for an OpenVPN server and its client (PEM text): a CA, a server certificate
+/// (serverAuth) and a client certificate (clientAuth). Also the test network lab's.
+#[allow(clippy::struct_field_names)] // PEM texts; the names say which
+pub struct Pki {
+    pub ca: String,
+    pub server_cert: String,
+    pub server_key: String,
+    pub client_cert: String,
+    pub client_key: String,
+}
+
+impl std::fmt::Debug for Pki {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Pki(<redacted>)")
+    }
 }
 
 impl Pki {
-    fn generate() -> Result<Self> {
+    pub fn generate() -> Result<Self> {
         let ca_key = KeyPair::generate()?;
         let mut ca_params = CertificateParams::default();
         ca_params

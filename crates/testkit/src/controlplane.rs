@@ -36,8 +36,6 @@ use kube::{
 };
 use std::os::unix::process::CommandExt;
 
-use crate::certs;
-
 /// The field manager the harness applies CRDs with.
 const FIELD_MANAGER: &str = "cloak-testkit";
 /// Where every control plane of this machine lives; one subdirectory each.
@@ -97,7 +95,7 @@ pub enum Error {
     #[error("building the control-plane binaries failed: {0}")]
     Build(String),
     #[error("generating certificates: {0}")]
-    Certs(#[from] rcgen::Error),
+    Certs(#[from] cloak_lab::Error),
     #[error("{name} did not become ready within {timeout:?}; last error: {last}; log tail:\n{log}")]
     NotReady {
         name: &'static str,
@@ -243,11 +241,14 @@ impl ControlPlane {
         fs::write(&janitor_pid, janitor.watchdog.id().to_string())
             .map_err(Error::io(&janitor_pid))?;
 
-        let certs = certs::generate(&dir)?;
+        let certs = cloak_lab::certs::generate(&dir)?;
         let [etcd_port, peer_port, api_port] = free_ports::<3>(&dir)?;
         let kubeconfig = dir.join("admin.kubeconfig");
-        fs::write(&kubeconfig, render_kubeconfig(api_port, &certs))
-            .map_err(Error::io(&kubeconfig))?;
+        fs::write(
+            &kubeconfig,
+            cloak_lab::certs::kubeconfig(&format!("https://127.0.0.1:{api_port}"), &certs),
+        )
+        .map_err(Error::io(&kubeconfig))?;
 
         let mut servers = Vec::new();
         let etcd_url = format!("http://127.0.0.1:{etcd_port}");
@@ -748,53 +749,9 @@ fn path_str(path: &Path) -> String {
     path.to_string_lossy().into_owned()
 }
 
-fn render_kubeconfig(port: u16, certs: &certs::Certs) -> String {
-    use std::fmt::Write as _;
-    let b64 = |pem: &str| base64_encode(pem.as_bytes());
-    let mut out = String::new();
-    let _ = write!(
-        out,
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: cloak-test\n  cluster:\n    server: https://127.0.0.1:{port}\n    certificate-authority-data: {}\nusers:\n- name: admin\n  user:\n    client-certificate-data: {}\n    client-key-data: {}\ncontexts:\n- name: cloak-test\n  context:\n    cluster: cloak-test\n    user: admin\n    namespace: default\ncurrent-context: cloak-test\n",
-        b64(&certs.ca_pem),
-        b64(&certs.admin_cert_pem),
-        b64(&certs.admin_key_pem),
-    );
-    out
-}
-
-fn base64_encode(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(char::from(ALPHABET[(n >> (18 - 6 * i)) as usize & 63]));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn base64_matches_the_standard_alphabet_with_padding() {
-        assert_eq!(base64_encode(b""), "");
-        assert_eq!(base64_encode(b"f"), "Zg==");
-        assert_eq!(base64_encode(b"fo"), "Zm8=");
-        assert_eq!(base64_encode(b"foo"), "Zm9v");
-        assert_eq!(base64_encode(b"foobar"), "Zm9vYmFy");
-    }
 
     #[test]
     fn owner_record_of_this_process_is_stable_and_of_a_dead_pid_absent() {

@@ -4,7 +4,6 @@
 //!   kube-controller-manager) on loopback ports, shared by the tests of one test binary.
 //! - [`netns`]: network namespaces and veth pairs that are removed, with their processes, on drop.
 
-mod certs;
 pub mod controlplane;
 pub mod netlab;
 pub mod netns;

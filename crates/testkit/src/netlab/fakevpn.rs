@@ -20,10 +20,6 @@ use cloak_dataplane::{
     secret::PublicKey,
     wireguard::{Userspace, WireguardConfig, WireguardPeer},
 };
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
 
 use crate::netns::Netns;
 
@@ -245,7 +241,7 @@ impl FakeOpenVpn {
 
     fn start_with(ns: &Netns, endpoint: SocketAddr, password: Option<(&str, &str)>) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let pki = Pki::generate();
+        let pki = cloak_lab::Pki::generate().expect("generating the PKI");
         for (name, pem) in [
             ("ca.crt", &pki.ca),
             ("server.crt", &pki.server_cert),
@@ -356,49 +352,6 @@ impl FakeOpenVpn {
 impl Drop for FakeOpenVpn {
     fn drop(&mut self) {
         self.stop();
-    }
-}
-
-struct Pki {
-    ca: String,
-    server_cert: String,
-    server_key: String,
-    client_cert: String,
-    client_key: String,
-}
-
-impl Pki {
-    fn generate() -> Self {
-        let ca_key = KeyPair::generate().expect("key");
-        let mut ca_params = CertificateParams::default();
-        ca_params
-            .distinguished_name
-            .push(DnType::CommonName, "cloak-lab-vpn-ca");
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let ca_cert = ca_params.self_signed(&ca_key).expect("CA");
-        let ca = Issuer::new(ca_params, ca_key);
-        let leaf = |cn: &str, eku: ExtendedKeyUsagePurpose| {
-            let key = KeyPair::generate().expect("key");
-            let mut params = CertificateParams::new(vec![cn.to_owned()]).expect("params");
-            params.distinguished_name.push(DnType::CommonName, cn);
-            params.key_usages = vec![
-                KeyUsagePurpose::DigitalSignature,
-                KeyUsagePurpose::KeyAgreement,
-            ];
-            params.extended_key_usages = vec![eku];
-            let cert = params.signed_by(&key, &ca).expect("leaf");
-            (cert.pem(), key.serialize_pem())
-        };
-        let (server_cert, server_key) = leaf("server", ExtendedKeyUsagePurpose::ServerAuth);
-        let (client_cert, client_key) = leaf("client", ExtendedKeyUsagePurpose::ClientAuth);
-        Self {
-            ca: ca_cert.pem(),
-            server_cert,
-            server_key,
-            client_cert,
-            client_key,
-        }
     }
 }
 
