@@ -28,6 +28,8 @@ pub(crate) const KUBELET_SYSCTLS: [&str; 3] = [
 /// What a reap removed, for the user.
 #[derive(Debug, Default)]
 pub struct Reaped {
+    /// The lab's supervisor was running and took its lab down itself.
+    pub supervisor_stopped: bool,
     pub processes: usize,
     pub namespaces: usize,
     pub cgroups: usize,
@@ -36,6 +38,9 @@ pub struct Reaped {
 
 impl std::fmt::Display for Reaped {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.supervisor_stopped {
+            f.write_str("its supervisor stopped every process and removed the lab; then ")?;
+        }
         write!(
             f,
             "{} processes, {} network namespaces, {} cgroup directories removed{}",

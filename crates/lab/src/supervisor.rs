@@ -210,7 +210,8 @@ impl Lab {
 
     /// Stops the lab and removes everything it made. Nothing to do is not an error.
     pub fn down(&self) -> Result<Reaped> {
-        if let Some(pid) = supervisor_pid(self) {
+        let supervised = supervisor_pid(self);
+        if let Some(pid) = supervised {
             let identity = procs::identity(pid);
             procs::signal(pid, Signal::SIGTERM);
             let deadline = Instant::now() + Duration::from_secs(90);
@@ -224,7 +225,9 @@ impl Lab {
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
-        reap::reap(self)
+        let mut reaped = reap::reap(self)?;
+        reaped.supervisor_stopped = supervised.is_some();
+        Ok(reaped)
     }
 
     /// Whether the lab's supervisor process runs (building, up, or tearing down).
