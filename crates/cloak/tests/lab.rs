@@ -518,20 +518,24 @@ fn rotated_credentials_in_the_providers_secret_reach_the_running_pod_which_recon
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
             .unwrap()
     };
-    let t = stamp();
-    rotate_to(2);
-    let server2 = format!("endpoint {}:{}", alpha.server(2), alpha.port(2));
-    eventually(
-        "the agent connects to server 2",
-        Duration::from_secs(90),
-        || {
-            if logs_since(&t).contains(&server2) {
-                Ok(())
-            } else {
-                Err("not yet".into())
-            }
-        },
-    );
+    // Rotates the Secret to server `k` and waits until the agent connects to it.
+    let rotate_and_reconnect = |k: u8| {
+        let t = stamp();
+        rotate_to(k);
+        let endpoint = format!("endpoint {}:{}", alpha.server(k), alpha.port(k));
+        eventually(
+            &format!("the agent connects to server {k}"),
+            Duration::from_secs(90),
+            || {
+                if logs_since(&t).contains(&endpoint) {
+                    Ok(())
+                } else {
+                    Err("not yet".into())
+                }
+            },
+        );
+    };
+    rotate_and_reconnect(2);
     let since = now();
     let exit = eventually(
         "the client's traffic flows again",
@@ -540,20 +544,7 @@ fn rotated_credentials_in_the_providers_secret_reach_the_running_pod_which_recon
     );
     assert_eq!(exit, alpha.exit());
     // Back to server 1 for the other tests.
-    let t = stamp();
-    rotate_to(1);
-    let server1 = format!("endpoint {}:{}", alpha.server(1), alpha.port(1));
-    eventually(
-        "the agent is back on server 1",
-        Duration::from_secs(90),
-        || {
-            if logs_since(&t).contains(&server1) {
-                Ok(())
-            } else {
-                Err("not yet".into())
-            }
-        },
-    );
+    rotate_and_reconnect(1);
 }
 
 /// One UDP exchange from the external client namespace.

@@ -105,6 +105,19 @@ pub fn pod(input: &VerifyPod<'_>) -> Result<Pod, serde_json::Error> {
             merge(container, patch);
         }
     }
+    finish(
+        input,
+        json!({
+            "restartPolicy": "Never",
+            "initContainers": [init],
+            "containers": [vpn, probe],
+            "volumes": [{"name": "shared", "emptyDir": {}}],
+        }),
+    )
+}
+
+/// The pod around `spec`: name, labels, owners, then the user's pod overrides.
+fn finish(input: &VerifyPod<'_>, spec: Value) -> Result<Pod, serde_json::Error> {
     let mut pod = json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {
@@ -112,13 +125,8 @@ pub fn pod(input: &VerifyPod<'_>) -> Result<Pod, serde_json::Error> {
             "labels": {LABEL_PROVIDER: input.provider, "app.kubernetes.io/managed-by": "cloak"},
             "ownerReferences": input.owners,
         },
-        "spec": {
-            "restartPolicy": "Never",
-            "initContainers": [init],
-            "containers": [vpn, probe],
-            "volumes": [{"name": "shared", "emptyDir": {}}],
-        },
     });
+    pod["spec"] = spec;
     if let Some(patch) = input.overrides.and_then(|o| o.pod.as_ref()) {
         merge(&mut pod, patch);
     }
@@ -150,26 +158,17 @@ fn agent_pod(
     {
         merge(&mut probe, patch);
     }
-    let mut pod = json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {
-            "name": input.name, "namespace": input.namespace,
-            "labels": {LABEL_PROVIDER: input.provider, "app.kubernetes.io/managed-by": "cloak"},
-            "ownerReferences": input.owners,
-        },
-        "spec": {
+    finish(
+        input,
+        json!({
             "restartPolicy": "Never",
             "containers": [probe],
             "volumes": [
                 {"name": "credentials", "secret": {"secretName": input.secret}},
                 {"name": "tun", "hostPath": {"path": "/dev/net/tun", "type": "CharDevice"}},
             ],
-        },
-    });
-    if let Some(patch) = input.overrides.and_then(|o| o.pod.as_ref()) {
-        merge(&mut pod, patch);
-    }
-    serde_json::from_value(pod)
+        }),
+    )
 }
 
 /// What a verification pod's status says.
