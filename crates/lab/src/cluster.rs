@@ -73,6 +73,10 @@ impl Binaries {
             "/usr/lib/cni/host-local",
             "/usr/lib/cni/loopback",
             "/usr/bin/setpriv",
+            "/usr/bin/nsenter",
+            "/usr/bin/unshare",
+            "/usr/sbin/openvpn",
+            "/usr/sbin/nft",
         ] {
             if !Path::new(tool).exists() {
                 missing.push(PathBuf::from(tool));

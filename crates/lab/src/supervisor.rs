@@ -84,6 +84,17 @@ impl Lab {
                     "lab {} is already up (`cloak lab status`)",
                     self.name()
                 );
+                let running = fs::read_to_string(self.dir().join("options.json"))
+                    .ok()
+                    .and_then(|t| serde_json::from_str::<UpOptions>(&t).ok())
+                    .map_or(options.nodes, |o| o.nodes);
+                if running != options.nodes {
+                    let _ = writeln!(
+                        out,
+                        "it has {running} nodes, not {}: `cloak lab down` first to change that",
+                        options.nodes
+                    );
+                }
                 return Ok(());
             }
             let _ = writeln!(
