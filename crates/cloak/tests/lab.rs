@@ -372,11 +372,7 @@ impl<'a> NodeCounters<'a> {
             pods = layout::POD_CIDR,
             services = layout::SERVICE_CIDR,
         );
-        let path = std::env::temp_dir().join(format!("cloak-leaks-{}.nft", std::process::id()));
-        std::fs::write(&path, script).unwrap();
-        lab.exec_in(node, &["nft", "-f", &path.to_string_lossy()])
-            .unwrap();
-        let _ = std::fs::remove_file(&path);
+        lab.nft(node, &script);
         Self {
             lab,
             node: node.to_owned(),
@@ -421,11 +417,7 @@ impl<'a> Outage<'a> {
         let script = format!(
             "table ip cloak_test_outage {{\n  chain forward {{\n    type filter hook forward priority -400; policy accept;\n    ip daddr {{ {set} }} drop\n    ip saddr {{ {set} }} drop\n  }}\n}}\n"
         );
-        let path = std::env::temp_dir().join(format!("cloak-outage-{}.nft", std::process::id()));
-        std::fs::write(&path, script).unwrap();
-        lab.exec_in("net", &["nft", "-f", &path.to_string_lossy()])
-            .unwrap();
-        let _ = std::fs::remove_file(&path);
+        lab.nft("net", &script);
         Self { lab }
     }
 }
@@ -547,6 +539,12 @@ fn rotated_credentials_in_the_providers_secret_reach_the_running_pod_which_recon
     rotate_and_reconnect(1);
 }
 
+/// The web page through the host's forwarded port 8080, from the external client namespace.
+fn web_page_from_ext(lab: &lab::TestLab) -> Result<String, String> {
+    let url = format!("http://{}:8080/", layout::HOST_EXTERNAL);
+    lab.exec_in("ext", &["curl", "-s", "-m", "3", &url])
+}
+
 /// One UDP exchange from the external client namespace.
 fn udp_from_ext(lab: &lab::TestLab, to: &str, payload: &str) -> Result<String, String> {
     let script = format!(
@@ -571,18 +569,7 @@ fn portfwd_in_the_host_namespace_reaches_an_annotated_nodeport_service_over_tcp_
     let page = eventually(
         "http through the host's port 8080",
         Duration::from_mins(1),
-        || {
-            lab.exec_in(
-                "ext",
-                &[
-                    "curl",
-                    "-s",
-                    "-m",
-                    "3",
-                    &format!("http://{}:8080/", layout::HOST_EXTERNAL),
-                ],
-            )
-        },
+        || web_page_from_ext(lab),
     );
     assert_eq!(page.trim(), "hello from the cloak lab");
     let echoed = eventually(
@@ -619,16 +606,7 @@ fn portfwd_in_the_host_namespace_reaches_an_annotated_nodeport_service_over_tcp_
         },
     );
     for _ in 0..4 {
-        let page = lab.exec_in(
-            "ext",
-            &[
-                "curl",
-                "-s",
-                "-m",
-                "3",
-                &format!("http://{}:8080/", layout::HOST_EXTERNAL),
-            ],
-        );
+        let page = web_page_from_ext(lab);
         assert_eq!(
             page.map(|p| p.trim().to_owned()),
             Ok("hello from the cloak lab".to_owned())

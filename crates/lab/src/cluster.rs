@@ -253,14 +253,14 @@ pub(crate) fn internet_dns(lab: &Lab, bins: &Binaries, procs: &mut Procs) -> Res
     fs::write(&path, corefile).map_err(Error::io(&path))?;
     procs.spawn(
         "internet-dns",
-        &[
-            "nsenter".into(),
-            format!("--net=/var/run/netns/{}", lab.netns("net")),
-            "--".into(),
-            bins.lab("coredns"),
-            "-conf".into(),
-            path.to_string_lossy().into_owned(),
-        ],
+        &sh::in_netns(
+            &lab.netns("net"),
+            [
+                bins.lab("coredns"),
+                "-conf".into(),
+                path.to_string_lossy().into_owned(),
+            ],
+        ),
         Some(&dir),
     )?;
     Ok(())
@@ -292,15 +292,8 @@ pub(crate) fn control_plane(
     let p = |name: &str| pki.join(name).to_string_lossy().into_owned();
     let d = |name: &str| lab.dir().join(name).to_string_lossy().into_owned();
     let kc = cluster_kubeconfig.to_string_lossy().into_owned();
-    let in_cp = |argv: Vec<String>| {
-        let mut full = vec![
-            "nsenter".to_owned(),
-            format!("--net=/var/run/netns/{}", lab.netns("cp")),
-            "--".to_owned(),
-        ];
-        full.extend(argv);
-        full
-    };
+    let cp = lab.netns("cp");
+    let in_cp = |argv: Vec<String>| sh::in_netns(&cp, argv);
     procs.spawn(
         "etcd",
         &in_cp(vec![
@@ -445,21 +438,21 @@ pub(crate) fn node(
     let d = |p: &str| dir.join(p).to_string_lossy().into_owned();
     let holder = procs.spawn(
         &format!("{name}-holder"),
-        &[
-            "nsenter".into(),
-            format!("--net=/var/run/netns/{netns}"),
-            "--".into(),
-            "unshare".into(),
-            "--mount".into(),
-            "--propagation".into(),
-            "slave".into(),
-            "--".into(),
-            "sh".into(),
-            "-c".into(),
-            HOLDER.into(),
-            "holder".into(),
-            d(""),
-        ],
+        &sh::in_netns(
+            &netns,
+            [
+                "unshare".into(),
+                "--mount".into(),
+                "--propagation".into(),
+                "slave".into(),
+                "--".into(),
+                "sh".into(),
+                "-c".into(),
+                HOLDER.into(),
+                "holder".into(),
+                d(""),
+            ],
+        ),
         None,
     )?;
     let ready = dir.join("holder.ready");

@@ -80,6 +80,18 @@ pub(crate) fn ip(netns: &str, args: &[&str]) -> Result<String> {
     run(&command)
 }
 
+/// `argv` run inside the named network namespace (and the caller's mount namespace: unlike
+/// `ip netns exec`, `nsenter --net` leaves `/sys` as it is).
+pub(crate) fn in_netns(netns: &str, argv: impl IntoIterator<Item = String>) -> Vec<String> {
+    let mut full = vec![
+        "nsenter".to_owned(),
+        format!("--net=/var/run/netns/{netns}"),
+        "--".to_owned(),
+    ];
+    full.extend(argv);
+    full
+}
+
 /// Loads an nftables script into `netns`.
 pub(crate) fn nft(netns: &str, script: &str) -> Result<()> {
     run_with_input(&["ip", "netns", "exec", netns, "nft", "-f", "-"], script).map(drop)

@@ -537,18 +537,18 @@ fn portfwd(lab: &Lab, options: &UpOptions, procs: &mut Procs) -> Result<()> {
     procs
         .spawn(
             "portfwd",
-            &[
-                "nsenter".into(),
-                format!("--net=/var/run/netns/{}", lab.netns("host")),
-                "--".into(),
-                "env".into(),
-                format!("KUBECONFIG={}", cluster::cluster_kubeconfig(lab).display()),
-                options.cloak.to_string_lossy().into_owned(),
-                "portfwd".into(),
-                "--interfaces=ext0".into(),
-                "--admin-addr=127.0.0.1:8081".into(),
-                "local".into(),
-            ],
+            &sh::in_netns(
+                &lab.netns("host"),
+                [
+                    "env".into(),
+                    format!("KUBECONFIG={}", cluster::cluster_kubeconfig(lab).display()),
+                    options.cloak.to_string_lossy().into_owned(),
+                    "portfwd".into(),
+                    "--interfaces=ext0".into(),
+                    "--admin-addr=127.0.0.1:8081".into(),
+                    "local".into(),
+                ],
+            ),
             None,
         )
         .map(drop)

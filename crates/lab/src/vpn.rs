@@ -242,14 +242,14 @@ pub(crate) fn openvpn(lab: &Lab, p: &Provider, dir: &Path, procs: &mut Procs) ->
         fs::write(&conf_path, conf).map_err(Error::io(&conf_path))?;
         procs.spawn(
             &format!("{}-{k}", p.name),
-            &[
-                "nsenter".into(),
-                format!("--net=/var/run/netns/{ns}"),
-                "--".into(),
-                "openvpn".into(),
-                "--config".into(),
-                conf_path.to_string_lossy().into_owned(),
-            ],
+            &sh::in_netns(
+                &ns,
+                [
+                    "openvpn".into(),
+                    "--config".into(),
+                    conf_path.to_string_lossy().into_owned(),
+                ],
+            ),
             Some(dir),
         )?;
         let client = format!(

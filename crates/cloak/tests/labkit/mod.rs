@@ -101,12 +101,7 @@ impl TestLab {
     }
 
     pub(crate) fn try_kubectl(&self, args: &[&str]) -> Result<String, String> {
-        let out = self.lab.kubectl(&self.kubectl).args(args).output().unwrap();
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).into_owned())
-        }
+        stdout_or_stderr(&self.lab.kubectl(&self.kubectl).args(args).output().unwrap())
     }
 
     /// `kubectl args... -o json`, parsed.
@@ -144,11 +139,7 @@ impl TestLab {
             .arg(self.lab.kubeconfig())
             .output()
             .unwrap();
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).into_owned())
-        }
+        stdout_or_stderr(&out)
     }
 
     /// A fresh Kubernetes namespace for one test.
@@ -172,11 +163,35 @@ impl TestLab {
             .args(argv)
             .output()
             .unwrap();
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).into_owned())
-        }
+        stdout_or_stderr(&out)
+    }
+
+    /// Loads an nftables script inside a network namespace of the lab; panics when `nft`
+    /// refuses it.
+    pub(crate) fn nft(&self, role: &str, script: &str) {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.netns(role), "nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), script.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "nft in {role}: {}\n{script}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// Standard output of a command that succeeded, its standard error otherwise.
+fn stdout_or_stderr(out: &Output) -> Result<String, String> {
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
     }
 }
 
