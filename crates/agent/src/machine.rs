@@ -420,8 +420,7 @@ fn connecting_policy(cfg: &Resolved, with_tunnel: bool) -> FirewallPolicy {
 fn connected_policy(cfg: &Resolved) -> FirewallPolicy {
     FirewallPolicy {
         bypass: cfg.bypass.clone(),
-        // IPv4 TCP header 20 + IP header 20 (the IPv6 case is 20 bytes tighter, covered by the
-        // tunnel MTU's own 80-byte margin).
+        // TCP header 20 + IPv4 header 20; the firewall clamps IPv6 20 bytes lower.
         clamp_mss: Some(cfg.tunnel.mtu().saturating_sub(40)),
         ..connecting_policy(cfg, true)
     }

@@ -193,7 +193,8 @@ struct SshArgs {
     #[arg(long, env = "CLOAK_SSH_COMMAND", default_value = "sudo nft -f -")]
     remote_command: String,
     /// Extra `ssh -o` options (repeatable), e.g. `UserKnownHostsFile=/etc/cloak/known_hosts`.
-    #[arg(long = "ssh-option", env = "CLOAK_SSH_OPTIONS", value_delimiter = ',')]
+    /// Kept whole (`Ciphers=a,b` is one option); `CLOAK_SSH_OPTIONS` holds one per line.
+    #[arg(long = "ssh-option", env = "CLOAK_SSH_OPTIONS", value_delimiter = '\n')]
     ssh_options: Vec<String>,
 }
 
@@ -518,6 +519,36 @@ mod tests {
     #[test]
     fn command_line_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn an_ssh_option_keeps_its_commas() {
+        let cli = Cli::try_parse_from([
+            "cloak",
+            "portfwd",
+            "ssh",
+            "--host",
+            "cloak@host",
+            "--ssh-option",
+            "Ciphers=aes128-ctr,aes256-ctr",
+            "--ssh-option",
+            "UserKnownHostsFile=/etc/cloak/known_hosts",
+        ])
+        .unwrap();
+        let Command::Portfwd(PortfwdArgs {
+            command: PortfwdCommand::Ssh(ssh),
+            ..
+        }) = cli.command
+        else {
+            panic!("not portfwd ssh");
+        };
+        assert_eq!(
+            ssh.ssh_options,
+            [
+                "Ciphers=aes128-ctr,aes256-ctr",
+                "UserKnownHostsFile=/etc/cloak/known_hosts"
+            ]
+        );
     }
 
     #[test]

@@ -36,7 +36,8 @@ pub struct FirewallPolicy {
     pub dns: Option<IpAddr>,
     /// Networks reachable outside the tunnel (the cluster, a LAN).
     pub bypass: Vec<IpNet>,
-    /// TCP MSS to clamp forwarded SYNs to, in both directions (tunnel MTU - 40; NETNOTES trap 2).
+    /// IPv4 TCP MSS to clamp forwarded SYNs to, in both directions (tunnel MTU - 40; NETNOTES
+    /// trap 2). IPv6 SYNs are clamped 20 bytes lower (tunnel MTU - 60).
     pub clamp_mss: Option<u32>,
     /// Skip connection tracking for the tunnel's packets (plain ones on the tunnel interface,
     /// encrypted ones to and from the endpoints). Tracking them cost ~7 % of single-stream
@@ -79,9 +80,17 @@ impl FirewallPolicy {
         // Into the tunnel: the hot path, so it is the second rule of each base chain. DNS only
         // to the one resolver; IPv6 only when the tunnel carries it.
         let mut tunnel = Vec::new();
+        // A resolver of one family leaves no DNS of the other (an `ip daddr` match never sees
+        // an IPv6 packet).
         match self.dns {
-            Some(IpAddr::V4(r)) => tunnel.push(format!("{dns} ip daddr != {r} drop")),
-            Some(IpAddr::V6(r)) => tunnel.push(format!("{dns} ip6 daddr != {r} drop")),
+            Some(IpAddr::V4(r)) => tunnel.extend([
+                format!("{dns} ip daddr != {r} drop"),
+                format!("{dns} meta nfproto ipv6 drop"),
+            ]),
+            Some(IpAddr::V6(r)) => tunnel.extend([
+                format!("{dns} ip6 daddr != {r} drop"),
+                format!("{dns} meta nfproto ipv4 drop"),
+            ]),
             None => {}
         }
         tunnel.push("meta nfproto ipv4 accept".to_owned());
@@ -179,12 +188,15 @@ impl FirewallPolicy {
             chains.push(Chain {
                 name: "clamp",
                 hook: "type filter hook forward priority mangle; policy accept;".into(),
+                // An IPv6 header is 20 bytes longer than an IPv4 one.
                 rules: ["oifname", "iifname"]
                     .iter()
-                    .map(|dir| {
-                        format!(
-                            "{dir} \"{tun}\" tcp flags syn tcp option maxseg size > {mss} tcp option maxseg size set {mss}"
-                        )
+                    .flat_map(|dir| {
+                        [("ipv4", mss), ("ipv6", mss.saturating_sub(20))].map(|(family, mss)| {
+                            format!(
+                                "{dir} \"{tun}\" meta nfproto {family} tcp flags syn tcp option maxseg size > {mss} tcp option maxseg size set {mss}"
+                            )
+                        })
                     })
                     .collect(),
             });
@@ -391,7 +403,7 @@ mod tests {
             "meta l4proto { tcp, udp } th dport 53 ip daddr != 10.64.0.1 drop",
             "\t\tmeta nfproto ipv4 accept",
             "ip daddr 10.96.0.0/12 accept",
-            "iifname \"ck0\" tcp flags syn tcp option maxseg size > 1380 tcp option maxseg size set 1380",
+            "iifname \"ck0\" meta nfproto ipv4 tcp flags syn tcp option maxseg size > 1380 tcp option maxseg size set 1380",
         ] {
             assert!(script.contains(rule), "missing {rule:?} in\n{script}");
         }
@@ -408,6 +420,65 @@ mod tests {
             ..p
         };
         assert!(v6.render().contains("\t\tmeta nfproto ipv6 accept"));
+    }
+
+    #[test]
+    fn inside_the_tunnel_dns_of_either_family_goes_only_to_the_resolver() {
+        let v4_resolver = FirewallPolicy {
+            tunnel_ipv6: true,
+            ..connected()
+        };
+        let tunnel = |p: &FirewallPolicy| {
+            p.chains()
+                .into_iter()
+                .find(|c| c.name == "tunnel")
+                .unwrap()
+                .rules
+        };
+        assert_eq!(
+            tunnel(&v4_resolver)[..2],
+            [
+                "meta l4proto { tcp, udp } th dport 53 ip daddr != 10.64.0.1 drop",
+                "meta l4proto { tcp, udp } th dport 53 meta nfproto ipv6 drop",
+            ],
+            "an IPv4 resolver: no IPv6 DNS at all"
+        );
+        let v6_resolver = FirewallPolicy {
+            dns: Some("fd00::53".parse().unwrap()),
+            ..v4_resolver
+        };
+        assert_eq!(
+            tunnel(&v6_resolver)[..2],
+            [
+                "meta l4proto { tcp, udp } th dport 53 ip6 daddr != fd00::53 drop",
+                "meta l4proto { tcp, udp } th dport 53 meta nfproto ipv4 drop",
+            ],
+            "an IPv6 resolver: no IPv4 DNS at all"
+        );
+    }
+
+    #[test]
+    fn forwarded_syns_are_clamped_per_family() {
+        let p = FirewallPolicy {
+            tunnel_ipv6: true,
+            ..connected()
+        };
+        let clamp = p
+            .chains()
+            .into_iter()
+            .find(|c| c.name == "clamp")
+            .unwrap()
+            .rules;
+        assert_eq!(
+            clamp,
+            [
+                "oifname \"ck0\" meta nfproto ipv4 tcp flags syn tcp option maxseg size > 1380 tcp option maxseg size set 1380",
+                "oifname \"ck0\" meta nfproto ipv6 tcp flags syn tcp option maxseg size > 1360 tcp option maxseg size set 1360",
+                "iifname \"ck0\" meta nfproto ipv4 tcp flags syn tcp option maxseg size > 1380 tcp option maxseg size set 1380",
+                "iifname \"ck0\" meta nfproto ipv6 tcp flags syn tcp option maxseg size > 1360 tcp option maxseg size set 1360",
+            ],
+            "an IPv6 header is 20 bytes longer than an IPv4 one"
+        );
     }
 
     #[test]
