@@ -6,6 +6,7 @@
 //! What does not belong here: kernel side effects (the `dataplane` crate), Kubernetes.
 
 pub mod config;
+pub mod health;
 pub mod machine;
 pub mod metrics;
 pub mod probe;
@@ -14,7 +15,8 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use axum::{Router, extract::State, http::StatusCode, routing::get};
 use cloak_dataplane::{
-    Firewall, Routes, firewall::Nftables, routes::LinuxRoutes, tunnel::LinuxDriver,
+    Firewall, FirewallPolicy, RouteSet, Routes, firewall::Nftables, routes::LinuxRoutes,
+    tunnel::LinuxDriver,
 };
 use tokio::sync::watch;
 
@@ -42,10 +44,28 @@ pub async fn run(options: Options) -> std::io::Result<()> {
     let (status_tx, status_rx) = watch::channel(Status::default());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
+    // Block first, always: the pod's traffic must not flow while anything below fails (the
+    // table outlives this process, so an agent that cannot start leaves the pod closed).
+    let mut firewall = Nftables;
+    firewall
+        .apply(&FirewallPolicy::block_all())
+        .and_then(|()| LinuxRoutes.apply(&RouteSet::default()))
+        .map_err(|e| std::io::Error::other(format!("blocking all traffic: {e}")))?;
+    std::fs::create_dir_all(&options.state_dir).map_err(|e| {
+        std::io::Error::other(format!(
+            "state directory {}: {e}",
+            options.state_dir.display()
+        ))
+    })?;
+    let listener = tokio::net::TcpListener::bind(options.admin_addr)
+        .await
+        .map_err(|e| {
+            std::io::Error::other(format!("admin server on {}: {e}", options.admin_addr))
+        })?;
+
     let (config_tx, config_rx) = watch::channel(load(&options));
     let watcher = tokio::spawn(watch_config(options.clone(), config_tx));
 
-    let listener = tokio::net::TcpListener::bind(options.admin_addr).await?;
     let app = Router::new()
         .route("/livez", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
@@ -57,12 +77,7 @@ pub async fn run(options: Options) -> std::io::Result<()> {
         }
     });
 
-    let userspace = match &*config_rx.borrow() {
-        Ok(c) => c.userspace,
-        Err(_) => false,
-    };
-    std::fs::create_dir_all(&options.state_dir)?;
-    let machine = linux_machine(&options.state_dir, userspace, status_tx, metrics);
+    let machine = linux_machine(&options.state_dir, status_tx, metrics);
     let signals = tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
         if let (Ok(mut term), Ok(mut int)) = (
@@ -85,7 +100,6 @@ pub async fn run(options: Options) -> std::io::Result<()> {
 /// The state machine on this machine's kernel: nftables, routes, tunnels, probes.
 fn linux_machine(
     state_dir: &std::path::Path,
-    userspace: bool,
     status: watch::Sender<Status>,
     metrics: Arc<Metrics>,
 ) -> Machine<Nftables, LinuxRoutes, LinuxDriver, NetProber> {
@@ -94,7 +108,6 @@ fn linux_machine(
         routes: LinuxRoutes,
         driver: LinuxDriver {
             state_dir: state_dir.to_owned(),
-            userspace_only: userspace,
         },
         prober: NetProber,
         status,
@@ -191,16 +204,10 @@ pub async fn verify(options: VerifyOptions) -> Result<Option<std::net::IpAddr>, 
     if let Err(e) = &loaded {
         return Err(format!("the agent refuses its config or credentials: {e}"));
     }
-    let userspace = loaded.as_ref().is_ok_and(|c| c.userspace);
     let (status_tx, mut status_rx) = watch::channel(Status::default());
     let (_shutdown_tx, shutdown_rx) = watch::channel(false);
     let (_config_tx, config_rx) = watch::channel(loaded);
-    let machine = linux_machine(
-        &options.state_dir,
-        userspace,
-        status_tx,
-        Arc::new(Metrics::new()),
-    );
+    let machine = linux_machine(&options.state_dir, status_tx, Arc::new(Metrics::new()));
     // The reason of the last failed attempt ("no wireguard handshake with ... within 15s") says
     // more than the attempt in progress when time runs out.
     let mut last_failure: Option<String> = None;

@@ -22,7 +22,7 @@
 
 use std::{fmt, net::IpAddr, sync::Arc, time::Duration};
 
-use cloak_dataplane::{Firewall, FirewallPolicy, RouteSet, Routes, TunnelDriver, TunnelState};
+use cloak_dataplane::{Firewall, FirewallPolicy, RouteSet, Routes, TunnelDriver};
 use tokio::{
     sync::watch,
     time::{Instant, sleep},
@@ -30,6 +30,7 @@ use tokio::{
 
 use crate::{
     config::{ConfigError, Resolved},
+    health::{self, Verdict},
     metrics::Metrics,
     probe::Prober,
 };
@@ -140,7 +141,7 @@ where
                 Err(e) => {
                     self.block(&format!("config: {e}"));
                     tokio::select! {
-                        _ = config.changed() => continue,
+                        () = changed(&mut config) => continue,
                         _ = shutdown.changed() => break,
                     }
                 }
@@ -168,7 +169,7 @@ where
                     }
                     tokio::select! {
                         () = sleep(backoff) => {}
-                        _ = config.changed() => failures = 0,
+                        () = changed(&mut config) => failures = 0,
                         _ = shutdown.changed() => break,
                     }
                 }
@@ -201,7 +202,7 @@ where
         ) {
             return Outcome::Failed(format!("firewall: {e}"));
         }
-        let mut tunnel = match self.driver.open(&cfg.tunnel) {
+        let mut tunnel = match self.driver.open(&cfg.tunnel, cfg.userspace) {
             Ok(t) => t,
             Err(e) => return Outcome::Failed(format!("opening the tunnel: {e}")),
         };
@@ -231,7 +232,7 @@ where
             };
             tokio::select! {
                 () = sleep(pause) => {}
-                _ = config.changed() => return Outcome::ConfigChanged,
+                () = changed(config) => return Outcome::ConfigChanged,
                 _ = shutdown.changed() => return Outcome::Shutdown,
             }
             let status = match tunnel.status() {
@@ -241,20 +242,11 @@ where
             self.metrics.record_tunnel(&status, &mut last);
             self.status
                 .send_modify(|s| s.handshake_age = status.handshake_age);
-            let up = match status.state {
-                TunnelState::Failed(reason) => return Outcome::Failed(reason),
-                TunnelState::Up => true,
-                TunnelState::Connecting => false,
+            let up = match health::judge(&cfg.tunnel, &status, &cfg.health) {
+                Verdict::Dead(reason) => return Outcome::Failed(reason),
+                Verdict::Up => true,
+                Verdict::NotUp => false,
             };
-            if let Some(age) = status.handshake_age
-                && age > cfg.health.handshake_timeout
-            {
-                return Outcome::Failed(format!(
-                    "last handshake {}s ago (limit {}s): the server is not answering",
-                    age.as_secs(),
-                    cfg.health.handshake_timeout.as_secs()
-                ));
-            }
             if !up && !connected && handshake_started.elapsed() >= HANDSHAKE_RETRY {
                 handshake_started = Instant::now();
                 if let Err(e) = tunnel.restart_handshake() {
@@ -353,6 +345,8 @@ where
     }
 
     /// Applies the phase's firewall policy first, then its routes, then reports the phase.
+    /// When the policy cannot be loaded, block-all is tried in its place and the phase reported
+    /// is Blocked, with both outcomes in its message.
     fn enter(
         &mut self,
         phase: Phase,
@@ -361,12 +355,36 @@ where
         routes: &RouteSet,
     ) -> Result<(), cloak_dataplane::Error> {
         tracing::info!(%phase, %policy, "firewall");
-        let applied = self.firewall.apply(policy);
-        if applied.is_err() && phase != Phase::Blocked {
+        if let Err(e) = self.firewall.apply(policy) {
             // Whatever failed, what remains must be closed.
-            let _ = self.firewall.apply(&FirewallPolicy::block_all());
+            let fallback = if phase == Phase::Blocked {
+                Err(e.to_string())
+            } else {
+                self.firewall
+                    .apply(&FirewallPolicy::block_all())
+                    .map_err(|e| e.to_string())
+            };
+            let report = match &fallback {
+                Ok(()) => {
+                    format!("{message}: loading the {phase} firewall failed ({e}); blocked instead")
+                }
+                Err(again) => format!(
+                    "{message}: loading the {phase} firewall failed ({e}) and the block-all fallback failed too ({again}): the firewall is in an unknown state"
+                ),
+            };
+            tracing::error!(%report, "firewall");
+            self.metrics.set_phase(Phase::Blocked);
+            self.metrics.set_exit_ip(None);
+            self.status.send_modify(|s| {
+                s.phase = Phase::Blocked;
+                s.message = report;
+                s.probe_ok = false;
+                s.handshake_age = None;
+                s.exit_ip = None;
+                s.probe_latency = None;
+            });
+            return Err(e);
         }
-        applied?;
         self.routes.apply(routes)?;
         self.metrics.set_phase(phase);
         self.status.send_modify(|s| {
@@ -387,6 +405,8 @@ where
 
     fn block(&mut self, message: &str) {
         tracing::warn!(reason = message, "blocking all traffic");
+        // A failure is reported by `enter` (firewall) or here (routes); the next config change
+        // or the shutdown tries again.
         if let Err(e) = self.enter(
             Phase::Blocked,
             message.to_owned(),
@@ -395,10 +415,20 @@ where
         ) {
             tracing::error!(%e, "applying the block-all policy failed");
             self.status.send_modify(|s| {
-                s.phase = Phase::Blocked;
-                s.message = format!("{message}; applying the block-all policy failed: {e}");
+                if !s.message.contains("block-all") {
+                    s.message = format!("{message}; applying the block-all policy failed: {e}");
+                }
             });
         }
+    }
+}
+
+/// A change of the config. Once its sender is gone no change can come, which is not a change:
+/// this then waits forever (shutdown still ends the machine) instead of returning at once in a
+/// loop.
+async fn changed(config: &mut watch::Receiver<ConfigResult>) {
+    if config.changed().await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 

@@ -63,6 +63,34 @@ impl Agent {
         }
     }
 
+    /// Runs the agent to its exit with `args` (its config and state directory among them):
+    /// for starts that must fail. Returns its exit status and output.
+    fn run_to_exit(lab: &Lab, args: &[&str]) -> (std::process::ExitStatus, String) {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", lab.pod().name()])
+            .arg(env!("CARGO_BIN_EXE_cloak"))
+            .arg("agent")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the agent did not exit within 10s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let out = child.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status, text)
+    }
+
     fn creds(&self) -> PathBuf {
         self.dir.path().join("creds")
     }
@@ -371,6 +399,86 @@ fn openvpn_egress_works_and_its_kill_switch_holds_across_a_server_restart() {
     agent.wait_ready(true, Duration::from_secs(40));
     assert_eq!(lab.ask("tcp", INTERNET, t).as_deref(), Ok(PROVIDER_EXIT));
     assert_eq!(counters.read().leaked(), 0, "{:?}", counters.read());
+}
+
+#[test]
+fn a_healthy_openvpn_tunnel_is_kept_past_the_wireguard_handshake_limit() {
+    let lab = Lab::new();
+    let server = FakeOpenVpn::start(lab.provider(), format!("{PROVIDER}:1194").parse().unwrap());
+    // handshakeTimeout is WireGuard's stale-handshake limit; OpenVPN's own keepalive judges
+    // its peer, so a connection older than the limit is no reason to reconnect.
+    let agent = Agent::start(
+        &lab,
+        &format!(
+            "credentials: creds\ndns: {RESOLVER}\n{}",
+            HEALTH.replace("failures: 2\n", "failures: 2\n  handshakeTimeout: 2s\n")
+        ),
+        &[("config.ovpn", server.client_ovpn())],
+    );
+    agent.wait_ready(true, Duration::from_secs(30));
+    std::thread::sleep(Duration::from_secs(7));
+    let (code, body) = agent.admin("/readyz");
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        agent.metric("cloak_agent_reconnects_total").as_deref(),
+        Some("cloak_agent_reconnects_total 0"),
+        "{}",
+        agent.log()
+    );
+    assert_eq!(
+        lab.ask("tcp", INTERNET, Duration::from_secs(2)).as_deref(),
+        Ok(PROVIDER_EXIT)
+    );
+}
+
+#[test]
+fn an_agent_that_cannot_start_leaves_the_pod_blocked() {
+    let (lab, server, key) = wg_lab();
+    assert_ne!(
+        try_everything(&lab),
+        0,
+        "before any agent the pod is open (or this test proves nothing)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("creds")).unwrap();
+    std::fs::write(dir.path().join("creds/wg0.conf"), server.client_conf(&key)).unwrap();
+    let config = dir.path().join("agent.yaml");
+    std::fs::write(&config, format!("credentials: creds\n{HEALTH}")).unwrap();
+    let config = config.to_str().unwrap();
+    // A state directory that cannot be created (its parent is a file).
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "").unwrap();
+    let state = file.join("state");
+    let (status, output) = Agent::run_to_exit(
+        &lab,
+        &["--config", config, "--state-dir", state.to_str().unwrap()],
+    );
+    assert!(!status.success(), "{output}");
+    assert!(output.contains("a-file/state"), "{output}");
+    assert_eq!(
+        try_everything(&lab),
+        0,
+        "a state-directory error fails open"
+    );
+
+    // An admin address that cannot be bound (not an address of this namespace).
+    let (status, output) = Agent::run_to_exit(&lab, &["reset"]);
+    assert!(status.success(), "{output}");
+    assert_ne!(try_everything(&lab), 0);
+    let (status, output) = Agent::run_to_exit(
+        &lab,
+        &[
+            "--config",
+            config,
+            "--state-dir",
+            dir.path().join("state").to_str().unwrap(),
+            "--admin-addr",
+            "192.0.2.250:9090",
+        ],
+    );
+    assert!(!status.success(), "{output}");
+    assert!(output.contains("192.0.2.250:9090"), "{output}");
+    assert_eq!(try_everything(&lab), 0, "an admin-port error fails open");
 }
 
 #[test]

@@ -327,13 +327,14 @@ pub struct FakeFirewall {
 
 impl Firewall for FakeFirewall {
     fn apply(&mut self, policy: &FirewallPolicy) -> Result<(), Error> {
-        if let Some(message) = self.fail.lock().ok().and_then(|f| f.clone()) {
-            return Err(Error::Verify(message));
-        }
+        let fail = self.fail.lock().ok().and_then(|f| f.clone());
         if let Ok(mut j) = self.journal.lock() {
-            j.push(format!("firewall {policy}"));
+            j.push(match &fail {
+                None => format!("firewall {policy}"),
+                Some(_) => format!("firewall {policy} FAILED"),
+            });
         }
-        Ok(())
+        fail.map_or(Ok(()), |message| Err(Error::Verify(message)))
     }
 
     fn reset(&mut self) -> Result<(), Error> {

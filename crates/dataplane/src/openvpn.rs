@@ -157,7 +157,6 @@ impl OpenVpnConfig {
 struct Shared {
     /// OpenVPN's state name (`CONNECTING`, `WAIT`, `AUTH`, `GET_CONFIG`, `CONNECTED`, ...).
     state: String,
-    connected_at: Option<Instant>,
     rx: u64,
     tx: u64,
     /// The last lines OpenVPN logged, for error messages.
@@ -204,7 +203,10 @@ impl OpenVpn {
         ])?;
         let mgmt = dir.join("management.sock");
         let mut cmd = Command::new("openvpn");
-        cmd.arg("--config")
+        // Before --config, so the provider's own keepalive wins: without one, openvpn would
+        // never notice a peer that went silent.
+        cmd.args(["--ping", "10", "--ping-restart", "60"])
+            .arg("--config")
             .arg(&conf)
             .args(["--dev", &config.interface, "--dev-type", "tun"])
             .args([
@@ -307,11 +309,6 @@ fn management(path: &Path, shared: &Mutex<Shared>) {
             && ts.chars().all(|c| c.is_ascii_digit())
             && !ts.is_empty()
         {
-            if name == "CONNECTED" && s.state != "CONNECTED" {
-                s.connected_at = Some(Instant::now());
-            } else if name != "CONNECTED" {
-                s.connected_at = None;
-            }
             name.clone_into(&mut s.state);
         }
     }
@@ -337,7 +334,7 @@ impl Tunnel for OpenVpn {
         };
         Ok(TunnelStatus {
             state,
-            handshake_age: s.connected_at.map(|t| t.elapsed()),
+            handshake_age: None,
             rx_bytes: s.rx,
             tx_bytes: s.tx,
         })

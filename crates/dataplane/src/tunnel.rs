@@ -140,8 +140,8 @@ impl fmt::Display for Endpoint {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TunnelStatus {
     pub state: TunnelState,
-    /// Time since the last completed handshake (WireGuard), or since the connection came up
-    /// (OpenVPN). `None` before the first.
+    /// WireGuard: time since the last completed handshake, `None` before the first. OpenVPN
+    /// has no such figure (it watches its peer itself) and reports `None`.
     pub handshake_age: Option<Duration>,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
@@ -190,7 +190,9 @@ pub trait Tunnel: Send + fmt::Debug {
 
 /// Opens tunnels. The agent holds one driver and asks it for a tunnel per attempt.
 pub trait TunnelDriver: Send + Sync {
-    fn open(&self, config: &TunnelConfig) -> Result<Box<dyn Tunnel>, Error>;
+    /// Opens `config`'s tunnel; `userspace_only` keeps WireGuard out of the kernel even where
+    /// the module exists (read from each attempt's config, so a change applies on reconnect).
+    fn open(&self, config: &TunnelConfig, userspace_only: bool) -> Result<Box<dyn Tunnel>, Error>;
 }
 
 /// The Linux driver: WireGuard in the kernel when the module exists, otherwise userspace
@@ -200,14 +202,12 @@ pub struct LinuxDriver {
     /// Directory for per-tunnel files (OpenVPN management socket, credentials), private to
     /// this agent: pods in one test share a filesystem.
     pub state_dir: std::path::PathBuf,
-    /// Force userspace WireGuard even when the kernel module exists.
-    pub userspace_only: bool,
 }
 
 impl TunnelDriver for LinuxDriver {
-    fn open(&self, config: &TunnelConfig) -> Result<Box<dyn Tunnel>, Error> {
+    fn open(&self, config: &TunnelConfig, userspace_only: bool) -> Result<Box<dyn Tunnel>, Error> {
         match config {
-            TunnelConfig::WireGuard(c) => crate::wireguard::open(c, self.userspace_only),
+            TunnelConfig::WireGuard(c) => crate::wireguard::open(c, userspace_only),
             TunnelConfig::OpenVpn(c) => {
                 crate::openvpn::OpenVpn::open(c, &self.state_dir).map(|t| Box::new(t) as _)
             }
@@ -219,13 +219,16 @@ impl TunnelDriver for LinuxDriver {
 #[derive(Debug, Clone, Default)]
 pub struct FakeDriver {
     pub inner: Arc<Mutex<FakeDriverState>>,
+    /// Opening and closing land here as `tunnel open <interface>` and `tunnel close
+    /// <interface>` (share it with the fake firewall and routes to observe their order).
+    pub journal: Arc<Mutex<Vec<String>>>,
 }
 
 /// What a [`FakeDriver`] saw and what it will answer.
 #[derive(Debug, Default)]
 pub struct FakeDriverState {
-    /// Every config opened, in order.
-    pub opened: Vec<TunnelConfig>,
+    /// Every config opened, in order, with its `userspace_only`.
+    pub opened: Vec<(TunnelConfig, bool)>,
     /// Tunnels currently open.
     pub open_now: usize,
     /// Opening fails with this message while set.
@@ -235,18 +238,24 @@ pub struct FakeDriverState {
 }
 
 impl TunnelDriver for FakeDriver {
-    fn open(&self, config: &TunnelConfig) -> Result<Box<dyn Tunnel>, Error> {
+    fn open(&self, config: &TunnelConfig, userspace_only: bool) -> Result<Box<dyn Tunnel>, Error> {
         let mut state = self
             .inner
             .lock()
             .map_err(|_| Error::Tunnel("poisoned".into()))?;
-        state.opened.push(config.clone());
+        state.opened.push((config.clone(), userspace_only));
         if let Some(message) = &state.fail_open {
             return Err(Error::Tunnel(message.clone()));
         }
         state.open_now += 1;
+        let interface = config.interface().to_owned();
+        if let Ok(mut j) = self.journal.lock() {
+            j.push(format!("tunnel open {interface}"));
+        }
         Ok(Box::new(FakeTunnel {
             driver: Arc::clone(&self.inner),
+            journal: Arc::clone(&self.journal),
+            interface,
         }))
     }
 }
@@ -254,6 +263,8 @@ impl TunnelDriver for FakeDriver {
 #[derive(Debug)]
 struct FakeTunnel {
     driver: Arc<Mutex<FakeDriverState>>,
+    journal: Arc<Mutex<Vec<String>>>,
+    interface: String,
 }
 
 impl Tunnel for FakeTunnel {
@@ -275,6 +286,9 @@ impl Drop for FakeTunnel {
     fn drop(&mut self) {
         if let Ok(mut state) = self.driver.lock() {
             state.open_now -= 1;
+        }
+        if let Ok(mut j) = self.journal.lock() {
+            j.push(format!("tunnel close {}", self.interface));
         }
     }
 }

@@ -604,8 +604,13 @@ enum KernelUnavailable {
 impl Kernel {
     fn open(config: &WireguardConfig) -> Result<Self, KernelUnavailable> {
         let name = &config.interface;
-        ip(&["link", "add", "dev", name, "type", "wireguard"])
-            .map_err(|e| KernelUnavailable::No(e.to_string()))?;
+        ip(&["link", "add", "dev", name, "type", "wireguard"]).map_err(|e| {
+            if no_kernel_module(&e) {
+                KernelUnavailable::No(e.to_string())
+            } else {
+                KernelUnavailable::Failed(e)
+            }
+        })?;
         let kernel = Self {
             interface: name.clone(),
         };
@@ -618,6 +623,14 @@ impl Kernel {
         .map_err(KernelUnavailable::Failed)?;
         Ok(kernel)
     }
+}
+
+/// Whether `ip link add … type wireguard` failed for want of the kernel module, the one failure
+/// userspace may stand in for. Anything else (the name is taken, no permission, a bad name) is
+/// a real error that userspace would only hide or repeat.
+fn no_kernel_module(e: &Error) -> bool {
+    matches!(e, Error::Command { stderr, .. }
+        if stderr.contains("Unknown device type") || stderr.contains("Operation not supported"))
 }
 
 impl Tunnel for Kernel {
@@ -665,6 +678,27 @@ mod tests {
             &*private.to_base64(),
             peer.public()
         )
+    }
+
+    #[test]
+    fn only_a_missing_kernel_module_falls_back_to_userspace() {
+        let failed = |stderr: &str| Error::Command {
+            command: "ip link add dev ck0 type wireguard".into(),
+            stderr: stderr.into(),
+        };
+        // What `ip` prints on these machines (no module), and where the kernel refuses the type.
+        assert!(no_kernel_module(&failed("Error: Unknown device type.")));
+        assert!(no_kernel_module(&failed(
+            "RTNETLINK answers: Operation not supported"
+        )));
+        for real in [
+            "RTNETLINK answers: File exists",
+            "RTNETLINK answers: Operation not permitted",
+            "Error: Attribute failed policy validation.",
+        ] {
+            assert!(!no_kernel_module(&failed(real)), "{real}");
+        }
+        assert!(!no_kernel_module(&Error::Tunnel("x".into())));
     }
 
     #[test]

@@ -40,6 +40,8 @@ impl Prober for FakeProber {
 
 struct Rig {
     journal: Arc<Mutex<Vec<String>>>,
+    /// Every firewall load fails with this message while set.
+    firewall_fails: Arc<Mutex<Option<String>>>,
     driver: FakeDriver,
     prober: FakeProber,
     status: watch::Receiver<Status>,
@@ -75,15 +77,19 @@ fn resolved() -> Resolved {
 
 fn start(config: ConfigResult) -> Rig {
     let journal = Arc::new(Mutex::new(Vec::new()));
-    let driver = FakeDriver::default();
+    let driver = FakeDriver {
+        journal: Arc::clone(&journal),
+        ..FakeDriver::default()
+    };
     let prober = FakeProber::default();
     let (status_tx, status) = watch::channel(Status::default());
     let (config_tx, config_rx) = watch::channel(config);
     let (shutdown, shutdown_rx) = watch::channel(false);
+    let firewall_fails = Arc::new(Mutex::new(None));
     let machine = Machine {
         firewall: FakeFirewall {
             journal: Arc::clone(&journal),
-            ..FakeFirewall::default()
+            fail: Arc::clone(&firewall_fails),
         },
         routes: FakeRoutes {
             journal: Arc::clone(&journal),
@@ -96,6 +102,7 @@ fn start(config: ConfigResult) -> Rig {
     let task = tokio::spawn(machine.run(config_rx, shutdown_rx));
     Rig {
         journal,
+        firewall_fails,
         driver,
         prober,
         status,
@@ -193,11 +200,19 @@ async fn connecting_closes_the_firewall_before_the_tunnel_opens_and_opens_it_onl
         "firewall allow endpoints [192.0.2.2:51820/udp], tunnel ck0 (ipv4, ipv6 blocked), dns 10.64.0.1 only, tunnel untracked",
         "connecting: endpoints only, no bypass"
     );
-    assert!(j[2].starts_with("routes table 17260 for unmarked packets: default dev ck0"));
+    assert_eq!(
+        j[1], "routes table 17260 for unmarked packets: unreachable",
+        "no route into the tunnel before it exists"
+    );
+    assert_eq!(
+        j[2], "tunnel open ck0",
+        "the tunnel opens behind that firewall"
+    );
+    assert!(j[3].starts_with("routes table 17260 for unmarked packets: default dev ck0"));
     assert!(
-        j[3].ends_with("bypass [10.96.0.0/12], mss 1380, tunnel untracked"),
-        "{}",
-        j[3]
+        j[4].ends_with("bypass [10.96.0.0/12], mss 1380, tunnel untracked"),
+        "the bypass opens only once the probe passed: {}",
+        j[4]
     );
     assert_eq!(rig.driver.inner.lock().unwrap().opened.len(), 1);
     let j = rig.stop().await;
@@ -359,6 +374,102 @@ async fn a_tunnel_that_cannot_open_is_retried() {
     );
     rig.driver.inner.lock().unwrap().fail_open = None;
     rig.set_tunnel(TunnelState::Up, Some(0));
+    rig.wait_phase(Phase::Connected).await;
+    rig.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_change_of_the_userspace_flag_applies_at_the_next_connection() {
+    let kernel = Resolved {
+        userspace: false,
+        ..resolved()
+    };
+    let mut rig = start(Ok(Arc::new(kernel)));
+    rig.set_tunnel(TunnelState::Up, Some(1));
+    rig.wait_phase(Phase::Connected).await;
+    rig.config.send(Ok(Arc::new(resolved()))).unwrap();
+    rig.wait_phase(Phase::Connecting).await;
+    rig.wait_phase(Phase::Connected).await;
+    let userspace: Vec<bool> = rig
+        .driver
+        .inner
+        .lock()
+        .unwrap()
+        .opened
+        .iter()
+        .map(|(_, userspace)| *userspace)
+        .collect();
+    assert_eq!(userspace, [false, true]);
+    rig.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_config_source_that_goes_away_leaves_the_tunnel_as_it_is() {
+    let mut rig = start(Ok(Arc::new(resolved())));
+    rig.set_tunnel(TunnelState::Up, Some(1));
+    rig.wait_phase(Phase::Connected).await;
+    // The watcher's sender is dropped (the watcher task ended): no change can come any more.
+    drop(std::mem::replace(
+        &mut rig.config,
+        watch::channel(Err(ConfigError::Interface(String::new()))).0,
+    ));
+    let journal_before = rig.journal().len();
+    tokio::time::sleep(Duration::from_mins(1)).await;
+    assert_eq!(rig.status.borrow().phase, Phase::Connected);
+    assert_eq!(
+        rig.driver.inner.lock().unwrap().opened.len(),
+        1,
+        "no reconnect"
+    );
+    assert_eq!(rig.journal().len(), journal_before, "{:?}", rig.journal());
+    rig.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_bad_config_whose_source_goes_away_stays_blocked_without_spinning() {
+    let mut rig = start(Err(ConfigError::Interface("x".repeat(20))));
+    rig.wait_phase(Phase::Blocked).await;
+    drop(std::mem::replace(
+        &mut rig.config,
+        watch::channel(Err(ConfigError::Interface(String::new()))).0,
+    ));
+    tokio::time::sleep(Duration::from_mins(1)).await;
+    assert_eq!(rig.journal().len(), 2, "{:?}", rig.journal());
+    rig.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_firewall_that_cannot_be_loaded_keeps_the_tunnel_shut_and_says_so() {
+    let mut rig = start(Err(ConfigError::Interface("x".repeat(20))));
+    rig.wait_phase(Phase::Blocked).await;
+    *rig.firewall_fails.lock().unwrap() = Some("nft: Operation not permitted".into());
+    rig.config.send(Ok(Arc::new(resolved()))).unwrap();
+    let s = tokio::time::timeout(
+        Duration::from_mins(1),
+        rig.status.wait_for(|s| s.message.contains("block-all")),
+    )
+    .await
+    .expect("the failure is reported")
+    .unwrap()
+    .clone();
+    assert!(!s.ready());
+    assert!(
+        s.message.contains("nft: Operation not permitted"),
+        "{}",
+        s.message
+    );
+    let j = rig.journal();
+    assert!(
+        j.iter().any(|l| l == "firewall block all FAILED"),
+        "the block-all fallback was tried: {j:?}"
+    );
+    assert!(
+        rig.driver.inner.lock().unwrap().opened.is_empty(),
+        "no tunnel without a firewall: {j:?}"
+    );
+    // The firewall works again: the machine recovers by itself.
+    *rig.firewall_fails.lock().unwrap() = None;
+    rig.set_tunnel(TunnelState::Up, Some(1));
     rig.wait_phase(Phase::Connected).await;
     rig.stop().await;
 }
