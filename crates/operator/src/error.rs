@@ -19,6 +19,11 @@ pub enum Error {
     /// helper removes the finalizer after any successful cleanup, whatever the Action.
     #[error("waiting: {0}")]
     Waiting(String),
+    #[error("timed out: {0}")]
+    Timeout(String),
+    /// This instance no longer leads and must stop acting.
+    #[error("leadership lost: {0}")]
+    LeadershipLost(String),
 }
 
 impl Error {
@@ -35,6 +40,8 @@ impl Error {
             Self::Serialize(_) => "Serialize",
             Self::Invalid(_) => "InvalidSpec",
             Self::Waiting(_) => "Waiting",
+            Self::Timeout(_) => "Timeout",
+            Self::LeadershipLost(_) => "LeadershipLost",
         }
     }
 

@@ -1,9 +1,15 @@
 //! Lease-based leader election: only the holder of one `coordination.k8s.io/v1` Lease acts.
 //!
-//! The holder renews every [`RENEW`]; another candidate takes the Lease only after it has gone
-//! unrenewed for [`LEASE_DURATION`]. Updates carry the Lease's resourceVersion, so two candidates
-//! never both win the same round. A holder that cannot renew within the lease duration stops
-//! acting (the process exits and is restarted) before anyone else may take over.
+//! The timing is client-go's: a candidate tries every [`RETRY`]; the holder renews every
+//! [`RETRY`] too, and gives up once it has not renewed for [`RENEW_DEADLINE`], which is shorter
+//! than the [`LEASE_DURATION`] after which another candidate may take the Lease. Every request
+//! is bounded by a timeout, so a holder cut off from the API server (requests that neither fail
+//! nor finish) still steps down in time. Updates carry the Lease's resourceVersion, so two
+//! candidates never both win the same round.
+//!
+//! Margins: a renewal counts from the moment its request was sent, which is no later than the
+//! `renewTime` it writes, so the holder stops acting at least `LEASE_DURATION - RENEW_DEADLINE`
+//! (5 s) before the Lease can expire for anyone else, less the clock skew between replicas.
 
 use std::time::Duration;
 
@@ -16,17 +22,36 @@ use kube::{
     Api, Client,
     api::{ObjectMeta, PostParams},
 };
+use tokio::{sync::watch, time::Instant};
 
-use crate::Result;
+use crate::{Error, Result};
 
+/// How long a Lease is valid after its last renewal (written into the Lease).
 pub const LEASE_DURATION: Duration = Duration::from_secs(15);
-pub const RENEW: Duration = Duration::from_secs(5);
-const RETRY: Duration = Duration::from_secs(2);
+/// The holder steps down once it has not renewed for this long.
+pub const RENEW_DEADLINE: Duration = Duration::from_secs(10);
+/// Between two attempts to acquire or renew.
+pub const RETRY: Duration = Duration::from_secs(2);
+/// The longest one election request may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Held leadership; renewal runs until this is dropped.
 #[derive(Debug)]
 pub struct Leadership {
     renewal: tokio::task::JoinHandle<()>,
+    lost: watch::Receiver<Option<String>>,
+}
+
+impl Leadership {
+    /// Resolves, with the reason, once leadership is lost: from then on this instance must not
+    /// act (the operator returns an error and the process exits, to be restarted as a
+    /// candidate).
+    pub async fn lost(&mut self) -> String {
+        match self.lost.wait_for(Option::is_some).await {
+            Ok(reason) => reason.clone().unwrap_or_default(),
+            Err(_) => "the renewal task ended".into(),
+        }
+    }
 }
 
 impl Drop for Leadership {
@@ -35,9 +60,8 @@ impl Drop for Leadership {
     }
 }
 
-/// Waits until this instance holds the Lease, then keeps renewing it in the background. If
-/// renewal fails for longer than the lease duration the process exits: acting without the lease
-/// would let two instances act at once.
+/// Waits until this instance holds the Lease, then keeps renewing it in the background until
+/// renewal fails for [`RENEW_DEADLINE`] or another instance holds it ([`Leadership::lost`]).
 pub async fn acquire(
     client: Client,
     namespace: &str,
@@ -46,9 +70,10 @@ pub async fn acquire(
     on_attempt: impl Fn(bool),
 ) -> Result<Leadership> {
     let api: Api<Lease> = Api::namespaced(client, namespace);
-    loop {
-        match try_acquire(&api, name, identity).await {
-            Ok(true) => break,
+    let mut renewed = loop {
+        let started = Instant::now();
+        match bounded(REQUEST_TIMEOUT, try_acquire(&api, name, identity)).await {
+            Ok(true) => break started,
             // Another instance leads: this one stands by, and the API server answered.
             Ok(false) => on_attempt(true),
             Err(e) => {
@@ -57,28 +82,41 @@ pub async fn acquire(
             }
         }
         tokio::time::sleep(RETRY).await;
-    }
+    };
     tracing::info!(lease = name, identity, "became leader");
     let (name, identity) = (name.to_owned(), identity.to_owned());
+    let (lost_tx, lost) = watch::channel(None);
     let renewal = tokio::spawn(async move {
-        let mut last_renewal = tokio::time::Instant::now();
-        loop {
-            tokio::time::sleep(RENEW).await;
-            match try_acquire(&api, &name, &identity).await {
-                Ok(true) => last_renewal = tokio::time::Instant::now(),
-                Ok(false) => {
-                    tracing::error!("leadership lost to another instance; exiting");
-                    std::process::exit(1);
-                }
+        let reason = loop {
+            tokio::time::sleep(RETRY).await;
+            let started = Instant::now();
+            // Never wait past the deadline: the answer would come too late to act on.
+            let left = (renewed + RENEW_DEADLINE).saturating_duration_since(started);
+            match bounded(
+                left.min(REQUEST_TIMEOUT),
+                try_acquire(&api, &name, &identity),
+            )
+            .await
+            {
+                Ok(true) => renewed = started,
+                Ok(false) => break "another instance holds the lease".to_owned(),
                 Err(e) => tracing::warn!(error = %e, "renewing the leader lease failed"),
             }
-            if last_renewal.elapsed() >= LEASE_DURATION {
-                tracing::error!("could not renew the leader lease in time; exiting");
-                std::process::exit(1);
+            if renewed.elapsed() >= RENEW_DEADLINE {
+                break format!("the lease was not renewed for {RENEW_DEADLINE:?}");
             }
-        }
+        };
+        tracing::error!(%reason, "leadership lost");
+        let _ = lost_tx.send(Some(reason));
     });
-    Ok(Leadership { renewal })
+    Ok(Leadership { renewal, lost })
+}
+
+/// `request`, or a timeout error after `limit`.
+async fn bounded<T>(limit: Duration, request: impl Future<Output = Result<T>>) -> Result<T> {
+    tokio::time::timeout(limit, request)
+        .await
+        .unwrap_or_else(|_| Err(Error::Timeout(format!("no answer within {limit:?}"))))
 }
 
 /// One round: take the Lease if free, expired or ours. `Ok(false)` when another holds it.

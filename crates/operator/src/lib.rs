@@ -197,7 +197,7 @@ pub async fn run(
         });
     }
 
-    let _leadership = match &config.leader_lease {
+    let mut leadership = match &config.leader_lease {
         Some((ns, name)) => {
             let mut stop = stop_rx.clone();
             let standby = health.standby.clone();
@@ -300,11 +300,21 @@ pub async fn run(
         triggers.providers(),
         stop_rx.clone(),
     );
+    let lost = async {
+        match leadership.as_mut() {
+            Some(l) => l.lost().await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
         () = stopped => {},
         () = feed => {},
         () = readiness => {},
         () = async { tokio::join!(masks, providers); } => {},
+        reason = lost => {
+            metrics.leader.set(0);
+            return Err(Error::LeadershipLost(reason));
+        }
     }
     Ok(())
 }

@@ -107,6 +107,52 @@ async fn only_the_lease_holder_acts_and_the_other_takes_over_when_it_stops() {
     second.stop().await;
 }
 
+/// A leader cut off from the API server (its requests neither fail nor finish) stops acting
+/// before its Lease can expire, so it never acts beside the instance that takes over
+/// (defect 4 of the hardening issue: without a renew deadline and request timeouts it never
+/// noticed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_leader_steps_down_before_another_instance_can_take_over() {
+    let cp = ControlPlane::shared();
+    let client = cp.client();
+    let ns = TestNamespace::create(&client, "partition").await.unwrap();
+    let ns = ns.name().to_owned();
+    let partition = cloak_testkit::partition::Partition::start(cp.api_addr()).await;
+    let first = start("first", cp.client_via(partition.addr()), &ns);
+    acts_alone(&client, &ns, "one", "first", Duration::from_secs(20)).await;
+
+    partition.freeze(true);
+    let cut_off = Instant::now();
+    let second = start("second", cp.client(), &ns);
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
+    let deadline = cut_off + cloak_operator::leader::LEASE_DURATION + Duration::from_secs(20);
+    loop {
+        let holder = leases
+            .get("cloak-leader")
+            .await
+            .unwrap()
+            .spec
+            .and_then(|s| s.holder_identity);
+        if holder.as_deref() == Some("second") {
+            assert!(
+                first.finished(),
+                "second took the Lease {:?} after the partition while first still runs",
+                cut_off.elapsed()
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "second never took over");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stepped_down = first.outcome().await;
+    let message = stepped_down
+        .expect_err("first ends with an error")
+        .to_string();
+    assert!(message.contains("leadership lost"), "{message}");
+    acts_alone(&client, &ns, "two", "second", Duration::from_secs(20)).await;
+    second.stop().await;
+}
+
 /// `GET path` on `addr`: the status code and the body, or the connection error.
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> Result<(u16, String), String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

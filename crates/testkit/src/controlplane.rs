@@ -372,6 +372,34 @@ impl ControlPlane {
             .unwrap_or_else(|e| panic!("building a kube client: {e}"))
     }
 
+    /// A client that reaches the API server at `addr` (a proxy in front of it) instead: the
+    /// server's certificate names 127.0.0.1, so any loopback port will do.
+    ///
+    /// # Panics
+    /// When the stored configuration cannot make a client, which only a broken build causes.
+    pub fn client_via(&self, addr: std::net::SocketAddr) -> Client {
+        let mut config = self.config.clone();
+        config.cluster_url = format!("https://{addr}")
+            .parse()
+            .unwrap_or_else(|e| panic!("proxy URL: {e}"));
+        Client::try_from(config).unwrap_or_else(|e| panic!("building a kube client: {e}"))
+    }
+
+    /// The API server's address.
+    ///
+    /// # Panics
+    /// When the stored URL has no host and port, which only a broken build causes.
+    pub fn api_addr(&self) -> std::net::SocketAddr {
+        let url = &self.config.cluster_url;
+        format!(
+            "{}:{}",
+            url.host().unwrap_or("127.0.0.1"),
+            url.port_u16().unwrap_or(443)
+        )
+        .parse()
+        .unwrap_or_else(|e| panic!("API server address: {e}"))
+    }
+
     /// A client that acts as `user` (e.g. `system:serviceaccount:ns:name`) through impersonation,
     /// with only that user's RBAC permissions: how tests prove a Role grants enough.
     ///

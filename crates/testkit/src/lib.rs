@@ -3,10 +3,12 @@
 //! - [`controlplane`]: a real Kubernetes control plane (etcd, kube-apiserver and, on request,
 //!   kube-controller-manager) on loopback ports, shared by the tests of one test binary.
 //! - [`netns`]: network namespaces and veth pairs that are removed, with their processes, on drop.
+//! - [`partition`]: a loopback TCP proxy that can be frozen, to partition a client from a server.
 
 pub mod controlplane;
 pub mod netlab;
 pub mod netns;
+pub mod partition;
 
 pub use controlplane::{ControlPlane, Error, TestNamespace};
 

@@ -11,27 +11,33 @@ use kube::{
 /// An operator instance running on the calling test's runtime.
 pub(crate) struct Running {
     stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<()>,
+    task: tokio::task::JoinHandle<cloak_operator::Result<()>>,
 }
 
 impl Running {
     /// Starts `cloak_operator::run` with `config`.
     pub(crate) fn start(client: Client, config: cloak_operator::Config) -> Self {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            cloak_operator::run(client, config, async {
-                let _ = stopped.await;
-            })
-            .await
-            .unwrap();
-        });
+        let task = tokio::spawn(cloak_operator::run(client, config, async {
+            let _ = stopped.await;
+        }));
         Self { stop, task }
     }
 
-    /// Stops the instance and waits until it has stopped.
+    /// Whether the instance has ended by itself.
+    pub(crate) fn finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
+    /// How an instance that ended by itself ended.
+    pub(crate) async fn outcome(self) -> cloak_operator::Result<()> {
+        self.task.await.unwrap()
+    }
+
+    /// Stops the instance and waits until it has stopped; it must not have failed.
     pub(crate) async fn stop(self) {
         let _ = self.stop.send(());
-        self.task.await.unwrap();
+        self.task.await.unwrap().unwrap();
     }
 }
 
