@@ -45,15 +45,43 @@ impl Error {
         }
     }
 
-    /// What the controller does after this error: an invalid spec waits for a change; anything
-    /// else is transient and retried (the controller adds its own backoff on repeats).
-    pub fn action(&self) -> Action {
+    /// The error itself, seen through the finalizer's wrapper.
+    pub fn root(&self) -> &Self {
         match self {
+            Self::Finalizer(inner) => match inner.as_ref() {
+                kube::runtime::finalizer::Error::ApplyFailed(e)
+                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.root(),
+                _ => self,
+            },
+            _ => self,
+        }
+    }
+
+    /// What a first failure leads to: an invalid spec waits for a change; anything else is
+    /// transient and retried. The controllers back off from here on repeats (per object,
+    /// doubling, capped: `controllers/retry.rs`).
+    pub fn action(&self) -> Action {
+        match self.root() {
             Self::Invalid(_) => Action::await_change(),
-            Self::Waiting(_) => Action::requeue(Duration::from_secs(1)),
-            _ => Action::requeue(Duration::from_secs(2)),
+            _ => Action::requeue(Duration::from_secs(1)),
         }
     }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn behind_finalizer(e: Error) -> Error {
+        Error::Finalizer(Box::new(kube::runtime::finalizer::Error::ApplyFailed(e)))
+    }
+
+    #[test]
+    fn an_invalid_spec_behind_the_finalizer_waits_for_a_change() {
+        let e = behind_finalizer(Error::Invalid("maxSlots must be positive".into()));
+        assert_eq!(e.category(), "InvalidSpec");
+        assert_eq!(e.action(), Action::await_change());
+    }
+}

@@ -104,6 +104,8 @@ pub(crate) struct Context {
     pub pods: Store<PartialObjectMeta<Pod>>,
     /// Secret metadata: tells whether a mask's copy is current without reading any Secret.
     pub secrets: Store<PartialObjectMeta<Secret>>,
+    /// Failing objects: their backoff and when their errors were last told as Events.
+    pub retries: Arc<controllers::retry::Retries>,
 }
 
 impl std::fmt::Debug for Context {
@@ -186,6 +188,7 @@ pub async fn run(
         leases,
         pods,
         secrets,
+        retries: Arc::default(),
     });
 
     if let Some(addr) = config.admin_addr {

@@ -789,8 +789,128 @@ async fn lowering_max_slots_below_the_holders_keeps_them_and_gives_no_new_slot()
     );
 }
 
+/// A reconcile that fails (here: the API server refuses the mask's copy of the credentials, as
+/// an admission policy makes it) becomes a Warning Event on the object whose reason is the
+/// error's category, once however often it is retried.
 #[tokio::test]
-async fn errors_are_reported_as_events_on_the_object() {
+async fn a_failing_reconcile_becomes_one_warning_event_named_by_its_category() {
+    use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
+    let (client, ns) = setup("failing").await;
+    secret(&client, &ns, "creds", GLUETUN).await;
+    let admission = |kind: &str| {
+        let gvk = GroupVersionKind::gvk("admissionregistration.k8s.io", "v1", kind);
+        Api::<DynamicObject>::all_with(client.clone(), &ApiResource::from_gvk(&gvk))
+    };
+    let policy = format!("cloak-test-{ns}");
+    let objects = [
+        (
+            "ValidatingAdmissionPolicy",
+            json!({
+                "apiVersion": "admissionregistration.k8s.io/v1",
+                "kind": "ValidatingAdmissionPolicy",
+                "metadata": {"name": policy},
+                "spec": {
+                    "failurePolicy": "Fail",
+                    "matchConstraints": {"resourceRules": [{
+                        "apiGroups": [""], "apiVersions": ["v1"],
+                        "operations": ["CREATE"], "resources": ["secrets"]
+                    }]},
+                    "validations": [{
+                        "expression": "!object.metadata.name.endsWith('-credentials')",
+                        "message": "credential copies are refused here"
+                    }]
+                }
+            }),
+        ),
+        (
+            "ValidatingAdmissionPolicyBinding",
+            json!({
+                "apiVersion": "admissionregistration.k8s.io/v1",
+                "kind": "ValidatingAdmissionPolicyBinding",
+                "metadata": {"name": policy},
+                "spec": {
+                    "policyName": policy,
+                    "validationActions": ["Deny"],
+                    "matchResources": {"namespaceSelector": {"matchLabels": {
+                        "kubernetes.io/metadata.name": ns
+                    }}}
+                }
+            }),
+        ),
+    ];
+    for (kind, object) in &objects {
+        admission(kind)
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(object.clone()).unwrap(),
+            )
+            .await
+            .unwrap();
+    }
+    // The policy takes effect once the API server has loaded it.
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let probe: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "probe-credentials"}
+    }))
+    .unwrap();
+    let _refused = wait_for(
+        "the admission policy to refuse a copy",
+        async || {
+            let created = secrets.create(&PostParams::default(), &probe).await;
+            if created.is_ok() {
+                let _ = secrets
+                    .delete("probe-credentials", &DeleteParams::default())
+                    .await;
+            }
+            created.map(|_| ()).map_err(|e| e.to_string())
+        },
+        |r| r.as_ref().is_err_and(|e| e.contains("refused")),
+    )
+    .await;
+
+    skip_provider(&client, &ns, "vpn", 1).await;
+    mask(&client, &ns, "m", &[]).await;
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), &ns);
+    let about_m = async || {
+        events
+            .list(&kube::api::ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|e| {
+                e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("m")
+                    && e.reason.as_deref() == Some("KubeApi")
+            })
+            .collect::<Vec<_>>()
+    };
+    let found = wait_for("a KubeApi event about m", about_m, |e| !e.is_empty()).await;
+    assert_eq!(found[0].type_.as_deref(), Some("Warning"));
+    let note = found[0].note.as_deref().unwrap_or_default();
+    assert!(
+        note.contains("credential copies are refused here"),
+        "{note}"
+    );
+    // Retried meanwhile, with backoff; still one Event (not one per attempt).
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let later = about_m().await;
+    assert_eq!(later.len(), 1, "{later:?}");
+    assert!(
+        later[0].series.as_ref().is_none_or(|s| s.count <= 2),
+        "{:?}",
+        later[0].series
+    );
+    for (kind, _) in objects.iter().rev() {
+        admission(kind)
+            .delete(&policy, &DeleteParams::default())
+            .await
+            .unwrap();
+    }
+}
+
+/// A provider whose Secret is missing says so in its status phase, and in a Warning Event.
+#[tokio::test]
+async fn a_provider_whose_secret_is_missing_says_so_in_a_warning_event() {
     let (client, ns) = setup("events").await;
     provider(
         &client,

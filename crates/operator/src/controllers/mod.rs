@@ -3,6 +3,7 @@
 
 pub(crate) mod mask;
 pub(crate) mod provider;
+pub(crate) mod retry;
 
 use std::{
     collections::HashMap,
@@ -392,7 +393,8 @@ where
         + serde::Serialize
         + std::fmt::Debug,
 {
-    measured(ctx, controller, async {
+    let reference = ObjectRef::from_obj(guard).erase();
+    let result = measured(ctx, controller, async {
         let object = match &guard.0 {
             Ok(object) => Arc::new(object.clone()),
             Err(invalid) => return Err(report_invalid::<K>(ctx, invalid).await),
@@ -408,13 +410,38 @@ where
         .await
         .map_err(|e| Error::Finalizer(Box::new(e)))
     })
-    .await
+    .await;
+    if result.is_ok() {
+        ctx.retries.succeeded(&reference);
+    }
+    result
 }
 
-/// The error policy of every controller: the error decides (see [`Error::action`]).
-pub(crate) fn error_policy<K>(_: Arc<K>, error: &Error, _: Arc<Context>) -> Action {
-    tracing::debug!(%error, "reconcile failed");
-    error.action()
+/// The error policy of every controller: per-object backoff, and a rate-limited Warning Event
+/// named by the error's category ([`retry`]). (The controller runtime hands the object over by
+/// value.)
+#[allow(clippy::needless_pass_by_value)]
+pub(crate) fn error_policy<K>(object: Arc<K>, error: &Error, ctx: Arc<Context>) -> Action
+where
+    K: Resource<DynamicType = ()> + Send + Sync + 'static,
+{
+    let reference = ObjectRef::from_obj(object.as_ref()).erase();
+    let decision = ctx
+        .retries
+        .failed(reference.clone(), error, std::time::Instant::now());
+    if matches!(error.root(), Error::Waiting(_)) {
+        tracing::debug!(object = %reference, %error, "reconcile waits");
+    } else {
+        tracing::warn!(object = %reference, %error, next = ?decision.action, "reconcile failed");
+    }
+    if decision.event {
+        let (reason, note) = (error.category(), error.to_string());
+        let about = object.object_ref(&());
+        tokio::spawn(async move {
+            publish_about(&ctx, &about, EventType::Warning, reason, note).await;
+        });
+    }
+    decision.action
 }
 
 /// Runs one reconcile and records its outcome and duration.
