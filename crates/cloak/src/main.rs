@@ -124,6 +124,10 @@ struct PortfwdArgs {
     /// Quiet time after a change before syncing, in milliseconds (a burst becomes one sync).
     #[arg(long, env = "CLOAK_DEBOUNCE_MS", default_value_t = 200)]
     debounce_ms: u64,
+    /// How often the loaded rules are read back, in seconds; rules changed by anyone else
+    /// (a flushed table) are reloaded in full.
+    #[arg(long, env = "CLOAK_RESYNC_SECS", default_value_t = 30)]
+    resync_secs: u64,
     /// Admin server address (/livez, /readyz once the first ruleset is loaded, /metrics).
     #[arg(long, env = "CLOAK_ADMIN_ADDR", default_value = "127.0.0.1:8081")]
     admin_addr: std::net::SocketAddr,
@@ -406,6 +410,7 @@ fn run_portfwd(args: PortfwdArgs) -> anyhow::Result<()> {
             executor,
             backend: args.backend.into(),
             debounce: std::time::Duration::from_millis(args.debounce_ms),
+            resync: std::time::Duration::from_secs(args.resync_secs.max(1)),
             instance: hostname(),
         };
         let metrics = std::sync::Arc::new(cloak_portfwd::Metrics::new());

@@ -159,14 +159,53 @@ impl Executor {
         self.run(backend.loader(), script).await
     }
 
+    /// What is loaded now, as the kernel lists it, to compare with what was listed right after
+    /// the last load: any difference is drift (someone flushed the table or edited it). For
+    /// nftables the listing goes through the same loader (`nft -f -` runs `list` commands too),
+    /// so it works over SSH with the restricted account. iptables is read back locally only
+    /// (`None`: the SSH account's command loads, it cannot list).
+    pub async fn read_back(&self, backend: Backend) -> Option<Result<String, Error>> {
+        match (backend, self) {
+            (Backend::Nftables, _) => Some(
+                self.output(
+                    backend.loader(),
+                    &format!("list table ip {}\n", model::TABLE),
+                )
+                .await,
+            ),
+            (Backend::Iptables, Self::Local { .. }) => Some(
+                self.output(
+                    &["sh", "-c", "iptables-save -t nat; iptables-save -t filter"],
+                    "",
+                )
+                .await
+                // Only cloak's rules and the jumps to them; the counters of other chains
+                // change with traffic.
+                .map(|saved| {
+                    saved
+                        .lines()
+                        .filter(|l| l.starts_with("-A") && l.contains("CLOAK-PORTFWD"))
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                }),
+            ),
+            (Backend::Iptables, Self::Ssh { .. }) => None,
+        }
+    }
+
     /// Runs `program` here, in the namespace, or over SSH, with `script` on its standard input;
     /// a non-zero exit is an error carrying its standard error.
     async fn run(&self, program: &[&str], script: &str) -> Result<(), Error> {
+        self.output(program, script).await.map(drop)
+    }
+
+    /// [`Self::run`], returning the standard output.
+    async fn output(&self, program: &[&str], script: &str) -> Result<String, Error> {
         let mut command = self.command(program);
         let program = format!("{:?}", command.as_std());
         let mut child = command
             .stdin(Stdio::piped())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
@@ -186,7 +225,7 @@ impl Executor {
                 source,
             })?;
         if output.status.success() {
-            Ok(())
+            Ok(String::from_utf8_lossy(&output.stdout).into_owned())
         } else {
             Err(Error::Failed {
                 program,
@@ -214,6 +253,9 @@ pub struct Config {
     pub backend: Backend,
     /// Quiet time after an event before syncing, so a burst becomes one sync.
     pub debounce: Duration,
+    /// How often what is loaded is read back and compared with what was loaded; a difference
+    /// (drift) is repaired by a full load.
+    pub resync: Duration,
     /// Identity in Events.
     pub instance: String,
 }
@@ -224,6 +266,11 @@ pub struct Metrics {
     pub syncs: Counter,
     pub skipped: Counter,
     pub failures: Counter,
+    /// Loads of the whole table, and of only the changed map elements.
+    pub full_loads: Counter,
+    pub delta_loads: Counter,
+    /// Read-backs that differed from what was loaded (each repaired by a full load).
+    pub drift: Counter,
     pub rules: Gauge,
     pub apply_seconds: Histogram,
 }
@@ -240,6 +287,9 @@ impl Metrics {
             syncs: Counter::default(),
             skipped: Counter::default(),
             failures: Counter::default(),
+            full_loads: Counter::default(),
+            delta_loads: Counter::default(),
+            drift: Counter::default(),
             rules: Gauge::default(),
             apply_seconds: Histogram::new([0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0]),
         }
@@ -256,6 +306,21 @@ impl Metrics {
             "portfwd_failures",
             "Failed applies (retried)",
             self.failures.clone(),
+        );
+        registry.register(
+            "portfwd_full_loads",
+            "Loads of the whole table",
+            self.full_loads.clone(),
+        );
+        registry.register(
+            "portfwd_delta_loads",
+            "Loads of only the changed map elements",
+            self.delta_loads.clone(),
+        );
+        registry.register(
+            "portfwd_drift",
+            "Read-backs that differed from what was loaded, each repaired by a full load",
+            self.drift.clone(),
         );
         registry.register(
             "portfwd_rules",
@@ -349,11 +414,11 @@ pub async fn run(
 
     let sync_loop = async {
         let _ = tokio::join!(services.wait_until_ready(), nodes.wait_until_ready());
-        let mut applied: Option<model::Ruleset> = None;
+        // What was last loaded, and how the kernel listed it right after: `None` after a failed
+        // load or a drift, so the next load is a full one.
+        let mut applied: Option<(model::Ruleset, Option<String>)> = None;
         let mut reported: BTreeSet<String> = BTreeSet::new();
         loop {
-            // Debounce: wait until events stop arriving for `debounce`.
-            while let Ok(Some(())) = tokio::time::timeout(config.debounce, rx.recv()).await {}
             let mut backoff = Duration::from_millis(200);
             loop {
                 let ruleset = sync_once(
@@ -365,15 +430,16 @@ pub async fn run(
                     &metrics,
                 )
                 .await;
-                if applied.as_ref() == Some(&ruleset) {
+                if applied.as_ref().is_some_and(|(a, _)| a == &ruleset) {
                     metrics.skipped.inc();
                     break;
                 }
                 // Only what changed when only map elements changed; the whole table otherwise.
-                let script = applied
+                let delta = applied
                     .as_ref()
-                    .and_then(|old| config.backend.update(&ruleset, old))
-                    .unwrap_or_else(|| config.backend.render(&ruleset));
+                    .and_then(|(old, _)| config.backend.update(&ruleset, old));
+                let full = delta.is_none();
+                let script = delta.unwrap_or_else(|| config.backend.render(&ruleset));
                 let started = Instant::now();
                 match config.executor.load_with(config.backend, &script).await {
                     Ok(()) => {
@@ -381,25 +447,68 @@ pub async fn run(
                             .apply_seconds
                             .observe(started.elapsed().as_secs_f64());
                         metrics.syncs.inc();
+                        if full {
+                            metrics.full_loads.inc();
+                        } else {
+                            metrics.delta_loads.inc();
+                        }
                         tracing::info!(
                             forwards = ruleset.forwards.len(),
                             bytes = script.len(),
+                            full,
                             "ruleset applied"
                         );
-                        applied = Some(ruleset);
+                        let listed = match config.executor.read_back(config.backend).await {
+                            Some(Ok(listed)) => Some(listed),
+                            Some(Err(e)) => {
+                                tracing::warn!(error = %e, "reading back the loaded rules failed");
+                                None
+                            }
+                            None => None,
+                        };
+                        applied = Some((ruleset, listed));
                         ready.store(true, std::sync::atomic::Ordering::Relaxed);
                         break;
                     }
                     Err(e) => {
                         metrics.failures.inc();
-                        tracing::warn!(error = %e, retry_in = ?backoff, "applying the ruleset failed");
+                        // Whatever the failed script was, the next attempt loads it all: a
+                        // delta that failed once (an element someone removed) fails again.
+                        applied = None;
+                        tracing::warn!(error = %e, full, retry_in = ?backoff, "applying the ruleset failed");
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(30));
                     }
                 }
             }
-            if rx.recv().await.is_none() {
-                return;
+            // Until the next change: every `resync`, check that what is loaded is still what
+            // was loaded.
+            loop {
+                tokio::select! {
+                    event = rx.recv() => {
+                        if event.is_none() {
+                            return;
+                        }
+                        // Debounce: wait until events stop arriving for `debounce`.
+                        while let Ok(Some(())) = tokio::time::timeout(config.debounce, rx.recv()).await {}
+                        break;
+                    }
+                    () = tokio::time::sleep(config.resync) => {
+                        let expected = applied.as_ref().and_then(|(_, listed)| listed.as_ref());
+                        let Some(expected) = expected else { continue };
+                        let now = config.executor.read_back(config.backend).await;
+                        if let Some(Ok(now)) = &now && now == expected {
+                            continue;
+                        }
+                        metrics.drift.inc();
+                        tracing::warn!(
+                            read_back = ?now.map(|r| r.map(|l| l.len())),
+                            "the loaded rules changed outside cloak; reloading them in full"
+                        );
+                        applied = None;
+                        break;
+                    }
+                }
             }
         }
     };

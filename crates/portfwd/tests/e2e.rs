@@ -211,6 +211,10 @@ async fn service(
         .unwrap();
 }
 
+/// Nodes are cluster-wide and every forwarder spreads over all of them: tests that create nodes
+/// take turns.
+static NODES_IN_USE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// A forwarder running on the test's runtime, with its metrics and readiness.
 struct Forwarder {
     metrics: Arc<Metrics>,
@@ -267,6 +271,7 @@ async fn eventually(what: &str, mut check: impl FnMut() -> (bool, String)) {
 /// so two scenarios side by side would forward each other's ports.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwards_follow_annotations_and_nodes_with_real_traffic_on_both_backends() {
+    let _turn = NODES_IN_USE.lock().await;
     scenario(Backend::Nftables, "pf-nft", 30_000).await;
     scenario(Backend::Iptables, "pf-ipt", 30_100).await;
 }
@@ -361,6 +366,7 @@ async fn scenario(backend: Backend, prefix: &str, base: u16) {
         executor: executor.clone(),
         backend,
         debounce: Duration::from_millis(100),
+        resync: Duration::from_secs(1),
         instance: "test".into(),
     };
     let forwarder = Forwarder::start(cp.client(), config);
@@ -607,6 +613,7 @@ async fn a_failed_apply_is_retried_until_it_succeeds() {
         },
         backend: Backend::Nftables,
         debounce: Duration::from_millis(50),
+        resync: Duration::from_secs(1),
         instance: "retry-test".into(),
     };
     let forwarder = Forwarder::start(cp.client(), config);
@@ -637,4 +644,185 @@ async fn a_failed_apply_is_retried_until_it_succeeds() {
         .unwrap();
     assert!(String::from_utf8_lossy(&tables.stdout).contains("cloak_portfwd"));
     forwarder.stop().await;
+}
+
+/// What the forwarder's table holds in `host` now (empty when there is none).
+fn listing(host: &Netns) -> String {
+    let out = host
+        .command("nft")
+        .args(["list", "table", "ip", "cloak_portfwd"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+async fn annotate(client: &Client, ns: &str, name: &str, annotations: serde_json::Value) {
+    Api::<Service>::namespaced(client.clone(), ns)
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": annotations}})),
+        )
+        .await
+        .unwrap();
+}
+
+/// An incremental update that fails (someone removed, by hand, an element it deletes) is not
+/// retried as it is forever: the next attempt loads the whole table, and later changes apply.
+#[tokio::test]
+async fn a_failed_incremental_update_falls_back_to_a_full_load() {
+    let _turn = NODES_IN_USE.lock().await;
+    let cp = ControlPlane::shared();
+    let client = cp.client();
+    let ns = TestNamespace::create(&client, "pf-delta").await.unwrap();
+    let ns = ns.name().to_owned();
+    let host = Netns::new("delta");
+    node(&client, "pf-delta-node", "10.98.0.21", true, false).await;
+    for (name, external, node_port) in [("a", 41_001, 30_301), ("b", 41_002, 30_302)] {
+        service(
+            &client,
+            &ns,
+            name,
+            json!({"cloak.dev/external-ports": format!("{external}:{external}")}),
+            external,
+            node_port,
+            "TCP",
+        )
+        .await;
+    }
+    let config = Config {
+        options: Options {
+            interfaces: vec!["eth0".into()],
+            external_interface: None,
+        },
+        executor: Executor::Local {
+            netns: Some(host.name().to_owned()),
+        },
+        backend: Backend::Nftables,
+        debounce: Duration::from_millis(50),
+        // Long: this test is about the failed update, not about the periodic read-back.
+        resync: Duration::from_hours(1),
+        instance: "delta-test".into(),
+    };
+    let forwarder = Forwarder::start(cp.client(), config);
+    eventually("a and b are forwarded", || {
+        let l = listing(&host);
+        (l.contains("41001") && l.contains("41002"), l)
+    })
+    .await;
+    // Someone removes a's elements by hand; then a stops being forwarded and c starts: the
+    // update deletes a's elements, which are gone, so it fails as one transaction.
+    let table = listing(&host);
+    let a_keys: Vec<&str> = table
+        .split(['{', '}', ','])
+        .map(str::trim)
+        .filter(|e| e.contains(". 41001 :"))
+        .map(|e| e.split(" :").next().unwrap())
+        .collect();
+    assert!(!a_keys.is_empty(), "{table}");
+    host.run(&[
+        "nft",
+        "delete",
+        "element",
+        "ip",
+        "cloak_portfwd",
+        "fwd_tcp",
+        &format!("{{ {} }}", a_keys.join(", ")),
+    ]);
+    annotate(&client, &ns, "a", json!({"cloak.dev/external-ports": null})).await;
+    service(
+        &client,
+        &ns,
+        "c",
+        json!({"cloak.dev/external-ports": "41003:41003"}),
+        41_003,
+        30_303,
+        "TCP",
+    )
+    .await;
+    eventually("c is forwarded and a is not", || {
+        let l = listing(&host);
+        (l.contains("41003") && !l.contains("41001"), l)
+    })
+    .await;
+    assert!(forwarder.metrics.failures.get() >= 1, "the delta failed");
+    forwarder.stop().await;
+    let _ = Api::<Node>::all(client.clone())
+        .delete("pf-delta-node", &DeleteParams::default())
+        .await;
+}
+
+/// Rules changed on the host behind the forwarder's back (a flushed table, a flushed chain) are
+/// noticed by the periodic read-back, counted as drift, and reloaded in full, on both backends.
+#[tokio::test]
+async fn rules_flushed_on_the_host_are_noticed_and_restored() {
+    let _turn = NODES_IN_USE.lock().await;
+    let cp = ControlPlane::shared();
+    let client = cp.client();
+    let ns = TestNamespace::create(&client, "pf-drift").await.unwrap();
+    let ns = ns.name().to_owned();
+    node(&client, "pf-drift-node", "10.98.0.22", true, false).await;
+    service(
+        &client,
+        &ns,
+        "d",
+        json!({"cloak.dev/external-ports": "42001:42001"}),
+        42_001,
+        30_311,
+        "TCP",
+    )
+    .await;
+    for backend in [Backend::Nftables, Backend::Iptables] {
+        let host = Netns::new("drift");
+        let config = Config {
+            options: Options {
+                interfaces: vec!["eth0".into()],
+                external_interface: None,
+            },
+            executor: Executor::Local {
+                netns: Some(host.name().to_owned()),
+            },
+            backend,
+            debounce: Duration::from_millis(50),
+            resync: Duration::from_millis(500),
+            instance: "drift-test".into(),
+        };
+        let (loaded, flush): (Box<dyn Fn() -> String>, &[&str]) = match backend {
+            Backend::Nftables => (
+                Box::new(|| listing(&host)),
+                &["nft", "delete", "table", "ip", "cloak_portfwd"],
+            ),
+            Backend::Iptables => (
+                Box::new(|| {
+                    let out = host.command("iptables-save").output().unwrap();
+                    String::from_utf8_lossy(&out.stdout).into_owned()
+                }),
+                &["iptables", "-t", "nat", "-F", "CLOAK-PORTFWD"],
+            ),
+        };
+        let forwarder = Forwarder::start(cp.client(), config);
+        eventually("d is forwarded", || {
+            let l = loaded();
+            (l.contains("42001"), l)
+        })
+        .await;
+        assert_eq!(
+            forwarder.metrics.drift.get(),
+            0,
+            "{backend:?}: no drift yet"
+        );
+        host.run(flush);
+        assert!(!loaded().contains("42001"));
+        eventually("the flushed rules are back", || {
+            let l = loaded();
+            (l.contains("42001"), l)
+        })
+        .await;
+        assert!(forwarder.metrics.drift.get() >= 1, "{backend:?}");
+        assert!(forwarder.metrics.full_loads.get() >= 2, "{backend:?}");
+        forwarder.stop().await;
+    }
+    let _ = Api::<Node>::all(client.clone())
+        .delete("pf-drift-node", &DeleteParams::default())
+        .await;
 }
