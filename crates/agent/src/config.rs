@@ -7,7 +7,7 @@ use std::{
     collections::BTreeMap,
     fmt,
     hash::{Hash, Hasher},
-    net::{IpAddr, SocketAddr, ToSocketAddrs},
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -42,6 +42,12 @@ pub struct AgentConfig {
     /// Write `nameserver <dns>` to this file (the pod's `/etc/resolv.conf`) once connected.
     #[serde(default)]
     pub resolv_conf: Option<PathBuf>,
+    /// The DNS server that resolves VPN server names given as host names (`Endpoint =
+    /// vpn.example.com:51820`, `remote vpn.example.com`), outside the tunnel, before each
+    /// connection attempt. Defaults to the first `nameserver` of `/etc/resolv.conf` as the agent
+    /// found it at start (in a pod: the cluster DNS).
+    #[serde(default)]
+    pub endpoint_resolver: Option<IpAddr>,
     /// Networks reached outside the tunnel (cluster and service CIDRs, a LAN).
     #[serde(default)]
     pub bypass: Vec<IpNet>,
@@ -125,6 +131,7 @@ pub struct Resolved {
     pub tunnel: TunnelConfig,
     pub dns: Option<IpAddr>,
     pub resolv_conf: Option<PathBuf>,
+    pub endpoint_resolver: Option<IpAddr>,
     pub bypass: Vec<IpNet>,
     pub probe: Option<ProbeTarget>,
     pub health: HealthConfig,
@@ -137,18 +144,39 @@ pub struct Resolved {
 /// Where the active probe goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProbeTarget {
-    Tcp(SocketAddr),
+    Tcp(ProbeAddr),
     Http {
-        addr: SocketAddr,
+        addr: ProbeAddr,
         host: String,
         path: String,
+    },
+}
+
+impl ProbeTarget {
+    pub fn addr(&self) -> &ProbeAddr {
+        match self {
+            Self::Tcp(a) | Self::Http { addr: a, .. } => a,
+        }
+    }
+}
+
+/// The probe's server: an address, or a host name resolved through the tunnel at each probe
+/// (by the tunnel's resolver, the only DNS server reachable once connected).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbeAddr {
+    Ip(SocketAddr),
+    Name {
+        host: String,
+        port: u16,
+        resolver: IpAddr,
     },
 }
 
 impl fmt::Display for ProbeTarget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Tcp(a) => write!(f, "tcp://{a}"),
+            Self::Tcp(ProbeAddr::Ip(a)) => write!(f, "tcp://{a}"),
+            Self::Tcp(ProbeAddr::Name { host, port, .. }) => write!(f, "tcp://{host}:{port}"),
             Self::Http { host, path, .. } => write!(f, "http://{host}{path}"),
         }
     }
@@ -199,16 +227,18 @@ impl Resolved {
                 .persistent_keepalive
                 .get_or_insert(DEFAULT_KEEPALIVE);
         }
+        let dns = config.dns.or_else(|| tunnel.dns().first().copied());
         let probe = config
             .health
             .probe
             .as_deref()
-            .map(parse_probe)
+            .map(|p| parse_probe(p, dns))
             .transpose()?;
         Ok(Self {
-            dns: config.dns.or_else(|| tunnel.dns().first().copied()),
+            dns,
             tunnel,
             resolv_conf: config.resolv_conf,
+            endpoint_resolver: config.endpoint_resolver,
             bypass: config.bypass,
             probe,
             health: config.health,
@@ -350,7 +380,7 @@ fn from_keys(keys: &BTreeMap<String, Secret>, iface: &str) -> Result<TunnelConfi
     Err("no credentials found: expected wg0.conf, config.ovpn, or gluetun WireGuard variables (WIREGUARD_PRIVATE_KEY, WIREGUARD_PUBLIC_KEY, WIREGUARD_ADDRESSES, VPN_ENDPOINT_IP)".into())
 }
 
-fn parse_probe(probe: &str) -> Result<ProbeTarget, ConfigError> {
+fn parse_probe(probe: &str, dns: Option<IpAddr>) -> Result<ProbeTarget, ConfigError> {
     let bad = |reason: &str| ConfigError::Probe {
         probe: probe.to_owned(),
         reason: reason.to_owned(),
@@ -378,11 +408,23 @@ fn parse_probe(probe: &str) -> Result<ProbeTarget, ConfigError> {
     } else {
         return Err(bad("a tcp probe needs a port"));
     };
-    let addr = with_port
-        .to_socket_addrs()
-        .ok()
-        .and_then(|mut a| a.next())
-        .ok_or_else(|| bad("host does not resolve (use an address: DNS may be closed)"))?;
+    let addr = if let Ok(addr) = with_port.parse::<SocketAddr>() {
+        ProbeAddr::Ip(addr)
+    } else {
+        let (host, port) = with_port
+            .rsplit_once(':')
+            .ok_or_else(|| bad("expected host:port"))?;
+        if !cloak_dataplane::tunnel::is_host_name(host) {
+            return Err(bad("the host is neither an address nor a host name"));
+        }
+        ProbeAddr::Name {
+            host: host.to_ascii_lowercase(),
+            port: port.parse().map_err(|_| bad("the port is not a number"))?,
+            resolver: dns.ok_or_else(|| {
+                bad("a host name is resolved through the tunnel: set `dns` (or use an address)")
+            })?,
+        }
+    };
     match scheme {
         "tcp" => Ok(ProbeTarget::Tcp(addr)),
         "http" => Ok(ProbeTarget::Http {
@@ -516,10 +558,77 @@ mod tests {
         );
         assert_eq!(
             r.probe,
-            Some(ProbeTarget::Tcp("203.0.113.10:7".parse().unwrap()))
+            Some(ProbeTarget::Tcp(ProbeAddr::Ip(
+                "203.0.113.10:7".parse().unwrap()
+            )))
         );
         assert_eq!(r.health.interval, Duration::from_millis(500));
         assert_eq!(r.health.failures, 3);
+    }
+
+    /// Names are kept as names: resolving them is the machine's step, at each connection, and
+    /// a config must load whether or not DNS works (the kill switch may be closed).
+    #[test]
+    fn host_names_load_unresolved_and_a_probe_name_needs_the_tunnels_resolver() {
+        let d = dir();
+        let named = wg_conf().replace("192.0.2.2:51820", "VPN.example.invalid:51820");
+        write(d.path(), "wg0.conf", &named);
+        write(
+            d.path(),
+            "vpn.ovpn",
+            "client\nremote gw.example.invalid 1194 udp\nremote 192.0.2.3 443 tcp\n",
+        );
+        let cfg = write(
+            d.path(),
+            "a.yaml",
+            "credentials: wg0.conf\nendpointResolver: 10.96.0.10\nhealth: {probe: 'http://ip.example.invalid/ip'}\n",
+        );
+        let r = Resolved::load(&cfg).unwrap();
+        assert_eq!(r.tunnel.names(), ["vpn.example.invalid"]);
+        assert!(
+            r.tunnel.endpoints().is_empty(),
+            "nothing to allow before resolving"
+        );
+        assert_eq!(r.endpoint_resolver, Some("10.96.0.10".parse().unwrap()));
+        assert_eq!(
+            r.probe.as_ref().map(ProbeTarget::addr),
+            Some(&ProbeAddr::Name {
+                host: "ip.example.invalid".into(),
+                port: 80,
+                resolver: "10.64.0.1".parse().unwrap(),
+            }),
+            "through the tunnel, by wg0.conf's DNS"
+        );
+        let cfg = write(d.path(), "b.yaml", "credentials: vpn.ovpn\n");
+        let r = Resolved::load(&cfg).unwrap();
+        assert_eq!(r.tunnel.names(), ["gw.example.invalid"]);
+        let resolved = r
+            .tunnel
+            .resolve(&BTreeMap::from([(
+                "gw.example.invalid".to_owned(),
+                vec!["192.0.2.2".parse().unwrap(), "192.0.2.4".parse().unwrap()],
+            )]))
+            .unwrap();
+        let endpoints: Vec<String> = resolved
+            .endpoints()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            endpoints,
+            [
+                "192.0.2.2:1194/udp",
+                "192.0.2.4:1194/udp",
+                "192.0.2.3:443/tcp"
+            ]
+        );
+        let cfg = write(
+            d.path(),
+            "c.yaml",
+            "credentials: vpn.ovpn\nhealth: {probe: 'tcp://ip.example.invalid:7'}\n",
+        );
+        let e = Resolved::load(&cfg).unwrap_err().to_string();
+        assert!(e.contains("set `dns`"), "{e}");
     }
 
     #[test]

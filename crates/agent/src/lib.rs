@@ -10,6 +10,7 @@ pub mod health;
 pub mod machine;
 pub mod metrics;
 pub mod probe;
+pub mod resolve;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
@@ -25,6 +26,7 @@ use crate::{
     machine::{ConfigResult, Machine, Status},
     metrics::Metrics,
     probe::NetProber,
+    resolve::MarkedDns,
 };
 
 /// How to run the agent.
@@ -102,7 +104,12 @@ fn linux_machine(
     state_dir: &std::path::Path,
     status: watch::Sender<Status>,
     metrics: Arc<Metrics>,
-) -> Machine<Nftables, LinuxRoutes, LinuxDriver, NetProber> {
+) -> Machine<Nftables, LinuxRoutes, LinuxDriver, NetProber, MarkedDns> {
+    // Read once, at start: once connected the agent may rewrite this file to the tunnel's
+    // resolver, which is reachable only through the tunnel.
+    let default_resolver = std::fs::read_to_string("/etc/resolv.conf")
+        .ok()
+        .and_then(|text| resolve::first_nameserver(&text));
     Machine {
         firewall: Nftables,
         routes: LinuxRoutes,
@@ -110,6 +117,8 @@ fn linux_machine(
             state_dir: state_dir.to_owned(),
         },
         prober: NetProber,
+        resolver: MarkedDns,
+        default_resolver,
         status,
         metrics,
     }

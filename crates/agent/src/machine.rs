@@ -33,6 +33,7 @@ use crate::{
     health::{self, Verdict},
     metrics::Metrics,
     probe::Prober,
+    resolve::Resolver,
 };
 
 /// While connecting, a handshake that has not completed after this long is started afresh: a
@@ -108,21 +109,27 @@ enum Outcome {
 
 /// The state machine and the side effects it drives.
 #[allow(missing_debug_implementations)] // holds trait objects' implementations, not data
-pub struct Machine<F, R, D, P> {
+pub struct Machine<F, R, D, P, N> {
     pub firewall: F,
     pub routes: R,
     pub driver: D,
     pub prober: P,
+    /// Resolves VPN server names given as host names, before each attempt.
+    pub resolver: N,
+    /// Where names are resolved when the config names no `endpointResolver` (the pod's
+    /// resolv.conf as found at start).
+    pub default_resolver: Option<IpAddr>,
     pub status: watch::Sender<Status>,
     pub metrics: Arc<Metrics>,
 }
 
-impl<F, R, D, P> Machine<F, R, D, P>
+impl<F, R, D, P, N> Machine<F, R, D, P, N>
 where
     F: Firewall,
     R: Routes,
     D: TunnelDriver,
     P: Prober,
+    N: Resolver,
 {
     /// Runs until `shutdown` turns true; leaves everything blocked on the way out (the
     /// application containers outlive the agent; they must not leak when it stops).
@@ -187,6 +194,27 @@ where
         config: &mut watch::Receiver<ConfigResult>,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Outcome {
+        let names = cfg.tunnel.names();
+        let resolved;
+        let cfg = if names.is_empty() {
+            cfg
+        } else {
+            let tunnel = tokio::select! {
+                tunnel = self.resolve_names(cfg, &names) => tunnel,
+                () = changed(config) => return Outcome::ConfigChanged,
+                _ = shutdown.changed() => return Outcome::Shutdown,
+            };
+            match tunnel {
+                Ok(tunnel) => {
+                    resolved = Resolved {
+                        tunnel,
+                        ..cfg.clone()
+                    };
+                    &resolved
+                }
+                Err(reason) => return Outcome::Failed(reason),
+            }
+        };
         let endpoints: Vec<String> = cfg
             .tunnel
             .endpoints()
@@ -344,6 +372,48 @@ where
         }
     }
 
+    /// Resolves the tunnel's server names through the one narrow path: the firewall lets the
+    /// agent's marked queries reach the resolver (and nothing else out but the servers given as
+    /// addresses), then the tunnel's config is returned with addresses in place of names. The
+    /// next phase's policy closes the path again.
+    async fn resolve_names(
+        &mut self,
+        cfg: &Resolved,
+        names: &[String],
+    ) -> Result<cloak_dataplane::TunnelConfig, String> {
+        let server = cfg
+            .endpoint_resolver
+            .or(self.default_resolver)
+            .ok_or_else(|| {
+                format!(
+                    "{} must be resolved, but no resolver is known: set endpointResolver",
+                    names.join(", ")
+                )
+            })?;
+        let policy = FirewallPolicy {
+            resolver: Some(server),
+            ..connecting_policy(cfg, false)
+        };
+        self.enter(
+            Phase::Connecting,
+            format!("resolving {} via {server}", names.join(", ")),
+            &policy,
+            &RouteSet::default(),
+        )
+        .map_err(|e| format!("firewall: {e}"))?;
+        let mut answers = std::collections::BTreeMap::new();
+        for name in names {
+            let found = self
+                .resolver
+                .resolve(server, name)
+                .await
+                .map_err(|e| format!("resolving {name} via {server}: {e}"))?;
+            tracing::info!(%name, addresses = ?found, "resolved");
+            answers.insert(name.clone(), found);
+        }
+        cfg.tunnel.resolve(&answers)
+    }
+
     /// Applies the phase's firewall policy first, then its routes, then reports the phase.
     /// When the policy cannot be loaded, block-all is tried in its place and the phase reported
     /// is Blocked, with both outcomes in its message.
@@ -442,6 +512,7 @@ fn connecting_policy(cfg: &Resolved, with_tunnel: bool) -> FirewallPolicy {
         dns: cfg.dns,
         bypass: Vec::new(),
         clamp_mss: None,
+        resolver: None,
         // The agent forwards nothing through the tunnel (yet): its traffic needs no tracking.
         notrack_tunnel: true,
     }

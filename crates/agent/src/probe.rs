@@ -10,7 +10,7 @@ use tokio::{
     time::{Instant, timeout},
 };
 
-use crate::config::ProbeTarget;
+use crate::config::{ProbeAddr, ProbeTarget};
 
 /// A probe that succeeded.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,10 +47,32 @@ impl Prober for NetProber {
     }
 }
 
+/// The probe server's address: as configured, or looked up through the tunnel.
+async fn address(addr: &ProbeAddr) -> std::io::Result<std::net::SocketAddr> {
+    match addr {
+        ProbeAddr::Ip(a) => Ok(*a),
+        ProbeAddr::Name {
+            host,
+            port,
+            resolver,
+        } => {
+            let (host, server) = (host.clone(), std::net::SocketAddr::new(*resolver, 53));
+            let found = tokio::task::spawn_blocking(move || {
+                cloak_dataplane::dns::resolve(server, &host, None, Duration::from_secs(2))
+            })
+            .await
+            .map_err(std::io::Error::other)?
+            .map_err(|e| std::io::Error::other(format!("resolving the probe host: {e}")))?;
+            Ok(std::net::SocketAddr::new(found[0], *port))
+        }
+    }
+}
+
 async fn exchange(target: &ProbeTarget) -> std::io::Result<Option<IpAddr>> {
     const LIMIT: u64 = 4096;
+    let addr = address(target.addr()).await?;
     match target {
-        ProbeTarget::Tcp(addr) => {
+        ProbeTarget::Tcp(_) => {
             let stream = TcpStream::connect(addr).await?;
             // A what-is-my-IP service answers at once and closes; any other service is fine
             // as long as it accepted the connection.
@@ -62,7 +84,7 @@ async fn exchange(target: &ProbeTarget) -> std::io::Result<Option<IpAddr>> {
             .await;
             Ok(parse_ip(&buf))
         }
-        ProbeTarget::Http { addr, host, path } => {
+        ProbeTarget::Http { host, path, .. } => {
             let mut stream = TcpStream::connect(addr).await?;
             let request =
                 format!("GET {path} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: cloak-agent\r\n\r\n");

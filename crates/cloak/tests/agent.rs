@@ -209,6 +209,73 @@ fn try_everything(lab: &Lab) -> usize {
     .count()
 }
 
+/// A DNS server for host names (the pod's cluster DNS, outside the tunnel): answers A queries
+/// from the `name address` lines of the file it is given, read anew for every query; NXDOMAIN
+/// for other names, no records for other types. Prints "ready" once bound.
+const NAME_SERVER: &str = r#"
+import socket, sys
+bind, table = sys.argv[1], sys.argv[2]
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((bind, 53))
+print("ready", flush=True)
+while True:
+    q, peer = s.recvfrom(512)
+    at, labels = 12, []
+    while q[at]:
+        labels.append(q[at + 1:at + 1 + q[at]].decode().lower()); at += 1 + q[at]
+    qtype = int.from_bytes(q[at + 1:at + 3], "big")
+    names = dict(l.split() for l in open(table) if l.strip())
+    ip = names.get(".".join(labels))
+    rcode = 0 if ip else 3
+    answers = b""
+    if ip and qtype == 1:
+        answers = b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x00\x01\x00\x04" + socket.inet_aton(ip)
+    head = q[:2] + bytes([0x81, 0x80 | rcode]) + b"\x00\x01" + (b"\x00\x01" if answers else b"\x00\x00") + b"\x00\x00\x00\x00"
+    s.sendto(head + q[12:at + 5] + answers, peer)
+"#;
+
+/// [`NAME_SERVER`] in the node namespace on the pod's gateway address, with its table.
+struct NameServer {
+    child: Child,
+    table: tempfile::NamedTempFile,
+}
+
+impl NameServer {
+    const ADDR: &str = "10.77.0.1";
+
+    fn start(lab: &Lab, names: &str) -> Self {
+        let table = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(table.path(), names).unwrap();
+        let mut child = lab
+            .node()
+            .command("python3")
+            .args(["-c", NAME_SERVER, Self::ADDR])
+            .arg(table.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert_eq!(line.trim(), "ready");
+        Self { child, table }
+    }
+
+    fn set(&self, names: &str) {
+        write_atomically(self.table.path(), names);
+    }
+}
+
+impl Drop for NameServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn write_atomically(path: &Path, content: &str) {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, content).unwrap();
@@ -479,6 +546,86 @@ fn an_agent_that_cannot_start_leaves_the_pod_blocked() {
     assert!(!status.success(), "{output}");
     assert!(output.contains("192.0.2.250:9090"), "{output}");
     assert_eq!(try_everything(&lab), 0, "an admin-port error fails open");
+}
+
+/// A WireGuard endpoint given as a host name resolves while the kill switch is closed, through
+/// the one narrow path (the agent's own marked queries, to the one resolver), and is resolved
+/// again at every attempt: while the name points nowhere the agent keeps failing, and once it
+/// points at the server the next attempt connects there. Applications' DNS to that resolver
+/// stays dropped.
+#[test]
+fn a_wireguard_endpoint_host_name_resolves_under_the_kill_switch_at_every_attempt() {
+    let (lab, server, key) = wg_lab();
+    let names = NameServer::start(&lab, "vpn.provider.test 192.0.2.99\n");
+    let dns = format!("{}:53", NameServer::ADDR).parse().unwrap();
+    let counters = lab.count_leaks(
+        &[server.endpoint, "192.0.2.99:51820".parse().unwrap(), dns],
+        "udp",
+    );
+    let conf = server
+        .client_conf(&key)
+        .replace(&format!("{PROVIDER}:51820"), "vpn.provider.test:51820");
+    let agent = Agent::start(
+        &lab,
+        &format!(
+            "credentials: creds\nendpointResolver: {}\n{HEALTH}",
+            NameServer::ADDR
+        ),
+        &[("wg0.conf", &conf)],
+    );
+    assert!(
+        wait_until(Duration::from_secs(15), || agent
+            .admin("/readyz")
+            .1
+            .contains(
+                "no wireguard handshake with 192.0.2.99:51820/udp within 3s (attempt 2"
+            )),
+        "{}",
+        agent.admin("/readyz").1
+    );
+    assert_eq!(try_everything(&lab), 0);
+    assert!(
+        lab.ask("dns", NameServer::ADDR, Duration::from_millis(500))
+            .is_err(),
+        "an application's DNS to the endpoint resolver is dropped"
+    );
+
+    names.set(&format!("vpn.provider.test {PROVIDER}\n"));
+    agent.wait_ready(true, Duration::from_secs(20));
+    assert_eq!(
+        lab.ask("tcp", INTERNET, Duration::from_secs(2)).as_deref(),
+        Ok(PROVIDER_EXIT)
+    );
+    assert!(
+        lab.ask("dns", NameServer::ADDR, Duration::from_millis(500))
+            .is_err(),
+        "still dropped once connected"
+    );
+    let leaks = counters.read();
+    assert_eq!(leaks.leaked(), 0, "{leaks:?}");
+}
+
+/// An OpenVPN `remote` given as a host name connects: openvpn is handed the address the agent
+/// resolved (its own lookup would be dropped by the kill switch).
+#[test]
+fn an_openvpn_remote_host_name_connects() {
+    let lab = Lab::new();
+    let server = FakeOpenVpn::start(lab.provider(), format!("{PROVIDER}:1194").parse().unwrap());
+    let _names = NameServer::start(&lab, &format!("gw.provider.test {PROVIDER}\n"));
+    let ovpn = server
+        .client_ovpn()
+        .replace(&format!("remote {PROVIDER}"), "remote gw.provider.test");
+    assert!(ovpn.contains("remote gw.provider.test"), "{ovpn}");
+    let agent = Agent::start(
+        &lab,
+        &format!(
+            "credentials: creds\ndns: {RESOLVER}\nendpointResolver: {}\n{HEALTH}",
+            NameServer::ADDR
+        ),
+        &[("config.ovpn", &ovpn)],
+    );
+    let ready = agent.wait_ready(true, Duration::from_secs(30));
+    assert!(ready.contains("connected via openvpn"), "{ready}");
 }
 
 #[test]

@@ -16,7 +16,7 @@ use std::{
 
 use ipnet::IpNet;
 
-use crate::{Endpoint, Error, NFT_TABLE, command::run};
+use crate::{Endpoint, Error, FWMARK, NFT_TABLE, command::run};
 
 /// Neighbour solicitations and advertisements, which leave in every phase.
 const NEIGHBOUR_DISCOVERY: &str =
@@ -36,6 +36,10 @@ pub struct FirewallPolicy {
     pub dns: Option<IpAddr>,
     /// Networks reachable outside the tunnel (the cluster, a LAN).
     pub bypass: Vec<IpNet>,
+    /// While the agent resolves VPN server names: DNS over UDP to this one server, only from
+    /// sockets carrying [`FWMARK`] (the agent's own, see `dns`). Applications cannot set that
+    /// mark without `CAP_NET_ADMIN`, so their DNS stays dropped.
+    pub resolver: Option<IpAddr>,
     /// IPv4 TCP MSS to clamp forwarded SYNs to, in both directions (tunnel MTU - 40; NETNOTES
     /// trap 2). IPv6 SYNs are clamped 20 bytes lower (tunnel MTU - 60).
     pub clamp_mss: Option<u32>,
@@ -121,6 +125,12 @@ impl FirewallPolicy {
         // without it an IPv6 endpoint or bypass network has no link-layer address to go to.
         // Hop limit 255 is what receivers require, so these never travel past the link.
         output.push(NEIGHBOUR_DISCOVERY.to_owned());
+        if let Some(r) = self.resolver {
+            let family = if r.is_ipv4() { "ip" } else { "ip6" };
+            output.push(format!(
+                "meta mark {FWMARK:#x} {family} daddr {r} udp dport 53 accept"
+            ));
+        }
         // The endpoints come before the DNS drop: some providers listen on port 53.
         for ep in &self.endpoints {
             let family = if ep.addr.is_ipv4() { "ip" } else { "ip6" };
@@ -213,7 +223,11 @@ struct Chain {
 
 impl fmt::Display for FirewallPolicy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.endpoints.is_empty() && self.tunnel.is_none() && self.bypass.is_empty() {
+        if self.endpoints.is_empty()
+            && self.tunnel.is_none()
+            && self.bypass.is_empty()
+            && self.resolver.is_none()
+        {
             return f.write_str("block all");
         }
         write!(f, "allow endpoints [")?;
@@ -235,6 +249,9 @@ impl fmt::Display for FirewallPolicy {
         }
         if let Some(dns) = self.dns {
             write!(f, ", dns {dns} only")?;
+        }
+        if let Some(r) = self.resolver {
+            write!(f, ", endpoint names via {r} (marked)")?;
         }
         if !self.bypass.is_empty() {
             let nets: Vec<String> = self.bypass.iter().map(ToString::to_string).collect();
@@ -366,6 +383,7 @@ mod tests {
             bypass: vec!["10.96.0.0/12".parse().unwrap()],
             clamp_mss: Some(1380),
             notrack_tunnel: true,
+            resolver: None,
         }
     }
 
@@ -455,6 +473,34 @@ mod tests {
                 "meta l4proto { tcp, udp } th dport 53 meta nfproto ipv4 drop",
             ],
             "an IPv6 resolver: no IPv4 DNS at all"
+        );
+    }
+
+    #[test]
+    fn while_resolving_only_the_agents_marked_queries_reach_the_one_resolver() {
+        let resolving = FirewallPolicy {
+            tunnel: None,
+            dns: None,
+            bypass: vec!["10.96.0.0/12".parse().unwrap()],
+            clamp_mss: None,
+            resolver: Some("10.96.0.10".parse().unwrap()),
+            ..connected()
+        };
+        let output = &resolving.chains()[0].rules;
+        let allow = "meta mark 0x436c ip daddr 10.96.0.10 udp dport 53 accept";
+        let at = |rule: &str| output.iter().position(|r| r == rule).unwrap();
+        assert!(
+            at(allow) < at("meta l4proto { tcp, udp } th dport 53 drop"),
+            "{output:?}"
+        );
+        assert!(
+            resolving
+                .to_string()
+                .contains("endpoint names via 10.96.0.10 (marked)")
+        );
+        assert!(
+            !connected().render().contains("meta mark"),
+            "only while resolving"
         );
     }
 

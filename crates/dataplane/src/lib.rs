@@ -10,6 +10,7 @@
 //! credentials files (the agent's config), anything Kubernetes.
 
 mod command;
+pub mod dns;
 pub mod firewall;
 pub mod openvpn;
 pub mod routes;
@@ -20,7 +21,9 @@ pub mod wireguard;
 pub use firewall::{Firewall, FirewallPolicy};
 pub use routes::{RouteSet, Routes};
 pub use secret::{Key, Secret};
-pub use tunnel::{Endpoint, Proto, Tunnel, TunnelConfig, TunnelDriver, TunnelState, TunnelStatus};
+pub use tunnel::{
+    Endpoint, Proto, Remote, Tunnel, TunnelConfig, TunnelDriver, TunnelState, TunnelStatus,
+};
 
 /// The one nftables table cloak owns in a pod's network namespace (family `inet`).
 pub const NFT_TABLE: &str = "cloak";

@@ -9,7 +9,7 @@ use std::{
     collections::VecDeque,
     fs,
     io::{BufRead, BufReader, Write},
-    net::{SocketAddr, ToSocketAddrs},
+    net::SocketAddr,
     os::unix::{fs::PermissionsExt, net::UnixStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -18,7 +18,7 @@ use std::{
 };
 
 use crate::{
-    Endpoint, Error, FWMARK, Proto, Secret,
+    Endpoint, Error, FWMARK, Proto, Remote, Secret,
     tunnel::{Tunnel, TunnelState, TunnelStatus},
 };
 
@@ -30,8 +30,9 @@ pub struct OpenVpnConfig {
     pub config: Secret,
     /// Username and password for `--auth-user-pass`.
     pub auth: Option<(Secret, Secret)>,
-    /// The `remote` lines, resolved.
-    pub remotes: Vec<Endpoint>,
+    /// The `remote` lines, in order (host names are resolved by the agent before each
+    /// connection, and openvpn is handed the addresses).
+    pub remotes: Vec<Remote>,
     /// Whether the config routes IPv6 (`ifconfig-ipv6`, `route-ipv6`, `tun-ipv6`).
     pub ipv6: bool,
     pub mtu: u32,
@@ -127,20 +128,24 @@ impl OpenVpnConfig {
         }
         let mut endpoints = Vec::new();
         for (line, host, rport, rproto) in remotes {
-            let port = rport.unwrap_or(port);
-            let addrs: Vec<SocketAddr> = (host.as_str(), port)
-                .to_socket_addrs()
-                .map_err(|e| ParseError::Bad {
-                    line,
-                    problem: format!("remote {host} does not resolve: {e}"),
-                })?
-                .collect();
-            for addr in addrs {
-                endpoints.push(Endpoint {
-                    addr,
-                    proto: rproto.unwrap_or(proto),
-                });
-            }
+            let (port, proto) = (rport.unwrap_or(port), rproto.unwrap_or(proto));
+            endpoints.push(match host.parse::<std::net::IpAddr>() {
+                Ok(ip) => Remote::Addr(Endpoint {
+                    addr: SocketAddr::new(ip, port),
+                    proto,
+                }),
+                Err(_) if crate::tunnel::is_host_name(&host) => Remote::Name {
+                    host: host.to_ascii_lowercase(),
+                    port,
+                    proto,
+                },
+                Err(_) => {
+                    return Err(ParseError::Bad {
+                        line,
+                        problem: format!("remote {host:?} is neither an address nor a host name"),
+                    });
+                }
+            });
         }
         Ok(Self {
             interface: interface.to_owned(),
@@ -187,7 +192,7 @@ impl OpenVpn {
                 .map_err(Error::io(format!("chmod {}", path.display())))?;
             Ok(path)
         };
-        let conf = write_private("config.ovpn", config.config.expose())?;
+        let conf = write_private("config.ovpn", &with_remotes(config)?)?;
         // cloak creates the tun itself, before openvpn runs: routes and firewall rules naming it
         // can be in place while openvpn connects, and it outlives openvpn's own restarts.
         let _ = crate::command::ip(&["tuntap", "del", "dev", &config.interface, "mode", "tun"]);
@@ -274,6 +279,42 @@ impl OpenVpn {
             shared,
         })
     }
+}
+
+/// The provider's config with its `remote` lines replaced by the resolved remotes, so openvpn
+/// never looks a name up itself (its lookup would be dropped by the kill switch). Lines inside
+/// inline blocks are kept as they are.
+fn with_remotes(config: &OpenVpnConfig) -> Result<String, Error> {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(config.config.expose().len() + 64);
+    let mut in_block = false;
+    for line in config.config.expose().lines() {
+        let trimmed = line.trim();
+        if trimmed.starts_with("</") {
+            in_block = false;
+        } else if trimmed.starts_with('<') {
+            in_block = true;
+        } else if !in_block && trimmed.split_whitespace().next() == Some("remote") {
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    for remote in &config.remotes {
+        let Remote::Addr(e) = remote else {
+            return Err(Error::Tunnel(format!(
+                "remote {remote} was not resolved before opening the tunnel"
+            )));
+        };
+        let _ = writeln!(
+            out,
+            "remote {} {} {}",
+            e.addr.ip(),
+            e.addr.port(),
+            e.proto.as_str()
+        );
+    }
+    Ok(out)
 }
 
 /// Follows the management interface: real-time state and byte counts.
@@ -366,14 +407,14 @@ mod tests {
         assert_eq!(
             c.remotes,
             vec![
-                Endpoint {
+                Remote::Addr(Endpoint {
                     addr: "192.0.2.2:1194".parse().unwrap(),
                     proto: Proto::Udp
-                },
-                Endpoint {
+                }),
+                Remote::Addr(Endpoint {
                     addr: "192.0.2.3:443".parse().unwrap(),
                     proto: Proto::Tcp
-                },
+                }),
             ]
         );
         assert!(!c.ipv6);

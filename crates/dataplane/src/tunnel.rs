@@ -20,14 +20,84 @@ pub enum TunnelConfig {
 }
 
 impl TunnelConfig {
-    /// Where the encrypted packets go: the only destinations the kill switch lets out.
+    /// Where the encrypted packets go: the only destinations the kill switch lets out. Servers
+    /// named by host name are not among them until [`TunnelConfig::resolve`] replaced the name
+    /// by its addresses.
     pub fn endpoints(&self) -> Vec<Endpoint> {
         match self {
-            Self::WireGuard(c) => vec![Endpoint {
+            Self::WireGuard(c) if c.peer.endpoint_name.is_none() => vec![Endpoint {
                 addr: c.peer.endpoint,
                 proto: Proto::Udp,
             }],
-            Self::OpenVpn(c) => c.remotes.clone(),
+            Self::WireGuard(_) => Vec::new(),
+            Self::OpenVpn(c) => c
+                .remotes
+                .iter()
+                .filter_map(|r| match r {
+                    Remote::Addr(e) => Some(*e),
+                    Remote::Name { .. } => None,
+                })
+                .collect(),
+        }
+    }
+
+    /// The host names of servers that must be resolved before connecting (each once).
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = match self {
+            Self::WireGuard(c) => c.peer.endpoint_name.iter().cloned().collect(),
+            Self::OpenVpn(c) => c
+                .remotes
+                .iter()
+                .filter_map(|r| match r {
+                    Remote::Name { host, .. } => Some(host.clone()),
+                    Remote::Addr(_) => None,
+                })
+                .collect(),
+        };
+        names.dedup();
+        names
+    }
+
+    /// The same tunnel with every server name replaced by its addresses (`answers`, from
+    /// whatever resolved [`TunnelConfig::names`]): WireGuard takes the first address of its
+    /// one peer, OpenVPN tries every address in turn. Fails naming a name without addresses.
+    pub fn resolve(
+        &self,
+        answers: &std::collections::BTreeMap<String, Vec<IpAddr>>,
+    ) -> Result<Self, String> {
+        let lookup = |host: &str| {
+            answers
+                .get(host)
+                .filter(|a| !a.is_empty())
+                .ok_or_else(|| format!("{host} has no address"))
+        };
+        match self {
+            Self::WireGuard(c) => {
+                let mut c = c.clone();
+                if let Some(host) = c.peer.endpoint_name.take() {
+                    c.peer.endpoint.set_ip(lookup(&host)?[0]);
+                }
+                Ok(Self::WireGuard(c))
+            }
+            Self::OpenVpn(c) => {
+                let mut c = c.clone();
+                let mut remotes = Vec::new();
+                for remote in &c.remotes {
+                    match remote {
+                        Remote::Addr(_) => remotes.push(remote.clone()),
+                        Remote::Name { host, port, proto } => {
+                            remotes.extend(lookup(host)?.iter().map(|ip| {
+                                Remote::Addr(Endpoint {
+                                    addr: SocketAddr::new(*ip, *port),
+                                    proto: *proto,
+                                })
+                            }));
+                        }
+                    }
+                }
+                c.remotes = remotes;
+                Ok(Self::OpenVpn(c))
+            }
         }
     }
 
@@ -84,7 +154,10 @@ impl fmt::Display for TunnelConfig {
                 c.mtu,
                 join(&c.addresses),
                 c.peer.public_key,
-                c.peer.endpoint,
+                c.peer.endpoint_name.as_ref().map_or_else(
+                    || c.peer.endpoint.to_string(),
+                    |host| format!("{host}:{}", c.peer.endpoint.port())
+                ),
                 join(&c.peer.allowed_ips),
             ),
             Self::OpenVpn(c) => write!(
@@ -134,6 +207,41 @@ impl fmt::Display for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.addr, self.proto.as_str())
     }
+}
+
+/// A VPN server as the credentials name it: an address, or a host name resolved before each
+/// connection attempt (never by the tunnel implementation itself, whose lookups the kill switch
+/// would drop).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Remote {
+    Addr(Endpoint),
+    Name {
+        host: String,
+        port: u16,
+        proto: Proto,
+    },
+}
+
+impl fmt::Display for Remote {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Addr(e) => e.fmt(f),
+            Self::Name { host, port, proto } => write!(f, "{host}:{port}/{}", proto.as_str()),
+        }
+    }
+}
+
+/// Whether `host` may be a DNS name (letters, digits, `-`, `.`; labels of 1-63 characters).
+pub fn is_host_name(host: &str) -> bool {
+    !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                && !label.starts_with('-')
+        })
+        && host.parse::<IpAddr>().is_err()
 }
 
 /// What an open tunnel reports.

@@ -16,7 +16,7 @@
 use std::{
     fmt,
     io::{BufRead, BufReader, Write},
-    net::{IpAddr, SocketAddr, ToSocketAddrs},
+    net::{IpAddr, SocketAddr},
     os::unix::{io::IntoRawFd, net::UnixStream},
     sync::mpsc,
     time::Duration,
@@ -61,7 +61,11 @@ pub struct WireguardConfig {
 pub struct WireguardPeer {
     pub public_key: PublicKey,
     pub preshared_key: Option<Key>,
+    /// Where the peer is; with [`WireguardPeer::endpoint_name`], only its port counts until the
+    /// name is resolved.
     pub endpoint: SocketAddr,
+    /// The endpoint's host name, when the credentials give one (`Endpoint = vpn.example:51820`).
+    pub endpoint_name: Option<String>,
     pub allowed_ips: Vec<IpNet>,
     pub persistent_keepalive: Option<u16>,
 }
@@ -242,6 +246,7 @@ impl WireguardConfig {
                 public_key,
                 preshared_key,
                 endpoint: SocketAddr::new(ip, port),
+                endpoint_name: None,
                 allowed_ips,
                 persistent_keepalive: number("WIREGUARD_PERSISTENT_KEEPALIVE_INTERVAL")?
                     .and_then(|n| u16::try_from(n).ok()),
@@ -271,7 +276,7 @@ impl WireguardConfig {
             if let Some(psk) = &peer.preshared_key {
                 let _ = writeln!(s, "preshared_key={}", &*psk.to_hex());
             }
-            if !peer.endpoint.ip().is_unspecified() {
+            if !peer.endpoint.ip().is_unspecified() && peer.endpoint_name.is_none() {
                 let _ = writeln!(s, "endpoint={}", peer.endpoint);
             }
             if let Some(keepalive) = peer.persistent_keepalive {
@@ -306,7 +311,7 @@ impl WireguardConfig {
             if let Some(psk) = &peer.preshared_key {
                 let _ = writeln!(s, "PresharedKey = {}", &*psk.to_base64());
             }
-            if !peer.endpoint.ip().is_unspecified() {
+            if !peer.endpoint.ip().is_unspecified() && peer.endpoint_name.is_none() {
                 let _ = writeln!(s, "Endpoint = {}", peer.endpoint);
             }
             if let Some(keepalive) = peer.persistent_keepalive {
@@ -330,7 +335,7 @@ impl WireguardConfig {
 struct PeerBuilder {
     public_key: Option<PublicKey>,
     preshared_key: Option<Key>,
-    endpoint: Option<SocketAddr>,
+    endpoint: Option<(SocketAddr, Option<String>)>,
     allowed_ips: Vec<IpNet>,
     keepalive: Option<u16>,
 }
@@ -348,16 +353,25 @@ impl PeerBuilder {
                     Some(Key::from_base64(value).map_err(|_| ParseError::BadKey("PresharedKey"))?);
             }
             "endpoint" => {
-                // Resolved once, here: the kill switch needs the address before anything leaves.
-                let addr = value
-                    .to_socket_addrs()
-                    .ok()
-                    .and_then(|mut a| a.next())
-                    .ok_or_else(|| ParseError::Bad {
-                        key: "Endpoint",
-                        problem: format!("{value:?} is not host:port or does not resolve"),
-                    })?;
-                self.endpoint = Some(addr);
+                // An address, or a host name the agent resolves before each connection (never
+                // here: the kill switch may be closed while credentials are read).
+                let bad = || ParseError::Bad {
+                    key: "Endpoint",
+                    problem: format!("{value:?} is not address:port or host:port"),
+                };
+                self.endpoint = Some(if let Ok(addr) = value.parse::<SocketAddr>() {
+                    (addr, None)
+                } else {
+                    let (host, port) = value.rsplit_once(':').ok_or_else(bad)?;
+                    let port: u16 = port.parse().map_err(|_| bad())?;
+                    if !crate::tunnel::is_host_name(host) {
+                        return Err(bad());
+                    }
+                    (
+                        SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), port),
+                        Some(host.to_ascii_lowercase()),
+                    )
+                });
             }
             "allowedips" => self.allowed_ips.extend(list(value, "AllowedIPs")?),
             "persistentkeepalive" => {
@@ -379,7 +393,12 @@ impl PeerBuilder {
         Ok(WireguardPeer {
             public_key: self.public_key.ok_or(ParseError::Missing("PublicKey"))?,
             preshared_key: self.preshared_key,
-            endpoint: self.endpoint.ok_or(ParseError::Missing("Endpoint"))?,
+            endpoint: self
+                .endpoint
+                .as_ref()
+                .ok_or(ParseError::Missing("Endpoint"))?
+                .0,
+            endpoint_name: self.endpoint.and_then(|(_, name)| name),
             allowed_ips: non_empty(self.allowed_ips, "AllowedIPs")?,
             persistent_keepalive: self.keepalive,
         })

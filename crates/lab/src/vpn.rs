@@ -157,6 +157,7 @@ pub(crate) fn wireguard(lab: &Lab, p: &Provider, dir: &Path) -> Result<Vec<Wireg
                 public_key: client.public(),
                 preshared_key: None,
                 endpoint: SocketAddr::from(([0, 0, 0, 0], 0)),
+                endpoint_name: None,
                 allowed_ips: vec![parse(format!("{prefix}.2/32"))?],
                 persistent_keepalive: None,
             },

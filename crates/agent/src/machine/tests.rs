@@ -14,7 +14,7 @@ use tokio::sync::watch;
 
 use super::*;
 use crate::{
-    config::{ConfigError, HealthConfig, ProbeTarget},
+    config::{ConfigError, HealthConfig, ProbeAddr, ProbeTarget},
     probe::ProbeOk,
 };
 
@@ -38,12 +38,30 @@ impl Prober for FakeProber {
     }
 }
 
+/// Answers name lookups from a script: name → addresses, or the error text.
+#[derive(Clone, Default)]
+struct FakeResolver(Arc<Mutex<Answers>>);
+
+type Answers = std::collections::BTreeMap<String, Result<Vec<IpAddr>, String>>;
+
+impl Resolver for FakeResolver {
+    async fn resolve(&self, _: IpAddr, name: &str) -> Result<Vec<IpAddr>, String> {
+        self.0
+            .lock()
+            .unwrap()
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| Err("no such name (NXDOMAIN)".into()))
+    }
+}
+
 struct Rig {
     journal: Arc<Mutex<Vec<String>>>,
     /// Every firewall load fails with this message while set.
     firewall_fails: Arc<Mutex<Option<String>>>,
     driver: FakeDriver,
     prober: FakeProber,
+    resolver: FakeResolver,
     status: watch::Receiver<Status>,
     config: watch::Sender<ConfigResult>,
     shutdown: watch::Sender<bool>,
@@ -60,8 +78,11 @@ fn resolved() -> Resolved {
         tunnel: TunnelConfig::WireGuard(WireguardConfig::from_wg_quick(&conf, "ck0").unwrap()),
         dns: Some("10.64.0.1".parse().unwrap()),
         resolv_conf: None,
+        endpoint_resolver: None,
         bypass: vec!["10.96.0.0/12".parse().unwrap()],
-        probe: Some(ProbeTarget::Tcp("203.0.113.10:7".parse().unwrap())),
+        probe: Some(ProbeTarget::Tcp(ProbeAddr::Ip(
+            "203.0.113.10:7".parse().unwrap(),
+        ))),
         health: HealthConfig {
             interval: Duration::from_secs(1),
             timeout: Duration::from_secs(1),
@@ -82,6 +103,7 @@ fn start(config: ConfigResult) -> Rig {
         ..FakeDriver::default()
     };
     let prober = FakeProber::default();
+    let resolver = FakeResolver::default();
     let (status_tx, status) = watch::channel(Status::default());
     let (config_tx, config_rx) = watch::channel(config);
     let (shutdown, shutdown_rx) = watch::channel(false);
@@ -96,6 +118,8 @@ fn start(config: ConfigResult) -> Rig {
         },
         driver: driver.clone(),
         prober: prober.clone(),
+        resolver: resolver.clone(),
+        default_resolver: Some("10.96.0.10".parse().unwrap()),
         status: status_tx,
         metrics: Arc::new(Metrics::new()),
     };
@@ -105,6 +129,7 @@ fn start(config: ConfigResult) -> Rig {
         firewall_fails,
         driver,
         prober,
+        resolver,
         status,
         config: config_tx,
         shutdown,
@@ -471,6 +496,81 @@ async fn a_firewall_that_cannot_be_loaded_keeps_the_tunnel_shut_and_says_so() {
     *rig.firewall_fails.lock().unwrap() = None;
     rig.set_tunnel(TunnelState::Up, Some(1));
     rig.wait_phase(Phase::Connected).await;
+    rig.stop().await;
+}
+
+/// The config of `resolved()` with its endpoint given as a host name.
+fn named() -> Resolved {
+    let mut cfg = resolved();
+    if let TunnelConfig::WireGuard(wg) = &mut cfg.tunnel {
+        wg.peer.endpoint = "0.0.0.0:51820".parse().unwrap();
+        wg.peer.endpoint_name = Some("vpn.example.invalid".into());
+    }
+    cfg
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_host_name_endpoint_is_resolved_through_the_narrow_path_before_each_attempt() {
+    let mut rig = start(Err(ConfigError::Interface("x".repeat(20))));
+    rig.wait_phase(Phase::Blocked).await;
+    let answers = Arc::clone(&rig.resolver.0);
+    answers.lock().unwrap().insert(
+        "vpn.example.invalid".into(),
+        Err("no answer in time".into()),
+    );
+    rig.config.send(Ok(Arc::new(named()))).unwrap();
+    let s = rig.wait_phase(Phase::Reconnecting).await;
+    assert!(
+        s.message
+            .starts_with("resolving vpn.example.invalid via 10.96.0.10: no answer in time"),
+        "{}",
+        s.message
+    );
+    assert!(rig.driver.inner.lock().unwrap().opened.is_empty());
+    // The resolver answers: the next attempt resolves anew and connects to that address.
+    answers.lock().unwrap().insert(
+        "vpn.example.invalid".into(),
+        Ok(vec!["192.0.2.7".parse().unwrap()]),
+    );
+    rig.set_tunnel(TunnelState::Up, Some(1));
+    rig.wait_phase(Phase::Connected).await;
+    let j = rig.journal();
+    let resolving = j
+        .iter()
+        .rposition(|l| l.contains("endpoint names via 10.96.0.10 (marked)"))
+        .unwrap();
+    assert_eq!(
+        j[resolving],
+        "firewall allow endpoints [], no tunnel, dns 10.64.0.1 only, endpoint names via 10.96.0.10 (marked)"
+    );
+    let open = j.iter().position(|l| l == "tunnel open ck0").unwrap();
+    assert!(resolving < open, "{j:?}");
+    assert!(
+        j[resolving + 1..open]
+            .iter()
+            .filter(|l| l.starts_with("firewall"))
+            .all(|l| l.contains("192.0.2.7:51820/udp") && !l.contains("endpoint names")),
+        "the path closes before the tunnel opens, and the resolved address is the endpoint: {j:?}"
+    );
+    let opened = rig.driver.inner.lock().unwrap().opened.clone();
+    assert_eq!(
+        opened[0].0.endpoints()[0].addr,
+        "192.0.2.7:51820".parse().unwrap()
+    );
+    // A reconnect resolves again, and follows the name to its new address.
+    answers.lock().unwrap().insert(
+        "vpn.example.invalid".into(),
+        Ok(vec!["192.0.2.8".parse().unwrap()]),
+    );
+    rig.set_tunnel(TunnelState::Failed("gone".into()), None);
+    rig.wait_phase(Phase::Reconnecting).await;
+    rig.set_tunnel(TunnelState::Up, Some(1));
+    rig.wait_phase(Phase::Connected).await;
+    let opened = rig.driver.inner.lock().unwrap().opened.clone();
+    assert_eq!(
+        opened.last().unwrap().0.endpoints()[0].addr,
+        "192.0.2.8:51820".parse().unwrap()
+    );
     rig.stop().await;
 }
 

@@ -105,6 +105,7 @@ impl FakeWireguard {
                 public_key: self.client,
                 preshared_key: None,
                 endpoint: SocketAddr::from(([0, 0, 0, 0], 0)),
+                endpoint_name: None,
                 allowed_ips: vec![
                     format!("{WG_CLIENT}/32").parse().expect("cidr"),
                     format!("{WG_CLIENT6}/128").parse().expect("cidr"),
