@@ -250,14 +250,23 @@ impl Resolved {
     }
 }
 
-/// A fingerprint of the config file and every credentials file, to notice edits.
+/// A fingerprint of the config file and every credentials file, to notice edits. The config is
+/// hashed by content; credentials files by what their metadata says (where the path leads —
+/// a mounted Secret changes by swapping a symlink —, inode, size, modification time), so the
+/// secrets themselves are not read into memory every second.
 pub fn fingerprint(path: &Path) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
+    path.hash(&mut h);
+    std::fs::read(path).ok().hash(&mut h);
     let mut add = |p: &Path| {
+        use std::os::unix::fs::MetadataExt as _;
         p.hash(&mut h);
-        std::fs::read(p).ok().hash(&mut h);
+        std::fs::canonicalize(p).ok().hash(&mut h);
+        std::fs::metadata(p)
+            .ok()
+            .map(|m| (m.ino(), m.dev(), m.len(), m.mtime(), m.mtime_nsec()))
+            .hash(&mut h);
     };
-    add(path);
     if let Ok(text) = std::fs::read_to_string(path)
         && let Ok(config) = serde_yaml::from_str::<AgentConfig>(&text)
     {
@@ -308,7 +317,7 @@ fn read_credentials(path: &Path, iface: &str) -> Result<TunnelConfig, ConfigErro
         }
         from_keys(&keys, iface).map_err(|reason| err(path, reason))
     } else {
-        let text = read(path)?;
+        let text = Secret::new(read(path)?);
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -323,6 +332,7 @@ fn read_credentials(path: &Path, iface: &str) -> Result<TunnelConfig, ConfigErro
         } else {
             // KEY=value lines (an env file).
             let keys = text
+                .expose()
                 .lines()
                 .filter_map(|l| l.trim().split_once('='))
                 .map(|(k, v)| {
@@ -334,14 +344,18 @@ fn read_credentials(path: &Path, iface: &str) -> Result<TunnelConfig, ConfigErro
                 .collect();
             return from_keys(&keys, iface).map_err(|reason| err(path, reason));
         };
-        let keys = BTreeMap::from([(key, Secret::new(text))]);
+        let keys = BTreeMap::from([(key, text)]);
         from_keys(&keys, iface).map_err(|reason| err(path, reason))
     }
 }
 
 /// Credentials from Secret-style keys, in the order the model crate classifies them.
 fn from_keys(keys: &BTreeMap<String, Secret>, iface: &str) -> Result<TunnelConfig, String> {
-    let get = |k: &str| keys.get(k).map(|s| s.expose().trim().to_owned());
+    // Values only ever as Secrets (zeroized when dropped), never as plain Strings.
+    let get = |k: &str| {
+        keys.get(k)
+            .map(|s| Secret::new(s.expose().trim().to_owned()))
+    };
     if let Some(conf) = keys.get("wg0.conf") {
         return WireguardConfig::from_wg_quick(conf.expose(), iface)
             .map(TunnelConfig::WireGuard)
@@ -351,7 +365,7 @@ fn from_keys(keys: &BTreeMap<String, Secret>, iface: &str) -> Result<TunnelConfi
         let user = get("username").or_else(|| get("OPENVPN_USER"));
         let pass = get("password").or_else(|| get("OPENVPN_PASSWORD"));
         let auth = match (user, pass) {
-            (Some(u), Some(p)) => Some((Secret::new(u), Secret::new(p))),
+            (Some(u), Some(p)) => Some((u, p)),
             (None, None) => None,
             _ => return Err("username and password must be given together".into()),
         };
@@ -359,15 +373,16 @@ fn from_keys(keys: &BTreeMap<String, Secret>, iface: &str) -> Result<TunnelConfi
             .map(TunnelConfig::OpenVpn)
             .map_err(|e| e.to_string());
     }
-    let wireguard = get("VPN_TYPE").is_some_and(|t| t == "wireguard")
+    let wireguard = get("VPN_TYPE").is_some_and(|t| t.expose() == "wireguard")
         || keys.contains_key("WIREGUARD_PRIVATE_KEY");
     if wireguard {
         if let Some(provider) = get("VPN_SERVICE_PROVIDER")
-            && provider != "custom"
+            && provider.expose() != "custom"
             && !keys.contains_key("VPN_ENDPOINT_IP")
         {
             return Err(format!(
-                "gluetun variables for VPN_SERVICE_PROVIDER={provider} need gluetun's server list; set VPN_ENDPOINT_IP and WIREGUARD_PUBLIC_KEY (a custom endpoint) or give a wg0.conf"
+                "gluetun variables for VPN_SERVICE_PROVIDER={} need gluetun's server list; set VPN_ENDPOINT_IP and WIREGUARD_PUBLIC_KEY (a custom endpoint) or give a wg0.conf",
+                provider.expose()
             ));
         }
         return WireguardConfig::from_gluetun(get, iface)
@@ -629,6 +644,32 @@ mod tests {
         );
         let e = Resolved::load(&cfg).unwrap_err().to_string();
         assert!(e.contains("set `dns`"), "{e}");
+    }
+
+    /// Edits are noticed from metadata alone: a rewrite in place, and a mounted Secret's update
+    /// (the `..data` symlink swapped to a new directory).
+    #[test]
+    fn the_fingerprint_notices_edits_and_symlink_swaps_of_credentials() {
+        let d = dir();
+        let v1 = d.path().join("..2026_v1");
+        let v2 = d.path().join("..2026_v2");
+        std::fs::create_dir(&v1).unwrap();
+        std::fs::create_dir(&v2).unwrap();
+        write(&v1, "wg0.conf", &wg_conf());
+        write(&v2, "wg0.conf", &wg_conf());
+        std::fs::create_dir(d.path().join("creds")).unwrap();
+        std::os::unix::fs::symlink("..2026_v1", d.path().join("..data")).unwrap();
+        std::os::unix::fs::symlink("../..data/wg0.conf", d.path().join("creds/wg0.conf")).unwrap();
+        let cfg = write(d.path(), "agent.yaml", "credentials: creds\n");
+        let first = fingerprint(&cfg);
+        assert_eq!(fingerprint(&cfg), first, "stable while nothing changes");
+        let swapped = d.path().join("..data_tmp");
+        std::os::unix::fs::symlink("..2026_v2", &swapped).unwrap();
+        std::fs::rename(&swapped, d.path().join("..data")).unwrap();
+        let second = fingerprint(&cfg);
+        assert_ne!(second, first, "the symlink swap");
+        write(&v2, "wg0.conf", &format!("{}# edited\n", wg_conf()));
+        assert_ne!(fingerprint(&cfg), second, "an edit in place");
     }
 
     #[test]

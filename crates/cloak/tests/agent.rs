@@ -846,6 +846,19 @@ fn openvpn_username_and_password_are_used_and_a_wrong_password_is_reported() {
         !agent.log().contains("wrong"),
         "the password is never logged"
     );
+    // /readyz answers anyone who can reach the pod: it gives the reason in cloak's words, not
+    // openvpn's own output (addresses, certificate names, pushed options).
+    let (_, readyz) = agent.admin("/readyz");
+    assert!(
+        readyz.contains("the server refused the username or password (AUTH_FAILED)"),
+        "{readyz}"
+    );
+    for raw in ["SIGTERM", "[AF_INET]", "process exiting", " | "] {
+        assert!(
+            !readyz.contains(raw),
+            "openvpn's own output in /readyz: {readyz}"
+        );
+    }
 
     write_atomically(&agent.creds().join("password"), "s3cret");
     agent.wait_ready(true, Duration::from_secs(30));

@@ -6,7 +6,6 @@
 //! job (with backoff); [`OpenVpn::status`] says when it died and why.
 
 use std::{
-    collections::VecDeque,
     fs,
     io::{BufRead, BufReader, Write},
     net::SocketAddr,
@@ -164,8 +163,55 @@ struct Shared {
     state: String,
     rx: u64,
     tx: u64,
-    /// The last lines OpenVPN logged, for error messages.
-    log: VecDeque<String>,
+    /// Why openvpn is failing, in cloak's words, from the last line of its output that said.
+    failure: Option<&'static str>,
+}
+
+/// What a line of openvpn's output says went wrong, in a fixed vocabulary: statuses and
+/// `/readyz` (which anyone who reaches the pod can read) repeat these words, never openvpn's.
+fn failure_reason(line: &str) -> Option<&'static str> {
+    const REASONS: [(&str, &str); 9] = [
+        (
+            "AUTH_FAILED",
+            "the server refused the username or password (AUTH_FAILED)",
+        ),
+        (
+            "auth-failure",
+            "the server refused the username or password (AUTH_FAILED)",
+        ),
+        (
+            "VERIFY ERROR",
+            "the server's certificate was not accepted (VERIFY ERROR)",
+        ),
+        (
+            "certificate verify failed",
+            "the server's certificate was not accepted (VERIFY ERROR)",
+        ),
+        (
+            "TLS handshake failed",
+            "the TLS handshake with the server failed",
+        ),
+        (
+            "Options error",
+            "openvpn refused an option of config.ovpn (Options error)",
+        ),
+        (
+            "Cannot resolve host address",
+            "openvpn could not resolve a remote",
+        ),
+        (
+            "Cannot open TUN/TAP dev",
+            "openvpn could not open the tun device",
+        ),
+        (
+            "Exiting due to fatal error",
+            "openvpn stopped on a fatal error",
+        ),
+    ];
+    REASONS
+        .iter()
+        .find(|(needle, _)| line.contains(needle))
+        .map(|(_, reason)| *reason)
 }
 
 /// A supervised `openvpn` process.
@@ -260,12 +306,13 @@ impl OpenVpn {
             let shared = Arc::clone(&shared);
             std::thread::spawn(move || {
                 for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                    tracing::debug!(target: "openvpn", "{line}");
-                    if let Ok(mut s) = shared.lock() {
-                        if s.log.len() == 3 {
-                            s.log.pop_front();
-                        }
-                        s.log.push_back(line);
+                    // openvpn's own words carry addresses, certificate names and pushed
+                    // options: only at trace level, never in a status.
+                    tracing::trace!(target: "openvpn", "{line}");
+                    if let Some(reason) = failure_reason(&line)
+                        && let Ok(mut s) = shared.lock()
+                    {
+                        s.failure = Some(reason);
                     }
                 }
             });
@@ -368,7 +415,8 @@ impl Tunnel for OpenVpn {
         let state = match exited {
             Some(code) => TunnelState::Failed(format!(
                 "openvpn exited ({code}): {}",
-                s.log.iter().cloned().collect::<Vec<_>>().join(" | ")
+                s.failure
+                    .unwrap_or("no known reason (RUST_LOG=openvpn=trace shows its output)")
             )),
             None if s.state == "CONNECTED" => TunnelState::Up,
             None => TunnelState::Connecting,
@@ -419,6 +467,30 @@ mod tests {
         );
         assert!(!c.ipv6);
         assert_eq!(format!("{:?}", c.config), "<redacted>");
+    }
+
+    #[test]
+    fn failures_are_told_in_cloaks_words_never_in_openvpns() {
+        let lines = [
+            "2026-12-02 00:38:51 AUTH: Received control message: AUTH_FAILED",
+            "2026-12-02 00:38:51 SIGTERM[soft,auth-failure] received, process exiting",
+            "VERIFY ERROR: depth=0, error=self-signed certificate: CN=vpn-7.provider.example",
+            "Options error: Unrecognized option or missing or extra parameter(s) in config.ovpn:12: pull-secret hunter2 (2.6.3)",
+        ];
+        let told: Vec<&str> = lines.iter().filter_map(|l| failure_reason(l)).collect();
+        assert_eq!(
+            told,
+            [
+                "the server refused the username or password (AUTH_FAILED)",
+                "the server refused the username or password (AUTH_FAILED)",
+                "the server's certificate was not accepted (VERIFY ERROR)",
+                "openvpn refused an option of config.ovpn (Options error)",
+            ]
+        );
+        assert_eq!(
+            failure_reason("Peer Connection Initiated with [AF_INET]192.0.2.2:1194"),
+            None
+        );
     }
 
     #[test]

@@ -29,7 +29,7 @@ use zeroize::Zeroizing;
 use crate::{
     Error, FWMARK,
     command::{ip, run},
-    secret::{Key, PublicKey},
+    secret::{Key, PublicKey, Secret},
     tunnel::{Tunnel, TunnelStatus},
 };
 
@@ -180,25 +180,27 @@ impl WireguardConfig {
     /// `WIREGUARD_ALLOWED_IPS`, `WIREGUARD_PERSISTENT_KEEPALIVE_INTERVAL`). `get` returns a
     /// variable's value.
     pub fn from_gluetun(
-        get: impl Fn(&str) -> Option<String>,
+        get: impl Fn(&str) -> Option<Secret>,
         interface: &str,
     ) -> Result<Self, ParseError> {
         let need = |k: &'static str| {
             get(k)
-                .filter(|v| !v.trim().is_empty())
+                .filter(|v| !v.expose().trim().is_empty())
                 .ok_or(ParseError::Missing(k))
         };
-        let private_key = Key::from_base64(&need("WIREGUARD_PRIVATE_KEY")?)
+        let private_key = Key::from_base64(need("WIREGUARD_PRIVATE_KEY")?.expose())
             .map_err(|_| ParseError::BadKey("WIREGUARD_PRIVATE_KEY"))?;
-        let public_key = PublicKey::from_base64(&need("WIREGUARD_PUBLIC_KEY")?)
+        let public_key = PublicKey::from_base64(need("WIREGUARD_PUBLIC_KEY")?.expose())
             .map_err(|_| ParseError::BadKey("WIREGUARD_PUBLIC_KEY"))?;
         let preshared_key = get("WIREGUARD_PRESHARED_KEY")
-            .filter(|v| !v.trim().is_empty())
+            .filter(|v| !v.expose().trim().is_empty())
             .map(|v| {
-                Key::from_base64(&v).map_err(|_| ParseError::BadKey("WIREGUARD_PRESHARED_KEY"))
+                Key::from_base64(v.expose())
+                    .map_err(|_| ParseError::BadKey("WIREGUARD_PRESHARED_KEY"))
             })
             .transpose()?;
         let ip: IpAddr = need("VPN_ENDPOINT_IP")?
+            .expose()
             .trim()
             .parse()
             .map_err(|_| ParseError::Bad {
@@ -206,7 +208,8 @@ impl WireguardConfig {
                 problem: "not an IP address".into(),
             })?;
         let port: u16 = get("VPN_ENDPOINT_PORT")
-            .unwrap_or_else(|| "51820".into())
+            .unwrap_or_else(|| Secret::new("51820".into()))
+            .expose()
             .trim()
             .parse()
             .map_err(|_| ParseError::Bad {
@@ -214,14 +217,15 @@ impl WireguardConfig {
                 problem: "not a port".into(),
             })?;
         let allowed_ips = match get("WIREGUARD_ALLOWED_IPS") {
-            Some(v) => list(&v, "WIREGUARD_ALLOWED_IPS")?,
+            Some(v) => list(v.expose(), "WIREGUARD_ALLOWED_IPS")?,
             None => crate::tunnel::default_routes(),
         };
         let number = |key: &'static str| -> Result<Option<u32>, ParseError> {
             get(key)
-                .filter(|v| !v.trim().is_empty())
+                .filter(|v| !v.expose().trim().is_empty())
                 .map(|v| {
-                    v.trim()
+                    v.expose()
+                        .trim()
                         .trim_end_matches('s')
                         .parse()
                         .map_err(|_| ParseError::Bad {
@@ -237,7 +241,7 @@ impl WireguardConfig {
             listen_port: None,
             fwmark: Some(FWMARK),
             addresses: non_empty(
-                list(&need("WIREGUARD_ADDRESSES")?, "WIREGUARD_ADDRESSES")?,
+                list(need("WIREGUARD_ADDRESSES")?.expose(), "WIREGUARD_ADDRESSES")?,
                 "WIREGUARD_ADDRESSES",
             )?,
             mtu: number("WIREGUARD_MTU")?.unwrap_or(DEFAULT_MTU),
@@ -770,7 +774,11 @@ mod tests {
             ("WIREGUARD_PUBLIC_KEY", p.public().to_string()),
             ("WIREGUARD_ADDRESSES", "10.64.0.2/32".to_owned()),
         ];
-        let get = |key: &str| vars.iter().find(|(k, _)| *k == key).map(|(_, v)| v.clone());
+        let get = |key: &str| {
+            vars.iter()
+                .find(|(k, _)| *k == key)
+                .map(|(_, v)| Secret::new(v.clone()))
+        };
         let c = WireguardConfig::from_gluetun(get, "ck0").unwrap();
         assert_eq!(c.peer.endpoint, "192.0.2.2:51821".parse().unwrap());
         assert_eq!(c.peer.allowed_ips.len(), 2, "full tunnel by default");
