@@ -491,12 +491,15 @@ async fn verification_holds_a_slot_and_passes_when_the_probe_succeeds() {
         pod.spec.as_ref().unwrap().containers[0].image.as_deref(),
         Some("qmcgaw/gluetun:v3")
     );
-    let status = provider_status(&client, &ns, "vpn").await.unwrap();
-    assert_eq!(status.phase, Some(ProviderPhase::Verifying));
-    assert_eq!(
-        status.active_slots, 1,
-        "verification holds one of the provider's slots"
-    );
+    wait_for(
+        "verification holds one of the provider's slots",
+        async || provider_status(&client, &ns, "vpn").await,
+        |s| {
+            s.as_ref()
+                .is_some_and(|s| s.phase == Some(ProviderPhase::Verifying) && s.active_slots == 1)
+        },
+    )
+    .await;
 
     // Play the kubelet: the probe container exits 0.
     let probe_done = json!({"status": {"phase": "Running", "containerStatuses": [
@@ -1090,7 +1093,9 @@ async fn use_mask(client: &Client, ns: &str, mask: &str, pod: &str) {
         .await
         .unwrap();
     let object: Pod = serde_json::from_value(json!({
-        "metadata": {"name": pod, "ownerReferences": [{"apiVersion": "cloak.dev/v1alpha1", "kind": "VpnMask",
+        // The finalizer plays the kubelet, which holds a deleted pod for its grace period:
+        // without it, a pod with no node vanishes the moment it is deleted.
+        "metadata": {"name": pod, "finalizers": [HOLD], "ownerReferences": [{"apiVersion": "cloak.dev/v1alpha1", "kind": "VpnMask",
             "name": mask, "uid": owner.uid().unwrap(), "blockOwnerDeletion": true}]},
         "spec": {"containers": [{"name": "app", "image": "busybox"}]}
     }))
@@ -1128,10 +1133,62 @@ async fn one_slot_provider_and_ready_mask(client: &Client, ns: &str) {
 
 /// Deletes mask `m`, used by pod `user`, with `params`; then the pod goes first, the mask after,
 /// and only then is the provider's slot free.
+/// The finalizer test pods carry, so a deleted pod stays while the test looks.
+const HOLD: &str = "cloak.test/hold";
+
+/// Deletes mask `m` while pod `user` uses it: the pod is deleted and, while it still exists
+/// (terminating), the mask and its slot are kept, checked several times; once the pod is gone,
+/// the mask goes and the slot is free.
 async fn delete_mask_in_use(client: &Client, ns: &str, params: &DeleteParams) {
     let pods = Api::<Pod>::namespaced(client.clone(), ns);
     let masks = Api::<VpnMask>::namespaced(client.clone(), ns);
+    let leases = Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(client.clone(), ns);
+    wait_for(
+        "the provider counts the slot",
+        async || provider_status(client, ns, "vpn").await,
+        |s| s.as_ref().is_some_and(|s| s.active_slots == 1),
+    )
+    .await;
     masks.delete("m", params).await.unwrap();
+    wait_for(
+        "the pod using the mask is deleted",
+        async || pods.get_opt("user").await.unwrap(),
+        |p| {
+            p.as_ref()
+                .is_some_and(|p| p.metadata.deletion_timestamp.is_some())
+        },
+    )
+    .await;
+    for _ in 0..4 {
+        assert!(
+            pods.get_opt("user").await.unwrap().is_some(),
+            "the pod is still terminating"
+        );
+        let mask = masks.get_opt("m").await.unwrap();
+        assert!(
+            mask.is_some_and(|m| m.metadata.deletion_timestamp.is_some()),
+            "the mask waits for its pod"
+        );
+        assert!(
+            leases.get_opt("cloak-slot-vpn-0").await.unwrap().is_some(),
+            "the slot's reservation is held while the pod may still send"
+        );
+        assert_eq!(
+            provider_status(client, ns, "vpn")
+                .await
+                .map(|s| s.active_slots),
+            Some(1),
+            "and counted"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    pods.patch(
+        "user",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+    )
+    .await
+    .unwrap();
     wait_for(
         "the pod using the mask is gone",
         async || pods.get_opt("user").await.unwrap(),
