@@ -45,7 +45,8 @@ pub struct AgentConfig {
     /// The DNS server that resolves VPN server names given as host names (`Endpoint =
     /// vpn.example.com:51820`, `remote vpn.example.com`), outside the tunnel, before each
     /// connection attempt. Defaults to the first `nameserver` of `/etc/resolv.conf` as the agent
-    /// found it at start (in a pod: the cluster DNS).
+    /// found it at start (in a pod: the cluster DNS); when the agent itself wrote that file
+    /// (`resolvConf`), to the resolver it kept in it then, never to the tunnel's.
     #[serde(default)]
     pub endpoint_resolver: Option<IpAddr>,
     /// Networks reached outside the tunnel (cluster and service CIDRs, a LAN).
@@ -264,7 +265,12 @@ pub fn fingerprint(path: &Path) -> u64 {
         std::fs::canonicalize(p).ok().hash(&mut h);
         std::fs::metadata(p)
             .ok()
-            .map(|m| (m.ino(), m.dev(), m.len(), m.mtime(), m.mtime_nsec()))
+            .map(|m| {
+                (
+                    (m.ino(), m.dev(), m.len()),
+                    (m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec()),
+                )
+            })
             .hash(&mut h);
     };
     if let Ok(text) = std::fs::read_to_string(path)

@@ -109,7 +109,7 @@ fn linux_machine(
     // resolver, which is reachable only through the tunnel.
     let default_resolver = std::fs::read_to_string("/etc/resolv.conf")
         .ok()
-        .and_then(|text| resolve::first_nameserver(&text));
+        .and_then(|text| resolve::endpoint_resolver(&text));
     Machine {
         firewall: Nftables,
         routes: LinuxRoutes,

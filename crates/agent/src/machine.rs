@@ -327,7 +327,7 @@ where
                         {
                             return Outcome::Failed(format!("firewall: {e}"));
                         }
-                        write_resolv_conf(cfg);
+                        write_resolv_conf(cfg, cfg.endpoint_resolver.or(self.default_resolver));
                     }
                     self.status.send_modify(|s| {
                         s.probe_ok = true;
@@ -438,6 +438,9 @@ where
                 Ok(()) => {
                     format!("{message}: loading the {phase} firewall failed ({e}); blocked instead")
                 }
+                Err(_) if phase == Phase::Blocked => format!(
+                    "{message}: loading the block-all firewall failed ({e}): the firewall is in an unknown state"
+                ),
                 Err(again) => format!(
                     "{message}: loading the {phase} firewall failed ({e}) and the block-all fallback failed too ({again}): the firewall is in an unknown state"
                 ),
@@ -527,12 +530,9 @@ fn connected_policy(cfg: &Resolved) -> FirewallPolicy {
     }
 }
 
-fn write_resolv_conf(cfg: &Resolved) {
+fn write_resolv_conf(cfg: &Resolved, endpoint_resolver: Option<IpAddr>) {
     if let (Some(path), Some(dns)) = (&cfg.resolv_conf, cfg.dns)
-        && let Err(e) = std::fs::write(
-            path,
-            format!("# written by cloak agent\nnameserver {dns}\n"),
-        )
+        && let Err(e) = std::fs::write(path, crate::resolve::resolv_conf(dns, endpoint_resolver))
     {
         tracing::warn!(path = %path.display(), %e, "writing resolv.conf failed");
     }

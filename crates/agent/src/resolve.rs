@@ -37,6 +37,31 @@ impl Resolver for MarkedDns {
     }
 }
 
+/// What the agent writes into a resolv.conf it takes over, first line.
+pub const WRITTEN: &str = "# written by cloak agent";
+/// The line of such a file that keeps the resolver the file named before.
+const KEPT: &str = "# cloak endpoint resolver:";
+
+/// The resolver for server names, from a resolv.conf text: its first `nameserver`, unless the
+/// agent wrote the file (then that names the tunnel's resolver, reachable only through the
+/// tunnel), in which case the resolver the agent kept in it when it took the file over.
+pub fn endpoint_resolver(resolv_conf: &str) -> Option<IpAddr> {
+    if resolv_conf.starts_with(WRITTEN) {
+        resolv_conf
+            .lines()
+            .find_map(|l| l.strip_prefix(KEPT)?.trim().parse().ok())
+    } else {
+        first_nameserver(resolv_conf)
+    }
+}
+
+/// The resolv.conf the agent writes once connected: the tunnel's resolver, and the endpoint
+/// resolver kept for the next start (a restarted container finds this file, not the pod's).
+pub fn resolv_conf(dns: IpAddr, endpoint_resolver: Option<IpAddr>) -> String {
+    let kept = endpoint_resolver.map_or_else(String::new, |r| format!("{KEPT} {r}\n"));
+    format!("{WRITTEN}\n{kept}nameserver {dns}\n")
+}
+
 /// The first `nameserver` of a resolv.conf text.
 pub fn first_nameserver(resolv_conf: &str) -> Option<IpAddr> {
     resolv_conf.lines().find_map(|line| {
@@ -50,6 +75,26 @@ pub fn first_nameserver(resolv_conf: &str) -> Option<IpAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A restarted agent must not take the tunnel's resolver (which it wrote into the file)
+    /// for the one that resolves server names outside the tunnel.
+    #[test]
+    fn a_resolv_conf_the_agent_wrote_gives_back_the_resolver_it_replaced() {
+        let pods = "search default.svc.cluster.local\nnameserver 10.96.0.10\n";
+        let first = endpoint_resolver(pods);
+        assert_eq!(first, Some("10.96.0.10".parse().unwrap()));
+        let written = resolv_conf("10.64.0.1".parse().unwrap(), first);
+        assert_eq!(
+            first_nameserver(&written),
+            Some("10.64.0.1".parse().unwrap())
+        );
+        assert_eq!(endpoint_resolver(&written), first);
+        assert_eq!(
+            endpoint_resolver(&resolv_conf("10.64.0.1".parse().unwrap(), None)),
+            None,
+            "never the tunnel's resolver"
+        );
+    }
 
     #[test]
     fn the_first_nameserver_is_taken() {

@@ -210,27 +210,31 @@ fn try_everything(lab: &Lab) -> usize {
 }
 
 /// A DNS server for host names (the pod's cluster DNS, outside the tunnel): answers A queries
-/// from the `name address` lines of the file it is given, read anew for every query; NXDOMAIN
-/// for other names, no records for other types. Prints "ready" once bound.
+/// from the `name address [delay-seconds]` lines of the file it is given, read anew for every
+/// query, each answer in a thread of its own (a delayed answer holds up no other); NXDOMAIN for
+/// other names, no records for other types. Prints "ready" once bound.
 const NAME_SERVER: &str = r#"
-import socket, sys
+import socket, sys, threading, time
 bind, table = sys.argv[1], sys.argv[2]
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((bind, 53))
 print("ready", flush=True)
-while True:
-    q, peer = s.recvfrom(512)
+def answer(q, peer):
     at, labels = 12, []
     while q[at]:
         labels.append(q[at + 1:at + 1 + q[at]].decode().lower()); at += 1 + q[at]
     qtype = int.from_bytes(q[at + 1:at + 3], "big")
-    names = dict(l.split() for l in open(table) if l.strip())
-    ip = names.get(".".join(labels))
+    names = {l.split()[0]: l.split()[1:] for l in open(table) if l.strip()}
+    ip, *delay = names.get(".".join(labels), [None])
+    time.sleep(float(delay[0]) if delay else 0)
     rcode = 0 if ip else 3
     answers = b""
     if ip and qtype == 1:
         answers = b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x00\x01\x00\x04" + socket.inet_aton(ip)
     head = q[:2] + bytes([0x81, 0x80 | rcode]) + b"\x00\x01" + (b"\x00\x01" if answers else b"\x00\x00") + b"\x00\x00\x00\x00"
     s.sendto(head + q[12:at + 5] + answers, peer)
+while True:
+    q, peer = s.recvfrom(512)
+    threading.Thread(target=answer, args=(q, peer), daemon=True).start()
 "#;
 
 /// [`NAME_SERVER`] in the node namespace on the pod's gateway address, with its table.
@@ -348,9 +352,11 @@ fn wireguard_egress_leaves_through_the_provider_and_nothing_else_leaves() {
             .metric("cloak_agent_probe_latency_seconds_count")
             .is_some()
     );
-    assert_eq!(
-        std::fs::read_to_string(&resolv_conf).unwrap(),
-        "# written by cloak agent\nnameserver 203.0.113.53\n"
+    let written = std::fs::read_to_string(&resolv_conf).unwrap();
+    assert!(
+        written.starts_with("# written by cloak agent\n")
+            && written.ends_with("\nnameserver 203.0.113.53\n"),
+        "{written}"
     );
     let log = agent.log();
     assert!(
@@ -556,7 +562,8 @@ fn an_agent_that_cannot_start_leaves_the_pod_blocked() {
 #[test]
 fn a_wireguard_endpoint_host_name_resolves_under_the_kill_switch_at_every_attempt() {
     let (lab, server, key) = wg_lab();
-    let names = NameServer::start(&lab, "vpn.provider.test 192.0.2.99\n");
+    // Slow answers: the agent spends about 2 s of each attempt with the narrow path open.
+    let names = NameServer::start(&lab, "vpn.provider.test 192.0.2.99 2\n");
     let dns = format!("{}:53", NameServer::ADDR).parse().unwrap();
     let counters = lab.count_leaks(
         &[server.endpoint, "192.0.2.99:51820".parse().unwrap(), dns],
@@ -584,6 +591,26 @@ fn a_wireguard_endpoint_host_name_resolves_under_the_kill_switch_at_every_attemp
         agent.admin("/readyz").1
     );
     assert_eq!(try_everything(&lab), 0);
+    // While the agent's own query is out (the path open), an application's query to the same
+    // resolver (the server answers it at once) is still dropped: the mark is what lets through.
+    let mut probed = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while probed < 2 && Instant::now() < deadline {
+        if agent
+            .admin("/readyz")
+            .1
+            .contains("resolving vpn.provider.test")
+        {
+            assert!(
+                lab.ask("dns", NameServer::ADDR, Duration::from_millis(500))
+                    .is_err(),
+                "an application's DNS left while the agent was resolving"
+            );
+            probed += 1;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(probed, 2, "never caught the agent resolving");
     assert!(
         lab.ask("dns", NameServer::ADDR, Duration::from_millis(500))
             .is_err(),

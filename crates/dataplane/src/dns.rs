@@ -4,7 +4,7 @@
 //! and only to that server; every other DNS packet stays dropped.
 //!
 //! The wire format is built and read here (RFC 1035 §4): a query of one question, answers read
-//! for their A/AAAA records, names in answers skipped with compression pointers followed.
+//! for their A/AAAA records, names in answers skipped (a compression pointer ends a name).
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},

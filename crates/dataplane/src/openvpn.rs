@@ -214,6 +214,19 @@ fn failure_reason(line: &str) -> Option<&'static str> {
         .map(|(_, reason)| *reason)
 }
 
+/// The reason to keep: a specific one is not replaced by the generic lines openvpn prints on
+/// its way out ("Exiting due to fatal error" after the error itself).
+fn more_telling(kept: Option<&'static str>, new: &'static str) -> &'static str {
+    const GENERIC: [&str; 2] = [
+        "openvpn stopped on a fatal error",
+        "the TLS handshake with the server failed",
+    ];
+    match kept {
+        Some(kept) if GENERIC.contains(&new) && !GENERIC.contains(&kept) => kept,
+        _ => new,
+    }
+}
+
 /// A supervised `openvpn` process.
 #[derive(Debug)]
 pub struct OpenVpn {
@@ -254,9 +267,9 @@ impl OpenVpn {
         ])?;
         let mgmt = dir.join("management.sock");
         let mut cmd = Command::new("openvpn");
-        // Before --config, so the provider's own keepalive wins: without one, openvpn would
-        // never notice a peer that went silent.
-        cmd.args(["--ping", "10", "--ping-restart", "60"])
+        // Only when the provider's file sets no keepalive of its own (openvpn refuses
+        // `keepalive` beside `--ping`): without one, it would never notice a silent peer.
+        cmd.args(keepalive_defaults(config.config.expose()))
             .arg("--config")
             .arg(&conf)
             .args(["--dev", &config.interface, "--dev-type", "tun"])
@@ -312,7 +325,7 @@ impl OpenVpn {
                     if let Some(reason) = failure_reason(&line)
                         && let Ok(mut s) = shared.lock()
                     {
-                        s.failure = Some(reason);
+                        s.failure = Some(more_telling(s.failure, reason));
                     }
                 }
             });
@@ -331,9 +344,10 @@ impl OpenVpn {
 /// The provider's config with its `remote` lines replaced by the resolved remotes, so openvpn
 /// never looks a name up itself (its lookup would be dropped by the kill switch). Lines inside
 /// inline blocks are kept as they are.
-fn with_remotes(config: &OpenVpnConfig) -> Result<String, Error> {
+fn with_remotes(config: &OpenVpnConfig) -> Result<zeroize::Zeroizing<String>, Error> {
     use std::fmt::Write as _;
-    let mut out = String::with_capacity(config.config.expose().len() + 64);
+    // The file may hold inline keys: the copy is zeroized like the original.
+    let mut out = zeroize::Zeroizing::new(String::with_capacity(config.config.expose().len() + 64));
     let mut in_block = false;
     for line in config.config.expose().lines() {
         let trimmed = line.trim();
@@ -362,6 +376,29 @@ fn with_remotes(config: &OpenVpnConfig) -> Result<String, Error> {
         );
     }
     Ok(out)
+}
+
+/// `--ping 10 --ping-restart 60`, unless the file (outside inline blocks) sets a keepalive of
+/// its own.
+fn keepalive_defaults(text: &str) -> &'static [&'static str] {
+    let mut in_block = false;
+    let own = text.lines().map(str::trim).any(|line| {
+        if line.starts_with("</") {
+            in_block = false;
+        } else if line.starts_with('<') {
+            in_block = true;
+        }
+        !in_block
+            && matches!(
+                line.split_whitespace().next(),
+                Some("keepalive" | "ping" | "ping-restart" | "ping-exit")
+            )
+    });
+    if own {
+        &[]
+    } else {
+        &["--ping", "10", "--ping-restart", "60"]
+    }
 }
 
 /// Follows the management interface: real-time state and byte counts.
@@ -491,6 +528,69 @@ mod tests {
             failure_reason("Peer Connection Initiated with [AF_INET]192.0.2.2:1194"),
             None
         );
+        // As openvpn prints them: the cause, then generic lines on its way out.
+        let sequence = [
+            "VERIFY ERROR: depth=0, error=certificate has expired",
+            "TLS_ERROR: BIO read tls_read_plaintext error",
+            "TLS Error: TLS handshake failed",
+            "Exiting due to fatal error",
+        ];
+        let kept = sequence
+            .iter()
+            .filter_map(|l| failure_reason(l))
+            .fold(None, |kept, new| Some(more_telling(kept, new)));
+        assert_eq!(
+            kept,
+            Some("the server's certificate was not accepted (VERIFY ERROR)")
+        );
+    }
+
+    #[test]
+    fn a_providers_own_keepalive_is_kept_and_ours_fills_in_otherwise() {
+        assert_eq!(
+            keepalive_defaults("client\nremote 192.0.2.2\n"),
+            ["--ping", "10", "--ping-restart", "60"]
+        );
+        for own in [
+            "keepalive 10 60",
+            "ping 15",
+            "ping-restart 120",
+            "ping-exit 60",
+        ] {
+            assert!(
+                keepalive_defaults(&format!("client\n{own}\nremote 192.0.2.2\n")).is_empty(),
+                "{own}: openvpn refuses keepalive beside --ping"
+            );
+        }
+        assert_eq!(
+            keepalive_defaults("client\n<tls-crypt>\nping 5\n</tls-crypt>\n").len(),
+            4,
+            "inside an inline block it is no directive"
+        );
+    }
+
+    #[test]
+    fn remotes_are_written_back_resolved_and_the_rest_kept() {
+        let mut c = OpenVpnConfig::from_ovpn(OVPN, None, "ck0").unwrap();
+        c.remotes.push(Remote::Name {
+            host: "gw.example.invalid".into(),
+            port: 1194,
+            proto: Proto::Udp,
+        });
+        assert!(with_remotes(&c).is_err(), "a name must be resolved first");
+        c.remotes.pop();
+        let text = with_remotes(&c).unwrap();
+        assert!(
+            text.ends_with("</key>\nremote 192.0.2.2 1194 udp\nremote 192.0.2.3 443 tcp\n"),
+            "{}",
+            &*text
+        );
+        assert_eq!(
+            text.lines().filter(|l| l.starts_with("remote ")).count(),
+            3,
+            "the two written back, and the inline block's line kept as it is"
+        );
+        assert!(text.contains("nobind\n") && text.contains("port 1195\n"));
     }
 
     #[test]

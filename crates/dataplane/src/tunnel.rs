@@ -54,6 +54,7 @@ impl TunnelConfig {
                 })
                 .collect(),
         };
+        names.sort();
         names.dedup();
         names
     }

@@ -87,11 +87,16 @@ pub async fn acquire(
     let (name, identity) = (name.to_owned(), identity.to_owned());
     let (lost_tx, lost) = watch::channel(None);
     let renewal = tokio::spawn(async move {
+        // Every wait and every request ends by the deadline, so leadership is given up at
+        // `renewed + RENEW_DEADLINE` at the latest, not a retry period later.
         let reason = loop {
-            tokio::time::sleep(RETRY).await;
+            let deadline = renewed + RENEW_DEADLINE;
+            tokio::time::sleep_until(deadline.min(Instant::now() + RETRY)).await;
             let started = Instant::now();
-            // Never wait past the deadline: the answer would come too late to act on.
-            let left = (renewed + RENEW_DEADLINE).saturating_duration_since(started);
+            let left = deadline.saturating_duration_since(started);
+            if left.is_zero() {
+                break format!("the lease was not renewed for {RENEW_DEADLINE:?}");
+            }
             match bounded(
                 left.min(REQUEST_TIMEOUT),
                 try_acquire(&api, &name, &identity),
@@ -101,9 +106,6 @@ pub async fn acquire(
                 Ok(true) => renewed = started,
                 Ok(false) => break "another instance holds the lease".to_owned(),
                 Err(e) => tracing::warn!(error = %e, "renewing the leader lease failed"),
-            }
-            if renewed.elapsed() >= RENEW_DEADLINE {
-                break format!("the lease was not renewed for {RENEW_DEADLINE:?}");
             }
         };
         tracing::error!(%reason, "leadership lost");

@@ -887,6 +887,19 @@ async fn a_failing_reconcile_becomes_one_warning_event_named_by_its_category() {
             })
             .collect::<Vec<_>>()
     };
+    let kube_errors = async || {
+        let (_, metrics) = admin_get("/metrics").await;
+        metrics
+            .lines()
+            .find(|l| {
+                l.starts_with(
+                    "cloak_reconcile_errors_total{controller=\"vpnmask\",category=\"KubeApi\"}",
+                )
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let errors_before = kube_errors().await;
     let found = wait_for("a KubeApi event about m", about_m, |e| !e.is_empty()).await;
     assert_eq!(found[0].type_.as_deref(), Some("Warning"));
     let note = found[0].note.as_deref().unwrap_or_default();
@@ -894,8 +907,14 @@ async fn a_failing_reconcile_becomes_one_warning_event_named_by_its_category() {
         note.contains("credential copies are refused here"),
         "{note}"
     );
-    // Retried meanwhile, with backoff; still one Event (not one per attempt).
+    // Retried meanwhile, with backoff (1 s, 2 s, 4 s: three or four more attempts in 6 s,
+    // where a flat 1 s requeue would make six); still one Event, not one per attempt.
     tokio::time::sleep(Duration::from_secs(6)).await;
+    let retried = kube_errors().await - errors_before;
+    assert!(
+        (2.0..=6.0).contains(&retried),
+        "{retried} failed reconciles in ~6 s"
+    );
     let later = about_m().await;
     assert_eq!(later.len(), 1, "{later:?}");
     assert!(

@@ -494,8 +494,15 @@ pub async fn run(
                         break;
                     }
                     () = tokio::time::sleep(config.resync) => {
-                        let expected = applied.as_ref().and_then(|(_, listed)| listed.as_ref());
-                        let Some(expected) = expected else { continue };
+                        let Some((_, listed)) = applied.as_mut() else { continue };
+                        let Some(expected) = listed.as_ref() else {
+                            // The read-back after the load failed: take this one as the
+                            // reference, so drift is watched from now on.
+                            if let Some(Ok(now)) = config.executor.read_back(config.backend).await {
+                                *listed = Some(now);
+                            }
+                            continue;
+                        };
                         let now = config.executor.read_back(config.backend).await;
                         if let Some(Ok(now)) = &now && now == expected {
                             continue;
