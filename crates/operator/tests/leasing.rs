@@ -907,14 +907,12 @@ async fn a_failing_reconcile_becomes_one_warning_event_named_by_its_category() {
         note.contains("credential copies are refused here"),
         "{note}"
     );
-    // Retried meanwhile, with backoff (1 s, 2 s, 4 s: three or four more attempts in 6 s,
-    // where a flat 1 s requeue would make six); still one Event, not one per attempt.
+    // Retried meanwhile; still one Event, not one per attempt. (The counter is the shared
+    // operator's, so other tests' failures add to it: only "retried" is asserted here, the
+    // backoff's timing is `retry.rs`'s unit tests'.)
     tokio::time::sleep(Duration::from_secs(6)).await;
     let retried = kube_errors().await - errors_before;
-    assert!(
-        (2.0..=6.0).contains(&retried),
-        "{retried} failed reconciles in ~6 s"
-    );
+    assert!(retried >= 2.0, "{retried} failed reconciles in ~6 s");
     let later = about_m().await;
     assert_eq!(later.len(), 1, "{later:?}");
     assert!(
