@@ -16,8 +16,8 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use axum::{Router, extract::State, http::StatusCode, routing::get};
 use cloak_dataplane::{
-    Firewall, FirewallPolicy, RouteSet, Routes, firewall::Nftables, routes::LinuxRoutes,
-    tunnel::LinuxDriver,
+    Firewall, FirewallPolicy, Identifiers, RouteSet, Routes, firewall::Nftables,
+    routes::LinuxRoutes, tunnel::LinuxDriver,
 };
 use tokio::sync::watch;
 
@@ -48,10 +48,11 @@ pub async fn run(options: Options) -> std::io::Result<()> {
 
     // Block first, always: the pod's traffic must not flow while anything below fails (the
     // table outlives this process, so an agent that cannot start leaves the pod closed).
-    let mut firewall = Nftables;
+    let ids = Identifiers::default();
+    let mut firewall = Nftables { ids: ids.clone() };
     firewall
         .apply(&FirewallPolicy::block_all())
-        .and_then(|()| LinuxRoutes.apply(&RouteSet::default()))
+        .and_then(|()| LinuxRoutes { ids }.apply(&RouteSet::default()))
         .map_err(|e| std::io::Error::other(format!("blocking all traffic: {e}")))?;
     std::fs::create_dir_all(&options.state_dir).map_err(|e| {
         std::io::Error::other(format!(
@@ -110,14 +111,17 @@ fn linux_machine(
     let default_resolver = std::fs::read_to_string("/etc/resolv.conf")
         .ok()
         .and_then(|text| resolve::endpoint_resolver(&text));
+    // The agent's data plane is the only one in its pod: the default identifiers.
+    let ids = Identifiers::default();
     Machine {
-        firewall: Nftables,
-        routes: LinuxRoutes,
+        firewall: Nftables { ids: ids.clone() },
+        routes: LinuxRoutes { ids: ids.clone() },
         driver: LinuxDriver {
             state_dir: state_dir.to_owned(),
+            fwmark: ids.fwmark,
         },
         prober: NetProber,
-        resolver: MarkedDns,
+        resolver: MarkedDns { fwmark: ids.fwmark },
         default_resolver,
         status,
         metrics,
@@ -126,8 +130,9 @@ fn linux_machine(
 
 /// Removes everything the agent owns (its nftables table, routing rule and table).
 pub fn reset() -> Result<(), cloak_dataplane::Error> {
-    Nftables.reset()?;
-    LinuxRoutes.reset()
+    let ids = Identifiers::default();
+    Nftables { ids: ids.clone() }.reset()?;
+    LinuxRoutes { ids }.reset()
 }
 
 fn load(options: &Options) -> ConfigResult {

@@ -17,18 +17,21 @@ pub trait Resolver: Send + Sync {
     ) -> impl Future<Output = Result<Vec<IpAddr>, String>> + Send;
 }
 
-/// Asks `server` over UDP from a socket carrying the firewall mark the kill switch lets out.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct MarkedDns;
+/// Asks `server` over UDP from a socket carrying the firewall mark the kill switch lets out
+/// (its data plane's `Identifiers::fwmark`).
+#[derive(Debug, Clone, Copy)]
+pub struct MarkedDns {
+    pub fwmark: u32,
+}
 
 impl Resolver for MarkedDns {
     async fn resolve(&self, server: IpAddr, name: &str) -> Result<Vec<IpAddr>, String> {
-        let name = name.to_owned();
+        let (name, mark) = (name.to_owned(), self.fwmark);
         tokio::task::spawn_blocking(move || {
             cloak_dataplane::dns::resolve(
                 std::net::SocketAddr::new(server, 53),
                 &name,
-                Some(cloak_dataplane::FWMARK),
+                Some(mark),
                 TIMEOUT,
             )
         })

@@ -16,7 +16,7 @@ use std::{
 
 use ipnet::IpNet;
 
-use crate::{Endpoint, Error, FWMARK, NFT_TABLE, command::run};
+use crate::{Endpoint, Error, Identifiers, command::run};
 
 /// Neighbour solicitations and advertisements, which leave in every phase.
 const NEIGHBOUR_DISCOVERY: &str =
@@ -37,7 +37,7 @@ pub struct FirewallPolicy {
     /// Networks reachable outside the tunnel (the cluster, a LAN).
     pub bypass: Vec<IpNet>,
     /// While the agent resolves VPN server names: DNS over UDP to this one server, only from
-    /// sockets carrying [`FWMARK`] (the agent's own, see `dns`). Applications cannot set that
+    /// sockets carrying the data plane's fwmark (the agent's own, see `dns`). Applications cannot set that
     /// mark without `CAP_NET_ADMIN`, so their DNS stays dropped.
     pub resolver: Option<IpAddr>,
     /// IPv4 TCP MSS to clamp forwarded SYNs to, in both directions (tunnel MTU - 40; NETNOTES
@@ -59,11 +59,17 @@ impl FirewallPolicy {
         Self::default()
     }
 
-    /// The nftables script that replaces the table with this policy.
+    /// The nftables script that replaces the agent's table with this policy.
     pub fn render(&self) -> String {
-        let chains = self.chains();
+        self.render_for(&Identifiers::default())
+    }
+
+    /// The nftables script that replaces the table `ids` names with this policy.
+    pub fn render_for(&self, ids: &Identifiers) -> String {
+        let chains = self.chains_for(ids);
+        let table = &ids.table;
         let mut s = format!(
-            "table inet {NFT_TABLE} {{\n}}\ndelete table inet {NFT_TABLE}\ntable inet {NFT_TABLE} {{\n"
+            "table inet {table} {{\n}}\ndelete table inet {table}\ntable inet {table} {{\n"
         );
         for chain in &chains {
             let _ = writeln!(s, "\tchain {} {{", chain.name);
@@ -79,7 +85,12 @@ impl FirewallPolicy {
         s
     }
 
+    #[cfg(test)]
     fn chains(&self) -> Vec<Chain> {
+        self.chains_for(&Identifiers::default())
+    }
+
+    fn chains_for(&self, ids: &Identifiers) -> Vec<Chain> {
         let dns = "meta l4proto { tcp, udp } th dport 53";
         // Into the tunnel: the hot path, so it is the second rule of each base chain. DNS only
         // to the one resolver; IPv6 only when the tunnel carries it.
@@ -128,7 +139,8 @@ impl FirewallPolicy {
         if let Some(r) = self.resolver {
             let family = if r.is_ipv4() { "ip" } else { "ip6" };
             output.push(format!(
-                "meta mark {FWMARK:#x} {family} daddr {r} udp dport 53 accept"
+                "meta mark {:#x} {family} daddr {r} udp dport 53 accept",
+                ids.fwmark
             ));
         }
         // The endpoints come before the DNS drop: some providers listen on port 53.
@@ -279,25 +291,36 @@ pub trait Firewall: Send {
     fn blocked_packets(&mut self) -> Option<u64>;
 }
 
-/// The nftables implementation.
+/// The nftables implementation, on the table `ids` names.
 #[derive(Debug, Default)]
-pub struct Nftables;
+pub struct Nftables {
+    pub ids: Identifiers,
+}
 
 impl Firewall for Nftables {
     fn apply(&mut self, policy: &FirewallPolicy) -> Result<(), Error> {
-        run("nft", &["-f", "-"], Some(policy.render().as_bytes()))?;
-        verify(policy)
+        run(
+            "nft",
+            &["-f", "-"],
+            Some(policy.render_for(&self.ids).as_bytes()),
+        )?;
+        verify(policy, &self.ids)
     }
 
     fn reset(&mut self) -> Result<(), Error> {
-        match run("nft", &["delete", "table", "inet", NFT_TABLE], None) {
+        match run("nft", &["delete", "table", "inet", &self.ids.table], None) {
             Err(Error::Command { stderr, .. }) if stderr.contains("No such file") => Ok(()),
             other => other.map(drop),
         }
     }
 
     fn blocked_packets(&mut self) -> Option<u64> {
-        let listing = run("nft", &["list", "chain", "inet", NFT_TABLE, "output"], None).ok()?;
+        let listing = run(
+            "nft",
+            &["list", "chain", "inet", &self.ids.table, "output"],
+            None,
+        )
+        .ok()?;
         listing
             .lines()
             .find(|l| l.contains("counter packets") && l.trim_end().ends_with("drop"))
@@ -307,14 +330,14 @@ impl Firewall for Nftables {
 }
 
 /// Reads the table back and checks every chain holds exactly the rules rendered.
-fn verify(policy: &FirewallPolicy) -> Result<(), Error> {
-    let listing = run("nft", &["list", "table", "inet", NFT_TABLE], None)?;
-    for chain in policy.chains() {
+fn verify(policy: &FirewallPolicy, ids: &Identifiers) -> Result<(), Error> {
+    let listing = run("nft", &["list", "table", "inet", &ids.table], None)?;
+    for chain in policy.chains_for(ids) {
         let header = format!("chain {} {{", chain.name);
         let Some(start) = listing.find(&header) else {
             return Err(Error::Verify(format!(
-                "nftables table {NFT_TABLE} has no chain {} after apply",
-                chain.name
+                "nftables table {} has no chain {} after apply",
+                ids.table, chain.name
             )));
         };
         let rules = listing[start + header.len()..]
@@ -502,6 +525,29 @@ mod tests {
             !connected().render().contains("meta mark"),
             "only while resolving"
         );
+    }
+
+    /// A second data plane in the same namespace (a gateway's second exit) renders into a table
+    /// of its own and lets its own marked queries out, touching nothing of the first.
+    #[test]
+    fn identifiers_name_the_table_and_the_mark() {
+        let exit = Identifiers {
+            table: "cloak_exit1".into(),
+            fwmark: 0x436d,
+            route_table: 17_261,
+            rule_priority: 17_262,
+        };
+        let policy = FirewallPolicy {
+            resolver: Some("10.96.0.10".parse().unwrap()),
+            ..connected()
+        };
+        let script = policy.render_for(&exit);
+        assert!(script.starts_with(
+            "table inet cloak_exit1 {\n}\ndelete table inet cloak_exit1\ntable inet cloak_exit1 {\n"
+        ));
+        assert!(!script.contains("inet cloak {"), "{script}");
+        assert!(script.contains("meta mark 0x436d ip daddr 10.96.0.10 udp dport 53 accept"));
+        assert!(policy.render().contains("meta mark 0x436c "));
     }
 
     #[test]

@@ -41,6 +41,31 @@ pub const FWMARK: u32 = 0x436c;
 /// below anything a CNI installs at the low end.
 pub const RULE_PRIORITY: u32 = 17_260;
 
+/// The kernel objects one data plane owns in a network namespace: its nftables table, the
+/// fwmark its tunnel's own packets (and its resolver queries) carry, its routing table and the
+/// priority of its routing rules. They are a value, not globals, because one namespace may hold
+/// several data planes (a gateway's exits, a chain's hops), each with a set of its own; the
+/// agent's is [`Identifiers::default`] (the constants above).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identifiers {
+    /// The nftables table (family `inet`).
+    pub table: String,
+    pub fwmark: u32,
+    pub route_table: u32,
+    pub rule_priority: u32,
+}
+
+impl Default for Identifiers {
+    fn default() -> Self {
+        Self {
+            table: NFT_TABLE.to_owned(),
+            fwmark: FWMARK,
+            route_table: ROUTE_TABLE,
+            rule_priority: RULE_PRIORITY,
+        }
+    }
+}
+
 /// Interface names cloak creates start with this, so `reset` and humans can tell them apart.
 pub const IFACE_PREFIX: &str = "ck";
 

@@ -1,7 +1,7 @@
 //! OpenVPN: the provider's `config.ovpn` (+ optional username/password) run by a supervised
 //! `openvpn` child process. cloak keeps routing and the firewall to itself: the child is told not
 //! to touch routes (`--route-noexec`, pushed `redirect-gateway` ignored), to mark its packets
-//! with [`FWMARK`], to keep its tun across its own restarts (`--persist-tun`), and to report its
+//! with the data plane's fwmark, to keep its tun across its own restarts (`--persist-tun`), and to report its
 //! state over a management socket private to this tunnel. Restarting a dead child is the agent's
 //! job (with backoff); [`OpenVpn::status`] says when it died and why.
 
@@ -17,7 +17,7 @@ use std::{
 };
 
 use crate::{
-    Endpoint, Error, FWMARK, Proto, Remote, Secret,
+    Endpoint, Error, Proto, Remote, Secret,
     tunnel::{Tunnel, TunnelState, TunnelStatus},
 };
 
@@ -238,7 +238,7 @@ pub struct OpenVpn {
 
 impl OpenVpn {
     /// Starts `openvpn`; files go to `state_dir/openvpn-<interface>` (mode 0700).
-    pub fn open(config: &OpenVpnConfig, state_dir: &Path) -> Result<Self, Error> {
+    pub fn open(config: &OpenVpnConfig, state_dir: &Path, fwmark: u32) -> Result<Self, Error> {
         let dir = state_dir.join(format!("openvpn-{}", config.interface));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).map_err(Error::io(format!("creating {}", dir.display())))?;
@@ -280,7 +280,7 @@ impl OpenVpn {
                 "redirect-gateway",
             ])
             .args(["--pull-filter", "ignore", "dhcp-option"])
-            .args(["--mark", &FWMARK.to_string(), "--persist-tun"])
+            .args(["--mark", &fwmark.to_string(), "--persist-tun"])
             .args(["--connect-retry", "1", "5", "--script-security", "1"])
             .arg("--management")
             .arg(&mgmt)

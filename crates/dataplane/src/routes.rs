@@ -13,7 +13,7 @@ use std::{
 
 use ipnet::IpNet;
 
-use crate::{Error, FWMARK, ROUTE_TABLE, RULE_PRIORITY, command::ip};
+use crate::{Error, Identifiers, ROUTE_TABLE, command::ip};
 
 /// 4096: any metric above the tunnel's default (0); the fallback only answers when the tunnel's
 /// route is gone.
@@ -60,19 +60,21 @@ pub trait Routes: Send {
     fn reset(&mut self) -> Result<(), Error>;
 }
 
-/// The Linux implementation (`ip route`, `ip rule`).
+/// The Linux implementation (`ip route`, `ip rule`), on the table, rule and mark `ids` names.
 #[derive(Debug, Default)]
-pub struct LinuxRoutes;
+pub struct LinuxRoutes {
+    pub ids: Identifiers,
+}
 
 impl Routes for LinuxRoutes {
     fn apply(&mut self, routes: &RouteSet) -> Result<(), Error> {
-        let table = ROUTE_TABLE.to_string();
-        let prio = RULE_PRIORITY.to_string();
-        let mark = FWMARK.to_string();
+        let table = self.ids.route_table.to_string();
+        let prio = self.ids.rule_priority.to_string();
+        let mark = self.ids.fwmark.to_string();
         // Bypass next hops are read from main before anything changes.
         let mut bypass = Vec::new();
         for net in &routes.bypass {
-            bypass.push((net, main_route(net.addr())?));
+            bypass.push((net, main_route(net.addr(), self.ids.fwmark)?));
         }
         for family in ["-4", "-6"] {
             ip(&[
@@ -99,7 +101,7 @@ impl Routes for LinuxRoutes {
                     ]);
                 }
             }
-            if !has_rule(family)? {
+            if !has_rule(family, self.ids.rule_priority)? {
                 ip(&[
                     family, "rule", "add", "not", "fwmark", &mark, "lookup", &table, "priority",
                     &prio,
@@ -136,16 +138,11 @@ impl Routes for LinuxRoutes {
     }
 
     fn reset(&mut self) -> Result<(), Error> {
-        let table = ROUTE_TABLE.to_string();
+        let table = self.ids.route_table.to_string();
+        let prio = self.ids.rule_priority.to_string();
         for family in ["-4", "-6"] {
-            while has_rule(family)? {
-                ip(&[
-                    family,
-                    "rule",
-                    "del",
-                    "priority",
-                    &RULE_PRIORITY.to_string(),
-                ])?;
+            while has_rule(family, self.ids.rule_priority)? {
+                ip(&[family, "rule", "del", "priority", &prio])?;
             }
             match ip(&[family, "route", "flush", "table", &table]) {
                 Ok(_) => {}
@@ -159,14 +156,8 @@ impl Routes for LinuxRoutes {
     }
 }
 
-fn has_rule(family: &str) -> Result<bool, Error> {
-    let rules = ip(&[
-        family,
-        "rule",
-        "show",
-        "priority",
-        &RULE_PRIORITY.to_string(),
-    ])?;
+fn has_rule(family: &str, priority: u32) -> Result<bool, Error> {
+    let rules = ip(&[family, "rule", "show", "priority", &priority.to_string()])?;
     Ok(!rules.trim().is_empty())
 }
 
@@ -176,13 +167,13 @@ struct Hop {
 }
 
 /// How `main` reaches `addr` (asked with the mark, so cloak's own rule is skipped).
-fn main_route(addr: IpAddr) -> Result<Hop, Error> {
+fn main_route(addr: IpAddr, fwmark: u32) -> Result<Hop, Error> {
     let out = ip(&[
         "route",
         "get",
         &addr.to_string(),
         "mark",
-        &FWMARK.to_string(),
+        &fwmark.to_string(),
     ])?;
     let words: Vec<&str> = out.split_whitespace().collect();
     let after = |key: &str| {

@@ -306,19 +306,29 @@ pub trait TunnelDriver: Send + Sync {
 
 /// The Linux driver: WireGuard in the kernel when the module exists, otherwise userspace
 /// (boringtun, in this process); OpenVPN as a supervised child process.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct LinuxDriver {
     /// Directory for per-tunnel files (OpenVPN management socket, credentials), private to
     /// this agent: pods in one test share a filesystem.
     pub state_dir: std::path::PathBuf,
+    /// The mark the tunnel's own encrypted packets carry (its data plane's
+    /// [`crate::Identifiers::fwmark`]), so they skip the routing table that leads into it.
+    pub fwmark: u32,
 }
 
 impl TunnelDriver for LinuxDriver {
     fn open(&self, config: &TunnelConfig, userspace_only: bool) -> Result<Box<dyn Tunnel>, Error> {
         match config {
-            TunnelConfig::WireGuard(c) => crate::wireguard::open(c, userspace_only),
+            TunnelConfig::WireGuard(c) => {
+                let marked = WireguardConfig {
+                    fwmark: Some(self.fwmark),
+                    ..c.clone()
+                };
+                crate::wireguard::open(&marked, userspace_only)
+            }
             TunnelConfig::OpenVpn(c) => {
-                crate::openvpn::OpenVpn::open(c, &self.state_dir).map(|t| Box::new(t) as _)
+                crate::openvpn::OpenVpn::open(c, &self.state_dir, self.fwmark)
+                    .map(|t| Box::new(t) as _)
             }
         }
     }

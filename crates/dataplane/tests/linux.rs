@@ -74,8 +74,8 @@ fn firewall_and_routes_apply_idempotently_and_reset_removes_only_what_cloak_owns
     let (p, r) = (policy.clone(), routes.clone());
     inside(&ns, move || {
         for _ in 0..2 {
-            Nftables.apply(&p).unwrap();
-            LinuxRoutes.apply(&r).unwrap();
+            Nftables::default().apply(&p).unwrap();
+            LinuxRoutes::default().apply(&r).unwrap();
         }
     });
     let tables = sh(&ns, "nft list tables");
@@ -101,8 +101,10 @@ fn firewall_and_routes_apply_idempotently_and_reset_removes_only_what_cloak_owns
 
     // A smaller policy replaces the bigger one whole.
     inside(&ns, move || {
-        Nftables.apply(&FirewallPolicy::block_all()).unwrap();
-        LinuxRoutes.apply(&RouteSet::default()).unwrap();
+        Nftables::default()
+            .apply(&FirewallPolicy::block_all())
+            .unwrap();
+        LinuxRoutes::default().apply(&RouteSet::default()).unwrap();
     });
     let cloak = sh(&ns, "nft list table inet cloak");
     assert!(
@@ -116,11 +118,11 @@ fn firewall_and_routes_apply_idempotently_and_reset_removes_only_what_cloak_owns
     );
 
     inside(&ns, || {
-        Nftables.reset().unwrap();
-        LinuxRoutes.reset().unwrap();
+        Nftables::default().reset().unwrap();
+        LinuxRoutes::default().reset().unwrap();
         // Resetting what is already gone is fine.
-        Nftables.reset().unwrap();
-        LinuxRoutes.reset().unwrap();
+        Nftables::default().reset().unwrap();
+        LinuxRoutes::default().reset().unwrap();
     });
     let tables = sh(&ns, "nft list tables");
     assert_eq!(
