@@ -122,40 +122,17 @@ async fn apply(mask: &VpnMask, ctx: &Context) -> Result<Action> {
         }
     }
 
-    let (phase, message, action) = match (&held, waiting_message) {
-        (Some(held), _) => {
-            sync_secret_copy(mask, held, ctx).await?;
-            let users = pods_using(ctx, mask).len();
-            if users > 0 {
-                (
-                    MaskPhase::Active,
-                    format!(
-                        "slot {} of {}/{} in use by {users} pod(s)",
-                        held.slot, held.namespace, held.name
-                    ),
-                    Action::requeue(ctx.config.holder_resync),
-                )
-            } else {
-                (
-                    MaskPhase::Ready,
-                    format!(
-                        "slot {} of {}/{} ready; credentials in Secret {}",
-                        held.slot, held.namespace, held.name, held.secret
-                    ),
-                    Action::requeue(ctx.config.holder_resync),
-                )
-            }
-        }
-        (None, Some((phase, message))) => {
-            (phase, message, Action::requeue(ctx.config.waiting_requeue))
-        }
-        (None, None) => (
-            MaskPhase::Pending,
-            "allocating".into(),
-            Action::requeue(ctx.config.waiting_requeue),
-        ),
-    };
-    let ready = matches!(phase, MaskPhase::Ready | MaskPhase::Active);
+    if let Some(held) = &held {
+        sync_secret_copy(mask, held, ctx).await?;
+    }
+    let users = pods_using(ctx, mask).len();
+    let (phase, message) = cloak_model::mask::phase(held.as_ref(), users, waiting_message);
+    let action = Action::requeue(if held.is_some() {
+        ctx.config.holder_resync
+    } else {
+        ctx.config.waiting_requeue
+    });
+    let ready = cloak_model::mask::is_ready(phase);
     let status = VpnMaskStatus {
         phase: Some(phase),
         message: Some(message.clone()),
@@ -174,9 +151,7 @@ async fn apply(mask: &VpnMask, ctx: &Context) -> Result<Action> {
         || previous.provider != status.provider
         || previous.message != status.message
     {
-        if previous.phase != status.phase
-            && matches!(phase, MaskPhase::ErrNoProviders | MaskPhase::Waiting)
-        {
+        if cloak_model::mask::announce(previous.phase, phase) {
             publish(ctx, mask, EventType::Normal, &format!("{phase:?}"), message).await;
         }
         let api: Api<VpnMask> = Api::namespaced(ctx.client.clone(), &ns);
