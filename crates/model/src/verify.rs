@@ -220,6 +220,84 @@ pub fn to_value(pod: &Pod) -> Value {
     serde_json::to_value(pod).unwrap_or(Value::Null)
 }
 
+/// What a provider's verification does next, before anything is read from the cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Decided without a verification pod: report `phase` with `message`; look again after
+    /// `requeue` when set.
+    Report {
+        phase: cloak_api::ProviderPhase,
+        message: String,
+        requeue: Option<std::time::Duration>,
+    },
+    /// Verify now (a pod of this format's verifier).
+    Verify(crate::credentials::Format),
+}
+
+/// What the previous status says, for [`first_step`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Previous<'a> {
+    pub phase: Option<cloak_api::ProviderPhase>,
+    pub message: Option<&'a str>,
+    /// Time since the last successful verification, if there was one.
+    pub since_verified: Option<std::time::Duration>,
+    /// The spec generation and Secret version the status was written for equal today's.
+    pub same_spec_and_secret: bool,
+}
+
+/// The first step of a verification, from plain values: skipped, refused credentials, not due
+/// yet (with when it will be), a failure not to retry until the spec or the Secret changes, or
+/// verify now.
+pub fn first_step(
+    skip: bool,
+    credentials: Result<crate::credentials::Credentials, crate::credentials::CredentialsError>,
+    secret: &str,
+    interval: Option<std::time::Duration>,
+    previous: Previous<'_>,
+) -> Step {
+    use cloak_api::ProviderPhase;
+    let report = |phase, message: String, requeue| Step::Report {
+        phase,
+        message,
+        requeue,
+    };
+    if skip {
+        return report(ProviderPhase::Ready, "verification skipped".into(), None);
+    }
+    let format = match credentials {
+        Ok(found) => found.format,
+        Err(e) => {
+            return report(
+                ProviderPhase::ErrVerifyFailed,
+                format!("Secret {secret}: {e}"),
+                None,
+            );
+        }
+    };
+    let due = match (previous.since_verified, interval) {
+        (None, _) => true,
+        (Some(since), Some(interval)) => since >= interval,
+        (Some(_), None) => false,
+    };
+    if !due {
+        let next = match (previous.since_verified, interval) {
+            (Some(since), Some(interval)) => interval.checked_sub(since),
+            _ => None,
+        };
+        return report(ProviderPhase::Ready, "credentials verified".into(), next);
+    }
+    // A failed verification is not retried until the spec or the Secret changes (a new
+    // interval is a spec change too).
+    if previous.phase == Some(ProviderPhase::ErrVerifyFailed) && previous.same_spec_and_secret {
+        return report(
+            ProviderPhase::ErrVerifyFailed,
+            previous.message.unwrap_or_default().to_owned(),
+            None,
+        );
+    }
+    Step::Verify(format)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -340,5 +418,110 @@ mod tests {
         assert!(
             matches!(outcome(Some(&status(json!({"terminated": {"exitCode": 1}})))), Outcome::Failed(m) if m.contains("exited with 1"))
         );
+    }
+
+    mod first_step {
+        use std::time::Duration;
+
+        use cloak_api::{ProviderPhase, TunnelKind};
+
+        use super::super::*;
+        use crate::credentials::{Credentials, CredentialsError, Format};
+
+        const OVPN: Credentials = Credentials {
+            format: Format::Ovpn,
+            tunnel: TunnelKind::OpenVpn,
+        };
+
+        fn never_verified() -> Previous<'static> {
+            Previous {
+                phase: None,
+                message: None,
+                since_verified: None,
+                same_spec_and_secret: false,
+            }
+        }
+
+        #[test]
+        fn skipped_or_refused_credentials_are_reported_without_a_pod() {
+            assert_eq!(
+                first_step(true, Ok(OVPN), "creds", None, never_verified()),
+                Step::Report {
+                    phase: ProviderPhase::Ready,
+                    message: "verification skipped".into(),
+                    requeue: None
+                }
+            );
+            assert_eq!(
+                first_step(
+                    false,
+                    Err(CredentialsError::Empty),
+                    "creds",
+                    None,
+                    never_verified()
+                ),
+                Step::Report {
+                    phase: ProviderPhase::ErrVerifyFailed,
+                    message: format!("Secret creds: {}", CredentialsError::Empty),
+                    requeue: None
+                }
+            );
+            assert_eq!(
+                first_step(false, Ok(OVPN), "creds", None, never_verified()),
+                Step::Verify(Format::Ovpn)
+            );
+        }
+
+        #[test]
+        fn a_verified_provider_is_verified_again_only_once_its_interval_is_up() {
+            let verified = |since: u64| Previous {
+                phase: Some(ProviderPhase::Ready),
+                message: Some("credentials verified"),
+                since_verified: Some(Duration::from_secs(since)),
+                same_spec_and_secret: true,
+            };
+            let hour = Some(Duration::from_hours(1));
+            assert_eq!(
+                first_step(false, Ok(OVPN), "creds", hour, verified(600)),
+                Step::Report {
+                    phase: ProviderPhase::Ready,
+                    message: "credentials verified".into(),
+                    requeue: Some(Duration::from_mins(50))
+                }
+            );
+            assert_eq!(
+                first_step(false, Ok(OVPN), "creds", hour, verified(3600)),
+                Step::Verify(Format::Ovpn)
+            );
+            assert!(
+                matches!(
+                    first_step(false, Ok(OVPN), "creds", None, verified(86_400)),
+                    Step::Report { requeue: None, .. }
+                ),
+                "no interval: verified once"
+            );
+        }
+
+        #[test]
+        fn a_failure_is_retried_only_when_the_spec_or_the_secret_changed() {
+            let failed = |same| Previous {
+                phase: Some(ProviderPhase::ErrVerifyFailed),
+                message: Some("no wireguard handshake"),
+                since_verified: None,
+                same_spec_and_secret: same,
+            };
+            assert_eq!(
+                first_step(false, Ok(OVPN), "creds", None, failed(true)),
+                Step::Report {
+                    phase: ProviderPhase::ErrVerifyFailed,
+                    message: "no wireguard handshake".into(),
+                    requeue: None
+                }
+            );
+            assert_eq!(
+                first_step(false, Ok(OVPN), "creds", None, failed(false)),
+                Step::Verify(Format::Ovpn)
+            );
+        }
     }
 }

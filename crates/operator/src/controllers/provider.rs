@@ -214,14 +214,6 @@ async fn verification(
         last_verified,
         requeue,
     };
-    if verify_spec.skip {
-        return Ok(decide(
-            ProviderPhase::Ready,
-            "verification skipped".into(),
-            previous.last_verified.clone(),
-            None,
-        ));
-    }
     let data = secret
         .data
         .clone()
@@ -229,51 +221,39 @@ async fn verification(
         .into_iter()
         .map(|(k, v)| (k, v.0))
         .collect();
-    let format = match credentials::classify(&data, provider.spec.tunnel) {
-        Ok(found) => found.format,
-        Err(e) => {
-            return Ok(decide(
-                ProviderPhase::ErrVerifyFailed,
-                format!("Secret {}: {e}", provider.spec.secret),
-                previous.last_verified.clone(),
-                None,
-            ));
-        }
-    };
     let now = Timestamp::now();
     let since = |t: &Time| Duration::try_from(now.duration_since(t.0)).unwrap_or_default();
-    let due = match (&previous.last_verified, &verify_spec.interval) {
-        (None, _) => true,
-        (Some(last), Some(interval)) => since(last) >= interval.get(),
-        (Some(_), None) => false,
-    };
-    let next_check = match (&previous.last_verified, &verify_spec.interval) {
-        (Some(last), Some(interval)) => interval.get().checked_sub(since(last)),
-        _ => None,
-    };
-    if !due {
-        let message = "credentials verified".to_owned();
-        return Ok(decide(
-            ProviderPhase::Ready,
+    let step = verify::first_step(
+        verify_spec.skip,
+        credentials::classify(&data, provider.spec.tunnel),
+        &provider.spec.secret,
+        verify_spec
+            .interval
+            .as_ref()
+            .map(cloak_api::GoDuration::get),
+        verify::Previous {
+            phase: previous.phase,
+            message: previous.message.as_deref(),
+            since_verified: previous.last_verified.as_ref().map(since),
+            same_spec_and_secret: previous.observed_generation == provider.meta().generation
+                && previous.observed_secret_version.as_deref() == secret_version,
+        },
+    );
+    let format = match step {
+        verify::Step::Report {
+            phase,
             message,
-            previous.last_verified.clone(),
-            next_check,
-        ));
-    }
-    // A failed verification is not retried until the spec or the Secret changes (a new
-    // interval is a spec change too).
-    if previous.phase == Some(ProviderPhase::ErrVerifyFailed)
-        && previous.observed_generation == provider.meta().generation
-        && previous.observed_secret_version.as_deref() == secret_version
-    {
-        let message = previous.message.clone().unwrap_or_default();
-        return Ok(decide(
-            ProviderPhase::ErrVerifyFailed,
-            message,
-            previous.last_verified.clone(),
-            None,
-        ));
-    }
+            requeue,
+        } => {
+            return Ok(decide(
+                phase,
+                message,
+                previous.last_verified.clone(),
+                requeue,
+            ));
+        }
+        verify::Step::Verify(format) => format,
+    };
 
     let name = names::verification(&provider.name_any());
     let mask = ensure_verification_mask(provider, &name, ctx).await?;
