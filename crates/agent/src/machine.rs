@@ -327,7 +327,9 @@ where
                         {
                             return Outcome::Failed(format!("firewall: {e}"));
                         }
-                        write_resolv_conf(cfg, cfg.endpoint_resolver.or(self.default_resolver));
+                        // Only the resolver found at start is kept: a configured one comes
+                        // from the config again.
+                        write_resolv_conf(cfg, self.default_resolver);
                     }
                     self.status.send_modify(|s| {
                         s.probe_ok = true;

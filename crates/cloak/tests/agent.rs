@@ -859,13 +859,15 @@ fn openvpn_username_and_password_are_used_and_a_wrong_password_is_reported() {
             ("password", "wrong"),
         ],
     );
+    // The answer that told the failure (the agent retries meanwhile: a later answer may
+    // already say "connecting").
+    let mut readyz = String::new();
     assert!(
-        wait_until(Duration::from_secs(30), || agent
-            .admin("/readyz")
-            .1
-            .contains("AUTH_FAILED")),
-        "{}\n{}",
-        agent.admin("/readyz").1,
+        wait_until(Duration::from_secs(30), || {
+            readyz = agent.admin("/readyz").1;
+            readyz.contains("AUTH_FAILED")
+        }),
+        "{readyz}\n{}",
         agent.log()
     );
     assert_eq!(try_everything(&lab), 0);
@@ -875,7 +877,6 @@ fn openvpn_username_and_password_are_used_and_a_wrong_password_is_reported() {
     );
     // /readyz answers anyone who can reach the pod: it gives the reason in cloak's words, not
     // openvpn's own output (addresses, certificate names, pushed options).
-    let (_, readyz) = agent.admin("/readyz");
     assert!(
         readyz.contains("the server refused the username or password (AUTH_FAILED)"),
         "{readyz}"

@@ -1,5 +1,6 @@
 //! The one narrow path by which VPN server names are resolved while the kill switch is closed:
-//! A and AAAA queries over UDP to one named server, from a socket carrying [`crate::FWMARK`].
+//! A and AAAA queries over UDP to one named server, from a socket carrying the data plane's
+//! fwmark.
 //! The firewall lets such packets out only while the agent resolves (`FirewallPolicy::resolver`),
 //! and only to that server; every other DNS packet stays dropped.
 //!

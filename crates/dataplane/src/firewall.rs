@@ -527,8 +527,8 @@ mod tests {
         );
     }
 
-    /// A second data plane in the same namespace (a gateway's second exit) renders into a table
-    /// of its own and lets its own marked queries out, touching nothing of the first.
+    /// Another set of identifiers (a gateway's second exit) renders into a table of its own
+    /// with its own mark. (Running both side by side needs more: see docs/architecture.md.)
     #[test]
     fn identifiers_name_the_table_and_the_mark() {
         let exit = Identifiers {

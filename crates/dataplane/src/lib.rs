@@ -43,9 +43,10 @@ pub const RULE_PRIORITY: u32 = 17_260;
 
 /// The kernel objects one data plane owns in a network namespace: its nftables table, the
 /// fwmark its tunnel's own packets (and its resolver queries) carry, its routing table and the
-/// priority of its routing rules. They are a value, not globals, because one namespace may hold
-/// several data planes (a gateway's exits, a chain's hops), each with a set of its own; the
-/// agent's is [`Identifiers::default`] (the constants above).
+/// priority of its routing rules. They are a value, not globals, because one namespace will hold
+/// several data planes (a gateway's exits, a chain's hops), each with a set of its own (their
+/// policies must then also know of each other: docs/architecture.md); the agent's is
+/// [`Identifiers::default`] (the constants above).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identifiers {
     /// The nftables table (family `inet`).

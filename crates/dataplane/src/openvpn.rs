@@ -267,8 +267,8 @@ impl OpenVpn {
         ])?;
         let mgmt = dir.join("management.sock");
         let mut cmd = Command::new("openvpn");
-        // Only when the provider's file sets no keepalive of its own (openvpn refuses
-        // `keepalive` beside `--ping`): without one, it would never notice a silent peer.
+        // Unless the provider's file sets `keepalive` (openvpn refuses it beside `--ping`):
+        // without them, it would never notice a silent peer.
         cmd.args(keepalive_defaults(config.config.expose()))
             .arg("--config")
             .arg(&conf)
@@ -378,8 +378,9 @@ fn with_remotes(config: &OpenVpnConfig) -> Result<zeroize::Zeroizing<String>, Er
     Ok(out)
 }
 
-/// `--ping 10 --ping-restart 60`, unless the file (outside inline blocks) sets a keepalive of
-/// its own.
+/// `--ping 10 --ping-restart 60` (given before `--config`, so the file's own `ping` or
+/// `ping-restart` overrides either), unless the file sets `keepalive`, which openvpn refuses
+/// beside `--ping`.
 fn keepalive_defaults(text: &str) -> &'static [&'static str] {
     let mut in_block = false;
     let own = text.lines().map(str::trim).any(|line| {
@@ -391,7 +392,7 @@ fn keepalive_defaults(text: &str) -> &'static [&'static str] {
         !in_block
             && matches!(
                 line.split_whitespace().next(),
-                Some("keepalive" | "ping" | "ping-restart" | "ping-exit")
+                Some("keepalive" | "--keepalive")
             )
     });
     if own {
@@ -434,6 +435,10 @@ fn management(path: &Path, shared: &Mutex<Shared>) {
             && ts.chars().all(|c| c.is_ascii_digit())
             && !ts.is_empty()
         {
+            if name == "CONNECTED" {
+                // A cause told before a connection that worked is not the next failure's.
+                s.failure = None;
+            }
             name.clone_into(&mut s.state);
         }
     }
@@ -551,19 +556,16 @@ mod tests {
             keepalive_defaults("client\nremote 192.0.2.2\n"),
             ["--ping", "10", "--ping-restart", "60"]
         );
-        for own in [
-            "keepalive 10 60",
-            "ping 15",
-            "ping-restart 120",
-            "ping-exit 60",
-        ] {
+        for own in ["keepalive 10 60", "  --keepalive 10 60"] {
             assert!(
                 keepalive_defaults(&format!("client\n{own}\nremote 192.0.2.2\n")).is_empty(),
                 "{own}: openvpn refuses keepalive beside --ping"
             );
         }
+        // The file's own ping or ping-restart overrides ours (theirs come after --config).
+        assert_eq!(keepalive_defaults("client\nping 15\n").len(), 4);
         assert_eq!(
-            keepalive_defaults("client\n<tls-crypt>\nping 5\n</tls-crypt>\n").len(),
+            keepalive_defaults("client\n<tls-crypt>\nkeepalive 5 30\n</tls-crypt>\n").len(),
             4,
             "inside an inline block it is no directive"
         );

@@ -250,7 +250,10 @@ pub struct Previous<'a> {
 /// verify now.
 pub fn first_step(
     skip: bool,
-    credentials: Result<crate::credentials::Credentials, crate::credentials::CredentialsError>,
+    credentials: impl FnOnce() -> Result<
+        crate::credentials::Credentials,
+        crate::credentials::CredentialsError,
+    >,
     secret: &str,
     interval: Option<std::time::Duration>,
     previous: Previous<'_>,
@@ -264,7 +267,8 @@ pub fn first_step(
     if skip {
         return report(ProviderPhase::Ready, "verification skipped".into(), None);
     }
-    let format = match credentials {
+    // Classified only when verification is not skipped: it reads the Secret's values.
+    let format = match credentials() {
         Ok(found) => found.format,
         Err(e) => {
             return report(
@@ -445,7 +449,7 @@ mod tests {
         #[test]
         fn skipped_or_refused_credentials_are_reported_without_a_pod() {
             assert_eq!(
-                first_step(true, Ok(OVPN), "creds", None, never_verified()),
+                first_step(true, || Ok(OVPN), "creds", None, never_verified()),
                 Step::Report {
                     phase: ProviderPhase::Ready,
                     message: "verification skipped".into(),
@@ -455,7 +459,7 @@ mod tests {
             assert_eq!(
                 first_step(
                     false,
-                    Err(CredentialsError::Empty),
+                    || Err(CredentialsError::Empty),
                     "creds",
                     None,
                     never_verified()
@@ -467,7 +471,7 @@ mod tests {
                 }
             );
             assert_eq!(
-                first_step(false, Ok(OVPN), "creds", None, never_verified()),
+                first_step(false, || Ok(OVPN), "creds", None, never_verified()),
                 Step::Verify(Format::Ovpn)
             );
         }
@@ -482,7 +486,7 @@ mod tests {
             };
             let hour = Some(Duration::from_hours(1));
             assert_eq!(
-                first_step(false, Ok(OVPN), "creds", hour, verified(600)),
+                first_step(false, || Ok(OVPN), "creds", hour, verified(600)),
                 Step::Report {
                     phase: ProviderPhase::Ready,
                     message: "credentials verified".into(),
@@ -490,12 +494,12 @@ mod tests {
                 }
             );
             assert_eq!(
-                first_step(false, Ok(OVPN), "creds", hour, verified(3600)),
+                first_step(false, || Ok(OVPN), "creds", hour, verified(3600)),
                 Step::Verify(Format::Ovpn)
             );
             assert!(
                 matches!(
-                    first_step(false, Ok(OVPN), "creds", None, verified(86_400)),
+                    first_step(false, || Ok(OVPN), "creds", None, verified(86_400)),
                     Step::Report { requeue: None, .. }
                 ),
                 "no interval: verified once"
@@ -511,7 +515,7 @@ mod tests {
                 same_spec_and_secret: same,
             };
             assert_eq!(
-                first_step(false, Ok(OVPN), "creds", None, failed(true)),
+                first_step(false, || Ok(OVPN), "creds", None, failed(true)),
                 Step::Report {
                     phase: ProviderPhase::ErrVerifyFailed,
                     message: "no wireguard handshake".into(),
@@ -519,7 +523,7 @@ mod tests {
                 }
             );
             assert_eq!(
-                first_step(false, Ok(OVPN), "creds", None, failed(false)),
+                first_step(false, || Ok(OVPN), "creds", None, failed(false)),
                 Step::Verify(Format::Ovpn)
             );
         }

@@ -496,12 +496,14 @@ pub async fn run(
                     () = tokio::time::sleep(config.resync) => {
                         let Some((_, listed)) = applied.as_mut() else { continue };
                         let Some(expected) = listed.as_ref() else {
-                            // The read-back after the load failed: take this one as the
-                            // reference, so drift is watched from now on.
-                            if let Some(Ok(now)) = config.executor.read_back(config.backend).await {
-                                *listed = Some(now);
+                            if config.executor.read_back(config.backend).await.is_none() {
+                                continue; // this backend cannot be read back here
                             }
-                            continue;
+                            // The read-back after the last load failed, so what is loaded was
+                            // never confirmed: load it all again.
+                            metrics.drift.inc();
+                            applied = None;
+                            break;
                         };
                         let now = config.executor.read_back(config.backend).await;
                         if let Some(Ok(now)) = &now && now == expected {

@@ -125,7 +125,12 @@ async fn apply(mask: &VpnMask, ctx: &Context) -> Result<Action> {
     if let Some(held) = &held {
         sync_secret_copy(mask, held, ctx).await?;
     }
-    let users = pods_using(ctx, mask).len();
+    // Only a mask holding a slot has users worth counting (a scan of the pod cache).
+    let users = if held.is_some() {
+        pods_using(ctx, mask).len()
+    } else {
+        0
+    };
     let (phase, message) = cloak_model::mask::phase(held.as_ref(), users, waiting_message);
     let action = Action::requeue(if held.is_some() {
         ctx.config.holder_resync
