@@ -173,7 +173,9 @@ pub async fn run(
     let (leases, lease_writer) = reflector::store();
     let (pods, pod_writer) = reflector::store();
     let (secrets, secret_writer) = reflector::store();
-    let mask_controller = controllers::mask::controller(&client);
+    // Reconcile requests for both controllers; the mask watch feeds the provider controller too.
+    let triggers = controllers::Triggers::new();
+    let mask_controller = controllers::mask::controller(&client, triggers.clone());
     let provider_controller = controllers::provider::controller(&client);
     let ctx = Arc::new(Context {
         client: client.clone(),
@@ -264,7 +266,6 @@ pub async fn run(
     )
     // Raw events: a provider's final deletion wakes the masks that held its slots.
     .default_backoff();
-    let triggers = controllers::Triggers::new();
     let feed = controllers::feed(
         ctx.clone(),
         triggers.clone(),

@@ -33,12 +33,36 @@ use crate::{Context, Error, MANAGER, Result, labels};
 
 const CONTROLLER: &str = "vpnmask";
 
-pub(crate) fn controller(client: &Client) -> Controller<DeserializeGuard<VpnMask>> {
-    let (reader, writer) = kube::runtime::reflector::store();
+/// The mask controller, on the one watch of masks: its events also tell the provider controller
+/// when a mask holding one of a provider's slots changed or went away (the provider recounts
+/// and sweeps), so masks are not watched twice.
+pub(crate) fn controller(
+    client: &Client,
+    triggers: super::Triggers,
+) -> Controller<DeserializeGuard<VpnMask>> {
+    let (reader, writer) = kube::runtime::reflector::store::<DeserializeGuard<VpnMask>>();
     let masks = kube::runtime::watcher(Api::all(client.clone()), watcher::Config::default())
         .default_backoff()
         .modify(crate::slim)
         .reflect(writer)
+        .inspect(move |event| {
+            let Ok(
+                watcher::Event::Apply(touched)
+                | watcher::Event::InitApply(touched)
+                | watcher::Event::Delete(touched),
+            ) = event
+            else {
+                return;
+            };
+            if let Some(held) = touched
+                .0
+                .as_ref()
+                .ok()
+                .and_then(|m| m.status.as_ref()?.provider.as_ref())
+            {
+                triggers.provider(&held.namespace, &held.name);
+            }
+        })
         .applied_objects();
     // Bounded concurrency: a burst of thousands of new masks must not mean thousands of
     // reconciles (each with requests and object copies in flight) at once.

@@ -86,7 +86,7 @@ impl Triggers {
             .unbounded_send(ObjectRef::new(name).within(namespace));
     }
 
-    fn provider(&self, namespace: &str, name: &str) {
+    pub(crate) fn provider(&self, namespace: &str, name: &str) {
         let _ = self
             .providers
             .unbounded_send(ObjectRef::new(name).within(namespace));

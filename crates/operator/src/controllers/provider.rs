@@ -52,20 +52,9 @@ pub(crate) async fn run(
     triggers: impl Stream<Item = ProviderRef> + Send + 'static,
     mut stop: watch::Receiver<bool>,
 ) {
+    // A mask holding a slot changed or went away: its provider recounts and sweeps orphans.
+    // Those requests come with `triggers`, from the mask controller's own watch.
     controller
-        // A mask holding a slot changed or went away: its provider recounts and sweeps orphans.
-        .watches(
-            Api::<DeserializeGuard<VpnMask>>::all(ctx.client.clone()),
-            watcher::Config::default(),
-            |mask| {
-                let held = mask
-                    .0
-                    .as_ref()
-                    .ok()
-                    .and_then(|m| m.status.as_ref()?.provider.clone());
-                held.map(|p| ProviderRef::new(&p.name).within(&p.namespace))
-            },
-        )
         .reconcile_on(triggers)
         .graceful_shutdown_on(async move {
             let _ = stop.wait_for(|s| *s).await;
