@@ -138,6 +138,22 @@ impl Agent {
         last
     }
 
+    /// Waits until `/readyz` says `text`; returns that answer (a later one may already say
+    /// something else: the agent retries meanwhile).
+    fn wait_readyz(&self, text: &str, limit: Duration) -> String {
+        let mut last = String::new();
+        let ok = wait_until(limit, || {
+            last = self.admin("/readyz").1;
+            last.contains(text)
+        });
+        assert!(
+            ok,
+            "readyz never said {text:?}: {last}\n--- agent log\n{}",
+            self.log()
+        );
+        last
+    }
+
     fn metric(&self, line_start: &str) -> Option<String> {
         self.admin("/metrics")
             .1
@@ -580,15 +596,9 @@ fn a_wireguard_endpoint_host_name_resolves_under_the_kill_switch_at_every_attemp
         ),
         &[("wg0.conf", &conf)],
     );
-    assert!(
-        wait_until(Duration::from_secs(15), || agent
-            .admin("/readyz")
-            .1
-            .contains(
-                "no wireguard handshake with 192.0.2.99:51820/udp within 3s (attempt 2"
-            )),
-        "{}",
-        agent.admin("/readyz").1
+    agent.wait_readyz(
+        "no wireguard handshake with 192.0.2.99:51820/udp within 3s (attempt 2",
+        Duration::from_secs(15),
     );
     assert_eq!(try_everything(&lab), 0);
     // While the agent's own query is out (the path open), an application's query to the same
@@ -692,10 +702,7 @@ fn bad_config_keeps_the_pod_closed_says_what_is_wrong_and_recovers_when_fixed() 
     );
 
     // Missing key: blocked, with the reason in /readyz and the log; nothing leaves.
-    assert!(wait_until(Duration::from_secs(10), || agent
-        .admin("/readyz")
-        .1
-        .contains("PrivateKey")));
+    agent.wait_readyz("PrivateKey", Duration::from_secs(10));
     let unready = agent.wait_ready(false, Duration::from_secs(10));
     assert!(unready.contains("blocked: config: "), "{unready}");
     assert!(
@@ -710,10 +717,7 @@ fn bad_config_keeps_the_pod_closed_says_what_is_wrong_and_recovers_when_fixed() 
         &agent.dir.path().join("agent.yaml"),
         "credentials: [not, a, path\n",
     );
-    assert!(wait_until(Duration::from_secs(5), || agent
-        .admin("/readyz")
-        .1
-        .contains("is not a valid agent config")));
+    agent.wait_readyz("is not a valid agent config", Duration::from_secs(5));
 
     // Unreachable endpoint: keeps retrying, says so.
     let unreachable = good.replace(&format!("{PROVIDER}:51820"), "192.0.2.99:51820");
@@ -722,15 +726,9 @@ fn bad_config_keeps_the_pod_closed_says_what_is_wrong_and_recovers_when_fixed() 
         &agent.dir.path().join("agent.yaml"),
         &format!("credentials: creds\n{HEALTH}"),
     );
-    assert!(
-        wait_until(Duration::from_secs(15), || agent
-            .admin("/readyz")
-            .1
-            .contains(
-                "no wireguard handshake with 192.0.2.99:51820/udp within 3s (attempt 2"
-            )),
-        "{}",
-        agent.admin("/readyz").1
+    agent.wait_readyz(
+        "no wireguard handshake with 192.0.2.99:51820/udp within 3s (attempt 2",
+        Duration::from_secs(15),
     );
     assert_eq!(try_everything(&lab), 0);
 
@@ -859,17 +857,8 @@ fn openvpn_username_and_password_are_used_and_a_wrong_password_is_reported() {
             ("password", "wrong"),
         ],
     );
-    // The answer that told the failure (the agent retries meanwhile: a later answer may
-    // already say "connecting").
-    let mut readyz = String::new();
-    assert!(
-        wait_until(Duration::from_secs(30), || {
-            readyz = agent.admin("/readyz").1;
-            readyz.contains("AUTH_FAILED")
-        }),
-        "{readyz}\n{}",
-        agent.log()
-    );
+    // The answer that told the failure.
+    let readyz = agent.wait_readyz("AUTH_FAILED", Duration::from_secs(30));
     assert_eq!(try_everything(&lab), 0);
     assert!(
         !agent.log().contains("wrong"),
