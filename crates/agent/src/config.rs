@@ -12,11 +12,8 @@ use std::{
     time::Duration,
 };
 
-use cloak_dataplane::{
-    Secret, TunnelConfig,
-    openvpn::OpenVpnConfig,
-    wireguard::{self, WireguardConfig},
-};
+use cloak_dataplane::{Secret, TunnelConfig};
+use cloak_model::credentials;
 use ipnet::IpNet;
 use serde::Deserialize;
 
@@ -355,50 +352,11 @@ fn read_credentials(path: &Path, iface: &str) -> Result<TunnelConfig, ConfigErro
     }
 }
 
-/// Credentials from Secret-style keys, in the order the model crate classifies them.
+/// Credentials from Secret-style keys, by the parser the operator classifies them with.
 fn from_keys(keys: &BTreeMap<String, Secret>, iface: &str) -> Result<TunnelConfig, String> {
-    // Values only ever as Secrets (zeroized when dropped), never as plain Strings.
-    let get = |k: &str| {
-        keys.get(k)
-            .map(|s| Secret::new(s.expose().trim().to_owned()))
-    };
-    if let Some(conf) = keys.get("wg0.conf") {
-        return WireguardConfig::from_wg_quick(conf.expose(), iface)
-            .map(TunnelConfig::WireGuard)
-            .map_err(|e| format!("wg0.conf: {e}"));
-    }
-    if let Some(conf) = keys.get("config.ovpn") {
-        let user = get("username").or_else(|| get("OPENVPN_USER"));
-        let pass = get("password").or_else(|| get("OPENVPN_PASSWORD"));
-        let auth = match (user, pass) {
-            (Some(u), Some(p)) => Some((u, p)),
-            (None, None) => None,
-            _ => return Err("username and password must be given together".into()),
-        };
-        return OpenVpnConfig::from_ovpn(conf.expose(), auth, iface)
-            .map(TunnelConfig::OpenVpn)
-            .map_err(|e| e.to_string());
-    }
-    let wireguard = get("VPN_TYPE").is_some_and(|t| t.expose() == "wireguard")
-        || keys.contains_key("WIREGUARD_PRIVATE_KEY");
-    if wireguard {
-        if let Some(provider) = get("VPN_SERVICE_PROVIDER")
-            && provider.expose() != "custom"
-            && !keys.contains_key("VPN_ENDPOINT_IP")
-        {
-            return Err(format!(
-                "gluetun variables for VPN_SERVICE_PROVIDER={} need gluetun's server list; set VPN_ENDPOINT_IP and WIREGUARD_PUBLIC_KEY (a custom endpoint) or give a wg0.conf",
-                provider.expose()
-            ));
-        }
-        return WireguardConfig::from_gluetun(get, iface)
-            .map(TunnelConfig::WireGuard)
-            .map_err(|e: wireguard::ParseError| e.to_string());
-    }
-    if keys.contains_key("VPN_SERVICE_PROVIDER") {
-        return Err("gluetun OpenVPN variables name a provider's server list, which the agent does not carry: give a config.ovpn (with username/password) instead".into());
-    }
-    Err("no credentials found: expected wg0.conf, config.ovpn, or gluetun WireGuard variables (WIREGUARD_PRIVATE_KEY, WIREGUARD_PUBLIC_KEY, WIREGUARD_ADDRESSES, VPN_ENDPOINT_IP)".into())
+    credentials::parse(keys, iface)
+        .and_then(credentials::Credentials::into_tunnel)
+        .map_err(|e| e.to_string())
 }
 
 fn parse_probe(probe: &str, dns: Option<IpAddr>) -> Result<ProbeTarget, ConfigError> {
@@ -458,6 +416,8 @@ fn parse_probe(probe: &str, dns: Option<IpAddr>) -> Result<ProbeTarget, ConfigEr
 }
 
 /// Durations as `500ms`, `2s`, `1m`, `1h`, or combinations (`1m30s`).
+/// Durations as everywhere in cloak: Go's syntax (`500ms`, `2s`, `1m30s`), parsed by
+/// [`cloak_api::GoDuration`], the type the CRDs use.
 mod duration {
     use std::time::Duration;
 
@@ -465,47 +425,13 @@ mod duration {
 
     pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let text = String::deserialize(d)?;
-        parse(&text).ok_or_else(|| {
-            serde::de::Error::custom(format!(
-                "{text:?} is not a duration (examples: 500ms, 2s, 1m30s)"
-            ))
-        })
-    }
-
-    pub(super) fn parse(text: &str) -> Option<Duration> {
-        let mut total = Duration::ZERO;
-        let mut rest = text.trim();
-        if rest.is_empty() {
-            return None;
-        }
-        while !rest.is_empty() {
-            let digits = rest
-                .find(|c: char| !c.is_ascii_digit())
-                .unwrap_or(rest.len());
-            let n: u64 = rest[..digits].parse().ok()?;
-            rest = &rest[digits..];
-            let unit = rest
-                .find(|c: char| c.is_ascii_digit())
-                .unwrap_or(rest.len());
-            total += match &rest[..unit] {
-                "ms" => Duration::from_millis(n),
-                "s" => Duration::from_secs(n),
-                "m" => Duration::from_secs(n * 60),
-                "h" => Duration::from_secs(n * 3600),
-                _ => return None,
-            };
-            rest = &rest[unit..];
-        }
-        Some(total)
-    }
-
-    #[cfg(test)]
-    #[test]
-    fn durations_parse() {
-        assert_eq!(parse("500ms"), Some(Duration::from_millis(500)));
-        assert_eq!(parse("1m30s"), Some(Duration::from_secs(90)));
-        assert_eq!(parse("2"), None);
-        assert_eq!(parse("x"), None);
+        text.parse::<cloak_api::GoDuration>()
+            .map(|d| d.get())
+            .map_err(|e| {
+                serde::de::Error::custom(format!(
+                    "{text:?} is not a duration (examples: 500ms, 2s, 1m30s): {e}"
+                ))
+            })
     }
 }
 

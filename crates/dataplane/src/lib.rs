@@ -6,8 +6,10 @@
 //! `Display` the agent logs on every apply. Values are applied to kernel objects cloak owns
 //! outright, named by the constants below, and `reset()` removes exactly those.
 //!
-//! What does not belong here: deciding *when* to apply what (the agent's state machine), parsing
-//! credentials files (the agent's config), anything Kubernetes.
+//! The tunnel values themselves ([`TunnelConfig`] and its parts, [`Secret`], [`Key`]) are
+//! `cloak_model`'s, re-exported here: credentials are parsed there, once, for the operator and the
+//! agent alike. What does not belong here: deciding *when* to apply what (the agent's state
+//! machine), parsing credentials, anything Kubernetes.
 
 mod command;
 pub mod dns;

@@ -1,9 +1,24 @@
-//! What a provider's credentials Secret holds. Read once, from the Secret's keys and the few
-//! values needed to tell formats apart; the values themselves are never logged or returned.
+//! A provider's credentials Secret, parsed once into the tunnel it describes. This is the one
+//! parser: the operator classifies and verifies a provider with it and the agent runs what it
+//! returns, so a provider is never Ready with credentials the agent would refuse. Values are
+//! never logged or put in an error; messages name keys and lines.
+//!
+//! Parsing stops at host names: a server given as `vpn.example.com` stays a name in the
+//! [`TunnelConfig`], and resolving it is a separate step ([`TunnelConfig::names`],
+//! [`TunnelConfig::resolve`]) taken by whoever connects, right before connecting.
 
 use std::collections::BTreeMap;
 
 use cloak_api::TunnelKind;
+
+use crate::{
+    secret::Secret,
+    tunnel::{
+        TunnelConfig,
+        openvpn::{self, OpenVpnConfig},
+        wireguard::{self, WireguardConfig},
+    },
+};
 
 /// The formats a credentials Secret may use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -16,24 +31,46 @@ pub enum Format {
     Ovpn,
 }
 
-/// A Secret's credentials, classified.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A Secret's credentials, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Credentials {
+    pub format: Format,
+    pub kind: TunnelKind,
+    /// The tunnel cloak's agent runs. `None` only for gluetun variables that name a provider's
+    /// server list (`VPN_SERVICE_PROVIDER=mullvad`, ...), which only gluetun can turn into a
+    /// server.
+    pub tunnel: Option<TunnelConfig>,
+    /// gluetun's `VPN_SERVICE_PROVIDER`, when given (a provider's name, not a secret).
+    pub provider: Option<String>,
+}
+
+/// What a Secret holds, without the tunnel: what the operator records and verifies by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Summary {
     pub format: Format,
     pub tunnel: TunnelKind,
 }
 
-/// Why a Secret cannot serve as credentials. Messages name keys, never values.
+/// Why a Secret cannot serve as credentials. Messages name keys and lines, never secret values.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CredentialsError {
     #[error(
-        "the Secret has no credentials: expected a wg0.conf key, a config.ovpn key, or gluetun variables (VPN_SERVICE_PROVIDER or WIREGUARD_PRIVATE_KEY)"
+        "the Secret has no credentials: expected a wg0.conf key, a config.ovpn key (with optional username and password), or gluetun variables (VPN_SERVICE_PROVIDER, or WIREGUARD_PRIVATE_KEY, WIREGUARD_PUBLIC_KEY, WIREGUARD_ADDRESSES and VPN_ENDPOINT_IP for a custom endpoint)"
     )]
     Empty,
-    #[error("wg0.conf is malformed: {0}")]
-    WgQuick(&'static str),
-    #[error("config.ovpn is malformed: {0}")]
-    Ovpn(&'static str),
+    #[error("wg0.conf: {0}")]
+    WgQuick(wireguard::ParseError),
+    /// openvpn's messages already name `config.ovpn`.
+    #[error("{0}")]
+    Ovpn(openvpn::ParseError),
+    #[error("gluetun WireGuard variables: {0}")]
+    GluetunWireguard(wireguard::ParseError),
+    #[error("username and password must be given together")]
+    HalfAuth,
+    #[error(
+        "gluetun variables for VPN_SERVICE_PROVIDER={provider} name gluetun's server list, which only gluetun carries: give a wg0.conf, a config.ovpn (with username and password), or a custom WireGuard endpoint (VPN_ENDPOINT_IP, WIREGUARD_PUBLIC_KEY)"
+    )]
+    NeedsGluetun { provider: String },
     #[error("spec.tunnel is {declared:?} but the Secret holds {found:?} credentials")]
     TunnelMismatch {
         declared: TunnelKind,
@@ -43,76 +80,122 @@ pub enum CredentialsError {
     NotUtf8(String),
 }
 
-/// Classifies a Secret's `data` (key → bytes). `declared` is the provider's `spec.tunnel`.
-pub fn classify(
-    data: &BTreeMap<String, Vec<u8>>,
-    declared: Option<TunnelKind>,
+/// Parses credentials from Secret keys (a Secret's `data`, or a mounted Secret's files).
+/// `interface` names the tunnel interface the result will have.
+///
+/// The keys are looked at in this order: `wg0.conf`; `config.ovpn` with `username`/`password`
+/// (or gluetun's `OPENVPN_USER`/`OPENVPN_PASSWORD`); gluetun variables.
+pub fn parse(
+    keys: &BTreeMap<String, Secret>,
+    interface: &str,
 ) -> Result<Credentials, CredentialsError> {
-    let text = |key: &str| -> Result<Option<&str>, CredentialsError> {
-        data.get(key)
-            .map(|v| std::str::from_utf8(v).map_err(|_| CredentialsError::NotUtf8(key.to_owned())))
-            .transpose()
+    let get = |k: &str| {
+        keys.get(k)
+            .map(|s| Secret::new(s.expose().trim().to_owned()))
     };
-    let found = if let Some(conf) = text("wg0.conf")? {
-        check_wg_quick(conf)?;
-        Credentials {
+    if let Some(conf) = keys.get("wg0.conf") {
+        let wg = WireguardConfig::from_wg_quick(conf.expose(), interface)
+            .map_err(CredentialsError::WgQuick)?;
+        return Ok(Credentials {
             format: Format::WgQuick,
-            tunnel: TunnelKind::WireGuard,
-        }
-    } else if let Some(conf) = text("config.ovpn")? {
-        if !conf.lines().any(|l| l.trim_start().starts_with("remote ")) {
-            return Err(CredentialsError::Ovpn("no `remote` line"));
-        }
-        Credentials {
-            format: Format::Ovpn,
-            tunnel: TunnelKind::OpenVpn,
-        }
-    } else if data.contains_key("VPN_SERVICE_PROVIDER")
-        || data.contains_key("WIREGUARD_PRIVATE_KEY")
-    {
-        let wireguard = text("VPN_TYPE")?.is_some_and(|t| t.trim() == "wireguard")
-            || data.contains_key("WIREGUARD_PRIVATE_KEY");
-        let tunnel = if wireguard {
-            TunnelKind::WireGuard
-        } else {
-            TunnelKind::OpenVpn
+            kind: TunnelKind::WireGuard,
+            tunnel: Some(TunnelConfig::WireGuard(wg)),
+            provider: None,
+        });
+    }
+    if let Some(conf) = keys.get("config.ovpn") {
+        let user = get("username").or_else(|| get("OPENVPN_USER"));
+        let pass = get("password").or_else(|| get("OPENVPN_PASSWORD"));
+        let auth = match (user, pass) {
+            (Some(u), Some(p)) => Some((u, p)),
+            (None, None) => None,
+            _ => return Err(CredentialsError::HalfAuth),
         };
-        Credentials {
-            format: Format::Gluetun,
-            tunnel,
-        }
-    } else {
+        let ovpn = OpenVpnConfig::from_ovpn(conf.expose(), auth, interface)
+            .map_err(CredentialsError::Ovpn)?;
+        return Ok(Credentials {
+            format: Format::Ovpn,
+            kind: TunnelKind::OpenVpn,
+            tunnel: Some(TunnelConfig::OpenVpn(ovpn)),
+            provider: None,
+        });
+    }
+    let provider = get("VPN_SERVICE_PROVIDER");
+    if provider.is_none() && !keys.contains_key("WIREGUARD_PRIVATE_KEY") {
         return Err(CredentialsError::Empty);
+    }
+    let wireguard = get("VPN_TYPE").is_some_and(|t| t.expose() == "wireguard")
+        || keys.contains_key("WIREGUARD_PRIVATE_KEY");
+    let kind = if wireguard {
+        TunnelKind::WireGuard
+    } else {
+        TunnelKind::OpenVpn
     };
-    match declared {
-        Some(declared) if declared != found.tunnel => Err(CredentialsError::TunnelMismatch {
-            declared,
-            found: found.tunnel,
-        }),
-        _ => Ok(found),
+    // A custom endpoint (or no provider at all) is a whole WireGuard config cloak can run; a
+    // named provider without an endpoint means gluetun's server list.
+    let custom = provider.as_ref().is_none_or(|p| p.expose() == "custom")
+        || keys.contains_key("VPN_ENDPOINT_IP");
+    let tunnel = if wireguard && custom {
+        let wg = WireguardConfig::from_gluetun(get, interface)
+            .map_err(CredentialsError::GluetunWireguard)?;
+        Some(TunnelConfig::WireGuard(wg))
+    } else {
+        None
+    };
+    Ok(Credentials {
+        format: Format::Gluetun,
+        kind,
+        tunnel,
+        provider: provider.map(|p| p.expose().to_owned()),
+    })
+}
+
+impl Credentials {
+    /// The tunnel cloak runs, or why only gluetun can run these credentials.
+    pub fn into_tunnel(self) -> Result<TunnelConfig, CredentialsError> {
+        let provider = self.provider;
+        self.tunnel.ok_or_else(|| CredentialsError::NeedsGluetun {
+            provider: provider.unwrap_or_default(),
+        })
     }
 }
 
-fn check_wg_quick(conf: &str) -> Result<(), CredentialsError> {
-    let has = |section: &str| conf.lines().any(|l| l.trim().eq_ignore_ascii_case(section));
-    let key = |name: &str| {
-        conf.lines().any(|l| {
-            l.split_once('=')
-                .is_some_and(|(k, v)| k.trim().eq_ignore_ascii_case(name) && !v.trim().is_empty())
-        })
-    };
-    if !has("[Interface]") {
-        return Err(CredentialsError::WgQuick("no [Interface] section"));
+/// Whether [`parse`] reads `key`.
+fn is_read(key: &str) -> bool {
+    matches!(key, "wg0.conf" | "config.ovpn" | "username" | "password")
+        || ["VPN_", "WIREGUARD_", "OPENVPN_"]
+            .iter()
+            .any(|prefix| key.starts_with(prefix))
+}
+
+/// Classifies a Secret's `data` (key → bytes), parsing it whole with [`parse`]. `declared` is the
+/// provider's `spec.tunnel`.
+pub fn classify(
+    data: &BTreeMap<String, Vec<u8>>,
+    declared: Option<TunnelKind>,
+) -> Result<Summary, CredentialsError> {
+    let mut keys = BTreeMap::new();
+    for (key, value) in data {
+        match std::str::from_utf8(value) {
+            Ok(text) => {
+                keys.insert(key.clone(), Secret::new(text.to_owned()));
+            }
+            // Other keys may hold anything (a CA bundle, notes); a key the parser reads must be text.
+            Err(_) if is_read(key) => return Err(CredentialsError::NotUtf8(key.clone())),
+            Err(_) => {}
+        }
     }
-    if !key("PrivateKey") {
-        return Err(CredentialsError::WgQuick("no PrivateKey in [Interface]"));
+    let found = parse(&keys, crate::tunnel::DEFAULT_INTERFACE)?;
+    match declared {
+        Some(declared) if declared != found.kind => Err(CredentialsError::TunnelMismatch {
+            declared,
+            found: found.kind,
+        }),
+        _ => Ok(Summary {
+            format: found.format,
+            tunnel: found.kind,
+        }),
     }
-    if !has("[Peer]") || !key("PublicKey") || !key("Endpoint") {
-        return Err(CredentialsError::WgQuick(
-            "no [Peer] with PublicKey and Endpoint",
-        ));
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -126,14 +209,28 @@ mod tests {
             .collect()
     }
 
-    const WG: &str = "[Interface]\nPrivateKey = abc=\nAddress = 10.2.0.2/32\n[Peer]\nPublicKey = def=\nEndpoint = vpn.example:51820\n";
+    fn keys(pairs: &[(&str, &str)]) -> BTreeMap<String, Secret> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), Secret::new((*v).to_owned())))
+            .collect()
+    }
+
+    const PRIVATE: &str = "YAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=";
+    const PUBLIC: &str = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=";
+
+    fn wg() -> String {
+        format!(
+            "[Interface]\nPrivateKey = {PRIVATE}\nAddress = 10.2.0.2/32\n[Peer]\nPublicKey = {PUBLIC}\nEndpoint = vpn.example:51820\nAllowedIPs = 0.0.0.0/0\n"
+        )
+    }
 
     #[test]
     fn each_accepted_format_is_recognized() {
-        let wg = classify(&secret(&[("wg0.conf", WG)]), None).unwrap();
+        let wg = classify(&secret(&[("wg0.conf", &wg())]), None).unwrap();
         assert_eq!(
             wg,
-            Credentials {
+            Summary {
                 format: Format::WgQuick,
                 tunnel: TunnelKind::WireGuard
             }
@@ -151,7 +248,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             gluetun,
-            Credentials {
+            Summary {
                 format: Format::Gluetun,
                 tunnel: TunnelKind::OpenVpn
             }
@@ -168,6 +265,83 @@ mod tests {
     }
 
     #[test]
+    fn what_classification_accepts_the_agent_runs() {
+        // The same parse: a wg0.conf the operator accepts is a tunnel, host name kept unresolved.
+        let parsed = parse(&keys(&[("wg0.conf", &wg())]), "ck7").unwrap();
+        let Some(TunnelConfig::WireGuard(c)) = parsed.tunnel else {
+            panic!("not a WireGuard tunnel: {parsed:?}");
+        };
+        assert_eq!(c.interface, "ck7");
+        assert_eq!(c.peer.endpoint_name.as_deref(), Some("vpn.example"));
+        // A peer without AllowedIPs is refused by the agent, so classification refuses it too.
+        let no_allowed = wg().replace("AllowedIPs = 0.0.0.0/0\n", "");
+        assert_eq!(
+            classify(&secret(&[("wg0.conf", &no_allowed)]), None),
+            Err(CredentialsError::WgQuick(wireguard::ParseError::Missing(
+                "AllowedIPs"
+            )))
+        );
+        // As is a key that is not a key.
+        let bad_key = wg().replace(PUBLIC, "c2hvcnQ=");
+        assert!(matches!(
+            classify(&secret(&[("wg0.conf", &bad_key)]), None),
+            Err(CredentialsError::WgQuick(wireguard::ParseError::BadKey(
+                "PublicKey"
+            )))
+        ));
+        // gluetun's custom WireGuard endpoint is run by cloak, and so checked whole.
+        let custom = [
+            ("VPN_SERVICE_PROVIDER", "custom"),
+            ("VPN_TYPE", "wireguard"),
+            ("VPN_ENDPOINT_IP", "192.0.2.2"),
+            ("WIREGUARD_PRIVATE_KEY", PRIVATE),
+            ("WIREGUARD_PUBLIC_KEY", PUBLIC),
+            ("WIREGUARD_ADDRESSES", "10.2.0.2/32"),
+        ];
+        assert!(classify(&secret(&custom), None).is_ok());
+        let tunnel = parse(&keys(&custom), "ck0").unwrap().into_tunnel().unwrap();
+        assert_eq!(
+            tunnel.endpoints()[0].addr,
+            "192.0.2.2:51820".parse().unwrap()
+        );
+        assert_eq!(
+            classify(&secret(&custom[..5]), None),
+            Err(CredentialsError::GluetunWireguard(
+                wireguard::ParseError::Missing("WIREGUARD_ADDRESSES")
+            ))
+        );
+        // A half login is refused by both.
+        assert_eq!(
+            classify(
+                &secret(&[("config.ovpn", "remote 192.0.2.2\n"), ("username", "u")]),
+                None
+            ),
+            Err(CredentialsError::HalfAuth)
+        );
+    }
+
+    #[test]
+    fn a_providers_server_list_is_gluetuns_alone() {
+        let parsed = parse(
+            &keys(&[
+                ("VPN_SERVICE_PROVIDER", "mullvad"),
+                ("VPN_TYPE", "wireguard"),
+                ("WIREGUARD_PRIVATE_KEY", PRIVATE),
+            ]),
+            "ck0",
+        )
+        .unwrap();
+        assert_eq!(parsed.format, Format::Gluetun);
+        assert_eq!(parsed.tunnel, None);
+        let err = parsed.into_tunnel().unwrap_err();
+        assert!(
+            err.to_string().contains("VPN_SERVICE_PROVIDER=mullvad"),
+            "{err}"
+        );
+        assert!(!err.to_string().contains(PRIVATE));
+    }
+
+    #[test]
     fn malformed_or_empty_secrets_say_what_is_missing() {
         assert_eq!(
             classify(&secret(&[("foo", "bar")]), None),
@@ -181,11 +355,22 @@ mod tests {
             classify(&secret(&[("config.ovpn", "client\n")]), None),
             Err(CredentialsError::Ovpn(_))
         ));
+        let mut binary = secret(&[("wg0.conf", &wg())]);
+        binary.insert("ca.der".into(), vec![0xff, 0xfe]);
+        assert!(
+            classify(&binary, None).is_ok(),
+            "keys not read may hold bytes"
+        );
+        binary.insert("password".into(), vec![0xff, 0xfe]);
+        assert_eq!(
+            classify(&binary, None),
+            Err(CredentialsError::NotUtf8("password".into()))
+        );
     }
 
     #[test]
     fn a_declared_tunnel_must_match_the_secret() {
-        let err = classify(&secret(&[("wg0.conf", WG)]), Some(TunnelKind::OpenVpn)).unwrap_err();
+        let err = classify(&secret(&[("wg0.conf", &wg())]), Some(TunnelKind::OpenVpn)).unwrap_err();
         assert!(err.to_string().contains("spec.tunnel"));
     }
 

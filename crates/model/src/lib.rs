@@ -2,7 +2,10 @@
 //! no client, no clock, no I/O, so each is unit-tested with literals.
 //!
 //! - [`slots`]: which provider and slot a mask should try, and the names of slot reservations.
-//! - [`credentials`]: what kind of credentials a provider's Secret holds.
+//! - [`credentials`]: a credentials Secret's keys parsed into the tunnel they describe: the one
+//!   parser the operator (classification, verification) and the agent share.
+//! - [`tunnel`]: that tunnel as a value (WireGuard, OpenVPN), its servers and their names.
+//! - [`secret`]: keys and secret strings that never print and are zeroized when dropped.
 //! - [`mask`]: a mask's phase and message, and which phases are announced.
 //! - [`verify`]: the verification pod, with the user's overrides merged in.
 //! - [`merge`]: JSON merge patch (RFC 7386), used for overrides.
@@ -13,5 +16,7 @@ pub mod mask;
 pub mod merge;
 pub mod names;
 pub mod portfwd;
+pub mod secret;
 pub mod slots;
+pub mod tunnel;
 pub mod verify;

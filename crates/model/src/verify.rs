@@ -251,7 +251,7 @@ pub struct Previous<'a> {
 pub fn first_step(
     skip: bool,
     credentials: impl FnOnce() -> Result<
-        crate::credentials::Credentials,
+        crate::credentials::Summary,
         crate::credentials::CredentialsError,
     >,
     secret: &str,
@@ -430,9 +430,9 @@ mod tests {
         use cloak_api::{ProviderPhase, TunnelKind};
 
         use super::super::*;
-        use crate::credentials::{Credentials, CredentialsError, Format};
+        use crate::credentials::{CredentialsError, Format, Summary};
 
-        const OVPN: Credentials = Credentials {
+        const OVPN: Summary = Summary {
             format: Format::Ovpn,
             tunnel: TunnelKind::OpenVpn,
         };
