@@ -581,3 +581,24 @@ fn backoff_doubles_and_caps() {
     assert_eq!(backoff(a, b, 3), Duration::from_secs(2));
     assert_eq!(backoff(a, b, 40), b);
 }
+
+#[test]
+fn the_bypass_and_the_mss_clamp_belong_to_connected_alone() {
+    let cfg = resolved();
+    let connecting = policy::connecting(&cfg, true);
+    assert!(
+        connecting.bypass.is_empty(),
+        "no bypass before the tunnel works"
+    );
+    assert_eq!(connecting.clamp_mss, None);
+    assert_eq!(connecting.tunnel.as_deref(), Some("ck0"));
+    assert_eq!(
+        policy::connecting(&cfg, false).tunnel,
+        None,
+        "reconnecting: no tunnel"
+    );
+    let connected = policy::connected(&cfg);
+    assert_eq!(connected.bypass, cfg.bypass);
+    assert_eq!(connected.clamp_mss, Some(cfg.tunnel.mtu() - 40));
+    assert_eq!(connected.endpoints, connecting.endpoints);
+}
