@@ -72,7 +72,7 @@ pub(crate) fn refresh_gauges(ctx: &Context, metrics: &Metrics) {
             .get_or_create(&PhaseLabels { phase })
             .set(count);
     }
-    let taken = crate::controllers::reservations_by_provider(ctx);
+    let taken = crate::controllers::leasing::reservations_by_provider(ctx);
     metrics.slots_used.clear();
     metrics.slots_max.clear();
     for provider in ctx.providers.state() {

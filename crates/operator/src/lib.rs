@@ -20,6 +20,7 @@ pub mod metrics;
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use cloak_api::{VpnMask, VpnProvider};
+use futures::StreamExt as _;
 use k8s_openapi::api::{
     coordination::v1::Lease,
     core::v1::{Pod, Secret},
@@ -176,7 +177,6 @@ pub async fn run(
     // Reconcile requests for both controllers; the mask watch feeds the provider controller too.
     let triggers = controllers::Triggers::new();
     let mask_controller = controllers::mask::controller(&client, triggers.clone());
-    let provider_controller = controllers::provider::controller(&client);
     let ctx = Arc::new(Context {
         client: client.clone(),
         reporter: Reporter {
@@ -256,6 +256,9 @@ pub async fn run(
     )
     .default_backoff()
     .touched_objects();
+    // One watch of providers: its store is the mask controller's allocation cache, its events
+    // wake masks (ProviderChanges) and drive the provider controller.
+    let mut provider_changes = controllers::ProviderChanges::new(ctx.clone(), triggers.clone());
     let provider_stream = reflector::reflector(
         provider_writer,
         watcher(
@@ -264,13 +267,20 @@ pub async fn run(
         )
         .modify(slim),
     )
-    // Raw events: a provider's final deletion wakes the masks that held its slots.
-    .default_backoff();
+    .default_backoff()
+    // Raw events first: a provider's final deletion wakes the masks that held its slots.
+    .inspect(move |event| {
+        if let Ok(event) = event {
+            provider_changes.on(event);
+        }
+    })
+    .applied_objects();
+    let provider_controller =
+        controllers::provider::controller(provider_stream, ctx.providers.clone());
     let feed = controllers::feed(
         ctx.clone(),
         triggers.clone(),
         controllers::Streams {
-            providers: provider_stream,
             leases: lease_stream,
             pods: pod_stream,
             secrets: secret_stream,

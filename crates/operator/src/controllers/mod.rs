@@ -1,9 +1,11 @@
 //! The two controllers and what they share: reconcile requests derived from slot leases, pods and
 //! Secrets, Events, and the reconcile wrapper that records metrics.
 
+pub(crate) mod leasing;
 pub(crate) mod mask;
 pub(crate) mod provider;
 pub(crate) mod retry;
+pub(crate) mod status;
 
 use std::{
     collections::HashMap,
@@ -110,23 +112,6 @@ pub(crate) fn waiting_masks(ctx: &Context) -> Vec<MaskRef> {
         .collect()
 }
 
-/// Slot indices reserved per provider uid, from the cache, in one pass over the reservations.
-pub(crate) fn reservations_by_provider(
-    ctx: &Context,
-) -> HashMap<String, std::collections::BTreeSet<u32>> {
-    let mut taken: HashMap<String, std::collections::BTreeSet<u32>> = HashMap::new();
-    for lease in ctx.leases.state() {
-        let lease_labels = lease.labels();
-        if let (Some(uid), Some(slot)) = (
-            lease_labels.get(labels::PROVIDER_UID),
-            lease_labels.get(labels::SLOT).and_then(|s| s.parse().ok()),
-        ) {
-            taken.entry(uid.clone()).or_default().insert(slot);
-        }
-    }
-    taken
-}
-
 /// Masks holding a slot of the provider with this uid.
 pub(crate) fn masks_of_provider(ctx: &Context, provider_uid: &str) -> Vec<MaskRef> {
     ctx.masks
@@ -144,49 +129,38 @@ pub(crate) fn masks_of_provider(ctx: &Context, provider_uid: &str) -> Vec<MaskRe
         .collect()
 }
 
-/// The watches [`feed`] turns into reconcile requests.
-pub(crate) struct Streams<P, L, O, S> {
-    pub providers: P,
-    pub leases: L,
-    pub pods: O,
-    pub secrets: S,
-}
-
-/// Turns provider, lease, pod and Secret changes into reconcile requests, for as long as the
-/// watches run.
-pub(crate) async fn feed(
+/// Turns the provider watch's events into requests for masks. A provider appearing, changing or
+/// going away concerns the masks waiting for a slot and the masks holding one of its slots. Masks
+/// care about a provider's spec, usability and deletion, not its status counters: a provider's
+/// activeSlots changes with every lease, and waking every waiting mask and every holder on each
+/// of those writes made leasing quadratic.
+pub(crate) struct ProviderChanges {
     ctx: Arc<Context>,
     triggers: Triggers,
-    streams: Streams<
-        impl Stream<Item = Result<watcher::Event<DeserializeGuard<VpnProvider>>, watcher::Error>> + Send,
-        impl Stream<Item = Result<watcher::Event<PartialObjectMeta<Lease>>, watcher::Error>> + Send,
-        impl Stream<Item = Result<PartialObjectMeta<Pod>, watcher::Error>> + Send,
-        impl Stream<Item = Result<PartialObjectMeta<Secret>, watcher::Error>> + Send,
-    >,
-) {
-    let Streams {
-        providers,
-        leases,
-        pods,
-        secrets,
-    } = streams;
-    // A provider appearing, changing or going away concerns the masks waiting for a slot and
-    // the masks holding one of its slots.
-    // Masks care about a provider's spec, usability and deletion, not its status counters: a
-    // provider's activeSlots changes with every lease, and waking every waiting mask and every
-    // holder on each of those writes made leasing quadratic.
-    let mut last_seen: HashMap<String, (Option<i64>, bool, bool)> = HashMap::new();
-    let on_provider = providers.for_each(|event| {
+    last_seen: HashMap<String, (Option<i64>, bool, bool)>,
+}
+
+impl ProviderChanges {
+    pub(crate) fn new(ctx: Arc<Context>, triggers: Triggers) -> Self {
+        Self {
+            ctx,
+            triggers,
+            last_seen: HashMap::new(),
+        }
+    }
+
+    /// One event of the provider watch (after the store has taken it in).
+    pub(crate) fn on(&mut self, event: &watcher::Event<DeserializeGuard<VpnProvider>>) {
         let (provider, gone) = match event {
-            Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) => (p, false),
-            Ok(watcher::Event::Delete(p)) => (p, true),
-            _ => return futures::future::ready(()),
+            watcher::Event::Apply(p) | watcher::Event::InitApply(p) => (p, false),
+            watcher::Event::Delete(p) => (p, true),
+            _ => return,
         };
         let uid = provider.uid().unwrap_or_default();
         let changed = if gone {
             // Also when the deleting state was seen before: a mask that recorded a slot of
             // this provider since then was not woken by it.
-            last_seen.remove(&uid);
+            self.last_seen.remove(&uid);
             true
         } else {
             let state = match &provider.0 {
@@ -197,17 +171,41 @@ pub(crate) async fn feed(
                 ),
                 Err(_) => (None, false, false),
             };
-            last_seen.insert(uid.clone(), state) != Some(state)
+            self.last_seen.insert(uid.clone(), state) != Some(state)
         };
         if changed {
-            let mut refs = waiting_masks(&ctx);
-            refs.extend(masks_of_provider(&ctx, &uid));
+            let mut refs = waiting_masks(&self.ctx);
+            refs.extend(masks_of_provider(&self.ctx, &uid));
             for mask in refs {
-                let _ = triggers.masks.unbounded_send(mask);
+                let _ = self.triggers.masks.unbounded_send(mask);
             }
         }
-        futures::future::ready(())
-    });
+    }
+}
+
+/// The watches [`feed`] turns into reconcile requests.
+pub(crate) struct Streams<L, O, S> {
+    pub leases: L,
+    pub pods: O,
+    pub secrets: S,
+}
+
+/// Turns lease, pod and Secret changes into reconcile requests, for as long as the watches run.
+/// (Provider changes come through [`ProviderChanges`], on the provider controller's own watch.)
+pub(crate) async fn feed(
+    ctx: Arc<Context>,
+    triggers: Triggers,
+    streams: Streams<
+        impl Stream<Item = Result<watcher::Event<PartialObjectMeta<Lease>>, watcher::Error>> + Send,
+        impl Stream<Item = Result<PartialObjectMeta<Pod>, watcher::Error>> + Send,
+        impl Stream<Item = Result<PartialObjectMeta<Secret>, watcher::Error>> + Send,
+    >,
+) {
+    let Streams {
+        leases,
+        pods,
+        secrets,
+    } = streams;
     let on_lease = leases.for_each(|event| {
         let (lease, freed) = match event {
             Ok(watcher::Event::Apply(lease) | watcher::Event::InitApply(lease)) => (lease, false),
@@ -273,26 +271,7 @@ pub(crate) async fn feed(
         }
         futures::future::ready(())
     });
-    tokio::join!(on_provider, on_lease, on_pod, on_secret);
-}
-
-/// Deletes a slot reservation, only if it is still the object that was read (uid precondition),
-/// so a slot re-reserved in between is never released by mistake. Gone already is fine.
-pub(crate) async fn release(ctx: &Context, lease: &PartialObjectMeta<Lease>) -> Result<(), Error> {
-    let params = kube::api::DeleteParams {
-        preconditions: Some(kube::api::Preconditions {
-            uid: lease.uid(),
-            resource_version: None,
-        }),
-        ..kube::api::DeleteParams::default()
-    };
-    let api: kube::Api<Lease> =
-        kube::Api::namespaced(ctx.client.clone(), &lease.namespace().unwrap_or_default());
-    match api.delete(&lease.name_any(), &params).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => Ok(()),
-        Err(e) => Err(e.into()),
-    }
+    tokio::join!(on_lease, on_pod, on_secret);
 }
 
 /// Publishes an Event about `object`. Failures are logged, never fatal: Events are advisory.
