@@ -128,6 +128,39 @@ pub(crate) fn slim<K: kube::Resource>(object: &mut K) {
     }
 }
 
+/// What the caches keep of an object the controllers only look up or count (slot Leases, Pods,
+/// Secrets, masks): its identity, its owners of `owner_kind` (all when `None`), its deletion,
+/// and only the labels and annotations named (all labels when `labels` is `None`). A Pod in a
+/// real cluster carries kilobytes of annotations the operator never reads, and it watches every
+/// Pod and Secret of the cluster.
+pub(crate) fn keep_only<K: kube::Resource>(
+    object: &mut K,
+    labels: Option<&[&str]>,
+    annotations: &[&str],
+    owner_kind: Option<&str>,
+) {
+    let meta = object.meta_mut();
+    meta.managed_fields = None;
+    meta.creation_timestamp = None;
+    meta.generate_name = None;
+    meta.self_link = None;
+    let keep = |map: &mut Option<std::collections::BTreeMap<String, String>>, names: &[&str]| {
+        if let Some(m) = map.as_mut() {
+            m.retain(|k, _| names.contains(&k.as_str()));
+            if m.is_empty() {
+                *map = None;
+            }
+        }
+    };
+    if let Some(names) = labels {
+        keep(&mut meta.labels, names);
+    }
+    keep(&mut meta.annotations, annotations);
+    if let (Some(kind), Some(owners)) = (owner_kind, meta.owner_references.as_mut()) {
+        owners.retain(|o| o.kind == kind);
+    }
+}
+
 /// Readiness as the admin server reports it: a leader is ready once its caches are synced; a
 /// standby is ready while the API server answers its election attempts, because it could serve
 /// as soon as it is elected. (A rolling update waits for every replica's readiness: a standby
@@ -233,7 +266,7 @@ pub async fn run(
             Api::<PartialObjectMeta<Lease>>::all(client.clone()),
             watcher::Config::default().labels(&slot_selector),
         )
-        .modify(slim),
+        .modify(|lease| keep_only(lease, None, &[labels::MASK], None)),
     )
     .default_backoff();
     let pod_stream = reflector::reflector(
@@ -242,7 +275,15 @@ pub async fn run(
             Api::<PartialObjectMeta<Pod>>::all(client.clone()),
             watcher::Config::default(),
         )
-        .modify(slim),
+        .modify(|pod| {
+            let kind = <VpnMask as kube::Resource>::kind(&());
+            keep_only(
+                pod,
+                Some(&[cloak_model::verify::LABEL_PROVIDER]),
+                &[],
+                Some(&kind),
+            );
+        }),
     )
     .default_backoff()
     .touched_objects();
@@ -252,7 +293,10 @@ pub async fn run(
             Api::<PartialObjectMeta<Secret>>::all(client.clone()),
             watcher::Config::default(),
         )
-        .modify(slim),
+        .modify(|secret| {
+            let kind = <VpnMask as kube::Resource>::kind(&());
+            keep_only(secret, Some(&[]), &[labels::SOURCE_VERSION], Some(&kind));
+        }),
     )
     .default_backoff()
     .touched_objects();
@@ -331,4 +375,51 @@ pub async fn run(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+    use kube::{ResourceExt as _, core::PartialObjectMeta};
+
+    use super::*;
+
+    #[test]
+    fn caches_keep_only_the_named_labels_annotations_and_owners() {
+        let owner = |kind: &str| OwnerReference {
+            kind: kind.into(),
+            name: "m".into(),
+            uid: "u".into(),
+            ..OwnerReference::default()
+        };
+        let mut pod = PartialObjectMeta::<Pod> {
+            metadata: ObjectMeta {
+                name: Some("p".into()),
+                uid: Some("1".into()),
+                labels: Some([("app".into(), "x".into()), ("keep".into(), "y".into())].into()),
+                annotations: Some([("big".into(), "z".repeat(4096))].into()),
+                owner_references: Some(vec![owner("VpnMask"), owner("ReplicaSet")]),
+                ..ObjectMeta::default()
+            },
+            ..PartialObjectMeta::default()
+        };
+        keep_only(&mut pod, Some(&["keep"]), &[], Some("VpnMask"));
+        assert_eq!(pod.metadata.name.as_deref(), Some("p"));
+        assert_eq!(pod.metadata.uid.as_deref(), Some("1"));
+        assert_eq!(pod.labels().keys().collect::<Vec<_>>(), ["keep"]);
+        assert_eq!(pod.metadata.annotations, None);
+        assert_eq!(pod.owner_references(), [owner("VpnMask")]);
+        // `None`: every label and owner stays.
+        let mut lease = PartialObjectMeta::<Lease> {
+            metadata: ObjectMeta {
+                labels: Some([("a".into(), "b".into())].into()),
+                owner_references: Some(vec![owner("VpnProvider")]),
+                ..ObjectMeta::default()
+            },
+            ..PartialObjectMeta::default()
+        };
+        keep_only(&mut lease, None, &[], None);
+        assert_eq!(lease.labels().len(), 1);
+        assert_eq!(lease.owner_references().len(), 1);
+    }
 }

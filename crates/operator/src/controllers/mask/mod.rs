@@ -34,7 +34,8 @@ pub(crate) fn controller(
     let (reader, writer) = kube::runtime::reflector::store::<DeserializeGuard<VpnMask>>();
     let masks = kube::runtime::watcher(Api::all(client.clone()), watcher::Config::default())
         .default_backoff()
-        .modify(crate::slim)
+        // Masks keep their labels (a verification mask is labelled) and no annotations.
+        .modify(|mask| crate::keep_only(mask, None, &[], None))
         .reflect(writer)
         .inspect(move |event| {
             let Ok(
