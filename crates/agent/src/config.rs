@@ -309,15 +309,21 @@ fn read_credentials(path: &Path, iface: &str) -> Result<TunnelConfig, ConfigErro
     };
     if path.is_dir() {
         // A mounted Secret: one file per key (Kubernetes adds dot-files for its own bookkeeping).
-        let mut keys = BTreeMap::new();
+        let mut files = Vec::new();
         for entry in std::fs::read_dir(path).map_err(|e| err(path, e.to_string()))? {
             let entry = entry.map_err(|e| err(path, e.to_string()))?;
             let name = entry.file_name().to_string_lossy().into_owned();
             if name.starts_with('.') || !entry.path().is_file() {
                 continue;
             }
-            keys.insert(name, Secret::new(read(&entry.path())?));
+            let bytes = zeroize::Zeroizing::new(
+                std::fs::read(entry.path()).map_err(|e| err(&entry.path(), e.to_string()))?,
+            );
+            files.push((name, bytes));
         }
+        // The operator's classification takes the same bytes the same way.
+        let keys = credentials::keys(files.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
+            .map_err(|e| err(path, e.to_string()))?;
         from_keys(&keys, iface).map_err(|reason| err(path, reason))
     } else {
         let text = Secret::new(read(path)?);
@@ -415,7 +421,6 @@ fn parse_probe(probe: &str, dns: Option<IpAddr>) -> Result<ProbeTarget, ConfigEr
     }
 }
 
-/// Durations as `500ms`, `2s`, `1m`, `1h`, or combinations (`1m30s`).
 /// Durations as everywhere in cloak: Go's syntax (`500ms`, `2s`, `1m30s`), parsed by
 /// [`cloak_api::GoDuration`], the type the CRDs use.
 mod duration {
@@ -625,6 +630,25 @@ mod tests {
             Resolved::load(&cfg).unwrap().tunnel,
             TunnelConfig::OpenVpn(_)
         ));
+    }
+
+    /// Found in review: the operator accepted a Secret with a binary key it does not read (a CA
+    /// bundle, say), while the agent read every mounted file as text and refused it.
+    #[test]
+    fn a_binary_key_the_parser_does_not_read_is_left_out_and_one_it_reads_is_named() {
+        let d = dir();
+        let creds = d.path().join("creds");
+        std::fs::create_dir(&creds).unwrap();
+        write(&creds, "wg0.conf", &wg_conf());
+        std::fs::write(creds.join("ca.der"), [0xff, 0xfe, 0x00]).unwrap();
+        let cfg = write(d.path(), "a.yaml", "credentials: creds\n");
+        assert!(matches!(
+            Resolved::load(&cfg).unwrap().tunnel,
+            TunnelConfig::WireGuard(_)
+        ));
+        std::fs::write(creds.join("password"), [0xff, 0xfe]).unwrap();
+        let e = Resolved::load(&cfg).unwrap_err().to_string();
+        assert!(e.contains("key password is not valid UTF-8"), "{e}");
     }
 
     #[test]

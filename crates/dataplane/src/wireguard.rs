@@ -1,5 +1,5 @@
-//! WireGuard: the config value (parsed from wg-quick or gluetun's variables) and the two ways to
-//! run it: the kernel module over `ip link ... type wireguard` when it exists, otherwise
+//! WireGuard: the two ways to run a `WireguardConfig` (the value `cloak_model` parses from
+//! wg-quick or gluetun's variables, re-exported here): the kernel module over `ip link ... type wireguard` when it exists, otherwise
 //! userspace WireGuard (boringtun) embedded in this process, so the image needs no extra binary.
 //!
 //! Userspace runs **one** worker thread. Measured on a 2-vCPU node (NETNOTES): boringtun with one

@@ -68,7 +68,7 @@ pub enum CredentialsError {
     #[error("username and password must be given together")]
     HalfAuth,
     #[error(
-        "gluetun variables for VPN_SERVICE_PROVIDER={provider} name gluetun's server list, which only gluetun carries: give a wg0.conf, a config.ovpn (with username and password), or a custom WireGuard endpoint (VPN_ENDPOINT_IP, WIREGUARD_PUBLIC_KEY)"
+        "gluetun variables for VPN_SERVICE_PROVIDER={provider} are run by gluetun only (a provider's server list, or a custom OpenVPN config file): give a wg0.conf, a config.ovpn (with username and password), or a custom WireGuard endpoint (VPN_ENDPOINT_IP, WIREGUARD_PUBLIC_KEY)"
     )]
     NeedsGluetun { provider: String },
     #[error("spec.tunnel is {declared:?} but the Secret holds {found:?} credentials")]
@@ -131,10 +131,11 @@ pub fn parse(
     } else {
         TunnelKind::OpenVpn
     };
-    // A custom endpoint (or no provider at all) is a whole WireGuard config cloak can run; a
-    // named provider without an endpoint means gluetun's server list.
+    // A custom endpoint (or no provider at all) is a whole WireGuard config cloak can run. A
+    // named provider means gluetun's server list, even with VPN_ENDPOINT_IP (gluetun takes that
+    // as an address override and the key from its list), unless the server's key is given too.
     let custom = provider.as_ref().is_none_or(|p| p.expose() == "custom")
-        || keys.contains_key("VPN_ENDPOINT_IP");
+        || (keys.contains_key("VPN_ENDPOINT_IP") && keys.contains_key("WIREGUARD_PUBLIC_KEY"));
     let tunnel = if wireguard && custom {
         let wg = WireguardConfig::from_gluetun(get, interface)
             .map_err(CredentialsError::GluetunWireguard)?;
@@ -168,23 +169,33 @@ fn is_read(key: &str) -> bool {
             .any(|prefix| key.starts_with(prefix))
 }
 
+/// A Secret's keys (its `data`, or a mounted Secret's files) as the text values [`parse`] takes.
+/// Keys the parser reads must be UTF-8; other keys may hold anything (a CA bundle, notes) and
+/// are left out. The operator and the agent both start here, so a binary key means the same to
+/// both.
+pub fn keys<'a>(
+    data: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+) -> Result<BTreeMap<String, Secret>, CredentialsError> {
+    let mut keys = BTreeMap::new();
+    for (key, value) in data {
+        match std::str::from_utf8(value) {
+            Ok(text) => {
+                keys.insert(key.to_owned(), Secret::new(text.to_owned()));
+            }
+            Err(_) if is_read(key) => return Err(CredentialsError::NotUtf8(key.to_owned())),
+            Err(_) => {}
+        }
+    }
+    Ok(keys)
+}
+
 /// Classifies a Secret's `data` (key → bytes), parsing it whole with [`parse`]. `declared` is the
 /// provider's `spec.tunnel`.
 pub fn classify(
     data: &BTreeMap<String, Vec<u8>>,
     declared: Option<TunnelKind>,
 ) -> Result<Summary, CredentialsError> {
-    let mut keys = BTreeMap::new();
-    for (key, value) in data {
-        match std::str::from_utf8(value) {
-            Ok(text) => {
-                keys.insert(key.clone(), Secret::new(text.to_owned()));
-            }
-            // Other keys may hold anything (a CA bundle, notes); a key the parser reads must be text.
-            Err(_) if is_read(key) => return Err(CredentialsError::NotUtf8(key.clone())),
-            Err(_) => {}
-        }
-    }
+    let keys = keys(data.iter().map(|(k, v)| (k.as_str(), v.as_slice())))?;
     let found = parse(&keys, crate::tunnel::DEFAULT_INTERFACE)?;
     match declared {
         Some(declared) if declared != found.kind => Err(CredentialsError::TunnelMismatch {
@@ -333,6 +344,19 @@ mod tests {
         .unwrap();
         assert_eq!(parsed.format, Format::Gluetun);
         assert_eq!(parsed.tunnel, None);
+        // VPN_ENDPOINT_IP with a named provider overrides the address of one of its servers;
+        // the key still comes from gluetun's list.
+        let overridden = parse(
+            &keys(&[
+                ("VPN_SERVICE_PROVIDER", "mullvad"),
+                ("VPN_TYPE", "wireguard"),
+                ("VPN_ENDPOINT_IP", "192.0.2.2"),
+                ("WIREGUARD_PRIVATE_KEY", PRIVATE),
+            ]),
+            "ck0",
+        )
+        .unwrap();
+        assert_eq!(overridden.tunnel, None);
         let err = parsed.into_tunnel().unwrap_err();
         assert!(
             err.to_string().contains("VPN_SERVICE_PROVIDER=mullvad"),

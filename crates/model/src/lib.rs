@@ -1,5 +1,7 @@
 //! cloak's pure desired state. Every function here takes plain values and returns plain values:
-//! no client, no clock, no I/O, so each is unit-tested with literals.
+//! no client, no clock, no I/O, so each is unit-tested with literals. The one exception is
+//! `secret::Key::generate`, which reads the OS random number generator (tests and fake
+//! providers make keys with it).
 //!
 //! - [`slots`]: which provider and slot a mask should try, and the names of slot reservations.
 //! - [`credentials`]: a credentials Secret's keys parsed into the tunnel they describe: the one

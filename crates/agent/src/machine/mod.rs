@@ -185,6 +185,8 @@ where
         let mut next = read(&mut config);
         loop {
             if *shutdown.borrow() {
+                // The tunnel (held by the state) closes before the block-all below.
+                drop(next);
                 break;
             }
             let state = match next {

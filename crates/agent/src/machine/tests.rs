@@ -18,18 +18,21 @@ use crate::{
     probe::ProbeOk,
 };
 
-/// Answers probes from a script: `Ok` with an exit address, or the error text.
+/// Answers probes from a script: `Ok` with an exit address, or the error text; after the delay
+/// in `.1` (zero unless a test sets one).
 #[derive(Clone)]
-struct FakeProber(Arc<Mutex<Result<(), String>>>);
+struct FakeProber(Arc<Mutex<Result<(), String>>>, Arc<Mutex<Duration>>);
 
 impl Default for FakeProber {
     fn default() -> Self {
-        Self(Arc::new(Mutex::new(Ok(()))))
+        Self(Arc::new(Mutex::new(Ok(()))), Arc::default())
     }
 }
 
 impl Prober for FakeProber {
     async fn probe(&self, _: &ProbeTarget, _: Duration) -> Result<ProbeOk, String> {
+        let delay = *self.1.lock().unwrap();
+        tokio::time::sleep(delay).await;
         let answer = self.0.lock().unwrap().clone();
         answer.map(|()| ProbeOk {
             latency: Duration::from_millis(3),
@@ -580,6 +583,25 @@ fn backoff_doubles_and_caps() {
     assert_eq!(backoff(a, b, 1), Duration::from_millis(500));
     assert_eq!(backoff(a, b, 3), Duration::from_secs(2));
     assert_eq!(backoff(a, b, 40), b);
+}
+
+/// Found in review of the split into states: a shutdown that came while a probe was running left
+/// the tunnel open until after the block-all.
+#[tokio::test(start_paused = true)]
+async fn a_shutdown_during_a_probe_closes_the_tunnel_before_blocking() {
+    let mut rig = start(Ok(Arc::new(resolved())));
+    rig.set_tunnel(TunnelState::Up, Some(1));
+    rig.wait_phase(Phase::Connected).await;
+    *rig.prober.1.lock().unwrap() = Duration::from_secs(30);
+    // The next probe starts after one interval (1 s) and runs for 30 s: stop in the middle.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let j = rig.stop().await;
+    let close = j.iter().rposition(|e| e == "tunnel close ck0");
+    let block = j.iter().rposition(|e| e == "firewall block all");
+    assert!(
+        close.is_some() && close < block,
+        "the tunnel closes, then everything is blocked: {j:?}"
+    );
 }
 
 #[test]

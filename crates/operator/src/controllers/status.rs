@@ -1,4 +1,5 @@
-//! Writing an object's status, only when it changed: the one way both controllers write status.
+//! Writing an object's status, only when it changed: how both controllers write the status they
+//! compute (an object that does not even deserialize is reported apart, by `report_invalid`).
 
 use kube::{
     Api,
