@@ -232,8 +232,10 @@ async fn main() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (rss_second, hwm_second) = rss_mib(pid);
 
+    // `--`: without it, `kill` takes `-<pid>` for a signal and stops nothing (the run then
+    // waited forever for the operator).
     let _ = Command::new("kill")
-        .args(["-TERM", &format!("-{pid}")])
+        .args(["-TERM", "--", &format!("-{pid}")])
         .status();
     let _ = operator.wait();
     println!(
