@@ -371,9 +371,10 @@ mod tests {
     use super::*;
     use crate::{FWMARK, Key};
 
+    /// A client config to render (parsing is `cloak_model`'s, tested there).
     fn conf(private: &Key, peer: &Key) -> String {
         format!(
-            "# comment\n[Interface]\nPrivateKey = {}\nAddress = 10.64.0.2/32, fd64::2/128\nDNS = 10.64.0.1, corp.example\nMTU = 1380\nPostUp = iptables -A ...\n\n[Peer]\nPublicKey = {}\nEndpoint = 192.0.2.2:51820\nAllowedIPs = 0.0.0.0/0, ::/0\nPersistentKeepalive = 25\n",
+            "[Interface]\nPrivateKey = {}\nAddress = 10.64.0.2/32\n[Peer]\nPublicKey = {}\nEndpoint = 192.0.2.2:51820\nAllowedIPs = 0.0.0.0/0, ::/0\nPersistentKeepalive = 25\n",
             &*private.to_base64(),
             peer.public()
         )

@@ -346,14 +346,19 @@ pub async fn run(
             futures::future::pending::<()>().await;
         }
     };
-    let masks = controllers::mask::run(
+    let masks = controllers::run(
         mask_controller,
+        controllers::mask::reconcile,
         ctx.clone(),
         triggers.masks(),
         stop_rx.clone(),
     );
-    let providers = controllers::provider::run(
+    // Besides its own watch, a provider is reconciled when a mask holding one of its slots
+    // changed or went away (it recounts and sweeps orphans), and when its verification's mask or
+    // pod changed: those requests come with `triggers`.
+    let providers = controllers::run(
         provider_controller,
+        controllers::provider::reconcile,
         ctx.clone(),
         triggers.providers(),
         stop_rx.clone(),

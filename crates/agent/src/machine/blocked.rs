@@ -1,22 +1,14 @@
 //! Blocked: no usable config, or stopping. Nothing leaves; only a config change or the shutdown
 //! moves the machine on (handled alike for every state, in the driver).
 
-use cloak_dataplane::{Firewall, FirewallPolicy, RouteSet, Routes, TunnelDriver};
+use cloak_dataplane::{FirewallPolicy, RouteSet};
 
-use super::{Machine, Phase};
-use crate::{probe::Prober, resolve::Resolver};
+use super::{Effects, Phase};
 
 /// Enters Blocked: the block-all policy first, then the unreachable routes. A failure is
 /// reported by `enter_phase` (firewall) or here (routes); the next config change or the shutdown
 /// tries again.
-pub(super) fn enter<F, R, D, P, N>(m: &mut Machine<F, R, D, P, N>, reason: &str)
-where
-    F: Firewall,
-    R: Routes,
-    D: TunnelDriver,
-    P: Prober,
-    N: Resolver,
-{
+pub(super) fn enter<M: Effects>(m: &mut M, reason: &str) {
     tracing::warn!(reason, "blocking all traffic");
     if let Err(e) = m.enter_phase(
         Phase::Blocked,
@@ -25,7 +17,7 @@ where
         &RouteSet::default(),
     ) {
         tracing::error!(%e, "applying the block-all policy failed");
-        m.status.send_modify(|s| {
+        m.status().send_modify(|s| {
             if !s.message.contains("block-all") {
                 s.message = format!("{reason}; applying the block-all policy failed: {e}");
             }

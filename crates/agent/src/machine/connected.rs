@@ -4,14 +4,10 @@
 
 use std::{sync::Arc, time::Duration};
 
-use cloak_dataplane::{Firewall, Routes, Tunnel, TunnelDriver};
+use cloak_dataplane::Tunnel;
 
-use super::{Machine, Phase, State, Transition, connecting::Connecting, policy};
-use crate::{
-    config::Resolved,
-    probe::{ProbeOk, Prober},
-    resolve::Resolver,
-};
+use super::{Effects, Phase, State, Transition, connecting::Connecting, policy};
+use crate::{config::Resolved, probe::ProbeOk};
 
 pub(super) struct Connected {
     source: Arc<Resolved>,
@@ -26,18 +22,11 @@ impl Connected {
     /// Enters Connected from a connection that just worked (`probe`: the probe that proved it,
     /// when there is a probe): the connected policy first, then the routes, then the pod's
     /// resolv.conf.
-    pub(super) fn enter<F, R, D, P, N>(
-        m: &mut Machine<F, R, D, P, N>,
+    pub(super) fn enter<M: Effects>(
+        m: &mut M,
         from: Connecting,
         probe: Option<&ProbeOk>,
-    ) -> Transition
-    where
-        F: Firewall,
-        R: Routes,
-        D: TunnelDriver,
-        P: Prober,
-        N: Resolver,
-    {
+    ) -> Transition {
         let implementation = from.tunnel.implementation();
         let exit_ip = probe.and_then(|p| p.exit_ip);
         let message = format!("connected via {implementation}");
@@ -56,7 +45,7 @@ impl Connected {
             };
         }
         // Only the resolver found at start is kept: a configured one comes from the config again.
-        write_resolv_conf(&from.cfg, m.default_resolver);
+        write_resolv_conf(&from.cfg, m.default_resolver());
         m.record_probe(probe);
         Transition::Stay(State::Connected(Box::new(Self {
             source: from.source,
@@ -72,17 +61,7 @@ impl Connected {
         self.cfg.health.interval
     }
 
-    pub(super) async fn on_tick<F, R, D, P, N>(
-        mut self,
-        m: &mut Machine<F, R, D, P, N>,
-    ) -> Transition
-    where
-        F: Firewall,
-        R: Routes,
-        D: TunnelDriver,
-        P: Prober,
-        N: Resolver,
-    {
+    pub(super) async fn on_tick<M: Effects>(mut self, m: &mut M) -> Transition {
         let up = match m.judge(self.tunnel.as_mut(), &self.cfg, &mut self.last) {
             Ok(up) => up,
             Err(reason) => return self.fail(reason),
@@ -101,17 +80,17 @@ impl Connected {
             m.record_probe(None);
             return Transition::Stay(State::Connected(Box::new(self)));
         };
-        match m.prober.probe(&target, self.cfg.health.timeout).await {
+        match m.probe(&target, self.cfg.health.timeout).await {
             Ok(ok) => {
                 self.probe_failures = 0;
                 m.record_probe(Some(&ok));
             }
             Err(e) => {
-                m.metrics.probe_failures.inc();
+                m.metrics().probe_failures.inc();
                 self.probe_failures += 1;
                 let failures = self.probe_failures;
                 tracing::warn!(error = %e, failures, "probe failed");
-                m.status.send_modify(|s| {
+                m.status().send_modify(|s| {
                     s.probe_ok = false;
                     s.message = format!("probe failing ({failures}/{limit}): {e}");
                 });

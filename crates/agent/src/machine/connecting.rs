@@ -4,13 +4,11 @@
 
 use std::{sync::Arc, time::Duration};
 
-use cloak_dataplane::{
-    Firewall, FirewallPolicy, RouteSet, Routes, Tunnel, TunnelConfig, TunnelDriver,
-};
+use cloak_dataplane::{FirewallPolicy, RouteSet, Tunnel, TunnelConfig};
 use tokio::time::Instant;
 
-use super::{Machine, Phase, Transition, connected::Connected, policy};
-use crate::{config::Resolved, probe::Prober, resolve::Resolver};
+use super::{Effects, Phase, Transition, connected::Connected, policy};
+use crate::config::Resolved;
 
 /// While connecting, a handshake that has not completed after this long is started afresh: a
 /// server that comes back is then found within about a second, not at WireGuard's next 5 s retry.
@@ -34,18 +32,11 @@ pub(super) struct Connecting {
 impl Connecting {
     /// Enters Connecting: resolves server names (when the credentials give any), applies the
     /// endpoints-only policy, opens the tunnel, routes into it. `Err` is the reason to reconnect.
-    pub(super) async fn enter<F, R, D, P, N>(
-        m: &mut Machine<F, R, D, P, N>,
+    pub(super) async fn enter<M: Effects>(
+        m: &mut M,
         source: Arc<Resolved>,
         failures: u32,
-    ) -> Result<Self, String>
-    where
-        F: Firewall,
-        R: Routes,
-        D: TunnelDriver,
-        P: Prober,
-        N: Resolver,
-    {
+    ) -> Result<Self, String> {
         let names = source.tunnel.names();
         let cfg = if names.is_empty() {
             (*source).clone()
@@ -71,7 +62,6 @@ impl Connecting {
         )
         .map_err(|e| format!("firewall: {e}"))?;
         let tunnel = m
-            .driver
             .open(&cfg.tunnel, cfg.userspace)
             .map_err(|e| format!("opening the tunnel: {e}"))?;
         let routes = RouteSet {
@@ -80,11 +70,10 @@ impl Connecting {
             bypass: cfg.bypass.clone(),
         };
         tracing::info!(%routes, "routes");
-        m.routes
-            .apply(&routes)
+        m.apply_routes(&routes)
             .map_err(|e| format!("routes: {e}"))?;
         let implementation = tunnel.implementation();
-        m.status
+        m.status()
             .send_modify(|s| s.implementation = Some(implementation));
         let now = Instant::now();
         Ok(Self {
@@ -106,17 +95,7 @@ impl Connecting {
     }
 
     /// Reads the tunnel's report; probes through it once it could carry the probe.
-    pub(super) async fn on_tick<F, R, D, P, N>(
-        mut self,
-        m: &mut Machine<F, R, D, P, N>,
-    ) -> Transition
-    where
-        F: Firewall,
-        R: Routes,
-        D: TunnelDriver,
-        P: Prober,
-        N: Resolver,
-    {
+    pub(super) async fn on_tick<M: Effects>(mut self, m: &mut M) -> Transition {
         let up = match m.judge(self.tunnel.as_mut(), &self.cfg, &mut self.last) {
             Ok(up) => up,
             Err(reason) => return self.fail(reason),
@@ -139,10 +118,10 @@ impl Connecting {
         };
         // A WireGuard tunnel handshakes only when it has something to send: while connecting,
         // the probe is that something (and proves the path end to end).
-        match m.prober.probe(&target, self.cfg.health.timeout).await {
+        match m.probe(&target, self.cfg.health.timeout).await {
             Ok(ok) => Connected::enter(m, self, Some(&ok)),
             Err(e) => {
-                m.metrics.probe_failures.inc();
+                m.metrics().probe_failures.inc();
                 tracing::warn!(error = %e, "probe failed");
                 if Instant::now() > self.deadline {
                     let reason = if up {
@@ -180,21 +159,14 @@ impl Connecting {
 /// marked queries reach the resolver (and nothing else out but the servers given as addresses),
 /// then the tunnel's config is returned with addresses in place of names. The next phase's policy
 /// closes the path again.
-async fn resolve_names<F, R, D, P, N>(
-    m: &mut Machine<F, R, D, P, N>,
+async fn resolve_names<M: Effects>(
+    m: &mut M,
     cfg: &Resolved,
     names: &[String],
-) -> Result<TunnelConfig, String>
-where
-    F: Firewall,
-    R: Routes,
-    D: TunnelDriver,
-    P: Prober,
-    N: Resolver,
-{
+) -> Result<TunnelConfig, String> {
     let server = cfg
         .endpoint_resolver
-        .or(m.default_resolver)
+        .or(m.default_resolver())
         .ok_or_else(|| {
             format!(
                 "{} must be resolved, but no resolver is known: set endpointResolver",
@@ -215,7 +187,6 @@ where
     let mut answers = std::collections::BTreeMap::new();
     for name in names {
         let found = m
-            .resolver
             .resolve(server, name)
             .await
             .map_err(|e| format!("resolving {name} via {server}: {e}"))?;

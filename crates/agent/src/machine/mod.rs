@@ -30,14 +30,16 @@
 
 use std::{fmt, net::IpAddr, sync::Arc, time::Duration};
 
-use cloak_dataplane::{Firewall, FirewallPolicy, RouteSet, Routes, Tunnel, TunnelDriver};
+use cloak_dataplane::{
+    Firewall, FirewallPolicy, RouteSet, Routes, Tunnel, TunnelConfig, TunnelDriver,
+};
 use tokio::{sync::watch, time::sleep};
 
 #[cfg(test)]
 use self::reconnecting::backoff;
 use self::{connected::Connected, connecting::Connecting, reconnecting::Reconnecting};
 use crate::{
-    config::{ConfigError, Resolved},
+    config::{ConfigError, ProbeTarget, Resolved},
     health::{self, Verdict},
     metrics::Metrics,
     probe::{ProbeOk, Prober},
@@ -245,7 +247,55 @@ where
         }
         blocked::enter(&mut self, "agent stopped");
     }
+}
 
+/// What a state may do: the machine's side effects behind one bound, so each state's code says
+/// `M: Effects` instead of naming the five seams.
+trait Effects {
+    /// Applies the phase's firewall policy first, then its routes, then reports the phase.
+    fn enter_phase(
+        &mut self,
+        phase: Phase,
+        message: String,
+        policy: &FirewallPolicy,
+        routes: &RouteSet,
+    ) -> Result<(), cloak_dataplane::Error>;
+    fn apply_routes(&mut self, routes: &RouteSet) -> Result<(), cloak_dataplane::Error>;
+    fn open(
+        &mut self,
+        tunnel: &TunnelConfig,
+        userspace_only: bool,
+    ) -> Result<Box<dyn Tunnel>, cloak_dataplane::Error>;
+    fn judge(
+        &mut self,
+        tunnel: &mut dyn Tunnel,
+        cfg: &Resolved,
+        last: &mut (u64, u64),
+    ) -> Result<bool, String>;
+    fn record_probe(&mut self, probe: Option<&ProbeOk>);
+    fn probe(
+        &self,
+        target: &ProbeTarget,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<ProbeOk, String>> + Send;
+    fn resolve(
+        &self,
+        server: IpAddr,
+        name: &str,
+    ) -> impl Future<Output = Result<Vec<IpAddr>, String>> + Send;
+    fn default_resolver(&self) -> Option<IpAddr>;
+    fn status(&self) -> &watch::Sender<Status>;
+    fn metrics(&self) -> &Metrics;
+}
+
+impl<F, R, D, P, N> Effects for Machine<F, R, D, P, N>
+where
+    F: Firewall,
+    R: Routes,
+    D: TunnelDriver,
+    P: Prober,
+    N: Resolver,
+{
     /// Reads the tunnel's report into the metrics and the status, and judges it: whether it is
     /// up, or why it must be reopened.
     fn judge(
@@ -341,6 +391,46 @@ where
             self.metrics.set_exit_ip(None);
         }
         Ok(())
+    }
+
+    fn apply_routes(&mut self, routes: &RouteSet) -> Result<(), cloak_dataplane::Error> {
+        self.routes.apply(routes)
+    }
+
+    fn open(
+        &mut self,
+        tunnel: &TunnelConfig,
+        userspace_only: bool,
+    ) -> Result<Box<dyn Tunnel>, cloak_dataplane::Error> {
+        self.driver.open(tunnel, userspace_only)
+    }
+
+    fn probe(
+        &self,
+        target: &ProbeTarget,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<ProbeOk, String>> + Send {
+        self.prober.probe(target, timeout)
+    }
+
+    fn resolve(
+        &self,
+        server: IpAddr,
+        name: &str,
+    ) -> impl Future<Output = Result<Vec<IpAddr>, String>> + Send {
+        self.resolver.resolve(server, name)
+    }
+
+    fn default_resolver(&self) -> Option<IpAddr> {
+        self.default_resolver
+    }
+
+    fn status(&self) -> &watch::Sender<Status> {
+        &self.status
+    }
+
+    fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 }
 

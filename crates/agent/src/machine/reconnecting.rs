@@ -3,10 +3,10 @@
 
 use std::{sync::Arc, time::Duration};
 
-use cloak_dataplane::{Firewall, RouteSet, Routes, TunnelDriver};
+use cloak_dataplane::RouteSet;
 
-use super::{Machine, Phase, Transition, policy};
-use crate::{config::Resolved, probe::Prober, resolve::Resolver};
+use super::{Effects, Phase, Transition, policy};
+use crate::config::Resolved;
 
 pub(super) struct Reconnecting {
     /// The config as read (server names unresolved: the next attempt resolves them again).
@@ -17,23 +17,16 @@ pub(super) struct Reconnecting {
 
 impl Reconnecting {
     /// Enters Reconnecting after the `failures`-th failure in a row, for `reason`.
-    pub(super) fn enter<F, R, D, P, N>(
-        m: &mut Machine<F, R, D, P, N>,
+    pub(super) fn enter<M: Effects>(
+        m: &mut M,
         cfg: Arc<Resolved>,
         failures: u32,
         reason: &str,
-    ) -> Self
-    where
-        F: Firewall,
-        R: Routes,
-        D: TunnelDriver,
-        P: Prober,
-        N: Resolver,
-    {
+    ) -> Self {
         let backoff = backoff(cfg.backoff, cfg.backoff_max, failures);
         tracing::warn!(%reason, attempt = failures, ?backoff, "tunnel failed; reconnecting");
-        m.metrics.reconnects.inc();
-        m.status.send_modify(|s| s.reconnects += 1);
+        m.metrics().reconnects.inc();
+        m.status().send_modify(|s| s.reconnects += 1);
         if let Err(e) = m.enter_phase(
             Phase::Reconnecting,
             format!("{reason} (attempt {failures}, next in {backoff:?})"),

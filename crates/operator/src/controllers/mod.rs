@@ -274,6 +274,34 @@ pub(crate) async fn feed(
     tokio::join!(on_lease, on_pod, on_secret);
 }
 
+/// Runs a controller (the mask's or the provider's) with its extra reconcile requests
+/// (`triggers`) until `stop` turns true, failures going through [`error_policy`].
+pub(crate) async fn run<K, Fut>(
+    controller: kube::runtime::Controller<K>,
+    reconcile: impl FnMut(Arc<K>, Arc<Context>) -> Fut,
+    ctx: Arc<Context>,
+    triggers: impl Stream<Item = ObjectRef<K>> + Send + 'static,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) where
+    K: Clone
+        + Resource<DynamicType = ()>
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+    Fut: futures::TryFuture<Ok = kube::runtime::controller::Action, Error = Error> + Send + 'static,
+{
+    controller
+        .reconcile_on(triggers)
+        .graceful_shutdown_on(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .run(reconcile, error_policy, ctx)
+        .for_each(|_| futures::future::ready(()))
+        .await;
+}
+
 /// Publishes an Event about `object`. Failures are logged, never fatal: Events are advisory.
 pub(crate) async fn publish<K: Resource<DynamicType = ()>>(
     ctx: &Context,
@@ -454,6 +482,24 @@ pub(crate) async fn measured<F: Future<Output = Result<Action, Error>>>(
             .inc();
     }
     result
+}
+
+/// The `Ready` condition of a mask or provider in `phase`, reason the phase's name.
+pub(crate) fn ready_condition(
+    previous: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    ready: bool,
+    phase: impl std::fmt::Debug,
+    message: &str,
+    generation: Option<i64>,
+) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+    condition(
+        previous,
+        "Ready",
+        ready,
+        &format!("{phase:?}"),
+        message,
+        generation,
+    )
 }
 
 /// A standard condition, its transition time kept when its status did not change.

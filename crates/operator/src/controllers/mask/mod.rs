@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use cloak_api::{VpnMask, VpnMaskStatus};
-use futures::{Stream, StreamExt};
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::WatchStreamExt;
 use kube::{
@@ -14,12 +14,11 @@ use kube::{
     core::DeserializeGuard,
     runtime::{Controller, controller::Action, events::EventType, reflector::ObjectRef, watcher},
 };
-use tokio::sync::watch;
 
 mod credentials;
 
 use self::credentials::{delete_secret_copy, sync_secret_copy};
-use super::{MaskRef, leasing, publish};
+use super::{leasing, publish};
 use crate::{Context, Error, Result};
 
 const CONTROLLER: &str = "vpnmask";
@@ -68,23 +67,10 @@ pub(crate) fn controller(
 /// Mask reconciles in flight at once.
 const MAX_CONCURRENT: u16 = 16;
 
-pub(crate) async fn run(
-    controller: Controller<DeserializeGuard<VpnMask>>,
+pub(crate) async fn reconcile(
+    guard: Arc<DeserializeGuard<VpnMask>>,
     ctx: Arc<Context>,
-    triggers: impl Stream<Item = MaskRef> + Send + 'static,
-    mut stop: watch::Receiver<bool>,
-) {
-    controller
-        .reconcile_on(triggers)
-        .graceful_shutdown_on(async move {
-            let _ = stop.wait_for(|s| *s).await;
-        })
-        .run(reconcile, super::error_policy, ctx)
-        .for_each(|_| futures::future::ready(()))
-        .await;
-}
-
-async fn reconcile(guard: Arc<DeserializeGuard<VpnMask>>, ctx: Arc<Context>) -> Result<Action> {
+) -> Result<Action> {
     super::reconcile_guarded(&guard, &ctx, CONTROLLER, apply, cleanup).await
 }
 
@@ -135,11 +121,10 @@ async fn apply(mask: &VpnMask, ctx: &Context) -> Result<Action> {
     let status = VpnMaskStatus {
         phase: Some(phase),
         message: Some(message.clone()),
-        conditions: vec![super::condition(
+        conditions: vec![super::ready_condition(
             &previous.conditions,
-            "Ready",
             ready,
-            &format!("{phase:?}"),
+            phase,
             &message,
             mask.meta().generation,
         )],

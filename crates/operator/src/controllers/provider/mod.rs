@@ -6,7 +6,7 @@ use std::{sync::Arc, time::Duration};
 
 use cloak_api::{ProviderPhase, VpnProvider, VpnProviderStatus};
 use cloak_model::names;
-use futures::{Stream, StreamExt};
+use futures::Stream;
 use k8s_openapi::{
     api::{coordination::v1::Lease, core::v1::Secret},
     apimachinery::pkg::apis::meta::v1::Time,
@@ -17,12 +17,11 @@ use kube::{
     core::DeserializeGuard,
     runtime::{Controller, controller::Action, events::EventType, watcher},
 };
-use tokio::sync::watch;
 
 mod verification;
 
 use self::verification::{end_verification, verification};
-use super::{ProviderRef, publish};
+use super::publish;
 use crate::{Context, Result, labels};
 
 const CONTROLLER: &str = "vpnprovider";
@@ -45,24 +44,6 @@ pub(crate) fn controller(
     Controller::for_stream(stream, store).with_config(config)
 }
 
-pub(crate) async fn run(
-    controller: Controller<DeserializeGuard<VpnProvider>>,
-    ctx: Arc<Context>,
-    triggers: impl Stream<Item = ProviderRef> + Send + 'static,
-    mut stop: watch::Receiver<bool>,
-) {
-    // A mask holding a slot changed or went away: its provider recounts and sweeps orphans.
-    // Those requests come with `triggers`, from the mask controller's own watch.
-    controller
-        .reconcile_on(triggers)
-        .graceful_shutdown_on(async move {
-            let _ = stop.wait_for(|s| *s).await;
-        })
-        .run(reconcile, super::error_policy, ctx)
-        .for_each(|_| futures::future::ready(()))
-        .await;
-}
-
 /// Whether masks may get new slots of this provider: verified and not failed since, or verified
 /// before and being re-verified now (re-verification never blocks the other slots).
 pub(crate) fn usable(provider: &VpnProvider) -> bool {
@@ -76,7 +57,10 @@ pub(crate) fn usable(provider: &VpnProvider) -> bool {
     }
 }
 
-async fn reconcile(guard: Arc<DeserializeGuard<VpnProvider>>, ctx: Arc<Context>) -> Result<Action> {
+pub(crate) async fn reconcile(
+    guard: Arc<DeserializeGuard<VpnProvider>>,
+    ctx: Arc<Context>,
+) -> Result<Action> {
     super::reconcile_guarded(&guard, &ctx, CONTROLLER, apply, cleanup).await
 }
 
@@ -139,11 +123,10 @@ async fn apply(provider: &VpnProvider, ctx: &Context) -> Result<Action> {
     let status = VpnProviderStatus {
         phase: Some(phase),
         message: Some(message.clone()),
-        conditions: vec![super::condition(
+        conditions: vec![super::ready_condition(
             &previous.conditions,
-            "Ready",
             ready,
-            &format!("{phase:?}"),
+            phase,
             &message,
             provider.meta().generation,
         )],
