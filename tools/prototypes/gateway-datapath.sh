@@ -1,10 +1,14 @@
 #!/bin/bash
 # A measurement prototype for the VpnGateway design (docs/architecture.md), not a test and not
 # cloak code: it builds the planned data path by hand, prints how 100 flows spread over the
-# exits, then runs "$@" with the namespaces up (the helpers x, ruleset are exported), and
-# removes every namespace it made (gwp-*) on the way out. Root; touches nothing of the host.
+# exits, then runs "$@" with the namespaces up (the helpers x, ruleset and drill are exported;
+# "$@" itself runs in the caller's namespace), and removes every namespace it made on the way
+# out. Root. The script itself touches nothing of the host: every address, sysctl and rule is in
+# a gwp-* namespace, and traffic stays inside them. It removes any gwp-* namespace it finds at
+# start, another run's included: run one at a time.
 #
 #   tools/prototypes/gateway-datapath.sh
+#   tools/prototypes/gateway-datapath.sh drill      # an exit taken out 5 times, timed
 #   tools/prototypes/gateway-datapath.sh bash -c 'ruleset 1 3 | x node nft -f -'
 #
 # The planned path, in throwaway namespaces (all named gwp-*):
@@ -13,7 +17,7 @@
 # that exit's vxlan link, masquerades to its transit address; exits learn the node's VTEP.
 set -euo pipefail
 P=gwp
-cleanup() { for n in $(ip netns list | awk '{print $1}' | grep "^$P-" || true); do
+cleanup() { set +e; for n in $(ip netns list | awk '{print $1}' | grep "^$P-" || true); do
   for pid in $(ip netns pids "$n" 2>/dev/null); do kill -9 "$pid" 2>/dev/null || true; done
   ip netns del "$n"; done; }
 trap cleanup EXIT
@@ -58,6 +62,7 @@ x client ip route add 169.254.1.1 dev ckg0; x client ip route add default via 16
 x node ip link set ckg-c1 up; x node ip route add 10.244.1.5/32 dev ckg-c1
 x node sysctl -qw net.ipv4.ip_forward=1
 x node sysctl -qw net.ipv4.conf.all.rp_filter=0
+x node sysctl -qw net.ipv4.conf.default.rp_filter=0
 x node ip addr add 169.254.1.1/32 dev ckg-c1
 x node sh -c 'echo 1 > /proc/sys/net/ipv4/conf/ckg-c1/proxy_arp'
 # node side: one vxlan per exit (p2p), table per exit, rule by mark
@@ -74,15 +79,19 @@ healthy() { # the map of healthy exits: "0 : 1, 1 : 3"
   local list=("$@"); local out=""; local k=0
   for e in "${list[@]}"; do out+="$k : $e, "; k=$((k+1)); done
   echo "${#list[@]}|${out%, }"; }
-ruleset() { # $@ = healthy exits
-  IFS='|' read -r count elems < <(healthy "$@")
+ruleset() { # $@ = healthy exits; none: client traffic is refused at once
+  local pick=""
+  if [ "$#" -gt 0 ]; then
+    IFS='|' read -r count elems < <(healthy "$@")
+    pick="iifname \"ckg-*\" ct state new ct mark 0 ct mark set numgen random mod $count map { $elems }"
+  fi
   cat <<NFT
 table ip cloakgw
 delete table ip cloakgw
 table ip cloakgw {
   chain pre {
     type filter hook prerouting priority mangle; policy accept;
-    iifname "ckg-*" ct state new ct mark 0 ct mark set numgen random mod $count map { $elems }
+    $pick
     iifname "ckg-*" meta mark set ct mark
   }
   chain forwarding {
@@ -125,6 +134,33 @@ for i in range(int(__import__("os").environ.get("FLOWS","100"))):
   s=socket.create_connection(("203.0.113.1",7),timeout=2); c[s.recv(64).decode().strip()]+=1; s.close()
 print(dict(c))'; }
 echo "spread of 100 flows: $(spread 2>&1 | tail -1)"
-export -f ruleset healthy x 2>/dev/null || true
+# One failover drill, five times: a long flow runs on one exit (echoes every 20 ms) while another
+# exit is taken out of the node's map and its flows' conntrack entries are deleted (their next
+# packet is then a new flow on another exit, which the server answers with a reset). Prints the
+# time of those two commands, and the longest time between two echoes of the long flow.
+drill() {
+  x client python3 -c "
+import socket,time
+s=socket.create_connection(('203.0.113.1',7),timeout=2); via=s.recv(64).decode().strip()
+open('/tmp/gwp-via','w').write(via.split('.')[2])
+worst=0; last=time.time(); end=last+4
+while time.time()<end:
+  s.sendall(b'x'*100); s.recv(100); now=time.time(); worst=max(worst,now-last); last=now; time.sleep(0.02)
+print('long flow via',via,': longest time between echoes %.1f ms (sends every 20 ms)'%(worst*1000))
+" &
+  local flow=$!
+  sleep 0.5
+  local v o others k s e
+  v=$(cat /tmp/gwp-via); o=$(( v % N + 1 )); echo "long flow on exit $v; exit $o taken out"
+  others=$(for i in $(seq 1 $N); do [ "$i" != "$o" ] && echo -n "$i "; done)
+  for k in 1 2 3 4 5; do
+    s=$(date +%s%N); ruleset $others | x node nft -f -; x node conntrack -D --mark "$o" >/dev/null 2>&1 || true; e=$(date +%s%N)
+    echo "map update + conntrack deletion: $(( (e-s)/1000000 )) ms"
+    ruleset $(seq 1 $N) | x node nft -f -
+  done
+  wait "$flow"; rm -f /tmp/gwp-via
+}
+export -f ruleset healthy x drill 2>/dev/null || true
+export N
 export P
 "${@:-true}"
