@@ -151,6 +151,160 @@ pub fn parse(
     })
 }
 
+/// One server of a provider's pool: a Secret key holding one server's config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Server {
+    /// The key's name without its extension (`se-got-101` for `se-got-101.conf`): what a status
+    /// records, never a secret.
+    pub name: String,
+    /// The Secret key it came from.
+    pub key: String,
+    pub tunnel: TunnelConfig,
+}
+
+/// A provider's servers, for the exits and masks that pick one each (issue 9's server pools).
+///
+/// A Secret names its servers one per key: wg-quick files as `<name>.conf`, OpenVPN files as
+/// `<name>.ovpn` (with one `username`/`password` for all), never both kinds. `wg0.conf` or
+/// `config.ovpn` alone is a pool of one. gluetun variables are no pool: gluetun picks its
+/// servers itself, so `servers` is empty.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pool {
+    pub format: Format,
+    pub kind: TunnelKind,
+    /// In key order.
+    pub servers: Vec<Server>,
+}
+
+/// Why a Secret is no pool of servers. Names keys, never values.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PoolError {
+    #[error("{key}: {source}")]
+    Server {
+        key: String,
+        source: Box<CredentialsError>,
+    },
+    #[error(
+        "the Secret mixes WireGuard (.conf) and OpenVPN (.ovpn) servers; a provider has one tunnel kind"
+    )]
+    Mixed,
+    #[error(transparent)]
+    Credentials(#[from] CredentialsError),
+}
+
+/// Reads a provider's pool of servers from its Secret's keys (see [`Pool`]).
+pub fn pool(keys: &BTreeMap<String, Secret>, interface: &str) -> Result<Pool, PoolError> {
+    let of_kind = |kind| {
+        keys.keys()
+            .filter(|k| server_kind(k) == Some(kind))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let (wg, ovpn) = (of_kind(TunnelKind::WireGuard), of_kind(TunnelKind::OpenVpn));
+    let (format, kind, server_keys, target) = match (wg.is_empty(), ovpn.is_empty()) {
+        (false, false) => return Err(PoolError::Mixed),
+        (false, true) => (Format::WgQuick, TunnelKind::WireGuard, wg, "wg0.conf"),
+        (true, false) => (Format::Ovpn, TunnelKind::OpenVpn, ovpn, "config.ovpn"),
+        (true, true) => {
+            let gluetun = parse(keys, interface)?;
+            return Ok(Pool {
+                format: gluetun.format,
+                kind: gluetun.kind,
+                servers: Vec::new(),
+            });
+        }
+    };
+    let mut servers = Vec::new();
+    for key in server_keys {
+        // Each server parses as the Secret of one server would, its login included.
+        let mut one: BTreeMap<String, Secret> = keys
+            .iter()
+            .filter(|(k, _)| server_kind(k).is_none())
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        one.insert(target.to_owned(), keys[&key].clone());
+        let parsed = parse(&one, interface).map_err(|e| PoolError::Server {
+            key: key.clone(),
+            source: Box::new(e),
+        })?;
+        let Some(tunnel) = parsed.tunnel else {
+            continue;
+        };
+        let name = key[..key.rfind('.').unwrap_or(key.len())].to_owned();
+        servers.push(Server { name, key, tunnel });
+    }
+    Ok(Pool {
+        format,
+        kind,
+        servers,
+    })
+}
+
+/// The kind of server a key holds by its extension (`.conf` WireGuard, `.ovpn` OpenVPN, any
+/// case), or `None` for keys that are no server file.
+fn server_kind(key: &str) -> Option<TunnelKind> {
+    let (stem, extension) = key.rsplit_once('.')?;
+    if stem.is_empty() {
+        None
+    } else if extension.eq_ignore_ascii_case("conf") {
+        Some(TunnelKind::WireGuard)
+    } else if extension.eq_ignore_ascii_case("ovpn") {
+        Some(TunnelKind::OpenVpn)
+    } else {
+        None
+    }
+}
+
+impl Pool {
+    /// The keys of a copy that holds only `server`: `(key in the copy, key in the provider's
+    /// Secret)`. The copy names the server's file `wg0.conf` or `config.ovpn`, as a Secret of one
+    /// server does, so whatever reads it (cloak's agent, a user's wg-quick) needs no pool logic.
+    pub fn copy_keys<'a>(
+        &self,
+        server: &'a Server,
+        keys: &'a BTreeMap<String, Secret>,
+    ) -> Vec<(&'static str, &'a str)> {
+        let mut copy = vec![(
+            match self.kind {
+                TunnelKind::WireGuard => "wg0.conf",
+                TunnelKind::OpenVpn => "config.ovpn",
+            },
+            server.key.as_str(),
+        )];
+        for login in ["username", "password", "OPENVPN_USER", "OPENVPN_PASSWORD"] {
+            if let Some((key, _)) = keys.get_key_value(login) {
+                copy.push((login, key.as_str()));
+            }
+        }
+        copy
+    }
+}
+
+/// The server an exit (or a mask) should use next, from the pool in its order: the first after
+/// `current` (rotation: a failing server is replaced by the next one) that no sibling uses and
+/// that has not failed; else the one with the fewest siblings on it that has not failed; `None`
+/// when every server failed. `siblings` are the servers the other exits of the same gateway on
+/// the same provider use.
+pub fn next_server<'a>(
+    pool: &'a [Server],
+    current: Option<&str>,
+    siblings: &[&str],
+    failed: &[&str],
+) -> Option<&'a Server> {
+    let start = current
+        .and_then(|c| pool.iter().position(|s| s.name == c))
+        .map_or(0, |i| i + 1);
+    let in_order = pool[start..].iter().chain(&pool[..start]);
+    let usable = || {
+        in_order
+            .clone()
+            .filter(|s| !failed.contains(&s.name.as_str()))
+    };
+    usable()
+        .find(|s| !siblings.contains(&s.name.as_str()))
+        .or_else(|| usable().min_by_key(|s| siblings.iter().filter(|n| **n == s.name).count()))
+}
+
 impl Credentials {
     /// The tunnel cloak runs, or why only gluetun can run these credentials.
     pub fn into_tunnel(self) -> Result<TunnelConfig, CredentialsError> {
@@ -406,5 +560,104 @@ mod tests {
         )
         .unwrap_err();
         assert!(!err.to_string().contains("SUPERSECRET"));
+    }
+
+    fn wg_server(endpoint: &str) -> String {
+        wg().replace("vpn.example:51820", endpoint)
+    }
+
+    #[test]
+    fn a_secret_with_several_server_files_is_a_pool_in_key_order() {
+        let keys = keys(&[
+            ("se-2.conf", &wg_server("192.0.2.12:51820")),
+            ("se-1.conf", &wg_server("192.0.2.11:51820")),
+            ("notes", "not a server"),
+        ]);
+        let p = pool(&keys, "ck0").unwrap();
+        assert_eq!(p.kind, TunnelKind::WireGuard);
+        let names: Vec<_> = p.servers.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["se-1", "se-2"]);
+        assert_eq!(
+            p.servers[1].tunnel.endpoints()[0].addr,
+            "192.0.2.12:51820".parse().unwrap()
+        );
+        // The copy for one server is a Secret of one server.
+        assert_eq!(
+            p.copy_keys(&p.servers[1], &keys),
+            [("wg0.conf", "se-2.conf")]
+        );
+        // A single wg0.conf is a pool of one.
+        let one = pool(&keys_of_one(), "ck0").unwrap();
+        assert_eq!(one.servers.len(), 1);
+        assert_eq!(one.servers[0].name, "wg0");
+    }
+
+    fn keys_of_one() -> BTreeMap<String, Secret> {
+        keys(&[("wg0.conf", &wg())])
+    }
+
+    #[test]
+    fn openvpn_servers_share_one_login_and_a_bad_server_is_named() {
+        let keys = keys(&[
+            ("nl-1.ovpn", "client\nremote 192.0.2.21 1194\n"),
+            ("nl-2.ovpn", "client\nremote 192.0.2.22 1194\n"),
+            ("username", "u"),
+            ("password", "p"),
+        ]);
+        let p = pool(&keys, "ck0").unwrap();
+        assert_eq!(p.servers.len(), 2);
+        let TunnelConfig::OpenVpn(c) = &p.servers[0].tunnel else {
+            panic!("not OpenVPN");
+        };
+        assert!(c.auth.is_some(), "the shared login goes with every server");
+        assert_eq!(
+            p.copy_keys(&p.servers[0], &keys),
+            [
+                ("config.ovpn", "nl-1.ovpn"),
+                ("username", "username"),
+                ("password", "password")
+            ]
+        );
+        let mut bad = keys.clone();
+        bad.insert("nl-3.ovpn".into(), Secret::new("client\n".into()));
+        let err = pool(&bad, "ck0").unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("nl-3.ovpn: config.ovpn has no `remote` line"),
+            "{err}"
+        );
+        bad.insert("x.conf".into(), Secret::new(wg()));
+        assert_eq!(pool(&bad, "ck0"), Err(PoolError::Mixed));
+    }
+
+    #[test]
+    fn gluetun_variables_are_no_pool() {
+        let p = pool(&keys(&[("VPN_SERVICE_PROVIDER", "mullvad")]), "ck0").unwrap();
+        assert_eq!(p.format, Format::Gluetun);
+        assert!(p.servers.is_empty());
+    }
+
+    #[test]
+    fn exits_spread_over_servers_and_a_failing_one_is_replaced_by_the_next() {
+        let keys = keys(&[
+            ("a.conf", &wg_server("192.0.2.1:51820")),
+            ("b.conf", &wg_server("192.0.2.2:51820")),
+            ("c.conf", &wg_server("192.0.2.3:51820")),
+        ]);
+        let p = pool(&keys, "ck0").unwrap();
+        let pick = |current, siblings: &[&str], failed: &[&str]| {
+            next_server(&p.servers, current, siblings, failed).map(|s| s.name.as_str())
+        };
+        // New exits take servers no sibling uses.
+        assert_eq!(pick(None, &[], &[]), Some("a"));
+        assert_eq!(pick(None, &["a"], &[]), Some("b"));
+        assert_eq!(pick(None, &["a", "b"], &[]), Some("c"));
+        // More exits than servers: the least used.
+        assert_eq!(pick(None, &["a", "b", "c", "a"], &[]), Some("b"));
+        // A failing server is replaced by the next one in the pool, wrapping around.
+        assert_eq!(pick(Some("c"), &["b"], &["c"]), Some("a"));
+        assert_eq!(pick(Some("a"), &[], &["a"]), Some("b"));
+        // Every server failed: none.
+        assert_eq!(pick(Some("a"), &[], &["a", "b", "c"]), None);
     }
 }

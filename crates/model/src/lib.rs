@@ -5,7 +5,8 @@
 //!
 //! - [`slots`]: which provider and slot a mask should try, and the names of slot reservations.
 //! - [`credentials`]: a credentials Secret's keys parsed into the tunnel they describe: the one
-//!   parser the operator (classification, verification) and the agent share.
+//!   parser the operator (classification, verification) and the agent share; a provider's pool
+//!   of servers and which one an exit uses next.
 //! - [`tunnel`]: that tunnel as a value (WireGuard, OpenVPN), its servers and their names.
 //! - [`secret`]: keys and secret strings that never print and are zeroized when dropped.
 //! - [`mask`]: a mask's phase and message, and which phases are announced.
