@@ -5,10 +5,15 @@
 //! It makes no client calls and holds no controller logic; both live above it.
 
 mod duration;
+mod gateway;
 mod mask;
 mod provider;
 
 pub use duration::{DurationError, GoDuration};
+pub use gateway::{
+    Cidr, CidrError, ClientsSpec, DnsSpec, ExitHealth, ExitStatus, ExitsSpec, GATEWAY_LABEL, Mtu,
+    VpnGateway, VpnGatewaySpec, VpnGatewayStatus,
+};
 pub use mask::{AssignedProvider, MaskPhase, VpnMask, VpnMaskSpec, VpnMaskStatus};
 pub use provider::{
     ContainerOverrides, ProviderPhase, TunnelKind, VerifyOverrides, VerifySpec, VpnProvider,
@@ -27,7 +32,7 @@ pub const CATEGORY: &str = "cloak";
 
 /// Every CRD cloak defines, in a stable order (the order `cloak crds` prints them in).
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![VpnProvider::crd(), VpnMask::crd()]
+    vec![VpnProvider::crd(), VpnMask::crd(), VpnGateway::crd()]
 }
 
 /// The schema of a free-form object whose fields the API server keeps as given

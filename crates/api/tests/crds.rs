@@ -5,7 +5,9 @@
 
 use std::process::Command;
 
-use cloak_api::{MaskPhase, ProviderPhase, VpnMask, VpnMaskSpec, VpnMaskStatus, VpnProvider};
+use cloak_api::{
+    MaskPhase, Mtu, ProviderPhase, VpnGateway, VpnMask, VpnMaskSpec, VpnMaskStatus, VpnProvider,
+};
 use cloak_testkit::{ControlPlane, TestNamespace};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::{
@@ -30,7 +32,7 @@ async fn refusal(client: &Client, ns: &str, object: serde_json::Value) -> Status
         &kube::api::ApiResource::from_gvk(&GroupVersionKind::gvk(
             "cloak.dev",
             "v1alpha1",
-            "VpnProvider",
+            object["kind"].as_str().unwrap(),
         )),
     );
     let object: DynamicObject = serde_json::from_value(object).unwrap();
@@ -49,7 +51,11 @@ fn provider(name: &str, spec: serde_json::Value) -> serde_json::Value {
 async fn generated_crds_are_established_with_structural_schemas() {
     let client = ControlPlane::shared().client();
     let api: Api<CustomResourceDefinition> = Api::all(client);
-    for name in ["vpnproviders.cloak.dev", "vpnmasks.cloak.dev"] {
+    for name in [
+        "vpnproviders.cloak.dev",
+        "vpnmasks.cloak.dev",
+        "vpngateways.cloak.dev",
+    ] {
         let conditions = api
             .get(name)
             .await
@@ -277,6 +283,73 @@ async fn an_unknown_phase_in_status_is_refused_by_the_api_server() {
         "{}",
         status.message
     );
+}
+
+#[allow(clippy::needless_pass_by_value)] // reads like the JSON it builds
+fn gateway(name: &str, spec: serde_json::Value) -> serde_json::Value {
+    json!({"apiVersion": "cloak.dev/v1alpha1", "kind": "VpnGateway", "metadata": {"name": name}, "spec": spec})
+}
+
+#[tokio::test]
+async fn a_valid_gateway_is_stored_and_read_back_with_its_defaults_unwritten() {
+    let (client, ns) = setup("gateway-roundtrip").await;
+    let gateways: Api<VpnGateway> = Api::namespaced(client, ns.name());
+    let full: VpnGateway = serde_json::from_value(gateway(
+        "egress",
+        json!({
+            "exits": {"count": 3, "providers": ["nl"], "drainGrace": "2m"},
+            "clients": {"podSelector": {"matchLabels": {"app": "torrent"}}},
+            "intranet": ["10.0.0.0/8", "fd00::/8"],
+            "dns": {"clusterDomains": ["cluster.local"], "upstreams": ["10.64.0.1"]},
+            "killSwitch": false,
+            "mtu": 1380
+        }),
+    ))
+    .unwrap();
+    gateways
+        .create(&PostParams::default(), &full)
+        .await
+        .unwrap();
+    let stored = gateways.get("egress").await.unwrap();
+    assert_eq!(stored.spec, full.spec);
+    assert_eq!(stored.spec.mtu, Mtu::Fixed(1380));
+
+    let short: VpnGateway = serde_json::from_value(gateway(
+        "short",
+        json!({"exits": {"count": 1}, "mtu": "auto"}),
+    ))
+    .unwrap();
+    gateways
+        .create(&PostParams::default(), &short)
+        .await
+        .unwrap();
+    let stored = gateways.get("short").await.unwrap();
+    assert!(stored.spec.kill_switch, "the kill switch defaults to on");
+    assert_eq!(stored.spec.mtu, Mtu::Auto);
+}
+
+#[tokio::test]
+async fn a_gateway_with_a_bad_mtu_or_too_many_exits_is_refused_by_the_api_server() {
+    let (client, ns) = setup("gateway-bad").await;
+    for (spec, field) in [
+        (json!({"exits": {"count": 17}}), "spec.exits.count"),
+        (json!({"exits": {"count": 0}}), "spec.exits.count"),
+        (json!({"exits": {"count": 1}, "mtu": 576}), "spec.mtu"),
+        (json!({"exits": {"count": 1}, "mtu": "large"}), "spec.mtu"),
+        (
+            json!({"exits": {"count": 1}, "intranet": ["ten/8"]}),
+            "spec.intranet[0]",
+        ),
+        (json!({"mtu": 1400}), "spec.exits"),
+    ] {
+        let refused = refusal(&client, ns.name(), gateway("g", spec.clone())).await;
+        assert_eq!(refused.code, 422, "{spec}: {}", refused.message);
+        assert!(
+            refused.message.contains(field),
+            "{spec}: {}",
+            refused.message
+        );
+    }
 }
 
 #[tokio::test]

@@ -9,12 +9,15 @@
 //!   of servers and which one an exit uses next.
 //! - [`tunnel`]: that tunnel as a value (WireGuard, OpenVPN), its servers and their names.
 //! - [`secret`]: keys and secret strings that never print and are zeroized when dropped.
+//! - [`gateway`]: a gateway's client routes (the intranet's complement), MTU, MSS, exit names
+//!   and VXLAN identifiers.
 //! - [`mask`]: a mask's phase and message, and which phases are announced.
 //! - [`verify`]: the verification pod, with the user's overrides merged in.
 //! - [`merge`]: JSON merge patch (RFC 7386), used for overrides.
 //! - [`portfwd`]: Service annotations and Nodes to the host port-forwarding nftables ruleset.
 
 pub mod credentials;
+pub mod gateway;
 pub mod mask;
 pub mod merge;
 pub mod names;

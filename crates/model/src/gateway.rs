@@ -1,0 +1,232 @@
+//! A gateway's desired state as values: the routes a client gets (the complement of its
+//! intranet), the MTU `auto` computes, the MSS clamped to it, the exits' names and the VXLAN
+//! network identifiers that tell a node's links to them apart.
+
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+
+use crate::names;
+
+/// Bytes VXLAN adds over an IPv4 underlay: outer IPv4 (20) + UDP (8) + VXLAN (8) + inner
+/// Ethernet (14). Seed 002 says the same: a VXLAN link is at most 50 below its device.
+pub const VXLAN_OVERHEAD_V4: u16 = 50;
+/// The same over an IPv6 underlay (outer header 40 instead of 20).
+pub const VXLAN_OVERHEAD_V6: u16 = 70;
+/// The UDP port of every gateway link: clear of the CNIs' VXLAN ports (4789 standard, 8472
+/// flannel and Linux's default), so a node's own overlay never takes a gateway's packets.
+pub const VXLAN_PORT: u16 = 4790;
+/// The first VXLAN network identifier given to an exit; below it are the ones CNIs pick by
+/// default (flannel 1, Cilium 2, ...).
+pub const FIRST_VNI: u32 = 4096;
+/// The last one (VNIs are 24 bits).
+pub const LAST_VNI: u32 = (1 << 24) - 1;
+
+/// Every prefix of both families that `intranet` does not cover: the routes a client sends
+/// through the gateway, as seed 002 computes them by hand (routing everything else with one
+/// default route would replace the route its primary network put there). Minimal: no two
+/// returned prefixes can be merged, and none overlaps an intranet prefix.
+pub fn complement(intranet: &[IpNet]) -> Vec<IpNet> {
+    let v4: Vec<IpNet> = intranet
+        .iter()
+        .filter(|n| matches!(n, IpNet::V4(_)))
+        .map(IpNet::trunc)
+        .collect();
+    let v6: Vec<IpNet> = intranet
+        .iter()
+        .filter(|n| matches!(n, IpNet::V6(_)))
+        .map(IpNet::trunc)
+        .collect();
+    let mut out = Vec::new();
+    subtract(
+        IpNet::V4(Ipv4Net::new(Ipv4Addr::UNSPECIFIED, 0).expect("/0 is a prefix")),
+        &v4,
+        &mut out,
+    );
+    subtract(
+        IpNet::V6(Ipv6Net::new(Ipv6Addr::UNSPECIFIED, 0).expect("/0 is a prefix")),
+        &v6,
+        &mut out,
+    );
+    out
+}
+
+/// Pushes the parts of `range` no prefix of `holes` covers, splitting it in halves where a hole
+/// lies inside.
+fn subtract(range: IpNet, holes: &[IpNet], out: &mut Vec<IpNet>) {
+    if holes.iter().any(|hole| hole.contains(&range)) {
+        return;
+    }
+    if !holes.iter().any(|hole| range.contains(hole)) {
+        out.push(range);
+        return;
+    }
+    // Some hole is strictly inside `range`, so `range` is no host route and has two halves.
+    for half in range
+        .subnets(range.prefix_len() + 1)
+        .expect("a range with a hole inside it is wider than one address")
+    {
+        subtract(half, holes, out);
+    }
+}
+
+/// The MTU `mtu: auto` gives a client's gateway interface: what fits both into the exit's tunnel
+/// and, wrapped in VXLAN, into the pod network between the client's node and the exit.
+pub fn auto_mtu(tunnel_mtu: u16, pod_network_mtu: u16, pod_network_is_ipv6: bool) -> u16 {
+    let overhead = if pod_network_is_ipv6 {
+        VXLAN_OVERHEAD_V6
+    } else {
+        VXLAN_OVERHEAD_V4
+    };
+    tunnel_mtu.min(pod_network_mtu.saturating_sub(overhead))
+}
+
+/// The TCP MSS that fits `mtu` (IPv4: 20 bytes of IP and 20 of TCP; IPv6: 40 and 20).
+pub fn mss(mtu: u16, ipv6: bool) -> u16 {
+    mtu.saturating_sub(if ipv6 { 60 } else { 40 })
+}
+
+/// The name of a gateway's exit number `index`: its VpnMask and its pod are called so.
+pub fn exit_name(gateway: &str, index: u32) -> String {
+    names::join(&[gateway, "exit", &index.to_string()])
+}
+
+/// The VXLAN network identifier for a new exit: the lowest from [`FIRST_VNI`] that no exit in
+/// `taken` has. A node keeps one link per exit it sends to, and two links with one identifier
+/// on one port cannot share a namespace, so identifiers are unique among all gateways' exits.
+/// `None` only when all 16.7 million are taken.
+pub fn free_vni(taken: &BTreeSet<u32>) -> Option<u32> {
+    (FIRST_VNI..=LAST_VNI).find(|vni| !taken.contains(vni))
+}
+
+/// Whether `address` lies in any of `intranet`: such a destination never goes through an exit.
+pub fn is_intranet(address: IpAddr, intranet: &[IpNet]) -> bool {
+    intranet.iter().any(|net| net.contains(&address))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nets(list: &[&str]) -> Vec<IpNet> {
+        list.iter().map(|n| n.parse().unwrap()).collect()
+    }
+
+    fn strings(list: &[IpNet]) -> Vec<String> {
+        list.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn with_no_intranet_everything_goes_through_the_gateway() {
+        assert_eq!(strings(&complement(&[])), ["0.0.0.0/0", "::/0"]);
+    }
+
+    #[test]
+    fn the_complement_of_ten_slash_eight_is_seed_002s_list() {
+        // Seed 002 writes these routes by hand for an intranet of 10.0.0.0/8.
+        let v4: Vec<String> = strings(&complement(&nets(&["10.0.0.0/8"])))
+            .into_iter()
+            .filter(|n| !n.contains(':'))
+            .collect();
+        assert_eq!(
+            v4,
+            [
+                "0.0.0.0/5",
+                "8.0.0.0/7",
+                "11.0.0.0/8",
+                "12.0.0.0/6",
+                "16.0.0.0/4",
+                "32.0.0.0/3",
+                "64.0.0.0/2",
+                "128.0.0.0/1"
+            ]
+        );
+    }
+
+    #[test]
+    fn the_complement_covers_every_address_outside_the_intranet_exactly_once() {
+        let intranet = nets(&[
+            "10.244.0.0/16",
+            "10.96.0.0/12",
+            "192.168.1.7/32",
+            "fd00::/8",
+        ]);
+        let routes = complement(&intranet);
+        let probes = [
+            "0.0.0.0",
+            "10.95.255.255",
+            "10.96.0.1",
+            "10.111.255.255",
+            "10.112.0.0",
+            "10.244.3.4",
+            "10.245.0.0",
+            "192.168.1.6",
+            "192.168.1.7",
+            "192.168.1.8",
+            "255.255.255.255",
+            "fd12::1",
+            "fe80::1",
+            "2001:db8::1",
+            "::",
+        ];
+        for probe in probes {
+            let address: IpAddr = probe.parse().unwrap();
+            let covering = routes.iter().filter(|r| r.contains(&address)).count();
+            let inside = is_intranet(address, &intranet);
+            assert_eq!(
+                covering,
+                usize::from(!inside),
+                "{probe}: covered by {covering} routes, intranet {inside}"
+            );
+        }
+        for route in &routes {
+            for hole in &intranet {
+                assert!(
+                    !route.contains(hole) && !hole.contains(route),
+                    "{route} vs {hole}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn overlapping_intranet_prefixes_are_one_hole() {
+        let once = complement(&nets(&["10.0.0.0/8"]));
+        let overlapped = complement(&nets(&["10.0.0.0/8", "10.1.0.0/16", "10.1.2.3/8"]));
+        assert_eq!(once, overlapped);
+    }
+
+    #[test]
+    fn an_intranet_of_everything_leaves_no_route() {
+        assert!(complement(&nets(&["0.0.0.0/0", "::/0"])).is_empty());
+    }
+
+    #[test]
+    fn auto_mtu_is_the_tunnel_or_the_pod_network_less_vxlan_whichever_is_smaller() {
+        assert_eq!(auto_mtu(1420, 1500, false), 1420);
+        assert_eq!(
+            auto_mtu(1420, 1450, false),
+            1400,
+            "flannel's 1450 under VXLAN"
+        );
+        assert_eq!(auto_mtu(1420, 1450, true), 1380);
+        assert_eq!(auto_mtu(1500, 9000, false), 1500);
+        assert_eq!(mss(1420, false), 1380);
+        assert_eq!(mss(1420, true), 1360);
+    }
+
+    #[test]
+    fn a_new_exit_gets_the_lowest_free_vni() {
+        assert_eq!(free_vni(&BTreeSet::new()), Some(FIRST_VNI));
+        let taken = BTreeSet::from([FIRST_VNI, FIRST_VNI + 2]);
+        assert_eq!(free_vni(&taken), Some(FIRST_VNI + 1));
+    }
+
+    #[test]
+    fn exit_names_are_numbered_after_their_gateway() {
+        assert_eq!(exit_name("egress", 0), "egress-exit-0");
+    }
+}
