@@ -2,10 +2,7 @@
 //! intranet), the MTU `auto` computes, the MSS clamped to it, the exits' names and the VXLAN
 //! network identifiers that tell a node's links to them apart.
 
-use std::{
-    collections::BTreeSet,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
-};
+use std::{collections::BTreeSet, net::IpAddr};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
@@ -41,16 +38,8 @@ pub fn complement(intranet: &[IpNet]) -> Vec<IpNet> {
         .map(IpNet::trunc)
         .collect();
     let mut out = Vec::new();
-    subtract(
-        IpNet::V4(Ipv4Net::new(Ipv4Addr::UNSPECIFIED, 0).expect("/0 is a prefix")),
-        &v4,
-        &mut out,
-    );
-    subtract(
-        IpNet::V6(Ipv6Net::new(Ipv6Addr::UNSPECIFIED, 0).expect("/0 is a prefix")),
-        &v6,
-        &mut out,
-    );
+    subtract(IpNet::V4(Ipv4Net::default()), &v4, &mut out);
+    subtract(IpNet::V6(Ipv6Net::default()), &v6, &mut out);
     out
 }
 
@@ -64,12 +53,12 @@ fn subtract(range: IpNet, holes: &[IpNet], out: &mut Vec<IpNet>) {
         out.push(range);
         return;
     }
-    // Some hole is strictly inside `range`, so `range` is no host route and has two halves.
-    for half in range
-        .subnets(range.prefix_len() + 1)
-        .expect("a range with a hole inside it is wider than one address")
-    {
-        subtract(half, holes, out);
+    // Some hole is strictly inside `range`, so `range` is no host route and has two halves
+    // (`subnets` fails only for a prefix longer than the address).
+    if let Ok(halves) = range.subnets(range.prefix_len() + 1) {
+        for half in halves {
+            subtract(half, holes, out);
+        }
     }
 }
 
