@@ -20,7 +20,7 @@ mkdir -p "$bin"
 declare -A packages=(
   [ip]=iproute2 [nft]=nftables [iptables]=iptables [conntrack]=conntrack
   [openvpn]=openvpn [sshd]=openssh-server [ssh]=openssh-client [wg]=wireguard-tools
-  [curl]=curl [python3]=python3 [unzip]=unzip [npm]=npm [iperf3]=iperf3
+  [curl]=curl [python3]=python3 [unzip]=unzip [npm]=npm [iperf3]=iperf3 [ping]=iputils-ping
 )
 missing=()
 for cmd in "${!packages[@]}"; do

@@ -14,6 +14,7 @@
 mod command;
 pub mod dns;
 pub mod firewall;
+pub mod gateway;
 pub mod openvpn;
 pub mod routes;
 pub mod secret;

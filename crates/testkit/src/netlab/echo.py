@@ -1,10 +1,11 @@
 # The lab's "internet": answers every request with the source address it saw (what a
 # what-is-my-IP service does), over TCP (port 7, on connect), HTTP (port 80), UDP (port 7) and
-# DNS (port 53/udp: an A or AAAA record holding the source address, for any name).
+# DNS (port 53/udp: an A or AAAA record holding the source address, for any name); TCP port 9
+# sends the address, then echoes whatever comes until the client closes (a long flow).
 # Usage: echo.py ADDRESS... (the local addresses to answer UDP on)
 import socket, struct, sys, threading
 
-def tcp(port, http):
+def tcp(port, http, stream=False):
     s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
@@ -18,6 +19,10 @@ def tcp(port, http):
                 c.sendall(("HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)).encode())
             else:
                 c.sendall((ip + "\n").encode())
+                while stream:
+                    data = c.recv(65536)
+                    if not data: break
+                    c.sendall(data)
         except OSError:
             pass
         c.close()
@@ -47,7 +52,7 @@ def udp(addr, port, dns):
         answer = b"\xc0\x0c" + struct.pack(">HHIH", rtype, 1, 0, len(rdata)) + rdata
         s.sendto(qid + b"\x81\x80\x00\x01\x00\x01\x00\x00\x00\x00" + question + answer, addr)
 
-jobs = [(tcp, (7, False)), (tcp, (80, True))]
+jobs = [(tcp, (7, False)), (tcp, (80, True)), (tcp, (9, False, True))]
 for addr in sys.argv[1:]:
     jobs += [(udp, (addr, 7, False)), (udp, (addr, 53, True))]
 for target, args in jobs:

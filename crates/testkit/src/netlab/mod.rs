@@ -168,6 +168,27 @@ pub fn nft(ns: &Netns, script: &str) {
     );
 }
 
+/// Starts the echo service in `ns` (TCP 7, 9 and 80 on every address; UDP 7 and DNS 53 on
+/// `udp_addresses`) and waits until it listens. It runs until its namespace is removed.
+pub fn echo(ns: &Netns, udp_addresses: &[&str]) -> Child {
+    let mut echo = ns
+        .command("python3")
+        .arg("-c")
+        .arg(ECHO)
+        .args(udp_addresses)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("starting the echo service");
+    let mut line = String::new();
+    BufReader::new(echo.stdout.take().expect("echo stdout"))
+        .read_line(&mut line)
+        .expect("echo service");
+    assert_eq!(line.trim(), "ready", "echo service did not start");
+    echo
+}
+
 /// The standard lab: pod, node, provider and internet, with the echo service running.
 #[derive(Debug)]
 pub struct Lab {
@@ -219,19 +240,7 @@ impl Lab {
                 "provider",
                 "table inet lab_nat {\n\tchain post {\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n\t\toifname \"exit\" masquerade\n\t}\n}\n",
             );
-        let mut echo = topology["internet"]
-            .command("python3")
-            .args(["-c", ECHO, INTERNET, RESOLVER, INTERNET6])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("starting the echo service");
-        let mut line = String::new();
-        BufReader::new(echo.stdout.take().expect("echo stdout"))
-            .read_line(&mut line)
-            .expect("echo service");
-        assert_eq!(line.trim(), "ready", "echo service did not start");
+        let echo = echo(&topology["internet"], &[INTERNET, RESOLVER, INTERNET6]);
         Self {
             topology,
             _echo: echo,

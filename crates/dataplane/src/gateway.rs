@@ -1,0 +1,703 @@
+//! The gateway's data path (docs/architecture.md, "VpnGateway"): the three places it lives and
+//! the kernel objects cloak owns in each, as values with a Linux `apply`.
+//!
+//! ```text
+//!  client netns ──ckg0 ─ veth ─ ckg<id>── node (host netns) ──ckx<vni> VXLAN── exit netns ──tunnel──
+//!  198.18.a.b              198.18.0.1 │  198.19.x.y (transit)   198.19.0.1 ckx0   masquerade
+//!  routes: complement      ct mark from a map over healthy exits → table per exit → its link
+//!  of the intranet         masquerade to the transit address; only ckg→ckx is forwarded
+//! ```
+//!
+//! - [`ClientPort`]: what the CNI plugin builds in a client's namespace: a second interface to
+//!   the node carrying every route but the intranet's, and a kill switch that lets nothing else
+//!   out except to the intranet.
+//! - [`NodePlan`]: the node's links to the exits, its routing rules and tables, and one nftables
+//!   table that pins each new flow to a healthy exit (`ct mark`), keeps it there, refuses client
+//!   traffic when no exit is healthy, and forwards nothing from a client anywhere but an exit.
+//! - [`ExitPlan`]: an exit's end of the links (one learning VXLAN interface for every node),
+//!   forwarding into its tunnel with masquerade, MSS clamped both ways, and the health answer
+//!   that stops when the tunnel does.
+//!
+//! Every address below lives on interfaces cloak creates, as /32 with no prefix route, and every
+//! route in cloak's own tables: the host's main table and ruleset are never changed.
+
+use std::{
+    fmt::Write as _,
+    net::{IpAddr, Ipv4Addr},
+};
+
+use ipnet::IpNet;
+
+use crate::{
+    Error,
+    command::{ip, run},
+};
+
+/// The client's interface to the node, inside the client's namespace.
+pub const CLIENT_IFACE: &str = "ckg0";
+/// Host-side client interfaces are `ckg<id>`; exit links `ckx<vni>`.
+pub const CLIENT_PREFIX: &str = "ckg";
+pub const LINK_PREFIX: &str = "ckx";
+/// The exit's VXLAN interface, inside the exit's namespace.
+pub const EXIT_IFACE: &str = "ckx0";
+/// The node's address as every client sees it (on each host-side client interface).
+pub const CLIENT_GATEWAY: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+/// Clients' addresses on [`CLIENT_IFACE`] come from this range (RFC 2544's, never on the
+/// internet), unique per node only: the node masquerades them before they reach an exit.
+pub const CLIENT_RANGE: &str = "198.18.0.0/16";
+/// Every exit's inner address; each node has a transit address of its own in `198.19.0.0/16`.
+pub const EXIT_ADDRESS: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
+/// The exits' links' inner range: nothing from it may leave a node but by a link (the kernel
+/// answers a late packet of a reset flow with a reset from the transit address, which would
+/// otherwise go out by the node's default route).
+pub const TRANSIT_RANGE: &str = "198.19.0.0/16";
+/// The inner prefix of the exits' links.
+pub const TRANSIT_PREFIX: u8 = 16;
+/// The UDP port of every link (the model's, clear of the CNIs' 4789 and 8472).
+pub const VXLAN_PORT: u16 = cloak_model::gateway::VXLAN_PORT;
+
+/// The node's nftables table (family `inet`).
+pub const NODE_TABLE: &str = "cloak_gateway";
+/// The exit's nftables table (family `inet`), beside the agent's own `cloak`.
+pub const EXIT_TABLE: &str = "cloak_exit";
+/// The client's kill switch (family `inet`).
+pub const CLIENT_TABLE: &str = "cloak_client";
+/// The node's routing table for the routes back to its clients.
+pub const CLIENTS_ROUTE_TABLE: u32 = 17_299;
+/// Exit slot `s` routes by table `17_300 + s` and rule priorities `17_300 + 2s` (`to <exit>
+/// lookup main`, for the link's own outer packets) and `17_301 + 2s` (the mark's table).
+pub const EXIT_ROUTE_TABLE_BASE: u32 = 17_300;
+/// The flows of exit slot `s` carry conntrack and packet mark `MARK_TAG | s << 16`: bits clear of
+/// kube-proxy's 0x4000/0x8000 and Cilium's 0x0f00.
+pub const MARK_TAG: u32 = 0x4300_0000;
+/// The bits of a mark that say "a gateway flow, slot s".
+pub const MARK_MASK: u32 = 0xffff_0000;
+/// The bits of a mark that say "a gateway flow".
+pub const TAG_MASK: u32 = 0xff00_0000;
+
+/// The mark of the flows on exit slot `slot`.
+pub fn mark(slot: u8) -> u32 {
+    MARK_TAG | (u32::from(slot) << 16)
+}
+
+/// One client pod's attachment, as the node sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientPort {
+    /// The host side of the client's veth (`ckg<id>`).
+    pub iface: String,
+    /// The client's address on [`CLIENT_IFACE`], in [`CLIENT_RANGE`].
+    pub address: Ipv4Addr,
+}
+
+/// What a node's exit link is for, as health and rollouts decide.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitUse {
+    /// Takes new flows.
+    Healthy,
+    /// No new flows; its established flows stay (a rollout or drain).
+    Draining,
+    /// No flows at all: its flows are reset.
+    Dead,
+}
+
+/// One exit as a node links to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExitLink {
+    /// The node-local index that names its mark, table and rules.
+    pub slot: u8,
+    /// The VXLAN network identifier the exit listens on.
+    pub vni: u32,
+    /// The exit pod's IP.
+    pub remote: IpAddr,
+    pub state: ExitUse,
+}
+
+impl ExitLink {
+    /// The node's interface for this exit.
+    pub fn iface(&self) -> String {
+        format!("{LINK_PREFIX}{}", self.vni)
+    }
+}
+
+/// A node's whole gateway data path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodePlan {
+    /// The node's own address on every link, in `198.19.0.0/16`, unique among the nodes.
+    pub transit: Ipv4Addr,
+    pub exits: Vec<ExitLink>,
+    pub clients: Vec<ClientPort>,
+    /// TCP MSS clamped on client flows, both ways (NETNOTES trap 2).
+    pub mss: u16,
+}
+
+impl NodePlan {
+    /// The node's nftables table, whole: applied in one transaction that replaces the last.
+    pub fn render(&self) -> String {
+        let healthy: Vec<u8> = self
+            .exits
+            .iter()
+            .filter(|e| e.state == ExitUse::Healthy)
+            .map(|e| e.slot)
+            .collect();
+        let mut pick = String::new();
+        if !healthy.is_empty() {
+            let elements: Vec<String> = healthy
+                .iter()
+                .enumerate()
+                .map(|(i, slot)| format!("{i} : {:#x}", mark(*slot)))
+                .collect();
+            let _ = writeln!(
+                pick,
+                "\t\tiifname \"{CLIENT_PREFIX}*\" ct state new ct mark set numgen random mod {} map {{ {} }}",
+                healthy.len(),
+                elements.join(", ")
+            );
+        }
+        let clamp = format!(
+            "tcp flags syn / syn,rst tcp option maxseg size > {mss} tcp option maxseg size set {mss}",
+            mss = self.mss
+        );
+        format!(
+            "table inet {NODE_TABLE}\n\
+             delete table inet {NODE_TABLE}\n\
+             table inet {NODE_TABLE} {{\n\
+             \tchain prerouting {{\n\
+             \t\ttype filter hook prerouting priority mangle; policy accept;\n\
+             {pick}\
+             \t\tiifname \"{CLIENT_PREFIX}*\" meta mark set ct mark\n\
+             \t}}\n\
+             \tchain forward {{\n\
+             \t\ttype filter hook forward priority filter; policy accept;\n\
+             \t\tiifname \"{CLIENT_PREFIX}*\" oifname \"{LINK_PREFIX}*\" meta nfproto ipv4 {clamp}\n\
+             \t\tiifname \"{LINK_PREFIX}*\" oifname \"{CLIENT_PREFIX}*\" {clamp}\n\
+             \t\tiifname \"{CLIENT_PREFIX}*\" oifname \"{LINK_PREFIX}*\" meta nfproto ipv4 ct mark and {TAG_MASK:#x} == {MARK_TAG:#x} accept\n\
+             \t\tiifname \"{LINK_PREFIX}*\" oifname \"{CLIENT_PREFIX}*\" ct state established,related accept\n\
+             \t\tiifname \"{CLIENT_PREFIX}*\" meta l4proto tcp reject with tcp reset\n\
+             \t\tiifname \"{CLIENT_PREFIX}*\" reject with icmpx admin-prohibited\n\
+             \t\toifname \"{CLIENT_PREFIX}*\" drop\n\
+             \t\tiifname \"{LINK_PREFIX}*\" drop\n\
+             \t\tct mark and {TAG_MASK:#x} == {MARK_TAG:#x} drop\n\
+             \t}}\n\
+             \tchain output {{\n\
+             \t\ttype filter hook output priority filter; policy accept;\n\
+             \t\tct mark and {TAG_MASK:#x} == {MARK_TAG:#x} oifname != \"{LINK_PREFIX}*\" drop\n\
+             \t\tip saddr {TRANSIT_RANGE} oifname != \"{LINK_PREFIX}*\" drop\n\
+             \t}}\n\
+             \tchain input {{\n\
+             \t\ttype filter hook input priority filter; policy accept;\n\
+             \t\tiifname \"{CLIENT_PREFIX}*\" meta l4proto tcp reject with tcp reset\n\
+             \t\tiifname \"{CLIENT_PREFIX}*\" meta l4proto != icmp reject with icmpx admin-prohibited\n\
+             \t\tiifname \"{LINK_PREFIX}*\" icmp type echo-reply accept\n\
+             \t\tiifname \"{LINK_PREFIX}*\" drop\n\
+             \t}}\n\
+             \tchain postrouting {{\n\
+             \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
+             \t\toifname \"{LINK_PREFIX}*\" ct mark and {TAG_MASK:#x} == {MARK_TAG:#x} snat ip to {transit}\n\
+             \t}}\n\
+             }}\n",
+            transit = self.transit,
+        )
+    }
+
+    /// Makes the kernel hold exactly this plan: links to the exits in it (others removed), their
+    /// rules and tables, the routes back to the clients, and the nftables table.
+    pub fn apply(&self) -> Result<(), Error> {
+        for exit in &self.exits {
+            ensure_link(exit, self.transit)?;
+        }
+        remove_other_links(&self.exits)?;
+        for exit in &self.exits {
+            route_exit(exit)?;
+        }
+        remove_other_exit_rules(&self.exits)?;
+        route_clients(&self.clients)?;
+        run("nft", &["-f", "-"], Some(self.render().as_bytes()))?;
+        Ok(())
+    }
+
+    /// Resets the flows of every exit that is [`ExitUse::Dead`], so their next packet is a new
+    /// flow on a healthy exit (which the far end answers with a reset: NETNOTES trap 6).
+    /// Returns how many flows were deleted.
+    pub fn reset_dead_flows(&self) -> Result<u32, Error> {
+        let mut deleted = 0;
+        for exit in self.exits.iter().filter(|e| e.state == ExitUse::Dead) {
+            deleted += delete_flows(mark(exit.slot))?;
+        }
+        Ok(deleted)
+    }
+
+    /// Removes everything a node plan puts in the kernel.
+    pub fn reset() -> Result<(), Error> {
+        remove_other_links(&[])?;
+        remove_other_exit_rules(&[])?;
+        let _ = ip(&["rule", "del", "priority", &CLIENTS_ROUTE_TABLE.to_string()]);
+        let _ = ip(&["route", "flush", "table", &CLIENTS_ROUTE_TABLE.to_string()]);
+        match run("nft", &["delete", "table", "inet", NODE_TABLE], None) {
+            Err(Error::Command { stderr, .. }) if stderr.contains("No such file") => Ok(()),
+            other => other.map(drop),
+        }
+    }
+}
+
+fn ensure_link(exit: &ExitLink, transit: Ipv4Addr) -> Result<(), Error> {
+    let iface = exit.iface();
+    let details = ip(&["-d", "link", "show", "dev", &iface]).unwrap_or_default();
+    let remote = format!("remote {} ", exit.remote);
+    if !details.is_empty() && !details.contains(&remote) {
+        ip(&["link", "del", "dev", &iface])?;
+    }
+    if details.is_empty() || !details.contains(&remote) {
+        let (vni, port, remote) = (
+            exit.vni.to_string(),
+            VXLAN_PORT.to_string(),
+            exit.remote.to_string(),
+        );
+        // A fixed source port: the exit's replies come from its VXLAN port to ours, so any
+        // firewall between sees one flow per node and exit.
+        ip(&[
+            "link",
+            "add",
+            &iface,
+            "type",
+            "vxlan",
+            "id",
+            &vni,
+            "remote",
+            &remote,
+            "dstport",
+            &port,
+            "srcport",
+            &port,
+            &port,
+            "nolearning",
+        ])?;
+    }
+    ip(&[
+        "addr",
+        "replace",
+        &format!("{transit}/32"),
+        "dev",
+        &iface,
+        "noprefixroute",
+    ])?;
+    sysctl(&format!("net.ipv4.conf.{iface}.rp_filter"), "0")?;
+    ip(&["link", "set", "dev", &iface, "up"])?;
+    Ok(())
+}
+
+fn remove_other_links(keep: &[ExitLink]) -> Result<(), Error> {
+    for iface in links_with_prefix(LINK_PREFIX)? {
+        if !keep.iter().any(|e| e.iface() == iface) {
+            ip(&["link", "del", "dev", &iface])?;
+        }
+    }
+    Ok(())
+}
+
+fn route_exit(exit: &ExitLink) -> Result<(), Error> {
+    let slot = u32::from(exit.slot);
+    let table = (EXIT_ROUTE_TABLE_BASE + slot).to_string();
+    let iface = exit.iface();
+    ip(&[
+        "route",
+        "replace",
+        "default",
+        "via",
+        &EXIT_ADDRESS.to_string(),
+        "dev",
+        &iface,
+        "onlink",
+        "table",
+        &table,
+    ])?;
+    let mark = format!("{:#x}/{MARK_MASK:#x}", mark(exit.slot));
+    // VXLAN routes its outer packet with the inner packet's mark: without this rule the outer
+    // packet would follow the mark into its own link (docs/architecture.md, the prototype).
+    let remote = exit.remote.to_string();
+    replace_rule(
+        EXIT_ROUTE_TABLE_BASE + 2 * slot,
+        &["fwmark", &mark, "to", &remote, "lookup", "main"],
+        &format!("to {remote} fwmark {mark} lookup main"),
+    )?;
+    replace_rule(
+        EXIT_ROUTE_TABLE_BASE + 2 * slot + 1,
+        &["fwmark", &mark, "lookup", &table],
+        &format!("fwmark {mark} lookup {table}"),
+    )
+}
+
+/// Puts the rule `spec` at `priority` unless it is there already (an apply on a health change
+/// must not take a healthy exit's rule away, even for a moment), replacing whatever other rule
+/// held that priority. `shown` is how `ip rule show` prints it, after `from all `.
+fn replace_rule(priority: u32, spec: &[&str], shown: &str) -> Result<(), Error> {
+    let prio = priority.to_string();
+    let listing = ip(&["-4", "rule", "show", "priority", &prio])?;
+    let wanted = format!("{prio}:\tfrom all {shown}");
+    if listing.lines().map(str::trim_end).eq([wanted.as_str()]) {
+        return Ok(());
+    }
+    while ip(&["-4", "rule", "del", "priority", &prio]).is_ok() {}
+    let mut args = vec!["-4", "rule", "add"];
+    args.extend(spec);
+    args.extend(["priority", &prio]);
+    ip(&args).map(drop)
+}
+
+/// Removes the rules and tables of every slot not in `keep`, reading the rules once.
+fn remove_other_exit_rules(keep: &[ExitLink]) -> Result<(), Error> {
+    let first = EXIT_ROUTE_TABLE_BASE;
+    let last = EXIT_ROUTE_TABLE_BASE + 2 * u32::from(u8::MAX) + 1;
+    let kept = |prio: u32| keep.iter().any(|e| (prio - first) / 2 == u32::from(e.slot));
+    for line in ip(&["-4", "rule", "show"])?.lines() {
+        let Some(prio) = line
+            .split(':')
+            .next()
+            .and_then(|p| p.trim().parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if (first..=last).contains(&prio) && !kept(prio) {
+            let _ = ip(&["-4", "rule", "del", "priority", &prio.to_string()]);
+            if (prio - first) % 2 == 1 {
+                let table = (first + (prio - first) / 2).to_string();
+                let _ = ip(&["-4", "route", "flush", "table", &table]);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn route_clients(clients: &[ClientPort]) -> Result<(), Error> {
+    let table = CLIENTS_ROUTE_TABLE.to_string();
+    replace_rule(
+        CLIENTS_ROUTE_TABLE,
+        &["to", CLIENT_RANGE, "lookup", &table],
+        &format!("to {CLIENT_RANGE} lookup {table}"),
+    )?;
+    // An empty table does not exist for `ip route show`: nothing to remove then.
+    let listing = ip(&["-4", "route", "show", "table", &table]).unwrap_or_default();
+    for line in listing.lines() {
+        let dst = line.split_whitespace().next().unwrap_or_default();
+        if !clients.iter().any(|c| c.address.to_string() == dst) && !dst.is_empty() {
+            let _ = ip(&["-4", "route", "del", dst, "table", &table]);
+        }
+    }
+    for client in clients {
+        ip(&[
+            "route",
+            "replace",
+            &client.address.to_string(),
+            "dev",
+            &client.iface,
+            "table",
+            &table,
+        ])?;
+    }
+    Ok(())
+}
+
+fn delete_flows(mark: u32) -> Result<u32, Error> {
+    // `conntrack -D` exits 1 when nothing matched; its stderr then says "0 flow entries".
+    let out = std::process::Command::new("conntrack")
+        .args(["-D", "--mark", &mark.to_string()])
+        .output()
+        .map_err(Error::io("conntrack -D"))?;
+    let text = String::from_utf8_lossy(&out.stderr);
+    text.split_whitespace()
+        .zip(text.split_whitespace().skip(1))
+        .find(|(_, next)| *next == "flow")
+        .and_then(|(n, _)| n.parse().ok())
+        .ok_or_else(|| Error::Command {
+            command: "conntrack -D --mark".into(),
+            stderr: text.trim().to_owned(),
+        })
+}
+
+fn links_with_prefix(prefix: &str) -> Result<Vec<String>, Error> {
+    Ok(ip(&["-o", "link", "show"])?
+        .lines()
+        .filter_map(|l| l.split(':').nth(1))
+        .map(|name| name.trim().split('@').next().unwrap_or_default().to_owned())
+        .filter(|name| name.starts_with(prefix))
+        .collect())
+}
+
+fn sysctl(key: &str, value: &str) -> Result<(), Error> {
+    let path = format!("/proc/sys/{}", key.replace('.', "/"));
+    std::fs::write(&path, value).map_err(Error::io(path))
+}
+
+/// One client's namespace: its interface to the node, routes and kill switch. Applied by the
+/// CNI plugin inside the namespace, after the veth is made ([`ClientPlan::create_veth`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientPlan {
+    pub address: Ipv4Addr,
+    /// Destinations that keep going through the pod's own network.
+    pub intranet: Vec<IpNet>,
+    pub mtu: u16,
+    /// Let internet traffic out through the pod network when the node has no exit for it
+    /// (`killSwitch: false`). Off by default.
+    pub unprotected: bool,
+}
+
+impl ClientPlan {
+    /// Creates the client's veth pair from the node's namespace: `host_iface` stays on the
+    /// node, its peer [`CLIENT_IFACE`] goes into the namespace at `netns` (a path).
+    pub fn create_veth(host_iface: &str, netns: &str, mtu: u16) -> Result<(), Error> {
+        let mtu = mtu.to_string();
+        ip(&[
+            "link",
+            "add",
+            host_iface,
+            "mtu",
+            &mtu,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            CLIENT_IFACE,
+            "mtu",
+            &mtu,
+            "netns",
+            netns,
+        ])?;
+        ip(&[
+            "addr",
+            "replace",
+            &format!("{CLIENT_GATEWAY}/32"),
+            "dev",
+            host_iface,
+        ])?;
+        sysctl(&format!("net.ipv4.conf.{host_iface}.rp_filter"), "0")?;
+        ip(&["link", "set", "dev", host_iface, "up"])?;
+        Ok(())
+    }
+
+    /// The kill switch: nothing leaves but through [`CLIENT_IFACE`] or to the intranet.
+    pub fn render(&self) -> String {
+        let (v4, v6): (Vec<&IpNet>, Vec<&IpNet>) = self
+            .intranet
+            .iter()
+            .partition(|n| matches!(n, IpNet::V4(_)));
+        let set = |nets: &[&IpNet]| {
+            nets.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let mut rules = String::new();
+        if !v4.is_empty() {
+            let _ = writeln!(rules, "\t\tip daddr {{ {} }} accept", set(&v4));
+        }
+        if !v6.is_empty() {
+            let _ = writeln!(rules, "\t\tip6 daddr {{ {} }} accept", set(&v6));
+        }
+        let verdict = if self.unprotected {
+            "accept"
+        } else {
+            "reject with icmpx admin-prohibited"
+        };
+        format!(
+            "table inet {CLIENT_TABLE}\n\
+             delete table inet {CLIENT_TABLE}\n\
+             table inet {CLIENT_TABLE} {{\n\
+             \tchain output {{\n\
+             \t\ttype filter hook output priority filter; policy accept;\n\
+             \t\toifname {{ \"lo\", \"{CLIENT_IFACE}\" }} accept\n\
+             {rules}\
+             \t\ticmpv6 type {{ nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert, mld2-listener-report }} accept\n\
+             \t\t{verdict}\n\
+             \t}}\n\
+             }}\n"
+        )
+    }
+
+    /// Addresses, routes (every prefix outside the intranet through the node) and the kill
+    /// switch, inside the client's namespace (the calling thread's).
+    pub fn apply(&self) -> Result<(), Error> {
+        run("nft", &["-f", "-"], Some(self.render().as_bytes()))?;
+        ip(&[
+            "addr",
+            "replace",
+            &format!("{}/32", self.address),
+            "dev",
+            CLIENT_IFACE,
+        ])?;
+        ip(&["link", "set", "dev", CLIENT_IFACE, "up"])?;
+        let gateway = CLIENT_GATEWAY.to_string();
+        let src = self.address.to_string();
+        let mtu = self.mtu.to_string();
+        ip(&["route", "replace", &gateway, "dev", CLIENT_IFACE])?;
+        for net in cloak_model::gateway::complement(&self.intranet) {
+            if let IpNet::V4(_) = net {
+                ip(&[
+                    "route",
+                    "replace",
+                    &net.to_string(),
+                    "via",
+                    &gateway,
+                    "dev",
+                    CLIENT_IFACE,
+                    "src",
+                    &src,
+                    "mtu",
+                    &mtu,
+                ])?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An exit's end: one VXLAN interface every node's link reaches, forwarding into the tunnel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExitPlan {
+    pub vni: u32,
+    /// The pod's own address, the links' far end.
+    pub local: IpAddr,
+    /// The tunnel interface client flows leave by.
+    pub tunnel: String,
+    /// TCP MSS clamped on client flows, both ways.
+    pub mss: u16,
+    /// Whether the tunnel carries traffic now: the exit answers the nodes' health probes only
+    /// then, so a node stops sending new flows to an exit whose tunnel is down or blackholed.
+    pub healthy: bool,
+}
+
+impl ExitPlan {
+    pub fn render(&self) -> String {
+        let health = if self.healthy { "accept" } else { "drop" };
+        format!(
+            "table inet {EXIT_TABLE}\n\
+             delete table inet {EXIT_TABLE}\n\
+             table inet {EXIT_TABLE} {{\n\
+             \tchain input {{\n\
+             \t\ttype filter hook input priority filter; policy accept;\n\
+             \t\tiifname \"{EXIT_IFACE}\" icmp type echo-request {health}\n\
+             \t\tiifname \"{EXIT_IFACE}\" drop\n\
+             \t}}\n\
+             \tchain forward {{\n\
+             \t\ttype filter hook forward priority filter; policy drop;\n\
+             \t\ttcp flags syn / syn,rst tcp option maxseg size > {mss} tcp option maxseg size set {mss}\n\
+             \t\tiifname \"{EXIT_IFACE}\" oifname \"{tunnel}\" meta nfproto ipv4 accept\n\
+             \t\tiifname \"{tunnel}\" oifname \"{EXIT_IFACE}\" ct state established,related accept\n\
+             \t}}\n\
+             \tchain postrouting {{\n\
+             \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
+             \t\tiifname \"{EXIT_IFACE}\" oifname \"{tunnel}\" masquerade\n\
+             \t}}\n\
+             }}\n",
+            mss = self.mss,
+            tunnel = self.tunnel,
+        )
+    }
+
+    /// The VXLAN interface (learning: it answers whichever node sent, with no list of nodes),
+    /// forwarding, and the table, in the exit's namespace (the calling thread's).
+    pub fn apply(&self) -> Result<(), Error> {
+        let details = ip(&["-d", "link", "show", "dev", EXIT_IFACE]).unwrap_or_default();
+        let id = format!("vxlan id {} ", self.vni);
+        if !details.is_empty() && !details.contains(&id) {
+            ip(&["link", "del", "dev", EXIT_IFACE])?;
+        }
+        if details.is_empty() || !details.contains(&id) {
+            let (vni, port, local) = (
+                self.vni.to_string(),
+                VXLAN_PORT.to_string(),
+                self.local.to_string(),
+            );
+            ip(&[
+                "link", "add", EXIT_IFACE, "type", "vxlan", "id", &vni, "local", &local, "dstport",
+                &port, "srcport", &port, &port,
+            ])?;
+        }
+        ip(&[
+            "addr",
+            "replace",
+            &format!("{EXIT_ADDRESS}/{TRANSIT_PREFIX}"),
+            "dev",
+            EXIT_IFACE,
+        ])?;
+        sysctl("net.ipv4.ip_forward", "1")?;
+        sysctl(&format!("net.ipv4.conf.{EXIT_IFACE}.rp_filter"), "0")?;
+        ip(&["link", "set", "dev", EXIT_IFACE, "up"])?;
+        run("nft", &["-f", "-"], Some(self.render().as_bytes()))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(states: &[ExitUse]) -> NodePlan {
+        NodePlan {
+            transit: Ipv4Addr::new(198, 19, 0, 2),
+            exits: states
+                .iter()
+                .zip(0u8..)
+                .map(|(state, slot)| ExitLink {
+                    slot,
+                    vni: 4096 + u32::from(slot),
+                    remote: IpAddr::V4(Ipv4Addr::new(10, 244, 0, 20 + slot)),
+                    state: *state,
+                })
+                .collect(),
+            clients: vec![],
+            mss: 1360,
+        }
+    }
+
+    fn pick(plan: &NodePlan) -> Option<String> {
+        plan.render()
+            .lines()
+            .find(|l| l.contains("numgen"))
+            .map(|l| l.trim().to_owned())
+    }
+
+    #[test]
+    fn new_flows_are_spread_over_the_healthy_exits_alone() {
+        use ExitUse::{Dead, Draining, Healthy};
+        assert_eq!(
+            pick(&plan(&[Healthy, Draining, Healthy, Dead])).as_deref(),
+            Some(
+                "iifname \"ckg*\" ct state new ct mark set numgen random mod 2 map { 0 : 0x43000000, 1 : 0x43020000 }"
+            )
+        );
+        assert_eq!(
+            pick(&plan(&[Dead, Draining])),
+            None,
+            "no exit: no pick, refused"
+        );
+    }
+
+    #[test]
+    fn the_kill_switch_rejects_unless_turned_off() {
+        let mut client = ClientPlan {
+            address: Ipv4Addr::new(198, 18, 0, 5),
+            intranet: vec![
+                "10.244.0.0/16".parse().unwrap(),
+                "fd00::/8".parse().unwrap(),
+            ],
+            mtu: 1400,
+            unprotected: false,
+        };
+        let rendered = client.render();
+        assert!(
+            rendered.contains("ip daddr { 10.244.0.0/16 } accept"),
+            "{rendered}"
+        );
+        assert!(
+            rendered.contains("ip6 daddr { fd00::/8 } accept"),
+            "{rendered}"
+        );
+        assert!(
+            rendered
+                .trim_end()
+                .contains("reject with icmpx admin-prohibited"),
+            "{rendered}"
+        );
+        client.unprotected = true;
+        assert!(!client.render().contains("reject"));
+    }
+}
