@@ -241,25 +241,17 @@ impl NodePlan {
 
 fn ensure_link(exit: &ExitLink, transit: Ipv4Addr) -> Result<(), Error> {
     let iface = exit.iface();
-    let details = ip(&["-d", "link", "show", "dev", &iface]).unwrap_or_default();
-    let remote = format!("remote {} ", exit.remote);
-    if !details.is_empty() && !details.contains(&remote) {
-        ip(&["link", "del", "dev", &iface])?;
-    }
-    if details.is_empty() || !details.contains(&remote) {
-        let (vni, port, remote) = (
-            exit.vni.to_string(),
-            VXLAN_PORT.to_string(),
-            exit.remote.to_string(),
-        );
-        // A fixed source port: the exit's replies come from its VXLAN port to ours, so any
-        // firewall between sees one flow per node and exit.
-        ip(&[
-            "link",
-            "add",
-            &iface,
-            "type",
-            "vxlan",
+    let (vni, port, remote) = (
+        exit.vni.to_string(),
+        VXLAN_PORT.to_string(),
+        exit.remote.to_string(),
+    );
+    // A fixed source port: the exit's replies come from its VXLAN port to ours, so any
+    // firewall between sees one flow per node and exit.
+    ensure_vxlan(
+        &iface,
+        &format!("remote {remote} "),
+        &[
             "id",
             &vni,
             "remote",
@@ -270,8 +262,8 @@ fn ensure_link(exit: &ExitLink, transit: Ipv4Addr) -> Result<(), Error> {
             &port,
             &port,
             "nolearning",
-        ])?;
-    }
+        ],
+    )?;
     ip(&[
         "addr",
         "replace",
@@ -283,6 +275,21 @@ fn ensure_link(exit: &ExitLink, transit: Ipv4Addr) -> Result<(), Error> {
     sysctl(&format!("net.ipv4.conf.{iface}.rp_filter"), "0")?;
     ip(&["link", "set", "dev", &iface, "up"])?;
     Ok(())
+}
+
+/// Keeps the VXLAN interface `iface` when `ip -d link show` prints `expected` for it; otherwise
+/// (re)creates it with `args` after `type vxlan`.
+fn ensure_vxlan(iface: &str, expected: &str, args: &[&str]) -> Result<(), Error> {
+    let details = ip(&["-d", "link", "show", "dev", iface]).unwrap_or_default();
+    if details.contains(expected) {
+        return Ok(());
+    }
+    if !details.is_empty() {
+        ip(&["link", "del", "dev", iface])?;
+    }
+    let mut add = vec!["link", "add", iface, "type", "vxlan"];
+    add.extend(args);
+    ip(&add).map(drop)
 }
 
 fn remove_other_links(keep: &[ExitLink]) -> Result<(), Error> {
@@ -595,22 +602,18 @@ impl ExitPlan {
     /// The VXLAN interface (learning: it answers whichever node sent, with no list of nodes),
     /// forwarding, and the table, in the exit's namespace (the calling thread's).
     pub fn apply(&self) -> Result<(), Error> {
-        let details = ip(&["-d", "link", "show", "dev", EXIT_IFACE]).unwrap_or_default();
-        let id = format!("vxlan id {} ", self.vni);
-        if !details.is_empty() && !details.contains(&id) {
-            ip(&["link", "del", "dev", EXIT_IFACE])?;
-        }
-        if details.is_empty() || !details.contains(&id) {
-            let (vni, port, local) = (
-                self.vni.to_string(),
-                VXLAN_PORT.to_string(),
-                self.local.to_string(),
-            );
-            ip(&[
-                "link", "add", EXIT_IFACE, "type", "vxlan", "id", &vni, "local", &local, "dstport",
-                &port, "srcport", &port, &port,
-            ])?;
-        }
+        let (vni, port, local) = (
+            self.vni.to_string(),
+            VXLAN_PORT.to_string(),
+            self.local.to_string(),
+        );
+        ensure_vxlan(
+            EXIT_IFACE,
+            &format!("vxlan id {vni} "),
+            &[
+                "id", &vni, "local", &local, "dstport", &port, "srcport", &port, &port,
+            ],
+        )?;
         ip(&[
             "addr",
             "replace",
