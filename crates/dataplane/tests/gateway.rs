@@ -21,29 +21,13 @@ use std::{
 use cloak_dataplane::gateway::{ClientPlan, ExitLink, ExitPlan, ExitUse, NodePlan};
 use cloak_testkit::{
     netlab::{self, Topology},
-    netns::Netns,
+    netns::{Netns, inside},
 };
 
 const EXITS: u8 = 3;
 const ECHO: &str = "203.0.113.10";
 const TRANSIT: &str = "198.19.0.2";
 const CLIENT_ADDRESS: &str = "198.18.0.5";
-
-/// Runs `f` on a thread inside `ns`, as the node daemon, the CNI plugin and the agent run in
-/// theirs.
-fn inside<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/var/run/netns/{}", ns.name());
-    std::thread::spawn(move || {
-        nix::sched::setns(
-            File::open(path).unwrap(),
-            nix::sched::CloneFlags::CLONE_NEWNET,
-        )
-        .unwrap();
-        f()
-    })
-    .join()
-    .unwrap()
-}
 
 fn exit_ip(i: u8) -> String {
     format!("10.244.0.{}", 20 + i)

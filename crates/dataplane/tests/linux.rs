@@ -9,22 +9,7 @@ use cloak_dataplane::{
     Endpoint, Firewall, FirewallPolicy, Proto, ROUTE_TABLE, RULE_PRIORITY, RouteSet, Routes,
     firewall::Nftables, routes::LinuxRoutes,
 };
-use cloak_testkit::netns::Netns;
-
-/// Runs `f` on a thread inside `ns`: the implementations run `nft`/`ip`, which inherit it.
-fn inside<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/var/run/netns/{}", ns.name());
-    std::thread::spawn(move || {
-        nix::sched::setns(
-            File::open(path).unwrap(),
-            nix::sched::CloneFlags::CLONE_NEWNET,
-        )
-        .unwrap();
-        f()
-    })
-    .join()
-    .unwrap()
-}
+use cloak_testkit::netns::{Netns, inside};
 
 fn sh(ns: &Netns, cmd: &str) -> String {
     let out = Command::new("ip")

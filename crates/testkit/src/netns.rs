@@ -155,3 +155,17 @@ pub fn veth(
         ns.run(&["ip", "link", "set", iface, "up"]);
     }
 }
+
+/// Runs `f` on a thread inside `ns` (what the node daemon, the CNI plugin and the agent do in
+/// theirs): the kernel tools it runs inherit the namespace.
+#[allow(clippy::expect_used, clippy::missing_panics_doc)] // a test helper: panicking with the reason is its contract
+pub fn inside<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/var/run/netns/{}", ns.name());
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).expect("the namespace's file");
+        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        f()
+    })
+    .join()
+    .expect("the thread inside the namespace panicked")
+}
