@@ -13,7 +13,6 @@
 
 use std::{
     collections::BTreeMap,
-    fs::File,
     io::{BufRead, BufReader, Write},
     process::{Child, Stdio},
 };

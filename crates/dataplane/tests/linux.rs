@@ -3,7 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::{fs::File, process::Command};
+use std::process::Command;
 
 use cloak_dataplane::{
     Endpoint, Firewall, FirewallPolicy, Proto, ROUTE_TABLE, RULE_PRIORITY, RouteSet, Routes,
