@@ -218,12 +218,15 @@ impl JsonSchema for Mtu {
     }
 
     fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        // A structural schema allows an int-or-string only without a type or with exactly
+        // `anyOf: [{type: integer}, {type: string}]`, and kube's rewriter strips the types from
+        // plain `anyOf` branches. So the field has no type, and each check applies to its own
+        // kind of value: the bounds to numbers, the pattern to strings.
         schemars::json_schema!({
             "x-kubernetes-int-or-string": true,
-            "anyOf": [
-                {"type": "integer", "minimum": Mtu::MIN, "maximum": Mtu::MAX},
-                {"type": "string", "enum": ["auto"]},
-            ],
+            "minimum": Mtu::MIN,
+            "maximum": Mtu::MAX,
+            "pattern": "^auto$",
         })
     }
 }
