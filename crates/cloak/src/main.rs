@@ -256,6 +256,10 @@ struct OperatorArgs {
         default_value = "ghcr.io/cloak-dev/cloak:latest"
     )]
     image: String,
+    /// The cluster's pod and service ranges, comma-separated: a VpnGateway's default
+    /// `spec.intranet`, and what its exits reach outside their tunnels.
+    #[arg(long, env = "CLOAK_INTRANET", value_delimiter = ',')]
+    intranet: Vec<cloak_api::Cidr>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -491,6 +495,7 @@ fn run_operator(args: OperatorArgs) -> anyhow::Result<()> {
                 .then_some((args.lease_namespace, args.lease_name)),
             verify_ip_url: args.verify_ip_url,
             agent_image: args.image,
+            intranet: args.intranet,
             ..cloak_operator::Config::default()
         };
         // Kubernetes stops pods with SIGTERM; a terminal sends SIGINT.

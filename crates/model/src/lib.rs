@@ -11,12 +11,15 @@
 //! - [`secret`]: keys and secret strings that never print and are zeroized when dropped.
 //! - [`gateway`]: a gateway's client routes (the intranet's complement), MTU, MSS, exit names
 //!   and VXLAN identifiers.
+//! - [`exit`]: a gateway's exits as objects (the exit pod with one server, the agent's exit
+//!   config) and an exit's health as its pod shows it.
 //! - [`mask`]: a mask's phase and message, and which phases are announced.
 //! - [`verify`]: the verification pod, with the user's overrides merged in.
 //! - [`merge`]: JSON merge patch (RFC 7386), used for overrides.
 //! - [`portfwd`]: Service annotations and Nodes to the host port-forwarding nftables ruleset.
 
 pub mod credentials;
+pub mod exit;
 pub mod gateway;
 pub mod mask;
 pub mod merge;

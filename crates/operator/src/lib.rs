@@ -1,6 +1,6 @@
 #![allow(clippy::large_futures)] // reconcile futures are boxed by the controller runtime anyway
 
-//! `cloak operator`: the VpnProvider and VpnMask controllers, leader election and the admin server.
+//! `cloak operator`: the VpnProvider, VpnMask and VpnGateway controllers, leader election and the admin server.
 //!
 //! Owns every call to the Kubernetes API the control plane makes. Decisions (which slot, which
 //! phase, what a verification pod looks like) come from `cloak-model`; this crate reads what they
@@ -73,6 +73,9 @@ pub struct Config {
     pub agent_image: String,
     /// Safety-net requeue of waiting masks (event-driven otherwise).
     pub waiting_requeue: Duration,
+    /// The cluster's pod and service ranges: what a gateway's `spec.intranet` defaults to, and
+    /// what its exits reach outside their tunnels (the kubelet's probes come from there).
+    pub intranet: Vec<cloak_api::Cidr>,
     /// Safety-net requeue of masks holding a slot: a missed event (a provider deleted while
     /// the mask's assignment was still being recorded) is noticed within this time.
     pub holder_resync: Duration,
@@ -87,6 +90,7 @@ impl Default for Config {
             verify_ip_url: "http://ifconfig.me/ip".into(),
             agent_image: "ghcr.io/cloak-dev/cloak:latest".into(),
             waiting_requeue: Duration::from_mins(1),
+            intranet: Vec::new(),
             holder_resync: Duration::from_mins(5),
         }
     }
@@ -107,6 +111,8 @@ pub(crate) struct Context {
     pub secrets: Store<PartialObjectMeta<Secret>>,
     /// Failing objects: their backoff and when their errors were last told as Events.
     pub retries: Arc<controllers::retry::Retries>,
+    /// Held while a gateway's new exit picks its VXLAN identifier.
+    pub vni_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -224,6 +230,7 @@ pub async fn run(
         pods,
         secrets,
         retries: Arc::default(),
+        vni_lock: Arc::default(),
     });
 
     if let Some(addr) = config.admin_addr {
@@ -363,6 +370,7 @@ pub async fn run(
         triggers.providers(),
         stop_rx.clone(),
     );
+    let gateways = controllers::gateway::run(ctx.clone(), stop_rx.clone());
     let lost = async {
         match leadership.as_mut() {
             Some(l) => l.lost().await,
@@ -373,7 +381,7 @@ pub async fn run(
         () = stopped => {},
         () = feed => {},
         () = readiness => {},
-        () = async { tokio::join!(masks, providers); } => {},
+        () = async { tokio::join!(masks, providers, gateways); } => {},
         reason = lost => {
             metrics.leader.set(0);
             return Err(Error::LeadershipLost(reason));

@@ -290,6 +290,8 @@ impl ControlPlane {
                 &format!("--service-account-signing-key-file={}", d("sa.key")),
                 // Only a configuration value: nothing here routes to it.
                 "--service-cluster-ip-range=10.96.0.0/16",
+                // As kubeadm and the lab: gateway exits are privileged pods.
+                "--allow-privileged=true",
                 "--authorization-mode=RBAC",
                 // No kubelet runs pods here, and the default ServiceAccount only exists once
                 // kube-controller-manager has run; tests create pods without one.

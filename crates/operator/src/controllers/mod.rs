@@ -1,6 +1,7 @@
-//! The two controllers and what they share: reconcile requests derived from slot leases, pods and
+//! The controllers and what they share: reconcile requests derived from slot leases, pods and
 //! Secrets, Events, and the reconcile wrapper that records metrics.
 
+pub(crate) mod gateway;
 pub(crate) mod leasing;
 pub(crate) mod mask;
 pub(crate) mod provider;

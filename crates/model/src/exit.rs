@@ -1,0 +1,360 @@
+//! A gateway's exits as Kubernetes objects: the `VpnMask` each exit leases its slot with, the pod
+//! that runs `cloak agent` in the exit role with one server of the provider's pool, the agent's
+//! config, and each exit's health as its pod shows it. Plain values in, plain values out.
+//!
+//! ```text
+//!  VpnGateway g ──owns──▶ VpnMask g-exit-0 (cloak.dev/vni) ──owns──▶ Pod g-exit-0 (one server)
+//!              └─owns──▶ ConfigMap g-exits (one agent config per exit)
+//! ```
+//!
+//! The pod is owned by its mask, as every pod that uses a mask is: deleting the mask deletes
+//! the pod first, and the slot is released once the pod is gone.
+
+use std::net::IpAddr;
+
+use cloak_api::ExitHealth;
+use ipnet::IpNet;
+use k8s_openapi::{
+    api::core::v1::{ConfigMap, Pod},
+    apimachinery::pkg::apis::meta::v1::OwnerReference,
+};
+use serde_json::{Value, json};
+
+use crate::names;
+
+/// On exit masks and pods: the name of the gateway they serve. (Not `cloak.dev/gateway`, the
+/// label a client pod chooses its gateway with: an exit is never a client.)
+pub const LABEL_GATEWAY: &str = "cloak.dev/exit-of";
+/// On exit pods: the exit's name (its mask's).
+pub const LABEL_EXIT: &str = "cloak.dev/exit";
+/// On exit masks: the exit's VXLAN network identifier, unique among all gateways' exits.
+pub const ANNOTATION_VNI: &str = "cloak.dev/vni";
+/// On exit pods: the server of the provider's pool the pod connects to. On exit masks: the
+/// server the exit's last pod used, so its next pod takes the next one (rotation).
+pub const ANNOTATION_SERVER: &str = "cloak.dev/server";
+/// Where the exit pod's agent finds its credentials, its config and its admin server.
+pub const CREDENTIALS_DIR: &str = "/var/run/cloak/credentials";
+pub const CONFIG_DIR: &str = "/etc/cloak";
+pub const ADMIN_PORT: u16 = 9090;
+
+/// The ConfigMap holding the agent configs of a gateway's exits.
+pub fn config_map_name(gateway: &str) -> String {
+    names::join(&[gateway, "exits"])
+}
+
+/// The key of exit `exit`'s config in [`config_map_name`].
+pub fn config_key(exit: &str) -> String {
+    format!("{exit}.yaml")
+}
+
+/// What an exit's agent is told, besides its credentials.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExitAgent<'a> {
+    pub vni: u32,
+    /// TCP MSS clamped on client flows both ways.
+    pub mss: u16,
+    /// The URL the agent probes through its tunnel (it answers with the public address).
+    pub probe: &'a str,
+    /// Destinations reached outside the tunnel (the cluster's ranges: the kubelet's probes).
+    pub bypass: &'a [IpNet],
+}
+
+/// The agent config of one exit, as YAML (JSON is YAML). Probes every second and gives up after
+/// two failures: an exit that stops carrying traffic must stop answering the nodes' health
+/// probes quickly, and a node then moves new flows off it.
+pub fn agent_config(exit: &ExitAgent<'_>) -> String {
+    let bypass: Vec<String> = exit.bypass.iter().map(ToString::to_string).collect();
+    json!({
+        "credentials": CREDENTIALS_DIR,
+        "bypass": bypass,
+        "health": {"probe": exit.probe, "interval": "1s", "timeout": "1s", "failures": 2},
+        "exit": {"vni": exit.vni, "mss": exit.mss},
+    })
+    .to_string()
+}
+
+/// The ConfigMap of a gateway's exit configs (`configs`: exit name → [`agent_config`]).
+pub fn config_map(
+    gateway: &str,
+    namespace: &str,
+    owner: &OwnerReference,
+    configs: impl IntoIterator<Item = (String, String)>,
+) -> Result<ConfigMap, serde_json::Error> {
+    let data: serde_json::Map<String, Value> = configs
+        .into_iter()
+        .map(|(exit, config)| (config_key(&exit), Value::String(config)))
+        .collect();
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {
+            "name": config_map_name(gateway), "namespace": namespace,
+            "labels": {LABEL_GATEWAY: gateway, "app.kubernetes.io/managed-by": "cloak"},
+            "ownerReferences": [owner],
+        },
+        "data": data,
+    }))
+}
+
+/// Inputs of [`pod`].
+#[derive(Debug, Clone)]
+pub struct ExitPod<'a> {
+    pub name: &'a str,
+    pub namespace: &'a str,
+    pub gateway: &'a str,
+    /// `cloak` itself (the operator's image).
+    pub image: &'a str,
+    /// The mask's copy of the provider's credentials.
+    pub secret: &'a str,
+    /// The server this pod connects to, and the copy's keys that make it a one-server Secret
+    /// (`(file in the pod, key in the Secret)`, from `credentials::Pool::copy_keys`).
+    pub server: &'a str,
+    pub keys: Vec<(&'a str, &'a str)>,
+    /// The exit's mask (controller: the pod goes when the mask does).
+    pub owner: OwnerReference,
+}
+
+/// The exit pod: `cloak agent` with the one server's credentials, privileged (it creates the
+/// tunnel and the VXLAN end, and turns on forwarding in its own namespace; an exit is cloak's
+/// own pod, never a client's), ready while its tunnel passes its probe.
+pub fn pod(input: &ExitPod<'_>) -> Result<Pod, serde_json::Error> {
+    let items: Vec<Value> = input
+        .keys
+        .iter()
+        .map(|(path, key)| json!({"key": key, "path": path}))
+        .collect();
+    let config = format!("{CONFIG_DIR}/{}", config_key(input.name));
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {
+            "name": input.name, "namespace": input.namespace,
+            "labels": {
+                LABEL_GATEWAY: input.gateway, LABEL_EXIT: input.name,
+                "app.kubernetes.io/managed-by": "cloak", "app.kubernetes.io/component": "exit",
+            },
+            "annotations": {ANNOTATION_SERVER: input.server},
+            "ownerReferences": [input.owner],
+        },
+        "spec": {
+            "automountServiceAccountToken": false,
+            "enableServiceLinks": false,
+            "terminationGracePeriodSeconds": 5,
+            "containers": [{
+                "name": "agent", "image": input.image, "imagePullPolicy": "IfNotPresent",
+                "args": ["agent", "--config", config],
+                "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
+                "securityContext": {"privileged": true},
+                "ports": [{"name": "admin", "containerPort": ADMIN_PORT}],
+                "readinessProbe": {
+                    "httpGet": {"path": "/readyz", "port": ADMIN_PORT},
+                    "periodSeconds": 1, "failureThreshold": 1,
+                },
+                "terminationMessagePolicy": "FallbackToLogsOnError",
+                "volumeMounts": [
+                    {"name": "credentials", "mountPath": CREDENTIALS_DIR, "readOnly": true},
+                    {"name": "config", "mountPath": CONFIG_DIR, "readOnly": true},
+                    {"name": "tun", "mountPath": "/dev/net/tun"},
+                ],
+            }],
+            "volumes": [
+                {"name": "credentials", "secret": {"secretName": input.secret, "items": items}},
+                {"name": "config", "configMap": {"name": config_map_name(input.gateway)}},
+                {"name": "tun", "hostPath": {"path": "/dev/net/tun", "type": "CharDevice"}},
+            ],
+        },
+    }))
+}
+
+/// An exit's pod as the gateway's status reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodView {
+    pub node: Option<String>,
+    pub ip: Option<IpAddr>,
+    /// `Pending`, `Running`, `Succeeded`, `Failed`.
+    pub phase: Option<String>,
+    pub ready: bool,
+    pub deleting: bool,
+    /// Why the agent container last stopped, or why the pod waits.
+    pub reason: Option<String>,
+}
+
+impl PodView {
+    pub fn of(pod: &Pod) -> Self {
+        let status = pod.status.as_ref();
+        let container = status
+            .and_then(|s| s.container_statuses.as_ref())
+            .and_then(|c| c.first());
+        let reason = container
+            .and_then(|c| c.state.as_ref())
+            .and_then(|s| {
+                s.waiting
+                    .as_ref()
+                    .and_then(|w| w.message.clone().or_else(|| w.reason.clone()))
+                    .or_else(|| {
+                        s.terminated
+                            .as_ref()
+                            .and_then(|t| t.message.clone().or_else(|| t.reason.clone()))
+                    })
+            })
+            .or_else(|| status.and_then(|s| s.message.clone()));
+        Self {
+            node: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
+            ip: status
+                .and_then(|s| s.pod_ip.as_deref())
+                .and_then(|ip| ip.parse().ok()),
+            phase: status.and_then(|s| s.phase.clone()),
+            ready: status
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True")),
+            deleting: pod.metadata.deletion_timestamp.is_some(),
+            reason,
+        }
+    }
+
+    /// Whether the pod is done for and must be replaced (by a pod on the next server).
+    pub fn is_finished(&self) -> bool {
+        matches!(self.phase.as_deref(), Some("Failed" | "Succeeded"))
+    }
+}
+
+/// An exit's health and the words for it: from whether its mask holds a slot, and its pod.
+/// `was` is the health the status showed before: an exit that was Healthy and is not ready now
+/// is Unhealthy (its flows were moved), one that never was is still Connecting.
+pub fn health(
+    slot_held: bool,
+    pod: Option<&PodView>,
+    was: Option<ExitHealth>,
+) -> (ExitHealth, String) {
+    let Some(pod) = pod else {
+        return if slot_held {
+            (ExitHealth::Pending, "creating its pod".into())
+        } else {
+            (ExitHealth::Pending, "waiting for a provider slot".into())
+        };
+    };
+    if pod.deleting {
+        return (ExitHealth::Draining, "its pod is being deleted".into());
+    }
+    if pod.is_finished() {
+        let why = pod.reason.clone().unwrap_or_else(|| "pod stopped".into());
+        return (ExitHealth::Unhealthy, format!("its pod stopped: {why}"));
+    }
+    if pod.node.is_none() {
+        return (ExitHealth::Pending, "its pod waits to be scheduled".into());
+    }
+    if pod.ready {
+        return (ExitHealth::Healthy, "its tunnel passes its probe".into());
+    }
+    let why = pod
+        .reason
+        .as_deref()
+        .map(|r| format!(": {r}"))
+        .unwrap_or_default();
+    match was {
+        Some(ExitHealth::Healthy | ExitHealth::Unhealthy) => (
+            ExitHealth::Unhealthy,
+            format!("its tunnel fails its probe{why}"),
+        ),
+        _ => (
+            ExitHealth::Connecting,
+            format!("its tunnel is connecting{why}"),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn owner() -> OwnerReference {
+        OwnerReference {
+            api_version: "cloak.dev/v1alpha1".into(),
+            kind: "VpnMask".into(),
+            name: "g-exit-0".into(),
+            uid: "u".into(),
+            controller: Some(true),
+            block_owner_deletion: Some(true),
+        }
+    }
+
+    #[test]
+    fn an_exit_pod_mounts_one_server_as_a_one_server_secret_and_is_owned_by_its_mask() {
+        let pod = pod(&ExitPod {
+            name: "g-exit-0",
+            namespace: "ns",
+            gateway: "g",
+            image: "cloak:dev",
+            secret: "g-exit-0-vpn-credentials",
+            server: "nl-2",
+            keys: vec![("wg0.conf", "nl-2.conf")],
+            owner: owner(),
+        })
+        .unwrap();
+        let v = serde_json::to_value(&pod).unwrap();
+        assert_eq!(
+            v["spec"]["volumes"][0]["secret"],
+            json!({"secretName": "g-exit-0-vpn-credentials", "items": [{"key": "nl-2.conf", "path": "wg0.conf"}]})
+        );
+        assert_eq!(v["metadata"]["annotations"][ANNOTATION_SERVER], "nl-2");
+        assert_eq!(v["metadata"]["labels"][LABEL_GATEWAY], "g");
+        assert_eq!(v["metadata"]["ownerReferences"][0]["kind"], "VpnMask");
+        assert_eq!(
+            v["spec"]["containers"][0]["args"],
+            json!(["agent", "--config", "/etc/cloak/g-exit-0.yaml"])
+        );
+        assert!(
+            v["metadata"]["labels"].get("cloak.dev/gateway").is_none(),
+            "an exit never carries the client label"
+        );
+    }
+
+    #[test]
+    fn an_exit_config_names_its_vni_mss_probe_and_bypass() {
+        let bypass: Vec<IpNet> = vec!["10.244.0.0/16".parse().unwrap()];
+        let text = agent_config(&ExitAgent {
+            vni: 4096,
+            mss: 1330,
+            probe: "http://203.0.113.10/ip",
+            bypass: &bypass,
+        });
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["exit"], json!({"vni": 4096, "mss": 1330}));
+        assert_eq!(v["bypass"], json!(["10.244.0.0/16"]));
+        assert_eq!(v["health"]["probe"], "http://203.0.113.10/ip");
+    }
+
+    fn view(node: Option<&str>, phase: &str, ready: bool) -> PodView {
+        PodView {
+            node: node.map(Into::into),
+            ip: None,
+            phase: Some(phase.into()),
+            ready,
+            deleting: false,
+            reason: None,
+        }
+    }
+
+    #[test]
+    fn an_exit_is_healthy_only_while_its_pod_is_ready_and_unhealthy_once_it_was() {
+        use ExitHealth::*;
+        assert_eq!(health(false, None, None).0, Pending);
+        assert_eq!(health(true, None, None).0, Pending);
+        assert_eq!(
+            health(true, Some(&view(None, "Pending", false)), None).0,
+            Pending
+        );
+        let running = view(Some("n1"), "Running", false);
+        assert_eq!(health(true, Some(&running), None).0, Connecting);
+        assert_eq!(health(true, Some(&running), Some(Healthy)).0, Unhealthy);
+        assert_eq!(health(true, Some(&running), Some(Unhealthy)).0, Unhealthy);
+        let ready = view(Some("n1"), "Running", true);
+        assert_eq!(health(true, Some(&ready), Some(Unhealthy)).0, Healthy);
+        let failed = view(Some("n1"), "Failed", false);
+        assert!(failed.is_finished());
+        assert_eq!(health(true, Some(&failed), None).0, Unhealthy);
+        let deleting = PodView {
+            deleting: true,
+            ..ready
+        };
+        assert_eq!(health(true, Some(&deleting), Some(Healthy)).0, Draining);
+    }
+}

@@ -1,0 +1,458 @@
+//! The VpnGateway controller: keeps `spec.exits.count` exits, each a `VpnMask` (a provider slot,
+//! a VXLAN identifier) and, once the mask holds its slot, a pod running `cloak agent` in the
+//! exit role with one server of the provider's pool; replaces a stopped exit pod with one on the
+//! next server; reports every exit's pod, node, provider, slot, server and health, with Events
+//! when an exit goes down or comes back.
+//!
+//! The data path itself (clients' attachment, balancing, failover) is the nodes' job: this
+//! controller only makes the exits exist. With it stopped, exits and flows go on.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+    time::Duration,
+};
+
+use cloak_api::{ExitHealth, ExitStatus, Mtu, VpnGateway, VpnGatewayStatus, VpnMask, VpnMaskSpec};
+use cloak_model::{credentials, exit, gateway};
+use k8s_openapi::{
+    api::core::v1::{ConfigMap, Pod},
+    apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time},
+};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
+    core::DeserializeGuard,
+    runtime::{Controller, controller::Action, events::EventType, reflector::ObjectRef, watcher},
+};
+
+use super::{condition, measured, publish, status::write_if_changed};
+use crate::{Context, Error, MANAGER, Result};
+
+const CONTROLLER: &str = "vpngateway";
+
+/// Looks again at least this often: an exit's health comes from pod watches, this is the net.
+const RESYNC: Duration = Duration::from_mins(1);
+
+/// The MTU `auto` starts from: WireGuard's default tunnel MTU (an OpenVPN tunnel's is larger),
+/// and the pod network's usual 1500.
+const TUNNEL_MTU: u16 = 1420;
+const POD_NETWORK_MTU: u16 = 1500;
+
+/// The gateway controller: its gateways, the exit masks they own, and the exit pods (owned by
+/// the masks, so mapped to their gateway by label). Both child watches see only objects
+/// labelled as exits.
+pub(crate) fn controller(client: &Client) -> Controller<DeserializeGuard<VpnGateway>> {
+    let exits = || watcher::Config::default().labels(exit::LABEL_GATEWAY);
+    Controller::new(Api::all(client.clone()), watcher::Config::default())
+        .owns(
+            Api::<DeserializeGuard<VpnMask>>::all(client.clone()),
+            exits(),
+        )
+        .watches(Api::<Pod>::all(client.clone()), exits(), |pod| {
+            let gateway = pod.labels().get(exit::LABEL_GATEWAY)?;
+            Some(ObjectRef::new(gateway).within(&pod.namespace()?))
+        })
+}
+
+/// No requests besides the watches.
+pub(crate) fn no_triggers()
+-> impl futures::Stream<Item = ObjectRef<DeserializeGuard<VpnGateway>>> + Send + 'static {
+    futures::stream::pending()
+}
+
+pub(crate) async fn reconcile(
+    guard: Arc<DeserializeGuard<VpnGateway>>,
+    ctx: Arc<Context>,
+) -> Result<Action> {
+    measured(&ctx, CONTROLLER, async {
+        let gateway = match &guard.0 {
+            Ok(gateway) => gateway,
+            Err(invalid) => return Err(super::report_invalid::<VpnGateway>(&ctx, invalid).await),
+        };
+        if gateway.meta().deletion_timestamp.is_some() {
+            // Its masks, pods and ConfigMap are its dependents: the garbage collector removes
+            // them, each mask releasing its slot once its pod is gone.
+            return Ok(Action::await_change());
+        }
+        apply(gateway, &ctx).await
+    })
+    .await
+}
+
+/// One exit as found in the cluster.
+struct Found {
+    mask: VpnMask,
+    pod: Option<Pod>,
+}
+
+async fn apply(gateway: &VpnGateway, ctx: &Context) -> Result<Action> {
+    let ns = gateway.namespace().unwrap_or_default();
+    let name = gateway.name_any();
+    let owner = gateway
+        .controller_owner_ref(&())
+        .ok_or_else(|| Error::Invalid("the gateway has no uid yet".into()))?;
+    let masks: Api<VpnMask> = Api::namespaced(ctx.client.clone(), &ns);
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let mine = ListParams::default().labels(&format!("{}={name}", exit::LABEL_GATEWAY));
+    let count = gateway.spec.exits.count.get();
+    let wanted: Vec<String> = (0..count).map(|i| gateway::exit_name(&name, i)).collect();
+
+    // Scale-down: exits past the count go (each pod first, then its slot).
+    let mut found: BTreeMap<String, Found> = BTreeMap::new();
+    for mask in masks.list(&mine).await?.items {
+        let exit_name = mask.name_any();
+        if !wanted.contains(&exit_name) {
+            if mask.meta().deletion_timestamp.is_none() {
+                masks
+                    .delete(&exit_name, &DeleteParams::background())
+                    .await?;
+                tracing::info!(gateway = %name, exit = %exit_name, "exit removed (scale-down)");
+            }
+            continue;
+        }
+        found.insert(exit_name, Found { mask, pod: None });
+    }
+    for pod in pods.list(&mine).await?.items {
+        if let Some(f) = pod
+            .labels()
+            .get(exit::LABEL_EXIT)
+            .and_then(|e| found.get_mut(e))
+        {
+            f.pod = Some(pod);
+        }
+    }
+
+    // Missing exits get a mask, each with a VXLAN identifier no other exit has.
+    for exit_name in &wanted {
+        if !found.contains_key(exit_name) {
+            let mask = create_mask(gateway, exit_name, &owner, ctx).await?;
+            found.insert(exit_name.clone(), Found { mask, pod: None });
+        }
+    }
+
+    let mtu = match gateway.spec.mtu {
+        Mtu::Fixed(bytes) => bytes,
+        Mtu::Auto => gateway::auto_mtu(TUNNEL_MTU, POD_NETWORK_MTU, false),
+    };
+    let intranet: Vec<ipnet::IpNet> = if gateway.spec.intranet.is_empty() {
+        ctx.config.intranet.iter().map(|c| c.get()).collect()
+    } else {
+        gateway.spec.intranet.iter().map(|c| c.get()).collect()
+    };
+    let configs = found.iter().filter_map(|(exit_name, f)| {
+        let vni = vni_of(&f.mask)?;
+        let config = exit::agent_config(&exit::ExitAgent {
+            vni,
+            mss: gateway::mss(mtu, false),
+            probe: &ctx.config.verify_ip_url,
+            bypass: &intranet,
+        });
+        Some((exit_name.clone(), config))
+    });
+    let config_map = exit::config_map(&name, &ns, &owner, configs)?;
+    Api::<ConfigMap>::namespaced(ctx.client.clone(), &ns)
+        .patch(
+            &exit::config_map_name(&name),
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&config_map),
+        )
+        .await?;
+
+    // Pods: one per exit whose mask holds a slot; a stopped one is replaced on the next server.
+    let mut servers_in_use: Vec<(String, String)> = found
+        .values()
+        .filter_map(|f| {
+            let provider = f.mask.status.as_ref()?.provider.as_ref()?.uid.clone();
+            let server = f
+                .pod
+                .as_ref()?
+                .annotations()
+                .get(exit::ANNOTATION_SERVER)?
+                .clone();
+            Some((provider, server))
+        })
+        .collect();
+    for (exit_name, f) in &mut found {
+        let Some(held) = f.mask.status.as_ref().and_then(|s| s.provider.clone()) else {
+            continue;
+        };
+        if let Some(pod) = &f.pod {
+            let view = exit::PodView::of(pod);
+            if view.is_finished() && !view.deleting {
+                let why = view.reason.unwrap_or_else(|| "stopped".into());
+                publish(
+                    ctx,
+                    gateway,
+                    EventType::Warning,
+                    "ExitReplaced",
+                    format!("exit {exit_name} stopped ({why}); replacing it on the next server"),
+                )
+                .await;
+                pods.delete(exit_name, &DeleteParams::background()).await?;
+            }
+            continue;
+        }
+        let siblings: Vec<&str> = servers_in_use
+            .iter()
+            .filter(|(provider, _)| *provider == held.uid)
+            .map(|(_, server)| server.as_str())
+            .collect();
+        if let Some(pod) = exit_pod(gateway, exit_name, &f.mask, &held, &siblings, ctx).await? {
+            if let Some(server) = pod.annotations().get(exit::ANNOTATION_SERVER) {
+                servers_in_use.push((held.uid.clone(), server.clone()));
+            }
+            f.pod = Some(pod);
+        }
+    }
+
+    // Status.
+    let previous = gateway.status.clone().unwrap_or_default();
+    let mut exits = Vec::new();
+    for (exit_name, f) in &found {
+        let was = previous.exits.iter().find(|e| &e.name == exit_name);
+        let view = f.pod.as_ref().map(exit::PodView::of);
+        let held = f.mask.status.as_ref().and_then(|s| s.provider.as_ref());
+        let (health, message) = exit::health(held.is_some(), view.as_ref(), was.map(|w| w.health));
+        let since = match was {
+            Some(w) if w.health == health => w.since.clone(),
+            _ => Some(Time(k8s_openapi::jiff::Timestamp::now())),
+        };
+        if let Some(w) = was
+            && w.health != health
+        {
+            announce(ctx, gateway, exit_name, w.health, health, &message).await;
+        }
+        exits.push(ExitStatus {
+            name: exit_name.clone(),
+            node: view.as_ref().and_then(|v| v.node.clone()),
+            vni: vni_of(&f.mask).unwrap_or_default(),
+            pod_ip: view.as_ref().and_then(|v| v.ip).map(|ip| ip.to_string()),
+            provider: held.map(|h| h.name.clone()),
+            slot: held.map(|h| h.slot),
+            server: f
+                .pod
+                .as_ref()
+                .and_then(|p| p.annotations().get(exit::ANNOTATION_SERVER).cloned()),
+            public_address: was.and_then(|w| w.public_address.clone()),
+            health,
+            since,
+            message: Some(message),
+        });
+    }
+    let healthy = u32::try_from(
+        exits
+            .iter()
+            .filter(|e| e.health == ExitHealth::Healthy)
+            .count(),
+    )
+    .unwrap_or(u32::MAX);
+    let generation = gateway.meta().generation;
+    let ready_message = format!("{healthy} of {count} exits healthy");
+    let status = VpnGatewayStatus {
+        exits,
+        healthy_exits: healthy,
+        clients: previous.clients,
+        mtu: Some(mtu),
+        conditions: vec![
+            condition(
+                &previous.conditions,
+                "Ready",
+                healthy > 0,
+                if healthy > 0 {
+                    "ExitsHealthy"
+                } else {
+                    "NoHealthyExit"
+                },
+                &ready_message,
+                generation,
+            ),
+            condition(
+                &previous.conditions,
+                "Degraded",
+                healthy < count,
+                if healthy < count {
+                    "ExitsMissing"
+                } else {
+                    "AllExitsHealthy"
+                },
+                &ready_message,
+                generation,
+            ),
+            condition(
+                &previous.conditions,
+                "KillSwitch",
+                gateway.spec.kill_switch,
+                if gateway.spec.kill_switch {
+                    "On"
+                } else {
+                    "Off"
+                },
+                if gateway.spec.kill_switch {
+                    "client internet traffic is dropped whenever no exit can carry it"
+                } else {
+                    "spec.killSwitch is false: while every exit is down, client traffic leaves unmasked"
+                },
+                generation,
+            ),
+        ],
+        observed_generation: generation,
+    };
+    let api: Api<VpnGateway> = Api::namespaced(ctx.client.clone(), &ns);
+    write_if_changed(&api, &name, &previous, &status, None).await?;
+    Ok(Action::requeue(RESYNC))
+}
+
+/// The exit's VXLAN identifier, from its mask's annotation.
+fn vni_of(mask: &VpnMask) -> Option<u32> {
+    mask.annotations().get(exit::ANNOTATION_VNI)?.parse().ok()
+}
+
+/// Creates exit `exit_name`'s mask with the lowest VXLAN identifier no exit of any gateway has.
+/// Serialized within this operator (the leader is the only writer) and decided on a fresh list,
+/// not a cache, so two gateways never get the same identifier.
+async fn create_mask(
+    gateway: &VpnGateway,
+    exit_name: &str,
+    owner: &OwnerReference,
+    ctx: &Context,
+) -> Result<VpnMask> {
+    let _one_at_a_time = ctx.vni_lock.lock().await;
+    let all: Api<VpnMask> = Api::all(ctx.client.clone());
+    let taken: BTreeSet<u32> = all
+        .list_metadata(&ListParams::default().labels(exit::LABEL_GATEWAY))
+        .await?
+        .items
+        .iter()
+        .filter_map(|m| m.annotations().get(exit::ANNOTATION_VNI)?.parse().ok())
+        .collect();
+    let vni = gateway::free_vni(&taken)
+        .ok_or_else(|| Error::Invalid("every VXLAN identifier is taken".into()))?;
+    let ns = gateway.namespace().unwrap_or_default();
+    let mask = VpnMask {
+        metadata: ObjectMeta {
+            name: Some(exit_name.to_owned()),
+            namespace: Some(ns.clone()),
+            labels: Some(
+                [
+                    (exit::LABEL_GATEWAY.to_owned(), gateway.name_any()),
+                    (
+                        crate::labels::MANAGED_BY.to_owned(),
+                        crate::labels::MANAGER.to_owned(),
+                    ),
+                ]
+                .into(),
+            ),
+            annotations: Some([(exit::ANNOTATION_VNI.to_owned(), vni.to_string())].into()),
+            owner_references: Some(vec![owner.clone()]),
+            ..ObjectMeta::default()
+        },
+        spec: VpnMaskSpec {
+            providers: gateway.spec.exits.providers.clone(),
+        },
+        status: None,
+    };
+    let created = Api::<VpnMask>::namespaced(ctx.client.clone(), &ns)
+        .create(&PostParams::default(), &mask)
+        .await?;
+    tracing::info!(gateway = %gateway.name_any(), exit = exit_name, vni, "exit created");
+    Ok(created)
+}
+
+/// Creates an exit's pod on the server its pool gives next: after the one its last pod used
+/// (rotation), avoiding the servers its siblings on the same provider use. `None` while the
+/// mask's credentials copy is not there yet.
+async fn exit_pod(
+    gateway: &VpnGateway,
+    exit_name: &str,
+    mask: &VpnMask,
+    held: &cloak_api::AssignedProvider,
+    siblings: &[&str],
+    ctx: &Context,
+) -> Result<Option<Pod>> {
+    let ns = gateway.namespace().unwrap_or_default();
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let Some(copy) = secrets.get_opt(&held.secret).await? else {
+        return Ok(None);
+    };
+    let data: BTreeMap<String, Vec<u8>> = copy
+        .data
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| (k, v.0))
+        .collect();
+    let keys = credentials::keys(data.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
+        .map_err(|e| Error::Invalid(format!("exit {exit_name}: credentials: {e}")))?;
+    let pool = credentials::pool(&keys, cloak_model::tunnel::DEFAULT_INTERFACE)
+        .map_err(|e| Error::Invalid(format!("exit {exit_name}: credentials: {e}")))?;
+    let last = mask
+        .annotations()
+        .get(exit::ANNOTATION_SERVER)
+        .map(String::as_str);
+    let Some(server) = credentials::next_server(&pool.servers, last, siblings, &[]) else {
+        return Err(Error::Invalid(format!(
+            "exit {exit_name}: provider {} has no server the agent can run (gluetun variables name none)",
+            held.name
+        )));
+    };
+    let mask_ref = mask
+        .controller_owner_ref(&())
+        .ok_or_else(|| Error::Invalid(format!("exit {exit_name}: its mask has no uid yet")))?;
+    let pod = exit::pod(&exit::ExitPod {
+        name: exit_name,
+        namespace: &ns,
+        gateway: &gateway.name_any(),
+        image: &ctx.config.agent_image,
+        secret: &held.secret,
+        server: &server.name,
+        keys: pool.copy_keys(server, &keys),
+        owner: OwnerReference {
+            block_owner_deletion: Some(true),
+            ..mask_ref
+        },
+    })?;
+    let created = Api::<Pod>::namespaced(ctx.client.clone(), &ns)
+        .create(&PostParams::default(), &pod)
+        .await?;
+    // The mask remembers the server, so the exit's next pod moves on to the next one.
+    let patch =
+        serde_json::json!({"metadata": {"annotations": {exit::ANNOTATION_SERVER: server.name}}});
+    Api::<VpnMask>::namespaced(ctx.client.clone(), &ns)
+        .patch(exit_name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    tracing::info!(gateway = %gateway.name_any(), exit = exit_name, server = %server.name, "exit pod created");
+    Ok(Some(created))
+}
+
+/// An Event when an exit stops carrying flows or starts again, naming it and the reason.
+async fn announce(
+    ctx: &Context,
+    gateway: &VpnGateway,
+    exit_name: &str,
+    was: ExitHealth,
+    now: ExitHealth,
+    message: &str,
+) {
+    let (type_, reason) = match (was, now) {
+        (ExitHealth::Healthy, _) => (EventType::Warning, "ExitDown"),
+        (_, ExitHealth::Healthy) if was == ExitHealth::Unhealthy => {
+            (EventType::Normal, "ExitRecovered")
+        }
+        (_, ExitHealth::Healthy) => (EventType::Normal, "ExitUp"),
+        _ => return,
+    };
+    publish(
+        ctx,
+        gateway,
+        type_,
+        reason,
+        format!("exit {exit_name}: {was:?} -> {now:?}: {message}"),
+    )
+    .await;
+}
+
+/// Runs the controller until `stop`.
+pub(crate) async fn run(ctx: Arc<Context>, stop: tokio::sync::watch::Receiver<bool>) {
+    let controller = controller(&ctx.client);
+    super::run(controller, reconcile, ctx, no_triggers(), stop).await;
+}

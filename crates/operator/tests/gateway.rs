@@ -1,0 +1,418 @@
+//! The VpnGateway controller against a real kube-apiserver: the exits it keeps (a mask each,
+//! with a VXLAN identifier of its own, and a pod on a server of the provider's pool), their
+//! health in the status and in Events, replacement on the next server, and scale-down. No
+//! kubelet runs: the tests bind pods and write their status, playing the scheduler's and the
+//! kubelet's part.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::large_futures)] // test helpers
+
+mod common;
+
+use std::{
+    collections::BTreeSet,
+    time::{Duration, Instant},
+};
+
+use cloak_api::{ExitHealth, VpnGateway, VpnMask, VpnProvider};
+use cloak_model::exit;
+use cloak_testkit::{ControlPlane, TestNamespace};
+use k8s_openapi::{
+    ByteString,
+    api::core::v1::{ConfigMap, Event, Pod, Secret},
+};
+use kube::{
+    Api, Client, ResourceExt,
+    api::{ListParams, ObjectMeta, Patch, PatchParams, PostParams},
+};
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A valid wg-quick file for server `n` (the keys are not secret: a fixed test key).
+fn server(n: u8) -> String {
+    format!(
+        "[Interface]\nPrivateKey = wOEI9rqqbDwnN8/Bpp22sVz48T71vJ4fYmFWujulwUU=\nAddress = 10.64.0.2/32\n\n[Peer]\nPublicKey = wOEI9rqqbDwnN8/Bpp22sVz48T71vJ4fYmFWujulwUU=\nEndpoint = 192.0.2.{n}:51820\nAllowedIPs = 0.0.0.0/0\n"
+    )
+}
+
+/// The test namespace with an operator running on this test's runtime, and provider `pool`
+/// (tag `nl`, `max_slots` slots, verification skipped) whose Secret holds servers `s1`..`s3`.
+async fn setup(test: &str, max_slots: u32) -> (Client, TestNamespace, common::Running) {
+    // RUST_LOG=cloak_operator=debug shows what the operators do.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let client = ControlPlane::shared().client();
+    let ns = TestNamespace::create(&client, test).await.unwrap();
+    let operator = common::Running::start(
+        client.clone(),
+        cloak_operator::Config {
+            instance: format!("gateway-{test}"),
+            verify_ip_url: "http://203.0.113.10/ip".into(),
+            agent_image: "cloak.dev/test/cloak:dev".into(),
+            intranet: vec!["10.244.0.0/16".parse().unwrap()],
+            ..cloak_operator::Config::default()
+        },
+    );
+    let data = (1..=3)
+        .map(|n| (format!("s{n}.conf"), ByteString(server(n).into_bytes())))
+        .collect();
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some("creds".into()),
+            ..ObjectMeta::default()
+        },
+        data: Some(data),
+        ..Secret::default()
+    };
+    Api::<Secret>::namespaced(client.clone(), ns.name())
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+    let provider: VpnProvider = serde_json::from_value(json!({
+        "apiVersion": "cloak.dev/v1alpha1", "kind": "VpnProvider", "metadata": {"name": "pool"},
+        "spec": {"secret": "creds", "maxSlots": max_slots, "tags": ["nl"],
+                 "namespaces": [ns.name()], "verify": {"skip": true}},
+    }))
+    .unwrap();
+    Api::<VpnProvider>::namespaced(client.clone(), ns.name())
+        .create(&PostParams::default(), &provider)
+        .await
+        .unwrap();
+    (client, ns, operator)
+}
+
+async fn gateway(client: &Client, ns: &str, name: &str, count: u32) {
+    let gateway: VpnGateway = serde_json::from_value(json!({
+        "apiVersion": "cloak.dev/v1alpha1", "kind": "VpnGateway", "metadata": {"name": name},
+        "spec": {"exits": {"count": count, "providers": ["nl"]}},
+    }))
+    .unwrap();
+    Api::<VpnGateway>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &gateway)
+        .await
+        .unwrap();
+}
+
+/// Polls `check` on the gateway until it returns `Some`, for at most [`WAIT`].
+async fn until<T>(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    what: &str,
+    check: impl Fn(&VpnGateway, &[Pod]) -> Option<T>,
+) -> T {
+    let gateways: Api<VpnGateway> = Api::namespaced(client.clone(), ns);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let g = gateways.get(name).await.unwrap();
+        let list = pods
+            .list(&ListParams::default().labels(&format!("{}={name}", exit::LABEL_GATEWAY)))
+            .await
+            .unwrap()
+            .items;
+        if let Some(found) = check(&g, &list) {
+            return found;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not within {WAIT:?}; status {:#?}",
+            g.status
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Binds `pod` to `node` as the scheduler would.
+async fn bind(client: &Client, ns: &str, pod: &str, node: &str) {
+    let binding = json!({
+        "apiVersion": "v1", "kind": "Binding", "metadata": {"name": pod},
+        "target": {"apiVersion": "v1", "kind": "Node", "name": node},
+    });
+    Api::<Pod>::namespaced(client.clone(), ns)
+        .create_subresource::<_, serde_json::Value>(
+            "binding",
+            pod,
+            &PostParams::default(),
+            &binding,
+        )
+        .await
+        .unwrap();
+}
+
+/// Writes the pod's status as the kubelet would: running, ready or not, or failed.
+async fn set_pod(client: &Client, ns: &str, pod: &str, phase: &str, ready: bool) {
+    let ready = if ready { "True" } else { "False" };
+    let status = json!({"status": {
+        "phase": phase, "podIP": "10.244.1.7",
+        "conditions": [{"type": "Ready", "status": ready}],
+    }});
+    Api::<Pod>::namespaced(client.clone(), ns)
+        .patch_status(pod, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .unwrap();
+}
+
+fn exit_health(g: &VpnGateway, exit: &str) -> Option<ExitHealth> {
+    g.status
+        .as_ref()?
+        .exits
+        .iter()
+        .find(|e| e.name == exit)
+        .map(|e| e.health)
+}
+
+async fn event_reasons(client: &Client, ns: &str) -> Vec<String> {
+    Api::<Event>::namespaced(client.clone(), ns)
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|e| e.reason)
+        .collect()
+}
+
+#[tokio::test]
+async fn each_exit_holds_a_slot_with_its_own_vni_and_runs_a_pod_on_its_own_server() {
+    let (client, ns, operator) = setup("gw-exits", 3).await;
+    gateway(&client, ns.name(), "egress", 2).await;
+    let pods = until(&client, ns.name(), "egress", "two exit pods", |_, pods| {
+        (pods.len() == 2).then(|| pods.to_vec())
+    })
+    .await;
+    let servers: BTreeSet<String> = pods
+        .iter()
+        .map(|p| p.annotations()[exit::ANNOTATION_SERVER].clone())
+        .collect();
+    assert_eq!(
+        servers.len(),
+        2,
+        "exits on one provider use different servers"
+    );
+    for pod in &pods {
+        let v = serde_json::to_value(pod).unwrap();
+        let server = &pod.annotations()[exit::ANNOTATION_SERVER];
+        assert_eq!(
+            v["spec"]["volumes"][0]["secret"]["items"],
+            json!([{"key": format!("{server}.conf"), "path": "wg0.conf"}]),
+            "the pod mounts its one server as wg0.conf"
+        );
+        assert_eq!(pod.owner_references()[0].kind, "VpnMask");
+    }
+
+    let masks = Api::<VpnMask>::namespaced(client.clone(), ns.name())
+        .list(&ListParams::default().labels(&format!("{}=egress", exit::LABEL_GATEWAY)))
+        .await
+        .unwrap()
+        .items;
+    let vnis: BTreeSet<String> = masks
+        .iter()
+        .map(|m| m.annotations()[exit::ANNOTATION_VNI].clone())
+        .collect();
+    assert_eq!(vnis.len(), 2, "{vnis:?}");
+
+    let configs = Api::<ConfigMap>::namespaced(client.clone(), ns.name())
+        .get("egress-exits")
+        .await
+        .unwrap()
+        .data
+        .unwrap();
+    let config: serde_json::Value = serde_json::from_str(&configs["egress-exit-0.yaml"]).unwrap();
+    assert!(
+        vnis.contains(&config["exit"]["vni"].to_string()),
+        "{config}"
+    );
+    assert_eq!(config["exit"]["mss"], 1380, "auto MTU 1420 less 40");
+    assert_eq!(config["bypass"], json!(["10.244.0.0/16"]));
+
+    let g = until(
+        &client,
+        ns.name(),
+        "egress",
+        "status of two exits",
+        |g, _| {
+            let s = g.status.as_ref()?;
+            (s.exits.len() == 2
+                && s.exits
+                    .iter()
+                    .all(|e| e.slot.is_some() && e.server.is_some()))
+            .then(|| g.clone())
+        },
+    )
+    .await;
+    let status = g.status.unwrap();
+    assert_eq!(status.healthy_exits, 0);
+    assert_eq!(status.mtu, Some(1420));
+    for e in &status.exits {
+        assert_eq!(e.provider.as_deref(), Some("pool"));
+        assert_eq!(e.health, ExitHealth::Pending, "unscheduled: {e:?}");
+    }
+    let ready = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .unwrap();
+    assert_eq!(ready.status, "False");
+    operator.stop().await;
+}
+
+#[tokio::test]
+async fn an_exit_going_down_and_back_is_in_the_status_and_in_events_and_a_stopped_pod_moves_to_the_next_server()
+ {
+    let (client, ns, operator) = setup("gw-health", 2).await;
+    gateway(&client, ns.name(), "egress", 2).await;
+    until(&client, ns.name(), "egress", "two exit pods", |_, pods| {
+        (pods.len() == 2).then_some(())
+    })
+    .await;
+    let exit0 = "egress-exit-0";
+    bind(&client, ns.name(), exit0, "node-1").await;
+    set_pod(&client, ns.name(), exit0, "Running", true).await;
+    until(&client, ns.name(), "egress", "exit 0 healthy", |g, _| {
+        (exit_health(g, exit0) == Some(ExitHealth::Healthy)
+            && g.status.as_ref()?.healthy_exits == 1)
+            .then_some(())
+    })
+    .await;
+    let g = Api::<VpnGateway>::namespaced(client.clone(), ns.name())
+        .get("egress")
+        .await
+        .unwrap();
+    let status = g.status.unwrap();
+    let e0 = status.exits.iter().find(|e| e.name == exit0).unwrap();
+    assert_eq!(e0.node.as_deref(), Some("node-1"));
+    assert_eq!(e0.pod_ip.as_deref(), Some("10.244.1.7"));
+    let condition = |t: &str| {
+        status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == t)
+            .unwrap()
+            .status
+            .clone()
+    };
+    assert_eq!(condition("Ready"), "True");
+    assert_eq!(condition("Degraded"), "True", "one of two exits healthy");
+
+    set_pod(&client, ns.name(), exit0, "Running", false).await;
+    until(&client, ns.name(), "egress", "exit 0 unhealthy", |g, _| {
+        (exit_health(g, exit0) == Some(ExitHealth::Unhealthy)).then_some(())
+    })
+    .await;
+    set_pod(&client, ns.name(), exit0, "Running", true).await;
+    until(
+        &client,
+        ns.name(),
+        "egress",
+        "exit 0 healthy again",
+        |g, _| (exit_health(g, exit0) == Some(ExitHealth::Healthy)).then_some(()),
+    )
+    .await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let reasons = event_reasons(&client, ns.name()).await;
+        if ["ExitUp", "ExitDown", "ExitRecovered"]
+            .iter()
+            .all(|r| reasons.iter().any(|x| x == r))
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "events: {reasons:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // A stopped pod is replaced; its exit moves on to the server no sibling uses.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns.name());
+    let first = pods.get(exit0).await.unwrap();
+    let (uid, server) = (
+        first.uid().unwrap(),
+        first.annotations()[exit::ANNOTATION_SERVER].clone(),
+    );
+    let sibling =
+        pods.get("egress-exit-1").await.unwrap().annotations()[exit::ANNOTATION_SERVER].clone();
+    set_pod(&client, ns.name(), exit0, "Failed", false).await;
+    let next = until(
+        &client,
+        ns.name(),
+        "egress",
+        "exit 0 replaced",
+        |_, pods| {
+            pods.iter()
+                .find(|p| p.name_any() == exit0 && p.uid().as_deref() != Some(uid.as_str()))
+                .map(|p| p.annotations()[exit::ANNOTATION_SERVER].clone())
+        },
+    )
+    .await;
+    assert_ne!(next, server, "the replacement uses the next server");
+    assert_ne!(next, sibling, "and not its sibling's");
+    assert!(
+        event_reasons(&client, ns.name())
+            .await
+            .iter()
+            .any(|r| r == "ExitReplaced")
+    );
+    operator.stop().await;
+}
+
+#[tokio::test]
+async fn two_gateways_never_share_a_vni_and_scaling_down_removes_the_last_exits() {
+    let (client, ns, operator) = setup("gw-scale", 3).await;
+    // Created together: their exits pick identifiers at the same time.
+    tokio::join!(
+        gateway(&client, ns.name(), "a", 3),
+        gateway(&client, ns.name(), "b", 3)
+    );
+    let masks: Api<VpnMask> = Api::namespaced(client.clone(), ns.name());
+    let deadline = Instant::now() + WAIT;
+    let vnis = loop {
+        let list = masks
+            .list(&ListParams::default().labels(exit::LABEL_GATEWAY))
+            .await
+            .unwrap()
+            .items;
+        if list.len() == 6 {
+            break list
+                .iter()
+                .map(|m| m.annotations()[exit::ANNOTATION_VNI].clone())
+                .collect::<BTreeSet<_>>();
+        }
+        assert!(Instant::now() < deadline, "{} exit masks", list.len());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(vnis.len(), 6, "{vnis:?}");
+
+    Api::<VpnGateway>::namespaced(client.clone(), ns.name())
+        .patch(
+            "a",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"exits": {"count": 1}}})),
+        )
+        .await
+        .unwrap();
+    until(&client, ns.name(), "a", "one exit left", |g, _| {
+        let s = g.status.as_ref()?;
+        (s.exits.len() == 1 && s.exits[0].name == "a-exit-0").then_some(())
+    })
+    .await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let left: Vec<String> = masks
+            .list(&ListParams::default().labels(&format!("{}=a", exit::LABEL_GATEWAY)))
+            .await
+            .unwrap()
+            .items
+            .iter()
+            .filter(|m| m.metadata.deletion_timestamp.is_none())
+            .map(ResourceExt::name_any)
+            .collect();
+        if left == ["a-exit-0"] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "masks left: {left:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    operator.stop().await;
+}
