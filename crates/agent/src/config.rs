@@ -62,6 +62,24 @@ pub struct AgentConfig {
     /// Use userspace WireGuard even where the kernel module exists.
     #[serde(default)]
     pub userspace: bool,
+    /// The exit role: this agent is one exit of a VpnGateway and forwards the flows the nodes
+    /// send over their VXLAN links into its tunnel (the operator writes this section).
+    #[serde(default)]
+    pub exit: Option<ExitRole>,
+}
+
+/// What an exit needs besides its tunnel.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExitRole {
+    /// The VXLAN network identifier the nodes' links to this exit use.
+    pub vni: u32,
+    /// TCP MSS clamped on client flows, both ways.
+    pub mss: u16,
+    /// This pod's own address, the far end of the nodes' links. Default: `$POD_IP` (the
+    /// operator sets it from the downward API).
+    #[serde(default)]
+    pub local: Option<IpAddr>,
 }
 
 /// How the agent decides the tunnel works.
@@ -137,6 +155,8 @@ pub struct Resolved {
     pub backoff: Duration,
     pub backoff_max: Duration,
     pub userspace: bool,
+    /// The exit role, its local address resolved.
+    pub exit: Option<ExitRole>,
 }
 
 /// Where the active probe goes.
@@ -193,6 +213,8 @@ pub enum ConfigError {
     Probe { probe: String, reason: String },
     #[error("interface name {0:?} must be 1-15 characters of [a-zA-Z0-9_-]")]
     Interface(String),
+    #[error("exit: {0}")]
+    Exit(String),
 }
 
 impl Resolved {
@@ -232,7 +254,9 @@ impl Resolved {
             .as_deref()
             .map(|p| parse_probe(p, dns))
             .transpose()?;
+        let exit = config.exit.map(resolve_exit).transpose()?;
         Ok(Self {
+            exit,
             dns,
             tunnel,
             resolv_conf: config.resolv_conf,
@@ -246,6 +270,28 @@ impl Resolved {
             userspace: config.userspace,
         })
     }
+}
+
+/// An exit role with its local address: the config's, else `$POD_IP`.
+fn resolve_exit(mut role: ExitRole) -> Result<ExitRole, ConfigError> {
+    if role.local.is_none() {
+        let from_env = std::env::var("POD_IP").map_err(|_| {
+            ConfigError::Exit("no exit.local and no POD_IP in the environment".into())
+        })?;
+        role.local =
+            Some(from_env.parse().map_err(|_| {
+                ConfigError::Exit(format!("POD_IP {from_env:?} is not an IP address"))
+            })?);
+    }
+    if !(cloak_model::gateway::FIRST_VNI..=cloak_model::gateway::LAST_VNI).contains(&role.vni) {
+        return Err(ConfigError::Exit(format!(
+            "vni {} is outside {}-{}",
+            role.vni,
+            cloak_model::gateway::FIRST_VNI,
+            cloak_model::gateway::LAST_VNI
+        )));
+    }
+    Ok(role)
 }
 
 /// A fingerprint of the config file and every credentials file, to notice edits. The config is
@@ -520,6 +566,39 @@ mod tests {
 
     /// Names are kept as names: resolving them is the machine's step, at each connection, and
     /// a config must load whether or not DNS works (the kill switch may be closed).
+    #[test]
+    fn an_exit_role_loads_with_its_address_and_an_identifier_out_of_range_is_refused() {
+        let d = dir();
+        write(d.path(), "wg0.conf", &wg_conf());
+        let cfg = write(
+            d.path(),
+            "exit.yaml",
+            "credentials: wg0.conf\nexit: {vni: 4096, mss: 1380, local: 10.244.1.7}\n",
+        );
+        let r = Resolved::load(&cfg).unwrap();
+        let role = r.exit.clone().unwrap();
+        assert_eq!((role.vni, role.mss), (4096, 1380));
+        assert_eq!(role.local, Some("10.244.1.7".parse().unwrap()));
+        let plan = crate::exit::plan(
+            &Ok(std::sync::Arc::new(r)),
+            &crate::machine::Status::default(),
+        )
+        .unwrap();
+        assert_eq!(plan.tunnel, "ck0");
+        assert!(
+            !plan.healthy,
+            "an exit not connected answers no health probe"
+        );
+
+        let bad = write(
+            d.path(),
+            "bad.yaml",
+            "credentials: wg0.conf\nexit: {vni: 7, mss: 1380, local: 10.244.1.7}\n",
+        );
+        let err = Resolved::load(&bad).unwrap_err().to_string();
+        assert!(err.contains("vni 7"), "{err}");
+    }
+
     #[test]
     fn host_names_load_unresolved_and_a_probe_name_needs_the_tunnels_resolver() {
         let d = dir();

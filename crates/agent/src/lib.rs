@@ -6,6 +6,7 @@
 //! What does not belong here: kernel side effects (the `dataplane` crate), Kubernetes.
 
 pub mod config;
+pub mod exit;
 pub mod health;
 pub mod machine;
 pub mod metrics;
@@ -68,6 +69,8 @@ pub async fn run(options: Options) -> std::io::Result<()> {
 
     let (config_tx, config_rx) = watch::channel(load(&options));
     let watcher = tokio::spawn(watch_config(options.clone(), config_tx));
+    // A gateway exit's links follow the tunnel (nothing happens without an `exit` section).
+    let exit = tokio::spawn(exit::follow(config_rx.clone(), status_rx.clone()));
 
     let app = Router::new()
         .route("/livez", get(|| async { "ok" }))
@@ -97,6 +100,7 @@ pub async fn run(options: Options) -> std::io::Result<()> {
     machine.run(config_rx, shutdown_rx).await;
     watcher.abort();
     signals.abort();
+    exit.abort();
     Ok(())
 }
 

@@ -51,6 +51,9 @@ pub struct FirewallPolicy {
     /// packets to a dead client port a "connection that came in", and the kernel's ICMP
     /// port-unreachable its "reply", which the reply rule let out.
     pub notrack_tunnel: bool,
+    /// A gateway exit's VXLAN links: UDP from and to this port leaves outside the tunnel (the
+    /// outer packets to the nodes; what they carry is the exit's own table's business).
+    pub link_port: Option<u16>,
 }
 
 impl FirewallPolicy {
@@ -142,6 +145,9 @@ impl FirewallPolicy {
                 "meta mark {:#x} {family} daddr {r} udp dport 53 accept",
                 ids.fwmark
             ));
+        }
+        if let Some(port) = self.link_port {
+            output.push(format!("udp sport {port} udp dport {port} accept"));
         }
         // The endpoints come before the DNS drop: some providers listen on port 53.
         for ep in &self.endpoints {
@@ -406,6 +412,7 @@ mod tests {
             bypass: vec!["10.96.0.0/12".parse().unwrap()],
             clamp_mss: Some(1380),
             notrack_tunnel: true,
+            link_port: None,
             resolver: None,
         }
     }

@@ -87,6 +87,8 @@ pub struct ClientPort {
     pub iface: String,
     /// The client's address on [`CLIENT_IFACE`], in [`CLIENT_RANGE`].
     pub address: Ipv4Addr,
+    /// The gateway it belongs to (a node-local number): its flows go to that gateway's exits.
+    pub gateway: u16,
 }
 
 /// What a node's exit link is for, as health and rollouts decide.
@@ -109,6 +111,8 @@ pub struct ExitLink {
     pub vni: u32,
     /// The exit pod's IP.
     pub remote: IpAddr,
+    /// The gateway it serves (a node-local number, as [`ClientPort::gateway`]).
+    pub gateway: u16,
     pub state: ExitUse,
 }
 
@@ -133,14 +137,28 @@ pub struct NodePlan {
 impl NodePlan {
     /// The node's nftables table, whole: applied in one transaction that replaces the last.
     pub fn render(&self) -> String {
-        let healthy: Vec<u8> = self
-            .exits
-            .iter()
-            .filter(|e| e.state == ExitUse::Healthy)
-            .map(|e| e.slot)
-            .collect();
+        // One pick per gateway: a new flow of one of its clients gets the mark of one of its
+        // healthy exits. A gateway with no healthy exit has no pick: its clients' new flows
+        // keep mark 0 and the forward chain refuses them.
         let mut pick = String::new();
-        if !healthy.is_empty() {
+        let gateways: std::collections::BTreeSet<u16> =
+            self.clients.iter().map(|c| c.gateway).collect();
+        for gateway in gateways {
+            let healthy: Vec<u8> = self
+                .exits
+                .iter()
+                .filter(|e| e.gateway == gateway && e.state == ExitUse::Healthy)
+                .map(|e| e.slot)
+                .collect();
+            if healthy.is_empty() {
+                continue;
+            }
+            let ifaces: Vec<String> = self
+                .clients
+                .iter()
+                .filter(|c| c.gateway == gateway)
+                .map(|c| format!("\"{}\"", c.iface))
+                .collect();
             let elements: Vec<String> = healthy
                 .iter()
                 .enumerate()
@@ -148,7 +166,8 @@ impl NodePlan {
                 .collect();
             let _ = writeln!(
                 pick,
-                "\t\tiifname \"{CLIENT_PREFIX}*\" ct state new ct mark set numgen random mod {} map {{ {} }}",
+                "\t\tiifname {{ {} }} ct state new ct mark set numgen random mod {} map {{ {} }}",
+                ifaces.join(", "),
                 healthy.len(),
                 elements.join(", ")
             );
@@ -643,10 +662,15 @@ mod tests {
                     slot,
                     vni: 4096 + u32::from(slot),
                     remote: IpAddr::V4(Ipv4Addr::new(10, 244, 0, 20 + slot)),
+                    gateway: 0,
                     state: *state,
                 })
                 .collect(),
-            clients: vec![],
+            clients: vec![ClientPort {
+                iface: "ckg1".into(),
+                address: Ipv4Addr::new(198, 18, 0, 2),
+                gateway: 0,
+            }],
             mss: 1360,
         }
     }
@@ -664,13 +688,43 @@ mod tests {
         assert_eq!(
             pick(&plan(&[Healthy, Draining, Healthy, Dead])).as_deref(),
             Some(
-                "iifname \"ckg*\" ct state new ct mark set numgen random mod 2 map { 0 : 0x43000000, 1 : 0x43020000 }"
+                "iifname { \"ckg1\" } ct state new ct mark set numgen random mod 2 map { 0 : 0x43000000, 1 : 0x43020000 }"
             )
         );
         assert_eq!(
             pick(&plan(&[Dead, Draining])),
             None,
             "no exit: no pick, refused"
+        );
+    }
+
+    #[test]
+    fn each_gateways_clients_are_spread_over_that_gateways_exits_alone() {
+        let mut two = plan(&[ExitUse::Healthy, ExitUse::Healthy, ExitUse::Healthy]);
+        two.exits[2].gateway = 1;
+        two.clients.push(ClientPort {
+            iface: "ckg2".into(),
+            address: Ipv4Addr::new(198, 18, 0, 3),
+            gateway: 1,
+        });
+        two.clients.push(ClientPort {
+            iface: "ckg3".into(),
+            address: Ipv4Addr::new(198, 18, 0, 4),
+            gateway: 2,
+        });
+        let picks: Vec<String> = two
+            .render()
+            .lines()
+            .filter(|l| l.contains("numgen"))
+            .map(|l| l.trim().to_owned())
+            .collect();
+        assert_eq!(
+            picks,
+            [
+                "iifname { \"ckg1\" } ct state new ct mark set numgen random mod 2 map { 0 : 0x43000000, 1 : 0x43010000 }",
+                "iifname { \"ckg2\" } ct state new ct mark set numgen random mod 1 map { 0 : 0x43020000 }",
+            ],
+            "gateway 2 has no exit: its client gets no mark and is refused"
         );
     }
 

@@ -129,12 +129,14 @@ impl Gateway {
                     slot: i - 1,
                     vni: 4096 + u32::from(i),
                     remote: exit_ip(i).parse().unwrap(),
+                    gateway: 0,
                     state: ExitUse::Healthy,
                 })
                 .collect(),
             clients: vec![cloak_dataplane::gateway::ClientPort {
                 iface: "ckg1".into(),
                 address: CLIENT_ADDRESS.parse().unwrap(),
+                gateway: 0,
             }],
             mss: 1360,
         };

@@ -15,8 +15,12 @@ pub(super) fn connecting(cfg: &Resolved, with_tunnel: bool) -> FirewallPolicy {
         bypass: Vec::new(),
         clamp_mss: None,
         resolver: None,
-        // The agent forwards nothing through the tunnel (yet): its traffic needs no tracking.
-        notrack_tunnel: true,
+        // Only an exit forwards through the tunnel, with masquerade, which needs conntrack.
+        notrack_tunnel: cfg.exit.is_none(),
+        // An exit's links to the nodes: their outer packets leave whatever the phase (they
+        // carry only what the nodes sent and the replies; the exit's own table forwards them
+        // into the tunnel alone).
+        link_port: cfg.exit.as_ref().map(|_| cloak_model::gateway::VXLAN_PORT),
     }
 }
 
@@ -27,5 +31,30 @@ pub(super) fn connected(cfg: &Resolved) -> FirewallPolicy {
         // TCP header 20 + IPv4 header 20; the firewall clamps IPv6 20 bytes lower.
         clamp_mss: Some(cfg.tunnel.mtu().saturating_sub(40)),
         ..connecting(cfg, true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ExitRole;
+
+    #[test]
+    fn an_exit_keeps_conntrack_for_its_masquerade_and_lets_its_links_out_in_every_phase() {
+        let plain = super::super::tests::resolved();
+        assert!(connected(&plain).notrack_tunnel);
+        assert_eq!(connected(&plain).link_port, None);
+        let exit = Resolved {
+            exit: Some(ExitRole {
+                vni: 4096,
+                mss: 1380,
+                local: Some("10.244.1.7".parse().unwrap()),
+            }),
+            ..plain
+        };
+        for policy in [connecting(&exit, false), connected(&exit)] {
+            assert!(!policy.notrack_tunnel);
+            assert_eq!(policy.link_port, Some(cloak_model::gateway::VXLAN_PORT));
+        }
     }
 }

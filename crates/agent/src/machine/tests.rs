@@ -71,7 +71,7 @@ struct Rig {
     task: tokio::task::JoinHandle<()>,
 }
 
-fn resolved() -> Resolved {
+pub(super) fn resolved() -> Resolved {
     let conf = format!(
         "[Interface]\nPrivateKey = {}\nAddress = 10.64.0.2/32\n[Peer]\nPublicKey = {}\nEndpoint = 192.0.2.2:51820\nAllowedIPs = 0.0.0.0/0\n",
         &*Key::generate().to_base64(),
@@ -96,6 +96,7 @@ fn resolved() -> Resolved {
         backoff: Duration::from_secs(1),
         backoff_max: Duration::from_secs(8),
         userspace: true,
+        exit: None,
     }
 }
 
