@@ -24,9 +24,57 @@ enum Command {
     Portfwd(PortfwdArgs),
     /// The data plane inside a pod: bring up the VPN tunnel with a kill switch, keep it healthy.
     Agent(AgentArgs),
+    /// The node component of VpnGateway (a privileged DaemonSet): installs the chained CNI
+    /// plugin, attaches client pods before their containers start, keeps the node's links to
+    /// the exits and fails over between them.
+    Node(NodeArgs),
     /// A real Kubernetes cluster on this machine, in network namespaces of its own, with cloak
     /// installed by its Helm chart, fake VPN providers and an internet (as root).
     Lab(LabArgs),
+}
+
+#[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct NodeArgs {
+    /// This node's name (the chart passes `spec.nodeName`).
+    #[arg(long, env = "NODE_NAME", default_value = "")]
+    node_name: String,
+    /// This node's IPv4 address: its transit address on the links to the exits is
+    /// 198.19.<c>.<d> for a.b.c.d (the chart passes `status.hostIP`).
+    #[arg(long, env = "NODE_IP")]
+    node_ip: Option<std::net::Ipv4Addr>,
+    /// Where the CNI plugin reaches the daemon.
+    #[arg(long, env = "CLOAK_NODE_SOCKET", default_value = cloak_node::cni::DEFAULT_SOCKET)]
+    socket: std::path::PathBuf,
+    /// Where the attached clients are remembered across restarts.
+    #[arg(long, env = "CLOAK_NODE_STATE", default_value = "/var/lib/cloak/node")]
+    state_dir: std::path::PathBuf,
+    /// The cluster's pod and service ranges, comma-separated: a gateway's default intranet.
+    #[arg(long, env = "CLOAK_INTRANET", value_delimiter = ',')]
+    intranet: Vec<cloak_api::Cidr>,
+    /// The node's CNI configuration directory: the plugin is appended to its conflists at start.
+    #[arg(long, env = "CLOAK_CNI_CONF_DIR")]
+    cni_conf_dir: Option<std::path::PathBuf>,
+    /// The node's CNI binary directory: `cloak` is copied there as the plugin at start.
+    #[arg(long, env = "CLOAK_CNI_BIN_DIR", default_value = "/opt/cni/bin")]
+    cni_bin_dir: std::path::PathBuf,
+    /// Probe every exit this often (milliseconds).
+    #[arg(long, default_value_t = 100)]
+    probe_interval_ms: u64,
+    /// An exit that misses this many probes in a row takes no flows.
+    #[arg(long, default_value_t = 2)]
+    probe_misses: u32,
+    /// Program a node that is a network namespace of its own (a path): tests and labs.
+    #[arg(long, hide = true)]
+    netns: Option<std::path::PathBuf>,
+    #[command(subcommand)]
+    command: Option<NodeCommand>,
+}
+
+#[derive(Debug, Subcommand)]
+enum NodeCommand {
+    /// Take the plugin out of the node's CNI configuration and remove its binary (uninstall).
+    Uninstall,
 }
 
 #[derive(Debug, clap::Args)]
@@ -263,7 +311,12 @@ struct OperatorArgs {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Run by a container runtime as the CNI plugin (`/opt/cni/bin/cloak`, no arguments).
+    if std::env::var_os("CNI_COMMAND").is_some() && std::env::args_os().len() == 1 {
+        run_cni();
+    }
     match Cli::parse().command {
+        Command::Node(args) => run_node(args),
         Command::Crds => print_crds(&mut std::io::stdout().lock()),
         Command::Operator(args) => run_operator(args),
         Command::Portfwd(args) => run_portfwd(args),
@@ -336,6 +389,82 @@ fn init_logging() {
         )
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
+}
+
+/// One CNI call: its answer on stdout, exit status 1 with the spec's error object on failure.
+fn run_cni() -> ! {
+    let mut stdin = String::new();
+    let _ = std::io::Read::read_to_string(&mut std::io::stdin(), &mut stdin);
+    let env = |key: &str| std::env::var(key).ok();
+    let (out, code) = match cloak_node::cni::plugin(&env, &stdin) {
+        Ok(out) => (out, 0),
+        Err(e) => {
+            let version = serde_json::from_str::<serde_json::Value>(&stdin)
+                .ok()
+                .and_then(|v| v["cniVersion"].as_str().map(str::to_owned))
+                .unwrap_or_else(|| "1.0.0".into());
+            (e.to_json(&version), 1)
+        }
+    };
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout.write_all(out.as_bytes());
+    let _ = stdout.flush();
+    std::process::exit(code)
+}
+
+fn run_node(args: NodeArgs) -> anyhow::Result<()> {
+    init_logging();
+    let paths = args
+        .cni_conf_dir
+        .clone()
+        .map(|conf_dir| cloak_node::install::Paths {
+            conf_dir,
+            bin_dir: args.cni_bin_dir.clone(),
+            socket: args.socket.display().to_string(),
+        });
+    if let Some(NodeCommand::Uninstall) = args.command {
+        let paths = paths.context("uninstall needs --cni-conf-dir")?;
+        let changed = cloak_node::install::uninstall(&paths).context("removing the CNI plugin")?;
+        tracing::info!(?changed, "CNI plugin removed");
+        return Ok(());
+    }
+    anyhow::ensure!(
+        !args.node_name.is_empty(),
+        "--node-name (NODE_NAME) is required"
+    );
+    let node_ip = args.node_ip.context("--node-ip (NODE_IP) is required")?;
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(async {
+        let client = kube::Client::try_default()
+            .await
+            .context("connecting to the Kubernetes API")?;
+        let options = cloak_node::daemon::Options {
+            node_name: args.node_name,
+            socket: args.socket,
+            state_dir: args.state_dir,
+            intranet: args.intranet.iter().map(|c| c.get()).collect(),
+            transit: cloak_node::daemon::transit_for(node_ip),
+            netns: args.netns,
+            probe_interval: std::time::Duration::from_millis(args.probe_interval_ms),
+            probe_misses: args.probe_misses,
+        };
+        let shutdown = shutdown_signal()?;
+        let daemon = cloak_node::daemon::run(client, options, shutdown);
+        if let Some(paths) = &paths {
+            // After the socket listens: a plugin entry must never point at no daemon for longer
+            // than a restart.
+            let exe = std::env::current_exe().context("finding the cloak binary")?;
+            let paths = paths.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                match cloak_node::install::install(&paths, &exe) {
+                    Ok(changed) => tracing::info!(?changed, "CNI plugin installed"),
+                    Err(e) => tracing::error!(error = %e, "installing the CNI plugin"),
+                }
+            });
+        }
+        daemon.await.context("node daemon")
+    })
 }
 
 fn run_agent(args: AgentArgs) -> anyhow::Result<()> {

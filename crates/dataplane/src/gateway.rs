@@ -80,6 +80,20 @@ pub fn mark(slot: u8) -> u32 {
     MARK_TAG | (u32::from(slot) << 16)
 }
 
+/// Removes a client's veth from the node (its peer in the client's namespace goes with it);
+/// nothing to do when it is gone already.
+pub fn remove_client(iface: &str) -> Result<(), Error> {
+    match ip(&["link", "del", "dev", iface]) {
+        Err(Error::Command { stderr, .. }) if stderr.contains("Cannot find device") => Ok(()),
+        other => other.map(drop),
+    }
+}
+
+/// Whether the node has an interface of this name.
+pub fn link_exists(iface: &str) -> bool {
+    ip(&["link", "show", "dev", iface]).is_ok()
+}
+
 /// One client pod's attachment, as the node sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientPort {

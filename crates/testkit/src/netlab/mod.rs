@@ -20,6 +20,7 @@
 #![allow(clippy::missing_panics_doc, clippy::expect_used)] // test helpers: panicking with the reason is their contract
 
 mod fakevpn;
+pub mod gateway;
 
 use std::{
     collections::BTreeMap,

@@ -1,0 +1,662 @@
+//! `cloak node`: the node daemon. It answers the CNI plugin (attach a client pod: a veth to the
+//! node, routes and a kill switch in the pod's namespace), keeps the node's links to the exits
+//! of every gateway that has clients here (`dataplane::gateway::NodePlan`), probes each exit
+//! through its link and moves new flows off an exit the moment it stops answering, resetting
+//! its flows so they do not hang.
+//!
+//! Everything it programs lives in the kernel, which keeps forwarding while the daemon is down
+//! or restarting; its clients are also written to a state file, read back at start (a client
+//! whose interface is gone is forgotten).
+
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use cloak_api::{ExitHealth, VpnGateway};
+use cloak_dataplane::gateway::{
+    ClientPlan, ClientPort, ExitLink, ExitUse, NodePlan, link_exists, remove_client,
+};
+use futures::StreamExt as _;
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::Pod;
+use kube::{
+    Api, Client, ResourceExt as _,
+    runtime::{WatchStreamExt as _, reflector, watcher},
+};
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
+    net::UnixListener,
+    sync::oneshot,
+};
+
+use crate::{
+    cni::{Command, Reply, Request},
+    select::{Choice, choose},
+};
+
+/// How to run the daemon.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub node_name: String,
+    /// Where the CNI plugin finds the daemon.
+    pub socket: PathBuf,
+    /// Where the clients are remembered across restarts.
+    pub state_dir: PathBuf,
+    /// The cluster's pod and service ranges: a gateway's intranet unless it names its own.
+    pub intranet: Vec<IpNet>,
+    /// The node's own address on its links to the exits, unique among the nodes.
+    pub transit: Ipv4Addr,
+    /// The network namespace the node's side lives in (a path); None: this process's. (Tests
+    /// and labs whose node is a namespace of its own.)
+    pub netns: Option<PathBuf>,
+    /// Probe round length: an exit that misses `probe_misses` rounds in a row is dead.
+    pub probe_interval: Duration,
+    pub probe_misses: u32,
+}
+
+/// One attached client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Attached {
+    pod_namespace: String,
+    pod_name: String,
+    gateway: String,
+    iface: String,
+    address: Ipv4Addr,
+}
+
+/// What a probe has seen of an exit lately.
+#[derive(Debug, Clone, Copy, Default)]
+struct Seen {
+    up: bool,
+    misses: u32,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// By container id.
+    clients: BTreeMap<String, Attached>,
+    /// Node-local numbers of the gateways with clients here, `(namespace, name)`.
+    gateway_ids: BTreeMap<(String, String), u16>,
+    /// Node-local slots of the exits linked, by VNI.
+    slots: BTreeMap<u32, u8>,
+    /// Probe results by VNI.
+    seen: BTreeMap<u32, Seen>,
+    applied: Option<NodePlan>,
+}
+
+/// The daemon's shared parts.
+struct Daemon {
+    options: Options,
+    client: Client,
+    gateways: reflector::Store<VpnGateway>,
+    state: tokio::sync::Mutex<State>,
+    kernel: Kernel,
+    /// The exits to probe (VNI → slot), as the last applied plan has them.
+    targets: Arc<Mutex<BTreeMap<u32, u8>>>,
+}
+
+/// Kernel work runs on one thread inside the node's namespace, in order.
+#[derive(Clone)]
+struct Kernel {
+    jobs: std::sync::mpsc::Sender<Box<dyn FnOnce() + Send>>,
+}
+
+impl Kernel {
+    fn start(netns: Option<PathBuf>) -> std::io::Result<Self> {
+        let (jobs, rx) = std::sync::mpsc::channel::<Box<dyn FnOnce() + Send>>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("cloak-node-kernel".into())
+            .spawn(move || {
+                let entered = enter(netns.as_ref());
+                let failed = entered.is_err();
+                let _ = ready_tx.send(entered);
+                if failed {
+                    return;
+                }
+                while let Ok(job) = rx.recv() {
+                    job();
+                }
+            })?;
+        ready_rx
+            .recv()
+            .map_err(|_| std::io::Error::other("kernel thread ended"))??;
+        Ok(Self { jobs })
+    }
+
+    async fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = oneshot::channel();
+        let job: Box<dyn FnOnce() + Send> = Box::new(move || {
+            let _ = tx.send(f());
+        });
+        if self.jobs.send(job).is_err() {
+            // The kernel thread is the daemon's life: without it nothing can be programmed.
+            tracing::error!("the kernel thread is gone; stopping");
+            std::process::exit(1);
+        }
+        let Ok(value) = rx.await else {
+            tracing::error!("a kernel job panicked; stopping");
+            std::process::exit(1);
+        };
+        value
+    }
+}
+
+/// Moves the calling thread into the network namespace at `path` (no-op for None).
+fn enter(path: Option<&PathBuf>) -> std::io::Result<()> {
+    if let Some(path) = path {
+        let file = std::fs::File::open(path)?;
+        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)?;
+    }
+    Ok(())
+}
+
+/// Runs the daemon until `shutdown`. Leaves everything in the kernel as it is: established
+/// flows survive a restart, and nothing of a client's leaks while the daemon is away.
+pub async fn run(
+    client: Client,
+    options: Options,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    std::fs::create_dir_all(&options.state_dir)?;
+    if let Some(dir) = options.socket.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let _ = std::fs::remove_file(&options.socket);
+    let listener = UnixListener::bind(&options.socket)?;
+    let kernel = Kernel::start(options.netns.clone())?;
+
+    let (gateways, writer) = reflector::store();
+    let daemon = Arc::new(Daemon {
+        state: tokio::sync::Mutex::new(State {
+            clients: load_state(&options),
+            ..State::default()
+        }),
+        options,
+        client: client.clone(),
+        gateways,
+        kernel,
+        targets: Arc::default(),
+    });
+    daemon.forget_vanished().await;
+
+    // Gateways (their exits and health) drive the plan.
+    let watch = {
+        let daemon = daemon.clone();
+        let stream = reflector::reflector(
+            writer,
+            watcher(Api::<VpnGateway>::all(client), watcher::Config::default()),
+        )
+        .default_backoff()
+        .touched_objects();
+        async move {
+            futures::pin_mut!(stream);
+            while let Some(event) = stream.next().await {
+                if event.is_ok() {
+                    daemon.reconcile().await;
+                }
+            }
+        }
+    };
+    // Probe results drive it too.
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
+    {
+        let (targets, interval, netns) = (
+            daemon.targets.clone(),
+            daemon.options.probe_interval,
+            daemon.options.netns.clone(),
+        );
+        std::thread::Builder::new()
+            .name("cloak-node-probe".into())
+            .spawn(move || {
+                if let Err(e) = enter(netns.as_ref()) {
+                    tracing::error!(error = %e, "probe thread: entering the node's namespace");
+                    return;
+                }
+                let targets = move || targets.lock().map(|t| t.clone()).unwrap_or_default();
+                let mut report = |round| seen_tx.send(round).is_ok();
+                if let Err(e) = crate::probe::run(interval, &targets, &mut report) {
+                    tracing::error!(error = %e, "probing the exits stopped");
+                }
+            })?;
+    }
+    let probes = {
+        let daemon = daemon.clone();
+        async move {
+            while let Some(round) = seen_rx.recv().await {
+                if daemon.seen(round).await {
+                    daemon.reconcile().await;
+                }
+            }
+        }
+    };
+    let serve = {
+        let daemon = daemon.clone();
+        async move {
+            loop {
+                match listener.accept().await {
+                    Ok((stream, _)) => {
+                        let daemon = daemon.clone();
+                        tokio::spawn(async move { daemon.serve(stream).await });
+                    }
+                    Err(e) => tracing::warn!(error = %e, "accepting a CNI call"),
+                }
+            }
+        }
+    };
+    tokio::select! {
+        () = shutdown => {}
+        () = watch => {}
+        () = probes => {}
+        () = serve => {}
+    }
+    Ok(())
+}
+
+fn state_file(options: &Options) -> PathBuf {
+    options.state_dir.join("clients.json")
+}
+
+fn load_state(options: &Options) -> BTreeMap<String, Attached> {
+    std::fs::read(state_file(options))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .unwrap_or_default()
+}
+
+impl Daemon {
+    fn save(&self, state: &State) {
+        let path = state_file(&self.options);
+        let tmp = path.with_extension("tmp");
+        let written = serde_json::to_vec(&state.clients)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(&tmp, bytes))
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            tracing::error!(error = %e, path = %path.display(), "saving the clients");
+        }
+    }
+
+    /// Forgets the clients whose interfaces are gone (deleted while the daemon was away).
+    async fn forget_vanished(&self) {
+        let mut state = self.state.lock().await;
+        let ifaces: Vec<(String, String)> = state
+            .clients
+            .iter()
+            .map(|(id, c)| (id.clone(), c.iface.clone()))
+            .collect();
+        let gone: Vec<String> = self
+            .kernel
+            .run(move || {
+                ifaces
+                    .into_iter()
+                    .filter(|(_, iface)| !link_exists(iface))
+                    .map(|(id, _)| id)
+                    .collect()
+            })
+            .await;
+        for id in gone {
+            state.clients.remove(&id);
+        }
+        self.save(&state);
+    }
+
+    /// Takes in one probe round; true when an exit changed between up and down.
+    async fn seen(&self, round: BTreeMap<u32, bool>) -> bool {
+        let mut state = self.state.lock().await;
+        let limit = self.options.probe_misses.max(1);
+        let mut changed = false;
+        for (vni, answered) in round {
+            let seen = state.seen.entry(vni).or_default();
+            let was = seen.up;
+            if answered {
+                seen.misses = 0;
+                seen.up = true;
+            } else {
+                seen.misses += 1;
+                if seen.misses >= limit {
+                    seen.up = false;
+                }
+            }
+            if seen.up != was {
+                tracing::info!(vni, up = seen.up, "exit health changed");
+                changed = true;
+            }
+        }
+        changed
+    }
+
+    /// Recomputes the node's plan from the clients, the gateways and the probes, and applies it
+    /// when it changed; flows of exits that just died are reset.
+    async fn reconcile(&self) {
+        let mut state = self.state.lock().await;
+        let plan = self.plan(&mut state);
+        if state.applied.as_ref() == Some(&plan) {
+            return;
+        }
+        let newly_dead: Vec<u8> = plan
+            .exits
+            .iter()
+            .filter(|e| {
+                e.state == ExitUse::Dead
+                    && state.applied.as_ref().is_none_or(|old| {
+                        old.exits
+                            .iter()
+                            .any(|o| o.vni == e.vni && o.state != ExitUse::Dead)
+                    })
+            })
+            .map(|e| e.slot)
+            .collect();
+        let to_apply = plan.clone();
+        let result = self
+            .kernel
+            .run(move || {
+                to_apply.apply()?;
+                let dead = NodePlan {
+                    exits: to_apply
+                        .exits
+                        .iter()
+                        .filter(|e| newly_dead.contains(&e.slot))
+                        .cloned()
+                        .collect(),
+                    ..to_apply.clone()
+                };
+                dead.reset_dead_flows()
+            })
+            .await;
+        match result {
+            Ok(reset) => {
+                if reset > 0 {
+                    tracing::info!(flows = reset, "reset the flows of dead exits");
+                }
+                if let Ok(mut targets) = self.targets.lock() {
+                    *targets = plan.exits.iter().map(|e| (e.vni, e.slot)).collect();
+                }
+                state.applied = Some(plan);
+            }
+            Err(e) => tracing::error!(error = %e, "applying the node's plan"),
+        }
+    }
+
+    /// The plan for the current clients: the exits of their gateways, each healthy while it
+    /// answers its probes (until the first probe: as the gateway's status says).
+    fn plan(&self, state: &mut State) -> NodePlan {
+        let gateways = self.gateways.state();
+        let wanted: std::collections::BTreeSet<(String, String)> = state
+            .clients
+            .values()
+            .map(|c| (c.pod_namespace.clone(), c.gateway.clone()))
+            .collect();
+        state.gateway_ids.retain(|k, _| wanted.contains(k));
+        for key in &wanted {
+            if !state.gateway_ids.contains_key(key) {
+                let id = (0..=u16::MAX)
+                    .find(|i| !state.gateway_ids.values().any(|v| v == i))
+                    .unwrap_or_default();
+                state.gateway_ids.insert(key.clone(), id);
+            }
+        }
+        let mut exits = Vec::new();
+        let mut mtu = u16::MAX;
+        let mut live_vnis = std::collections::BTreeSet::new();
+        for ((ns, name), id) in &state.gateway_ids {
+            let Some(gateway) = gateways
+                .iter()
+                .find(|g| g.namespace().as_deref() == Some(ns.as_str()) && &g.name_any() == name)
+            else {
+                continue;
+            };
+            let Some(status) = gateway.status.as_ref() else {
+                continue;
+            };
+            mtu = mtu.min(status.mtu.unwrap_or(1420));
+            for exit in &status.exits {
+                let Some(remote) = exit.pod_ip.as_deref().and_then(|ip| ip.parse().ok()) else {
+                    continue;
+                };
+                if exit.vni == 0 {
+                    continue;
+                }
+                live_vnis.insert(exit.vni);
+                let use_ = if exit.health == ExitHealth::Draining {
+                    ExitUse::Draining
+                } else {
+                    // Until its first probe, an exit is as the gateway's status says.
+                    let up = state
+                        .seen
+                        .get(&exit.vni)
+                        .map_or(exit.health == ExitHealth::Healthy, |seen| seen.up);
+                    if up { ExitUse::Healthy } else { ExitUse::Dead }
+                };
+                exits.push((exit.vni, remote, *id, use_));
+            }
+        }
+        state.slots.retain(|vni, _| live_vnis.contains(vni));
+        state.seen.retain(|vni, _| live_vnis.contains(vni));
+        let mut links = Vec::new();
+        for (vni, remote, gateway, use_) in exits {
+            let slot = if let Some(slot) = state.slots.get(&vni) {
+                *slot
+            } else {
+                let Some(free) = (0..=u8::MAX).find(|s| !state.slots.values().any(|v| v == s))
+                else {
+                    tracing::error!(vni, "more than 256 exits on one node; leaving this one out");
+                    continue;
+                };
+                state.slots.insert(vni, free);
+                free
+            };
+            links.push(ExitLink {
+                slot,
+                vni,
+                remote,
+                gateway,
+                state: use_,
+            });
+        }
+        links.sort_by_key(|l| l.slot);
+        let clients = state
+            .clients
+            .values()
+            .map(|c| ClientPort {
+                iface: c.iface.clone(),
+                address: c.address,
+                gateway: state
+                    .gateway_ids
+                    .get(&(c.pod_namespace.clone(), c.gateway.clone()))
+                    .copied()
+                    .unwrap_or_default(),
+            })
+            .collect();
+        let mtu = if mtu == u16::MAX { 1420 } else { mtu };
+        NodePlan {
+            transit: self.options.transit,
+            exits: links,
+            clients,
+            mss: cloak_model::gateway::mss(mtu, false),
+        }
+    }
+
+    async fn serve(&self, stream: tokio::net::UnixStream) {
+        let (read, mut write) = stream.into_split();
+        let mut line = String::new();
+        if BufReader::new(read).read_line(&mut line).await.is_err() {
+            return;
+        }
+        let reply = match serde_json::from_str::<Request>(&line) {
+            Ok(request) => {
+                let error = match request.command {
+                    Command::Add => self.add(&request).await.err(),
+                    Command::Del => {
+                        self.del(&request).await;
+                        None
+                    }
+                };
+                if let Some(e) = &error {
+                    tracing::warn!(pod = %format!("{}/{}", request.pod_namespace, request.pod_name), error = %e, "attaching refused");
+                }
+                Reply { error }
+            }
+            Err(e) => Reply {
+                error: Some(format!("unreadable request: {e}")),
+            },
+        };
+        if let Ok(mut text) = serde_json::to_string(&reply) {
+            text.push('\n');
+            let _ = write.write_all(text.as_bytes()).await;
+        }
+    }
+
+    /// Attaches a pod if it is a client: its veth, its namespace's routes and kill switch, then
+    /// the node's plan with it.
+    async fn add(&self, request: &Request) -> Result<(), String> {
+        let pod = Api::<Pod>::namespaced(self.client.clone(), &request.pod_namespace)
+            .get(&request.pod_name)
+            .await
+            .map_err(|e| format!("reading the pod: {e}"))?;
+        let gateways = self.gateways.state();
+        let gateway = match choose(&request.pod_namespace, pod.labels(), &gateways) {
+            Choice::None => return Ok(()),
+            Choice::Missing(name) => {
+                return Err(format!(
+                    "the pod asks for gateway {name}, which does not exist in {}",
+                    request.pod_namespace
+                ));
+            }
+            Choice::Gateway(name) => gateways
+                .iter()
+                .find(|g| {
+                    g.namespace().as_deref() == Some(request.pod_namespace.as_str())
+                        && g.name_any() == name
+                })
+                .cloned()
+                .ok_or_else(|| format!("gateway {name} went away"))?,
+        };
+        let netns = request
+            .netns
+            .clone()
+            .ok_or_else(|| "ADD without a network namespace".to_owned())?;
+        let mut state = self.state.lock().await;
+        if state.clients.contains_key(&request.container_id) {
+            return Ok(()); // a repeated ADD: attached already
+        }
+        let iface = iface_name(&request.container_id);
+        let address = (2..=0xfffe_u32)
+            .map(|n| Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 0, 0)) + n))
+            .find(|a| {
+                !state.clients.values().any(|c| c.address == *a)
+                    && a.octets()[3] != 0
+                    && a.octets()[3] != 255
+            })
+            .ok_or_else(|| "no client address left on this node".to_owned())?;
+        let intranet: Vec<IpNet> = if gateway.spec.intranet.is_empty() {
+            self.options.intranet.clone()
+        } else {
+            gateway.spec.intranet.iter().map(|c| c.get()).collect()
+        };
+        let mtu = gateway.status.as_ref().and_then(|s| s.mtu).unwrap_or(1420);
+        let client_plan = ClientPlan {
+            address,
+            intranet,
+            mtu,
+            unprotected: !gateway.spec.kill_switch,
+        };
+        let host_iface = iface.clone();
+        self.kernel
+            .run(move || -> Result<(), String> {
+                ClientPlan::create_veth(&host_iface, &netns, mtu)
+                    .map_err(|e| format!("the pod's interface: {e}"))?;
+                let inside = std::thread::spawn(move || {
+                    enter(Some(&PathBuf::from(&netns)))
+                        .map_err(|e| format!("entering the pod's namespace: {e}"))?;
+                    client_plan
+                        .apply()
+                        .map_err(|e| format!("the pod's routes and kill switch: {e}"))
+                })
+                .join()
+                .unwrap_or_else(|_| Err("the pod's namespace: a thread panicked".into()));
+                if inside.is_err() {
+                    let _ = remove_client(&host_iface);
+                }
+                inside
+            })
+            .await?;
+        state.clients.insert(
+            request.container_id.clone(),
+            Attached {
+                pod_namespace: request.pod_namespace.clone(),
+                pod_name: request.pod_name.clone(),
+                gateway: gateway.name_any(),
+                iface,
+                address,
+            },
+        );
+        self.save(&state);
+        drop(state);
+        tracing::info!(pod = %format!("{}/{}", request.pod_namespace, request.pod_name), gateway = %gateway.name_any(), %address, "client attached");
+        self.reconcile().await;
+        Ok(())
+    }
+
+    async fn del(&self, request: &Request) {
+        let mut state = self.state.lock().await;
+        let Some(client) = state.clients.remove(&request.container_id) else {
+            return;
+        };
+        self.save(&state);
+        drop(state);
+        let iface = client.iface.clone();
+        if let Err(e) = self.kernel.run(move || remove_client(&iface)).await {
+            tracing::warn!(error = %e, iface = %client.iface, "removing a client's interface");
+        }
+        tracing::info!(pod = %format!("{}/{}", client.pod_namespace, client.pod_name), "client detached");
+        self.reconcile().await;
+    }
+}
+
+/// The node-side interface of a client: `ckg` and the first 11 characters of its sandbox's id
+/// (interface names have at most 15).
+pub fn iface_name(container_id: &str) -> String {
+    let id: String = container_id
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(11)
+        .collect();
+    format!("{}{id}", cloak_dataplane::gateway::CLIENT_PREFIX)
+}
+
+/// The node's transit address derived from its own IPv4 address: `198.19.<c>.<d>` for
+/// `a.b.c.d`, unique among nodes whose addresses differ in their last two bytes (avoiding the
+/// exits' `198.19.0.1`).
+pub fn transit_for(node_ip: Ipv4Addr) -> Ipv4Addr {
+    let [_, _, c, d] = node_ip.octets();
+    match (c, d) {
+        (0, 0 | 1) | (255, 255) => Ipv4Addr::new(198, 19, 255, 254),
+        _ => Ipv4Addr::new(198, 19, c, d),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_clients_interface_name_fits_and_the_transit_address_follows_the_node() {
+        assert_eq!(iface_name("0f3c9a7e1b2d4c5e6f708192"), "ckg0f3c9a7e1b2");
+        assert!(iface_name("0f3c9a7e1b2d4c5e6f708192").len() <= 15);
+        assert_eq!(
+            transit_for(Ipv4Addr::new(10, 200, 0, 11)),
+            Ipv4Addr::new(198, 19, 0, 11)
+        );
+        assert_ne!(
+            transit_for(Ipv4Addr::new(10, 0, 0, 1)),
+            cloak_dataplane::gateway::EXIT_ADDRESS
+        );
+    }
+}

@@ -1,0 +1,138 @@
+//! Which gateway a pod is a client of: pure, from the pod's namespace and labels and the
+//! gateways of its namespace.
+
+use std::collections::BTreeMap;
+
+use cloak_api::{GATEWAY_LABEL, VpnGateway};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use kube::ResourceExt as _;
+
+/// What a pod is to the gateways.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Choice {
+    /// No gateway's client: its network is left alone.
+    None,
+    /// A client of this gateway (its name, in the pod's namespace).
+    Gateway(String),
+    /// It names a gateway that does not exist (yet): it must not start unattached.
+    Missing(String),
+}
+
+/// The gateway a pod in `namespace` with `labels` belongs to. The `cloak.dev/gateway` label
+/// decides when present; otherwise the first gateway (by name) of the namespace whose
+/// `clients.podSelector` matches. Exits (`cloak.dev/exit-of`) are never clients.
+pub fn choose(
+    namespace: &str,
+    labels: &BTreeMap<String, String>,
+    gateways: &[std::sync::Arc<VpnGateway>],
+) -> Choice {
+    if labels.contains_key(cloak_model::exit::LABEL_GATEWAY) {
+        return Choice::None;
+    }
+    let mut here: Vec<&VpnGateway> = gateways
+        .iter()
+        .map(AsRef::as_ref)
+        .filter(|g| g.namespace().as_deref() == Some(namespace))
+        .collect();
+    here.sort_by_key(|g| g.name_any());
+    if let Some(name) = labels.get(GATEWAY_LABEL) {
+        return if here.iter().any(|g| &g.name_any() == name) {
+            Choice::Gateway(name.clone())
+        } else {
+            Choice::Missing(name.clone())
+        };
+    }
+    here.iter()
+        .find(|g| {
+            g.spec
+                .clients
+                .as_ref()
+                .and_then(|c| c.pod_selector.as_ref())
+                .is_some_and(|s| matches(s, labels))
+        })
+        .map_or(Choice::None, |g| Choice::Gateway(g.name_any()))
+}
+
+/// Whether `labels` satisfy `selector` (matchLabels and matchExpressions, as Kubernetes reads
+/// them). An empty selector matches every pod.
+pub fn matches(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
+    let by_label = selector
+        .match_labels
+        .iter()
+        .flatten()
+        .all(|(k, v)| labels.get(k) == Some(v));
+    let by_expression = selector.match_expressions.iter().flatten().all(|e| {
+        let value = labels.get(&e.key);
+        let values = e.values.as_deref().unwrap_or_default();
+        match e.operator.as_str() {
+            "In" => value.is_some_and(|v| values.contains(v)),
+            "NotIn" => value.is_none_or(|v| !values.contains(v)),
+            "Exists" => value.is_some(),
+            "DoesNotExist" => value.is_none(),
+            _ => false,
+        }
+    });
+    by_label && by_expression
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use serde_json::json;
+
+    use super::*;
+
+    #[allow(clippy::needless_pass_by_value)] // json! literals at the call sites
+    fn gateway(ns: &str, name: &str, selector: serde_json::Value) -> Arc<VpnGateway> {
+        Arc::new(
+            serde_json::from_value(json!({
+                "apiVersion": "cloak.dev/v1alpha1", "kind": "VpnGateway",
+                "metadata": {"name": name, "namespace": ns},
+                "spec": {"exits": {"count": 1}, "clients": {"podSelector": selector}},
+            }))
+            .unwrap(),
+        )
+    }
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn the_label_decides_then_the_selectors_and_exits_are_never_clients() {
+        let gateways = vec![
+            gateway("apps", "b", json!({"matchLabels": {"app": "torrent"}})),
+            gateway(
+                "apps",
+                "a",
+                json!({"matchExpressions": [{"key": "tier", "operator": "In", "values": ["dl"]}]}),
+            ),
+            gateway("other", "c", json!({})),
+        ];
+        let choose = |l: &[(&str, &str)]| choose("apps", &labels(l), &gateways);
+        assert_eq!(
+            choose(&[("cloak.dev/gateway", "b"), ("tier", "dl")]),
+            Choice::Gateway("b".into())
+        );
+        assert_eq!(
+            choose(&[("cloak.dev/gateway", "c")]),
+            Choice::Missing("c".into()),
+            "c is in another namespace"
+        );
+        assert_eq!(choose(&[("app", "torrent")]), Choice::Gateway("b".into()));
+        assert_eq!(
+            choose(&[("app", "torrent"), ("tier", "dl")]),
+            Choice::Gateway("a".into()),
+            "first by name"
+        );
+        assert_eq!(choose(&[("app", "web")]), Choice::None);
+        assert_eq!(
+            choose(&[("app", "torrent"), ("cloak.dev/exit-of", "b")]),
+            Choice::None
+        );
+    }
+}
