@@ -186,6 +186,25 @@ impl NodePlan {
                 elements.join(", ")
             );
         }
+        // The flows of a dead exit are refused by the ruleset itself, in the same transaction
+        // that takes the exit out of the picks: a TCP flow gets a reset at its next packet
+        // (NETNOTES trap 6) even when deleting its conntrack entry loses a race with a packet in
+        // flight, which then re-creates the entry with the dead exit's mark.
+        let dead: Vec<String> = self
+            .exits
+            .iter()
+            .filter(|e| e.state == ExitUse::Dead)
+            .map(|e| format!("{:#x}", mark(e.slot)))
+            .collect();
+        let refuse_dead = if dead.is_empty() {
+            String::new()
+        } else {
+            let marks = dead.join(", ");
+            format!(
+                "\t\tiifname \"{CLIENT_PREFIX}*\" ct mark {{ {marks} }} meta l4proto tcp reject with tcp reset\n\
+                 \t\tct mark {{ {marks} }} drop\n"
+            )
+        };
         let clamp = format!(
             "tcp flags syn / syn,rst tcp option maxseg size > {mss} tcp option maxseg size set {mss}",
             mss = self.mss
@@ -203,6 +222,7 @@ impl NodePlan {
              \t\ttype filter hook forward priority filter; policy accept;\n\
              \t\tiifname \"{CLIENT_PREFIX}*\" oifname \"{LINK_PREFIX}*\" meta nfproto ipv4 {clamp}\n\
              \t\tiifname \"{LINK_PREFIX}*\" oifname \"{CLIENT_PREFIX}*\" {clamp}\n\
+             {refuse_dead}\
              \t\tiifname \"{CLIENT_PREFIX}*\" oifname \"{LINK_PREFIX}*\" meta nfproto ipv4 ct mark and {TAG_MASK:#x} == {MARK_TAG:#x} accept\n\
              \t\tiifname \"{LINK_PREFIX}*\" oifname \"{CLIENT_PREFIX}*\" ct state established,related accept\n\
              \t\tiifname \"{CLIENT_PREFIX}*\" meta l4proto tcp reject with tcp reset\n\
@@ -215,6 +235,7 @@ impl NodePlan {
              \t\ttype filter hook output priority filter; policy accept;\n\
              \t\tct mark and {TAG_MASK:#x} == {MARK_TAG:#x} oifname != \"{LINK_PREFIX}*\" drop\n\
              \t\tip saddr {TRANSIT_RANGE} oifname != \"{LINK_PREFIX}*\" drop\n\
+             \t\tip daddr {TRANSIT_RANGE} oifname != \"{LINK_PREFIX}*\" drop\n\
              \t}}\n\
              \tchain input {{\n\
              \t\ttype filter hook input priority filter; policy accept;\n\
@@ -305,9 +326,28 @@ fn ensure_link(exit: &ExitLink, transit: Ipv4Addr) -> Result<(), Error> {
         &iface,
         "noprefixroute",
     ])?;
+    // A MAC that follows from the node and the exit: a link made again (a daemon restart, a
+    // changed exit address) keeps the address the exit's neighbour table holds for this node,
+    // so established flows go on instead of waiting for that entry to go stale.
+    ip(&[
+        "link",
+        "set",
+        "dev",
+        &iface,
+        "address",
+        &link_mac(transit, exit.vni),
+    ])?;
     sysctl(&format!("net.ipv4.conf.{iface}.rp_filter"), "0")?;
     ip(&["link", "set", "dev", &iface, "up"])?;
     Ok(())
+}
+
+/// The MAC of a node's link to an exit: locally administered, from the node's transit address
+/// (unique among nodes) and the exit's VNI (one segment per exit).
+pub fn link_mac(transit: Ipv4Addr, vni: u32) -> String {
+    let [_, _, c, d] = transit.octets();
+    let [_, v1, v2, v3] = vni.to_be_bytes();
+    format!("02:{c:02x}:{d:02x}:{v1:02x}:{v2:02x}:{v3:02x}")
 }
 
 /// Keeps the VXLAN interface `iface` when `ip -d link show` prints `expected` for it; otherwise

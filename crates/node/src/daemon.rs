@@ -20,7 +20,7 @@ use cloak_api::{ExitHealth, VpnGateway};
 use cloak_dataplane::gateway::{
     ClientPlan, ClientPort, ExitLink, ExitUse, NodePlan, link_exists, remove_client,
 };
-use futures::StreamExt as _;
+use futures::{FutureExt as _, StreamExt as _};
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Pod;
 use kube::{
@@ -335,6 +335,14 @@ impl Daemon {
     /// Recomputes the node's plan from the clients, the gateways and the probes, and applies it
     /// when it changed; flows of exits that just died are reset.
     async fn reconcile(&self) {
+        // Nothing is applied before the first full list of gateways: a plan made from part of
+        // them would take the links of the other gateways' clients away.
+        if !matches!(
+            self.gateways.wait_until_ready().now_or_never(),
+            Some(Ok(()))
+        ) {
+            return;
+        }
         let mut state = self.state.lock().await;
         let plan = self.plan(&mut state);
         if state.applied.as_ref() == Some(&plan) {
@@ -353,6 +361,7 @@ impl Daemon {
             })
             .map(|e| e.slot)
             .collect();
+        tracing::debug!(exits = ?plan.exits.iter().map(|e| (e.vni, e.slot, e.state)).collect::<Vec<_>>(), clients = plan.clients.len(), "applying the node's plan");
         let to_apply = plan.clone();
         let result = self
             .kernel

@@ -51,7 +51,18 @@ pub struct GatewayNet {
 impl GatewayNet {
     /// Client, node, pod network, internet, and `exits` exit namespaces (`exit1`...).
     pub fn new(exits: u8) -> Self {
-        let mut net = Topology::new()
+        Self::with_pods(exits, &[])
+    }
+
+    /// [`GatewayNet::new`] and empty namespaces named `pods`, for a CNI to set up.
+    pub fn with_pods(exits: u8, pods: &[&str]) -> Self {
+        let mut net = Topology::new();
+        for pod in pods {
+            net = net
+                .ns(pod)
+                .sysctl(pod, "net.ipv6.conf.default.accept_ra", "0");
+        }
+        let mut net = net
             .ns("client")
             .ns("node")
             .ns("pod")
@@ -98,7 +109,8 @@ impl GatewayNet {
                     ),
                 )
                 .route(&exit, &format!("default via 198.51.{}.1", 100 + i))
-                .route(&exit, "10.244.1.0/24 via 10.244.0.10");
+                .route(&exit, "10.244.1.0/24 via 10.244.0.10")
+                .route(&exit, "10.244.2.0/24 via 10.244.0.10");
             ports.push(format!("e{i}"));
         }
         let ports: Vec<&str> = ports.iter().map(String::as_str).collect();

@@ -1,0 +1,430 @@
+//! `cloak node` end to end in real namespaces, as root, against the real API server: the daemon
+//! (the `cloak` binary) installs its plugin into a conflist whose primary network is the real
+//! `bridge` plugin, and a pod's sandbox is set up the way a runtime's libcni does it (each
+//! plugin of the list run in turn with the previous one's result). The exits' ends are
+//! programmed as their agents would (`ExitPlan`), and the gateway's status is written as the
+//! operator would: what is under test is the plugin, the daemon and the path they build.
+//!
+//! ```text
+//!  app ─eth0 (bridge plugin, 10.244.2.x)─ node ─eth0─ br0 ─ exitN ─tunN─ internet (echo)
+//!      └─ckg0 (cloak) ─────────────────── ckg… ─ckxN (VXLAN)─┘   └─wan (counted) ─┘
+//! ```
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::large_futures)] // test helpers
+
+use std::{
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use cloak_api::VpnGateway;
+use cloak_dataplane::gateway::ExitPlan;
+use cloak_testkit::{
+    ControlPlane, TestNamespace,
+    netlab::gateway::{Flows, GatewayNet, exit_ip, exit_public, spread},
+    netns::inside,
+};
+use k8s_openapi::api::core::v1::Pod;
+use kube::{
+    Api, Client,
+    api::{Patch, PatchParams, PostParams},
+};
+use serde_json::{Value, json};
+
+const EXITS: u8 = 2;
+
+fn vni(i: u8) -> u32 {
+    4096 + u32::from(i)
+}
+
+fn exit_plan(i: u8, healthy: bool) -> ExitPlan {
+    ExitPlan {
+        vni: vni(i),
+        local: exit_ip(i).parse().unwrap(),
+        tunnel: format!("tun{i}"),
+        mss: 1380,
+        healthy,
+    }
+}
+
+/// The network, a gateway in the API with its exits programmed, and a running `cloak node`.
+struct Rig {
+    net: GatewayNet,
+    client: Client,
+    ns: TestNamespace,
+    dir: PathBuf,
+    daemon: Option<Child>,
+}
+
+impl Rig {
+    async fn new(test: &str) -> Self {
+        let cp = ControlPlane::shared();
+        let client = cp.client();
+        let ns = TestNamespace::create(&client, test).await.unwrap();
+        let net = GatewayNet::with_pods(EXITS, &["app"]);
+        for i in 1..=EXITS {
+            let plan = exit_plan(i, true);
+            inside(&net[&format!("exit{i}")], move || plan.apply()).unwrap();
+        }
+        let dir = std::env::temp_dir().join(format!("cloak-node-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        for sub in ["net.d", "bin", "ipam", "state"] {
+            std::fs::create_dir_all(dir.join(sub)).unwrap();
+        }
+        for plugin in ["bridge", "host-local", "loopback"] {
+            std::os::unix::fs::symlink(
+                format!("/usr/lib/cni/{plugin}"),
+                dir.join("bin").join(plugin),
+            )
+            .unwrap();
+        }
+        let list = json!({
+            "cniVersion": "1.0.0", "name": "lab",
+            "plugins": [{
+                "type": "bridge", "bridge": "cnib", "isGateway": true, "ipMasq": false,
+                "ipam": {"type": "host-local", "subnet": "10.244.2.0/24",
+                         "routes": [{"dst": "0.0.0.0/0"}], "dataDir": dir.join("ipam")},
+            }],
+        });
+        std::fs::write(dir.join("net.d/10-lab.conflist"), list.to_string()).unwrap();
+
+        let gateway: VpnGateway = serde_json::from_value(json!({
+            "apiVersion": "cloak.dev/v1alpha1", "kind": "VpnGateway", "metadata": {"name": "egress"},
+            "spec": {"exits": {"count": EXITS}},
+        }))
+        .unwrap();
+        let gateways: Api<VpnGateway> = Api::namespaced(client.clone(), ns.name());
+        gateways
+            .create(&PostParams::default(), &gateway)
+            .await
+            .unwrap();
+        let exits: Vec<Value> = (1..=EXITS)
+            .map(|i| {
+                json!({"name": format!("egress-exit-{i}"), "vni": vni(i), "podIp": exit_ip(i),
+                       "health": "Healthy", "node": "n2"})
+            })
+            .collect();
+        gateways
+            .patch_status(
+                "egress",
+                &PatchParams::default(),
+                &Patch::Merge(
+                    json!({"status": {"exits": exits, "healthyExits": EXITS, "mtu": 1420}}),
+                ),
+            )
+            .await
+            .unwrap();
+
+        let mut rig = Self {
+            net,
+            client,
+            ns,
+            dir,
+            daemon: None,
+        };
+        rig.start_daemon();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !rig.conflist().contains("\"cloak\"") {
+            assert!(
+                Instant::now() < deadline,
+                "the plugin was not installed: {}",
+                rig.conflist()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        rig
+    }
+
+    fn start_daemon(&mut self) {
+        let node_netns = format!("/var/run/netns/{}", self.net["node"].name());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("daemon.log"))
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_cloak"))
+            .args(["node", "--node-name", "n1", "--node-ip", "10.244.0.10"])
+            .arg("--socket")
+            .arg(self.dir.join("node.sock"))
+            .arg("--state-dir")
+            .arg(self.dir.join("state"))
+            .args(["--intranet", "10.244.0.0/16,10.96.0.0/16"])
+            .arg("--cni-conf-dir")
+            .arg(self.dir.join("net.d"))
+            .arg("--cni-bin-dir")
+            .arg(self.dir.join("bin"))
+            .args(["--netns", &node_netns])
+            .env("KUBECONFIG", ControlPlane::shared().kubeconfig())
+            .env("RUST_LOG", "cloak_node=debug,info")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.daemon = Some(child);
+    }
+
+    fn stop_daemon(&mut self) {
+        if let Some(mut child) = self.daemon.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn conflist(&self) -> String {
+        std::fs::read_to_string(self.dir.join("net.d/10-lab.conflist")).unwrap()
+    }
+
+    fn daemon_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+
+    /// Runs the conflist for `command` on the pod `app` as libcni does: ADD in order, each
+    /// plugin given the previous one's result; DEL in reverse. Returns the last output, or the
+    /// failing plugin's.
+    fn cni(&self, command: &str, pod: &str, container: &str) -> Result<Value, String> {
+        let list: Value = serde_json::from_str(&self.conflist()).unwrap();
+        let mut plugins: Vec<Value> = list["plugins"].as_array().unwrap().clone();
+        if command == "DEL" {
+            plugins.reverse();
+        }
+        let mut prev: Option<Value> = None;
+        for plugin in plugins {
+            let kind = plugin["type"].as_str().unwrap().to_owned();
+            let mut config = plugin.clone();
+            config["cniVersion"] = list["cniVersion"].clone();
+            config["name"] = list["name"].clone();
+            if let Some(p) = &prev {
+                config["prevResult"] = p.clone();
+            }
+            let mut child = self.net["node"]
+                .command(self.dir.join("bin").join(&kind).to_str().unwrap())
+                .env("CNI_COMMAND", command)
+                .env("CNI_CONTAINERID", container)
+                .env("CNI_NETNS", format!("/var/run/netns/{}", self.net["app"].name()))
+                .env("CNI_IFNAME", "eth0")
+                .env("CNI_PATH", self.dir.join("bin"))
+                .env(
+                    "CNI_ARGS",
+                    format!(
+                        "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={pod};K8S_POD_INFRA_CONTAINER_ID={container}",
+                        self.ns.name()
+                    ),
+                )
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            std::io::Write::write_all(child.stdin.as_mut().unwrap(), config.to_string().as_bytes())
+                .unwrap();
+            let out = child.wait_with_output().unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+            if !out.status.success() {
+                return Err(format!(
+                    "{kind} {command}: {stdout} {}",
+                    String::from_utf8_lossy(&out.stderr)
+                ));
+            }
+            if command == "ADD" {
+                prev = Some(serde_json::from_str(&stdout).unwrap());
+            }
+        }
+        Ok(prev.unwrap_or(Value::Null))
+    }
+
+    async fn pod(&self, name: &str, labels: Value) -> Pod {
+        let pod: Pod = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "labels": labels},
+            "spec": {"containers": [{"name": "app", "image": "cloak.dev/lab/client:dev"}]},
+        }))
+        .unwrap();
+        Api::<Pod>::namespaced(self.client.clone(), self.ns.name())
+            .create(&PostParams::default(), &pod)
+            .await
+            .unwrap()
+    }
+
+    fn node_links(&self) -> String {
+        self.net["node"].run(&["ip", "-o", "link", "show"])
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        self.stop_daemon();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Seconds until `n` new flows in a row avoid `exit`'s public address.
+fn until_flows_avoid(net: &GatewayNet, exit: &str, n: usize) -> Duration {
+    let started = Instant::now();
+    let mut flows = Flows::start(&net["app"]);
+    let mut in_a_row = 0;
+    while in_a_row < n {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "new flows kept going to {exit}"
+        );
+        let answer = flows.say("connect");
+        if answer.starts_with("via ") && !answer.contains(exit) {
+            in_a_row += 1;
+        } else {
+            in_a_row = 0;
+        }
+    }
+    started.elapsed()
+}
+
+#[tokio::test]
+async fn a_labelled_pod_is_attached_at_sandbox_creation_and_its_flows_spread_over_the_exits_fail_over_and_never_leave_by_the_uplink()
+ {
+    let rig = Rig::new("node-attach").await;
+    let pod = rig.pod("app", json!({"cloak.dev/gateway": "egress"})).await;
+    rig.net.count_uplink();
+
+    let result = rig.cni("ADD", "app", "c0ffee0001").unwrap_or_else(|e| {
+        panic!("ADD failed: {e}\n{}", rig.daemon_log());
+    });
+    assert_eq!(
+        result["ips"][0]["address"]
+            .as_str()
+            .map(|a| a.starts_with("10.244.2.")),
+        Some(true),
+        "the primary network's result is passed on: {result}"
+    );
+    let links = rig.net["app"].run(&["ip", "-o", "link", "show"]);
+    assert!(links.contains("ckg0"), "{links}");
+    assert!(
+        rig.node_links().contains("ckgc0ffee0001"),
+        "{}",
+        rig.node_links()
+    );
+
+    // The pod's spec is exactly what was written: nothing was patched into it.
+    let now = Api::<Pod>::namespaced(rig.client.clone(), rig.ns.name())
+        .get("app")
+        .await
+        .unwrap();
+    assert_eq!(now.metadata.resource_version, pod.metadata.resource_version);
+    assert_eq!(now.spec, pod.spec);
+
+    // Flows spread over both exits.
+    let seen = spread(&rig.net["app"], 40);
+    assert_eq!(
+        seen.keys().cloned().collect::<Vec<_>>(),
+        (1..=EXITS).map(exit_public).collect::<Vec<_>>(),
+        "{seen:?}"
+    );
+    // The intranet still goes over the primary network.
+    let intranet = rig.net["app"]
+        .command("ping")
+        .args(["-c", "1", "-W", "2", &exit_ip(1)])
+        .output()
+        .unwrap();
+    assert!(
+        intranet.status.success(),
+        "the intranet is unreachable: app routes {}\nexit1 routes {}\napp rules {}",
+        rig.net["app"].run(&["ip", "route", "show", "table", "all"]),
+        rig.net["exit1"].run(&["ip", "route"]),
+        rig.net["app"].run(&["nft", "list", "ruleset"]),
+    );
+
+    // An exit stops answering (its tunnel failed): the daemon's probes see it and new flows
+    // go to the other; a flow held on the other exit loses nothing.
+    let mut held = Flows::start(&rig.net["app"]);
+    let vias = held.open(8);
+    let survivors: Vec<bool> = vias.iter().map(|v| *v == exit_public(2)).collect();
+    assert!(survivors.iter().any(|s| *s), "{vias:?}");
+    let down = exit_plan(1, false);
+    inside(&rig.net["exit1"], move || down.apply()).unwrap();
+    let took = until_flows_avoid(&rig.net, &exit_public(1), 10);
+    eprintln!("new flows avoided the failed exit after {took:?}");
+    let pokes = held.say("poke");
+    for (survivor, poke) in survivors.iter().zip(pokes.split(',')) {
+        if *survivor {
+            assert!(
+                poke.starts_with("ok"),
+                "a flow on the healthy exit got {poke}: {pokes}"
+            );
+        } else {
+            assert!(
+                poke.starts_with("reset"),
+                "a flow on the failed exit got {poke}: {pokes}"
+            );
+        }
+    }
+    // It comes back: new flows use it again.
+    let up = exit_plan(1, true);
+    inside(&rig.net["exit1"], move || up.apply()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !spread(&rig.net["app"], 10).contains_key(&exit_public(1)) {
+        assert!(
+            Instant::now() < deadline,
+            "the exit that came back got no new flows"
+        );
+    }
+    drop(held);
+
+    // DEL removes the attachment and leaves nothing on the node.
+    rig.cni("DEL", "app", "c0ffee0001").unwrap();
+    assert!(
+        !rig.node_links().contains("ckgc0ffee0001"),
+        "{}",
+        rig.node_links()
+    );
+    let state = std::fs::read_to_string(rig.dir.join("state/clients.json")).unwrap();
+    assert_eq!(state, "{}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        rig.net.uplink_packets(),
+        0,
+        "client traffic left by the node's uplink"
+    );
+}
+
+#[tokio::test]
+async fn a_pod_of_no_gateway_is_left_alone_and_one_naming_a_missing_gateway_does_not_start() {
+    let rig = Rig::new("node-choose").await;
+    rig.pod("plain", json!({"app": "web"})).await;
+    rig.cni("ADD", "plain", "c0ffee0002").unwrap();
+    let links = rig.net["app"].run(&["ip", "-o", "link", "show"]);
+    assert!(!links.contains("ckg0"), "{links}");
+    rig.cni("DEL", "plain", "c0ffee0002").unwrap();
+
+    rig.pod("lost", json!({"cloak.dev/gateway": "nowhere"}))
+        .await;
+    let err = rig.cni("ADD", "lost", "c0ffee0003").unwrap_err();
+    assert!(err.contains("nowhere"), "{err}");
+}
+
+#[tokio::test]
+async fn the_daemons_restart_keeps_the_clients_flows_and_forgets_nothing() {
+    let mut rig = Rig::new("node-restart").await;
+    rig.pod("app", json!({"cloak.dev/gateway": "egress"})).await;
+    rig.cni("ADD", "app", "c0ffee0004").unwrap();
+    let mut held = Flows::start(&rig.net["app"]);
+    held.open(4);
+    rig.stop_daemon();
+    let pokes = held.say("poke");
+    assert!(
+        pokes.split(',').all(|p| p.starts_with("ok")),
+        "with the daemon down: {pokes}"
+    );
+    rig.start_daemon();
+    std::thread::sleep(Duration::from_secs(1));
+    let pokes = held.say("poke");
+    assert!(
+        pokes.split(',').all(|p| p.starts_with("ok")),
+        "after its restart: {pokes}"
+    );
+    drop(held);
+    rig.cni("DEL", "app", "c0ffee0004").unwrap();
+    assert!(
+        !rig.node_links().contains("ckgc0ffee0004"),
+        "the restarted daemon forgot the client: {}",
+        rig.daemon_log()
+    );
+}
