@@ -449,7 +449,7 @@ fn run_node(args: NodeArgs) -> anyhow::Result<()> {
             probe_misses: args.probe_misses,
         };
         let shutdown = shutdown_signal()?;
-        let daemon = cloak_node::daemon::run(client, options, shutdown);
+        let daemon = cloak_node::daemon::run(client.clone(), options, shutdown);
         if let Some(paths) = &paths {
             // After the socket listens: a plugin entry must never point at no daemon for longer
             // than a restart.
@@ -463,7 +463,30 @@ fn run_node(args: NodeArgs) -> anyhow::Result<()> {
                 }
             });
         }
-        daemon.await.context("node daemon")
+        daemon.await.context("node daemon")?;
+        // A restart (rollout, crash) leaves the plugin in place: pods started meanwhile wait for
+        // the daemon instead of starting unattached. Only when its DaemonSet goes (uninstall)
+        // does it take the plugin out.
+        if let (Some(paths), Ok(daemonset)) = (&paths, std::env::var("CLOAK_DAEMONSET"))
+            && let Some((ns, name)) = daemonset.split_once('/')
+        {
+            let api: kube::Api<k8s_openapi::api::apps::v1::DaemonSet> =
+                kube::Api::namespaced(client, ns);
+            let going = match api.get_opt(name).await {
+                Ok(None) => true,
+                Ok(Some(ds)) => ds.metadata.deletion_timestamp.is_some(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading the DaemonSet; leaving the plugin installed");
+                    false
+                }
+            };
+            if going {
+                let changed = cloak_node::install::uninstall(paths)
+                    .context("removing the CNI plugin")?;
+                tracing::info!(?changed, "the DaemonSet is going away: CNI plugin removed");
+            }
+        }
+        Ok(())
     })
 }
 

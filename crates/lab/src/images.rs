@@ -23,7 +23,13 @@ use crate::error::{Error, Result};
 
 /// The Debian packages whose executables the cloak image carries; `images/cloak/Containerfile`
 /// installs exactly these.
-pub const CLOAK_PACKAGES: [&str; 4] = ["iproute2", "nftables", "openvpn", "wireguard-tools"];
+pub const CLOAK_PACKAGES: [&str; 5] = [
+    "conntrack",
+    "iproute2",
+    "nftables",
+    "openvpn",
+    "wireguard-tools",
+];
 
 pub(crate) const CLOAK_IMAGE: &str = "cloak.dev/lab/cloak:dev";
 pub(crate) const PAUSE_IMAGE: &str = "cloak.dev/lab/pause:dev";
