@@ -1,9 +1,9 @@
 //! The exit role: while the agent runs as one exit of a VpnGateway, its end of the nodes' VXLAN
 //! links follows the tunnel. The link, forwarding and masquerade into the tunnel are set up once
 //! a config names the role; the exit answers the nodes' health probes only while the tunnel
-//! passes its own probe, so the nodes move new flows off it as soon as it does not. Nothing here
-//! can let a client's flow out another way: the agent's kill switch still drops everything
-//! forwarded anywhere but into the tunnel.
+//! passes its own probe, so the nodes move new flows off it as soon as it does not. The exit's
+//! own table forwards client flows from the links into the tunnel alone (its forward chain drops
+//! everything else), and the agent's kill switch applies besides.
 
 use std::time::Duration;
 
@@ -28,38 +28,41 @@ pub fn plan(config: &ConfigResult, status: &Status) -> Option<ExitPlan> {
     })
 }
 
-/// Keeps the exit's data plane in step with the config and the agent's status, until both
-/// channels close.
+/// Keeps the exit's data plane in step with the config and the agent's status, until either
+/// channel closes. A config that stops being usable keeps the last exit role, unhealthy: the
+/// nodes must stop sending new flows to an agent that blocks.
 pub async fn follow(
     mut config: watch::Receiver<ConfigResult>,
     mut status: watch::Receiver<Status>,
 ) {
     let mut applied: Option<ExitPlan> = None;
     loop {
-        let want = plan(&config.borrow_and_update(), &status.borrow_and_update());
+        let want = plan(&config.borrow_and_update(), &status.borrow_and_update()).or_else(|| {
+            applied.clone().map(|last| ExitPlan {
+                healthy: false,
+                ..last
+            })
+        });
         let mut failed = false;
-        if want != applied {
-            if let Some(next) = want.clone() {
-                let result = tokio::task::spawn_blocking(move || next.apply()).await;
-                match result {
-                    Ok(Ok(())) => {
-                        tracing::info!(
-                            healthy = want.as_ref().is_some_and(|p| p.healthy),
-                            "exit data plane applied"
-                        );
-                        applied = want;
-                    }
-                    Ok(Err(e)) => {
-                        tracing::error!(error = %e, "exit data plane");
-                        failed = true;
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "exit data plane task");
-                        failed = true;
-                    }
+        if want != applied
+            && let Some(next) = want.clone()
+        {
+            match tokio::task::spawn_blocking(move || next.apply()).await {
+                Ok(Ok(())) => {
+                    tracing::info!(
+                        healthy = want.as_ref().is_some_and(|p| p.healthy),
+                        "exit data plane applied"
+                    );
+                    applied = want;
                 }
-            } else {
-                applied = None;
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "exit data plane");
+                    failed = true;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "exit data plane task");
+                    failed = true;
+                }
             }
         }
         tokio::select! {

@@ -79,9 +79,9 @@ pub struct VpnGatewaySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns: Option<DnsSpec>,
 
-    /// Drop client internet traffic whenever no exit can carry it (default `true`). `false` lets
-    /// it leave unmasked through the pod network while every exit is down; the gateway's
-    /// `KillSwitch` condition is then False and says so.
+    /// Drop client internet traffic whenever no exit can carry it (default `true`). `false` is
+    /// meant to let it leave unmasked through the pod network while every exit is down; that is
+    /// not implemented yet (traffic is still refused), and the `KillSwitch` condition says so.
     #[serde(default = "enabled", skip_serializing_if = "is_enabled")]
     pub kill_switch: bool,
 

@@ -455,11 +455,20 @@ fn run_node(args: NodeArgs) -> anyhow::Result<()> {
             // than a restart.
             let exe = std::env::current_exe().context("finding the cloak binary")?;
             let paths = paths.clone();
+            // Checked again every few seconds: the primary CNI may write its conflist after this
+            // pod started, or rewrite it, and a list without the plugin would start client pods
+            // unattached. (Installing is idempotent: an unchanged list is not rewritten.)
             tokio::spawn(async move {
                 tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                match cloak_node::install::install(&paths, &exe) {
-                    Ok(changed) => tracing::info!(?changed, "CNI plugin installed"),
-                    Err(e) => tracing::error!(error = %e, "installing the CNI plugin"),
+                loop {
+                    match cloak_node::install::install(&paths, &exe) {
+                        Ok(changed) if !changed.is_empty() => {
+                            tracing::info!(?changed, "CNI plugin installed");
+                        }
+                        Ok(_) => {}
+                        Err(e) => tracing::error!(error = %e, "installing the CNI plugin"),
+                    }
+                    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
                 }
             });
         }
@@ -475,6 +484,8 @@ fn run_node(args: NodeArgs) -> anyhow::Result<()> {
             let going = match api.get_opt(name).await {
                 Ok(None) => true,
                 Ok(Some(ds)) => ds.metadata.deletion_timestamp.is_some(),
+                // `helm uninstall` deletes the ServiceAccount and its RBAC with the DaemonSet.
+                Err(kube::Error::Api(status)) if matches!(status.code, 401 | 403) => true,
                 Err(e) => {
                     tracing::warn!(error = %e, "reading the DaemonSet; leaving the plugin installed");
                     false

@@ -80,6 +80,11 @@ pub fn mark(slot: u8) -> u32 {
     MARK_TAG | (u32::from(slot) << 16)
 }
 
+/// Resets the flows carrying slot `slot`'s mark (a slot about to be taken by another exit).
+pub fn reset_flows(slot: u8) -> Result<u32, Error> {
+    delete_flows(mark(slot))
+}
+
 /// Removes a client's veth from the node (its peer in the client's namespace goes with it);
 /// nothing to do when it is gone already.
 pub fn remove_client(iface: &str) -> Result<(), Error> {
@@ -233,7 +238,7 @@ impl NodePlan {
              \t}}\n\
              \tchain output {{\n\
              \t\ttype filter hook output priority filter; policy accept;\n\
-             \t\tct mark and {TAG_MASK:#x} == {MARK_TAG:#x} oifname != \"{LINK_PREFIX}*\" drop\n\
+             \t\tct mark and {TAG_MASK:#x} == {MARK_TAG:#x} oifname != \"{LINK_PREFIX}*\" oifname != \"{CLIENT_PREFIX}*\" drop\n\
              \t\tip saddr {TRANSIT_RANGE} oifname != \"{LINK_PREFIX}*\" drop\n\
              \t\tip daddr {TRANSIT_RANGE} oifname != \"{LINK_PREFIX}*\" drop\n\
              \t}}\n\
@@ -256,6 +261,9 @@ impl NodePlan {
     /// Makes the kernel hold exactly this plan: links to the exits in it (others removed), their
     /// rules and tables, the routes back to the clients, and the nftables table.
     pub fn apply(&self) -> Result<(), Error> {
+        // The table first: whatever fails after it, client traffic is already held to the
+        // links (and refused when it has none).
+        run("nft", &["-f", "-"], Some(self.render().as_bytes()))?;
         for exit in &self.exits {
             ensure_link(exit, self.transit)?;
         }
@@ -265,7 +273,6 @@ impl NodePlan {
         }
         remove_other_exit_rules(&self.exits)?;
         route_clients(&self.clients)?;
-        run("nft", &["-f", "-"], Some(self.render().as_bytes()))?;
         Ok(())
     }
 

@@ -138,6 +138,9 @@ pub fn pod(input: &ExitPod<'_>) -> Result<Pod, serde_json::Error> {
             "automountServiceAccountToken": false,
             "enableServiceLinks": false,
             "terminationGracePeriodSeconds": 5,
+            // An exit whose agent stops is replaced by the operator on the next server, instead
+            // of restarting on the same one.
+            "restartPolicy": "Never",
             "containers": [{
                 "name": "agent", "image": input.image, "imagePullPolicy": "IfNotPresent",
                 "args": ["agent", "--config", config],

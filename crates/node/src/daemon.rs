@@ -70,11 +70,26 @@ struct Attached {
     address: Ipv4Addr,
 }
 
-/// What a probe has seen of an exit lately.
+/// What the probes have seen of an exit lately: `up` is None until it answered once or missed
+/// `probe_misses` in a row (until then the gateway's status decides).
 #[derive(Debug, Clone, Copy, Default)]
 struct Seen {
-    up: bool,
+    up: Option<bool>,
     misses: u32,
+}
+
+/// What survives a restart: the clients, and the numbers that established flows carry in their
+/// conntrack marks (a slot renumbered at restart would move them to another exit).
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Saved {
+    #[serde(default)]
+    clients: BTreeMap<String, Attached>,
+    /// `namespace/name` → node-local gateway number.
+    #[serde(default)]
+    gateway_ids: BTreeMap<String, u16>,
+    #[serde(default)]
+    slots: BTreeMap<u32, u8>,
 }
 
 #[derive(Debug, Default)]
@@ -174,10 +189,7 @@ pub async fn run(
 
     let (gateways, writer) = reflector::store();
     let daemon = Arc::new(Daemon {
-        state: tokio::sync::Mutex::new(State {
-            clients: load_state(&options),
-            ..State::default()
-        }),
+        state: tokio::sync::Mutex::new(load_state(&options)),
         options,
         client: client.clone(),
         gateways,
@@ -189,17 +201,17 @@ pub async fn run(
     // Gateways (their exits and health) drive the plan.
     let watch = {
         let daemon = daemon.clone();
+        // Every event, the end of a (re)list included: the store is complete only then.
         let stream = reflector::reflector(
             writer,
             watcher(Api::<VpnGateway>::all(client), watcher::Config::default()),
         )
-        .default_backoff()
-        .touched_objects();
+        .default_backoff();
         async move {
             futures::pin_mut!(stream);
             while let Some(event) = stream.next().await {
                 if event.is_ok() {
-                    daemon.reconcile().await;
+                    let _ = daemon.reconcile().await;
                 }
             }
         }
@@ -230,7 +242,9 @@ pub async fn run(
         let daemon = daemon.clone();
         async move {
             while let Some(round) = seen_rx.recv().await {
-                if daemon.seen(round).await {
+                // Also a plan that failed before is tried again, once per round.
+                let unapplied = daemon.state.lock().await.applied.is_none();
+                if daemon.seen(round).await || unapplied {
                     daemon.reconcile().await;
                 }
             }
@@ -263,18 +277,40 @@ fn state_file(options: &Options) -> PathBuf {
     options.state_dir.join("clients.json")
 }
 
-fn load_state(options: &Options) -> BTreeMap<String, Attached> {
-    std::fs::read(state_file(options))
+fn load_state(options: &Options) -> State {
+    let saved: Saved = std::fs::read(state_file(options))
         .ok()
         .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-        .unwrap_or_default()
+        .unwrap_or_default();
+    State {
+        clients: saved.clients,
+        gateway_ids: saved
+            .gateway_ids
+            .into_iter()
+            .filter_map(|(key, id)| {
+                let (ns, name) = key.split_once('/')?;
+                Some(((ns.to_owned(), name.to_owned()), id))
+            })
+            .collect(),
+        slots: saved.slots,
+        ..State::default()
+    }
 }
 
 impl Daemon {
     fn save(&self, state: &State) {
         let path = state_file(&self.options);
         let tmp = path.with_extension("tmp");
-        let written = serde_json::to_vec(&state.clients)
+        let saved = Saved {
+            clients: state.clients.clone(),
+            gateway_ids: state
+                .gateway_ids
+                .iter()
+                .map(|((ns, name), id)| (format!("{ns}/{name}"), *id))
+                .collect(),
+            slots: state.slots.clone(),
+        };
+        let written = serde_json::to_vec(&saved)
             .map_err(std::io::Error::other)
             .and_then(|bytes| std::fs::write(&tmp, bytes))
             .and_then(|()| std::fs::rename(&tmp, &path));
@@ -317,15 +353,15 @@ impl Daemon {
             let was = seen.up;
             if answered {
                 seen.misses = 0;
-                seen.up = true;
+                seen.up = Some(true);
             } else {
                 seen.misses += 1;
                 if seen.misses >= limit {
-                    seen.up = false;
+                    seen.up = Some(false);
                 }
             }
             if seen.up != was {
-                tracing::info!(vni, up = seen.up, "exit health changed");
+                tracing::info!(vni, up = ?seen.up, "exit health changed");
                 changed = true;
             }
         }
@@ -334,19 +370,20 @@ impl Daemon {
 
     /// Recomputes the node's plan from the clients, the gateways and the probes, and applies it
     /// when it changed; flows of exits that just died are reset.
-    async fn reconcile(&self) {
+    async fn reconcile(&self) -> bool {
         // Nothing is applied before the first full list of gateways: a plan made from part of
         // them would take the links of the other gateways' clients away.
         if !matches!(
             self.gateways.wait_until_ready().now_or_never(),
             Some(Ok(()))
         ) {
-            return;
+            return false;
         }
         let mut state = self.state.lock().await;
         let plan = self.plan(&mut state);
+        self.save(&state);
         if state.applied.as_ref() == Some(&plan) {
-            return;
+            return true;
         }
         let newly_dead: Vec<u8> = plan
             .exits
@@ -360,6 +397,19 @@ impl Daemon {
                     })
             })
             .map(|e| e.slot)
+            .collect();
+        // Slots that left the plan: their flows go before another exit may take the slot.
+        let gone: Vec<u8> = state
+            .applied
+            .iter()
+            .flat_map(|old| old.exits.iter())
+            .filter(|o| {
+                !plan
+                    .exits
+                    .iter()
+                    .any(|e| e.slot == o.slot && e.vni == o.vni)
+            })
+            .map(|o| o.slot)
             .collect();
         tracing::debug!(exits = ?plan.exits.iter().map(|e| (e.vni, e.slot, e.state)).collect::<Vec<_>>(), clients = plan.clients.len(), "applying the node's plan");
         let to_apply = plan.clone();
@@ -376,7 +426,11 @@ impl Daemon {
                         .collect(),
                     ..to_apply.clone()
                 };
-                dead.reset_dead_flows()
+                let mut reset = dead.reset_dead_flows()?;
+                for slot in gone {
+                    reset += cloak_dataplane::gateway::reset_flows(slot)?;
+                }
+                Ok::<u32, cloak_dataplane::Error>(reset)
             })
             .await;
         match result {
@@ -388,8 +442,12 @@ impl Daemon {
                     *targets = plan.exits.iter().map(|e| (e.vni, e.slot)).collect();
                 }
                 state.applied = Some(plan);
+                true
             }
-            Err(e) => tracing::error!(error = %e, "applying the node's plan"),
+            Err(e) => {
+                tracing::error!(error = %e, "applying the node's plan");
+                false
+            }
         }
     }
 
@@ -440,7 +498,8 @@ impl Daemon {
                     let up = state
                         .seen
                         .get(&exit.vni)
-                        .map_or(exit.health == ExitHealth::Healthy, |seen| seen.up);
+                        .and_then(|seen| seen.up)
+                        .unwrap_or(exit.health == ExitHealth::Healthy);
                     if up { ExitUse::Healthy } else { ExitUse::Dead }
                 };
                 exits.push((exit.vni, remote, *id, use_));
@@ -525,6 +584,13 @@ impl Daemon {
     /// Attaches a pod if it is a client: its veth, its namespace's routes and kill switch, then
     /// the node's plan with it.
     async fn add(&self, request: &Request) -> Result<(), String> {
+        // Which gateway a pod belongs to can only be told from the full list of gateways.
+        if !matches!(
+            tokio::time::timeout(Duration::from_secs(10), self.gateways.wait_until_ready()).await,
+            Ok(Ok(()))
+        ) {
+            return Err("the gateways are not listed yet".into());
+        }
         let pod = Api::<Pod>::namespaced(self.client.clone(), &request.pod_namespace)
             .get(&request.pod_name)
             .await
@@ -608,8 +674,18 @@ impl Daemon {
         );
         self.save(&state);
         drop(state);
+        if !self.reconcile().await {
+            // Without the node's table the client's traffic would have no kill switch on the
+            // node: the pod must not start.
+            let mut state = self.state.lock().await;
+            state.clients.remove(&request.container_id);
+            self.save(&state);
+            drop(state);
+            let iface = iface_name(&request.container_id);
+            let _ = self.kernel.run(move || remove_client(&iface)).await;
+            return Err("the node's plan could not be applied (see the daemon's log)".into());
+        }
         tracing::info!(pod = %format!("{}/{}", request.pod_namespace, request.pod_name), gateway = %gateway.name_any(), %address, "client attached");
-        self.reconcile().await;
         Ok(())
     }
 
@@ -625,7 +701,7 @@ impl Daemon {
             tracing::warn!(error = %e, iface = %client.iface, "removing a client's interface");
         }
         tracing::info!(pod = %format!("{}/{}", client.pod_namespace, client.pod_name), "client detached");
-        self.reconcile().await;
+        let _ = self.reconcile().await;
     }
 }
 

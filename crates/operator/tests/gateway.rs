@@ -6,8 +6,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::large_futures)] // test helpers
 
-mod common;
-
 use std::{
     collections::BTreeSet,
     time::{Duration, Instant},
@@ -35,26 +33,41 @@ fn server(n: u8) -> String {
     )
 }
 
-/// The test namespace with an operator running on this test's runtime, and provider `pool`
-/// (tag `nl`, `max_slots` slots, verification skipped) whose Secret holds servers `s1`..`s3`.
-async fn setup(test: &str, max_slots: u32) -> (Client, TestNamespace, common::Running) {
-    // RUST_LOG=cloak_operator=debug shows what the operators do.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-    let client = ControlPlane::shared().client();
-    let ns = TestNamespace::create(&client, test).await.unwrap();
-    let operator = common::Running::start(
-        client.clone(),
-        cloak_operator::Config {
-            instance: format!("gateway-{test}"),
+/// Starts the one operator of this test binary (once), on a runtime of its own. One, as in a
+/// cluster: only the leader writes, and exits' VXLAN identifiers are picked by one writer.
+fn operator() -> Client {
+    static STARTED: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    let cp = ControlPlane::shared();
+    STARTED.get_or_init(|| {
+        // RUST_LOG=cloak_operator=debug shows what the operator does.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+        let config = cloak_operator::Config {
+            instance: "gateway-test-operator".into(),
             verify_ip_url: "http://203.0.113.10/ip".into(),
             agent_image: "cloak.dev/test/cloak:dev".into(),
             intranet: vec!["10.244.0.0/16".parse().unwrap()],
             ..cloak_operator::Config::default()
-        },
-    );
+        };
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Runtime::new().unwrap();
+            runtime.block_on(async {
+                cloak_operator::run(cp.client(), config, futures::future::pending())
+                    .await
+                    .unwrap();
+            });
+        });
+    });
+    cp.client()
+}
+
+/// The test namespace, and provider `pool` (tag `nl`, `max_slots` slots, verification
+/// skipped) whose Secret holds servers `s1`..`s3`.
+async fn setup(test: &str, max_slots: u32) -> (Client, TestNamespace) {
+    let client = operator();
+    let ns = TestNamespace::create(&client, test).await.unwrap();
     let data = (1..=3)
         .map(|n| (format!("s{n}.conf"), ByteString(server(n).into_bytes())))
         .collect();
@@ -80,7 +93,7 @@ async fn setup(test: &str, max_slots: u32) -> (Client, TestNamespace, common::Ru
         .create(&PostParams::default(), &provider)
         .await
         .unwrap();
-    (client, ns, operator)
+    (client, ns)
 }
 
 async fn gateway(client: &Client, ns: &str, name: &str, count: u32) {
@@ -177,7 +190,7 @@ async fn event_reasons(client: &Client, ns: &str) -> Vec<String> {
 
 #[tokio::test]
 async fn each_exit_holds_a_slot_with_its_own_vni_and_runs_a_pod_on_its_own_server() {
-    let (client, ns, operator) = setup("gw-exits", 3).await;
+    let (client, ns) = setup("gw-exits", 3).await;
     gateway(&client, ns.name(), "egress", 2).await;
     let pods = until(&client, ns.name(), "egress", "two exit pods", |_, pods| {
         (pods.len() == 2).then(|| pods.to_vec())
@@ -256,13 +269,12 @@ async fn each_exit_holds_a_slot_with_its_own_vni_and_runs_a_pod_on_its_own_serve
         .find(|c| c.type_ == "Ready")
         .unwrap();
     assert_eq!(ready.status, "False");
-    operator.stop().await;
 }
 
 #[tokio::test]
 async fn an_exit_going_down_and_back_is_in_the_status_and_in_events_and_a_stopped_pod_moves_to_the_next_server()
  {
-    let (client, ns, operator) = setup("gw-health", 2).await;
+    let (client, ns) = setup("gw-health", 2).await;
     gateway(&client, ns.name(), "egress", 2).await;
     until(&client, ns.name(), "egress", "two exit pods", |_, pods| {
         (pods.len() == 2).then_some(())
@@ -354,12 +366,11 @@ async fn an_exit_going_down_and_back_is_in_the_status_and_in_events_and_a_stoppe
             .iter()
             .any(|r| r == "ExitReplaced")
     );
-    operator.stop().await;
 }
 
 #[tokio::test]
 async fn two_gateways_never_share_a_vni_and_scaling_down_removes_the_last_exits() {
-    let (client, ns, operator) = setup("gw-scale", 3).await;
+    let (client, ns) = setup("gw-scale", 3).await;
     // Created together: their exits pick identifiers at the same time.
     tokio::join!(
         gateway(&client, ns.name(), "a", 3),
@@ -414,5 +425,4 @@ async fn two_gateways_never_share_a_vni_and_scaling_down_removes_the_last_exits(
         assert!(Instant::now() < deadline, "masks left: {left:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    operator.stop().await;
 }

@@ -291,7 +291,7 @@ async fn apply(gateway: &VpnGateway, ctx: &Context) -> Result<Action> {
                 if gateway.spec.kill_switch {
                     "client internet traffic is dropped whenever no exit can carry it"
                 } else {
-                    "spec.killSwitch is false: while every exit is down, client traffic leaves unmasked"
+                    "spec.killSwitch is false, which is not implemented yet: client internet traffic is still refused while no exit can carry it"
                 },
                 generation,
             ),
