@@ -404,7 +404,7 @@ async fn every_yaml_example_in_the_readme_is_accepted() {
         }
     }
     assert!(
-        applied >= 3,
-        "README should show a Secret, a VpnProvider and a VpnMask; applied {applied}"
+        applied >= 5,
+        "README should show a Secret, a VpnProvider, a VpnMask, a VpnGateway and its client Pod; applied {applied}"
     );
 }
