@@ -22,7 +22,7 @@ use cloak_api::VpnGateway;
 use cloak_dataplane::gateway::ExitPlan;
 use cloak_testkit::{
     ControlPlane, TestNamespace,
-    netlab::gateway::{Flows, GatewayNet, exit_ip, exit_public, spread},
+    netlab::gateway::{Flows, GatewayNet, exit_ip, exit_public, pings, spread},
     netns::inside,
 };
 use k8s_openapi::api::core::v1::Pod;
@@ -319,13 +319,8 @@ async fn a_labelled_pod_is_attached_at_sandbox_creation_and_its_flows_spread_ove
         "{seen:?}"
     );
     // The intranet still goes over the primary network.
-    let intranet = rig.net["app"]
-        .command("ping")
-        .args(["-c", "1", "-W", "2", &exit_ip(1)])
-        .output()
-        .unwrap();
     assert!(
-        intranet.status.success(),
+        pings(&rig.net["app"], &exit_ip(1)),
         "the intranet is unreachable: app routes {}\nexit1 routes {}\napp rules {}",
         rig.net["app"].run(&["ip", "route", "show", "table", "all"]),
         rig.net["exit1"].run(&["ip", "route"]),

@@ -13,7 +13,7 @@
 
 use cloak_dataplane::gateway::{ClientPlan, ExitLink, ExitPlan, ExitUse, NodePlan};
 use cloak_testkit::{
-    netlab::gateway::{Flows, GatewayNet, exit_ip, exit_public, spread},
+    netlab::gateway::{Flows, GatewayNet, exit_ip, exit_public, pings, spread},
     netns::inside,
 };
 
@@ -195,13 +195,8 @@ fn with_every_exit_dead_client_connections_are_refused_at_once_and_the_intranet_
             .unwrap();
         assert!(ms < 500, "refused after {ms} ms");
     }
-    let intranet = gateway.net["client"]
-        .command("ping")
-        .args(["-c", "1", "-W", "2", &exit_ip(1)])
-        .output()
-        .unwrap();
     assert!(
-        intranet.status.success(),
+        pings(&gateway.net["client"], &exit_ip(1)),
         "an intranet address stopped answering"
     );
     assert_eq!(

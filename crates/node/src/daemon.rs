@@ -18,7 +18,7 @@ use std::{
 
 use cloak_api::{ExitHealth, VpnGateway};
 use cloak_dataplane::gateway::{
-    ClientPlan, ClientPort, ExitLink, ExitUse, NodePlan, link_exists, remove_client,
+    ClientPlan, ClientPort, ExitLink, ExitUse, NodePlan, link_exists, remove_client, reset_flows,
 };
 use futures::{FutureExt as _, StreamExt as _};
 use ipnet::IpNet;
@@ -380,8 +380,12 @@ impl Daemon {
             return false;
         }
         let mut state = self.state.lock().await;
+        let numbers = (state.gateway_ids.clone(), state.slots.clone());
         let plan = self.plan(&mut state);
-        self.save(&state);
+        // The file follows the numbers flows carry; a plan that kept them writes nothing.
+        if numbers != (state.gateway_ids.clone(), state.slots.clone()) {
+            self.save(&state);
+        }
         if state.applied.as_ref() == Some(&plan) {
             return true;
         }
@@ -398,8 +402,8 @@ impl Daemon {
             })
             .map(|e| e.slot)
             .collect();
-        // Slots that left the plan: their flows go before another exit may take the slot.
-        let gone: Vec<u8> = state
+        // And slots that left the plan: their flows go before another exit may take the slot.
+        let reset_slots: Vec<u8> = state
             .applied
             .iter()
             .flat_map(|old| old.exits.iter())
@@ -410,6 +414,7 @@ impl Daemon {
                     .any(|e| e.slot == o.slot && e.vni == o.vni)
             })
             .map(|o| o.slot)
+            .chain(newly_dead)
             .collect();
         tracing::debug!(exits = ?plan.exits.iter().map(|e| (e.vni, e.slot, e.state)).collect::<Vec<_>>(), clients = plan.clients.len(), "applying the node's plan");
         let to_apply = plan.clone();
@@ -417,18 +422,9 @@ impl Daemon {
             .kernel
             .run(move || {
                 to_apply.apply()?;
-                let dead = NodePlan {
-                    exits: to_apply
-                        .exits
-                        .iter()
-                        .filter(|e| newly_dead.contains(&e.slot))
-                        .cloned()
-                        .collect(),
-                    ..to_apply.clone()
-                };
-                let mut reset = dead.reset_dead_flows()?;
-                for slot in gone {
-                    reset += cloak_dataplane::gateway::reset_flows(slot)?;
+                let mut reset = 0;
+                for slot in reset_slots {
+                    reset += reset_flows(slot)?;
                 }
                 Ok::<u32, cloak_dataplane::Error>(reset)
             })
@@ -436,7 +432,7 @@ impl Daemon {
         match result {
             Ok(reset) => {
                 if reset > 0 {
-                    tracing::info!(flows = reset, "reset the flows of dead exits");
+                    tracing::info!(flows = reset, "reset the flows of dead or removed exits");
                 }
                 if let Ok(mut targets) = self.targets.lock() {
                     *targets = plan.exits.iter().map(|e| (e.vni, e.slot)).collect();

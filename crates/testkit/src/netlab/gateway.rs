@@ -41,6 +41,17 @@ impl std::ops::Index<&str> for GatewayNet {
     }
 }
 
+/// Whether `address` answers one ping from `ns` within 2 s (an intranet address reached over
+/// the pod's primary network).
+pub fn pings(ns: &Netns, address: &str) -> bool {
+    ns.command("ping")
+        .args(["-c", "1", "-W", "2", address])
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
 /// The namespaces and the echo service.
 #[derive(Debug)]
 pub struct GatewayNet {
