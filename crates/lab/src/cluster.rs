@@ -393,7 +393,9 @@ pub(crate) fn cluster_kubeconfig(lab: &Lab) -> PathBuf {
 /// new mount namespace (slave propagation: the host's mounts reach it, its own never reach the
 /// host) with a sysfs of the node's network namespace, the host's cgroup tree bound back under
 /// it, and the node's private directories bound over the paths the kubelet, libcni and
-/// containerd hard-code. Argument: the node's directory.
+/// containerd hard-code, and that cloak's node component reaches by its hostPath volumes
+/// (`/etc/cni/net.d`, `/opt/cni/bin`, `/run/cloak`, `/var/lib/cloak/node`): two nodes never share
+/// them, and the host's own are never touched. Argument: the node's directory.
 const HOLDER: &str = r#"
 set -eu
 d=$1
@@ -401,10 +403,16 @@ mkdir -p "$d/cgroup"
 mount --rbind /sys/fs/cgroup "$d/cgroup"
 mount -t sysfs sysfs /sys
 mount --rbind "$d/cgroup" /sys/fs/cgroup
-for p in /var/lib/kubelet /var/log/pods /var/log/containers /var/lib/cni /run/containerd; do
+for p in /var/lib/kubelet /var/log/pods /var/log/containers /var/lib/cni /run/containerd \
+    /run/cloak /var/lib/cloak/node; do
   mkdir -p "$d/root$p" "$p"
   mount --bind "$d/root$p" "$p"
 done
+# The CNI directories a node component finds at their usual places (cloak's DaemonSet installs
+# its plugin there): the node's own configuration and plugin directories.
+mkdir -p /etc/cni/net.d /opt/cni/bin
+mount --bind "$d/cni" /etc/cni/net.d
+mount --bind "$d/cni-bin" /opt/cni/bin
 echo ready > "$d/holder.ready"
 exec sleep infinity
 "#;
@@ -419,7 +427,7 @@ pub(crate) fn node(
 ) -> Result<()> {
     let name = layout::node_name(k);
     let dir = lab.node_dir(k);
-    for sub in ["", "cni", "containerd"] {
+    for sub in ["", "cni", "cni-bin", "containerd"] {
         let d = dir.join(sub);
         fs::create_dir_all(&d).map_err(Error::io(&d))?;
     }
@@ -605,7 +613,8 @@ state = "{state}"
         BinaryName = "/usr/sbin/runc"
         SystemdCgroup = false
   [plugins."io.containerd.cri.v1.runtime".cni]
-    bin_dirs = ["/usr/lib/cni"]
+    # The node's plugin directory first (cloak's plugin is copied there), then Debian's plugins.
+    bin_dirs = ["/opt/cni/bin", "/usr/lib/cni"]
     conf_dir = "{cni}"
     max_conf_num = 1
 

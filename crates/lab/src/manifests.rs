@@ -11,15 +11,13 @@ use crate::{
 };
 
 /// `helm --set` values for the lab: the locally built image, never pulled, and the internet's
-/// echo service as the address verification pods ask. The node component stays off until the
-/// lab's nodes give it CNI directories of their own: its hostPath mounts would reach this
-/// machine's own `/etc/cni/net.d` and `/opt/cni/bin`.
-pub const HELM_VALUES: [&str; 5] = [
+/// echo service as the address verification pods ask. The node component runs as the chart
+/// ships it: each lab node binds directories of its own over the paths its hostPath volumes name.
+pub const HELM_VALUES: [&str; 4] = [
     "image.repository=cloak.dev/lab/cloak",
     "image.tag=dev",
     "image.pullPolicy=Never",
     "operator.verifyIpUrl=http://203.0.113.10/ip",
-    "node.enabled=false",
 ];
 
 /// CoreDNS in `kube-system`, Service `kube-dns` on the cluster DNS address, forwarding

@@ -1,5 +1,5 @@
 //! `cloak lab status`: what a user checks, as tables — nodes, the operator's leader, providers'
-//! slots, masks and their holders, the exit address each workload is seen with (asked of the
+//! slots, masks and their holders, gateways' exits and clients, the exit address each workload is seen with (asked of the
 //! echo service's record), and forwarded ports.
 
 use std::{fmt::Write as _, path::Path, time::SystemTime};
@@ -136,6 +136,56 @@ pub(crate) fn render(lab: &Lab, kubectl: &Path) -> Result<String> {
                 .as_u64()
                 .map_or(String::new(), |s| s.to_string()),
             holders.join(","),
+        ]);
+    }
+    table(&mut out, &rows);
+
+    let gateways = get(&["get", "vpngateways", "-A"]).unwrap_or_default();
+    let mut rows = vec![row(&[
+        "GATEWAY EXIT",
+        "NODE",
+        "POD IP",
+        "PROVIDER",
+        "SERVER",
+        "HEALTH",
+        "MESSAGE",
+    ])];
+    for g in &gateways {
+        let gateway = format!(
+            "{}/{}",
+            str_at(g, "/metadata/namespace"),
+            str_at(g, "/metadata/name")
+        );
+        for e in g["status"]["exits"].as_array().into_iter().flatten() {
+            rows.push(vec![
+                format!("{gateway}:{}", str_at(e, "/name")),
+                str_at(e, "/node"),
+                str_at(e, "/podIp"),
+                str_at(e, "/provider"),
+                str_at(e, "/server"),
+                str_at(e, "/health"),
+                str_at(e, "/message"),
+            ]);
+        }
+    }
+    table(&mut out, &rows);
+    // Clients by the gateway label (pods a gateway's `podSelector` adds are not listed here).
+    let mut rows = vec![row(&["GATEWAY CLIENT", "GATEWAY", "NODE", "POD IP", "PHASE"])];
+    for p in &pods {
+        let gateway = str_at(p, "/metadata/labels/cloak.dev~1gateway");
+        if gateway.is_empty() {
+            continue;
+        }
+        rows.push(vec![
+            format!(
+                "{}/{}",
+                str_at(p, "/metadata/namespace"),
+                str_at(p, "/metadata/name")
+            ),
+            gateway,
+            str_at(p, "/spec/nodeName"),
+            str_at(p, "/status/podIP"),
+            str_at(p, "/status/phase"),
         ]);
     }
     table(&mut out, &rows);

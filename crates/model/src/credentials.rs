@@ -55,7 +55,7 @@ pub struct Summary {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CredentialsError {
     #[error(
-        "the Secret has no credentials: expected a wg0.conf key, a config.ovpn key (with optional username and password), or gluetun variables (VPN_SERVICE_PROVIDER, or WIREGUARD_PRIVATE_KEY, WIREGUARD_PUBLIC_KEY, WIREGUARD_ADDRESSES and VPN_ENDPOINT_IP for a custom endpoint)"
+        "the Secret has no credentials: expected a wg0.conf key, a config.ovpn key (with optional username and password), a pool of server files (<name>.conf or <name>.ovpn), or gluetun variables (VPN_SERVICE_PROVIDER, or WIREGUARD_PRIVATE_KEY, WIREGUARD_PUBLIC_KEY, WIREGUARD_ADDRESSES and VPN_ENDPOINT_IP for a custom endpoint)"
     )]
     Empty,
     #[error("wg0.conf: {0}")]
@@ -78,13 +78,24 @@ pub enum CredentialsError {
     },
     #[error("key {0} is not valid UTF-8")]
     NotUtf8(String),
+    #[error(
+        "the Secret mixes WireGuard (.conf) and OpenVPN (.ovpn) servers; a provider has one tunnel kind"
+    )]
+    MixedPool,
+    /// A pool's server file is named by its key.
+    #[error("{key}: {source}")]
+    PoolServer {
+        key: String,
+        source: Box<CredentialsError>,
+    },
 }
 
 /// Parses credentials from Secret keys (a Secret's `data`, or a mounted Secret's files).
 /// `interface` names the tunnel interface the result will have.
 ///
 /// The keys are looked at in this order: `wg0.conf`; `config.ovpn` with `username`/`password`
-/// (or gluetun's `OPENVPN_USER`/`OPENVPN_PASSWORD`); gluetun variables.
+/// (or gluetun's `OPENVPN_USER`/`OPENVPN_PASSWORD`); a pool's first server (`<name>.conf` or
+/// `<name>.ovpn`, see [`Pool`]); gluetun variables.
 pub fn parse(
     keys: &BTreeMap<String, Secret>,
     interface: &str,
@@ -118,6 +129,28 @@ pub fn parse(
             kind: TunnelKind::OpenVpn,
             tunnel: Some(TunnelConfig::OpenVpn(ovpn)),
             provider: None,
+        });
+    }
+    // A pool of servers (see [`Pool`]) without a single-server file, as a provider's Secret or
+    // a mask's copy of it mounted whole: its first server in key order, with the shared login.
+    let mut servers = keys.keys().filter_map(|k| Some((k, server_kind(k)?)));
+    if let Some((first, kind)) = servers.next() {
+        if servers.any(|(_, other)| other != kind) {
+            return Err(CredentialsError::MixedPool);
+        }
+        let target = match kind {
+            TunnelKind::WireGuard => "wg0.conf",
+            TunnelKind::OpenVpn => "config.ovpn",
+        };
+        let mut one: BTreeMap<String, Secret> = keys
+            .iter()
+            .filter(|(k, _)| server_kind(k).is_none())
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        one.insert(target.to_owned(), keys[first].clone());
+        return parse(&one, interface).map_err(|e| CredentialsError::PoolServer {
+            key: first.clone(),
+            source: Box::new(e),
         });
     }
     let provider = get("VPN_SERVICE_PROVIDER");
@@ -590,6 +623,38 @@ mod tests {
         let one = pool(&keys_of_one(), "ck0").unwrap();
         assert_eq!(one.servers.len(), 1);
         assert_eq!(one.servers[0].name, "wg0");
+    }
+
+    #[test]
+    fn a_pool_without_a_single_server_file_reads_as_its_first_server_and_a_mixed_one_is_refused() {
+        // A provider whose Secret is a pool (and a mask's copy of it, mounted whole by a
+        // verification pod or a workload's agent) is usable as it is: its first server.
+        let pool_keys = keys(&[
+            ("se-2.conf", &wg_server("192.0.2.12:51820")),
+            ("se-1.conf", &wg_server("192.0.2.11:51820")),
+        ]);
+        let first = parse(&pool_keys, "ck0").unwrap();
+        assert_eq!(first.format, Format::WgQuick);
+        assert_eq!(
+            first.tunnel.unwrap().endpoints()[0].addr,
+            "192.0.2.11:51820".parse().unwrap()
+        );
+        let data: BTreeMap<String, Vec<u8>> = pool_keys
+            .iter()
+            .map(|(k, v)| (k.clone(), v.expose().as_bytes().to_vec()))
+            .collect();
+        assert_eq!(
+            classify(&data, Some(TunnelKind::WireGuard)).unwrap().format,
+            Format::WgQuick
+        );
+        let mut mixed = data.clone();
+        mixed.insert("nl-1.ovpn".into(), b"client\nremote 192.0.2.21 1194\n".to_vec());
+        assert!(
+            classify(&mixed, None)
+                .unwrap_err()
+                .to_string()
+                .contains("mixes WireGuard"),
+        );
     }
 
     fn keys_of_one() -> BTreeMap<String, Secret> {

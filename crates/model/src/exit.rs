@@ -141,6 +141,15 @@ pub fn pod(input: &ExitPod<'_>) -> Result<Pod, serde_json::Error> {
             // An exit whose agent stops is replaced by the operator on the next server, instead
             // of restarting on the same one.
             "restartPolicy": "Never",
+            // A gateway's exits on different nodes when there are enough: losing a node loses
+            // one exit, not the gateway.
+            "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{
+                "weight": 100,
+                "podAffinityTerm": {
+                    "topologyKey": "kubernetes.io/hostname",
+                    "labelSelector": {"matchLabels": {LABEL_GATEWAY: input.gateway}},
+                },
+            }]}},
             "containers": [{
                 "name": "agent", "image": input.image, "imagePullPolicy": "IfNotPresent",
                 "args": ["agent", "--config", config],
