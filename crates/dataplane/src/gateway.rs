@@ -307,8 +307,10 @@ fn ensure_link(exit: &ExitLink, transit: Ipv4Addr) -> Result<(), Error> {
         VXLAN_PORT.to_string(),
         exit.remote.to_string(),
     );
-    // A fixed source port: the exit's replies come from its VXLAN port to ours, so any
-    // firewall between sees one flow per node and exit.
+    // A fixed source port (the kernel's range is [min, max); min == max would mean any
+    // ephemeral port): the exit's replies come from its VXLAN port to ours, so any firewall
+    // between sees one flow per node and exit, and the exit routes them by that port.
+    let next_port = (VXLAN_PORT + 1).to_string();
     ensure_vxlan(
         &iface,
         &format!("remote {remote} "),
@@ -321,7 +323,7 @@ fn ensure_link(exit: &ExitLink, transit: Ipv4Addr) -> Result<(), Error> {
             &port,
             "srcport",
             &port,
-            &port,
+            &next_port,
             "nolearning",
         ],
     )?;
@@ -420,6 +422,8 @@ fn replace_rule(priority: u32, spec: &[&str], shown: &str) -> Result<(), Error> 
     let prio = priority.to_string();
     let listing = ip(&["-4", "rule", "show", "priority", &prio])?;
     let wanted = format!("{prio}:\tfrom all {shown}");
+    // `ip` names protocols it finds in /etc/protocols; rules are given and compared by number.
+    let listing = listing.replace("ipproto udp ", "ipproto 17 ");
     if listing.lines().map(str::trim_end).eq([wanted.as_str()]) {
         return Ok(());
     }
@@ -682,17 +686,33 @@ impl ExitPlan {
     /// The VXLAN interface (learning: it answers whichever node sent, with no list of nodes),
     /// forwarding, and the table, in the exit's namespace (the calling thread's).
     pub fn apply(&self) -> Result<(), Error> {
-        let (vni, port, local) = (
+        let (vni, port, next_port, local) = (
             self.vni.to_string(),
             VXLAN_PORT.to_string(),
+            (VXLAN_PORT + 1).to_string(),
             self.local.to_string(),
         );
         ensure_vxlan(
             EXIT_IFACE,
             &format!("vxlan id {vni} "),
             &[
-                "id", &vni, "local", &local, "dstport", &port, "srcport", &port, &port,
+                "id", &vni, "local", &local, "dstport", &port, "srcport", &port, &next_port,
             ],
+        )?;
+        // Ahead of the agent's tunnel table (`RULE_PRIORITY`): the nodes' transit addresses
+        // (client replies, probe answers) and the links' outer packets (nodes' addresses need
+        // not be in the intranet) leave by the pod network, never into the tunnel.
+        let sport = VXLAN_PORT.to_string();
+        replace_rule(
+            crate::RULE_PRIORITY - 2,
+            &["to", TRANSIT_RANGE, "lookup", "main"],
+            &format!("to {TRANSIT_RANGE} lookup main"),
+        )?;
+        replace_rule(
+            crate::RULE_PRIORITY - 1,
+            // By number: an image may have no /etc/protocols.
+            &["ipproto", "17", "sport", &sport, "lookup", "main"],
+            &format!("ipproto 17 sport {sport} lookup main"),
         )?;
         ip(&[
             "addr",

@@ -171,7 +171,10 @@ pub(crate) fn network(lab: &Lab, nodes: u8) -> Result<()> {
         sh::sysctl(&ns, "net.ipv4.conf.default.rp_filter", "0")?;
         // The external network lies behind the host (as VMs reach the LAN through theirs):
         // replies to what `cloak portfwd` forwards go back the way they came.
-        sh::ip(&ns, &["route", "add", "198.18.0.0/24", "via", layout::HOST])?;
+        sh::ip(
+            &ns,
+            &["route", "add", layout::EXTERNAL_NET, "via", layout::HOST],
+        )?;
         for other in (1..=nodes).filter(|&o| o != k) {
             sh::ip(
                 &ns,

@@ -15,8 +15,10 @@ pub const API_PORT: u16 = 6443;
 /// The host namespace (where `cloak portfwd` runs) on the lan, and on its second network
 /// towards `ck-<lab>-ext`, the namespace an external client uses.
 pub const HOST: &str = "10.250.0.254";
-pub const HOST_EXTERNAL: &str = "198.18.0.1";
-pub const EXTERNAL_CLIENT: &str = "198.18.0.2";
+pub const HOST_EXTERNAL: &str = "100.127.0.1";
+pub const EXTERNAL_CLIENT: &str = "100.127.0.2";
+/// The external network (not 198.18.0.0/15: a VpnGateway's nodes use that range inside).
+pub const EXTERNAL_NET: &str = "100.127.0.0/24";
 /// All pods; node `n` (1-based) has `10.244.<n>.0/24` on its bridge `cni0`.
 pub const POD_CIDR: &str = "10.244.0.0/16";
 pub const SERVICE_CIDR: &str = "10.96.0.0/16";

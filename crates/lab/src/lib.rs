@@ -14,7 +14,7 @@
 //!  cp .2      n1 .11 … nN    host .254       net .1 (gateway)   │
 //!  etcd       containerd     cloak portfwd   echo 203.0.113.10  ├─ p1 wg-alpha: WireGuard servers, exit 198.51.100.11
 //!  apiserver  kubelet        ext0 ── ext     DNS  203.0.113.53  ├─ p2 wg-beta: WireGuard servers, exit 198.51.100.12
-//!  kcm, sched kube-proxy     198.18.0.0/24                      └─ p3 ovpn-gamma: OpenVPN servers, exit 198.51.100.13
+//!  kcm, sched kube-proxy     100.127.0.0/24                     └─ p3 ovpn-gamma: OpenVPN servers, exit 198.51.100.13
 //!             pods 10.244.<n>.0/24 on cni0
 //! ```
 //!

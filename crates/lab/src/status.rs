@@ -170,7 +170,13 @@ pub(crate) fn render(lab: &Lab, kubectl: &Path) -> Result<String> {
     }
     table(&mut out, &rows);
     // Clients by the gateway label (pods a gateway's `podSelector` adds are not listed here).
-    let mut rows = vec![row(&["GATEWAY CLIENT", "GATEWAY", "NODE", "POD IP", "PHASE"])];
+    let mut rows = vec![row(&[
+        "GATEWAY CLIENT",
+        "GATEWAY",
+        "NODE",
+        "POD IP",
+        "PHASE",
+    ])];
     for p in &pods {
         let gateway = str_at(p, "/metadata/labels/cloak.dev~1gateway");
         if gateway.is_empty() {

@@ -648,7 +648,10 @@ mod tests {
             Format::WgQuick
         );
         let mut mixed = data.clone();
-        mixed.insert("nl-1.ovpn".into(), b"client\nremote 192.0.2.21 1194\n".to_vec());
+        mixed.insert(
+            "nl-1.ovpn".into(),
+            b"client\nremote 192.0.2.21 1194\n".to_vec(),
+        );
         assert!(
             classify(&mixed, None)
                 .unwrap_err()
