@@ -1,0 +1,413 @@
+//! The VpnGateway end to end in a real `cloak lab` (root): the chart's `cloak node` DaemonSet on
+//! two real nodes (kubelet, containerd, the bridge CNI), the example gateway of
+//! `examples/lab/50-gateway.yaml` with its two exits (one a node, each a real `cloak agent` pod
+//! with a userspace WireGuard tunnel to a fake provider), and plain client pods created by the
+//! tests. The echo service on the lab's internet tells which exit a flow left by: each exit's
+//! provider has its own exit address.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers
+
+mod labkit;
+
+use labkit as lab;
+
+use std::{collections::BTreeMap, time::Duration};
+
+use cloak_lab::{DEMO_NAMESPACE, layout};
+use lab::{eventually, str_at};
+use serde_json::Value;
+
+const GATEWAY: &str = "egress";
+const ECHO: &str = "203.0.113.10";
+
+/// The example gateway once both exits are healthy, on two nodes.
+fn healthy_gateway(lab: &lab::TestLab) -> Value {
+    eventually(
+        "the example gateway has 2 healthy exits on 2 nodes",
+        Duration::from_secs(180),
+        || {
+            let gw = lab.json(&["-n", DEMO_NAMESPACE, "get", "vpngateway", GATEWAY]);
+            let exits = gw["status"]["exits"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let healthy = exits.iter().filter(|e| e["health"] == "Healthy").count();
+            let nodes: std::collections::BTreeSet<String> =
+                exits.iter().map(|e| str_at(e, "/node")).collect();
+            if healthy == 2 && nodes.len() == 2 {
+                Ok(gw)
+            } else {
+                Err(format!("{}", gw["status"]))
+            }
+        },
+    )
+}
+
+/// The address the echo service sees for flows through the exit of provider `gw-<x>`: the lab
+/// provider whose servers its pool holds.
+fn exit_address(exit: &Value) -> String {
+    let provider = str_at(exit, "/provider");
+    let of = provider.strip_prefix("gw-").expect("a gateway provider");
+    layout::PROVIDERS
+        .iter()
+        .find(|p| p.name.ends_with(of))
+        .expect("a lab provider")
+        .exit()
+}
+
+/// A plain pod labelled as the gateway's client: one busybox container, nothing else.
+fn client_yaml(name: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {DEMO_NAMESPACE}\n  labels: {{cloak.dev/gateway: {GATEWAY}, app: gw-test}}\nspec:\n  terminationGracePeriodSeconds: 0\n  containers:\n    - name: c\n      image: cloak.dev/lab/client:dev\n      imagePullPolicy: Never\n      command: [sleep, \"100000\"]\n"
+    )
+}
+
+fn running_client(lab: &lab::TestLab, name: &str) -> Value {
+    lab.apply(&client_yaml(name));
+    eventually(
+        &format!("client pod {name} Running"),
+        Duration::from_secs(90),
+        || {
+            let pod = lab.json(&["-n", DEMO_NAMESPACE, "get", "pod", name]);
+            if pod["status"]["phase"] == "Running" {
+                Ok(pod)
+            } else {
+                Err(format!("{}", pod["status"]))
+            }
+        },
+    )
+}
+
+fn delete_client(lab: &lab::TestLab, name: &str) {
+    let _ = lab.try_kubectl(&[
+        "-n",
+        DEMO_NAMESPACE,
+        "delete",
+        "pod",
+        name,
+        "--wait=true",
+        "--timeout=60s",
+    ]);
+}
+
+/// `count` new TCP flows from the pod to the echo service, one after another: what each saw
+/// as the source address, or the error `nc` printed.
+fn ask(lab: &lab::TestLab, pod: &str, count: u32) -> Vec<String> {
+    let script = format!(
+        "i=0; while [ $i -lt {count} ]; do r=$(printf 'GET /ip HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {ECHO} 80 2>&1 | tail -n 1); echo \"r=$r\"; i=$((i+1)); done"
+    );
+    lab.kubectl(&["-n", DEMO_NAMESPACE, "exec", pod, "--", "sh", "-c", &script])
+        .lines()
+        .filter_map(|l| l.strip_prefix("r="))
+        .map(|r| r.trim().to_owned())
+        .collect()
+}
+
+/// The pod resolves a cluster name through the cluster DNS and fetches the example web page
+/// from that Service's address: the intranet goes outside the exits.
+fn assert_reaches_the_cluster(lab: &lab::TestLab, pod: &str) {
+    let ip = lab.kubectl(&[
+        "-n",
+        DEMO_NAMESPACE,
+        "get",
+        "service",
+        "web",
+        "-o",
+        "jsonpath={.spec.clusterIP}",
+    ]);
+    let script = format!(
+        "nslookup web.{DEMO_NAMESPACE}.svc.cluster.local 2>&1; printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {ip} 80 2>&1 | tail -n 1"
+    );
+    let out = lab.kubectl(&["-n", DEMO_NAMESPACE, "exec", pod, "--", "sh", "-c", &script]);
+    assert!(out.contains(&format!("Address: {ip}")), "{out}");
+    assert!(out.contains("hello from the cloak lab"), "{out}");
+}
+
+fn tally(answers: &[String]) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for a in answers {
+        *counts.entry(a.clone()).or_default() += 1;
+    }
+    counts
+}
+
+/// Counters on every node for client traffic (from `pod_ip` or the gateway's client range)
+/// leaving by the node's uplink to anything outside the cluster (leaks), and entering a link to
+/// an exit (carried). Counted before any NAT.
+struct Leaks<'a> {
+    lab: &'a lab::TestLab,
+    nodes: Vec<String>,
+}
+
+impl<'a> Leaks<'a> {
+    fn install(lab: &'a lab::TestLab, pod_ip: &str) -> Self {
+        let nodes: Vec<String> = (1..=2).map(layout::node_name).collect();
+        for node in &nodes {
+            let script = format!(
+                "table inet cloak_test_gw {{\n  counter carried {{}}\n  counter leaked {{}}\n  counter leaked6 {{}}\n  chain post {{\n    type filter hook postrouting priority -400; policy accept;\n    oifname \"ckx*\" ip saddr 198.18.0.0/16 counter name carried\n    oifname \"lan0\" ip saddr {{ {pod_ip}, 198.18.0.0/15 }} ip daddr != {{ {pods}, {services}, 10.250.0.0/24 }} counter name leaked\n    oifname \"lan0\" meta nfproto ipv6 ip6 saddr != fe80::/10 counter name leaked6\n  }}\n}}\n",
+                pods = layout::POD_CIDR,
+                services = layout::SERVICE_CIDR,
+            );
+            lab.nft(node, &script);
+        }
+        Self { lab, nodes }
+    }
+
+    fn read(&self, name: &str) -> u64 {
+        self.nodes
+            .iter()
+            .map(|node| {
+                let text = self
+                    .lab
+                    .exec_in(
+                        node,
+                        &["nft", "list", "counter", "inet", "cloak_test_gw", name],
+                    )
+                    .unwrap();
+                text.split_whitespace()
+                    .skip_while(|w| *w != "packets")
+                    .nth(1)
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .unwrap_or(0)
+            })
+            .sum()
+    }
+}
+
+impl Drop for Leaks<'_> {
+    fn drop(&mut self) {
+        for node in &self.nodes {
+            let _ = self
+                .lab
+                .exec_in(node, &["nft", "delete", "table", "inet", "cloak_test_gw"]);
+        }
+    }
+}
+
+#[test]
+fn a_labelled_pod_keeps_its_spec_and_reaches_the_internet_only_through_the_exits_spread_over_both()
+{
+    let lab = lab::shared();
+    let _turn = lab::serial();
+    let gw = healthy_gateway(lab);
+    let addresses: Vec<String> = gw["status"]["exits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(exit_address)
+        .collect();
+    let name = "gw-spread";
+    let pod = running_client(lab, name);
+
+    // The spec is what was written: one container, no securityContext, no init containers, no
+    // volume beyond the service account token the API server adds to every pod.
+    let spec = &pod["spec"];
+    assert_eq!(spec["containers"].as_array().unwrap().len(), 1, "{spec}");
+    assert!(spec["initContainers"].is_null(), "{spec}");
+    assert!(spec["containers"][0]["securityContext"].is_null(), "{spec}");
+    let volumes: Vec<String> = spec["volumes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|v| str_at(v, "/name"))
+        .collect();
+    assert!(
+        volumes.iter().all(|v| v.starts_with("kube-api-access-")),
+        "{volumes:?}"
+    );
+
+    let leaks = Leaks::install(lab, &str_at(&pod, "/status/podIP"));
+    let answers = ask(lab, name, 40);
+    let counts = tally(&answers);
+    for (answer, n) in &counts {
+        assert!(
+            addresses.contains(answer),
+            "a flow was seen from {answer} ({n}x), not from an exit {addresses:?}"
+        );
+    }
+    for address in &addresses {
+        let n = counts.get(address).copied().unwrap_or(0);
+        assert!(
+            n * 5 >= answers.len(),
+            "exit {address} took {n} of {} flows (under 20 %): {counts:?}",
+            answers.len()
+        );
+    }
+    // The cluster stays reachable outside the exits, by its own names.
+    assert_reaches_the_cluster(lab, name);
+    assert!(leaks.read("carried") > 0, "the counters are blind");
+    assert_eq!(leaks.read("leaked"), 0, "client packets left by an uplink");
+    assert_eq!(leaks.read("leaked6"), 0, "IPv6 left by an uplink");
+    drop(leaks);
+    delete_client(lab, name);
+}
+
+#[test]
+fn a_deleted_exit_pod_moves_new_flows_to_the_other_and_is_replaced_on_the_next_server() {
+    let lab = lab::shared();
+    let _turn = lab::serial();
+    let gw = healthy_gateway(lab);
+    let name = "gw-failover";
+    let pod = running_client(lab, name);
+    let client_node = str_at(&pod, "/spec/nodeName");
+    let exits = gw["status"]["exits"].as_array().unwrap().clone();
+    // The exit on the other node goes: the client's flows to it crossed the nodes.
+    let (gone, kept): (Vec<&Value>, Vec<&Value>) = exits
+        .iter()
+        .partition(|e| str_at(e, "/node") != client_node);
+    let (gone, kept) = (gone[0], kept[0]);
+    let (gone_name, gone_server) = (str_at(gone, "/name"), str_at(gone, "/server"));
+    let leaks = Leaks::install(lab, &str_at(&pod, "/status/podIP"));
+    lab.kubectl(&[
+        "-n",
+        DEMO_NAMESPACE,
+        "delete",
+        "pod",
+        &gone_name,
+        "--wait=false",
+    ]);
+    // New flows all leave by the survivor: ten in a row, within a bounded number of tries.
+    let survivor = exit_address(kept);
+    let mut streak = 0;
+    let mut seen = Vec::new();
+    for _ in 0..60 {
+        let answer = ask(lab, name, 1).pop().unwrap_or_default();
+        streak = if answer == survivor { streak + 1 } else { 0 };
+        seen.push(answer);
+        if streak == 10 {
+            break;
+        }
+    }
+    assert_eq!(
+        streak, 10,
+        "new flows did not settle on {survivor}: {seen:?}"
+    );
+
+    // The operator replaces the exit on its pool's next server, and it rejoins.
+    let replaced = eventually(
+        "the exit is replaced on the next server and healthy",
+        Duration::from_secs(180),
+        || {
+            let gw = lab.json(&["-n", DEMO_NAMESPACE, "get", "vpngateway", GATEWAY]);
+            let exit = gw["status"]["exits"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|e| str_at(e, "/name") == gone_name)
+                .cloned()
+                .unwrap_or_default();
+            if exit["health"] == "Healthy" && str_at(&exit, "/server") != gone_server {
+                Ok(exit)
+            } else {
+                Err(format!("{exit}"))
+            }
+        },
+    );
+    let events = lab.kubectl(&[
+        "-n",
+        DEMO_NAMESPACE,
+        "get",
+        "events",
+        "--field-selector",
+        "involvedObject.kind=VpnGateway",
+        "-o",
+        "jsonpath={range .items[*]}{.reason} {.message}{\"\\n\"}{end}",
+    ]);
+    assert!(
+        events
+            .lines()
+            .any(|l| l.starts_with("ExitDown") && l.contains(&gone_name)),
+        "{events}"
+    );
+    let back = exit_address(&replaced);
+    let counts = eventually(
+        "new flows use the replaced exit again",
+        Duration::from_secs(30),
+        || {
+            let counts = tally(&ask(lab, name, 20));
+            if counts.contains_key(&back) && counts.contains_key(&survivor) {
+                Ok(counts)
+            } else {
+                Err(format!("{counts:?}"))
+            }
+        },
+    );
+    assert_eq!(counts.len(), 2, "{counts:?}");
+    assert!(leaks.read("carried") > 0, "the counters are blind");
+    assert_eq!(leaks.read("leaked"), 0, "client packets left by an uplink");
+    drop(leaks);
+    delete_client(lab, name);
+}
+
+/// Every packet to and from the gateway providers' servers dropped by the internet's router.
+struct Outage<'a> {
+    lab: &'a lab::TestLab,
+}
+
+impl<'a> Outage<'a> {
+    fn start(lab: &'a lab::TestLab) -> Self {
+        let servers: Vec<String> = layout::PROVIDERS[..2]
+            .iter()
+            .flat_map(|p| (2..=p.servers).map(|k| p.server(k)))
+            .collect();
+        let set = servers.join(", ");
+        lab.nft(
+            "net",
+            &format!(
+                "table ip cloak_test_gw_outage {{\n  chain forward {{\n    type filter hook forward priority -400; policy accept;\n    ip daddr {{ {set} }} drop\n    ip saddr {{ {set} }} drop\n  }}\n}}\n"
+            ),
+        );
+        Self { lab }
+    }
+}
+
+impl Drop for Outage<'_> {
+    fn drop(&mut self) {
+        let _ = self.lab.exec_in(
+            "net",
+            &["nft", "delete", "table", "ip", "cloak_test_gw_outage"],
+        );
+    }
+}
+
+#[test]
+fn with_every_exit_down_internet_connections_are_refused_and_the_cluster_stays_reachable() {
+    let lab = lab::shared();
+    let _turn = lab::serial();
+    healthy_gateway(lab);
+    let name = "gw-down";
+    let pod = running_client(lab, name);
+    let leaks = Leaks::install(lab, &str_at(&pod, "/status/podIP"));
+    let outage = Outage::start(lab);
+    eventually(
+        "the gateway sees no healthy exit",
+        Duration::from_secs(60),
+        || {
+            let gw = lab.json(&["-n", DEMO_NAMESPACE, "get", "vpngateway", GATEWAY]);
+            if gw["status"]["healthyExits"] == 0 {
+                Ok(())
+            } else {
+                Err(format!("{}", gw["status"]["exits"]))
+            }
+        },
+    );
+    // Refused at once (a reset from the node), not left to time out.
+    let answers = ask(lab, name, 5);
+    assert!(
+        answers
+            .iter()
+            .all(|a| a.contains("Connection refused") || a.contains("reset")),
+        "{answers:?}"
+    );
+    assert_reaches_the_cluster(lab, name);
+    assert_eq!(leaks.read("leaked"), 0, "client packets left by an uplink");
+    drop(outage);
+    healthy_gateway(lab);
+    let counts = tally(&ask(lab, name, 10));
+    assert!(
+        counts.keys().all(|a| a.starts_with("198.51.100.")),
+        "{counts:?}"
+    );
+    drop(leaks);
+    delete_client(lab, name);
+}
