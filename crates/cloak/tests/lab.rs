@@ -29,7 +29,7 @@ fn operator_pods(lab: &lab::TestLab) -> Vec<Value> {
         "get",
         "pods",
         "-l",
-        "app.kubernetes.io/name=cloak",
+        "app.kubernetes.io/name=cloak,app.kubernetes.io/component!=node",
     ])["items"]
         .as_array()
         .cloned()
@@ -191,7 +191,16 @@ fn the_chart_installs_two_ready_replicas_rolls_out_an_upgrade_hands_leadership_o
         lab.kubectl(&["get", "crd", crd]);
     }
     let providers = lab.json(&["-n", DEMO_NAMESPACE, "get", "vpnproviders"]);
-    assert_eq!(providers["items"].as_array().map(Vec::len), Some(3));
+    let names: Vec<String> = providers["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| str_at(p, "/metadata/name"))
+        .collect();
+    assert_eq!(
+        names,
+        ["gw-alpha", "gw-beta", "ovpn-gamma", "wg-alpha", "wg-beta"]
+    );
 
     // Back as the lab installed it, for the other tests.
     let mut args: Vec<&str> = vec!["install", "cloak", &chart, "--namespace", CLOAK_NAMESPACE];

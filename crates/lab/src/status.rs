@@ -72,6 +72,7 @@ pub(crate) fn render(lab: &Lab, kubectl: &Path) -> Result<String> {
         .filter(|p| {
             str_at(p, "/metadata/namespace") == CLOAK_NAMESPACE
                 && str_at(p, "/metadata/labels/app.kubernetes.io~1name") == "cloak"
+                && str_at(p, "/metadata/labels/app.kubernetes.io~1component") != "node"
         })
         .collect();
     let leader = leases
