@@ -411,3 +411,162 @@ fn with_every_exit_down_internet_connections_are_refused_and_the_cluster_stays_r
     drop(leaks);
     delete_client(lab, name);
 }
+
+#[test]
+fn lab_status_shows_the_gateways_exits_and_the_address_its_example_client_is_seen_with() {
+    let lab = lab::shared();
+    let _turn = lab::serial();
+    let gw = healthy_gateway(lab);
+    let addresses: Vec<String> = gw["status"]["exits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(exit_address)
+        .collect();
+    // The example client asks the echo service every 5 s.
+    let seen = eventually(
+        "the echo service sees the example gateway client",
+        Duration::from_secs(60),
+        || match lab.lab.echo_seen().get("cloak-demo/gw-client") {
+            Some((ip, _)) if addresses.contains(ip) => Ok(ip.clone()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    let out = lab::cloak_lab(lab.lab.name(), &["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    for exit in gw["status"]["exits"].as_array().unwrap() {
+        let row = format!("cloak-demo/egress:{}", str_at(exit, "/name"));
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(&row) && l.contains("Healthy")),
+            "{text}"
+        );
+    }
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("cloak-demo/gw-client") && l.contains("egress")),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("cloak-demo/gw-client") && l.contains(&seen)),
+        "{text}"
+    );
+}
+
+#[test]
+fn fifty_client_pods_created_and_deleted_leave_nothing_behind_in_the_node_component_or_on_the_nodes()
+ {
+    let lab = lab::shared();
+    let _turn = lab::serial();
+    healthy_gateway(lab);
+    let nodes: Vec<String> = (1..=2).map(layout::node_name).collect();
+    let links = |node: &str| -> Vec<String> {
+        lab.exec_in(node, &["ip", "-o", "link", "show"])
+            .unwrap()
+            .lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .map(|n| n.split('@').next().unwrap_or(n).to_owned())
+            .filter(|n| n.starts_with("ckg"))
+            .collect()
+    };
+    // Pods of earlier tests may still be tearing down: start from the links of the clients
+    // that exist, one a client pod per node.
+    let before: Vec<Vec<String>> = eventually(
+        "each node's links match its client pods",
+        Duration::from_secs(60),
+        || {
+            let pods = lab.json(&["get", "pods", "-A", "-l", "cloak.dev/gateway"]);
+            let now: Vec<Vec<String>> = nodes.iter().map(|n| links(n)).collect();
+            let per_node: Vec<usize> = nodes
+                .iter()
+                .map(|n| {
+                    pods["items"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter(|p| str_at(p, "/spec/nodeName") == *n)
+                        .count()
+                })
+                .collect();
+            if now.iter().map(Vec::len).eq(per_node.iter().copied()) {
+                Ok(now)
+            } else {
+                Err(format!("links {now:?}, client pods per node {per_node:?}"))
+            }
+        },
+    );
+    lab.apply(&format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: gw-many\n  namespace: {DEMO_NAMESPACE}\nspec:\n  replicas: 50\n  selector:\n    matchLabels: {{app: gw-many}}\n  template:\n    metadata:\n      labels: {{app: gw-many, cloak.dev/gateway: {GATEWAY}}}\n    spec:\n      terminationGracePeriodSeconds: 0\n      containers:\n        - name: c\n          image: cloak.dev/lab/client:dev\n          imagePullPolicy: Never\n          command: [sleep, \"100000\"]\n          resources: {{requests: {{cpu: 1m, memory: 4Mi}}}}\n"
+    ));
+    let attached = eventually("50 client pods Running", Duration::from_secs(300), || {
+        let pods = lab.json(&["-n", DEMO_NAMESPACE, "get", "pods", "-l", "app=gw-many"]);
+        let running = pods["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| p["status"]["phase"] == "Running")
+            .count();
+        let links: usize = nodes.iter().map(|n| links(n).len()).sum();
+        if running == 50 {
+            Ok(links)
+        } else {
+            Err(format!("{running} Running"))
+        }
+    });
+    let before_total: usize = before.iter().map(Vec::len).sum();
+    assert_eq!(
+        attached,
+        before_total + 50,
+        "every client has its link on its node"
+    );
+    lab.kubectl(&[
+        "-n",
+        DEMO_NAMESPACE,
+        "delete",
+        "deployment",
+        "gw-many",
+        "--wait=true",
+        "--timeout=120s",
+    ]);
+    eventually(
+        "the 50 pods are gone and their links with them",
+        Duration::from_secs(300),
+        || {
+            let pods = lab.json(&["-n", DEMO_NAMESPACE, "get", "pods", "-l", "app=gw-many"]);
+            let left = pods["items"].as_array().map_or(0, Vec::len);
+            let now: Vec<Vec<String>> = nodes.iter().map(|n| links(n)).collect();
+            if left == 0 && now == before {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{left} pods left; links {now:?}, before {before:?}"
+                ))
+            }
+        },
+    );
+    // The node component's own record of clients, and the nodes' routes and flows, hold
+    // nothing of them either.
+    for (k, node) in nodes.iter().enumerate() {
+        let state = lab
+            .lab
+            .node_dir(u8::try_from(k + 1).unwrap())
+            .join("root/var/lib/cloak/node/clients.json");
+        let text = std::fs::read_to_string(&state).unwrap_or_default();
+        let clients: Value = serde_json::from_str(&text).unwrap_or_default();
+        let count = clients["clients"].as_array().map_or(0, Vec::len)
+            + clients["clients"]
+                .as_object()
+                .map_or(0, serde_json::Map::len);
+        assert_eq!(
+            count,
+            before[k].len(),
+            "{node}: the state file still lists clients: {text}"
+        );
+        let routes = lab
+            .exec_in(node, &["ip", "-4", "route", "show", "table", "all"])
+            .unwrap();
+        let client_routes = routes.lines().filter(|l| l.starts_with("198.18.")).count();
+        assert_eq!(client_routes, before[k].len(), "{node}: {routes}");
+    }
+}

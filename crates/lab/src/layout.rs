@@ -176,7 +176,7 @@ impl Lab {
         format!("cloak-lab-{}-", self.name)
     }
 
-    pub(crate) fn node_dir(&self, node: u8) -> PathBuf {
+    pub fn node_dir(&self, node: u8) -> PathBuf {
         self.dir.join("nodes").join(format!("n{node}"))
     }
 
