@@ -1,0 +1,429 @@
+#!/usr/bin/env python3
+"""Figures of the VpnGateway in a real `cloak lab` (prints them, asserts nothing).
+
+Run by tools/bench-gateway.sh, which builds cloak and brings up the lab. As root, on the lab's
+own namespaces only: every flow goes from a lab pod to the lab's internet namespace.
+
+  throughput   one TCP stream client -> node -> exit -> tunnel -> internet, against the same
+               stream sent from inside the exit pod straight into its tunnel (the bare tunnel of
+               the same implementation), side by side; then several streams over both exits
+               against the same streams with one exit left
+  failover     drills per failure kind (exit pod deleted; its provider blackholed): the time
+               until new flows work again (10 in a row succeed), and the worst gap seen on a
+               flow held on the surviving exit
+  cost         RSS and CPU of the node component and of an exit, and the time a client pod
+               takes to start, with and without the gateway label
+
+Subcommands `serve`, `flows`, `hold` and `send` are the pieces that run inside namespaces.
+"""
+
+import json
+import os
+import select
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+ECHO = "203.0.113.10"
+HOLD_PORT = 9000
+SINK_PORT = 9001
+NS = "cloak-demo"
+GATEWAY = "egress"
+HERE = os.path.abspath(__file__)
+
+
+# ---------------------------------------------------------------- pieces inside namespaces
+
+def serve():
+    """In the internet's namespace: a hold server (answers each byte with one byte, and first
+    tells the peer's address) and a sink (reads to EOF, answers with bytes and seconds)."""
+
+    def hold(conn, peer):
+        conn.sendall((peer[0] + "\n").encode())
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            while True:
+                data = conn.recv(4096)
+                if not data:
+                    break
+                conn.sendall(data)
+        except OSError:
+            pass
+        conn.close()
+
+    def sink(conn):
+        total, first = 0, None
+        try:
+            while True:
+                data = conn.recv(1 << 18)
+                if not data:
+                    break
+                if first is None:
+                    first = time.monotonic()
+                total += len(data)
+            seconds = time.monotonic() - (first or time.monotonic())
+            conn.sendall(json.dumps({"bytes": total, "seconds": seconds}).encode())
+        except OSError:
+            pass
+        conn.close()
+
+    def accept(port, handler):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((ECHO, port))
+        s.listen(256)
+        while True:
+            conn, peer = s.accept()
+            args = (conn, peer) if handler is hold else (conn,)
+            threading.Thread(target=handler, args=args, daemon=True).start()
+
+    threading.Thread(target=accept, args=(HOLD_PORT, hold), daemon=True).start()
+    accept(SINK_PORT, sink)
+
+
+def flows(seconds, timeout):
+    """In a client's namespace: new HTTP flows to the echo service one after another for
+    `seconds`; prints one JSON line per flow: time, seen address or error."""
+    end = time.monotonic() + seconds
+    out = []
+    while time.monotonic() < end:
+        t = time.monotonic()
+        try:
+            s = socket.create_connection((ECHO, 80), timeout=timeout)
+            s.settimeout(timeout)
+            s.sendall(b"GET /ip HTTP/1.0\r\n\r\n")
+            data = b""
+            while True:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+            s.close()
+            lines = data.decode(errors="replace").strip().splitlines()
+            out.append({"t": t, "ok": True, "addr": lines[-1].strip() if lines else ""})
+        except OSError as e:
+            out.append({"t": t, "ok": False, "addr": type(e).__name__})
+            time.sleep(0.01)
+        time.sleep(0.01)
+    print(json.dumps(out))
+
+
+def hold_flows(count, seconds):
+    """In a client's namespace: `count` held flows, each sending one byte every 10 ms for
+    `seconds`; prints per flow the exit address it was seen from and its worst gap."""
+    socks = []
+    for _ in range(count):
+        s = socket.create_connection((ECHO, HOLD_PORT), timeout=3)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        f = s.makefile("rb")
+        peer = f.readline().decode().strip()
+        s.setblocking(False)
+        socks.append({"s": s, "peer": peer, "last": time.monotonic(), "gap": 0.0, "dead": None})
+    end = time.monotonic() + seconds
+    next_send = time.monotonic()
+    while time.monotonic() < end:
+        now = time.monotonic()
+        if now >= next_send:
+            for c in socks:
+                if c["dead"] is None:
+                    try:
+                        c["s"].send(b"x")
+                    except OSError as e:
+                        c["dead"] = type(e).__name__
+            next_send = now + 0.01
+        live = [c["s"] for c in socks if c["dead"] is None]
+        if not live:
+            break
+        ready, _, _ = select.select(live, [], [], 0.005)
+        now = time.monotonic()
+        for c in socks:
+            if c["s"] in ready:
+                try:
+                    data = c["s"].recv(4096)
+                    if not data:
+                        c["dead"] = "closed"
+                        continue
+                    c["gap"] = max(c["gap"], now - c["last"])
+                    c["last"] = now
+                except OSError as e:
+                    c["dead"] = type(e).__name__
+    now = time.monotonic()
+    report = []
+    for c in socks:
+        if c["dead"] is None:
+            c["gap"] = max(c["gap"], now - c["last"])
+        report.append({"peer": c["peer"], "gap": c["gap"], "dead": c["dead"]})
+        c["s"].close()
+    print(json.dumps(report))
+
+
+def send(megabytes):
+    """In any namespace: one TCP stream of `megabytes` to the sink; prints the sink's figures."""
+    s = socket.create_connection((ECHO, SINK_PORT), timeout=10)
+    block = b"\0" * (1 << 16)
+    for _ in range(megabytes * 16):
+        s.sendall(block)
+    s.shutdown(socket.SHUT_WR)
+    s.settimeout(60)
+    data = b""
+    while True:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    print(data.decode())
+
+
+# ---------------------------------------------------------------- the orchestration
+
+class Lab:
+    def __init__(self, cloak, name):
+        self.cloak, self.name = cloak, name
+
+    def kubectl(self, *args, check=True):
+        r = subprocess.run([self.cloak, "lab", "kubectl", "--name", self.name, "--", *args],
+                           capture_output=True, text=True)
+        if check and r.returncode != 0:
+            raise SystemExit(f"kubectl {args}: {r.stderr}")
+        return r.stdout
+
+    def json(self, *args):
+        return json.loads(self.kubectl(*args, "-o", "json"))
+
+    def netns(self, role):
+        return f"ck-{self.name}-{role}"
+
+    def gateway(self):
+        return self.json("-n", NS, "get", "vpngateway", GATEWAY)
+
+    def wait(self, what, check, limit=240):
+        end = time.monotonic() + limit
+        while time.monotonic() < end:
+            v = check()
+            if v:
+                return v
+            time.sleep(0.5)
+        raise SystemExit(f"{what}: not within {limit} s")
+
+    def healthy(self, count):
+        def check():
+            exits = self.gateway().get("status", {}).get("exits", [])
+            ok = [e for e in exits if e.get("health") == "Healthy"]
+            return exits if len(ok) == count and len(exits) == count else None
+        return self.wait(f"{count} healthy exits", check)
+
+    def pod_pid(self, pod):
+        """A process of the pod's first container, found by the pod's cgroup."""
+        p = self.json("-n", NS, "get", "pod", pod)
+        uid = p["metadata"]["uid"]
+        root = f"/sys/fs/cgroup/memory/cloak-lab-{self.name}-{p['spec']['nodeName']}"
+        for dirpath, _, files in os.walk(root):
+            if uid in dirpath and "cgroup.procs" in files and not dirpath.endswith(uid):
+                with open(os.path.join(dirpath, "cgroup.procs")) as f:
+                    pids = f.read().split()
+                if pids:
+                    return pids[0]
+        raise SystemExit(f"no process of pod {pod}")
+
+    def in_pod(self, pod, *args, timeout=300):
+        pid = self.pod_pid(pod)
+        r = subprocess.run(["nsenter", "-t", pid, "-n", sys.executable, HERE, *args],
+                           capture_output=True, text=True, timeout=timeout)
+        if r.returncode != 0:
+            raise SystemExit(f"{args} in {pod}: {r.stderr}")
+        return r.stdout
+
+    def client(self, name, labelled=True):
+        labels = f"{{app: gw-bench, cloak.dev/gateway: {GATEWAY}}}" if labelled else "{app: gw-bench}"
+        yaml = (f"apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {NS}\n"
+                f"  labels: {labels}\nspec:\n  terminationGracePeriodSeconds: 0\n  containers:\n"
+                f"    - name: c\n      image: cloak.dev/lab/client:dev\n      imagePullPolicy: Never\n"
+                f"      command: [sleep, \"100000\"]\n")
+        subprocess.run([self.cloak, "lab", "kubectl", "--name", self.name, "--", "apply", "-f", "-"],
+                       input=yaml, text=True, check=True, capture_output=True)
+
+        def running():
+            p = self.json("-n", NS, "get", "pod", name)
+            return p if p["status"].get("phase") == "Running" else None
+        return self.wait(f"pod {name} Running", running, 120)
+
+    def delete(self, *what):
+        self.kubectl("-n", NS, "delete", *what, "--wait=true", "--timeout=120s", check=False)
+
+
+def ms(seconds):
+    return f"{seconds * 1000:.0f} ms"
+
+
+def throughput(lab, client, megabytes):
+    via = json.loads(lab.in_pod(client, "send", str(megabytes)))
+    exits = lab.healthy(2)
+    exit_pod = exits[0]["name"]
+    bare = json.loads(lab.in_pod(exit_pod, "send", str(megabytes)))
+    rate = lambda r: r["bytes"] * 8 / r["seconds"] / 1e6
+    print(f"  one stream, {megabytes} MB: client through the gateway {rate(via):.0f} Mbit/s, "
+          f"bare tunnel from the exit pod {rate(bare):.0f} Mbit/s, ratio {rate(via) / rate(bare):.2f}x")
+
+
+def parallel(lab, client, streams, megabytes):
+    start = time.monotonic()
+    procs = [subprocess.Popen(["nsenter", "-t", lab.pod_pid(client), "-n", sys.executable, HERE,
+                               "send", str(megabytes)], stdout=subprocess.PIPE, text=True)
+             for _ in range(streams)]
+    for p in procs:
+        p.wait()
+    seconds = time.monotonic() - start
+    return streams * megabytes * 8 / seconds
+
+
+def drill(lab, client, kind):
+    exits = lab.healthy(2)
+    node = lab.json("-n", NS, "get", "pod", client)["spec"]["nodeName"]
+    # The exit on the other node goes (a random one when both are on one node).
+    gone = next((e for e in exits if e.get("node") != node), exits[0])
+    kept = next(e for e in exits if e is not gone)
+    pid = lab.pod_pid(client)
+    hold = subprocess.Popen(["nsenter", "-t", pid, "-n", sys.executable, HERE, "hold", "8", "12"],
+                            stdout=subprocess.PIPE, text=True)
+    newf = subprocess.Popen(["nsenter", "-t", pid, "-n", sys.executable, HERE, "flows", "10", "0.3"],
+                            stdout=subprocess.PIPE, text=True)
+    time.sleep(2)
+    t0 = time.monotonic()
+    if kind == "pod deleted":
+        lab.kubectl("-n", NS, "delete", "pod", gone["name"], "--wait=false")
+        undo = None
+    else:
+        provider = {"gw-alpha": 1, "gw-beta": 2}[gone["provider"]]
+        servers = ", ".join(f"192.0.2.{provider}{k}" for k in range(1, 4))
+        script = (f"table ip gwbench {{ chain f {{ type filter hook forward priority -400; policy accept;"
+                  f" ip daddr {{ {servers} }} drop; ip saddr {{ {servers} }} drop; }} }}")
+        subprocess.run(["ip", "netns", "exec", lab.netns("net"), "nft", script], check=True)
+        undo = lambda: subprocess.run(["ip", "netns", "exec", lab.netns("net"), "nft", "delete",
+                                       "table", "ip", "gwbench"], check=False)
+    flows_out = json.loads(newf.communicate()[0])
+    held = json.loads(hold.communicate()[0])
+    if undo:
+        undo()
+    # New flows work again: the start of the first run of 10 successes in a row after t0.
+    after = [f for f in flows_out if f["t"] >= t0]
+    recovered = None
+    for i in range(len(after) - 9):
+        if all(f["ok"] for f in after[i:i + 10]):
+            recovered = max(after[i]["t"] - t0, 0.0)
+            # A flow may have started before t0 and still been fine: the first failure after t0
+            # bounds recovery from below.
+            break
+    failures = sum(1 for f in after if not f["ok"])
+    survivors = [h for h in held if h["peer"] == exit_addr(kept)]
+    worst = max((h["gap"] for h in survivors), default=None)
+    lost = sum(1 for h in survivors if h["dead"])
+    return recovered, failures, worst, len(survivors), lost
+
+
+def exit_addr(exit):
+    return {"gw-alpha": "198.51.100.11", "gw-beta": "198.51.100.12"}[exit["provider"]]
+
+
+def rss_cpu(pid):
+    with open(f"/proc/{pid}/status") as f:
+        rss = next(int(l.split()[1]) for l in f if l.startswith("VmRSS"))
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return rss, int(fields[11]) + int(fields[12])
+
+
+def cost(lab):
+    hz = os.sysconf("SC_CLK_TCK")
+    node_pods = lab.json("-n", "cloak-system", "get", "pods", "-l", "app.kubernetes.io/component=node")
+    exits = lab.healthy(2)
+    procs = {f"node component ({p['spec']['nodeName']})": ("cloak-system", p["metadata"]["name"])
+             for p in node_pods["items"]}
+    procs.update({f"exit {e['name']}": (NS, e["name"]) for e in exits})
+    pids = {}
+    for label, (ns, pod) in procs.items():
+        p = lab.json("-n", ns, "get", "pod", pod)
+        uid = p["metadata"]["uid"]
+        root = f"/sys/fs/cgroup/memory/cloak-lab-{lab.name}-{p['spec']['nodeName']}"
+        for dirpath, _, files in os.walk(root):
+            if uid in dirpath and not dirpath.endswith(uid) and "cgroup.procs" in files:
+                with open(os.path.join(dirpath, "cgroup.procs")) as f:
+                    pids[label] = f.read().split()
+    before = {k: [rss_cpu(p) for p in v] for k, v in pids.items()}
+    time.sleep(30)
+    for label, v in pids.items():
+        after = [rss_cpu(p) for p in v]
+        rss = sum(a[0] for a in after)
+        cpu = sum(a[1] - b[1] for a, b in zip(after, before[label])) / hz / 30 * 100
+        print(f"  {label}: RSS {rss / 1024:.1f} MiB, CPU {cpu:.2f} % of one core (idle, 30 s)")
+
+
+def start_latency(lab, rounds):
+    def one(name, labelled):
+        t = time.monotonic()
+        lab.client(name, labelled)
+        d = time.monotonic() - t
+        lab.delete("pod", name)
+        return d
+    plain = [one(f"start-plain-{i}", False) for i in range(rounds)]
+    client = [one(f"start-client-{i}", True) for i in range(rounds)]
+    print(f"  pod start to Running, median of {rounds}: plain {ms(statistics.median(plain))}, "
+          f"gateway client {ms(statistics.median(client))}, "
+          f"added {ms(statistics.median(client) - statistics.median(plain))}")
+
+
+def main():
+    cloak, name, drills = sys.argv[2], sys.argv[3], int(sys.argv[4])
+    lab = Lab(cloak, name)
+    server = subprocess.Popen(["ip", "netns", "exec", lab.netns("net"), sys.executable, HERE, "serve"])
+    try:
+        lab.healthy(2)
+        lab.client("bench")
+        print("throughput (userspace WireGuard, 2 cores):")
+        throughput(lab, "bench", 200)
+        two = parallel(lab, "bench", 4, 50)
+        lab.kubectl("-n", NS, "patch", "vpngateway", GATEWAY, "--type=merge",
+                    "-p", '{"spec":{"exits":{"count":1}}}')
+        lab.healthy(1)
+        one = parallel(lab, "bench", 4, 50)
+        lab.kubectl("-n", NS, "patch", "vpngateway", GATEWAY, "--type=merge",
+                    "-p", '{"spec":{"exits":{"count":2}}}')
+        print(f"  4 streams: 2 exits {two:.0f} Mbit/s, 1 exit {one:.0f} Mbit/s, ratio {two / one:.2f}x")
+        print("failover (probe every 100 ms, 2 misses; new flows tried every ~10 ms, 0.3 s timeout;"
+              " 8 held flows sending every 10 ms):")
+        for kind in ["pod deleted", "provider blackholed"]:
+            results = [drill(lab, "bench", kind) for _ in range(drills)]
+            rec = [r[0] for r in results if r[0] is not None]
+            never = sum(1 for r in results if r[0] is None)
+            gaps = [r[2] for r in results if r[2] is not None]
+            lost = sum(r[4] for r in results)
+            held = sum(r[3] for r in results)
+            print(f"  {kind}: {drills} drills, new flows work again after median "
+                  f"{ms(statistics.median(rec)) if rec else '-'}, max {ms(max(rec)) if rec else '-'}"
+                  f"{f', {never} never within 10 s' if never else ''}; failed new flows per drill "
+                  f"median {statistics.median([r[1] for r in results]):.0f}; worst gap on a surviving "
+                  f"flow {ms(max(gaps)) if gaps else '-'} ({held} surviving flows, {lost} broken)")
+        print("cost:")
+        cost(lab)
+        start_latency(lab, 5)
+    finally:
+        server.kill()
+        lab.delete("pod", "bench")
+
+
+if __name__ == "__main__":
+    cmd = sys.argv[1] if len(sys.argv) > 1 else ""
+    if cmd == "serve":
+        serve()
+    elif cmd == "flows":
+        flows(float(sys.argv[2]), float(sys.argv[3]))
+    elif cmd == "hold":
+        hold_flows(int(sys.argv[2]), float(sys.argv[3]))
+    elif cmd == "send":
+        send(int(sys.argv[2]))
+    elif cmd == "run":
+        main()
+    else:
+        raise SystemExit(__doc__)
