@@ -24,7 +24,7 @@ const ECHO: &str = "203.0.113.10";
 fn healthy_gateway(lab: &lab::TestLab) -> Value {
     eventually(
         "the example gateway has 2 healthy exits on 2 nodes",
-        Duration::from_secs(180),
+        Duration::from_mins(3),
         || {
             let gw = lab.json(&["-n", DEMO_NAMESPACE, "get", "vpngateway", GATEWAY]);
             let exits = gw["status"]["exits"]
@@ -286,7 +286,7 @@ fn a_deleted_exit_pod_moves_new_flows_to_the_other_and_is_replaced_on_the_next_s
     // The operator replaces the exit on its pool's next server, and it rejoins.
     let replaced = eventually(
         "the exit is replaced on the next server and healthy",
-        Duration::from_secs(180),
+        Duration::from_mins(3),
         || {
             let gw = lab.json(&["-n", DEMO_NAMESPACE, "get", "vpngateway", GATEWAY]);
             let exit = gw["status"]["exits"]
@@ -381,7 +381,7 @@ fn with_every_exit_down_internet_connections_are_refused_and_the_cluster_stays_r
     let outage = Outage::start(lab);
     eventually(
         "the gateway sees no healthy exit",
-        Duration::from_secs(60),
+        Duration::from_mins(1),
         || {
             let gw = lab.json(&["-n", DEMO_NAMESPACE, "get", "vpngateway", GATEWAY]);
             if gw["status"]["healthyExits"] == 0 {
@@ -426,7 +426,7 @@ fn lab_status_shows_the_gateways_exits_and_the_address_its_example_client_is_see
     // The example client asks the echo service every 5 s.
     let seen = eventually(
         "the echo service sees the example gateway client",
-        Duration::from_secs(60),
+        Duration::from_mins(1),
         || match lab.lab.echo_seen().get("cloak-demo/gw-client") {
             Some((ip, _)) if addresses.contains(ip) => Ok(ip.clone()),
             other => Err(format!("{other:?}")),
@@ -474,7 +474,7 @@ fn fifty_client_pods_created_and_deleted_leave_nothing_behind_in_the_node_compon
     // that exist, one a client pod per node.
     let before: Vec<Vec<String>> = eventually(
         "each node's links match its client pods",
-        Duration::from_secs(60),
+        Duration::from_mins(1),
         || {
             let pods = lab.json(&["get", "pods", "-A", "-l", "cloak.dev/gateway"]);
             let now: Vec<Vec<String>> = nodes.iter().map(|n| links(n)).collect();
@@ -499,7 +499,7 @@ fn fifty_client_pods_created_and_deleted_leave_nothing_behind_in_the_node_compon
     lab.apply(&format!(
         "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: gw-many\n  namespace: {DEMO_NAMESPACE}\nspec:\n  replicas: 50\n  selector:\n    matchLabels: {{app: gw-many}}\n  template:\n    metadata:\n      labels: {{app: gw-many, cloak.dev/gateway: {GATEWAY}}}\n    spec:\n      terminationGracePeriodSeconds: 0\n      containers:\n        - name: c\n          image: cloak.dev/lab/client:dev\n          imagePullPolicy: Never\n          command: [sleep, \"100000\"]\n          resources: {{requests: {{cpu: 1m, memory: 4Mi}}}}\n"
     ));
-    let attached = eventually("50 client pods Running", Duration::from_secs(300), || {
+    let attached = eventually("50 client pods Running", Duration::from_mins(5), || {
         let pods = lab.json(&["-n", DEMO_NAMESPACE, "get", "pods", "-l", "app=gw-many"]);
         let running = pods["items"]
             .as_array()
@@ -531,7 +531,7 @@ fn fifty_client_pods_created_and_deleted_leave_nothing_behind_in_the_node_compon
     ]);
     eventually(
         "the 50 pods are gone and their links with them",
-        Duration::from_secs(300),
+        Duration::from_mins(5),
         || {
             let pods = lab.json(&["-n", DEMO_NAMESPACE, "get", "pods", "-l", "app=gw-many"]);
             let left = pods["items"].as_array().map_or(0, Vec::len);
