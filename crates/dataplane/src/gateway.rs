@@ -311,9 +311,11 @@ fn ensure_link(exit: &ExitLink, transit: Ipv4Addr) -> Result<(), Error> {
     // ephemeral port): the exit's replies come from its VXLAN port to ours, so any firewall
     // between sees one flow per node and exit, and the exit routes them by that port.
     let next_port = (VXLAN_PORT + 1).to_string();
+    // The source ports are part of what must match: links made with an empty range keep any
+    // ephemeral port, and a restarted daemon would adopt them as they are.
     ensure_vxlan(
         &iface,
-        &format!("remote {remote} "),
+        &format!("remote {remote} srcport {port} {next_port} "),
         &[
             "id",
             &vni,
@@ -694,7 +696,7 @@ impl ExitPlan {
         );
         ensure_vxlan(
             EXIT_IFACE,
-            &format!("vxlan id {vni} "),
+            &format!("vxlan id {vni} local {local} srcport {port} {next_port} "),
             &[
                 "id", &vni, "local", &local, "dstport", &port, "srcport", &port, &next_port,
             ],
@@ -710,9 +712,12 @@ impl ExitPlan {
         )?;
         replace_rule(
             crate::RULE_PRIORITY - 1,
-            // By number: an image may have no /etc/protocols.
-            &["ipproto", "17", "sport", &sport, "lookup", "main"],
-            &format!("ipproto 17 sport {sport} lookup main"),
+            // By number: an image may have no /etc/protocols. `iif lo`: the exit's own packets
+            // only, never a client's forwarded UDP from that port.
+            &[
+                "iif", "lo", "ipproto", "17", "sport", &sport, "lookup", "main",
+            ],
+            &format!("iif lo ipproto 17 sport {sport} lookup main"),
         )?;
         ip(&[
             "addr",

@@ -398,7 +398,8 @@ pub(crate) fn cluster_kubeconfig(lab: &Lab) -> PathBuf {
 /// it, and the node's private directories bound over the paths the kubelet, libcni and
 /// containerd hard-code, and that cloak's node component reaches by its hostPath volumes
 /// (`/etc/cni/net.d`, `/opt/cni/bin`, `/run/cloak`, `/var/lib/cloak/node`): two nodes never share
-/// them, and the host's own are never touched. Argument: the node's directory.
+/// them, and nothing is written into the host's own (binding may leave empty directories at those
+/// paths on the host). Argument: the node's directory.
 const HOLDER: &str = r#"
 set -eu
 d=$1
