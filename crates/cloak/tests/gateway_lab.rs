@@ -269,6 +269,13 @@ fn a_deleted_exit_pod_moves_new_flows_to_the_other_and_is_replaced_on_the_next_s
     let kept = exits.iter().find(|e| *e != gone).unwrap();
     let (gone_name, gone_server) = (str_at(gone, "/name"), str_at(gone, "/server"));
     let leaks = Leaks::install(lab, &str_at(&pod, "/status/podIP"));
+    // Its replacement cannot come up until the survivor's share is checked: the internet drops
+    // the gone exit's provider (a replacement answers from the same address).
+    let provider = layout::PROVIDERS
+        .iter()
+        .find(|p| exit_address(gone) == p.exit())
+        .unwrap();
+    let outage = Outage::start(lab, &[provider]);
     // Events of this deletion only (an earlier test's may name the same exit).
     let since = now_rfc3339();
     lab.kubectl(&[
@@ -295,6 +302,7 @@ fn a_deleted_exit_pod_moves_new_flows_to_the_other_and_is_replaced_on_the_next_s
         streak, 10,
         "new flows did not settle on {survivor}: {seen:?}"
     );
+    drop(outage);
 
     // The operator replaces the exit on its pool's next server, and it rejoins.
     let replaced = eventually(
@@ -356,14 +364,15 @@ fn a_deleted_exit_pod_moves_new_flows_to_the_other_and_is_replaced_on_the_next_s
     delete_client(lab, name);
 }
 
-/// Every packet to and from the gateway providers' servers dropped by the internet's router.
+/// Every packet to and from the gateway servers (2 and up) of the lab providers `providers`
+/// dropped by the internet's router, until dropped.
 struct Outage<'a> {
     lab: &'a lab::TestLab,
 }
 
 impl<'a> Outage<'a> {
-    fn start(lab: &'a lab::TestLab) -> Self {
-        let servers: Vec<String> = layout::PROVIDERS[..2]
+    fn start(lab: &'a lab::TestLab, providers: &[&layout::Provider]) -> Self {
+        let servers: Vec<String> = providers
             .iter()
             .flat_map(|p| (2..=p.servers).map(|k| p.server(k)))
             .collect();
@@ -395,7 +404,7 @@ fn with_every_exit_down_internet_connections_are_refused_and_the_cluster_stays_r
     let name = "gw-down";
     let pod = running_client(lab, name);
     let leaks = Leaks::install(lab, &str_at(&pod, "/status/podIP"));
-    let outage = Outage::start(lab);
+    let outage = Outage::start(lab, &[&layout::PROVIDERS[0], &layout::PROVIDERS[1]]);
     eventually(
         "the gateway sees no healthy exit",
         Duration::from_mins(1),
