@@ -313,25 +313,25 @@ def drill(lab, client, kind):
     newf = subprocess.Popen(["nsenter", "-t", pid, "-n", sys.executable, HERE, "flows", "10", "0.3"],
                             stdout=subprocess.PIPE, text=True)
     time.sleep(2)
+    # The gone exit's provider is cut off in both kinds: for a deleted pod, so that its
+    # replacement (which answers from the same address) stays out of the window and a flow
+    # seen from that address can only be one the node still sent to the gone exit.
+    provider = {"gw-alpha": 1, "gw-beta": 2}[gone["provider"]]
+    servers = ", ".join(f"192.0.2.{provider}{k}" for k in range(1, 4))
+    script = (f"table ip gwbench {{\n chain f {{\n  type filter hook forward priority -400; policy accept;\n"
+              f"  ip daddr {{ {servers} }} drop\n  ip saddr {{ {servers} }} drop\n }}\n}}\n")
     if kind == "pod deleted":
         lab.kubectl("-n", NS, "delete", "pod", gone["name"], "--wait=false")
-        undo = None
-    else:
-        provider = {"gw-alpha": 1, "gw-beta": 2}[gone["provider"]]
-        servers = ", ".join(f"192.0.2.{provider}{k}" for k in range(1, 4))
-        script = (f"table ip gwbench {{\n chain f {{\n  type filter hook forward priority -400; policy accept;\n"
-                  f"  ip daddr {{ {servers} }} drop\n  ip saddr {{ {servers} }} drop\n }}\n}}\n")
-        subprocess.run(["ip", "netns", "exec", lab.netns("net"), "nft", "-f", "-"], input=script,
-                       text=True, check=True)
-        undo = lambda: subprocess.run(["ip", "netns", "exec", lab.netns("net"), "nft", "delete",
-                                       "table", "ip", "gwbench"], check=False)
+    subprocess.run(["ip", "netns", "exec", lab.netns("net"), "nft", "-f", "-"], input=script,
+                   text=True, check=True)
+    undo = lambda: subprocess.run(["ip", "netns", "exec", lab.netns("net"), "nft", "delete",
+                                   "table", "ip", "gwbench"], check=False)
     # The failure is in effect from here: the API server has the deletion, or the internet
     # drops the provider's packets.
     t0 = time.monotonic()
     flows_out = json.loads(newf.communicate()[0])
     held = json.loads(hold.communicate()[0])
-    if undo:
-        undo()
+    undo()
     # New flows work again after the last one that failed or still left by the gone exit: the
     # time from the failure to the start of that flow (None when one still did so in the
     # window's last 2 s).
