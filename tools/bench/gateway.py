@@ -86,6 +86,16 @@ def serve():
     accept(SINK_PORT, sink)
 
 
+def read_all(sock):
+    """Everything the peer sends until it closes."""
+    data = b""
+    while True:
+        chunk = sock.recv(4096)
+        if not chunk:
+            return data
+        data += chunk
+
+
 def flows(seconds, timeout):
     """In a client's namespace: a new HTTP flow to the echo service every 10 ms for `seconds`,
     each in its own thread with its own `timeout`; prints one JSON list: per flow its start, and
@@ -98,12 +108,7 @@ def flows(seconds, timeout):
             s = socket.create_connection((ECHO, 80), timeout=timeout)
             s.settimeout(timeout)
             s.sendall(b"GET /ip HTTP/1.0\r\n\r\n")
-            data = b""
-            while True:
-                chunk = s.recv(4096)
-                if not chunk:
-                    break
-                data += chunk
+            data = read_all(s)
             s.close()
             lines = data.decode(errors="replace").strip().splitlines()
             r = {"t": t, "ok": True, "addr": lines[-1].strip() if lines else ""}
@@ -185,13 +190,7 @@ def send(megabytes):
         s.sendall(block)
     s.shutdown(socket.SHUT_WR)
     s.settimeout(60)
-    data = b""
-    while True:
-        chunk = s.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-    print(data.decode())
+    print(read_all(s).decode())
 
 
 # ---------------------------------------------------------------- the orchestration

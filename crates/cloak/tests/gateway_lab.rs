@@ -20,6 +20,11 @@ use serde_json::Value;
 const GATEWAY: &str = "egress";
 const ECHO: &str = "203.0.113.10";
 
+/// The example gateway as it is now.
+fn gateway(lab: &lab::TestLab) -> Value {
+    lab.json(&["-n", DEMO_NAMESPACE, "get", "vpngateway", GATEWAY])
+}
+
 /// The example gateway once both exits are healthy (they prefer different nodes; a replaced
 /// one may land beside the other).
 fn healthy_gateway(lab: &lab::TestLab) -> Value {
@@ -27,7 +32,7 @@ fn healthy_gateway(lab: &lab::TestLab) -> Value {
         "the example gateway has 2 healthy exits",
         Duration::from_mins(3),
         || {
-            let gw = lab.json(&["-n", DEMO_NAMESPACE, "get", "vpngateway", GATEWAY]);
+            let gw = gateway(lab);
             let exits = gw["status"]["exits"]
                 .as_array()
                 .cloned()
@@ -52,6 +57,16 @@ fn exit_address(exit: &Value) -> String {
         .find(|p| p.name.ends_with(of))
         .expect("a lab provider")
         .exit()
+}
+
+/// The addresses the echo service sees for flows through each of the gateway's exits.
+fn exit_addresses(gw: &Value) -> Vec<String> {
+    gw["status"]["exits"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(exit_address)
+        .collect()
 }
 
 /// A plain pod labelled as the gateway's client: one busybox container, nothing else.
@@ -165,20 +180,7 @@ impl<'a> Leaks<'a> {
     fn read(&self, name: &str) -> u64 {
         self.nodes
             .iter()
-            .map(|node| {
-                let text = self
-                    .lab
-                    .exec_in(
-                        node,
-                        &["nft", "list", "counter", "inet", "cloak_test_gw", name],
-                    )
-                    .unwrap();
-                text.split_whitespace()
-                    .skip_while(|w| *w != "packets")
-                    .nth(1)
-                    .and_then(|n| n.parse::<u64>().ok())
-                    .unwrap_or(0)
-            })
+            .map(|node| self.lab.nft_packets(node, "inet", "cloak_test_gw", name))
             .sum()
     }
 }
@@ -199,12 +201,7 @@ fn a_labelled_pod_keeps_its_spec_and_reaches_the_internet_only_through_the_exits
     let lab = lab::shared();
     let _turn = lab::serial();
     let gw = healthy_gateway(lab);
-    let addresses: Vec<String> = gw["status"]["exits"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(exit_address)
-        .collect();
+    let addresses = exit_addresses(&gw);
     let name = "gw-spread";
     let pod = running_client(lab, name);
 
@@ -275,7 +272,7 @@ fn a_deleted_exit_pod_moves_new_flows_to_the_other_and_is_replaced_on_the_next_s
         .iter()
         .find(|p| exit_address(gone) == p.exit())
         .unwrap();
-    let outage = Outage::start(lab, &[provider]);
+    let outage = lab::Outage::start(lab, &gateway_servers(&[provider]));
     // Events of this deletion only (an earlier test's may name the same exit).
     let since = now_rfc3339();
     lab.kubectl(&[
@@ -309,7 +306,7 @@ fn a_deleted_exit_pod_moves_new_flows_to_the_other_and_is_replaced_on_the_next_s
         "the exit is replaced on the next server and healthy",
         Duration::from_mins(3),
         || {
-            let gw = lab.json(&["-n", DEMO_NAMESPACE, "get", "vpngateway", GATEWAY]);
+            let gw = gateway(lab);
             let exit = gw["status"]["exits"]
                 .as_array()
                 .into_iter()
@@ -364,36 +361,13 @@ fn a_deleted_exit_pod_moves_new_flows_to_the_other_and_is_replaced_on_the_next_s
     delete_client(lab, name);
 }
 
-/// Every packet to and from the gateway servers (2 and up) of the lab providers `providers`
-/// dropped by the internet's router, until dropped.
-struct Outage<'a> {
-    lab: &'a lab::TestLab,
-}
-
-impl<'a> Outage<'a> {
-    fn start(lab: &'a lab::TestLab, providers: &[&layout::Provider]) -> Self {
-        let servers: Vec<String> = providers
-            .iter()
-            .flat_map(|p| (2..=p.servers).map(|k| p.server(k)))
-            .collect();
-        let set = servers.join(", ");
-        lab.nft(
-            "net",
-            &format!(
-                "table ip cloak_test_gw_outage {{\n  chain forward {{\n    type filter hook forward priority -400; policy accept;\n    ip daddr {{ {set} }} drop\n    ip saddr {{ {set} }} drop\n  }}\n}}\n"
-            ),
-        );
-        Self { lab }
-    }
-}
-
-impl Drop for Outage<'_> {
-    fn drop(&mut self) {
-        let _ = self.lab.exec_in(
-            "net",
-            &["nft", "delete", "table", "ip", "cloak_test_gw_outage"],
-        );
-    }
+/// The gateway servers (2 and up) of the lab providers `providers`: what an outage of their
+/// exits cuts off.
+fn gateway_servers(providers: &[&layout::Provider]) -> Vec<String> {
+    providers
+        .iter()
+        .flat_map(|p| (2..=p.servers).map(|k| p.server(k)))
+        .collect()
 }
 
 #[test]
@@ -404,12 +378,15 @@ fn with_every_exit_down_internet_connections_are_refused_and_the_cluster_stays_r
     let name = "gw-down";
     let pod = running_client(lab, name);
     let leaks = Leaks::install(lab, &str_at(&pod, "/status/podIP"));
-    let outage = Outage::start(lab, &[&layout::PROVIDERS[0], &layout::PROVIDERS[1]]);
+    let outage = lab::Outage::start(
+        lab,
+        &gateway_servers(&[&layout::PROVIDERS[0], &layout::PROVIDERS[1]]),
+    );
     eventually(
         "the gateway sees no healthy exit",
         Duration::from_mins(1),
         || {
-            let gw = lab.json(&["-n", DEMO_NAMESPACE, "get", "vpngateway", GATEWAY]);
+            let gw = gateway(lab);
             if gw["status"]["healthyExits"] == 0 {
                 Ok(())
             } else {
@@ -443,12 +420,7 @@ fn lab_status_shows_the_gateways_exits_and_the_address_its_example_client_is_see
     let lab = lab::shared();
     let _turn = lab::serial();
     let gw = healthy_gateway(lab);
-    let addresses: Vec<String> = gw["status"]["exits"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(exit_address)
-        .collect();
+    let addresses = exit_addresses(&gw);
     // The example client asks the echo service every 5 s.
     let seen = eventually(
         "the echo service sees the example gateway client",

@@ -389,18 +389,8 @@ impl<'a> NodeCounters<'a> {
     }
 
     fn read(&self, name: &str) -> u64 {
-        let text = self
-            .lab
-            .exec_in(
-                &self.node,
-                &["nft", "list", "counter", "ip", "cloak_test_leaks", name],
-            )
-            .unwrap();
-        text.split_whitespace()
-            .skip_while(|w| *w != "packets")
-            .nth(1)
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0)
+        self.lab
+            .nft_packets(&self.node, "ip", "cloak_test_leaks", name)
     }
 }
 
@@ -409,33 +399,6 @@ impl Drop for NodeCounters<'_> {
         let _ = self.lab.exec_in(
             &self.node,
             &["nft", "delete", "table", "ip", "cloak_test_leaks"],
-        );
-    }
-}
-
-/// Every packet to and from a provider's servers dropped by the internet's router, until
-/// dropped.
-struct Outage<'a> {
-    lab: &'a lab::TestLab,
-}
-
-impl<'a> Outage<'a> {
-    fn start(lab: &'a lab::TestLab, provider: &layout::Provider) -> Self {
-        let servers: Vec<String> = (1..=provider.servers).map(|k| provider.server(k)).collect();
-        let set = servers.join(", ");
-        let script = format!(
-            "table ip cloak_test_outage {{\n  chain forward {{\n    type filter hook forward priority -400; policy accept;\n    ip daddr {{ {set} }} drop\n    ip saddr {{ {set} }} drop\n  }}\n}}\n"
-        );
-        lab.nft("net", &script);
-        Self { lab }
-    }
-}
-
-impl Drop for Outage<'_> {
-    fn drop(&mut self) {
-        let _ = self.lab.exec_in(
-            "net",
-            &["nft", "delete", "table", "ip", "cloak_test_outage"],
         );
     }
 }
@@ -457,7 +420,13 @@ fn nothing_leaves_the_node_outside_the_tunnel_while_the_provider_is_unreachable(
     let counters = NodeCounters::install(lab, &node, &pod_ip);
     // The provider drops off the internet: the internet's router drops everything to and from
     // its servers (a link taken down would also take its routes with it for good).
-    let outage = Outage::start(lab, &layout::PROVIDERS[0]);
+    let alpha = layout::PROVIDERS[0];
+    let outage = lab::Outage::start(
+        lab,
+        &(1..=alpha.servers)
+            .map(|k| alpha.server(k))
+            .collect::<Vec<_>>(),
+    );
     // The client keeps asking the echo service every 5 s and the agent keeps retrying its
     // server: 20 s covers the agent's probe failures, its reconnects and several client tries.
     std::thread::sleep(Duration::from_secs(20));

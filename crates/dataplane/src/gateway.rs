@@ -704,7 +704,6 @@ impl ExitPlan {
         // Ahead of the agent's tunnel table (`RULE_PRIORITY`): the nodes' transit addresses
         // (client replies, probe answers) and the links' outer packets (nodes' addresses need
         // not be in the intranet) leave by the pod network, never into the tunnel.
-        let sport = VXLAN_PORT.to_string();
         replace_rule(
             crate::RULE_PRIORITY - 2,
             &["to", TRANSIT_RANGE, "lookup", "main"],
@@ -715,9 +714,9 @@ impl ExitPlan {
             // By number: an image may have no /etc/protocols. `iif lo`: the exit's own packets
             // only, never a client's forwarded UDP from that port.
             &[
-                "iif", "lo", "ipproto", "17", "sport", &sport, "lookup", "main",
+                "iif", "lo", "ipproto", "17", "sport", &port, "lookup", "main",
             ],
-            &format!("iif lo ipproto 17 sport {sport} lookup main"),
+            &format!("iif lo ipproto 17 sport {port} lookup main"),
         )?;
         ip(&[
             "addr",

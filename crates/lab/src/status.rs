@@ -95,11 +95,7 @@ pub(crate) fn render(lab: &Lab, kubectl: &Path) -> Result<String> {
     let mut rows = vec![row(&["PROVIDER", "PHASE", "SLOTS", "TUNNEL", "MESSAGE"])];
     for p in &providers {
         rows.push(vec![
-            format!(
-                "{}/{}",
-                str_at(p, "/metadata/namespace"),
-                str_at(p, "/metadata/name")
-            ),
+            namespaced(p),
             str_at(p, "/status/phase"),
             format!(
                 "{}/{}",
@@ -126,11 +122,7 @@ pub(crate) fn render(lab: &Lab, kubectl: &Path) -> Result<String> {
             .map(|p| format!("pod/{}", str_at(p, "/metadata/name")))
             .collect();
         rows.push(vec![
-            format!(
-                "{}/{}",
-                str_at(m, "/metadata/namespace"),
-                str_at(m, "/metadata/name")
-            ),
+            namespaced(m),
             str_at(m, "/status/phase"),
             str_at(m, "/status/provider/name"),
             m["status"]["provider"]["slot"]
@@ -152,11 +144,7 @@ pub(crate) fn render(lab: &Lab, kubectl: &Path) -> Result<String> {
         "MESSAGE",
     ])];
     for g in &gateways {
-        let gateway = format!(
-            "{}/{}",
-            str_at(g, "/metadata/namespace"),
-            str_at(g, "/metadata/name")
-        );
+        let gateway = namespaced(g);
         for e in g["status"]["exits"].as_array().into_iter().flatten() {
             rows.push(vec![
                 format!("{gateway}:{}", str_at(e, "/name")),
@@ -184,11 +172,7 @@ pub(crate) fn render(lab: &Lab, kubectl: &Path) -> Result<String> {
             continue;
         }
         rows.push(vec![
-            format!(
-                "{}/{}",
-                str_at(p, "/metadata/namespace"),
-                str_at(p, "/metadata/name")
-            ),
+            namespaced(p),
             gateway,
             str_at(p, "/spec/nodeName"),
             str_at(p, "/status/podIP"),
@@ -246,15 +230,7 @@ pub(crate) fn render(lab: &Lab, kubectl: &Path) -> Result<String> {
                     .collect()
             })
             .unwrap_or_default();
-        rows.push(vec![
-            format!(
-                "{}/{}",
-                str_at(s, "/metadata/namespace"),
-                str_at(s, "/metadata/name")
-            ),
-            ports,
-            node_ports.join(","),
-        ]);
+        rows.push(vec![namespaced(s), ports, node_ports.join(",")]);
     }
     table(&mut out, &rows);
     Ok(out)
@@ -265,6 +241,15 @@ fn pod_ready(pod: &Value) -> bool {
         cs.iter()
             .any(|c| c["type"] == "Ready" && c["status"] == "True")
     })
+}
+
+/// `namespace/name` of an object.
+fn namespaced(v: &Value) -> String {
+    format!(
+        "{}/{}",
+        str_at(v, "/metadata/namespace"),
+        str_at(v, "/metadata/name")
+    )
 }
 
 fn str_at(v: &Value, pointer: &str) -> String {

@@ -560,9 +560,9 @@ fn examples(lab: &Lab, options: &UpOptions) -> Result<()> {
     let mut secrets = String::new();
     for p in &layout::PROVIDERS {
         let config = vpn::client_config(lab, p, 1)?;
-        let key = match p.kind {
-            TunnelKind::Wireguard => "wg0.conf",
-            TunnelKind::OpenVpn => "config.ovpn",
+        let (key, ext) = match p.kind {
+            TunnelKind::Wireguard => ("wg0.conf", "conf"),
+            TunnelKind::OpenVpn => ("config.ovpn", "ovpn"),
         };
         let value = serde_json::to_string(&config).map_err(|e| Error::Other(e.to_string()))?;
         let _ = write!(
@@ -577,10 +577,6 @@ fn examples(lab: &Lab, options: &UpOptions) -> Result<()> {
             "---\napiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}-pool\n  namespace: {DEMO_NAMESPACE}\n  labels: {{app.kubernetes.io/part-of: cloak-lab}}\nstringData:\n",
             name = p.name
         );
-        let ext = match p.kind {
-            TunnelKind::Wireguard => "conf",
-            TunnelKind::OpenVpn => "ovpn",
-        };
         for k in 2..=p.servers {
             let value = serde_json::to_string(&vpn::client_config(lab, p, k)?)
                 .map_err(|e| Error::Other(e.to_string()))?;

@@ -138,19 +138,11 @@ pub fn parse(
         if servers.any(|(_, other)| other != kind) {
             return Err(CredentialsError::MixedPool);
         }
-        let target = match kind {
-            TunnelKind::WireGuard => "wg0.conf",
-            TunnelKind::OpenVpn => "config.ovpn",
-        };
-        let mut one: BTreeMap<String, Secret> = keys
-            .iter()
-            .filter(|(k, _)| server_kind(k).is_none())
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        one.insert(target.to_owned(), keys[first].clone());
-        return parse(&one, interface).map_err(|e| CredentialsError::PoolServer {
-            key: first.clone(),
-            source: Box::new(e),
+        return parse(&one_server(keys, first, kind), interface).map_err(|e| {
+            CredentialsError::PoolServer {
+                key: first.clone(),
+                source: Box::new(e),
+            }
         });
     }
     let provider = get("VPN_SERVICE_PROVIDER");
@@ -234,10 +226,10 @@ pub fn pool(keys: &BTreeMap<String, Secret>, interface: &str) -> Result<Pool, Po
             .collect::<Vec<_>>()
     };
     let (wg, ovpn) = (of_kind(TunnelKind::WireGuard), of_kind(TunnelKind::OpenVpn));
-    let (format, kind, server_keys, target) = match (wg.is_empty(), ovpn.is_empty()) {
+    let (format, kind, server_keys) = match (wg.is_empty(), ovpn.is_empty()) {
         (false, false) => return Err(PoolError::Mixed),
-        (false, true) => (Format::WgQuick, TunnelKind::WireGuard, wg, "wg0.conf"),
-        (true, false) => (Format::Ovpn, TunnelKind::OpenVpn, ovpn, "config.ovpn"),
+        (false, true) => (Format::WgQuick, TunnelKind::WireGuard, wg),
+        (true, false) => (Format::Ovpn, TunnelKind::OpenVpn, ovpn),
         (true, true) => {
             let gluetun = parse(keys, interface)?;
             return Ok(Pool {
@@ -250,16 +242,11 @@ pub fn pool(keys: &BTreeMap<String, Secret>, interface: &str) -> Result<Pool, Po
     let mut servers = Vec::new();
     for key in server_keys {
         // Each server parses as the Secret of one server would, its login included.
-        let mut one: BTreeMap<String, Secret> = keys
-            .iter()
-            .filter(|(k, _)| server_kind(k).is_none())
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        one.insert(target.to_owned(), keys[&key].clone());
-        let parsed = parse(&one, interface).map_err(|e| PoolError::Server {
-            key: key.clone(),
-            source: Box::new(e),
-        })?;
+        let parsed =
+            parse(&one_server(keys, &key, kind), interface).map_err(|e| PoolError::Server {
+                key: key.clone(),
+                source: Box::new(e),
+            })?;
         let Some(tunnel) = parsed.tunnel else {
             continue;
         };
@@ -271,6 +258,30 @@ pub fn pool(keys: &BTreeMap<String, Secret>, interface: &str) -> Result<Pool, Po
         kind,
         servers,
     })
+}
+
+/// The key a Secret of one server of `kind` holds its file under.
+fn single_server_file(kind: TunnelKind) -> &'static str {
+    match kind {
+        TunnelKind::WireGuard => "wg0.conf",
+        TunnelKind::OpenVpn => "config.ovpn",
+    }
+}
+
+/// The Secret of one server of a pool: the pool's keys that are no server file (a shared login),
+/// and `key`'s file under the single-server name of `kind`.
+fn one_server(
+    keys: &BTreeMap<String, Secret>,
+    key: &str,
+    kind: TunnelKind,
+) -> BTreeMap<String, Secret> {
+    let mut one: BTreeMap<String, Secret> = keys
+        .iter()
+        .filter(|(k, _)| server_kind(k).is_none())
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    one.insert(single_server_file(kind).to_owned(), keys[key].clone());
+    one
 }
 
 /// The kind of server a key holds by its extension (`.conf` WireGuard, `.ovpn` OpenVPN, any
@@ -297,13 +308,7 @@ impl Pool {
         server: &'a Server,
         keys: &'a BTreeMap<String, Secret>,
     ) -> Vec<(&'static str, &'a str)> {
-        let mut copy = vec![(
-            match self.kind {
-                TunnelKind::WireGuard => "wg0.conf",
-                TunnelKind::OpenVpn => "config.ovpn",
-            },
-            server.key.as_str(),
-        )];
+        let mut copy = vec![(single_server_file(self.kind), server.key.as_str())];
         for login in ["username", "password", "OPENVPN_USER", "OPENVPN_PASSWORD"] {
             if let Some((key, _)) = keys.get_key_value(login) {
                 copy.push((login, key.as_str()));

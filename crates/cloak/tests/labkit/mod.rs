@@ -186,6 +186,48 @@ impl TestLab {
     }
 }
 
+impl TestLab {
+    /// The packets nftables counter `name` of `table` (`family` `ip` or `inet`) has counted in a
+    /// lab namespace; 0 when it cannot be read.
+    pub(crate) fn nft_packets(&self, role: &str, family: &str, table: &str, name: &str) -> u64 {
+        let text = self
+            .exec_in(role, &["nft", "list", "counter", family, table, name])
+            .unwrap();
+        text.split_whitespace()
+            .skip_while(|w| *w != "packets")
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+/// Every packet to and from `servers` dropped by the internet's router, until dropped.
+pub(crate) struct Outage<'a> {
+    lab: &'a TestLab,
+}
+
+impl<'a> Outage<'a> {
+    pub(crate) fn start(lab: &'a TestLab, servers: &[String]) -> Self {
+        let set = servers.join(", ");
+        lab.nft(
+            "net",
+            &format!(
+                "table ip cloak_test_outage {{\n  chain forward {{\n    type filter hook forward priority -400; policy accept;\n    ip daddr {{ {set} }} drop\n    ip saddr {{ {set} }} drop\n  }}\n}}\n"
+            ),
+        );
+        Self { lab }
+    }
+}
+
+impl Drop for Outage<'_> {
+    fn drop(&mut self) {
+        let _ = self.lab.exec_in(
+            "net",
+            &["nft", "delete", "table", "ip", "cloak_test_outage"],
+        );
+    }
+}
+
 /// Standard output of a command that succeeded, its standard error otherwise.
 fn stdout_or_stderr(out: &Output) -> Result<String, String> {
     if out.status.success() {
