@@ -422,11 +422,11 @@ fn lab_status_shows_the_gateways_exits_and_the_address_its_example_client_is_see
     let gw = healthy_gateway(lab);
     let addresses = exit_addresses(&gw);
     // The example client asks the echo service every 5 s.
-    let seen = eventually(
+    eventually(
         "the echo service sees the example gateway client",
         Duration::from_mins(1),
         || match lab.lab.echo_seen().get("cloak-demo/gw-client") {
-            Some((ip, _)) if addresses.contains(ip) => Ok(ip.clone()),
+            Some((ip, _)) if addresses.contains(ip) => Ok(()),
             other => Err(format!("{other:?}")),
         },
     );
@@ -445,9 +445,11 @@ fn lab_status_shows_the_gateways_exits_and_the_address_its_example_client_is_see
             .any(|l| l.starts_with("cloak-demo/gw-client") && l.contains("egress")),
         "{text}"
     );
+    // Each of the client's requests is a new flow, so the exit it is seen from may have changed
+    // since: the row shows one of the exits' addresses.
     assert!(
-        text.lines()
-            .any(|l| l.starts_with("cloak-demo/gw-client") && l.contains(&seen)),
+        text.lines().any(|l| l.starts_with("cloak-demo/gw-client")
+            && addresses.iter().any(|a| l.contains(a.as_str()))),
         "{text}"
     );
 }
