@@ -11,7 +11,7 @@ use std::{
 
 use cloak_dataplane::gateway::{EXIT_ADDRESS, mark};
 use nix::sys::socket::{
-    AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, SockaddrIn, recvfrom, sendto,
+    AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, SockaddrIn, recv, sendto,
     setsockopt, socket, sockopt,
 };
 
@@ -44,6 +44,11 @@ pub(crate) fn checksum(data: &[u8]) -> u16 {
     #[allow(clippy::cast_possible_truncation)] // folded to 16 bits above
     let folded = sum as u16;
     !folded
+}
+
+/// Whether a raw IPv4 packet comes from the exits' inner address.
+fn from_exit(packet: &[u8]) -> bool {
+    packet.get(12..16) == Some(&EXIT_ADDRESS.octets()[..])
 }
 
 /// The identifier and sequence of an echo reply in a raw IPv4 packet, if it is one.
@@ -95,22 +100,30 @@ pub fn run(
             .map(|(vni, slot)| (ident(*slot), *vni))
             .collect();
         loop {
+            // Once the round is over, the answers already queued are still read, without
+            // waiting: a probe thread that was not scheduled in time has not seen them yet, and
+            // they are answers, not misses.
             let left = interval.saturating_sub(started.elapsed());
-            if left.is_zero() {
-                break;
-            }
-            setsockopt(&sock, sockopt::ReceiveTimeout, &timeval(left))?;
-            match recvfrom::<SockaddrIn>(std::os::fd::AsRawFd::as_raw_fd(&sock), &mut buf) {
-                Ok((n, Some(from))) if from.ip() == EXIT_ADDRESS => {
-                    if let Some((id, s)) = echo_reply(&buf[..n])
+            let flags = if left.is_zero() {
+                MsgFlags::MSG_DONTWAIT
+            } else {
+                setsockopt(&sock, sockopt::ReceiveTimeout, &timeval(left))?;
+                MsgFlags::empty()
+            };
+            match recv(std::os::fd::AsRawFd::as_raw_fd(&sock), &mut buf, flags) {
+                Ok(n) => {
+                    if from_exit(&buf[..n])
+                        && let Some((id, s)) = echo_reply(&buf[..n])
                         && s == seq
                         && let Some(vni) = by_ident.get(&id)
                     {
                         answered.insert(*vni, true);
                     }
                 }
-                // Another packet, or the round's time is up.
-                Ok(_) | Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => {}
+                // Nothing more queued once the round is over.
+                Err(nix::errno::Errno::EAGAIN) if left.is_zero() => break,
+                // The round's time is up, or a signal: look again.
+                Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => {}
                 Err(e) => return Err(e.into()),
             }
         }
@@ -145,6 +158,9 @@ mod tests {
         icmp[0] = 0;
         reply.extend(icmp);
         assert_eq!(echo_reply(&reply), Some((0xc101, 7)));
+        assert!(!from_exit(&reply));
+        reply[12..16].copy_from_slice(&EXIT_ADDRESS.octets());
+        assert!(from_exit(&reply));
         reply[20] = 3; // destination unreachable
         assert_eq!(echo_reply(&reply), None);
     }
