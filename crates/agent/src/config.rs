@@ -80,6 +80,23 @@ pub struct ExitRole {
     /// operator sets it from the downward API).
     #[serde(default)]
     pub local: Option<IpAddr>,
+    /// An address behind the tunnel that answers ICMP echoes: the exit sends it one every
+    /// `pingInterval` and stops taking new flows after `pingWindow` without a reply (a silent
+    /// blackhole), long before the probe fails. Default: the tunnel's resolver, when it is an
+    /// IPv4 address; without one, the probe alone judges.
+    #[serde(default)]
+    pub ping: Option<std::net::Ipv4Addr>,
+    #[serde(default = "default_ping_interval", with = "duration")]
+    pub ping_interval: Duration,
+    #[serde(default = "default_ping_window", with = "duration")]
+    pub ping_window: Duration,
+}
+
+fn default_ping_interval() -> Duration {
+    Duration::from_millis(100)
+}
+fn default_ping_window() -> Duration {
+    Duration::from_millis(500)
 }
 
 /// How the agent decides the tunnel works.
@@ -254,7 +271,10 @@ impl Resolved {
             .as_deref()
             .map(|p| parse_probe(p, dns))
             .transpose()?;
-        let exit = config.exit.map(resolve_exit).transpose()?;
+        let exit = config
+            .exit
+            .map(|role| resolve_exit(role, dns))
+            .transpose()?;
         Ok(Self {
             exit,
             dns,
@@ -272,8 +292,20 @@ impl Resolved {
     }
 }
 
-/// An exit role with its local address: the config's, else `$POD_IP`.
-fn resolve_exit(mut role: ExitRole) -> Result<ExitRole, ConfigError> {
+/// An exit role with its local address (the config's, else `$POD_IP`) and the address its
+/// echoes go to (the config's, else the tunnel's resolver `dns` when it is IPv4).
+fn resolve_exit(mut role: ExitRole, dns: Option<IpAddr>) -> Result<ExitRole, ConfigError> {
+    if role.ping.is_none()
+        && let Some(IpAddr::V4(resolver)) = dns
+    {
+        role.ping = Some(resolver);
+    }
+    if role.ping_interval.is_zero() || role.ping_window < role.ping_interval {
+        return Err(ConfigError::Exit(format!(
+            "pingWindow {:?} must be at least pingInterval {:?}, which must not be zero",
+            role.ping_window, role.ping_interval
+        )));
+    }
     if role.local.is_none() {
         let from_env = std::env::var("POD_IP").map_err(|_| {
             ConfigError::Exit("no exit.local and no POD_IP in the environment".into())
@@ -579,15 +611,41 @@ mod tests {
         let role = r.exit.clone().unwrap();
         assert_eq!((role.vni, role.mss), (4096, 1380));
         assert_eq!(role.local, Some("10.244.1.7".parse().unwrap()));
+        assert_eq!(
+            role.ping,
+            Some("10.64.0.1".parse().unwrap()),
+            "echoes go to the tunnel's resolver by default"
+        );
+        assert_eq!(
+            (role.ping_interval, role.ping_window),
+            (Duration::from_millis(100), Duration::from_millis(500))
+        );
         let plan = crate::exit::plan(
-            &Ok(std::sync::Arc::new(r)),
+            &Ok(std::sync::Arc::new(r.clone())),
             &crate::machine::Status::default(),
+            false,
         )
         .unwrap();
         assert_eq!(plan.tunnel, "ck0");
         assert!(
             !plan.healthy,
             "an exit not connected answers no health probe"
+        );
+        let ready = crate::machine::Status {
+            phase: crate::machine::Phase::Connected,
+            probe_ok: true,
+            ..crate::machine::Status::default()
+        };
+        let config = Ok(std::sync::Arc::new(r));
+        assert!(crate::exit::plan(&config, &ready, false).unwrap().healthy);
+        assert!(
+            !crate::exit::plan(&config, &ready, true).unwrap().healthy,
+            "an exit whose echoes go unanswered takes no new flows, whatever its probe says"
+        );
+        let watch = crate::exit::liveness(&config).unwrap();
+        assert_eq!(
+            (watch.interface.as_str(), watch.target.to_string().as_str()),
+            ("ck0", "10.64.0.1")
         );
 
         let bad = write(
@@ -597,6 +655,13 @@ mod tests {
         );
         let err = Resolved::load(&bad).unwrap_err().to_string();
         assert!(err.contains("vni 7"), "{err}");
+        let slow = write(
+            d.path(),
+            "slow.yaml",
+            "credentials: wg0.conf\nexit: {vni: 4096, mss: 1380, local: 10.244.1.7, pingInterval: 1s, pingWindow: 500ms}\n",
+        );
+        let err = Resolved::load(&slow).unwrap_err().to_string();
+        assert!(err.contains("pingWindow"), "{err}");
     }
 
     #[test]

@@ -1,22 +1,30 @@
 //! The exit role: while the agent runs as one exit of a VpnGateway, its end of the nodes' VXLAN
 //! links follows the tunnel. The link, forwarding and masquerade into the tunnel are set up once
 //! a config names the role; the exit answers the nodes' health probes only while the tunnel
-//! passes its own probe, so the nodes move new flows off it as soon as it does not. The exit's
+//! passes its own probe and answers its echoes (`dataplane::icmp::Liveness`), so the nodes move
+//! new flows off it as soon as it does not. The exit's
 //! own table forwards client flows from the links into the tunnel alone (its forward chain drops
 //! everything else), and the agent's kill switch applies besides.
 
 use std::time::Duration;
 
-use cloak_dataplane::gateway::ExitPlan;
+use cloak_dataplane::{
+    gateway::ExitPlan,
+    icmp::{Liveness, LivenessConfig},
+};
 use tokio::sync::watch;
 
 use crate::machine::{ConfigResult, Status};
 
 /// Wait before applying again after a failure.
 const RETRY: Duration = Duration::from_secs(1);
+/// Silent this long, the echo target is no longer trusted (see [`LivenessConfig::give_up`]):
+/// well past the agent's probe, which fails within 3 s on a tunnel that is really dead.
+const GIVE_UP: Duration = Duration::from_secs(5);
 
-/// The exit's plan for this config and status; `None` when the config names no exit role.
-pub fn plan(config: &ConfigResult, status: &Status) -> Option<ExitPlan> {
+/// The exit's plan for this config and status (`silent`: the tunnel's echoes go unanswered);
+/// `None` when the config names no exit role.
+pub fn plan(config: &ConfigResult, status: &Status, silent: bool) -> Option<ExitPlan> {
     let cfg = config.as_ref().ok()?;
     let role = cfg.exit.as_ref()?;
     Some(ExitPlan {
@@ -24,20 +32,57 @@ pub fn plan(config: &ConfigResult, status: &Status) -> Option<ExitPlan> {
         local: role.local?,
         tunnel: cfg.tunnel.interface().to_owned(),
         mss: role.mss,
-        healthy: status.ready(),
+        healthy: status.ready() && !silent,
     })
 }
 
-/// Keeps the exit's data plane in step with the config and the agent's status, until either
-/// channel closes. A config that stops being usable keeps the last exit role, unhealthy: the
-/// nodes must stop sending new flows to an agent that blocks.
+/// How this config's tunnel is watched by echo: `None` without an exit role or an echo target.
+pub fn liveness(config: &ConfigResult) -> Option<LivenessConfig> {
+    let cfg = config.as_ref().ok()?;
+    let role = cfg.exit.as_ref()?;
+    Some(LivenessConfig {
+        interface: cfg.tunnel.interface().to_owned(),
+        target: role.ping?,
+        interval: role.ping_interval,
+        window: role.ping_window,
+        give_up: GIVE_UP.max(role.ping_window * 2),
+    })
+}
+
+/// Keeps the exit's data plane in step with the config, the agent's status and the tunnel's
+/// echoes, until the config or status channel closes. A config that stops being usable keeps
+/// the last exit role, unhealthy: the nodes must stop sending new flows to an agent that blocks.
 pub async fn follow(
     mut config: watch::Receiver<ConfigResult>,
     mut status: watch::Receiver<Status>,
 ) {
+    let (silent_tx, mut silent) = watch::channel(false);
+    let mut watching: Option<(LivenessConfig, Liveness)> = None;
     let mut applied: Option<ExitPlan> = None;
     loop {
-        let want = plan(&config.borrow_and_update(), &status.borrow_and_update()).or_else(|| {
+        let current = config.borrow_and_update().clone();
+        let wanted = liveness(&current);
+        if wanted.as_ref() != watching.as_ref().map(|(c, _)| c) {
+            // Stopping the old watch waits for its thread's round (one interval at most).
+            drop(watching.take());
+            silent_tx.send_replace(false);
+            watching = wanted.map(|c| {
+                tracing::info!(target = %c.target, interval = ?c.interval, window = ?c.window, "watching the tunnel by echo");
+                let tx = silent_tx.clone();
+                let (target, window) = (c.target, c.window);
+                let watch = Liveness::start(c.clone(), move |quiet| {
+                    if quiet {
+                        tracing::warn!(%target, "no echo reply for {window:?}: taking no new flows");
+                    } else {
+                        tracing::info!(%target, "echoes answered again");
+                    }
+                    tx.send_replace(quiet);
+                });
+                (c, watch)
+            });
+        }
+        let quiet = *silent.borrow_and_update();
+        let want = plan(&current, &status.borrow_and_update(), quiet).or_else(|| {
             applied.clone().map(|last| ExitPlan {
                 healthy: false,
                 ..last
@@ -68,6 +113,7 @@ pub async fn follow(
         tokio::select! {
             r = config.changed() => if r.is_err() { return },
             r = status.changed() => if r.is_err() { return },
+            _ = silent.changed() => {}
             () = tokio::time::sleep(RETRY), if failed => {}
         }
     }

@@ -15,6 +15,7 @@ mod command;
 pub mod dns;
 pub mod firewall;
 pub mod gateway;
+pub mod icmp;
 pub mod openvpn;
 pub mod routes;
 pub mod secret;

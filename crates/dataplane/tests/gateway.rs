@@ -281,3 +281,96 @@ fn a_node_plan_applied_twice_changes_nothing_and_reset_leaves_none_of_it() {
         "reset removed what it does not own"
     );
 }
+
+/// An exit's echo watch of its tunnel, started inside exit 1 (whose "tunnel" `tun1` leads to
+/// the internet at 198.51.101.1), reporting into a channel.
+fn watch_tunnel(
+    net: &GatewayNet,
+    target: &str,
+    give_up: std::time::Duration,
+) -> (
+    cloak_dataplane::icmp::Liveness,
+    std::sync::mpsc::Receiver<bool>,
+) {
+    use std::time::Duration;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let config = cloak_dataplane::icmp::LivenessConfig {
+        interface: "tun1".into(),
+        target: target.parse().unwrap(),
+        interval: Duration::from_millis(100),
+        window: Duration::from_millis(500),
+        give_up,
+    };
+    let watch = inside(&net["exit1"], move || {
+        cloak_dataplane::icmp::Liveness::start(config, move |silent| {
+            let _ = tx.send(silent);
+        })
+    });
+    (watch, rx)
+}
+
+/// The internet drops (or, `false`, again takes) what exit 1's tunnel sends: a silent blackhole.
+fn blackhole_exit1(net: &GatewayNet, on: bool) {
+    let internet = &net["internet"];
+    if on {
+        internet.run(&["nft", "add", "table", "inet", "blackhole"]);
+        internet.run(&[
+            "nft",
+            "add chain inet blackhole in { type filter hook input priority -10; policy accept; }",
+        ]);
+        internet.run(&[
+            "nft",
+            "add",
+            "rule",
+            "inet",
+            "blackhole",
+            "in",
+            "iifname",
+            "x1",
+            "drop",
+        ]);
+    } else {
+        internet.run(&["nft", "delete", "table", "inet", "blackhole"]);
+    }
+}
+
+#[test]
+fn an_exits_echo_watch_turns_silent_while_its_tunnel_is_blackholed_and_back_once_it_answers() {
+    use std::time::Duration;
+    let net = GatewayNet::new(1);
+    let (_watch, verdicts) = watch_tunnel(&net, "198.51.101.1", Duration::from_mins(1));
+    assert!(
+        verdicts.recv_timeout(Duration::from_secs(2)).is_err(),
+        "a tunnel whose echoes are answered is not silent"
+    );
+    blackhole_exit1(&net, true);
+    assert_eq!(
+        verdicts.recv_timeout(Duration::from_secs(10)),
+        Ok(true),
+        "echoes unanswered past the window: silent"
+    );
+    blackhole_exit1(&net, false);
+    assert_eq!(verdicts.recv_timeout(Duration::from_secs(10)), Ok(false));
+}
+
+#[test]
+fn a_target_that_never_answered_is_never_judged_and_one_silent_past_the_give_up_is_trusted_no_more()
+{
+    use std::time::Duration;
+    let net = GatewayNet::new(1);
+    // Nobody has this address: the echoes are never answered, and nothing is judged.
+    let (never, verdicts) = watch_tunnel(&net, "198.51.101.99", Duration::from_mins(1));
+    assert!(verdicts.recv_timeout(Duration::from_secs(2)).is_err());
+    drop(never);
+
+    let (_watch, verdicts) = watch_tunnel(&net, "198.51.101.1", Duration::from_secs(2));
+    assert!(verdicts.recv_timeout(Duration::from_secs(1)).is_err());
+    blackhole_exit1(&net, true);
+    assert_eq!(verdicts.recv_timeout(Duration::from_secs(10)), Ok(true));
+    assert_eq!(
+        verdicts.recv_timeout(Duration::from_secs(10)),
+        Ok(false),
+        "given up on: the agent's probe alone judges"
+    );
+    blackhole_exit1(&net, false);
+}

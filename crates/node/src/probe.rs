@@ -9,7 +9,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use cloak_dataplane::gateway::{EXIT_ADDRESS, mark};
+use cloak_dataplane::{
+    gateway::{EXIT_ADDRESS, mark},
+    icmp::{self, echo_reply, echo_request},
+};
 use nix::sys::socket::{
     AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, SockaddrIn, recv, sendto,
     setsockopt, socket, sockopt,
@@ -20,47 +23,9 @@ fn ident(slot: u8) -> u16 {
     0xc100 | u16::from(slot)
 }
 
-/// An ICMP echo request (type 8) with its checksum.
-pub(crate) fn echo_request(id: u16, seq: u16) -> [u8; 16] {
-    let mut packet = [0u8; 16];
-    packet[0] = 8;
-    packet[4..6].copy_from_slice(&id.to_be_bytes());
-    packet[6..8].copy_from_slice(&seq.to_be_bytes());
-    packet[8..16].copy_from_slice(b"cloak-gw");
-    let sum = checksum(&packet);
-    packet[2..4].copy_from_slice(&sum.to_be_bytes());
-    packet
-}
-
-/// The Internet checksum (RFC 1071).
-pub(crate) fn checksum(data: &[u8]) -> u16 {
-    let mut sum: u32 = data
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], c.get(1).copied().unwrap_or(0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    #[allow(clippy::cast_possible_truncation)] // folded to 16 bits above
-    let folded = sum as u16;
-    !folded
-}
-
 /// Whether a raw IPv4 packet comes from the exits' inner address.
 fn from_exit(packet: &[u8]) -> bool {
-    packet.get(12..16) == Some(&EXIT_ADDRESS.octets()[..])
-}
-
-/// The identifier and sequence of an echo reply in a raw IPv4 packet, if it is one.
-pub(crate) fn echo_reply(packet: &[u8]) -> Option<(u16, u16)> {
-    let header = usize::from(packet.first()? & 0x0f) * 4;
-    let icmp = packet.get(header..header + 8)?;
-    (icmp[0] == 0).then(|| {
-        (
-            u16::from_be_bytes([icmp[4], icmp[5]]),
-            u16::from_be_bytes([icmp[6], icmp[7]]),
-        )
-    })
+    icmp::source(packet) == Some(EXIT_ADDRESS)
 }
 
 /// Probes the exits on the calling thread (which must be in the node's network namespace):
@@ -107,7 +72,7 @@ pub fn run(
             let flags = if left.is_zero() {
                 MsgFlags::MSG_DONTWAIT
             } else {
-                setsockopt(&sock, sockopt::ReceiveTimeout, &timeval(left))?;
+                setsockopt(&sock, sockopt::ReceiveTimeout, &icmp::timeval(left))?;
                 MsgFlags::empty()
             };
             match recv(std::os::fd::AsRawFd::as_raw_fd(&sock), &mut buf, flags) {
@@ -133,35 +98,18 @@ pub fn run(
     }
 }
 
-fn timeval(d: Duration) -> nix::sys::time::TimeVal {
-    nix::sys::time::TimeVal::new(
-        nix::libc::time_t::try_from(d.as_secs()).unwrap_or(nix::libc::time_t::MAX),
-        // At least a microsecond: a zero timeout means "block forever".
-        nix::libc::suseconds_t::from(d.subsec_micros().max(1)),
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn an_echo_request_checksums_to_zero_and_a_reply_is_read_back() {
-        let request = echo_request(0xc101, 7);
-        assert_eq!(
-            checksum(&request),
-            0,
-            "a packet with its checksum sums to zero"
-        );
+    fn a_reply_is_the_exits_only_from_their_inner_address() {
         let mut reply = vec![0x45u8; 20];
-        let mut icmp = request.to_vec();
-        icmp[0] = 0;
-        reply.extend(icmp);
-        assert_eq!(echo_reply(&reply), Some((0xc101, 7)));
+        reply.extend(echo_request(ident(1), 7));
+        reply[20] = 0;
         assert!(!from_exit(&reply));
         reply[12..16].copy_from_slice(&EXIT_ADDRESS.octets());
         assert!(from_exit(&reply));
-        reply[20] = 3; // destination unreachable
-        assert_eq!(echo_reply(&reply), None);
+        assert_eq!(echo_reply(&reply), Some((ident(1), 7)));
     }
 }

@@ -49,6 +49,9 @@ mod tests {
                 vni: 4096,
                 mss: 1380,
                 local: Some("10.244.1.7".parse().unwrap()),
+                ping: None,
+                ping_interval: std::time::Duration::from_millis(100),
+                ping_window: std::time::Duration::from_millis(500),
             }),
             ..plain
         };
