@@ -361,6 +361,64 @@ fn a_deleted_exit_pod_moves_new_flows_to_the_other_and_is_replaced_on_the_next_s
     delete_client(lab, name);
 }
 
+#[test]
+fn a_silently_blackholed_exit_gets_no_new_flows_on_its_echo_watch_and_rejoins_once_its_provider_answers()
+ {
+    let lab = lab::shared();
+    let _turn = lab::serial();
+    let gw = healthy_gateway(lab);
+    let name = "gw-blackhole";
+    let pod = running_client(lab, name);
+    let exits = gw["status"]["exits"].as_array().unwrap().clone();
+    let (gone, kept) = (&exits[0], &exits[1]);
+    let leaks = Leaks::install(lab, &str_at(&pod, "/status/podIP"));
+    let provider = layout::PROVIDERS
+        .iter()
+        .find(|p| exit_address(gone) == p.exit())
+        .unwrap();
+    // The internet drops everything to and from the provider's servers: the exit's tunnel
+    // stays "up" by its own account, its pod stays, and nothing tells the nodes but probes.
+    let outage = lab::Outage::start(lab, &gateway_servers(&[provider]));
+    let survivor = exit_address(kept);
+    let mut streak = 0;
+    let mut seen = Vec::new();
+    for _ in 0..60 {
+        let answer = ask(lab, name, 1).pop().unwrap_or_default();
+        streak = if answer == survivor { streak + 1 } else { 0 };
+        seen.push(answer);
+        if streak == 10 {
+            break;
+        }
+    }
+    assert_eq!(
+        streak, 10,
+        "new flows did not settle on {survivor}: {seen:?}"
+    );
+    let logs = lab.kubectl(&["-n", DEMO_NAMESPACE, "logs", &str_at(gone, "/name")]);
+    assert!(
+        logs.contains("no echo reply"),
+        "the exit was not taken out by its echo watch:\n{logs}"
+    );
+    drop(outage);
+    let counts = eventually(
+        "new flows use both exits again",
+        Duration::from_mins(3),
+        || {
+            let counts = tally(&ask(lab, name, 20));
+            if counts.len() == 2 {
+                Ok(counts)
+            } else {
+                Err(format!("{counts:?}"))
+            }
+        },
+    );
+    assert!(counts.contains_key(&survivor), "{counts:?}");
+    assert!(leaks.read("carried") > 0, "the counters are blind");
+    assert_eq!(leaks.read("leaked"), 0, "client packets left by an uplink");
+    drop(leaks);
+    delete_client(lab, name);
+}
+
 /// The gateway servers (2 and up) of the lab providers `providers`: what an outage of their
 /// exits cuts off.
 fn gateway_servers(providers: &[&layout::Provider]) -> Vec<String> {
