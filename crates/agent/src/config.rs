@@ -90,6 +90,28 @@ pub struct ExitRole {
     pub ping_interval: Duration,
     #[serde(default = "default_ping_window", with = "duration")]
     pub ping_window: Duration,
+    /// Name suffixes the exit's DNS forwarder sends to the cluster DNS (every other name goes
+    /// to the tunnel's resolver). Default: `cluster.local`.
+    #[serde(default = "default_cluster_domains")]
+    pub cluster_domains: Vec<String>,
+    /// The cluster DNS. Default: the first `nameserver` of the pod's `/etc/resolv.conf`, which
+    /// the kubelet writes.
+    #[serde(default)]
+    pub cluster_resolver: Option<IpAddr>,
+}
+
+fn default_cluster_domains() -> Vec<String> {
+    vec!["cluster.local".into()]
+}
+
+/// The first `nameserver` of a resolv.conf.
+pub fn first_nameserver(resolv_conf: &str) -> Option<IpAddr> {
+    resolv_conf.lines().find_map(|line| {
+        let mut words = line.split_whitespace();
+        (words.next() == Some("nameserver"))
+            .then(|| words.next()?.parse().ok())
+            .flatten()
+    })
 }
 
 fn default_ping_interval() -> Duration {
@@ -299,6 +321,11 @@ fn resolve_exit(mut role: ExitRole, dns: Option<IpAddr>) -> Result<ExitRole, Con
         && let Some(IpAddr::V4(resolver)) = dns
     {
         role.ping = Some(resolver);
+    }
+    if role.cluster_resolver.is_none() {
+        role.cluster_resolver = std::fs::read_to_string("/etc/resolv.conf")
+            .ok()
+            .and_then(|text| first_nameserver(&text));
     }
     if role.ping_interval.is_zero() || role.ping_window < role.ping_interval {
         return Err(ConfigError::Exit(format!(
@@ -648,6 +675,13 @@ mod tests {
             ("ck0", "10.64.0.1")
         );
 
+        assert_eq!(role.cluster_domains, ["cluster.local"]);
+        assert_eq!(
+            first_nameserver(
+                "search a.svc\n# nameserver 1.1.1.1\nnameserver 10.96.0.10\nnameserver 10.96.0.11\n"
+            ),
+            Some("10.96.0.10".parse().unwrap())
+        );
         let bad = write(
             d.path(),
             "bad.yaml",

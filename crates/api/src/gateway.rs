@@ -143,9 +143,9 @@ pub struct DnsSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cluster_domains: Vec<String>,
 
-    /// Resolvers asked, through an exit's tunnel, for every other name. Absent: the DNS server
-    /// of the exit's credentials (`DNS =` of a wg-quick file, `dhcp-option DNS`), else the
-    /// tunnel's peer.
+    /// Resolvers asked, through an exit's tunnel, for every other name: the first one (an
+    /// exit's kill switch lets DNS through its tunnel to one resolver). Absent: the DNS server
+    /// of the exit's credentials (`DNS =` of a wg-quick file, `dhcp-option DNS`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub upstreams: Vec<std::net::IpAddr>,
 }

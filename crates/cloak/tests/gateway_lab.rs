@@ -419,6 +419,54 @@ fn a_silently_blackholed_exit_gets_no_new_flows_on_its_echo_watch_and_rejoins_on
     delete_client(lab, name);
 }
 
+#[test]
+fn a_clients_internet_names_resolve_only_through_an_exits_tunnel_and_cluster_names_as_before() {
+    let lab = lab::shared();
+    let _turn = lab::serial();
+    let gw = healthy_gateway(lab);
+    let name = "gw-dns";
+    running_client(lab, name);
+    // A name nobody has asked before: every query for it the internet's DNS logs is this test's.
+    let unknown = format!("{}.{}", lab::unique_name('q'), layout::INTERNET_ZONE);
+    let echo = format!("echo.{}", layout::INTERNET_ZONE);
+    let script = format!("nslookup {echo} 2>&1; nslookup {unknown} 2>&1; true");
+    let out = lab.kubectl(&[
+        "-n",
+        DEMO_NAMESPACE,
+        "exec",
+        name,
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    assert!(
+        out.contains(&format!("Address: {ECHO}")),
+        "an internet name resolves: {out}"
+    );
+    assert_reaches_the_cluster(lab, name);
+
+    // The internet's DNS logs each query with its source (CoreDNS's `log`): the client's come
+    // from an exit's public address, never from a node (the cluster DNS forwarding them).
+    let log = std::fs::read_to_string(lab.lab.dir().join("logs/internet-dns.log")).unwrap();
+    let exits = exit_addresses(&gw);
+    let asked: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(&format!("{unknown}.")) || l.contains(&format!(" {echo}.")))
+        .collect();
+    assert!(
+        asked.iter().any(|l| l.contains(&unknown)),
+        "the unknown name never reached the internet's DNS:\n{log}"
+    );
+    for line in &asked {
+        assert!(
+            exits.iter().any(|a| line.contains(&format!("] {a}:"))),
+            "a query reached the internet's DNS from outside the exits: {line}\n(exits {exits:?})"
+        );
+    }
+    delete_client(lab, name);
+}
+
 /// The gateway servers (2 and up) of the lab providers `providers`: what an outage of their
 /// exits cuts off.
 fn gateway_servers(providers: &[&layout::Provider]) -> Vec<String> {

@@ -54,6 +54,9 @@ pub struct FirewallPolicy {
     /// A gateway exit's VXLAN links: UDP from and to this port leaves outside the tunnel (the
     /// outer packets to the nodes; what they carry is the exit's own table's business).
     pub link_port: Option<u16>,
+    /// A gateway exit's forwarder asks this resolver (the cluster DNS, in the bypass networks)
+    /// for cluster names: DNS to it leaves outside the tunnel, from this host only.
+    pub intranet_resolver: Option<IpAddr>,
 }
 
 impl FirewallPolicy {
@@ -148,6 +151,10 @@ impl FirewallPolicy {
         }
         if let Some(port) = self.link_port {
             output.push(format!("udp sport {port} udp dport {port} accept"));
+        }
+        if let Some(r) = self.intranet_resolver {
+            let family = if r.is_ipv4() { "ip" } else { "ip6" };
+            output.push(format!("{family} daddr {r} {dns} accept"));
         }
         // The endpoints come before the DNS drop: some providers listen on port 53.
         for ep in &self.endpoints {
@@ -413,6 +420,7 @@ mod tests {
             clamp_mss: Some(1380),
             notrack_tunnel: true,
             link_port: None,
+            intranet_resolver: None,
             resolver: None,
         }
     }

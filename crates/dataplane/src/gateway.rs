@@ -56,6 +56,9 @@ pub const TRANSIT_PREFIX: u8 = 16;
 /// The UDP port of every link (the model's, clear of the CNIs' 4789 and 8472).
 pub const VXLAN_PORT: u16 = cloak_model::gateway::VXLAN_PORT;
 
+/// What a DNS query looks like to nftables.
+const DNS: &str = "meta l4proto { tcp, udp } th dport 53";
+
 /// The node's nftables table (family `inet`).
 pub const NODE_TABLE: &str = "cloak_gateway";
 /// The exit's nftables table (family `inet`), beside the agent's own `cloak`.
@@ -590,13 +593,34 @@ impl ClientPlan {
         } else {
             "reject with icmpx admin-prohibited"
         };
+        let dns_refused = if self.unprotected {
+            String::new()
+        } else {
+            format!("\t\t{DNS} reject with icmpx admin-prohibited\n")
+        };
+        // Every DNS query goes to the exits' forwarders over the node (which hashes it to a
+        // healthy exit like any flow), whatever resolver it was sent to: cluster names are
+        // answered by the cluster DNS from there, every other name through a tunnel. The source
+        // becomes the client's address on its interface (a query for an intranet resolver was
+        // given the primary interface's). DNS that the redirect cannot take (IPv6 to an intranet
+        // resolver) is refused, never sent around the exits. A resolver on loopback (a stub in
+        // the pod) is left alone: what it asks in turn is redirected.
         format!(
             "table inet {CLIENT_TABLE}\n\
              delete table inet {CLIENT_TABLE}\n\
              table inet {CLIENT_TABLE} {{\n\
+             \tchain dns {{\n\
+             \t\ttype nat hook output priority -100; policy accept;\n\
+             \t\tip daddr != 127.0.0.0/8 {DNS} dnat ip to {EXIT_ADDRESS}\n\
+             \t}}\n\
+             \tchain source {{\n\
+             \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
+             \t\toifname \"{CLIENT_IFACE}\" ip saddr != {CLIENT_RANGE} masquerade\n\
+             \t}}\n\
              \tchain output {{\n\
              \t\ttype filter hook output priority filter; policy accept;\n\
              \t\toifname {{ \"lo\", \"{CLIENT_IFACE}\" }} accept\n\
+             {dns_refused}\
              {rules}\
              \t\ticmpv6 type {{ nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert, mld2-listener-report }} accept\n\
              \t\t{verdict}\n\
@@ -667,6 +691,7 @@ impl ExitPlan {
              \tchain input {{\n\
              \t\ttype filter hook input priority filter; policy accept;\n\
              \t\tiifname \"{EXIT_IFACE}\" icmp type echo-request {health}\n\
+             \t\tiifname \"{EXIT_IFACE}\" ip daddr {EXIT_ADDRESS} {DNS} accept\n\
              \t\tiifname \"{EXIT_IFACE}\" drop\n\
              \t}}\n\
              \tchain forward {{\n\
@@ -838,6 +863,16 @@ mod tests {
                 .trim_end()
                 .contains("reject with icmpx admin-prohibited"),
             "{rendered}"
+        );
+        assert!(
+            rendered.contains(&format!(
+                "ip daddr != 127.0.0.0/8 {DNS} dnat ip to 198.19.0.1"
+            )),
+            "every IPv4 query goes to the exits' forwarders: {rendered}"
+        );
+        assert!(
+            rendered.contains(&format!("{DNS} reject")),
+            "DNS the redirect cannot take is refused: {rendered}"
         );
         client.unprotected = true;
         assert!(!client.render().contains("reject"));

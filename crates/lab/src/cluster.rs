@@ -248,7 +248,7 @@ pub(crate) fn internet_dns(lab: &Lab, bins: &Binaries, procs: &mut Procs) -> Res
         }
     }
     let corefile = format!(
-        "{zone}:53 {{\n  bind {ip}\n  hosts {{\n{hosts}  }}\n  errors\n}}\n.:53 {{\n  bind {ip}\n  errors\n}}\n",
+        "{zone}:53 {{\n  bind {ip}\n  hosts {{\n{hosts}  }}\n  log\n  errors\n}}\n.:53 {{\n  bind {ip}\n  log\n  errors\n}}\n",
         zone = layout::INTERNET_ZONE,
         ip = layout::INTERNET_DNS,
     );

@@ -57,6 +57,12 @@ pub struct ExitAgent<'a> {
     pub probe: &'a str,
     /// Destinations reached outside the tunnel (the cluster's ranges: the kubelet's probes).
     pub bypass: &'a [IpNet],
+    /// Name suffixes the exit's DNS forwarder sends to the cluster DNS (empty: the agent's
+    /// default, `cluster.local`).
+    pub cluster_domains: &'a [String],
+    /// The resolver asked through the tunnel for every other name (`None`: the one in the
+    /// exit's credentials).
+    pub upstream: Option<IpAddr>,
 }
 
 /// The agent config of one exit, as YAML (JSON is YAML). Probes every second and gives up after
@@ -64,13 +70,20 @@ pub struct ExitAgent<'a> {
 /// probes quickly, and a node then moves new flows off it.
 pub fn agent_config(exit: &ExitAgent<'_>) -> String {
     let bypass: Vec<String> = exit.bypass.iter().map(ToString::to_string).collect();
-    json!({
+    let mut role = json!({"vni": exit.vni, "mss": exit.mss});
+    if !exit.cluster_domains.is_empty() {
+        role["clusterDomains"] = json!(exit.cluster_domains);
+    }
+    let mut config = json!({
         "credentials": CREDENTIALS_DIR,
         "bypass": bypass,
         "health": {"probe": exit.probe, "interval": "1s", "timeout": "1s", "failures": 2},
-        "exit": {"vni": exit.vni, "mss": exit.mss},
-    })
-    .to_string()
+        "exit": role,
+    });
+    if let Some(upstream) = exit.upstream {
+        config["dns"] = json!(upstream);
+    }
+    config.to_string()
 }
 
 /// The ConfigMap of a gateway's exit configs (`configs`: exit name → [`agent_config`]).
@@ -327,11 +340,27 @@ mod tests {
             mss: 1330,
             probe: "http://203.0.113.10/ip",
             bypass: &bypass,
+            cluster_domains: &[],
+            upstream: None,
         });
         let v: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(v["exit"], json!({"vni": 4096, "mss": 1330}));
         assert_eq!(v["bypass"], json!(["10.244.0.0/16"]));
         assert_eq!(v["health"]["probe"], "http://203.0.113.10/ip");
+        assert!(v.get("dns").is_none(), "the credentials' resolver");
+
+        let domains = vec!["cluster.local".to_owned(), "corp.internal".to_owned()];
+        let text = agent_config(&ExitAgent {
+            vni: 4096,
+            mss: 1330,
+            probe: "http://203.0.113.10/ip",
+            bypass: &bypass,
+            cluster_domains: &domains,
+            upstream: Some("9.9.9.9".parse().unwrap()),
+        });
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["exit"]["clusterDomains"], json!(domains));
+        assert_eq!(v["dns"], "9.9.9.9");
     }
 
     fn view(node: Option<&str>, phase: &str, ready: bool) -> PodView {

@@ -21,6 +21,7 @@ pub(super) fn connecting(cfg: &Resolved, with_tunnel: bool) -> FirewallPolicy {
         // carry only what the nodes sent and the replies; the exit's own table forwards them
         // into the tunnel alone).
         link_port: cfg.exit.as_ref().map(|_| cloak_model::gateway::VXLAN_PORT),
+        intranet_resolver: None,
     }
 }
 
@@ -28,6 +29,8 @@ pub(super) fn connecting(cfg: &Resolved, with_tunnel: bool) -> FirewallPolicy {
 pub(super) fn connected(cfg: &Resolved) -> FirewallPolicy {
     FirewallPolicy {
         bypass: cfg.bypass.clone(),
+        // An exit's DNS forwarder asks the cluster DNS for cluster names, and only it.
+        intranet_resolver: cfg.exit.as_ref().and_then(|role| role.cluster_resolver),
         // TCP header 20 + IPv4 header 20; the firewall clamps IPv6 20 bytes lower.
         clamp_mss: Some(cfg.tunnel.mtu().saturating_sub(40)),
         ..connecting(cfg, true)
@@ -52,9 +55,18 @@ mod tests {
                 ping: None,
                 ping_interval: std::time::Duration::from_millis(100),
                 ping_window: std::time::Duration::from_millis(500),
+                cluster_domains: vec!["cluster.local".into()],
+                cluster_resolver: Some("10.96.0.10".parse().unwrap()),
             }),
-            ..plain
+            ..plain.clone()
         };
+        assert_eq!(connected(&plain).intranet_resolver, None);
+        assert_eq!(
+            connected(&exit).intranet_resolver,
+            Some("10.96.0.10".parse().unwrap()),
+            "an exit's forwarder asks the cluster DNS for cluster names"
+        );
+        assert_eq!(connecting(&exit, true).intranet_resolver, None);
         for policy in [connecting(&exit, false), connected(&exit)] {
             assert!(!policy.notrack_tunnel);
             assert_eq!(policy.link_port, Some(cloak_model::gateway::VXLAN_PORT));

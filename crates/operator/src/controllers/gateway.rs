@@ -140,6 +140,7 @@ async fn apply(gateway: &VpnGateway, ctx: &Context) -> Result<Action> {
     } else {
         gateway.spec.intranet.iter().map(|c| c.get()).collect()
     };
+    let dns = gateway.spec.dns.as_ref();
     let configs = found.iter().filter_map(|(exit_name, f)| {
         let vni = vni_of(&f.mask)?;
         let config = exit::agent_config(&exit::ExitAgent {
@@ -147,6 +148,9 @@ async fn apply(gateway: &VpnGateway, ctx: &Context) -> Result<Action> {
             mss: gateway::mss(mtu, false),
             probe: &ctx.config.verify_ip_url,
             bypass: &intranet,
+            cluster_domains: dns.map_or(&[], |d| d.cluster_domains.as_slice()),
+            // The agent's firewall lets DNS through the tunnel to one resolver.
+            upstream: dns.and_then(|d| d.upstreams.first().copied()),
         });
         Some((exit_name.clone(), config))
     });
