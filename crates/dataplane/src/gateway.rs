@@ -596,7 +596,11 @@ impl ClientPlan {
         let dns_refused = if self.unprotected {
             String::new()
         } else {
-            format!("\t\t{DNS} reject with icmpx admin-prohibited\n")
+            // The filter hook still sees the interface the query was routed to before the
+            // redirect (the primary one): the redirected queries are told by their address.
+            format!(
+                "\t\tip daddr {EXIT_ADDRESS} {DNS} accept\n\t\t{DNS} reject with icmpx admin-prohibited\n"
+            )
         };
         // Every DNS query goes to the exits' forwarders over the node (which hashes it to a
         // healthy exit like any flow), whatever resolver it was sent to: cluster names are

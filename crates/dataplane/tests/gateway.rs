@@ -376,3 +376,56 @@ fn a_target_that_never_answered_is_never_judged_and_one_silent_past_the_give_up_
     );
     blackhole_exit1(&net, false);
 }
+
+#[test]
+fn a_clients_dns_query_to_any_resolver_goes_to_an_exit_and_never_out_by_the_intranet_or_the_uplink()
+{
+    let gateway = Gateway::new();
+    gateway.count_uplink();
+    // Each exit counts the queries that reach its forwarder's address.
+    for i in 1..=EXITS {
+        gateway.net[&format!("exit{i}")].run(&[
+            "nft",
+            "add table inet dnsseen\nadd chain inet dnsseen pre { type filter hook prerouting priority -300; }\nadd rule inet dnsseen pre ip daddr 198.19.0.1 udp dport 53 counter",
+        ]);
+    }
+    let seen = || -> u64 {
+        (1..=EXITS)
+            .map(|i| {
+                let listing = gateway.net[&format!("exit{i}")]
+                    .run(&["nft", "list", "chain", "inet", "dnsseen", "pre"]);
+                listing
+                    .split_whitespace()
+                    .skip_while(|w| *w != "packets")
+                    .nth(1)
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .unwrap_or(0)
+            })
+            .sum()
+    };
+    // A resolver in the intranet (as the cluster DNS is) and one on the internet: the same.
+    for resolver in ["10.244.0.53", "203.0.113.53"] {
+        let sent = gateway.net["client"]
+            .command("python3")
+            .args([
+                "-c",
+                &format!(
+                    "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); \
+                     s.sendto(bytes.fromhex('123401000001000000000000076578616d706c6503636f6d0000010001'), ('{resolver}', 53))"
+                ),
+            ])
+            .output()
+            .unwrap();
+        assert!(sent.status.success(), "{sent:?}");
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while seen() < 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(seen(), 2, "both queries reach an exit's forwarder address");
+    assert_eq!(
+        gateway.uplink_packets(),
+        0,
+        "packets left by the node's uplink"
+    );
+}
