@@ -104,16 +104,6 @@ fn default_cluster_domains() -> Vec<String> {
     vec!["cluster.local".into()]
 }
 
-/// The first `nameserver` of a resolv.conf.
-pub fn first_nameserver(resolv_conf: &str) -> Option<IpAddr> {
-    resolv_conf.lines().find_map(|line| {
-        let mut words = line.split_whitespace();
-        (words.next() == Some("nameserver"))
-            .then(|| words.next()?.parse().ok())
-            .flatten()
-    })
-}
-
 fn default_ping_interval() -> Duration {
     Duration::from_millis(100)
 }
@@ -325,7 +315,7 @@ fn resolve_exit(mut role: ExitRole, dns: Option<IpAddr>) -> Result<ExitRole, Con
     if role.cluster_resolver.is_none() {
         role.cluster_resolver = std::fs::read_to_string("/etc/resolv.conf")
             .ok()
-            .and_then(|text| first_nameserver(&text));
+            .and_then(|text| crate::resolve::first_nameserver(&text));
     }
     if role.ping_interval.is_zero() || role.ping_window < role.ping_interval {
         return Err(ConfigError::Exit(format!(
@@ -676,12 +666,6 @@ mod tests {
         );
 
         assert_eq!(role.cluster_domains, ["cluster.local"]);
-        assert_eq!(
-            first_nameserver(
-                "search a.svc\n# nameserver 1.1.1.1\nnameserver 10.96.0.10\nnameserver 10.96.0.11\n"
-            ),
-            Some("10.96.0.10".parse().unwrap())
-        );
         let bad = write(
             d.path(),
             "bad.yaml",

@@ -6,10 +6,11 @@
 //! own table forwards client flows from the links into the tunnel alone (its forward chain drops
 //! everything else), and the agent's kill switch applies besides.
 
-use std::time::Duration;
+use std::{net::SocketAddrV4, time::Duration};
 
 use cloak_dataplane::{
-    gateway::ExitPlan,
+    dnsforward::{self, Routing, Sockets},
+    gateway::{EXIT_ADDRESS, ExitPlan},
     icmp::{Liveness, LivenessConfig},
 };
 use tokio::sync::watch;
@@ -116,5 +117,38 @@ pub async fn follow(
             _ = silent.changed() => {}
             () = tokio::time::sleep(RETRY), if failed => {}
         }
+    }
+}
+
+/// Where the exit's DNS forwarder sends its clients' queries, from a config with an exit role.
+pub fn dns_routing(config: &ConfigResult) -> Option<Routing> {
+    let cfg = config.as_ref().ok()?;
+    let role = cfg.exit.as_ref()?;
+    Some(Routing {
+        cluster_domains: role.cluster_domains.clone(),
+        cluster: role.cluster_resolver,
+        tunnel: cfg.dns,
+        intranet: cfg.bypass.clone(),
+    })
+}
+
+/// Waits for a config with an exit role, then serves its clients' DNS on the exits' inner address
+/// (`dataplane::dnsforward`), routing each query by the config current when it arrives.
+pub async fn serve_dns(mut config: watch::Receiver<ConfigResult>) {
+    while dns_routing(&config.borrow_and_update()).is_none() {
+        if config.changed().await.is_err() {
+            return;
+        }
+    }
+    let addr = SocketAddrV4::new(EXIT_ADDRESS, 53);
+    let served = match Sockets::bind(addr) {
+        Ok(sockets) => {
+            tracing::info!(%addr, "serving the clients' DNS");
+            dnsforward::serve(sockets, move || dns_routing(&config.borrow())).await
+        }
+        Err(e) => Err(e),
+    };
+    if let Err(e) = served {
+        tracing::error!(%addr, %e, "the DNS forwarder stopped: clients' names do not resolve");
     }
 }

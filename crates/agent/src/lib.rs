@@ -7,7 +7,6 @@
 
 pub mod config;
 pub mod exit;
-pub mod forward;
 pub mod health;
 pub mod machine;
 pub mod metrics;
@@ -72,7 +71,7 @@ pub async fn run(options: Options) -> std::io::Result<()> {
     let watcher = tokio::spawn(watch_config(options.clone(), config_tx));
     // A gateway exit's links follow the tunnel (nothing happens without an `exit` section).
     let exit = tokio::spawn(exit::follow(config_rx.clone(), status_rx.clone()));
-    let dns = tokio::spawn(forward::run(config_rx.clone()));
+    let dns = tokio::spawn(exit::serve_dns(config_rx.clone()));
 
     let app = Router::new()
         .route("/livez", get(|| async { "ok" }))

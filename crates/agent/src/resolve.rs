@@ -65,15 +65,7 @@ pub fn resolv_conf(dns: IpAddr, endpoint_resolver: Option<IpAddr>) -> String {
     format!("{WRITTEN}\n{kept}nameserver {dns}\n")
 }
 
-/// The first `nameserver` of a resolv.conf text.
-pub fn first_nameserver(resolv_conf: &str) -> Option<IpAddr> {
-    resolv_conf.lines().find_map(|line| {
-        let mut words = line.split_whitespace();
-        (words.next() == Some("nameserver"))
-            .then(|| words.next().and_then(|a| a.split('%').next()?.parse().ok()))
-            .flatten()
-    })
-}
+pub use cloak_dataplane::dnsforward::first_nameserver;
 
 #[cfg(test)]
 mod tests {

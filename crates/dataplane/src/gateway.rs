@@ -163,6 +163,9 @@ impl NodePlan {
         // healthy exits. A gateway with no healthy exit has no pick: its clients' new flows
         // keep mark 0 and the forward chain refuses them.
         let mut pick = String::new();
+        // A gateway with no healthy exit has its clients' DNS answered by the node instead
+        // (cluster names only: `dnsforward`).
+        let mut dns_here = String::new();
         let gateways: std::collections::BTreeSet<u16> =
             self.clients.iter().map(|c| c.gateway).collect();
         for gateway in gateways {
@@ -172,15 +175,20 @@ impl NodePlan {
                 .filter(|e| e.gateway == gateway && e.state == ExitUse::Healthy)
                 .map(|e| e.slot)
                 .collect();
-            if healthy.is_empty() {
-                continue;
-            }
             let ifaces: Vec<String> = self
                 .clients
                 .iter()
                 .filter(|c| c.gateway == gateway)
                 .map(|c| format!("\"{}\"", c.iface))
                 .collect();
+            if healthy.is_empty() {
+                let _ = writeln!(
+                    dns_here,
+                    "\t\tiifname {{ {} }} ip daddr {EXIT_ADDRESS} {DNS} dnat ip to {CLIENT_GATEWAY}",
+                    ifaces.join(", ")
+                );
+                continue;
+            }
             let elements: Vec<String> = healthy
                 .iter()
                 .enumerate()
@@ -247,10 +255,15 @@ impl NodePlan {
              \t}}\n\
              \tchain input {{\n\
              \t\ttype filter hook input priority filter; policy accept;\n\
+             \t\tiifname \"{CLIENT_PREFIX}*\" ip daddr {CLIENT_GATEWAY} {DNS} accept\n\
              \t\tiifname \"{CLIENT_PREFIX}*\" meta l4proto tcp reject with tcp reset\n\
              \t\tiifname \"{CLIENT_PREFIX}*\" meta l4proto != icmp reject with icmpx admin-prohibited\n\
              \t\tiifname \"{LINK_PREFIX}*\" icmp type echo-reply accept\n\
              \t\tiifname \"{LINK_PREFIX}*\" drop\n\
+             \t}}\n\
+             \tchain dns {{\n\
+             \t\ttype nat hook prerouting priority dstnat; policy accept;\n\
+             {dns_here}\
              \t}}\n\
              \tchain postrouting {{\n\
              \t\ttype nat hook postrouting priority srcnat; policy accept;\n\

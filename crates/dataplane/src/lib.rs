@@ -13,6 +13,7 @@
 
 mod command;
 pub mod dns;
+pub mod dnsforward;
 pub mod firewall;
 pub mod gateway;
 pub mod icmp;

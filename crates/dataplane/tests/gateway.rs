@@ -377,6 +377,51 @@ fn a_target_that_never_answered_is_never_judged_and_one_silent_past_the_give_up_
     blackhole_exit1(&net, false);
 }
 
+/// Packets nftables counter rule `chain` of table `inet <table>` counted in `ns`.
+fn counted(ns: &cloak_testkit::netns::Netns, table: &str, chain: &str) -> u64 {
+    ns.run(&["nft", "list", "chain", "inet", table, chain])
+        .split_whitespace()
+        .skip_while(|w| *w != "packets")
+        .nth(1)
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or(0)
+}
+
+/// Counts, in `ns`, UDP port 53 packets to `address` as they arrive (before any NAT).
+fn count_dns_to(ns: &cloak_testkit::netns::Netns, address: &str, hook: &str) {
+    ns.run(&[
+        "nft",
+        &format!(
+            "add table inet dnsseen\nadd chain inet dnsseen seen {{ type filter hook {hook} priority 300; }}\nadd rule inet dnsseen seen ip daddr {address} udp dport 53 counter"
+        ),
+    ]);
+}
+
+/// Sends one DNS query for example.com from the client to `resolver`.
+fn query_from_client(gateway: &Gateway, resolver: &str) {
+    let sent = gateway.net["client"]
+        .command("python3")
+        .args([
+            "-c",
+            &format!(
+                "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); \
+                 s.sendto(bytes.fromhex('123401000001000000000000076578616d706c6503636f6d0000010001'), ('{resolver}', 53))"
+            ),
+        ])
+        .output()
+        .unwrap();
+    assert!(sent.status.success(), "{sent:?}");
+}
+
+/// Waits (bounded) until `count()` reaches `want`, and returns what it is then.
+fn settle(want: u64, count: impl Fn() -> u64) -> u64 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while count() < want && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    count()
+}
+
 #[test]
 fn a_clients_dns_query_to_any_resolver_goes_to_an_exit_and_never_out_by_the_intranet_or_the_uplink()
 {
@@ -384,48 +429,53 @@ fn a_clients_dns_query_to_any_resolver_goes_to_an_exit_and_never_out_by_the_intr
     gateway.count_uplink();
     // Each exit counts the queries that reach its forwarder's address.
     for i in 1..=EXITS {
-        gateway.net[&format!("exit{i}")].run(&[
-            "nft",
-            "add table inet dnsseen\nadd chain inet dnsseen pre { type filter hook prerouting priority -300; }\nadd rule inet dnsseen pre ip daddr 198.19.0.1 udp dport 53 counter",
-        ]);
+        count_dns_to(
+            &gateway.net[&format!("exit{i}")],
+            "198.19.0.1",
+            "prerouting",
+        );
     }
     let seen = || -> u64 {
         (1..=EXITS)
-            .map(|i| {
-                let listing = gateway.net[&format!("exit{i}")]
-                    .run(&["nft", "list", "chain", "inet", "dnsseen", "pre"]);
-                listing
-                    .split_whitespace()
-                    .skip_while(|w| *w != "packets")
-                    .nth(1)
-                    .and_then(|n| n.parse::<u64>().ok())
-                    .unwrap_or(0)
-            })
+            .map(|i| counted(&gateway.net[&format!("exit{i}")], "dnsseen", "seen"))
             .sum()
     };
     // A resolver in the intranet (as the cluster DNS is) and one on the internet: the same.
     for resolver in ["10.244.0.53", "203.0.113.53"] {
-        let sent = gateway.net["client"]
-            .command("python3")
-            .args([
-                "-c",
-                &format!(
-                    "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); \
-                     s.sendto(bytes.fromhex('123401000001000000000000076578616d706c6503636f6d0000010001'), ('{resolver}', 53))"
-                ),
-            ])
-            .output()
-            .unwrap();
-        assert!(sent.status.success(), "{sent:?}");
+        query_from_client(&gateway, resolver);
     }
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while seen() < 2 && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    assert_eq!(seen(), 2, "both queries reach an exit's forwarder address");
+    assert_eq!(
+        settle(2, seen),
+        2,
+        "both queries reach an exit's forwarder address"
+    );
     assert_eq!(
         gateway.uplink_packets(),
         0,
         "packets left by the node's uplink"
     );
+}
+
+#[test]
+fn with_every_exit_dead_a_clients_dns_is_answered_by_its_node_and_reaches_no_exit() {
+    let mut gateway = Gateway::new();
+    gateway.count_uplink();
+    for i in 1..=EXITS {
+        gateway.set(i, ExitUse::Dead);
+        count_dns_to(
+            &gateway.net[&format!("exit{i}")],
+            "198.19.0.1",
+            "prerouting",
+        );
+    }
+    // Where the node's forwarder listens, after the node's redirect.
+    count_dns_to(&gateway.net["node"], "198.18.0.1", "input");
+    query_from_client(&gateway, "10.244.0.53");
+    let node = || counted(&gateway.net["node"], "dnsseen", "seen");
+    assert_eq!(settle(1, node), 1, "the query reaches the node's forwarder");
+    let exits: u64 = (1..=EXITS)
+        .map(|i| counted(&gateway.net[&format!("exit{i}")], "dnsseen", "seen"))
+        .sum();
+    assert_eq!(exits, 0);
+    assert_eq!(gateway.uplink_packets(), 0);
 }

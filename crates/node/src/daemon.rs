@@ -17,8 +17,12 @@ use std::{
 };
 
 use cloak_api::{ExitHealth, VpnGateway};
-use cloak_dataplane::gateway::{
-    ClientPlan, ClientPort, ExitLink, ExitUse, NodePlan, link_exists, remove_client, reset_flows,
+use cloak_dataplane::{
+    dnsforward,
+    gateway::{
+        CLIENT_GATEWAY, ClientPlan, ClientPort, ExitLink, ExitUse, NodePlan, link_exists,
+        remove_client, reset_flows,
+    },
 };
 use futures::{FutureExt as _, StreamExt as _};
 use ipnet::IpNet;
@@ -264,13 +268,61 @@ pub async fn run(
             }
         }
     };
+    let dns = serve_dns(&daemon);
     tokio::select! {
         () = shutdown => {}
         () = watch => {}
         () = probes => {}
         () = serve => {}
+        () = dns => {}
     }
     Ok(())
+}
+
+/// Answers the DNS of clients whose gateway has no healthy exit (the node's plan redirects it
+/// here): cluster names from the cluster DNS, SERVFAIL for every other name. The cluster DNS is
+/// the first nameserver of this pod's resolv.conf (`dnsPolicy: ClusterFirstWithHostNet`); the
+/// cluster domains are every gateway's. Runs until its sockets fail; never stops the daemon.
+async fn serve_dns(daemon: &Arc<Daemon>) {
+    let addr = std::net::SocketAddrV4::new(CLIENT_GATEWAY, 53);
+    let Ok(sockets) = daemon
+        .kernel
+        .run(move || dnsforward::Sockets::bind(addr))
+        .await
+        .inspect_err(
+            |e| tracing::error!(%addr, error = %e, "the clients' DNS while no exit is healthy"),
+        )
+    else {
+        return std::future::pending().await;
+    };
+    let cluster = std::fs::read_to_string("/etc/resolv.conf")
+        .ok()
+        .and_then(|text| dnsforward::first_nameserver(&text));
+    if cluster.is_none() {
+        tracing::warn!(
+            "no nameserver in /etc/resolv.conf: with no healthy exit, clients' cluster names do not resolve"
+        );
+    }
+    let gateways = daemon.gateways.clone();
+    let routing = move || {
+        let mut cluster_domains: Vec<String> = gateways
+            .state()
+            .iter()
+            .filter_map(|g| g.spec.dns.as_ref())
+            .flat_map(|d| d.cluster_domains.clone())
+            .collect();
+        cluster_domains.push("cluster.local".into());
+        Some(dnsforward::Routing {
+            cluster_domains,
+            cluster,
+            tunnel: None,
+            intranet: Vec::new(),
+        })
+    };
+    if let Err(e) = dnsforward::serve(sockets, routing).await {
+        tracing::error!(%addr, error = %e, "the clients' DNS while no exit is healthy stopped");
+    }
+    std::future::pending().await
 }
 
 fn state_file(options: &Options) -> PathBuf {

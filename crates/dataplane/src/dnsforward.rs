@@ -1,15 +1,19 @@
-//! The exit's DNS forwarder. Every DNS query a gateway client sends is redirected by its kill
-//! switch to the exits' inner address (`dataplane::gateway::EXIT_ADDRESS`), port 53, and goes
-//! over the node's links like any other flow: hashed to a healthy exit, kept on it. There the
-//! forwarder sends it on, as it is, to one of two resolvers:
+//! The gateway's DNS forwarder. Every DNS query a gateway client sends is redirected by its kill
+//! switch to the exits' inner address (`gateway::EXIT_ADDRESS`), port 53, and goes over the
+//! node's links like any other flow: hashed to a healthy exit, kept on it. There the exit's agent
+//! sends it on, as it is, to one of two resolvers:
 //!
 //! - names under the cluster's domains (and reverse names of intranet addresses) to the
 //!   cluster DNS, outside the tunnel, so cluster names resolve as before;
 //! - every other name to the tunnel's resolver, through the tunnel. No other name ever reaches
 //!   the cluster DNS, whose upstream is outside every tunnel.
 //!
-//! It answers SERVFAIL when a query is malformed or its resolver is unknown, and nothing when the
-//! resolver does not answer (the client retries, as it would any lost datagram).
+//! When a gateway has no healthy exit, its node answers instead (`gateway::CLIENT_GATEWAY`):
+//! cluster names from the cluster DNS, SERVFAIL for every other name, so the cluster stays
+//! reachable by name and nothing else is resolved outside a tunnel.
+//!
+//! A malformed query, or one whose resolver is unknown, gets SERVFAIL; a query whose resolver
+//! does not answer gets nothing (the client retries, as it would any lost datagram).
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
@@ -26,11 +30,9 @@ use nix::sys::socket::{
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream, UdpSocket},
-    sync::{Semaphore, watch},
+    sync::Semaphore,
     time::timeout,
 };
-
-use crate::machine::ConfigResult;
 
 /// How long a resolver has to answer one query.
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(3);
@@ -39,32 +41,21 @@ const TCP_IDLE: Duration = Duration::from_secs(10);
 /// Queries in flight at once; more are dropped (the clients retry).
 const IN_FLIGHT: usize = 512;
 
-/// Where a query goes, from the exit's config.
+/// Where a query goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Routing {
     /// Name suffixes the cluster DNS answers (`cluster.local`).
     pub cluster_domains: Vec<String>,
     /// The cluster DNS, reached outside the tunnel.
     pub cluster: Option<IpAddr>,
-    /// The tunnel's resolver.
+    /// The tunnel's resolver; `None` (a node whose gateway has no healthy exit): every name
+    /// outside the cluster gets SERVFAIL.
     pub tunnel: Option<IpAddr>,
     /// The intranet: reverse names of its addresses are the cluster DNS's to answer.
     pub intranet: Vec<IpNet>,
 }
 
 impl Routing {
-    /// The routing of a config with an exit role.
-    pub fn of(config: &ConfigResult) -> Option<Self> {
-        let cfg = config.as_ref().ok()?;
-        let role = cfg.exit.as_ref()?;
-        Some(Self {
-            cluster_domains: role.cluster_domains.clone(),
-            cluster: role.cluster_resolver,
-            tunnel: cfg.dns,
-            intranet: cfg.bypass.clone(),
-        })
-    }
-
     /// The resolver for `name` (lower case, no final dot).
     pub fn upstream(&self, name: &str) -> Option<IpAddr> {
         if self.is_cluster(name) {
@@ -124,6 +115,16 @@ fn reverse_v4(name: &str) -> Option<Ipv4Addr> {
         [d, c, b, a] => Some(Ipv4Addr::new(a, b, c, d)),
         _ => None,
     }
+}
+
+/// The first `nameserver` of a resolv.conf text (a link-local address's `%zone` dropped).
+pub fn first_nameserver(resolv_conf: &str) -> Option<IpAddr> {
+    resolv_conf.lines().find_map(|line| {
+        let mut words = line.split_whitespace();
+        (words.next() == Some("nameserver"))
+            .then(|| words.next().and_then(|a| a.split('%').next()?.parse().ok()))
+            .flatten()
+    })
 }
 
 /// A SERVFAIL answer to `query` (its header and question, flagged as a response).
@@ -201,23 +202,8 @@ async fn write_framed(stream: &mut TcpStream, msg: &[u8]) -> std::io::Result<()>
     stream.write_all(&framed).await
 }
 
-/// Waits for a config with an exit role, then serves its clients' DNS on the exits' inner address
-/// for as long as the agent runs.
-pub async fn run(mut config: watch::Receiver<ConfigResult>) {
-    while Routing::of(&config.borrow_and_update()).is_none() {
-        if config.changed().await.is_err() {
-            return;
-        }
-    }
-    let addr = SocketAddrV4::new(cloak_dataplane::gateway::EXIT_ADDRESS, 53);
-    tracing::info!(%addr, "serving the clients' DNS");
-    if let Err(e) = serve(addr, config).await {
-        tracing::error!(%addr, %e, "the DNS forwarder stopped: clients' names do not resolve");
-    }
-}
-
-/// A socket on `addr` that binds before the address exists (the exit's link comes up with its
-/// data plane, after the forwarder starts).
+/// A socket on `addr` that binds before the address exists (an exit's link comes up with its
+/// data plane, after the forwarder starts; a node has the address once it has a client).
 fn bound(addr: SocketAddrV4, kind: SockType) -> std::io::Result<OwnedFd> {
     let fd = socket(
         AddressFamily::Inet,
@@ -234,17 +220,32 @@ fn bound(addr: SocketAddrV4, kind: SockType) -> std::io::Result<OwnedFd> {
     Ok(fd)
 }
 
-/// Serves DNS on `addr` (UDP and TCP) for as long as the agent runs, routing each query by the
-/// config current when it arrives. Returns at once when the sockets cannot be bound.
+/// The UDP and TCP sockets a forwarder serves on, bound in the calling thread's network
+/// namespace.
+#[derive(Debug)]
+pub struct Sockets {
+    udp: std::net::UdpSocket,
+    tcp: std::net::TcpListener,
+}
+
+impl Sockets {
+    pub fn bind(addr: SocketAddrV4) -> std::io::Result<Self> {
+        Ok(Self {
+            udp: std::net::UdpSocket::from(bound(addr, SockType::Datagram)?),
+            tcp: std::net::TcpListener::from(bound(addr, SockType::Stream)?),
+        })
+    }
+}
+
+/// Serves DNS on `sockets` until an error on them, routing each query by what `routing` says
+/// when it arrives (`None`: SERVFAIL).
 pub async fn serve(
-    addr: SocketAddrV4,
-    config: watch::Receiver<ConfigResult>,
+    sockets: Sockets,
+    routing: impl Fn() -> Option<Routing> + Send + Sync + 'static,
 ) -> std::io::Result<()> {
-    let udp = Arc::new(UdpSocket::from_std(std::net::UdpSocket::from(bound(
-        addr,
-        SockType::Datagram,
-    )?))?);
-    let tcp = TcpListener::from_std(std::net::TcpListener::from(bound(addr, SockType::Stream)?))?;
+    let udp = Arc::new(UdpSocket::from_std(sockets.udp)?);
+    let tcp = TcpListener::from_std(sockets.tcp)?;
+    let routing = Arc::new(routing);
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
     let mut buf = vec![0u8; 65_535];
     loop {
@@ -252,7 +253,7 @@ pub async fn serve(
             got = udp.recv_from(&mut buf) => {
                 let (n, client) = got?;
                 let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else { continue };
-                let (udp, query, routing) = (Arc::clone(&udp), buf[..n].to_vec(), Routing::of(&config.borrow()));
+                let (udp, query, routing) = (Arc::clone(&udp), buf[..n].to_vec(), routing());
                 tokio::spawn(async move {
                     let answer = resolve(routing, &query, false).await;
                     if !answer.is_empty() {
@@ -264,11 +265,10 @@ pub async fn serve(
             got = tcp.accept() => {
                 let Ok((mut stream, _)) = got else { continue };
                 let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else { continue };
-                let config = config.clone();
+                let routing = Arc::clone(&routing);
                 tokio::spawn(async move {
                     while let Ok(Ok(query)) = timeout(TCP_IDLE, read_framed(&mut stream)).await {
-                        let routing = Routing::of(&config.borrow());
-                        let answer = resolve(routing, &query, true).await;
+                        let answer = resolve(routing(), &query, true).await;
                         if answer.is_empty() || write_framed(&mut stream, &answer).await.is_err() {
                             break;
                         }
