@@ -322,7 +322,7 @@ async fn serve_dns(daemon: &Arc<Daemon>) {
     if let Err(e) = dnsforward::serve(sockets, routing).await {
         tracing::error!(%addr, error = %e, "the clients' DNS while no exit is healthy stopped");
     }
-    std::future::pending().await
+    std::future::pending::<()>().await;
 }
 
 fn state_file(options: &Options) -> PathBuf {
