@@ -50,6 +50,7 @@ fn firewall_and_routes_apply_idempotently_and_reset_removes_only_what_cloak_owns
         clamp_mss: Some(1380),
         notrack_tunnel: true,
         link_port: None,
+        intranet_resolver: None,
         resolver: Some("10.9.0.53".parse().unwrap()),
     };
     let routes = RouteSet {
