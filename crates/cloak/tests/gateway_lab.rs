@@ -509,6 +509,22 @@ fn with_every_exit_down_internet_connections_are_refused_and_the_cluster_stays_r
         "{answers:?}"
     );
     assert_reaches_the_cluster(lab, name);
+    // Its node answers the client's DNS meanwhile: cluster names only.
+    let script = format!("nslookup echo.{} 2>&1; true", layout::INTERNET_ZONE);
+    let out = lab.kubectl(&[
+        "-n",
+        DEMO_NAMESPACE,
+        "exec",
+        name,
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    assert!(
+        !out.contains(&format!("Address: {ECHO}")),
+        "an internet name resolved with every exit down: {out}"
+    );
     assert_eq!(leaks.read("leaked"), 0, "client packets left by an uplink");
     drop(outage);
     healthy_gateway(lab);
