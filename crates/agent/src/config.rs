@@ -81,7 +81,7 @@ pub struct ExitRole {
     #[serde(default)]
     pub local: Option<IpAddr>,
     /// An address behind the tunnel that answers ICMP echoes: the exit sends it one every
-    /// `pingInterval` and stops taking new flows after `pingWindow` without a reply (a silent
+    /// `pingInterval` and stops answering the nodes (they take it out as dead) after `pingWindow` without a reply (a silent
     /// blackhole), long before the probe fails. Default: the tunnel's resolver, when it is an
     /// IPv4 address; without one, the probe alone judges.
     #[serde(default)]
@@ -657,7 +657,7 @@ mod tests {
         assert!(crate::exit::plan(&config, &ready, false).unwrap().healthy);
         assert!(
             !crate::exit::plan(&config, &ready, true).unwrap().healthy,
-            "an exit whose echoes go unanswered takes no new flows, whatever its probe says"
+            "an exit whose echoes go unanswered answers no health probe, whatever its probe says"
         );
         let watch = crate::exit::liveness(&config).unwrap();
         assert_eq!(

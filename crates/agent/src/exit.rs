@@ -64,8 +64,11 @@ pub async fn follow(
         let current = config.borrow_and_update().clone();
         let wanted = liveness(&current);
         if wanted.as_ref() != watching.as_ref().map(|(c, _)| c) {
-            // Stopping the old watch waits for its thread's round (one interval at most).
-            drop(watching.take());
+            // Stopping the old watch waits for its thread's round (one interval at most): off
+            // the async workers.
+            if let Some(old) = watching.take() {
+                let _ = tokio::task::spawn_blocking(move || drop(old)).await;
+            }
             silent_tx.send_replace(false);
             watching = wanted.map(|c| {
                 tracing::info!(target = %c.target, interval = ?c.interval, window = ?c.window, "watching the tunnel by echo");
@@ -73,9 +76,9 @@ pub async fn follow(
                 let (target, window) = (c.target, c.window);
                 let watch = Liveness::start(c.clone(), move |quiet| {
                     if quiet {
-                        tracing::warn!(%target, "no echo reply for {window:?}: taking no new flows");
+                        tracing::warn!(%target, "no echo reply for {window:?}: the nodes take this exit out");
                     } else {
-                        tracing::info!(%target, "echoes answered again");
+                        tracing::info!(%target, "the echo watch no longer holds this exit out (answered again, or given up on)");
                     }
                     tx.send_replace(quiet);
                 });
@@ -141,14 +144,18 @@ pub async fn serve_dns(mut config: watch::Receiver<ConfigResult>) {
         }
     }
     let addr = SocketAddrV4::new(EXIT_ADDRESS, 53);
-    let served = match Sockets::bind(addr) {
-        Ok(sockets) => {
-            tracing::info!(%addr, "serving the clients' DNS");
-            dnsforward::serve(sockets, move || dns_routing(&config.borrow())).await
+    loop {
+        let config = config.clone();
+        let served = match Sockets::bind(addr) {
+            Ok(sockets) => {
+                tracing::info!(%addr, "serving the clients' DNS");
+                dnsforward::serve(sockets, move || dns_routing(&config.borrow())).await
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = served {
+            tracing::error!(%addr, %e, "the clients' DNS forwarder failed; starting it again in 1 s");
         }
-        Err(e) => Err(e),
-    };
-    if let Err(e) = served {
-        tracing::error!(%addr, %e, "the DNS forwarder stopped: clients' names do not resolve");
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }

@@ -38,8 +38,10 @@ use tokio::{
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a client's TCP connection may stay idle between queries.
 const TCP_IDLE: Duration = Duration::from_secs(10);
-/// Queries in flight at once; more are dropped (the clients retry).
+/// Queries in flight at once over UDP, and TCP connections open at once; more are dropped (the
+/// clients retry). Separate, so idle TCP connections cannot starve UDP.
 const IN_FLIGHT: usize = 512;
+const TCP_CONNECTIONS: usize = 64;
 
 /// Where a query goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,7 +85,15 @@ impl Routing {
 /// The name asked by a DNS message's first question: lower case, no final dot; `None` when
 /// the message is malformed or holds no question.
 pub fn question_name(msg: &[u8]) -> Option<String> {
-    if msg.len() < 12 || u16::from_be_bytes([msg[4], msg[5]]) == 0 {
+    question(msg).map(|(name, _)| name)
+}
+
+/// A standard query's one question: its name (as [`question_name`]) and where it ends.
+/// Anything else is `None`: another opcode, no or several questions, a compressed or
+/// truncated name, or a label holding a dot (`a.cluster.local` as one label would pass for a
+/// cluster name here and be forwarded by the cluster DNS as a name of the root zone).
+fn question(msg: &[u8]) -> Option<(String, usize)> {
+    if msg.len() < 12 || (msg[2] >> 3) & 0x0f != 0 || u16::from_be_bytes([msg[4], msg[5]]) != 1 {
         return None;
     }
     let mut at = 12;
@@ -98,10 +108,15 @@ pub fn question_name(msg: &[u8]) -> Option<String> {
             return None;
         }
         let label = msg.get(at + 1..at + 1 + len)?;
+        if label.contains(&b'.') {
+            return None;
+        }
         labels.push(String::from_utf8_lossy(label).to_ascii_lowercase());
         at += 1 + len;
     }
-    Some(labels.join("."))
+    // The root label, then the type and class.
+    let end = at + 1 + 4;
+    (msg.len() >= end).then(|| (labels.join("."), end))
 }
 
 /// The address a full IPv4 reverse name (`d.c.b.a.in-addr.arpa`) names.
@@ -127,14 +142,22 @@ pub fn first_nameserver(resolv_conf: &str) -> Option<IpAddr> {
     })
 }
 
-/// A SERVFAIL answer to `query` (its header and question, flagged as a response).
+/// A SERVFAIL answer to `query`: its header and question (when it has one it can be read
+/// by), flagged as a response; nothing (no answer at all) for fewer bytes than a header.
 pub fn servfail(query: &[u8]) -> Vec<u8> {
-    let mut answer = query.to_vec();
-    if answer.len() >= 12 {
-        answer[2] |= 0x80; // QR: a response
-        answer[3] = 0x80 | 2; // RA, RCODE 2
-        answer[6..12].fill(0); // no answer, authority or additional records
+    if query.len() < 12 {
+        return Vec::new();
     }
+    let mut answer = if let Some((_, end)) = question(query) {
+        query[..end].to_vec()
+    } else {
+        let mut header = query[..12].to_vec();
+        header[4..6].fill(0);
+        header
+    };
+    answer[2] |= 0x80; // QR: a response
+    answer[3] = 0x80 | 2; // RA, RCODE 2
+    answer[6..12].fill(0); // no answer, authority or additional records
     answer
 }
 
@@ -247,11 +270,14 @@ pub async fn serve(
     let tcp = TcpListener::from_std(sockets.tcp)?;
     let routing = Arc::new(routing);
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+    let connections = Arc::new(Semaphore::new(TCP_CONNECTIONS));
     let mut buf = vec![0u8; 65_535];
     loop {
         tokio::select! {
             got = udp.recv_from(&mut buf) => {
-                let (n, client) = got?;
+                // An error on one datagram (an ICMP error queued for the socket) is not the
+                // forwarder's end.
+                let Ok((n, client)) = got else { continue };
                 let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else { continue };
                 let (udp, query, routing) = (Arc::clone(&udp), buf[..n].to_vec(), routing());
                 tokio::spawn(async move {
@@ -264,7 +290,7 @@ pub async fn serve(
             }
             got = tcp.accept() => {
                 let Ok((mut stream, _)) = got else { continue };
-                let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else { continue };
+                let Ok(slot) = Arc::clone(&connections).try_acquire_owned() else { continue };
                 let routing = Arc::clone(&routing);
                 tokio::spawn(async move {
                     while let Ok(Ok(query)) = timeout(TCP_IDLE, read_framed(&mut stream)).await {
@@ -353,6 +379,25 @@ mod tests {
         truncated.truncate(16);
         assert_eq!(question_name(&truncated), None);
 
+        let mut dotted = query("a.cluster.local");
+        dotted[12] = 15; // one label "a.cluster.local" instead of three
+        dotted.drain(13..);
+        dotted.extend_from_slice(b"a.cluster.local\0\0\x01\0\x01");
+        assert_eq!(question_name(&dotted), None, "a dot inside a label");
+        let mut update = query("example.com");
+        update[2] = 5 << 3; // opcode UPDATE
+        assert_eq!(question_name(&update), None);
+        let mut two = query("example.com");
+        two[5] = 2;
+        assert_eq!(question_name(&two), None, "two questions");
+
+        assert!(servfail(&[0u8; 11]).is_empty(), "no header: no answer");
+        let mut with_edns = query("example.com");
+        let asked = with_edns.len();
+        with_edns[11] = 1;
+        with_edns.extend_from_slice(&[0, 0, 41, 4, 0, 0, 0, 0, 0, 0, 0]);
+        let answer = servfail(&with_edns);
+        assert_eq!(answer.len(), asked, "header and question only: {answer:?}");
         let answer = servfail(&query("example.com"));
         assert_eq!(&answer[..2], &[0x12, 0x34], "the query's id");
         assert_eq!(answer[2] & 0x80, 0x80, "a response");

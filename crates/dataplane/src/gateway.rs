@@ -256,6 +256,7 @@ impl NodePlan {
              \tchain input {{\n\
              \t\ttype filter hook input priority filter; policy accept;\n\
              \t\tiifname \"{CLIENT_PREFIX}*\" ip daddr {CLIENT_GATEWAY} {DNS} accept\n\
+             \t\tip daddr {CLIENT_GATEWAY} {DNS} drop\n\
              \t\tiifname \"{CLIENT_PREFIX}*\" meta l4proto tcp reject with tcp reset\n\
              \t\tiifname \"{CLIENT_PREFIX}*\" meta l4proto != icmp reject with icmpx admin-prohibited\n\
              \t\tiifname \"{LINK_PREFIX}*\" icmp type echo-reply accept\n\
@@ -708,7 +709,8 @@ impl ExitPlan {
              \tchain input {{\n\
              \t\ttype filter hook input priority filter; policy accept;\n\
              \t\tiifname \"{EXIT_IFACE}\" icmp type echo-request {health}\n\
-             \t\tiifname \"{EXIT_IFACE}\" ip daddr {EXIT_ADDRESS} {DNS} accept\n\
+             \t\tip daddr {EXIT_ADDRESS} iifname != \"{EXIT_IFACE}\" drop\n\
+             \t\tiifname \"{EXIT_IFACE}\" ip saddr {TRANSIT_RANGE} ip daddr {EXIT_ADDRESS} {DNS} accept\n\
              \t\tiifname \"{EXIT_IFACE}\" drop\n\
              \t}}\n\
              \tchain forward {{\n\

@@ -387,7 +387,8 @@ fn counted(ns: &cloak_testkit::netns::Netns, table: &str, chain: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// Counts, in `ns`, UDP port 53 packets to `address` as they arrive (before any NAT).
+/// Counts, in `ns`, UDP port 53 packets to `address` where `hook` sees them, after cloak's own
+/// chains (priority 300): after a redirect, and only if cloak's input chain let them in.
 fn count_dns_to(ns: &cloak_testkit::netns::Netns, address: &str, hook: &str) {
     ns.run(&[
         "nft",
@@ -457,7 +458,7 @@ fn a_clients_dns_query_to_any_resolver_goes_to_an_exit_and_never_out_by_the_intr
 }
 
 #[test]
-fn with_every_exit_dead_a_clients_dns_is_answered_by_its_node_and_reaches_no_exit() {
+fn with_every_exit_dead_a_clients_dns_is_redirected_to_its_node_and_reaches_no_exit() {
     let mut gateway = Gateway::new();
     gateway.count_uplink();
     for i in 1..=EXITS {

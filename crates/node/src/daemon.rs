@@ -282,9 +282,18 @@ pub async fn run(
 /// Answers the DNS of clients whose gateway has no healthy exit (the node's plan redirects it
 /// here): cluster names from the cluster DNS, SERVFAIL for every other name. The cluster DNS is
 /// the first nameserver of this pod's resolv.conf (`dnsPolicy: ClusterFirstWithHostNet`); the
-/// cluster domains are every gateway's. Runs until its sockets fail; never stops the daemon.
+/// cluster domains are every gateway's. Runs for as long as the daemon, binding again a second
+/// after a failure.
 async fn serve_dns(daemon: &Arc<Daemon>) {
     let addr = std::net::SocketAddrV4::new(CLIENT_GATEWAY, 53);
+    loop {
+        serve_dns_once(daemon, addr).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// [`serve_dns`] until its sockets cannot be bound or fail.
+async fn serve_dns_once(daemon: &Arc<Daemon>, addr: std::net::SocketAddrV4) {
     let Ok(sockets) = daemon
         .kernel
         .run(move || dnsforward::Sockets::bind(addr))
@@ -293,7 +302,7 @@ async fn serve_dns(daemon: &Arc<Daemon>) {
             |e| tracing::error!(%addr, error = %e, "the clients' DNS while no exit is healthy"),
         )
     else {
-        return std::future::pending().await;
+        return;
     };
     let cluster = std::fs::read_to_string("/etc/resolv.conf")
         .ok()
@@ -322,7 +331,6 @@ async fn serve_dns(daemon: &Arc<Daemon>) {
     if let Err(e) = dnsforward::serve(sockets, routing).await {
         tracing::error!(%addr, error = %e, "the clients' DNS while no exit is healthy stopped");
     }
-    std::future::pending::<()>().await;
 }
 
 fn state_file(options: &Options) -> PathBuf {
