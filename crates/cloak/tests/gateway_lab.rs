@@ -283,22 +283,8 @@ fn a_deleted_exit_pod_moves_new_flows_to_the_other_and_is_replaced_on_the_next_s
         &gone_name,
         "--wait=false",
     ]);
-    // New flows all leave by the survivor: ten in a row, within a bounded number of tries.
     let survivor = exit_address(kept);
-    let mut streak = 0;
-    let mut seen = Vec::new();
-    for _ in 0..60 {
-        let answer = ask(lab, name, 1).pop().unwrap_or_default();
-        streak = if answer == survivor { streak + 1 } else { 0 };
-        seen.push(answer);
-        if streak == 10 {
-            break;
-        }
-    }
-    assert_eq!(
-        streak, 10,
-        "new flows did not settle on {survivor}: {seen:?}"
-    );
+    assert_new_flows_settle_on(lab, name, &survivor);
     drop(outage);
 
     // The operator replaces the exit on its pool's next server, and it rejoins.
@@ -380,20 +366,7 @@ fn a_silently_blackholed_exit_gets_no_new_flows_on_its_echo_watch_and_rejoins_on
     // stays "up" by its own account, its pod stays, and nothing tells the nodes but probes.
     let outage = lab::Outage::start(lab, &gateway_servers(&[provider]));
     let survivor = exit_address(kept);
-    let mut streak = 0;
-    let mut seen = Vec::new();
-    for _ in 0..60 {
-        let answer = ask(lab, name, 1).pop().unwrap_or_default();
-        streak = if answer == survivor { streak + 1 } else { 0 };
-        seen.push(answer);
-        if streak == 10 {
-            break;
-        }
-    }
-    assert_eq!(
-        streak, 10,
-        "new flows did not settle on {survivor}: {seen:?}"
-    );
+    assert_new_flows_settle_on(lab, name, &survivor);
     let logs = lab.kubectl(&["-n", DEMO_NAMESPACE, "logs", &str_at(gone, "/name")]);
     assert!(
         logs.contains("no echo reply"),
@@ -465,6 +438,24 @@ fn a_clients_internet_names_resolve_only_through_an_exits_tunnel_and_cluster_nam
         );
     }
     delete_client(lab, name);
+}
+
+/// New flows of client `pod` all leave by `survivor`: ten in a row, within 60 tries.
+fn assert_new_flows_settle_on(lab: &lab::TestLab, pod: &str, survivor: &str) {
+    let mut streak = 0;
+    let mut seen = Vec::new();
+    for _ in 0..60 {
+        let answer = ask(lab, pod, 1).pop().unwrap_or_default();
+        streak = if answer == survivor { streak + 1 } else { 0 };
+        seen.push(answer);
+        if streak == 10 {
+            break;
+        }
+    }
+    assert_eq!(
+        streak, 10,
+        "new flows did not settle on {survivor}: {seen:?}"
+    );
 }
 
 /// The gateway servers (2 and up) of the lab providers `providers`: what an outage of their

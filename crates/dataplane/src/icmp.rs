@@ -128,14 +128,19 @@ impl Drop for Liveness {
     }
 }
 
-/// A raw ICMP socket that sends out of `interface` only.
-fn bound_socket(interface: &str) -> nix::Result<OwnedFd> {
-    let sock = socket(
+/// A raw IPv4 ICMP socket (root only): what sends the echoes and reads every reply.
+pub fn raw_socket() -> nix::Result<OwnedFd> {
+    socket(
         AddressFamily::Inet,
         SockType::Raw,
         SockFlag::SOCK_CLOEXEC,
         SockProtocol::Icmp,
-    )?;
+    )
+}
+
+/// A raw ICMP socket that sends out of `interface` only.
+fn bound_socket(interface: &str) -> nix::Result<OwnedFd> {
+    let sock = raw_socket()?;
     setsockopt(&sock, sockopt::BindToDevice, &interface.into())?;
     Ok(sock)
 }

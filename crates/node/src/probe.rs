@@ -13,10 +13,7 @@ use cloak_dataplane::{
     gateway::{EXIT_ADDRESS, mark},
     icmp::{self, echo_reply, echo_request},
 };
-use nix::sys::socket::{
-    AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, SockaddrIn, recv, sendto,
-    setsockopt, socket, sockopt,
-};
+use nix::sys::socket::{MsgFlags, SockaddrIn, recv, sendto, setsockopt, sockopt};
 
 /// The echo identifier of the probes to exit slot `slot`.
 fn ident(slot: u8) -> u16 {
@@ -36,12 +33,7 @@ pub fn run(
     targets: &dyn Fn() -> BTreeMap<u32, u8>,
     report: &mut dyn FnMut(BTreeMap<u32, bool>) -> bool,
 ) -> std::io::Result<()> {
-    let sock = socket(
-        AddressFamily::Inet,
-        SockType::Raw,
-        SockFlag::SOCK_CLOEXEC,
-        SockProtocol::Icmp,
-    )?;
+    let sock = icmp::raw_socket()?;
     let to = SockaddrIn::from(SocketAddrV4::new(EXIT_ADDRESS, 0));
     let mut seq: u16 = 0;
     let mut buf = [0u8; 1500];
