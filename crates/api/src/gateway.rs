@@ -314,7 +314,8 @@ pub struct VpnGatewayStatus {
     #[serde(default)]
     pub healthy_exits: u32,
 
-    /// Client pods attached (their network set up by a node component).
+    /// Running client pods, each attached by its node before its containers started. Pods
+    /// being deleted are not counted.
     #[serde(default)]
     pub clients: u32,
 

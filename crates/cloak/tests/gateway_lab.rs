@@ -609,6 +609,43 @@ fn fifty_client_pods_created_and_deleted_leave_nothing_behind_in_the_node_compon
             }
         },
     );
+    // The gateway's status counts its running clients: as many as run now, 50 more once they
+    // run, and as many again once they are gone.
+    let status_clients = || {
+        gateway(lab)["status"]["clients"]
+            .as_u64()
+            .unwrap_or_default()
+    };
+    let running_clients = || {
+        let pods = lab.json(&[
+            "-n",
+            DEMO_NAMESPACE,
+            "get",
+            "pods",
+            "-l",
+            &format!("cloak.dev/gateway={GATEWAY}"),
+        ]);
+        pods["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| {
+                p["status"]["phase"] == "Running" && p["metadata"]["deletionTimestamp"].is_null()
+            })
+            .count() as u64
+    };
+    let clients_before = eventually(
+        "status.clients matches the running clients",
+        Duration::from_mins(1),
+        || {
+            let (counted, running) = (status_clients(), running_clients());
+            if counted == running {
+                Ok(counted)
+            } else {
+                Err(format!("status.clients {counted}, running {running}"))
+            }
+        },
+    );
     lab.apply(&format!(
         "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: gw-many\n  namespace: {DEMO_NAMESPACE}\nspec:\n  replicas: 50\n  selector:\n    matchLabels: {{app: gw-many}}\n  template:\n    metadata:\n      labels: {{app: gw-many, cloak.dev/gateway: {GATEWAY}}}\n    spec:\n      terminationGracePeriodSeconds: 0\n      containers:\n        - name: c\n          image: cloak.dev/lab/client:dev\n          imagePullPolicy: Never\n          command: [sleep, \"100000\"]\n          resources: {{requests: {{cpu: 1m, memory: 4Mi}}}}\n"
     ));
@@ -632,6 +669,18 @@ fn fifty_client_pods_created_and_deleted_leave_nothing_behind_in_the_node_compon
         attached,
         before_total + 50,
         "every client has its link on its node"
+    );
+    eventually(
+        "status.clients counts the 50",
+        Duration::from_secs(30),
+        || {
+            let counted = status_clients();
+            if counted == clients_before + 50 {
+                Ok(())
+            } else {
+                Err(format!("status.clients {counted}, before {clients_before}"))
+            }
+        },
     );
     lab.kubectl(&[
         "-n",
@@ -658,6 +707,14 @@ fn fifty_client_pods_created_and_deleted_leave_nothing_behind_in_the_node_compon
             }
         },
     );
+    eventually("status.clients is back", Duration::from_secs(30), || {
+        let counted = status_clients();
+        if counted == clients_before {
+            Ok(())
+        } else {
+            Err(format!("status.clients {counted}, before {clients_before}"))
+        }
+    });
     // The node component's own record of clients, and the nodes' routes to clients, hold
     // nothing of them either (the pods opened no flows: conntrack is not looked at).
     for (k, node) in nodes.iter().enumerate() {

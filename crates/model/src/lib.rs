@@ -9,6 +9,7 @@
 //!   of servers and which one an exit uses next.
 //! - [`tunnel`]: that tunnel as a value (WireGuard, OpenVPN), its servers and their names.
 //! - [`secret`]: keys and secret strings that never print and are zeroized when dropped.
+//! - [`clients`]: which gateway a pod is a client of (its label, then the gateways' selectors).
 //! - [`gateway`]: a gateway's client routes (the intranet's complement), MTU, MSS, exit names
 //!   and VXLAN identifiers.
 //! - [`exit`]: a gateway's exits as objects (the exit pod with one server, the agent's exit
@@ -18,6 +19,7 @@
 //! - [`merge`]: JSON merge patch (RFC 7386), used for overrides.
 //! - [`portfwd`]: Service annotations and Nodes to the host port-forwarding nftables ruleset.
 
+pub mod clients;
 pub mod credentials;
 pub mod exit;
 pub mod gateway;

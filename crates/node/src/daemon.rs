@@ -38,10 +38,9 @@ use tokio::{
     sync::oneshot,
 };
 
-use crate::{
-    cni::{Command, Reply, Request},
-    select::{Choice, choose},
-};
+use cloak_model::clients::{Choice, choose};
+
+use crate::cni::{Command, Reply, Request};
 
 /// How to run the daemon.
 #[derive(Debug, Clone)]
@@ -652,7 +651,11 @@ impl Daemon {
             .await
             .map_err(|e| format!("reading the pod: {e}"))?;
         let gateways = self.gateways.state();
-        let gateway = match choose(&request.pod_namespace, pod.labels(), &gateways) {
+        let gateway = match choose(
+            &request.pod_namespace,
+            pod.labels(),
+            gateways.iter().map(AsRef::as_ref),
+        ) {
             Choice::None => return Ok(()),
             Choice::Missing(name) => {
                 return Err(format!(

@@ -426,3 +426,101 @@ async fn two_gateways_never_share_a_vni_and_scaling_down_removes_the_last_exits(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// Creates pod `name` with `labels`, binds it and, when `running`, writes it Running.
+async fn client_pod(client: &Client, ns: &str, name: &str, labels: serde_json::Value) {
+    let pod: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": labels},
+        "spec": {"containers": [{"name": "c", "image": "cloak.dev/test/client:dev"}]},
+    }))
+    .unwrap();
+    Api::<Pod>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &pod)
+        .await
+        .unwrap();
+    bind(client, ns, name, "node-1").await;
+}
+
+fn clients(g: &VpnGateway) -> Option<u32> {
+    g.status.as_ref().map(|s| s.clients)
+}
+
+#[tokio::test]
+async fn the_status_counts_running_clients_by_label_and_selector_at_once_and_not_those_going_away()
+{
+    let (client, ns) = setup("gw-clients", 2).await;
+    let gateways = Api::<VpnGateway>::namespaced(client.clone(), ns.name());
+    let egress: VpnGateway = serde_json::from_value(json!({
+        "apiVersion": "cloak.dev/v1alpha1", "kind": "VpnGateway", "metadata": {"name": "egress"},
+        "spec": {"exits": {"count": 1, "providers": ["nl"]},
+                 "clients": {"podSelector": {"matchLabels": {"app": "dl"}}}},
+    }))
+    .unwrap();
+    gateways
+        .create(&PostParams::default(), &egress)
+        .await
+        .unwrap();
+    until(&client, ns.name(), "egress", "a status", |g, _| {
+        (clients(g)? == 0).then_some(())
+    })
+    .await;
+
+    let ns_ = ns.name();
+    client_pod(
+        &client,
+        ns_,
+        "by-label",
+        json!({"cloak.dev/gateway": "egress"}),
+    )
+    .await;
+    client_pod(&client, ns_, "by-selector", json!({"app": "dl"})).await;
+    client_pod(&client, ns_, "not-a-client", json!({"app": "web"})).await;
+    client_pod(
+        &client,
+        ns_,
+        "other-gateway",
+        json!({"cloak.dev/gateway": "nope"}),
+    )
+    .await;
+    client_pod(&client, ns_, "pending", json!({"app": "dl"})).await;
+    for pod in ["by-label", "by-selector", "not-a-client", "other-gateway"] {
+        set_pod(&client, ns_, pod, "Running", true).await;
+    }
+    // Well within the controller's one-minute resync: the pods' changes ask for the count.
+    until(&client, ns_, "egress", "two running clients", |g, _| {
+        (clients(g)? == 2).then_some(())
+    })
+    .await;
+
+    // Deleted: with no kubelet to confirm it, the pod stays, going away, and is not counted.
+    Api::<Pod>::namespaced(client.clone(), ns_)
+        .delete("by-label", &kube::api::DeleteParams::default())
+        .await
+        .unwrap();
+    until(
+        &client,
+        ns_,
+        "egress",
+        "the deleted pod uncounted",
+        |g, _| (clients(g)? == 1).then_some(()),
+    )
+    .await;
+
+    // Relabelled out of the selector: the gateway it left recounts.
+    Api::<Pod>::namespaced(client.clone(), ns_)
+        .patch(
+            "by-selector",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"app": "web"}}})),
+        )
+        .await
+        .unwrap();
+    until(
+        &client,
+        ns_,
+        "egress",
+        "the relabelled pod uncounted",
+        |g, _| (clients(g)? == 0).then_some(()),
+    )
+    .await;
+}

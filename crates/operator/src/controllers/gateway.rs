@@ -14,7 +14,8 @@ use std::{
 };
 
 use cloak_api::{ExitHealth, ExitStatus, Mtu, VpnGateway, VpnGatewayStatus, VpnMask, VpnMaskSpec};
-use cloak_model::{credentials, exit, gateway};
+use cloak_model::{clients, credentials, exit, gateway};
+use futures::StreamExt as _;
 use k8s_openapi::{
     api::core::v1::{ConfigMap, Pod},
     apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time},
@@ -22,8 +23,14 @@ use k8s_openapi::{
 use kube::{
     Api, Client, Resource, ResourceExt,
     api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
-    core::DeserializeGuard,
-    runtime::{Controller, controller::Action, events::EventType, reflector::ObjectRef, watcher},
+    core::{DeserializeGuard, PartialObjectMeta},
+    runtime::{
+        Controller, WatchStreamExt as _,
+        controller::Action,
+        events::EventType,
+        reflector::{ObjectRef, Store},
+        watcher,
+    },
 };
 
 use super::{condition, measured, publish, status::write_if_changed};
@@ -41,24 +48,114 @@ const POD_NETWORK_MTU: u16 = 1500;
 
 /// The gateway controller: its gateways, the exit masks they own, and the exit pods (owned by
 /// the masks, so mapped to their gateway by label). Both child watches see only objects
-/// labelled as exits.
+/// labelled as exits. Client pods come in through [`client_triggers`].
 pub(crate) fn controller(client: &Client) -> Controller<DeserializeGuard<VpnGateway>> {
     let exits = || watcher::Config::default().labels(exit::LABEL_GATEWAY);
-    Controller::new(Api::all(client.clone()), watcher::Config::default())
-        .owns(
-            Api::<DeserializeGuard<VpnMask>>::all(client.clone()),
-            exits(),
-        )
-        .watches(Api::<Pod>::all(client.clone()), exits(), |pod| {
-            let gateway = pod.labels().get(exit::LABEL_GATEWAY)?;
-            Some(ObjectRef::new(gateway).within(&pod.namespace()?))
-        })
+    Controller::new(
+        Api::<DeserializeGuard<VpnGateway>>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .owns(
+        Api::<DeserializeGuard<VpnMask>>::all(client.clone()),
+        exits(),
+    )
+    .watches(Api::<Pod>::all(client.clone()), exits(), |pod| {
+        let gateway = pod.labels().get(exit::LABEL_GATEWAY)?;
+        Some(ObjectRef::new(gateway).within(&pod.namespace()?))
+    })
 }
 
-/// No requests besides the watches.
-pub(crate) fn no_triggers()
--> impl futures::Stream<Item = ObjectRef<DeserializeGuard<VpnGateway>>> + Send + 'static {
-    futures::stream::pending()
+/// Reconcile requests for the client count: every change to a pod (its metadata is watched,
+/// which reports status changes too) asks for the gateway it is a client of now and the one it
+/// was before, so a pod that starts, stops, goes or changes its labels is counted at once.
+fn client_triggers(
+    client: &Client,
+    gateways: Store<DeserializeGuard<VpnGateway>>,
+) -> impl futures::Stream<Item = ObjectRef<DeserializeGuard<VpnGateway>>> + Send + 'static {
+    let mut tracker = ClientTracker::default();
+    watcher(
+        Api::<PartialObjectMeta<Pod>>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .filter_map(|event| futures::future::ready(event.ok()))
+    .flat_map(move |event| {
+        let state = gateways.state();
+        let valid: Vec<&VpnGateway> = state.iter().filter_map(|g| g.0.as_ref().ok()).collect();
+        let choose = |pod: &PartialObjectMeta<Pod>| {
+            let ns = pod.namespace().unwrap_or_default();
+            match clients::choose(&ns, pod.labels(), valid.iter().copied()) {
+                clients::Choice::Gateway(name) => Some((ns, name)),
+                clients::Choice::None | clients::Choice::Missing(_) => None,
+            }
+        };
+        let touched = match event {
+            watcher::Event::Init => tracker.init(),
+            watcher::Event::InitApply(pod) | watcher::Event::Apply(pod) => {
+                let now = choose(&pod);
+                tracker.seen(pod.uid().unwrap_or_default(), now)
+            }
+            watcher::Event::Delete(pod) => tracker.gone(&pod.uid().unwrap_or_default()),
+            watcher::Event::InitDone => tracker.init_done(),
+        };
+        futures::stream::iter(
+            touched
+                .into_iter()
+                .map(|(ns, name)| ObjectRef::new(&name).within(&ns)),
+        )
+    })
+}
+
+/// A gateway by namespace and name.
+type GatewayKey = (String, String);
+
+/// Which gateway each client pod (by uid) belonged to when last seen, to ask the old gateway
+/// too when a pod leaves it.
+#[derive(Default)]
+struct ClientTracker {
+    of: BTreeMap<String, GatewayKey>,
+    /// The pods seen since a relist began; the others went away meanwhile.
+    relisted: Option<BTreeSet<String>>,
+}
+
+impl ClientTracker {
+    /// A pod seen now as a client of `now` (or of none): the gateways whose count it may change.
+    fn seen(&mut self, uid: String, now: Option<GatewayKey>) -> Vec<GatewayKey> {
+        if let Some(relisted) = &mut self.relisted {
+            relisted.insert(uid.clone());
+        }
+        let before = match &now {
+            Some(key) => self.of.insert(uid, key.clone()),
+            None => self.of.remove(&uid),
+        };
+        let mut touched: Vec<GatewayKey> = before.into_iter().chain(now).collect();
+        touched.dedup();
+        touched
+    }
+
+    fn gone(&mut self, uid: &str) -> Vec<GatewayKey> {
+        self.of.remove(uid).into_iter().collect()
+    }
+
+    fn init(&mut self) -> Vec<GatewayKey> {
+        self.relisted = Some(BTreeSet::new());
+        Vec::new()
+    }
+
+    /// A relist is complete: the pods it did not list are gone.
+    fn init_done(&mut self) -> Vec<GatewayKey> {
+        let listed = self.relisted.take().unwrap_or_default();
+        let gone: Vec<String> = self
+            .of
+            .keys()
+            .filter(|uid| !listed.contains(*uid))
+            .cloned()
+            .collect();
+        let mut touched: Vec<GatewayKey> = gone.iter().flat_map(|uid| self.gone(uid)).collect();
+        touched.sort();
+        touched.dedup();
+        touched
+    }
 }
 
 pub(crate) async fn reconcile(
@@ -210,6 +307,8 @@ async fn apply(gateway: &VpnGateway, ctx: &Context) -> Result<Action> {
         }
     }
 
+    let attached = count_clients(gateway, ctx).await?;
+
     // Status.
     let previous = gateway.status.clone().unwrap_or_default();
     let mut exits = Vec::new();
@@ -256,7 +355,7 @@ async fn apply(gateway: &VpnGateway, ctx: &Context) -> Result<Action> {
     let status = VpnGatewayStatus {
         exits,
         healthy_exits: healthy,
-        clients: previous.clients,
+        clients: attached,
         mtu: Some(mtu),
         conditions: vec![
             condition(
@@ -305,6 +404,32 @@ async fn apply(gateway: &VpnGateway, ctx: &Context) -> Result<Action> {
     let api: Api<VpnGateway> = Api::namespaced(ctx.client.clone(), &ns);
     write_if_changed(&api, &name, &previous, &status, None).await?;
     Ok(Action::requeue(RESYNC))
+}
+
+/// How many of the namespace's running pods are this gateway's clients (each attached by its
+/// node before its containers started). Pods going away are not counted.
+async fn count_clients(gateway: &VpnGateway, ctx: &Context) -> Result<u32> {
+    let ns = gateway.namespace().unwrap_or_default();
+    let name = gateway.name_any();
+    let listed = Api::<DeserializeGuard<VpnGateway>>::namespaced(ctx.client.clone(), &ns)
+        .list(&ListParams::default())
+        .await?
+        .items;
+    let here: Vec<&VpnGateway> = listed.iter().filter_map(|g| g.0.as_ref().ok()).collect();
+    let running = ListParams::default().fields("status.phase=Running");
+    let pods = Api::<Pod>::namespaced(ctx.client.clone(), &ns)
+        .list_metadata(&running)
+        .await?
+        .items;
+    let count = pods
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter(|p| {
+            clients::choose(&ns, p.labels(), here.iter().copied())
+                == clients::Choice::Gateway(name.clone())
+        })
+        .count();
+    Ok(u32::try_from(count).unwrap_or(u32::MAX))
 }
 
 /// The exit's VXLAN identifier, from its mask's annotation.
@@ -458,5 +583,39 @@ async fn announce(
 /// Runs the controller until `stop`.
 pub(crate) async fn run(ctx: Arc<Context>, stop: tokio::sync::watch::Receiver<bool>) {
     let controller = controller(&ctx.client);
-    super::run(controller, reconcile, ctx, no_triggers(), stop).await;
+    let triggers = client_triggers(&ctx.client, controller.store());
+    super::run(controller, reconcile, ctx, triggers, stop).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(name: &str) -> GatewayKey {
+        ("apps".into(), name.into())
+    }
+
+    #[test]
+    fn a_pod_asks_for_its_gateway_and_the_one_it_left_and_a_relist_finds_the_gone() {
+        let mut t = ClientTracker::default();
+        assert_eq!(t.seen("p1".into(), Some(key("a"))), vec![key("a")]);
+        assert_eq!(t.seen("p1".into(), Some(key("a"))), vec![key("a")]);
+        assert_eq!(
+            t.seen("p1".into(), Some(key("b"))),
+            vec![key("a"), key("b")],
+            "relabelled from a to b"
+        );
+        assert_eq!(t.seen("p1".into(), None), vec![key("b")]);
+        assert_eq!(t.seen("p1".into(), None), Vec::<GatewayKey>::new());
+        t.seen("p2".into(), Some(key("a")));
+        assert_eq!(t.gone("p2"), vec![key("a")]);
+        assert_eq!(t.gone("p2"), Vec::<GatewayKey>::new());
+
+        t.seen("p3".into(), Some(key("a")));
+        t.seen("p4".into(), Some(key("b")));
+        t.init();
+        t.seen("p4".into(), Some(key("b")));
+        assert_eq!(t.init_done(), vec![key("a")], "p3 went during the relist");
+        assert_eq!(t.gone("p4"), vec![key("b")]);
+    }
 }

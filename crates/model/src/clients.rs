@@ -1,11 +1,11 @@
 //! Which gateway a pod is a client of: pure, from the pod's namespace and labels and the
-//! gateways of its namespace.
+//! gateways of its namespace. The node decides it when it attaches a pod; the operator counts a
+//! gateway's clients with it.
 
 use std::collections::BTreeMap;
 
 use cloak_api::{GATEWAY_LABEL, VpnGateway};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
-use kube::ResourceExt as _;
 
 /// What a pod is to the gateways.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,22 +21,21 @@ pub enum Choice {
 /// The gateway a pod in `namespace` with `labels` belongs to. The `cloak.dev/gateway` label
 /// decides when present; otherwise the first gateway (by name) of the namespace whose
 /// `clients.podSelector` matches. Exits (`cloak.dev/exit-of`) are never clients.
-pub fn choose(
+pub fn choose<'a>(
     namespace: &str,
     labels: &BTreeMap<String, String>,
-    gateways: &[std::sync::Arc<VpnGateway>],
+    gateways: impl IntoIterator<Item = &'a VpnGateway>,
 ) -> Choice {
-    if labels.contains_key(cloak_model::exit::LABEL_GATEWAY) {
+    if labels.contains_key(crate::exit::LABEL_GATEWAY) {
         return Choice::None;
     }
     let mut here: Vec<&VpnGateway> = gateways
-        .iter()
-        .map(AsRef::as_ref)
-        .filter(|g| g.namespace().as_deref() == Some(namespace))
+        .into_iter()
+        .filter(|g| g.metadata.namespace.as_deref() == Some(namespace))
         .collect();
-    here.sort_by_key(|g| g.name_any());
+    here.sort_by_key(|g| name_of(g));
     if let Some(name) = labels.get(GATEWAY_LABEL) {
-        return if here.iter().any(|g| &g.name_any() == name) {
+        return if here.iter().any(|g| name_of(g) == name) {
             Choice::Gateway(name.clone())
         } else {
             Choice::Missing(name.clone())
@@ -50,7 +49,11 @@ pub fn choose(
                 .and_then(|c| c.pod_selector.as_ref())
                 .is_some_and(|s| matches(s, labels))
         })
-        .map_or(Choice::None, |g| Choice::Gateway(g.name_any()))
+        .map_or(Choice::None, |g| Choice::Gateway(name_of(g).to_owned()))
+}
+
+fn name_of(gateway: &VpnGateway) -> &str {
+    gateway.metadata.name.as_deref().unwrap_or_default()
 }
 
 /// Whether `labels` satisfy `selector` (matchLabels and matchExpressions, as Kubernetes reads
@@ -77,22 +80,18 @@ pub fn matches(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> b
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use serde_json::json;
 
     use super::*;
 
     #[allow(clippy::needless_pass_by_value)] // json! literals at the call sites
-    fn gateway(ns: &str, name: &str, selector: serde_json::Value) -> Arc<VpnGateway> {
-        Arc::new(
-            serde_json::from_value(json!({
-                "apiVersion": "cloak.dev/v1alpha1", "kind": "VpnGateway",
-                "metadata": {"name": name, "namespace": ns},
-                "spec": {"exits": {"count": 1}, "clients": {"podSelector": selector}},
-            }))
-            .unwrap(),
-        )
+    fn gateway(ns: &str, name: &str, selector: serde_json::Value) -> VpnGateway {
+        serde_json::from_value(json!({
+            "apiVersion": "cloak.dev/v1alpha1", "kind": "VpnGateway",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {"exits": {"count": 1}, "clients": {"podSelector": selector}},
+        }))
+        .unwrap()
     }
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
