@@ -113,7 +113,7 @@ impl Snapshot {
     }
 
     /// The reservations the Ready masks name, as (reservation, mask uid), when all are of live
-    /// providers.
+    /// providers and no two name the same one.
     fn assigned(&self) -> Option<BTreeMap<String, String>> {
         let mut assigned = BTreeMap::new();
         for mask in &self.masks {
@@ -126,7 +126,12 @@ impl Snapshot {
                 return None;
             }
             let name = cloak_model::names::slot_lease(&held.name, held.slot);
-            assigned.insert(name, mask.uid().unwrap_or_default());
+            if assigned
+                .insert(name, mask.uid().unwrap_or_default())
+                .is_some()
+            {
+                return None; // two Ready masks name one reservation: not settled
+            }
         }
         Some(assigned)
     }

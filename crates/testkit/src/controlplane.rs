@@ -374,6 +374,12 @@ impl ControlPlane {
             .unwrap_or_else(|e| panic!("building a kube client: {e}"))
     }
 
+    /// The admin client's configuration, for a client with middleware of the test's own
+    /// (`kube::client::ClientBuilder::try_from(cp.config())`).
+    pub fn config(&self) -> Config {
+        self.config.clone()
+    }
+
     /// A client that reaches the API server at `addr` (a proxy in front of it) instead: the
     /// server's certificate names 127.0.0.1, so any loopback port will do.
     ///

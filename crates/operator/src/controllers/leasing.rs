@@ -15,7 +15,10 @@
 //! The rest keeps a mask from holding two slots and a slot from leaking:
 //! - a mask first adopts any reservation labelled with its uid ([`allocate`]);
 //! - a new assignment is recorded with the mask's `resourceVersion` as read (the mask controller's
-//!   status write), and the reconcile that loses that race [`release`]s what it reserved;
+//!   status write), and the reconcile that loses that race [`release`]s what it reserved, unless
+//!   another reconcile adopted it meanwhile: adopting touches the reservation over its
+//!   `resourceVersion` as listed ([`claim`]) and releasing deletes it only as created, so exactly
+//!   one of them succeeds and a recorded reservation is never deleted under its mask;
 //! - a reservation made for a mask that started deleting meanwhile is released at once;
 //! - [`sweep_orphans`] deletes reservations whose mask is gone or records another reservation,
 //!   deciding from the API server's copy of the mask, never from the cache alone;
@@ -38,7 +41,7 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Resource, ResourceExt,
-    api::{ListParams, ObjectMeta, PostParams},
+    api::{ListParams, ObjectMeta, Patch, PatchParams, PostParams},
     core::{DeserializeGuard, PartialObjectMeta},
     runtime::reflector::ObjectRef,
 };
@@ -111,10 +114,27 @@ pub(crate) async fn allocate(
             .and_then(|s| s.parse().ok());
         match (providers.iter().find(|p| p.uid == provider_uid), slot) {
             (Some(p), Some(slot)) => {
+                // Claimed through the reservation itself: the reconcile that made it releases
+                // it only while it is unchanged, so exactly one of the claim and the release
+                // succeeds.
+                if !claim(ctx, &lease).await? {
+                    return Ok(Err((
+                        MaskPhase::Pending,
+                        "its reservation changed while being adopted; retrying".into(),
+                    )));
+                }
                 return Ok(Ok(Obtained {
                     assigned: assignment(p, slot, mask),
                     reserved: None,
                 }));
+            }
+            (None, Some(_)) if provider_lives(ctx, &lease).await? => {
+                // Not in this instance's cache yet (just started, or the provider was just
+                // made): the reservation may be recorded by another instance already.
+                return Ok(Err((
+                    MaskPhase::Pending,
+                    "its reservation's provider is not known here yet; retrying".into(),
+                )));
             }
             _ => release(ctx, &lease).await?,
         }
@@ -386,29 +406,89 @@ pub(crate) fn reservations_by_provider(ctx: &Context) -> HashMap<String, BTreeSe
     taken
 }
 
-/// Deletes a slot reservation, only if it is still the object that was read (uid precondition),
-/// so a slot re-reserved in between is never released by mistake. Gone already is fine.
+/// Whether the provider a reservation was made for exists, by the API server, not a cache.
+async fn provider_lives(ctx: &Context, lease: &PartialObjectMeta<Lease>) -> Result<bool> {
+    let (Some(name), Some(uid)) = (
+        lease.labels().get(labels::PROVIDER),
+        lease.labels().get(labels::PROVIDER_UID),
+    ) else {
+        return Ok(false);
+    };
+    let provider = Api::<PartialObjectMeta<VpnProvider>>::namespaced(
+        ctx.client.clone(),
+        &lease.namespace().unwrap_or_default(),
+    )
+    .get_opt(name)
+    .await?;
+    Ok(provider
+        .is_some_and(|p| p.uid().as_ref() == Some(uid) && p.metadata.deletion_timestamp.is_none()))
+}
+
+/// Marks a reservation as adopted (its renew time), only while it is as read
+/// (`resourceVersion` precondition). `false` when it changed or went meanwhile: then it is not
+/// adopted.
+async fn claim(ctx: &Context, lease: &PartialObjectMeta<Lease>) -> Result<bool> {
+    let patch = serde_json::json!({
+        "metadata": {"uid": lease.uid(), "resourceVersion": lease.resource_version()},
+        "spec": {"renewTime": k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+            k8s_openapi::jiff::Timestamp::now(),
+        )},
+    });
+    let api: Api<Lease> =
+        Api::namespaced(ctx.client.clone(), &lease.namespace().unwrap_or_default());
+    let claimed = match api
+        .patch_metadata(
+            &lease.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+    {
+        Ok(_) => true,
+        Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => false,
+        Err(e) => return Err(e.into()),
+    };
+    tracing::debug!(lease = %lease.name_any(), version = ?lease.resource_version(), claimed, "adopting a reservation");
+    Ok(claimed)
+}
+
+/// Deletes a slot reservation, only if it is still the object that was read, unchanged (uid
+/// and `resourceVersion` preconditions): a slot re-reserved in between, or a reservation another
+/// reconcile adopted meanwhile ([`claim`]), is never released by mistake. Gone or changed
+/// already is fine: a reservation that is kept and unused is the sweep's ([`sweep_orphans`]).
 pub(crate) async fn release(ctx: &Context, lease: &PartialObjectMeta<Lease>) -> Result<(), Error> {
+    delete(ctx, lease, lease.resource_version()).await
+}
+
+async fn delete(
+    ctx: &Context,
+    lease: &PartialObjectMeta<Lease>,
+    resource_version: Option<String>,
+) -> Result<(), Error> {
     let params = kube::api::DeleteParams {
         preconditions: Some(kube::api::Preconditions {
             uid: lease.uid(),
-            resource_version: None,
+            resource_version,
         }),
         ..kube::api::DeleteParams::default()
     };
     let api: kube::Api<Lease> =
         kube::Api::namespaced(ctx.client.clone(), &lease.namespace().unwrap_or_default());
-    match api.delete(&lease.name_any(), &params).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => Ok(()),
-        Err(e) => Err(e.into()),
-    }
+    let outcome = match api.delete(&lease.name_any(), &params).await {
+        Ok(_) => "released",
+        Err(kube::Error::Api(status)) if status.code == 404 => "gone already",
+        Err(kube::Error::Api(status)) if status.code == 409 => "changed: kept",
+        Err(e) => return Err(e.into()),
+    };
+    tracing::debug!(lease = %lease.name_any(), version = ?params.preconditions.and_then(|p| p.resource_version), outcome, "releasing a reservation");
+    Ok(())
 }
 
-/// Releases every reservation of the mask with this uid (its finalizer, once no pod uses it).
+/// Releases every reservation of the mask with this uid (its finalizer, once no pod uses it),
+/// whatever changed in them since: the mask is going away.
 pub(crate) async fn release_all(ctx: &Context, mask_uid: &str) -> Result<()> {
     for lease in reservations_of(ctx, mask_uid).await? {
-        release(ctx, &lease).await?;
+        delete(ctx, &lease, None).await?;
     }
     Ok(())
 }
