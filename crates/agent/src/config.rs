@@ -98,6 +98,23 @@ pub struct ExitRole {
     /// the kubelet writes.
     #[serde(default)]
     pub cluster_resolver: Option<IpAddr>,
+    /// How long the exit keeps carrying its clients' established flows after SIGTERM (its pod
+    /// is being deleted: the nodes give it no new flows). It stops sooner once no client flow
+    /// has carried a packet for `drainQuiet`. Zero: it stops at once. Default 5m.
+    #[serde(default = "default_drain_grace", with = "duration")]
+    pub drain_grace: Duration,
+    /// How long every client flow must have been quiet for a draining exit to stop before its
+    /// grace ends. Default 1m.
+    #[serde(default = "default_drain_quiet", with = "duration")]
+    pub drain_quiet: Duration,
+}
+
+fn default_drain_grace() -> Duration {
+    Duration::from_mins(5)
+}
+
+fn default_drain_quiet() -> Duration {
+    Duration::from_mins(1)
 }
 
 fn default_cluster_domains() -> Vec<String> {
@@ -636,6 +653,10 @@ mod tests {
         assert_eq!(
             (role.ping_interval, role.ping_window),
             (Duration::from_millis(100), Duration::from_millis(500))
+        );
+        assert_eq!(
+            (role.drain_grace, role.drain_quiet),
+            (Duration::from_mins(5), Duration::from_mins(1))
         );
         let plan = crate::exit::plan(
             &Ok(std::sync::Arc::new(r.clone())),

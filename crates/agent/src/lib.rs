@@ -41,7 +41,8 @@ pub struct Options {
     pub watch_interval: Duration,
 }
 
-/// Runs until SIGTERM/SIGINT, then leaves the namespace blocked.
+/// Runs until SIGTERM/SIGINT, then leaves the namespace blocked. A gateway exit first drains:
+/// it keeps carrying its clients' established flows for its grace ([`exit::drain`]).
 pub async fn run(options: Options) -> std::io::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let (status_tx, status_rx) = watch::channel(Status::default());
@@ -85,6 +86,7 @@ pub async fn run(options: Options) -> std::io::Result<()> {
     });
 
     let machine = linux_machine(&options.state_dir, status_tx, metrics);
+    let drain_config = config_rx.clone();
     let signals = tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
         if let (Ok(mut term), Ok(mut int)) = (
@@ -95,6 +97,13 @@ pub async fn run(options: Options) -> std::io::Result<()> {
                 _ = term.recv() => {}
                 _ = int.recv() => {}
             }
+        }
+        let drain = drain_config.borrow().as_deref().ok().and_then(|config| {
+            let role = config.exit.as_ref()?;
+            Some((role.drain_grace, role.drain_quiet))
+        });
+        if let Some((grace, quiet)) = drain {
+            exit::drain(grace, quiet).await;
         }
         let _ = shutdown_tx.send(true);
     });

@@ -458,6 +458,114 @@ fn assert_new_flows_settle_on(lab: &lab::TestLab, pod: &str, survivor: &str) {
     );
 }
 
+/// `count` slow TCP flows at once from the pod to the echo service, each sending a header line
+/// every 3 s for about 18 s before its request ends: what each saw as the source address.
+fn slow_flows(lab: &lab::TestLab, pod: &str, count: u32) -> Vec<String> {
+    let script = format!(
+        "k=0; while [ $k -lt {count} ]; do (r=$( (printf 'GET /ip HTTP/1.0\\r\\n'; i=0; while [ $i -lt 6 ]; do sleep 3; printf 'X-Slow: %s\\r\\n' $i; i=$((i+1)); done; printf '\\r\\n') | nc -w 30 {ECHO} 80 2>&1 | tail -n 1); echo \"r=$r\") & k=$((k+1)); done; wait"
+    );
+    lab.kubectl(&["-n", DEMO_NAMESPACE, "exec", pod, "--", "sh", "-c", &script])
+        .lines()
+        .filter_map(|l| l.strip_prefix("r="))
+        .map(|r| r.trim().to_owned())
+        .collect()
+}
+
+#[test]
+fn a_deleted_exit_drains_keeping_its_established_flows_taking_no_new_ones_and_leaves_once_they_end()
+{
+    let lab = lab::shared();
+    let _turn = lab::serial();
+    let gw = healthy_gateway(lab);
+    let grace = gw["spec"]["exits"]["drainGrace"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(
+        grace, "3m",
+        "the example's drain grace, which this test measures against"
+    );
+    let name = "gw-drain";
+    let pod = running_client(lab, name);
+    let client_node = str_at(&pod, "/spec/nodeName");
+    let exits = gw["status"]["exits"].as_array().unwrap().clone();
+    let gone = exits
+        .iter()
+        .find(|e| str_at(e, "/node") != client_node)
+        .unwrap_or(&exits[0]);
+    let kept = exits.iter().find(|e| *e != gone).unwrap();
+    let (gone_name, draining, survivor) = (
+        str_at(gone, "/name"),
+        exit_address(gone),
+        exit_address(kept),
+    );
+    let gone_uid = str_at(
+        &lab.json(&["-n", DEMO_NAMESPACE, "get", "pod", &gone_name]),
+        "/metadata/uid",
+    );
+    let leaks = Leaks::install(lab, &str_at(&pod, "/status/podIP"));
+
+    let (answers, flows_ended) = std::thread::scope(|scope| {
+        // Twelve flows, each on either exit: all twelve on the survivor is 1 run in 4,096.
+        let slow = scope.spawn(|| {
+            let answers = slow_flows(lab, name, 12);
+            (answers, std::time::Instant::now())
+        });
+        std::thread::sleep(Duration::from_secs(4));
+        lab.kubectl(&[
+            "-n",
+            DEMO_NAMESPACE,
+            "delete",
+            "pod",
+            &gone_name,
+            "--wait=false",
+        ]);
+        // New flows leave by the survivor while the draining exit still carries the old ones.
+        assert_new_flows_settle_on(lab, name, &survivor);
+        slow.join().unwrap()
+    });
+    let tally = tally(&answers);
+    assert_eq!(
+        answers.len(),
+        12,
+        "every slow flow got its answer: {answers:?}"
+    );
+    assert!(
+        answers.iter().all(|a| *a == draining || *a == survivor),
+        "a slow flow failed: {answers:?}"
+    );
+    assert!(
+        tally.contains_key(&draining),
+        "no slow flow took the exit that was deleted, so its drain was not seen: {tally:?}"
+    );
+
+    // Its flows ended: it leaves after a minute of quiet, well before its three-minute grace.
+    let left = eventually(
+        "the drained exit's pod is gone",
+        Duration::from_mins(2),
+        || {
+            let now = lab.try_kubectl(&[
+                "-n",
+                DEMO_NAMESPACE,
+                "get",
+                "pod",
+                &gone_name,
+                "-o",
+                "jsonpath={.metadata.uid}",
+            ]);
+            match now {
+                Ok(uid) if uid.trim() == gone_uid => Err("still draining".to_owned()),
+                _ => Ok(flows_ended.elapsed()),
+            }
+        },
+    );
+    eprintln!("the drained exit left {left:?} after its last flow ended");
+    assert!(leaks.read("carried") > 0, "the counters are blind");
+    assert_eq!(leaks.read("leaked"), 0, "client packets left by an uplink");
+    drop(leaks);
+    delete_client(lab, name);
+}
+
 /// The gateway servers (2 and up) of the lab providers `providers`: what an outage of their
 /// exits cuts off.
 fn gateway_servers(providers: &[&layout::Provider]) -> Vec<String> {

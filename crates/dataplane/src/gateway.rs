@@ -777,8 +777,107 @@ impl ExitPlan {
     }
 }
 
+/// The clients' flows an exit carries that are still in use: what a draining exit waits for.
+/// From `conntrack -L -f ipv4` in the exit's namespace (the calling thread's), with the kernel's
+/// idle timeouts of that namespace.
+pub fn active_client_flows(quiet: std::time::Duration) -> Result<usize, Error> {
+    let out = std::process::Command::new("conntrack")
+        .args(["-L", "-f", "ipv4"])
+        .output()
+        .map_err(Error::io("conntrack -L"))?;
+    if !out.status.success() {
+        return Err(Error::Command {
+            command: "conntrack -L".into(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    let timeout = |name: &str, default: u64| {
+        std::fs::read_to_string(format!("/proc/sys/net/netfilter/{name}"))
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(default)
+    };
+    let timeouts = FlowTimeouts {
+        tcp_established: timeout("nf_conntrack_tcp_timeout_established", 432_000),
+        udp_stream: timeout("nf_conntrack_udp_timeout_stream", 120),
+    };
+    Ok(count_active_client_flows(
+        &String::from_utf8_lossy(&out.stdout),
+        timeouts,
+        quiet.as_secs(),
+    ))
+}
+
+/// The kernel's idle timeouts (seconds) of the flows a drain counts: each packet sets an entry's
+/// remaining time back to these, so the difference is how long the flow has been quiet.
+#[derive(Debug, Clone, Copy)]
+pub struct FlowTimeouts {
+    pub tcp_established: u64,
+    pub udp_stream: u64,
+}
+
+/// How many entries of a `conntrack -L` listing are client flows (from the nodes' transit
+/// range, not to the exit's own DNS forwarder) that carried a packet in the last `quiet`
+/// seconds: established TCP, and UDP seen both ways. Closing TCP and one-way UDP end by
+/// themselves; a flow quiet for longer is taken as abandoned (a client whose flow was reset at
+/// its node leaves its entry here).
+pub fn count_active_client_flows(listing: &str, timeouts: FlowTimeouts, quiet: u64) -> usize {
+    let transit: ipnet::Ipv4Net = TRANSIT_RANGE.parse().unwrap_or_default();
+    listing
+        .lines()
+        .filter(|line| {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let field = |key: &str| {
+                words
+                    .iter()
+                    .find_map(|w| w.strip_prefix(key))
+                    .and_then(|v| v.parse::<Ipv4Addr>().ok())
+            };
+            let from_a_client = field("src=").is_some_and(|a| transit.contains(&a))
+                && field("dst=").is_some_and(|a| a != EXIT_ADDRESS);
+            let remaining = |at: usize| words.get(at).and_then(|w| w.parse::<u64>().ok());
+            let recent = |full: u64, at: usize| {
+                remaining(at).is_some_and(|left| full.saturating_sub(left) < quiet)
+            };
+            from_a_client
+                && match words.first() {
+                    Some(&"tcp") => {
+                        words.get(3) == Some(&"ESTABLISHED") && recent(timeouts.tcp_established, 2)
+                    }
+                    Some(&"udp") => words.contains(&"[ASSURED]") && recent(timeouts.udp_stream, 2),
+                    _ => false,
+                }
+        })
+        .count()
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_drain_counts_client_flows_that_carried_a_packet_lately_and_nothing_else() {
+        let listing = "\
+tcp      6 431990 ESTABLISHED src=198.19.0.2 dst=203.0.113.10 sport=40000 dport=80 src=203.0.113.10 dst=10.64.0.2 sport=80 dport=40000 [ASSURED] mark=0 use=1
+tcp      6 300000 ESTABLISHED src=198.19.0.2 dst=203.0.113.10 sport=40001 dport=80 src=203.0.113.10 dst=10.64.0.2 sport=80 dport=40001 [ASSURED] mark=0 use=1
+tcp      6 118 TIME_WAIT src=198.19.0.3 dst=203.0.113.10 sport=40002 dport=80 src=203.0.113.10 dst=10.64.0.2 sport=80 dport=40002 [ASSURED] mark=0 use=1
+tcp      6 431999 ESTABLISHED src=10.244.1.5 dst=10.244.2.9 sport=9090 dport=5000 src=10.244.2.9 dst=10.244.1.5 sport=5000 dport=9090 [ASSURED] mark=0 use=1
+udp      17 115 src=198.19.0.3 dst=203.0.113.10 sport=5000 dport=7 src=203.0.113.10 dst=10.64.0.2 sport=7 dport=5000 [ASSURED] mark=0 use=1
+udp      17 29 src=198.19.0.3 dst=203.0.113.10 sport=5001 dport=7 [UNREPLIED] src=203.0.113.10 dst=10.64.0.2 sport=7 dport=5001 mark=0 use=1
+udp      17 110 src=198.19.0.2 dst=198.19.0.1 sport=5353 dport=53 src=198.19.0.1 dst=198.19.0.2 sport=53 dport=5353 [ASSURED] mark=0 use=1
+udp      17 20 src=198.19.0.3 dst=203.0.113.10 sport=5002 dport=7 src=203.0.113.10 dst=10.64.0.2 sport=7 dport=5002 [ASSURED] mark=0 use=1
+icmp     1 29 src=198.19.0.2 dst=203.0.113.10 type=8 code=0 id=7 src=203.0.113.10 dst=10.64.0.2 type=0 code=0 id=7 mark=0 use=1
+";
+        let timeouts = FlowTimeouts {
+            tcp_established: 432_000,
+            udp_stream: 120,
+        };
+        // The first TCP flow (10 s quiet) and the first UDP one (5 s); not the TCP flow quiet
+        // for 132,000 s, the closing one, the pod network's own flow, one-way UDP, DNS to the
+        // exit's forwarder, UDP quiet for 100 s, ICMP.
+        assert_eq!(count_active_client_flows(listing, timeouts, 60), 2);
+        assert_eq!(count_active_client_flows(listing, timeouts, 5), 0);
+        assert_eq!(count_active_client_flows("", timeouts, 60), 0);
+    }
     use super::*;
 
     fn plan(states: &[ExitUse]) -> NodePlan {

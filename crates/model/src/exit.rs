@@ -63,14 +63,25 @@ pub struct ExitAgent<'a> {
     /// The resolver asked through the tunnel for every other name (`None`: the one in the
     /// exit's credentials).
     pub upstream: Option<IpAddr>,
+    /// How long a deleted exit keeps carrying its established flows (`spec.exits.drainGrace`).
+    pub drain_grace: std::time::Duration,
 }
+
+/// `spec.exits.drainGrace` when absent.
+pub const DEFAULT_DRAIN_GRACE: std::time::Duration = std::time::Duration::from_mins(5);
+
+/// What the kubelet waits past an exit's drain grace before it kills the agent: time to stop.
+const STOP_SECONDS: u64 = 10;
 
 /// The agent config of one exit, as YAML (JSON is YAML). Probes every second and gives up after
 /// two failures: an exit that stops carrying traffic must stop answering the nodes' health
 /// probes quickly, and a node then moves new flows off it.
 pub fn agent_config(exit: &ExitAgent<'_>) -> String {
     let bypass: Vec<String> = exit.bypass.iter().map(ToString::to_string).collect();
-    let mut role = json!({"vni": exit.vni, "mss": exit.mss});
+    let mut role = json!({
+        "vni": exit.vni, "mss": exit.mss,
+        "drainGrace": format!("{}ms", exit.drain_grace.as_millis()),
+    });
     if !exit.cluster_domains.is_empty() {
         role["clusterDomains"] = json!(exit.cluster_domains);
     }
@@ -124,6 +135,9 @@ pub struct ExitPod<'a> {
     pub keys: Vec<(&'a str, &'a str)>,
     /// The exit's mask (controller: the pod goes when the mask does).
     pub owner: OwnerReference,
+    /// How long the agent drains once the pod is deleted: the kubelet waits that long, and a
+    /// little more, before it kills it.
+    pub drain_grace: std::time::Duration,
 }
 
 /// The exit pod: `cloak agent` with the one server's credentials, privileged (it creates the
@@ -150,7 +164,8 @@ pub fn pod(input: &ExitPod<'_>) -> Result<Pod, serde_json::Error> {
         "spec": {
             "automountServiceAccountToken": false,
             "enableServiceLinks": false,
-            "terminationGracePeriodSeconds": 5,
+            "terminationGracePeriodSeconds":
+                input.drain_grace.as_secs() + u64::from(input.drain_grace.subsec_nanos() > 0) + STOP_SECONDS,
             // An exit whose agent stops is replaced by the operator on the next server, instead
             // of restarting on the same one.
             "restartPolicy": "Never",
@@ -312,6 +327,7 @@ mod tests {
             server: "nl-2",
             keys: vec![("wg0.conf", "nl-2.conf")],
             owner: owner(),
+            drain_grace: std::time::Duration::from_millis(90_500),
         })
         .unwrap();
         let v = serde_json::to_value(&pod).unwrap();
@@ -330,6 +346,10 @@ mod tests {
             v["metadata"]["labels"].get("cloak.dev/gateway").is_none(),
             "an exit never carries the client label"
         );
+        assert_eq!(
+            v["spec"]["terminationGracePeriodSeconds"], 101,
+            "the drain grace, rounded up, and time to stop"
+        );
     }
 
     #[test]
@@ -342,9 +362,13 @@ mod tests {
             bypass: &bypass,
             cluster_domains: &[],
             upstream: None,
+            drain_grace: DEFAULT_DRAIN_GRACE,
         });
         let v: Value = serde_json::from_str(&text).unwrap();
-        assert_eq!(v["exit"], json!({"vni": 4096, "mss": 1330}));
+        assert_eq!(
+            v["exit"],
+            json!({"vni": 4096, "mss": 1330, "drainGrace": "300000ms"})
+        );
         assert_eq!(v["bypass"], json!(["10.244.0.0/16"]));
         assert_eq!(v["health"]["probe"], "http://203.0.113.10/ip");
         assert!(v.get("dns").is_none(), "the credentials' resolver");
@@ -357,6 +381,7 @@ mod tests {
             bypass: &bypass,
             cluster_domains: &domains,
             upstream: Some("9.9.9.9".parse().unwrap()),
+            drain_grace: std::time::Duration::ZERO,
         });
         let v: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(v["exit"]["clusterDomains"], json!(domains));

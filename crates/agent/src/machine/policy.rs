@@ -57,6 +57,8 @@ mod tests {
                 ping_window: std::time::Duration::from_millis(500),
                 cluster_domains: vec!["cluster.local".into()],
                 cluster_resolver: Some("10.96.0.10".parse().unwrap()),
+                drain_grace: std::time::Duration::ZERO,
+                drain_quiet: std::time::Duration::ZERO,
             }),
             ..plain.clone()
         };

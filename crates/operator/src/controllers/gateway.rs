@@ -238,6 +238,7 @@ async fn apply(gateway: &VpnGateway, ctx: &Context) -> Result<Action> {
         gateway.spec.intranet.iter().map(|c| c.get()).collect()
     };
     let dns = gateway.spec.dns.as_ref();
+    let drain_grace = drain_grace(gateway);
     let configs = found.iter().filter_map(|(exit_name, f)| {
         let vni = vni_of(&f.mask)?;
         let config = exit::agent_config(&exit::ExitAgent {
@@ -248,6 +249,7 @@ async fn apply(gateway: &VpnGateway, ctx: &Context) -> Result<Action> {
             cluster_domains: dns.map_or(&[], |d| d.cluster_domains.as_slice()),
             // The agent's firewall lets DNS through the tunnel to one resolver.
             upstream: dns.and_then(|d| d.upstreams.first().copied()),
+            drain_grace,
         });
         Some((exit_name.clone(), config))
     });
@@ -432,6 +434,15 @@ async fn count_clients(gateway: &VpnGateway, ctx: &Context) -> Result<u32> {
     Ok(u32::try_from(count).unwrap_or(u32::MAX))
 }
 
+fn drain_grace(gateway: &VpnGateway) -> Duration {
+    gateway
+        .spec
+        .exits
+        .drain_grace
+        .as_ref()
+        .map_or(exit::DEFAULT_DRAIN_GRACE, cloak_api::GoDuration::get)
+}
+
 /// The exit's VXLAN identifier, from its mask's annotation.
 fn vni_of(mask: &VpnMask) -> Option<u32> {
     mask.annotations().get(exit::ANNOTATION_VNI)?.parse().ok()
@@ -539,6 +550,7 @@ async fn exit_pod(
             block_owner_deletion: Some(true),
             ..mask_ref
         },
+        drain_grace: drain_grace(gateway),
     })?;
     let created = Api::<Pod>::namespaced(ctx.client.clone(), &ns)
         .create(&PostParams::default(), &pod)
