@@ -77,6 +77,7 @@ pub async fn run(options: Options) -> std::io::Result<()> {
     let app = Router::new()
         .route("/livez", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
+        .route(cloak_model::exit::STATUS_PATH, get(status_json))
         .route("/metrics", get(metrics_text))
         .with_state((status_rx, Arc::clone(&metrics)));
     tokio::spawn(async move {
@@ -198,6 +199,24 @@ async fn readyz(State((status, _)): State<AdminState>) -> (StatusCode, String) {
             format!("not ready: {line}\n"),
         )
     }
+}
+
+/// The agent's state as JSON: what the operator reads for an exit's public address.
+async fn status_json(
+    State((status, _)): State<AdminState>,
+) -> ([(axum::http::header::HeaderName, &'static str); 1], String) {
+    let s = status.borrow().clone();
+    let body = serde_json::json!({
+        "phase": s.phase.to_string(),
+        "message": s.message,
+        "ready": s.ready(),
+        "exitAddress": s.exit_ip,
+        "reconnects": s.reconnects,
+    });
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
 }
 
 async fn metrics_text(State((_, metrics)): State<AdminState>) -> String {

@@ -651,13 +651,35 @@ fn lab_status_shows_the_gateways_exits_and_the_address_its_example_client_is_see
             other => Err(format!("{other:?}")),
         },
     );
+    // Each exit's public address, as its agent's probe saw it, is in the status.
+    let gw = eventually(
+        "each exit's public address in the status",
+        Duration::from_mins(1),
+        || {
+            let gw = gateway(lab);
+            let exits = gw["status"]["exits"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            if exits.len() == 2
+                && exits
+                    .iter()
+                    .all(|e| str_at(e, "/publicAddress") == exit_address(e))
+            {
+                Ok(gw)
+            } else {
+                Err(format!("{}", gw["status"]))
+            }
+        },
+    );
     let out = lab::cloak_lab(lab.lab.name(), &["status"]);
     let text = String::from_utf8_lossy(&out.stdout);
     for exit in gw["status"]["exits"].as_array().unwrap() {
         let row = format!("cloak-demo/egress:{}", str_at(exit, "/name"));
         assert!(
-            text.lines()
-                .any(|l| l.starts_with(&row) && l.contains("Healthy")),
+            text.lines().any(|l| l.starts_with(&row)
+                && l.contains("Healthy")
+                && l.contains(&exit_address(exit))),
             "{text}"
         );
     }

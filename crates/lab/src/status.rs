@@ -140,6 +140,7 @@ pub(crate) fn render(lab: &Lab, kubectl: &Path) -> Result<String> {
         "POD IP",
         "PROVIDER",
         "SERVER",
+        "PUBLIC ADDRESS",
         "HEALTH",
         "MESSAGE",
     ])];
@@ -152,6 +153,7 @@ pub(crate) fn render(lab: &Lab, kubectl: &Path) -> Result<String> {
                 str_at(e, "/podIp"),
                 str_at(e, "/provider"),
                 str_at(e, "/server"),
+                str_at(e, "/publicAddress"),
                 str_at(e, "/health"),
                 str_at(e, "/message"),
             ]);

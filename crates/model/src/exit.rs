@@ -37,6 +37,19 @@ pub const CREDENTIALS_DIR: &str = "/var/run/cloak/credentials";
 pub const CONFIG_DIR: &str = "/etc/cloak";
 pub const ADMIN_PORT: u16 = 9090;
 
+/// The agent's admin path that tells its state as JSON, `exitAddress` among it.
+pub const STATUS_PATH: &str = "/status";
+
+/// The public address in an agent's [`STATUS_PATH`] answer (an HTTP/1.0 response or its body):
+/// the address its probe saw the tunnel leave with.
+pub fn public_address(response: &str) -> Option<IpAddr> {
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or(response, |(_, body)| body);
+    let status: Value = serde_json::from_str(body.trim()).ok()?;
+    status.get("exitAddress")?.as_str()?.parse().ok()
+}
+
 /// The ConfigMap holding the agent configs of a gateway's exits.
 pub fn config_map_name(gateway: &str) -> String {
     names::join(&[gateway, "exits"])
@@ -350,6 +363,17 @@ mod tests {
             v["spec"]["terminationGracePeriodSeconds"], 101,
             "the drain grace, rounded up, and time to stop"
         );
+    }
+
+    #[test]
+    fn the_public_address_is_read_from_the_agents_status_answer() {
+        let answer = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\r\n{\"phase\":\"connected\",\"ready\":true,\"exitAddress\":\"198.51.100.7\"}";
+        assert_eq!(
+            public_address(answer),
+            Some("198.51.100.7".parse().unwrap())
+        );
+        assert_eq!(public_address("{\"exitAddress\":null}"), None);
+        assert_eq!(public_address("HTTP/1.1 500 oops\r\n\r\nnot json"), None);
     }
 
     #[test]

@@ -79,6 +79,9 @@ pub struct Config {
     /// Safety-net requeue of masks holding a slot: a missed event (a provider deleted while
     /// the mask's assignment was still being recorded) is noticed within this time.
     pub holder_resync: Duration,
+    /// The port of an exit agent's admin server, asked for the exit's public address
+    /// (`cloak_model::exit::STATUS_PATH` on the pod's address). None: not asked.
+    pub exit_admin_port: Option<u16>,
 }
 
 impl Default for Config {
@@ -92,6 +95,7 @@ impl Default for Config {
             waiting_requeue: Duration::from_mins(1),
             intranet: Vec::new(),
             holder_resync: Duration::from_mins(5),
+            exit_admin_port: Some(cloak_model::exit::ADMIN_PORT),
         }
     }
 }

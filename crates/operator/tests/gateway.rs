@@ -45,6 +45,7 @@ fn operator() -> Client {
             .with_test_writer()
             .try_init();
         let config = cloak_operator::Config {
+            exit_admin_port: Some(exit_agents()),
             instance: "gateway-test-operator".into(),
             verify_ip_url: "http://203.0.113.10/ip".into(),
             agent_image: "cloak.dev/test/cloak:dev".into(),
@@ -61,6 +62,33 @@ fn operator() -> Client {
         });
     });
     cp.client()
+}
+
+/// What every exit's agent answers when the operator asks for its public address.
+const PUBLIC_ADDRESS: &str = "198.51.100.7";
+
+/// The exits' admin servers, played on loopback (the tests write every exit pod's address as
+/// 127.0.0.1): each connection gets the agent's status answer. Returns the port.
+fn exit_agents() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+            let mut request = [0_u8; 1024];
+            let _ = std::io::Read::read(&mut stream, &mut request);
+            let body = format!(
+                "{{\"phase\":\"connected\",\"ready\":true,\"exitAddress\":\"{PUBLIC_ADDRESS}\"}}"
+            );
+            let answer = format!(
+                "HTTP/1.0 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = std::io::Write::write_all(&mut stream, answer.as_bytes());
+        }
+    });
+    port
 }
 
 /// The test namespace, and provider `pool` (tag `nl`, `max_slots` slots, verification
@@ -159,7 +187,7 @@ async fn bind(client: &Client, ns: &str, pod: &str, node: &str) {
 async fn set_pod(client: &Client, ns: &str, pod: &str, phase: &str, ready: bool) {
     let ready = if ready { "True" } else { "False" };
     let status = json!({"status": {
-        "phase": phase, "podIP": "10.244.1.7",
+        "phase": phase, "podIP": "127.0.0.1",
         "conditions": [{"type": "Ready", "status": ready}],
     }});
     Api::<Pod>::namespaced(client.clone(), ns)
@@ -296,7 +324,12 @@ async fn an_exit_going_down_and_back_is_in_the_status_and_in_events_and_a_stoppe
     let status = g.status.unwrap();
     let e0 = status.exits.iter().find(|e| e.name == exit0).unwrap();
     assert_eq!(e0.node.as_deref(), Some("node-1"));
-    assert_eq!(e0.pod_ip.as_deref(), Some("10.244.1.7"));
+    assert_eq!(e0.pod_ip.as_deref(), Some("127.0.0.1"));
+    assert_eq!(
+        e0.public_address.as_deref(),
+        Some(PUBLIC_ADDRESS),
+        "asked of its agent once healthy"
+    );
     let condition = |t: &str| {
         status
             .conditions

@@ -328,6 +328,20 @@ async fn apply(gateway: &VpnGateway, ctx: &Context) -> Result<Action> {
         {
             announce(ctx, gateway, exit_name, w.health, health, &message).await;
         }
+        let server = f
+            .pod
+            .as_ref()
+            .and_then(|p| p.annotations().get(exit::ANNOTATION_SERVER).cloned());
+        // Known while the exit keeps its server; asked of its agent once it is healthy.
+        let known = was
+            .filter(|w| w.server == server)
+            .and_then(|w| w.public_address.clone());
+        let public_address = match (health, view.as_ref().and_then(|v| v.ip)) {
+            (ExitHealth::Healthy, Some(ip)) if known.is_none() => {
+                ask_public_address(ctx, ip).await.map(|a| a.to_string())
+            }
+            _ => known,
+        };
         exits.push(ExitStatus {
             name: exit_name.clone(),
             node: view.as_ref().and_then(|v| v.node.clone()),
@@ -335,11 +349,8 @@ async fn apply(gateway: &VpnGateway, ctx: &Context) -> Result<Action> {
             pod_ip: view.as_ref().and_then(|v| v.ip).map(|ip| ip.to_string()),
             provider: held.map(|h| h.name.clone()),
             slot: held.map(|h| h.slot),
-            server: f
-                .pod
-                .as_ref()
-                .and_then(|p| p.annotations().get(exit::ANNOTATION_SERVER).cloned()),
-            public_address: was.and_then(|w| w.public_address.clone()),
+            server,
+            public_address,
             health,
             since,
             message: Some(message),
@@ -441,6 +452,35 @@ fn drain_grace(gateway: &VpnGateway) -> Duration {
         .drain_grace
         .as_ref()
         .map_or(exit::DEFAULT_DRAIN_GRACE, cloak_api::GoDuration::get)
+}
+
+/// The public address an exit's agent saw its tunnel leave with (its probe's answer), from
+/// the agent's admin server. `None` when it cannot tell within a second.
+async fn ask_public_address(ctx: &Context, pod_ip: std::net::IpAddr) -> Option<std::net::IpAddr> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let port = ctx.config.exit_admin_port?;
+    let asked = async {
+        let mut stream = tokio::net::TcpStream::connect((pod_ip, port)).await?;
+        let request = format!(
+            "GET {} HTTP/1.0\r\nHost: {pod_ip}\r\n\r\n",
+            exit::STATUS_PATH
+        );
+        stream.write_all(request.as_bytes()).await?;
+        let mut answer = Vec::new();
+        stream.take(64 * 1024).read_to_end(&mut answer).await?;
+        std::io::Result::Ok(answer)
+    };
+    match tokio::time::timeout(Duration::from_secs(1), asked).await {
+        Ok(Ok(answer)) => exit::public_address(&String::from_utf8_lossy(&answer)),
+        Ok(Err(e)) => {
+            tracing::debug!(%pod_ip, %e, "asking an exit for its public address");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(%pod_ip, "asking an exit for its public address: no answer within 1 s");
+            None
+        }
+    }
 }
 
 /// The exit's VXLAN identifier, from its mask's annotation.
