@@ -116,7 +116,8 @@ pub struct ExitsSpec {
     pub providers: Vec<String>,
 
     /// How long a draining exit (rollout, node drain, scale-down) keeps carrying its established
-    /// flows after it stops getting new ones. Default 5m.
+    /// flows after it stops getting new ones; it leaves sooner once they have been quiet for a
+    /// minute. Its pod's termination grace period is this plus 10 s. Default 5m.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain_grace: Option<GoDuration>,
 }
