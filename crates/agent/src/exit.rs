@@ -135,11 +135,11 @@ pub fn dns_routing(config: &ConfigResult) -> Option<Routing> {
     })
 }
 
-/// Waits for a config with an exit role, then serves its clients' DNS on the exits' inner address
-/// (`dataplane::dnsforward`), routing each query by the config current when it arrives.
 /// A draining exit (SIGTERM: its pod is being deleted, and the nodes give it no new flows)
 /// keeps carrying its clients' flows until none has carried a packet for `quiet`, for at most
-/// `grace`. The flows are counted every second from conntrack.
+/// `grace`. The flows are read every second from conntrack ([`FlowWatch`]).
+///
+/// [`FlowWatch`]: cloak_dataplane::gateway::FlowWatch
 pub async fn drain(grace: Duration, quiet: Duration) {
     if grace.is_zero() {
         return;
@@ -151,19 +151,19 @@ pub async fn drain(grace: Duration, quiet: Duration) {
     );
     let began = tokio::time::Instant::now();
     let deadline = began + grace;
+    let mut watch = cloak_dataplane::gateway::FlowWatch::default();
     loop {
-        let counted = tokio::task::spawn_blocking(move || {
-            cloak_dataplane::gateway::active_client_flows(quiet)
-        })
-        .await;
-        match counted {
-            Ok(Ok(0)) => {
-                tracing::info!(after = ?began.elapsed(), "drained: no client flow carried a packet lately");
-                return;
-            }
-            Ok(Ok(flows)) => tracing::debug!(flows, "draining"),
-            Ok(Err(e)) => tracing::warn!(%e, "counting the client flows; again in 1 s"),
-            Err(e) => tracing::warn!(%e, "counting the client flows; again in 1 s"),
+        let listed = tokio::task::spawn_blocking(cloak_dataplane::gateway::list_flows).await;
+        match listed {
+            Ok(Ok(listing)) => match watch.update(&listing, std::time::Instant::now(), quiet) {
+                0 => {
+                    tracing::info!(after = ?began.elapsed(), "drained: no client flow carried a packet lately");
+                    return;
+                }
+                flows => tracing::debug!(flows, "draining"),
+            },
+            Ok(Err(e)) => tracing::warn!(%e, "listing the client flows; again in 1 s"),
+            Err(e) => tracing::warn!(%e, "listing the client flows; again in 1 s"),
         }
         if tokio::time::Instant::now() + Duration::from_secs(1) >= deadline {
             tracing::info!(?grace, "drain grace over");
@@ -173,6 +173,8 @@ pub async fn drain(grace: Duration, quiet: Duration) {
     }
 }
 
+/// Waits for a config with an exit role, then serves its clients' DNS on the exits' inner address
+/// (`dataplane::dnsforward`), routing each query by the config current when it arrives.
 pub async fn serve_dns(mut config: watch::Receiver<ConfigResult>) {
     while dns_routing(&config.borrow_and_update()).is_none() {
         if config.changed().await.is_err() {

@@ -90,21 +90,28 @@ pub async fn run(options: Options) -> std::io::Result<()> {
     let drain_config = config_rx.clone();
     let signals = tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
-        if let (Ok(mut term), Ok(mut int)) = (
+        let (Ok(mut term), Ok(mut int)) = (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
-        ) {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
+        ) else {
+            let _ = shutdown_tx.send(true);
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
         }
         let drain = drain_config.borrow().as_deref().ok().and_then(|config| {
             let role = config.exit.as_ref()?;
             Some((role.drain_grace, role.drain_quiet))
         });
         if let Some((grace, quiet)) = drain {
-            exit::drain(grace, quiet).await;
+            // A second signal stops it at once.
+            tokio::select! {
+                () = exit::drain(grace, quiet) => {}
+                _ = term.recv() => tracing::info!("stopping: a second signal during the drain"),
+                _ = int.recv() => tracing::info!("stopping: a second signal during the drain"),
+            }
         }
         let _ = shutdown_tx.send(true);
     });

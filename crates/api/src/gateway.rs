@@ -116,8 +116,9 @@ pub struct ExitsSpec {
     pub providers: Vec<String>,
 
     /// How long a draining exit (rollout, node drain, scale-down) keeps carrying its established
-    /// flows after it stops getting new ones; it leaves sooner once they have been quiet for a
-    /// minute. Its pod's termination grace period is this plus 10 s. Default 5m.
+    /// flows after it stops getting new ones; it leaves sooner once they have ended or been
+    /// quiet for a minute. Its pod's termination grace period is this plus 10 s, fixed when the
+    /// pod is created: a change applies to exits created after it. Default 5m.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain_grace: Option<GoDuration>,
 }
@@ -315,8 +316,9 @@ pub struct VpnGatewayStatus {
     #[serde(default)]
     pub healthy_exits: u32,
 
-    /// Running client pods, each attached by its node before its containers started. Pods
-    /// being deleted are not counted.
+    /// Running pods that are this gateway's clients (its label, or its `podSelector`), not
+    /// being deleted. A pod is attached when its sandbox is created: one that ran before it
+    /// matched is counted but not attached until it is created again.
     #[serde(default)]
     pub clients: u32,
 

@@ -771,16 +771,18 @@ impl ExitPlan {
         ])?;
         sysctl("net.ipv4.ip_forward", "1")?;
         sysctl(&format!("net.ipv4.conf.{EXIT_IFACE}.rp_filter"), "0")?;
+        // Packet counts per flow, which a draining exit watches ([`FlowWatch`]). Without them
+        // it reads the flows' timeouts, less surely: not a reason to carry no traffic.
+        let _ = sysctl("net.netfilter.nf_conntrack_acct", "1");
         ip(&["link", "set", "dev", EXIT_IFACE, "up"])?;
         run("nft", &["-f", "-"], Some(self.render().as_bytes()))?;
         Ok(())
     }
 }
 
-/// The clients' flows an exit carries that are still in use: what a draining exit waits for.
-/// From `conntrack -L -f ipv4` in the exit's namespace (the calling thread's), with the kernel's
-/// idle timeouts of that namespace.
-pub fn active_client_flows(quiet: std::time::Duration) -> Result<usize, Error> {
+/// The IPv4 flows of the exit's namespace (the calling thread's), as `conntrack -L` lists them:
+/// what a draining exit watches ([`FlowWatch`]).
+pub fn list_flows() -> Result<String, Error> {
     let out = std::process::Command::new("conntrack")
         .args(["-L", "-f", "ipv4"])
         .output()
@@ -791,92 +793,164 @@ pub fn active_client_flows(quiet: std::time::Duration) -> Result<usize, Error> {
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
         });
     }
-    let timeout = |name: &str, default: u64| {
-        std::fs::read_to_string(format!("/proc/sys/net/netfilter/{name}"))
-            .ok()
-            .and_then(|t| t.trim().parse().ok())
-            .unwrap_or(default)
-    };
-    let timeouts = FlowTimeouts {
-        tcp_established: timeout("nf_conntrack_tcp_timeout_established", 432_000),
-        udp_stream: timeout("nf_conntrack_udp_timeout_stream", 120),
-    };
-    Ok(count_active_client_flows(
-        &String::from_utf8_lossy(&out.stdout),
-        timeouts,
-        quiet.as_secs(),
-    ))
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// The kernel's idle timeouts (seconds) of the flows a drain counts: each packet sets an entry's
-/// remaining time back to these, so the difference is how long the flow has been quiet.
+/// The clients' flows a draining exit still carries, watched over successive `conntrack -L`
+/// listings: a flow is in use while it carried a packet within the quiet time. A packet shows
+/// as a higher packet count (the exit turns conntrack accounting on) or, without counts, as its
+/// remaining timeout moving other than by the clock. A flow first seen counts as just used.
+#[derive(Debug, Default)]
+pub struct FlowWatch {
+    flows: std::collections::HashMap<String, Seen>,
+}
+
 #[derive(Debug, Clone, Copy)]
-pub struct FlowTimeouts {
-    pub tcp_established: u64,
-    pub udp_stream: u64,
+struct Seen {
+    packets: u64,
+    remaining: u64,
+    at: std::time::Instant,
+    active: std::time::Instant,
 }
 
-/// How many entries of a `conntrack -L` listing are client flows (from the nodes' transit
-/// range, not to the exit's own DNS forwarder) that carried a packet in the last `quiet`
-/// seconds: established TCP, and UDP seen both ways. Closing TCP and one-way UDP end by
-/// themselves; a flow quiet for longer is taken as abandoned (a client whose flow was reset at
-/// its node leaves its entry here).
-pub fn count_active_client_flows(listing: &str, timeouts: FlowTimeouts, quiet: u64) -> usize {
-    let transit: ipnet::Ipv4Net = TRANSIT_RANGE.parse().unwrap_or_default();
-    listing
-        .lines()
-        .filter(|line| {
+impl FlowWatch {
+    /// Takes in a listing made at `now`; returns how many client flows carried a packet within
+    /// `quiet` of it. Client flows: from the nodes' transit range, not to the exit's own DNS
+    /// forwarder; TCP not yet closed (TIME_WAIT and CLOSE end by themselves) and UDP seen both
+    /// ways.
+    pub fn update(
+        &mut self,
+        listing: &str,
+        now: std::time::Instant,
+        quiet: std::time::Duration,
+    ) -> usize {
+        let transit: ipnet::Ipv4Net = TRANSIT_RANGE.parse().unwrap_or_default();
+        let mut flows = std::collections::HashMap::new();
+        for line in listing.lines() {
             let words: Vec<&str> = line.split_whitespace().collect();
-            let field = |key: &str| {
-                words
-                    .iter()
-                    .find_map(|w| w.strip_prefix(key))
-                    .and_then(|v| v.parse::<Ipv4Addr>().ok())
+            let first = |key: &str| words.iter().find_map(|w| w.strip_prefix(key));
+            let address = |key: &str| first(key).and_then(|v| v.parse::<Ipv4Addr>().ok());
+            let from_a_client = address("src=").is_some_and(|a| transit.contains(&a))
+                && address("dst=").is_some_and(|a| a != EXIT_ADDRESS);
+            let carried = match words.first() {
+                Some(&"tcp") => !matches!(words.get(3), Some(&("TIME_WAIT" | "CLOSE"))),
+                Some(&"udp") => words.contains(&"[ASSURED]"),
+                _ => false,
             };
-            let from_a_client = field("src=").is_some_and(|a| transit.contains(&a))
-                && field("dst=").is_some_and(|a| a != EXIT_ADDRESS);
-            let remaining = |at: usize| words.get(at).and_then(|w| w.parse::<u64>().ok());
-            let recent = |full: u64, at: usize| {
-                remaining(at).is_some_and(|left| full.saturating_sub(left) < quiet)
-            };
-            from_a_client
-                && match words.first() {
-                    Some(&"tcp") => {
-                        words.get(3) == Some(&"ESTABLISHED") && recent(timeouts.tcp_established, 2)
-                    }
-                    Some(&"udp") => words.contains(&"[ASSURED]") && recent(timeouts.udp_stream, 2),
-                    _ => false,
+            if !from_a_client || !carried {
+                continue;
+            }
+            let key = format!(
+                "{} {} {} {} {}",
+                words[0],
+                first("src=").unwrap_or_default(),
+                first("dst=").unwrap_or_default(),
+                first("sport=").unwrap_or_default(),
+                first("dport=").unwrap_or_default(),
+            );
+            let packets = words
+                .iter()
+                .filter_map(|w| w.strip_prefix("packets=")?.parse::<u64>().ok())
+                .sum();
+            let remaining = words
+                .get(2)
+                .and_then(|w| w.parse().ok())
+                .unwrap_or_default();
+            let active = match self.flows.get(&key) {
+                None => now,
+                Some(was) => {
+                    let elapsed = now.saturating_duration_since(was.at).as_secs();
+                    let moved = remaining > was.remaining
+                        || remaining + elapsed + 1 < was.remaining
+                        || packets > was.packets;
+                    if moved { now } else { was.active }
                 }
-        })
-        .count()
+            };
+            flows.insert(
+                key,
+                Seen {
+                    packets,
+                    remaining,
+                    at: now,
+                    active,
+                },
+            );
+        }
+        self.flows = flows;
+        self.flows
+            .values()
+            .filter(|f| now.saturating_duration_since(f.active) < quiet)
+            .count()
+    }
 }
 
 #[cfg(test)]
 mod tests {
 
     #[test]
-    fn a_drain_counts_client_flows_that_carried_a_packet_lately_and_nothing_else() {
-        let listing = "\
-tcp      6 431990 ESTABLISHED src=198.19.0.2 dst=203.0.113.10 sport=40000 dport=80 src=203.0.113.10 dst=10.64.0.2 sport=80 dport=40000 [ASSURED] mark=0 use=1
-tcp      6 300000 ESTABLISHED src=198.19.0.2 dst=203.0.113.10 sport=40001 dport=80 src=203.0.113.10 dst=10.64.0.2 sport=80 dport=40001 [ASSURED] mark=0 use=1
+    fn a_drain_counts_client_flows_while_they_carry_packets_and_nothing_else() {
+        let at = |secs: u64, packets: u64, remaining: u64| {
+            format!(
+                "tcp      6 {remaining} ESTABLISHED src=198.19.0.2 dst=203.0.113.10 sport=40000 dport=80 packets={packets} bytes=1 src=203.0.113.10 dst=10.64.0.2 sport=80 dport=40000 packets=1 bytes=1 [ASSURED] mark=0 use=1 # {secs}"
+            )
+        };
+        let others = "\
 tcp      6 118 TIME_WAIT src=198.19.0.3 dst=203.0.113.10 sport=40002 dport=80 src=203.0.113.10 dst=10.64.0.2 sport=80 dport=40002 [ASSURED] mark=0 use=1
 tcp      6 431999 ESTABLISHED src=10.244.1.5 dst=10.244.2.9 sport=9090 dport=5000 src=10.244.2.9 dst=10.244.1.5 sport=5000 dport=9090 [ASSURED] mark=0 use=1
-udp      17 115 src=198.19.0.3 dst=203.0.113.10 sport=5000 dport=7 src=203.0.113.10 dst=10.64.0.2 sport=7 dport=5000 [ASSURED] mark=0 use=1
 udp      17 29 src=198.19.0.3 dst=203.0.113.10 sport=5001 dport=7 [UNREPLIED] src=203.0.113.10 dst=10.64.0.2 sport=7 dport=5001 mark=0 use=1
 udp      17 110 src=198.19.0.2 dst=198.19.0.1 sport=5353 dport=53 src=198.19.0.1 dst=198.19.0.2 sport=53 dport=5353 [ASSURED] mark=0 use=1
-udp      17 20 src=198.19.0.3 dst=203.0.113.10 sport=5002 dport=7 src=203.0.113.10 dst=10.64.0.2 sport=7 dport=5002 [ASSURED] mark=0 use=1
 icmp     1 29 src=198.19.0.2 dst=203.0.113.10 type=8 code=0 id=7 src=203.0.113.10 dst=10.64.0.2 type=0 code=0 id=7 mark=0 use=1
 ";
-        let timeouts = FlowTimeouts {
-            tcp_established: 432_000,
-            udp_stream: 120,
+        let quiet = std::time::Duration::from_mins(1);
+        let t0 = std::time::Instant::now();
+        let t = |s: u64| t0 + std::time::Duration::from_secs(s);
+        let mut watch = FlowWatch::default();
+        // None of the others is a client flow in use: the TIME_WAIT, the pod network's own
+        // flow, one-way UDP, DNS to the exit's forwarder, ICMP.
+        assert_eq!(watch.update(others, t(0), quiet), 0);
+        // A bulk download waiting for acks shows the short unacknowledged timeout (300 s), not
+        // the established one: its packet count tells it is busy.
+        let one = |s, p, r| format!("{others}{}\n", at(s, p, r));
+        assert_eq!(watch.update(&one(0, 10, 300), t(0), quiet), 1, "first seen");
+        assert_eq!(
+            watch.update(&one(50, 500, 290), t(50), quiet),
+            1,
+            "more packets"
+        );
+        assert_eq!(
+            watch.update(&one(100, 500, 240), t(100), quiet),
+            1,
+            "quiet for 50 s"
+        );
+        assert_eq!(
+            watch.update(&one(111, 500, 229), t(111), quiet),
+            0,
+            "quiet for 61 s"
+        );
+        // Without counts, the remaining timeout set back by a packet tells it.
+        let bare = |r: u64| {
+            format!(
+                "tcp      6 {r} ESTABLISHED src=198.19.0.4 dst=203.0.113.10 sport=1 dport=443 src=203.0.113.10 dst=10.64.0.2 sport=443 dport=1 [ASSURED] mark=0 use=1\n"
+            )
         };
-        // The first TCP flow (10 s quiet) and the first UDP one (5 s); not the TCP flow quiet
-        // for 132,000 s, the closing one, the pod network's own flow, one-way UDP, DNS to the
-        // exit's forwarder, UDP quiet for 100 s, ICMP.
-        assert_eq!(count_active_client_flows(listing, timeouts, 60), 2);
-        assert_eq!(count_active_client_flows(listing, timeouts, 5), 0);
-        assert_eq!(count_active_client_flows("", timeouts, 60), 0);
+        let mut watch = FlowWatch::default();
+        assert_eq!(watch.update(&bare(431_000), t(0), quiet), 1);
+        assert_eq!(
+            watch.update(&bare(430_930), t(70), quiet),
+            0,
+            "only the clock moved it"
+        );
+        assert_eq!(
+            watch.update(&bare(432_000), t(71), quiet),
+            1,
+            "a packet set it back"
+        );
+        assert_eq!(
+            watch.update(&bare(300), t(72), quiet),
+            1,
+            "unacknowledged data"
+        );
+        assert_eq!(watch.update("", t(73), quiet), 0, "gone");
     }
     use super::*;
 

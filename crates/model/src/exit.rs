@@ -86,6 +86,14 @@ pub const DEFAULT_DRAIN_GRACE: std::time::Duration = std::time::Duration::from_m
 /// What the kubelet waits past an exit's drain grace before it kills the agent: time to stop.
 const STOP_SECONDS: u64 = 10;
 
+/// The drain grace an exit pod was made with (its termination grace period is immutable): what
+/// its agent must be told, whatever the gateway's spec says now.
+pub fn drain_grace_of(pod: &Pod) -> Option<std::time::Duration> {
+    let seconds = pod.spec.as_ref()?.termination_grace_period_seconds?;
+    let seconds = u64::try_from(seconds).ok()?.saturating_sub(STOP_SECONDS);
+    Some(std::time::Duration::from_secs(seconds))
+}
+
 /// The agent config of one exit, as YAML (JSON is YAML). Probes every second and gives up after
 /// two failures: an exit that stops carrying traffic must stop answering the nodes' health
 /// probes quickly, and a node then moves new flows off it.
@@ -362,6 +370,10 @@ mod tests {
         assert_eq!(
             v["spec"]["terminationGracePeriodSeconds"], 101,
             "the drain grace, rounded up, and time to stop"
+        );
+        assert_eq!(
+            drain_grace_of(&pod),
+            Some(std::time::Duration::from_secs(91))
         );
     }
 

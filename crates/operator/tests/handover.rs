@@ -172,6 +172,18 @@ async fn a_reservation_adopted_by_another_operator_is_not_released_by_the_one_wh
     })
     .await;
 
+    // The second one adopted it by claiming it (a renew time), not by a reservation of its own.
+    let adopted = leases.get("cloak-slot-p-0").await.unwrap();
+    assert_eq!(
+        adopted.uid(),
+        reserved.uid(),
+        "the first operator's reservation"
+    );
+    assert!(
+        adopted.spec.and_then(|s| s.renew_time).is_some(),
+        "the second operator recorded b without claiming the reservation"
+    );
+
     // The first operator's record now fails on b's changed resourceVersion.
     gate.open.send_replace(true);
     tokio::time::sleep(Duration::from_secs(3)).await;

@@ -95,7 +95,15 @@ fn client_triggers(
                 let now = choose(&pod);
                 tracker.seen(pod.uid().unwrap_or_default(), now)
             }
-            watcher::Event::Delete(pod) => tracker.gone(&pod.uid().unwrap_or_default()),
+            watcher::Event::Delete(pod) => {
+                // The one it was seen with, and the one it is a client of by the gateways now
+                // (it may have been seen before they were known).
+                let mut touched = tracker.gone(&pod.uid().unwrap_or_default());
+                touched.extend(choose(&pod));
+                touched.sort();
+                touched.dedup();
+                touched
+            }
             watcher::Event::InitDone => tracker.init_done(),
         };
         futures::stream::iter(
@@ -249,7 +257,12 @@ async fn apply(gateway: &VpnGateway, ctx: &Context) -> Result<Action> {
             cluster_domains: dns.map_or(&[], |d| d.cluster_domains.as_slice()),
             // The agent's firewall lets DNS through the tunnel to one resolver.
             upstream: dns.and_then(|d| d.upstreams.first().copied()),
-            drain_grace,
+            // A running exit drains as long as its pod's grace period allows.
+            drain_grace: f
+                .pod
+                .as_ref()
+                .and_then(exit::drain_grace_of)
+                .unwrap_or(drain_grace),
         });
         Some((exit_name.clone(), config))
     });

@@ -147,7 +147,11 @@ async fn apply(mask: &VpnMask, ctx: &Context) -> Result<Action> {
     .await;
     match written {
         Err(e) => {
-            if let Some(reservation) = &reserved {
+            // Lost the race (409): the reservation is this reconcile's to release, unless
+            // another one adopted it meanwhile. Any other failure may have been written all the
+            // same (a timeout): the reservation stays, to be adopted by the next reconcile.
+            let lost = matches!(&e, Error::Kube(kube::Error::Api(s)) if s.code == 409);
+            if lost && let Some(reservation) = &reserved {
                 leasing::release(ctx, reservation).await?;
             }
             return Err(e);
