@@ -104,6 +104,19 @@ fn delete_client(lab: &lab::TestLab, name: &str) {
     ]);
 }
 
+/// Of the gateway's two exits, the one a test takes away and the one it keeps: the exit on
+/// another node than the client's goes (the client's flows to it cross the nodes), or the first
+/// when both share the client's node.
+fn exit_to_lose(gw: &Value, client_node: &str) -> (Value, Value) {
+    let exits = gw["status"]["exits"].as_array().unwrap();
+    let gone = exits
+        .iter()
+        .find(|e| str_at(e, "/node") != client_node)
+        .unwrap_or(&exits[0]);
+    let kept = exits.iter().find(|e| *e != gone).unwrap();
+    (gone.clone(), kept.clone())
+}
+
 /// `count` new TCP flows from the pod to the echo service, one after another: what each saw
 /// as the source address, or the error `nc` printed.
 fn ask(lab: &lab::TestLab, pod: &str, count: u32) -> Vec<String> {
@@ -177,6 +190,12 @@ impl<'a> Leaks<'a> {
         Self { lab, nodes }
     }
 
+    /// The counters saw client traffic carried to the exits, and none of it left by an uplink.
+    fn assert_carried_and_none_leaked(self) {
+        assert!(self.read("carried") > 0, "the counters are blind");
+        assert_eq!(self.read("leaked"), 0, "client packets left by an uplink");
+    }
+
     fn read(&self, name: &str) -> u64 {
         self.nodes
             .iter()
@@ -241,10 +260,8 @@ fn a_labelled_pod_keeps_its_spec_and_reaches_the_internet_only_through_the_exits
     }
     // The cluster stays reachable outside the exits, by its own names.
     assert_reaches_the_cluster(lab, name);
-    assert!(leaks.read("carried") > 0, "the counters are blind");
-    assert_eq!(leaks.read("leaked"), 0, "client packets left by an uplink");
     assert_eq!(leaks.read("leaked6"), 0, "IPv6 left by an uplink");
-    drop(leaks);
+    leaks.assert_carried_and_none_leaked();
     delete_client(lab, name);
 }
 
@@ -256,21 +273,14 @@ fn a_deleted_exit_pod_moves_new_flows_to_the_other_and_is_replaced_on_the_next_s
     let name = "gw-failover";
     let pod = running_client(lab, name);
     let client_node = str_at(&pod, "/spec/nodeName");
-    let exits = gw["status"]["exits"].as_array().unwrap().clone();
-    // The exit on the other node goes (the client's flows to it cross the nodes), or the first
-    // when both share the client's node.
-    let gone = exits
-        .iter()
-        .find(|e| str_at(e, "/node") != client_node)
-        .unwrap_or(&exits[0]);
-    let kept = exits.iter().find(|e| *e != gone).unwrap();
-    let (gone_name, gone_server) = (str_at(gone, "/name"), str_at(gone, "/server"));
+    let (gone, kept) = exit_to_lose(&gw, &client_node);
+    let (gone_name, gone_server) = (str_at(&gone, "/name"), str_at(&gone, "/server"));
     let leaks = Leaks::install(lab, &str_at(&pod, "/status/podIP"));
     // Its replacement cannot come up until the survivor's share is checked: the internet drops
     // the gone exit's provider (a replacement answers from the same address).
     let provider = layout::PROVIDERS
         .iter()
-        .find(|p| exit_address(gone) == p.exit())
+        .find(|p| exit_address(&gone) == p.exit())
         .unwrap();
     let outage = lab::Outage::start(lab, &gateway_servers(&[provider]));
     // Events of this deletion only (an earlier test's may name the same exit).
@@ -283,7 +293,7 @@ fn a_deleted_exit_pod_moves_new_flows_to_the_other_and_is_replaced_on_the_next_s
         &gone_name,
         "--wait=false",
     ]);
-    let survivor = exit_address(kept);
+    let survivor = exit_address(&kept);
     assert_new_flows_settle_on(lab, name, &survivor);
     drop(outage);
 
@@ -341,9 +351,7 @@ fn a_deleted_exit_pod_moves_new_flows_to_the_other_and_is_replaced_on_the_next_s
         },
     );
     assert_eq!(counts.len(), 2, "{counts:?}");
-    assert!(leaks.read("carried") > 0, "the counters are blind");
-    assert_eq!(leaks.read("leaked"), 0, "client packets left by an uplink");
-    drop(leaks);
+    leaks.assert_carried_and_none_leaked();
     delete_client(lab, name);
 }
 
@@ -386,9 +394,7 @@ fn a_silently_blackholed_exit_gets_no_new_flows_on_its_echo_watch_and_rejoins_on
         },
     );
     assert!(counts.contains_key(&survivor), "{counts:?}");
-    assert!(leaks.read("carried") > 0, "the counters are blind");
-    assert_eq!(leaks.read("leaked"), 0, "client packets left by an uplink");
-    drop(leaks);
+    leaks.assert_carried_and_none_leaked();
     delete_client(lab, name);
 }
 
@@ -488,16 +494,11 @@ fn a_deleted_exit_drains_keeping_its_established_flows_taking_no_new_ones_and_le
     let name = "gw-drain";
     let pod = running_client(lab, name);
     let client_node = str_at(&pod, "/spec/nodeName");
-    let exits = gw["status"]["exits"].as_array().unwrap().clone();
-    let gone = exits
-        .iter()
-        .find(|e| str_at(e, "/node") != client_node)
-        .unwrap_or(&exits[0]);
-    let kept = exits.iter().find(|e| *e != gone).unwrap();
+    let (gone, kept) = exit_to_lose(&gw, &client_node);
     let (gone_name, draining, survivor) = (
-        str_at(gone, "/name"),
-        exit_address(gone),
-        exit_address(kept),
+        str_at(&gone, "/name"),
+        exit_address(&gone),
+        exit_address(&kept),
     );
     let gone_uid = str_at(
         &lab.json(&["-n", DEMO_NAMESPACE, "get", "pod", &gone_name]),
@@ -561,9 +562,7 @@ fn a_deleted_exit_drains_keeping_its_established_flows_taking_no_new_ones_and_le
         },
     );
     eprintln!("the drained exit left {left:?} after its last flow ended");
-    assert!(leaks.read("carried") > 0, "the counters are blind");
-    assert_eq!(leaks.read("leaked"), 0, "client packets left by an uplink");
-    drop(leaks);
+    leaks.assert_carried_and_none_leaked();
     delete_client(lab, name);
 }
 

@@ -783,17 +783,7 @@ impl ExitPlan {
 /// The IPv4 flows of the exit's namespace (the calling thread's), as `conntrack -L` lists them:
 /// what a draining exit watches ([`FlowWatch`]).
 pub fn list_flows() -> Result<String, Error> {
-    let out = std::process::Command::new("conntrack")
-        .args(["-L", "-f", "ipv4"])
-        .output()
-        .map_err(Error::io("conntrack -L"))?;
-    if !out.status.success() {
-        return Err(Error::Command {
-            command: "conntrack -L".into(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    run("conntrack", &["-L", "-f", "ipv4"], None)
 }
 
 /// The clients' flows a draining exit still carries, watched over successive `conntrack -L`

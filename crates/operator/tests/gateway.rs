@@ -474,8 +474,12 @@ async fn client_pod(client: &Client, ns: &str, name: &str, labels: serde_json::V
     bind(client, ns, name, "node-1").await;
 }
 
-fn clients(g: &VpnGateway) -> Option<u32> {
-    g.status.as_ref().map(|s| s.clients)
+/// Waits until the gateway's status counts `want` clients.
+async fn until_clients(client: &Client, ns: &str, gateway: &str, want: u32, what: &str) {
+    until(client, ns, gateway, what, |g, _| {
+        (g.status.as_ref()?.clients == want).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -493,10 +497,7 @@ async fn the_status_counts_running_clients_by_label_and_selector_at_once_and_not
         .create(&PostParams::default(), &egress)
         .await
         .unwrap();
-    until(&client, ns.name(), "egress", "a status", |g, _| {
-        (clients(g)? == 0).then_some(())
-    })
-    .await;
+    until_clients(&client, ns.name(), "egress", 0, "a status").await;
 
     let ns_ = ns.name();
     client_pod(
@@ -520,24 +521,14 @@ async fn the_status_counts_running_clients_by_label_and_selector_at_once_and_not
         set_pod(&client, ns_, pod, "Running", true).await;
     }
     // Well within the controller's one-minute resync: the pods' changes ask for the count.
-    until(&client, ns_, "egress", "two running clients", |g, _| {
-        (clients(g)? == 2).then_some(())
-    })
-    .await;
+    until_clients(&client, ns_, "egress", 2, "two running clients").await;
 
     // Deleted: with no kubelet to confirm it, the pod stays, going away, and is not counted.
     Api::<Pod>::namespaced(client.clone(), ns_)
         .delete("by-label", &kube::api::DeleteParams::default())
         .await
         .unwrap();
-    until(
-        &client,
-        ns_,
-        "egress",
-        "the deleted pod uncounted",
-        |g, _| (clients(g)? == 1).then_some(()),
-    )
-    .await;
+    until_clients(&client, ns_, "egress", 1, "the deleted pod uncounted").await;
 
     // Relabelled out of the selector: the gateway it left recounts.
     Api::<Pod>::namespaced(client.clone(), ns_)
@@ -548,12 +539,5 @@ async fn the_status_counts_running_clients_by_label_and_selector_at_once_and_not
         )
         .await
         .unwrap();
-    until(
-        &client,
-        ns_,
-        "egress",
-        "the relabelled pod uncounted",
-        |g, _| (clients(g)? == 0).then_some(()),
-    )
-    .await;
+    until_clients(&client, ns_, "egress", 0, "the relabelled pod uncounted").await;
 }

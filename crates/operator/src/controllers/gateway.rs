@@ -96,13 +96,8 @@ fn client_triggers(
                 tracker.seen(pod.uid().unwrap_or_default(), now)
             }
             watcher::Event::Delete(pod) => {
-                // The one it was seen with, and the one it is a client of by the gateways now
-                // (it may have been seen before they were known).
-                let mut touched = tracker.gone(&pod.uid().unwrap_or_default());
-                touched.extend(choose(&pod));
-                touched.sort();
-                touched.dedup();
-                touched
+                let now = choose(&pod);
+                tracker.gone(&pod.uid().unwrap_or_default(), now)
             }
             watcher::Event::InitDone => tracker.init_done(),
         };
@@ -116,6 +111,13 @@ fn client_triggers(
 
 /// A gateway by namespace and name.
 type GatewayKey = (String, String);
+
+/// The gateways a pod's count may have changed in: the one before and the one now, once each.
+fn both(before: Option<GatewayKey>, now: Option<GatewayKey>) -> Vec<GatewayKey> {
+    let mut touched: Vec<GatewayKey> = before.into_iter().chain(now).collect();
+    touched.dedup();
+    touched
+}
 
 /// Which gateway each client pod (by uid) belonged to when last seen, to ask the old gateway
 /// too when a pod leaves it.
@@ -136,13 +138,13 @@ impl ClientTracker {
             Some(key) => self.of.insert(uid, key.clone()),
             None => self.of.remove(&uid),
         };
-        let mut touched: Vec<GatewayKey> = before.into_iter().chain(now).collect();
-        touched.dedup();
-        touched
+        both(before, now)
     }
 
-    fn gone(&mut self, uid: &str) -> Vec<GatewayKey> {
-        self.of.remove(uid).into_iter().collect()
+    /// A pod gone: the gateway it was seen with, and the one it is a client of by the gateways
+    /// now (`now`; it may have been seen before they were known).
+    fn gone(&mut self, uid: &str, now: Option<GatewayKey>) -> Vec<GatewayKey> {
+        both(self.of.remove(uid), now)
     }
 
     fn init(&mut self) -> Vec<GatewayKey> {
@@ -159,7 +161,8 @@ impl ClientTracker {
             .filter(|uid| !listed.contains(*uid))
             .cloned()
             .collect();
-        let mut touched: Vec<GatewayKey> = gone.iter().flat_map(|uid| self.gone(uid)).collect();
+        let mut touched: Vec<GatewayKey> =
+            gone.iter().flat_map(|uid| self.gone(uid, None)).collect();
         touched.sort();
         touched.dedup();
         touched
@@ -432,8 +435,8 @@ async fn apply(gateway: &VpnGateway, ctx: &Context) -> Result<Action> {
     Ok(Action::requeue(RESYNC))
 }
 
-/// How many of the namespace's running pods are this gateway's clients (each attached by its
-/// node before its containers started). Pods going away are not counted.
+/// How many of the namespace's running pods are this gateway's clients (its label, or its
+/// selector), not counting pods going away.
 async fn count_clients(gateway: &VpnGateway, ctx: &Context) -> Result<u32> {
     let ns = gateway.namespace().unwrap_or_default();
     let name = gateway.name_any();
@@ -673,14 +676,14 @@ mod tests {
         assert_eq!(t.seen("p1".into(), None), vec![key("b")]);
         assert_eq!(t.seen("p1".into(), None), Vec::<GatewayKey>::new());
         t.seen("p2".into(), Some(key("a")));
-        assert_eq!(t.gone("p2"), vec![key("a")]);
-        assert_eq!(t.gone("p2"), Vec::<GatewayKey>::new());
+        assert_eq!(t.gone("p2", None), vec![key("a")]);
+        assert_eq!(t.gone("p2", None), Vec::<GatewayKey>::new());
 
         t.seen("p3".into(), Some(key("a")));
         t.seen("p4".into(), Some(key("b")));
         t.init();
         t.seen("p4".into(), Some(key("b")));
         assert_eq!(t.init_done(), vec![key("a")], "p3 went during the relist");
-        assert_eq!(t.gone("p4"), vec![key("b")]);
+        assert_eq!(t.gone("p4", None), vec![key("b")]);
     }
 }
