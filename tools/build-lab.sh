@@ -6,10 +6,12 @@
 #   containerd 2.x, containerd-shim-runc-v2, ctr   Go module github.com/containerd/containerd/v2
 #   coredns                                        Go module github.com/coredns/coredns
 #   pause, udp-echo                                static C programs (gcc -static) for the images
+#   multus (thin plugin)                           Go module in tools/multus (`cloak lab up --cni multus`)
 #   runc, CNI plugins, busybox, setpriv            Debian packages
 #
 #   CLOAK_CACHE   cache root (default: ${XDG_CACHE_HOME:-$HOME/.cache}/cloak)
 set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
 containerd_version=v2.3.7
 coredns_version=v1.14.7
 cache=${CLOAK_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/cloak}
@@ -81,7 +83,22 @@ C
   fi
 }
 
-if have_go; then c_programs "$out"; echo "$out"; exit 0; fi
+# Multus, pinned by the wrapper module tools/multus (its go.sum), built into the same directory
+# when missing or when the module changed (~50 s), without touching the other binaries.
+multus() {
+  local dir=$1 module="$here/multus" stamp
+  stamp=$(cat "$module/go.mod" "$module/go.sum" | sha256sum | cut -c1-16)
+  if [ -x "$dir/multus" ] && [ "$(cat "$dir/multus.stamp" 2>/dev/null)" = "$stamp" ]; then return; fi
+  command -v go >/dev/null || { echo "build-lab: go is not installed" >&2; exit 1; }
+  echo "build-lab: building Multus from $module into $dir (~50 s)" >&2
+  (cd "$module" && GOTOOLCHAIN=local CGO_ENABLED=0 GOCACHE="$cache/go-build" \
+    go build -trimpath -ldflags "-s -w" -o "$dir/multus.tmp" \
+    gopkg.in/k8snetworkplumbingwg/multus-cni.v4/cmd/multus)
+  mv "$dir/multus.tmp" "$dir/multus"
+  echo "$stamp" > "$dir/multus.stamp"
+}
+
+if have_go; then c_programs "$out"; multus "$out"; echo "$out"; exit 0; fi
 
 command -v go >/dev/null || { echo "build-lab: go is not installed" >&2; exit 1; }
 export GOTOOLCHAIN=local CGO_ENABLED=0
@@ -97,6 +114,7 @@ go install -trimpath -ldflags "-s -w" -tags "no_btrfs no_devmapper no_zfs urfave
   "github.com/containerd/containerd/v2/cmd/ctr@$containerd_version"
 go install -trimpath -ldflags "-s -w" "github.com/coredns/coredns@$coredns_version"
 c_programs "$tmp"
+multus "$tmp"
 rm -rf "$out"
 mv "$tmp" "$out"
 trap - EXIT

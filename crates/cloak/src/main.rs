@@ -93,6 +93,10 @@ enum LabCommand {
         /// Number of nodes (1-10).
         #[arg(long, env = "CLOAK_LAB_NODES", default_value_t = 2)]
         nodes: u8,
+        /// The nodes' CNI: `bridge` (the bridge plugin alone) or `multus` (Multus as the
+        /// meta-plugin, delegating the cluster network to the bridge plugin).
+        #[arg(long, env = "CLOAK_LAB_CNI", default_value = "bridge")]
+        cni: cloak_lab::Cni,
         /// The cloak repository (charts/cloak, examples/lab, tools/).
         #[arg(long, env = "CLOAK_REPO", default_value = ".")]
         repo: std::path::PathBuf,
@@ -329,7 +333,12 @@ fn run_lab(args: LabArgs) -> anyhow::Result<()> {
     let lab = cloak_lab::Lab::new(&args.name)?;
     let kubectl = cloak_lab::tool("kubectl");
     match args.command {
-        LabCommand::Up { nodes, repo, owner } => {
+        LabCommand::Up {
+            nodes,
+            cni,
+            repo,
+            owner,
+        } => {
             let exe = std::env::current_exe().context("finding the cloak binary")?;
             let repo = std::fs::canonicalize(&repo)
                 .with_context(|| format!("the cloak repository {}", repo.display()))?;
@@ -343,7 +352,7 @@ fn run_lab(args: LabArgs) -> anyhow::Result<()> {
                 "lab".to_owned(),
                 "supervise".to_owned(),
             ];
-            let mut options = cloak_lab::UpOptions::from_repo(&repo, nodes, exe, supervisor)?;
+            let mut options = cloak_lab::UpOptions::from_repo(&repo, nodes, cni, exe, supervisor)?;
             options.owner = owner;
             lab.up(&options, &mut std::io::stdout().lock())?;
             Ok(())

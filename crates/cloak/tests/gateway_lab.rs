@@ -11,208 +11,11 @@ mod labkit;
 
 use labkit as lab;
 
-use std::{collections::BTreeMap, time::Duration};
+use std::time::Duration;
 
 use cloak_lab::{DEMO_NAMESPACE, layout};
+use lab::gateway::*;
 use lab::{eventually, str_at};
-use serde_json::Value;
-
-const GATEWAY: &str = "egress";
-const ECHO: &str = "203.0.113.10";
-
-/// The example gateway as it is now.
-fn gateway(lab: &lab::TestLab) -> Value {
-    lab.json(&["-n", DEMO_NAMESPACE, "get", "vpngateway", GATEWAY])
-}
-
-/// The example gateway once both exits are healthy (they prefer different nodes; a replaced
-/// one may land beside the other).
-fn healthy_gateway(lab: &lab::TestLab) -> Value {
-    eventually(
-        "the example gateway has 2 healthy exits",
-        Duration::from_mins(3),
-        || {
-            let gw = gateway(lab);
-            let exits = gw["status"]["exits"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default();
-            let healthy = exits.iter().filter(|e| e["health"] == "Healthy").count();
-            if healthy == 2 && exits.len() == 2 {
-                Ok(gw)
-            } else {
-                Err(format!("{}", gw["status"]))
-            }
-        },
-    )
-}
-
-/// The address the echo service sees for flows through the exit of provider `gw-<x>`: the lab
-/// provider whose servers its pool holds.
-fn exit_address(exit: &Value) -> String {
-    let provider = str_at(exit, "/provider");
-    let of = provider.strip_prefix("gw-").expect("a gateway provider");
-    layout::PROVIDERS
-        .iter()
-        .find(|p| p.name.ends_with(of))
-        .expect("a lab provider")
-        .exit()
-}
-
-/// The addresses the echo service sees for flows through each of the gateway's exits.
-fn exit_addresses(gw: &Value) -> Vec<String> {
-    gw["status"]["exits"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(exit_address)
-        .collect()
-}
-
-/// A plain pod labelled as the gateway's client: one busybox container, nothing else.
-fn client_yaml(name: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {DEMO_NAMESPACE}\n  labels: {{cloak.dev/gateway: {GATEWAY}, app: gw-test}}\nspec:\n  terminationGracePeriodSeconds: 0\n  containers:\n    - name: c\n      image: cloak.dev/lab/client:dev\n      imagePullPolicy: Never\n      command: [sleep, \"100000\"]\n"
-    )
-}
-
-fn running_client(lab: &lab::TestLab, name: &str) -> Value {
-    lab.apply(&client_yaml(name));
-    eventually(
-        &format!("client pod {name} Running"),
-        Duration::from_secs(90),
-        || {
-            let pod = lab.json(&["-n", DEMO_NAMESPACE, "get", "pod", name]);
-            if pod["status"]["phase"] == "Running" {
-                Ok(pod)
-            } else {
-                Err(format!("{}", pod["status"]))
-            }
-        },
-    )
-}
-
-fn delete_client(lab: &lab::TestLab, name: &str) {
-    let _ = lab.try_kubectl(&[
-        "-n",
-        DEMO_NAMESPACE,
-        "delete",
-        "pod",
-        name,
-        "--wait=true",
-        "--timeout=60s",
-    ]);
-}
-
-/// Of the gateway's two exits, the one a test takes away and the one it keeps: the exit on
-/// another node than the client's goes (the client's flows to it cross the nodes), or the first
-/// when both share the client's node.
-fn exit_to_lose(gw: &Value, client_node: &str) -> (Value, Value) {
-    let exits = gw["status"]["exits"].as_array().unwrap();
-    let gone = exits
-        .iter()
-        .find(|e| str_at(e, "/node") != client_node)
-        .unwrap_or(&exits[0]);
-    let kept = exits.iter().find(|e| *e != gone).unwrap();
-    (gone.clone(), kept.clone())
-}
-
-/// `count` new TCP flows from the pod to the echo service, one after another: what each saw
-/// as the source address, or the error `nc` printed.
-fn ask(lab: &lab::TestLab, pod: &str, count: u32) -> Vec<String> {
-    let script = format!(
-        "i=0; while [ $i -lt {count} ]; do r=$(printf 'GET /ip HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {ECHO} 80 2>&1 | tail -n 1); echo \"r=$r\"; i=$((i+1)); done"
-    );
-    lab.kubectl(&["-n", DEMO_NAMESPACE, "exec", pod, "--", "sh", "-c", &script])
-        .lines()
-        .filter_map(|l| l.strip_prefix("r="))
-        .map(|r| r.trim().to_owned())
-        .collect()
-}
-
-/// The pod resolves a cluster name through the cluster DNS and fetches the example web page
-/// from that Service's address: the intranet goes outside the exits.
-fn assert_reaches_the_cluster(lab: &lab::TestLab, pod: &str) {
-    let ip = lab.kubectl(&[
-        "-n",
-        DEMO_NAMESPACE,
-        "get",
-        "service",
-        "web",
-        "-o",
-        "jsonpath={.spec.clusterIP}",
-    ]);
-    let script = format!(
-        "nslookup web.{DEMO_NAMESPACE}.svc.cluster.local 2>&1; printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {ip} 80 2>&1 | tail -n 1"
-    );
-    let out = lab.kubectl(&["-n", DEMO_NAMESPACE, "exec", pod, "--", "sh", "-c", &script]);
-    assert!(out.contains(&format!("Address: {ip}")), "{out}");
-    assert!(out.contains("hello from the cloak lab"), "{out}");
-}
-
-/// Now as the API server writes times (RFC 3339, UTC, whole seconds), a second early: the lab's
-/// API server runs on this machine's clock.
-fn now_rfc3339() -> String {
-    let out = std::process::Command::new("date")
-        .args(["-u", "-d", "-1 second", "+%Y-%m-%dT%H:%M:%SZ"])
-        .output()
-        .unwrap();
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
-}
-
-fn tally(answers: &[String]) -> BTreeMap<String, usize> {
-    let mut counts = BTreeMap::new();
-    for a in answers {
-        *counts.entry(a.clone()).or_default() += 1;
-    }
-    counts
-}
-
-/// Counters on every node for client traffic (from `pod_ip` or the gateway's client range)
-/// leaving by the node's uplink to anything outside the cluster (leaks), and entering a link to
-/// an exit (carried). Counted before any NAT.
-struct Leaks<'a> {
-    lab: &'a lab::TestLab,
-    nodes: Vec<String>,
-}
-
-impl<'a> Leaks<'a> {
-    fn install(lab: &'a lab::TestLab, pod_ip: &str) -> Self {
-        let nodes: Vec<String> = (1..=2).map(layout::node_name).collect();
-        for node in &nodes {
-            let script = format!(
-                "table inet cloak_test_gw {{\n  counter carried {{}}\n  counter leaked {{}}\n  counter leaked6 {{}}\n  chain post {{\n    type filter hook postrouting priority -400; policy accept;\n    oifname \"ckx*\" ip saddr 198.18.0.0/16 counter name carried\n    oifname \"lan0\" ip saddr {{ {pod_ip}, 198.18.0.0/15 }} ip daddr != {{ {pods}, {services}, 10.250.0.0/24 }} counter name leaked\n    oifname \"lan0\" meta nfproto ipv6 ip6 saddr != fe80::/10 counter name leaked6\n  }}\n}}\n",
-                pods = layout::POD_CIDR,
-                services = layout::SERVICE_CIDR,
-            );
-            lab.nft(node, &script);
-        }
-        Self { lab, nodes }
-    }
-
-    /// The counters saw client traffic carried to the exits, and none of it left by an uplink.
-    fn assert_carried_and_none_leaked(self) {
-        assert!(self.read("carried") > 0, "the counters are blind");
-        assert_eq!(self.read("leaked"), 0, "client packets left by an uplink");
-    }
-
-    fn read(&self, name: &str) -> u64 {
-        self.nodes
-            .iter()
-            .map(|node| self.lab.nft_packets(node, "inet", "cloak_test_gw", name))
-            .sum()
-    }
-}
-
-impl Drop for Leaks<'_> {
-    fn drop(&mut self) {
-        for node in &self.nodes {
-            let _ = self
-                .lab
-                .exec_in(node, &["nft", "delete", "table", "inet", "cloak_test_gw"]);
-        }
-    }
-}
 
 #[test]
 fn a_labelled_pod_keeps_its_spec_and_reaches_the_internet_only_through_the_exits_spread_over_both()
@@ -224,22 +27,7 @@ fn a_labelled_pod_keeps_its_spec_and_reaches_the_internet_only_through_the_exits
     let name = "gw-spread";
     let pod = running_client(lab, name);
 
-    // The spec is what was written: one container, no securityContext, no init containers, no
-    // volume beyond the service account token the API server adds to every pod.
-    let spec = &pod["spec"];
-    assert_eq!(spec["containers"].as_array().unwrap().len(), 1, "{spec}");
-    assert!(spec["initContainers"].is_null(), "{spec}");
-    assert!(spec["containers"][0]["securityContext"].is_null(), "{spec}");
-    let volumes: Vec<String> = spec["volumes"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|v| str_at(v, "/name"))
-        .collect();
-    assert!(
-        volumes.iter().all(|v| v.starts_with("kube-api-access-")),
-        "{volumes:?}"
-    );
+    assert_spec_as_written(&pod);
 
     let leaks = Leaks::install(lab, &str_at(&pod, "/status/podIP"));
     let answers = ask(lab, name, 40);
@@ -704,15 +492,7 @@ fn fifty_client_pods_created_and_deleted_leave_nothing_behind_in_the_node_compon
     let _turn = lab::serial();
     healthy_gateway(lab);
     let nodes: Vec<String> = (1..=2).map(layout::node_name).collect();
-    let links = |node: &str| -> Vec<String> {
-        lab.exec_in(node, &["ip", "-o", "link", "show"])
-            .unwrap()
-            .lines()
-            .filter_map(|l| l.split(": ").nth(1))
-            .map(|n| n.split('@').next().unwrap_or(n).to_owned())
-            .filter(|n| n.starts_with("ckg"))
-            .collect()
-    };
+    let links = |node: &str| client_links(lab, node);
     // Pods of earlier tests may still be tearing down: start from the links of the clients
     // that exist, one a client pod per node.
     let before: Vec<Vec<String>> = eventually(
@@ -848,20 +628,10 @@ fn fifty_client_pods_created_and_deleted_leave_nothing_behind_in_the_node_compon
     // The node component's own record of clients, and the nodes' routes to clients, hold
     // nothing of them either (the pods opened no flows: conntrack is not looked at).
     for (k, node) in nodes.iter().enumerate() {
-        let state = lab
-            .lab
-            .node_dir(u8::try_from(k + 1).unwrap())
-            .join("root/var/lib/cloak/node/clients.json");
-        let text = std::fs::read_to_string(&state).unwrap_or_default();
-        let clients: Value = serde_json::from_str(&text).unwrap_or_default();
-        let count = clients["clients"].as_array().map_or(0, Vec::len)
-            + clients["clients"]
-                .as_object()
-                .map_or(0, serde_json::Map::len);
         assert_eq!(
-            count,
+            recorded_clients(lab, u8::try_from(k + 1).unwrap()),
             before[k].len(),
-            "{node}: the state file still lists clients: {text}"
+            "{node}: the state file still lists clients"
         );
         let routes = lab
             .exec_in(node, &["ip", "-4", "route", "show", "table", "all"])

@@ -15,6 +15,7 @@ use crate::{
     layout::{self, Lab},
     procs::Procs,
     reap, sh,
+    supervisor::Cni,
 };
 
 /// Where the binaries come from: the Kubernetes binaries (`tools/build-control-plane.sh`) and
@@ -57,6 +58,7 @@ impl Binaries {
             "ctr",
             "coredns",
             "pause",
+            "multus",
         ] {
             if !self.lab.join(name).is_file() {
                 missing.push(self.lab.join(name));
@@ -427,6 +429,7 @@ pub(crate) fn node(
     bins: &Binaries,
     procs: &mut Procs,
     k: u8,
+    cni: Cni,
     images: &[PathBuf],
 ) -> Result<()> {
     let name = layout::node_name(k);
@@ -496,6 +499,17 @@ pub(crate) fn node(
         .map_err(Error::io(dir.join("containerd.toml")))?;
     fs::write(dir.join("cni/10-lab.conflist"), cni_config(k))
         .map_err(Error::io(dir.join("cni/10-lab.conflist")))?;
+    if cni == Cni::Multus {
+        // containerd reads the first file of the directory (`max_conf_num = 1`): Multus's, which
+        // names the bridge list as the cluster network. The binary goes into the node's own
+        // plugin directory, as Multus's DaemonSet puts it there.
+        let bin = dir.join("cni-bin/multus");
+        if !bin.exists() {
+            std::os::unix::fs::symlink(bins.lab.join("multus"), &bin).map_err(Error::io(&bin))?;
+        }
+        let conf = dir.join("cni/00-multus.conf");
+        fs::write(&conf, multus_config(lab, k)).map_err(Error::io(&conf))?;
+    }
     // containerd finds its shim on PATH.
     let path_env = format!(
         "PATH={}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -652,6 +666,25 @@ fn cni_config(k: u8) -> String {
                 "routes": [{"dst": "0.0.0.0/0"}],
             },
         }],
+    })
+    .to_string()
+}
+
+/// Multus's thin plugin in front of the bridge list. `clusterNetwork` is the list's *name*, found
+/// in `confDir` (NODENOTES trap 9: a file path there makes every DEL fail and pods hang in
+/// Terminating). Multus reads the pod through the API server (its annotations) and finds the
+/// delegate's plugins on the runtime's `CNI_PATH`.
+fn multus_config(lab: &Lab, k: u8) -> String {
+    serde_json::json!({
+        "cniVersion": "1.0.0",
+        "name": "multus-cni-network",
+        "type": "multus",
+        "clusterNetwork": "lab",
+        "confDir": "/etc/cni/net.d",
+        "binDir": "/opt/cni/bin",
+        "kubeconfig": cluster_kubeconfig(lab),
+        "logFile": lab.node_dir(k).join("multus.log"),
+        "logLevel": "error",
     })
     .to_string()
 }

@@ -1,8 +1,8 @@
 //! `cloak lab`: the whole system on one Linux machine, without touching the host's network.
 //!
 //! A real Kubernetes cluster — etcd, kube-apiserver, kube-controller-manager and kube-scheduler
-//! in one network namespace; on each node a real containerd, runc, CNI (bridge + host-local),
-//! kubelet and kube-proxy in a network namespace and a mount namespace of its own; CoreDNS as
+//! in one network namespace; on each node a real containerd, runc, CNI (bridge + host-local, or
+//! Multus in front of them), kubelet and kube-proxy in a network namespace and a mount namespace of its own; CoreDNS as
 //! the cluster DNS — plus an "internet" namespace with an echo service that reports the source
 //! address it saw, a DNS server, and fake VPN providers (userspace WireGuard and OpenVPN
 //! servers, each with a pool of servers and its own exit address), and a "host" namespace for
@@ -44,7 +44,7 @@ pub use error::Error;
 pub use images::CLOAK_PACKAGES;
 pub use layout::Lab;
 pub use manifests::HELM_VALUES;
-pub use supervisor::{CLOAK_NAMESPACE, DEMO_NAMESPACE, Reaped, UpOptions, tool};
+pub use supervisor::{CLOAK_NAMESPACE, Cni, DEMO_NAMESPACE, Reaped, UpOptions, tool};
 pub use vpn::{Pki, client_config};
 
 mod manifests;

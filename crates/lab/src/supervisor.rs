@@ -34,6 +34,9 @@ pub use reap::Reaped;
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct UpOptions {
     pub nodes: u8,
+    /// The nodes' CNI configuration (a lab written before this option ran the bridge plugin).
+    #[serde(default)]
+    pub cni: Cni,
     pub kubernetes_bin: PathBuf,
     pub lab_bin: PathBuf,
     pub kubectl: PathBuf,
@@ -58,6 +61,39 @@ impl UpOptions {
             kubectl: self.kubectl.clone(),
             helm: self.helm.clone(),
         }
+    }
+}
+
+/// What the nodes' container runtime calls for a pod's network.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Cni {
+    /// The `bridge` plugin (with host-local IPAM), alone in the node's conflist.
+    #[default]
+    Bridge,
+    /// Multus (its thin plugin) as the meta-plugin, delegating the cluster network to that
+    /// same bridge conflist, the way Multus is deployed in front of a cluster's primary CNI.
+    Multus,
+}
+
+impl std::str::FromStr for Cni {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "bridge" => Ok(Self::Bridge),
+            "multus" => Ok(Self::Multus),
+            other => Err(format!("{other:?}: the lab's CNI is `bridge` or `multus`")),
+        }
+    }
+}
+
+impl std::fmt::Display for Cni {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Bridge => "bridge",
+            Self::Multus => "multus",
+        })
     }
 }
 
@@ -87,12 +123,12 @@ impl Lab {
                 let running = fs::read_to_string(self.dir().join("options.json"))
                     .ok()
                     .and_then(|t| serde_json::from_str::<UpOptions>(&t).ok())
-                    .map_or(options.nodes, |o| o.nodes);
-                if running != options.nodes {
+                    .map_or((options.nodes, options.cni), |o| (o.nodes, o.cni));
+                if running != (options.nodes, options.cni) {
                     let _ = writeln!(
                         out,
-                        "it has {running} nodes, not {}: `cloak lab down` first to change that",
-                        options.nodes
+                        "it has {} nodes under {}, not {} under {}: `cloak lab down` first to change that",
+                        running.0, running.1, options.nodes, options.cni
                     );
                 }
                 return Ok(());
@@ -146,9 +182,10 @@ impl Lab {
         fs::write(self.supervisor_file(), identity).map_err(Error::io(self.supervisor_file()))?;
         let _ = writeln!(
             out,
-            "lab {}: {} nodes, supervisor PID {} (log {})",
+            "lab {}: {} nodes under {}, supervisor PID {} (log {})",
             self.name(),
             options.nodes,
+            options.cni,
             child.id(),
             log_path.display()
         );
@@ -330,7 +367,7 @@ impl Lab {
         let archives = image_archives(self);
         for k in 1..=options.nodes {
             step(self, &format!("node {}", layout::node_name(k)), || {
-                cluster::node(self, &bins, procs, k, &archives)
+                cluster::node(self, &bins, procs, k, options.cni, &archives)
             })?;
         }
         step(self, "nodes Ready", || {
@@ -613,6 +650,7 @@ impl UpOptions {
     pub fn from_repo(
         repo: &Path,
         nodes: u8,
+        cni: Cni,
         cloak: PathBuf,
         supervisor: Vec<String>,
     ) -> Result<Self> {
@@ -632,6 +670,7 @@ impl UpOptions {
         };
         Ok(Self {
             nodes,
+            cni,
             kubernetes_bin,
             lab_bin,
             kubectl: tool("kubectl"),

@@ -1,8 +1,10 @@
 //! Putting the plugin into the node's CNI configuration and taking it out again: the `cloak`
 //! binary copied into the CNI binary directory, and `{"type": "cloak"}` appended to the plugins
-//! of every `*.conflist` of the configuration directory (under Multus, the cluster network's
-//! list that Multus delegates to: Multus's own file is a `.conf`). Both are idempotent and
-//! replace files by renaming, so the runtime never reads half a file.
+//! of every `*.conflist` of the configuration directory. Under Multus that is the cluster
+//! network's list, which Multus reads from that directory and delegates to at every call; a list
+//! whose plugins are Multus itself (`multus`, or the thick plugin's `multus-shim`) is left alone,
+//! or the plugin would run twice. Both are idempotent and replace files by renaming, so the
+//! runtime never reads half a file.
 
 use std::path::{Path, PathBuf};
 
@@ -20,10 +22,21 @@ pub struct Paths {
     pub socket: String,
 }
 
-/// `list` with the plugin appended (or its entry refreshed), or `None` when it holds it as is.
+/// The `type`s of Multus, the meta-plugin whose own list delegates to the cluster network's.
+const META_PLUGINS: [&str; 2] = ["multus", "multus-shim"];
+
+/// `list` with the plugin appended (or its entry refreshed), or `None` when it holds it as is or
+/// is a meta-plugin's list.
 pub fn with_plugin(list: &Value, socket: &str) -> Option<Value> {
     let entry = json!({"type": PLUGIN, "socket": socket});
     let plugins = list.get("plugins")?.as_array()?;
+    if plugins.iter().any(|p| {
+        p.get("type")
+            .and_then(Value::as_str)
+            .is_some_and(|t| META_PLUGINS.contains(&t))
+    }) {
+        return None;
+    }
     let mut kept: Vec<Value> = plugins
         .iter()
         .filter(|p| p.get("type").and_then(Value::as_str) != Some(PLUGIN))
@@ -134,6 +147,15 @@ mod tests {
         assert_eq!(moved["plugins"].as_array().unwrap().len(), 3);
         assert_eq!(without_plugin(&with).unwrap(), list);
         assert_eq!(without_plugin(&list), None);
+    }
+
+    #[test]
+    fn a_multus_list_is_left_alone_for_the_cluster_network_it_delegates_to() {
+        for meta in ["multus", "multus-shim"] {
+            let list = json!({"cniVersion": "1.0.0", "name": "multus-cni-network",
+                "plugins": [{"type": meta, "clusterNetwork": "lab"}]});
+            assert_eq!(with_plugin(&list, "/run/cloak/node.sock"), None, "{meta}");
+        }
     }
 
     #[test]

@@ -22,6 +22,8 @@ use std::{
 
 use serde_json::Value;
 
+pub(crate) mod gateway;
+
 /// A lab this test binary owns.
 pub(crate) struct TestLab {
     pub(crate) lab: cloak_lab::Lab,
@@ -55,12 +57,26 @@ pub(crate) fn cloak_lab(name: &str, args: &[&str]) -> Output {
         .unwrap()
 }
 
-/// Brings up a lab of `nodes` nodes owned by this process.
+/// Brings up a lab of `nodes` nodes owned by this process, its nodes under the bridge plugin.
 pub(crate) fn up(name: &str, nodes: u8) -> Result<TestLab, String> {
+    up_under(name, nodes, "bridge")
+}
+
+/// Brings up a lab of `nodes` nodes owned by this process, its nodes under `cni` (`cloak lab up
+/// --cni`).
+pub(crate) fn up_under(name: &str, nodes: u8, cni: &str) -> Result<TestLab, String> {
     let owner = std::process::id().to_string();
     let out = cloak_lab(
         name,
-        &["up", "--nodes", &nodes.to_string(), "--owner", &owner],
+        &[
+            "up",
+            "--nodes",
+            &nodes.to_string(),
+            "--cni",
+            cni,
+            "--owner",
+            &owner,
+        ],
     );
     if !out.status.success() {
         return Err(format!(
@@ -76,10 +92,17 @@ pub(crate) fn up(name: &str, nodes: u8) -> Result<TestLab, String> {
     })
 }
 
-/// The lab shared by every test of this binary: 2 nodes, started on first use.
+/// The lab shared by every test of this binary: 2 nodes under the bridge plugin, started on
+/// first use.
 pub(crate) fn shared() -> &'static TestLab {
+    shared_under("bridge")
+}
+
+/// The lab shared by every test of this binary: 2 nodes under `cni`, started on first use (a
+/// binary uses one CNI: the first call decides).
+pub(crate) fn shared_under(cni: &str) -> &'static TestLab {
     static LAB: OnceLock<Result<TestLab, String>> = OnceLock::new();
-    match LAB.get_or_init(|| up(&unique_name('e'), 2)) {
+    match LAB.get_or_init(|| up_under(&unique_name('e'), 2, cni)) {
         Ok(lab) => lab,
         Err(e) => panic!("{e}"),
     }

@@ -1,0 +1,126 @@
+//! The VpnGateway under Multus, end to end in a real `cloak lab --cni multus` (root): each node's
+//! container runtime calls Multus (its thin plugin, built from its Go module), which delegates the
+//! cluster network to the bridge conflist by name. `cloak node` (the chart's DaemonSet) chains
+//! its plugin into that delegate list, never into Multus's own, so it runs inside Multus's call
+//! at sandbox creation as it does behind the bridge plugin alone (`gateway_lab.rs` covers that
+//! CNI and every failure; the datapath is the same).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers
+
+mod labkit;
+
+use labkit as lab;
+
+use std::time::Duration;
+
+use cloak_lab::{DEMO_NAMESPACE, layout};
+use lab::gateway::*;
+use lab::{eventually, str_at};
+use serde_json::Value;
+
+/// Multus's annotation on every pod it set up: proof that its ADD ran for the pod.
+const NETWORK_STATUS: &str = "k8s.v1.cni.cncf.io/network-status";
+
+fn plugin_types(list: &Value) -> Vec<String> {
+    list["plugins"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| str_at(p, "/type"))
+        .collect()
+}
+
+#[test]
+fn under_multus_the_plugin_joins_the_delegated_list_and_pods_on_either_node_egress_only_through_the_exits_and_leave_nothing()
+ {
+    let lab = lab::shared_under("multus");
+    let _turn = lab::serial();
+    let gw = healthy_gateway(lab);
+    let addresses = exit_addresses(&gw);
+
+    // The runtime reads Multus's file (the first of the directory); cloak's entry is in the
+    // cluster network's list Multus delegates to, last, and not in Multus's own.
+    for k in 1..=2 {
+        let dir = lab.lab.node_dir(k).join("cni");
+        let read = |file: &str| -> Value {
+            serde_json::from_str(&std::fs::read_to_string(dir.join(file)).unwrap()).unwrap()
+        };
+        let multus = read("00-multus.conf");
+        assert_eq!(multus["type"], "multus", "{multus}");
+        assert_eq!(multus["clusterNetwork"], "lab", "{multus}");
+        assert!(multus.get("plugins").is_none(), "{multus}");
+        let delegate = read("10-lab.conflist");
+        assert_eq!(plugin_types(&delegate), ["bridge", "cloak"], "{delegate}");
+    }
+
+    let before: Vec<(Vec<String>, usize)> = (1..=2)
+        .map(|k| {
+            (
+                client_links(lab, &layout::node_name(k)),
+                recorded_clients(lab, k),
+            )
+        })
+        .collect();
+    let names: Vec<String> = (1..=2).map(|k| format!("gw-multus-{k}")).collect();
+    for (k, name) in (1..=2).zip(&names) {
+        let node = layout::node_name(k);
+        let pod = running_client_on(lab, name, Some(&node));
+        assert_spec_as_written(&pod);
+        let status = str_at(
+            &pod,
+            &format!(
+                "/metadata/annotations/{}",
+                NETWORK_STATUS.replace('/', "~1")
+            ),
+        );
+        assert!(
+            status.contains(&str_at(&pod, "/status/podIP")),
+            "Multus set up {name}: {status}"
+        );
+
+        let leaks = Leaks::install(lab, &str_at(&pod, "/status/podIP"));
+        let answers = ask(lab, name, 30);
+        let counts = tally(&answers);
+        for (answer, n) in &counts {
+            assert!(
+                addresses.contains(answer),
+                "{name} on {node}: a flow was seen from {answer} ({n}x), not from an exit {addresses:?}"
+            );
+        }
+        assert_eq!(
+            counts.len(),
+            addresses.len(),
+            "{name}: both exits carry flows: {counts:?}"
+        );
+        assert_reaches_the_cluster(lab, name);
+        assert_eq!(leaks.read("leaked6"), 0, "IPv6 left by an uplink");
+        leaks.assert_carried_and_none_leaked();
+    }
+
+    // Multus's DEL reaches the delegate list: the pods go (none hangs in Terminating), and the
+    // node component forgets them, their links and their routes.
+    for name in &names {
+        delete_client(lab, name);
+    }
+    eventually(
+        "the pods are gone, and their links and records with them",
+        Duration::from_mins(1),
+        || {
+            let left = lab.json(&["-n", DEMO_NAMESPACE, "get", "pods", "-l", "app=gw-test"]);
+            let left = left["items"].as_array().map_or(0, Vec::len);
+            let now: Vec<(Vec<String>, usize)> = (1..=2)
+                .map(|k| {
+                    (
+                        client_links(lab, &layout::node_name(k)),
+                        recorded_clients(lab, k),
+                    )
+                })
+                .collect();
+            if left == 0 && now == before {
+                Ok(())
+            } else {
+                Err(format!("{left} pods left; now {now:?}, before {before:?}"))
+            }
+        },
+    );
+}

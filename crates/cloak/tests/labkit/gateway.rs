@@ -1,0 +1,262 @@
+//! The example VpnGateway of `examples/lab/50-gateway.yaml` as the gateway tests see it: its
+//! status, plain client pods, flows to the echo service (which tells the exit a flow left by:
+//! each exit's provider has its own exit address), and leak counters on the nodes.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use cloak_lab::{DEMO_NAMESPACE, layout};
+use serde_json::Value;
+
+use super::{TestLab, eventually, str_at};
+
+pub(crate) const GATEWAY: &str = "egress";
+pub(crate) const ECHO: &str = "203.0.113.10";
+
+/// The example gateway as it is now.
+pub(crate) fn gateway(lab: &TestLab) -> Value {
+    lab.json(&["-n", DEMO_NAMESPACE, "get", "vpngateway", GATEWAY])
+}
+
+/// The example gateway once both exits are healthy (they prefer different nodes; a replaced
+/// one may land beside the other).
+pub(crate) fn healthy_gateway(lab: &TestLab) -> Value {
+    eventually(
+        "the example gateway has 2 healthy exits",
+        Duration::from_mins(3),
+        || {
+            let gw = gateway(lab);
+            let exits = gw["status"]["exits"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let healthy = exits.iter().filter(|e| e["health"] == "Healthy").count();
+            if healthy == 2 && exits.len() == 2 {
+                Ok(gw)
+            } else {
+                Err(format!("{}", gw["status"]))
+            }
+        },
+    )
+}
+
+/// The address the echo service sees for flows through the exit of provider `gw-<x>`: the lab
+/// provider whose servers its pool holds.
+pub(crate) fn exit_address(exit: &Value) -> String {
+    let provider = str_at(exit, "/provider");
+    let of = provider.strip_prefix("gw-").expect("a gateway provider");
+    layout::PROVIDERS
+        .iter()
+        .find(|p| p.name.ends_with(of))
+        .expect("a lab provider")
+        .exit()
+}
+
+/// The addresses the echo service sees for flows through each of the gateway's exits.
+pub(crate) fn exit_addresses(gw: &Value) -> Vec<String> {
+    gw["status"]["exits"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(exit_address)
+        .collect()
+}
+
+/// A plain pod labelled as the gateway's client: one busybox container, nothing else.
+pub(crate) fn client_yaml(name: &str) -> String {
+    client_yaml_on(name, None)
+}
+
+/// [`client_yaml`], bound to `node` when given (`spec.nodeName`, as the scheduler would set it).
+pub(crate) fn client_yaml_on(name: &str, node: Option<&str>) -> String {
+    let node = node.map_or(String::new(), |n| format!("  nodeName: {n}\n"));
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {DEMO_NAMESPACE}\n  labels: {{cloak.dev/gateway: {GATEWAY}, app: gw-test}}\nspec:\n{node}  terminationGracePeriodSeconds: 0\n  containers:\n    - name: c\n      image: cloak.dev/lab/client:dev\n      imagePullPolicy: Never\n      command: [sleep, \"100000\"]\n"
+    )
+}
+
+pub(crate) fn running_client(lab: &TestLab, name: &str) -> Value {
+    running_client_on(lab, name, None)
+}
+
+/// The client pod `name` (on `node` when given) once it runs.
+pub(crate) fn running_client_on(lab: &TestLab, name: &str, node: Option<&str>) -> Value {
+    lab.apply(&client_yaml_on(name, node));
+    eventually(
+        &format!("client pod {name} Running"),
+        Duration::from_secs(90),
+        || {
+            let pod = lab.json(&["-n", DEMO_NAMESPACE, "get", "pod", name]);
+            if pod["status"]["phase"] == "Running" {
+                Ok(pod)
+            } else {
+                Err(format!("{}", pod["status"]))
+            }
+        },
+    )
+}
+
+pub(crate) fn delete_client(lab: &TestLab, name: &str) {
+    let _ = lab.try_kubectl(&[
+        "-n",
+        DEMO_NAMESPACE,
+        "delete",
+        "pod",
+        name,
+        "--wait=true",
+        "--timeout=60s",
+    ]);
+}
+
+/// Of the gateway's two exits, the one a test takes away and the one it keeps: the exit on
+/// another node than the client's goes (the client's flows to it cross the nodes), or the first
+/// when both share the client's node.
+pub(crate) fn exit_to_lose(gw: &Value, client_node: &str) -> (Value, Value) {
+    let exits = gw["status"]["exits"].as_array().unwrap();
+    let gone = exits
+        .iter()
+        .find(|e| str_at(e, "/node") != client_node)
+        .unwrap_or(&exits[0]);
+    let kept = exits.iter().find(|e| *e != gone).unwrap();
+    (gone.clone(), kept.clone())
+}
+
+/// `count` new TCP flows from the pod to the echo service, one after another: what each saw
+/// as the source address, or the error `nc` printed.
+pub(crate) fn ask(lab: &TestLab, pod: &str, count: u32) -> Vec<String> {
+    let script = format!(
+        "i=0; while [ $i -lt {count} ]; do r=$(printf 'GET /ip HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {ECHO} 80 2>&1 | tail -n 1); echo \"r=$r\"; i=$((i+1)); done"
+    );
+    lab.kubectl(&["-n", DEMO_NAMESPACE, "exec", pod, "--", "sh", "-c", &script])
+        .lines()
+        .filter_map(|l| l.strip_prefix("r="))
+        .map(|r| r.trim().to_owned())
+        .collect()
+}
+
+/// The pod resolves a cluster name through the cluster DNS and fetches the example web page
+/// from that Service's address: the intranet goes outside the exits.
+pub(crate) fn assert_reaches_the_cluster(lab: &TestLab, pod: &str) {
+    let ip = lab.kubectl(&[
+        "-n",
+        DEMO_NAMESPACE,
+        "get",
+        "service",
+        "web",
+        "-o",
+        "jsonpath={.spec.clusterIP}",
+    ]);
+    let script = format!(
+        "nslookup web.{DEMO_NAMESPACE}.svc.cluster.local 2>&1; printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {ip} 80 2>&1 | tail -n 1"
+    );
+    let out = lab.kubectl(&["-n", DEMO_NAMESPACE, "exec", pod, "--", "sh", "-c", &script]);
+    assert!(out.contains(&format!("Address: {ip}")), "{out}");
+    assert!(out.contains("hello from the cloak lab"), "{out}");
+}
+
+/// Now as the API server writes times (RFC 3339, UTC, whole seconds), a second early: the lab's
+/// API server runs on this machine's clock.
+pub(crate) fn now_rfc3339() -> String {
+    let out = std::process::Command::new("date")
+        .args(["-u", "-d", "-1 second", "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+pub(crate) fn tally(answers: &[String]) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for a in answers {
+        *counts.entry(a.clone()).or_default() += 1;
+    }
+    counts
+}
+
+/// Counters on every node for client traffic (from `pod_ip` or the gateway's client range)
+/// leaving by the node's uplink to anything outside the cluster (leaks), and entering a link to
+/// an exit (carried). Counted before any NAT.
+pub(crate) struct Leaks<'a> {
+    lab: &'a TestLab,
+    nodes: Vec<String>,
+}
+
+impl<'a> Leaks<'a> {
+    pub(crate) fn install(lab: &'a TestLab, pod_ip: &str) -> Self {
+        let nodes: Vec<String> = (1..=2).map(layout::node_name).collect();
+        for node in &nodes {
+            let script = format!(
+                "table inet cloak_test_gw {{\n  counter carried {{}}\n  counter leaked {{}}\n  counter leaked6 {{}}\n  chain post {{\n    type filter hook postrouting priority -400; policy accept;\n    oifname \"ckx*\" ip saddr 198.18.0.0/16 counter name carried\n    oifname \"lan0\" ip saddr {{ {pod_ip}, 198.18.0.0/15 }} ip daddr != {{ {pods}, {services}, 10.250.0.0/24 }} counter name leaked\n    oifname \"lan0\" meta nfproto ipv6 ip6 saddr != fe80::/10 counter name leaked6\n  }}\n}}\n",
+                pods = layout::POD_CIDR,
+                services = layout::SERVICE_CIDR,
+            );
+            lab.nft(node, &script);
+        }
+        Self { lab, nodes }
+    }
+
+    /// The counters saw client traffic carried to the exits, and none of it left by an uplink.
+    pub(crate) fn assert_carried_and_none_leaked(self) {
+        assert!(self.read("carried") > 0, "the counters are blind");
+        assert_eq!(self.read("leaked"), 0, "client packets left by an uplink");
+    }
+
+    pub(crate) fn read(&self, name: &str) -> u64 {
+        self.nodes
+            .iter()
+            .map(|node| self.lab.nft_packets(node, "inet", "cloak_test_gw", name))
+            .sum()
+    }
+}
+
+impl Drop for Leaks<'_> {
+    fn drop(&mut self) {
+        for node in &self.nodes {
+            let _ = self
+                .lab
+                .exec_in(node, &["nft", "delete", "table", "inet", "cloak_test_gw"]);
+        }
+    }
+}
+
+/// The client pod's spec is what `client_yaml` wrote: one container, no securityContext, no init
+/// containers, no volume beyond the service account token the API server adds to every pod.
+pub(crate) fn assert_spec_as_written(pod: &Value) {
+    let spec = &pod["spec"];
+    assert_eq!(spec["containers"].as_array().unwrap().len(), 1, "{spec}");
+    assert!(spec["initContainers"].is_null(), "{spec}");
+    assert!(spec["containers"][0]["securityContext"].is_null(), "{spec}");
+    let volumes: Vec<String> = spec["volumes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|v| str_at(v, "/name"))
+        .collect();
+    assert!(
+        volumes.iter().all(|v| v.starts_with("kube-api-access-")),
+        "{volumes:?}"
+    );
+}
+
+/// The links `cloak node` made on `node` for its clients (`ckg…`, one a client pod).
+pub(crate) fn client_links(lab: &TestLab, node: &str) -> Vec<String> {
+    lab.exec_in(node, &["ip", "-o", "link", "show"])
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|n| n.split('@').next().unwrap_or(n).to_owned())
+        .filter(|n| n.starts_with("ckg"))
+        .collect()
+}
+
+/// The clients `cloak node` on node `k` (1-based) keeps in its state file.
+pub(crate) fn recorded_clients(lab: &TestLab, k: u8) -> usize {
+    let state = lab
+        .lab
+        .node_dir(k)
+        .join("root/var/lib/cloak/node/clients.json");
+    let text = std::fs::read_to_string(&state).unwrap_or_default();
+    let clients: Value = serde_json::from_str(&text).unwrap_or_default();
+    clients["clients"].as_array().map_or(0, Vec::len)
+        + clients["clients"]
+            .as_object()
+            .map_or(0, serde_json::Map::len)
+}
