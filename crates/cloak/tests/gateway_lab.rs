@@ -493,32 +493,7 @@ fn fifty_client_pods_created_and_deleted_leave_nothing_behind_in_the_node_compon
     healthy_gateway(lab);
     let nodes: Vec<String> = (1..=2).map(layout::node_name).collect();
     let links = |node: &str| client_links(lab, node);
-    // Pods of earlier tests may still be tearing down: start from the links of the clients
-    // that exist, one a client pod per node.
-    let before: Vec<Vec<String>> = eventually(
-        "each node's links match its client pods",
-        Duration::from_mins(1),
-        || {
-            let pods = lab.json(&["get", "pods", "-A", "-l", "cloak.dev/gateway"]);
-            let now: Vec<Vec<String>> = nodes.iter().map(|n| links(n)).collect();
-            let per_node: Vec<usize> = nodes
-                .iter()
-                .map(|n| {
-                    pods["items"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .filter(|p| str_at(p, "/spec/nodeName") == *n)
-                        .count()
-                })
-                .collect();
-            if now.iter().map(Vec::len).eq(per_node.iter().copied()) {
-                Ok(now)
-            } else {
-                Err(format!("links {now:?}, client pods per node {per_node:?}"))
-            }
-        },
-    );
+    let before = settled_client_links(lab, &nodes);
     // The gateway's status counts its running clients: as many as run now, 50 more once they
     // run, and as many again once they are gone.
     let status_clients = || {

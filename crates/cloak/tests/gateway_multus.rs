@@ -53,13 +53,12 @@ fn under_multus_the_plugin_joins_the_delegated_list_and_pods_on_either_node_egre
         assert_eq!(plugin_types(&delegate), ["bridge", "cloak"], "{delegate}");
     }
 
-    let before: Vec<(Vec<String>, usize)> = (1..=2)
-        .map(|k| {
-            (
-                client_links(lab, &layout::node_name(k)),
-                recorded_clients(lab, k),
-            )
-        })
+    let nodes: Vec<String> = (1..=2).map(layout::node_name).collect();
+    let settled = settled_client_links(lab, &nodes);
+    let before: Vec<(Vec<String>, usize)> = settled
+        .into_iter()
+        .zip(1..=2)
+        .map(|(links, k)| (links, recorded_clients(lab, k)))
         .collect();
     let names: Vec<String> = (1..=2).map(|k| format!("gw-multus-{k}")).collect();
     for (k, name) in (1..=2).zip(&names) {
@@ -123,4 +122,74 @@ fn under_multus_the_plugin_joins_the_delegated_list_and_pods_on_either_node_egre
             }
         },
     );
+}
+
+/// A third provider for the example gateway: the OpenVPN pool's other server, so the third exit
+/// has an exit address of its own (198.51.100.13) and a tunnel of the other kind.
+const THIRD_PROVIDER: &str = "apiVersion: cloak.dev/v1alpha1\nkind: VpnProvider\nmetadata:\n  name: gw-gamma\n  namespace: cloak-demo\nspec:\n  secret: ovpn-gamma-pool\n  maxSlots: 1\n  tags: [gateway]\n  tunnel: openvpn\n  verify:\n    timeout: 45s\n";
+
+#[test]
+fn a_hundred_new_flows_spread_over_three_exits_with_none_below_a_fifth() {
+    let lab = lab::shared_under("multus");
+    let _turn = lab::serial();
+    healthy_gateway(lab);
+    lab.apply(THIRD_PROVIDER);
+    let scale = |count: u32| {
+        lab.kubectl(&[
+            "-n",
+            DEMO_NAMESPACE,
+            "patch",
+            "vpngateway",
+            GATEWAY,
+            "--type=merge",
+            "-p",
+            &format!("{{\"spec\":{{\"exits\":{{\"count\":{count}}}}}}}"),
+        ]);
+    };
+    scale(3);
+    let gw = healthy_gateway_of(lab, 3);
+    let addresses = exit_addresses(&gw);
+    assert_eq!(
+        addresses
+            .iter()
+            .collect::<std::collections::BTreeSet<_>>()
+            .len(),
+        3,
+        "three exits, three exit addresses: {addresses:?}"
+    );
+    let name = "gw-three";
+    let pod = running_client(lab, name);
+    let leaks = Leaks::install(lab, &str_at(&pod, "/status/podIP"));
+    let answers = ask(lab, name, 100);
+    let counts = tally(&answers);
+    assert_eq!(answers.len(), 100, "{counts:?}");
+    eprintln!("100 new flows over 3 exits: {counts:?}");
+    for (answer, n) in &counts {
+        assert!(
+            addresses.contains(answer),
+            "a flow was seen from {answer} ({n}x), not from an exit {addresses:?}"
+        );
+    }
+    for address in &addresses {
+        let n = counts.get(address).copied().unwrap_or(0);
+        assert!(
+            n >= 20,
+            "exit {address} took {n} of 100 new flows: {counts:?}"
+        );
+    }
+    leaks.assert_carried_and_none_leaked();
+    delete_client(lab, name);
+
+    // Back to the example's two exits, without the third provider.
+    scale(2);
+    healthy_gateway_of(lab, 2);
+    lab.kubectl(&[
+        "-n",
+        DEMO_NAMESPACE,
+        "delete",
+        "vpnprovider",
+        "gw-gamma",
+        "--wait=true",
+        "--timeout=60s",
+    ]);
 }

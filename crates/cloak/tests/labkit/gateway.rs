@@ -20,8 +20,13 @@ pub(crate) fn gateway(lab: &TestLab) -> Value {
 /// The example gateway once both exits are healthy (they prefer different nodes; a replaced
 /// one may land beside the other).
 pub(crate) fn healthy_gateway(lab: &TestLab) -> Value {
+    healthy_gateway_of(lab, 2)
+}
+
+/// The example gateway once it has exactly `count` exits, every one healthy.
+pub(crate) fn healthy_gateway_of(lab: &TestLab, count: usize) -> Value {
     eventually(
-        "the example gateway has 2 healthy exits",
+        &format!("the example gateway has {count} healthy exits"),
         Duration::from_mins(3),
         || {
             let gw = gateway(lab);
@@ -30,7 +35,7 @@ pub(crate) fn healthy_gateway(lab: &TestLab) -> Value {
                 .cloned()
                 .unwrap_or_default();
             let healthy = exits.iter().filter(|e| e["health"] == "Healthy").count();
-            if healthy == 2 && exits.len() == 2 {
+            if healthy == count && exits.len() == count {
                 Ok(gw)
             } else {
                 Err(format!("{}", gw["status"]))
@@ -259,4 +264,33 @@ pub(crate) fn recorded_clients(lab: &TestLab, k: u8) -> usize {
         + clients["clients"]
             .as_object()
             .map_or(0, serde_json::Map::len)
+}
+
+/// Each node's client links once they match the client pods on it: pods of earlier tests may
+/// still be tearing down (the API server forgets a pod before its sandbox's DEL has run).
+pub(crate) fn settled_client_links(lab: &TestLab, nodes: &[String]) -> Vec<Vec<String>> {
+    eventually(
+        "each node's links match its client pods",
+        Duration::from_mins(1),
+        || {
+            let pods = lab.json(&["get", "pods", "-A", "-l", "cloak.dev/gateway"]);
+            let now: Vec<Vec<String>> = nodes.iter().map(|n| client_links(lab, n)).collect();
+            let per_node: Vec<usize> = nodes
+                .iter()
+                .map(|n| {
+                    pods["items"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter(|p| str_at(p, "/spec/nodeName") == *n)
+                        .count()
+                })
+                .collect();
+            if now.iter().map(Vec::len).eq(per_node.iter().copied()) {
+                Ok(now)
+            } else {
+                Err(format!("links {now:?}, client pods per node {per_node:?}"))
+            }
+        },
+    )
 }
