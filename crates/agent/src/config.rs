@@ -662,6 +662,7 @@ mod tests {
             &Ok(std::sync::Arc::new(r.clone())),
             &crate::machine::Status::default(),
             false,
+            false,
         )
         .unwrap();
         assert_eq!(plan.tunnel, "ck0");
@@ -675,10 +676,18 @@ mod tests {
             ..crate::machine::Status::default()
         };
         let config = Ok(std::sync::Arc::new(r));
-        assert!(crate::exit::plan(&config, &ready, false).unwrap().healthy);
+        let healthy = crate::exit::plan(&config, &ready, false, false).unwrap();
+        assert!(healthy.healthy && !healthy.draining);
         assert!(
-            !crate::exit::plan(&config, &ready, true).unwrap().healthy,
+            !crate::exit::plan(&config, &ready, true, false)
+                .unwrap()
+                .healthy,
             "an exit whose echoes go unanswered answers no health probe, whatever its probe says"
+        );
+        let draining = crate::exit::plan(&config, &ready, false, true).unwrap();
+        assert!(
+            draining.healthy && draining.draining,
+            "a draining exit answers, saying it drains"
         );
         let watch = crate::exit::liveness(&config).unwrap();
         assert_eq!(

@@ -23,9 +23,14 @@ const RETRY: Duration = Duration::from_secs(1);
 /// well past the agent's probe, which fails within 3 s on a tunnel that is really dead.
 const GIVE_UP: Duration = Duration::from_secs(5);
 
-/// The exit's plan for this config and status (`silent`: the tunnel's echoes go unanswered);
-/// `None` when the config names no exit role.
-pub fn plan(config: &ConfigResult, status: &Status, silent: bool) -> Option<ExitPlan> {
+/// The exit's plan for this config and status (`silent`: the tunnel's echoes go unanswered;
+/// `draining`: the agent got its SIGTERM); `None` when the config names no exit role.
+pub fn plan(
+    config: &ConfigResult,
+    status: &Status,
+    silent: bool,
+    draining: bool,
+) -> Option<ExitPlan> {
     let cfg = config.as_ref().ok()?;
     let role = cfg.exit.as_ref()?;
     Some(ExitPlan {
@@ -34,6 +39,7 @@ pub fn plan(config: &ConfigResult, status: &Status, silent: bool) -> Option<Exit
         tunnel: cfg.tunnel.interface().to_owned(),
         mss: role.mss,
         healthy: status.ready() && !silent,
+        draining,
     })
 }
 
@@ -50,12 +56,14 @@ pub fn liveness(config: &ConfigResult) -> Option<LivenessConfig> {
     })
 }
 
-/// Keeps the exit's data plane in step with the config, the agent's status and the tunnel's
-/// echoes, until the config or status channel closes. A config that stops being usable keeps
-/// the last exit role, unhealthy: the nodes must stop sending new flows to an agent that blocks.
+/// Keeps the exit's data plane in step with the config, the agent's status, the tunnel's echoes
+/// and `draining` (true from the agent's SIGTERM on: its answers to the nodes' probes say so),
+/// until the config or status channel closes. A config that stops being usable keeps the last
+/// exit role, unhealthy: the nodes must stop sending new flows to an agent that blocks.
 pub async fn follow(
     mut config: watch::Receiver<ConfigResult>,
     mut status: watch::Receiver<Status>,
+    mut draining: watch::Receiver<bool>,
 ) {
     let (silent_tx, mut silent) = watch::channel(false);
     let mut watching: Option<(LivenessConfig, Liveness)> = None;
@@ -86,7 +94,13 @@ pub async fn follow(
             });
         }
         let quiet = *silent.borrow_and_update();
-        let want = plan(&current, &status.borrow_and_update(), quiet).or_else(|| {
+        let want = plan(
+            &current,
+            &status.borrow_and_update(),
+            quiet,
+            *draining.borrow_and_update(),
+        )
+        .or_else(|| {
             applied.clone().map(|last| ExitPlan {
                 healthy: false,
                 ..last
@@ -100,6 +114,7 @@ pub async fn follow(
                 Ok(Ok(())) => {
                     tracing::info!(
                         healthy = want.as_ref().is_some_and(|p| p.healthy),
+                        draining = want.as_ref().is_some_and(|p| p.draining),
                         "exit data plane applied"
                     );
                     applied = want;
@@ -118,6 +133,7 @@ pub async fn follow(
             r = config.changed() => if r.is_err() { return },
             r = status.changed() => if r.is_err() { return },
             _ = silent.changed() => {}
+            r = draining.changed() => if r.is_err() { return },
             () = tokio::time::sleep(RETRY), if failed => {}
         }
     }

@@ -71,7 +71,13 @@ pub async fn run(options: Options) -> std::io::Result<()> {
     let (config_tx, config_rx) = watch::channel(load(&options));
     let watcher = tokio::spawn(watch_config(options.clone(), config_tx));
     // A gateway exit's links follow the tunnel (nothing happens without an `exit` section).
-    let exit = tokio::spawn(exit::follow(config_rx.clone(), status_rx.clone()));
+    // From the first SIGTERM on, a gateway exit tells the nodes' probes it is draining.
+    let (draining_tx, draining_rx) = watch::channel(false);
+    let exit = tokio::spawn(exit::follow(
+        config_rx.clone(),
+        status_rx.clone(),
+        draining_rx,
+    ));
     let dns = tokio::spawn(exit::serve_dns(config_rx.clone()));
 
     let app = Router::new()
@@ -106,6 +112,7 @@ pub async fn run(options: Options) -> std::io::Result<()> {
             Some((role.drain_grace, role.drain_quiet))
         });
         if let Some((grace, quiet)) = drain {
+            draining_tx.send_replace(true);
             // A second signal stops it at once.
             tokio::select! {
                 () = exit::drain(grace, quiet) => {}

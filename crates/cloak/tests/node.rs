@@ -45,6 +45,7 @@ fn exit_plan(i: u8, healthy: bool) -> ExitPlan {
         tunnel: format!("tun{i}"),
         mss: 1380,
         healthy,
+        draining: false,
     }
 }
 
@@ -278,6 +279,13 @@ fn until_flows_avoid(net: &GatewayNet, exit: &str, n: usize) -> Duration {
     started.elapsed()
 }
 
+/// Time until new flows avoid `exit`: 40 in a row did. A connection takes under a millisecond
+/// here, so a shorter run on the other exits alone comes by chance within a second (10 in a row
+/// did, with the exit still taking half the flows); 40 by chance: 2⁻⁴⁰ a try with two exits.
+fn until_new_flows_avoid(net: &GatewayNet, exit: &str) -> Duration {
+    until_flows_avoid(net, exit, 40)
+}
+
 #[tokio::test]
 async fn a_labelled_pod_is_attached_at_sandbox_creation_and_its_flows_spread_over_the_exits_fail_over_and_never_leave_by_the_uplink()
  {
@@ -335,7 +343,7 @@ async fn a_labelled_pod_is_attached_at_sandbox_creation_and_its_flows_spread_ove
     assert!(survivors.iter().any(|s| *s), "{vias:?}");
     let down = exit_plan(1, false);
     inside(&rig.net["exit1"], move || down.apply()).unwrap();
-    let took = until_flows_avoid(&rig.net, &exit_public(1), 10);
+    let took = until_new_flows_avoid(&rig.net, &exit_public(1));
     eprintln!("new flows avoided the failed exit after {took:?}");
     let pokes = held.say("poke");
     for (survivor, poke) in survivors.iter().zip(pokes.split(',')) {
@@ -378,6 +386,49 @@ async fn a_labelled_pod_is_attached_at_sandbox_creation_and_its_flows_spread_ove
         0,
         "client traffic left by the node's uplink"
     );
+}
+
+#[tokio::test]
+async fn an_exit_that_answers_as_draining_gets_no_new_flows_and_keeps_its_established_ones_with_no_operator()
+ {
+    // No operator runs here: the gateway's status says both exits are healthy throughout, so
+    // only the exit's own answers to the probes can tell the node it drains.
+    let rig = Rig::new("node-drain").await;
+    rig.pod("app", json!({"cloak.dev/gateway": "egress"})).await;
+    rig.cni("ADD", "app", "c0ffee0005").unwrap();
+    let mut held = Flows::start(&rig.net["app"]);
+    let vias = held.open(8);
+    assert!(
+        vias.iter().any(|v| *v == exit_public(1)),
+        "no flow on the exit to drain: {vias:?}"
+    );
+    let draining = ExitPlan {
+        draining: true,
+        ..exit_plan(1, true)
+    };
+    inside(&rig.net["exit1"], move || draining.apply()).unwrap();
+    let took = until_new_flows_avoid(&rig.net, &exit_public(1));
+    eprintln!("new flows avoided the draining exit after {took:?}");
+    // Every established flow goes on, those on the draining exit too (a dead exit's would be
+    // reset).
+    let pokes = held.say("poke");
+    assert!(
+        pokes.split(',').all(|p| p.starts_with("ok")),
+        "established flows during the drain: {pokes} (they left by {vias:?})\n{}",
+        rig.daemon_log()
+    );
+    // It stops draining (a drain called off): new flows use it again.
+    let back = exit_plan(1, true);
+    inside(&rig.net["exit1"], move || back.apply()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !spread(&rig.net["app"], 10).contains_key(&exit_public(1)) {
+        assert!(
+            Instant::now() < deadline,
+            "the exit that stopped draining got no new flows"
+        );
+    }
+    drop(held);
+    rig.cni("DEL", "app", "c0ffee0005").unwrap();
 }
 
 #[tokio::test]
@@ -434,7 +485,7 @@ async fn a_dead_exits_flows_get_a_reset() {
     let vias = held.open(8);
     let down = exit_plan(1, false);
     inside(&rig.net["exit1"], move || down.apply()).unwrap();
-    until_flows_avoid(&rig.net, &exit_public(1), 10);
+    until_new_flows_avoid(&rig.net, &exit_public(1));
     let pokes = held.say("poke");
     for (via, poke) in vias.iter().zip(pokes.split(',')) {
         if *via == exit_public(1) {

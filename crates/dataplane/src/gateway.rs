@@ -697,11 +697,26 @@ pub struct ExitPlan {
     /// Whether the tunnel carries traffic now: the exit answers the nodes' health probes only
     /// then, so a node stops sending new flows to an exit whose tunnel is down or blackholed.
     pub healthy: bool,
+    /// Whether the exit is draining (its pod is being deleted): its answers to the probes carry
+    /// [`DRAINING_DSCP`], and the nodes give it no new flows while keeping its established ones,
+    /// with or without the operator marking it `Draining`.
+    pub draining: bool,
 }
+
+/// The DSCP of a draining exit's probe answers (CS1, "lower effort"): what tells a node that an
+/// exit which answers takes no new flows.
+pub const DRAINING_DSCP: u8 = 8;
 
 impl ExitPlan {
     pub fn render(&self) -> String {
         let health = if self.healthy { "accept" } else { "drop" };
+        let draining = if self.draining {
+            format!(
+                "\t\toifname \"{EXIT_IFACE}\" ip saddr {EXIT_ADDRESS} icmp type echo-reply ip dscp set {DRAINING_DSCP}\n"
+            )
+        } else {
+            String::new()
+        };
         format!(
             "table inet {EXIT_TABLE}\n\
              delete table inet {EXIT_TABLE}\n\
@@ -718,6 +733,10 @@ impl ExitPlan {
              \t\ttcp flags syn / syn,rst tcp option maxseg size > {mss} tcp option maxseg size set {mss}\n\
              \t\tiifname \"{EXIT_IFACE}\" oifname \"{tunnel}\" meta nfproto ipv4 accept\n\
              \t\tiifname \"{tunnel}\" oifname \"{EXIT_IFACE}\" ct state established,related accept\n\
+             \t}}\n\
+             \tchain output {{\n\
+             \t\ttype filter hook output priority filter; policy accept;\n\
+             {draining}\
              \t}}\n\
              \tchain postrouting {{\n\
              \t\ttype nat hook postrouting priority srcnat; policy accept;\n\

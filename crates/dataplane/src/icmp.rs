@@ -63,6 +63,11 @@ pub fn echo_reply(packet: &[u8]) -> Option<(u16, u16)> {
     })
 }
 
+/// The DSCP of a raw IPv4 packet (the top six bits of its TOS byte).
+pub fn dscp(packet: &[u8]) -> Option<u8> {
+    Some(packet.get(1)? >> 2)
+}
+
 /// The source address of a raw IPv4 packet.
 pub fn source(packet: &[u8]) -> Option<Ipv4Addr> {
     let bytes: [u8; 4] = packet.get(12..16)?.try_into().ok()?;

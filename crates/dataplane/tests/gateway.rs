@@ -38,6 +38,7 @@ impl Gateway {
                 tunnel: format!("tun{i}"),
                 mss: 1360,
                 healthy: true,
+                draining: false,
             };
             inside(&net[&format!("exit{i}")], move || plan.apply()).unwrap();
         }
@@ -242,6 +243,7 @@ fn an_exit_answers_the_nodes_health_probe_only_while_its_tunnel_is_up() {
         tunnel: "tun1".into(),
         mss: 1360,
         healthy: false,
+        draining: false,
     };
     inside(&gateway.net["exit1"], move || down.apply()).unwrap();
     assert!(!probe(), "an exit whose tunnel is down must not answer");

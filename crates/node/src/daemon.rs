@@ -41,6 +41,7 @@ use tokio::{
 use cloak_model::clients::{Choice, choose};
 
 use crate::cni::{Command, Reply, Request};
+use crate::probe::Answer;
 
 /// How to run the daemon.
 #[derive(Debug, Clone)]
@@ -74,11 +75,13 @@ struct Attached {
 }
 
 /// What the probes have seen of an exit lately: `up` is None until it answered once or missed
-/// `probe_misses` in a row (until then the gateway's status decides).
+/// `probe_misses` in a row (until then the gateway's status decides); `draining` when its last
+/// answer said it takes no new flows.
 #[derive(Debug, Clone, Copy, Default)]
 struct Seen {
     up: Option<bool>,
     misses: u32,
+    draining: bool,
 }
 
 /// What survives a restart: the clients, and the numbers that established flows carry in their
@@ -402,25 +405,27 @@ impl Daemon {
         self.save(&state);
     }
 
-    /// Takes in one probe round; true when an exit changed between up and down.
-    async fn seen(&self, round: BTreeMap<u32, bool>) -> bool {
+    /// Takes in one probe round; true when an exit changed between up and down, or began or
+    /// stopped draining.
+    async fn seen(&self, round: BTreeMap<u32, Answer>) -> bool {
         let mut state = self.state.lock().await;
         let limit = self.options.probe_misses.max(1);
         let mut changed = false;
-        for (vni, answered) in round {
+        for (vni, answer) in round {
             let seen = state.seen.entry(vni).or_default();
-            let was = seen.up;
-            if answered {
-                seen.misses = 0;
-                seen.up = Some(true);
-            } else {
+            let was = (seen.up, seen.draining);
+            if answer == Answer::Missed {
                 seen.misses += 1;
                 if seen.misses >= limit {
                     seen.up = Some(false);
                 }
+            } else {
+                seen.misses = 0;
+                seen.up = Some(true);
+                seen.draining = answer == Answer::Draining;
             }
-            if seen.up != was {
-                tracing::info!(vni, up = ?seen.up, "exit health changed");
+            if (seen.up, seen.draining) != was {
+                tracing::info!(vni, up = ?seen.up, draining = seen.draining, "exit health changed");
                 changed = true;
             }
         }
@@ -546,15 +551,16 @@ impl Daemon {
                     continue;
                 }
                 live_vnis.insert(exit.vni);
-                let use_ = if exit.health == ExitHealth::Draining {
+                let seen = state.seen.get(&exit.vni).copied().unwrap_or_default();
+                // Draining as the operator says (it saw the pod's deletion) or as the exit's own
+                // answers say (it got its SIGTERM: the operator may be down).
+                let use_ = if exit.health == ExitHealth::Draining
+                    || (seen.up == Some(true) && seen.draining)
+                {
                     ExitUse::Draining
                 } else {
                     // Until its first probe, an exit is as the gateway's status says.
-                    let up = state
-                        .seen
-                        .get(&exit.vni)
-                        .and_then(|seen| seen.up)
-                        .unwrap_or(exit.health == ExitHealth::Healthy);
+                    let up = seen.up.unwrap_or(exit.health == ExitHealth::Healthy);
                     if up { ExitUse::Healthy } else { ExitUse::Dead }
                 };
                 exits.push((exit.vni, remote, *id, use_));

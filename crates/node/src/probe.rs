@@ -10,7 +10,7 @@ use std::{
 };
 
 use cloak_dataplane::{
-    gateway::{EXIT_ADDRESS, mark},
+    gateway::{DRAINING_DSCP, EXIT_ADDRESS, mark},
     icmp::{self, echo_reply, echo_request},
 };
 use nix::sys::socket::{MsgFlags, SockaddrIn, recv, sendto, setsockopt, sockopt};
@@ -25,13 +25,34 @@ fn from_exit(packet: &[u8]) -> bool {
     icmp::source(packet) == Some(EXIT_ADDRESS)
 }
 
+/// What one round heard from an exit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// No answer within the round.
+    Missed,
+    /// An answer: the exit's tunnel works and it takes new flows.
+    Up,
+    /// An answer marked [`DRAINING_DSCP`]: the exit works but takes no new flows (its pod is
+    /// being deleted). A node learns it from the exit itself, with the operator down too.
+    Draining,
+}
+
+/// What an echo reply from an exit says.
+fn answer(packet: &[u8]) -> Answer {
+    if icmp::dscp(packet) == Some(DRAINING_DSCP) {
+        Answer::Draining
+    } else {
+        Answer::Up
+    }
+}
+
 /// Probes the exits on the calling thread (which must be in the node's network namespace):
 /// each round, one echo to each of `targets()` (VNI → slot), then `report(vni → answered)` once
 /// the round's `interval` is over. Ends when `report` returns false.
 pub fn run(
     interval: Duration,
     targets: &dyn Fn() -> BTreeMap<u32, u8>,
-    report: &mut dyn FnMut(BTreeMap<u32, bool>) -> bool,
+    report: &mut dyn FnMut(BTreeMap<u32, Answer>) -> bool,
 ) -> std::io::Result<()> {
     let sock = icmp::raw_socket()?;
     let to = SockaddrIn::from(SocketAddrV4::new(EXIT_ADDRESS, 0));
@@ -41,7 +62,8 @@ pub fn run(
         seq = seq.wrapping_add(1);
         let round = targets();
         let started = Instant::now();
-        let mut answered: BTreeMap<u32, bool> = round.keys().map(|vni| (*vni, false)).collect();
+        let mut answered: BTreeMap<u32, Answer> =
+            round.keys().map(|vni| (*vni, Answer::Missed)).collect();
         for slot in round.values() {
             setsockopt(&sock, sockopt::Mark, &mark(*slot))?;
             // A send that fails (the link is going away) is a probe not answered.
@@ -74,7 +96,7 @@ pub fn run(
                         && s == seq
                         && let Some(vni) = by_ident.get(&id)
                     {
-                        answered.insert(*vni, true);
+                        answered.insert(*vni, answer(&buf[..n]));
                     }
                 }
                 // Nothing more queued once the round is over.
@@ -103,5 +125,10 @@ mod tests {
         reply[12..16].copy_from_slice(&EXIT_ADDRESS.octets());
         assert!(from_exit(&reply));
         assert_eq!(echo_reply(&reply), Some((ident(1), 7)));
+        assert_eq!(answer(&reply), Answer::Up);
+        reply[1] = DRAINING_DSCP << 2;
+        assert_eq!(answer(&reply), Answer::Draining);
+        reply[1] = 0x01; // ECN bits alone say nothing
+        assert_eq!(answer(&reply), Answer::Up);
     }
 }
