@@ -707,3 +707,22 @@ pub fn tool(name: &str) -> PathBuf {
         })
         .unwrap_or_else(|| Path::new("/usr/bin").join(name))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cni_is_named_on_the_command_line_and_a_lab_written_without_it_ran_the_bridge() {
+        assert_eq!("multus".parse::<Cni>(), Ok(Cni::Multus));
+        assert_eq!("bridge".parse::<Cni>(), Ok(Cni::Bridge));
+        let err = "calico".parse::<Cni>().unwrap_err();
+        assert!(err.contains("bridge") && err.contains("multus"), "{err}");
+        let old = r#"{"nodes": 2, "kubernetes_bin": "/k", "lab_bin": "/l", "kubectl": "/c",
+            "helm": "/h", "chart": "/ch", "examples": "/e", "cloak": "/x", "supervisor": [],
+            "owner": null}"#;
+        let options: UpOptions = serde_json::from_str(old).unwrap();
+        assert_eq!(options.cni, Cni::Bridge);
+        assert_eq!(Cni::Multus.to_string(), "multus");
+    }
+}
