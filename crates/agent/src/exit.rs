@@ -58,7 +58,7 @@ pub fn liveness(config: &ConfigResult) -> Option<LivenessConfig> {
 
 /// Keeps the exit's data plane in step with the config, the agent's status, the tunnel's echoes
 /// and `draining` (true from the agent's SIGTERM on: its answers to the nodes' probes say so),
-/// until the config or status channel closes. A config that stops being usable keeps the last
+/// until one of those channels closes. A config that stops being usable keeps the last
 /// exit role, unhealthy: the nodes must stop sending new flows to an agent that blocks.
 pub async fn follow(
     mut config: watch::Receiver<ConfigResult>,

@@ -1,9 +1,10 @@
-//! The VpnGateway under Multus, end to end in a real `cloak lab --cni multus` (root): each node's
-//! container runtime calls Multus (its thin plugin, built from its Go module), which delegates the
-//! cluster network to the bridge conflist by name. `cloak node` (the chart's DaemonSet) chains
-//! its plugin into that delegate list, never into Multus's own, so it runs inside Multus's call
-//! at sandbox creation as it does behind the bridge plugin alone (`gateway_lab.rs` covers that
-//! CNI and every failure; the datapath is the same).
+//! The VpnGateway under Multus, end to end in a real lab from `cloak lab up --cni multus` (root):
+//! each node's container runtime calls Multus (its thin plugin, built from its Go module), whose
+//! configuration holds the bridge list inline as its cluster network, as Multus's DaemonSet
+//! writes it. `cloak node` (the chart's DaemonSet) adds its plugin to that inline list, so it
+//! runs inside Multus's call at sandbox creation as it does behind the bridge plugin alone.
+//! `gateway_lab.rs` covers that CNI and every failure; here: attachment, egress, no leak, DEL,
+//! and the spread over three exits.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers
 
@@ -38,8 +39,10 @@ fn under_multus_the_plugin_joins_the_delegated_list_and_pods_on_either_node_egre
     let gw = healthy_gateway(lab);
     let addresses = exit_addresses(&gw);
 
-    // The runtime reads Multus's file (the first of the directory); cloak's entry is in the
-    // cluster network's list Multus delegates to, last, and not in Multus's own.
+    // The runtime reads Multus's file (the first of the directory), written before cloak was
+    // installed: cloak's entry is in the cluster network Multus holds inline, last, and not
+    // beside Multus itself. (The primary list on disk has it too, for a Multus that copies it
+    // again.)
     for k in 1..=2 {
         let dir = lab.lab.node_dir(k).join("cni");
         let read = |file: &str| -> Value {
@@ -47,10 +50,14 @@ fn under_multus_the_plugin_joins_the_delegated_list_and_pods_on_either_node_egre
         };
         let multus = read("00-multus.conf");
         assert_eq!(multus["type"], "multus", "{multus}");
-        assert_eq!(multus["clusterNetwork"], "lab", "{multus}");
         assert!(multus.get("plugins").is_none(), "{multus}");
-        let delegate = read("10-lab.conflist");
-        assert_eq!(plugin_types(&delegate), ["bridge", "cloak"], "{delegate}");
+        assert_eq!(
+            plugin_types(&multus["delegates"][0]),
+            ["bridge", "cloak"],
+            "{multus}"
+        );
+        let primary = read("10-lab.conflist");
+        assert_eq!(plugin_types(&primary), ["bridge", "cloak"], "{primary}");
     }
 
     let nodes: Vec<String> = (1..=2).map(layout::node_name).collect();
@@ -147,6 +154,9 @@ fn a_hundred_new_flows_spread_over_three_exits_with_none_below_a_fifth() {
         ]);
     };
     scale(3);
+    // Back to the example's two exits, without the third provider, however this test ends:
+    // the other test expects them.
+    let _restore = Restore(lab);
     let gw = healthy_gateway_of(lab, 3);
     let addresses = exit_addresses(&gw);
     assert_eq!(
@@ -170,6 +180,8 @@ fn a_hundred_new_flows_spread_over_three_exits_with_none_below_a_fifth() {
             "a flow was seen from {answer} ({n}x), not from an exit {addresses:?}"
         );
     }
+    // Each flow picks an exit at random: one of three gets under 20 of 100 in about 0.3 % of
+    // runs by chance alone (the issue's target, as it is written).
     for address in &addresses {
         let n = counts.get(address).copied().unwrap_or(0);
         assert!(
@@ -178,18 +190,37 @@ fn a_hundred_new_flows_spread_over_three_exits_with_none_below_a_fifth() {
         );
     }
     leaks.assert_carried_and_none_leaked();
-    delete_client(lab, name);
+}
 
-    // Back to the example's two exits, without the third provider.
-    scale(2);
-    healthy_gateway_of(lab, 2);
-    lab.kubectl(&[
-        "-n",
-        DEMO_NAMESPACE,
-        "delete",
-        "vpnprovider",
-        "gw-gamma",
-        "--wait=true",
-        "--timeout=60s",
-    ]);
+/// Deletes the test's client, scales the example gateway back to two exits and removes the
+/// third provider.
+struct Restore<'a>(&'a lab::TestLab);
+
+impl Drop for Restore<'_> {
+    fn drop(&mut self) {
+        let lab = self.0;
+        delete_client(lab, "gw-three");
+        let _ = lab.try_kubectl(&[
+            "-n",
+            DEMO_NAMESPACE,
+            "patch",
+            "vpngateway",
+            GATEWAY,
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"exits":{"count":2}}}"#,
+        ]);
+        let _ = lab.try_kubectl(&[
+            "-n",
+            DEMO_NAMESPACE,
+            "delete",
+            "vpnprovider",
+            "gw-gamma",
+            "--wait=true",
+            "--timeout=60s",
+        ]);
+        if !std::thread::panicking() {
+            healthy_gateway_of(lab, 2);
+        }
+    }
 }

@@ -38,7 +38,7 @@ impl Binaries {
     }
 
     /// Fails with what is missing, before anything is built.
-    pub fn check(&self) -> Result<()> {
+    pub fn check(&self, cni: Cni) -> Result<()> {
         let mut missing = Vec::new();
         for name in [
             "etcd",
@@ -52,14 +52,17 @@ impl Binaries {
                 missing.push(self.kubernetes.join(name));
             }
         }
-        for name in [
+        let mut lab = vec![
             "containerd",
             "containerd-shim-runc-v2",
             "ctr",
             "coredns",
             "pause",
-            "multus",
-        ] {
+        ];
+        if cni == Cni::Multus {
+            lab.push("multus");
+        }
+        for name in lab {
             if !self.lab.join(name).is_file() {
                 missing.push(self.lab.join(name));
             }
@@ -504,9 +507,8 @@ pub(crate) fn node(
         // names the bridge list as the cluster network. The binary goes into the node's own
         // plugin directory, as Multus's DaemonSet puts it there.
         let bin = dir.join("cni-bin/multus");
-        if !bin.exists() {
-            std::os::unix::fs::symlink(bins.lab.join("multus"), &bin).map_err(Error::io(&bin))?;
-        }
+        let _ = fs::remove_file(&bin);
+        std::os::unix::fs::symlink(bins.lab.join("multus"), &bin).map_err(Error::io(&bin))?;
         let conf = dir.join("cni/00-multus.conf");
         fs::write(&conf, multus_config(lab, k)).map_err(Error::io(&conf))?;
     }
@@ -670,21 +672,23 @@ fn cni_config(k: u8) -> String {
     .to_string()
 }
 
-/// Multus's thin plugin in front of the bridge list. `clusterNetwork` is the list's *name*, found
-/// in `confDir` (NODENOTES trap 9: a file path there makes every DEL fail and pods hang in
-/// Terminating). Multus reads the pod through the API server (its annotations) and finds the
-/// delegate's plugins on the runtime's `CNI_PATH`.
+/// Multus's thin plugin in front of the bridge list, as Multus's DaemonSet writes it
+/// (`--multus-conf-file=auto`): the primary list copied inline as the first delegate, once, when
+/// the node starts (cloak's node component later adds its plugin to that copy). Multus reads the
+/// pod through the API server (its annotations) and finds the delegate's plugins on the
+/// runtime's `CNI_PATH`.
 fn multus_config(lab: &Lab, k: u8) -> String {
+    let primary: serde_json::Value =
+        serde_json::from_str(&cni_config(k)).unwrap_or(serde_json::Value::Null);
     serde_json::json!({
         "cniVersion": "1.0.0",
         "name": "multus-cni-network",
         "type": "multus",
-        "clusterNetwork": "lab",
-        "confDir": "/etc/cni/net.d",
         "binDir": "/opt/cni/bin",
         "kubeconfig": cluster_kubeconfig(lab),
         "logFile": lab.node_dir(k).join("multus.log"),
         "logLevel": "error",
+        "delegates": [primary],
     })
     .to_string()
 }

@@ -1,10 +1,10 @@
 //! `cloak lab`: the whole system on one Linux machine, without touching the host's network.
 //!
-//! A real Kubernetes cluster — etcd, kube-apiserver, kube-controller-manager and kube-scheduler
-//! in one network namespace; on each node a real containerd, runc, CNI (bridge + host-local, or
-//! Multus in front of them), kubelet and kube-proxy in a network namespace and a mount namespace of its own; CoreDNS as
-//! the cluster DNS — plus an "internet" namespace with an echo service that reports the source
-//! address it saw, a DNS server, and fake VPN providers (userspace WireGuard and OpenVPN
+//! A real Kubernetes cluster — etcd, kube-apiserver, kube-controller-manager and kube-scheduler in
+//! one network namespace; on each node a real containerd, runc, CNI (bridge + host-local, or Multus
+//! in front of them), kubelet and kube-proxy in a network namespace and a mount namespace of its
+//! own; CoreDNS as the cluster DNS — plus an "internet" namespace with an echo service that reports
+//! the source address it saw, a DNS server, and fake VPN providers (userspace WireGuard and OpenVPN
 //! servers, each with a pool of servers and its own exit address), and a "host" namespace for
 //! `cloak portfwd`. cloak itself is installed by its Helm chart from a locally built image.
 //!

@@ -71,8 +71,8 @@ pub enum Cni {
     /// The `bridge` plugin (with host-local IPAM), alone in the node's conflist.
     #[default]
     Bridge,
-    /// Multus (its thin plugin) as the meta-plugin, delegating the cluster network to that
-    /// same bridge conflist, the way Multus is deployed in front of a cluster's primary CNI.
+    /// Multus (its thin plugin) as the meta-plugin, with that same bridge list inline as its
+    /// cluster network, as Multus's DaemonSet writes its configuration by default.
     Multus,
 }
 
@@ -148,7 +148,7 @@ impl Lab {
                 self.name()
             );
         }
-        options.binaries().check()?;
+        options.binaries().check(options.cni)?;
         fs::create_dir_all(self.dir()).map_err(Error::io(self.dir()))?;
         let options_file = self.dir().join("options.json");
         fs::write(

@@ -1,10 +1,17 @@
 //! Putting the plugin into the node's CNI configuration and taking it out again: the `cloak`
 //! binary copied into the CNI binary directory, and `{"type": "cloak"}` appended to the plugins
-//! of every `*.conflist` of the configuration directory. Under Multus that is the cluster
-//! network's list, which Multus reads from that directory and delegates to at every call; a list
-//! whose plugins are Multus itself (`multus`, or the thick plugin's `multus-shim`) is left alone,
-//! or the plugin would run twice. Both are idempotent and replace files by renaming, so the
-//! runtime never reads half a file.
+//! of the lists the runtime calls, in the configuration directory:
+//! - every `*.conflist`, the cluster network's list included;
+//! - under Multus, the network Multus delegates to. Multus's own configuration (a `.conf` or a
+//!   list whose plugin is `multus` or the thick plugin's `multus-shim`) either names that network
+//!   (`clusterNetwork`: a list of its own, in the directory, edited as above) or holds it inline
+//!   in `delegates`, as Multus's DaemonSet writes it with `--multus-conf-file=auto`: a copy of the
+//!   primary list made once, at its start, which a change to the primary list never reaches. The
+//!   plugin goes into that copy (the first delegate, the cluster network), never beside Multus
+//!   itself, or it would run twice or outside the delegation.
+//!
+//! A single-plugin `.conf` of another CNI is left alone: a plugin cannot be chained to it.
+//! Both are idempotent and replace files by renaming, so the runtime never reads half a file.
 
 use std::path::{Path, PathBuf};
 
@@ -25,18 +32,48 @@ pub struct Paths {
 /// The `type`s of Multus, the meta-plugin whose own list delegates to the cluster network's.
 const META_PLUGINS: [&str; 2] = ["multus", "multus-shim"];
 
-/// `list` with the plugin appended (or its entry refreshed), or `None` when it holds it as is or
-/// is a meta-plugin's list.
+fn is_meta(plugin: &Value) -> bool {
+    plugin
+        .get("type")
+        .and_then(Value::as_str)
+        .is_some_and(|t| META_PLUGINS.contains(&t))
+}
+
+/// `config` with `edit` applied to the list the runtime ends up calling, or `None` when that
+/// changes nothing or the file holds no list of the cluster network's (see the module's text).
+pub fn edited(config: &Value, edit: &dyn Fn(&Value) -> Option<Value>) -> Option<Value> {
+    let plugins = config.get("plugins").and_then(Value::as_array);
+    let meta = if is_meta(config) {
+        Some(None)
+    } else {
+        plugins.and_then(|p| p.iter().position(is_meta)).map(Some)
+    };
+    match meta {
+        // Multus: its inline cluster network, if it has one.
+        Some(at) => {
+            let multus = match at {
+                None => config,
+                Some(i) => &config["plugins"][i],
+            };
+            let first = multus.get("delegates")?.as_array()?.first()?;
+            first.get("plugins")?;
+            let next = edit(first)?;
+            let mut out = config.clone();
+            match at {
+                None => out["delegates"][0] = next,
+                Some(i) => out["plugins"][i]["delegates"][0] = next,
+            }
+            Some(out)
+        }
+        None if plugins.is_some() => edit(config),
+        None => None,
+    }
+}
+
+/// `list` with the plugin appended (or its entry refreshed), or `None` when it holds it as is.
 pub fn with_plugin(list: &Value, socket: &str) -> Option<Value> {
     let entry = json!({"type": PLUGIN, "socket": socket});
     let plugins = list.get("plugins")?.as_array()?;
-    if plugins.iter().any(|p| {
-        p.get("type")
-            .and_then(Value::as_str)
-            .is_some_and(|t| META_PLUGINS.contains(&t))
-    }) {
-        return None;
-    }
     let mut kept: Vec<Value> = plugins
         .iter()
         .filter(|p| p.get("type").and_then(Value::as_str) != Some(PLUGIN))
@@ -67,11 +104,15 @@ pub fn without_plugin(list: &Value) -> Option<Value> {
     Some(out)
 }
 
-fn conflists(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+/// The configuration files of `dir`, as the runtime and libcni see them.
+fn configs(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
         .filter_map(Result::ok)
         .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "conflist"))
+        .filter(|p| {
+            p.extension()
+                .is_some_and(|e| e == "conflist" || e == "conf")
+        })
         .collect();
     files.sort();
     Ok(files)
@@ -83,7 +124,7 @@ fn replace(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-/// Installs the binary (`exe`) and the plugin entries. Returns the conflists changed.
+/// Installs the binary (`exe`) and the plugin entries. Returns the files changed.
 pub fn install(paths: &Paths, exe: &Path) -> std::io::Result<Vec<PathBuf>> {
     std::fs::create_dir_all(&paths.bin_dir)?;
     let target = paths.bin_dir.join(PLUGIN);
@@ -91,13 +132,13 @@ pub fn install(paths: &Paths, exe: &Path) -> std::io::Result<Vec<PathBuf>> {
     std::fs::copy(exe, &tmp)?;
     std::fs::rename(&tmp, &target)?;
     let mut changed = Vec::new();
-    for file in conflists(&paths.conf_dir)? {
+    for file in configs(&paths.conf_dir)? {
         let text = std::fs::read_to_string(&file)?;
-        let Ok(list) = serde_json::from_str::<Value>(&text) else {
+        let Ok(config) = serde_json::from_str::<Value>(&text) else {
             tracing::warn!(file = %file.display(), "not JSON; left alone");
             continue;
         };
-        if let Some(next) = with_plugin(&list, &paths.socket) {
+        if let Some(next) = edited(&config, &|list| with_plugin(list, &paths.socket)) {
             replace(&file, serde_json::to_string_pretty(&next)?.as_bytes())?;
             changed.push(file);
         }
@@ -108,12 +149,12 @@ pub fn install(paths: &Paths, exe: &Path) -> std::io::Result<Vec<PathBuf>> {
 /// Takes the plugin entries out and removes the binary.
 pub fn uninstall(paths: &Paths) -> std::io::Result<Vec<PathBuf>> {
     let mut changed = Vec::new();
-    for file in conflists(&paths.conf_dir)? {
+    for file in configs(&paths.conf_dir)? {
         let text = std::fs::read_to_string(&file)?;
-        let Ok(list) = serde_json::from_str::<Value>(&text) else {
+        let Ok(config) = serde_json::from_str::<Value>(&text) else {
             continue;
         };
-        if let Some(next) = without_plugin(&list) {
+        if let Some(next) = edited(&config, &without_plugin) {
             replace(&file, serde_json::to_string_pretty(&next)?.as_bytes())?;
             changed.push(file);
         }
@@ -150,22 +191,64 @@ mod tests {
     }
 
     #[test]
-    fn a_multus_list_is_left_alone_for_the_cluster_network_it_delegates_to() {
+    fn under_multus_the_plugin_goes_into_the_inline_cluster_network_and_never_beside_multus() {
+        let sock = "/run/cloak/node.sock";
+        let add = |c: &Value| edited(c, &|l| with_plugin(l, sock));
+        let remove = |c: &Value| edited(c, &without_plugin);
+        let primary =
+            json!({"cniVersion": "1.0.0", "name": "lab", "plugins": [{"type": "bridge"}]});
+        // Multus naming its network: nothing here to edit (the network's own list is).
         for meta in ["multus", "multus-shim"] {
+            let by_name = json!({"cniVersion": "1.0.0", "name": "multus-cni-network",
+                "type": meta, "clusterNetwork": "lab"});
+            assert_eq!(add(&by_name), None, "{meta}");
             let list = json!({"cniVersion": "1.0.0", "name": "multus-cni-network",
                 "plugins": [{"type": meta, "clusterNetwork": "lab"}]});
-            assert_eq!(with_plugin(&list, "/run/cloak/node.sock"), None, "{meta}");
+            assert_eq!(add(&list), None, "{meta}");
         }
+        // As Multus's DaemonSet writes it (`--multus-conf-file=auto`): the primary list inline,
+        // with a second delegate (an extra default network) that must stay as it is.
+        let auto = json!({"cniVersion": "1.0.0", "name": "multus-cni-network", "type": "multus",
+            "kubeconfig": "/etc/cni/net.d/multus.d/multus.kubeconfig",
+            "delegates": [primary.clone(), {"cniVersion": "1.0.0", "name": "extra", "plugins": [{"type": "macvlan"}]}]});
+        let with = add(&auto).unwrap();
+        assert_eq!(
+            with["delegates"][0]["plugins"],
+            json!([{"type": "bridge"}, {"type": "cloak", "socket": sock}])
+        );
+        assert_eq!(with["delegates"][1], auto["delegates"][1]);
+        assert_eq!(with["kubeconfig"], auto["kubeconfig"]);
+        assert_eq!(add(&with), None, "idempotent");
+        assert_eq!(remove(&with).unwrap(), auto);
+        assert_eq!(remove(&auto), None);
+        // The same inside a list whose plugin is Multus.
+        let listed = json!({"cniVersion": "1.0.0", "name": "multus-cni-network",
+            "plugins": [{"type": "multus", "delegates": [primary.clone()]}]});
+        let with = add(&listed).unwrap();
+        assert_eq!(with["plugins"].as_array().unwrap().len(), 1);
+        assert_eq!(
+            with["plugins"][0]["delegates"][0]["plugins"][1]["type"],
+            "cloak"
+        );
+        assert_eq!(remove(&with).unwrap(), listed);
+        // A single-plugin `.conf` of another CNI: nothing to chain to.
+        assert_eq!(
+            add(&json!({"cniVersion": "0.4.0", "name": "x", "type": "bridge"})),
+            None
+        );
     }
 
     #[test]
-    fn install_and_uninstall_touch_only_conflists_and_the_binary() {
+    fn install_and_uninstall_touch_only_the_lists_the_runtime_calls_and_the_binary() {
         let dir = std::env::temp_dir().join(format!("cloak-install-{}", std::process::id()));
         let (conf, bin) = (dir.join("net.d"), dir.join("bin"));
         std::fs::create_dir_all(&conf).unwrap();
         let list = json!({"cniVersion": "1.0.0", "name": "lab", "plugins": [{"type": "bridge"}]});
         std::fs::write(conf.join("10-lab.conflist"), list.to_string()).unwrap();
         std::fs::write(conf.join("00-multus.conf"), r#"{"type":"multus"}"#).unwrap();
+        let auto = json!({"type": "multus", "delegates": [list.clone()]});
+        std::fs::write(conf.join("01-auto.conf"), auto.to_string()).unwrap();
+        std::fs::write(conf.join("02-other.json"), auto.to_string()).unwrap();
         let exe = dir.join("exe");
         std::fs::write(&exe, b"binary").unwrap();
         let paths = Paths {
@@ -175,7 +258,7 @@ mod tests {
         };
         assert_eq!(
             install(&paths, &exe).unwrap(),
-            [conf.join("10-lab.conflist")]
+            [conf.join("01-auto.conf"), conf.join("10-lab.conflist")]
         );
         assert!(install(&paths, &exe).unwrap().is_empty());
         assert_eq!(std::fs::read(bin.join("cloak")).unwrap(), b"binary");
@@ -183,7 +266,11 @@ mod tests {
             std::fs::read_to_string(conf.join("00-multus.conf")).unwrap(),
             r#"{"type":"multus"}"#
         );
-        assert_eq!(uninstall(&paths).unwrap().len(), 1);
+        assert_eq!(uninstall(&paths).unwrap().len(), 2);
+        let back: Value =
+            serde_json::from_str(&std::fs::read_to_string(conf.join("01-auto.conf")).unwrap())
+                .unwrap();
+        assert_eq!(back, auto);
         let back: Value =
             serde_json::from_str(&std::fs::read_to_string(conf.join("10-lab.conflist")).unwrap())
                 .unwrap();

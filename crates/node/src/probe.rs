@@ -47,8 +47,9 @@ fn answer(packet: &[u8]) -> Answer {
 }
 
 /// Probes the exits on the calling thread (which must be in the node's network namespace):
-/// each round, one echo to each of `targets()` (VNI → slot), then `report(vni → answered)` once
-/// the round's `interval` is over. Ends when `report` returns false.
+/// each round, one echo to each of `targets()` (VNI → slot), then `report(vni → answer)` once
+/// the round's `interval` is over. The echoes go out with TOS 0, which the exits' replies copy:
+/// only a draining exit's replies carry [`DRAINING_DSCP`]. Ends when `report` returns false.
 pub fn run(
     interval: Duration,
     targets: &dyn Fn() -> BTreeMap<u32, u8>,
