@@ -30,22 +30,8 @@ fn a_labelled_pod_keeps_its_spec_and_reaches_the_internet_only_through_the_exits
     assert_spec_as_written(&pod);
 
     let leaks = Leaks::install(lab, &str_at(&pod, "/status/podIP"));
-    let answers = ask(lab, name, 40);
-    let counts = tally(&answers);
-    for (answer, n) in &counts {
-        assert!(
-            addresses.contains(answer),
-            "a flow was seen from {answer} ({n}x), not from an exit {addresses:?}"
-        );
-    }
-    for address in &addresses {
-        let n = counts.get(address).copied().unwrap_or(0);
-        assert!(
-            n * 5 >= answers.len(),
-            "exit {address} took {n} of {} flows (under 20 %): {counts:?}",
-            answers.len()
-        );
-    }
+    // 40 flows, each exit at least 20 % of them.
+    assert_spread(name, &ask(lab, name, 40), &addresses, 8);
     // The cluster stays reachable outside the exits, by its own names.
     assert_reaches_the_cluster(lab, name);
     assert_eq!(leaks.read("leaked6"), 0, "IPv6 left by an uplink");
@@ -197,16 +183,7 @@ fn a_clients_internet_names_resolve_only_through_an_exits_tunnel_and_cluster_nam
     let unknown = format!("{}.{}", lab::unique_name('q'), layout::INTERNET_ZONE);
     let echo = format!("echo.{}", layout::INTERNET_ZONE);
     let script = format!("nslookup {echo} 2>&1; nslookup {unknown} 2>&1; true");
-    let out = lab.kubectl(&[
-        "-n",
-        DEMO_NAMESPACE,
-        "exec",
-        name,
-        "--",
-        "sh",
-        "-c",
-        &script,
-    ]);
+    let out = in_pod(lab, name, &script);
     assert!(
         out.contains(&format!("Address: {ECHO}")),
         "an internet name resolves: {out}"
@@ -255,14 +232,13 @@ fn assert_new_flows_settle_on(lab: &lab::TestLab, pod: &str, survivor: &str) {
 /// `count` slow TCP flows at once from the pod to the echo service, each sending a header line
 /// every 3 s for about 18 s before its request ends: what each saw as the source address.
 fn slow_flows(lab: &lab::TestLab, pod: &str, count: u32) -> Vec<String> {
-    let script = format!(
-        "k=0; while [ $k -lt {count} ]; do (r=$( (printf 'GET /ip HTTP/1.0\\r\\n'; i=0; while [ $i -lt 6 ]; do sleep 3; printf 'X-Slow: %s\\r\\n' $i; i=$((i+1)); done; printf '\\r\\n') | nc -w 30 {ECHO} 80 2>&1 | tail -n 1); echo \"r=$r\") & k=$((k+1)); done; wait"
-    );
-    lab.kubectl(&["-n", DEMO_NAMESPACE, "exec", pod, "--", "sh", "-c", &script])
-        .lines()
-        .filter_map(|l| l.strip_prefix("r="))
-        .map(|r| r.trim().to_owned())
-        .collect()
+    answers(
+        lab,
+        pod,
+        &format!(
+            "k=0; while [ $k -lt {count} ]; do (r=$( (printf 'GET /ip HTTP/1.0\\r\\n'; i=0; while [ $i -lt 6 ]; do sleep 3; printf 'X-Slow: %s\\r\\n' $i; i=$((i+1)); done; printf '\\r\\n') | nc -w 30 {ECHO} 80 2>&1 | tail -n 1); echo \"r=$r\") & k=$((k+1)); done; wait"
+        ),
+    )
 }
 
 #[test]
@@ -398,16 +374,7 @@ fn with_every_exit_down_internet_connections_are_refused_and_the_cluster_stays_r
     assert_reaches_the_cluster(lab, name);
     // Its node answers the client's DNS meanwhile: cluster names only.
     let script = format!("nslookup echo.{} 2>&1; true", layout::INTERNET_ZONE);
-    let out = lab.kubectl(&[
-        "-n",
-        DEMO_NAMESPACE,
-        "exec",
-        name,
-        "--",
-        "sh",
-        "-c",
-        &script,
-    ]);
+    let out = in_pod(lab, name, &script);
     assert!(
         !out.contains(&format!("Address: {ECHO}")),
         "an internet name resolved with every exit down: {out}"

@@ -286,6 +286,14 @@ fn until_new_flows_avoid(net: &GatewayNet, exit: &str) -> Duration {
     until_flows_avoid(net, exit, 40)
 }
 
+/// Waits (10 s at most) until new flows use `exit` again; `what` names it in the failure.
+fn until_new_flows_use(net: &GatewayNet, exit: &str, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !spread(&net["app"], 10).contains_key(exit) {
+        assert!(Instant::now() < deadline, "{what} got no new flows");
+    }
+}
+
 #[tokio::test]
 async fn a_labelled_pod_is_attached_at_sandbox_creation_and_its_flows_spread_over_the_exits_fail_over_and_never_leave_by_the_uplink()
  {
@@ -360,13 +368,7 @@ async fn a_labelled_pod_is_attached_at_sandbox_creation_and_its_flows_spread_ove
     // It comes back: new flows use it again.
     let up = exit_plan(1, true);
     inside(&rig.net["exit1"], move || up.apply()).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !spread(&rig.net["app"], 10).contains_key(&exit_public(1)) {
-        assert!(
-            Instant::now() < deadline,
-            "the exit that came back got no new flows"
-        );
-    }
+    until_new_flows_use(&rig.net, &exit_public(1), "the exit that came back");
     drop(held);
 
     // DEL removes the attachment and leaves nothing on the node.
@@ -421,13 +423,7 @@ async fn an_exit_that_answers_as_draining_gets_no_new_flows_and_keeps_its_establ
     // It stops draining (a drain called off): new flows use it again.
     let back = exit_plan(1, true);
     inside(&rig.net["exit1"], move || back.apply()).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !spread(&rig.net["app"], 10).contains_key(&exit_public(1)) {
-        assert!(
-            Instant::now() < deadline,
-            "the exit that stopped draining got no new flows"
-        );
-    }
+    until_new_flows_use(&rig.net, &exit_public(1), "the exit that stopped draining");
     drop(held);
     rig.cni("DEL", "app", "c0ffee0005").unwrap();
 }

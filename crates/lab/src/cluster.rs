@@ -500,7 +500,7 @@ pub(crate) fn node(
     let config = containerd_config(&dir, &socket);
     fs::write(dir.join("containerd.toml"), config)
         .map_err(Error::io(dir.join("containerd.toml")))?;
-    fs::write(dir.join("cni/10-lab.conflist"), cni_config(k))
+    fs::write(dir.join("cni/10-lab.conflist"), cni_list(k).to_string())
         .map_err(Error::io(dir.join("cni/10-lab.conflist")))?;
     if cni == Cni::Multus {
         // containerd reads the first file of the directory (`max_conf_num = 1`): Multus's, which
@@ -650,7 +650,8 @@ state = "{state}"
     )
 }
 
-fn cni_config(k: u8) -> String {
+/// The node's primary network: the bridge plugin's list.
+fn cni_list(k: u8) -> serde_json::Value {
     serde_json::json!({
         "cniVersion": "1.0.0",
         "name": "lab",
@@ -669,7 +670,6 @@ fn cni_config(k: u8) -> String {
             },
         }],
     })
-    .to_string()
 }
 
 /// Multus's thin plugin in front of the bridge list, as Multus's DaemonSet writes it
@@ -678,8 +678,6 @@ fn cni_config(k: u8) -> String {
 /// pod through the API server (its annotations) and finds the delegate's plugins on the
 /// runtime's `CNI_PATH`.
 fn multus_config(lab: &Lab, k: u8) -> String {
-    let primary: serde_json::Value =
-        serde_json::from_str(&cni_config(k)).unwrap_or(serde_json::Value::Null);
     serde_json::json!({
         "cniVersion": "1.0.0",
         "name": "multus-cni-network",
@@ -688,7 +686,7 @@ fn multus_config(lab: &Lab, k: u8) -> String {
         "kubeconfig": cluster_kubeconfig(lab),
         "logFile": lab.node_dir(k).join("multus.log"),
         "logLevel": "error",
-        "delegates": [primary],
+        "delegates": [cni_list(k)],
     })
     .to_string()
 }

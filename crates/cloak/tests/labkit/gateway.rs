@@ -125,17 +125,70 @@ pub(crate) fn exit_to_lose(gw: &Value, client_node: &str) -> (Value, Value) {
     (gone.clone(), kept.clone())
 }
 
-/// `count` new TCP flows from the pod to the echo service, one after another: what each saw
-/// as the source address, or the error `nc` printed.
-pub(crate) fn ask(lab: &TestLab, pod: &str, count: u32) -> Vec<String> {
-    let script = format!(
-        "i=0; while [ $i -lt {count} ]; do r=$(printf 'GET /ip HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {ECHO} 80 2>&1 | tail -n 1); echo \"r=$r\"; i=$((i+1)); done"
-    );
-    lab.kubectl(&["-n", DEMO_NAMESPACE, "exec", pod, "--", "sh", "-c", &script])
+/// `script` run by `sh -c` in the example namespace's pod `pod`: its standard output.
+pub(crate) fn in_pod(lab: &TestLab, pod: &str, script: &str) -> String {
+    lab.kubectl(&["-n", DEMO_NAMESPACE, "exec", pod, "--", "sh", "-c", script])
+}
+
+/// The answers a flow script run in `pod` printed, one `r=<answer>` line a flow.
+pub(crate) fn answers(lab: &TestLab, pod: &str, script: &str) -> Vec<String> {
+    in_pod(lab, pod, script)
         .lines()
         .filter_map(|l| l.strip_prefix("r="))
         .map(|r| r.trim().to_owned())
         .collect()
+}
+
+/// `count` new TCP flows from the pod to the echo service, one after another: what each saw
+/// as the source address, or the error `nc` printed.
+pub(crate) fn ask(lab: &TestLab, pod: &str, count: u32) -> Vec<String> {
+    answers(
+        lab,
+        pod,
+        &format!(
+            "i=0; while [ $i -lt {count} ]; do r=$(printf 'GET /ip HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {ECHO} 80 2>&1 | tail -n 1); echo \"r=$r\"; i=$((i+1)); done"
+        ),
+    )
+}
+
+/// Every answer is one of the exits' `addresses`, and each exit took at least `min_each` of
+/// them. `context` names the client in the failure.
+pub(crate) fn assert_spread(
+    context: &str,
+    answers: &[String],
+    addresses: &[String],
+    min_each: usize,
+) -> BTreeMap<String, usize> {
+    let counts = tally(answers);
+    for (answer, n) in &counts {
+        assert!(
+            addresses.contains(answer),
+            "{context}: a flow was seen from {answer} ({n}x), not from an exit {addresses:?}"
+        );
+    }
+    for address in addresses {
+        let n = counts.get(address).copied().unwrap_or(0);
+        assert!(
+            n >= min_each,
+            "{context}: exit {address} took {n} of {} flows (under {min_each}): {counts:?}",
+            answers.len()
+        );
+    }
+    counts
+}
+
+/// Sets the example gateway's exit count.
+pub(crate) fn set_exit_count(lab: &TestLab, count: u32) -> Result<String, String> {
+    lab.try_kubectl(&[
+        "-n",
+        DEMO_NAMESPACE,
+        "patch",
+        "vpngateway",
+        GATEWAY,
+        "--type=merge",
+        "-p",
+        &format!("{{\"spec\":{{\"exits\":{{\"count\":{count}}}}}}}"),
+    ])
 }
 
 /// The pod resolves a cluster name through the cluster DNS and fetches the example web page
@@ -153,7 +206,7 @@ pub(crate) fn assert_reaches_the_cluster(lab: &TestLab, pod: &str) {
     let script = format!(
         "nslookup web.{DEMO_NAMESPACE}.svc.cluster.local 2>&1; printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {ip} 80 2>&1 | tail -n 1"
     );
-    let out = lab.kubectl(&["-n", DEMO_NAMESPACE, "exec", pod, "--", "sh", "-c", &script]);
+    let out = in_pod(lab, pod, &script);
     assert!(out.contains(&format!("Address: {ip}")), "{out}");
     assert!(out.contains("hello from the cloak lab"), "{out}");
 }
