@@ -40,6 +40,7 @@ pub fn plan(
         mss: role.mss,
         healthy: status.ready() && !silent,
         draining,
+        ipv6: cfg.tunnel.carries_ipv6(),
     })
 }
 

@@ -22,7 +22,9 @@ use cloak_api::VpnGateway;
 use cloak_dataplane::gateway::ExitPlan;
 use cloak_testkit::{
     ControlPlane, TestNamespace,
-    netlab::gateway::{Flows, GatewayNet, exit_ip, exit_public, pings, spread},
+    netlab::gateway::{
+        ECHO6, Flows, GatewayNet, exit_ip, exit_public, exit_public6, pings, spread, spread_to,
+    },
     netns::inside,
 };
 use k8s_openapi::api::core::v1::Pod;
@@ -46,6 +48,7 @@ fn exit_plan(i: u8, healthy: bool) -> ExitPlan {
         mss: 1380,
         healthy,
         draining: false,
+        ipv6: false,
     }
 }
 
@@ -426,6 +429,80 @@ async fn an_exit_that_answers_as_draining_gets_no_new_flows_and_keeps_its_establ
     until_new_flows_use(&rig.net, &exit_public(1), "the exit that stopped draining");
     drop(held);
     rig.cni("DEL", "app", "c0ffee0005").unwrap();
+}
+
+/// Waits (10 s at most) until a new IPv6 connection's answer starts with `want`.
+fn until_ipv6_connect(net: &GatewayNet, want: &str, what: &str) -> Duration {
+    let started = Instant::now();
+    let mut flows = Flows::start_to(&net["app"], ECHO6);
+    loop {
+        let answer = flows.say("connect");
+        if answer.starts_with(want) {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{what}: the last answer was {answer:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test]
+async fn client_ipv6_goes_only_to_the_exits_that_answer_as_carrying_it_and_is_refused_at_once_when_none_does()
+ {
+    // No operator runs here: which exits carry IPv6 is only in their answers to the probes.
+    let rig = Rig::new("node-ipv6").await;
+    rig.net.count_uplink();
+    let carries = ExitPlan {
+        ipv6: true,
+        ..exit_plan(1, true)
+    };
+    inside(&rig.net["exit1"], move || carries.apply()).unwrap();
+    rig.pod("app", json!({"cloak.dev/gateway": "egress"})).await;
+    rig.cni("ADD", "app", "c0ffee0006").unwrap();
+    let took = until_ipv6_connect(&rig.net, "via ", "no IPv6 flow went through");
+    eprintln!("the first IPv6 flow went through after {took:?}");
+    let seen = spread_to(&rig.net["app"], ECHO6, 40);
+    assert_eq!(
+        seen.keys().cloned().collect::<Vec<_>>(),
+        [exit_public6(1)],
+        "IPv6 left only by the exit that carries it: {seen:?}\n{}",
+        rig.daemon_log()
+    );
+    let seen = spread(&rig.net["app"], 40);
+    assert_eq!(
+        seen.keys().cloned().collect::<Vec<_>>(),
+        [exit_public(1), exit_public(2)],
+        "IPv4 goes on through both: {seen:?}"
+    );
+
+    // Its tunnel stops carrying IPv6 (a new config): its answers stop saying so.
+    let v4_only = exit_plan(1, true);
+    inside(&rig.net["exit1"], move || v4_only.apply()).unwrap();
+    let took = until_ipv6_connect(
+        &rig.net,
+        "error ConnectionRefusedError",
+        "IPv6 was not refused",
+    );
+    eprintln!("IPv6 refused {took:?} after the exit stopped carrying it");
+    let mut flows = Flows::start_to(&rig.net["app"], ECHO6);
+    for _ in 0..5 {
+        let answer = flows.say("connect");
+        let ms: u64 = answer
+            .strip_prefix("error ConnectionRefusedError ")
+            .unwrap_or_else(|| panic!("expected a refusal, got {answer:?}"))
+            .parse()
+            .unwrap();
+        assert!(ms < 500, "refused after {ms} ms");
+    }
+    assert_eq!(spread(&rig.net["app"], 10).values().sum::<usize>(), 10);
+    rig.cni("DEL", "app", "c0ffee0006").unwrap();
+    assert_eq!(
+        rig.net.uplink_packets(),
+        0,
+        "client traffic left by the node's uplink"
+    );
 }
 
 #[tokio::test]

@@ -20,10 +20,16 @@
 //!
 //! Every address below lives on interfaces cloak creates, as /32 with no prefix route, and every
 //! route in cloak's own tables: the host's main table and ruleset are never changed.
+//!
+//! IPv6 takes the same path with the same numbers: each address has an IPv6 twin ([`twin`]: the
+//! IPv4 address in the last 32 bits of a ULA /96), so a client, a node and an exit need no
+//! second allocation. A client's IPv6 goes to its node like its IPv4; the node spreads it over
+//! the exits whose tunnels carry IPv6 (they say so in their probe answers, [`IPV6_DSCP`]) and
+//! refuses it at once when there is none.
 
 use std::{
     fmt::Write as _,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use ipnet::IpNet;
@@ -53,11 +59,45 @@ pub const EXIT_ADDRESS: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
 pub const TRANSIT_RANGE: &str = "198.19.0.0/16";
 /// The inner prefix of the exits' links.
 pub const TRANSIT_PREFIX: u8 = 16;
+/// The ULA /96 that holds the IPv6 twin of every address above (`fd63:6c6b` is "clk").
+pub const TWIN_PREFIX: Ipv6Addr = Ipv6Addr::new(0xfd63, 0x6c6b, 0, 0, 0, 0, 0, 0);
+/// [`CLIENT_RANGE`]'s twin.
+pub const CLIENT_RANGE6: &str = "fd63:6c6b::c612:0/112";
+/// [`TRANSIT_RANGE`]'s twin.
+pub const TRANSIT_RANGE6: &str = "fd63:6c6b::c613:0/112";
+/// [`TRANSIT_PREFIX`]'s twin.
+pub const TRANSIT_PREFIX6: u8 = 112;
+
+/// The IPv6 twin of one of the gateway's IPv4 addresses: the same address in the last 32 bits
+/// of [`TWIN_PREFIX`].
+pub fn twin(v4: Ipv4Addr) -> Ipv6Addr {
+    Ipv6Addr::from(u128::from(TWIN_PREFIX) | u128::from(u32::from(v4)))
+}
+
+/// Whether this network namespace has IPv6 at all (a kernel booted with `ipv6.disable=1` has
+/// none): without it the gateway is IPv4 only, and client IPv6 has nowhere to go.
+pub fn has_ipv6() -> bool {
+    std::path::Path::new("/proc/sys/net/ipv6/conf/all/forwarding").exists()
+}
 /// The UDP port of every link (the model's, clear of the CNIs' 4789 and 8472).
 pub const VXLAN_PORT: u16 = cloak_model::gateway::VXLAN_PORT;
 
 /// What a DNS query looks like to nftables.
 const DNS: &str = "meta l4proto { tcp, udp } th dport 53";
+/// IPv6 neighbour discovery (the counterpart of ARP, which an `inet` table never sees), from the
+/// link itself (hop limit 255): what an IPv6 address on a link needs to be reached.
+const NEIGHBOUR_DISCOVERY: &str =
+    "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } ip6 hoplimit 255 accept";
+
+/// The rules that clamp the MSS of TCP SYNs to `mss` for IPv4 and 20 bytes less for IPv6 (its
+/// header is 20 bytes longer): NETNOTES trap 2.
+fn clamps(mss: u16) -> [String; 2] {
+    [("ipv4", mss), ("ipv6", mss.saturating_sub(20))].map(|(family, mss)| {
+        format!(
+            "meta nfproto {family} tcp flags syn / syn,rst tcp option maxseg size > {mss} tcp option maxseg size set {mss}"
+        )
+    })
+}
 
 /// The node's nftables table (family `inet`).
 pub const NODE_TABLE: &str = "cloak_gateway";
@@ -136,6 +176,8 @@ pub struct ExitLink {
     /// The gateway it serves (a node-local number, as [`ClientPort::gateway`]).
     pub gateway: u16,
     pub state: ExitUse,
+    /// Whether its tunnel carries IPv6: only such exits get the clients' IPv6 flows.
+    pub ipv6: bool,
 }
 
 impl ExitLink {
@@ -169,11 +211,10 @@ impl NodePlan {
         let gateways: std::collections::BTreeSet<u16> =
             self.clients.iter().map(|c| c.gateway).collect();
         for gateway in gateways {
-            let healthy: Vec<u8> = self
+            let healthy: Vec<&ExitLink> = self
                 .exits
                 .iter()
                 .filter(|e| e.gateway == gateway && e.state == ExitUse::Healthy)
-                .map(|e| e.slot)
                 .collect();
             let ifaces: Vec<String> = self
                 .clients
@@ -189,18 +230,26 @@ impl NodePlan {
                 );
                 continue;
             }
-            let elements: Vec<String> = healthy
-                .iter()
-                .enumerate()
-                .map(|(i, slot)| format!("{i} : {:#x}", mark(*slot)))
-                .collect();
-            let _ = writeln!(
-                pick,
-                "\t\tiifname {{ {} }} ct state new ct mark set numgen random mod {} map {{ {} }}",
-                ifaces.join(", "),
-                healthy.len(),
-                elements.join(", ")
-            );
+            // IPv6 flows only to the exits whose tunnels carry IPv6; with none, they keep mark
+            // 0 and are refused like every flow of a gateway with no exit.
+            let ipv6: Vec<&ExitLink> = healthy.iter().copied().filter(|e| e.ipv6).collect();
+            for (family, exits) in [("ipv4", &healthy), ("ipv6", &ipv6)] {
+                if exits.is_empty() {
+                    continue;
+                }
+                let elements: Vec<String> = exits
+                    .iter()
+                    .enumerate()
+                    .map(|(i, e)| format!("{i} : {:#x}", mark(e.slot)))
+                    .collect();
+                let _ = writeln!(
+                    pick,
+                    "\t\tiifname {{ {} }} meta nfproto {family} ct state new ct mark set numgen random mod {} map {{ {} }}",
+                    ifaces.join(", "),
+                    exits.len(),
+                    elements.join(", ")
+                );
+            }
         }
         // The flows of a dead exit are refused by the ruleset itself, in the same transaction
         // that takes the exit out of the picks: a TCP flow gets a reset at its next packet
@@ -221,9 +270,14 @@ impl NodePlan {
                  \t\tct mark {{ {marks} }} drop\n"
             )
         };
-        let clamp = format!(
-            "tcp flags syn / syn,rst tcp option maxseg size > {mss} tcp option maxseg size set {mss}",
-            mss = self.mss
+        let clamp = clamps(self.mss);
+        // IPv6 with no exit's mark is refused here, before routing: a node with no IPv6 route of
+        // its own would otherwise answer it with rate-limited "no route" errors, a second
+        // apart, instead of at once. The link's own traffic (neighbour discovery) and the
+        // node's address go on.
+        let refuse_v6 = format!(
+            "iifname \"{CLIENT_PREFIX}*\" meta nfproto ipv6 meta mark and {TAG_MASK:#x} != {MARK_TAG:#x} ip6 daddr != {{ fe80::/10, ff00::/8, {} }}",
+            twin(CLIENT_GATEWAY)
         );
         format!(
             "table inet {NODE_TABLE}\n\
@@ -233,13 +287,17 @@ impl NodePlan {
              \t\ttype filter hook prerouting priority mangle; policy accept;\n\
              {pick}\
              \t\tiifname \"{CLIENT_PREFIX}*\" meta mark set ct mark\n\
+             \t\t{refuse_v6} meta l4proto tcp reject with tcp reset\n\
+             \t\t{refuse_v6} reject with icmpx admin-prohibited\n\
              \t}}\n\
              \tchain forward {{\n\
              \t\ttype filter hook forward priority filter; policy accept;\n\
-             \t\tiifname \"{CLIENT_PREFIX}*\" oifname \"{LINK_PREFIX}*\" meta nfproto ipv4 {clamp}\n\
-             \t\tiifname \"{LINK_PREFIX}*\" oifname \"{CLIENT_PREFIX}*\" {clamp}\n\
+             \t\tiifname \"{CLIENT_PREFIX}*\" oifname \"{LINK_PREFIX}*\" {clamp_v4}\n\
+             \t\tiifname \"{CLIENT_PREFIX}*\" oifname \"{LINK_PREFIX}*\" {clamp_v6}\n\
+             \t\tiifname \"{LINK_PREFIX}*\" oifname \"{CLIENT_PREFIX}*\" {clamp_v4}\n\
+             \t\tiifname \"{LINK_PREFIX}*\" oifname \"{CLIENT_PREFIX}*\" {clamp_v6}\n\
              {refuse_dead}\
-             \t\tiifname \"{CLIENT_PREFIX}*\" oifname \"{LINK_PREFIX}*\" meta nfproto ipv4 ct mark and {TAG_MASK:#x} == {MARK_TAG:#x} accept\n\
+             \t\tiifname \"{CLIENT_PREFIX}*\" oifname \"{LINK_PREFIX}*\" ct mark and {TAG_MASK:#x} == {MARK_TAG:#x} accept\n\
              \t\tiifname \"{LINK_PREFIX}*\" oifname \"{CLIENT_PREFIX}*\" ct state established,related accept\n\
              \t\tiifname \"{CLIENT_PREFIX}*\" meta l4proto tcp reject with tcp reset\n\
              \t\tiifname \"{CLIENT_PREFIX}*\" reject with icmpx admin-prohibited\n\
@@ -252,11 +310,14 @@ impl NodePlan {
              \t\tct mark and {TAG_MASK:#x} == {MARK_TAG:#x} oifname != \"{LINK_PREFIX}*\" oifname != \"{CLIENT_PREFIX}*\" drop\n\
              \t\tip saddr {TRANSIT_RANGE} oifname != \"{LINK_PREFIX}*\" drop\n\
              \t\tip daddr {TRANSIT_RANGE} oifname != \"{LINK_PREFIX}*\" drop\n\
+             \t\tip6 saddr {TRANSIT_RANGE6} oifname != \"{LINK_PREFIX}*\" drop\n\
+             \t\tip6 daddr {TRANSIT_RANGE6} oifname != \"{LINK_PREFIX}*\" drop\n\
              \t}}\n\
              \tchain input {{\n\
              \t\ttype filter hook input priority filter; policy accept;\n\
              \t\tiifname \"{CLIENT_PREFIX}*\" ip daddr {CLIENT_GATEWAY} {DNS} accept\n\
              \t\tip daddr {CLIENT_GATEWAY} {DNS} drop\n\
+             \t\t{NEIGHBOUR_DISCOVERY}\n\
              \t\tiifname \"{CLIENT_PREFIX}*\" meta l4proto tcp reject with tcp reset\n\
              \t\tiifname \"{CLIENT_PREFIX}*\" meta l4proto != icmp reject with icmpx admin-prohibited\n\
              \t\tiifname \"{LINK_PREFIX}*\" icmp type echo-reply accept\n\
@@ -268,10 +329,14 @@ impl NodePlan {
              \t}}\n\
              \tchain postrouting {{\n\
              \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
-             \t\toifname \"{LINK_PREFIX}*\" ct mark and {TAG_MASK:#x} == {MARK_TAG:#x} snat ip to {transit}\n\
+             \t\toifname \"{LINK_PREFIX}*\" ct mark and {TAG_MASK:#x} == {MARK_TAG:#x} meta nfproto ipv4 snat ip to {transit}\n\
+             \t\toifname \"{LINK_PREFIX}*\" ct mark and {TAG_MASK:#x} == {MARK_TAG:#x} meta nfproto ipv6 snat ip6 to {transit6}\n\
              \t}}\n\
              }}\n",
             transit = self.transit,
+            transit6 = twin(self.transit),
+            clamp_v4 = clamp[0],
+            clamp_v6 = clamp[1],
         )
     }
 
@@ -281,15 +346,19 @@ impl NodePlan {
         // The table first: whatever fails after it, client traffic is already held to the
         // links (and refused when it has none).
         run("nft", &["-f", "-"], Some(self.render().as_bytes()))?;
+        let ipv6 = has_ipv6();
+        if ipv6 && !self.clients.is_empty() {
+            forward_ipv6()?;
+        }
         for exit in &self.exits {
-            ensure_link(exit, self.transit)?;
+            ensure_link(exit, self.transit, ipv6)?;
         }
         remove_other_links(&self.exits)?;
         for exit in &self.exits {
-            route_exit(exit)?;
+            route_exit(exit, ipv6)?;
         }
         remove_other_exit_rules(&self.exits)?;
-        route_clients(&self.clients)?;
+        route_clients(&self.clients, ipv6)?;
         Ok(())
     }
 
@@ -308,8 +377,11 @@ impl NodePlan {
     pub fn reset() -> Result<(), Error> {
         remove_other_links(&[])?;
         remove_other_exit_rules(&[])?;
-        let _ = ip(&["rule", "del", "priority", &CLIENTS_ROUTE_TABLE.to_string()]);
-        let _ = ip(&["route", "flush", "table", &CLIENTS_ROUTE_TABLE.to_string()]);
+        let table = CLIENTS_ROUTE_TABLE.to_string();
+        for family in families() {
+            let _ = ip(&[family, "rule", "del", "priority", &table]);
+            let _ = ip(&[family, "route", "flush", "table", &table]);
+        }
         match run("nft", &["delete", "table", "inet", NODE_TABLE], None) {
             Err(Error::Command { stderr, .. }) if stderr.contains("No such file") => Ok(()),
             other => other.map(drop),
@@ -317,7 +389,37 @@ impl NodePlan {
     }
 }
 
-fn ensure_link(exit: &ExitLink, transit: Ipv4Addr) -> Result<(), Error> {
+/// The address families of this namespace, as `ip` options.
+fn families() -> &'static [&'static str] {
+    if has_ipv6() { &["-4", "-6"] } else { &["-4"] }
+}
+
+/// Turns IPv6 forwarding on. A host that forwards ignores router advertisements on interfaces
+/// whose `accept_ra` is 1: those are set to 2 first, so a node that learns its IPv6 routes from
+/// advertisements keeps them.
+fn forward_ipv6() -> Result<(), Error> {
+    let conf = std::path::Path::new("/proc/sys/net/ipv6/conf");
+    let read = |path: &std::path::Path| std::fs::read_to_string(path).unwrap_or_default();
+    if read(&conf.join("all/forwarding")).trim() == "1" {
+        return Ok(());
+    }
+    let dirs = std::fs::read_dir(conf).map_err(Error::io(conf.display().to_string()))?;
+    for dir in dirs.flatten() {
+        let accept_ra = dir.path().join("accept_ra");
+        if read(&accept_ra).trim() == "1" {
+            std::fs::write(&accept_ra, "2").map_err(Error::io(accept_ra.display().to_string()))?;
+        }
+    }
+    sysctl("net.ipv6.conf.all.forwarding", "1")
+}
+
+/// `ip addr replace` of an IPv6 address with no duplicate address detection (it would hold the
+/// address back for a second or more; cloak's addresses are unique by construction).
+fn add_ipv6(address: &str, iface: &str) -> Result<(), Error> {
+    ip(&["-6", "addr", "replace", address, "dev", iface, "nodad"]).map(drop)
+}
+
+fn ensure_link(exit: &ExitLink, transit: Ipv4Addr, ipv6: bool) -> Result<(), Error> {
     let iface = exit.iface();
     let (vni, port, remote) = (
         exit.vni.to_string(),
@@ -366,6 +468,10 @@ fn ensure_link(exit: &ExitLink, transit: Ipv4Addr) -> Result<(), Error> {
         &link_mac(transit, exit.vni),
     ])?;
     sysctl(&format!("net.ipv4.conf.{iface}.rp_filter"), "0")?;
+    if ipv6 {
+        sysctl(&format!("net.ipv6.conf.{iface}.disable_ipv6"), "0")?;
+        add_ipv6(&format!("{}/128", twin(transit)), &iface)?;
+    }
     ip(&["link", "set", "dev", &iface, "up"])?;
     Ok(())
 }
@@ -402,52 +508,65 @@ fn remove_other_links(keep: &[ExitLink]) -> Result<(), Error> {
     Ok(())
 }
 
-fn route_exit(exit: &ExitLink) -> Result<(), Error> {
+fn route_exit(exit: &ExitLink, ipv6: bool) -> Result<(), Error> {
     let slot = u32::from(exit.slot);
     let table = (EXIT_ROUTE_TABLE_BASE + slot).to_string();
     let iface = exit.iface();
-    ip(&[
-        "route",
-        "replace",
-        "default",
-        "via",
-        &EXIT_ADDRESS.to_string(),
-        "dev",
-        &iface,
-        "onlink",
-        "table",
-        &table,
-    ])?;
+    let mut vias = vec![("-4", IpAddr::V4(EXIT_ADDRESS))];
+    if ipv6 {
+        vias.push(("-6", IpAddr::V6(twin(EXIT_ADDRESS))));
+    }
+    for (family, via) in vias {
+        ip(&[
+            family,
+            "route",
+            "replace",
+            "default",
+            "via",
+            &via.to_string(),
+            "dev",
+            &iface,
+            "onlink",
+            "table",
+            &table,
+        ])?;
+    }
     let mark = format!("{:#x}/{MARK_MASK:#x}", mark(exit.slot));
     // VXLAN routes its outer packet with the inner packet's mark: without this rule the outer
     // packet would follow the mark into its own link (docs/architecture.md, the prototype).
     let remote = exit.remote.to_string();
     replace_rule(
+        if exit.remote.is_ipv4() { "-4" } else { "-6" },
         EXIT_ROUTE_TABLE_BASE + 2 * slot,
         &["fwmark", &mark, "to", &remote, "lookup", "main"],
         &format!("to {remote} fwmark {mark} lookup main"),
     )?;
-    replace_rule(
-        EXIT_ROUTE_TABLE_BASE + 2 * slot + 1,
-        &["fwmark", &mark, "lookup", &table],
-        &format!("fwmark {mark} lookup {table}"),
-    )
+    for family in if ipv6 { &["-4", "-6"][..] } else { &["-4"] } {
+        replace_rule(
+            family,
+            EXIT_ROUTE_TABLE_BASE + 2 * slot + 1,
+            &["fwmark", &mark, "lookup", &table],
+            &format!("fwmark {mark} lookup {table}"),
+        )?;
+    }
+    Ok(())
 }
 
-/// Puts the rule `spec` at `priority` unless it is there already (an apply on a health change
-/// must not take a healthy exit's rule away, even for a moment), replacing whatever other rule
-/// held that priority. `shown` is how `ip rule show` prints it, after `from all `.
-fn replace_rule(priority: u32, spec: &[&str], shown: &str) -> Result<(), Error> {
+/// Puts the rule `spec` of `family` (`-4` or `-6`) at `priority` unless it is there already (an
+/// apply on a health change must not take a healthy exit's rule away, even for a moment),
+/// replacing whatever other rule held that priority. `shown` is how `ip rule show` prints it,
+/// after `from all `.
+fn replace_rule(family: &str, priority: u32, spec: &[&str], shown: &str) -> Result<(), Error> {
     let prio = priority.to_string();
-    let listing = ip(&["-4", "rule", "show", "priority", &prio])?;
+    let listing = ip(&[family, "rule", "show", "priority", &prio])?;
     let wanted = format!("{prio}:\tfrom all {shown}");
     // `ip` names protocols it finds in /etc/protocols; rules are given and compared by number.
     let listing = listing.replace("ipproto udp ", "ipproto 17 ");
     if listing.lines().map(str::trim_end).eq([wanted.as_str()]) {
         return Ok(());
     }
-    while ip(&["-4", "rule", "del", "priority", &prio]).is_ok() {}
-    let mut args = vec!["-4", "rule", "add"];
+    while ip(&[family, "rule", "del", "priority", &prio]).is_ok() {}
+    let mut args = vec![family, "rule", "add"];
     args.extend(spec);
     args.extend(["priority", &prio]);
     ip(&args).map(drop)
@@ -458,50 +577,62 @@ fn remove_other_exit_rules(keep: &[ExitLink]) -> Result<(), Error> {
     let first = EXIT_ROUTE_TABLE_BASE;
     let last = EXIT_ROUTE_TABLE_BASE + 2 * u32::from(u8::MAX) + 1;
     let kept = |prio: u32| keep.iter().any(|e| (prio - first) / 2 == u32::from(e.slot));
-    for line in ip(&["-4", "rule", "show"])?.lines() {
-        let Some(prio) = line
-            .split(':')
-            .next()
-            .and_then(|p| p.trim().parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if (first..=last).contains(&prio) && !kept(prio) {
-            let _ = ip(&["-4", "rule", "del", "priority", &prio.to_string()]);
-            if (prio - first) % 2 == 1 {
-                let table = (first + (prio - first) / 2).to_string();
-                let _ = ip(&["-4", "route", "flush", "table", &table]);
+    for family in families() {
+        for line in ip(&[family, "rule", "show"])?.lines() {
+            let Some(prio) = line
+                .split(':')
+                .next()
+                .and_then(|p| p.trim().parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if (first..=last).contains(&prio) && !kept(prio) {
+                let _ = ip(&[family, "rule", "del", "priority", &prio.to_string()]);
+                if (prio - first) % 2 == 1 {
+                    let table = (first + (prio - first) / 2).to_string();
+                    let _ = ip(&[family, "route", "flush", "table", &table]);
+                }
             }
         }
     }
     Ok(())
 }
 
-fn route_clients(clients: &[ClientPort]) -> Result<(), Error> {
+fn route_clients(clients: &[ClientPort], ipv6: bool) -> Result<(), Error> {
     let table = CLIENTS_ROUTE_TABLE.to_string();
-    replace_rule(
-        CLIENTS_ROUTE_TABLE,
-        &["to", CLIENT_RANGE, "lookup", &table],
-        &format!("to {CLIENT_RANGE} lookup {table}"),
-    )?;
-    // An empty table does not exist for `ip route show`: nothing to remove then.
-    let listing = ip(&["-4", "route", "show", "table", &table]).unwrap_or_default();
-    for line in listing.lines() {
-        let dst = line.split_whitespace().next().unwrap_or_default();
-        if !clients.iter().any(|c| c.address.to_string() == dst) && !dst.is_empty() {
-            let _ = ip(&["-4", "route", "del", dst, "table", &table]);
-        }
+    /// A family's `ip` option, its client range, and a client's address in it.
+    type Family = (&'static str, &'static str, fn(&ClientPort) -> IpAddr);
+    let mut families: Vec<Family> = vec![("-4", CLIENT_RANGE, |c| IpAddr::V4(c.address))];
+    if ipv6 {
+        families.push(("-6", CLIENT_RANGE6, |c| IpAddr::V6(twin(c.address))));
     }
-    for client in clients {
-        ip(&[
-            "route",
-            "replace",
-            &client.address.to_string(),
-            "dev",
-            &client.iface,
-            "table",
-            &table,
-        ])?;
+    for (family, range, address) in families {
+        replace_rule(
+            family,
+            CLIENTS_ROUTE_TABLE,
+            &["to", range, "lookup", &table],
+            &format!("to {range} lookup {table}"),
+        )?;
+        // An empty table does not exist for `ip route show`: nothing to remove then.
+        let listing = ip(&[family, "route", "show", "table", &table]).unwrap_or_default();
+        for line in listing.lines() {
+            let dst = line.split_whitespace().next().unwrap_or_default();
+            if !clients.iter().any(|c| address(c).to_string() == dst) && !dst.is_empty() {
+                let _ = ip(&[family, "route", "del", dst, "table", &table]);
+            }
+        }
+        for client in clients {
+            ip(&[
+                family,
+                "route",
+                "replace",
+                &address(client).to_string(),
+                "dev",
+                &client.iface,
+                "table",
+                &table,
+            ])?;
+        }
     }
     Ok(())
 }
@@ -579,6 +710,10 @@ impl ClientPlan {
             host_iface,
         ])?;
         sysctl(&format!("net.ipv4.conf.{host_iface}.rp_filter"), "0")?;
+        if has_ipv6() {
+            sysctl(&format!("net.ipv6.conf.{host_iface}.disable_ipv6"), "0")?;
+            add_ipv6(&format!("{}/128", twin(CLIENT_GATEWAY)), host_iface)?;
+        }
         ip(&["link", "set", "dev", host_iface, "up"])?;
         Ok(())
     }
@@ -606,6 +741,13 @@ impl ClientPlan {
             "accept"
         } else {
             "reject with icmpx admin-prohibited"
+        };
+        // IPv6 DNS has no forwarder to go to: refused at once, so a resolver library moves on
+        // to the next server instead of waiting.
+        let dns_v6 = if self.unprotected {
+            String::new()
+        } else {
+            format!("\t\tmeta nfproto ipv6 {DNS} reject with icmpx admin-prohibited\n")
         };
         let dns_refused = if self.unprotected {
             String::new()
@@ -637,6 +779,7 @@ impl ClientPlan {
              \t}}\n\
              \tchain output {{\n\
              \t\ttype filter hook output priority filter; policy accept;\n\
+             {dns_v6}\
              \t\toifname {{ \"lo\", \"{CLIENT_IFACE}\" }} accept\n\
              {dns_refused}\
              {rules}\
@@ -663,22 +806,42 @@ impl ClientPlan {
         let src = self.address.to_string();
         let mtu = self.mtu.to_string();
         ip(&["route", "replace", &gateway, "dev", CLIENT_IFACE])?;
+        // IPv6 too, when the pod has it and the link can carry it (the kernel turns IPv6 off on
+        // a link under 1280 bytes): every IPv6 prefix outside the intranet goes to the node,
+        // which sends it through an exit that carries IPv6 or refuses it at once.
+        let ipv6 = self.mtu >= 1280
+            && std::fs::read_to_string(format!(
+                "/proc/sys/net/ipv6/conf/{CLIENT_IFACE}/disable_ipv6"
+            ))
+            .is_ok_and(|v| v.trim() == "0");
+        let (gateway6, src6) = (
+            twin(CLIENT_GATEWAY).to_string(),
+            twin(self.address).to_string(),
+        );
+        if ipv6 {
+            add_ipv6(&format!("{src6}/128"), CLIENT_IFACE)?;
+            ip(&["-6", "route", "replace", &gateway6, "dev", CLIENT_IFACE])?;
+        }
         for net in cloak_model::gateway::complement(&self.intranet) {
-            if let IpNet::V4(_) = net {
-                ip(&[
-                    "route",
-                    "replace",
-                    &net.to_string(),
-                    "via",
-                    &gateway,
-                    "dev",
-                    CLIENT_IFACE,
-                    "src",
-                    &src,
-                    "mtu",
-                    &mtu,
-                ])?;
-            }
+            let (family, via, src) = match net {
+                IpNet::V4(_) => ("-4", &gateway, &src),
+                IpNet::V6(_) if ipv6 => ("-6", &gateway6, &src6),
+                IpNet::V6(_) => continue,
+            };
+            ip(&[
+                family,
+                "route",
+                "replace",
+                &net.to_string(),
+                "via",
+                via,
+                "dev",
+                CLIENT_IFACE,
+                "src",
+                src,
+                "mtu",
+                &mtu,
+            ])?;
         }
         Ok(())
     }
@@ -701,22 +864,40 @@ pub struct ExitPlan {
     /// [`DRAINING_DSCP`], and the nodes give it no new flows while keeping its established ones,
     /// with or without the operator marking it `Draining`.
     pub draining: bool,
+    /// Whether the tunnel carries IPv6: the exit then forwards the clients' IPv6 into it, and
+    /// its answers to the probes carry [`IPV6_DSCP`] so the nodes send it IPv6 flows.
+    pub ipv6: bool,
 }
 
 /// The DSCP of a draining exit's probe answers (CS1, "lower effort"): what tells a node that an
 /// exit which answers takes no new flows.
 pub const DRAINING_DSCP: u8 = 8;
+/// The DSCP of a (not draining) exit's probe answers when its tunnel carries IPv6: 3, from the
+/// pool RFC 2474 leaves to local use (`xxxx11`). An exit that says nothing carries IPv4 alone.
+pub const IPV6_DSCP: u8 = 3;
 
 impl ExitPlan {
     pub fn render(&self) -> String {
         let health = if self.healthy { "accept" } else { "drop" };
-        let draining = if self.draining {
+        let answer = match (self.draining, self.ipv6) {
+            (true, _) => Some(DRAINING_DSCP),
+            (false, true) => Some(IPV6_DSCP),
+            (false, false) => None,
+        };
+        let answer = answer.map_or_else(String::new, |dscp| {
             format!(
-                "\t\toifname \"{EXIT_IFACE}\" ip saddr {EXIT_ADDRESS} icmp type echo-reply ip dscp set {DRAINING_DSCP}\n"
+                "\t\toifname \"{EXIT_IFACE}\" ip saddr {EXIT_ADDRESS} icmp type echo-reply ip dscp set {dscp}\n"
+            )
+        });
+        let ipv6 = if self.ipv6 {
+            format!(
+                "\t\tiifname \"{EXIT_IFACE}\" oifname \"{tunnel}\" meta nfproto ipv6 accept\n",
+                tunnel = self.tunnel
             )
         } else {
             String::new()
         };
+        let [clamp_v4, clamp_v6] = clamps(self.mss);
         format!(
             "table inet {EXIT_TABLE}\n\
              delete table inet {EXIT_TABLE}\n\
@@ -725,26 +906,30 @@ impl ExitPlan {
              \t\ttype filter hook input priority filter; policy accept;\n\
              \t\tiifname \"{EXIT_IFACE}\" icmp type echo-request {health}\n\
              \t\tip daddr {EXIT_ADDRESS} iifname != \"{EXIT_IFACE}\" drop\n\
+             \t\tip6 daddr {exit6} iifname != \"{EXIT_IFACE}\" drop\n\
              \t\tiifname \"{EXIT_IFACE}\" ip saddr {TRANSIT_RANGE} ip daddr {EXIT_ADDRESS} {DNS} accept\n\
+             \t\tiifname \"{EXIT_IFACE}\" {NEIGHBOUR_DISCOVERY}\n\
              \t\tiifname \"{EXIT_IFACE}\" drop\n\
              \t}}\n\
              \tchain forward {{\n\
              \t\ttype filter hook forward priority filter; policy drop;\n\
-             \t\ttcp flags syn / syn,rst tcp option maxseg size > {mss} tcp option maxseg size set {mss}\n\
+             \t\t{clamp_v4}\n\
+             \t\t{clamp_v6}\n\
              \t\tiifname \"{EXIT_IFACE}\" oifname \"{tunnel}\" meta nfproto ipv4 accept\n\
+             {ipv6}\
              \t\tiifname \"{tunnel}\" oifname \"{EXIT_IFACE}\" ct state established,related accept\n\
              \t}}\n\
              \tchain output {{\n\
              \t\ttype filter hook output priority filter; policy accept;\n\
-             {draining}\
+             {answer}\
              \t}}\n\
              \tchain postrouting {{\n\
              \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
              \t\tiifname \"{EXIT_IFACE}\" oifname \"{tunnel}\" masquerade\n\
              \t}}\n\
              }}\n",
-            mss = self.mss,
             tunnel = self.tunnel,
+            exit6 = twin(EXIT_ADDRESS),
         )
     }
 
@@ -768,11 +953,13 @@ impl ExitPlan {
         // (client replies, probe answers) and the links' outer packets (nodes' addresses need
         // not be in the intranet) leave by the pod network, never into the tunnel.
         replace_rule(
+            "-4",
             crate::RULE_PRIORITY - 2,
             &["to", TRANSIT_RANGE, "lookup", "main"],
             &format!("to {TRANSIT_RANGE} lookup main"),
         )?;
         replace_rule(
+            "-4",
             crate::RULE_PRIORITY - 1,
             // By number: an image may have no /etc/protocols. `iif lo`: the exit's own packets
             // only, never a client's forwarded UDP from that port.
@@ -790,6 +977,24 @@ impl ExitPlan {
         ])?;
         sysctl("net.ipv4.ip_forward", "1")?;
         sysctl(&format!("net.ipv4.conf.{EXIT_IFACE}.rp_filter"), "0")?;
+        // The IPv6 end of the links whenever the pod has IPv6, so a tunnel that starts to carry
+        // it needs no new link; the forward chain lets IPv6 into the tunnel only when it does.
+        if has_ipv6() {
+            sysctl(&format!("net.ipv6.conf.{EXIT_IFACE}.disable_ipv6"), "0")?;
+            add_ipv6(
+                &format!("{}/{TRANSIT_PREFIX6}", twin(EXIT_ADDRESS)),
+                EXIT_IFACE,
+            )?;
+            replace_rule(
+                "-6",
+                crate::RULE_PRIORITY - 2,
+                &["to", TRANSIT_RANGE6, "lookup", "main"],
+                &format!("to {TRANSIT_RANGE6} lookup main"),
+            )?;
+            if self.ipv6 {
+                forward_ipv6()?;
+            }
+        }
         // Packet counts per flow, which a draining exit watches ([`FlowWatch`]). Without them
         // it reads the flows' timeouts, less surely: not a reason to carry no traffic.
         let _ = sysctl("net.netfilter.nf_conntrack_acct", "1");
@@ -975,6 +1180,7 @@ icmp     1 29 src=198.19.0.2 dst=203.0.113.10 type=8 code=0 id=7 src=203.0.113.1
                     remote: IpAddr::V4(Ipv4Addr::new(10, 244, 0, 20 + slot)),
                     gateway: 0,
                     state: *state,
+                    ipv6: false,
                 })
                 .collect(),
             clients: vec![ClientPort {
@@ -999,7 +1205,7 @@ icmp     1 29 src=198.19.0.2 dst=203.0.113.10 type=8 code=0 id=7 src=203.0.113.1
         assert_eq!(
             pick(&plan(&[Healthy, Draining, Healthy, Dead])).as_deref(),
             Some(
-                "iifname { \"ckg1\" } ct state new ct mark set numgen random mod 2 map { 0 : 0x43000000, 1 : 0x43020000 }"
+                "iifname { \"ckg1\" } meta nfproto ipv4 ct state new ct mark set numgen random mod 2 map { 0 : 0x43000000, 1 : 0x43020000 }"
             )
         );
         assert_eq!(
@@ -1032,10 +1238,96 @@ icmp     1 29 src=198.19.0.2 dst=203.0.113.10 type=8 code=0 id=7 src=203.0.113.1
         assert_eq!(
             picks,
             [
-                "iifname { \"ckg1\" } ct state new ct mark set numgen random mod 2 map { 0 : 0x43000000, 1 : 0x43010000 }",
-                "iifname { \"ckg2\" } ct state new ct mark set numgen random mod 1 map { 0 : 0x43020000 }",
+                "iifname { \"ckg1\" } meta nfproto ipv4 ct state new ct mark set numgen random mod 2 map { 0 : 0x43000000, 1 : 0x43010000 }",
+                "iifname { \"ckg2\" } meta nfproto ipv4 ct state new ct mark set numgen random mod 1 map { 0 : 0x43020000 }",
             ],
             "gateway 2 has no exit: its client gets no mark and is refused"
+        );
+    }
+
+    #[test]
+    fn ipv6_flows_are_spread_over_the_healthy_exits_that_carry_ipv6_and_get_no_pick_without_one() {
+        use ExitUse::{Dead, Draining, Healthy};
+        let mut mixed = plan(&[Healthy, Healthy, Draining, Dead, Healthy]);
+        for slot in [1, 2, 3, 4] {
+            mixed.exits[slot].ipv6 = true;
+        }
+        let picks = |plan: &NodePlan| -> Vec<String> {
+            plan.render()
+                .lines()
+                .filter(|l| l.contains("numgen"))
+                .map(|l| l.trim().to_owned())
+                .collect()
+        };
+        assert_eq!(
+            picks(&mixed),
+            [
+                "iifname { \"ckg1\" } meta nfproto ipv4 ct state new ct mark set numgen random mod 3 map { 0 : 0x43000000, 1 : 0x43010000, 2 : 0x43040000 }",
+                "iifname { \"ckg1\" } meta nfproto ipv6 ct state new ct mark set numgen random mod 2 map { 0 : 0x43010000, 1 : 0x43040000 }",
+            ]
+        );
+        let rendered = plan(&[Healthy]).render();
+        assert_eq!(
+            picks(&plan(&[Healthy])).len(),
+            1,
+            "no exit carries IPv6: no IPv6 pick, so IPv6 keeps mark 0 and is refused"
+        );
+        for rule in [
+            "meta nfproto ipv6 snat ip6 to fd63:6c6b::c613:2",
+            "meta nfproto ipv4 snat ip to 198.19.0.2",
+            "meta nfproto ipv6 tcp flags syn / syn,rst tcp option maxseg size > 1340 tcp option maxseg size set 1340",
+            "ip6 saddr fd63:6c6b::c613:0/112 oifname != \"ckx*\" drop",
+        ] {
+            assert!(rendered.contains(rule), "{rule}: {rendered}");
+        }
+    }
+
+    #[test]
+    fn every_address_has_its_ipv6_twin_in_the_ula_prefix() {
+        assert_eq!(twin(CLIENT_GATEWAY).to_string(), "fd63:6c6b::c612:1");
+        assert_eq!(twin(EXIT_ADDRESS).to_string(), "fd63:6c6b::c613:1");
+        for (v4, v6) in [
+            (CLIENT_RANGE, CLIENT_RANGE6),
+            (TRANSIT_RANGE, TRANSIT_RANGE6),
+        ] {
+            let (v4, v6): (ipnet::Ipv4Net, ipnet::Ipv6Net) =
+                (v4.parse().unwrap(), v6.parse().unwrap());
+            assert_eq!(twin(v4.network()), v6.network());
+            assert_eq!(twin(v4.broadcast()), v6.broadcast());
+        }
+        assert_eq!(TRANSIT_PREFIX6, 96 + TRANSIT_PREFIX);
+    }
+
+    #[test]
+    fn an_exits_probe_answers_say_draining_or_ipv6_and_only_an_ipv6_tunnel_takes_ipv6() {
+        let exit = |draining, ipv6| {
+            ExitPlan {
+                vni: 4097,
+                local: IpAddr::V4(Ipv4Addr::new(10, 244, 0, 21)),
+                tunnel: "wg0".into(),
+                mss: 1360,
+                healthy: true,
+                draining,
+                ipv6,
+            }
+            .render()
+        };
+        let dscp = |r: &str| {
+            r.lines()
+                .find(|l| l.contains("dscp set"))
+                .map(|l| l.trim().rsplit(' ').next().unwrap().to_owned())
+        };
+        assert_eq!(dscp(&exit(false, false)), None);
+        assert_eq!(dscp(&exit(false, true)).as_deref(), Some("3"));
+        assert_eq!(dscp(&exit(true, true)).as_deref(), Some("8"));
+        let forwards_ipv6 = "iifname \"ckx0\" oifname \"wg0\" meta nfproto ipv6 accept";
+        assert!(exit(false, true).contains(forwards_ipv6));
+        assert!(!exit(false, false).contains(forwards_ipv6));
+        assert!(
+            exit(false, false).contains(
+                "iifname \"ckx0\" icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } ip6 hoplimit 255 accept\n\t\tiifname \"ckx0\" drop"
+            ),
+            "neighbour discovery on the link comes before its drop"
         );
     }
 
@@ -1074,6 +1366,13 @@ icmp     1 29 src=198.19.0.2 dst=203.0.113.10 type=8 code=0 id=7 src=203.0.113.1
         assert!(
             rendered.contains(&format!("{DNS} reject")),
             "DNS the redirect cannot take is refused: {rendered}"
+        );
+        let output = rendered.split("chain output").nth(1).unwrap();
+        assert!(
+            output
+                .find(&format!("meta nfproto ipv6 {DNS} reject"))
+                .is_some_and(|refused| Some(refused) < output.find("oifname")),
+            "IPv6 DNS is refused before anything is let out: {rendered}"
         );
         client.unprotected = true;
         assert!(!client.render().contains("reject"));

@@ -13,7 +13,9 @@
 
 use cloak_dataplane::gateway::{ClientPlan, ExitLink, ExitPlan, ExitUse, NodePlan};
 use cloak_testkit::{
-    netlab::gateway::{Flows, GatewayNet, exit_ip, exit_public, pings, spread},
+    netlab::gateway::{
+        ECHO6, Flows, GatewayNet, exit_ip, exit_public, exit_public6, pings, spread, spread_to,
+    },
     netns::inside,
 };
 
@@ -29,7 +31,13 @@ struct Gateway {
 }
 
 impl Gateway {
+    /// Exits whose tunnels carry IPv4 alone.
     fn new() -> Self {
+        Self::with_ipv6(&[])
+    }
+
+    /// Exits `ipv6` carry IPv6 too.
+    fn with_ipv6(ipv6: &[u8]) -> Self {
         let net = GatewayNet::new(EXITS);
         for i in 1..=EXITS {
             let plan = ExitPlan {
@@ -39,6 +47,7 @@ impl Gateway {
                 mss: 1360,
                 healthy: true,
                 draining: false,
+                ipv6: ipv6.contains(&i),
             };
             inside(&net[&format!("exit{i}")], move || plan.apply()).unwrap();
         }
@@ -64,6 +73,7 @@ impl Gateway {
                     remote: exit_ip(i).parse().unwrap(),
                     gateway: 0,
                     state: ExitUse::Healthy,
+                    ipv6: ipv6.contains(&i),
                 })
                 .collect(),
             clients: vec![cloak_dataplane::gateway::ClientPort {
@@ -166,6 +176,51 @@ fn a_flow_stays_on_its_exit_and_a_dead_exits_flows_are_reset_while_the_others_lo
 }
 
 #[test]
+fn client_ipv6_leaves_only_by_the_exits_whose_tunnels_carry_it_and_is_refused_at_once_when_none_does()
+ {
+    let mut gateway = Gateway::with_ipv6(&[1, 2]);
+    gateway.count_uplink();
+    // 60 flows over two exits: one of them under 15 with a chance of about 1 in 10,000.
+    let seen = spread_to(&gateway.net["client"], ECHO6, 60);
+    assert_eq!(
+        seen.keys().cloned().collect::<Vec<_>>(),
+        [exit_public6(1), exit_public6(2)],
+        "IPv6 flows left only by the exits that carry IPv6, and by both: {seen:?}"
+    );
+    assert!(seen.values().all(|n| *n >= 15), "{seen:?}");
+    let seen = spread(&gateway.net["client"], 30);
+    assert!(
+        seen.keys()
+            .all(|via| (1..=EXITS).any(|i| *via == exit_public(i))),
+        "IPv4 still goes through every exit: {seen:?}"
+    );
+
+    for exit in &mut gateway.plan.exits {
+        exit.ipv6 = false;
+    }
+    gateway.apply();
+    let mut flows = Flows::start_to(&gateway.net["client"], ECHO6);
+    for _ in 0..5 {
+        let answer = flows.say("connect");
+        let ms: u64 = answer
+            .strip_prefix("error ConnectionRefusedError ")
+            .unwrap_or_else(|| panic!("expected a refusal, got {answer:?}"))
+            .parse()
+            .unwrap();
+        assert!(ms < 500, "refused after {ms} ms");
+    }
+    assert_eq!(
+        spread(&gateway.net["client"], 10).values().sum::<usize>(),
+        10
+    );
+    assert_eq!(
+        gateway.uplink_packets(),
+        0,
+        "client traffic left by the node's uplink"
+    );
+}
+
+#[test]
 fn a_draining_exit_gets_no_new_flows_and_keeps_its_established_ones() {
     let mut gateway = Gateway::new();
     let mut flows = Flows::start(&gateway.net["client"]);
@@ -244,6 +299,7 @@ fn an_exit_answers_the_nodes_health_probe_only_while_its_tunnel_is_up() {
         mss: 1360,
         healthy: false,
         draining: false,
+        ipv6: false,
     };
     inside(&gateway.net["exit1"], move || down.apply()).unwrap();
     assert!(!probe(), "an exit whose tunnel is down must not answer");
@@ -257,6 +313,9 @@ fn a_node_plan_applied_twice_changes_nothing_and_reset_leaves_none_of_it() {
         [
             node.run(&["ip", "-o", "link", "show"]),
             node.run(&["ip", "rule", "show"]),
+            node.run(&["ip", "-6", "rule", "show"]),
+            node.run(&["ip", "-6", "route", "show", "table", "17299"]),
+            node.run(&["ip", "-6", "route", "show", "table", "17300"]),
             // IPv4 only: IPv6 link-local routes appear by themselves, after DAD.
             node.run(&["ip", "-4", "route", "show", "table", "all"]),
             node.run(&["nft", "list", "ruleset"]),

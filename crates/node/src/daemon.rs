@@ -76,12 +76,13 @@ struct Attached {
 
 /// What the probes have seen of an exit lately: `up` is None until it answered once or missed
 /// `probe_misses` in a row (until then the gateway's status decides); `draining` when its last
-/// answer said it takes no new flows.
+/// answer said it takes no new flows; `ipv6` when it said its tunnel carries IPv6.
 #[derive(Debug, Clone, Copy, Default)]
 struct Seen {
     up: Option<bool>,
     misses: u32,
     draining: bool,
+    ipv6: bool,
 }
 
 /// What survives a restart: the clients, and the numbers that established flows carry in their
@@ -405,27 +406,32 @@ impl Daemon {
         self.save(&state);
     }
 
-    /// Takes in one probe round; true when an exit changed between up and down, or began or
-    /// stopped draining.
+    /// Takes in one probe round; true when an exit changed between up and down, began or
+    /// stopped draining, or began or stopped carrying IPv6.
     async fn seen(&self, round: BTreeMap<u32, Answer>) -> bool {
         let mut state = self.state.lock().await;
         let limit = self.options.probe_misses.max(1);
         let mut changed = false;
         for (vni, answer) in round {
             let seen = state.seen.entry(vni).or_default();
-            let was = (seen.up, seen.draining);
-            if answer == Answer::Missed {
-                seen.misses += 1;
-                if seen.misses >= limit {
-                    seen.up = Some(false);
+            let was = (seen.up, seen.draining, seen.ipv6);
+            match answer {
+                Answer::Missed => {
+                    seen.misses += 1;
+                    if seen.misses >= limit {
+                        seen.up = Some(false);
+                    }
                 }
-            } else {
-                seen.misses = 0;
-                seen.up = Some(true);
-                seen.draining = answer == Answer::Draining;
+                Answer::Draining => {
+                    (seen.misses, seen.up, seen.draining) = (0, Some(true), true);
+                }
+                Answer::Up { ipv6 } => {
+                    (seen.misses, seen.up, seen.draining) = (0, Some(true), false);
+                    seen.ipv6 = ipv6;
+                }
             }
-            if (seen.up, seen.draining) != was {
-                tracing::info!(vni, up = ?seen.up, draining = seen.draining, "exit health changed");
+            if (seen.up, seen.draining, seen.ipv6) != was {
+                tracing::info!(vni, up = ?seen.up, draining = seen.draining, ipv6 = seen.ipv6, "exit health changed");
                 changed = true;
             }
         }
@@ -563,13 +569,13 @@ impl Daemon {
                     let up = seen.up.unwrap_or(exit.health == ExitHealth::Healthy);
                     if up { ExitUse::Healthy } else { ExitUse::Dead }
                 };
-                exits.push((exit.vni, remote, *id, use_));
+                exits.push((exit.vni, remote, *id, use_, seen.ipv6));
             }
         }
         state.slots.retain(|vni, _| live_vnis.contains(vni));
         state.seen.retain(|vni, _| live_vnis.contains(vni));
         let mut links = Vec::new();
-        for (vni, remote, gateway, use_) in exits {
+        for (vni, remote, gateway, use_, ipv6) in exits {
             let slot = if let Some(slot) = state.slots.get(&vni) {
                 *slot
             } else {
@@ -587,6 +593,7 @@ impl Daemon {
                 remote,
                 gateway,
                 state: use_,
+                ipv6,
             });
         }
         links.sort_by_key(|l| l.slot);

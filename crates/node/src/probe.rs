@@ -10,7 +10,7 @@ use std::{
 };
 
 use cloak_dataplane::{
-    gateway::{DRAINING_DSCP, EXIT_ADDRESS, mark},
+    gateway::{DRAINING_DSCP, EXIT_ADDRESS, IPV6_DSCP, mark},
     icmp::{self, echo_reply, echo_request},
 };
 use nix::sys::socket::{MsgFlags, SockaddrIn, recv, sendto, setsockopt, sockopt};
@@ -30,8 +30,9 @@ fn from_exit(packet: &[u8]) -> bool {
 pub enum Answer {
     /// No answer within the round.
     Missed,
-    /// An answer: the exit's tunnel works and it takes new flows.
-    Up,
+    /// An answer: the exit's tunnel works and it takes new flows; IPv6 ones too when `ipv6`
+    /// (the answer carried [`IPV6_DSCP`]).
+    Up { ipv6: bool },
     /// An answer marked [`DRAINING_DSCP`]: the exit works but takes no new flows (its pod is
     /// being deleted). A node learns it from the exit itself, with the operator down too.
     Draining,
@@ -39,17 +40,19 @@ pub enum Answer {
 
 /// What an echo reply from an exit says.
 fn answer(packet: &[u8]) -> Answer {
-    if icmp::dscp(packet) == Some(DRAINING_DSCP) {
-        Answer::Draining
-    } else {
-        Answer::Up
+    match icmp::dscp(packet) {
+        Some(DRAINING_DSCP) => Answer::Draining,
+        dscp => Answer::Up {
+            ipv6: dscp == Some(IPV6_DSCP),
+        },
     }
 }
 
 /// Probes the exits on the calling thread (which must be in the node's network namespace):
 /// each round, one echo to each of `targets()` (VNI → slot), then `report(vni → answer)` once
 /// the round's `interval` is over. The echoes go out with TOS 0, which the exits' replies copy:
-/// only a draining exit's replies carry [`DRAINING_DSCP`]. Ends when `report` returns false.
+/// only a draining exit's replies carry [`DRAINING_DSCP`], and only those of an exit whose
+/// tunnel carries IPv6 [`IPV6_DSCP`]. Ends when `report` returns false.
 pub fn run(
     interval: Duration,
     targets: &dyn Fn() -> BTreeMap<u32, u8>,
@@ -126,10 +129,12 @@ mod tests {
         reply[12..16].copy_from_slice(&EXIT_ADDRESS.octets());
         assert!(from_exit(&reply));
         assert_eq!(echo_reply(&reply), Some((ident(1), 7)));
-        assert_eq!(answer(&reply), Answer::Up);
+        assert_eq!(answer(&reply), Answer::Up { ipv6: false });
         reply[1] = DRAINING_DSCP << 2;
         assert_eq!(answer(&reply), Answer::Draining);
+        reply[1] = IPV6_DSCP << 2;
+        assert_eq!(answer(&reply), Answer::Up { ipv6: true });
         reply[1] = 0x01; // ECN bits alone say nothing
-        assert_eq!(answer(&reply), Answer::Up);
+        assert_eq!(answer(&reply), Answer::Up { ipv6: false });
     }
 }

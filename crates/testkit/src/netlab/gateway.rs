@@ -22,6 +22,8 @@ use crate::netns::Netns;
 
 /// The echo service's address (TCP 7 and 9: it answers with the source address it saw).
 pub const ECHO: &str = "203.0.113.10";
+/// Its IPv6 address.
+pub const ECHO6: &str = "2001:db8:113::10";
 
 /// Exit `i`'s address on the pod network (1-based).
 pub fn exit_ip(i: u8) -> String {
@@ -31,6 +33,12 @@ pub fn exit_ip(i: u8) -> String {
 /// What the internet sees exit `i`'s traffic come from.
 pub fn exit_public(i: u8) -> String {
     format!("198.51.{}.2", 100 + i)
+}
+
+/// What the internet sees exit `i`'s IPv6 traffic come from (every exit's "tunnel" has IPv6;
+/// whether an exit sends IPv6 into it is its plan's).
+pub fn exit_public6(i: u8) -> String {
+    format!("2001:db8:{}::2", 100 + i)
 }
 
 impl std::ops::Index<&str> for GatewayNet {
@@ -98,6 +106,15 @@ impl GatewayNet {
                 "table inet lab_nat {\n\tchain post {\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n\t\toifname \"wan\" masquerade\n\t}\n}\n",
             );
         net["internet"].run(&["ip", "addr", "add", &format!("{ECHO}/32"), "dev", "lo"]);
+        net["internet"].run(&[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            &format!("{ECHO6}/128"),
+            "dev",
+            "lo",
+        ]);
         let mut ports = vec!["n0".to_owned()];
         for i in 1..=exits {
             let exit = format!("exit{i}");
@@ -111,15 +128,22 @@ impl GatewayNet {
                     (
                         &exit,
                         &format!("tun{i}"),
-                        &[&format!("{}/24", exit_public(i))],
+                        &[
+                            &format!("{}/24", exit_public(i)),
+                            &format!("{}/64", exit_public6(i)),
+                        ],
                     ),
                     (
                         "internet",
                         &format!("x{i}"),
-                        &[&format!("198.51.{}.1/24", 100 + i)],
+                        &[
+                            &format!("198.51.{}.1/24", 100 + i),
+                            &format!("2001:db8:{}::1/64", 100 + i),
+                        ],
                     ),
                 )
                 .route(&exit, &format!("default via 198.51.{}.1", 100 + i))
+                .route(&exit, &format!("default via 2001:db8:{}::1", 100 + i))
                 .route(&exit, "10.244.1.0/24 via 10.244.0.10")
                 .route(&exit, "10.244.2.0/24 via 10.244.0.10");
             ports.push(format!("e{i}"));
@@ -195,9 +219,14 @@ pub struct Flows {
 
 impl Flows {
     pub fn start(ns: &Netns) -> Self {
+        Self::start_to(ns, ECHO)
+    }
+
+    /// Flows to the echo service at `address` ([`ECHO`] or [`ECHO6`]).
+    pub fn start_to(ns: &Netns, address: &str) -> Self {
         let mut child = ns
             .command("python3")
-            .args(["-c", FLOWS, ECHO])
+            .args(["-c", FLOWS, address])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -234,7 +263,12 @@ impl Drop for Flows {
 
 /// Opens `n` short connections and counts the exit each was seen through.
 pub fn spread(ns: &Netns, n: usize) -> BTreeMap<String, usize> {
-    let mut flows = Flows::start(ns);
+    spread_to(ns, ECHO, n)
+}
+
+/// [`spread`] to the echo service at `address`.
+pub fn spread_to(ns: &Netns, address: &str, n: usize) -> BTreeMap<String, usize> {
+    let mut flows = Flows::start_to(ns, address);
     let mut seen = BTreeMap::new();
     for _ in 0..n {
         let answer = flows.say("connect");
