@@ -599,9 +599,9 @@ fn remove_other_exit_rules(keep: &[ExitLink]) -> Result<(), Error> {
 }
 
 fn route_clients(clients: &[ClientPort], ipv6: bool) -> Result<(), Error> {
-    let table = CLIENTS_ROUTE_TABLE.to_string();
     /// A family's `ip` option, its client range, and a client's address in it.
     type Family = (&'static str, &'static str, fn(&ClientPort) -> IpAddr);
+    let table = CLIENTS_ROUTE_TABLE.to_string();
     let mut families: Vec<Family> = vec![("-4", CLIENT_RANGE, |c| IpAddr::V4(c.address))];
     if ipv6 {
         families.push(("-6", CLIENT_RANGE6, |c| IpAddr::V6(twin(c.address))));
