@@ -40,6 +40,29 @@ fn a_labelled_pod_keeps_its_spec_and_reaches_the_internet_only_through_the_exits
 }
 
 #[test]
+fn a_clients_ipv6_leaves_only_through_the_exits_whose_tunnels_carry_it_spread_over_both_and_never_by_an_uplink()
+ {
+    let lab = lab::shared();
+    let _turn = lab::serial();
+    let gw = healthy_gateway(lab);
+    // Both of the example's providers carry IPv6.
+    let addresses = exit_addresses6(&gw);
+    assert_eq!(addresses.len(), 2, "{addresses:?}");
+    let name = "gw-ipv6";
+    let pod = running_client(lab, name);
+    let leaks = Leaks::install(lab, &str_at(&pod, "/status/podIP"));
+    // The node learns that an exit carries IPv6 from its answers to the probes: within a round
+    // of the exit coming up, long before a test gets here, unless the node missed it.
+    let answers = ask_to(lab, name, ECHO6, 40);
+    assert_spread(name, &answers, &addresses, 8);
+    assert_spread(name, &ask(lab, name, 10), &exit_addresses(&gw), 1);
+    assert!(leaks.read("carried6") > 0, "the IPv6 counter is blind");
+    assert_eq!(leaks.read("leaked6"), 0, "IPv6 left by an uplink");
+    leaks.assert_carried_and_none_leaked();
+    delete_client(lab, name);
+}
+
+#[test]
 fn a_deleted_exit_pod_moves_new_flows_to_the_other_and_is_replaced_on_the_next_server() {
     let lab = lab::shared();
     let _turn = lab::serial();
@@ -363,14 +386,16 @@ fn with_every_exit_down_internet_connections_are_refused_and_the_cluster_stays_r
             }
         },
     );
-    // Refused at once (a reset from the node), not left to time out.
-    let answers = ask(lab, name, 5);
-    assert!(
-        answers
-            .iter()
-            .all(|a| a.contains("Connection refused") || a.contains("reset")),
-        "{answers:?}"
-    );
+    // Refused at once (a reset from the node), not left to time out: IPv4 and IPv6.
+    for echo in [ECHO, ECHO6] {
+        let answers = ask_to(lab, name, echo, 5);
+        assert!(
+            answers
+                .iter()
+                .all(|a| a.contains("Connection refused") || a.contains("reset")),
+            "{echo}: {answers:?}"
+        );
+    }
     assert_reaches_the_cluster(lab, name);
     // Its node answers the client's DNS meanwhile: cluster names only.
     let script = format!("nslookup echo.{} 2>&1; true", layout::INTERNET_ZONE);
@@ -380,6 +405,7 @@ fn with_every_exit_down_internet_connections_are_refused_and_the_cluster_stays_r
         "an internet name resolved with every exit down: {out}"
     );
     assert_eq!(leaks.read("leaked"), 0, "client packets left by an uplink");
+    assert_eq!(leaks.read("leaked6"), 0, "client IPv6 left by an uplink");
     drop(outage);
     healthy_gateway(lab);
     let counts = tally(&ask(lab, name, 10));

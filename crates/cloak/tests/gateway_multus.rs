@@ -158,6 +158,12 @@ fn a_hundred_new_flows_spread_over_three_exits_with_none_below_a_fifth() {
     // runs by chance alone (the target, as it is written).
     let counts = assert_spread(name, &answers, &addresses, 20);
     eprintln!("100 new flows over 3 exits: {counts:?}");
+    // The OpenVPN provider's tunnel carries IPv4 alone: IPv6 flows go to the other two only.
+    let addresses6 = exit_addresses6(&gateway(lab));
+    assert_eq!(addresses6.len(), 2, "{addresses6:?}");
+    let counts = assert_spread(name, &ask_to(lab, name, ECHO6, 40), &addresses6, 8);
+    eprintln!("40 new IPv6 flows over the 2 exits that carry IPv6: {counts:?}");
+    assert_eq!(leaks.read("leaked6"), 0, "IPv6 left by an uplink");
     leaks.assert_carried_and_none_leaked();
 }
 

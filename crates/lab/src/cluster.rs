@@ -141,7 +141,18 @@ pub(crate) fn network(lab: &Lab, nodes: u8) -> Result<()> {
     for addr in [layout::ECHO, layout::INTERNET_DNS] {
         sh::ip(&net, &["addr", "add", &format!("{addr}/32"), "dev", "lo"])?;
     }
+    sh::ip(
+        &net,
+        &[
+            "addr",
+            "add",
+            &format!("{}/128", layout::ECHO6),
+            "dev",
+            "lo",
+        ],
+    )?;
     sh::sysctl(&net, "net.ipv4.ip_forward", "1")?;
+    sh::sysctl(&net, "net.ipv6.conf.all.forwarding", "1")?;
     // The control plane reaches pods (API server → webhooks, logs, exec) through their nodes,
     // and Services through node 1's kube-proxy.
     let cp = lab.netns("cp");

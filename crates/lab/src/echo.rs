@@ -1,7 +1,8 @@
-//! The internet's echo service: HTTP on port 80 of [`ECHO`](crate::layout::ECHO) answers every
-//! request with the source address it saw (so a client learns its exit address), and remembers
-//! the last address per `?from=<name>`, which `cloak lab status` shows as each workload's exit.
-//! UDP port 7 answers each datagram with the source address too.
+//! The internet's echo service: HTTP on port 80 of [`ECHO`](crate::layout::ECHO) and
+//! [`ECHO6`](crate::layout::ECHO6) answers every request with the source address it saw (so a
+//! client learns its exit address), and remembers the last address per `?from=<name>`, which
+//! `cloak lab status` shows as each workload's exit. UDP port 7 answers each datagram with the
+//! source address too.
 
 use std::{
     collections::BTreeMap,
@@ -23,10 +24,19 @@ pub(crate) fn start(netns_path: &str, record: PathBuf) -> Result<()> {
         .name("echo".into())
         .spawn(move || {
             let bound = enter(&path).and_then(|()| {
-                let tcp = TcpListener::bind((crate::layout::ECHO, 80))
-                    .map_err(|e| format!("binding {}:80: {e}", crate::layout::ECHO))?;
-                let udp = UdpSocket::bind((crate::layout::ECHO, 7))
-                    .map_err(|e| format!("binding {}:7/udp: {e}", crate::layout::ECHO))?;
+                let (mut tcp, mut udp) = (Vec::new(), Vec::new());
+                for address in [crate::layout::ECHO, crate::layout::ECHO6] {
+                    let ip: std::net::IpAddr =
+                        address.parse().map_err(|e| format!("{address}: {e}"))?;
+                    tcp.push(
+                        TcpListener::bind((ip, 80))
+                            .map_err(|e| format!("binding {address} port 80: {e}"))?,
+                    );
+                    udp.push(
+                        UdpSocket::bind((ip, 7))
+                            .map_err(|e| format!("binding {address} port 7/udp: {e}"))?,
+                    );
+                }
                 Ok((tcp, udp))
             });
             let (tcp, udp) = match bound {
@@ -39,17 +49,24 @@ pub(crate) fn start(netns_path: &str, record: PathBuf) -> Result<()> {
                     return;
                 }
             };
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 1500];
-                while let Ok((_, from)) = udp.recv_from(&mut buf) {
-                    let _ = udp.send_to(format!("{}\n", from.ip()).as_bytes(), from);
-                }
-            });
+            for udp in udp {
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 1500];
+                    while let Ok((_, from)) = udp.recv_from(&mut buf) {
+                        let _ = udp.send_to(format!("{}\n", from.ip()).as_bytes(), from);
+                    }
+                });
+            }
             let seen = Arc::new(Mutex::new(BTreeMap::<String, (String, u64)>::new()));
-            for stream in tcp.incoming().flatten() {
-                let seen = seen.clone();
-                let record = record.clone();
-                std::thread::spawn(move || answer(&stream, &seen, &record));
+            // A thread a listener (threads inherit the namespace of the thread that starts them).
+            for tcp in tcp {
+                let (seen, record) = (seen.clone(), record.clone());
+                std::thread::spawn(move || {
+                    for stream in tcp.incoming().flatten() {
+                        let (seen, record) = (seen.clone(), record.clone());
+                        std::thread::spawn(move || answer(&stream, &seen, &record));
+                    }
+                });
             }
         })
         .map_err(|e| Error::Other(format!("starting the echo service: {e}")))?;

@@ -27,6 +27,8 @@ pub const KUBERNETES_SERVICE: &str = "10.96.0.1";
 pub const CLUSTER_DNS: &str = "10.96.0.10";
 /// The internet's echo service: HTTP on port 80 answers with the source address it saw.
 pub const ECHO: &str = "203.0.113.10";
+/// Its IPv6 address (no DNS name has it: names keep resolving to IPv4 alone).
+pub const ECHO6: &str = "2001:db8:113::10";
 /// The internet's DNS server (CoreDNS, zone `lab.test`): the nodes' resolver and the cluster
 /// DNS's upstream.
 pub const INTERNET_DNS: &str = "203.0.113.53";
@@ -50,12 +52,20 @@ pub struct Provider {
     pub index: u8,
     /// How many servers its pool has.
     pub servers: u8,
+    /// Whether its tunnels carry IPv6 (its clients get an IPv6 address and route).
+    pub ipv6: bool,
 }
 
 impl Provider {
     /// The address the internet sees for traffic through any of its servers.
     pub fn exit(&self) -> String {
         format!("198.51.100.{}", 10 + self.index)
+    }
+
+    /// The address the internet sees for IPv6 through any of its servers (when it carries
+    /// IPv6).
+    pub fn exit6(&self) -> String {
+        format!("2001:db8:5100::{}", 10 + self.index)
     }
 
     /// Server `k`'s (1-based) public address.
@@ -88,28 +98,41 @@ impl Provider {
     pub fn transit_prefix(&self) -> String {
         format!("100.64.{}", self.index)
     }
+
+    /// The IPv6 /64 of the transit link (`::1` and `::2`, as [`Provider::transit_prefix`]).
+    pub fn transit_prefix6(&self) -> String {
+        format!("2001:db8:64:{}::", self.index)
+    }
+
+    /// The IPv6 /64 of server `k`'s tunnel: the server is `::1`, its client `::2`.
+    pub fn tunnel_prefix6(&self, k: u8) -> String {
+        format!("fd64:{}:{k}::", self.index)
+    }
 }
 
-/// The lab's fake providers: two WireGuard services and one OpenVPN service, each with its own
-/// exit address and a pool of servers.
+/// The lab's fake providers: two WireGuard services whose tunnels carry IPv6 too and one OpenVPN
+/// service that carries IPv4 alone, each with its own exit addresses and a pool of servers.
 pub const PROVIDERS: [Provider; 3] = [
     Provider {
         name: "wg-alpha",
         kind: TunnelKind::Wireguard,
         index: 1,
         servers: 3,
+        ipv6: true,
     },
     Provider {
         name: "wg-beta",
         kind: TunnelKind::Wireguard,
         index: 2,
         servers: 3,
+        ipv6: true,
     },
     Provider {
         name: "ovpn-gamma",
         kind: TunnelKind::OpenVpn,
         index: 3,
         servers: 2,
+        ipv6: false,
     },
 ];
 

@@ -10,7 +10,10 @@
 //! What clients need is written under `providers/<name>/`: one client configuration per server
 //! (`server-<k>.conf` or `server-<k>.ovpn`); the first one goes into the provider's Secret.
 
-use std::{fs, net::SocketAddr, path::Path, sync::mpsc, thread::JoinHandle, time::Duration};
+use std::{
+    fmt::Write as _, fs, net::SocketAddr, path::Path, sync::mpsc, thread::JoinHandle,
+    time::Duration,
+};
 
 use cloak_dataplane::{
     Key,
@@ -123,13 +126,84 @@ pub(crate) fn network(lab: &Lab, p: &Provider) -> Result<()> {
     sh::sysctl(&ns, "net.ipv4.ip_forward", "1")?;
     // Replies to clients come back on the tunnel interfaces, not the transit link.
     sh::sysctl(&ns, "net.ipv4.conf.all.rp_filter", "0")?;
+    let mut masquerade = format!(
+        "    oifname \"up0\" ip saddr 10.0.0.0/8 snat ip to {}\n",
+        p.exit()
+    );
+    if p.ipv6 {
+        network_ipv6(lab, p)?;
+        let _ = writeln!(
+            masquerade,
+            "    oifname \"up0\" ip6 saddr fd00::/8 snat ip6 to {}",
+            p.exit6()
+        );
+    }
     sh::nft(
         &ns,
         &format!(
-            "table ip provider {{\n  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n    oifname \"up0\" ip saddr 10.0.0.0/8 snat to {}\n  }}\n}}\n",
-            p.exit()
+            "table inet provider {{\n  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n{masquerade}  }}\n}}\n"
         ),
     )
+}
+
+/// The IPv6 half of provider `p`'s network: its transit link's /64, its IPv6 exit address, and
+/// forwarding (its clients' tunnel addresses are masqueraded to that exit address).
+fn network_ipv6(lab: &Lab, p: &Provider) -> Result<()> {
+    let (ns, net) = (lab.netns(&format!("p{}", p.index)), lab.netns("net"));
+    let transit = p.transit_prefix6();
+    let outside = format!("p{}", p.index);
+    sh::ip(
+        &net,
+        &[
+            "-6",
+            "addr",
+            "add",
+            &format!("{transit}1/64"),
+            "dev",
+            &outside,
+            "nodad",
+        ],
+    )?;
+    sh::ip(
+        &ns,
+        &[
+            "-6",
+            "addr",
+            "add",
+            &format!("{transit}2/64"),
+            "dev",
+            "up0",
+            "nodad",
+        ],
+    )?;
+    sh::ip(
+        &ns,
+        &[
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("{transit}1"),
+        ],
+    )?;
+    let exit = p.exit6();
+    sh::ip(
+        &ns,
+        &["-6", "addr", "add", &format!("{exit}/128"), "dev", "lo"],
+    )?;
+    sh::ip(
+        &net,
+        &[
+            "-6",
+            "route",
+            "add",
+            &format!("{exit}/128"),
+            "via",
+            &format!("{transit}2"),
+        ],
+    )?;
+    sh::sysctl(&ns, "net.ipv6.conf.all.forwarding", "1")
 }
 
 /// Starts every WireGuard server of `p` and writes the client configurations. Returns the
@@ -145,12 +219,25 @@ pub(crate) fn wireguard(lab: &Lab, p: &Provider, dir: &Path) -> Result<Vec<Wireg
             cidr.parse()
                 .map_err(|e| Error::Other(format!("{cidr}: {e}")))
         };
+        let prefix6 = p.tunnel_prefix6(k);
+        let (mut addresses, mut allowed) = (
+            vec![parse(format!("{prefix}.1/24"))?],
+            vec![parse(format!("{prefix}.2/32"))?],
+        );
+        let (mut client_addresses, mut client_allowed) =
+            (format!("{prefix}.2/32"), "0.0.0.0/0".to_owned());
+        if p.ipv6 {
+            addresses.push(parse(format!("{prefix6}1/64"))?);
+            allowed.push(parse(format!("{prefix6}2/128"))?);
+            let _ = write!(client_addresses, ", {prefix6}2/128");
+            client_allowed.push_str(", ::/0");
+        }
         let config = WireguardConfig {
             interface: format!("wgs{k}"),
             private_key: server_key.clone(),
             listen_port: Some(p.port(k)),
             fwmark: None,
-            addresses: vec![parse(format!("{prefix}.1/24"))?],
+            addresses,
             mtu: cloak_dataplane::wireguard::DEFAULT_MTU,
             dns: Vec::new(),
             peer: WireguardPeer {
@@ -158,14 +245,14 @@ pub(crate) fn wireguard(lab: &Lab, p: &Provider, dir: &Path) -> Result<Vec<Wireg
                 preshared_key: None,
                 endpoint: SocketAddr::from(([0, 0, 0, 0], 0)),
                 endpoint_name: None,
-                allowed_ips: vec![parse(format!("{prefix}.2/32"))?],
+                allowed_ips: allowed,
                 persistent_keepalive: None,
             },
             extra_peers: Vec::new(),
         };
         servers.push(start_wireguard(&ns_path, config)?);
         let conf = format!(
-            "[Interface]\nPrivateKey = {}\nAddress = {prefix}.2/32\nDNS = {}\n\n[Peer]\nPublicKey = {}\nEndpoint = {}:{}\nAllowedIPs = 0.0.0.0/0\n",
+            "[Interface]\nPrivateKey = {}\nAddress = {client_addresses}\nDNS = {}\n\n[Peer]\nPublicKey = {}\nEndpoint = {}:{}\nAllowedIPs = {client_allowed}\n",
             &*client.to_base64(),
             layout::INTERNET_DNS,
             server_key.public(),

@@ -10,7 +10,8 @@ use serde_json::Value;
 use super::{TestLab, eventually, str_at};
 
 pub(crate) const GATEWAY: &str = "egress";
-pub(crate) const ECHO: &str = "203.0.113.10";
+pub(crate) const ECHO: &str = layout::ECHO;
+pub(crate) const ECHO6: &str = layout::ECHO6;
 
 /// The example gateway as it is now.
 pub(crate) fn gateway(lab: &TestLab) -> Value {
@@ -47,13 +48,30 @@ pub(crate) fn healthy_gateway_of(lab: &TestLab, count: usize) -> Value {
 /// The address the echo service sees for flows through the exit of provider `gw-<x>`: the lab
 /// provider whose servers its pool holds.
 pub(crate) fn exit_address(exit: &Value) -> String {
+    exit_provider(exit).exit()
+}
+
+/// The lab provider a gateway exit's VpnProvider (`gw-<name>`) is a pool of.
+pub(crate) fn exit_provider(exit: &Value) -> &'static layout::Provider {
     let provider = str_at(exit, "/provider");
     let of = provider.strip_prefix("gw-").expect("a gateway provider");
     layout::PROVIDERS
         .iter()
         .find(|p| p.name.ends_with(of))
         .expect("a lab provider")
-        .exit()
+}
+
+/// The addresses the echo service sees for IPv6 flows through the gateway's exits whose
+/// providers carry IPv6.
+pub(crate) fn exit_addresses6(gw: &Value) -> Vec<String> {
+    gw["status"]["exits"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(exit_provider)
+        .filter(|p| p.ipv6)
+        .map(layout::Provider::exit6)
+        .collect()
 }
 
 /// The addresses the echo service sees for flows through each of the gateway's exits.
@@ -142,11 +160,16 @@ pub(crate) fn answers(lab: &TestLab, pod: &str, script: &str) -> Vec<String> {
 /// `count` new TCP flows from the pod to the echo service, one after another: what each saw
 /// as the source address, or the error `nc` printed.
 pub(crate) fn ask(lab: &TestLab, pod: &str, count: u32) -> Vec<String> {
+    ask_to(lab, pod, ECHO, count)
+}
+
+/// [`ask`] of the echo service at `address` ([`ECHO`] or [`ECHO6`]).
+pub(crate) fn ask_to(lab: &TestLab, pod: &str, address: &str, count: u32) -> Vec<String> {
     answers(
         lab,
         pod,
         &format!(
-            "i=0; while [ $i -lt {count} ]; do r=$(printf 'GET /ip HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {ECHO} 80 2>&1 | tail -n 1); echo \"r=$r\"; i=$((i+1)); done"
+            "i=0; while [ $i -lt {count} ]; do r=$(printf 'GET /ip HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {address} 80 2>&1 | tail -n 1); echo \"r=$r\"; i=$((i+1)); done"
         ),
     )
 }
@@ -242,9 +265,10 @@ impl<'a> Leaks<'a> {
         let nodes: Vec<String> = (1..=2).map(layout::node_name).collect();
         for node in &nodes {
             let script = format!(
-                "table inet cloak_test_gw {{\n  counter carried {{}}\n  counter leaked {{}}\n  counter leaked6 {{}}\n  chain post {{\n    type filter hook postrouting priority -400; policy accept;\n    oifname \"ckx*\" ip saddr 198.18.0.0/16 counter name carried\n    oifname \"lan0\" ip saddr {{ {pod_ip}, 198.18.0.0/15 }} ip daddr != {{ {pods}, {services}, 10.250.0.0/24 }} counter name leaked\n    oifname \"lan0\" meta nfproto ipv6 ip6 saddr != fe80::/10 counter name leaked6\n  }}\n}}\n",
+                "table inet cloak_test_gw {{\n  counter carried {{}}\n  counter carried6 {{}}\n  counter leaked {{}}\n  counter leaked6 {{}}\n  chain post {{\n    type filter hook postrouting priority -400; policy accept;\n    oifname \"ckx*\" ip saddr 198.18.0.0/16 counter name carried\n    oifname \"ckx*\" ip6 saddr {clients6} counter name carried6\n    oifname \"lan0\" ip saddr {{ {pod_ip}, 198.18.0.0/15 }} ip daddr != {{ {pods}, {services}, 10.250.0.0/24 }} counter name leaked\n    oifname \"lan0\" meta nfproto ipv6 ip6 saddr != fe80::/10 counter name leaked6\n  }}\n}}\n",
                 pods = layout::POD_CIDR,
                 services = layout::SERVICE_CIDR,
+                clients6 = cloak_dataplane::gateway::CLIENT_RANGE6,
             );
             lab.nft(node, &script);
         }
