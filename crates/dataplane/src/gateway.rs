@@ -889,13 +889,29 @@ impl ExitPlan {
                 "\t\toifname \"{EXIT_IFACE}\" ip saddr {EXIT_ADDRESS} icmp type echo-reply ip dscp set {dscp}\n"
             )
         });
-        let ipv6 = if self.ipv6 {
-            format!(
-                "\t\tiifname \"{EXIT_IFACE}\" oifname \"{tunnel}\" meta nfproto ipv6 accept\n",
-                tunnel = self.tunnel
+        // Without IPv6 in the tunnel, a client's IPv6 that still comes (a node that has not
+        // seen the answers change yet) is refused at once, before routing (which has no IPv6
+        // route then, and would answer with rate-limited errors), rather than left to time out.
+        let (ipv6, refuse_ipv6) = if self.ipv6 {
+            (
+                format!(
+                    "\t\tiifname \"{EXIT_IFACE}\" oifname \"{tunnel}\" meta nfproto ipv6 accept\n",
+                    tunnel = self.tunnel
+                ),
+                String::new(),
             )
         } else {
-            String::new()
+            let to_pass = format!(
+                "iifname \"{EXIT_IFACE}\" meta nfproto ipv6 ip6 daddr != {{ fe80::/10, ff00::/8, {} }}",
+                twin(EXIT_ADDRESS)
+            );
+            (
+                String::new(),
+                format!(
+                    "\t\t{to_pass} meta l4proto tcp reject with tcp reset\n\
+                     \t\t{to_pass} reject with icmpx admin-prohibited\n"
+                ),
+            )
         };
         let [clamp_v4, clamp_v6] = clamps(self.mss);
         format!(
@@ -922,6 +938,10 @@ impl ExitPlan {
              \tchain output {{\n\
              \t\ttype filter hook output priority filter; policy accept;\n\
              {answer}\
+             \t}}\n\
+             \tchain prerouting {{\n\
+             \t\ttype filter hook prerouting priority filter; policy accept;\n\
+             {refuse_ipv6}\
              \t}}\n\
              \tchain postrouting {{\n\
              \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
@@ -1323,6 +1343,12 @@ icmp     1 29 src=198.19.0.2 dst=203.0.113.10 type=8 code=0 id=7 src=203.0.113.1
         let forwards_ipv6 = "iifname \"ckx0\" oifname \"wg0\" meta nfproto ipv6 accept";
         assert!(exit(false, true).contains(forwards_ipv6));
         assert!(!exit(false, false).contains(forwards_ipv6));
+        assert!(
+            exit(false, false).contains(
+                "iifname \"ckx0\" meta nfproto ipv6 ip6 daddr != { fe80::/10, ff00::/8, fd63:6c6b::c613:1 } meta l4proto tcp reject with tcp reset"
+            ),
+            "IPv6 is refused at once by an exit that does not carry it"
+        );
         assert!(
             exit(false, false).contains(
                 "iifname \"ckx0\" icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } ip6 hoplimit 255 accept\n\t\tiifname \"ckx0\" drop"
