@@ -55,7 +55,8 @@ fn a_clients_ipv6_leaves_only_through_the_exits_whose_tunnels_carry_it_spread_ov
     // of the exit coming up, long before a test gets here, unless the node missed it.
     let answers = ask_to(lab, name, ECHO6, 40);
     assert_spread(name, &answers, &addresses, 8);
-    assert_spread(name, &ask(lab, name, 10), &exit_addresses(&gw), 1);
+    // IPv4 goes on over both (both missed by one in 2⁻²⁹ runs).
+    assert_spread(name, &ask(lab, name, 30), &exit_addresses(&gw), 1);
     assert!(leaks.read("carried6") > 0, "the IPv6 counter is blind");
     assert_eq!(leaks.read("leaked6"), 0, "IPv6 left by an uplink");
     leaks.assert_carried_and_none_leaked();

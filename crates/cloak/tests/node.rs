@@ -477,9 +477,28 @@ async fn client_ipv6_goes_only_to_the_exits_that_answer_as_carrying_it_and_is_re
         "IPv4 goes on through both: {seen:?}"
     );
 
-    // Its tunnel stops carrying IPv6 (a new config): its answers stop saying so.
+    // Its tunnel stops carrying IPv6 (a new config): its answers stop saying so, and the node
+    // takes it out of the IPv6 pick (the exit refuses IPv6 by itself too, so the refusals
+    // below alone would not show that the node learnt it).
+    let ipv6_picks = || {
+        rig.net["node"]
+            .run(&["nft", "list", "table", "inet", "cloak_gateway"])
+            .lines()
+            .filter(|l| l.contains("meta nfproto ipv6") && l.contains("numgen"))
+            .count()
+    };
+    assert_eq!(ipv6_picks(), 1, "{}", rig.daemon_log());
     let v4_only = exit_plan(1, true);
     inside(&rig.net["exit1"], move || v4_only.apply()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ipv6_picks() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the node kept an IPv6 pick with no exit that carries IPv6\n{}",
+            rig.daemon_log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let took = until_ipv6_connect(
         &rig.net,
         "error ConnectionRefusedError",

@@ -18,8 +18,10 @@
 //!   forwarding into its tunnel with masquerade, MSS clamped both ways, and the health answer
 //!   that stops when the tunnel does.
 //!
-//! Every address below lives on interfaces cloak creates, as /32 with no prefix route, and every
-//! route in cloak's own tables: the host's main table and ruleset are never changed.
+//! Every address below lives on interfaces cloak creates, as /32 (IPv6: /128) with no prefix
+//! route but the exit's own link prefix, and every route in cloak's own tables: the host's main
+//! table and ruleset are never changed. The node turns IPv6 forwarding on (and `accept_ra` 1 into
+//! 2 first, so it keeps the routes it learns from router advertisements); nothing undoes that.
 //!
 //! IPv6 takes the same path with the same numbers: each address has an IPv6 twin ([`twin`]: the
 //! IPv4 address in the last 32 bits of a ULA /96), so a client, a node and an exit need no
@@ -406,8 +408,12 @@ fn forward_ipv6() -> Result<(), Error> {
     let dirs = std::fs::read_dir(conf).map_err(Error::io(conf.display().to_string()))?;
     for dir in dirs.flatten() {
         let accept_ra = dir.path().join("accept_ra");
-        if read(&accept_ra).trim() == "1" {
-            std::fs::write(&accept_ra, "2").map_err(Error::io(accept_ra.display().to_string()))?;
+        // An interface that went away meanwhile needs nothing.
+        if read(&accept_ra).trim() == "1"
+            && let Err(e) = std::fs::write(&accept_ra, "2")
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            return Err(Error::io(accept_ra.display().to_string())(e));
         }
     }
     sysctl("net.ipv6.conf.all.forwarding", "1")
@@ -622,16 +628,36 @@ fn route_clients(clients: &[ClientPort], ipv6: bool) -> Result<(), Error> {
             }
         }
         for client in clients {
-            ip(&[
-                family,
-                "route",
-                "replace",
-                &address(client).to_string(),
-                "dev",
-                &client.iface,
-                "table",
-                &table,
-            ])?;
+            let route = |()| {
+                ip(&[
+                    family,
+                    "route",
+                    "replace",
+                    &address(client).to_string(),
+                    "dev",
+                    &client.iface,
+                    "table",
+                    &table,
+                ])
+            };
+            match route(()) {
+                Ok(_) => {}
+                // A client's veth made with IPv6 off (by an older cloak, or turned off since)
+                // gets it back; failing that, that client alone goes without IPv6 (its IPv6 is
+                // then refused, never sent elsewhere) rather than the node's whole plan failing.
+                Err(e) if family == "-6" => {
+                    let repaired =
+                        sysctl(&format!("net.ipv6.conf.{}.disable_ipv6", client.iface), "0")
+                            .and_then(|()| {
+                                add_ipv6(&format!("{}/128", twin(CLIENT_GATEWAY)), &client.iface)
+                            })
+                            .and_then(|()| route(()));
+                    if let Err(again) = repaired {
+                        tracing::warn!(iface = %client.iface, error = %e, %again, "a client without IPv6");
+                    }
+                }
+                Err(e) => return Err(e),
+            }
         }
     }
     Ok(())
@@ -747,7 +773,9 @@ impl ClientPlan {
         let dns_v6 = if self.unprotected {
             String::new()
         } else {
-            format!("\t\tmeta nfproto ipv6 {DNS} reject with icmpx admin-prohibited\n")
+            format!(
+                "\t\toifname != \"lo\" meta nfproto ipv6 {DNS} reject with icmpx admin-prohibited\n"
+            )
         };
         let dns_refused = if self.unprotected {
             String::new()
@@ -776,6 +804,7 @@ impl ClientPlan {
              \tchain source {{\n\
              \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
              \t\toifname \"{CLIENT_IFACE}\" ip saddr != {CLIENT_RANGE} masquerade\n\
+             \t\toifname \"{CLIENT_IFACE}\" ip6 saddr != {CLIENT_RANGE6} masquerade\n\
              \t}}\n\
              \tchain output {{\n\
              \t\ttype filter hook output priority filter; policy accept;\n\
@@ -1024,10 +1053,14 @@ impl ExitPlan {
     }
 }
 
-/// The IPv4 flows of the exit's namespace (the calling thread's), as `conntrack -L` lists them:
-/// what a draining exit watches ([`FlowWatch`]).
+/// The IPv4 and IPv6 flows of the exit's namespace (the calling thread's), as `conntrack -L`
+/// lists them: what a draining exit watches ([`FlowWatch`]).
 pub fn list_flows() -> Result<String, Error> {
-    run("conntrack", &["-L", "-f", "ipv4"], None)
+    let mut flows = run("conntrack", &["-L", "-f", "ipv4"], None)?;
+    if has_ipv6() {
+        flows.push_str(&run("conntrack", &["-L", "-f", "ipv6"], None)?);
+    }
+    Ok(flows)
 }
 
 /// The clients' flows a draining exit still carries, watched over successive `conntrack -L`
@@ -1049,23 +1082,29 @@ struct Seen {
 
 impl FlowWatch {
     /// Takes in a listing made at `now`; returns how many client flows carried a packet within
-    /// `quiet` of it. Client flows: from the nodes' transit range, not to the exit's own DNS
-    /// forwarder; TCP not yet closed (TIME_WAIT and CLOSE end by themselves) and UDP seen both
-    /// ways.
+    /// `quiet` of it. Client flows: from the nodes' transit range (either family), not to the
+    /// exit's own DNS forwarder; TCP not yet closed (TIME_WAIT and CLOSE end by themselves) and
+    /// UDP seen both ways.
     pub fn update(
         &mut self,
         listing: &str,
         now: std::time::Instant,
         quiet: std::time::Duration,
     ) -> usize {
-        let transit: ipnet::Ipv4Net = TRANSIT_RANGE.parse().unwrap_or_default();
+        let transit: [IpNet; 2] = [TRANSIT_RANGE, TRANSIT_RANGE6].map(|range| {
+            range
+                .parse()
+                .unwrap_or(IpNet::V4(ipnet::Ipv4Net::default()))
+        });
+        let exit = [IpAddr::V4(EXIT_ADDRESS), IpAddr::V6(twin(EXIT_ADDRESS))];
         let mut flows = std::collections::HashMap::new();
         for line in listing.lines() {
             let words: Vec<&str> = line.split_whitespace().collect();
             let first = |key: &str| words.iter().find_map(|w| w.strip_prefix(key));
-            let address = |key: &str| first(key).and_then(|v| v.parse::<Ipv4Addr>().ok());
-            let from_a_client = address("src=").is_some_and(|a| transit.contains(&a))
-                && address("dst=").is_some_and(|a| a != EXIT_ADDRESS);
+            let address = |key: &str| first(key).and_then(|v| v.parse::<IpAddr>().ok());
+            let from_a_client = address("src=")
+                .is_some_and(|a| transit.iter().any(|t| t.contains(&a)))
+                && address("dst=").is_some_and(|a| !exit.contains(&a));
             let carried = match words.first() {
                 Some(&"tcp") => !matches!(words.get(3), Some(&("TIME_WAIT" | "CLOSE"))),
                 Some(&"udp") => words.contains(&"[ASSURED]"),
@@ -1185,6 +1224,22 @@ icmp     1 29 src=198.19.0.2 dst=203.0.113.10 type=8 code=0 id=7 src=203.0.113.1
             "unacknowledged data"
         );
         assert_eq!(watch.update("", t(73), quiet), 0, "gone");
+    }
+
+    #[test]
+    fn a_drain_counts_a_clients_ipv6_flows_too() {
+        let quiet = std::time::Duration::from_mins(1);
+        let now = std::time::Instant::now();
+        let ipv6 = "\
+tcp      6 431999 ESTABLISHED src=fd63:6c6b::c613:2 dst=2001:db8:113::10 sport=40000 dport=80 packets=4 bytes=1 src=2001:db8:113::10 dst=fd64:1:2::2 sport=80 dport=40000 packets=3 bytes=1 [ASSURED] mark=0 use=1
+udp      17 110 src=fd63:6c6b::c613:2 dst=fd63:6c6b::c613:1 sport=5353 dport=53 src=fd63:6c6b::c613:1 dst=fd63:6c6b::c613:2 sport=53 dport=5353 [ASSURED] mark=0 use=1
+tcp      6 431999 ESTABLISHED src=fd00:10::5 dst=fd00:10::9 sport=9090 dport=5000 src=fd00:10::9 dst=fd00:10::5 sport=5000 dport=9090 [ASSURED] mark=0 use=1
+";
+        assert_eq!(
+            FlowWatch::default().update(ipv6, now, quiet),
+            1,
+            "the client's IPv6 flow, not its DNS to the exit nor the pod network's own flow"
+        );
     }
     use super::*;
 
@@ -1396,9 +1451,9 @@ icmp     1 29 src=198.19.0.2 dst=203.0.113.10 type=8 code=0 id=7 src=203.0.113.1
         let output = rendered.split("chain output").nth(1).unwrap();
         assert!(
             output
-                .find(&format!("meta nfproto ipv6 {DNS} reject"))
-                .is_some_and(|refused| Some(refused) < output.find("oifname")),
-            "IPv6 DNS is refused before anything is let out: {rendered}"
+                .find(&format!("oifname != \"lo\" meta nfproto ipv6 {DNS} reject"))
+                .is_some_and(|refused| Some(refused) < output.find("oifname {")),
+            "IPv6 DNS is refused before anything but loopback is let out: {rendered}"
         );
         client.unprotected = true;
         assert!(!client.render().contains("reject"));
