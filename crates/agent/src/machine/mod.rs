@@ -453,4 +453,4 @@ async fn changed(config: &mut watch::Receiver<ConfigResult>) {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -71,7 +71,7 @@ struct Rig {
     task: tokio::task::JoinHandle<()>,
 }
 
-pub(super) fn resolved() -> Resolved {
+pub(crate) fn resolved() -> Resolved {
     let conf = format!(
         "[Interface]\nPrivateKey = {}\nAddress = 10.64.0.2/32\n[Peer]\nPublicKey = {}\nEndpoint = 192.0.2.2:51820\nAllowedIPs = 0.0.0.0/0\n",
         &*Key::generate().to_base64(),
