@@ -231,8 +231,8 @@ mod tests {
     use super::*;
     use crate::config::{ExitRole, Resolved};
 
-    fn exit_config(ping: Option<std::net::Ipv4Addr>) -> ConfigResult {
-        Ok(Arc::new(Resolved {
+    fn exit_config(ping: Option<std::net::Ipv4Addr>) -> Arc<Resolved> {
+        Arc::new(Resolved {
             exit: Some(ExitRole {
                 vni: 4096,
                 mss: 1380,
@@ -246,7 +246,7 @@ mod tests {
                 drain_quiet: Duration::ZERO,
             }),
             ..crate::machine::tests::resolved()
-        }))
+        })
     }
 
     #[test]
@@ -257,7 +257,7 @@ mod tests {
             ..Status::default()
         };
         let healthy = |ping, status: &Status, silent| {
-            plan(&exit_config(ping), status, silent, false)
+            plan(&Ok(exit_config(ping)), status, silent, false)
                 .unwrap()
                 .healthy
         };
