@@ -234,16 +234,8 @@ mod tests {
     fn exit_config(ping: Option<std::net::Ipv4Addr>) -> Arc<Resolved> {
         Arc::new(Resolved {
             exit: Some(ExitRole {
-                vni: 4096,
-                mss: 1380,
-                local: Some("10.244.1.7".parse().unwrap()),
                 ping,
-                ping_interval: Duration::from_millis(100),
-                ping_window: Duration::from_millis(500),
-                cluster_domains: vec!["cluster.local".into()],
-                cluster_resolver: None,
-                drain_grace: Duration::ZERO,
-                drain_quiet: Duration::ZERO,
+                ..crate::machine::tests::exit_role()
             }),
             ..crate::machine::tests::resolved()
         })

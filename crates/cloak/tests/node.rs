@@ -506,15 +506,7 @@ async fn client_ipv6_goes_only_to_the_exits_that_answer_as_carrying_it_and_is_re
     );
     eprintln!("IPv6 refused {took:?} after the exit stopped carrying it");
     let mut flows = Flows::start_to(&rig.net["app"], ECHO6);
-    for _ in 0..5 {
-        let answer = flows.say("connect");
-        let ms: u64 = answer
-            .strip_prefix("error ConnectionRefusedError ")
-            .unwrap_or_else(|| panic!("expected a refusal, got {answer:?}"))
-            .parse()
-            .unwrap();
-        assert!(ms < 500, "refused after {ms} ms");
-    }
+    flows.assert_refused_at_once(5);
     assert_eq!(spread(&rig.net["app"], 10).values().sum::<usize>(), 10);
     rig.cni("DEL", "app", "c0ffee0006").unwrap();
     assert_eq!(

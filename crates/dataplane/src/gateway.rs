@@ -91,6 +91,18 @@ const DNS: &str = "meta l4proto { tcp, udp } th dport 53";
 const NEIGHBOUR_DISCOVERY: &str =
     "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } ip6 hoplimit 255 accept";
 
+/// Two prerouting rules that refuse the IPv6 that `matches` selects (TCP with a reset, the rest
+/// with admin-prohibited), all but the link's own traffic (neighbour discovery, multicast) and
+/// what is addressed to `own`.
+fn refuse_ipv6(matches: &str, own: Ipv6Addr) -> String {
+    let refused =
+        format!("{matches} meta nfproto ipv6 ip6 daddr != {{ fe80::/10, ff00::/8, {own} }}");
+    format!(
+        "\t\t{refused} meta l4proto tcp reject with tcp reset\n\
+         \t\t{refused} reject with icmpx admin-prohibited\n"
+    )
+}
+
 /// The rules that clamp the MSS of TCP SYNs to `mss` for IPv4 and 20 bytes less for IPv6 (its
 /// header is 20 bytes longer): NETNOTES trap 2.
 fn clamps(mss: u16) -> [String; 2] {
@@ -277,9 +289,9 @@ impl NodePlan {
         // its own would otherwise answer it with rate-limited "no route" errors, a second
         // apart, instead of at once. The link's own traffic (neighbour discovery) and the
         // node's address go on.
-        let refuse_v6 = format!(
-            "iifname \"{CLIENT_PREFIX}*\" meta nfproto ipv6 meta mark and {TAG_MASK:#x} != {MARK_TAG:#x} ip6 daddr != {{ fe80::/10, ff00::/8, {} }}",
-            twin(CLIENT_GATEWAY)
+        let refuse_v6 = refuse_ipv6(
+            &format!("iifname \"{CLIENT_PREFIX}*\" meta mark and {TAG_MASK:#x} != {MARK_TAG:#x}"),
+            twin(CLIENT_GATEWAY),
         );
         format!(
             "table inet {NODE_TABLE}\n\
@@ -289,8 +301,7 @@ impl NodePlan {
              \t\ttype filter hook prerouting priority mangle; policy accept;\n\
              {pick}\
              \t\tiifname \"{CLIENT_PREFIX}*\" meta mark set ct mark\n\
-             \t\t{refuse_v6} meta l4proto tcp reject with tcp reset\n\
-             \t\t{refuse_v6} reject with icmpx admin-prohibited\n\
+             {refuse_v6}\
              \t}}\n\
              \tchain forward {{\n\
              \t\ttype filter hook forward priority filter; policy accept;\n\
@@ -359,7 +370,7 @@ impl NodePlan {
         for exit in &self.exits {
             route_exit(exit, ipv6)?;
         }
-        remove_other_exit_rules(&self.exits)?;
+        remove_other_exit_rules(&self.exits, ipv6)?;
         route_clients(&self.clients, ipv6)?;
         Ok(())
     }
@@ -378,9 +389,10 @@ impl NodePlan {
     /// Removes everything a node plan puts in the kernel.
     pub fn reset() -> Result<(), Error> {
         remove_other_links(&[])?;
-        remove_other_exit_rules(&[])?;
+        let ipv6 = has_ipv6();
+        remove_other_exit_rules(&[], ipv6)?;
         let table = CLIENTS_ROUTE_TABLE.to_string();
-        for family in families() {
+        for family in families(ipv6) {
             let _ = ip(&[family, "rule", "del", "priority", &table]);
             let _ = ip(&[family, "route", "flush", "table", &table]);
         }
@@ -391,9 +403,9 @@ impl NodePlan {
     }
 }
 
-/// The address families of this namespace, as `ip` options.
-fn families() -> &'static [&'static str] {
-    if has_ipv6() { &["-4", "-6"] } else { &["-4"] }
+/// The address families cloak routes, as `ip` options: IPv6 too when the namespace has it.
+fn families(ipv6: bool) -> &'static [&'static str] {
+    if ipv6 { &["-4", "-6"] } else { &["-4"] }
 }
 
 /// Turns IPv6 forwarding on. A host that forwards ignores router advertisements on interfaces
@@ -547,7 +559,7 @@ fn route_exit(exit: &ExitLink, ipv6: bool) -> Result<(), Error> {
         &["fwmark", &mark, "to", &remote, "lookup", "main"],
         &format!("to {remote} fwmark {mark} lookup main"),
     )?;
-    for family in if ipv6 { &["-4", "-6"][..] } else { &["-4"] } {
+    for family in families(ipv6) {
         replace_rule(
             family,
             EXIT_ROUTE_TABLE_BASE + 2 * slot + 1,
@@ -579,11 +591,11 @@ fn replace_rule(family: &str, priority: u32, spec: &[&str], shown: &str) -> Resu
 }
 
 /// Removes the rules and tables of every slot not in `keep`, reading the rules once.
-fn remove_other_exit_rules(keep: &[ExitLink]) -> Result<(), Error> {
+fn remove_other_exit_rules(keep: &[ExitLink], ipv6: bool) -> Result<(), Error> {
     let first = EXIT_ROUTE_TABLE_BASE;
     let last = EXIT_ROUTE_TABLE_BASE + 2 * u32::from(u8::MAX) + 1;
     let kept = |prio: u32| keep.iter().any(|e| (prio - first) / 2 == u32::from(e.slot));
-    for family in families() {
+    for family in families(ipv6) {
         for line in ip(&[family, "rule", "show"])?.lines() {
             let Some(prio) = line
                 .split(':')
@@ -628,7 +640,7 @@ fn route_clients(clients: &[ClientPort], ipv6: bool) -> Result<(), Error> {
             }
         }
         for client in clients {
-            let route = |()| {
+            let route = || {
                 ip(&[
                     family,
                     "route",
@@ -640,7 +652,7 @@ fn route_clients(clients: &[ClientPort], ipv6: bool) -> Result<(), Error> {
                     &table,
                 ])
             };
-            match route(()) {
+            match route() {
                 Ok(_) => {}
                 // A client's veth made with IPv6 off (by an older cloak, or turned off since)
                 // gets it back; failing that, that client alone goes without IPv6 (its IPv6 is
@@ -651,7 +663,7 @@ fn route_clients(clients: &[ClientPort], ipv6: bool) -> Result<(), Error> {
                             .and_then(|()| {
                                 add_ipv6(&format!("{}/128", twin(CLIENT_GATEWAY)), &client.iface)
                             })
-                            .and_then(|()| route(()));
+                            .and_then(|()| route());
                     if let Err(again) = repaired {
                         tracing::warn!(iface = %client.iface, error = %e, %again, "a client without IPv6");
                     }
@@ -930,16 +942,9 @@ impl ExitPlan {
                 String::new(),
             )
         } else {
-            let to_pass = format!(
-                "iifname \"{EXIT_IFACE}\" meta nfproto ipv6 ip6 daddr != {{ fe80::/10, ff00::/8, {} }}",
-                twin(EXIT_ADDRESS)
-            );
             (
                 String::new(),
-                format!(
-                    "\t\t{to_pass} meta l4proto tcp reject with tcp reset\n\
-                     \t\t{to_pass} reject with icmpx admin-prohibited\n"
-                ),
+                refuse_ipv6(&format!("iifname \"{EXIT_IFACE}\""), twin(EXIT_ADDRESS)),
             )
         };
         let [clamp_v4, clamp_v6] = clamps(self.mss);

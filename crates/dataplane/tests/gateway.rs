@@ -201,15 +201,7 @@ fn client_ipv6_leaves_only_by_the_exits_whose_tunnels_carry_it_and_is_refused_at
     }
     gateway.apply();
     let mut flows = Flows::start_to(&gateway.net["client"], ECHO6);
-    for _ in 0..5 {
-        let answer = flows.say("connect");
-        let ms: u64 = answer
-            .strip_prefix("error ConnectionRefusedError ")
-            .unwrap_or_else(|| panic!("expected a refusal, got {answer:?}"))
-            .parse()
-            .unwrap();
-        assert!(ms < 500, "refused after {ms} ms");
-    }
+    flows.assert_refused_at_once(5);
     assert_eq!(
         spread(&gateway.net["client"], 10).values().sum::<usize>(),
         10
@@ -247,15 +239,7 @@ fn with_every_exit_dead_client_connections_are_refused_at_once_and_the_intranet_
         gateway.set(i, ExitUse::Dead);
     }
     let mut flows = Flows::start(&gateway.net["client"]);
-    for _ in 0..5 {
-        let answer = flows.say("connect");
-        let ms: u64 = answer
-            .strip_prefix("error ConnectionRefusedError ")
-            .unwrap_or_else(|| panic!("expected a refusal, got {answer:?}"))
-            .parse()
-            .unwrap();
-        assert!(ms < 500, "refused after {ms} ms");
-    }
+    flows.assert_refused_at_once(5);
     assert!(
         pings(&gateway.net["client"], &exit_ip(1)),
         "an intranet address stopped answering"

@@ -40,7 +40,6 @@ pub(super) fn connected(cfg: &Resolved) -> FirewallPolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::ExitRole;
 
     #[test]
     fn an_exit_keeps_conntrack_for_its_masquerade_and_lets_its_links_out_in_every_phase() {
@@ -48,18 +47,7 @@ mod tests {
         assert!(connected(&plain).notrack_tunnel);
         assert_eq!(connected(&plain).link_port, None);
         let exit = Resolved {
-            exit: Some(ExitRole {
-                vni: 4096,
-                mss: 1380,
-                local: Some("10.244.1.7".parse().unwrap()),
-                ping: None,
-                ping_interval: std::time::Duration::from_millis(100),
-                ping_window: std::time::Duration::from_millis(500),
-                cluster_domains: vec!["cluster.local".into()],
-                cluster_resolver: Some("10.96.0.10".parse().unwrap()),
-                drain_grace: std::time::Duration::ZERO,
-                drain_quiet: std::time::Duration::ZERO,
-            }),
+            exit: Some(super::super::tests::exit_role()),
             ..plain.clone()
         };
         assert_eq!(connected(&plain).intranet_resolver, None);

@@ -71,6 +71,22 @@ struct Rig {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// An exit role with no echo target, its cluster resolver at 10.96.0.10.
+pub(crate) fn exit_role() -> crate::config::ExitRole {
+    crate::config::ExitRole {
+        vni: 4096,
+        mss: 1380,
+        local: Some("10.244.1.7".parse().unwrap()),
+        ping: None,
+        ping_interval: Duration::from_millis(100),
+        ping_window: Duration::from_millis(500),
+        cluster_domains: vec!["cluster.local".into()],
+        cluster_resolver: Some("10.96.0.10".parse().unwrap()),
+        drain_grace: Duration::ZERO,
+        drain_quiet: Duration::ZERO,
+    }
+}
+
 pub(crate) fn resolved() -> Resolved {
     let conf = format!(
         "[Interface]\nPrivateKey = {}\nAddress = 10.64.0.2/32\n[Peer]\nPublicKey = {}\nEndpoint = 192.0.2.2:51820\nAllowedIPs = 0.0.0.0/0\n",

@@ -242,6 +242,19 @@ impl Flows {
         answer.trim().to_owned()
     }
 
+    /// `n` new connections, each refused (a reset) within 500 ms: not left to time out.
+    pub fn assert_refused_at_once(&mut self, n: usize) {
+        for _ in 0..n {
+            let answer = self.say("connect");
+            let ms: u64 = answer
+                .strip_prefix("error ConnectionRefusedError ")
+                .unwrap_or_else(|| panic!("expected a refusal, got {answer:?}"))
+                .parse()
+                .unwrap();
+            assert!(ms < 500, "refused after {ms} ms");
+        }
+    }
+
     pub fn open(&mut self, n: usize) -> Vec<String> {
         writeln!(self.child.stdin.as_mut().unwrap(), "open {n}").unwrap();
         (0..n)
