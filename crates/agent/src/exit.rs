@@ -213,7 +213,7 @@ pub async fn serve_dns(mut config: watch::Receiver<ConfigResult>) {
         let served = match Sockets::bind(addr) {
             Ok(sockets) => {
                 tracing::info!(%addr, "serving the clients' DNS");
-                dnsforward::serve(sockets, move || dns_routing(&config.borrow())).await
+                dnsforward::serve(sockets, move |_| dns_routing(&config.borrow())).await
             }
             Err(e) => Err(e),
         };

@@ -70,8 +70,12 @@ pub struct VpnGatewaySpec {
     /// Destinations that never go through an exit (CIDRs, IPv4 or IPv6): clients reach them over
     /// their own pod network as before. Absent: the cluster's pod and service ranges (the node
     /// component's `--intranet`, set by the chart). Everything else is routed through the exits
-    /// as the complement of this list.
+    /// as the complement of this list. A /0 is refused: it would leave nothing to the exits.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), extend("x-kubernetes-validations" = [{
+        "rule": "self.all(c, !isCIDR(c) || cidr(c).prefixLength() > 0)",
+        "message": "a /0 in the intranet would send nothing through the exits",
+    }]))]
     pub intranet: Vec<Cidr>,
 
     /// How clients resolve names. Absent: cluster names through the cluster DNS, every other name
@@ -149,6 +153,9 @@ pub struct DnsSpec {
     /// exit's kill switch lets DNS through its tunnel to one resolver). Absent: the DNS server
     /// of the exit's credentials (`DNS =` of a wg-quick file, `dhcp-option DNS`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8), inner(length(max = 45)), extend("x-kubernetes-validations" = [{
+        "rule": "self.all(u, isIP(u))", "message": "each must be an IPv4 or IPv6 address",
+    }]))]
     pub upstreams: Vec<std::net::IpAddr>,
 }
 
@@ -298,8 +305,12 @@ impl JsonSchema for Cidr {
     fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
         schemars::json_schema!({
             "type": "string",
-            // Rough shape only (the API server has no CIDR format); the operator parses it.
-            "pattern": r"^[0-9A-Fa-f.:]+(/[0-9]{1,3})?$",
+            // 43: the longest IPv6 address and prefix.
+            "maxLength": 43,
+            "x-kubernetes-validations": [{
+                "rule": "isCIDR(self) || isIP(self)",
+                "message": "must be a CIDR (10.0.0.0/8, fd00::/8) or an address",
+            }],
         })
     }
 }

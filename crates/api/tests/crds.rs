@@ -341,6 +341,29 @@ async fn a_gateway_with_a_bad_mtu_or_too_many_exits_is_refused_by_the_api_server
             "spec.intranet[0]",
         ),
         (json!({"mtu": 1400}), "spec.exits"),
+        // Each passes a pattern of the characters CIDRs use, and serde refuses it: a gateway
+        // the API server keeps but no reader can read.
+        (
+            json!({"exits": {"count": 1}, "intranet": ["ffff"]}),
+            "spec.intranet[0]",
+        ),
+        (
+            json!({"exits": {"count": 1}, "intranet": ["10.0.0.0/33"]}),
+            "spec.intranet[0]",
+        ),
+        (
+            json!({"exits": {"count": 1}, "dns": {"upstreams": ["1.1.1"]}}),
+            "spec.dns.upstreams",
+        ),
+        // Everything in the intranet: nothing would go through the exits.
+        (
+            json!({"exits": {"count": 1}, "intranet": ["10.0.0.0/8", "0.0.0.0/0"]}),
+            "spec.intranet",
+        ),
+        (
+            json!({"exits": {"count": 1}, "intranet": ["::/0"]}),
+            "spec.intranet",
+        ),
     ] {
         let refused = refusal(&client, ns.name(), gateway("g", spec.clone())).await;
         assert_eq!(refused.code, 422, "{spec}: {}", refused.message);

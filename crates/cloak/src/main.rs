@@ -430,6 +430,9 @@ fn run_node(args: NodeArgs) -> anyhow::Result<()> {
             conf_dir,
             bin_dir: args.cni_bin_dir.clone(),
             socket: args.socket.display().to_string(),
+            guarded: cloak_node::daemon::guarded_file(&args.state_dir)
+                .display()
+                .to_string(),
         });
     if let Some(NodeCommand::Uninstall) = args.command {
         let paths = paths.context("uninstall needs --cni-conf-dir")?;

@@ -187,6 +187,11 @@ impl Rig {
     /// plugin given the previous one's result; DEL in reverse. Returns the last output, or the
     /// failing plugin's.
     fn cni(&self, command: &str, pod: &str, container: &str) -> Result<Value, String> {
+        self.cni_in(self.ns.name(), command, pod, container)
+    }
+
+    /// [`Rig::cni`] for a pod of namespace `ns`.
+    fn cni_in(&self, ns: &str, command: &str, pod: &str, container: &str) -> Result<Value, String> {
         let list: Value = serde_json::from_str(&self.conflist()).unwrap();
         let mut plugins: Vec<Value> = list["plugins"].as_array().unwrap().clone();
         if command == "DEL" {
@@ -211,8 +216,7 @@ impl Rig {
                 .env(
                     "CNI_ARGS",
                     format!(
-                        "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={pod};K8S_POD_INFRA_CONTAINER_ID={container}",
-                        self.ns.name()
+                        "IgnoreUnknown=1;K8S_POD_NAMESPACE={ns};K8S_POD_NAME={pod};K8S_POD_INFRA_CONTAINER_ID={container}",
                     ),
                 )
                 .stdin(Stdio::piped())
@@ -529,6 +533,72 @@ async fn a_pod_of_no_gateway_is_left_alone_and_one_naming_a_missing_gateway_does
         .await;
     let err = rig.cni("ADD", "lost", "c0ffee0003").unwrap_err();
     assert!(err.contains("nowhere"), "{err}");
+}
+
+#[tokio::test]
+async fn with_the_daemon_down_a_pod_of_a_namespace_without_a_gateway_starts_and_one_of_the_gateways_namespace_waits()
+ {
+    let mut rig = Rig::new("node-down").await;
+    let plain = TestNamespace::create(&rig.client, "node-down-plain")
+        .await
+        .unwrap();
+    // The daemon has listed the gateways once: its list for the plugin names the namespace.
+    let listed = rig.dir.join("state/guarded.json");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(&listed).is_ok_and(|t| t.contains(rig.ns.name())) {
+        assert!(
+            Instant::now() < deadline,
+            "no list of the gateways' namespaces: {}",
+            rig.daemon_log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    rig.stop_daemon();
+    rig.cni_in(plain.name(), "ADD", "web", "c0ffee0006")
+        .expect("a pod no gateway can choose starts without the daemon");
+    let links = rig.net["app"].run(&["ip", "-o", "link", "show"]);
+    assert!(!links.contains("ckg0"), "{links}");
+    rig.cni_in(plain.name(), "DEL", "web", "c0ffee0006")
+        .unwrap();
+    let err = rig
+        .cni("ADD", "app", "c0ffee0007")
+        .expect_err("a pod of the gateway's namespace must wait for the daemon");
+    assert!(err.contains("\"code\":11"), "{err}");
+}
+
+#[tokio::test]
+async fn a_gateway_the_daemon_cannot_read_is_skipped_and_the_other_gateways_clients_attach() {
+    let mut rig = Rig::new("node-unreadable").await;
+    let gateways: Api<VpnGateway> = Api::namespaced(rig.client.clone(), rig.ns.name());
+    let broken: VpnGateway = serde_json::from_value(json!({
+        "apiVersion": "cloak.dev/v1alpha1", "kind": "VpnGateway", "metadata": {"name": "broken"},
+        "spec": {"exits": {"count": 1}},
+    }))
+    .unwrap();
+    gateways
+        .create(&PostParams::default(), &broken)
+        .await
+        .unwrap();
+    // Within the schema (an integer), beyond what the daemon reads (a u32).
+    gateways
+        .patch_status(
+            "broken",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"healthyExits": 4_294_967_296_u64}})),
+        )
+        .await
+        .unwrap();
+    rig.stop_daemon();
+    rig.start_daemon();
+    rig.pod("app", json!({"cloak.dev/gateway": "egress"})).await;
+    rig.cni("ADD", "app", "c0ffee0008")
+        .unwrap_or_else(|e| panic!("{e}\n{}", rig.daemon_log()));
+    let mut flows = Flows::start(&rig.net["app"]);
+    let vias = flows.open(2);
+    let exits = [exit_public(1), exit_public(2)];
+    assert!(vias.iter().all(|v| exits.contains(v)), "{vias:?}");
+    drop(flows);
+    rig.cni("DEL", "app", "c0ffee0008").unwrap();
 }
 
 #[tokio::test]

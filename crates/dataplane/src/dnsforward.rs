@@ -261,10 +261,10 @@ impl Sockets {
 }
 
 /// Serves DNS on `sockets` until an error on them, routing each query by what `routing` says
-/// when it arrives (`None`: SERVFAIL).
+/// for its sender when it arrives (`None`: SERVFAIL).
 pub async fn serve(
     sockets: Sockets,
-    routing: impl Fn() -> Option<Routing> + Send + Sync + 'static,
+    routing: impl Fn(IpAddr) -> Option<Routing> + Send + Sync + 'static,
 ) -> std::io::Result<()> {
     let udp = Arc::new(UdpSocket::from_std(sockets.udp)?);
     let tcp = TcpListener::from_std(sockets.tcp)?;
@@ -279,7 +279,7 @@ pub async fn serve(
                 // forwarder's end.
                 let Ok((n, client)) = got else { continue };
                 let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else { continue };
-                let (udp, query, routing) = (Arc::clone(&udp), buf[..n].to_vec(), routing());
+                let (udp, query, routing) = (Arc::clone(&udp), buf[..n].to_vec(), routing(client.ip()));
                 tokio::spawn(async move {
                     let answer = resolve(routing, &query, false).await;
                     if !answer.is_empty() {
@@ -289,12 +289,12 @@ pub async fn serve(
                 });
             }
             got = tcp.accept() => {
-                let Ok((mut stream, _)) = got else { continue };
+                let Ok((mut stream, client)) = got else { continue };
                 let Ok(slot) = Arc::clone(&connections).try_acquire_owned() else { continue };
                 let routing = Arc::clone(&routing);
                 tokio::spawn(async move {
                     while let Ok(Ok(query)) = timeout(TCP_IDLE, read_framed(&mut stream)).await {
-                        let answer = resolve(routing(), &query, true).await;
+                        let answer = resolve(routing(client.ip()), &query, true).await;
                         if answer.is_empty() || write_framed(&mut stream, &answer).await.is_err() {
                             break;
                         }

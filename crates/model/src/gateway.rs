@@ -43,6 +43,24 @@ pub fn complement(intranet: &[IpNet]) -> Vec<IpNet> {
     out
 }
 
+/// Why `intranet` cannot be a gateway's: it covers every IPv4 or every IPv6 address (a /0, or
+/// prefixes that add up to one), so nothing of that family would go through an exit and the
+/// gateway would protect nothing while looking as if it did. None: it leaves something to them.
+pub fn intranet_refusal(intranet: &[IpNet]) -> Option<String> {
+    let rest = complement(intranet);
+    let covered: Vec<&str> = [("IPv4", true), ("IPv6", false)]
+        .into_iter()
+        .filter(|(_, v4)| !rest.iter().any(|n| matches!(n, IpNet::V4(_)) == *v4))
+        .map(|(family, _)| family)
+        .collect();
+    (!covered.is_empty()).then(|| {
+        format!(
+            "the intranet covers every {} address: nothing would go through the exits",
+            covered.join(" and every ")
+        )
+    })
+}
+
 /// Pushes the parts of `range` no prefix of `holes` covers, splitting it in halves where a hole
 /// lies inside.
 fn subtract(range: IpNet, holes: &[IpNet], out: &mut Vec<IpNet>) {
@@ -217,5 +235,26 @@ mod tests {
     #[test]
     fn exit_names_are_numbered_after_their_gateway() {
         assert_eq!(exit_name("egress", 0), "egress-exit-0");
+    }
+
+    #[test]
+    fn an_intranet_that_covers_a_whole_family_is_refused_and_one_that_leaves_any_of_it_is_not() {
+        let nets =
+            |list: &[&str]| -> Vec<IpNet> { list.iter().map(|n| n.parse().unwrap()).collect() };
+        assert_eq!(intranet_refusal(&nets(&["10.0.0.0/8", "fd00::/8"])), None);
+        assert_eq!(intranet_refusal(&[]), None);
+        let whole = intranet_refusal(&nets(&["10.0.0.0/8", "0.0.0.0/0"])).unwrap();
+        assert!(whole.contains("every IPv4 address"), "{whole}");
+        let halves = intranet_refusal(&nets(&["0.0.0.0/1", "128.0.0.0/1"])).unwrap();
+        assert!(
+            halves.contains("IPv4") && !halves.contains("IPv6"),
+            "{halves}"
+        );
+        let v6 = intranet_refusal(&nets(&["::/0"])).unwrap();
+        assert!(
+            v6.contains("every IPv6 address") && !v6.contains("IPv4"),
+            "{v6}"
+        );
+        assert_eq!(intranet_refusal(&nets(&["0.0.0.0/1", "::/1"])), None);
     }
 }

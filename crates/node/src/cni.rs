@@ -8,7 +8,10 @@
 //! the daemon reopens it through `/proc/<plugin pid>/fd/<fd>`, so the daemon needs to see the
 //! host's processes (hostPID), not the runtime's netns paths.
 //!
-//! ADD fails when the daemon cannot be asked: the kubelet retries the sandbox, and no pod starts
+//! When the daemon cannot be asked (down, restarting, uninstalled by a `SIGKILL`), ADD reads the
+//! daemon's last list of the namespaces that hold a gateway ([`Guarded`]): a pod of any other
+//! namespace cannot be a client and starts; a pod of a listed namespace (or any pod, without a
+//! list) fails, and the kubelet retries the sandbox until the daemon answers, so no client starts
 //! unattached. DEL never fails: a pod that is going away must not hang in Terminating because
 //! the daemon is down (the daemon removes what is left of it when it starts again).
 
@@ -65,6 +68,40 @@ struct PluginConfig {
     socket: Option<String>,
     #[serde(default)]
     prev_result: Option<Value>,
+    /// Where the daemon keeps its [`Guarded`] list.
+    #[serde(default)]
+    guarded: Option<String>,
+}
+
+/// The namespaces where a pod may be a gateway's client: those that hold a gateway (a gateway
+/// chooses its clients in its own namespace). The daemon rewrites it, by renaming, from every
+/// complete list of the gateways; the plugin reads it only when the daemon cannot be asked.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Guarded {
+    pub namespaces: std::collections::BTreeSet<String>,
+}
+
+impl Guarded {
+    /// The list at `path`; None when it is missing or unreadable (nothing is known then).
+    pub fn read(path: &std::path::Path) -> Option<Self> {
+        serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+    }
+
+    /// Writes the list to `path` by renaming, so a reader never sees half of it.
+    pub fn write(&self, path: &std::path::Path) -> std::io::Result<()> {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(
+            &tmp,
+            serde_json::to_vec(self).map_err(std::io::Error::other)?,
+        )?;
+        std::fs::rename(&tmp, path)
+    }
+
+    /// Whether a pod of `namespace` may be a client.
+    pub fn guards(&self, namespace: &str) -> bool {
+        self.namespaces.contains(namespace)
+    }
 }
 
 /// Why a call failed, as the runtime reads it (CNI error codes: 4 invalid config, 11 try again
@@ -144,12 +181,26 @@ pub fn plugin(env: &dyn Fn(&str) -> Option<String>, stdin: &str) -> Result<Strin
                     netns.as_raw_fd()
                 )),
             };
-            let reply = ask(socket, &request).map_err(|e| {
-                CniError::new(
-                    11,
-                    format!("cloak: the node daemon at {socket} cannot be asked ({e}); retry once it runs"),
-                )
-            })?;
+            let reply = match ask(socket, &request) {
+                Ok(reply) => reply,
+                Err(e) => {
+                    let guarded = config.guarded.as_deref().map(std::path::Path::new);
+                    if guarded
+                        .and_then(Guarded::read)
+                        .is_some_and(|g| !g.guards(&request.pod_namespace))
+                    {
+                        // No gateway there: not a client, whatever its labels say.
+                        return Ok(result());
+                    }
+                    return Err(CniError::new(
+                        11,
+                        format!(
+                            "cloak: the node daemon at {socket} cannot be asked ({e}) and namespace {} may hold its clients; retry once it runs",
+                            request.pod_namespace
+                        ),
+                    ));
+                }
+            };
             drop(netns);
             match reply.error {
                 None => Ok(result()),
@@ -234,5 +285,43 @@ mod tests {
         assert_eq!(err.code, 11);
         assert!(err.msg.contains("/nonexistent.sock"), "{err}");
         assert!(err.to_json("1.0.0").contains("\"code\":11"));
+    }
+
+    #[test]
+    fn without_the_daemon_a_pod_starts_only_in_a_namespace_the_daemon_listed_as_holding_no_gateway()
+    {
+        let dir = std::env::temp_dir().join(format!("cloak-guarded-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let list = dir.join("guarded.json");
+        let env = |ns: &'static str| {
+            move |key: &str| match key {
+                "CNI_COMMAND" => Some("ADD".to_owned()),
+                "CNI_NETNS" => Some("/proc/self/ns/net".to_owned()),
+                "CNI_ARGS" => Some(format!("K8S_POD_NAMESPACE={ns};K8S_POD_NAME=b")),
+                _ => None,
+            }
+        };
+        let config = json!({"cniVersion": "1.0.0", "type": "cloak", "socket": "/nonexistent.sock",
+            "guarded": list, "prevResult": {"ips": [{"address": "10.244.1.5/24"}]}})
+        .to_string();
+        // No list yet: nothing is known, nothing starts.
+        assert_eq!(plugin(&env("web"), &config).unwrap_err().code, 11);
+        Guarded {
+            namespaces: ["vpn".to_owned()].into(),
+        }
+        .write(&list)
+        .unwrap();
+        let added: Value = serde_json::from_str(&plugin(&env("web"), &config).unwrap()).unwrap();
+        assert_eq!(added["ips"][0]["address"], "10.244.1.5/24");
+        let err = plugin(&env("vpn"), &config).unwrap_err();
+        assert_eq!(err.code, 11);
+        assert!(err.msg.contains("namespace vpn"), "{err}");
+        std::fs::write(&list, b"{not json").unwrap();
+        assert_eq!(
+            plugin(&env("web"), &config).unwrap_err().code,
+            11,
+            "unreadable: unknown"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

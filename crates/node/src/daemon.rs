@@ -29,6 +29,7 @@ use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Pod;
 use kube::{
     Api, Client, ResourceExt as _,
+    core::DeserializeGuard,
     runtime::{WatchStreamExt as _, reflector, watcher},
 };
 use serde::{Deserialize, Serialize};
@@ -40,7 +41,7 @@ use tokio::{
 
 use cloak_model::clients::{Choice, choose};
 
-use crate::cni::{Command, Reply, Request};
+use crate::cni::{Command, Guarded, Reply, Request};
 use crate::probe::Answer;
 
 /// How to run the daemon.
@@ -116,7 +117,13 @@ struct State {
 struct Daemon {
     options: Options,
     client: Client,
-    gateways: reflector::Store<VpnGateway>,
+    /// Every gateway, readable or not: one that serde refuses (written before the schema
+    /// checked as much) is skipped, never a reason to stop.
+    gateways: reflector::Store<DeserializeGuard<VpnGateway>>,
+    /// The namespaces that hold a gateway, as last written for the plugin.
+    guarded: std::sync::Mutex<Option<Guarded>>,
+    /// Each client's cluster domains, by its address ([`cluster_domains`]).
+    domains: Arc<Mutex<BTreeMap<std::net::IpAddr, Vec<String>>>>,
     state: tokio::sync::Mutex<State>,
     kernel: Kernel,
     /// The exits to probe (VNI → slot), as the last applied plan has them.
@@ -200,6 +207,8 @@ pub async fn run(
         options,
         client: client.clone(),
         gateways,
+        guarded: std::sync::Mutex::new(None),
+        domains: Arc::default(),
         kernel,
         targets: Arc::default(),
     });
@@ -211,13 +220,17 @@ pub async fn run(
         // Every event, the end of a (re)list included: the store is complete only then.
         let stream = reflector::reflector(
             writer,
-            watcher(Api::<VpnGateway>::all(client), watcher::Config::default()),
+            watcher(
+                Api::<DeserializeGuard<VpnGateway>>::all(client),
+                watcher::Config::default(),
+            ),
         )
         .default_backoff();
         async move {
             futures::pin_mut!(stream);
             while let Some(event) = stream.next().await {
                 if event.is_ok() {
+                    daemon.write_guarded();
                     let _ = daemon.reconcile().await;
                 }
             }
@@ -315,15 +328,10 @@ async fn serve_dns_once(daemon: &Arc<Daemon>, addr: std::net::SocketAddrV4) {
             "no nameserver in /etc/resolv.conf: with no healthy exit, clients' cluster names do not resolve"
         );
     }
-    let gateways = daemon.gateways.clone();
-    let routing = move || {
-        let mut cluster_domains: Vec<String> = gateways
-            .state()
-            .iter()
-            .filter_map(|g| g.spec.dns.as_ref())
-            .flat_map(|d| d.cluster_domains.clone())
-            .collect();
-        cluster_domains.push("cluster.local".into());
+    let domains = daemon.domains.clone();
+    let routing = move |client: std::net::IpAddr| {
+        // A client's own gateway's domains: another tenant's must never send its names out.
+        let cluster_domains = domains.lock().ok()?.get(&client)?.clone();
         Some(dnsforward::Routing {
             cluster_domains,
             cluster,
@@ -338,6 +346,23 @@ async fn serve_dns_once(daemon: &Arc<Daemon>, addr: std::net::SocketAddrV4) {
 
 fn state_file(options: &Options) -> PathBuf {
     options.state_dir.join("clients.json")
+}
+
+/// Where the daemon keeps the plugin's [`Guarded`] list, in its state directory.
+pub fn guarded_file(state_dir: &std::path::Path) -> PathBuf {
+    state_dir.join("guarded.json")
+}
+
+/// The namespaces of `gateways`, unreadable ones included (a pod there may be one's client).
+fn guarded<'a>(gateways: impl Iterator<Item = &'a DeserializeGuard<VpnGateway>>) -> Guarded {
+    Guarded {
+        namespaces: gateways
+            .filter_map(|g| match &g.0 {
+                Ok(gateway) => gateway.namespace(),
+                Err(invalid) => invalid.metadata.namespace.clone(),
+            })
+            .collect(),
+    }
 }
 
 fn load_state(options: &Options) -> State {
@@ -361,6 +386,35 @@ fn load_state(options: &Options) -> State {
 }
 
 impl Daemon {
+    /// Rewrites the plugin's [`Guarded`] list when the complete list of gateways changed it.
+    fn write_guarded(&self) {
+        if !matches!(
+            self.gateways.wait_until_ready().now_or_never(),
+            Some(Ok(()))
+        ) {
+            return;
+        }
+        let all = self.gateways.state();
+        for invalid in all.iter().filter_map(|g| g.0.as_ref().err()) {
+            tracing::warn!(
+                gateway = %format!("{}/{}", invalid.metadata.namespace.as_deref().unwrap_or_default(), invalid.metadata.name.as_deref().unwrap_or_default()),
+                error = %invalid.error,
+                "an unreadable gateway is skipped"
+            );
+        }
+        let now = guarded(all.iter().map(AsRef::as_ref));
+        let Ok(mut last) = self.guarded.lock() else {
+            return;
+        };
+        if last.as_ref() == Some(&now) {
+            return;
+        }
+        match now.write(&guarded_file(&self.options.state_dir)) {
+            Ok(()) => *last = Some(now),
+            Err(e) => tracing::error!(error = %e, "writing the namespaces that hold a gateway"),
+        }
+    }
+
     fn save(&self, state: &State) {
         let path = state_file(&self.options);
         let tmp = path.with_extension("tmp");
@@ -450,6 +504,15 @@ impl Daemon {
             return false;
         }
         let mut state = self.state.lock().await;
+        {
+            let gateways = self.gateways.state();
+            let gateways: Vec<&VpnGateway> =
+                gateways.iter().filter_map(|g| g.0.as_ref().ok()).collect();
+            let domains = cluster_domains(&state.clients, &gateways);
+            if let Ok(mut held) = self.domains.lock() {
+                *held = domains;
+            }
+        }
         let numbers = (state.gateway_ids.clone(), state.slots.clone());
         let plan = self.plan(&mut state);
         // The file follows the numbers flows carry; a plan that kept them writes nothing.
@@ -521,6 +584,8 @@ impl Daemon {
     /// answers its probes (until the first probe: as the gateway's status says).
     fn plan(&self, state: &mut State) -> NodePlan {
         let gateways = self.gateways.state();
+        let gateways: Vec<&VpnGateway> =
+            gateways.iter().filter_map(|g| g.0.as_ref().ok()).collect();
         let wanted: std::collections::BTreeSet<(String, String)> = state
             .clients
             .values()
@@ -652,11 +717,16 @@ impl Daemon {
     /// Attaches a pod if it is a client: its veth, its namespace's routes and kill switch, then
     /// the node's plan with it.
     async fn add(&self, request: &Request) -> Result<(), String> {
-        // Which gateway a pod belongs to can only be told from the full list of gateways.
+        // Which gateway a pod belongs to can only be told from the full list of gateways, or,
+        // until there is one, from the last list of the namespaces that hold a gateway.
         if !matches!(
             tokio::time::timeout(Duration::from_secs(10), self.gateways.wait_until_ready()).await,
             Ok(Ok(()))
         ) {
+            let last = Guarded::read(&guarded_file(&self.options.state_dir));
+            if last.is_some_and(|g| !g.guards(&request.pod_namespace)) {
+                return Ok(());
+            }
             return Err("the gateways are not listed yet".into());
         }
         let pod = Api::<Pod>::namespaced(self.client.clone(), &request.pod_namespace)
@@ -664,10 +734,12 @@ impl Daemon {
             .await
             .map_err(|e| format!("reading the pod: {e}"))?;
         let gateways = self.gateways.state();
+        let gateways: Vec<&VpnGateway> =
+            gateways.iter().filter_map(|g| g.0.as_ref().ok()).collect();
         let gateway = match choose(
             &request.pod_namespace,
             pod.labels(),
-            gateways.iter().map(AsRef::as_ref),
+            gateways.iter().copied(),
         ) {
             Choice::None => return Ok(()),
             Choice::Missing(name) => {
@@ -682,7 +754,7 @@ impl Daemon {
                     g.namespace().as_deref() == Some(request.pod_namespace.as_str())
                         && g.name_any() == name
                 })
-                .cloned()
+                .map(|g| (*g).clone())
                 .ok_or_else(|| format!("gateway {name} went away"))?,
         };
         let netns = request
@@ -707,6 +779,9 @@ impl Daemon {
         } else {
             gateway.spec.intranet.iter().map(|c| c.get()).collect()
         };
+        if let Some(why) = cloak_model::gateway::intranet_refusal(&intranet) {
+            return Err(format!("gateway {}: {why}", gateway.name_any()));
+        }
         let mtu = gateway.status.as_ref().and_then(|s| s.mtu).unwrap_or(1420);
         let client_plan = ClientPlan {
             address,
@@ -777,6 +852,32 @@ impl Daemon {
     }
 }
 
+/// The names each client resolves through the cluster DNS when its gateway has no healthy exit,
+/// by the client's address: its own gateway's `clusterDomains` and `cluster.local`, never
+/// another gateway's (a tenant's `[com]` would send every client's `.com` names to the cluster
+/// DNS, outside any tunnel).
+fn cluster_domains(
+    clients: &BTreeMap<String, Attached>,
+    gateways: &[&VpnGateway],
+) -> BTreeMap<std::net::IpAddr, Vec<String>> {
+    clients
+        .values()
+        .map(|c| {
+            let mut domains: Vec<String> = gateways
+                .iter()
+                .find(|g| {
+                    g.namespace().as_deref() == Some(c.pod_namespace.as_str())
+                        && g.name_any() == c.gateway
+                })
+                .and_then(|g| g.spec.dns.as_ref())
+                .map(|d| d.cluster_domains.clone())
+                .unwrap_or_default();
+            domains.push("cluster.local".into());
+            (std::net::IpAddr::V4(c.address), domains)
+        })
+        .collect()
+}
+
 /// The node-side interface of a client: `ckg` and the first 11 characters of its sandbox's id
 /// (interface names have at most 15).
 pub fn iface_name(container_id: &str) -> String {
@@ -815,5 +916,40 @@ mod tests {
             transit_for(Ipv4Addr::new(10, 0, 0, 1)),
             cloak_dataplane::gateway::EXIT_ADDRESS
         );
+    }
+
+    #[test]
+    fn a_client_resolves_through_the_cluster_dns_only_its_own_gateways_domains() {
+        let gateway = |ns: &str, domains: &[&str]| -> VpnGateway {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "cloak.dev/v1alpha1", "kind": "VpnGateway",
+                "metadata": {"name": "egress", "namespace": ns},
+                "spec": {"exits": {"count": 1}, "dns": {"clusterDomains": domains}},
+            }))
+            .unwrap()
+        };
+        let client = |ns: &str, last: u8| Attached {
+            pod_namespace: ns.into(),
+            pod_name: "app".into(),
+            gateway: "egress".into(),
+            iface: format!("ckg{last}"),
+            address: Ipv4Addr::new(198, 18, 0, last),
+        };
+        let (a, b) = (gateway("a", &["com"]), gateway("b", &[]));
+        let clients = BTreeMap::from([
+            ("1".to_owned(), client("a", 2)),
+            ("2".to_owned(), client("b", 3)),
+        ]);
+        let domains = cluster_domains(&clients, &[&a, &b]);
+        assert_eq!(
+            domains[&std::net::IpAddr::from([198, 18, 0, 2])],
+            ["com", "cluster.local"]
+        );
+        assert_eq!(
+            domains[&std::net::IpAddr::from([198, 18, 0, 3])],
+            ["cluster.local"],
+            "namespace a's domains reached namespace b's client"
+        );
+        assert_eq!(domains.len(), 2, "only clients are answered");
     }
 }

@@ -27,6 +27,16 @@ pub struct Paths {
     pub bin_dir: PathBuf,
     /// The daemon's socket, as the plugin's config names it.
     pub socket: String,
+    /// The daemon's list of the namespaces that hold a gateway ([`crate::cni::Guarded`]), which
+    /// the plugin reads when the daemon cannot be asked.
+    pub guarded: String,
+}
+
+impl Paths {
+    /// The plugin's entry in a list.
+    pub fn entry(&self) -> Value {
+        json!({"type": PLUGIN, "socket": self.socket, "guarded": self.guarded})
+    }
 }
 
 /// The `type`s of Multus, the meta-plugin whose own list delegates to the cluster network's.
@@ -70,16 +80,15 @@ pub fn edited(config: &Value, edit: &dyn Fn(&Value) -> Option<Value>) -> Option<
     }
 }
 
-/// `list` with the plugin appended (or its entry refreshed), or `None` when it holds it as is.
-pub fn with_plugin(list: &Value, socket: &str) -> Option<Value> {
-    let entry = json!({"type": PLUGIN, "socket": socket});
+/// `list` with the plugin's `entry` appended (or refreshed), or `None` when it holds it as is.
+pub fn with_plugin(list: &Value, entry: &Value) -> Option<Value> {
     let plugins = list.get("plugins")?.as_array()?;
     let mut kept: Vec<Value> = plugins
         .iter()
         .filter(|p| p.get("type").and_then(Value::as_str) != Some(PLUGIN))
         .cloned()
         .collect();
-    kept.push(entry);
+    kept.push(entry.clone());
     if &kept == plugins {
         return None;
     }
@@ -138,7 +147,7 @@ pub fn install(paths: &Paths, exe: &Path) -> std::io::Result<Vec<PathBuf>> {
             tracing::warn!(file = %file.display(), "not JSON; left alone");
             continue;
         };
-        if let Some(next) = edited(&config, &|list| with_plugin(list, &paths.socket)) {
+        if let Some(next) = edited(&config, &|list| with_plugin(list, &paths.entry())) {
             replace(&file, serde_json::to_string_pretty(&next)?.as_bytes())?;
             changed.push(file);
         }
@@ -174,17 +183,11 @@ mod tests {
     fn the_plugin_is_appended_once_and_taken_out_leaving_the_rest() {
         let list = json!({"cniVersion": "1.0.0", "name": "lab", "plugins": [
             {"type": "bridge", "bridge": "cni0"}, {"type": "portmap"}]});
-        let with = with_plugin(&list, "/run/cloak/node.sock").unwrap();
-        assert_eq!(
-            with["plugins"][2],
-            json!({"type": "cloak", "socket": "/run/cloak/node.sock"})
-        );
-        assert_eq!(
-            with_plugin(&with, "/run/cloak/node.sock"),
-            None,
-            "idempotent"
-        );
-        let moved = with_plugin(&with, "/other.sock").unwrap();
+        let entry = json!({"type": "cloak", "socket": "/run/cloak/node.sock"});
+        let with = with_plugin(&list, &entry).unwrap();
+        assert_eq!(with["plugins"][2], entry);
+        assert_eq!(with_plugin(&with, &entry), None, "idempotent");
+        let moved = with_plugin(&with, &json!({"type": "cloak", "socket": "/other.sock"})).unwrap();
         assert_eq!(moved["plugins"].as_array().unwrap().len(), 3);
         assert_eq!(without_plugin(&with).unwrap(), list);
         assert_eq!(without_plugin(&list), None);
@@ -192,8 +195,8 @@ mod tests {
 
     #[test]
     fn under_multus_the_plugin_goes_into_the_inline_cluster_network_and_never_beside_multus() {
-        let sock = "/run/cloak/node.sock";
-        let add = |c: &Value| edited(c, &|l| with_plugin(l, sock));
+        let entry = json!({"type": "cloak", "socket": "/run/cloak/node.sock"});
+        let add = |c: &Value| edited(c, &|l| with_plugin(l, &entry));
         let remove = |c: &Value| edited(c, &without_plugin);
         let primary =
             json!({"cniVersion": "1.0.0", "name": "lab", "plugins": [{"type": "bridge"}]});
@@ -214,7 +217,7 @@ mod tests {
         let with = add(&auto).unwrap();
         assert_eq!(
             with["delegates"][0]["plugins"],
-            json!([{"type": "bridge"}, {"type": "cloak", "socket": sock}])
+            json!([{"type": "bridge"}, entry])
         );
         assert_eq!(with["delegates"][1], auto["delegates"][1]);
         assert_eq!(with["kubeconfig"], auto["kubeconfig"]);
@@ -255,6 +258,7 @@ mod tests {
             conf_dir: conf.clone(),
             bin_dir: bin.clone(),
             socket: "/run/cloak/node.sock".into(),
+            guarded: "/var/lib/cloak/node/guarded.json".into(),
         };
         assert_eq!(
             install(&paths, &exe).unwrap(),

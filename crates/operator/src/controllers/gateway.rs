@@ -183,6 +183,15 @@ pub(crate) async fn reconcile(
             // them, each mask releasing its slot once its pod is gone.
             return Ok(Action::await_change());
         }
+        // The schema refuses a /0; a gateway stored before it did is refused here.
+        let intranet: Vec<ipnet::IpNet> = gateway.spec.intranet.iter().map(|c| c.get()).collect();
+        if let Some(why) = gateway::intranet_refusal(&intranet) {
+            let invalid = kube::core::error_boundary::InvalidObject {
+                error: why,
+                metadata: gateway.metadata.clone(),
+            };
+            return Err(super::report_invalid::<VpnGateway>(&ctx, &invalid).await);
+        }
         apply(gateway, &ctx).await
     })
     .await
