@@ -600,6 +600,13 @@ impl Daemon {
                 state.gateway_ids.insert(key.clone(), id);
             }
         }
+        let clashes = clashing_vnis(&gateways);
+        for vni in &clashes {
+            tracing::error!(
+                vni,
+                "two exits claim one VXLAN identifier: neither gets a link"
+            );
+        }
         let mut exits = Vec::new();
         let mut mtu = u16::MAX;
         let mut live_vnis = std::collections::BTreeSet::new();
@@ -618,7 +625,7 @@ impl Daemon {
                 let Some(remote) = exit.pod_ip.as_deref().and_then(|ip| ip.parse().ok()) else {
                     continue;
                 };
-                if exit.vni == 0 {
+                if exit.vni == 0 || clashes.contains(&exit.vni) {
                     continue;
                 }
                 live_vnis.insert(exit.vni);
@@ -852,6 +859,21 @@ impl Daemon {
     }
 }
 
+/// The VXLAN identifiers that more than one exit claims, over every gateway. The operator never
+/// gives one twice; a clash means a status that was not its own (a link is keyed by its
+/// identifier, and a shared one would send one tenant's clients out of another's exit), so no
+/// exit that claims one gets a link.
+fn clashing_vnis(gateways: &[&VpnGateway]) -> std::collections::BTreeSet<u32> {
+    let mut seen = std::collections::BTreeSet::new();
+    gateways
+        .iter()
+        .filter_map(|g| g.status.as_ref())
+        .flat_map(|s| &s.exits)
+        .map(|e| e.vni)
+        .filter(|vni| *vni != 0 && !seen.insert(*vni))
+        .collect()
+}
+
 /// The names each client resolves through the cluster DNS when its gateway has no healthy exit,
 /// by the client's address: its own gateway's `clusterDomains` and `cluster.local`, never
 /// another gateway's (a tenant's `[com]` would send every client's `.com` names to the cluster
@@ -951,5 +973,27 @@ mod tests {
             "namespace a's domains reached namespace b's client"
         );
         assert_eq!(domains.len(), 2, "only clients are answered");
+    }
+
+    #[test]
+    fn an_identifier_two_exits_claim_is_a_clash_and_one_exit_alone_is_not() {
+        let gateway = |ns: &str, vnis: &[u32]| -> VpnGateway {
+            let exits: Vec<serde_json::Value> = vnis
+                .iter()
+                .enumerate()
+                .map(|(i, vni)| serde_json::json!({"name": format!("egress-exit-{i}"), "vni": vni, "health": "Healthy"}))
+                .collect();
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "cloak.dev/v1alpha1", "kind": "VpnGateway",
+                "metadata": {"name": "egress", "namespace": ns},
+                "spec": {"exits": {"count": 1}},
+                "status": {"exits": exits},
+            }))
+            .unwrap()
+        };
+        let (a, b) = (gateway("a", &[4096, 4097]), gateway("b", &[4098, 4096, 0]));
+        let c = gateway("c", &[0, 4099]);
+        assert_eq!(clashing_vnis(&[&a, &b, &c]), [4096].into());
+        assert!(clashing_vnis(&[&a, &c]).is_empty());
     }
 }

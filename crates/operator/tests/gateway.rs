@@ -461,6 +461,48 @@ async fn two_gateways_never_share_a_vni_and_scaling_down_removes_the_last_exits(
 }
 
 /// Creates pod `name` with `labels`, binds it and, when `running`, writes it Running.
+/// The VXLAN identifiers of the gateway's exits as its status says, once each has one.
+fn vnis(g: &VpnGateway, count: usize) -> Option<Vec<u32>> {
+    let exits = &g.status.as_ref()?.exits;
+    (exits.len() == count && exits.iter().all(|e| e.vni != 0))
+        .then(|| exits.iter().map(|e| e.vni).collect())
+}
+
+#[tokio::test]
+async fn a_tenant_who_changes_an_exits_vni_annotation_to_another_gateways_changes_nothing() {
+    let (client, ns) = setup("gw-vni-forged", 3).await;
+    gateway(&client, ns.name(), "a", 1).await;
+    gateway(&client, ns.name(), "b", 1).await;
+    let a = until(&client, ns.name(), "a", "a's identifier", |g, _| vnis(g, 1)).await;
+    let b = until(&client, ns.name(), "b", "b's identifier", |g, _| vnis(g, 1)).await;
+    assert_ne!(a, b);
+    Api::<VpnMask>::namespaced(client.clone(), ns.name())
+        .patch(
+            "b-exit-0",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"metadata": {"annotations": {exit::ANNOTATION_VNI: a[0].to_string()}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    // A second exit: a reconcile of b after the change, seen in the status.
+    Api::<VpnGateway>::namespaced(client.clone(), ns.name())
+        .patch(
+            "b",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"exits": {"count": 2}}})),
+        )
+        .await
+        .unwrap();
+    let now = until(&client, ns.name(), "b", "b's second exit", |g, _| {
+        vnis(g, 2)
+    })
+    .await;
+    assert_eq!(now[0], b[0], "the status followed the tenant's annotation");
+    assert!(!now.contains(&a[0]), "{now:?} shares a's {a:?}");
+}
+
 async fn client_pod(client: &Client, ns: &str, name: &str, labels: serde_json::Value) {
     let pod: Pod = serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": labels},

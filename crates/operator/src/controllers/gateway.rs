@@ -241,9 +241,11 @@ async fn apply(gateway: &VpnGateway, ctx: &Context) -> Result<Action> {
     }
 
     // Missing exits get a mask, each with a VXLAN identifier no other exit has.
+    let mut vnis = Vnis::recorded(gateway);
     for exit_name in &wanted {
         if !found.contains_key(exit_name) {
-            let mask = create_mask(gateway, exit_name, &owner, ctx).await?;
+            let (mask, vni) = create_mask(gateway, exit_name, &owner, ctx).await?;
+            vnis.assigned.insert(exit_name.clone(), vni);
             found.insert(exit_name.clone(), Found { mask, pod: None });
         }
     }
@@ -260,7 +262,7 @@ async fn apply(gateway: &VpnGateway, ctx: &Context) -> Result<Action> {
     let dns = gateway.spec.dns.as_ref();
     let drain_grace = drain_grace(gateway);
     let configs = found.iter().filter_map(|(exit_name, f)| {
-        let vni = vni_of(&f.mask)?;
+        let vni = vnis.of(exit_name, &f.mask)?;
         let config = exit::agent_config(&exit::ExitAgent {
             vni,
             mss: gateway::mss(mtu, false),
@@ -370,7 +372,7 @@ async fn apply(gateway: &VpnGateway, ctx: &Context) -> Result<Action> {
         exits.push(ExitStatus {
             name: exit_name.clone(),
             node: view.as_ref().and_then(|v| v.node.clone()),
-            vni: vni_of(&f.mask).unwrap_or_default(),
+            vni: vnis.of(exit_name, &f.mask).unwrap_or_default(),
             pod_ip: view.as_ref().and_then(|v| v.ip).map(|ip| ip.to_string()),
             provider: held.map(|h| h.name.clone()),
             slot: held.map(|h| h.slot),
@@ -508,29 +510,70 @@ async fn ask_public_address(ctx: &Context, pod_ip: std::net::IpAddr) -> Option<s
     }
 }
 
-/// The exit's VXLAN identifier, from its mask's annotation.
-fn vni_of(mask: &VpnMask) -> Option<u32> {
-    mask.annotations().get(exit::ANNOTATION_VNI)?.parse().ok()
+/// The exits' VXLAN identifiers. The record is the gateway's status, which only the operator
+/// writes: a mask's annotation is in the tenant's namespace, and a tenant who changed it to
+/// another gateway's identifier would share that gateway's links on every node (issue 22).
+/// The annotation is read only for an exit the status does not list yet (its mask was made by a
+/// reconcile whose status write did not land).
+struct Vnis {
+    /// From the status.
+    recorded: BTreeMap<String, u32>,
+    /// Given by this reconcile to the masks it created.
+    assigned: BTreeMap<String, u32>,
 }
 
-/// Creates exit `exit_name`'s mask with the lowest VXLAN identifier no exit of any gateway has.
-/// Serialized within this operator (the leader is the only writer) and decided on a fresh list,
-/// not a cache, so two gateways never get the same identifier.
+impl Vnis {
+    fn recorded(gateway: &VpnGateway) -> Self {
+        let recorded = gateway
+            .status
+            .iter()
+            .flat_map(|s| &s.exits)
+            .filter(|e| e.vni != 0)
+            .map(|e| (e.name.clone(), e.vni))
+            .collect();
+        Self {
+            recorded,
+            assigned: BTreeMap::new(),
+        }
+    }
+
+    fn of(&self, exit_name: &str, mask: &VpnMask) -> Option<u32> {
+        self.assigned
+            .get(exit_name)
+            .or_else(|| self.recorded.get(exit_name))
+            .copied()
+            .or_else(|| mask.annotations().get(exit::ANNOTATION_VNI)?.parse().ok())
+    }
+}
+
+/// Creates exit `exit_name`'s mask with the lowest VXLAN identifier no exit of any gateway has
+/// (in a gateway's status, or on a mask made before its status was written); returns it with
+/// the identifier. Serialized within this operator (the leader is the only writer) and decided on
+/// fresh lists, not a cache, so two gateways never get the same identifier.
 async fn create_mask(
     gateway: &VpnGateway,
     exit_name: &str,
     owner: &OwnerReference,
     ctx: &Context,
-) -> Result<VpnMask> {
+) -> Result<(VpnMask, u32)> {
     let _one_at_a_time = ctx.vni_lock.lock().await;
     let all: Api<VpnMask> = Api::all(ctx.client.clone());
-    let taken: BTreeSet<u32> = all
+    let mut taken: BTreeSet<u32> = all
         .list_metadata(&ListParams::default().labels(exit::LABEL_GATEWAY))
         .await?
         .items
         .iter()
         .filter_map(|m| m.annotations().get(exit::ANNOTATION_VNI)?.parse().ok())
         .collect();
+    taken.extend(
+        Api::<DeserializeGuard<VpnGateway>>::all(ctx.client.clone())
+            .list(&ListParams::default())
+            .await?
+            .items
+            .iter()
+            .filter_map(|g| g.0.as_ref().ok()?.status.as_ref())
+            .flat_map(|s| s.exits.iter().map(|e| e.vni)),
+    );
     let vni = gateway::free_vni(&taken)
         .ok_or_else(|| Error::Invalid("every VXLAN identifier is taken".into()))?;
     let ns = gateway.namespace().unwrap_or_default();
@@ -561,7 +604,7 @@ async fn create_mask(
         .create(&PostParams::default(), &mask)
         .await?;
     tracing::info!(gateway = %gateway.name_any(), exit = exit_name, vni, "exit created");
-    Ok(created)
+    Ok((created, vni))
 }
 
 /// Creates an exit's pod on the server its pool gives next: after the one its last pod used
