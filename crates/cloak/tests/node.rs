@@ -36,8 +36,17 @@ use serde_json::{Value, json};
 
 const EXITS: u8 = 2;
 
+std::thread_local! {
+    /// The first VXLAN identifier of this test's rig. The tests share one API server, and a
+    /// node refuses an identifier that two gateways' statuses claim: each rig has its own.
+    static VNI_BASE: std::cell::Cell<u32> = const { std::cell::Cell::new(4096) };
+}
+
+/// Rigs made so far in this process.
+static RIGS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
 fn vni(i: u8) -> u32 {
-    4096 + u32::from(i)
+    VNI_BASE.get() + u32::from(i)
 }
 
 fn exit_plan(i: u8, healthy: bool) -> ExitPlan {
@@ -66,6 +75,8 @@ impl Rig {
         let cp = ControlPlane::shared();
         let client = cp.client();
         let ns = TestNamespace::create(&client, test).await.unwrap();
+        let rig = RIGS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        VNI_BASE.set(4096 + 16 * rig);
         let net = GatewayNet::with_pods(EXITS, &["app"]);
         for i in 1..=EXITS {
             let plan = exit_plan(i, true);
@@ -262,7 +273,9 @@ impl Rig {
 impl Drop for Rig {
     fn drop(&mut self) {
         self.stop_daemon();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if std::env::var_os("CLOAK_KEEP_RIG").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
@@ -603,6 +616,79 @@ async fn a_gateway_the_daemon_cannot_read_is_skipped_and_the_other_gateways_clie
     assert!(vias.iter().all(|v| exits.contains(v)), "{vias:?}");
     drop(flows);
     rig.cni("DEL", "app", "c0ffee0008").unwrap();
+}
+
+/// Sends, from `pod`, echo replies forged as the exits' (source 198.19.0.1) to the node's
+/// address on the pod network, for every probe identifier and the first `seqs` sequence
+/// numbers, `times` times `every` apart: what a pod with `NET_RAW` can do.
+fn forge_probe_answers(pod: &str, seqs: u16, times: u32, every: Duration) {
+    use nix::sys::socket::{AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, SockaddrIn};
+    let netns = std::fs::File::open(format!("/var/run/netns/{pod}")).unwrap();
+    nix::sched::setns(netns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+    {
+        let sock = nix::sys::socket::socket(
+            AddressFamily::Inet,
+            SockType::Raw,
+            SockFlag::empty(),
+            SockProtocol::Raw,
+        )
+        .unwrap();
+        let node: std::net::Ipv4Addr = "10.244.2.1".parse().unwrap();
+        let to = SockaddrIn::from(std::net::SocketAddrV4::new(node, 0));
+        for _ in 0..times {
+            for slot in 0..u16::from(EXITS) {
+                for seq in 0..seqs {
+                    let mut icmp = cloak_dataplane::icmp::echo_request(0xc100 | slot, seq).to_vec();
+                    icmp[0] = 0; // echo reply
+                    icmp[2..4].copy_from_slice(&[0, 0]);
+                    let sum = cloak_dataplane::icmp::checksum(&icmp);
+                    icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+                    let mut packet = vec![0x45, 0, 0, 0, 0, 0, 0, 0, 64, 1, 0, 0];
+                    packet.extend([198, 19, 0, 1]);
+                    packet.extend(node.octets());
+                    packet.extend(icmp);
+                    let _ = nix::sys::socket::sendto(
+                        std::os::fd::AsRawFd::as_raw_fd(&sock),
+                        &packet,
+                        &to,
+                        MsgFlags::empty(),
+                    );
+                }
+            }
+            std::thread::sleep(every);
+        }
+    }
+}
+
+#[tokio::test]
+async fn echo_replies_a_pod_forges_as_an_exits_do_not_keep_a_dead_exit_alive() {
+    let rig = Rig::new("node-forged").await;
+    rig.pod("app", json!({"cloak.dev/gateway": "egress"})).await;
+    rig.cni("ADD", "app", "c0ffee0009").unwrap();
+    let down = exit_plan(1, false);
+    inside(&rig.net["exit1"], move || down.apply()).unwrap();
+    until_new_flows_avoid(&rig.net, &exit_public(1));
+    // Forged answers for 3 s (every sequence number the probes counting from 1 have used so
+    // far, and more: a round is 100 ms).
+    let pod = rig.net["app"].name().to_owned();
+    // On a thread of its own, which enters the pod's namespace.
+    let forger = std::thread::spawn(move || {
+        forge_probe_answers(&pod, 200, 30, Duration::from_millis(100));
+    });
+    let mut used = Vec::new();
+    while !forger.is_finished() {
+        let seen = spread(&rig.net["app"], 4);
+        if seen.contains_key(&exit_public(1)) {
+            used.push(seen);
+        }
+    }
+    forger.join().unwrap();
+    assert!(
+        used.is_empty(),
+        "the dead exit took new flows again: {used:?}\n{}",
+        rig.daemon_log()
+    );
+    rig.cni("DEL", "app", "c0ffee0009").unwrap();
 }
 
 #[tokio::test]
