@@ -456,12 +456,13 @@ fn run_node(args: NodeArgs) -> anyhow::Result<()> {
             state_dir: args.state_dir,
             intranet: args.intranet.iter().map(|c| c.get()).collect(),
             transit: cloak_node::daemon::transit_for(node_ip),
+            node_ip,
             netns: args.netns,
             probe_interval: std::time::Duration::from_millis(args.probe_interval_ms),
             probe_misses: args.probe_misses,
         };
         let shutdown = shutdown_signal()?;
-        let daemon = cloak_node::daemon::run(client.clone(), options, shutdown);
+        let daemon = Box::pin(cloak_node::daemon::run(client.clone(), options, shutdown));
         if let Some(paths) = &paths {
             // After the socket listens: a plugin entry must never point at no daemon for longer
             // than a restart.

@@ -32,6 +32,7 @@ use kube::{
     Api, Client,
     api::{Patch, PatchParams, PostParams},
 };
+use nix::sys::socket::{AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, SockaddrIn};
 use serde_json::{Value, json};
 
 const EXITS: u8 = 2;
@@ -622,7 +623,6 @@ async fn a_gateway_the_daemon_cannot_read_is_skipped_and_the_other_gateways_clie
 /// address on the pod network, for every probe identifier and the first `seqs` sequence
 /// numbers, `times` times `every` apart: what a pod with `NET_RAW` can do.
 fn forge_probe_answers(pod: &str, seqs: u16, times: u32, every: Duration) {
-    use nix::sys::socket::{AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, SockaddrIn};
     let netns = std::fs::File::open(format!("/var/run/netns/{pod}")).unwrap();
     nix::sched::setns(netns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
     {
@@ -689,6 +689,167 @@ async fn echo_replies_a_pod_forges_as_an_exits_do_not_keep_a_dead_exit_alive() {
         rig.daemon_log()
     );
     rig.cni("DEL", "app", "c0ffee0009").unwrap();
+}
+
+/// A VXLAN payload with identifier `vni` carrying an Ethernet frame to `mac` with an IPv4 UDP
+/// packet from `from` to `to`:`port`: what a pod puts in a datagram to an exit's VXLAN port.
+fn vxlan_frame(vni: u32, mac: [u8; 6], from: [u8; 4], to: [u8; 4], port: u16) -> Vec<u8> {
+    let mut frame = vec![0x08, 0, 0, 0];
+    frame.extend(&vni.to_be_bytes()[1..]);
+    frame.push(0);
+    frame.extend(mac);
+    frame.extend([0x02, 0xbb, 0, 0, 0, 1, 0x08, 0x00]);
+    let payload = b"through someone else's tunnel";
+    let length = u16::try_from(20 + 8 + payload.len()).unwrap();
+    let mut header = vec![0x45, 0];
+    header.extend(length.to_be_bytes());
+    header.extend([0, 0, 0x40, 0, 64, 17, 0, 0]);
+    header.extend(from);
+    header.extend(to);
+    let sum = cloak_dataplane::icmp::checksum(&header);
+    header[10..12].copy_from_slice(&sum.to_be_bytes());
+    frame.extend(header);
+    frame.extend(40_000u16.to_be_bytes());
+    frame.extend(port.to_be_bytes());
+    frame.extend((length - 20).to_be_bytes());
+    frame.extend([0, 0]);
+    frame.extend(payload);
+    frame
+}
+
+/// Sends `payload` to `to`:4790 from the namespace `ns`, with the kernel's source address, or,
+/// with `spoofed`, from that address on a raw socket (as a pod with `NET_RAW` can).
+fn send_vxlan(
+    ns: &str,
+    to: std::net::Ipv4Addr,
+    spoofed: Option<std::net::Ipv4Addr>,
+    payload: Vec<u8>,
+) {
+    let ns = ns.to_owned();
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(format!("/var/run/netns/{ns}")).unwrap();
+        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let Some(from) = spoofed else {
+            let sock = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+            for _ in 0..5 {
+                sock.send_to(&payload, (to, 4790)).unwrap();
+            }
+            return;
+        };
+        let sock = nix::sys::socket::socket(
+            AddressFamily::Inet,
+            SockType::Raw,
+            SockFlag::empty(),
+            SockProtocol::Raw,
+        )
+        .unwrap();
+        let length = u16::try_from(20 + 8 + payload.len()).unwrap();
+        let mut packet = vec![0x45, 0];
+        packet.extend(length.to_be_bytes());
+        packet.extend([0, 0, 0x40, 0, 64, 17, 0, 0]);
+        packet.extend(from.octets());
+        packet.extend(to.octets());
+        packet.extend(4790u16.to_be_bytes());
+        packet.extend(4790u16.to_be_bytes());
+        packet.extend((length - 20).to_be_bytes());
+        packet.extend([0, 0]);
+        packet.extend(payload);
+        let dest = SockaddrIn::from(std::net::SocketAddrV4::new(to, 0));
+        for _ in 0..5 {
+            nix::sys::socket::sendto(
+                std::os::fd::AsRawFd::as_raw_fd(&sock),
+                &packet,
+                &dest,
+                MsgFlags::empty(),
+            )
+            .unwrap();
+        }
+    })
+    .join()
+    .unwrap();
+}
+
+/// Packets the internet received on UDP 5555 (the test's `spoofed` table counts them).
+fn counted(internet: &cloak_testkit::netns::Netns) -> u64 {
+    let text = internet.run(&["nft", "list", "table", "inet", "spoofed"]);
+    text.split("packets ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{text}"))
+}
+
+#[tokio::test]
+async fn vxlan_frames_a_pod_sends_to_an_exit_never_leave_by_its_tunnel_from_its_own_address_or_a_nodes()
+ {
+    let rig = Rig::new("node-relay").await;
+    let internet = &rig.net["internet"];
+    internet.run(&["nft", "add", "table", "inet", "spoofed"]);
+    internet.run(&[
+        "nft",
+        "add",
+        "chain",
+        "inet",
+        "spoofed",
+        "input",
+        "{ type filter hook input priority 0; }",
+    ]);
+    internet.run(&[
+        "nft", "add", "rule", "inet", "spoofed", "input", "udp", "dport", "5555", "counter",
+    ]);
+    let mac = rig.net["exit1"].run(&["cat", "/sys/class/net/ckx0/address"]);
+    let mac: Vec<u8> = mac
+        .trim()
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16).unwrap())
+        .collect();
+    let frame = vxlan_frame(
+        vni(1),
+        mac.try_into().unwrap(),
+        [198, 19, 9, 9],
+        cloak_testkit::netlab::gateway::ECHO
+            .parse::<std::net::Ipv4Addr>()
+            .unwrap()
+            .octets(),
+        5555,
+    );
+    let exit: std::net::Ipv4Addr = exit_ip(1).parse().unwrap();
+    // The guard is loaded once the daemon has listed the gateway.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !rig.net["node"]
+        .run(&["nft", "list", "ruleset"])
+        .contains(&exit_ip(1))
+    {
+        assert!(Instant::now() < deadline, "no guard: {}", rig.daemon_log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let pod = rig.net["app"].name().to_owned();
+    // A plain pod: no gateway chooses it.
+    rig.pod("app", json!({"app": "plain"})).await;
+    rig.cni("ADD", "app", "c0ffee0011").unwrap();
+    send_vxlan(&pod, exit, None, frame.clone());
+    let node: std::net::Ipv4Addr = "10.244.0.10".parse().unwrap();
+    send_vxlan(&pod, exit, Some(node), frame.clone());
+    send_vxlan(
+        &pod,
+        exit,
+        Some("10.244.2.1".parse().unwrap()),
+        frame.clone(),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        counted(internet),
+        0,
+        "a pod's frames left through the exit's tunnel"
+    );
+    // The same frames from the node itself do leave: the test's frames are good ones.
+    send_vxlan(rig.net["node"].name(), exit, None, frame);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        counted(internet) > 0,
+        "the node's frames did not pass: the test proves nothing"
+    );
+    rig.cni("DEL", "app", "c0ffee0011").unwrap();
 }
 
 #[tokio::test]

@@ -16,6 +16,7 @@ pub mod dns;
 pub mod dnsforward;
 pub mod firewall;
 pub mod gateway;
+pub mod guard;
 pub mod icmp;
 pub mod openvpn;
 pub mod routes;

@@ -42,6 +42,9 @@ pub struct Request {
     /// Where the daemon reopens the pod's network namespace (`/proc/<pid>/fd/<fd>`), while the
     /// plugin waits. None on a DEL whose namespace is already gone.
     pub netns: Option<String>,
+    /// The pod's interface the runtime asked for (`CNI_IFNAME`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ifname: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -180,6 +183,7 @@ pub fn plugin(env: &dyn Fn(&str) -> Option<String>, stdin: &str) -> Result<Strin
                     std::process::id(),
                     netns.as_raw_fd()
                 )),
+                ifname: env("CNI_IFNAME"),
             };
             let reply = match ask(socket, &request) {
                 Ok(reply) => reply,
@@ -215,6 +219,7 @@ pub fn plugin(env: &dyn Fn(&str) -> Option<String>, stdin: &str) -> Result<Strin
                     pod_namespace,
                     pod_name,
                     netns: None,
+                    ifname: None,
                 };
                 // Best effort: the daemon also forgets clients whose interfaces are gone.
                 let _ = ask(socket, &request);

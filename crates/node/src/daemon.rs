@@ -23,10 +23,11 @@ use cloak_dataplane::{
         CLIENT_GATEWAY, ClientPlan, ClientPort, ExitLink, ExitUse, NodePlan, link_exists,
         remove_client, reset_flows,
     },
+    guard::{self, Guard},
 };
 use futures::{FutureExt as _, StreamExt as _};
 use ipnet::IpNet;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::{
     Api, Client, ResourceExt as _,
     core::DeserializeGuard,
@@ -56,6 +57,9 @@ pub struct Options {
     pub intranet: Vec<IpNet>,
     /// The node's own address on its links to the exits, unique among the nodes.
     pub transit: Ipv4Addr,
+    /// The node's IPv4 address (the chart passes the pod's `status.hostIP`): one of the nodes'
+    /// addresses no pod may send VXLAN to, also before the Node objects are listed.
+    pub node_ip: Ipv4Addr,
     /// The network namespace the node's side lives in (a path); None: this process's. (Tests
     /// and labs whose node is a namespace of its own.)
     pub netns: Option<PathBuf>,
@@ -72,6 +76,20 @@ struct Attached {
     pod_name: String,
     gateway: String,
     iface: String,
+    address: Ipv4Addr,
+}
+
+/// An exit pod on this node: the guard lets its frames through from its own interface alone
+/// ([`cloak_dataplane::guard`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LocalExit {
+    pod_namespace: String,
+    /// Its gateway's name and its own (the pod's `cloak.dev/exit-of` and `cloak.dev/exit`).
+    gateway: String,
+    exit: String,
+    /// The host side of its interface.
+    port: String,
     address: Ipv4Addr,
 }
 
@@ -98,6 +116,9 @@ struct Saved {
     gateway_ids: BTreeMap<String, u16>,
     #[serde(default)]
     slots: BTreeMap<u32, u8>,
+    /// The exit pods on this node, by container id.
+    #[serde(default)]
+    exits: BTreeMap<String, LocalExit>,
 }
 
 #[derive(Debug, Default)]
@@ -111,6 +132,10 @@ struct State {
     /// Probe results by VNI.
     seen: BTreeMap<u32, Seen>,
     applied: Option<NodePlan>,
+    /// The exit pods on this node, by container id.
+    exits: BTreeMap<String, LocalExit>,
+    /// The guard as last loaded (None: load it again).
+    guarded: Option<Guard>,
 }
 
 /// The daemon's shared parts.
@@ -120,6 +145,8 @@ struct Daemon {
     /// Every gateway, readable or not: one that serde refuses (written before the schema
     /// checked as much) is skipped, never a reason to stop.
     gateways: reflector::Store<DeserializeGuard<VpnGateway>>,
+    /// Every node: their addresses are the guard's.
+    nodes: reflector::Store<Node>,
     /// The namespaces that hold a gateway, as last written for the plugin.
     guarded: std::sync::Mutex<Option<Guarded>>,
     /// Each client's cluster domains, by its address ([`cluster_domains`]).
@@ -177,6 +204,9 @@ impl Kernel {
     }
 }
 
+/// How often the guard is loaded again with no change ([`Daemon::reconcile`]).
+const GUARD_REFRESH: Duration = Duration::from_secs(5);
+
 /// Moves the calling thread into the network namespace at `path` (no-op for None).
 fn enter(path: Option<&PathBuf>) -> std::io::Result<()> {
     if let Some(path) = path {
@@ -202,7 +232,9 @@ pub async fn run(
     let kernel = Kernel::start(options.netns.clone())?;
 
     let (gateways, writer) = reflector::store();
+    let (nodes, node_writer) = reflector::store();
     let daemon = Arc::new(Daemon {
+        nodes,
         state: tokio::sync::Mutex::new(load_state(&options)),
         options,
         client: client.clone(),
@@ -233,6 +265,38 @@ pub async fn run(
                     daemon.write_guarded();
                     let _ = daemon.reconcile().await;
                 }
+            }
+        }
+    };
+    // Nodes come and go: their addresses are the guard's.
+    let node_watch = {
+        let daemon = daemon.clone();
+        let stream = reflector::reflector(
+            node_writer,
+            watcher(
+                Api::<Node>::all(daemon.client.clone()),
+                watcher::Config::default(),
+            ),
+        )
+        .default_backoff();
+        async move {
+            futures::pin_mut!(stream);
+            while let Some(event) = stream.next().await {
+                if event.is_ok() {
+                    let _ = daemon.reconcile().await;
+                }
+            }
+        }
+    };
+    // The guard is loaded again every few seconds: it holds the node's interfaces, read when it
+    // is loaded, and a flushed ruleset must not leave the exits open for long.
+    let reguard = {
+        let daemon = daemon.clone();
+        async move {
+            loop {
+                tokio::time::sleep(GUARD_REFRESH).await;
+                daemon.state.lock().await.guarded = None;
+                let _ = daemon.reconcile().await;
             }
         }
     };
@@ -288,6 +352,8 @@ pub async fn run(
     tokio::select! {
         () = shutdown => {}
         () = watch => {}
+        () = node_watch => {}
+        () = reguard => {}
         () = probes => {}
         () = serve => {}
         () = dns => {}
@@ -381,6 +447,7 @@ fn load_state(options: &Options) -> State {
             })
             .collect(),
         slots: saved.slots,
+        exits: saved.exits,
         ..State::default()
     }
 }
@@ -426,6 +493,7 @@ impl Daemon {
                 .map(|((ns, name), id)| (format!("{ns}/{name}"), *id))
                 .collect(),
             slots: state.slots.clone(),
+            exits: state.exits.clone(),
         };
         let written = serde_json::to_vec(&saved)
             .map_err(std::io::Error::other)
@@ -436,13 +504,19 @@ impl Daemon {
         }
     }
 
-    /// Forgets the clients whose interfaces are gone (deleted while the daemon was away).
+    /// Forgets the clients and exits whose interfaces are gone (deleted while the daemon was away).
     async fn forget_vanished(&self) {
         let mut state = self.state.lock().await;
         let ifaces: Vec<(String, String)> = state
             .clients
             .iter()
             .map(|(id, c)| (id.clone(), c.iface.clone()))
+            .chain(
+                state
+                    .exits
+                    .iter()
+                    .map(|(id, e)| (id.clone(), e.port.clone())),
+            )
             .collect();
         let gone: Vec<String> = self
             .kernel
@@ -456,6 +530,7 @@ impl Daemon {
             .await;
         for id in gone {
             state.clients.remove(&id);
+            state.exits.remove(&id);
         }
         self.save(&state);
     }
@@ -511,6 +586,15 @@ impl Daemon {
             let domains = cluster_domains(&state.clients, &gateways);
             if let Ok(mut held) = self.domains.lock() {
                 *held = domains;
+            }
+        }
+        let guard = self.guard(&state);
+        if state.guarded.as_ref() != Some(&guard) {
+            tracing::debug!(%guard, "loading the guard");
+            let to_load = guard.clone();
+            match self.kernel.run(move || to_load.apply()).await {
+                Ok(_) => state.guarded = Some(guard),
+                Err(e) => tracing::error!(error = %e, "loading the guard on the VXLAN port"),
             }
         }
         let numbers = (state.gateway_ids.clone(), state.slots.clone());
@@ -578,6 +662,105 @@ impl Daemon {
                 false
             }
         }
+    }
+
+    /// The guard for the cluster as it is now: every exit and node address, and the exits on
+    /// this node with the identifiers their gateways' statuses give them.
+    fn guard(&self, state: &State) -> Guard {
+        let gateways = self.gateways.state();
+        let gateways: Vec<&VpnGateway> =
+            gateways.iter().filter_map(|g| g.0.as_ref().ok()).collect();
+        let statuses = || {
+            gateways
+                .iter()
+                .filter_map(|g| Some((*g, g.status.as_ref()?)))
+        };
+        let exits = statuses()
+            .flat_map(|(_, s)| &s.exits)
+            .filter_map(|e| e.pod_ip.as_deref()?.parse().ok())
+            .collect();
+        let nodes = self
+            .nodes
+            .state()
+            .iter()
+            .filter_map(|n| n.status.as_ref()?.addresses.as_ref())
+            .flatten()
+            .filter_map(|a| a.address.parse().ok())
+            .chain([self.options.node_ip])
+            .collect();
+        let clashes = clashing_vnis(&gateways);
+        let mut local: Vec<guard::LocalExit> = state
+            .exits
+            .values()
+            .filter_map(|e| {
+                let vni = statuses()
+                    .filter(|(g, _)| {
+                        g.namespace().as_deref() == Some(e.pod_namespace.as_str())
+                            && g.name_any() == e.gateway
+                    })
+                    .flat_map(|(_, s)| &s.exits)
+                    .find(|x| x.name == e.exit)?
+                    .vni;
+                (vni != 0 && !clashes.contains(&vni)).then(|| guard::LocalExit {
+                    port: e.port.clone(),
+                    address: e.address,
+                    vni,
+                })
+            })
+            .collect();
+        local.sort();
+        Guard {
+            exits,
+            nodes,
+            local,
+        }
+    }
+
+    /// Records an exit pod of this node (its interface and address, read in its namespace), so
+    /// the guard lets its frames through.
+    async fn add_exit(&self, request: &Request, pod: &Pod) -> Result<(), String> {
+        let labels = pod.labels();
+        let (Some(gateway), Some(exit)) = (
+            labels.get(cloak_model::exit::LABEL_GATEWAY),
+            labels.get(cloak_model::exit::LABEL_EXIT),
+        ) else {
+            return Ok(());
+        };
+        let netns = request
+            .netns
+            .clone()
+            .ok_or_else(|| "ADD without a network namespace".to_owned())?;
+        let ifname = request.ifname.clone().unwrap_or_else(|| "eth0".into());
+        let (port, address) = self
+            .kernel
+            .run(move || -> Result<(String, Option<Ipv4Addr>), String> {
+                let (index, address) = std::thread::spawn(move || {
+                    enter(Some(&PathBuf::from(&netns)))
+                        .map_err(|e| format!("entering the exit's namespace: {e}"))?;
+                    guard::pod_interface(&ifname).map_err(|e| e.to_string())
+                })
+                .join()
+                .unwrap_or_else(|_| Err("the exit's namespace: a thread panicked".into()))?;
+                Ok((guard::name_of(index).map_err(|e| e.to_string())?, address))
+            })
+            .await?;
+        let address = address.ok_or("the exit has no IPv4 address on its interface")?;
+        let mut state = self.state.lock().await;
+        state.exits.insert(
+            request.container_id.clone(),
+            LocalExit {
+                pod_namespace: request.pod_namespace.clone(),
+                gateway: gateway.clone(),
+                exit: exit.clone(),
+                port: port.clone(),
+                address,
+            },
+        );
+        self.save(&state);
+        drop(state);
+        tracing::info!(pod = %format!("{}/{}", request.pod_namespace, request.pod_name), %port, %address, "exit recorded for the guard");
+        let _ = self.reconcile().await;
+        Ok(())
     }
 
     /// The plan for the current clients: the exits of their gateways, each healthy while it
@@ -740,6 +923,9 @@ impl Daemon {
             .get(&request.pod_name)
             .await
             .map_err(|e| format!("reading the pod: {e}"))?;
+        if pod.labels().contains_key(cloak_model::exit::LABEL_EXIT) {
+            return self.add_exit(request, &pod).await;
+        }
         let gateways = self.gateways.state();
         let gateways: Vec<&VpnGateway> =
             gateways.iter().filter_map(|g| g.0.as_ref().ok()).collect();
@@ -845,6 +1031,12 @@ impl Daemon {
 
     async fn del(&self, request: &Request) {
         let mut state = self.state.lock().await;
+        if state.exits.remove(&request.container_id).is_some() {
+            self.save(&state);
+            drop(state);
+            let _ = self.reconcile().await;
+            return;
+        }
         let Some(client) = state.clients.remove(&request.container_id) else {
             return;
         };
