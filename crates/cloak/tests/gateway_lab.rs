@@ -609,3 +609,106 @@ fn fifty_client_pods_created_and_deleted_leave_nothing_behind_in_the_node_compon
         assert_eq!(client_routes, before[k].len(), "{node}: {routes}");
     }
 }
+
+/// A plain pod with the runtime's `NET_RAW` sends VXLAN frames into each exit (its identifier,
+/// its MAC, an inner packet to the internet): from its own address, and from each node's. None
+/// may leave through an exit's tunnel; the same frames from the exit's node do (the control).
+#[test]
+fn a_plain_pod_with_net_raw_puts_no_frame_into_any_exit_from_its_own_address_or_a_nodes() {
+    let lab = lab::shared();
+    let _turn = lab::serial();
+    let gw = healthy_gateway(lab);
+    let name = "gw-spoof";
+    let pod = running_plain_pod_on(lab, name, &layout::node_name(1));
+    let netns = pod_netns(&str_at(&pod, "/metadata/uid"));
+    lab.nft(
+        "net",
+        "table inet cloak_test_spoof {\n  counter through {}\n  chain input {\n    type filter hook input priority 0; policy accept;\n    udp dport 5555 counter name through\n  }\n}\n",
+    );
+    let through = || lab.nft_packets("net", "inet", "cloak_test_spoof", "through");
+    let echo: std::net::Ipv4Addr = ECHO.parse().unwrap();
+    let exits = gw["status"]["exits"].as_array().unwrap().clone();
+    assert_eq!(exits.len(), 2, "{gw}");
+    let frames: Vec<(std::net::Ipv4Addr, Vec<u8>, String)> = exits
+        .iter()
+        .map(|exit| {
+            let address = str_at(exit, "/podIp");
+            let vni = u32::try_from(exit["vni"].as_u64().unwrap()).unwrap();
+            let exit_pod = lab.json(&[
+                "-n",
+                DEMO_NAMESPACE,
+                "get",
+                "pod",
+                "-l",
+                &format!("cloak.dev/exit={}", str_at(exit, "/name")),
+            ]);
+            let exit_pod = &exit_pod["items"][0];
+            let inside = pod_netns(&str_at(exit_pod, "/metadata/uid"));
+            let out = std::process::Command::new("nsenter")
+                .arg(format!("--net={inside}"))
+                .args(["ip", "-o", "link", "show", "dev", "ckx0"])
+                .output()
+                .unwrap();
+            let link = String::from_utf8_lossy(&out.stdout).into_owned();
+            let mac: Vec<u8> = link
+                .split_whitespace()
+                .skip_while(|w| *w != "link/ether")
+                .nth(1)
+                .unwrap_or_else(|| panic!("the exit's ckx0: {link}"))
+                .split(':')
+                .map(|b| u8::from_str_radix(b, 16).unwrap())
+                .collect();
+            let frame = cloak_testkit::netlab::spoof::vxlan_frame(
+                vni,
+                mac.try_into().expect("the exit's ckx0 MAC"),
+                [198, 19, 9, 9],
+                echo.octets(),
+                5555,
+            );
+            (
+                address.parse().unwrap(),
+                frame,
+                str_at(exit_pod, "/spec/nodeName"),
+            )
+        })
+        .collect();
+    let nodes: Vec<std::net::Ipv4Addr> = (1..=2)
+        .map(|k| layout::node_ip(k).parse().unwrap())
+        .collect();
+    for (exit, frame, _) in &frames {
+        let send =
+            |from| cloak_testkit::netlab::spoof::send_vxlan(&netns, *exit, from, frame.clone());
+        send(None);
+        for node in &nodes {
+            send(Some(*node));
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        through(),
+        0,
+        "a plain pod's frames left through an exit's tunnel"
+    );
+    // The control: the same frames from each exit's node pass.
+    for (exit, frame, node) in &frames {
+        let host = format!("/var/run/netns/{}", lab.lab.netns(node));
+        cloak_testkit::netlab::spoof::send_vxlan(&host, *exit, None, frame.clone());
+    }
+    eventually(
+        "the nodes' frames through the exits",
+        Duration::from_secs(5),
+        || {
+            let n = through();
+            if n >= 10 {
+                Ok(())
+            } else {
+                Err(format!("{n} of 10"))
+            }
+        },
+    );
+    let _ = lab.exec_in(
+        "net",
+        &["nft", "delete", "table", "inet", "cloak_test_spoof"],
+    );
+    delete_client(lab, name);
+}

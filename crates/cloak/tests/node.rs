@@ -25,6 +25,7 @@ use cloak_testkit::{
     netlab::gateway::{
         ECHO6, Flows, GatewayNet, exit_ip, exit_public, exit_public6, pings, spread, spread_to,
     },
+    netlab::spoof::{send_vxlan, vxlan_frame},
     netns::inside,
 };
 use k8s_openapi::api::core::v1::Pod;
@@ -691,82 +692,9 @@ async fn echo_replies_a_pod_forges_as_an_exits_do_not_keep_a_dead_exit_alive() {
     rig.cni("DEL", "app", "c0ffee0009").unwrap();
 }
 
-/// A VXLAN payload with identifier `vni` carrying an Ethernet frame to `mac` with an IPv4 UDP
-/// packet from `from` to `to`:`port`: what a pod puts in a datagram to an exit's VXLAN port.
-fn vxlan_frame(vni: u32, mac: [u8; 6], from: [u8; 4], to: [u8; 4], port: u16) -> Vec<u8> {
-    let mut frame = vec![0x08, 0, 0, 0];
-    frame.extend(&vni.to_be_bytes()[1..]);
-    frame.push(0);
-    frame.extend(mac);
-    frame.extend([0x02, 0xbb, 0, 0, 0, 1, 0x08, 0x00]);
-    let payload = b"through someone else's tunnel";
-    let length = u16::try_from(20 + 8 + payload.len()).unwrap();
-    let mut header = vec![0x45, 0];
-    header.extend(length.to_be_bytes());
-    header.extend([0, 0, 0x40, 0, 64, 17, 0, 0]);
-    header.extend(from);
-    header.extend(to);
-    let sum = cloak_dataplane::icmp::checksum(&header);
-    header[10..12].copy_from_slice(&sum.to_be_bytes());
-    frame.extend(header);
-    frame.extend(40_000u16.to_be_bytes());
-    frame.extend(port.to_be_bytes());
-    frame.extend((length - 20).to_be_bytes());
-    frame.extend([0, 0]);
-    frame.extend(payload);
-    frame
-}
-
-/// Sends `payload` to `to`:4790 from the namespace `ns`, with the kernel's source address, or,
-/// with `spoofed`, from that address on a raw socket (as a pod with `NET_RAW` can).
-fn send_vxlan(
-    ns: &str,
-    to: std::net::Ipv4Addr,
-    spoofed: Option<std::net::Ipv4Addr>,
-    payload: Vec<u8>,
-) {
-    let ns = ns.to_owned();
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(format!("/var/run/netns/{ns}")).unwrap();
-        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-        let Some(from) = spoofed else {
-            let sock = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
-            for _ in 0..5 {
-                sock.send_to(&payload, (to, 4790)).unwrap();
-            }
-            return;
-        };
-        let sock = nix::sys::socket::socket(
-            AddressFamily::Inet,
-            SockType::Raw,
-            SockFlag::empty(),
-            SockProtocol::Raw,
-        )
-        .unwrap();
-        let length = u16::try_from(20 + 8 + payload.len()).unwrap();
-        let mut packet = vec![0x45, 0];
-        packet.extend(length.to_be_bytes());
-        packet.extend([0, 0, 0x40, 0, 64, 17, 0, 0]);
-        packet.extend(from.octets());
-        packet.extend(to.octets());
-        packet.extend(4790u16.to_be_bytes());
-        packet.extend(4790u16.to_be_bytes());
-        packet.extend((length - 20).to_be_bytes());
-        packet.extend([0, 0]);
-        packet.extend(payload);
-        let dest = SockaddrIn::from(std::net::SocketAddrV4::new(to, 0));
-        for _ in 0..5 {
-            nix::sys::socket::sendto(
-                std::os::fd::AsRawFd::as_raw_fd(&sock),
-                &packet,
-                &dest,
-                MsgFlags::empty(),
-            )
-            .unwrap();
-        }
-    })
-    .join()
-    .unwrap();
+/// The path of the test's namespace `name`.
+fn netns(name: &str) -> String {
+    format!("/var/run/netns/{name}")
 }
 
 /// Packets the internet received on UDP 5555 (the test's `spoofed` table counts them).
@@ -827,9 +755,9 @@ async fn vxlan_frames_a_pod_sends_to_an_exit_never_leave_by_its_tunnel_from_its_
     // A plain pod: no gateway chooses it.
     rig.pod("app", json!({"app": "plain"})).await;
     rig.cni("ADD", "app", "c0ffee0011").unwrap();
-    send_vxlan(&pod, exit, None, frame.clone());
+    send_vxlan(&netns(&pod), exit, None, frame.clone());
     let node: std::net::Ipv4Addr = "10.244.0.10".parse().unwrap();
-    send_vxlan(&pod, exit, Some(node), frame.clone());
+    send_vxlan(&netns(&pod), exit, Some(node), frame.clone());
     send_vxlan(
         &pod,
         exit,
@@ -843,7 +771,7 @@ async fn vxlan_frames_a_pod_sends_to_an_exit_never_leave_by_its_tunnel_from_its_
         "a pod's frames left through the exit's tunnel"
     );
     // The same frames from the node itself do leave: the test's frames are good ones.
-    send_vxlan(rig.net["node"].name(), exit, None, frame);
+    send_vxlan(&netns(rig.net["node"].name()), exit, None, frame);
     std::thread::sleep(Duration::from_millis(300));
     assert!(
         counted(internet) > 0,

@@ -118,6 +118,42 @@ pub(crate) fn running_client_on(lab: &TestLab, name: &str, node: Option<&str>) -
     )
 }
 
+/// A plain pod on `node`: no gateway chooses it (no label of one), the runtime's default
+/// capabilities (`NET_RAW` among them), Running.
+pub(crate) fn running_plain_pod_on(lab: &TestLab, name: &str, node: &str) -> Value {
+    lab.apply(&format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {DEMO_NAMESPACE}\n  labels: {{app: gw-test}}\nspec:\n  nodeName: {node}\n  terminationGracePeriodSeconds: 0\n  containers:\n    - name: c\n      image: cloak.dev/lab/client:dev\n      imagePullPolicy: Never\n      command: [sleep, \"100000\"]\n"
+    ));
+    eventually(
+        &format!("pod {name} Running"),
+        Duration::from_secs(90),
+        || {
+            let pod = lab.json(&["-n", DEMO_NAMESPACE, "get", "pod", name]);
+            if pod["status"]["phase"] == "Running" {
+                Ok(pod)
+            } else {
+                Err(format!("{}", pod["status"]))
+            }
+        },
+    )
+}
+
+/// The network namespace of the pod with uid `uid`, as a path: that of a process in its cgroup
+/// (the kubelet names a pod's cgroup after its uid, with `_` for `-` under systemd).
+pub(crate) fn pod_netns(uid: &str) -> String {
+    let underscored = uid.replace('-', "_");
+    let pid = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+                .is_ok_and(|c| c.contains(uid) || c.contains(&underscored))
+        })
+        .unwrap_or_else(|| panic!("no process of pod {uid}"));
+    format!("/proc/{pid}/ns/net")
+}
+
 pub(crate) fn delete_client(lab: &TestLab, name: &str) {
     let _ = lab.try_kubectl(&[
         "-n",

@@ -21,6 +21,7 @@
 
 mod fakevpn;
 pub mod gateway;
+pub mod spoof;
 
 use std::{
     collections::BTreeMap,
