@@ -759,7 +759,7 @@ async fn vxlan_frames_a_pod_sends_to_an_exit_never_leave_by_its_tunnel_from_its_
     let node: std::net::Ipv4Addr = "10.244.0.10".parse().unwrap();
     send_vxlan(&netns(&pod), exit, Some(node), frame.clone());
     send_vxlan(
-        &pod,
+        &netns(&pod),
         exit,
         Some("10.244.2.1".parse().unwrap()),
         frame.clone(),
@@ -778,6 +778,48 @@ async fn vxlan_frames_a_pod_sends_to_an_exit_never_leave_by_its_tunnel_from_its_
         "the node's frames did not pass: the test proves nothing"
     );
     rig.cni("DEL", "app", "c0ffee0011").unwrap();
+}
+
+#[tokio::test]
+async fn a_flushed_ruleset_is_loaded_again_and_client_traffic_goes_on_through_the_exits_alone() {
+    let rig = Rig::new("node-drift").await;
+    rig.pod("app", json!({"cloak.dev/gateway": "egress"})).await;
+    rig.cni("ADD", "app", "c0ffee0012").unwrap();
+    spread(&rig.net["app"], 4);
+    // What an `nftables.service` reload does (the rig's own masquerade goes too: a client packet
+    // that left by the uplink would not be hidden behind the node's address).
+    rig.net["node"].run(&["nft", "flush", "ruleset"]);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let tables = rig.net["node"].run(&["nft", "list", "tables"]);
+        if [
+            "inet cloak_gateway",
+            "inet cloak_guard",
+            "bridge cloak_guard",
+        ]
+        .iter()
+        .all(|t| tables.contains(t))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not loaded again: {tables}\n{}",
+            rig.daemon_log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    rig.net.count_uplink();
+    let seen = spread(&rig.net["app"], 20);
+    let exits = [exit_public(1), exit_public(2)];
+    assert!(seen.keys().all(|via| exits.contains(via)), "{seen:?}");
+    assert_eq!(
+        rig.net.uplink_packets(),
+        0,
+        "client traffic left by the uplink"
+    );
+    assert!(rig.daemon_log().contains("changed under the daemon"));
+    rig.cni("DEL", "app", "c0ffee0012").unwrap();
 }
 
 #[tokio::test]

@@ -386,6 +386,13 @@ impl NodePlan {
         Ok(deleted)
     }
 
+    /// The node's table as the kernel lists it now: compared with the listing right after the
+    /// last apply, a difference is drift (a flushed ruleset, an edited table). An error (no
+    /// table) is drift too.
+    pub fn loaded() -> Result<String, Error> {
+        run("nft", &["list", "table", "inet", NODE_TABLE], None)
+    }
+
     /// Removes everything a node plan puts in the kernel.
     pub fn reset() -> Result<(), Error> {
         remove_other_links(&[])?;

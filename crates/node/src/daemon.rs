@@ -132,6 +132,13 @@ struct State {
     /// Probe results by VNI.
     seen: BTreeMap<u32, Seen>,
     applied: Option<NodePlan>,
+    /// The node's table as listed right after `applied` was applied: what a recheck compares.
+    listed: Option<String>,
+    /// Applies that failed in a row, and when the next try is due (backoff).
+    failures: u32,
+    retry_at: Option<tokio::time::Instant>,
+    /// Drifts repaired (a table changed or gone under the daemon).
+    drifts: u64,
     /// The exit pods on this node, by container id.
     exits: BTreeMap<String, LocalExit>,
     /// The guard as last loaded (None: load it again).
@@ -204,8 +211,12 @@ impl Kernel {
     }
 }
 
-/// How often the guard is loaded again with no change ([`Daemon::reconcile`]).
-const GUARD_REFRESH: Duration = Duration::from_secs(5);
+/// How often the guard is loaded again and the node's table read back ([`Daemon::recheck`]).
+const RECHECK: Duration = Duration::from_secs(5);
+/// The first wait before a failed apply is tried again (doubled at each failure).
+const PROBE_ROUND_FLOOR: Duration = Duration::from_millis(100);
+/// The longest wait before a failed apply is tried again.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// Moves the calling thread into the network namespace at `path` (no-op for None).
 fn enter(path: Option<&PathBuf>) -> std::io::Result<()> {
@@ -288,15 +299,15 @@ pub async fn run(
             }
         }
     };
-    // The guard is loaded again every few seconds: it holds the node's interfaces, read when it
-    // is loaded, and a flushed ruleset must not leave the exits open for long.
-    let reguard = {
+    // Every few seconds: the guard is loaded again (it holds the node's interfaces, read when it
+    // is loaded, and a flushed ruleset must not leave the exits open for long), and the node's
+    // table is read back; one that changed or went is applied again.
+    let recheck = {
         let daemon = daemon.clone();
         async move {
             loop {
-                tokio::time::sleep(GUARD_REFRESH).await;
-                daemon.state.lock().await.guarded = None;
-                let _ = daemon.reconcile().await;
+                tokio::time::sleep(RECHECK).await;
+                daemon.recheck().await;
             }
         }
     };
@@ -326,9 +337,15 @@ pub async fn run(
         let daemon = daemon.clone();
         async move {
             while let Some(round) = seen_rx.recv().await {
-                // Also a plan that failed before is tried again, once per round.
-                let unapplied = daemon.state.lock().await.applied.is_none();
-                if daemon.seen(round).await || unapplied {
+                // Also a plan that failed before is tried again, once its backoff is over.
+                let due = {
+                    let state = daemon.state.lock().await;
+                    state.applied.is_none()
+                        && state
+                            .retry_at
+                            .is_none_or(|at| tokio::time::Instant::now() >= at)
+                };
+                if daemon.seen(round).await || due {
                     daemon.reconcile().await;
                 }
             }
@@ -353,7 +370,7 @@ pub async fn run(
         () = shutdown => {}
         () = watch => {}
         () = node_watch => {}
-        () = reguard => {}
+        () = recheck => {}
         () = probes => {}
         () = serve => {}
         () = dns => {}
@@ -655,13 +672,43 @@ impl Daemon {
                     *targets = plan.exits.iter().map(|e| (e.vni, e.slot)).collect();
                 }
                 state.applied = Some(plan);
+                state.listed = self.kernel.run(NodePlan::loaded).await.ok();
+                (state.failures, state.retry_at) = (0, None);
                 true
             }
             Err(e) => {
-                tracing::error!(error = %e, "applying the node's plan");
+                // Tried again after a backoff (a probe round, doubling up to MAX_BACKOFF), and
+                // at once on any change.
+                state.failures = state.failures.saturating_add(1);
+                let backoff = PROBE_ROUND_FLOOR
+                    .saturating_mul(1 << state.failures.min(8))
+                    .min(MAX_BACKOFF);
+                state.retry_at = Some(tokio::time::Instant::now() + backoff);
+                state.applied = None;
+                tracing::error!(error = %e, failures = state.failures, retry_in = ?backoff, "applying the node's plan");
                 false
             }
         }
+    }
+
+    /// Loads the guard again, and applies the node's plan again when its table is not what was
+    /// listed right after the last apply (drift: `nft flush ruleset`, an edited table).
+    async fn recheck(&self) {
+        let listed = self.kernel.run(NodePlan::loaded).await.ok();
+        {
+            let mut state = self.state.lock().await;
+            state.guarded = None;
+            if state.applied.is_some() && listed != state.listed {
+                state.drifts += 1;
+                tracing::warn!(
+                    drifts = state.drifts,
+                    "the node's table changed under the daemon; applying it again"
+                );
+                state.applied = None;
+                state.retry_at = None;
+            }
+        }
+        let _ = self.reconcile().await;
     }
 
     /// The guard for the cluster as it is now: every exit and node address, and the exits on
