@@ -691,6 +691,28 @@ impl Daemon {
         }
     }
 
+    /// Why this node cannot take clients: another node's address gives the same transit address
+    /// ([`transit_for`]), and exits would send one node's replies to the other.
+    fn transit_clash(&self) -> Option<String> {
+        let nodes = self.nodes.state();
+        transit_clash(
+            &self.options.node_name,
+            self.options.transit,
+            nodes.iter().map(|n| {
+                let addresses = n
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.addresses.as_ref())
+                    .into_iter()
+                    .flatten()
+                    .filter(|a| a.type_ == "InternalIP")
+                    .filter_map(|a| a.address.parse().ok())
+                    .collect::<Vec<Ipv4Addr>>();
+                (n.name_any(), addresses)
+            }),
+        )
+    }
+
     /// Loads the guard again, and applies the node's plan again when its table is not what was
     /// listed right after the last apply (drift: `nft flush ruleset`, an edited table).
     async fn recheck(&self) {
@@ -997,6 +1019,9 @@ impl Daemon {
                 .map(|g| (*g).clone())
                 .ok_or_else(|| format!("gateway {name} went away"))?,
         };
+        if let Some(clash) = self.transit_clash() {
+            return Err(clash);
+        }
         let netns = request
             .netns
             .clone()
@@ -1096,6 +1121,23 @@ impl Daemon {
         tracing::info!(pod = %format!("{}/{}", client.pod_namespace, client.pod_name), "client detached");
         let _ = self.reconcile().await;
     }
+}
+
+/// Why `transit` (this node's, `own`) cannot be used: the node that other node's internal
+/// IPv4 address gives the same one (`10.1.5.7` and `10.2.5.7` both give `198.19.5.7`).
+fn transit_clash(
+    own: &str,
+    transit: Ipv4Addr,
+    nodes: impl Iterator<Item = (String, Vec<Ipv4Addr>)>,
+) -> Option<String> {
+    nodes
+        .filter(|(name, _)| name != own)
+        .find_map(|(name, addresses)| {
+            let clash = addresses.into_iter().find(|a| transit_for(*a) == transit)?;
+            Some(format!(
+                "this node's transit address {transit} is also node {name}'s (its address {clash}): no pod of either can be a client until one of them changes address"
+            ))
+        })
 }
 
 /// The VXLAN identifiers that more than one exit claims, over every gateway. The operator never
@@ -1234,5 +1276,35 @@ mod tests {
         let c = gateway("c", &[0, 4099]);
         assert_eq!(clashing_vnis(&[&a, &b, &c]), [4096].into());
         assert!(clashing_vnis(&[&a, &c]).is_empty());
+    }
+
+    #[test]
+    fn two_nodes_whose_addresses_end_alike_clash_on_their_transit_address() {
+        let own = transit_for(Ipv4Addr::new(10, 1, 5, 7));
+        let nodes = |list: &[(&str, [u8; 4])]| {
+            list.iter()
+                .map(|(name, ip)| ((*name).to_owned(), vec![Ipv4Addr::from(*ip)]))
+                .collect::<Vec<_>>()
+                .into_iter()
+        };
+        let clash = transit_clash(
+            "a",
+            own,
+            nodes(&[("a", [10, 1, 5, 7]), ("b", [10, 2, 5, 7])]),
+        );
+        assert!(
+            clash
+                .as_deref()
+                .is_some_and(|c| c.contains("node b") && c.contains("198.19.5.7")),
+            "{clash:?}"
+        );
+        assert_eq!(
+            transit_clash(
+                "a",
+                own,
+                nodes(&[("a", [10, 1, 5, 7]), ("b", [10, 1, 5, 8])])
+            ),
+            None
+        );
     }
 }
