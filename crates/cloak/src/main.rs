@@ -457,11 +457,12 @@ fn run_node(args: NodeArgs) -> anyhow::Result<()> {
             intranet: args.intranet.iter().map(|c| c.get()).collect(),
             transit: cloak_node::daemon::transit_for(node_ip),
             node_ip,
-            netns: args.netns,
+            netns: args.netns.clone(),
             probe_interval: std::time::Duration::from_millis(args.probe_interval_ms),
             probe_misses: args.probe_misses,
         };
         let shutdown = shutdown_signal()?;
+        let netns = args.netns.clone();
         let daemon = Box::pin(cloak_node::daemon::run(client.clone(), options, shutdown));
         if let Some(paths) = &paths {
             // After the socket listens: a plugin entry must never point at no daemon for longer
@@ -508,6 +509,13 @@ fn run_node(args: NodeArgs) -> anyhow::Result<()> {
                 let changed = cloak_node::install::uninstall(paths)
                     .context("removing the CNI plugin")?;
                 tracing::info!(?changed, "the DaemonSet is going away: CNI plugin removed");
+                // Then what it put in the kernel: the links to the exits, their rules and
+                // tables, the node's table and the guard. Clients keep their own kill switch
+                // (nothing of theirs goes out unprotected); IPv6 forwarding stays on (the
+                // node's own network may rely on it by now).
+                cloak_node::daemon::reset_kernel(netns.as_deref())
+                    .context("removing the node's links, routes and tables")?;
+                tracing::info!("the DaemonSet is going away: the node's kernel state removed");
             }
         }
         Ok(())

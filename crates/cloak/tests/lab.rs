@@ -190,6 +190,28 @@ fn the_chart_installs_two_ready_replicas_rolls_out_an_upgrade_hands_leadership_o
     for crd in ["vpnproviders.cloak.dev", "vpnmasks.cloak.dev"] {
         lab.kubectl(&["get", "crd", crd]);
     }
+    // ... and nothing of cloak node on the nodes: no plugin in the conflist or the CNI binary
+    // directory, no table, no link to an exit.
+    for k in 1..=2 {
+        let node = layout::node_name(k);
+        let dir = lab.lab.node_dir(k);
+        for entry in std::fs::read_dir(dir.join("cni")).unwrap() {
+            let path = entry.unwrap().path();
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            assert!(!text.contains("\"cloak\""), "{}: {text}", path.display());
+        }
+        assert!(
+            !dir.join("cni-bin/cloak").exists(),
+            "{node}: the plugin binary stayed"
+        );
+        let tables = lab.exec_in(&node, &["nft", "list", "tables"]).unwrap();
+        assert!(
+            !tables.contains("cloak_gateway") && !tables.contains("cloak_guard"),
+            "{node}: {tables}"
+        );
+        let links = lab.exec_in(&node, &["ip", "-o", "link", "show"]).unwrap();
+        assert!(!links.contains(": ckx"), "{node}: {links}");
+    }
     let providers = lab.json(&["-n", DEMO_NAMESPACE, "get", "vpnproviders"]);
     let names: Vec<String> = providers["items"]
         .as_array()

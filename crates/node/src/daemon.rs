@@ -1181,6 +1181,27 @@ fn cluster_domains(
         .collect()
 }
 
+/// Removes everything of the node's in the kernel (`NodePlan::reset`, `Guard::reset`), in the
+/// network namespace at `netns` (None: this process's): what an uninstall leaves behind.
+pub fn reset_kernel(netns: Option<&std::path::Path>) -> Result<(), cloak_dataplane::Error> {
+    let netns = netns.map(std::path::Path::to_path_buf);
+    std::thread::spawn(move || {
+        enter(netns.as_ref()).map_err(|e| cloak_dataplane::Error::Command {
+            command: "setns".into(),
+            stderr: e.to_string(),
+        })?;
+        NodePlan::reset()?;
+        Guard::reset()
+    })
+    .join()
+    .unwrap_or_else(|_| {
+        Err(cloak_dataplane::Error::Command {
+            command: "reset".into(),
+            stderr: "the thread panicked".into(),
+        })
+    })
+}
+
 /// The node-side interface of a client: `ckg` and the first 11 characters of its sandbox's id
 /// (interface names have at most 15).
 pub fn iface_name(container_id: &str) -> String {
