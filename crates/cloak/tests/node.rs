@@ -823,6 +823,22 @@ async fn a_flushed_ruleset_is_loaded_again_and_client_traffic_goes_on_through_th
 }
 
 #[tokio::test]
+async fn a_client_whose_interface_vanished_does_not_stop_the_next_from_attaching() {
+    let rig = Rig::new("node-vanished").await;
+    rig.pod("app", json!({"cloak.dev/gateway": "egress"})).await;
+    rig.cni("ADD", "app", "c0ffee0013").unwrap();
+    // Its interface goes behind the daemon's back (the pod's sandbox torn down without a DEL).
+    rig.net["node"].run(&["ip", "link", "del", "ckgc0ffee0013"]);
+    rig.net["app"].run(&["ip", "link", "del", "eth0"]);
+    rig.cni("ADD", "app", "c0ffee0014")
+        .unwrap_or_else(|e| panic!("{e}\n{}", rig.daemon_log()));
+    let seen = spread(&rig.net["app"], 4);
+    let exits = [exit_public(1), exit_public(2)];
+    assert!(seen.keys().all(|via| exits.contains(via)), "{seen:?}");
+    rig.cni("DEL", "app", "c0ffee0014").unwrap();
+}
+
+#[tokio::test]
 async fn the_daemons_restart_keeps_the_clients_flows_and_forgets_nothing() {
     let mut rig = Rig::new("node-restart").await;
     rig.pod("app", json!({"cloak.dev/gateway": "egress"})).await;

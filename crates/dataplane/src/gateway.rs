@@ -675,6 +675,12 @@ fn route_clients(clients: &[ClientPort], ipv6: bool) -> Result<(), Error> {
                         tracing::warn!(iface = %client.iface, error = %e, %again, "a client without IPv6");
                     }
                 }
+                // A client whose interface went (its pod deleted while the daemon was away, or
+                // behind its back) has nothing to route to: the others' routes must not wait for
+                // the daemon to forget it.
+                Err(e) if !link_exists(&client.iface) => {
+                    tracing::warn!(iface = %client.iface, error = %e, "a client's interface is gone");
+                }
                 Err(e) => return Err(e),
             }
         }

@@ -545,8 +545,13 @@ impl Daemon {
                     .collect()
             })
             .await;
+        if gone.is_empty() {
+            return;
+        }
         for id in gone {
-            state.clients.remove(&id);
+            if let Some(c) = state.clients.remove(&id) {
+                tracing::info!(pod = %format!("{}/{}", c.pod_namespace, c.pod_name), iface = %c.iface, "a client's interface is gone: forgotten");
+            }
             state.exits.remove(&id);
         }
         self.save(&state);
@@ -713,9 +718,11 @@ impl Daemon {
         )
     }
 
-    /// Loads the guard again, and applies the node's plan again when its table is not what was
-    /// listed right after the last apply (drift: `nft flush ruleset`, an edited table).
+    /// Forgets clients and exits whose interfaces went, loads the guard again, and applies the
+    /// node's plan again when its table is not what was listed right after the last apply
+    /// (drift: `nft flush ruleset`, an edited table).
     async fn recheck(&self) {
+        self.forget_vanished().await;
         let listed = self.kernel.run(NodePlan::loaded).await.ok();
         {
             let mut state = self.state.lock().await;
