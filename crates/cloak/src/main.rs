@@ -75,6 +75,16 @@ struct NodeArgs {
 enum NodeCommand {
     /// Take the plugin out of the node's CNI configuration and remove its binary (uninstall).
     Uninstall,
+    /// Ask the running daemon whether it is live (its kernel thread runs jobs) or, with
+    /// `--ready`, ready (it has listed the gateways): exit 0 if so, 1 with the reason if not. The
+    /// DaemonSet's liveness and readiness probes.
+    Check {
+        #[arg(long)]
+        ready: bool,
+        /// Where the daemon listens.
+        #[arg(long, env = "CLOAK_NODE_SOCKET", default_value = cloak_node::cni::DEFAULT_SOCKET)]
+        socket: std::path::PathBuf,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -434,6 +444,12 @@ fn run_node(args: NodeArgs) -> anyhow::Result<()> {
                 .display()
                 .to_string(),
         });
+    if let Some(NodeCommand::Check { ready, socket }) = &args.command {
+        if let Some(why) = cloak_node::cni::check(&socket.display().to_string(), *ready) {
+            anyhow::bail!(why);
+        }
+        return Ok(());
+    }
     if let Some(NodeCommand::Uninstall) = args.command {
         let paths = paths.context("uninstall needs --cni-conf-dir")?;
         let changed = cloak_node::install::uninstall(&paths).context("removing the CNI plugin")?;

@@ -839,6 +839,35 @@ async fn a_client_whose_interface_vanished_does_not_stop_the_next_from_attaching
 }
 
 #[tokio::test]
+async fn the_daemon_answers_its_liveness_and_readiness_checks_and_a_stopped_one_fails_them() {
+    let mut rig = Rig::new("node-check").await;
+    let socket = rig.dir.join("node.sock");
+    let check = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_cloak"))
+            .args(["node", "check"])
+            .args(extra)
+            .arg("--socket")
+            .arg(&socket)
+            .output()
+            .unwrap()
+    };
+    for extra in [&[][..], &["--ready"][..]] {
+        let out = check(extra);
+        assert!(
+            out.status.success(),
+            "{extra:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    rig.stop_daemon();
+    for extra in [&[][..], &["--ready"][..]] {
+        let out = check(extra);
+        assert!(!out.status.success(), "{extra:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("cannot be asked"));
+    }
+}
+
+#[tokio::test]
 async fn the_daemons_restart_keeps_the_clients_flows_and_forgets_nothing() {
     let mut rig = Rig::new("node-restart").await;
     rig.pod("app", json!({"cloak.dev/gateway": "egress"})).await;

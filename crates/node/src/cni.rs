@@ -51,6 +51,10 @@ pub struct Request {
 pub enum Command {
     Add,
     Del,
+    /// `cloak node check`: the daemon answers once its kernel thread has run a job (liveness).
+    Live,
+    /// `cloak node check --ready`: and once it has listed the gateways (readiness).
+    Ready,
 }
 
 /// The daemon's answer.
@@ -228,6 +232,23 @@ pub fn plugin(env: &dyn Fn(&str) -> Option<String>, stdin: &str) -> Result<Strin
         }
         // CHECK and GC: nothing of the pod's primary network is cloak's to check.
         _ => Ok(String::new()),
+    }
+}
+
+/// Asks the daemon at `socket` whether it is live (or, with `ready`, ready): None when it is,
+/// otherwise why not. For the DaemonSet's probes (`cloak node check`).
+pub fn check(socket: &str, ready: bool) -> Option<String> {
+    let request = Request {
+        command: if ready { Command::Ready } else { Command::Live },
+        container_id: String::new(),
+        pod_namespace: String::new(),
+        pod_name: String::new(),
+        netns: None,
+        ifname: None,
+    };
+    match ask(socket, &request) {
+        Ok(reply) => reply.error,
+        Err(e) => Some(format!("the daemon at {socket} cannot be asked: {e}")),
     }
 }
 

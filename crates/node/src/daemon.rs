@@ -211,6 +211,9 @@ impl Kernel {
     }
 }
 
+/// How long a liveness check waits for the kernel thread: longer than a tool may take.
+const LIVE_WITHIN: Duration = Duration::from_secs(15);
+
 /// How often the guard is loaded again and the node's table read back ([`Daemon::recheck`]).
 const RECHECK: Duration = Duration::from_secs(5);
 /// The first wait before a failed apply is tried again (doubled at each failure).
@@ -964,6 +967,14 @@ impl Daemon {
                         self.del(&request).await;
                         None
                     }
+                    Command::Live => self.live().await.err(),
+                    Command::Ready => match self.live().await {
+                        Err(e) => Some(e),
+                        Ok(()) if self.gateways.wait_until_ready().now_or_never().is_none() => {
+                            Some("the gateways are not listed yet".into())
+                        }
+                        Ok(()) => None,
+                    },
                 };
                 if let Some(e) = &error {
                     tracing::warn!(pod = %format!("{}/{}", request.pod_namespace, request.pod_name), error = %e, "attaching refused");
@@ -978,6 +989,15 @@ impl Daemon {
             text.push('\n');
             let _ = write.write_all(text.as_bytes()).await;
         }
+    }
+
+    /// Whether the kernel thread runs jobs: a no-op through its queue within [`LIVE_WITHIN`]
+    /// (an apply stuck behind a wedged tool is killed after 10 s; a thread that does not come
+    /// back is the daemon's end, which the kubelet's liveness probe turns into a restart).
+    async fn live(&self) -> Result<(), String> {
+        tokio::time::timeout(LIVE_WITHIN, self.kernel.run(|| ()))
+            .await
+            .map_err(|_| format!("the kernel thread ran no job within {LIVE_WITHIN:?}"))
     }
 
     /// Attaches a pod if it is a client: its veth, its namespace's routes and kill switch, then
