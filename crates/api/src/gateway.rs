@@ -125,6 +125,13 @@ pub struct ExitsSpec {
     /// pod is created: a change applies to exits created after it. Default 5m.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain_grace: Option<GoDuration>,
+
+    /// How long an exit's tunnel may go without connecting (its pod running but not Ready)
+    /// before the exit moves to its pool's next server, as when its server is down or refuses
+    /// it. An exit also moves when its pod is annotated `cloak.dev/move` (any value), as when a
+    /// site bans its address. Default 2m.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub move_after: Option<GoDuration>,
 }
 
 /// Which pods a gateway serves, besides those labelled `cloak.dev/gateway: <name>`.
@@ -383,6 +390,10 @@ pub struct ExitStatus {
     /// Why the exit is in its state, in words.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// The last time the exit moved to another server, and why (`server-2 → next: its tunnel had
+    /// not connected for 2m`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_move: Option<String>,
 }
 
 // The health of an exit. (A `//` comment: a type's doc would replace the field's own in the

@@ -191,12 +191,14 @@ impl Guard {
         );
         let vxlan = format!("udp dport {VXLAN_PORT}");
         // An exit's own frames: from its interface, as itself, with its identifier (the VNI is
-        // the 24 bits after the first 32 of the VXLAN header, itself after UDP's 64).
+        // the 24 bits after the first 32 of the VXLAN header, itself after UDP's 64). The port
+        // comes first in every rule: all the node's traffic passes these chains, and only the
+        // VXLAN port's goes on to a set lookup.
         let mut exits = String::new();
         for e in &self.local {
             let _ = writeln!(
                 exits,
-                "\t\tiifname \"{port}\" ip saddr {address} ip daddr != @exits {vxlan} @th,96,24 {vni} accept",
+                "\t\t{vxlan} iifname \"{port}\" ip saddr {address} ip daddr != @exits @th,96,24 {vni} accept",
                 port = e.port,
                 address = e.address,
                 vni = e.vni,
@@ -212,9 +214,9 @@ impl Guard {
              \tchain prerouting {{\n\
              \t\ttype filter hook prerouting priority raw; policy accept;\n\
              {exits}\
-             \t\tiifname != @addressed {vxlan} ip daddr @exits drop\n\
-             \t\tiifname != @addressed {vxlan} ip daddr @nodes drop\n\
-             \t\tiifname != @addressed {vxlan} fib daddr type local drop\n\
+             \t\t{vxlan} iifname != @addressed ip daddr @exits drop\n\
+             \t\t{vxlan} iifname != @addressed ip daddr @nodes drop\n\
+             \t\t{vxlan} iifname != @addressed fib daddr type local drop\n\
              \t}}\n\
              }}\n\
              table bridge {GUARD_TABLE}\n\
@@ -224,8 +226,8 @@ impl Guard {
              \tchain prerouting {{\n\
              \t\ttype filter hook prerouting priority -300; policy accept;\n\
              {exits}\
-             \t\tmeta iifkind \"veth\" {vxlan} ip daddr @exits drop\n\
-             \t\tmeta iifkind \"veth\" {vxlan} ip daddr @nodes drop\n\
+             \t\t{vxlan} meta iifkind \"veth\" ip daddr @exits drop\n\
+             \t\t{vxlan} meta iifkind \"veth\" ip daddr @nodes drop\n\
              \t}}\n\
              }}\n"
         )
@@ -301,13 +303,13 @@ mod tests {
         let text = guard.render(&interfaces);
         assert!(text.contains("elements = { 10.0.0.5, 10.0.0.6 }"), "{text}");
         assert!(text.contains("elements = { \"eth0\" }"), "{text}");
-        let exception = "iifname \"veth3a\" ip saddr 10.244.1.9 ip daddr != @exits udp dport 4790 @th,96,24 4097 accept";
+        let exception = "udp dport 4790 iifname \"veth3a\" ip saddr 10.244.1.9 ip daddr != @exits @th,96,24 4097 accept";
         assert_eq!(text.matches(exception).count(), 2, "both tables: {text}");
         for rule in [
-            "iifname != @addressed udp dport 4790 ip daddr @exits drop",
-            "iifname != @addressed udp dport 4790 fib daddr type local drop",
-            "meta iifkind \"veth\" udp dport 4790 ip daddr @exits drop",
-            "meta iifkind \"veth\" udp dport 4790 ip daddr @nodes drop",
+            "udp dport 4790 iifname != @addressed ip daddr @exits drop",
+            "udp dport 4790 iifname != @addressed fib daddr type local drop",
+            "udp dport 4790 meta iifkind \"veth\" ip daddr @exits drop",
+            "udp dport 4790 meta iifkind \"veth\" ip daddr @nodes drop",
         ] {
             assert!(text.contains(rule), "{rule}: {text}");
         }

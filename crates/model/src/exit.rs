@@ -280,6 +280,42 @@ impl PodView {
 /// An exit's health and the words for it: from whether its mask holds a slot, and its pod.
 /// `was` is the health the status showed before: an exit that was Healthy and is not ready now
 /// is Unhealthy (its flows were moved), one that never was is still Connecting.
+/// The annotation a user puts on an exit's pod to move the exit to its pool's next server (any
+/// value), as when a site bans its address (gluetun#3391).
+pub const ANNOTATION_MOVE: &str = "cloak.dev/move";
+/// How long an exit's tunnel may go without connecting before it moves, unless its gateway says
+/// (`spec.exits.moveAfter`).
+pub const MOVE_AFTER: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Why an exit's running pod is to be replaced on its pool's next server, if it is: it stopped,
+/// a user asked (`moved`: [`ANNOTATION_MOVE`]), or its tunnel has not connected for `down` (as
+/// long as the status has shown it Connecting or Unhealthy), `limit` or more. A pod being deleted
+/// is already going.
+pub fn move_reason(
+    pod: &PodView,
+    moved: bool,
+    down: Option<std::time::Duration>,
+    limit: std::time::Duration,
+) -> Option<String> {
+    if pod.deleting {
+        return None;
+    }
+    if pod.is_finished() {
+        let why = pod.reason.clone().unwrap_or_else(|| "stopped".into());
+        return Some(format!("its pod stopped ({why})"));
+    }
+    if moved {
+        return Some(format!("its pod was annotated {ANNOTATION_MOVE}"));
+    }
+    match down {
+        Some(down) if !pod.ready && down >= limit => Some(format!(
+            "its tunnel had not connected for {}s",
+            limit.as_secs()
+        )),
+        _ => None,
+    }
+}
+
 pub fn health(
     slot_held: bool,
     pod: Option<&PodView>,
@@ -325,6 +361,59 @@ pub fn health(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_exit_moves_when_its_pod_stopped_a_user_asks_or_its_tunnel_stays_down_and_not_while_draining()
+     {
+        let limit = std::time::Duration::from_secs(120);
+        let running = PodView {
+            node: Some("n1".into()),
+            ip: None,
+            phase: Some("Running".into()),
+            ready: false,
+            deleting: false,
+            reason: None,
+        };
+        let secs = std::time::Duration::from_secs;
+        assert_eq!(move_reason(&running, false, Some(secs(119)), limit), None);
+        assert_eq!(
+            move_reason(&running, false, Some(secs(120)), limit).as_deref(),
+            Some("its tunnel had not connected for 120s")
+        );
+        assert_eq!(
+            move_reason(&running, false, None, limit),
+            None,
+            "never seen down"
+        );
+        let ready = PodView {
+            ready: true,
+            ..running.clone()
+        };
+        assert_eq!(
+            move_reason(&ready, false, Some(secs(600)), limit),
+            None,
+            "it connected since"
+        );
+        assert!(
+            move_reason(&ready, true, None, limit)
+                .unwrap()
+                .contains(ANNOTATION_MOVE)
+        );
+        let failed = PodView {
+            phase: Some("Failed".into()),
+            reason: Some("Error".into()),
+            ..running.clone()
+        };
+        assert_eq!(
+            move_reason(&failed, false, None, limit).as_deref(),
+            Some("its pod stopped (Error)")
+        );
+        let draining = PodView {
+            deleting: true,
+            ..failed
+        };
+        assert_eq!(move_reason(&draining, true, Some(secs(600)), limit), None);
+    }
 
     fn owner() -> OwnerReference {
         OwnerReference {

@@ -461,6 +461,116 @@ async fn two_gateways_never_share_a_vni_and_scaling_down_removes_the_last_exits(
 }
 
 /// Creates pod `name` with `labels`, binds it and, when `running`, writes it Running.
+#[tokio::test]
+async fn an_exit_whose_tunnel_does_not_connect_or_that_a_user_moves_goes_to_the_next_server_and_says_why()
+ {
+    let (client, ns) = setup("gw-move", 1).await;
+    let gateway: VpnGateway = serde_json::from_value(json!({
+        "apiVersion": "cloak.dev/v1alpha1", "kind": "VpnGateway", "metadata": {"name": "egress"},
+        "spec": {"exits": {"count": 1, "providers": ["nl"], "moveAfter": "3s"}},
+    }))
+    .unwrap();
+    Api::<VpnGateway>::namespaced(client.clone(), ns.name())
+        .create(&PostParams::default(), &gateway)
+        .await
+        .unwrap();
+    let exit0 = "egress-exit-0";
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns.name());
+    let first = until(&client, ns.name(), "egress", "the exit's pod", |_, pods| {
+        pods.iter().find(|p| p.name_any() == exit0).cloned()
+    })
+    .await;
+    // Running, its tunnel never connecting (never Ready): it moves after 3 s.
+    bind(&client, ns.name(), exit0, "node-1").await;
+    set_pod(&client, ns.name(), exit0, "Running", false).await;
+    let server = |p: &Pod| p.annotations()[exit::ANNOTATION_SERVER].clone();
+    let (uid, from) = (first.uid().unwrap(), server(&first));
+    kubelet_confirms_deletion(&client, ns.name(), exit0).await;
+    let second = until(&client, ns.name(), "egress", "exit 0 moved", |_, pods| {
+        pods.iter()
+            .find(|p| p.name_any() == exit0 && p.uid().as_deref() != Some(uid.as_str()))
+            .cloned()
+    })
+    .await;
+    assert_ne!(
+        server(&second),
+        from,
+        "the replacement uses the next server"
+    );
+    let moved = until(
+        &client,
+        ns.name(),
+        "egress",
+        "the status says why",
+        |g, _| g.status.as_ref()?.exits.first()?.last_move.clone(),
+    )
+    .await;
+    assert!(
+        moved.contains(&from) && moved.contains("had not connected for 3s"),
+        "{moved}"
+    );
+    // Healthy, then a user asks it to move (a site banned its address).
+    bind(&client, ns.name(), exit0, "node-1").await;
+    set_pod(&client, ns.name(), exit0, "Running", true).await;
+    until(&client, ns.name(), "egress", "exit 0 healthy", |g, _| {
+        (exit_health(g, exit0) == Some(ExitHealth::Healthy)).then_some(())
+    })
+    .await;
+    let (uid, from) = (second.uid().unwrap(), server(&second));
+    pods.patch(
+        exit0,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"annotations": {exit::ANNOTATION_MOVE: "banned"}}})),
+    )
+    .await
+    .unwrap();
+    kubelet_confirms_deletion(&client, ns.name(), exit0).await;
+    let third = until(
+        &client,
+        ns.name(),
+        "egress",
+        "exit 0 moved on request",
+        |_, pods| {
+            pods.iter()
+                .find(|p| p.name_any() == exit0 && p.uid().as_deref() != Some(uid.as_str()))
+                .cloned()
+        },
+    )
+    .await;
+    assert_ne!(server(&third), from);
+    assert!(!third.annotations().contains_key(exit::ANNOTATION_MOVE));
+    until(
+        &client,
+        ns.name(),
+        "egress",
+        "the status says why",
+        |g, _| {
+            let why = g.status.as_ref()?.exits.first()?.last_move.clone()?;
+            (why.contains(&from) && why.contains(exit::ANNOTATION_MOVE)).then_some(())
+        },
+    )
+    .await;
+}
+
+/// Waits (at most [`WAIT`]) until the operator deletes `pod`, then removes it as its node's
+/// kubelet would once its containers stopped (there is no kubelet here).
+async fn kubelet_confirms_deletion(client: &Client, ns: &str, pod: &str) {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let deadline = Instant::now() + WAIT;
+    while pods
+        .get_opt(pod)
+        .await
+        .unwrap()
+        .is_some_and(|p| p.metadata.deletion_timestamp.is_none())
+    {
+        assert!(Instant::now() < deadline, "{pod} was not deleted");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _ = pods
+        .delete(pod, &kube::api::DeleteParams::default().grace_period(0))
+        .await;
+}
+
 /// The VXLAN identifiers of the gateway's exits as its status says, once each has one.
 fn vnis(g: &VpnGateway, count: usize) -> Option<Vec<u32>> {
     let exits = &g.status.as_ref()?.exits;

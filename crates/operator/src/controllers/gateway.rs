@@ -303,23 +303,54 @@ async fn apply(gateway: &VpnGateway, ctx: &Context) -> Result<Action> {
             Some((provider, server))
         })
         .collect();
+    // An exit whose pod stopped, was annotated to move, or whose tunnel has not connected for
+    // `moveAfter` moves to its pool's next server: its pod goes, and the next reconcile makes
+    // one on the server after the one it used.
+    let previous = gateway.status.clone().unwrap_or_default();
+    let move_after = gateway
+        .spec
+        .exits
+        .move_after
+        .as_ref()
+        .map_or(exit::MOVE_AFTER, cloak_api::GoDuration::get);
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let mut moves: BTreeMap<String, String> = BTreeMap::new();
+    let mut next_check = RESYNC;
     for (exit_name, f) in &mut found {
         let Some(held) = f.mask.status.as_ref().and_then(|s| s.provider.clone()) else {
             continue;
         };
         if let Some(pod) = &f.pod {
             let view = exit::PodView::of(pod);
-            if view.is_finished() && !view.deleting {
-                let why = view.reason.unwrap_or_else(|| "stopped".into());
+            let down = previous
+                .exits
+                .iter()
+                .find(|e| &e.name == exit_name)
+                .filter(|e| matches!(e.health, ExitHealth::Connecting | ExitHealth::Unhealthy))
+                .and_then(|e| e.since.as_ref())
+                .and_then(|since| u64::try_from(now.as_second() - since.0.as_second()).ok())
+                .map(Duration::from_secs);
+            let moved = pod.annotations().contains_key(exit::ANNOTATION_MOVE);
+            if let Some(why) = exit::move_reason(&view, moved, down, move_after) {
+                let from = pod
+                    .annotations()
+                    .get(exit::ANNOTATION_SERVER)
+                    .cloned()
+                    .unwrap_or_else(|| "its server".into());
                 publish(
                     ctx,
                     gateway,
                     EventType::Warning,
                     "ExitReplaced",
-                    format!("exit {exit_name} stopped ({why}); replacing it on the next server"),
+                    format!("exit {exit_name} moves from {from} to its pool's next server: {why}"),
                 )
                 .await;
+                moves.insert(exit_name.clone(), format!("{now} from {from}: {why}"));
                 pods.delete(exit_name, &DeleteParams::background()).await?;
+            } else if let Some(down) = down.filter(|_| !view.ready) {
+                // Looked at again when it would be due to move.
+                next_check =
+                    next_check.min(move_after.saturating_sub(down) + Duration::from_secs(1));
             }
             continue;
         }
@@ -339,7 +370,6 @@ async fn apply(gateway: &VpnGateway, ctx: &Context) -> Result<Action> {
     let attached = count_clients(gateway, ctx).await?;
 
     // Status.
-    let previous = gateway.status.clone().unwrap_or_default();
     let mut exits = Vec::new();
     for (exit_name, f) in &found {
         let was = previous.exits.iter().find(|e| &e.name == exit_name);
@@ -381,6 +411,9 @@ async fn apply(gateway: &VpnGateway, ctx: &Context) -> Result<Action> {
             health,
             since,
             message: Some(message),
+            last_move: moves
+                .remove(exit_name)
+                .or_else(|| was.and_then(|w| w.last_move.clone())),
         });
     }
     let healthy = u32::try_from(
@@ -443,7 +476,7 @@ async fn apply(gateway: &VpnGateway, ctx: &Context) -> Result<Action> {
     };
     let api: Api<VpnGateway> = Api::namespaced(ctx.client.clone(), &ns);
     write_if_changed(&api, &name, &previous, &status, None).await?;
-    Ok(Action::requeue(RESYNC))
+    Ok(Action::requeue(next_check))
 }
 
 /// How many of the namespace's running pods are this gateway's clients (its label, or its
