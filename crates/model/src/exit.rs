@@ -285,7 +285,7 @@ impl PodView {
 pub const ANNOTATION_MOVE: &str = "cloak.dev/move";
 /// How long an exit's tunnel may go without connecting before it moves, unless its gateway says
 /// (`spec.exits.moveAfter`).
-pub const MOVE_AFTER: std::time::Duration = std::time::Duration::from_secs(120);
+pub const MOVE_AFTER: std::time::Duration = std::time::Duration::from_mins(2);
 
 /// Why an exit's running pod is to be replaced on its pool's next server, if it is: it stopped,
 /// a user asked (`moved`: [`ANNOTATION_MOVE`]), or its tunnel has not connected for `down` (as
@@ -365,7 +365,7 @@ mod tests {
     #[test]
     fn an_exit_moves_when_its_pod_stopped_a_user_asks_or_its_tunnel_stays_down_and_not_while_draining()
      {
-        let limit = std::time::Duration::from_secs(120);
+        let limit = std::time::Duration::from_mins(2);
         let running = PodView {
             node: Some("n1".into()),
             ip: None,
