@@ -330,8 +330,8 @@ async fn apply(gateway: &VpnGateway, ctx: &Context) -> Result<Action> {
                 .and_then(|e| e.since.as_ref())
                 .and_then(|since| u64::try_from(now.as_second() - since.0.as_second()).ok())
                 .map(Duration::from_secs);
-            let moved = pod.annotations().contains_key(exit::ANNOTATION_MOVE);
-            if let Some(why) = exit::move_reason(&view, moved, down, move_after) {
+            let asked = pod.annotations().contains_key(exit::ANNOTATION_MOVE);
+            if let Some(why) = exit::move_reason(&view, asked, down, move_after) {
                 let from = pod
                     .annotations()
                     .get(exit::ANNOTATION_SERVER)
