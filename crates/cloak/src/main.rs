@@ -467,7 +467,7 @@ fn run_node(args: NodeArgs) -> anyhow::Result<()> {
             .await
             .context("connecting to the Kubernetes API")?;
         let options = cloak_node::daemon::Options {
-            node_name: args.node_name,
+            node_name: args.node_name.clone(),
             socket: args.socket,
             state_dir: args.state_dir,
             intranet: args.intranet.iter().map(|c| c.get()).collect(),
@@ -479,6 +479,7 @@ fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         };
         let shutdown = shutdown_signal()?;
         let netns = args.netns.clone();
+        let node_name = args.node_name.clone();
         let daemon = Box::pin(cloak_node::daemon::run(client.clone(), options, shutdown));
         if let Some(paths) = &paths {
             // After the socket listens: a plugin entry must never point at no daemon for longer
@@ -510,7 +511,7 @@ fn run_node(args: NodeArgs) -> anyhow::Result<()> {
             && let Some((ns, name)) = daemonset.split_once('/')
         {
             let api: kube::Api<k8s_openapi::api::apps::v1::DaemonSet> =
-                kube::Api::namespaced(client, ns);
+                kube::Api::namespaced(client.clone(), ns);
             let going = match api.get_opt(name).await {
                 Ok(None) => true,
                 Ok(Some(ds)) => ds.metadata.deletion_timestamp.is_some(),
@@ -526,10 +527,20 @@ fn run_node(args: NodeArgs) -> anyhow::Result<()> {
                     .context("removing the CNI plugin")?;
                 tracing::info!(?changed, "the DaemonSet is going away: CNI plugin removed");
                 // Then what it put in the kernel: the links to the exits, their rules and
-                // tables, the node's table and the guard. Clients keep their own kill switch
+                // tables, the node's table, and the guard unless an exit pod still runs here
+                // (gateways, and so their exits, outlive an uninstall that keeps the CRDs; when
+                // that cannot be asked, the guard stays). Clients keep their own kill switch
                 // (nothing of theirs goes out unprotected); IPv6 forwarding stays on (the
                 // node's own network may rely on it by now).
-                cloak_node::daemon::reset_kernel(netns.as_deref())
+                let exits_here = kube::Api::<k8s_openapi::api::core::v1::Pod>::all(client.clone())
+                    .list_metadata(
+                        &kube::api::ListParams::default()
+                            .labels(cloak_model::exit::LABEL_EXIT)
+                            .fields(&format!("spec.nodeName={node_name}")),
+                    )
+                    .await
+                    .map_or(true, |pods| !pods.items.is_empty());
+                cloak_node::daemon::reset_kernel(netns.as_deref(), exits_here)
                     .context("removing the node's links, routes and tables")?;
                 tracing::info!("the DaemonSet is going away: the node's kernel state removed");
             }

@@ -691,11 +691,15 @@ fn a_plain_pod_with_net_raw_puts_no_frame_into_any_exit_from_its_own_address_or_
         .collect();
     for (exit, frame, _) in &frames {
         let send =
-            |from| cloak_testkit::netlab::spoof::send_vxlan(&netns, *exit, from, frame.clone());
-        send(None);
+            |to, from| cloak_testkit::netlab::spoof::send_vxlan(&netns, to, from, frame.clone());
+        send(*exit, None);
         for node in &nodes {
-            send(Some(*node));
+            send(*exit, Some(*node));
         }
+        // Not to the exit's address: to every address of its node's pod network at once.
+        let [a, b, c, _] = exit.octets();
+        send(std::net::Ipv4Addr::new(a, b, c, 255), None);
+        send(std::net::Ipv4Addr::BROADCAST, None);
     }
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(

@@ -205,9 +205,24 @@ fn the_chart_installs_two_ready_replicas_rolls_out_an_upgrade_hands_leadership_o
             "{node}: the plugin binary stayed"
         );
         let tables = lab.exec_in(&node, &["nft", "list", "tables"]).unwrap();
-        assert!(
-            !tables.contains("cloak_gateway") && !tables.contains("cloak_guard"),
-            "{node}: {tables}"
+        assert!(!tables.contains("cloak_gateway"), "{node}: {tables}");
+        // The guard stays while an exit pod runs there: the gateways, and so their exits,
+        // outlive an uninstall that keeps the CRDs.
+        let exits_here = lab.kubectl(&[
+            "get",
+            "pods",
+            "-A",
+            "-l",
+            "cloak.dev/exit",
+            "--field-selector",
+            &format!("spec.nodeName={node}"),
+            "-o",
+            "name",
+        ]);
+        assert_eq!(
+            tables.contains("cloak_guard"),
+            !exits_here.trim().is_empty(),
+            "{node}: exit pods [{exits_here}], tables {tables}"
         );
         let links = lab.exec_in(&node, &["ip", "-o", "link", "show"]).unwrap();
         assert!(!links.contains(": ckx"), "{node}: {links}");

@@ -967,6 +967,9 @@ impl ExitPlan {
              table inet {EXIT_TABLE} {{\n\
              \tchain input {{\n\
              \t\ttype filter hook input priority filter; policy accept;\n\
+             \t\tudp dport {VXLAN_PORT} ip daddr != {local} drop\n\
+             \t\tudp dport {VXLAN_PORT} meta pkttype != host drop\n\
+             \t\tmeta nfproto ipv6 udp dport {VXLAN_PORT} drop\n\
              \t\tiifname \"{EXIT_IFACE}\" icmp type echo-request {health}\n\
              \t\tip daddr {EXIT_ADDRESS} iifname != \"{EXIT_IFACE}\" drop\n\
              \t\tip6 daddr {exit6} iifname != \"{EXIT_IFACE}\" drop\n\
@@ -997,6 +1000,7 @@ impl ExitPlan {
              }}\n",
             tunnel = self.tunnel,
             exit6 = twin(EXIT_ADDRESS),
+            local = self.local,
         )
     }
 

@@ -42,9 +42,6 @@ pub struct Request {
     /// Where the daemon reopens the pod's network namespace (`/proc/<pid>/fd/<fd>`), while the
     /// plugin waits. None on a DEL whose namespace is already gone.
     pub netns: Option<String>,
-    /// The pod's interface the runtime asked for (`CNI_IFNAME`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ifname: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -187,7 +184,6 @@ pub fn plugin(env: &dyn Fn(&str) -> Option<String>, stdin: &str) -> Result<Strin
                     std::process::id(),
                     netns.as_raw_fd()
                 )),
-                ifname: env("CNI_IFNAME"),
             };
             let reply = match ask(socket, &request) {
                 Ok(reply) => reply,
@@ -223,7 +219,6 @@ pub fn plugin(env: &dyn Fn(&str) -> Option<String>, stdin: &str) -> Result<Strin
                     pod_namespace,
                     pod_name,
                     netns: None,
-                    ifname: None,
                 };
                 // Best effort: the daemon also forgets clients whose interfaces are gone.
                 let _ = ask(socket, &request);
@@ -244,7 +239,6 @@ pub fn check(socket: &str, ready: bool) -> Option<String> {
         pod_namespace: String::new(),
         pod_name: String::new(),
         netns: None,
-        ifname: None,
     };
     match ask(socket, &request) {
         Ok(reply) => reply.error,

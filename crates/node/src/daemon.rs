@@ -79,20 +79,6 @@ struct Attached {
     address: Ipv4Addr,
 }
 
-/// An exit pod on this node: the guard lets its frames through from its own interface alone
-/// ([`cloak_dataplane::guard`]).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct LocalExit {
-    pod_namespace: String,
-    /// Its gateway's name and its own (the pod's `cloak.dev/exit-of` and `cloak.dev/exit`).
-    gateway: String,
-    exit: String,
-    /// The host side of its interface.
-    port: String,
-    address: Ipv4Addr,
-}
-
 /// What the probes have seen of an exit lately: `up` is None until it answered once or missed
 /// `probe_misses` in a row (until then the gateway's status decides); `draining` when its last
 /// answer said it takes no new flows; `ipv6` when it said its tunnel carries IPv6.
@@ -116,9 +102,6 @@ struct Saved {
     gateway_ids: BTreeMap<String, u16>,
     #[serde(default)]
     slots: BTreeMap<u32, u8>,
-    /// The exit pods on this node, by container id.
-    #[serde(default)]
-    exits: BTreeMap<String, LocalExit>,
 }
 
 #[derive(Debug, Default)]
@@ -139,10 +122,10 @@ struct State {
     retry_at: Option<tokio::time::Instant>,
     /// Drifts repaired (a table changed or gone under the daemon).
     drifts: u64,
-    /// The exit pods on this node, by container id.
-    exits: BTreeMap<String, LocalExit>,
-    /// The guard as last loaded (None: load it again).
+    /// The guard as last loaded whole (None: load it again).
     guarded: Option<Guard>,
+    /// Whether a guard was ever loaded: no client is attached before.
+    guard_loaded: bool,
 }
 
 /// The daemon's shared parts.
@@ -467,7 +450,6 @@ fn load_state(options: &Options) -> State {
             })
             .collect(),
         slots: saved.slots,
-        exits: saved.exits,
         ..State::default()
     }
 }
@@ -513,7 +495,6 @@ impl Daemon {
                 .map(|((ns, name), id)| (format!("{ns}/{name}"), *id))
                 .collect(),
             slots: state.slots.clone(),
-            exits: state.exits.clone(),
         };
         let written = serde_json::to_vec(&saved)
             .map_err(std::io::Error::other)
@@ -524,19 +505,13 @@ impl Daemon {
         }
     }
 
-    /// Forgets the clients and exits whose interfaces are gone (deleted while the daemon was away).
+    /// Forgets the clients whose interfaces are gone (deleted while the daemon was away).
     async fn forget_vanished(&self) {
         let mut state = self.state.lock().await;
         let ifaces: Vec<(String, String)> = state
             .clients
             .iter()
             .map(|(id, c)| (id.clone(), c.iface.clone()))
-            .chain(
-                state
-                    .exits
-                    .iter()
-                    .map(|(id, e)| (id.clone(), e.port.clone())),
-            )
             .collect();
         let gone: Vec<String> = self
             .kernel
@@ -555,7 +530,6 @@ impl Daemon {
             if let Some(c) = state.clients.remove(&id) {
                 tracing::info!(pod = %format!("{}/{}", c.pod_namespace, c.pod_name), iface = %c.iface, "a client's interface is gone: forgotten");
             }
-            state.exits.remove(&id);
         }
         self.save(&state);
     }
@@ -613,12 +587,22 @@ impl Daemon {
                 *held = domains;
             }
         }
-        let guard = self.guard(&state);
-        if state.guarded.as_ref() != Some(&guard) {
+        if let Some(guard) = self.guard()
+            && state.guarded.as_ref() != Some(&guard)
+        {
             tracing::debug!(%guard, "loading the guard");
             let to_load = guard.clone();
             match self.kernel.run(move || to_load.apply()).await {
-                Ok(_) => state.guarded = Some(guard),
+                Ok(found) => {
+                    // An exit whose interface was not found yet is looked for again at the
+                    // next recheck (its frames wait; nodes cannot use it before either).
+                    if found.ports.len() < guard.local.len() {
+                        tracing::warn!(%guard, ?found, "an exit of this node has no interface found yet");
+                    } else {
+                        state.guarded = Some(guard);
+                    }
+                    state.guard_loaded = true;
+                }
                 Err(e) => tracing::error!(error = %e, "loading the guard on the VXLAN port"),
             }
         }
@@ -689,7 +673,7 @@ impl Daemon {
                 // at once on any change.
                 state.failures = state.failures.saturating_add(1);
                 let backoff = PROBE_ROUND_FLOOR
-                    .saturating_mul(1 << state.failures.min(8))
+                    .saturating_mul(1 << (state.failures - 1).min(8))
                     .min(MAX_BACKOFF);
                 state.retry_at = Some(tokio::time::Instant::now() + backoff);
                 state.applied = None;
@@ -721,7 +705,7 @@ impl Daemon {
         )
     }
 
-    /// Forgets clients and exits whose interfaces went, loads the guard again, and applies the
+    /// Forgets clients whose interfaces went, loads the guard again, and applies the
     /// node's plan again when its table is not what was listed right after the last apply
     /// (drift: `nft flush ruleset`, an edited table).
     async fn recheck(&self) {
@@ -743,21 +727,35 @@ impl Daemon {
         let _ = self.reconcile().await;
     }
 
-    /// The guard for the cluster as it is now: every exit and node address, and the exits on
-    /// this node with the identifiers their gateways' statuses give them.
-    fn guard(&self, state: &State) -> Guard {
+    /// The guard for the cluster as it is now: every exit's and node's address, and the exits on
+    /// this node with the addresses and identifiers their gateways' statuses give them (only the
+    /// operator writes those; a pod's labels are the tenant's). None until the nodes are listed:
+    /// a guard without them would take the other nodes' uplinks for pods' interfaces.
+    fn guard(&self) -> Option<Guard> {
+        self.nodes.wait_until_ready().now_or_never()?.ok()?;
         let gateways = self.gateways.state();
         let gateways: Vec<&VpnGateway> =
             gateways.iter().filter_map(|g| g.0.as_ref().ok()).collect();
-        let statuses = || {
-            gateways
-                .iter()
-                .filter_map(|g| Some((*g, g.status.as_ref()?)))
-        };
-        let exits = statuses()
-            .flat_map(|(_, s)| &s.exits)
+        let clashes = clashing_vnis(&gateways);
+        let all = gateways
+            .iter()
+            .filter_map(|g| g.status.as_ref())
+            .flat_map(|s| &s.exits);
+        let exits = all
+            .clone()
             .filter_map(|e| e.pod_ip.as_deref()?.parse().ok())
             .collect();
+        let mut local: Vec<guard::LocalExit> = all
+            .filter(|e| e.node.as_deref() == Some(self.options.node_name.as_str()))
+            .filter(|e| e.vni != 0 && !clashes.contains(&e.vni))
+            .filter_map(|e| {
+                Some(guard::LocalExit {
+                    address: e.pod_ip.as_deref()?.parse().ok()?,
+                    vni: e.vni,
+                })
+            })
+            .collect();
+        local.sort();
         let nodes = self
             .nodes
             .state()
@@ -767,79 +765,11 @@ impl Daemon {
             .filter_map(|a| a.address.parse().ok())
             .chain([self.options.node_ip])
             .collect();
-        let clashes = clashing_vnis(&gateways);
-        let mut local: Vec<guard::LocalExit> = state
-            .exits
-            .values()
-            .filter_map(|e| {
-                let vni = statuses()
-                    .filter(|(g, _)| {
-                        g.namespace().as_deref() == Some(e.pod_namespace.as_str())
-                            && g.name_any() == e.gateway
-                    })
-                    .flat_map(|(_, s)| &s.exits)
-                    .find(|x| x.name == e.exit)?
-                    .vni;
-                (vni != 0 && !clashes.contains(&vni)).then(|| guard::LocalExit {
-                    port: e.port.clone(),
-                    address: e.address,
-                    vni,
-                })
-            })
-            .collect();
-        local.sort();
-        Guard {
+        Some(Guard {
             exits,
             nodes,
             local,
-        }
-    }
-
-    /// Records an exit pod of this node (its interface and address, read in its namespace), so
-    /// the guard lets its frames through.
-    async fn add_exit(&self, request: &Request, pod: &Pod) -> Result<(), String> {
-        let labels = pod.labels();
-        let (Some(gateway), Some(exit)) = (
-            labels.get(cloak_model::exit::LABEL_GATEWAY),
-            labels.get(cloak_model::exit::LABEL_EXIT),
-        ) else {
-            return Ok(());
-        };
-        let netns = request
-            .netns
-            .clone()
-            .ok_or_else(|| "ADD without a network namespace".to_owned())?;
-        let ifname = request.ifname.clone().unwrap_or_else(|| "eth0".into());
-        let (port, address) = self
-            .kernel
-            .run(move || -> Result<(String, Option<Ipv4Addr>), String> {
-                let (index, address) = std::thread::spawn(move || {
-                    enter(Some(&PathBuf::from(&netns)))
-                        .map_err(|e| format!("entering the exit's namespace: {e}"))?;
-                    guard::pod_interface(&ifname).map_err(|e| e.to_string())
-                })
-                .join()
-                .unwrap_or_else(|_| Err("the exit's namespace: a thread panicked".into()))?;
-                Ok((guard::name_of(index).map_err(|e| e.to_string())?, address))
-            })
-            .await?;
-        let address = address.ok_or("the exit has no IPv4 address on its interface")?;
-        let mut state = self.state.lock().await;
-        state.exits.insert(
-            request.container_id.clone(),
-            LocalExit {
-                pod_namespace: request.pod_namespace.clone(),
-                gateway: gateway.clone(),
-                exit: exit.clone(),
-                port: port.clone(),
-                address,
-            },
-        );
-        self.save(&state);
-        drop(state);
-        tracing::info!(pod = %format!("{}/{}", request.pod_namespace, request.pod_name), %port, %address, "exit recorded for the guard");
-        let _ = self.reconcile().await;
-        Ok(())
+        })
     }
 
     /// The plan for the current clients: the exits of their gateways, each healthy while it
@@ -1019,9 +949,6 @@ impl Daemon {
             .get(&request.pod_name)
             .await
             .map_err(|e| format!("reading the pod: {e}"))?;
-        if pod.labels().contains_key(cloak_model::exit::LABEL_EXIT) {
-            return self.add_exit(request, &pod).await;
-        }
         let gateways = self.gateways.state();
         let gateways: Vec<&VpnGateway> =
             gateways.iter().filter_map(|g| g.0.as_ref().ok()).collect();
@@ -1030,7 +957,24 @@ impl Daemon {
             pod.labels(),
             gateways.iter().copied(),
         ) {
-            Choice::None => return Ok(()),
+            Choice::None => {
+                // A gateway of this namespace that cannot be read may choose this pod: it does
+                // not start unprotected on a guess.
+                let unreadable = self.gateways.state().iter().find_map(|g| {
+                    let invalid = g.0.as_ref().err()?;
+                    (invalid.metadata.namespace.as_deref() == Some(request.pod_namespace.as_str()))
+                        .then(|| invalid.metadata.name.clone().unwrap_or_default())
+                });
+                return match unreadable {
+                    Some(name) if !pod.labels().contains_key(cloak_model::exit::LABEL_GATEWAY) => {
+                        Err(format!(
+                            "gateway {name} of namespace {} cannot be read (see its InvalidSpec event), so whether this pod is its client cannot be told",
+                            request.pod_namespace
+                        ))
+                    }
+                    _ => Ok(()),
+                };
+            }
             Choice::Missing(name) => {
                 return Err(format!(
                     "the pod asks for gateway {name}, which does not exist in {}",
@@ -1048,6 +992,9 @@ impl Daemon {
         };
         if let Some(clash) = self.transit_clash() {
             return Err(clash);
+        }
+        if !self.state.lock().await.guard_loaded {
+            return Err("the guard on the exits' links is not loaded yet".into());
         }
         let netns = request
             .netns
@@ -1130,12 +1077,6 @@ impl Daemon {
 
     async fn del(&self, request: &Request) {
         let mut state = self.state.lock().await;
-        if state.exits.remove(&request.container_id).is_some() {
-            self.save(&state);
-            drop(state);
-            let _ = self.reconcile().await;
-            return;
-        }
         let Some(client) = state.clients.remove(&request.container_id) else {
             return;
         };
@@ -1208,9 +1149,13 @@ fn cluster_domains(
         .collect()
 }
 
-/// Removes everything of the node's in the kernel (`NodePlan::reset`, `Guard::reset`), in the
-/// network namespace at `netns` (None: this process's): what an uninstall leaves behind.
-pub fn reset_kernel(netns: Option<&std::path::Path>) -> Result<(), cloak_dataplane::Error> {
+/// Removes everything of the node's in the kernel (`NodePlan::reset`, and `Guard::reset` unless
+/// `keep_guard`: exit pods outlive an uninstall that keeps their gateways), in the network
+/// namespace at `netns` (None: this process's): what an uninstall would leave behind.
+pub fn reset_kernel(
+    netns: Option<&std::path::Path>,
+    keep_guard: bool,
+) -> Result<(), cloak_dataplane::Error> {
     let netns = netns.map(std::path::Path::to_path_buf);
     std::thread::spawn(move || {
         enter(netns.as_ref()).map_err(|e| cloak_dataplane::Error::Command {
@@ -1218,7 +1163,7 @@ pub fn reset_kernel(netns: Option<&std::path::Path>) -> Result<(), cloak_datapla
             stderr: e.to_string(),
         })?;
         NodePlan::reset()?;
-        Guard::reset()
+        if keep_guard { Ok(()) } else { Guard::reset() }
     })
     .join()
     .unwrap_or_else(|_| {

@@ -43,6 +43,7 @@ pub fn send_vxlan(netns: &str, to: Ipv4Addr, spoofed: Option<Ipv4Addr>, payload:
         nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
         let Some(from) = spoofed else {
             let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
+            sock.set_broadcast(true).unwrap();
             for _ in 0..5 {
                 sock.send_to(&payload, (to, 4790)).unwrap();
             }
