@@ -19,7 +19,9 @@
 //! hooks (no `br_netfilter`): `bridge cloak_guard` for frames entering a bridge by a veth (the
 //! pods' side of bridge CNIs), `inet cloak_guard` for packets entering the host by a veth (routed
 //! CNIs such as Calico's and the `ptp` plugin's, and cloak's own client interfaces, `ckg…`). The
-//! exit drops, besides, VXLAN to any address but its pod's (`gateway::ExitPlan`).
+//! exit drops, besides, VXLAN to any address but its pod's (`gateway::ExitPlan`). A packet
+//! translated to the port from another (a Service whose target port is it) is dropped after NAT,
+//! whoever sent it: none of cloak's own is ever translated so.
 //!
 //! What it does not cover, and `docs/security.md` says so: a node where `cloak node` does not run
 //! (its pods can write any node's address, and the other nodes cannot tell), pods with the host's
@@ -208,12 +210,24 @@ impl Guard {
                  \t}}\n"
             )
         };
+        // What a Service or a DNAT rule of anyone's would redirect to the port from another
+        // (the chains above see the port before NAT): no frame of cloak's is ever translated so.
+        let translated = ["forward", "input"].map(|hook| {
+            format!(
+                "\tchain {hook} {{\n\
+                 \t\ttype filter hook {hook} priority filter; policy accept;\n\
+                 \t\t{vxlan} ct status dnat drop\n\
+                 \t}}\n"
+            )
+        });
         format!(
             "table inet {GUARD_TABLE}\n\
              delete table inet {GUARD_TABLE}\n\
              table inet {GUARD_TABLE} {{\n\
              {sets}\
              {inet}\
+             {forward}\
+             {input}\
              }}\n\
              table bridge {GUARD_TABLE}\n\
              delete table bridge {GUARD_TABLE}\n\
@@ -223,6 +237,8 @@ impl Guard {
              }}\n",
             inet = chain("raw"),
             bridge = chain("-300"),
+            forward = translated[0],
+            input = translated[1],
         )
     }
 
@@ -302,6 +318,13 @@ mod tests {
         assert_eq!(text.matches("daddr").count(), 2, "{text}");
         // The exception comes before the drop it is an exception to.
         assert!(text.find(exception) < text.find(drop));
+        // Translated to the port from another: dropped after NAT, whoever sent it.
+        assert_eq!(
+            text.matches("meta l4proto udp th dport 4790 ct status dnat drop")
+                .count(),
+            2,
+            "{text}"
+        );
         // Empty sets are declared without elements.
         let empty = Guard::default().render(&Found::default());
         assert!(!empty.contains("elements"), "{empty}");

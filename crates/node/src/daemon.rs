@@ -367,8 +367,9 @@ pub async fn run(
 /// Answers the DNS of clients whose gateway has no healthy exit (the node's plan redirects it
 /// here): cluster names from the cluster DNS, SERVFAIL for every other name. The cluster DNS is
 /// the first nameserver of this pod's resolv.conf (`dnsPolicy: ClusterFirstWithHostNet`); the
-/// cluster domains are every gateway's. Runs for as long as the daemon, binding again a second
-/// after a failure.
+/// cluster domains are the asking client's own gateway's ([`cluster_domains`]); a query from
+/// anyone else gets SERVFAIL. Runs for as long as the daemon, binding again a second after a
+/// failure.
 async fn serve_dns(daemon: &Arc<Daemon>) {
     let addr = std::net::SocketAddrV4::new(CLIENT_GATEWAY, 53);
     loop {
