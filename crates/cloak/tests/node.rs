@@ -25,7 +25,7 @@ use cloak_testkit::{
     netlab::gateway::{
         ECHO6, Flows, GatewayNet, exit_ip, exit_public, exit_public6, pings, spread, spread_to,
     },
-    netlab::spoof::{send_vxlan, vxlan_frame},
+    netlab::spoof::{raw_socket, send_vxlan, vxlan_frame},
     netns::inside,
 };
 use k8s_openapi::api::core::v1::Pod;
@@ -33,7 +33,7 @@ use kube::{
     Api, Client,
     api::{Patch, PatchParams, PostParams},
 };
-use nix::sys::socket::{AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, SockaddrIn};
+use nix::sys::socket::{MsgFlags, SockaddrIn};
 use serde_json::{Value, json};
 
 const EXITS: u8 = 2;
@@ -627,13 +627,7 @@ fn forge_probe_answers(pod: &str, seqs: u16, times: u32, every: Duration) {
     let netns = std::fs::File::open(format!("/var/run/netns/{pod}")).unwrap();
     nix::sched::setns(netns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
     {
-        let sock = nix::sys::socket::socket(
-            AddressFamily::Inet,
-            SockType::Raw,
-            SockFlag::empty(),
-            SockProtocol::Raw,
-        )
-        .unwrap();
+        let sock = raw_socket();
         let node: std::net::Ipv4Addr = "10.244.2.1".parse().unwrap();
         let to = SockaddrIn::from(std::net::SocketAddrV4::new(node, 0));
         for _ in 0..times {

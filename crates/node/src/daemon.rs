@@ -194,6 +194,29 @@ impl Kernel {
     }
 }
 
+/// Keeps `writer`'s store a mirror of `api`'s objects, running `changed` after every event, the
+/// end of a (re)list included (the store is complete only then); retries with backoff.
+async fn mirror<K, F>(writer: reflector::store::Writer<K>, api: Api<K>, changed: impl Fn() -> F)
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+    F: Future<Output = ()>,
+{
+    let stream =
+        reflector::reflector(writer, watcher(api, watcher::Config::default())).default_backoff();
+    futures::pin_mut!(stream);
+    while let Some(event) = stream.next().await {
+        if event.is_ok() {
+            changed().await;
+        }
+    }
+}
+
 /// How long a liveness check waits for the kernel thread: longer than a tool may take.
 const LIVE_WITHIN: Duration = Duration::from_secs(15);
 
@@ -246,44 +269,31 @@ pub async fn run(
     // Gateways (their exits and health) drive the plan.
     let watch = {
         let daemon = daemon.clone();
-        // Every event, the end of a (re)list included: the store is complete only then.
-        let stream = reflector::reflector(
+        mirror(
             writer,
-            watcher(
-                Api::<DeserializeGuard<VpnGateway>>::all(client),
-                watcher::Config::default(),
-            ),
-        )
-        .default_backoff();
-        async move {
-            futures::pin_mut!(stream);
-            while let Some(event) = stream.next().await {
-                if event.is_ok() {
+            Api::<DeserializeGuard<VpnGateway>>::all(client),
+            move || {
+                let daemon = daemon.clone();
+                async move {
                     daemon.write_guarded();
-                    let _ = daemon.reconcile().await;
+                    daemon.reconcile().await;
                 }
-            }
-        }
+            },
+        )
     };
     // Nodes come and go: their addresses are the guard's.
     let node_watch = {
         let daemon = daemon.clone();
-        let stream = reflector::reflector(
+        mirror(
             node_writer,
-            watcher(
-                Api::<Node>::all(daemon.client.clone()),
-                watcher::Config::default(),
-            ),
-        )
-        .default_backoff();
-        async move {
-            futures::pin_mut!(stream);
-            while let Some(event) = stream.next().await {
-                if event.is_ok() {
-                    let _ = daemon.reconcile().await;
+            Api::<Node>::all(daemon.client.clone()),
+            move || {
+                let daemon = daemon.clone();
+                async move {
+                    daemon.reconcile().await;
                 }
-            }
-        }
+            },
+        )
     };
     // Every few seconds: the guard is loaded again (it holds the node's interfaces, read when it
     // is loaded, and a flushed ruleset must not leave the exits open for long), and the node's

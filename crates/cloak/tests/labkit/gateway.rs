@@ -104,8 +104,13 @@ pub(crate) fn running_client(lab: &TestLab, name: &str) -> Value {
 /// The client pod `name` (on `node` when given) once it runs.
 pub(crate) fn running_client_on(lab: &TestLab, name: &str, node: Option<&str>) -> Value {
     lab.apply(&client_yaml_on(name, node));
+    until_running(lab, name)
+}
+
+/// The pod `name` of the demo namespace once it runs (90 s at most).
+fn until_running(lab: &TestLab, name: &str) -> Value {
     eventually(
-        &format!("client pod {name} Running"),
+        &format!("pod {name} Running"),
         Duration::from_secs(90),
         || {
             let pod = lab.json(&["-n", DEMO_NAMESPACE, "get", "pod", name]);
@@ -124,18 +129,7 @@ pub(crate) fn running_plain_pod_on(lab: &TestLab, name: &str, node: &str) -> Val
     lab.apply(&format!(
         "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {DEMO_NAMESPACE}\n  labels: {{app: gw-test}}\nspec:\n  nodeName: {node}\n  terminationGracePeriodSeconds: 0\n  containers:\n    - name: c\n      image: cloak.dev/lab/client:dev\n      imagePullPolicy: Never\n      command: [sleep, \"100000\"]\n"
     ));
-    eventually(
-        &format!("pod {name} Running"),
-        Duration::from_secs(90),
-        || {
-            let pod = lab.json(&["-n", DEMO_NAMESPACE, "get", "pod", name]);
-            if pod["status"]["phase"] == "Running" {
-                Ok(pod)
-            } else {
-                Err(format!("{}", pod["status"]))
-            }
-        },
-    )
+    until_running(lab, name)
 }
 
 /// The network namespace of the pod with uid `uid`, as a path: that of a process in its cgroup

@@ -33,6 +33,18 @@ pub fn vxlan_frame(vni: u32, mac: [u8; 6], from: [u8; 4], to: [u8; 4], port: u16
     frame
 }
 
+/// A raw IPv4 socket whose packets carry the header the caller writes (`IPPROTO_RAW`): any
+/// source address, as a pod with `NET_RAW` can send.
+pub fn raw_socket() -> std::os::fd::OwnedFd {
+    nix::sys::socket::socket(
+        AddressFamily::Inet,
+        SockType::Raw,
+        SockFlag::empty(),
+        SockProtocol::Raw,
+    )
+    .unwrap()
+}
+
 /// Sends `payload` five times to `to`:4790 from the network namespace at `netns` (a path), with
 /// the kernel's source address, or, with `spoofed`, from that address on a raw socket (as a pod
 /// with `NET_RAW` can).
@@ -49,13 +61,7 @@ pub fn send_vxlan(netns: &str, to: Ipv4Addr, spoofed: Option<Ipv4Addr>, payload:
             }
             return;
         };
-        let sock = nix::sys::socket::socket(
-            AddressFamily::Inet,
-            SockType::Raw,
-            SockFlag::empty(),
-            SockProtocol::Raw,
-        )
-        .unwrap();
+        let sock = raw_socket();
         let length = u16::try_from(20 + 8 + payload.len()).unwrap();
         let mut packet = vec![0x45, 0];
         packet.extend(length.to_be_bytes());
