@@ -11,8 +11,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use crate::GoDuration;
 
 /// The label a pod carries to choose a gateway by name (`cloak.dev/gateway: <name>`), whatever
-/// the gateway's own selectors say. The pod must be in the gateway's namespace or in one its
-/// `clients.namespaceSelector` admits.
+/// the gateway's own selectors say. The pod must be in the gateway's namespace.
 pub const GATEWAY_LABEL: &str = "cloak.dev/gateway";
 
 /// Sends the internet traffic of selected pods through `exits.count` VPN exits, each holding a
@@ -138,14 +137,11 @@ pub struct ExitsSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ClientsSpec {
-    /// Pods matching this selector are clients. Absent: none beyond the labelled ones.
+    /// Pods of the gateway's namespace matching this selector are clients. Absent: none beyond
+    /// the labelled ones. (Clients are always in the gateway's own namespace: a tenant's gateway
+    /// never chooses another namespace's pods.)
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_selector: Option<LabelSelector>,
-
-    /// Namespaces whose pods may be clients (by label or by `podSelector`). Absent: the
-    /// gateway's own namespace only.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub namespace_selector: Option<LabelSelector>,
 }
 
 /// Name resolution for clients.
