@@ -866,6 +866,7 @@ async fn the_daemons_restart_keeps_the_clients_flows_and_forgets_nothing() {
     let mut rig = Rig::new("node-restart").await;
     rig.pod("app", json!({"cloak.dev/gateway": "egress"})).await;
     rig.cni("ADD", "app", "c0ffee0004").unwrap();
+    rig.net.count_uplink();
     let mut held = Flows::start(&rig.net["app"]);
     held.open(4);
     rig.stop_daemon();
@@ -880,6 +881,16 @@ async fn the_daemons_restart_keeps_the_clients_flows_and_forgets_nothing() {
     assert!(
         pokes.split(',').all(|p| p.starts_with("ok")),
         "after its restart: {pokes}"
+    );
+    // New flows after the restart go through the exits too, and nothing left by the uplink
+    // while the daemon was down or since.
+    let seen = spread(&rig.net["app"], 10);
+    let exits = [exit_public(1), exit_public(2)];
+    assert!(seen.keys().all(|via| exits.contains(via)), "{seen:?}");
+    assert_eq!(
+        rig.net.uplink_packets(),
+        0,
+        "client traffic left by the uplink"
     );
     drop(held);
     rig.cni("DEL", "app", "c0ffee0004").unwrap();
