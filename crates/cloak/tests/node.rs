@@ -384,9 +384,7 @@ async fn a_labelled_pod_is_attached_at_sandbox_creation_and_its_flows_spread_ove
             );
         }
     }
-    // The dead exit's own flows should get a reset at their next packet; in about one run in
-    // four they still went on through it (the daemon's kernel job had not finished resetting).
-    // That check is `a_dead_exits_flows_get_a_reset`, ignored until the cause is found.
+    // The dead exit's own flows get a reset at their next packet: `a_dead_exits_flows_get_a_reset`.
     // It comes back: new flows use it again.
     let up = exit_plan(1, true);
     inside(&rig.net["exit1"], move || up.apply()).unwrap();
@@ -560,7 +558,10 @@ async fn with_the_daemon_down_a_pod_of_a_namespace_without_a_gateway_starts_and_
     // The daemon has listed the gateways once: its list for the plugin names the namespace.
     let listed = rig.dir.join("state/guarded.json");
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !std::fs::read_to_string(&listed).is_ok_and(|t| t.contains(rig.ns.name())) {
+    // And it has loaded its guard since the node booted (the plugin looks for its mark).
+    while !std::fs::read_to_string(&listed).is_ok_and(|t| t.contains(rig.ns.name()))
+        || !rig.dir.join("guard.loaded").exists()
+    {
         assert!(
             Instant::now() < deadline,
             "no list of the gateways' namespaces: {}",
@@ -902,7 +903,6 @@ async fn the_daemons_restart_keeps_the_clients_flows_and_forgets_nothing() {
 }
 
 #[tokio::test]
-#[ignore = "flaky (about 1 run in 4): a dead exit's flows sometimes go on through it; see docs/architecture.md"]
 async fn a_dead_exits_flows_get_a_reset() {
     let rig = Rig::new("node-reset").await;
     rig.pod("app", json!({"cloak.dev/gateway": "egress"})).await;

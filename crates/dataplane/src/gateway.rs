@@ -967,6 +967,7 @@ impl ExitPlan {
              table inet {EXIT_TABLE} {{\n\
              \tchain input {{\n\
              \t\ttype filter hook input priority filter; policy accept;\n\
+             \t\tudp dport {VXLAN_PORT} iifname != \"eth0\" drop\n\
              \t\tudp dport {VXLAN_PORT} ip daddr != {local} drop\n\
              \t\tudp dport {VXLAN_PORT} meta pkttype != host drop\n\
              \t\tmeta nfproto ipv6 udp dport {VXLAN_PORT} drop\n\

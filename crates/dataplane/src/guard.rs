@@ -81,28 +81,42 @@ impl fmt::Display for Guard {
     }
 }
 
+/// The UDP ports of the overlays a node may decapsulate for anyone who sends to it (the
+/// standard VXLAN port, Geneve's, flannel's and Cilium's VXLAN): a pod could otherwise wrap a
+/// packet to an exit's port in one and have the node unwrap it past the guard.
+const OVERLAY_PORTS: &str = "4789, 6081, 8472";
+/// The IP protocols a node may decapsulate likewise: IP in IP, IPv6 in IPv4, GRE.
+const TUNNEL_PROTOCOLS: &str = "4, 41, 47";
+
 /// What the guard reads from the kernel when it is applied.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Found {
     /// The interfaces that hold one of the nodes' addresses.
     pub uplinks: BTreeSet<String>,
+    /// This node's own IPv4 addresses.
+    pub local: BTreeSet<Ipv4Addr>,
     /// Each local exit's interface on this node (the host side of its veth, a bridge port or a
     /// routed veth), by its address. An exit not found has no exception: its frames are dropped
     /// until it is (its own fault-free state: the nodes cannot use it then).
     pub ports: std::collections::BTreeMap<Ipv4Addr, String>,
 }
 
+/// The interfaces and IPv4 addresses of `ip -o addr show` output: `(name, address)`.
+fn addresses(text: &str) -> impl Iterator<Item = (String, Ipv4Addr)> + '_ {
+    text.lines().filter_map(|line| {
+        let mut words = line.split_whitespace();
+        let (_, name, family, address) =
+            (words.next()?, words.next()?, words.next()?, words.next()?);
+        let address: Ipv4Addr = address.split('/').next()?.parse().ok()?;
+        (family == "inet").then(|| (name.split('@').next().unwrap_or(name).to_owned(), address))
+    })
+}
+
 /// The interfaces of `ip -o addr show` output that hold one of `nodes`.
 pub fn uplinks(text: &str, nodes: &BTreeSet<Ipv4Addr>) -> BTreeSet<String> {
-    text.lines()
-        .filter_map(|line| {
-            let mut words = line.split_whitespace();
-            let (_, name, family, address) =
-                (words.next()?, words.next()?, words.next()?, words.next()?);
-            let address: Ipv4Addr = address.split('/').next()?.parse().ok()?;
-            (family == "inet" && nodes.contains(&address))
-                .then(|| name.split('@').next().unwrap_or(name).to_owned())
-        })
+    addresses(text)
+        .filter(|(_, address)| nodes.contains(address))
+        .map(|(name, _)| name)
         .collect()
 }
 
@@ -179,10 +193,12 @@ impl Guard {
                 elements.map_or_else(String::new, |e| format!("\t\t{e}\n"))
             )
         };
+        let nodes: BTreeSet<Ipv4Addr> = self.nodes.union(&found.local).copied().collect();
         let sets = format!(
-            "{}{}",
+            "{}{}{}",
             set("exits", "ipv4_addr", elements(&self.exits, false)),
             set("uplinks", "ifname", elements(&found.uplinks, true)),
+            set("nodes", "ipv4_addr", elements(&nodes, false)),
         );
         // The port first in every rule: all the node's traffic passes these chains, and only
         // the VXLAN port's goes on to the rest. `th dport` takes IPv6 too.
@@ -201,22 +217,31 @@ impl Guard {
                 vni = e.vni,
             );
         }
-        let chain = |hook_priority: &str| {
+        let pod = "meta iifkind \"veth\" iifname != @uplinks";
+        let chain = |hook_priority: &str, first: &str| {
             format!(
                 "\tchain prerouting {{\n\
                  \t\ttype filter hook prerouting priority {hook_priority}; policy accept;\n\
+                 {first}\
                  {exits}\
-                 \t\t{vxlan} meta iifkind \"veth\" iifname != @uplinks drop\n\
+                 \t\t{vxlan} {pod} drop\n\
+                 \t\t{pod} ip daddr @nodes meta l4proto {{ {TUNNEL_PROTOCOLS} }} drop\n\
+                 \t\t{pod} ip daddr @nodes udp dport {{ {OVERLAY_PORTS} }} drop\n\
                  \t}}\n"
             )
         };
-        // What a Service or a DNAT rule of anyone's would redirect to the port from another
-        // (the chains above see the port before NAT): no frame of cloak's is ever translated so.
-        let translated = ["forward", "input"].map(|hook| {
+        // A frame whose VLAN tag the kernel did not take off (a second tag inside the first)
+        // shows the bridge no IP header: from a pod, no frame is tagged.
+        let tagged = format!("\t\t{pod} ether type {{ 8021q, 8021ad }} drop\n");
+        // What a Service or a DNAT rule of anyone's would redirect to the port from another, or
+        // from the port to another (a Service's external IP taking the nodes' own frames): no
+        // frame of cloak's is ever translated either way. After NAT, in every path.
+        let translated = ["forward", "input", "output"].map(|hook| {
             format!(
                 "\tchain {hook} {{\n\
                  \t\ttype filter hook {hook} priority filter; policy accept;\n\
                  \t\t{vxlan} ct status dnat drop\n\
+                 \t\tmeta l4proto udp ct original proto-dst {VXLAN_PORT} ct status dnat drop\n\
                  \t}}\n"
             )
         });
@@ -228,6 +253,7 @@ impl Guard {
              {inet}\
              {forward}\
              {input}\
+             {output}\
              }}\n\
              table bridge {GUARD_TABLE}\n\
              delete table bridge {GUARD_TABLE}\n\
@@ -235,18 +261,21 @@ impl Guard {
              {sets}\
              {bridge}\
              }}\n",
-            inet = chain("raw"),
-            bridge = chain("-300"),
+            inet = chain("raw", ""),
+            bridge = chain("-300", &tagged),
             forward = translated[0],
             input = translated[1],
+            output = translated[2],
         )
     }
 
     /// Reads this namespace's uplinks and its exits' interfaces, and loads both tables. Returns
     /// what it read.
     pub fn apply(&self) -> Result<Found, Error> {
+        let listed = ip(&["-o", "-4", "addr", "show"])?;
         let found = Found {
-            uplinks: uplinks(&ip(&["-o", "-4", "addr", "show"])?, &self.nodes),
+            uplinks: uplinks(&listed, &self.nodes),
+            local: addresses(&listed).map(|(_, address)| address).collect(),
             ports: self
                 .local
                 .iter()
@@ -302,10 +331,15 @@ mod tests {
         };
         let found = Found {
             uplinks: ["eth0".to_owned()].into(),
+            local: [Ipv4Addr::new(10, 0, 0, 4)].into(),
             ports: [(Ipv4Addr::new(10, 244, 1, 9), "veth3a".to_owned())].into(),
         };
         let text = guard.render(&found);
         assert!(text.contains("elements = { \"eth0\" }"), "{text}");
+        assert!(
+            text.contains("elements = { 10.0.0.4, 10.0.0.5 }"),
+            "the nodes and this one: {text}"
+        );
         let exception = "meta l4proto udp th dport 4790 iifname \"veth3a\" ip saddr 10.244.1.9 ip daddr != @exits @th,96,24 4097 accept";
         assert_eq!(text.matches(exception).count(), 2, "both tables: {text}");
         assert!(
@@ -314,17 +348,30 @@ mod tests {
         );
         let drop = "meta l4proto udp th dport 4790 meta iifkind \"veth\" iifname != @uplinks drop";
         assert_eq!(text.matches(drop).count(), 2, "both tables: {text}");
-        // Whatever the destination: no rule names one but the exception's.
-        assert_eq!(text.matches("daddr").count(), 2, "{text}");
-        // The exception comes before the drop it is an exception to.
-        assert!(text.find(exception) < text.find(drop));
-        // Translated to the port from another: dropped after NAT, whoever sent it.
+        // Whatever the destination: no rule on the VXLAN port names one but the exception's.
+        assert_eq!(text.matches("@exits @th").count(), 2, "{text}");
+        // Nor may a pod hand the node a packet it would unwrap past the guard.
+        for rule in [
+            "meta iifkind \"veth\" iifname != @uplinks ip daddr @nodes meta l4proto { 4, 41, 47 } drop",
+            "meta iifkind \"veth\" iifname != @uplinks ip daddr @nodes udp dport { 4789, 6081, 8472 } drop",
+        ] {
+            assert_eq!(text.matches(rule).count(), 2, "{rule}: {text}");
+        }
         assert_eq!(
-            text.matches("meta l4proto udp th dport 4790 ct status dnat drop")
-                .count(),
-            2,
+            text.matches("ether type { 8021q, 8021ad } drop").count(),
+            1,
             "{text}"
         );
+        // The exception comes before the drop it is an exception to.
+        assert!(text.find(exception) < text.find(drop));
+        // Translated to the port from another, or from it to another: dropped after NAT, in
+        // every path.
+        for rule in [
+            "meta l4proto udp th dport 4790 ct status dnat drop",
+            "meta l4proto udp ct original proto-dst 4790 ct status dnat drop",
+        ] {
+            assert_eq!(text.matches(rule).count(), 3, "{rule}: {text}");
+        }
         // Empty sets are declared without elements.
         let empty = Guard::default().render(&Found::default());
         assert!(!empty.contains("elements"), "{empty}");

@@ -10,8 +10,9 @@
 //!
 //! When the daemon cannot be asked (down, restarting, uninstalled by a `SIGKILL`), ADD reads the
 //! daemon's last list of the namespaces that hold a gateway ([`Guarded`]): a pod of any other
-//! namespace cannot be a client and starts; a pod of a listed namespace (or any pod, without a
-//! list) fails, and the kubelet retries the sandbox until the daemon answers, so no client starts
+//! namespace cannot be a client and starts, once the daemon has loaded its guard since the node
+//! booted ([`guard_marker`]); a pod of a listed namespace (or any pod, without a list or a guard)
+//! fails, and the kubelet retries the sandbox until the daemon answers, so no client starts
 //! unattached. DEL never fails: a pod that is going away must not hang in Terminating because
 //! the daemon is down (the daemon removes what is left of it when it starts again).
 
@@ -189,9 +190,12 @@ pub fn plugin(env: &dyn Fn(&str) -> Option<String>, stdin: &str) -> Result<Strin
                 Ok(reply) => reply,
                 Err(e) => {
                     let guarded = config.guarded.as_deref().map(std::path::Path::new);
-                    if guarded
-                        .and_then(Guarded::read)
-                        .is_some_and(|g| !g.guards(&request.pod_namespace))
+                    // Only once a guard was loaded since the node booted: before, any pod could
+                    // spoof a node's address into the exits.
+                    if guard_marker(std::path::Path::new(socket)).exists()
+                        && guarded
+                            .and_then(Guarded::read)
+                            .is_some_and(|g| !g.guards(&request.pod_namespace))
                     {
                         // No gateway there: not a client, whatever its labels say.
                         return Ok(result());
@@ -244,6 +248,12 @@ pub fn check(socket: &str, ready: bool) -> Option<String> {
         Ok(reply) => reply.error,
         Err(e) => Some(format!("the daemon at {socket} cannot be asked: {e}")),
     }
+}
+
+/// The file the daemon writes beside its socket once it has loaded its guard: the socket's
+/// directory is a tmpfs (`/run/cloak`), so a reboot, which empties the ruleset, removes it too.
+pub fn guard_marker(socket: &std::path::Path) -> std::path::PathBuf {
+    socket.with_file_name("guard.loaded")
 }
 
 /// Sends one request and reads one reply (a JSON line each way).
@@ -321,7 +331,9 @@ mod tests {
                 _ => None,
             }
         };
-        let config = json!({"cniVersion": "1.0.0", "type": "cloak", "socket": "/nonexistent.sock",
+        // No daemon listens there; its marker would be beside it.
+        let socket = dir.join("node.sock");
+        let config = json!({"cniVersion": "1.0.0", "type": "cloak", "socket": socket,
             "guarded": list, "prevResult": {"ips": [{"address": "10.244.1.5/24"}]}})
         .to_string();
         // No list yet: nothing is known, nothing starts.
@@ -331,6 +343,9 @@ mod tests {
         }
         .write(&list)
         .unwrap();
+        // A list, but no guard loaded since the node booted: nothing starts either.
+        assert_eq!(plugin(&env("web"), &config).unwrap_err().code, 11);
+        std::fs::write(guard_marker(&socket), b"").unwrap();
         let added: Value = serde_json::from_str(&plugin(&env("web"), &config).unwrap()).unwrap();
         assert_eq!(added["ips"][0]["address"], "10.244.1.5/24");
         let err = plugin(&env("vpn"), &config).unwrap_err();

@@ -428,6 +428,12 @@ fn state_file(options: &Options) -> PathBuf {
     options.state_dir.join("clients.json")
 }
 
+/// The file that says a guard was loaded since the node booted, beside the daemon's socket
+/// (`crate::cni` reads it).
+pub fn guard_marker(socket: &std::path::Path) -> PathBuf {
+    crate::cni::guard_marker(socket)
+}
+
 /// Where the daemon keeps the plugin's [`Guarded`] list, in its state directory.
 pub fn guarded_file(state_dir: &std::path::Path) -> PathBuf {
     state_dir.join("guarded.json")
@@ -613,6 +619,12 @@ impl Daemon {
                         state.guarded = Some(guard);
                     }
                     state.guard_loaded = true;
+                    // What the plugin looks for before it lets a pod start without the
+                    // daemon: in the daemon's socket directory, a tmpfs that a reboot empties
+                    // along with the ruleset.
+                    if let Err(e) = std::fs::write(guard_marker(&self.options.socket), b"") {
+                        tracing::warn!(error = %e, "marking the guard loaded for the plugin");
+                    }
                 }
                 Err(e) => tracing::error!(error = %e, "loading the guard on the VXLAN port"),
             }
@@ -914,6 +926,9 @@ impl Daemon {
                         Ok(()) if self.gateways.wait_until_ready().now_or_never().is_none() => {
                             Some("the gateways are not listed yet".into())
                         }
+                        Ok(()) if !self.state.lock().await.guard_loaded => {
+                            Some("the guard on the exits' links is not loaded yet".into())
+                        }
                         Ok(()) => None,
                     },
                 };
@@ -945,11 +960,16 @@ impl Daemon {
     /// the node's plan with it.
     async fn add(&self, request: &Request) -> Result<(), String> {
         // Which gateway a pod belongs to can only be told from the full list of gateways, or,
-        // until there is one, from the last list of the namespaces that hold a gateway.
-        if !matches!(
+        // until there is one, from the last list of the namespaces that hold a gateway. No pod
+        // starts before the guard is loaded: any of them could spoof a node's address.
+        let listed = matches!(
             tokio::time::timeout(Duration::from_secs(10), self.gateways.wait_until_ready()).await,
             Ok(Ok(()))
-        ) {
+        );
+        if !self.state.lock().await.guard_loaded {
+            return Err("the guard on the exits' links is not loaded yet".into());
+        }
+        if !listed {
             let last = Guarded::read(&guarded_file(&self.options.state_dir));
             if last.is_some_and(|g| !g.guards(&request.pod_namespace)) {
                 return Ok(());
@@ -1003,9 +1023,6 @@ impl Daemon {
         };
         if let Some(clash) = self.transit_clash() {
             return Err(clash);
-        }
-        if !self.state.lock().await.guard_loaded {
-            return Err("the guard on the exits' links is not loaded yet".into());
         }
         let netns = request
             .netns
