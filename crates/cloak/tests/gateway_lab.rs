@@ -689,6 +689,20 @@ fn a_plain_pod_with_net_raw_puts_no_frame_into_any_exit_from_its_own_address_or_
     let nodes: Vec<std::net::Ipv4Addr> = (1..=2)
         .map(|k| layout::node_ip(k).parse().unwrap())
         .collect();
+    // Each exit's node read its interface in its own sandbox when it was made: the exception's
+    // port is not one a pod could move by poisoning the bridge's tables.
+    for (exit, _, node) in &frames {
+        let k: u8 = node.trim_start_matches('n').parse().unwrap();
+        let state = lab
+            .lab
+            .node_dir(k)
+            .join("root/var/lib/cloak/node/clients.json");
+        let text = std::fs::read_to_string(&state).unwrap_or_default();
+        assert!(
+            text.contains(&format!("\"address\":\"{exit}\"")),
+            "{node} recorded no port for exit {exit}: {text}"
+        );
+    }
     for (exit, frame, _) in &frames {
         let send =
             |to, from| cloak_testkit::netlab::spoof::send_vxlan(&netns, to, from, frame.clone());

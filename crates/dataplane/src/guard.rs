@@ -51,6 +51,10 @@ pub struct LocalExit {
     pub address: Ipv4Addr,
     /// The VXLAN identifier its frames carry.
     pub vni: u32,
+    /// The host side of its veth as read in its own namespace when its sandbox was made (which
+    /// no other pod can change); None: looked up in the bridge's tables instead ([`port_of`]),
+    /// for an exit whose sandbox the daemon did not see made.
+    pub port: Option<String>,
 }
 
 /// What the guard needs to know of the cluster; the interfaces, and each local exit's, are read
@@ -118,6 +122,41 @@ pub fn uplinks(text: &str, nodes: &BTreeSet<Ipv4Addr>) -> BTreeSet<String> {
         .filter(|(_, address)| nodes.contains(address))
         .map(|(name, _)| name)
         .collect()
+}
+
+/// Inside a pod's network namespace: the index of the host side of its interface `ifname` (a
+/// veth's peer, `eth0@if12`), and the interface's first IPv4 address.
+pub fn pod_interface(ifname: &str) -> Result<(u32, Option<Ipv4Addr>), Error> {
+    let link = ip(&["-o", "link", "show", "dev", ifname])?;
+    let peer = link
+        .split_whitespace()
+        .nth(1)
+        .and_then(|name| name.trim_end_matches(':').split_once("@if"))
+        .and_then(|(_, index)| index.parse().ok())
+        .ok_or_else(|| Error::Command {
+            command: format!("ip -o link show dev {ifname}"),
+            stderr: format!("{ifname} is no veth: {link}"),
+        })?;
+    let address = addresses(&ip(&["-o", "-4", "addr", "show", "dev", ifname])?)
+        .map(|(_, address)| address)
+        .next();
+    Ok((peer, address))
+}
+
+/// The name of the interface with index `index` in this namespace.
+pub fn name_of(index: u32) -> Result<String, Error> {
+    let links = ip(&["-o", "link", "show"])?;
+    links
+        .lines()
+        .find_map(|line| {
+            let (number, rest) = line.split_once(": ")?;
+            (number.trim().parse::<u32>().ok()? == index)
+                .then(|| rest.split([':', '@']).next().unwrap_or_default().to_owned())
+        })
+        .ok_or_else(|| Error::Command {
+            command: "ip -o link show".into(),
+            stderr: format!("no interface {index}"),
+        })
 }
 
 /// The host-side interface of the pod at `address`: the device of the route to it, or, when
@@ -279,7 +318,13 @@ impl Guard {
             ports: self
                 .local
                 .iter()
-                .filter_map(|e| Some((e.address, port_of(e.address).ok()??)))
+                .filter_map(|e| {
+                    let port = match &e.port {
+                        Some(port) => port.clone(),
+                        None => port_of(e.address).ok()??,
+                    };
+                    Some((e.address, port))
+                })
                 .collect(),
         };
         run("nft", &["-f", "-"], Some(self.render(&found).as_bytes()))?;
@@ -322,10 +367,12 @@ mod tests {
                 LocalExit {
                     address: Ipv4Addr::new(10, 244, 1, 9),
                     vni: 4097,
+                    port: None,
                 },
                 LocalExit {
                     address: Ipv4Addr::new(10, 244, 1, 10),
                     vni: 4098,
+                    port: None,
                 },
             ],
         };

@@ -102,10 +102,25 @@ struct Saved {
     gateway_ids: BTreeMap<String, u16>,
     #[serde(default)]
     slots: BTreeMap<u32, u8>,
+    #[serde(default)]
+    ports: BTreeMap<String, SandboxPort>,
+}
+
+/// The host side of a sandbox's interface and its address, as read in the sandbox's own
+/// namespace at its ADD: recorded for pods labelled as exits, and used only for an exit the
+/// operator's status puts on this node at that address (a label is the tenant's; the status and
+/// the sandbox's own veth are not).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SandboxPort {
+    port: String,
+    address: Ipv4Addr,
 }
 
 #[derive(Debug, Default)]
 struct State {
+    /// Exits' sandbox interfaces, by container id.
+    ports: BTreeMap<String, SandboxPort>,
     /// By container id.
     clients: BTreeMap<String, Attached>,
     /// Node-local numbers of the gateways with clients here, `(namespace, name)`.
@@ -467,6 +482,7 @@ fn load_state(options: &Options) -> State {
             })
             .collect(),
         slots: saved.slots,
+        ports: saved.ports,
         ..State::default()
     }
 }
@@ -512,6 +528,7 @@ impl Daemon {
                 .map(|((ns, name), id)| (format!("{ns}/{name}"), *id))
                 .collect(),
             slots: state.slots.clone(),
+            ports: state.ports.clone(),
         };
         let written = serde_json::to_vec(&saved)
             .map_err(std::io::Error::other)
@@ -529,6 +546,12 @@ impl Daemon {
             .clients
             .iter()
             .map(|(id, c)| (id.clone(), c.iface.clone()))
+            .chain(
+                state
+                    .ports
+                    .iter()
+                    .map(|(id, p)| (id.clone(), p.port.clone())),
+            )
             .collect();
         let gone: Vec<String> = self
             .kernel
@@ -544,6 +567,7 @@ impl Daemon {
             return;
         }
         for id in gone {
+            state.ports.remove(&id);
             if let Some(c) = state.clients.remove(&id) {
                 tracing::info!(pod = %format!("{}/{}", c.pod_namespace, c.pod_name), iface = %c.iface, "a client's interface is gone: forgotten");
             }
@@ -604,7 +628,7 @@ impl Daemon {
                 *held = domains;
             }
         }
-        if let Some(guard) = self.guard()
+        if let Some(guard) = self.guard(&state)
             && state.guarded.as_ref() != Some(&guard)
         {
             tracing::debug!(%guard, "loading the guard");
@@ -754,7 +778,7 @@ impl Daemon {
     /// this node with the addresses and identifiers their gateways' statuses give them (only the
     /// operator writes those; a pod's labels are the tenant's). None until the nodes are listed:
     /// a guard without them would take the other nodes' uplinks for pods' interfaces.
-    fn guard(&self) -> Option<Guard> {
+    fn guard(&self, state: &State) -> Option<Guard> {
         self.nodes.wait_until_ready().now_or_never()?.ok()?;
         let gateways = self.gateways.state();
         let gateways: Vec<&VpnGateway> =
@@ -772,9 +796,15 @@ impl Daemon {
             .filter(|e| e.node.as_deref() == Some(self.options.node_name.as_str()))
             .filter(|e| e.vni != 0 && !clashes.contains(&e.vni))
             .filter_map(|e| {
+                let address: Ipv4Addr = e.pod_ip.as_deref()?.parse().ok()?;
                 Some(guard::LocalExit {
-                    address: e.pod_ip.as_deref()?.parse().ok()?,
+                    address,
                     vni: e.vni,
+                    port: state
+                        .ports
+                        .values()
+                        .find(|p| p.address == address)
+                        .map(|p| p.port.clone()),
                 })
             })
             .collect();
@@ -793,6 +823,43 @@ impl Daemon {
             nodes,
             local,
         })
+    }
+
+    /// Records the host side of a sandbox's `eth0` and its address, read in the sandbox's own
+    /// namespace ([`SandboxPort`]). A failure is logged: the guard then looks the port up in the
+    /// bridge's tables.
+    async fn record_port(&self, request: &Request) {
+        let Some(netns) = request.netns.clone() else {
+            return;
+        };
+        let read = self
+            .kernel
+            .run(move || -> Result<(String, Option<Ipv4Addr>), String> {
+                let (index, address) = std::thread::spawn(move || {
+                    enter(Some(&PathBuf::from(&netns))).map_err(|e| e.to_string())?;
+                    guard::pod_interface("eth0").map_err(|e| e.to_string())
+                })
+                .join()
+                .unwrap_or_else(|_| Err("a thread panicked".into()))?;
+                Ok((guard::name_of(index).map_err(|e| e.to_string())?, address))
+            })
+            .await;
+        match read {
+            Ok((port, Some(address))) => {
+                let mut state = self.state.lock().await;
+                state
+                    .ports
+                    .insert(request.container_id.clone(), SandboxPort { port, address });
+                state.guarded = None;
+                self.save(&state);
+            }
+            Ok((_, None)) => {
+                tracing::warn!(pod = %request.pod_name, "an exit's sandbox has no IPv4 address on eth0");
+            }
+            Err(e) => {
+                tracing::warn!(pod = %request.pod_name, error = %e, "reading an exit's sandbox interface");
+            }
+        }
     }
 
     /// The plan for the current clients: the exits of their gateways, each healthy while it
@@ -980,6 +1047,9 @@ impl Daemon {
             .get(&request.pod_name)
             .await
             .map_err(|e| format!("reading the pod: {e}"))?;
+        if pod.labels().contains_key(cloak_model::exit::LABEL_EXIT) {
+            self.record_port(request).await;
+        }
         let gateways = self.gateways.state();
         let gateways: Vec<&VpnGateway> =
             gateways.iter().filter_map(|g| g.0.as_ref().ok()).collect();
@@ -1105,6 +1175,10 @@ impl Daemon {
 
     async fn del(&self, request: &Request) {
         let mut state = self.state.lock().await;
+        if state.ports.remove(&request.container_id).is_some() {
+            state.guarded = None;
+            self.save(&state);
+        }
         let Some(client) = state.clients.remove(&request.container_id) else {
             return;
         };
