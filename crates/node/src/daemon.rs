@@ -825,6 +825,21 @@ impl Daemon {
         })
     }
 
+    /// Whether a guard is loaded, waiting for one (it follows the first lists of gateways and
+    /// nodes, within a second of a start) for at most `limit`.
+    async fn guard_loaded_within(&self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if self.state.lock().await.guard_loaded {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Records the host side of a sandbox's `eth0` and its address, read in the sandbox's own
     /// namespace ([`SandboxPort`]). A failure is logged: the guard then looks the port up in the
     /// bridge's tables.
@@ -1033,7 +1048,7 @@ impl Daemon {
             tokio::time::timeout(Duration::from_secs(10), self.gateways.wait_until_ready()).await,
             Ok(Ok(()))
         );
-        if !self.state.lock().await.guard_loaded {
+        if !self.guard_loaded_within(Duration::from_secs(10)).await {
             return Err("the guard on the exits' links is not loaded yet".into());
         }
         if !listed {
