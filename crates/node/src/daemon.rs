@@ -137,6 +137,9 @@ struct State {
     retry_at: Option<tokio::time::Instant>,
     /// Drifts repaired (a table changed or gone under the daemon).
     drifts: u64,
+    /// Exits' interfaces found in the bridge's tables (for exits whose ADD the daemon did not
+    /// see), by address; forgotten when the interface goes.
+    found_ports: BTreeMap<Ipv4Addr, String>,
     /// The guard as last loaded whole (None: load it again).
     guarded: Option<Guard>,
     /// Whether a guard was ever loaded: no client is attached before.
@@ -563,6 +566,24 @@ impl Daemon {
                     .collect()
             })
             .await;
+        let found: Vec<(Ipv4Addr, String)> = state
+            .found_ports
+            .iter()
+            .map(|(a, p)| (*a, p.clone()))
+            .collect();
+        let vanished_ports: Vec<Ipv4Addr> = self
+            .kernel
+            .run(move || {
+                found
+                    .into_iter()
+                    .filter(|(_, port)| !link_exists(port))
+                    .map(|(address, _)| address)
+                    .collect()
+            })
+            .await;
+        for address in vanished_ports {
+            state.found_ports.remove(&address);
+        }
         if gone.is_empty() {
             return;
         }
@@ -635,6 +656,7 @@ impl Daemon {
             let to_load = guard.clone();
             match self.kernel.run(move || to_load.apply()).await {
                 Ok(found) => {
+                    state.found_ports.extend(found.ports.clone());
                     // An exit whose interface was not found yet is looked for again at the
                     // next recheck (its frames wait; nodes cannot use it before either).
                     if found.ports.len() < guard.local.len() {
@@ -800,11 +822,14 @@ impl Daemon {
                 Some(guard::LocalExit {
                     address,
                     vni: e.vni,
+                    // As read in its sandbox at its ADD, or as found in the bridge's tables
+                    // before (kept: one failed lookup must not drop a working exception).
                     port: state
                         .ports
                         .values()
                         .find(|p| p.address == address)
-                        .map(|p| p.port.clone()),
+                        .map(|p| p.port.clone())
+                        .or_else(|| state.found_ports.get(&address).cloned()),
                 })
             })
             .collect();
