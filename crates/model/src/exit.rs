@@ -283,6 +283,9 @@ impl PodView {
 /// The annotation a user puts on an exit's pod to move the exit to its pool's next server (any
 /// value), as when a site bans its address (gluetun#3391).
 pub const ANNOTATION_MOVE: &str = "cloak.dev/move";
+/// The annotation on an exit's mask that records its last move (when, from which server, why),
+/// written by the operator alone and shown in the gateway's status.
+pub const ANNOTATION_LAST_MOVE: &str = "cloak.dev/last-move";
 /// How long an exit's tunnel may go without connecting before it moves, unless its gateway says
 /// (`spec.exits.moveAfter`).
 pub const MOVE_AFTER: std::time::Duration = std::time::Duration::from_mins(2);

@@ -345,7 +345,18 @@ async fn apply(gateway: &VpnGateway, ctx: &Context) -> Result<Action> {
                     format!("exit {exit_name} moves from {from} to its pool's next server: {why}"),
                 )
                 .await;
-                moves.insert(exit_name.clone(), format!("{now} from {from}: {why}"));
+                let record = format!("{now} from {from}: {why}");
+                // Kept on the mask, read fresh each reconcile: a status written from a cached
+                // gateway of before the move must not lose it.
+                masks
+                    .patch(
+                        exit_name,
+                        &PatchParams::default(),
+                        &Patch::Merge(serde_json::json!({"metadata": {"annotations": {
+                            exit::ANNOTATION_LAST_MOVE: record.clone()}}})),
+                    )
+                    .await?;
+                moves.insert(exit_name.clone(), record);
                 pods.delete(exit_name, &DeleteParams::background()).await?;
             } else if let Some(down) = down.filter(|_| !view.ready) {
                 // Looked at again when it would be due to move.
@@ -411,9 +422,12 @@ async fn apply(gateway: &VpnGateway, ctx: &Context) -> Result<Action> {
             health,
             since,
             message: Some(message),
-            last_move: moves
-                .remove(exit_name)
-                .or_else(|| was.and_then(|w| w.last_move.clone())),
+            last_move: moves.remove(exit_name).or_else(|| {
+                f.mask
+                    .annotations()
+                    .get(exit::ANNOTATION_LAST_MOVE)
+                    .cloned()
+            }),
         });
     }
     let healthy = u32::try_from(
