@@ -542,53 +542,33 @@ impl Daemon {
         }
     }
 
-    /// Forgets the clients whose interfaces are gone (deleted while the daemon was away).
+    /// Forgets the clients and exits' recorded or found interfaces that are gone (deleted while
+    /// the daemon was away, or behind its back), asking the kernel once for all of them.
     async fn forget_vanished(&self) {
         let mut state = self.state.lock().await;
-        let ifaces: Vec<(String, String)> = state
+        let names: std::collections::BTreeSet<String> = state
             .clients
-            .iter()
-            .map(|(id, c)| (id.clone(), c.iface.clone()))
-            .chain(
-                state
-                    .ports
-                    .iter()
-                    .map(|(id, p)| (id.clone(), p.port.clone())),
-            )
+            .values()
+            .map(|c| c.iface.clone())
+            .chain(state.ports.values().map(|p| p.port.clone()))
+            .chain(state.found_ports.values().cloned())
             .collect();
-        let gone: Vec<String> = self
+        let gone: std::collections::BTreeSet<String> = self
             .kernel
-            .run(move || {
-                ifaces
-                    .into_iter()
-                    .filter(|(_, iface)| !link_exists(iface))
-                    .map(|(id, _)| id)
-                    .collect()
-            })
+            .run(move || names.into_iter().filter(|n| !link_exists(n)).collect())
             .await;
-        let found: Vec<(Ipv4Addr, String)> = state
-            .found_ports
-            .iter()
-            .map(|(a, p)| (*a, p.clone()))
-            .collect();
-        let vanished_ports: Vec<Ipv4Addr> = self
-            .kernel
-            .run(move || {
-                found
-                    .into_iter()
-                    .filter(|(_, port)| !link_exists(port))
-                    .map(|(address, _)| address)
-                    .collect()
-            })
-            .await;
-        for address in vanished_ports {
-            state.found_ports.remove(&address);
-        }
         if gone.is_empty() {
             return;
         }
-        for id in gone {
-            state.ports.remove(&id);
+        state.found_ports.retain(|_, port| !gone.contains(port));
+        state.ports.retain(|_, p| !gone.contains(&p.port));
+        let left: Vec<String> = state
+            .clients
+            .iter()
+            .filter(|(_, c)| gone.contains(&c.iface))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in left {
             if let Some(c) = state.clients.remove(&id) {
                 tracing::info!(pod = %format!("{}/{}", c.pod_namespace, c.pod_name), iface = %c.iface, "a client's interface is gone: forgotten");
             }
