@@ -744,3 +744,63 @@ fn a_plain_pod_with_net_raw_puts_no_frame_into_any_exit_from_its_own_address_or_
     );
     delete_client(lab, name);
 }
+
+/// The capabilities in effect of the exit agent (`cloak`) of the pod with this UID, from its
+/// `/proc/<pid>/status`.
+fn agent_capabilities(uid: &str) -> u64 {
+    let underscored = uid.replace('-', "_");
+    let pid = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+                .is_ok_and(|c| c.contains(uid) || c.contains(&underscored))
+                && std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .is_ok_and(|c| c.trim() == "cloak")
+        })
+        .unwrap_or_else(|| panic!("no agent process in pod {uid}"));
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let hex = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .unwrap()
+        .trim();
+    u64::from_str_radix(hex, 16).unwrap()
+}
+
+#[test]
+fn exits_run_unprivileged_with_a_few_capabilities_and_nothing_of_the_hosts_mounted() {
+    let lab = lab::shared();
+    let _turn = lab::serial();
+    let gw = healthy_gateway(lab);
+    let exits = gw["status"]["exits"].as_array().unwrap().clone();
+    assert!(!exits.is_empty(), "{gw}");
+    for exit in &exits {
+        let pods = lab.json(&[
+            "-n",
+            DEMO_NAMESPACE,
+            "get",
+            "pod",
+            "-l",
+            &format!("cloak.dev/exit={}", str_at(exit, "/name")),
+        ]);
+        let pod = &pods["items"][0];
+        let security = &pod["spec"]["containers"][0]["securityContext"];
+        assert_ne!(security["privileged"], true, "{security}");
+        assert_eq!(
+            security["capabilities"]["add"],
+            serde_json::json!(["NET_ADMIN", "NET_RAW", "MKNOD", "SETUID", "SETGID"]),
+            "{security}"
+        );
+        let volumes = pod["spec"]["volumes"].as_array().unwrap();
+        assert!(
+            volumes.iter().all(|v| v.get("hostPath").is_none()),
+            "{volumes:?}"
+        );
+        // The healthy exit's agent really runs so: NET_ADMIN (12), never SYS_ADMIN (21).
+        let caps = agent_capabilities(&str_at(pod, "/metadata/uid"));
+        assert_eq!(caps & (1 << 12), 1 << 12, "no NET_ADMIN: {caps:#x}");
+        assert_eq!(caps & (1 << 21), 0, "SYS_ADMIN: {caps:#x}");
+    }
+}

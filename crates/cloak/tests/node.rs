@@ -23,7 +23,8 @@ use cloak_dataplane::gateway::ExitPlan;
 use cloak_testkit::{
     ControlPlane, TestNamespace,
     netlab::gateway::{
-        ECHO6, Flows, GatewayNet, exit_ip, exit_public, exit_public6, pings, spread, spread_to,
+        ECHO, ECHO6, Flows, GatewayNet, exit_ip, exit_public, exit_public6, pings, spread,
+        spread_to,
     },
     netlab::spoof::{raw_socket, send_vxlan, vxlan_frame},
     netns::inside,
@@ -265,6 +266,61 @@ impl Rig {
             .create(&PostParams::default(), &pod)
             .await
             .unwrap()
+    }
+
+    /// [`Rig::pod`] bound to this rig's node (`n1`), where the daemon watches its labels.
+    async fn pod_on_node(&self, name: &str, labels: Value) -> Pod {
+        let pod: Pod = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "labels": labels},
+            "spec": {"nodeName": "n1", "containers": [{"name": "app", "image": "cloak.dev/lab/client:dev"}]},
+        }))
+        .unwrap();
+        Api::<Pod>::namespaced(self.client.clone(), self.ns.name())
+            .create(&PostParams::default(), &pod)
+            .await
+            .unwrap()
+    }
+
+    /// Sets the pod's `cloak.dev/gateway` label, or removes it (None).
+    async fn label(&self, pod: &str, gateway: Option<&str>) {
+        Api::<Pod>::namespaced(self.client.clone(), self.ns.name())
+            .patch(
+                pod,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"labels": {"cloak.dev/gateway": gateway}}})),
+            )
+            .await
+            .unwrap();
+    }
+
+    /// The reasons of the Events on `pod`.
+    async fn event_reasons(&self, pod: &str) -> Vec<String> {
+        let events: Api<k8s_openapi::api::events::v1::Event> =
+            Api::namespaced(self.client.clone(), self.ns.name());
+        events
+            .list(&kube::api::ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(pod))
+            .filter_map(|e| e.reason)
+            .collect()
+    }
+
+    /// Waits (up to 10 s) until `done`; how long it took.
+    fn until(&self, what: &str, done: impl Fn() -> bool) -> Duration {
+        let start = Instant::now();
+        while !done() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "{what}: not within 10 s\n{}",
+                self.daemon_log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        start.elapsed()
     }
 
     fn node_links(&self) -> String {
@@ -546,6 +602,95 @@ async fn a_pod_of_no_gateway_is_left_alone_and_one_naming_a_missing_gateway_does
         .await;
     let err = rig.cni("ADD", "lost", "c0ffee0003").unwrap_err();
     assert!(err.contains("nowhere"), "{err}");
+}
+
+#[tokio::test]
+async fn a_running_pod_labelled_onto_a_gateway_is_attached_cut_off_when_its_gateway_is_missing_and_freed_when_unlabelled()
+ {
+    let rig = Rig::new("node-relabel").await;
+    rig.pod_on_node("late", json!({"app": "web"})).await;
+    rig.cni("ADD", "late", "c0ffee0010").unwrap();
+    let app = &rig.net["app"];
+    let has_link = || app.run(&["ip", "-o", "link", "show"]).contains("ckg0");
+    let has_table = || app.run(&["nft", "list", "tables"]).contains("cloak_client");
+    assert!(!has_link() && !has_table());
+    let own = spread(app, 3);
+    assert_eq!(
+        own.keys().cloned().collect::<Vec<_>>(),
+        ["203.0.113.1"],
+        "no client yet: its flows leave by the node, {own:?}"
+    );
+
+    // Labelled onto the gateway while it runs: attached, and its flows go through the exits
+    // alone.
+    rig.label("late", Some("egress")).await;
+    let took = rig.until("the relabelled pod is attached", || {
+        has_link() && rig.node_links().contains("ckgc0ffee0010")
+    });
+    eprintln!("attached {took:?} after the label was set");
+    rig.net.count_uplink();
+    let seen = spread(app, 20);
+    assert_eq!(
+        seen.keys().cloned().collect::<Vec<_>>(),
+        (1..=EXITS).map(exit_public).collect::<Vec<_>>(),
+        "{seen:?}"
+    );
+    assert_eq!(
+        rig.net.uplink_packets(),
+        0,
+        "client traffic left by the uplink"
+    );
+
+    // Relabelled onto a gateway that does not exist: detached and cut off, the intranet still
+    // reachable.
+    rig.label("late", Some("nowhere")).await;
+    let cut_off = || {
+        std::fs::read(rig.dir.join("state/clients.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+            .is_some_and(|state| state["cutOff"].get("c0ffee0010").is_some())
+    };
+    rig.until("the pod of a missing gateway is cut off", cut_off);
+    assert!(!has_link(), "a cut-off pod kept its link to the node");
+    assert!(has_table(), "the pod is not cut off");
+    assert!(!pings(app, ECHO), "a cut-off pod reached the internet");
+    assert!(pings(app, &exit_ip(1)), "a cut-off pod lost the intranet");
+    assert!(
+        !rig.node_links().contains("ckgc0ffee0010"),
+        "{}",
+        rig.node_links()
+    );
+
+    // Unlabelled: the cut is lifted and its network is its own again.
+    rig.label("late", None).await;
+    rig.until("the cut is lifted", || !has_table());
+    assert!(pings(app, ECHO), "a freed pod cannot reach the internet");
+
+    // Each change was told on the pod (the last Event may land just after the kernel work).
+    let start = Instant::now();
+    loop {
+        let reasons = rig.event_reasons("late").await;
+        let missing: Vec<&str> = ["Attached", "CutOff", "Detached"]
+            .into_iter()
+            .filter(|want| !reasons.iter().any(|r| r == want))
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no {missing:?} Event: {reasons:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // DEL forgets the sandbox.
+    rig.cni("DEL", "late", "c0ffee0010").unwrap();
+    let state: Value =
+        serde_json::from_slice(&std::fs::read(rig.dir.join("state/clients.json")).unwrap())
+            .unwrap();
+    assert_eq!(state["sandboxes"], json!({}), "{state}");
+    assert_eq!(state["cutOff"], json!({}), "{state}");
 }
 
 #[tokio::test]

@@ -714,9 +714,41 @@ fn links_with_prefix(prefix: &str) -> Result<Vec<String>, Error> {
         .collect())
 }
 
+/// Sets a sysctl of the calling thread's namespace, writing only when it differs: an exit's
+/// `/proc/sys` is read-only (it runs unprivileged), and the node's daemon set what it needs at
+/// its sandbox's ADD ([`prepare_exit_namespace`]).
 fn sysctl(key: &str, value: &str) -> Result<(), Error> {
     let path = format!("/proc/sys/{}", key.replace('.', "/"));
-    std::fs::write(&path, value).map_err(Error::io(path))
+    if std::fs::read_to_string(&path).is_ok_and(|now| now.trim() == value) {
+        return Ok(());
+    }
+    std::fs::write(&path, value).map_err(|e| {
+        let hint = if e.kind() == std::io::ErrorKind::ReadOnlyFilesystem {
+            " (read-only here: in an exit pod, cloak node sets it when the pod's sandbox is made; is cloak node running on this node?)"
+        } else {
+            ""
+        };
+        Error::io(format!("{path}{hint}"))(e)
+    })
+}
+
+/// The sysctls an exit needs in its own namespace, which it cannot write itself (its
+/// `/proc/sys` is read-only: it runs with a few capabilities, not privileged): forwarding, no
+/// reverse-path filter on the interfaces it makes, IPv6 on them, and conntrack's packet counts
+/// (what a draining exit watches). Run by the node's daemon inside the exit's sandbox namespace
+/// (the calling thread's) at its ADD. Harmless in any pod's namespace: its own nftables forward
+/// chain decides what an exit forwards, and a pod that only claims to be an exit gains nothing
+/// but forwarding in its own namespace.
+pub fn prepare_exit_namespace() -> Result<(), Error> {
+    sysctl("net.ipv4.ip_forward", "1")?;
+    sysctl("net.ipv4.conf.all.rp_filter", "0")?;
+    sysctl("net.ipv4.conf.default.rp_filter", "0")?;
+    if has_ipv6() {
+        sysctl("net.ipv6.conf.default.disable_ipv6", "0")?;
+        forward_ipv6()?;
+    }
+    let _ = sysctl("net.netfilter.nf_conntrack_acct", "1");
+    Ok(())
 }
 
 /// One client's namespace: its interface to the node, routes and kill switch. Applied by the
@@ -842,6 +874,30 @@ impl ClientPlan {
              \t}}\n\
              }}\n"
         )
+    }
+
+    /// The kill switch alone, inside a pod's namespace (the calling thread's), for a running pod
+    /// that is to be a client and cannot be attached: nothing leaves it but to the intranet.
+    /// [`ClientPlan::leave`] lifts it.
+    pub fn cut_off(intranet: &[IpNet]) -> Result<(), Error> {
+        let plan = Self {
+            address: CLIENT_GATEWAY,
+            intranet: intranet.to_vec(),
+            mtu: 0,
+            unprotected: false,
+        };
+        run("nft", &["-f", "-"], Some(plan.render().as_bytes())).map(drop)
+    }
+
+    /// Takes cloak out of a pod's namespace (the calling thread's): its kill switch, and its
+    /// interface with the routes through it, if the node side did not take it already. The pod's
+    /// own network is then its only one again.
+    pub fn leave() -> Result<(), Error> {
+        match run("nft", &["delete", "table", "inet", CLIENT_TABLE], None) {
+            Err(Error::Command { stderr, .. }) if stderr.contains("No such file") => {}
+            other => other.map(drop)?,
+        }
+        remove_client(CLIENT_IFACE)
     }
 
     /// Addresses, routes (every prefix outside the intranet through the node) and the kill

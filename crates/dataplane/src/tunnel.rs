@@ -84,8 +84,38 @@ pub struct LinuxDriver {
     pub fwmark: u32,
 }
 
+/// Makes `/dev/net/tun` when the container has none: an exit pod runs with `MKNOD` and
+/// `NET_ADMIN` instead of privileged with the host's `/dev` mounted, and the runtime's device
+/// rules let a container use the tun device (runc allows it by default) but do not create it.
+pub fn ensure_tun_device() -> Result<(), Error> {
+    let path = std::path::Path::new("/dev/net/tun");
+    if path.exists() {
+        return Ok(());
+    }
+    std::fs::create_dir_all("/dev/net").map_err(Error::io("/dev/net"))?;
+    nix::sys::stat::mknod(
+        path,
+        nix::sys::stat::SFlag::S_IFCHR,
+        nix::sys::stat::Mode::from_bits_truncate(0o666),
+        nix::sys::stat::makedev(10, 200),
+    )
+    .or_else(|e| {
+        if e == nix::errno::Errno::EEXIST {
+            Ok(())
+        } else {
+            Err(e)
+        }
+    })
+    .map_err(|e| {
+        Error::io("making /dev/net/tun (the pod needs the MKNOD capability)")(std::io::Error::from(
+            e,
+        ))
+    })
+}
+
 impl TunnelDriver for LinuxDriver {
     fn open(&self, config: &TunnelConfig, userspace_only: bool) -> Result<Box<dyn Tunnel>, Error> {
+        ensure_tun_device()?;
         match config {
             TunnelConfig::WireGuard(c) => {
                 let marked = WireguardConfig {

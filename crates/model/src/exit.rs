@@ -161,9 +161,9 @@ pub struct ExitPod<'a> {
     pub drain_grace: std::time::Duration,
 }
 
-/// The exit pod: `cloak agent` with the one server's credentials, privileged (it creates the
-/// tunnel and the VXLAN end, and turns on forwarding in its own namespace; an exit is cloak's
-/// own pod, never a client's), ready while its tunnel passes its probe.
+/// The exit pod: `cloak agent` with the one server's credentials and a few capabilities (it
+/// creates the tunnel and the VXLAN end; the node's daemon turns on forwarding in its namespace),
+/// ready while its tunnel passes its probe.
 pub fn pod(input: &ExitPod<'_>) -> Result<Pod, serde_json::Error> {
     let items: Vec<Value> = input
         .keys
@@ -203,7 +203,19 @@ pub fn pod(input: &ExitPod<'_>) -> Result<Pod, serde_json::Error> {
                 "name": "agent", "image": input.image, "imagePullPolicy": "IfNotPresent",
                 "args": ["agent", "--config", config],
                 "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
-                "securityContext": {"privileged": true},
+                // The least an exit needs, not privileged: NET_ADMIN for its tunnel, routes,
+                // VXLAN end and nftables table; NET_RAW for its probe; MKNOD to make
+                // `/dev/net/tun` (no host path is mounted); SETUID/SETGID for an OpenVPN
+                // configuration that drops to another user. Its sysctls (forwarding) are set
+                // by the node's daemon when its sandbox is made: its `/proc/sys` is read-only.
+                "securityContext": {
+                    "privileged": false,
+                    "allowPrivilegeEscalation": false,
+                    "capabilities": {
+                        "drop": ["ALL"],
+                        "add": ["NET_ADMIN", "NET_RAW", "MKNOD", "SETUID", "SETGID"],
+                    },
+                },
                 "ports": [{"name": "admin", "containerPort": ADMIN_PORT}],
                 "readinessProbe": {
                     "httpGet": {"path": "/readyz", "port": ADMIN_PORT},
@@ -213,13 +225,11 @@ pub fn pod(input: &ExitPod<'_>) -> Result<Pod, serde_json::Error> {
                 "volumeMounts": [
                     {"name": "credentials", "mountPath": CREDENTIALS_DIR, "readOnly": true},
                     {"name": "config", "mountPath": CONFIG_DIR, "readOnly": true},
-                    {"name": "tun", "mountPath": "/dev/net/tun"},
                 ],
             }],
             "volumes": [
                 {"name": "credentials", "secret": {"secretName": input.secret, "items": items}},
                 {"name": "config", "configMap": {"name": config_map_name(input.gateway)}},
-                {"name": "tun", "hostPath": {"path": "/dev/net/tun", "type": "CharDevice"}},
             ],
         },
     }))

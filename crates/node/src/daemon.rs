@@ -31,7 +31,11 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::{
     Api, Client, ResourceExt as _,
     core::DeserializeGuard,
-    runtime::{WatchStreamExt as _, reflector, watcher},
+    runtime::{
+        WatchStreamExt as _,
+        events::{Event, EventType, Recorder, Reporter},
+        reflector, watcher,
+    },
 };
 use serde::{Deserialize, Serialize};
 use tokio::{
@@ -42,6 +46,7 @@ use tokio::{
 
 use cloak_model::clients::{Choice, choose};
 
+use crate::attach::{self, Step, Want};
 use crate::cni::{Command, Guarded, Reply, Request};
 use crate::probe::Answer;
 
@@ -104,6 +109,21 @@ struct Saved {
     slots: BTreeMap<u32, u8>,
     #[serde(default)]
     ports: BTreeMap<String, SandboxPort>,
+    #[serde(default)]
+    sandboxes: BTreeMap<String, Sandbox>,
+    #[serde(default)]
+    cut_off: BTreeMap<String, String>,
+}
+
+/// A pod sandbox the plugin told the daemon of at its ADD (client or not): what the daemon needs
+/// to attach it, detach it or cut it off while it runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Sandbox {
+    namespace: String,
+    name: String,
+    /// The pod's UID: a pod of the same name made anew is another pod.
+    uid: String,
 }
 
 /// The host side of a sandbox's interface and its address, as read in the sandbox's own
@@ -123,6 +143,12 @@ struct State {
     ports: BTreeMap<String, SandboxPort>,
     /// By container id.
     clients: BTreeMap<String, Attached>,
+    /// Every sandbox the plugin told of, by container id (or `pod-<uid>` for a pod found
+    /// running that the plugin never told of).
+    sandboxes: BTreeMap<String, Sandbox>,
+    /// Sandboxes whose pod is to be a client and cannot be: only the kill switch is in them.
+    /// By container id, with why.
+    cut_off: BTreeMap<String, String>,
     /// Node-local numbers of the gateways with clients here, `(namespace, name)`.
     gateway_ids: BTreeMap<(String, String), u16>,
     /// Node-local slots of the exits linked, by VNI.
@@ -155,6 +181,17 @@ struct Daemon {
     gateways: reflector::Store<DeserializeGuard<VpnGateway>>,
     /// Every node: their addresses are the guard's.
     nodes: reflector::Store<Node>,
+    /// The pods on this node: whether each is a client is asked again when one changes.
+    pods: reflector::Store<Pod>,
+    /// One sweep at a time ([`Daemon::sweep`]).
+    sweeping: tokio::sync::Mutex<()>,
+    /// The hostNetwork pods told they cannot be clients (by UID), so they are told once.
+    told_host_network: Mutex<std::collections::BTreeSet<String>>,
+    /// The sandboxes' network namespaces, held open by sandbox key: the plugin's path to one is
+    /// good only during its call. Not saved: after a restart a sandbox's namespace is found
+    /// again by its pod's UID ([`find_pod_netns`]). Dropped at DEL (a held namespace outlives
+    /// its pod).
+    netns: Mutex<BTreeMap<String, std::fs::File>>,
     /// The namespaces that hold a gateway, as last written for the plugin.
     guarded: std::sync::Mutex<Option<Guarded>>,
     /// Each client's cluster domains, by its address ([`cluster_domains`]).
@@ -214,8 +251,12 @@ impl Kernel {
 
 /// Keeps `writer`'s store a mirror of `api`'s objects, running `changed` after every event, the
 /// end of a (re)list included (the store is complete only then); retries with backoff.
-async fn mirror<K, F>(writer: reflector::store::Writer<K>, api: Api<K>, changed: impl Fn() -> F)
-where
+async fn mirror<K, F>(
+    writer: reflector::store::Writer<K>,
+    api: Api<K>,
+    config: watcher::Config,
+    changed: impl Fn() -> F,
+) where
     K: kube::Resource<DynamicType = ()>
         + Clone
         + std::fmt::Debug
@@ -225,8 +266,7 @@ where
         + 'static,
     F: Future<Output = ()>,
 {
-    let stream =
-        reflector::reflector(writer, watcher(api, watcher::Config::default())).default_backoff();
+    let stream = reflector::reflector(writer, watcher(api, config)).default_backoff();
     futures::pin_mut!(stream);
     while let Some(event) = stream.next().await {
         if event.is_ok() {
@@ -244,6 +284,54 @@ const RECHECK: Duration = Duration::from_secs(5);
 const PROBE_ROUND_FLOOR: Duration = Duration::from_millis(100);
 /// The longest wait before a failed apply is tried again.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// The network namespace of a running pod, by its UID: that of a process whose cgroup names the
+/// pod (`attach::cgroup_names_pod`), unless it is the node's own (`node`: its path; None: this
+/// process's), as a hostNetwork pod's is.
+fn find_pod_netns(uid: &str, node: Option<&std::path::Path>) -> Option<std::fs::File> {
+    use std::os::unix::fs::MetadataExt as _;
+    let node = std::fs::metadata(node.unwrap_or(std::path::Path::new("/proc/self/ns/net")))
+        .ok()
+        .map(|m| (m.dev(), m.ino()));
+    let pids = std::fs::read_dir("/proc").ok()?;
+    for entry in pids.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        let Ok(cgroup) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
+            continue;
+        };
+        if !attach::cgroup_names_pod(&cgroup, uid) {
+            continue;
+        }
+        let Ok(file) = std::fs::File::open(format!("/proc/{pid}/ns/net")) else {
+            continue;
+        };
+        let here = file.metadata().ok().map(|m| (m.dev(), m.ino()));
+        if here.is_some() && here != node {
+            return Some(file);
+        }
+    }
+    None
+}
+
+/// Runs `f` on a thread of its own inside the network namespace at `netns` (a path): a pod's.
+fn in_sandbox<T: Send + 'static>(
+    netns: &str,
+    f: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    let path = PathBuf::from(netns);
+    std::thread::spawn(move || {
+        enter(Some(&path)).map_err(|e| format!("entering the pod's namespace: {e}"))?;
+        f()
+    })
+    .join()
+    .unwrap_or_else(|_| Err("the pod's namespace: a thread panicked".into()))
+}
 
 /// Moves the calling thread into the network namespace at `path` (no-op for None).
 fn enter(path: Option<&PathBuf>) -> std::io::Result<()> {
@@ -271,8 +359,13 @@ pub async fn run(
 
     let (gateways, writer) = reflector::store();
     let (nodes, node_writer) = reflector::store();
+    let (pods, pod_writer) = reflector::store();
     let daemon = Arc::new(Daemon {
         nodes,
+        pods,
+        sweeping: tokio::sync::Mutex::new(()),
+        told_host_network: Mutex::default(),
+        netns: Mutex::default(),
         state: tokio::sync::Mutex::new(load_state(&options)),
         options,
         client: client.clone(),
@@ -290,11 +383,30 @@ pub async fn run(
         mirror(
             writer,
             Api::<DeserializeGuard<VpnGateway>>::all(client),
+            watcher::Config::default(),
             move || {
                 let daemon = daemon.clone();
                 async move {
                     daemon.write_guarded();
                     daemon.reconcile().await;
+                    daemon.sweep().await;
+                }
+            },
+        )
+    };
+    // The pods on this node: one relabelled onto a gateway or off it, or matched by a selector
+    // written after it started, is attached or detached while it runs.
+    let pod_watch = {
+        let daemon = daemon.clone();
+        let on_node = format!("spec.nodeName={}", daemon.options.node_name);
+        mirror(
+            pod_writer,
+            Api::<Pod>::all(daemon.client.clone()),
+            watcher::Config::default().fields(&on_node),
+            move || {
+                let daemon = daemon.clone();
+                async move {
+                    daemon.sweep().await;
                 }
             },
         )
@@ -305,6 +417,7 @@ pub async fn run(
         mirror(
             node_writer,
             Api::<Node>::all(daemon.client.clone()),
+            watcher::Config::default(),
             move || {
                 let daemon = daemon.clone();
                 async move {
@@ -322,6 +435,7 @@ pub async fn run(
             loop {
                 tokio::time::sleep(RECHECK).await;
                 daemon.recheck().await;
+                daemon.sweep().await;
             }
         }
     };
@@ -384,6 +498,7 @@ pub async fn run(
         () = shutdown => {}
         () = watch => {}
         () = node_watch => {}
+        () = pod_watch => {}
         () = recheck => {}
         () = probes => {}
         () = serve => {}
@@ -486,6 +601,8 @@ fn load_state(options: &Options) -> State {
             .collect(),
         slots: saved.slots,
         ports: saved.ports,
+        sandboxes: saved.sandboxes,
+        cut_off: saved.cut_off,
         ..State::default()
     }
 }
@@ -532,6 +649,8 @@ impl Daemon {
                 .collect(),
             slots: state.slots.clone(),
             ports: state.ports.clone(),
+            sandboxes: state.sandboxes.clone(),
+            cut_off: state.cut_off.clone(),
         };
         let written = serde_json::to_vec(&saved)
             .map_err(std::io::Error::other)
@@ -845,25 +964,33 @@ impl Daemon {
         }
     }
 
-    /// Records the host side of a sandbox's `eth0` and its address, read in the sandbox's own
-    /// namespace ([`SandboxPort`]). A failure is logged: the guard then looks the port up in the
-    /// bridge's tables.
-    async fn record_port(&self, request: &Request) {
+    /// Prepares an exit's sandbox namespace (the sysctls its unprivileged pod cannot set,
+    /// `gateway::prepare_exit_namespace`): an error fails the ADD, which the kubelet retries.
+    /// Then records the host side of its `eth0` and its address, read in the sandbox's own
+    /// namespace ([`SandboxPort`]); a failure there is logged: the guard then looks the port up
+    /// in the bridge's tables.
+    async fn prepare_exit(&self, request: &Request) -> Result<(), String> {
         let Some(netns) = request.netns.clone() else {
-            return;
+            return Ok(());
         };
         let read = self
             .kernel
-            .run(move || -> Result<(String, Option<Ipv4Addr>), String> {
-                let (index, address) = std::thread::spawn(move || {
-                    enter(Some(&PathBuf::from(&netns))).map_err(|e| e.to_string())?;
-                    guard::pod_interface("eth0").map_err(|e| e.to_string())
-                })
-                .join()
-                .unwrap_or_else(|_| Err("a thread panicked".into()))?;
-                Ok((guard::name_of(index).map_err(|e| e.to_string())?, address))
-            })
-            .await;
+            .run(
+                move || -> Result<Result<(String, Option<Ipv4Addr>), String>, String> {
+                    let (index, address) = match in_sandbox(&netns, || {
+                        cloak_dataplane::gateway::prepare_exit_namespace()
+                            .map_err(|e| format!("preparing the exit's namespace: {e}"))?;
+                        Ok(guard::pod_interface("eth0").map_err(|e| e.to_string()))
+                    })? {
+                        Ok(found) => found,
+                        Err(e) => return Ok(Err(e)),
+                    };
+                    Ok(guard::name_of(index)
+                        .map_err(|e| e.to_string())
+                        .map(|port| (port, address)))
+                },
+            )
+            .await?;
         match read {
             Ok((port, Some(address))) => {
                 let mut state = self.state.lock().await;
@@ -880,6 +1007,7 @@ impl Daemon {
                 tracing::warn!(pod = %request.pod_name, error = %e, "reading an exit's sandbox interface");
             }
         }
+        Ok(())
     }
 
     /// The plan for the current clients: the exits of their gateways, each healthy while it
@@ -1068,61 +1196,87 @@ impl Daemon {
             .await
             .map_err(|e| format!("reading the pod: {e}"))?;
         if pod.labels().contains_key(cloak_model::exit::LABEL_EXIT) {
-            self.record_port(request).await;
-        }
-        let gateways = self.gateways.state();
-        let gateways: Vec<&VpnGateway> =
-            gateways.iter().filter_map(|g| g.0.as_ref().ok()).collect();
-        let gateway = match choose(
-            &request.pod_namespace,
-            pod.labels(),
-            gateways.iter().copied(),
-        ) {
-            Choice::None => {
-                // A gateway of this namespace that cannot be read may choose this pod: it does
-                // not start unprotected on a guess.
-                let unreadable = self.gateways.state().iter().find_map(|g| {
-                    let invalid = g.0.as_ref().err()?;
-                    (invalid.metadata.namespace.as_deref() == Some(request.pod_namespace.as_str()))
-                        .then(|| invalid.metadata.name.clone().unwrap_or_default())
-                });
-                return match unreadable {
-                    Some(name) if !pod.labels().contains_key(cloak_model::exit::LABEL_GATEWAY) => {
-                        Err(format!(
-                            "gateway {name} of namespace {} cannot be read (see its InvalidSpec event), so whether this pod is its client cannot be told",
-                            request.pod_namespace
-                        ))
-                    }
-                    _ => Ok(()),
-                };
-            }
-            Choice::Missing(name) => {
-                return Err(format!(
-                    "the pod asks for gateway {name}, which does not exist in {}",
-                    request.pod_namespace
-                ));
-            }
-            Choice::Gateway(name) => gateways
-                .iter()
-                .find(|g| {
-                    g.namespace().as_deref() == Some(request.pod_namespace.as_str())
-                        && g.name_any() == name
-                })
-                .map(|g| (*g).clone())
-                .ok_or_else(|| format!("gateway {name} went away"))?,
-        };
-        if let Some(clash) = self.transit_clash() {
-            return Err(clash);
+            self.prepare_exit(request).await?;
         }
         let netns = request
             .netns
-            .clone()
+            .as_deref()
             .ok_or_else(|| "ADD without a network namespace".to_owned())?;
+        let held = std::fs::File::open(netns)
+            .map_err(|e| format!("opening the sandbox's namespace {netns}: {e}"))?;
+        if let Ok(mut all) = self.netns.lock() {
+            all.insert(request.container_id.clone(), held);
+        }
+        let sandbox = Sandbox {
+            namespace: request.pod_namespace.clone(),
+            name: request.pod_name.clone(),
+            uid: pod.uid().unwrap_or_default(),
+        };
+        {
+            let mut state = self.state.lock().await;
+            state
+                .sandboxes
+                .insert(request.container_id.clone(), sandbox.clone());
+            self.save(&state);
+        }
+        match self.want(&request.pod_namespace, &pod) {
+            Want::NotClient => Ok(()),
+            Want::Refused(why) => Err(why),
+            Want::Client(gateway) => self.attach(&request.container_id, &sandbox, &gateway).await,
+        }
+    }
+
+    /// What `pod` (of `namespace`) is to the gateways as they are now.
+    fn want(&self, namespace: &str, pod: &Pod) -> Want<VpnGateway> {
+        let all = self.gateways.state();
+        let gateways: Vec<&VpnGateway> = all.iter().filter_map(|g| g.0.as_ref().ok()).collect();
+        match choose(namespace, pod.labels(), gateways.iter().copied()) {
+            Choice::None => {
+                // A gateway of this namespace that cannot be read may choose this pod: it does
+                // not run unprotected on a guess.
+                let unreadable = all.iter().find_map(|g| {
+                    let invalid = g.0.as_ref().err()?;
+                    (invalid.metadata.namespace.as_deref() == Some(namespace))
+                        .then(|| invalid.metadata.name.clone().unwrap_or_default())
+                });
+                match unreadable {
+                    Some(name) if !pod.labels().contains_key(cloak_model::exit::LABEL_GATEWAY) => {
+                        Want::Refused(format!(
+                            "gateway {name} of namespace {namespace} cannot be read (see its InvalidSpec event), so whether this pod is its client cannot be told"
+                        ))
+                    }
+                    _ => Want::NotClient,
+                }
+            }
+            Choice::Missing(name) => Want::Refused(format!(
+                "the pod asks for gateway {name}, which does not exist in {namespace}"
+            )),
+            Choice::Gateway(name) => gateways
+                .iter()
+                .find(|g| g.namespace().as_deref() == Some(namespace) && g.name_any() == name)
+                .map_or_else(
+                    || Want::Refused(format!("gateway {name} went away")),
+                    |g| Want::Client((*g).clone()),
+                ),
+        }
+    }
+
+    /// Attaches the sandbox `id` to `gateway`: its veth, its namespace's routes and kill switch,
+    /// then the node's plan with it. Undone whole when any part fails.
+    async fn attach(
+        &self,
+        id: &str,
+        sandbox: &Sandbox,
+        gateway: &VpnGateway,
+    ) -> Result<(), String> {
+        if let Some(clash) = self.transit_clash() {
+            return Err(clash);
+        }
         let mut state = self.state.lock().await;
-        if state.clients.contains_key(&request.container_id) {
+        if state.clients.contains_key(id) {
             return Ok(()); // a repeated ADD: attached already
         }
-        let iface = iface_name(&request.container_id);
+        let iface = iface_name(id);
         let address = (2..=0xfffe_u32)
             .map(|n| Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 0, 0)) + n))
             .find(|a| {
@@ -1131,11 +1285,7 @@ impl Daemon {
                     && a.octets()[3] != 255
             })
             .ok_or_else(|| "no client address left on this node".to_owned())?;
-        let intranet: Vec<IpNet> = if gateway.spec.intranet.is_empty() {
-            self.options.intranet.clone()
-        } else {
-            gateway.spec.intranet.iter().map(|c| c.get()).collect()
-        };
+        let intranet = self.intranet_of(gateway);
         if let Some(why) = cloak_model::gateway::intranet_refusal(&intranet) {
             return Err(format!("gateway {}: {why}", gateway.name_any()));
         }
@@ -1146,20 +1296,20 @@ impl Daemon {
             mtu,
             unprotected: !gateway.spec.kill_switch,
         };
+        let netns = self
+            .netns_of(id, sandbox)
+            .await
+            .ok_or_else(|| "the pod's network namespace is not found".to_owned())?;
         let host_iface = iface.clone();
         self.kernel
             .run(move || -> Result<(), String> {
                 ClientPlan::create_veth(&host_iface, &netns, mtu)
                     .map_err(|e| format!("the pod's interface: {e}"))?;
-                let inside = std::thread::spawn(move || {
-                    enter(Some(&PathBuf::from(&netns)))
-                        .map_err(|e| format!("entering the pod's namespace: {e}"))?;
+                let inside = in_sandbox(&netns, move || {
                     client_plan
                         .apply()
                         .map_err(|e| format!("the pod's routes and kill switch: {e}"))
-                })
-                .join()
-                .unwrap_or_else(|_| Err("the pod's namespace: a thread panicked".into()));
+                });
                 if inside.is_err() {
                     let _ = remove_client(&host_iface);
                 }
@@ -1167,36 +1317,416 @@ impl Daemon {
             })
             .await?;
         state.clients.insert(
-            request.container_id.clone(),
+            id.to_owned(),
             Attached {
-                pod_namespace: request.pod_namespace.clone(),
-                pod_name: request.pod_name.clone(),
+                pod_namespace: sandbox.namespace.clone(),
+                pod_name: sandbox.name.clone(),
                 gateway: gateway.name_any(),
                 iface,
                 address,
             },
         );
+        // The attachment's table replaced a cut-off one.
+        state.cut_off.remove(id);
         self.save(&state);
         drop(state);
         if !self.reconcile().await {
             // Without the node's table the client's traffic would have no kill switch on the
-            // node: the pod must not start.
+            // node: the pod must not start (or, running, is cut off by the caller).
             let mut state = self.state.lock().await;
-            state.clients.remove(&request.container_id);
+            state.clients.remove(id);
             self.save(&state);
             drop(state);
-            let iface = iface_name(&request.container_id);
+            let iface = iface_name(id);
             let _ = self.kernel.run(move || remove_client(&iface)).await;
             return Err("the node's plan could not be applied (see the daemon's log)".into());
         }
-        tracing::info!(pod = %format!("{}/{}", request.pod_namespace, request.pod_name), gateway = %gateway.name_any(), %address, "client attached");
+        tracing::info!(pod = %format!("{}/{}", sandbox.namespace, sandbox.name), gateway = %gateway.name_any(), %address, "client attached");
         Ok(())
+    }
+
+    /// A path to the sandbox's network namespace, through the handle the daemon holds: opened at
+    /// its ADD, or found by its pod's UID among the node's processes (after a restart, or for a
+    /// pod the plugin never saw).
+    async fn netns_of(&self, id: &str, sandbox: &Sandbox) -> Option<String> {
+        let path = |file: &std::fs::File| {
+            use std::os::fd::AsRawFd as _;
+            format!("/proc/{}/fd/{}", std::process::id(), file.as_raw_fd())
+        };
+        if let Some(held) = self.netns.lock().ok()?.get(id) {
+            return Some(path(held));
+        }
+        let (uid, own) = (sandbox.uid.clone(), self.options.netns.clone());
+        let found = tokio::task::spawn_blocking(move || find_pod_netns(&uid, own.as_deref()))
+            .await
+            .ok()??;
+        let mut all = self.netns.lock().ok()?;
+        Some(path(all.entry(id.to_owned()).or_insert(found)))
+    }
+
+    /// The ranges a gateway's clients reach over their own network.
+    fn intranet_of(&self, gateway: &VpnGateway) -> Vec<IpNet> {
+        if gateway.spec.intranet.is_empty() {
+            self.options.intranet.clone()
+        } else {
+            gateway.spec.intranet.iter().map(|c| c.get()).collect()
+        }
+    }
+
+    /// Detaches a running sandbox: its veth and, in its namespace, cloak's table and routes; the
+    /// pod's own network is its only one again.
+    async fn detach(&self, id: &str) {
+        let mut state = self.state.lock().await;
+        let Some(client) = state.clients.remove(id) else {
+            return;
+        };
+        let sandbox = state.sandboxes.get(id).cloned();
+        self.save(&state);
+        drop(state);
+        let netns = match &sandbox {
+            Some(sandbox) => self.netns_of(id, sandbox).await,
+            None => None,
+        };
+        let iface = client.iface.clone();
+        let left = self
+            .kernel
+            .run(move || -> Result<(), String> {
+                remove_client(&iface).map_err(|e| e.to_string())?;
+                match netns {
+                    Some(netns) => {
+                        in_sandbox(&netns, || ClientPlan::leave().map_err(|e| e.to_string()))
+                    }
+                    None => Ok(()),
+                }
+            })
+            .await;
+        if let Err(e) = left {
+            tracing::warn!(error = %e, iface = %client.iface, "detaching a client");
+        }
+        tracing::info!(pod = %format!("{}/{}", client.pod_namespace, client.pod_name), "client detached");
+        let _ = self.reconcile().await;
+    }
+
+    /// Cuts a running sandbox off: only the kill switch in its namespace (nothing leaves but to
+    /// `intranet`), until it is attached or no client any more.
+    async fn cut_off(&self, id: &str, sandbox: &Sandbox, intranet: Vec<IpNet>, why: &str) -> bool {
+        let Some(netns) = self.netns_of(id, sandbox).await else {
+            tracing::error!(pod = %format!("{}/{}", sandbox.namespace, sandbox.name), "cutting a client off: its network namespace is not found");
+            return false;
+        };
+        let cut = self
+            .kernel
+            .run(move || {
+                in_sandbox(&netns, move || {
+                    ClientPlan::cut_off(&intranet).map_err(|e| e.to_string())
+                })
+            })
+            .await;
+        match cut {
+            Ok(()) => {
+                let mut state = self.state.lock().await;
+                state.cut_off.insert(id.to_owned(), why.to_owned());
+                self.save(&state);
+                tracing::warn!(pod = %format!("{}/{}", sandbox.namespace, sandbox.name), why, "client cut off");
+                true
+            }
+            Err(e) => {
+                tracing::error!(pod = %format!("{}/{}", sandbox.namespace, sandbox.name), error = %e, "cutting a client off");
+                false
+            }
+        }
+    }
+
+    /// Lifts a cut: the sandbox's pod is no client any more.
+    async fn lift(&self, id: &str, sandbox: &Sandbox) {
+        let Some(netns) = self.netns_of(id, sandbox).await else {
+            // Gone with its pod: nothing to lift.
+            let mut state = self.state.lock().await;
+            state.cut_off.remove(id);
+            self.save(&state);
+            return;
+        };
+        let lifted = self
+            .kernel
+            .run(move || in_sandbox(&netns, || ClientPlan::leave().map_err(|e| e.to_string())))
+            .await;
+        if let Err(e) = lifted {
+            tracing::warn!(pod = %format!("{}/{}", sandbox.namespace, sandbox.name), error = %e, "lifting a cut");
+            return;
+        }
+        let mut state = self.state.lock().await;
+        state.cut_off.remove(id);
+        self.save(&state);
+    }
+
+    /// Asks every sandbox on this node again what its pod is to the gateways, and attaches,
+    /// detaches, cuts off or frees the ones that changed; tells a hostNetwork pod a gateway
+    /// selects that it cannot be a client. Nothing before the gateways and this node's pods are
+    /// listed and the guard is loaded.
+    async fn sweep(&self) {
+        let Ok(_one) = self.sweeping.try_lock() else {
+            return; // the running sweep reads the stores after this change
+        };
+        let ready = matches!(
+            self.gateways.wait_until_ready().now_or_never(),
+            Some(Ok(()))
+        ) && matches!(self.pods.wait_until_ready().now_or_never(), Some(Ok(())));
+        if !ready || !self.state.lock().await.guard_loaded {
+            return;
+        }
+        let pods = self.pods.state();
+        self.tell_host_network(&pods).await;
+        self.adopt_and_forget(&pods).await;
+        let (sandboxes, attached, cut) = {
+            let state = self.state.lock().await;
+            (
+                state.sandboxes.clone(),
+                state
+                    .clients
+                    .iter()
+                    .map(|(id, c)| (id.clone(), c.gateway.clone()))
+                    .collect::<BTreeMap<_, _>>(),
+                state.cut_off.clone(),
+            )
+        };
+        for (id, sandbox) in sandboxes {
+            // A sandbox whose pod is not (or no longer) in the list is left to its DEL.
+            let Some(pod) = pods.iter().find(|p| {
+                p.metadata.namespace.as_deref() == Some(sandbox.namespace.as_str())
+                    && p.metadata.name.as_deref() == Some(sandbox.name.as_str())
+                    && p.uid().unwrap_or_default() == sandbox.uid
+            }) else {
+                continue;
+            };
+            if pod.metadata.deletion_timestamp.is_some() {
+                continue;
+            }
+            let want = self.want(&sandbox.namespace, pod);
+            let now = attached.get(&id).map(String::as_str);
+            match attach::step(
+                &want,
+                kube::ResourceExt::name_any,
+                now,
+                cut.contains_key(&id),
+            ) {
+                Step::Keep => {}
+                Step::Attach {
+                    gateway,
+                    detach_first,
+                } => {
+                    let Want::Client(g) = &want else { continue };
+                    if detach_first {
+                        self.detach(&id).await;
+                    }
+                    match self.attach(&id, &sandbox, g).await {
+                        Ok(()) => {
+                            self.publish(pod, EventType::Normal, "Attached", format!(
+                                "attached to gateway {gateway} while running: its internet traffic now leaves only through the gateway's exits"
+                            )).await;
+                        }
+                        Err(e) => {
+                            let why = format!(
+                                "gateway {gateway} selects this pod, which could not be attached: {e}"
+                            );
+                            if self.cut_off(&id, &sandbox, self.intranet_of(g), &why).await {
+                                self.publish(
+                                    pod,
+                                    EventType::Warning,
+                                    "CutOff",
+                                    format!(
+                                        "{why}; it is cut off from the internet until it can be"
+                                    ),
+                                )
+                                .await;
+                            }
+                        }
+                    }
+                }
+                Step::Detach => {
+                    self.detach(&id).await;
+                    self.publish(pod, EventType::Normal, "Detached", "no gateway selects this pod any more: detached, its network is its own again".into()).await;
+                }
+                Step::CutOff { why, detach_first } => {
+                    if detach_first {
+                        self.detach(&id).await;
+                    }
+                    if self
+                        .cut_off(&id, &sandbox, self.options.intranet.clone(), &why)
+                        .await
+                    {
+                        self.publish(
+                            pod,
+                            EventType::Warning,
+                            "CutOff",
+                            format!(
+                                "{why}; it is cut off from the internet until it can be attached"
+                            ),
+                        )
+                        .await;
+                    }
+                }
+                Step::Lift => {
+                    self.lift(&id, &sandbox).await;
+                    self.publish(
+                        pod,
+                        EventType::Normal,
+                        "Detached",
+                        "no gateway selects this pod any more: its cut is lifted".into(),
+                    )
+                    .await;
+                }
+            }
+        }
+    }
+
+    /// Takes in the running pods of this node that are to be clients and whose sandbox the plugin
+    /// never told of (they started before cloak's plugin was in the node's CNI list, or on a
+    /// list without it), as `pod-<uid>`, when their namespace is found among the node's
+    /// processes; forgets the sandboxes whose pod is gone and whose DEL the daemon did not see.
+    async fn adopt_and_forget(&self, pods: &[Arc<Pod>]) {
+        let known: std::collections::BTreeSet<String> = {
+            let state = self.state.lock().await;
+            state.sandboxes.values().map(|s| s.uid.clone()).collect()
+        };
+        for pod in pods {
+            let uid = pod.uid().unwrap_or_default();
+            let running = pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+            let host = pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.host_network)
+                .unwrap_or(false);
+            if known.contains(&uid) || !running || host || pod.metadata.deletion_timestamp.is_some()
+            {
+                continue;
+            }
+            let namespace = pod.namespace().unwrap_or_default();
+            if matches!(self.want(&namespace, pod), Want::NotClient) {
+                continue;
+            }
+            let sandbox = Sandbox {
+                namespace,
+                name: pod.name_any(),
+                uid: uid.clone(),
+            };
+            let id = format!("pod-{uid}");
+            if self.netns_of(&id, &sandbox).await.is_none() {
+                continue;
+            }
+            tracing::info!(pod = %format!("{}/{}", sandbox.namespace, sandbox.name), "a running pod the plugin never saw is to be a client: taken in");
+            let mut state = self.state.lock().await;
+            state.sandboxes.insert(id, sandbox);
+            self.save(&state);
+        }
+        let present: std::collections::BTreeSet<String> =
+            pods.iter().filter_map(|p| p.uid()).collect();
+        let gone: Vec<String> = {
+            let state = self.state.lock().await;
+            let held = self
+                .netns
+                .lock()
+                .map(|h| h.keys().cloned().collect::<Vec<_>>())
+                .unwrap_or_default();
+            state
+                .sandboxes
+                .iter()
+                .filter(|(id, s)| {
+                    !present.contains(&s.uid)
+                        && (id.starts_with("pod-")
+                            || !(held.contains(id) || state.clients.contains_key(*id)))
+                })
+                .map(|(id, _)| id.clone())
+                .collect()
+        };
+        for id in gone {
+            // Forgotten, and its end on the node removed; nothing is taken out of its namespace
+            // (were it still alive, its kill switch would hold).
+            let mut state = self.state.lock().await;
+            state.sandboxes.remove(&id);
+            state.cut_off.remove(&id);
+            let client = state.clients.remove(&id);
+            self.save(&state);
+            drop(state);
+            if let Ok(mut all) = self.netns.lock() {
+                all.remove(&id);
+            }
+            if let Some(client) = client {
+                let iface = client.iface.clone();
+                let _ = self.kernel.run(move || remove_client(&iface)).await;
+                tracing::info!(pod = %format!("{}/{}", client.pod_namespace, client.pod_name), "a client's pod is gone: forgotten");
+                let _ = self.reconcile().await;
+            }
+        }
+    }
+
+    /// An Event on a hostNetwork pod of this node that a gateway selects, once per pod: it shares
+    /// the node's network and cannot be a client.
+    async fn tell_host_network(&self, pods: &[Arc<Pod>]) {
+        for pod in pods {
+            let host = pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.host_network)
+                .unwrap_or(false);
+            if !host || pod.metadata.deletion_timestamp.is_some() {
+                continue;
+            }
+            let namespace = pod.namespace().unwrap_or_default();
+            let gateway = match self.want(&namespace, pod) {
+                Want::Client(g) => g.name_any(),
+                Want::Refused(_) if pod.labels().contains_key(cloak_api::GATEWAY_LABEL) => {
+                    pod.labels()[cloak_api::GATEWAY_LABEL].clone()
+                }
+                _ => continue,
+            };
+            let uid = pod.uid().unwrap_or_default();
+            let first = self
+                .told_host_network
+                .lock()
+                .is_ok_and(|mut told| told.insert(uid));
+            if first {
+                self.publish(pod, EventType::Warning, "HostNetwork", format!(
+                    "gateway {gateway} selects this pod, but a hostNetwork pod shares the node's network and cannot be a client: its traffic does not go through the gateway"
+                )).await;
+            }
+        }
+    }
+
+    /// An Event about `pod` from this node's daemon.
+    async fn publish(&self, pod: &Pod, type_: EventType, reason: &str, note: String) {
+        let recorder = Recorder::new(
+            self.client.clone(),
+            Reporter {
+                controller: "cloak-node".into(),
+                instance: Some(self.options.node_name.clone()),
+            },
+        );
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: "Attach".into(),
+            secondary: None,
+        };
+        if let Err(e) = recorder
+            .publish(&event, &kube::Resource::object_ref(pod, &()))
+            .await
+        {
+            tracing::warn!(error = %e, reason, "publishing an event failed");
+        }
     }
 
     async fn del(&self, request: &Request) {
         let mut state = self.state.lock().await;
         if state.ports.remove(&request.container_id).is_some() {
             state.guarded = None;
+            self.save(&state);
+        }
+        let sandbox = state.sandboxes.remove(&request.container_id).is_some();
+        if let Ok(mut all) = self.netns.lock() {
+            all.remove(&request.container_id);
+        }
+        if state.cut_off.remove(&request.container_id).is_some() || sandbox {
             self.save(&state);
         }
         let Some(client) = state.clients.remove(&request.container_id) else {

@@ -1,8 +1,9 @@
 //! cloak's node component, for VpnGateway clients: the chained CNI plugin ([`cni`]) and the node
 //! daemon it hands its calls to ([`daemon`]), which attaches client pods before their containers
-//! start, keeps the node's links to the exits, probes them ([`probe`]) and fails over. Which
+//! start (and running pods that become clients later, [`attach`]), keeps the node's links to the exits, probes them ([`probe`]) and fails over. Which
 //! gateway a pod belongs to is decided by `cloak_model::clients`.
 
+pub mod attach;
 pub mod cni;
 pub mod daemon;
 pub mod install;
