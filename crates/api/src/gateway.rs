@@ -331,8 +331,9 @@ pub struct VpnGatewayStatus {
     pub healthy_exits: u32,
 
     /// Running pods that are this gateway's clients (its label, or its `podSelector`), not
-    /// being deleted. A pod is attached when its sandbox is created: one that ran before it
-    /// matched is counted but not attached until it is created again.
+    /// being deleted. The node attaches a pod when its sandbox is created, and one that becomes
+    /// a client while it runs within about a second (or cuts it off, with an Event on the pod);
+    /// attached and not yet attached pods are not counted apart.
     #[serde(default)]
     pub clients: u32,
 
