@@ -39,6 +39,11 @@ pub struct Options {
     pub state_dir: PathBuf,
     /// How often the config and credentials files are checked for changes.
     pub watch_interval: Duration,
+    /// A token the admin server asks for (`Authorization: Bearer <token>`) before it tells
+    /// anything more than ready or not: `/status`, `/metrics`, and the exit address in
+    /// `/readyz`. A gateway exit has one (its gateway's Secret): its admin port is on the pod
+    /// network, where any pod can reach it.
+    pub admin_token: Option<String>,
 }
 
 /// Runs until SIGTERM/SIGINT, then leaves the namespace blocked. A gateway exit first drains:
@@ -85,7 +90,11 @@ pub async fn run(options: Options) -> std::io::Result<()> {
         .route("/readyz", get(readyz))
         .route(cloak_model::exit::STATUS_PATH, get(status_json))
         .route("/metrics", get(metrics_text))
-        .with_state((status_rx, Arc::clone(&metrics)));
+        .with_state(AdminState {
+            status: status_rx,
+            metrics: Arc::clone(&metrics),
+            token: options.admin_token.clone().map(Arc::from),
+        });
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(%e, "admin server stopped");
@@ -197,12 +206,46 @@ async fn watch_config(options: Options, tx: watch::Sender<ConfigResult>) {
     }
 }
 
-type AdminState = (watch::Receiver<Status>, Arc<Metrics>);
+#[derive(Clone)]
+struct AdminState {
+    status: watch::Receiver<Status>,
+    metrics: Arc<Metrics>,
+    token: Option<Arc<str>>,
+}
 
-async fn readyz(State((status, _)): State<AdminState>) -> (StatusCode, String) {
-    let s = status.borrow().clone();
+impl AdminState {
+    /// Whether the request may be told more than ready or not: no token is asked for, or it
+    /// carries it (compared in constant time).
+    fn authorized(&self, headers: &axum::http::HeaderMap) -> bool {
+        let Some(token) = &self.token else {
+            return true;
+        };
+        let given = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        given.len() == token.len()
+            && given
+                .bytes()
+                .zip(token.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    }
+}
+
+const UNAUTHORIZED: (StatusCode, &str) = (
+    StatusCode::UNAUTHORIZED,
+    "this needs the exit's admin token (Authorization: Bearer)\n",
+);
+
+async fn readyz(
+    State(admin): State<AdminState>,
+    headers: axum::http::HeaderMap,
+) -> (StatusCode, String) {
+    let s = admin.status.borrow().clone();
     let mut line = format!("{}: {}", s.phase, s.message);
-    if let Some(ip) = s.exit_ip {
+    if let Some(ip) = s.exit_ip.filter(|_| admin.authorized(&headers)) {
         line = format!("{line}, exit {ip}");
     }
     if s.ready() {
@@ -215,11 +258,15 @@ async fn readyz(State((status, _)): State<AdminState>) -> (StatusCode, String) {
     }
 }
 
-/// The agent's state as JSON: what the operator reads for an exit's public address.
 async fn status_json(
-    State((status, _)): State<AdminState>,
-) -> ([(axum::http::header::HeaderName, &'static str); 1], String) {
-    let s = status.borrow().clone();
+    State(admin): State<AdminState>,
+    headers: axum::http::HeaderMap,
+) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    if !admin.authorized(&headers) {
+        return UNAUTHORIZED.into_response();
+    }
+    let s = admin.status.borrow().clone();
     let body = serde_json::json!({
         "phase": s.phase.to_string(),
         "message": s.message,
@@ -231,10 +278,18 @@ async fn status_json(
         [(axum::http::header::CONTENT_TYPE, "application/json")],
         body.to_string(),
     )
+        .into_response()
 }
 
-async fn metrics_text(State((_, metrics)): State<AdminState>) -> String {
-    metrics.encode()
+async fn metrics_text(
+    State(admin): State<AdminState>,
+    headers: axum::http::HeaderMap,
+) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    if !admin.authorized(&headers) {
+        return UNAUTHORIZED.into_response();
+    }
+    admin.metrics.encode().into_response()
 }
 
 /// What `cloak agent verify` needs: the credentials (a mounted Secret), the URL that answers

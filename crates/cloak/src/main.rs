@@ -144,6 +144,11 @@ struct AgentArgs {
     /// Admin server address (/livez, /readyz while the tunnel passes its probe, /metrics).
     #[arg(long, env = "CLOAK_ADMIN_ADDR", default_value = "0.0.0.0:9090")]
     admin_addr: std::net::SocketAddr,
+    /// A file holding the token the admin server asks for (`Authorization: Bearer`) before it
+    /// answers /status or /metrics, or names the exit address in /readyz. A gateway's exits get
+    /// their gateway's.
+    #[arg(long, env = "CLOAK_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<std::path::PathBuf>,
     /// Private directory for tunnel state (OpenVPN's management socket and credentials).
     #[arg(long, env = "CLOAK_STATE_DIR", default_value = "/run/cloak")]
     state_dir: std::path::PathBuf,
@@ -583,6 +588,20 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         }
         None => {}
     }
+    let admin_token = match &args.admin_token_file {
+        Some(path) => {
+            let token = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the admin token {}", path.display()))?;
+            let token = token.trim().to_owned();
+            anyhow::ensure!(
+                !token.is_empty(),
+                "the admin token {} is empty",
+                path.display()
+            );
+            Some(token)
+        }
+        None => None,
+    };
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime
         .block_on(cloak_agent::run(cloak_agent::Options {
@@ -590,6 +609,7 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
             admin_addr: args.admin_addr,
             state_dir: args.state_dir,
             watch_interval: std::time::Duration::from_millis(args.watch_ms),
+            admin_token,
         }))
         .context("agent")
 }

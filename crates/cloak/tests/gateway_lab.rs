@@ -769,13 +769,61 @@ fn agent_capabilities(uid: &str) -> u64 {
     u64::from_str_radix(hex, 16).unwrap()
 }
 
+/// One HTTP/1.0 GET from inside the network namespace at `netns`; the whole answer.
+fn http_get_from(netns: &str, address: &str, path: &str) -> String {
+    let (netns, address, path) = (netns.to_owned(), address.to_owned(), path.to_owned());
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&netns).unwrap();
+        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let mut stream =
+            std::net::TcpStream::connect_timeout(&address.parse().unwrap(), Duration::from_secs(3))
+                .unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
+        std::io::Write::write_all(
+            &mut stream,
+            format!("GET {path} HTTP/1.0\r\nHost: exit\r\n\r\n").as_bytes(),
+        )
+        .unwrap();
+        let mut answer = String::new();
+        let _ = std::io::Read::read_to_string(&mut stream, &mut answer);
+        answer
+    })
+    .join()
+    .unwrap()
+}
+
 #[test]
-fn exits_run_unprivileged_with_a_few_capabilities_and_nothing_of_the_hosts_mounted() {
+fn exits_run_unprivileged_with_a_few_capabilities_and_tell_their_status_only_to_the_operator() {
     let lab = lab::shared();
     let _turn = lab::serial();
     let gw = healthy_gateway(lab);
     let exits = gw["status"]["exits"].as_array().unwrap().clone();
     assert!(!exits.is_empty(), "{gw}");
+    // A plain pod reaches each exit's admin port (kubelet's readiness probe needs it) and is
+    // told no more than ready or not; the operator, with the gateway's token, got the address.
+    let plain = running_plain_pod_on(lab, "gw-admin", &layout::node_name(1));
+    let netns = pod_netns(&str_at(&plain, "/metadata/uid"));
+    for exit in &exits {
+        let public = str_at(exit, "/publicAddress");
+        assert!(!public.is_empty(), "the operator got no address: {exit}");
+        let admin = format!(
+            "{}:{}",
+            str_at(exit, "/podIp"),
+            cloak_model::exit::ADMIN_PORT
+        );
+        for path in ["/status", "/metrics"] {
+            let answer = http_get_from(&netns, &admin, path);
+            let status_line = answer.lines().next().unwrap_or_default();
+            assert!(status_line.contains(" 401 "), "{path}: {answer}");
+            assert!(!answer.contains(&public), "{path}: {answer}");
+        }
+        let ready = http_get_from(&netns, &admin, "/readyz");
+        assert!(ready.contains("ready: "), "{ready}");
+        assert!(!ready.contains(&public), "/readyz: {ready}");
+    }
+    delete_client(lab, "gw-admin");
     for exit in &exits {
         let pods = lab.json(&[
             "-n",

@@ -309,6 +309,21 @@ impl Rig {
             .collect()
     }
 
+    /// How many namespaces the daemon holds open: its descriptors on the namespace filesystem
+    /// (their link text is no help: a handle opened through the plugin's descriptor names a
+    /// path of the plugin's mount namespace).
+    fn held_namespaces(&self) -> usize {
+        use std::os::unix::fs::MetadataExt as _;
+        let nsfs = std::fs::metadata("/proc/self/ns/net").unwrap().dev();
+        let pid = self.daemon.as_ref().unwrap().id();
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter_map(|e| std::fs::metadata(e.path()).ok())
+            .filter(|m| m.dev() == nsfs)
+            .count()
+    }
+
     /// Waits (up to 10 s) until `done`; how long it took.
     fn until(&self, what: &str, done: impl Fn() -> bool) -> Duration {
         let start = Instant::now();
@@ -605,7 +620,7 @@ async fn a_pod_of_no_gateway_is_left_alone_and_one_naming_a_missing_gateway_does
 }
 
 #[tokio::test]
-async fn a_running_pod_labelled_onto_a_gateway_is_attached_cut_off_when_its_gateway_is_missing_and_freed_when_unlabelled()
+async fn a_running_pod_is_attached_detached_and_cut_off_as_its_labels_change_and_its_namespace_is_let_go_at_del()
  {
     let rig = Rig::new("node-relabel").await;
     rig.pod_on_node("late", json!({"app": "web"})).await;
@@ -613,58 +628,90 @@ async fn a_running_pod_labelled_onto_a_gateway_is_attached_cut_off_when_its_gate
     let app = &rig.net["app"];
     let has_link = || app.run(&["ip", "-o", "link", "show"]).contains("ckg0");
     let has_table = || app.run(&["nft", "list", "tables"]).contains("cloak_client");
-    assert!(!has_link() && !has_table());
-    let own = spread(app, 3);
-    assert_eq!(
-        own.keys().cloned().collect::<Vec<_>>(),
-        ["203.0.113.1"],
-        "no client yet: its flows leave by the node, {own:?}"
-    );
-
-    // Labelled onto the gateway while it runs: attached, and its flows go through the exits
-    // alone.
-    rig.label("late", Some("egress")).await;
-    let took = rig.until("the relabelled pod is attached", || {
-        has_link() && rig.node_links().contains("ckgc0ffee0010")
-    });
-    eprintln!("attached {took:?} after the label was set");
-    rig.net.count_uplink();
-    let seen = spread(app, 20);
-    assert_eq!(
-        seen.keys().cloned().collect::<Vec<_>>(),
-        (1..=EXITS).map(exit_public).collect::<Vec<_>>(),
-        "{seen:?}"
-    );
-    assert_eq!(
-        rig.net.uplink_packets(),
-        0,
-        "client traffic left by the uplink"
-    );
-
-    // Relabelled onto a gateway that does not exist: detached and cut off, the intranet still
-    // reachable.
-    rig.label("late", Some("nowhere")).await;
     let cut_off = || {
         std::fs::read(rig.dir.join("state/clients.json"))
             .ok()
             .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
             .is_some_and(|state| state["cutOff"].get("c0ffee0010").is_some())
     };
-    rig.until("the pod of a missing gateway is cut off", cut_off);
-    assert!(!has_link(), "a cut-off pod kept its link to the node");
-    assert!(has_table(), "the pod is not cut off");
-    assert!(!pings(app, ECHO), "a cut-off pod reached the internet");
-    assert!(pings(app, &exit_ip(1)), "a cut-off pod lost the intranet");
-    assert!(
-        !rig.node_links().contains("ckgc0ffee0010"),
-        "{}",
-        rig.node_links()
-    );
+    rig.net.count_uplink();
+    let through_exits = |what: &str| {
+        let before = rig.net.uplink_packets();
+        let seen = spread(app, 20);
+        assert_eq!(
+            seen.keys().cloned().collect::<Vec<_>>(),
+            (1..=EXITS).map(exit_public).collect::<Vec<_>>(),
+            "{what}: {seen:?}"
+        );
+        assert_eq!(
+            rig.net.uplink_packets(),
+            before,
+            "{what}: traffic left by the uplink"
+        );
+    };
+    let own_network = |what: &str| {
+        assert!(
+            !has_link() && !has_table(),
+            "{what}: cloak is still in the pod"
+        );
+        let own = spread(app, 3);
+        assert_eq!(
+            own.keys().cloned().collect::<Vec<_>>(),
+            ["203.0.113.1"],
+            "{what}: its flows leave by the node, {own:?}"
+        );
+    };
+    let cut = |what: &str| {
+        rig.until(what, || cut_off() && !has_link());
+        assert!(has_table(), "{what}: no kill switch");
+        assert!(
+            !pings(app, ECHO),
+            "{what}: a cut-off pod reached the internet"
+        );
+        assert!(
+            pings(app, &exit_ip(1)),
+            "{what}: a cut-off pod lost the intranet"
+        );
+        assert!(
+            !rig.node_links().contains("ckgc0ffee0010"),
+            "{what}: {}",
+            rig.node_links()
+        );
+    };
+    own_network("no client yet");
 
-    // Unlabelled: the cut is lifted and its network is its own again.
+    // Labelled onto the gateway while it runs: attached.
+    rig.label("late", Some("egress")).await;
+    let took = rig.until("the relabelled pod is attached", || {
+        has_link() && rig.node_links().contains("ckgc0ffee0010")
+    });
+    eprintln!("attached {took:?} after the label was set");
+    through_exits("attached while running");
+
+    // Unlabelled: detached, its network is its own again.
     rig.label("late", None).await;
-    rig.until("the cut is lifted", || !has_table());
-    assert!(pings(app, ECHO), "a freed pod cannot reach the internet");
+    rig.until("the unlabelled pod is detached", || {
+        !has_link() && !has_table()
+    });
+    own_network("detached");
+
+    // Labelled onto a gateway that does not exist: cut off, the intranet still reachable.
+    rig.label("late", Some("nowhere")).await;
+    cut("the pod of a missing gateway is cut off");
+
+    // Its gateway named again: attached over the cut.
+    rig.label("late", Some("egress")).await;
+    rig.until("the cut-off pod is attached", || has_link() && !cut_off());
+    through_exits("attached over a cut");
+
+    // An attached pod whose gateway goes missing is cut off straight from its attachment.
+    rig.label("late", Some("nowhere")).await;
+    cut("the attached pod of a missing gateway is cut off");
+
+    // Unlabelled: the cut is lifted.
+    rig.label("late", None).await;
+    rig.until("the cut is lifted", || !has_table() && !cut_off());
+    own_network("the cut lifted");
 
     // Each change was told on the pod (the last Event may land just after the kernel work).
     let start = Instant::now();
@@ -684,8 +731,15 @@ async fn a_running_pod_labelled_onto_a_gateway_is_attached_cut_off_when_its_gate
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    // DEL forgets the sandbox.
+    // DEL forgets the sandbox and lets its namespace go (the daemon held it open).
+    let held = rig.held_namespaces();
+    assert!(held >= 1, "the daemon holds no namespace");
     rig.cni("DEL", "late", "c0ffee0010").unwrap();
+    assert_eq!(
+        rig.held_namespaces(),
+        held - 1,
+        "the daemon still holds the namespace"
+    );
     let state: Value =
         serde_json::from_slice(&std::fs::read(rig.dir.join("state/clients.json")).unwrap())
             .unwrap();

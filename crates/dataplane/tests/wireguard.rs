@@ -76,4 +76,24 @@ fn a_listen_port_is_set_while_other_threads_open_and_close_files() {
     stop.store(true, Ordering::Relaxed);
     churn.join().unwrap();
     assert!(failures.is_empty(), "{failures:#?}");
+
+    // The sockets of the port a device starts with (a random one) are closed once its own is
+    // set: upstream left their event-loop copies open and listening.
+    let listening = inside(&ns, || {
+        let device = Userspace::open(&server("wgfdl".into(), 41000)).unwrap();
+        let out = std::process::Command::new("ss")
+            .args(["-H", "-l", "-u", "-n"])
+            .output()
+            .unwrap();
+        drop(device);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    });
+    let ports: Vec<&str> = listening
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(3)?.rsplit(':').next())
+        .collect();
+    assert!(
+        !ports.is_empty() && ports.iter().all(|p| *p == "41000"),
+        "{listening}"
+    );
 }

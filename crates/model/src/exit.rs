@@ -15,7 +15,7 @@ use std::net::IpAddr;
 use cloak_api::ExitHealth;
 use ipnet::IpNet;
 use k8s_openapi::{
-    api::core::v1::{ConfigMap, Pod},
+    api::core::v1::{ConfigMap, Pod, Secret},
     apimachinery::pkg::apis::meta::v1::OwnerReference,
 };
 use serde_json::{Value, json};
@@ -39,6 +39,42 @@ pub const ADMIN_PORT: u16 = 9090;
 
 /// The agent's admin path that tells its state as JSON, `exitAddress` among it.
 pub const STATUS_PATH: &str = "/status";
+/// Where an exit pod finds the token its admin server asks for ([`admin_secret_name`], key
+/// [`ADMIN_TOKEN_KEY`]).
+pub const ADMIN_TOKEN_DIR: &str = "/var/run/cloak/admin";
+pub const ADMIN_TOKEN_KEY: &str = "token";
+
+/// The Secret holding a gateway's exits' admin token: what the operator sends to ask an exit
+/// for its status, and what no other pod has.
+pub fn admin_secret_name(gateway: &str) -> String {
+    names::join(&[gateway, "exit-admin"])
+}
+
+/// A new admin token: 32 random bytes, in hex.
+pub fn new_admin_token() -> String {
+    let mut bytes = [0u8; 32];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut bytes);
+    hex::encode(bytes)
+}
+
+/// The admin token Secret of a gateway (owned by it), with `token`.
+pub fn admin_secret(
+    gateway: &str,
+    namespace: &str,
+    owner: &OwnerReference,
+    token: &str,
+) -> Result<Secret, serde_json::Error> {
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {
+            "name": admin_secret_name(gateway), "namespace": namespace,
+            "labels": {LABEL_GATEWAY: gateway, "app.kubernetes.io/managed-by": "cloak"},
+            "ownerReferences": [owner],
+        },
+        "type": "Opaque",
+        "stringData": {ADMIN_TOKEN_KEY: token},
+    }))
+}
 
 /// The public address in an agent's [`STATUS_PATH`] answer (an HTTP/1.0 response or its body):
 /// the address its probe saw the tunnel leave with.
@@ -201,7 +237,10 @@ pub fn pod(input: &ExitPod<'_>) -> Result<Pod, serde_json::Error> {
             }]}},
             "containers": [{
                 "name": "agent", "image": input.image, "imagePullPolicy": "IfNotPresent",
-                "args": ["agent", "--config", config],
+                "args": [
+                    "agent", "--config", config,
+                    "--admin-token-file", format!("{ADMIN_TOKEN_DIR}/{ADMIN_TOKEN_KEY}"),
+                ],
                 "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
                 // The least an exit needs, not privileged: NET_ADMIN for its tunnel, routes,
                 // VXLAN end and nftables table; NET_RAW for its probe; MKNOD to make
@@ -225,11 +264,17 @@ pub fn pod(input: &ExitPod<'_>) -> Result<Pod, serde_json::Error> {
                 "volumeMounts": [
                     {"name": "credentials", "mountPath": CREDENTIALS_DIR, "readOnly": true},
                     {"name": "config", "mountPath": CONFIG_DIR, "readOnly": true},
+                    {"name": "admin", "mountPath": ADMIN_TOKEN_DIR, "readOnly": true},
                 ],
             }],
             "volumes": [
                 {"name": "credentials", "secret": {"secretName": input.secret, "items": items}},
                 {"name": "config", "configMap": {"name": config_map_name(input.gateway)}},
+                {"name": "admin", "secret": {
+                    "secretName": admin_secret_name(input.gateway),
+                    "items": [{"key": ADMIN_TOKEN_KEY, "path": ADMIN_TOKEN_KEY}],
+                    "defaultMode": 0o400,
+                }},
             ],
         },
     }))

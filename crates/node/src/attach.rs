@@ -56,20 +56,6 @@ pub fn step<G>(
     }
 }
 
-/// The pod's UID as its cgroup paths spell it: `pod<uid>` (cgroupfs driver) or
-/// `pod<uid with underscores>` (systemd driver), read from `/proc/<pid>/cgroup`.
-pub fn cgroup_names_pod(cgroup: &str, uid: &str) -> bool {
-    if uid.is_empty() {
-        return false;
-    }
-    let systemd = uid.replace('-', "_");
-    cgroup.lines().any(|line| {
-        line.split(['/', ':']).any(|part| {
-            part.contains(&format!("pod{uid}")) || part.contains(&format!("pod{systemd}"))
-        })
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -136,21 +122,5 @@ mod tests {
                 detach_first: false
             }
         );
-    }
-
-    #[test]
-    fn a_pods_cgroup_is_found_under_either_driver_and_no_other_pods_is() {
-        let uid = "0f1e2d3c-aaaa-bbbb-cccc-123456789abc";
-        let cgroupfs =
-            "12:memory:/kubepods/besteffort/pod0f1e2d3c-aaaa-bbbb-cccc-123456789abc/4a5b\n";
-        let systemd = "0::/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod0f1e2d3c_aaaa_bbbb_cccc_123456789abc.slice/cri-containerd-4a5b.scope\n";
-        assert!(cgroup_names_pod(cgroupfs, uid));
-        assert!(cgroup_names_pod(systemd, uid));
-        assert!(!cgroup_names_pod(
-            cgroupfs,
-            "0f1e2d3c-aaaa-bbbb-cccc-000000000000"
-        ));
-        assert!(!cgroup_names_pod("0::/user.slice\n", uid));
-        assert!(!cgroup_names_pod(cgroupfs, ""));
     }
 }

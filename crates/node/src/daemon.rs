@@ -49,6 +49,7 @@ use cloak_model::clients::{Choice, choose};
 use crate::attach::{self, Step, Want};
 use crate::cni::{Command, Guarded, Reply, Request};
 use crate::probe::Answer;
+use crate::sandbox::{NamespaceId, fd_path, find_pod_netns, in_sandbox, namespace_id};
 
 /// How to run the daemon.
 #[derive(Debug, Clone)]
@@ -124,6 +125,10 @@ struct Sandbox {
     name: String,
     /// The pod's UID: a pod of the same name made anew is another pod.
     uid: String,
+    /// The identity of its network namespace, once known: what a handle opened again (after a
+    /// restart) must match.
+    #[serde(default)]
+    netns: Option<NamespaceId>,
 }
 
 /// The host side of a sandbox's interface and its address, as read in the sandbox's own
@@ -192,6 +197,10 @@ struct Daemon {
     /// again by its pod's UID ([`find_pod_netns`]). Dropped at DEL (a held namespace outlives
     /// its pod).
     netns: Mutex<BTreeMap<String, std::fs::File>>,
+    /// Set whenever a sweep is asked for; the running sweep goes round again while it is set.
+    sweep_asked: std::sync::atomic::AtomicBool,
+    /// Events on pods (one recorder: repeated Events are counted, not duplicated).
+    recorder: Recorder,
     /// The namespaces that hold a gateway, as last written for the plugin.
     guarded: std::sync::Mutex<Option<Guarded>>,
     /// Each client's cluster domains, by its address ([`cluster_domains`]).
@@ -285,54 +294,6 @@ const PROBE_ROUND_FLOOR: Duration = Duration::from_millis(100);
 /// The longest wait before a failed apply is tried again.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-/// The network namespace of a running pod, by its UID: that of a process whose cgroup names the
-/// pod (`attach::cgroup_names_pod`), unless it is the node's own (`node`: its path; None: this
-/// process's), as a hostNetwork pod's is.
-fn find_pod_netns(uid: &str, node: Option<&std::path::Path>) -> Option<std::fs::File> {
-    use std::os::unix::fs::MetadataExt as _;
-    let node = std::fs::metadata(node.unwrap_or(std::path::Path::new("/proc/self/ns/net")))
-        .ok()
-        .map(|m| (m.dev(), m.ino()));
-    let pids = std::fs::read_dir("/proc").ok()?;
-    for entry in pids.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name
-            .to_str()
-            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
-        else {
-            continue;
-        };
-        let Ok(cgroup) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
-            continue;
-        };
-        if !attach::cgroup_names_pod(&cgroup, uid) {
-            continue;
-        }
-        let Ok(file) = std::fs::File::open(format!("/proc/{pid}/ns/net")) else {
-            continue;
-        };
-        let here = file.metadata().ok().map(|m| (m.dev(), m.ino()));
-        if here.is_some() && here != node {
-            return Some(file);
-        }
-    }
-    None
-}
-
-/// Runs `f` on a thread of its own inside the network namespace at `netns` (a path): a pod's.
-fn in_sandbox<T: Send + 'static>(
-    netns: &str,
-    f: impl FnOnce() -> Result<T, String> + Send + 'static,
-) -> Result<T, String> {
-    let path = PathBuf::from(netns);
-    std::thread::spawn(move || {
-        enter(Some(&path)).map_err(|e| format!("entering the pod's namespace: {e}"))?;
-        f()
-    })
-    .join()
-    .unwrap_or_else(|_| Err("the pod's namespace: a thread panicked".into()))
-}
-
 /// Moves the calling thread into the network namespace at `path` (no-op for None).
 fn enter(path: Option<&PathBuf>) -> std::io::Result<()> {
     if let Some(path) = path {
@@ -366,6 +327,14 @@ pub async fn run(
         sweeping: tokio::sync::Mutex::new(()),
         told_host_network: Mutex::default(),
         netns: Mutex::default(),
+        sweep_asked: std::sync::atomic::AtomicBool::new(false),
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "cloak-node".into(),
+                instance: Some(options.node_name.clone()),
+            },
+        ),
         state: tokio::sync::Mutex::new(load_state(&options)),
         options,
         client: client.clone(),
@@ -977,7 +946,9 @@ impl Daemon {
             .kernel
             .run(
                 move || -> Result<Result<(String, Option<Ipv4Addr>), String>, String> {
-                    let (index, address) = match in_sandbox(&netns, || {
+                    let netns = std::fs::File::open(&netns)
+                        .map_err(|e| format!("opening the exit's namespace {netns}: {e}"))?;
+                    let (index, address) = match in_sandbox(netns, || {
                         cloak_dataplane::gateway::prepare_exit_namespace()
                             .map_err(|e| format!("preparing the exit's namespace: {e}"))?;
                         Ok(guard::pod_interface("eth0").map_err(|e| e.to_string()))
@@ -1204,25 +1175,28 @@ impl Daemon {
             .ok_or_else(|| "ADD without a network namespace".to_owned())?;
         let held = std::fs::File::open(netns)
             .map_err(|e| format!("opening the sandbox's namespace {netns}: {e}"))?;
-        if let Ok(mut all) = self.netns.lock() {
-            all.insert(request.container_id.clone(), held);
-        }
+        let id = request.container_id.clone();
         let sandbox = Sandbox {
             namespace: request.pod_namespace.clone(),
             name: request.pod_name.clone(),
             uid: pod.uid().unwrap_or_default(),
+            netns: namespace_id(&held),
         };
+        // Earlier sandboxes of this pod whose DEL was not seen (the daemon was down, the node
+        // rebooted) go: found again by the pod's UID, they would lead into this one.
+        self.retire_others(&id, &sandbox.uid).await;
         {
             let mut state = self.state.lock().await;
-            state
-                .sandboxes
-                .insert(request.container_id.clone(), sandbox.clone());
+            state.sandboxes.insert(id.clone(), sandbox.clone());
+            if let Ok(mut all) = self.netns.lock() {
+                all.insert(id.clone(), held);
+            }
             self.save(&state);
         }
         match self.want(&request.pod_namespace, &pod) {
             Want::NotClient => Ok(()),
             Want::Refused(why) => Err(why),
-            Want::Client(gateway) => self.attach(&request.container_id, &sandbox, &gateway).await,
+            Want::Client(gateway) => self.attach(&id, &sandbox, &gateway).await,
         }
     }
 
@@ -1262,7 +1236,8 @@ impl Daemon {
     }
 
     /// Attaches the sandbox `id` to `gateway`: its veth, its namespace's routes and kill switch,
-    /// then the node's plan with it. Undone whole when any part fails.
+    /// then the node's plan with it. Undone whole when any part fails. A sandbox that went away
+    /// meanwhile (its DEL) is not attached.
     async fn attach(
         &self,
         id: &str,
@@ -1272,7 +1247,14 @@ impl Daemon {
         if let Some(clash) = self.transit_clash() {
             return Err(clash);
         }
+        let netns = self
+            .netns_of(id, sandbox)
+            .await
+            .ok_or_else(|| "the pod's network namespace is not found".to_owned())?;
         let mut state = self.state.lock().await;
+        if state.sandboxes.get(id).is_none_or(|s| s.uid != sandbox.uid) {
+            return Err("the pod's sandbox went away".into());
+        }
         if state.clients.contains_key(id) {
             return Ok(()); // a repeated ADD: attached already
         }
@@ -1296,16 +1278,13 @@ impl Daemon {
             mtu,
             unprotected: !gateway.spec.kill_switch,
         };
-        let netns = self
-            .netns_of(id, sandbox)
-            .await
-            .ok_or_else(|| "the pod's network namespace is not found".to_owned())?;
         let host_iface = iface.clone();
         self.kernel
             .run(move || -> Result<(), String> {
-                ClientPlan::create_veth(&host_iface, &netns, mtu)
+                // The handle is held for the whole job: the path cannot name another namespace.
+                ClientPlan::create_veth(&host_iface, &fd_path(&netns), mtu)
                     .map_err(|e| format!("the pod's interface: {e}"))?;
-                let inside = in_sandbox(&netns, move || {
+                let inside = in_sandbox(netns, move || {
                     client_plan
                         .apply()
                         .map_err(|e| format!("the pod's routes and kill switch: {e}"))
@@ -1345,25 +1324,6 @@ impl Daemon {
         Ok(())
     }
 
-    /// A path to the sandbox's network namespace, through the handle the daemon holds: opened at
-    /// its ADD, or found by its pod's UID among the node's processes (after a restart, or for a
-    /// pod the plugin never saw).
-    async fn netns_of(&self, id: &str, sandbox: &Sandbox) -> Option<String> {
-        let path = |file: &std::fs::File| {
-            use std::os::fd::AsRawFd as _;
-            format!("/proc/{}/fd/{}", std::process::id(), file.as_raw_fd())
-        };
-        if let Some(held) = self.netns.lock().ok()?.get(id) {
-            return Some(path(held));
-        }
-        let (uid, own) = (sandbox.uid.clone(), self.options.netns.clone());
-        let found = tokio::task::spawn_blocking(move || find_pod_netns(&uid, own.as_deref()))
-            .await
-            .ok()??;
-        let mut all = self.netns.lock().ok()?;
-        Some(path(all.entry(id.to_owned()).or_insert(found)))
-    }
-
     /// The ranges a gateway's clients reach over their own network.
     fn intranet_of(&self, gateway: &VpnGateway) -> Vec<IpNet> {
         if gateway.spec.intranet.is_empty() {
@@ -1373,100 +1333,202 @@ impl Daemon {
         }
     }
 
-    /// Detaches a running sandbox: its veth and, in its namespace, cloak's table and routes; the
-    /// pod's own network is its only one again.
-    async fn detach(&self, id: &str) {
+    /// The ranges a cut-off pod of `gateway` still reaches: its gateway's intranet, unless that
+    /// is refused (it would let the internet through), then the cluster's.
+    fn cut_intranet(&self, gateway: Option<&VpnGateway>) -> Vec<IpNet> {
+        gateway
+            .map(|g| self.intranet_of(g))
+            .filter(|i| cloak_model::gateway::intranet_refusal(i).is_none())
+            .unwrap_or_else(|| self.options.intranet.clone())
+    }
+
+    /// A handle to the sandbox's network namespace (a duplicate of the one the daemon holds,
+    /// for a kernel job to own): opened at its ADD, or found by its pod's UID among the node's
+    /// processes (after a restart, or for a pod the plugin never saw). None when it is not
+    /// found, or the sandbox went away meanwhile.
+    async fn netns_of(&self, id: &str, sandbox: &Sandbox) -> Option<std::fs::File> {
+        if let Some(held) = self.netns.lock().ok()?.get(id) {
+            return held.try_clone().ok();
+        }
+        let (uid, want, node) = (
+            sandbox.uid.clone(),
+            sandbox.netns,
+            self.options.netns.clone(),
+        );
+        let found =
+            tokio::task::spawn_blocking(move || find_pod_netns(&uid, want, node.as_deref()))
+                .await
+                .ok()??;
+        let dup = found.try_clone().ok()?;
+        let mut state = self.state.lock().await;
+        let recorded = state
+            .sandboxes
+            .get_mut(id)
+            .filter(|s| s.uid == sandbox.uid)?;
+        recorded.netns = namespace_id(&found);
+        self.netns
+            .lock()
+            .ok()?
+            .entry(id.to_owned())
+            .or_insert(found);
+        self.save(&state);
+        Some(dup)
+    }
+
+    /// Takes the sandbox's end on the node away (its veth, its place in the node's plan) and
+    /// forgets it as a client. Nothing in its namespace changes: its kill switch holds until it
+    /// is replaced (another attachment, a cut) or taken out ([`Daemon::detach`]).
+    async fn release(&self, id: &str) {
         let mut state = self.state.lock().await;
         let Some(client) = state.clients.remove(id) else {
             return;
         };
-        let sandbox = state.sandboxes.get(id).cloned();
         self.save(&state);
         drop(state);
-        let netns = match &sandbox {
-            Some(sandbox) => self.netns_of(id, sandbox).await,
-            None => None,
-        };
         let iface = client.iface.clone();
-        let left = self
-            .kernel
-            .run(move || -> Result<(), String> {
-                remove_client(&iface).map_err(|e| e.to_string())?;
-                match netns {
-                    Some(netns) => {
-                        in_sandbox(&netns, || ClientPlan::leave().map_err(|e| e.to_string()))
-                    }
-                    None => Ok(()),
-                }
-            })
-            .await;
-        if let Err(e) = left {
-            tracing::warn!(error = %e, iface = %client.iface, "detaching a client");
+        if let Err(e) = self.kernel.run(move || remove_client(&iface)).await {
+            tracing::warn!(error = %e, iface = %client.iface, "removing a client's interface");
         }
-        tracing::info!(pod = %format!("{}/{}", client.pod_namespace, client.pod_name), "client detached");
+        tracing::info!(pod = %format!("{}/{}", client.pod_namespace, client.pod_name), "client released");
         let _ = self.reconcile().await;
     }
 
+    /// Detaches a running client that is no client any more: its end on the node, then cloak's
+    /// table and interface in its namespace; its network is its own again. When the namespace
+    /// cannot be entered, the pod is recorded as cut off (its kill switch holds), so the next
+    /// sweep tries to lift it again. True when it is free.
+    async fn detach(&self, id: &str, sandbox: &Sandbox) -> bool {
+        self.release(id).await;
+        self.lift(id, sandbox).await
+    }
+
     /// Cuts a running sandbox off: only the kill switch in its namespace (nothing leaves but to
-    /// `intranet`), until it is attached or no client any more.
+    /// `intranet`), replacing its attachment's table in one step, then its end on the node goes,
+    /// if it had one. It stays so until it is attached or no client any more. True when cut.
     async fn cut_off(&self, id: &str, sandbox: &Sandbox, intranet: Vec<IpNet>, why: &str) -> bool {
+        let pod = format!("{}/{}", sandbox.namespace, sandbox.name);
         let Some(netns) = self.netns_of(id, sandbox).await else {
-            tracing::error!(pod = %format!("{}/{}", sandbox.namespace, sandbox.name), "cutting a client off: its network namespace is not found");
+            tracing::error!(%pod, "cutting a client off: its network namespace is not found");
             return false;
         };
         let cut = self
             .kernel
             .run(move || {
-                in_sandbox(&netns, move || {
+                in_sandbox(netns, move || {
                     ClientPlan::cut_off(&intranet).map_err(|e| e.to_string())
                 })
             })
             .await;
-        match cut {
+        if let Err(e) = cut {
+            tracing::error!(%pod, error = %e, "cutting a client off");
+            return false;
+        }
+        {
+            let mut state = self.state.lock().await;
+            if state.sandboxes.get(id).is_none_or(|s| s.uid != sandbox.uid) {
+                return false;
+            }
+            state.cut_off.insert(id.to_owned(), why.to_owned());
+            self.save(&state);
+        }
+        self.release(id).await;
+        tracing::warn!(%pod, why, "client cut off");
+        true
+    }
+
+    /// Takes cloak out of the sandbox's namespace (table, interface, routes): a cut is lifted, a
+    /// detached client freed. A failure leaves it recorded as cut off, to be tried again. True
+    /// when it is out.
+    async fn lift(&self, id: &str, sandbox: &Sandbox) -> bool {
+        let left = match self.netns_of(id, sandbox).await {
+            Some(netns) => {
+                self.kernel
+                    .run(move || {
+                        in_sandbox(netns, || ClientPlan::leave().map_err(|e| e.to_string()))
+                    })
+                    .await
+            }
+            None => Err("its network namespace is not found".into()),
+        };
+        let mut state = self.state.lock().await;
+        let present = state
+            .sandboxes
+            .get(id)
+            .is_some_and(|s| s.uid == sandbox.uid);
+        match left {
             Ok(()) => {
-                let mut state = self.state.lock().await;
-                state.cut_off.insert(id.to_owned(), why.to_owned());
-                self.save(&state);
-                tracing::warn!(pod = %format!("{}/{}", sandbox.namespace, sandbox.name), why, "client cut off");
+                if state.cut_off.remove(id).is_some() {
+                    self.save(&state);
+                }
                 true
             }
             Err(e) => {
-                tracing::error!(pod = %format!("{}/{}", sandbox.namespace, sandbox.name), error = %e, "cutting a client off");
+                tracing::warn!(pod = %format!("{}/{}", sandbox.namespace, sandbox.name), error = %e, "taking cloak out of a pod's namespace");
+                if present {
+                    state
+                        .cut_off
+                        .insert(id.to_owned(), "cloak could not be taken out of it".into());
+                    self.save(&state);
+                }
                 false
             }
         }
     }
 
-    /// Lifts a cut: the sandbox's pod is no client any more.
-    async fn lift(&self, id: &str, sandbox: &Sandbox) {
-        let Some(netns) = self.netns_of(id, sandbox).await else {
-            // Gone with its pod: nothing to lift.
-            let mut state = self.state.lock().await;
-            state.cut_off.remove(id);
-            self.save(&state);
-            return;
-        };
-        let lifted = self
-            .kernel
-            .run(move || in_sandbox(&netns, || ClientPlan::leave().map_err(|e| e.to_string())))
-            .await;
-        if let Err(e) = lifted {
-            tracing::warn!(pod = %format!("{}/{}", sandbox.namespace, sandbox.name), error = %e, "lifting a cut");
-            return;
-        }
+    /// Forgets a sandbox whose pod is gone (or made anew): its records, its held namespace and
+    /// its end on the node. Nothing is taken out of its namespace: were it still alive, its kill
+    /// switch would hold.
+    async fn forget(&self, id: &str) {
         let mut state = self.state.lock().await;
+        state.sandboxes.remove(id);
         state.cut_off.remove(id);
+        let client = state.clients.remove(id);
+        if let Ok(mut all) = self.netns.lock() {
+            all.remove(id);
+        }
         self.save(&state);
+        drop(state);
+        if let Some(client) = client {
+            let iface = client.iface.clone();
+            let _ = self.kernel.run(move || remove_client(&iface)).await;
+            tracing::info!(pod = %format!("{}/{}", client.pod_namespace, client.pod_name), "a client's sandbox is gone: forgotten");
+            let _ = self.reconcile().await;
+        }
+    }
+
+    /// Forgets every sandbox of the pod `uid` but `id`.
+    async fn retire_others(&self, id: &str, uid: &str) {
+        let others: Vec<String> = {
+            let state = self.state.lock().await;
+            state
+                .sandboxes
+                .iter()
+                .filter(|(other, s)| *other != id && s.uid == uid)
+                .map(|(other, _)| other.clone())
+                .collect()
+        };
+        for other in others {
+            self.forget(&other).await;
+        }
     }
 
     /// Asks every sandbox on this node again what its pod is to the gateways, and attaches,
     /// detaches, cuts off or frees the ones that changed; tells a hostNetwork pod a gateway
     /// selects that it cannot be a client. Nothing before the gateways and this node's pods are
-    /// listed and the guard is loaded.
+    /// listed and the guard is loaded. A sweep asked for while one runs makes that one go round
+    /// again, with the stores as they are then.
     async fn sweep(&self) {
+        use std::sync::atomic::Ordering;
+        self.sweep_asked.store(true, Ordering::SeqCst);
         let Ok(_one) = self.sweeping.try_lock() else {
-            return; // the running sweep reads the stores after this change
+            return;
         };
+        while self.sweep_asked.swap(false, Ordering::SeqCst) {
+            self.sweep_once().await;
+        }
+    }
+
+    async fn sweep_once(&self) {
         let ready = matches!(
             self.gateways.wait_until_ready().now_or_never(),
             Some(Ok(()))
@@ -1516,7 +1578,8 @@ impl Daemon {
                 } => {
                     let Want::Client(g) = &want else { continue };
                     if detach_first {
-                        self.detach(&id).await;
+                        // Its kill switch holds until the new attachment replaces it.
+                        self.release(&id).await;
                     }
                     match self.attach(&id, &sandbox, g).await {
                         Ok(()) => {
@@ -1528,7 +1591,10 @@ impl Daemon {
                             let why = format!(
                                 "gateway {gateway} selects this pod, which could not be attached: {e}"
                             );
-                            if self.cut_off(&id, &sandbox, self.intranet_of(g), &why).await {
+                            if self
+                                .cut_off(&id, &sandbox, self.cut_intranet(Some(g)), &why)
+                                .await
+                            {
                                 self.publish(
                                     pod,
                                     EventType::Warning,
@@ -1543,15 +1609,14 @@ impl Daemon {
                     }
                 }
                 Step::Detach => {
-                    self.detach(&id).await;
-                    self.publish(pod, EventType::Normal, "Detached", "no gateway selects this pod any more: detached, its network is its own again".into()).await;
-                }
-                Step::CutOff { why, detach_first } => {
-                    if detach_first {
-                        self.detach(&id).await;
+                    if self.detach(&id, &sandbox).await {
+                        self.publish(pod, EventType::Normal, "Detached", "no gateway selects this pod any more: detached, its network is its own again".into()).await;
                     }
+                }
+                Step::CutOff { why, .. } => {
+                    // An attached pod keeps its attachment until the cut has replaced it.
                     if self
-                        .cut_off(&id, &sandbox, self.options.intranet.clone(), &why)
+                        .cut_off(&id, &sandbox, self.cut_intranet(None), &why)
                         .await
                     {
                         self.publish(
@@ -1566,14 +1631,9 @@ impl Daemon {
                     }
                 }
                 Step::Lift => {
-                    self.lift(&id, &sandbox).await;
-                    self.publish(
-                        pod,
-                        EventType::Normal,
-                        "Detached",
-                        "no gateway selects this pod any more: its cut is lifted".into(),
-                    )
-                    .await;
+                    if self.lift(&id, &sandbox).await {
+                        self.publish(pod, EventType::Normal, "Detached", "no gateway selects this pod any more: its cut is lifted, its network is its own again".into()).await;
+                    }
                 }
             }
         }
@@ -1608,54 +1668,50 @@ impl Daemon {
                 namespace,
                 name: pod.name_any(),
                 uid: uid.clone(),
+                netns: None,
             };
             let id = format!("pod-{uid}");
+            {
+                let mut state = self.state.lock().await;
+                state.sandboxes.insert(id.clone(), sandbox.clone());
+            }
             if self.netns_of(&id, &sandbox).await.is_none() {
+                let mut state = self.state.lock().await;
+                state.sandboxes.remove(&id);
                 continue;
             }
             tracing::info!(pod = %format!("{}/{}", sandbox.namespace, sandbox.name), "a running pod the plugin never saw is to be a client: taken in");
-            let mut state = self.state.lock().await;
-            state.sandboxes.insert(id, sandbox);
-            self.save(&state);
         }
         let present: std::collections::BTreeSet<String> =
             pods.iter().filter_map(|p| p.uid()).collect();
         let gone: Vec<String> = {
             let state = self.state.lock().await;
-            let held = self
+            let held: std::collections::BTreeSet<String> = self
                 .netns
                 .lock()
-                .map(|h| h.keys().cloned().collect::<Vec<_>>())
+                .map(|h| h.keys().cloned().collect())
                 .unwrap_or_default();
+            // A sandbox the plugin told of is forgotten here only when nothing of it is held
+            // (its DEL was missed while the daemon was down): a pod of this node not listed
+            // yet is not a gone one.
             state
                 .sandboxes
                 .iter()
                 .filter(|(id, s)| {
                     !present.contains(&s.uid)
                         && (id.starts_with("pod-")
-                            || !(held.contains(id) || state.clients.contains_key(*id)))
+                            || !(held.contains(*id) || state.clients.contains_key(*id)))
                 })
                 .map(|(id, _)| id.clone())
                 .collect()
         };
         for id in gone {
-            // Forgotten, and its end on the node removed; nothing is taken out of its namespace
-            // (were it still alive, its kill switch would hold).
-            let mut state = self.state.lock().await;
-            state.sandboxes.remove(&id);
-            state.cut_off.remove(&id);
-            let client = state.clients.remove(&id);
-            self.save(&state);
-            drop(state);
-            if let Ok(mut all) = self.netns.lock() {
-                all.remove(&id);
-            }
-            if let Some(client) = client {
-                let iface = client.iface.clone();
-                let _ = self.kernel.run(move || remove_client(&iface)).await;
-                tracing::info!(pod = %format!("{}/{}", client.pod_namespace, client.pod_name), "a client's pod is gone: forgotten");
-                let _ = self.reconcile().await;
-            }
+            self.forget(&id).await;
+        }
+        // No handle outlives its sandbox.
+        let state = self.state.lock().await;
+        if let Ok(mut all) = self.netns.lock() {
+            all.retain(|id, _| state.sandboxes.contains_key(id));
         }
     }
 
@@ -1694,13 +1750,6 @@ impl Daemon {
 
     /// An Event about `pod` from this node's daemon.
     async fn publish(&self, pod: &Pod, type_: EventType, reason: &str, note: String) {
-        let recorder = Recorder::new(
-            self.client.clone(),
-            Reporter {
-                controller: "cloak-node".into(),
-                instance: Some(self.options.node_name.clone()),
-            },
-        );
         let event = Event {
             type_,
             reason: reason.into(),
@@ -1708,10 +1757,8 @@ impl Daemon {
             action: "Attach".into(),
             secondary: None,
         };
-        if let Err(e) = recorder
-            .publish(&event, &kube::Resource::object_ref(pod, &()))
-            .await
-        {
+        let reference = kube::Resource::object_ref(pod, &());
+        if let Err(e) = self.recorder.publish(&event, &reference).await {
             tracing::warn!(error = %e, reason, "publishing an event failed");
         }
     }

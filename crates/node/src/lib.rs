@@ -8,3 +8,4 @@ pub mod cni;
 pub mod daemon;
 pub mod install;
 pub mod probe;
+pub mod sandbox;

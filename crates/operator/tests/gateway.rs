@@ -68,7 +68,8 @@ fn operator() -> Client {
 const PUBLIC_ADDRESS: &str = "198.51.100.7";
 
 /// The exits' admin servers, played on loopback (the tests write every exit pod's address as
-/// 127.0.0.1): each connection gets the agent's status answer. Returns the port.
+/// 127.0.0.1): each connection that carries an admin token (a gateway's: 64 hex digits) gets
+/// the agent's status answer, any other a 401 as the agent gives. Returns the port.
 fn exit_agents() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -77,7 +78,19 @@ fn exit_agents() -> u16 {
             let Ok(mut stream) = stream else { continue };
             let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
             let mut request = [0_u8; 1024];
-            let _ = std::io::Read::read(&mut stream, &mut request);
+            let read = std::io::Read::read(&mut stream, &mut request).unwrap_or(0);
+            let text = String::from_utf8_lossy(&request[..read]);
+            let token = text
+                .lines()
+                .find_map(|l| l.strip_prefix("Authorization: Bearer "))
+                .map(str::trim);
+            if !token.is_some_and(|t| t.len() == 64 && t.bytes().all(|b| b.is_ascii_hexdigit())) {
+                let _ = std::io::Write::write_all(
+                    &mut stream,
+                    b"HTTP/1.0 401 Unauthorized\r\ncontent-length: 0\r\n\r\n",
+                );
+                continue;
+            }
             let body = format!(
                 "{{\"phase\":\"connected\",\"ready\":true,\"exitAddress\":\"{PUBLIC_ADDRESS}\"}}"
             );

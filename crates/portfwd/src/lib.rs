@@ -434,17 +434,6 @@ pub async fn run(
                     metrics.skipped.inc();
                     break;
                 }
-                // Rules changed outside cloak since the last load are drift whichever comes
-                // first, this change or the next resync (a change that comes first would
-                // otherwise repair them uncounted), and no delta goes on top of them.
-                if let Some((_, Some(expected))) = applied.as_ref()
-                    && let Some(now) = config.executor.read_back(config.backend).await
-                    && !matches!(&now, Ok(now) if now == expected)
-                {
-                    metrics.drift.inc();
-                    tracing::warn!("the loaded rules changed outside cloak; loading them in full");
-                    applied = None;
-                }
                 // Only what changed when only map elements changed; the whole table otherwise.
                 let delta = applied
                     .as_ref()

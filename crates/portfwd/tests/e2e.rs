@@ -811,13 +811,21 @@ async fn rules_flushed_on_the_host_are_noticed_and_restored() {
             0,
             "{backend:?}: no drift yet"
         );
-        host.run(flush);
-        assert!(!loaded().contains("42001"));
-        eventually("the flushed rules are back", || {
-            let l = loaded();
-            (l.contains("42001"), l)
-        })
-        .await;
+        // Another test's annotated Service changes this forwarder's rules too, and the load
+        // that follows may put the flushed rules back before the read-back notices: flushed
+        // again then, a few times at most.
+        for _ in 0..5 {
+            host.run(flush);
+            assert!(!loaded().contains("42001"));
+            eventually("the flushed rules are back", || {
+                let l = loaded();
+                (l.contains("42001"), l)
+            })
+            .await;
+            if forwarder.metrics.drift.get() >= 1 {
+                break;
+            }
+        }
         assert!(forwarder.metrics.drift.get() >= 1, "{backend:?}");
         assert!(forwarder.metrics.full_loads.get() >= 2, "{backend:?}");
         forwarder.stop().await;

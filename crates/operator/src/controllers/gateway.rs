@@ -17,7 +17,7 @@ use cloak_api::{ExitHealth, ExitStatus, Mtu, VpnGateway, VpnGatewayStatus, VpnMa
 use cloak_model::{clients, credentials, exit, gateway};
 use futures::StreamExt as _;
 use k8s_openapi::{
-    api::core::v1::{ConfigMap, Pod},
+    api::core::v1::{ConfigMap, Pod, Secret},
     apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time},
 };
 use kube::{
@@ -289,6 +289,25 @@ async fn apply(gateway: &VpnGateway, ctx: &Context) -> Result<Action> {
         )
         .await?;
 
+    // The exits' admin token, made once and kept: their pods mount it, and the operator alone
+    // (of every pod) sends it to ask them for their status.
+    let admin = exit::admin_secret_name(&name);
+    if ctx
+        .secrets
+        .get(&ObjectRef::new(&admin).within(&ns))
+        .is_none()
+    {
+        let secret = exit::admin_secret(&name, &ns, &owner, &exit::new_admin_token())?;
+        match Api::<Secret>::namespaced(ctx.client.clone(), &ns)
+            .create(&PostParams::default(), &secret)
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+
     // Pods: one per exit whose mask holds a slot; a stopped one is replaced on the next server.
     let mut servers_in_use: Vec<(String, String)> = found
         .values()
@@ -322,13 +341,22 @@ async fn apply(gateway: &VpnGateway, ctx: &Context) -> Result<Action> {
         };
         if let Some(pod) = &f.pod {
             let view = exit::PodView::of(pod);
+            // Down since the status says, but never since before this pod was made: a status
+            // written about the pod it replaced would move a new pod at once.
+            let created = pod
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map_or(i64::MIN, |t| t.0.as_second());
             let down = previous
                 .exits
                 .iter()
                 .find(|e| &e.name == exit_name)
                 .filter(|e| matches!(e.health, ExitHealth::Connecting | ExitHealth::Unhealthy))
                 .and_then(|e| e.since.as_ref())
-                .and_then(|since| u64::try_from(now.as_second() - since.0.as_second()).ok())
+                .and_then(|since| {
+                    u64::try_from(now.as_second() - since.0.as_second().max(created)).ok()
+                })
                 .map(Duration::from_secs);
             let asked = pod.annotations().contains_key(exit::ANNOTATION_MOVE);
             if let Some(why) = exit::move_reason(&view, asked, down, move_after) {
@@ -406,7 +434,9 @@ async fn apply(gateway: &VpnGateway, ctx: &Context) -> Result<Action> {
             .and_then(|w| w.public_address.clone());
         let public_address = match (health, view.as_ref().and_then(|v| v.ip)) {
             (ExitHealth::Healthy, Some(ip)) if known.is_none() => {
-                ask_public_address(ctx, ip).await.map(|a| a.to_string())
+                ask_public_address(ctx, &ns, &name, ip)
+                    .await
+                    .map(|a| a.to_string())
             }
             _ => known,
         };
@@ -530,13 +560,26 @@ fn drain_grace(gateway: &VpnGateway) -> Duration {
 
 /// The public address an exit's agent saw its tunnel leave with (its probe's answer), from
 /// the agent's admin server. `None` when it cannot tell within a second.
-async fn ask_public_address(ctx: &Context, pod_ip: std::net::IpAddr) -> Option<std::net::IpAddr> {
+async fn ask_public_address(
+    ctx: &Context,
+    namespace: &str,
+    gateway: &str,
+    pod_ip: std::net::IpAddr,
+) -> Option<std::net::IpAddr> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let port = ctx.config.exit_admin_port?;
     let asked = async {
+        let token = Api::<Secret>::namespaced(ctx.client.clone(), namespace)
+            .get(&exit::admin_secret_name(gateway))
+            .await
+            .map_err(std::io::Error::other)?
+            .data
+            .and_then(|d| d.get(exit::ADMIN_TOKEN_KEY).cloned())
+            .map(|t| String::from_utf8_lossy(&t.0).trim().to_owned())
+            .unwrap_or_default();
         let mut stream = tokio::net::TcpStream::connect((pod_ip, port)).await?;
         let request = format!(
-            "GET {} HTTP/1.0\r\nHost: {pod_ip}\r\n\r\n",
+            "GET {} HTTP/1.0\r\nHost: {pod_ip}\r\nAuthorization: Bearer {token}\r\n\r\n",
             exit::STATUS_PATH
         );
         stream.write_all(request.as_bytes()).await?;
