@@ -76,6 +76,10 @@ pub struct ExitRole {
     pub vni: u32,
     /// TCP MSS clamped on client flows, both ways.
     pub mss: u16,
+    /// The MTU of the exit's end of the links (`ckx0`): the pod network's less VXLAN's 50
+    /// bytes. Default: the kernel's for a VXLAN device (1500), which fragments outer packets.
+    #[serde(default)]
+    pub link_mtu: Option<u16>,
     /// This pod's own address, the far end of the nodes' links. Default: `$POD_IP` (the
     /// operator sets it from the downward API).
     #[serde(default)]

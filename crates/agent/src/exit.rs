@@ -43,6 +43,7 @@ pub fn plan(
         local: role.local?,
         tunnel: cfg.tunnel.interface().to_owned(),
         mss: role.mss,
+        link_mtu: role.link_mtu,
         healthy: if role.ping.is_some() {
             status.phase == Phase::Connected && !silent
         } else {

@@ -327,6 +327,10 @@ struct OperatorArgs {
     /// `spec.intranet`, and what its exits reach outside their tunnels.
     #[arg(long, env = "CLOAK_INTRANET", value_delimiter = ',')]
     intranet: Vec<cloak_api::Cidr>,
+    /// The pod network's MTU between nodes: a VpnGateway's `mtu: auto` leaves room in it for
+    /// the VXLAN links to the exits.
+    #[arg(long, env = "CLOAK_POD_NETWORK_MTU", default_value_t = 1500)]
+    pod_network_mtu: u16,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -727,6 +731,7 @@ fn run_operator(args: OperatorArgs) -> anyhow::Result<()> {
             verify_ip_url: args.verify_ip_url,
             agent_image: args.image,
             intranet: args.intranet,
+            pod_network_mtu: args.pod_network_mtu,
             ..cloak_operator::Config::default()
         };
         // Kubernetes stops pods with SIGTERM; a terminal sends SIGINT.

@@ -852,3 +852,54 @@ fn exits_run_unprivileged_with_a_few_capabilities_and_tell_their_status_only_to_
         assert_eq!(caps & (1 << 21), 0, "SYS_ADMIN: {caps:#x}");
     }
 }
+
+#[test]
+fn a_client_pings_the_internet_at_its_gateways_mtu_with_dont_fragment_and_one_byte_more_does_not_pass()
+ {
+    let lab = lab::shared();
+    let _turn = lab::serial();
+    let gw = healthy_gateway(lab);
+    let mtu = gw["status"]["mtu"].as_u64().unwrap();
+    // The lab's exits are WireGuard servers (wg-quick's 1420) over a 1500-byte pod network.
+    assert_eq!(mtu, 1420, "{gw}");
+    let client = running_client(lab, "gw-mtu");
+    let netns = pod_netns(&str_at(&client, "/metadata/uid"));
+    let ping = |payload: u64| {
+        std::process::Command::new("nsenter")
+            .arg(format!("--net={netns}"))
+            .args(["ping", "-n", "-M", "do", "-c", "1", "-W", "3", "-s"])
+            .arg(payload.to_string())
+            .arg(ECHO)
+            .output()
+            .unwrap()
+    };
+    // IPv4's 20 bytes and ICMP's 8 around the payload.
+    let fits = (1..=3).any(|_| ping(mtu - 28).status.success());
+    assert!(
+        fits,
+        "a {mtu}-byte packet did not pass: {:?}",
+        ping(mtu - 28)
+    );
+    let over = ping(mtu - 27);
+    assert!(!over.status.success(), "a {}-byte packet passed", mtu + 1);
+    // Each exit's end of the links has the pod network's MTU less VXLAN's 50 bytes.
+    for exit in gw["status"]["exits"].as_array().unwrap() {
+        let pods = lab.json(&[
+            "-n",
+            DEMO_NAMESPACE,
+            "get",
+            "pod",
+            "-l",
+            &format!("cloak.dev/exit={}", str_at(exit, "/name")),
+        ]);
+        let inside = pod_netns(&str_at(&pods["items"][0], "/metadata/uid"));
+        let link = std::process::Command::new("nsenter")
+            .arg(format!("--net={inside}"))
+            .args(["ip", "-o", "link", "show", "dev", "ckx0"])
+            .output()
+            .unwrap();
+        let link = String::from_utf8_lossy(&link.stdout).into_owned();
+        assert!(link.contains(" mtu 1450 "), "{link}");
+    }
+    delete_client(lab, "gw-mtu");
+}

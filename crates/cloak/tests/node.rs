@@ -58,6 +58,7 @@ fn exit_plan(i: u8, healthy: bool) -> ExitPlan {
         local: exit_ip(i).parse().unwrap(),
         tunnel: format!("tun{i}"),
         mss: 1380,
+        link_mtu: Some(1450),
         healthy,
         draining: false,
         ipv6: false,

@@ -967,6 +967,10 @@ pub struct ExitPlan {
     pub tunnel: String,
     /// TCP MSS clamped on client flows, both ways.
     pub mss: u16,
+    /// The MTU of the links' end (`ckx0`): the pod network's less VXLAN's overhead, so a reply
+    /// bigger than a link carries whole is refused with "fragmentation needed" here instead of
+    /// being fragmented outside. None: the kernel's default.
+    pub link_mtu: Option<u16>,
     /// Whether the tunnel carries traffic now: the exit answers the nodes' health probes only
     /// then, so a node stops sending new flows to an exit whose tunnel is down or blackholed.
     pub healthy: bool,
@@ -1126,6 +1130,9 @@ impl ExitPlan {
         // Packet counts per flow, which a draining exit watches ([`FlowWatch`]). Without them
         // it reads the flows' timeouts, less surely: not a reason to carry no traffic.
         let _ = sysctl("net.netfilter.nf_conntrack_acct", "1");
+        if let Some(mtu) = self.link_mtu {
+            ip(&["link", "set", "dev", EXIT_IFACE, "mtu", &mtu.to_string()])?;
+        }
         ip(&["link", "set", "dev", EXIT_IFACE, "up"])?;
         run("nft", &["-f", "-"], Some(self.render().as_bytes()))?;
         Ok(())
@@ -1460,6 +1467,7 @@ tcp      6 431999 ESTABLISHED src=fd00:10::5 dst=fd00:10::9 sport=9090 dport=500
                 local: IpAddr::V4(Ipv4Addr::new(10, 244, 0, 21)),
                 tunnel: "wg0".into(),
                 mss: 1360,
+                link_mtu: None,
                 healthy: true,
                 draining,
                 ipv6,

@@ -32,6 +32,9 @@ pub const ANNOTATION_VNI: &str = "cloak.dev/vni";
 /// On exit pods: the server of the provider's pool the pod connects to. On exit masks: the
 /// server the exit's last pod used, so its next pod takes the next one (rotation).
 pub const ANNOTATION_SERVER: &str = "cloak.dev/server";
+/// On exit pods: the MTU of their server's tunnel (its configuration's, or its kind's default:
+/// `TunnelConfig::mtu`), which a gateway's `mtu: auto` must fit.
+pub const ANNOTATION_TUNNEL_MTU: &str = "cloak.dev/tunnel-mtu";
 /// Where the exit pod's agent finds its credentials, its config and its admin server.
 pub const CREDENTIALS_DIR: &str = "/var/run/cloak/credentials";
 pub const CONFIG_DIR: &str = "/etc/cloak";
@@ -114,6 +117,8 @@ pub struct ExitAgent<'a> {
     pub upstream: Option<IpAddr>,
     /// How long a deleted exit keeps carrying its established flows (`spec.exits.drainGrace`).
     pub drain_grace: std::time::Duration,
+    /// The MTU of the exit's end of the links: the pod network's less VXLAN's overhead.
+    pub link_mtu: u16,
 }
 
 /// `spec.exits.drainGrace` when absent.
@@ -136,7 +141,7 @@ pub fn drain_grace_of(pod: &Pod) -> Option<std::time::Duration> {
 pub fn agent_config(exit: &ExitAgent<'_>) -> String {
     let bypass: Vec<String> = exit.bypass.iter().map(ToString::to_string).collect();
     let mut role = json!({
-        "vni": exit.vni, "mss": exit.mss,
+        "vni": exit.vni, "mss": exit.mss, "linkMtu": exit.link_mtu,
         "drainGrace": format!("{}ms", exit.drain_grace.as_millis()),
     });
     if !exit.cluster_domains.is_empty() {
@@ -190,6 +195,8 @@ pub struct ExitPod<'a> {
     /// (`(file in the pod, key in the Secret)`, from `credentials::Pool::copy_keys`).
     pub server: &'a str,
     pub keys: Vec<(&'a str, &'a str)>,
+    /// The server's tunnel MTU ([`ANNOTATION_TUNNEL_MTU`]).
+    pub tunnel_mtu: u32,
     /// The exit's mask (controller: the pod goes when the mask does).
     pub owner: OwnerReference,
     /// How long the agent drains once the pod is deleted: the kubelet waits that long, and a
@@ -215,7 +222,10 @@ pub fn pod(input: &ExitPod<'_>) -> Result<Pod, serde_json::Error> {
                 LABEL_GATEWAY: input.gateway, LABEL_EXIT: input.name,
                 "app.kubernetes.io/managed-by": "cloak", "app.kubernetes.io/component": "exit",
             },
-            "annotations": {ANNOTATION_SERVER: input.server},
+            "annotations": {
+                ANNOTATION_SERVER: input.server,
+                ANNOTATION_TUNNEL_MTU: input.tunnel_mtu.to_string(),
+            },
             "ownerReferences": [input.owner],
         },
         "spec": {
@@ -494,6 +504,7 @@ mod tests {
             secret: "g-exit-0-vpn-credentials",
             server: "nl-2",
             keys: vec![("wg0.conf", "nl-2.conf")],
+            tunnel_mtu: 1420,
             owner: owner(),
             drain_grace: std::time::Duration::from_millis(90_500),
         })
@@ -546,11 +557,12 @@ mod tests {
             cluster_domains: &[],
             upstream: None,
             drain_grace: DEFAULT_DRAIN_GRACE,
+            link_mtu: 1450,
         });
         let v: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(
             v["exit"],
-            json!({"vni": 4096, "mss": 1330, "drainGrace": "300000ms"})
+            json!({"vni": 4096, "mss": 1330, "linkMtu": 1450, "drainGrace": "300000ms"})
         );
         assert_eq!(v["bypass"], json!(["10.244.0.0/16"]));
         assert_eq!(v["health"]["probe"], "http://203.0.113.10/ip");
@@ -565,6 +577,7 @@ mod tests {
             cluster_domains: &domains,
             upstream: Some("9.9.9.9".parse().unwrap()),
             drain_grace: std::time::Duration::ZERO,
+            link_mtu: 1450,
         });
         let v: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(v["exit"]["clusterDomains"], json!(domains));

@@ -226,6 +226,31 @@ mod tests {
     }
 
     #[test]
+    fn auto_mtu_per_tunnel_kind_from_the_servers_configuration() {
+        use crate::tunnel::{openvpn::OpenVpnConfig, wireguard::DEFAULT_MTU};
+        let ovpn = |extra: &str| {
+            let text = format!("client\ndev tun\nremote 192.0.2.2 1194\n{extra}");
+            let mtu = OpenVpnConfig::from_ovpn(&text, None, "ck0").unwrap().mtu;
+            u16::try_from(mtu).unwrap()
+        };
+        // The table: the tunnel's MTU when its configuration names none, and what a client gets
+        // over a 1500-byte pod network (VXLAN takes 50).
+        let table = [
+            (
+                "WireGuard (wg-quick's default)",
+                u16::try_from(DEFAULT_MTU).unwrap(),
+                1420,
+            ),
+            ("OpenVPN (tun-mtu's default)", ovpn(""), 1450),
+            ("OpenVPN with tun-mtu 1400", ovpn("tun-mtu 1400\n"), 1400),
+        ];
+        for (kind, tunnel, client) in table {
+            assert_eq!(auto_mtu(tunnel, 1500, false), client, "{kind}");
+        }
+        assert_eq!(ovpn(""), 1500);
+    }
+
+    #[test]
     fn a_new_exit_gets_the_lowest_free_vni() {
         assert_eq!(free_vni(&BTreeSet::new()), Some(FIRST_VNI));
         let taken = BTreeSet::from([FIRST_VNI, FIRST_VNI + 2]);

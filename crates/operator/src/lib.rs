@@ -82,6 +82,9 @@ pub struct Config {
     /// The port of an exit agent's admin server, asked for the exit's public address
     /// (`cloak_model::exit::STATUS_PATH` on the pod's address). None: not asked.
     pub exit_admin_port: Option<u16>,
+    /// The pod network's MTU between nodes: the links to the exits wrap client packets in
+    /// VXLAN inside it, so `mtu: auto` leaves room for that.
+    pub pod_network_mtu: u16,
 }
 
 impl Default for Config {
@@ -96,6 +99,7 @@ impl Default for Config {
             intranet: Vec::new(),
             holder_resync: Duration::from_mins(5),
             exit_admin_port: Some(cloak_model::exit::ADMIN_PORT),
+            pod_network_mtu: 1500,
         }
     }
 }

@@ -41,10 +41,9 @@ const CONTROLLER: &str = "vpngateway";
 /// Looks again at least this often: an exit's health comes from pod watches, this is the net.
 const RESYNC: Duration = Duration::from_mins(1);
 
-/// The MTU `auto` starts from: WireGuard's default tunnel MTU (an OpenVPN tunnel's is larger),
-/// and the pod network's usual 1500.
+/// The tunnel MTU `auto` assumes while no exit's pod says its own: WireGuard's default, the
+/// smallest of the kinds' defaults (OpenVPN's `tun-mtu` is 1500).
 const TUNNEL_MTU: u16 = 1420;
-const POD_NETWORK_MTU: u16 = 1500;
 
 /// The gateway controller: its gateways, the exit masks they own, and the exit pods (owned by
 /// the masks, so mapped to their gateway by label). Both child watches see only objects
@@ -250,10 +249,25 @@ async fn apply(gateway: &VpnGateway, ctx: &Context) -> Result<Action> {
         }
     }
 
+    // `auto`: what fits the smallest of the exits' tunnels (each pod says its server's) and,
+    // wrapped in VXLAN, the pod network.
+    let tunnel_mtu = found
+        .values()
+        .filter_map(|f| f.pod.as_ref())
+        .filter_map(|p| {
+            p.annotations()
+                .get(exit::ANNOTATION_TUNNEL_MTU)?
+                .parse::<u16>()
+                .ok()
+        })
+        .min()
+        .unwrap_or(TUNNEL_MTU);
+    let pod_network_mtu = ctx.config.pod_network_mtu;
     let mtu = match gateway.spec.mtu {
         Mtu::Fixed(bytes) => bytes,
-        Mtu::Auto => gateway::auto_mtu(TUNNEL_MTU, POD_NETWORK_MTU, false),
+        Mtu::Auto => gateway::auto_mtu(tunnel_mtu, pod_network_mtu, false),
     };
+    let link_mtu = pod_network_mtu.saturating_sub(gateway::VXLAN_OVERHEAD_V4);
     let intranet: Vec<ipnet::IpNet> = if gateway.spec.intranet.is_empty() {
         ctx.config.intranet.iter().map(|c| c.get()).collect()
     } else {
@@ -277,6 +291,7 @@ async fn apply(gateway: &VpnGateway, ctx: &Context) -> Result<Action> {
                 .as_ref()
                 .and_then(exit::drain_grace_of)
                 .unwrap_or(drain_grace),
+            link_mtu,
         });
         Some((exit_name.clone(), config))
     });
@@ -744,6 +759,7 @@ async fn exit_pod(
         secret: &held.secret,
         server: &server.name,
         keys: pool.copy_keys(server, &keys),
+        tunnel_mtu: server.tunnel.mtu(),
         owner: OwnerReference {
             block_owner_deletion: Some(true),
             ..mask_ref
