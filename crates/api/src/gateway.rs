@@ -342,6 +342,12 @@ pub struct VpnGatewayStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtu: Option<u16>,
 
+    /// The intranet clients reach outside the exits: `spec.intranet`, or, without it, the
+    /// cluster's as derived (the nodes' pod CIDRs and internal addresses, the ServiceCIDRs,
+    /// and the chart's `cluster.intranet`), as CIDRs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub intranet: Vec<String>,
+
     /// Standard conditions, merged by type: `Ready` (at least one exit healthy), `Degraded`
     /// (fewer healthy exits than `spec.exits.count`), `KillSwitch`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -519,8 +519,20 @@ mod tests {
         assert_eq!(v["metadata"]["ownerReferences"][0]["kind"], "VpnMask");
         assert_eq!(
             v["spec"]["containers"][0]["args"],
-            json!(["agent", "--config", "/etc/cloak/g-exit-0.yaml"])
+            json!([
+                "agent",
+                "--config",
+                "/etc/cloak/g-exit-0.yaml",
+                "--admin-token-file",
+                "/var/run/cloak/admin/token"
+            ])
         );
+        // The gateway's admin token, readable by the agent alone.
+        assert_eq!(
+            v["spec"]["volumes"][2]["secret"],
+            json!({"secretName": "g-exit-admin", "items": [{"key": "token", "path": "token"}], "defaultMode": 256})
+        );
+        assert_eq!(v["metadata"]["annotations"][ANNOTATION_TUNNEL_MTU], "1420");
         assert!(
             v["metadata"]["labels"].get("cloak.dev/gateway").is_none(),
             "an exit never carries the client label"

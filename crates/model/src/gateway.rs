@@ -80,6 +80,36 @@ fn subtract(range: IpNet, holes: &[IpNet], out: &mut Vec<IpNet>) {
     }
 }
 
+/// A gateway's default intranet, derived from the cluster: the configured ranges (the chart's
+/// `cluster.intranet`), the nodes' pod CIDRs, the ServiceCIDRs and each node's own addresses
+/// (the kubelet probes from them under some CNIs; NodePorts with `externalTrafficPolicy: Local`
+/// answer on them). Sorted, each range once, none inside another.
+pub fn cluster_intranet(
+    configured: &[IpNet],
+    pod_cidrs: &[IpNet],
+    service_cidrs: &[IpNet],
+    node_addresses: &[std::net::IpAddr],
+) -> Vec<IpNet> {
+    let mut all: Vec<IpNet> = configured
+        .iter()
+        .chain(pod_cidrs)
+        .chain(service_cidrs)
+        .map(IpNet::trunc)
+        .chain(node_addresses.iter().map(|a| IpNet::from(*a)))
+        .collect();
+    all.sort();
+    all.dedup();
+    let kept: Vec<IpNet> = all
+        .iter()
+        .filter(|net| {
+            !all.iter()
+                .any(|other| other != *net && other.contains(*net))
+        })
+        .copied()
+        .collect();
+    kept
+}
+
 /// The MTU `mtu: auto` gives a client's gateway interface: what fits both into the exit's tunnel
 /// and, wrapped in VXLAN, into the pod network between the client's node and the exit.
 pub fn auto_mtu(tunnel_mtu: u16, pod_network_mtu: u16, pod_network_is_ipv6: bool) -> u16 {
@@ -223,6 +253,33 @@ mod tests {
         assert_eq!(auto_mtu(1500, 9000, false), 1500);
         assert_eq!(mss(1420, false), 1380);
         assert_eq!(mss(1420, true), 1360);
+    }
+
+    #[test]
+    fn the_clusters_intranet_joins_its_ranges_and_node_addresses_once_each() {
+        let addresses: Vec<std::net::IpAddr> = ["10.250.0.11", "10.244.1.1", "fd00::11"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        let intranet = cluster_intranet(
+            &nets(&["10.244.0.0/16", "10.96.0.0/12"]),
+            &nets(&["10.42.0.0/24", "10.42.1.0/24", "10.244.3.0/24"]),
+            &nets(&["10.43.0.0/16", "10.96.0.0/16"]),
+            &addresses,
+        );
+        assert_eq!(
+            strings(&intranet),
+            [
+                "10.42.0.0/24",
+                "10.42.1.0/24",
+                "10.43.0.0/16",
+                "10.96.0.0/12",
+                "10.244.0.0/16",
+                "10.250.0.11/32",
+                "fd00::11/128"
+            ]
+        );
+        assert!(cluster_intranet(&[], &[], &[], &[]).is_empty());
     }
 
     #[test]

@@ -1324,12 +1324,23 @@ impl Daemon {
         Ok(())
     }
 
-    /// The ranges a gateway's clients reach over their own network.
+    /// The ranges a gateway's clients reach over their own network: its `spec.intranet`, or the
+    /// cluster's as the operator derived it (its status), or, before the operator said, the
+    /// configured ranges.
     fn intranet_of(&self, gateway: &VpnGateway) -> Vec<IpNet> {
-        if gateway.spec.intranet.is_empty() {
+        if !gateway.spec.intranet.is_empty() {
+            return gateway.spec.intranet.iter().map(|c| c.get()).collect();
+        }
+        let derived: Vec<IpNet> = gateway
+            .status
+            .iter()
+            .flat_map(|s| &s.intranet)
+            .filter_map(|c| c.parse().ok())
+            .collect();
+        if derived.is_empty() {
             self.options.intranet.clone()
         } else {
-            gateway.spec.intranet.iter().map(|c| c.get()).collect()
+            derived
         }
     }
 

@@ -280,7 +280,12 @@ async fn each_exit_holds_a_slot_with_its_own_vni_and_runs_a_pod_on_its_own_serve
         "{config}"
     );
     assert_eq!(config["exit"]["mss"], 1380, "auto MTU 1420 less 40");
-    assert_eq!(config["bypass"], json!(["10.244.0.0/16"]));
+    // The cluster's intranet: the configured range and the API server's Service range (and
+    // the nodes another test of this binary may have made).
+    let bypass = config["bypass"].as_array().unwrap();
+    for want in ["10.244.0.0/16", "10.96.0.0/16"] {
+        assert!(bypass.contains(&json!(want)), "{want}: {bypass:?}");
+    }
 
     let g = until(
         &client,
@@ -705,4 +710,68 @@ async fn the_status_counts_running_clients_by_label_and_selector_at_once_and_not
         .await
         .unwrap();
     until_clients(&client, ns_, "egress", 0, "the relabelled pod uncounted").await;
+}
+
+#[tokio::test]
+async fn a_gateways_default_intranet_is_derived_from_the_nodes_and_service_ranges_and_shown_in_its_status()
+ {
+    let (client, ns) = setup("gw-intranet", 2).await;
+    // A node of a k3s-like cluster: its own pod range and address, outside the chart's ranges.
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+    let name = format!("intranet-{}", ns.name());
+    let node: k8s_openapi::api::core::v1::Node = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Node", "metadata": {"name": name},
+        "spec": {"podCIDR": "10.42.7.0/24", "podCIDRs": ["10.42.7.0/24"]},
+    }))
+    .unwrap();
+    let _ = nodes
+        .delete(&name, &kube::api::DeleteParams::default())
+        .await;
+    nodes.create(&PostParams::default(), &node).await.unwrap();
+    nodes
+        .patch_status(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"addresses": [
+                {"type": "InternalIP", "address": "192.168.77.7"},
+                {"type": "ExternalIP", "address": "198.51.100.77"},
+            ]}})),
+        )
+        .await
+        .unwrap();
+    gateway(&client, ns.name(), "egress", 1).await;
+    let intranet = until(
+        &client,
+        ns.name(),
+        "egress",
+        "the derived intranet",
+        |g, _| {
+            let intranet: Vec<String> = g
+                .status
+                .as_ref()?
+                .intranet
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            intranet
+                .contains(&"10.42.7.0/24".to_owned())
+                .then_some(intranet)
+        },
+    )
+    .await;
+    let _ = nodes
+        .delete(&name, &kube::api::DeleteParams::default())
+        .await;
+    for want in [
+        "10.244.0.0/16",   // configured (the chart's cluster.intranet)
+        "10.42.7.0/24",    // the node's pod range
+        "192.168.77.7/32", // the node's internal address
+        "10.96.0.0/16",    // the API server's ServiceCIDR
+    ] {
+        assert!(intranet.iter().any(|n| n == want), "{want}: {intranet:?}");
+    }
+    assert!(
+        !intranet.iter().any(|n| n.starts_with("198.51.100.77")),
+        "an external address: {intranet:?}"
+    );
 }

@@ -269,7 +269,7 @@ async fn apply(gateway: &VpnGateway, ctx: &Context) -> Result<Action> {
     };
     let link_mtu = pod_network_mtu.saturating_sub(gateway::VXLAN_OVERHEAD_V4);
     let intranet: Vec<ipnet::IpNet> = if gateway.spec.intranet.is_empty() {
-        ctx.config.intranet.iter().map(|c| c.get()).collect()
+        cluster_intranet(ctx).await?
     } else {
         gateway.spec.intranet.iter().map(|c| c.get()).collect()
     };
@@ -489,6 +489,7 @@ async fn apply(gateway: &VpnGateway, ctx: &Context) -> Result<Action> {
         healthy_exits: healthy,
         clients: attached,
         mtu: Some(mtu),
+        intranet: intranet.iter().map(ToString::to_string).collect(),
         conditions: vec![
             condition(
                 &previous.conditions,
@@ -562,6 +563,51 @@ async fn count_clients(gateway: &VpnGateway, ctx: &Context) -> Result<u32> {
         })
         .count();
     Ok(u32::try_from(count).unwrap_or(u32::MAX))
+}
+
+/// The cluster's intranet as it is now (`gateway::cluster_intranet`): the configured ranges,
+/// every node's pod CIDRs and internal addresses, and the ServiceCIDRs (a cluster older than
+/// their API has none to list: the configured ranges stand for them).
+async fn cluster_intranet(ctx: &Context) -> Result<Vec<ipnet::IpNet>> {
+    use k8s_openapi::api::{core::v1::Node, networking::v1::ServiceCIDR};
+    let nodes = Api::<Node>::all(ctx.client.clone())
+        .list(&ListParams::default())
+        .await?
+        .items;
+    let pod_cidrs: Vec<ipnet::IpNet> = nodes
+        .iter()
+        .filter_map(|n| n.spec.as_ref()?.pod_cidrs.as_ref())
+        .flatten()
+        .filter_map(|c| c.parse().ok())
+        .collect();
+    let addresses: Vec<std::net::IpAddr> = nodes
+        .iter()
+        .filter_map(|n| n.status.as_ref()?.addresses.as_ref())
+        .flatten()
+        .filter(|a| a.type_ == "InternalIP")
+        .filter_map(|a| a.address.parse().ok())
+        .collect();
+    let service_cidrs: Vec<ipnet::IpNet> = match Api::<ServiceCIDR>::all(ctx.client.clone())
+        .list(&ListParams::default())
+        .await
+    {
+        Ok(list) => list
+            .items
+            .iter()
+            .filter_map(|s| s.spec.as_ref()?.cidrs.as_ref())
+            .flatten()
+            .filter_map(|c| c.parse().ok())
+            .collect(),
+        Err(kube::Error::Api(e)) if e.code == 404 => Vec::new(),
+        Err(e) => return Err(e.into()),
+    };
+    let configured: Vec<ipnet::IpNet> = ctx.config.intranet.iter().map(|c| c.get()).collect();
+    Ok(gateway::cluster_intranet(
+        &configured,
+        &pod_cidrs,
+        &service_cidrs,
+        &addresses,
+    ))
 }
 
 fn drain_grace(gateway: &VpnGateway) -> Duration {
