@@ -359,6 +359,28 @@ pub const MOVE_AFTER: std::time::Duration = std::time::Duration::from_mins(2);
 /// a user asked (`moved`: [`ANNOTATION_MOVE`]), or its tunnel has not connected for `down` (as
 /// long as the status has shown it Connecting or Unhealthy), `limit` or more. A pod being deleted
 /// is already going.
+/// How long `node` has not been Ready (its `Ready` condition False or Unknown since its last
+/// transition), at `now` (seconds since the epoch). None while it is Ready, or says nothing.
+pub fn node_down_for(
+    node: &k8s_openapi::api::core::v1::Node,
+    now: i64,
+) -> Option<std::time::Duration> {
+    let ready = node
+        .status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == "Ready")?;
+    if ready.status == "True" {
+        return None;
+    }
+    let since = ready.last_transition_time.as_ref()?.0.as_second();
+    u64::try_from(now - since)
+        .ok()
+        .map(std::time::Duration::from_secs)
+}
+
 pub fn move_reason(
     pod: &PodView,
     moved: bool,
@@ -545,6 +567,39 @@ mod tests {
             drain_grace_of(&pod),
             Some(std::time::Duration::from_secs(91))
         );
+    }
+
+    #[test]
+    fn a_node_is_down_from_when_its_ready_condition_left_true() {
+        let node = |status: &str, since: &str| -> k8s_openapi::api::core::v1::Node {
+            serde_json::from_value(json!({
+                "metadata": {"name": "n1"},
+                "status": {"conditions": [
+                    {"type": "MemoryPressure", "status": "False", "lastTransitionTime": "2026-12-07T00:00:00Z"},
+                    {"type": "Ready", "status": status, "lastTransitionTime": since},
+                ]},
+            }))
+            .unwrap()
+        };
+        let now = "2026-12-07T00:05:00Z"
+            .parse::<k8s_openapi::jiff::Timestamp>()
+            .unwrap()
+            .as_second();
+        assert_eq!(
+            node_down_for(&node("True", "2026-12-07T00:00:00Z"), now),
+            None
+        );
+        assert_eq!(
+            node_down_for(&node("Unknown", "2026-12-07T00:03:00Z"), now),
+            Some(std::time::Duration::from_mins(2))
+        );
+        assert_eq!(
+            node_down_for(&node("False", "2026-12-07T00:04:30Z"), now),
+            Some(std::time::Duration::from_secs(30))
+        );
+        let silent: k8s_openapi::api::core::v1::Node =
+            serde_json::from_value(json!({"metadata": {"name": "n1"}})).unwrap();
+        assert_eq!(node_down_for(&silent, now), None);
     }
 
     #[test]

@@ -775,3 +775,95 @@ async fn a_gateways_default_intranet_is_derived_from_the_nodes_and_service_range
         "an external address: {intranet:?}"
     );
 }
+
+#[tokio::test]
+async fn an_exit_whose_node_stays_not_ready_starts_elsewhere_on_the_slot_its_mask_holds() {
+    let (client, ns) = setup("gw-lost", 1).await;
+    // A node whose kubelet stopped answering ten minutes ago.
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+    let lost = format!("lost-{}", ns.name());
+    let node: k8s_openapi::api::core::v1::Node = serde_json::from_value(
+        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": lost}}),
+    )
+    .unwrap();
+    let _ = nodes
+        .delete(&lost, &kube::api::DeleteParams::default())
+        .await;
+    nodes.create(&PostParams::default(), &node).await.unwrap();
+    let since =
+        k8s_openapi::jiff::Timestamp::now() - k8s_openapi::jiff::SignedDuration::from_mins(10);
+    nodes
+        .patch_status(
+            &lost,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"conditions": [
+                {"type": "Ready", "status": "Unknown", "reason": "NodeStatusUnknown",
+                 "lastHeartbeatTime": since.to_string(), "lastTransitionTime": since.to_string()},
+            ]}})),
+        )
+        .await
+        .unwrap();
+    let gateway: VpnGateway = serde_json::from_value(json!({
+        "apiVersion": "cloak.dev/v1alpha1", "kind": "VpnGateway", "metadata": {"name": "egress"},
+        "spec": {"exits": {"count": 1, "providers": ["nl"], "moveAfter": "3s"}},
+    }))
+    .unwrap();
+    Api::<VpnGateway>::namespaced(client.clone(), ns.name())
+        .create(&PostParams::default(), &gateway)
+        .await
+        .unwrap();
+    let exit0 = "egress-exit-0";
+    let first = until(&client, ns.name(), "egress", "the exit's pod", |_, pods| {
+        pods.iter().find(|p| p.name_any() == exit0).cloned()
+    })
+    .await;
+    let masks: Api<VpnMask> = Api::namespaced(client.clone(), ns.name());
+    let mask_uid = masks.get(exit0).await.unwrap().uid();
+    // It runs, healthy, on the node that then stays unreachable.
+    bind(&client, ns.name(), exit0, &lost).await;
+    set_pod(&client, ns.name(), exit0, "Running", true).await;
+    let uid = first.uid().unwrap();
+    let second = until(
+        &client,
+        ns.name(),
+        "egress",
+        "the exit starts again",
+        |_, pods| {
+            pods.iter()
+                .find(|p| p.name_any() == exit0 && p.uid().as_deref() != Some(uid.as_str()))
+                .cloned()
+        },
+    )
+    .await;
+    assert!(
+        second.spec.as_ref().unwrap().node_name.is_none(),
+        "the new pod waits for the scheduler, not the lost node"
+    );
+    let moved = until(
+        &client,
+        ns.name(),
+        "egress",
+        "the status says why",
+        |g, _| g.status.as_ref()?.exits.first()?.last_move.clone(),
+    )
+    .await;
+    assert!(
+        moved.contains(&format!("its node {lost} has not been ready")),
+        "{moved}"
+    );
+    // The same exit on the same slot: one mask, the one that held it before.
+    let listed = masks.list(&ListParams::default()).await.unwrap().items;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0].uid(), mask_uid);
+    assert!(
+        listed[0]
+            .status
+            .as_ref()
+            .and_then(|s| s.provider.as_ref())
+            .is_some(),
+        "the mask still holds its slot"
+    );
+    let _ = nodes
+        .delete(&lost, &kube::api::DeleteParams::default())
+        .await;
+}

@@ -17,7 +17,7 @@ use cloak_api::{ExitHealth, ExitStatus, Mtu, VpnGateway, VpnGatewayStatus, VpnMa
 use cloak_model::{clients, credentials, exit, gateway};
 use futures::StreamExt as _;
 use k8s_openapi::{
-    api::core::v1::{ConfigMap, Pod, Secret},
+    api::core::v1::{ConfigMap, Node, Pod, Secret},
     apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time},
 };
 use kube::{
@@ -373,6 +373,58 @@ async fn apply(gateway: &VpnGateway, ctx: &Context) -> Result<Action> {
                     u64::try_from(now.as_second() - since.0.as_second().max(created)).ok()
                 })
                 .map(Duration::from_secs);
+            // An exit whose node has not been Ready for `moveAfter` moves too, even while its pod
+            // is Terminating (evicted from a node whose kubelet cannot confirm it): the pod goes
+            // from the API at once, so the same exit (its name, its mask, the one slot the mask
+            // holds) starts elsewhere. A kubelet that comes back stops the old pod; a second
+            // WireGuard connection with the same key takes the first's place at the server.
+            let lost = match view.node.as_deref() {
+                Some(node) => Api::<Node>::all(ctx.client.clone())
+                    .get_opt(node)
+                    .await?
+                    .and_then(|n| exit::node_down_for(&n, now.as_second()))
+                    .map(|down| (node.to_owned(), down)),
+                None => None,
+            };
+            if let Some((node, lost_for)) = lost.as_ref().filter(|(_, d)| *d >= move_after) {
+                let from = pod
+                    .annotations()
+                    .get(exit::ANNOTATION_SERVER)
+                    .cloned()
+                    .unwrap_or_else(|| "its server".into());
+                let why = format!(
+                    "its node {node} has not been ready for {}s",
+                    lost_for.as_secs()
+                );
+                publish(
+                    ctx,
+                    gateway,
+                    EventType::Warning,
+                    "ExitReplaced",
+                    format!("exit {exit_name} moves from {from} to its pool's next server: {why}"),
+                )
+                .await;
+                let record = format!("{now} from {from}: {why}");
+                masks
+                    .patch(
+                        exit_name,
+                        &PatchParams::default(),
+                        &Patch::Merge(serde_json::json!({"metadata": {"annotations": {
+                            exit::ANNOTATION_LAST_MOVE: record.clone()}}})),
+                    )
+                    .await?;
+                moves.insert(exit_name.clone(), record);
+                let now_please = DeleteParams {
+                    grace_period_seconds: Some(0),
+                    ..DeleteParams::background()
+                };
+                pods.delete(exit_name, &now_please).await?;
+                continue;
+            }
+            if let Some((_, lost_for)) = lost {
+                next_check =
+                    next_check.min(move_after.saturating_sub(lost_for) + Duration::from_secs(1));
+            }
             let asked = pod.annotations().contains_key(exit::ANNOTATION_MOVE);
             if let Some(why) = exit::move_reason(&view, asked, down, move_after) {
                 let from = pod
@@ -569,7 +621,7 @@ async fn count_clients(gateway: &VpnGateway, ctx: &Context) -> Result<u32> {
 /// every node's pod CIDRs and internal addresses, and the ServiceCIDRs (a cluster older than
 /// their API has none to list: the configured ranges stand for them).
 async fn cluster_intranet(ctx: &Context) -> Result<Vec<ipnet::IpNet>> {
-    use k8s_openapi::api::{core::v1::Node, networking::v1::ServiceCIDR};
+    use k8s_openapi::api::networking::v1::ServiceCIDR;
     let nodes = Api::<Node>::all(ctx.client.clone())
         .list(&ListParams::default())
         .await?
