@@ -8,7 +8,8 @@ own namespaces only: every flow goes from a lab pod to the lab's internet namesp
                stream sent from inside the exit pod straight into its tunnel (the bare tunnel of
                the same implementation), side by side; then several streams over both exits
                against the same streams with one exit left
-  failover     drills per failure kind (exit pod deleted; its provider blackholed): the time
+  failover     drills per failure kind (exit's link gone; exit pod deleted; its provider
+               blackholed): the time
                from the failure to the start of the last new flow that failed (a new flow starts
                every 10 ms, each given 0.3 s), and the worst gap seen on a flow held on the
                surviving exit
@@ -312,19 +313,31 @@ def drill(lab, client, kind):
     newf = subprocess.Popen(["nsenter", "-t", pid, "-n", sys.executable, HERE, "flows", "10", "0.3"],
                             stdout=subprocess.PIPE, text=True)
     time.sleep(2)
-    # The gone exit's provider is cut off in both kinds: for a deleted pod, so that its
+    # The gone exit's provider is cut off in the other kinds: for a deleted pod, so that its
     # replacement (which answers from the same address) stays out of the window and a flow
     # seen from that address can only be one the node still sent to the gone exit.
     provider = {"gw-alpha": 1, "gw-beta": 2}[gone["provider"]]
     servers = ", ".join(f"192.0.2.{provider}{k}" for k in range(1, 4))
     script = (f"table ip gwbench {{\n chain f {{\n  type filter hook forward priority -400; policy accept;\n"
               f"  ip daddr {{ {servers} }} drop\n  ip saddr {{ {servers} }} drop\n }}\n}}\n")
+    link = None
+    if kind == "link gone":
+        # The exit's pod loses its link: the host side of its eth0 goes down on its node, as
+        # when its node's network fails. Nothing tells anyone but the nodes' probes.
+        link = exit_link(lab, gone)
     if kind == "pod deleted":
         lab.kubectl("-n", NS, "delete", "pod", gone["name"], "--wait=false")
-    subprocess.run(["ip", "netns", "exec", lab.netns("net"), "nft", "-f", "-"], input=script,
-                   text=True, check=True)
-    undo = lambda: subprocess.run(["ip", "netns", "exec", lab.netns("net"), "nft", "delete",
-                                   "table", "ip", "gwbench"], check=False)
+    if link:
+        subprocess.run(["ip", "-n", link[0], "link", "set", "dev", link[1], "down"], check=True)
+    else:
+        subprocess.run(["ip", "netns", "exec", lab.netns("net"), "nft", "-f", "-"], input=script,
+                       text=True, check=True)
+
+    def undo():
+        subprocess.run(["ip", "netns", "exec", lab.netns("net"), "nft", "delete", "table", "ip",
+                        "gwbench"], check=False)
+        if link:
+            subprocess.run(["ip", "-n", link[0], "link", "set", "dev", link[1], "up"], check=False)
     # The failure is in effect from here: the API server has the deletion, or the internet
     # drops the provider's packets.
     t0 = time.monotonic()
@@ -348,6 +361,21 @@ def drill(lab, client, kind):
     worst = max((h["gap"] for h in survivors), default=None)
     lost = sum(1 for h in survivors if h["dead"])
     return recovered, failures, worst, len(survivors), lost
+
+
+def exit_link(lab, exit):
+    """The exit pod's link to its node: (the node's namespace, the host side of its eth0)."""
+    pid = lab.pod_pid(exit["name"])
+    out = subprocess.run(["nsenter", "-t", pid, "-n", "ip", "-o", "link", "show", "dev", "eth0"],
+                         capture_output=True, text=True, check=True).stdout
+    peer = out.split(":")[1].strip().split("@if")[1]
+    node_ns = lab.netns(exit["node"])
+    for line in subprocess.run(["ip", "-n", node_ns, "-o", "link", "show"], capture_output=True,
+                               text=True, check=True).stdout.splitlines():
+        index, name = line.split(":")[0].strip(), line.split(":")[1].strip().split("@")[0]
+        if index == peer:
+            return node_ns, name
+    raise SystemExit(f"no link of exit {exit['name']} on {exit['node']}")
 
 
 def exit_addr(exit):
@@ -456,7 +484,7 @@ def bench_failover(lab, drills):
     quiet = json.loads(subprocess.run(["nsenter", "-t", pid, "-n", sys.executable, HERE, "flows",
                                        "10", "0.3"], capture_output=True, text=True).stdout)
     print(f"  no fault: {sum(1 for f in quiet if not f['ok'])} of {len(quiet)} new flows failed in 10 s")
-    for kind in ["pod deleted", "provider blackholed"]:
+    for kind in ["link gone", "pod deleted", "provider blackholed"]:
         results = [drill(lab, "bench", kind) for _ in range(drills)]
         clean = sum(1 for r in results if r[0] == 0.0)
         rec = [r[0] for r in results if r[0] is not None]

@@ -462,6 +462,22 @@ async fn a_labelled_pod_is_attached_at_sandbox_creation_and_its_flows_spread_ove
     inside(&rig.net["exit1"], move || up.apply()).unwrap();
     until_new_flows_use(&rig.net, &exit_public(1), "the exit that came back");
     drop(held);
+    // The node said so on the gateway, both ways: no pod's readiness shows this failover.
+    let start = Instant::now();
+    loop {
+        let reasons = rig.event_reasons("egress").await;
+        if ["ExitUnanswered", "ExitAnswers"]
+            .iter()
+            .all(|want| reasons.iter().any(|r| r == want))
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the node's failover Events: {reasons:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // DEL removes the attachment and leaves nothing on the node.
     rig.cni("DEL", "app", "c0ffee0001").unwrap();

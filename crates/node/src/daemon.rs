@@ -670,6 +670,8 @@ impl Daemon {
         let mut state = self.state.lock().await;
         let limit = self.options.probe_misses.max(1);
         let mut changed = false;
+        // Exits this node saw stop or start answering (not their first answer or miss).
+        let mut turned: Vec<(u32, bool)> = Vec::new();
         for (vni, answer) in round {
             let seen = state.seen.entry(vni).or_default();
             let was = (seen.up, seen.draining, seen.ipv6);
@@ -691,9 +693,66 @@ impl Daemon {
             if (seen.up, seen.draining, seen.ipv6) != was {
                 tracing::info!(vni, up = ?seen.up, draining = seen.draining, ipv6 = seen.ipv6, "exit health changed");
                 changed = true;
+                if let (Some(before), Some(now)) = (was.0, seen.up)
+                    && before != now
+                {
+                    turned.push((vni, now));
+                }
             }
         }
+        drop(state);
+        for (vni, up) in turned {
+            self.tell_failover(vni, up).await;
+        }
         changed
+    }
+
+    /// An Event on the gateway of the exit `vni` when this node's probes saw it stop (or start
+    /// again) answering through its link: the failover the node makes on its own, which no pod's
+    /// readiness shows.
+    async fn tell_failover(&self, vni: u32, up: bool) {
+        let gateways = self.gateways.state();
+        let Some((gateway, exit)) = gateways.iter().find_map(|g| {
+            let gateway = g.0.as_ref().ok()?;
+            let exit = gateway
+                .status
+                .as_ref()?
+                .exits
+                .iter()
+                .find(|e| e.vni == vni)?;
+            Some((gateway, exit.name.clone()))
+        }) else {
+            return;
+        };
+        let here = &self.options.node_name;
+        let (type_, reason, note) = if up {
+            (
+                EventType::Normal,
+                "ExitAnswers",
+                format!(
+                    "node {here}: exit {exit} answers its probes again; this node sends it new flows"
+                ),
+            )
+        } else {
+            (
+                EventType::Warning,
+                "ExitUnanswered",
+                format!(
+                    "node {here}: exit {exit} stopped answering its probes through its link; this node sends new flows to the gateway's other exits and resets the flows it had sent there"
+                ),
+            )
+        };
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: "Failover".into(),
+            secondary: None,
+        };
+        let reference = kube::Resource::object_ref(gateway, &());
+        if let Err(e) = self.recorder.publish(&event, &reference).await {
+            tracing::warn!(error = %e, reason, "publishing an event failed");
+        }
     }
 
     /// Recomputes the node's plan from the clients, the gateways and the probes, and applies it

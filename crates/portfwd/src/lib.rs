@@ -439,6 +439,18 @@ pub async fn run(
                     .as_ref()
                     .and_then(|(old, _)| config.backend.update(&ruleset, old));
                 let full = delta.is_none();
+                // A full load repairs whatever changed outside cloak since the last one: count
+                // that as drift, as the resync would have (a change can come first).
+                if full
+                    && let Some((_, Some(expected))) = applied.as_ref()
+                    && let Some(now) = config.executor.read_back(config.backend).await
+                    && !matches!(&now, Ok(now) if now == expected)
+                {
+                    metrics.drift.inc();
+                    tracing::warn!(
+                        "the loaded rules changed outside cloak; the next load is full anyway"
+                    );
+                }
                 let script = delta.unwrap_or_else(|| config.backend.render(&ruleset));
                 let started = Instant::now();
                 match config.executor.load_with(config.backend, &script).await {
