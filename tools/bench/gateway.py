@@ -334,8 +334,9 @@ def drill(lab, client, kind):
                        text=True, check=True)
 
     def undo():
-        subprocess.run(["ip", "netns", "exec", lab.netns("net"), "nft", "delete", "table", "ip",
-                        "gwbench"], check=False)
+        if not link:
+            subprocess.run(["ip", "netns", "exec", lab.netns("net"), "nft", "delete", "table",
+                            "ip", "gwbench"], check=False)
         if link:
             subprocess.run(["ip", "-n", link[0], "link", "set", "dev", link[1], "up"], check=False)
     # The failure is in effect from here: the API server has the deletion, or the internet

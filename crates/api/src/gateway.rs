@@ -88,10 +88,11 @@ pub struct VpnGatewaySpec {
     #[serde(default = "enabled", skip_serializing_if = "is_enabled")]
     pub kill_switch: bool,
 
-    /// MTU of the clients' gateway interface: `auto` (default: the smallest of the exits' tunnel
-    /// MTUs, each its server's configuration's or its kind's default, WireGuard 1420 and OpenVPN
-    /// 1500, and of the pod network's MTU less VXLAN's 50 bytes) or a number from 1280 to 9000.
-    /// TCP MSS is clamped to it in both directions.
+    /// MTU of the clients' gateway interface: `auto` (default: the smallest of what the exits'
+    /// tunnels carry whole, each its server's configured MTU or its kind's default, WireGuard
+    /// 1420 and OpenVPN 1500, within the pod network less the tunnel's overhead, and of the pod
+    /// network's MTU less VXLAN's 50 bytes) or a number from 1280 to 9000. TCP MSS is clamped to
+    /// it in both directions.
     #[serde(default, skip_serializing_if = "Mtu::is_auto")]
     pub mtu: Mtu,
 }

@@ -881,7 +881,16 @@ fn a_client_pings_the_internet_at_its_gateways_mtu_with_dont_fragment_and_one_by
         ping(mtu - 28)
     );
     let over = ping(mtu - 27);
-    assert!(!over.status.success(), "a {}-byte packet passed", mtu + 1);
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&over.stdout),
+        String::from_utf8_lossy(&over.stderr)
+    );
+    assert!(
+        !over.status.success() && said.contains(&format!("mtu={mtu}")),
+        "a {}-byte packet: {said}",
+        mtu + 1
+    );
     // Each exit's end of the links has the pod network's MTU less VXLAN's 50 bytes.
     for exit in gw["status"]["exits"].as_array().unwrap() {
         let pods = lab.json(&[

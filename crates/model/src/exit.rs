@@ -32,8 +32,9 @@ pub const ANNOTATION_VNI: &str = "cloak.dev/vni";
 /// On exit pods: the server of the provider's pool the pod connects to. On exit masks: the
 /// server the exit's last pod used, so its next pod takes the next one (rotation).
 pub const ANNOTATION_SERVER: &str = "cloak.dev/server";
-/// On exit pods: the MTU of their server's tunnel (its configuration's, or its kind's default:
-/// `TunnelConfig::mtu`), which a gateway's `mtu: auto` must fit.
+/// On exit pods: what their server's tunnel carries whole (`gateway::tunnel_fit`: its
+/// configuration's MTU, or its kind's default, within the pod network less the tunnel's
+/// overhead), which a gateway's `mtu: auto` must fit.
 pub const ANNOTATION_TUNNEL_MTU: &str = "cloak.dev/tunnel-mtu";
 /// Where the exit pod's agent finds its credentials, its config and its admin server.
 pub const CREDENTIALS_DIR: &str = "/var/run/cloak/credentials";
@@ -195,8 +196,9 @@ pub struct ExitPod<'a> {
     /// (`(file in the pod, key in the Secret)`, from `credentials::Pool::copy_keys`).
     pub server: &'a str,
     pub keys: Vec<(&'a str, &'a str)>,
-    /// The server's tunnel MTU ([`ANNOTATION_TUNNEL_MTU`]).
-    pub tunnel_mtu: u32,
+    /// What the server's tunnel carries whole ([`ANNOTATION_TUNNEL_MTU`],
+    /// `gateway::tunnel_fit`).
+    pub tunnel_mtu: u16,
     /// The exit's mask (controller: the pod goes when the mask does).
     pub owner: OwnerReference,
     /// How long the agent drains once the pod is deleted: the kubelet waits that long, and a

@@ -110,6 +110,26 @@ pub fn cluster_intranet(
     kept
 }
 
+/// What a tunnel adds to each packet it carries, by kind: WireGuard 80 (an IPv6 outer header
+/// 40, UDP 8, WireGuard 32: wg-quick's allowance), OpenVPN 72 (an IPv6 outer header 40, UDP 8,
+/// and up to 24 of its own: opcode and peer id, packet id, an AEAD tag).
+pub fn tunnel_overhead(tunnel: &crate::tunnel::TunnelConfig) -> u16 {
+    match tunnel {
+        crate::tunnel::TunnelConfig::WireGuard(_) => 80,
+        crate::tunnel::TunnelConfig::OpenVpn(_) => 72,
+    }
+}
+
+/// The largest packet a server's tunnel carries whole from an exit whose own network has
+/// `pod_network_mtu`: its configured MTU (or its kind's default), and no more than fits that
+/// network with the tunnel's overhead. Within 1280 and 9000, as `spec.mtu`.
+pub fn tunnel_fit(tunnel: &crate::tunnel::TunnelConfig, pod_network_mtu: u16) -> u16 {
+    let configured = u16::try_from(tunnel.mtu()).unwrap_or(u16::MAX);
+    configured
+        .min(pod_network_mtu.saturating_sub(tunnel_overhead(tunnel)))
+        .clamp(1280, 9000)
+}
+
 /// The MTU `mtu: auto` gives a client's gateway interface: what fits both into the exit's tunnel
 /// and, wrapped in VXLAN, into the pod network between the client's node and the exit.
 pub fn auto_mtu(tunnel_mtu: u16, pod_network_mtu: u16, pod_network_is_ipv6: bool) -> u16 {
@@ -284,27 +304,58 @@ mod tests {
 
     #[test]
     fn auto_mtu_per_tunnel_kind_from_the_servers_configuration() {
-        use crate::tunnel::{openvpn::OpenVpnConfig, wireguard::DEFAULT_MTU};
+        use crate::tunnel::{TunnelConfig, openvpn::OpenVpnConfig, wireguard::WireguardConfig};
         let ovpn = |extra: &str| {
             let text = format!("client\ndev tun\nremote 192.0.2.2 1194\n{extra}");
-            let mtu = OpenVpnConfig::from_ovpn(&text, None, "ck0").unwrap().mtu;
-            u16::try_from(mtu).unwrap()
+            TunnelConfig::OpenVpn(OpenVpnConfig::from_ovpn(&text, None, "ck0").unwrap())
         };
-        // The table: the tunnel's MTU when its configuration names none, and what a client gets
-        // over a 1500-byte pod network (VXLAN takes 50).
+        let wg = |extra: &str| {
+            let key = "wOEI9rqqbDwnN8/Bpp22sVz48T71vJ4fYmFWujulwUU=";
+            let text = format!(
+                "[Interface]\nPrivateKey = {key}\nAddress = 10.64.0.2/32\n{extra}\n[Peer]\nPublicKey = {key}\nEndpoint = 192.0.2.1:51820\nAllowedIPs = 0.0.0.0/0\n"
+            );
+            TunnelConfig::WireGuard(WireguardConfig::from_wg_quick(&text, "ck0").unwrap())
+        };
+        // The table: what each kind's tunnel carries whole (its configured MTU, or its default,
+        // within what the exit's network takes with its overhead), and what a client gets
+        // (VXLAN takes 50 more), over a 1500-byte pod network and a 1450-byte one (flannel).
         let table = [
             (
-                "WireGuard (wg-quick's default)",
-                u16::try_from(DEFAULT_MTU).unwrap(),
-                1420,
+                "WireGuard (wg-quick's default 1420)",
+                wg(""),
+                [1420, 1420],
+                [1370, 1370],
             ),
-            ("OpenVPN (tun-mtu's default)", ovpn(""), 1450),
-            ("OpenVPN with tun-mtu 1400", ovpn("tun-mtu 1400\n"), 1400),
+            (
+                "WireGuard with MTU 1280",
+                wg("MTU = 1280"),
+                [1280, 1280],
+                [1280, 1280],
+            ),
+            (
+                "OpenVPN (tun-mtu's default 1500)",
+                ovpn(""),
+                [1428, 1428],
+                [1378, 1378],
+            ),
+            (
+                "OpenVPN with tun-mtu 1400",
+                ovpn("tun-mtu 1400\n"),
+                [1400, 1400],
+                [1378, 1378],
+            ),
         ];
-        for (kind, tunnel, client) in table {
-            assert_eq!(auto_mtu(tunnel, 1500, false), client, "{kind}");
+        for (kind, tunnel, at_1500, at_1450) in table {
+            for (pod_network, [fit, client]) in [(1500, at_1500), (1450, at_1450)] {
+                let carried = tunnel_fit(&tunnel, pod_network);
+                assert_eq!(carried, fit, "{kind} over {pod_network}");
+                assert_eq!(
+                    auto_mtu(carried, pod_network, false),
+                    client,
+                    "{kind} over {pod_network}"
+                );
+            }
         }
-        assert_eq!(ovpn(""), 1500);
     }
 
     #[test]

@@ -442,8 +442,17 @@ pub async fn run(
                             .retry_at
                             .is_none_or(|at| tokio::time::Instant::now() >= at)
                 };
-                if daemon.seen(round).await || due {
+                let (changed, turned) = daemon.seen(round).await;
+                if changed || due {
                     daemon.reconcile().await;
+                }
+                // Told after the failover, never in its way: the API server may be slow.
+                for (vni, up) in turned {
+                    let daemon = daemon.clone();
+                    tokio::spawn(async move {
+                        let told = daemon.tell_failover(vni, up);
+                        let _ = tokio::time::timeout(Duration::from_secs(10), told).await;
+                    });
                 }
             }
         }
@@ -665,8 +674,9 @@ impl Daemon {
     }
 
     /// Takes in one probe round; true when an exit changed between up and down, began or
-    /// stopped draining, or began or stopped carrying IPv6.
-    async fn seen(&self, round: BTreeMap<u32, Answer>) -> bool {
+    /// stopped draining, or began or stopped carrying IPv6; and the exits that stopped or
+    /// started answering (by VNI, whether up now), to be told in Events.
+    async fn seen(&self, round: BTreeMap<u32, Answer>) -> (bool, Vec<(u32, bool)>) {
         let mut state = self.state.lock().await;
         let limit = self.options.probe_misses.max(1);
         let mut changed = false;
@@ -700,11 +710,7 @@ impl Daemon {
                 }
             }
         }
-        drop(state);
-        for (vni, up) in turned {
-            self.tell_failover(vni, up).await;
-        }
-        changed
+        (changed, turned)
     }
 
     /// An Event on the gateway of the exit `vni` when this node's probes saw it stop (or start

@@ -251,6 +251,8 @@ async fn apply(gateway: &VpnGateway, ctx: &Context) -> Result<Action> {
 
     // `auto`: what fits the smallest of the exits' tunnels (each pod says its server's) and,
     // wrapped in VXLAN, the pod network.
+    // Read from pods a tenant may edit: never outside `spec.mtu`'s range. With no pod to ask
+    // (all moving), the last figure stands.
     let tunnel_mtu = found
         .values()
         .filter_map(|f| f.pod.as_ref())
@@ -260,7 +262,9 @@ async fn apply(gateway: &VpnGateway, ctx: &Context) -> Result<Action> {
                 .parse::<u16>()
                 .ok()
         })
+        .map(|m| m.clamp(Mtu::MIN, Mtu::MAX))
         .min()
+        .or_else(|| gateway.status.as_ref().and_then(|s| s.mtu))
         .unwrap_or(TUNNEL_MTU);
     let pod_network_mtu = ctx.config.pod_network_mtu;
     let mtu = match gateway.spec.mtu {
@@ -376,8 +380,9 @@ async fn apply(gateway: &VpnGateway, ctx: &Context) -> Result<Action> {
             // An exit whose node has not been Ready for `moveAfter` moves too, even while its pod
             // is Terminating (evicted from a node whose kubelet cannot confirm it): the pod goes
             // from the API at once, so the same exit (its name, its mask, the one slot the mask
-            // holds) starts elsewhere. A kubelet that comes back stops the old pod; a second
-            // WireGuard connection with the same key takes the first's place at the server.
+            // holds) starts elsewhere. A kubelet that comes back stops the old pod; until then a
+            // node only cut off from the API may still run it, and two connections with one
+            // key take the server's peer from each other (a provider may refuse the second).
             let lost = match view.node.as_deref() {
                 Some(node) => Api::<Node>::all(ctx.client.clone())
                     .get_opt(node)
@@ -654,12 +659,13 @@ async fn cluster_intranet(ctx: &Context) -> Result<Vec<ipnet::IpNet>> {
         Err(e) => return Err(e.into()),
     };
     let configured: Vec<ipnet::IpNet> = ctx.config.intranet.iter().map(|c| c.get()).collect();
-    Ok(gateway::cluster_intranet(
-        &configured,
-        &pod_cidrs,
-        &service_cidrs,
-        &addresses,
-    ))
+    let derived = gateway::cluster_intranet(&configured, &pod_cidrs, &service_cidrs, &addresses);
+    // A Node object that claims everything (a pod CIDR of /0) must not turn every gateway off.
+    if let Some(why) = gateway::intranet_refusal(&derived) {
+        tracing::warn!(%why, "the cluster's derived intranet is refused; the configured one stands");
+        return Ok(configured);
+    }
+    Ok(derived)
 }
 
 fn drain_grace(gateway: &VpnGateway) -> Duration {
@@ -857,7 +863,7 @@ async fn exit_pod(
         secret: &held.secret,
         server: &server.name,
         keys: pool.copy_keys(server, &keys),
-        tunnel_mtu: server.tunnel.mtu(),
+        tunnel_mtu: gateway::tunnel_fit(&server.tunnel, ctx.config.pod_network_mtu),
         owner: OwnerReference {
             block_owner_deletion: Some(true),
             ..mask_ref
