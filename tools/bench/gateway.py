@@ -485,7 +485,8 @@ def bench_failover(lab, drills):
     quiet = json.loads(subprocess.run(["nsenter", "-t", pid, "-n", sys.executable, HERE, "flows",
                                        "10", "0.3"], capture_output=True, text=True).stdout)
     print(f"  no fault: {sum(1 for f in quiet if not f['ok'])} of {len(quiet)} new flows failed in 10 s")
-    for kind in ["link gone", "pod deleted", "provider blackholed"]:
+    kinds = os.environ.get("BENCH_KINDS", "link gone,pod deleted,provider blackholed")
+    for kind in kinds.split(","):
         results = [drill(lab, "bench", kind) for _ in range(drills)]
         clean = sum(1 for r in results if r[0] == 0.0)
         rec = [r[0] for r in results if r[0] is not None]
