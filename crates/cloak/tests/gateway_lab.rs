@@ -648,16 +648,7 @@ fn a_plain_pod_with_net_raw_puts_no_frame_into_any_exit_from_its_own_address_or_
         .map(|exit| {
             let address = str_at(exit, "/podIp");
             let vni = u32::try_from(exit["vni"].as_u64().unwrap()).unwrap();
-            let exit_pod = lab.json(&[
-                "-n",
-                DEMO_NAMESPACE,
-                "get",
-                "pod",
-                "-l",
-                &format!("cloak.dev/exit={}", str_at(exit, "/name")),
-            ]);
-            let exit_pod = &exit_pod["items"][0];
-            let inside = pod_netns(&str_at(exit_pod, "/metadata/uid"));
+            let inside = pod_netns(&str_at(&exit_pod(lab, exit), "/metadata/uid"));
             let out = std::process::Command::new("nsenter")
                 .arg(format!("--net={inside}"))
                 .args(["ip", "-o", "link", "show", "dev", "ckx0"])
@@ -748,18 +739,7 @@ fn a_plain_pod_with_net_raw_puts_no_frame_into_any_exit_from_its_own_address_or_
 /// The capabilities in effect of the exit agent (`cloak`) of the pod with this UID, from its
 /// `/proc/<pid>/status`.
 fn agent_capabilities(uid: &str) -> u64 {
-    let underscored = uid.replace('-', "_");
-    let pid = std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(Result::ok)
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .find(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
-                .is_ok_and(|c| c.contains(uid) || c.contains(&underscored))
-                && std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                    .is_ok_and(|c| c.trim() == "cloak")
-        })
-        .unwrap_or_else(|| panic!("no agent process in pod {uid}"));
+    let pid = pod_process(uid, Some("cloak"));
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let hex = status
         .lines()
@@ -825,15 +805,7 @@ fn exits_run_unprivileged_with_a_few_capabilities_and_tell_their_status_only_to_
     }
     delete_client(lab, "gw-admin");
     for exit in &exits {
-        let pods = lab.json(&[
-            "-n",
-            DEMO_NAMESPACE,
-            "get",
-            "pod",
-            "-l",
-            &format!("cloak.dev/exit={}", str_at(exit, "/name")),
-        ]);
-        let pod = &pods["items"][0];
+        let pod = &exit_pod(lab, exit);
         let security = &pod["spec"]["containers"][0]["securityContext"];
         assert_ne!(security["privileged"], true, "{security}");
         assert_eq!(
@@ -893,15 +865,7 @@ fn a_client_pings_the_internet_at_its_gateways_mtu_with_dont_fragment_and_one_by
     );
     // Each exit's end of the links has the pod network's MTU less VXLAN's 50 bytes.
     for exit in gw["status"]["exits"].as_array().unwrap() {
-        let pods = lab.json(&[
-            "-n",
-            DEMO_NAMESPACE,
-            "get",
-            "pod",
-            "-l",
-            &format!("cloak.dev/exit={}", str_at(exit, "/name")),
-        ]);
-        let inside = pod_netns(&str_at(&pods["items"][0], "/metadata/uid"));
+        let inside = pod_netns(&str_at(&exit_pod(lab, exit), "/metadata/uid"));
         let link = std::process::Command::new("nsenter")
             .arg(format!("--net={inside}"))
             .args(["ip", "-o", "link", "show", "dev", "ckx0"])

@@ -748,17 +748,9 @@ impl Daemon {
                 ),
             )
         };
-        let event = Event {
-            type_,
-            reason: reason.into(),
-            note: Some(note),
-            action: "Failover".into(),
-            secondary: None,
-        };
         let reference = kube::Resource::object_ref(gateway, &());
-        if let Err(e) = self.recorder.publish(&event, &reference).await {
-            tracing::warn!(error = %e, reason, "publishing an event failed");
-        }
+        self.publish_to(&reference, type_, reason, "Failover", note)
+            .await;
     }
 
     /// Recomputes the node's plan from the clients, the gateways and the probes, and applies it
@@ -1512,6 +1504,21 @@ impl Daemon {
         true
     }
 
+    /// [`Daemon::cut_off`], and a `CutOff` Event on the pod saying why once it holds.
+    async fn cut_off_and_tell(
+        &self,
+        id: &str,
+        sandbox: &Sandbox,
+        pod: &Pod,
+        intranet: Vec<IpNet>,
+        why: &str,
+    ) {
+        if self.cut_off(id, sandbox, intranet, why).await {
+            let note = format!("{why}; it is cut off from the internet until it can be attached");
+            self.publish(pod, EventType::Warning, "CutOff", note).await;
+        }
+    }
+
     /// Takes cloak out of the sandbox's namespace (table, interface, routes): a cut is lifted, a
     /// detached client freed. A failure leaves it recorded as cut off, to be tried again. True
     /// when it is out.
@@ -1667,20 +1674,14 @@ impl Daemon {
                             let why = format!(
                                 "gateway {gateway} selects this pod, which could not be attached: {e}"
                             );
-                            if self
-                                .cut_off(&id, &sandbox, self.cut_intranet(Some(g)), &why)
-                                .await
-                            {
-                                self.publish(
-                                    pod,
-                                    EventType::Warning,
-                                    "CutOff",
-                                    format!(
-                                        "{why}; it is cut off from the internet until it can be"
-                                    ),
-                                )
-                                .await;
-                            }
+                            self.cut_off_and_tell(
+                                &id,
+                                &sandbox,
+                                pod,
+                                self.cut_intranet(Some(g)),
+                                &why,
+                            )
+                            .await;
                         }
                     }
                 }
@@ -1691,20 +1692,8 @@ impl Daemon {
                 }
                 Step::CutOff { why, .. } => {
                     // An attached pod keeps its attachment until the cut has replaced it.
-                    if self
-                        .cut_off(&id, &sandbox, self.cut_intranet(None), &why)
-                        .await
-                    {
-                        self.publish(
-                            pod,
-                            EventType::Warning,
-                            "CutOff",
-                            format!(
-                                "{why}; it is cut off from the internet until it can be attached"
-                            ),
-                        )
+                    self.cut_off_and_tell(&id, &sandbox, pod, self.cut_intranet(None), &why)
                         .await;
-                    }
                 }
                 Step::Lift => {
                     if self.lift(&id, &sandbox).await {
@@ -1826,15 +1815,28 @@ impl Daemon {
 
     /// An Event about `pod` from this node's daemon.
     async fn publish(&self, pod: &Pod, type_: EventType, reason: &str, note: String) {
+        let reference = kube::Resource::object_ref(pod, &());
+        self.publish_to(&reference, type_, reason, "Attach", note)
+            .await;
+    }
+
+    /// An Event about the object at `reference` from this node's daemon.
+    async fn publish_to(
+        &self,
+        reference: &k8s_openapi::api::core::v1::ObjectReference,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
         let event = Event {
             type_,
             reason: reason.into(),
             note: Some(note),
-            action: "Attach".into(),
+            action: action.into(),
             secondary: None,
         };
-        let reference = kube::Resource::object_ref(pod, &());
-        if let Err(e) = self.recorder.publish(&event, &reference).await {
+        if let Err(e) = self.recorder.publish(&event, reference).await {
             tracing::warn!(error = %e, reason, "publishing an event failed");
         }
     }

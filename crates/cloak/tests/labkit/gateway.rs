@@ -135,17 +135,38 @@ pub(crate) fn running_plain_pod_on(lab: &TestLab, name: &str, node: &str) -> Val
 /// The network namespace of the pod with uid `uid`, as a path: that of a process in its cgroup
 /// (the kubelet names a pod's cgroup after its uid, with `_` for `-` under systemd).
 pub(crate) fn pod_netns(uid: &str) -> String {
+    format!("/proc/{}/ns/net", pod_process(uid, None))
+}
+
+/// A process of the pod with this UID (by its cgroup), the one named `comm` if given.
+pub(crate) fn pod_process(uid: &str, comm: Option<&str>) -> u32 {
     let underscored = uid.replace('-', "_");
-    let pid = std::fs::read_dir("/proc")
+    std::fs::read_dir("/proc")
         .unwrap()
         .filter_map(Result::ok)
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
         .find(|pid| {
             std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
                 .is_ok_and(|c| c.contains(uid) || c.contains(&underscored))
+                && comm.is_none_or(|want| {
+                    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                        .is_ok_and(|c| c.trim() == want)
+                })
         })
-        .unwrap_or_else(|| panic!("no process of pod {uid}"));
-    format!("/proc/{pid}/ns/net")
+        .unwrap_or_else(|| panic!("no process {comm:?} of pod {uid}"))
+}
+
+/// The pod of a gateway's exit as its status lists it.
+pub(crate) fn exit_pod(lab: &TestLab, exit: &Value) -> Value {
+    let pods = lab.json(&[
+        "-n",
+        DEMO_NAMESPACE,
+        "get",
+        "pod",
+        "-l",
+        &format!("cloak.dev/exit={}", str_at(exit, "/name")),
+    ]);
+    pods["items"][0].clone()
 }
 
 pub(crate) fn delete_client(lab: &TestLab, name: &str) {

@@ -391,47 +391,30 @@ async fn apply(gateway: &VpnGateway, ctx: &Context) -> Result<Action> {
                     .map(|down| (node.to_owned(), down)),
                 None => None,
             };
-            if let Some((node, lost_for)) = lost.as_ref().filter(|(_, d)| *d >= move_after) {
-                let from = pod
-                    .annotations()
-                    .get(exit::ANNOTATION_SERVER)
-                    .cloned()
-                    .unwrap_or_else(|| "its server".into());
-                let why = format!(
-                    "its node {node} has not been ready for {}s",
-                    lost_for.as_secs()
-                );
-                publish(
-                    ctx,
-                    gateway,
-                    EventType::Warning,
-                    "ExitReplaced",
-                    format!("exit {exit_name} moves from {from} to its pool's next server: {why}"),
-                )
-                .await;
-                let record = format!("{now} from {from}: {why}");
-                masks
-                    .patch(
-                        exit_name,
-                        &PatchParams::default(),
-                        &Patch::Merge(serde_json::json!({"metadata": {"annotations": {
-                            exit::ANNOTATION_LAST_MOVE: record.clone()}}})),
-                    )
-                    .await?;
-                moves.insert(exit_name.clone(), record);
-                let now_please = DeleteParams {
-                    grace_period_seconds: Some(0),
-                    ..DeleteParams::background()
-                };
-                pods.delete(exit_name, &now_please).await?;
-                continue;
-            }
-            if let Some((_, lost_for)) = lost {
-                next_check =
-                    next_check.min(move_after.saturating_sub(lost_for) + Duration::from_secs(1));
-            }
             let asked = pod.annotations().contains_key(exit::ANNOTATION_MOVE);
-            if let Some(why) = exit::move_reason(&view, asked, down, move_after) {
+            // Off a lost node the pod goes from the API at once (its kubelet cannot confirm);
+            // otherwise it drains as any deleted exit does.
+            let moving =
+                if let Some((node, lost_for)) = lost.as_ref().filter(|(_, d)| *d >= move_after) {
+                    Some((
+                        format!(
+                            "its node {node} has not been ready for {}s",
+                            lost_for.as_secs()
+                        ),
+                        DeleteParams {
+                            grace_period_seconds: Some(0),
+                            ..DeleteParams::background()
+                        },
+                    ))
+                } else {
+                    if let Some((_, lost_for)) = lost {
+                        next_check = next_check
+                            .min(move_after.saturating_sub(lost_for) + Duration::from_secs(1));
+                    }
+                    exit::move_reason(&view, asked, down, move_after)
+                        .map(|why| (why, DeleteParams::background()))
+                };
+            if let Some((why, how)) = moving {
                 let from = pod
                     .annotations()
                     .get(exit::ANNOTATION_SERVER)
@@ -457,7 +440,7 @@ async fn apply(gateway: &VpnGateway, ctx: &Context) -> Result<Action> {
                     )
                     .await?;
                 moves.insert(exit_name.clone(), record);
-                pods.delete(exit_name, &DeleteParams::background()).await?;
+                pods.delete(exit_name, &how).await?;
             } else if let Some(down) = down.filter(|_| !view.ready) {
                 // Looked at again when it would be due to move.
                 next_check =
