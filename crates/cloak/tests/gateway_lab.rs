@@ -648,7 +648,8 @@ fn a_plain_pod_with_net_raw_puts_no_frame_into_any_exit_from_its_own_address_or_
         .map(|exit| {
             let address = str_at(exit, "/podIp");
             let vni = u32::try_from(exit["vni"].as_u64().unwrap()).unwrap();
-            let inside = pod_netns(&str_at(&exit_pod(lab, exit), "/metadata/uid"));
+            let pod = exit_pod(lab, exit);
+            let inside = pod_netns(&str_at(&pod, "/metadata/uid"));
             let out = std::process::Command::new("nsenter")
                 .arg(format!("--net={inside}"))
                 .args(["ip", "-o", "link", "show", "dev", "ckx0"])
@@ -673,7 +674,7 @@ fn a_plain_pod_with_net_raw_puts_no_frame_into_any_exit_from_its_own_address_or_
             (
                 address.parse().unwrap(),
                 frame,
-                str_at(exit_pod, "/spec/nodeName"),
+                str_at(&pod, "/spec/nodeName"),
             )
         })
         .collect();
