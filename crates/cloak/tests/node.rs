@@ -207,6 +207,19 @@ impl Rig {
 
     /// [`Rig::cni`] for a pod of namespace `ns`.
     fn cni_in(&self, ns: &str, command: &str, pod: &str, container: &str) -> Result<Value, String> {
+        let netns = format!("/var/run/netns/{}", self.net["app"].name());
+        self.cni_at(ns, &netns, command, pod, container)
+    }
+
+    /// [`Rig::cni_in`] for a sandbox whose namespace is at `netns`.
+    fn cni_at(
+        &self,
+        ns: &str,
+        netns: &str,
+        command: &str,
+        pod: &str,
+        container: &str,
+    ) -> Result<Value, String> {
         let list: Value = serde_json::from_str(&self.conflist()).unwrap();
         let mut plugins: Vec<Value> = list["plugins"].as_array().unwrap().clone();
         if command == "DEL" {
@@ -225,7 +238,7 @@ impl Rig {
                 .command(self.dir.join("bin").join(&kind).to_str().unwrap())
                 .env("CNI_COMMAND", command)
                 .env("CNI_CONTAINERID", container)
-                .env("CNI_NETNS", format!("/var/run/netns/{}", self.net["app"].name()))
+                .env("CNI_NETNS", netns)
                 .env("CNI_IFNAME", "eth0")
                 .env("CNI_PATH", self.dir.join("bin"))
                 .env(
@@ -619,6 +632,35 @@ async fn client_ipv6_goes_only_to_the_exits_that_answer_as_carrying_it_and_is_re
         0,
         "client traffic left by the node's uplink"
     );
+}
+
+#[tokio::test]
+async fn a_deleted_clients_flows_leave_the_nodes_conntrack_while_another_client_keeps_the_gateway()
+{
+    let rig = Rig::new("node-forget").await;
+    rig.pod("app", json!({"cloak.dev/gateway": "egress"})).await;
+    rig.pod("stays", json!({"cloak.dev/gateway": "egress"}))
+        .await;
+    let other = cloak_testkit::netns::Netns::new("stays");
+    rig.cni("ADD", "app", "c0ffee0020").unwrap();
+    let other_path = format!("/var/run/netns/{}", other.name());
+    rig.cni_at(rig.ns.name(), &other_path, "ADD", "stays", "c0ffee0021")
+        .unwrap_or_else(|e| panic!("the second client: {e}\n{}", rig.daemon_log()));
+    // The first client (198.18.0.2) makes flows through the exits.
+    let seen = spread(&rig.net["app"], 10);
+    assert!(!seen.is_empty());
+    let flows_of = || rig.net["node"].run(&["conntrack", "-L", "-f", "ipv4", "-s", "198.18.0.2"]);
+    assert!(flows_of().contains("198.18.0.2"), "the client made no flow");
+    // Deleted while the other keeps the gateway's links (and their marks): its flows go too,
+    // or a client given its address later would find them.
+    rig.cni("DEL", "app", "c0ffee0020").unwrap();
+    let left = flows_of();
+    assert!(
+        !left.contains("198.18.0.2"),
+        "the deleted client's flows stayed: {left}"
+    );
+    rig.cni_at(rig.ns.name(), &other_path, "DEL", "stays", "c0ffee0021")
+        .unwrap();
 }
 
 #[tokio::test]

@@ -294,6 +294,15 @@ const PROBE_ROUND_FLOOR: Duration = Duration::from_millis(100);
 /// The longest wait before a failed apply is tried again.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
+/// Takes a client's end off the node: its veth, and the node's flows from its address (a
+/// client given that address later must not find them, marks and all).
+fn remove_client_end(iface: &str, address: Ipv4Addr) -> Result<(), String> {
+    remove_client(iface).map_err(|e| e.to_string())?;
+    cloak_dataplane::gateway::forget_client_flows(address)
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
 /// Moves the calling thread into the network namespace at `path` (no-op for None).
 fn enter(path: Option<&PathBuf>) -> std::io::Result<()> {
     if let Some(path) = path {
@@ -1453,9 +1462,13 @@ impl Daemon {
         };
         self.save(&state);
         drop(state);
-        let iface = client.iface.clone();
-        if let Err(e) = self.kernel.run(move || remove_client(&iface)).await {
-            tracing::warn!(error = %e, iface = %client.iface, "removing a client's interface");
+        let (iface, address) = (client.iface.clone(), client.address);
+        if let Err(e) = self
+            .kernel
+            .run(move || remove_client_end(&iface, address))
+            .await
+        {
+            tracing::warn!(error = %e, iface = %client.iface, "removing a client's end on the node");
         }
         tracing::info!(pod = %format!("{}/{}", client.pod_namespace, client.pod_name), "client released");
         let _ = self.reconcile().await;
@@ -1572,8 +1585,11 @@ impl Daemon {
         self.save(&state);
         drop(state);
         if let Some(client) = client {
-            let iface = client.iface.clone();
-            let _ = self.kernel.run(move || remove_client(&iface)).await;
+            let (iface, address) = (client.iface.clone(), client.address);
+            let _ = self
+                .kernel
+                .run(move || remove_client_end(&iface, address))
+                .await;
             tracing::info!(pod = %format!("{}/{}", client.pod_namespace, client.pod_name), "a client's sandbox is gone: forgotten");
             let _ = self.reconcile().await;
         }
@@ -1859,9 +1875,13 @@ impl Daemon {
         };
         self.save(&state);
         drop(state);
-        let iface = client.iface.clone();
-        if let Err(e) = self.kernel.run(move || remove_client(&iface)).await {
-            tracing::warn!(error = %e, iface = %client.iface, "removing a client's interface");
+        let (iface, address) = (client.iface.clone(), client.address);
+        if let Err(e) = self
+            .kernel
+            .run(move || remove_client_end(&iface, address))
+            .await
+        {
+            tracing::warn!(error = %e, iface = %client.iface, "removing a client's end on the node");
         }
         tracing::info!(pod = %format!("{}/{}", client.pod_namespace, client.pod_name), "client detached");
         let _ = self.reconcile().await;

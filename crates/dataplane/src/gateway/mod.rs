@@ -54,7 +54,9 @@ mod node;
 pub use client::ClientPlan;
 pub use exit::{DRAINING_DSCP, ExitPlan, IPV6_DSCP, prepare_exit_namespace};
 pub use flows::{FlowWatch, list_flows};
-pub use node::{ClientPort, ExitLink, ExitUse, NodePlan, link_mac, reset_flows};
+pub use node::{
+    ClientPort, ExitLink, ExitUse, NodePlan, forget_client_flows, link_mac, reset_flows,
+};
 
 /// The client's interface to the node, inside the client's namespace.
 pub const CLIENT_IFACE: &str = "ckg0";

@@ -473,9 +473,26 @@ fn route_clients(clients: &[ClientPort], ipv6: bool) -> Result<(), Error> {
 }
 
 fn delete_flows(mark: u32) -> Result<u32, Error> {
+    delete_conntrack(&["-D", "--mark", &mark.to_string()])
+}
+
+/// Deletes the node's flows of a client that went (its address and its IPv6 twin): a client
+/// given the same address later must not find them, marks and all.
+pub fn forget_client_flows(address: Ipv4Addr) -> Result<u32, Error> {
+    let v4 = delete_conntrack(&["-D", "-f", "ipv4", "-s", &address.to_string()])?;
+    let v6 = if has_ipv6() {
+        delete_conntrack(&["-D", "-f", "ipv6", "-s", &twin(address).to_string()])?
+    } else {
+        0
+    };
+    Ok(v4 + v6)
+}
+
+/// Runs `conntrack` with `args` (a deletion); how many entries it deleted.
+fn delete_conntrack(args: &[&str]) -> Result<u32, Error> {
     // `conntrack -D` exits 1 when nothing matched; its stderr then says "0 flow entries".
     let out = std::process::Command::new("conntrack")
-        .args(["-D", "--mark", &mark.to_string()])
+        .args(args)
         .output()
         .map_err(Error::io("conntrack -D"))?;
     let text = String::from_utf8_lossy(&out.stderr);
@@ -484,7 +501,7 @@ fn delete_flows(mark: u32) -> Result<u32, Error> {
         .find(|(_, next)| *next == "flow")
         .and_then(|(n, _)| n.parse().ok())
         .ok_or_else(|| Error::Command {
-            command: "conntrack -D --mark".into(),
+            command: format!("conntrack {}", args.join(" ")),
             stderr: text.trim().to_owned(),
         })
 }
