@@ -323,6 +323,26 @@ impl Rig {
             .collect()
     }
 
+    /// Waits (up to 10 s) until the Events on `about` include every one of `reasons`.
+    async fn until_events(&self, about: &str, reasons: &[&str]) {
+        let start = Instant::now();
+        loop {
+            let seen = self.event_reasons(about).await;
+            let missing: Vec<&&str> = reasons
+                .iter()
+                .filter(|want| !seen.iter().any(|r| r == *want))
+                .collect();
+            if missing.is_empty() {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "no {missing:?} Event on {about}: {seen:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// How many namespaces the daemon holds open: its descriptors on the namespace filesystem
     /// (their link text is no help: a handle opened through the plugin's descriptor names a
     /// path of the plugin's mount namespace).
@@ -476,21 +496,8 @@ async fn a_labelled_pod_is_attached_at_sandbox_creation_and_its_flows_spread_ove
     until_new_flows_use(&rig.net, &exit_public(1), "the exit that came back");
     drop(held);
     // The node said so on the gateway, both ways: no pod's readiness shows this failover.
-    let start = Instant::now();
-    loop {
-        let reasons = rig.event_reasons("egress").await;
-        if ["ExitUnanswered", "ExitAnswers"]
-            .iter()
-            .all(|want| reasons.iter().any(|r| r == want))
-        {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "the node's failover Events: {reasons:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    rig.until_events("egress", &["ExitUnanswered", "ExitAnswers"])
+        .await;
 
     // DEL removes the attachment and leaves nothing on the node.
     rig.cni("DEL", "app", "c0ffee0001").unwrap();
@@ -773,22 +780,8 @@ async fn a_running_pod_is_attached_detached_and_cut_off_as_its_labels_change_and
     own_network("the cut lifted");
 
     // Each change was told on the pod (the last Event may land just after the kernel work).
-    let start = Instant::now();
-    loop {
-        let reasons = rig.event_reasons("late").await;
-        let missing: Vec<&str> = ["Attached", "CutOff", "Detached"]
-            .into_iter()
-            .filter(|want| !reasons.iter().any(|r| r == want))
-            .collect();
-        if missing.is_empty() {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "no {missing:?} Event: {reasons:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    rig.until_events("late", &["Attached", "CutOff", "Detached"])
+        .await;
 
     // DEL forgets the sandbox and lets its namespace go (the daemon held it open).
     let held = rig.held_namespaces();

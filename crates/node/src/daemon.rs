@@ -1004,16 +1004,11 @@ impl Daemon {
     /// Then records the host side of its `eth0` and its address, read in the sandbox's own
     /// namespace ([`SandboxPort`]); a failure there is logged: the guard then looks the port up
     /// in the bridge's tables.
-    async fn prepare_exit(&self, request: &Request) -> Result<(), String> {
-        let Some(netns) = request.netns.clone() else {
-            return Ok(());
-        };
+    async fn prepare_exit(&self, request: &Request, netns: std::fs::File) -> Result<(), String> {
         let read = self
             .kernel
             .run(
                 move || -> Result<Result<(String, Option<Ipv4Addr>), String>, String> {
-                    let netns = std::fs::File::open(&netns)
-                        .map_err(|e| format!("opening the exit's namespace {netns}: {e}"))?;
                     let (index, address) = match in_sandbox(netns, || {
                         cloak_dataplane::gateway::prepare_exit_namespace()
                             .map_err(|e| format!("preparing the exit's namespace: {e}"))?;
@@ -1232,15 +1227,18 @@ impl Daemon {
             .get(&request.pod_name)
             .await
             .map_err(|e| format!("reading the pod: {e}"))?;
-        if pod.labels().contains_key(cloak_model::exit::LABEL_EXIT) {
-            self.prepare_exit(request).await?;
-        }
         let netns = request
             .netns
             .as_deref()
             .ok_or_else(|| "ADD without a network namespace".to_owned())?;
         let held = std::fs::File::open(netns)
             .map_err(|e| format!("opening the sandbox's namespace {netns}: {e}"))?;
+        if pod.labels().contains_key(cloak_model::exit::LABEL_EXIT) {
+            let handle = held
+                .try_clone()
+                .map_err(|e| format!("the sandbox's namespace: {e}"))?;
+            self.prepare_exit(request, handle).await?;
+        }
         let id = request.container_id.clone();
         let sandbox = Sandbox {
             namespace: request.pod_namespace.clone(),
@@ -1576,23 +1574,15 @@ impl Daemon {
     /// switch would hold.
     async fn forget(&self, id: &str) {
         let mut state = self.state.lock().await;
-        state.sandboxes.remove(id);
-        state.cut_off.remove(id);
-        let client = state.clients.remove(id);
+        let sandbox = state.sandboxes.remove(id).is_some();
         if let Ok(mut all) = self.netns.lock() {
             all.remove(id);
         }
-        self.save(&state);
-        drop(state);
-        if let Some(client) = client {
-            let (iface, address) = (client.iface.clone(), client.address);
-            let _ = self
-                .kernel
-                .run(move || remove_client_end(&iface, address))
-                .await;
-            tracing::info!(pod = %format!("{}/{}", client.pod_namespace, client.pod_name), "a client's sandbox is gone: forgotten");
-            let _ = self.reconcile().await;
+        if state.cut_off.remove(id).is_some() || sandbox {
+            self.save(&state);
         }
+        drop(state);
+        self.release(id).await;
     }
 
     /// Forgets every sandbox of the pod `uid` but `id`.
@@ -1857,34 +1847,17 @@ impl Daemon {
         }
     }
 
+    /// The plugin's DEL: the sandbox's recorded exit port, then the sandbox itself
+    /// ([`Daemon::forget`]).
     async fn del(&self, request: &Request) {
-        let mut state = self.state.lock().await;
-        if state.ports.remove(&request.container_id).is_some() {
-            state.guarded = None;
-            self.save(&state);
-        }
-        let sandbox = state.sandboxes.remove(&request.container_id).is_some();
-        if let Ok(mut all) = self.netns.lock() {
-            all.remove(&request.container_id);
-        }
-        if state.cut_off.remove(&request.container_id).is_some() || sandbox {
-            self.save(&state);
-        }
-        let Some(client) = state.clients.remove(&request.container_id) else {
-            return;
-        };
-        self.save(&state);
-        drop(state);
-        let (iface, address) = (client.iface.clone(), client.address);
-        if let Err(e) = self
-            .kernel
-            .run(move || remove_client_end(&iface, address))
-            .await
         {
-            tracing::warn!(error = %e, iface = %client.iface, "removing a client's end on the node");
+            let mut state = self.state.lock().await;
+            if state.ports.remove(&request.container_id).is_some() {
+                state.guarded = None;
+                self.save(&state);
+            }
         }
-        tracing::info!(pod = %format!("{}/{}", client.pod_namespace, client.pod_name), "client detached");
-        let _ = self.reconcile().await;
+        self.forget(&request.container_id).await;
     }
 }
 

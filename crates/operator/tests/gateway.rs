@@ -138,9 +138,20 @@ async fn setup(test: &str, max_slots: u32) -> (Client, TestNamespace) {
 }
 
 async fn gateway(client: &Client, ns: &str, name: &str, count: u32) {
+    gateway_with(
+        client,
+        ns,
+        name,
+        json!({"count": count, "providers": ["nl"]}),
+    )
+    .await;
+}
+
+/// Creates gateway `name` whose `spec.exits` is `exits`.
+async fn gateway_with(client: &Client, ns: &str, name: &str, exits: serde_json::Value) {
     let gateway: VpnGateway = serde_json::from_value(json!({
         "apiVersion": "cloak.dev/v1alpha1", "kind": "VpnGateway", "metadata": {"name": name},
-        "spec": {"exits": {"count": count, "providers": ["nl"]}},
+        "spec": {"exits": exits},
     }))
     .unwrap();
     Api::<VpnGateway>::namespaced(client.clone(), ns)
@@ -483,15 +494,13 @@ async fn two_gateways_never_share_a_vni_and_scaling_down_removes_the_last_exits(
 async fn an_exit_whose_tunnel_does_not_connect_or_that_a_user_moves_goes_to_the_next_server_and_says_why()
  {
     let (client, ns) = setup("gw-move", 1).await;
-    let gateway: VpnGateway = serde_json::from_value(json!({
-        "apiVersion": "cloak.dev/v1alpha1", "kind": "VpnGateway", "metadata": {"name": "egress"},
-        "spec": {"exits": {"count": 1, "providers": ["nl"], "moveAfter": "3s"}},
-    }))
-    .unwrap();
-    Api::<VpnGateway>::namespaced(client.clone(), ns.name())
-        .create(&PostParams::default(), &gateway)
-        .await
-        .unwrap();
+    gateway_with(
+        &client,
+        ns.name(),
+        "egress",
+        json!({"count": 1, "providers": ["nl"], "moveAfter": "3s"}),
+    )
+    .await;
     let exit0 = "egress-exit-0";
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns.name());
     let first = until(&client, ns.name(), "egress", "the exit's pod", |_, pods| {
@@ -803,15 +812,13 @@ async fn an_exit_whose_node_stays_not_ready_starts_elsewhere_on_the_slot_its_mas
         )
         .await
         .unwrap();
-    let gateway: VpnGateway = serde_json::from_value(json!({
-        "apiVersion": "cloak.dev/v1alpha1", "kind": "VpnGateway", "metadata": {"name": "egress"},
-        "spec": {"exits": {"count": 1, "providers": ["nl"], "moveAfter": "3s"}},
-    }))
-    .unwrap();
-    Api::<VpnGateway>::namespaced(client.clone(), ns.name())
-        .create(&PostParams::default(), &gateway)
-        .await
-        .unwrap();
+    gateway_with(
+        &client,
+        ns.name(),
+        "egress",
+        json!({"count": 1, "providers": ["nl"], "moveAfter": "3s"}),
+    )
+    .await;
     let exit0 = "egress-exit-0";
     let first = until(&client, ns.name(), "egress", "the exit's pod", |_, pods| {
         pods.iter().find(|p| p.name_any() == exit0).cloned()
