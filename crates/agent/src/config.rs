@@ -80,6 +80,11 @@ pub struct ExitRole {
     /// bytes. Default: the kernel's for a VXLAN device (1500), which fragments outer packets.
     #[serde(default)]
     pub link_mtu: Option<u16>,
+    /// The MTU this exit's own encrypted packets have room for, when its tunnel runs through
+    /// another gateway (a chain's hop): the tunnel's MTU is lowered to fit it, less the tunnel
+    /// kind's overhead, so no hop fragments. Default: the credentials' MTU stands.
+    #[serde(default)]
+    pub underlay_mtu: Option<u16>,
     /// This pod's own address, the far end of the nodes' links. Default: `$POD_IP` (the
     /// operator sets it from the downward API).
     #[serde(default)]
@@ -296,6 +301,9 @@ impl Resolved {
             wg.peer
                 .persistent_keepalive
                 .get_or_insert(DEFAULT_KEEPALIVE);
+        }
+        if let Some(underlay) = config.exit.as_ref().and_then(|e| e.underlay_mtu) {
+            tunnel.cap_mtu(u32::from(cloak_model::gateway::tunnel_fit(&tunnel, underlay)));
         }
         let dns = config.dns.or_else(|| tunnel.dns().first().copied());
         let probe = config

@@ -133,6 +133,15 @@ pub struct ExitsSpec {
     /// site bans its address. Default 2m.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub move_after: Option<GoDuration>,
+
+    /// A gateway of this namespace whose client every exit is: the exits' own tunnels then run
+    /// through that gateway's exits, one encryption inside the other (each hop of a VpnChain
+    /// names the hop before it). While that gateway has no healthy exit, these exits do not
+    /// move: a dead outer hop makes every inner one look dead. Absent: the exits reach their
+    /// servers over the pod network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub through: Option<String>,
 }
 
 /// Which pods a gateway serves, besides those labelled `cloak.dev/gateway: <name>`.
@@ -399,6 +408,14 @@ pub struct ExitStatus {
     /// not connected for 2m`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_move: Option<String>,
+    /// How many times the exit has moved to another server since it was made.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub moves: u32,
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+fn is_zero(value: &u32) -> bool {
+    *value == 0
 }
 
 // The health of an exit. (A `//` comment: a type's doc would replace the field's own in the

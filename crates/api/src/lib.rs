@@ -4,11 +4,13 @@
 //! validates with, and small value types that cannot hold an invalid value ([`GoDuration`]).
 //! It makes no client calls and holds no controller logic; both live above it.
 
+mod chain;
 mod duration;
 mod gateway;
 mod mask;
 mod provider;
 
+pub use chain::{CHAIN_LABEL, HopSpec, HopStatus, VpnChain, VpnChainSpec, VpnChainStatus};
 pub use duration::{DurationError, GoDuration};
 pub use gateway::{
     Cidr, CidrError, ClientsSpec, DnsSpec, ExitHealth, ExitStatus, ExitsSpec, GATEWAY_LABEL, Mtu,
@@ -32,7 +34,12 @@ pub const CATEGORY: &str = "cloak";
 
 /// Every CRD cloak defines, in a stable order (the order `cloak crds` prints them in).
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![VpnProvider::crd(), VpnMask::crd(), VpnGateway::crd()]
+    vec![
+        VpnProvider::crd(),
+        VpnMask::crd(),
+        VpnGateway::crd(),
+        VpnChain::crd(),
+    ]
 }
 
 /// The schema of a free-form object whose fields the API server keeps as given

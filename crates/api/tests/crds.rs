@@ -55,6 +55,7 @@ async fn generated_crds_are_established_with_structural_schemas() {
         "vpnproviders.cloak.dev",
         "vpnmasks.cloak.dev",
         "vpngateways.cloak.dev",
+        "vpnchains.cloak.dev",
     ] {
         let conditions = api
             .get(name)

@@ -62,6 +62,7 @@ impl Gateway {
             intranet: vec!["10.244.0.0/16".parse().unwrap()],
             mtu: 1400,
             unprotected: false,
+            own_tunnel: None,
         };
         inside(&net["client"], move || client.apply()).unwrap();
 

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use cloak_api::{GATEWAY_LABEL, VpnGateway};
+use cloak_api::{CHAIN_LABEL, GATEWAY_LABEL, VpnGateway};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
 /// What a pod is to the gateways.
@@ -18,28 +18,52 @@ pub enum Choice {
     Missing(String),
 }
 
-/// The gateway a pod in `namespace` with `labels` belongs to. The `cloak.dev/gateway` label
-/// decides when present; otherwise the first gateway (by name) of the namespace whose
-/// `clients.podSelector` matches. Exits (`cloak.dev/exit-of`) are never clients.
+/// The label cloak puts on a chain's last hop (a VpnGateway): the chain's name. A pod labelled
+/// `cloak.dev/chain: <chain>` is that gateway's client.
+pub const LAST_HOP_LABEL: &str = "cloak.dev/last-hop-of";
+
+/// The gateway a pod in `namespace` with `labels` belongs to.
+///
+/// - An exit (`cloak.dev/exit-of: <gateway>`) is a client only of the gateway its own gateway's
+///   `exits.through` names (a chain's hop, through the hop before it): never by its labels.
+/// - Otherwise the `cloak.dev/gateway` label decides when present, then the
+///   `cloak.dev/chain` label (the gateway of the chain's last hop), then the first gateway (by
+///   name) of the namespace whose `clients.podSelector` matches.
 pub fn choose<'a>(
     namespace: &str,
     labels: &BTreeMap<String, String>,
     gateways: impl IntoIterator<Item = &'a VpnGateway>,
 ) -> Choice {
-    if labels.contains_key(crate::exit::LABEL_GATEWAY) {
-        return Choice::None;
-    }
     let mut here: Vec<&VpnGateway> = gateways
         .into_iter()
         .filter(|g| g.metadata.namespace.as_deref() == Some(namespace))
         .collect();
     here.sort_by_key(|g| name_of(g));
-    if let Some(name) = labels.get(GATEWAY_LABEL) {
-        return if here.iter().any(|g| name_of(g) == name) {
-            Choice::Gateway(name.clone())
+    let named = |name: &str| {
+        if here.iter().any(|g| name_of(g) == name) {
+            Choice::Gateway(name.to_owned())
         } else {
-            Choice::Missing(name.clone())
-        };
+            Choice::Missing(name.to_owned())
+        }
+    };
+    if let Some(own) = labels.get(crate::exit::LABEL_GATEWAY) {
+        return here
+            .iter()
+            .find(|g| name_of(g) == own)
+            .and_then(|g| g.spec.exits.through.as_deref())
+            .map_or(Choice::None, named);
+    }
+    if let Some(name) = labels.get(GATEWAY_LABEL) {
+        return named(name);
+    }
+    if let Some(chain) = labels.get(CHAIN_LABEL) {
+        return here
+            .iter()
+            .find(|g| g.metadata.labels.as_ref().and_then(|l| l.get(LAST_HOP_LABEL)) == Some(chain))
+            .map_or_else(
+                || Choice::Missing(format!("the last hop of chain {chain}")),
+                |g| Choice::Gateway(name_of(g).to_owned()),
+            );
     }
     here.iter()
         .find(|g| {
@@ -132,6 +156,54 @@ mod tests {
         assert_eq!(
             choose(&[("app", "torrent"), ("cloak.dev/exit-of", "b")]),
             Choice::None
+        );
+        assert_eq!(
+            choose(&[("cloak.dev/gateway", "a"), ("cloak.dev/exit-of", "b")]),
+            Choice::None,
+            "an exit is never a client by its labels"
+        );
+    }
+
+    #[test]
+    fn a_hops_exits_are_clients_of_the_hop_before_and_a_chains_clients_of_its_last_hop() {
+        let hop = |name: &str, through: Option<&str>, last_of: Option<&str>| -> VpnGateway {
+            serde_json::from_value(json!({
+                "apiVersion": "cloak.dev/v1alpha1", "kind": "VpnGateway",
+                "metadata": {"name": name, "namespace": "apps",
+                    "labels": last_of.map(|c| json!({LAST_HOP_LABEL: c})).unwrap_or(json!({}))},
+                "spec": {"exits": {"count": 1, "through": through}},
+            }))
+            .unwrap()
+        };
+        let gateways = vec![
+            hop("c-hop-1", None, None),
+            hop("c-hop-2", Some("c-hop-1"), None),
+            hop("c-hop-3", Some("c-hop-2"), Some("c")),
+            hop("loose", Some("gone"), None),
+        ];
+        let choose = |l: &[(&str, &str)]| choose("apps", &labels(l), &gateways);
+        assert_eq!(choose(&[("cloak.dev/exit-of", "c-hop-1")]), Choice::None);
+        assert_eq!(
+            choose(&[("cloak.dev/exit-of", "c-hop-3"), ("cloak.dev/chain", "x")]),
+            Choice::Gateway("c-hop-2".into())
+        );
+        assert_eq!(
+            choose(&[("cloak.dev/exit-of", "loose")]),
+            Choice::Missing("gone".into()),
+            "an exit whose hop before is missing must not start outside it"
+        );
+        assert_eq!(
+            choose(&[("cloak.dev/chain", "c")]),
+            Choice::Gateway("c-hop-3".into())
+        );
+        assert_eq!(
+            choose(&[("cloak.dev/chain", "d")]),
+            Choice::Missing("the last hop of chain d".into())
+        );
+        assert_eq!(
+            choose(&[("cloak.dev/chain", "c"), ("cloak.dev/gateway", "c-hop-1")]),
+            Choice::Gateway("c-hop-1".into()),
+            "the gateway label first"
         );
     }
 }

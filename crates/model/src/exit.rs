@@ -120,6 +120,10 @@ pub struct ExitAgent<'a> {
     pub drain_grace: std::time::Duration,
     /// The MTU of the exit's end of the links: the pod network's less VXLAN's overhead.
     pub link_mtu: u16,
+    /// The MTU the exit's own encrypted packets have room for, when its tunnel runs through
+    /// another gateway (a chain's hop: that gateway's client MTU). The agent fits its tunnel
+    /// into it, less its kind's overhead. `None`: the pod network, which the credentials fit.
+    pub underlay_mtu: Option<u16>,
 }
 
 /// `spec.exits.drainGrace` when absent.
@@ -147,6 +151,9 @@ pub fn agent_config(exit: &ExitAgent<'_>) -> String {
     });
     if !exit.cluster_domains.is_empty() {
         role["clusterDomains"] = json!(exit.cluster_domains);
+    }
+    if let Some(mtu) = exit.underlay_mtu {
+        role["underlayMtu"] = json!(mtu);
     }
     let mut config = json!({
         "credentials": CREDENTIALS_DIR,
@@ -353,6 +360,8 @@ pub const ANNOTATION_MOVE: &str = "cloak.dev/move";
 /// The annotation on an exit's mask that records its last move (when, from which server, why),
 /// written by the operator alone and shown in the gateway's status.
 pub const ANNOTATION_LAST_MOVE: &str = "cloak.dev/last-move";
+/// How many times the exit has moved, on its VpnMask.
+pub const ANNOTATION_MOVES: &str = "cloak.dev/moves";
 /// How long an exit's tunnel may go without connecting before it moves, unless its gateway says
 /// (`spec.exits.moveAfter`).
 pub const MOVE_AFTER: std::time::Duration = std::time::Duration::from_mins(2);
@@ -627,6 +636,7 @@ mod tests {
             upstream: None,
             drain_grace: DEFAULT_DRAIN_GRACE,
             link_mtu: 1450,
+            underlay_mtu: None,
         });
         let v: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(
@@ -647,6 +657,7 @@ mod tests {
             upstream: Some("9.9.9.9".parse().unwrap()),
             drain_grace: std::time::Duration::ZERO,
             link_mtu: 1450,
+            underlay_mtu: None,
         });
         let v: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(v["exit"]["clusterDomains"], json!(domains));

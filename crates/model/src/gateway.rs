@@ -120,14 +120,19 @@ pub fn tunnel_overhead(tunnel: &crate::tunnel::TunnelConfig) -> u16 {
     }
 }
 
-/// The largest packet a server's tunnel carries whole from an exit whose own network has
-/// `pod_network_mtu`: its configured MTU (or its kind's default), and no more than fits that
-/// network with the tunnel's overhead. Within 1280 and 9000, as `spec.mtu`.
-pub fn tunnel_fit(tunnel: &crate::tunnel::TunnelConfig, pod_network_mtu: u16) -> u16 {
+/// The smallest MTU a link is given: IPv4's minimum. A link under 1280 bytes (a deep chain's)
+/// carries IPv4 alone.
+pub const MIN_LINK_MTU: u16 = 576;
+
+/// The largest packet a server's tunnel carries whole from an exit whose own network (the pod
+/// network, or the hop before it for a chain's hop) has `underlay_mtu`: its configured MTU (or
+/// its kind's default), and no more than fits that network with the tunnel's overhead. Within
+/// [`MIN_LINK_MTU`] and 9000.
+pub fn tunnel_fit(tunnel: &crate::tunnel::TunnelConfig, underlay_mtu: u16) -> u16 {
     let configured = u16::try_from(tunnel.mtu()).unwrap_or(u16::MAX);
     configured
-        .min(pod_network_mtu.saturating_sub(tunnel_overhead(tunnel)))
-        .clamp(1280, 9000)
+        .min(underlay_mtu.saturating_sub(tunnel_overhead(tunnel)))
+        .clamp(MIN_LINK_MTU, 9000)
 }
 
 /// The MTU `mtu: auto` gives a client's gateway interface: what fits both into the exit's tunnel

@@ -19,6 +19,7 @@
 //! - [`merge`]: JSON merge patch (RFC 7386), used for overrides.
 //! - [`portfwd`]: Service annotations and Nodes to the host port-forwarding nftables ruleset.
 
+pub mod chain;
 pub mod clients;
 pub mod credentials;
 pub mod exit;

@@ -1260,7 +1260,7 @@ impl Daemon {
         match self.want(&request.pod_namespace, &pod) {
             Want::NotClient => Ok(()),
             Want::Refused(why) => Err(why),
-            Want::Client(gateway) => self.attach(&id, &sandbox, &gateway).await,
+            Want::Client(gateway) => self.attach(&id, &sandbox, &gateway, own_tunnel(&pod)).await,
         }
     }
 
@@ -1287,7 +1287,7 @@ impl Daemon {
                 }
             }
             Choice::Missing(name) => Want::Refused(format!(
-                "the pod asks for gateway {name}, which does not exist in {namespace}"
+                "the pod's gateway ({name}) does not exist in {namespace}"
             )),
             Choice::Gateway(name) => gateways
                 .iter()
@@ -1307,6 +1307,7 @@ impl Daemon {
         id: &str,
         sandbox: &Sandbox,
         gateway: &VpnGateway,
+        own_tunnel: Option<String>,
     ) -> Result<(), String> {
         if let Some(clash) = self.transit_clash() {
             return Err(clash);
@@ -1341,6 +1342,7 @@ impl Daemon {
             intranet,
             mtu,
             unprotected: !gateway.spec.kill_switch,
+            own_tunnel,
         };
         let host_iface = iface.clone();
         self.kernel
@@ -1670,7 +1672,7 @@ impl Daemon {
                         // Its kill switch holds until the new attachment replaces it.
                         self.release(&id).await;
                     }
-                    match self.attach(&id, &sandbox, g).await {
+                    match self.attach(&id, &sandbox, g, own_tunnel(pod)).await {
                         Ok(()) => {
                             self.publish(pod, EventType::Normal, "Attached", format!(
                                 "attached to gateway {gateway} while running: its internet traffic now leaves only through the gateway's exits"
@@ -1966,6 +1968,14 @@ pub fn transit_for(node_ip: Ipv4Addr) -> Ipv4Addr {
     }
 }
 
+/// The tunnel interface of a pod that is an exit (a chain's hop, the client of the hop before
+/// it): its own kill switch rules what leaves by it. `None` for any other pod.
+fn own_tunnel(pod: &Pod) -> Option<String> {
+    pod.labels()
+        .contains_key(cloak_model::exit::LABEL_GATEWAY)
+        .then(|| cloak_model::tunnel::DEFAULT_INTERFACE.to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2071,3 +2081,4 @@ mod tests {
         );
     }
 }
+

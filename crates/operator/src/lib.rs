@@ -379,6 +379,7 @@ pub async fn run(
         stop_rx.clone(),
     );
     let gateways = controllers::gateway::run(ctx.clone(), stop_rx.clone());
+    let chains = controllers::chain::run(ctx.clone(), stop_rx.clone());
     let lost = async {
         match leadership.as_mut() {
             Some(l) => l.lost().await,
@@ -389,7 +390,7 @@ pub async fn run(
         () = stopped => {},
         () = feed => {},
         () = readiness => {},
-        () = async { tokio::join!(masks, providers, gateways); } => {},
+        () = async { tokio::join!(masks, providers, gateways, chains); } => {},
         reason = lost => {
             metrics.leader.set(0);
             return Err(Error::LeadershipLost(reason));

@@ -77,6 +77,7 @@ pub(crate) fn exit_role() -> crate::config::ExitRole {
         vni: 4096,
         mss: 1380,
         link_mtu: None,
+        underlay_mtu: None,
         local: Some("10.244.1.7".parse().unwrap()),
         ping: None,
         ping_interval: Duration::from_millis(100),

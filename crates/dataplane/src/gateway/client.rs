@@ -14,6 +14,10 @@ pub struct ClientPlan {
     /// Let internet traffic out through the pod network when the node has no exit for it
     /// (`killSwitch: false`). Off by default.
     pub unprotected: bool,
+    /// The pod's own tunnel, when the pod is an exit whose tunnel runs through this gateway (a
+    /// chain's hop): what it sends into that tunnel leaves by it (the exit's own kill switch
+    /// rules that interface), and its DNS into it stays there instead of going to the node.
+    pub own_tunnel: Option<String>,
 }
 
 impl ClientPlan {
@@ -77,13 +81,17 @@ impl ClientPlan {
         } else {
             "reject with icmpx admin-prohibited"
         };
+        let own = self
+            .own_tunnel
+            .as_ref()
+            .map_or_else(String::new, |t| format!(", \"{t}\""));
         // IPv6 DNS has no forwarder to go to: refused at once, so a resolver library moves on
         // to the next server instead of waiting.
         let dns_v6 = if self.unprotected {
             String::new()
         } else {
             format!(
-                "\t\toifname != \"lo\" meta nfproto ipv6 {DNS} reject with icmpx admin-prohibited\n"
+                "\t\toifname != {{ \"lo\"{own} }} meta nfproto ipv6 {DNS} reject with icmpx admin-prohibited\n"
             )
         };
         let dns_refused = if self.unprotected {
@@ -95,6 +103,10 @@ impl ClientPlan {
                 "\t\tip daddr {EXIT_ADDRESS} {DNS} accept\n\t\t{DNS} reject with icmpx admin-prohibited\n"
             )
         };
+        let keep_own_dns = self
+            .own_tunnel
+            .as_ref()
+            .map_or_else(String::new, |t| format!("\t\toifname \"{t}\" accept\n"));
         // Every DNS query goes to the exits' forwarders over the node (which hashes it to a
         // healthy exit like any flow), whatever resolver it was sent to: cluster names are
         // answered by the cluster DNS from there, every other name through a tunnel. The source
@@ -108,6 +120,7 @@ impl ClientPlan {
              table inet {CLIENT_TABLE} {{\n\
              \tchain dns {{\n\
              \t\ttype nat hook output priority -100; policy accept;\n\
+             {keep_own_dns}\
              \t\tip daddr != 127.0.0.0/8 {DNS} dnat ip to {EXIT_ADDRESS}\n\
              \t}}\n\
              \tchain source {{\n\
@@ -118,7 +131,7 @@ impl ClientPlan {
              \tchain output {{\n\
              \t\ttype filter hook output priority filter; policy accept;\n\
              {dns_v6}\
-             \t\toifname {{ \"lo\", \"{CLIENT_IFACE}\" }} accept\n\
+             \t\toifname {{ \"lo\", \"{CLIENT_IFACE}\"{own} }} accept\n\
              {dns_refused}\
              {rules}\
              \t\ticmpv6 type {{ nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert, mld2-listener-report }} accept\n\
@@ -137,6 +150,7 @@ impl ClientPlan {
             intranet: intranet.to_vec(),
             mtu: 0,
             unprotected: false,
+            own_tunnel: None,
         };
         run("nft", &["-f", "-"], Some(plan.render().as_bytes())).map(drop)
     }

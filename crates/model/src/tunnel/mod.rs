@@ -134,6 +134,16 @@ impl TunnelConfig {
         }
     }
 
+    /// Lowers the tunnel interface's MTU to `most` when it is above it (a chain's hop: what
+    /// fits through the hop before it).
+    pub fn cap_mtu(&mut self, most: u32) {
+        let mtu = match self {
+            Self::WireGuard(c) => &mut c.mtu,
+            Self::OpenVpn(c) => &mut c.mtu,
+        };
+        *mtu = (*mtu).min(most);
+    }
+
     /// DNS servers the credentials name (wg-quick `DNS =`), if any.
     pub fn dns(&self) -> &[IpAddr] {
         match self {

@@ -212,6 +212,11 @@ async fn apply(gateway: &VpnGateway, ctx: &Context) -> Result<Action> {
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let mine = ListParams::default().labels(&format!("{}={name}", exit::LABEL_GATEWAY));
     let count = gateway.spec.exits.count.get();
+    // A chain's hop: its exits are clients of the gateway before it.
+    let upstream = match gateway.spec.exits.through.as_deref() {
+        Some(through) => Some(Upstream::read(gateway, through, ctx).await?),
+        None => None,
+    };
     let wanted: Vec<String> = (0..count).map(|i| gateway::exit_name(&name, i)).collect();
 
     // Scale-down: exits past the count go (each pod first, then its slot).
@@ -262,7 +267,7 @@ async fn apply(gateway: &VpnGateway, ctx: &Context) -> Result<Action> {
                 .parse::<u16>()
                 .ok()
         })
-        .map(|m| m.clamp(Mtu::MIN, Mtu::MAX))
+        .map(|m| m.clamp(gateway::MIN_LINK_MTU, Mtu::MAX))
         .min()
         .or_else(|| gateway.status.as_ref().and_then(|s| s.mtu))
         .unwrap_or(TUNNEL_MTU);
@@ -296,6 +301,7 @@ async fn apply(gateway: &VpnGateway, ctx: &Context) -> Result<Action> {
                 .and_then(exit::drain_grace_of)
                 .unwrap_or(drain_grace),
             link_mtu,
+            underlay_mtu: upstream.as_ref().and_then(|u| u.mtu),
         });
         Some((exit_name.clone(), config))
     });
@@ -367,6 +373,17 @@ async fn apply(gateway: &VpnGateway, ctx: &Context) -> Result<Action> {
                 .creation_timestamp
                 .as_ref()
                 .map_or(i64::MIN, |t| t.0.as_second());
+            // Behind a gateway that carries nothing (a chain's dead outer hop), no exit is judged:
+            // its tunnel cannot connect, whatever its server. Once that gateway is healthy
+            // again, the clock starts then.
+            let upstream_since = match &upstream {
+                Some(u) if !u.healthy => {
+                    next_check = next_check.min(UPSTREAM_WAIT);
+                    i64::MAX
+                }
+                Some(u) => u.healthy_since.unwrap_or(i64::MIN),
+                None => i64::MIN,
+            };
             let down = previous
                 .exits
                 .iter()
@@ -374,7 +391,8 @@ async fn apply(gateway: &VpnGateway, ctx: &Context) -> Result<Action> {
                 .filter(|e| matches!(e.health, ExitHealth::Connecting | ExitHealth::Unhealthy))
                 .and_then(|e| e.since.as_ref())
                 .and_then(|since| {
-                    u64::try_from(now.as_second() - since.0.as_second().max(created)).ok()
+                    let from = since.0.as_second().max(created).max(upstream_since);
+                    u64::try_from(now.as_second().checked_sub(from)?).ok()
                 })
                 .map(Duration::from_secs);
             // An exit whose node has not been Ready for `moveAfter` moves too, even while its pod
@@ -429,14 +447,16 @@ async fn apply(gateway: &VpnGateway, ctx: &Context) -> Result<Action> {
                 )
                 .await;
                 let record = format!("{now} from {from}: {why}");
+                let moved = moves_of(&f.mask).saturating_add(1);
                 // Kept on the mask, read fresh each reconcile: a status written from a cached
                 // gateway of before the move must not lose it.
-                masks
+                f.mask = masks
                     .patch(
                         exit_name,
                         &PatchParams::default(),
                         &Patch::Merge(serde_json::json!({"metadata": {"annotations": {
-                            exit::ANNOTATION_LAST_MOVE: record.clone()}}})),
+                            exit::ANNOTATION_LAST_MOVE: record.clone(),
+                            exit::ANNOTATION_MOVES: moved.to_string()}}})),
                     )
                     .await?;
                 moves.insert(exit_name.clone(), record);
@@ -448,12 +468,33 @@ async fn apply(gateway: &VpnGateway, ctx: &Context) -> Result<Action> {
             }
             continue;
         }
+        // A chain's hop starts once the hop before it has said what fits through it.
+        let underlay = match &upstream {
+            Some(u) => match u.mtu {
+                Some(mtu) => mtu,
+                None => {
+                    next_check = next_check.min(UPSTREAM_WAIT);
+                    continue;
+                }
+            },
+            None => ctx.config.pod_network_mtu,
+        };
         let siblings: Vec<&str> = servers_in_use
             .iter()
             .filter(|(provider, _)| *provider == held.uid)
             .map(|(_, server)| server.as_str())
             .collect();
-        if let Some(pod) = exit_pod(gateway, exit_name, &f.mask, &held, &siblings, ctx).await? {
+        let chosen = exit_pod(
+            gateway,
+            exit_name,
+            &f.mask,
+            &held,
+            &siblings,
+            underlay,
+            ctx,
+        )
+        .await?;
+        if let Some(pod) = chosen {
             if let Some(server) = pod.annotations().get(exit::ANNOTATION_SERVER) {
                 servers_in_use.push((held.uid.clone(), server.clone()));
             }
@@ -513,6 +554,7 @@ async fn apply(gateway: &VpnGateway, ctx: &Context) -> Result<Action> {
                     .get(exit::ANNOTATION_LAST_MOVE)
                     .cloned()
             }),
+            moves: moves_of(&f.mask),
         });
     }
     let healthy = u32::try_from(
@@ -808,6 +850,7 @@ async fn exit_pod(
     mask: &VpnMask,
     held: &cloak_api::AssignedProvider,
     siblings: &[&str],
+    underlay_mtu: u16,
     ctx: &Context,
 ) -> Result<Option<Pod>> {
     let ns = gateway.namespace().unwrap_or_default();
@@ -846,7 +889,7 @@ async fn exit_pod(
         secret: &held.secret,
         server: &server.name,
         keys: pool.copy_keys(server, &keys),
-        tunnel_mtu: gateway::tunnel_fit(&server.tunnel, ctx.config.pod_network_mtu),
+        tunnel_mtu: gateway::tunnel_fit(&server.tunnel, underlay_mtu),
         owner: OwnerReference {
             block_owner_deletion: Some(true),
             ..mask_ref
@@ -864,6 +907,64 @@ async fn exit_pod(
         .await?;
     tracing::info!(gateway = %gateway.name_any(), exit = exit_name, server = %server.name, "exit pod created");
     Ok(Some(created))
+}
+
+/// How many times an exit has moved (its mask's record).
+fn moves_of(mask: &VpnMask) -> u32 {
+    mask.annotations()
+        .get(exit::ANNOTATION_MOVES)
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(0)
+}
+
+/// How often a chain's hop looks again at the hop before it while that one carries nothing or
+/// has not said its MTU.
+const UPSTREAM_WAIT: Duration = Duration::from_secs(5);
+
+/// The gateway a gateway's exits run through (`spec.exits.through`), as far as they need it.
+struct Upstream {
+    /// Its clients' MTU: what the exits' own tunnels must fit. `None` until it says.
+    mtu: Option<u16>,
+    /// Whether it carries traffic now.
+    healthy: bool,
+    /// Since when (its `Ready` condition's transition), in seconds.
+    healthy_since: Option<i64>,
+}
+
+impl Upstream {
+    /// Reads gateway `through` of `gateway`'s namespace. A `through` that leads back to
+    /// `gateway` is refused: its exits would wait on themselves forever.
+    async fn read(gateway: &VpnGateway, through: &str, ctx: &Context) -> Result<Self> {
+        let ns = gateway.namespace().unwrap_or_default();
+        let name = gateway.name_any();
+        let api = Api::<DeserializeGuard<VpnGateway>>::namespaced(ctx.client.clone(), &ns);
+        let mut next = Some(through.to_owned());
+        let mut first: Option<VpnGateway> = None;
+        // A chain is at most 8 hops; 16 steps tell a loop from any chain.
+        for _ in 0..16 {
+            let Some(step) = next.take() else { break };
+            if step == name {
+                return Err(Error::Invalid(format!(
+                    "gateway {name}: spec.exits.through leads back to itself (through {through})"
+                )));
+            }
+            let Some(found) = api.get_opt(&step).await?.and_then(|g| g.0.ok()) else {
+                break;
+            };
+            next.clone_from(&found.spec.exits.through);
+            first.get_or_insert(found);
+        }
+        let status = first.and_then(|g| g.status).unwrap_or_default();
+        let ready = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Ready" && c.status == "True");
+        Ok(Self {
+            mtu: status.mtu,
+            healthy: status.healthy_exits > 0,
+            healthy_since: ready.map(|c| c.last_transition_time.0.as_second()),
+        })
+    }
 }
 
 /// An Event when an exit stops carrying flows or starts again, naming it and the reason.

@@ -1,6 +1,7 @@
 //! The controllers and what they share: reconcile requests derived from slot leases, pods and
 //! Secrets, Events, and the reconcile wrapper that records metrics.
 
+pub(crate) mod chain;
 pub(crate) mod gateway;
 pub(crate) mod leasing;
 pub(crate) mod mask;
