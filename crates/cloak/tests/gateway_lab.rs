@@ -9,6 +9,9 @@
 
 mod labkit;
 
+#[path = "gateway_lab/chain.rs"]
+mod chain;
+
 use labkit as lab;
 
 use std::time::Duration;

@@ -50,8 +50,12 @@ pub struct Provider {
     pub kind: TunnelKind,
     /// 1-based; picks its addresses.
     pub index: u8,
-    /// How many servers its pool has.
+    /// How many servers it has.
     pub servers: u8,
+    /// The first of the servers kept for the chains (`<name>-chain`, `examples/lab/60-chain.yaml`):
+    /// server 1 is the masks', the ones before this the gateway's (`<name>-pool`), so no two
+    /// users of one account key ever share a server.
+    pub chain_from: u8,
     /// Whether its tunnels carry IPv6 (its clients get an IPv6 address and route).
     pub ipv6: bool,
 }
@@ -117,21 +121,24 @@ pub const PROVIDERS: [Provider; 3] = [
         name: "wg-alpha",
         kind: TunnelKind::Wireguard,
         index: 1,
-        servers: 3,
+        servers: 5,
+        chain_from: 4,
         ipv6: true,
     },
     Provider {
         name: "wg-beta",
         kind: TunnelKind::Wireguard,
         index: 2,
-        servers: 3,
+        servers: 5,
+        chain_from: 4,
         ipv6: true,
     },
     Provider {
         name: "ovpn-gamma",
         kind: TunnelKind::OpenVpn,
         index: 3,
-        servers: 2,
+        servers: 4,
+        chain_from: 3,
         ipv6: false,
     },
 ];
@@ -249,7 +256,8 @@ mod tests {
         let mut seen = std::collections::BTreeSet::new();
         for p in PROVIDERS {
             assert!(seen.insert(p.exit()), "{}", p.exit());
-            assert!(p.servers >= 2, "{} needs a pool", p.name);
+            assert!(p.chain_from > 2, "{} needs a pool for the gateway", p.name);
+            assert!(p.servers > p.chain_from, "{} needs a pool for the chains", p.name);
             for k in 1..=p.servers {
                 assert!(seen.insert(p.server(k)), "{}", p.server(k));
                 assert!(seen.insert(p.tunnel_prefix(k)), "{}", p.tunnel_prefix(k));

@@ -592,7 +592,8 @@ fn portfwd(lab: &Lab, options: &UpOptions, procs: &mut Procs) -> Result<()> {
 }
 
 /// The fake providers' Secrets (their keys are made fresh per lab): `<provider>-credentials`
-/// with server 1, `<provider>-pool` with the others. Then `examples/lab`.
+/// with server 1, `<provider>-pool` with the gateway's, `<provider>-chain` with the chains'. Then
+/// `examples/lab`.
 fn examples(lab: &Lab, options: &UpOptions) -> Result<()> {
     let mut secrets = String::new();
     for p in &layout::PROVIDERS {
@@ -607,17 +608,23 @@ fn examples(lab: &Lab, options: &UpOptions) -> Result<()> {
             "---\napiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}-credentials\n  namespace: {DEMO_NAMESPACE}\n  labels: {{app.kubernetes.io/part-of: cloak-lab}}\nstringData:\n  {key}: {value}\n",
             name = p.name
         );
-        // The rest of the pool, for the gateway's exits (`examples/lab/50-gateway.yaml`): one
-        // file a server, so that exits never share a server with the masks of server 1.
-        let _ = write!(
-            secrets,
-            "---\napiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}-pool\n  namespace: {DEMO_NAMESPACE}\n  labels: {{app.kubernetes.io/part-of: cloak-lab}}\nstringData:\n",
-            name = p.name
-        );
-        for k in 2..=p.servers {
-            let value = serde_json::to_string(&vpn::client_config(lab, p, k)?)
-                .map_err(|e| Error::Other(e.to_string()))?;
-            let _ = writeln!(secrets, "  server-{k}.{ext}: {value}");
+        // The rest, for the gateway's exits (`examples/lab/50-gateway.yaml`) and the chains'
+        // hops (`60-chain.yaml`): one file a server, so that no two users of the provider's one
+        // account key ever share a server.
+        for (pool, servers) in [
+            ("pool", 2..p.chain_from),
+            ("chain", p.chain_from..p.servers + 1),
+        ] {
+            let _ = write!(
+                secrets,
+                "---\napiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}-{pool}\n  namespace: {DEMO_NAMESPACE}\n  labels: {{app.kubernetes.io/part-of: cloak-lab}}\nstringData:\n",
+                name = p.name
+            );
+            for k in servers {
+                let value = serde_json::to_string(&vpn::client_config(lab, p, k)?)
+                    .map_err(|e| Error::Other(e.to_string()))?;
+                let _ = writeln!(secrets, "  server-{k}.{ext}: {value}");
+            }
         }
     }
     kubectl_apply(
