@@ -93,7 +93,10 @@ pub(crate) fn network(lab: &Lab, p: &Provider) -> Result<()> {
     }
     // The userspace servers bind the wildcard address, so a reply's source would be the transit
     // address; each server's port is routed through a table whose default route has that
-    // server's address as the source (route lookups for a socket's packets see its port).
+    // server's address as the source (route lookups for a socket's packets see its port). Only
+    // the servers' own packets (`iif lo`): a client's traffic the provider forwards may come
+    // from another provider's server on the same port (a chain's inner hop), and must go back
+    // into its tunnel.
     if p.kind == TunnelKind::Wireguard {
         for k in 1..=p.servers {
             let table = (100 + u32::from(k)).to_string();
@@ -101,8 +104,8 @@ pub(crate) fn network(lab: &Lab, p: &Provider) -> Result<()> {
             sh::ip(
                 &ns,
                 &[
-                    "rule", "add", "ipproto", "udp", "sport", &port, "table", &table, "pref",
-                    &table,
+                    "rule", "add", "iif", "lo", "ipproto", "udp", "sport", &port, "table",
+                    &table, "pref", &table,
                 ],
             )?;
             sh::ip(

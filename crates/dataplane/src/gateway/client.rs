@@ -15,8 +15,10 @@ pub struct ClientPlan {
     /// (`killSwitch: false`). Off by default.
     pub unprotected: bool,
     /// The pod's own tunnel, when the pod is an exit whose tunnel runs through this gateway (a
-    /// chain's hop): what it sends into that tunnel leaves by it (the exit's own kill switch
-    /// rules that interface), and its DNS into it stays there instead of going to the node.
+    /// chain's hop): what it sends into that tunnel or to its own clients (its end of the links,
+    /// [`EXIT_IFACE`]: probe answers, DNS answers) leaves by them, and its DNS is left as its
+    /// own kill switch has it (its tunnel's resolver, the cluster DNS for cluster names),
+    /// never sent to the node. Its own table rules those interfaces and its DNS.
     pub own_tunnel: Option<String>,
 }
 
@@ -84,17 +86,18 @@ impl ClientPlan {
         let own = self
             .own_tunnel
             .as_ref()
-            .map_or_else(String::new, |t| format!(", \"{t}\""));
+            .map_or_else(String::new, |t| format!(", \"{t}\", \"{EXIT_IFACE}\""));
+        let exit = self.own_tunnel.is_some();
         // IPv6 DNS has no forwarder to go to: refused at once, so a resolver library moves on
         // to the next server instead of waiting.
-        let dns_v6 = if self.unprotected {
+        let dns_v6 = if self.unprotected || exit {
             String::new()
         } else {
             format!(
-                "\t\toifname != {{ \"lo\"{own} }} meta nfproto ipv6 {DNS} reject with icmpx admin-prohibited\n"
+                "\t\toifname != \"lo\" meta nfproto ipv6 {DNS} reject with icmpx admin-prohibited\n"
             )
         };
-        let dns_refused = if self.unprotected {
+        let dns_refused = if self.unprotected || exit {
             String::new()
         } else {
             // The filter hook still sees the interface the query was routed to before the
@@ -103,10 +106,11 @@ impl ClientPlan {
                 "\t\tip daddr {EXIT_ADDRESS} {DNS} accept\n\t\t{DNS} reject with icmpx admin-prohibited\n"
             )
         };
-        let keep_own_dns = self
-            .own_tunnel
-            .as_ref()
-            .map_or_else(String::new, |t| format!("\t\toifname \"{t}\" accept\n"));
+        let redirect = if exit {
+            String::new()
+        } else {
+            format!("\t\tip daddr != 127.0.0.0/8 {DNS} dnat ip to {EXIT_ADDRESS}\n")
+        };
         // Every DNS query goes to the exits' forwarders over the node (which hashes it to a
         // healthy exit like any flow), whatever resolver it was sent to: cluster names are
         // answered by the cluster DNS from there, every other name through a tunnel. The source
@@ -120,8 +124,7 @@ impl ClientPlan {
              table inet {CLIENT_TABLE} {{\n\
              \tchain dns {{\n\
              \t\ttype nat hook output priority -100; policy accept;\n\
-             {keep_own_dns}\
-             \t\tip daddr != 127.0.0.0/8 {DNS} dnat ip to {EXIT_ADDRESS}\n\
+             {redirect}\
              \t}}\n\
              \tchain source {{\n\
              \t\ttype nat hook postrouting priority srcnat; policy accept;\n\

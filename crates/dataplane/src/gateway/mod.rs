@@ -560,28 +560,22 @@ tcp      6 431999 ESTABLISHED src=fd00:10::5 dst=fd00:10::9 sport=9090 dport=500
         let output = rendered.split("chain output").nth(1).unwrap();
         assert!(
             output
-                .find(&format!("oifname != {{ \"lo\" }} meta nfproto ipv6 {DNS} reject"))
+                .find(&format!("oifname != \"lo\" meta nfproto ipv6 {DNS} reject"))
                 .is_some_and(|refused| Some(refused) < output.find("oifname {")),
             "IPv6 DNS is refused before anything but loopback is let out: {rendered}"
         );
         assert!(!rendered.contains("ck0"), "{rendered}");
-        // A chain's hop: what its own tunnel carries leaves by it, DNS included.
+        // A chain's hop: what its own tunnel and its own end of the links carry leaves by them,
+        // and its DNS is its own kill switch's to rule, never redirected to the node.
         client.own_tunnel = Some("ck0".into());
         let hop = client.render();
         let output = hop.split("chain output").nth(1).unwrap();
         assert!(
-            output.contains("oifname { \"lo\", \"ckg0\", \"ck0\" } accept"),
+            output.contains("oifname { \"lo\", \"ckg0\", \"ck0\", \"ckx0\" } accept"),
             "{hop}"
         );
-        assert!(
-            output.contains(&format!("oifname != {{ \"lo\", \"ck0\" }} meta nfproto ipv6 {DNS} reject")),
-            "{hop}"
-        );
-        let dns = hop.split("chain dns").nth(1).unwrap();
-        assert!(
-            dns.find("oifname \"ck0\" accept") < dns.find("dnat"),
-            "its own tunnel's DNS is not sent to the node: {hop}"
-        );
+        assert!(!hop.contains("dnat") && !output.contains(DNS), "{hop}");
+        assert!(output.contains("reject with icmpx admin-prohibited"), "{hop}");
         client.own_tunnel = None;
         client.unprotected = true;
         assert!(!client.render().contains("reject"));

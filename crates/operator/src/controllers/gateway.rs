@@ -468,15 +468,18 @@ async fn apply(gateway: &VpnGateway, ctx: &Context) -> Result<Action> {
             }
             continue;
         }
-        // A chain's hop starts once the hop before it has said what fits through it.
+        // A chain's hop starts once the hop before it carries traffic: its MTU is then what its
+        // own exits' tunnels fit (before, it is a guess), and a tunnel could not connect anyway.
         let underlay = match &upstream {
-            Some(u) => match u.mtu {
-                Some(mtu) => mtu,
-                None => {
-                    next_check = next_check.min(UPSTREAM_WAIT);
-                    continue;
-                }
-            },
+            Some(Upstream {
+                mtu: Some(mtu),
+                healthy: true,
+                ..
+            }) => *mtu,
+            Some(_) => {
+                next_check = next_check.min(UPSTREAM_WAIT);
+                continue;
+            }
             None => ctx.config.pod_network_mtu,
         };
         let siblings: Vec<&str> = servers_in_use
