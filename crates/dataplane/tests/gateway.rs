@@ -38,6 +38,11 @@ impl Gateway {
 
     /// Exits `ipv6` carry IPv6 too.
     fn with_ipv6(ipv6: &[u8]) -> Self {
+        Self::with(ipv6, 1400)
+    }
+
+    /// Exits `ipv6` carry IPv6 too; the client's link has `mtu`.
+    fn with(ipv6: &[u8], mtu: u16) -> Self {
         let net = GatewayNet::new(EXITS);
         for i in 1..=EXITS {
             let plan = ExitPlan {
@@ -54,13 +59,13 @@ impl Gateway {
         }
         let netns = format!("/var/run/netns/{}", net["client"].name());
         inside(&net["node"], move || {
-            ClientPlan::create_veth("ckg1", &netns, 1400)
+            ClientPlan::create_veth("ckg1", &netns, mtu)
         })
         .unwrap();
         let client = ClientPlan {
             address: CLIENT_ADDRESS.parse().unwrap(),
             intranet: vec!["10.244.0.0/16".parse().unwrap()],
-            mtu: 1400,
+            mtu,
             unprotected: false,
             own_tunnel: None,
         };
@@ -130,6 +135,17 @@ fn a_hundred_new_flows_spread_over_three_exits_with_none_below_a_fifth_and_none_
         0,
         "client traffic left by the node's uplink"
     );
+}
+
+#[test]
+fn a_client_link_under_1280_bytes_as_a_deep_chains_is_made_and_carries_ipv4() {
+    // A three-hop chain's clients get 1268 bytes: the kernel keeps no IPv6 on such a link, and
+    // attaching must not ask it for any.
+    let gateway = Gateway::with(&[], 1268);
+    gateway.count_uplink();
+    let seen = spread(&gateway.net["client"], 12);
+    assert_eq!(seen.values().sum::<usize>(), 12, "{seen:?}");
+    assert_eq!(gateway.uplink_packets(), 0);
 }
 
 #[test]

@@ -26,6 +26,7 @@ impl ClientPlan {
     /// Creates the client's veth pair from the node's namespace: `host_iface` stays on the
     /// node, its peer [`CLIENT_IFACE`] goes into the namespace at `netns` (a path).
     pub fn create_veth(host_iface: &str, netns: &str, mtu: u16) -> Result<(), Error> {
+        let bytes = mtu;
         let mtu = mtu.to_string();
         ip(&[
             "link",
@@ -51,7 +52,8 @@ impl ClientPlan {
             host_iface,
         ])?;
         sysctl(&format!("net.ipv4.conf.{host_iface}.rp_filter"), "0")?;
-        if has_ipv6() {
+        // The kernel keeps no IPv6 on a link under 1280 bytes (a deep chain's): IPv4 alone.
+        if has_ipv6() && bytes >= 1280 {
             sysctl(&format!("net.ipv6.conf.{host_iface}.disable_ipv6"), "0")?;
             add_ipv6(&format!("{}/128", twin(CLIENT_GATEWAY)), host_iface)?;
         }
