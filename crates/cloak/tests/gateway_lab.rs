@@ -502,6 +502,8 @@ fn fifty_client_pods_created_and_deleted_leave_nothing_behind_in_the_node_compon
     let lab = lab::shared();
     let _turn = lab::serial();
     healthy_gateway(lab);
+    // The example chain's hops are clients too, each made once the hop before it is up.
+    chain::healthy_chain(lab);
     let nodes: Vec<String> = (1..=2).map(layout::node_name).collect();
     let links = |node: &str| client_links(lab, node);
     let before = settled_client_links(lab, &nodes);

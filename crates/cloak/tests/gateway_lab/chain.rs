@@ -12,7 +12,7 @@ use super::lab::{self, eventually, gateway::*, str_at};
 const CHAIN: &str = "onion";
 
 /// The example chain once every hop carries traffic and the last one's address is known.
-fn healthy_chain(lab: &lab::TestLab) -> Value {
+pub(crate) fn healthy_chain(lab: &lab::TestLab) -> Value {
     eventually(
         "chain onion: every hop healthy",
         Duration::from_mins(5),

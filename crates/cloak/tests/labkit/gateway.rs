@@ -394,6 +394,34 @@ pub(crate) fn recorded_clients(lab: &TestLab, k: u8) -> usize {
             .map_or(0, serde_json::Map::len)
 }
 
+/// Every pod that is some gateway's client: labelled with a gateway or a chain, or the exit of a
+/// chain's hop (the client of the hop before it).
+pub(crate) fn client_pods(lab: &TestLab) -> Vec<Value> {
+    let gateways = lab.json(&["get", "vpngateways", "-A"]);
+    let through: Vec<String> = gateways["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|g| g["spec"]["exits"]["through"].is_string())
+        .map(|g| str_at(g, "/metadata/name"))
+        .collect();
+    let pods = lab.json(&["get", "pods", "-A"]);
+    pods["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| {
+            let labels = &p["metadata"]["labels"];
+            labels["cloak.dev/gateway"].is_string()
+                || labels["cloak.dev/chain"].is_string()
+                || labels["cloak.dev/exit-of"]
+                    .as_str()
+                    .is_some_and(|g| through.iter().any(|t| t == g))
+        })
+        .cloned()
+        .collect()
+}
+
 /// Each node's client links once they match the client pods on it: pods of earlier tests may
 /// still be tearing down (the API server forgets a pod before its sandbox's DEL has run).
 pub(crate) fn settled_client_links(lab: &TestLab, nodes: &[String]) -> Vec<Vec<String>> {
@@ -401,15 +429,12 @@ pub(crate) fn settled_client_links(lab: &TestLab, nodes: &[String]) -> Vec<Vec<S
         "each node's links match its client pods",
         Duration::from_mins(1),
         || {
-            let pods = lab.json(&["get", "pods", "-A", "-l", "cloak.dev/gateway"]);
+            let pods = client_pods(lab);
             let now: Vec<Vec<String>> = nodes.iter().map(|n| client_links(lab, n)).collect();
             let per_node: Vec<usize> = nodes
                 .iter()
                 .map(|n| {
-                    pods["items"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
+                    pods.iter()
                         .filter(|p| str_at(p, "/spec/nodeName") == *n)
                         .count()
                 })
