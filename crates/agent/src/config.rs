@@ -303,7 +303,9 @@ impl Resolved {
                 .get_or_insert(DEFAULT_KEEPALIVE);
         }
         if let Some(underlay) = config.exit.as_ref().and_then(|e| e.underlay_mtu) {
-            tunnel.cap_mtu(u32::from(cloak_model::gateway::tunnel_fit(&tunnel, underlay)));
+            tunnel.cap_mtu(u32::from(cloak_model::gateway::tunnel_fit(
+                &tunnel, underlay,
+            )));
         }
         let dns = config.dns.or_else(|| tunnel.dns().first().copied());
         let probe = config

@@ -142,6 +142,12 @@ pub struct ExitsSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
     pub through: Option<String>,
+
+    /// Providers (by name) the exits never take a slot of, whatever their tags (a VpnChain's
+    /// hop avoids its other hops' providers). Read when an exit's slot is taken.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub avoid_providers: Vec<String>,
 }
 
 /// Which pods a gateway serves, besides those labelled `cloak.dev/gateway: <name>`.

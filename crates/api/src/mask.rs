@@ -37,6 +37,13 @@ pub struct VpnMaskSpec {
     /// them. Empty or absent: any provider that allows this namespace.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub providers: Vec<String>,
+
+    /// Providers (by name) this mask never takes a slot of, whatever their tags: a VpnChain's
+    /// hop avoids the providers its other hops hold, so that no company sees two of its hops.
+    /// Read when a slot is taken; a slot already held is kept.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub avoid_providers: Vec<String>,
 }
 
 /// Observed state of a `VpnMask`, written only by the operator.

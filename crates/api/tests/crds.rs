@@ -131,6 +131,7 @@ async fn a_valid_provider_and_mask_are_stored_and_read_back() {
         "downloader",
         VpnMaskSpec {
             providers: vec!["nl".into()],
+            avoid_providers: Vec::new(),
         },
     );
     masks.create(&PostParams::default(), &mask).await.unwrap();

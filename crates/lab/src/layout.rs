@@ -257,7 +257,11 @@ mod tests {
         for p in PROVIDERS {
             assert!(seen.insert(p.exit()), "{}", p.exit());
             assert!(p.chain_from > 2, "{} needs a pool for the gateway", p.name);
-            assert!(p.servers > p.chain_from, "{} needs a pool for the chains", p.name);
+            assert!(
+                p.servers > p.chain_from,
+                "{} needs a pool for the chains",
+                p.name
+            );
             for k in 1..=p.servers {
                 assert!(seen.insert(p.server(k)), "{}", p.server(k));
                 assert!(seen.insert(p.tunnel_prefix(k)), "{}", p.tunnel_prefix(k));

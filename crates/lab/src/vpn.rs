@@ -104,8 +104,8 @@ pub(crate) fn network(lab: &Lab, p: &Provider) -> Result<()> {
             sh::ip(
                 &ns,
                 &[
-                    "rule", "add", "iif", "lo", "ipproto", "udp", "sport", &port, "table",
-                    &table, "pref", &table,
+                    "rule", "add", "iif", "lo", "ipproto", "udp", "sport", &port, "table", &table,
+                    "pref", &table,
                 ],
             )?;
             sh::ip(

@@ -27,7 +27,8 @@ pub fn hop_name(chain: &str, k: usize) -> String {
 /// `owner` (the chain's controller reference, as JSON). Hop 1's exit reaches its server over the
 /// pod network, every other through the hop before it; the last hop alone has clients (the
 /// pods labelled `cloak.dev/chain: <chain>` and the chain's selector) and answers their DNS.
-pub fn hop_gateway(chain: &VpnChain, k: usize, owner: &Value) -> Value {
+/// `avoid`: the providers (by name) the hop must not take a slot of (the other hops').
+pub fn hop_gateway(chain: &VpnChain, k: usize, owner: &Value, avoid: &[String]) -> Value {
     let name = chain.metadata.name.as_deref().unwrap_or_default();
     let hops = chain.spec.hops.len();
     let hop = &chain.spec.hops[k - 1];
@@ -54,6 +55,9 @@ pub fn hop_gateway(chain: &VpnChain, k: usize, owner: &Value) -> Value {
     }
     if k > 1 {
         exits["through"] = json!(hop_name(name, k - 1));
+    }
+    if !avoid.is_empty() {
+        exits["avoidProviders"] = json!(avoid);
     }
     let mut spec = json!({"exits": exits});
     if last {
@@ -142,7 +146,9 @@ mod tests {
             "moveAfter": "45s",
         }));
         let owner = json!({"kind": "VpnChain", "name": "onion", "uid": "u", "controller": true});
-        let hops: Vec<Value> = (1..=3).map(|k| hop_gateway(&chain, k, &owner)).collect();
+        let hops: Vec<Value> = (1..=3)
+            .map(|k| hop_gateway(&chain, k, &owner, &[]))
+            .collect();
         let names: Vec<&str> = hops
             .iter()
             .map(|h| h["metadata"]["name"].as_str().unwrap())
@@ -162,7 +168,10 @@ mod tests {
             let _: VpnGateway = serde_json::from_value(hop.clone()).unwrap();
         }
         assert_eq!(hops[2]["metadata"]["labels"][LAST_HOP_LABEL], "onion");
-        assert_eq!(hops[2]["spec"]["clients"]["podSelector"]["matchLabels"]["app"], "dl");
+        assert_eq!(
+            hops[2]["spec"]["clients"]["podSelector"]["matchLabels"]["app"],
+            "dl"
+        );
         assert_eq!(hops[2]["spec"]["dns"]["upstreams"][0], "9.9.9.9");
         for inner in &hops[..2] {
             assert_eq!(inner["metadata"]["labels"][LAST_HOP_LABEL], Value::Null);
@@ -170,8 +179,12 @@ mod tests {
         }
         let short = chain_of(json!({"hops": [{}]}));
         assert_eq!(
-            hop_gateway(&short, 1, &owner)["spec"]["exits"]["moveAfter"],
+            hop_gateway(&short, 1, &owner, &[])["spec"]["exits"]["moveAfter"],
             "30s"
+        );
+        assert_eq!(
+            hop_gateway(&chain, 2, &owner, &["p1".into()])["spec"]["exits"]["avoidProviders"],
+            json!(["p1"])
         );
     }
 
@@ -200,8 +213,14 @@ mod tests {
         ];
         let switched = switches(&before, &now);
         assert_eq!(switched.len(), 1);
-        assert_eq!((switched[0].0.hop, switched[0].1, switched[0].2), (1, "s1", "s2"));
-        assert!(switches(&before, &[hop(1, Some("a"), None)]).is_empty(), "no server yet");
+        assert_eq!(
+            (switched[0].0.hop, switched[0].1, switched[0].2),
+            (1, "s1", "s2")
+        );
+        assert!(
+            switches(&before, &[hop(1, Some("a"), None)]).is_empty(),
+            "no server yet"
+        );
         assert_eq!(shared_provider(&now), Some(("a".into(), 1, 3)));
         assert_eq!(shared_provider(&before), None);
     }

@@ -59,7 +59,13 @@ pub fn choose<'a>(
     if let Some(chain) = labels.get(CHAIN_LABEL) {
         return here
             .iter()
-            .find(|g| g.metadata.labels.as_ref().and_then(|l| l.get(LAST_HOP_LABEL)) == Some(chain))
+            .find(|g| {
+                g.metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(LAST_HOP_LABEL))
+                    == Some(chain)
+            })
             .map_or_else(
                 || Choice::Missing(format!("the last hop of chain {chain}")),
                 |g| Choice::Gateway(name_of(g).to_owned()),

@@ -56,6 +56,8 @@ pub struct MaskRequest<'a> {
     /// masks allocating at the same moment spread over providers and slots instead of all
     /// racing for the same one. Deterministic for a given mask.
     pub uid: &'a str,
+    /// Providers (by name) never taken, whatever their tags.
+    pub avoid: &'a [String],
 }
 
 /// The allocator's answer.
@@ -75,6 +77,7 @@ pub fn matches(provider: &ProviderSlots, mask: &MaskRequest<'_>) -> bool {
         return provider.uid == uid;
     }
     provider.usable
+        && !mask.avoid.contains(&provider.name)
         && (provider.namespaces.is_empty()
             || provider.namespaces.iter().any(|ns| ns == mask.namespace))
         && (mask.tags.is_empty() || mask.tags.iter().any(|t| provider.tags.contains(t)))
@@ -155,6 +158,7 @@ mod tests {
             tags: &[],
             pinned_uid: None,
             uid: "u",
+            avoid: &[],
         }
     }
 
@@ -201,6 +205,7 @@ mod tests {
                     tags: &[],
                     pinned_uid: None,
                     uid,
+                    avoid: &[],
                 };
                 let choice = first(&plan(&providers, &request));
                 assert_eq!(
@@ -228,6 +233,26 @@ mod tests {
     }
 
     #[test]
+    fn an_avoided_provider_is_never_offered_whatever_its_free_slots() {
+        let providers = [provider("a", 9, &[], &[]), provider("b", 1, &[], &[])];
+        let avoid = ["a".to_owned()];
+        let request = MaskRequest {
+            avoid: &avoid,
+            ..any("x")
+        };
+        let Plan::Try(attempts) = plan(&providers, &request) else {
+            panic!("b is free")
+        };
+        assert!(attempts.iter().all(|(p, _)| p.name == "b"), "{attempts:?}");
+        let both = ["a".to_owned(), "b".to_owned()];
+        let request = MaskRequest {
+            avoid: &both,
+            ..any("x")
+        };
+        assert_eq!(plan(&providers, &request), Plan::NoProviders);
+    }
+
+    #[test]
     fn tags_namespaces_and_usability_filter_providers() {
         let mut restricted = provider("r", 5, &[], &["eu"]);
         restricted.namespaces = vec!["media".into()];
@@ -243,6 +268,7 @@ mod tests {
                     tags: &eu,
                     pinned_uid: None,
                     uid: "u",
+                    avoid: &[],
                 }
             ))
             .0,
@@ -256,6 +282,7 @@ mod tests {
                     tags: &eu,
                     pinned_uid: None,
                     uid: "u",
+                    avoid: &[],
                 }
             ),
             Plan::NoProviders
@@ -272,6 +299,7 @@ mod tests {
             tags: &[],
             pinned_uid: Some("uid-p"),
             uid: "u",
+            avoid: &[],
         };
         assert_eq!(first(&plan(&providers, &request)), ("p".into(), 0));
     }

@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use cloak_api::{ExitHealth, VpnGateway, VpnMask, VpnProvider};
+use cloak_api::{ExitHealth, VpnChain, VpnGateway, VpnMask, VpnProvider};
 use cloak_model::exit;
 use cloak_testkit::{ControlPlane, TestNamespace};
 use k8s_openapi::{
@@ -873,4 +873,235 @@ async fn an_exit_whose_node_stays_not_ready_starts_elsewhere_on_the_slot_its_mas
     let _ = nodes
         .delete(&lost, &kube::api::DeleteParams::default())
         .await;
+}
+
+/// Creates provider `name` (tag `nl`, `max_slots` slots, verification skipped) on the test's
+/// Secret `creds`.
+async fn provider(client: &Client, ns: &str, name: &str, max_slots: u32) {
+    let provider: VpnProvider = serde_json::from_value(json!({
+        "apiVersion": "cloak.dev/v1alpha1", "kind": "VpnProvider", "metadata": {"name": name},
+        "spec": {"secret": "creds", "maxSlots": max_slots, "tags": ["nl"],
+                 "namespaces": [ns], "verify": {"skip": true}},
+    }))
+    .unwrap();
+    Api::<VpnProvider>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &provider)
+        .await
+        .unwrap();
+}
+
+/// Creates chain `name` with `hops` hops over tag `nl` and `extra` merged into its spec.
+async fn chain(client: &Client, ns: &str, name: &str, hops: usize, extra: serde_json::Value) {
+    let mut spec = json!({"hops": vec![json!({"providers": ["nl"]}); hops]});
+    for (k, v) in extra.as_object().unwrap() {
+        spec[k] = v.clone();
+    }
+    let chain: VpnChain = serde_json::from_value(json!({
+        "apiVersion": "cloak.dev/v1alpha1", "kind": "VpnChain", "metadata": {"name": name},
+        "spec": spec,
+    }))
+    .unwrap();
+    Api::<VpnChain>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &chain)
+        .await
+        .unwrap();
+}
+
+/// Waits (at most [`WAIT`]) until the chain has made gateway `name`.
+async fn hop_made(client: &Client, ns: &str, name: &str) {
+    let gateways: Api<VpnGateway> = Api::namespaced(client.clone(), ns);
+    let deadline = Instant::now() + WAIT;
+    while gateways.get_opt(name).await.unwrap().is_none() {
+        assert!(Instant::now() < deadline, "{name} was not made");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Pod `name` of namespace `ns`.
+async fn pods_of(client: &Client, ns: &str, name: &str) -> Pod {
+    Api::<Pod>::namespaced(client.clone(), ns)
+        .get(name)
+        .await
+        .unwrap()
+}
+
+/// Hop `k`'s exit pod running, its tunnel connected or not.
+async fn run_hop(client: &Client, ns: &str, k: usize, ready: bool) -> Pod {
+    let gateway = format!("onion-hop-{k}");
+    hop_made(client, ns, &gateway).await;
+    let exit0 = format!("{gateway}-exit-0");
+    let pod = until(client, ns, &gateway, "the hop's pod", |_, pods| {
+        pods.iter().find(|p| p.name_any() == exit0).cloned()
+    })
+    .await;
+    if pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.node_name.as_ref())
+        .is_none()
+    {
+        bind(client, ns, &exit0, "node-1").await;
+    }
+    set_pod(client, ns, &exit0, "Running", ready).await;
+    pod
+}
+
+#[tokio::test]
+async fn a_chains_hops_are_gateways_through_the_hop_before_each_on_a_provider_no_other_hop_holds() {
+    // Taking the provider with the most free slots, every hop would take `pool`: nine free
+    // against one. Each hop avoids the providers the others hold.
+    let (client, ns) = setup("chain-providers", 9).await;
+    provider(&client, ns.name(), "pool-b", 1).await;
+    provider(&client, ns.name(), "pool-c", 1).await;
+    chain(&client, ns.name(), "onion", 3, json!({})).await;
+    let gateways: Api<VpnGateway> = Api::namespaced(client.clone(), ns.name());
+    let mut held = BTreeSet::new();
+    for k in 1..=3 {
+        let name = format!("onion-hop-{k}");
+        hop_made(&client, ns.name(), &name).await;
+        let provider = until(&client, ns.name(), &name, "the hop holds a slot", |g, _| {
+            g.status.as_ref()?.exits.first()?.provider.clone()
+        })
+        .await;
+        held.insert(provider);
+        let g = gateways.get(&name).await.unwrap();
+        let through = g.spec.exits.through.clone();
+        assert_eq!(
+            through,
+            (k > 1).then(|| format!("onion-hop-{}", k - 1)),
+            "{name}"
+        );
+        assert_eq!(g.spec.exits.count.get(), 1);
+        assert_eq!(
+            g.labels().get("cloak.dev/last-hop-of").map(String::as_str),
+            (k == 3).then_some("onion"),
+            "{name}"
+        );
+        assert_eq!(g.owner_references()[0].kind, "VpnChain");
+    }
+    assert_eq!(held.len(), 3, "two hops share a provider: {held:?}");
+    let chains: Api<VpnChain> = Api::namespaced(client.clone(), ns.name());
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let status = chains
+            .get("onion")
+            .await
+            .unwrap()
+            .status
+            .unwrap_or_default();
+        let shared = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "ProvidersShared");
+        if status.hops.len() == 3
+            && status.hops.iter().all(|h| h.provider.is_some())
+            && shared.is_some_and(|c| c.status == "False")
+        {
+            assert_eq!(status.gateway.as_deref(), Some("onion-hop-3"));
+            break;
+        }
+        assert!(Instant::now() < deadline, "chain status: {status:#?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_hop_behind_a_dead_hop_is_not_moved_and_is_judged_again_once_the_hop_before_is_healthy() {
+    let (client, ns) = setup("chain-outer-first", 3).await;
+    chain(
+        &client,
+        ns.name(),
+        "onion",
+        2,
+        json!({"moveAfter": "3s", "shareProviders": true}),
+    )
+    .await;
+    run_hop(&client, ns.name(), 1, true).await;
+    until(
+        &client,
+        ns.name(),
+        "onion-hop-1",
+        "hop 1 healthy",
+        |g, _| (g.status.as_ref()?.healthy_exits == 1).then_some(()),
+    )
+    .await;
+    // Hop 2 starts once hop 1 carries traffic, and connects.
+    let first = run_hop(&client, ns.name(), 2, true).await;
+    until(
+        &client,
+        ns.name(),
+        "onion-hop-2",
+        "hop 2 healthy",
+        |g, _| (g.status.as_ref()?.healthy_exits == 1).then_some(()),
+    )
+    .await;
+    // Hop 1's server dies: hop 1 and, through it, hop 2 lose their tunnels. Hop 1 moves on
+    // after its moveAfter; hop 2 stays where it is meanwhile, and for twice its moveAfter more
+    // while hop 1's next pod has not connected: its server is not the one to blame.
+    let hop1 = pods_of(&client, ns.name(), "onion-hop-1-exit-0").await;
+    set_pod(&client, ns.name(), "onion-hop-1-exit-0", "Running", false).await;
+    set_pod(&client, ns.name(), "onion-hop-2-exit-0", "Running", false).await;
+    kubelet_confirms_deletion(&client, ns.name(), "onion-hop-1-exit-0").await;
+    until(
+        &client,
+        ns.name(),
+        "onion-hop-1",
+        "hop 1 moved",
+        |_, pods| {
+            pods.iter()
+                .find(|p| p.name_any() == "onion-hop-1-exit-0" && p.uid() != hop1.uid())
+                .map(drop)
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns.name());
+    let still = pods.get("onion-hop-2-exit-0").await.unwrap();
+    assert_eq!(still.uid(), first.uid(), "hop 2 moved while hop 1 was down");
+    assert!(still.metadata.deletion_timestamp.is_none());
+    // Hop 1 connects on its next server; hop 2 does not within its moveAfter from then: it is
+    // judged, and moves.
+    run_hop(&client, ns.name(), 1, true).await;
+    kubelet_confirms_deletion(&client, ns.name(), "onion-hop-2-exit-0").await;
+    let moved = until(
+        &client,
+        ns.name(),
+        "onion-hop-2",
+        "hop 2 moved",
+        |_, pods| {
+            pods.iter()
+                .find(|p| p.name_any() == "onion-hop-2-exit-0" && p.uid() != first.uid())
+                .cloned()
+        },
+    )
+    .await;
+    assert_ne!(
+        moved.annotations()[exit::ANNOTATION_SERVER],
+        first.annotations()[exit::ANNOTATION_SERVER]
+    );
+    let chains: Api<VpnChain> = Api::namespaced(client.clone(), ns.name());
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let status = chains
+            .get("onion")
+            .await
+            .unwrap()
+            .status
+            .unwrap_or_default();
+        if status.hops.get(1).is_some_and(|h| h.switches == 1) {
+            assert_eq!(status.hops[0].switches, 1, "{status:#?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "chain status: {status:#?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let deadline = Instant::now() + WAIT;
+    while !event_reasons(&client, ns.name())
+        .await
+        .iter()
+        .any(|r| r == "HopSwitched")
+    {
+        assert!(Instant::now() < deadline, "no HopSwitched event");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

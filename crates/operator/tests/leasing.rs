@@ -119,6 +119,7 @@ async fn mask(client: &Client, ns: &str, name: &str, tags: &[&str]) {
         name,
         VpnMaskSpec {
             providers: tags.iter().map(|t| (*t).to_owned()).collect(),
+            avoid_providers: Vec::new(),
         },
     );
     Api::<VpnMask>::namespaced(client.clone(), ns)

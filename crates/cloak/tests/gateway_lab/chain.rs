@@ -31,7 +31,11 @@ pub(crate) fn healthy_chain(lab: &lab::TestLab) -> Value {
 /// The fake providers in the example's order of hops.
 fn providers() -> [&'static layout::Provider; 3] {
     let by_name = |name: &str| layout::PROVIDERS.iter().find(|p| p.name == name).unwrap();
-    [by_name("wg-alpha"), by_name("wg-beta"), by_name("ovpn-gamma")]
+    [
+        by_name("wg-alpha"),
+        by_name("wg-beta"),
+        by_name("ovpn-gamma"),
+    ]
 }
 
 /// A plain pod labelled as the chain's client, once it runs.
@@ -67,7 +71,16 @@ fn forget_seen(lab: &lab::TestLab, p: &layout::Provider, k: u8) {
     let port = p.port(k).to_string();
     let _ = lab.exec_in(
         &format!("p{}", p.index),
-        &["conntrack", "-D", "-p", "udp", "--dport", &port, "-d", &p.server(k)],
+        &[
+            "conntrack",
+            "-D",
+            "-p",
+            "udp",
+            "--dport",
+            &port,
+            "-d",
+            &p.server(k),
+        ],
     );
 }
 
@@ -77,7 +90,16 @@ fn seen_by(lab: &lab::TestLab, p: &layout::Provider, k: u8) -> Vec<String> {
     let table = lab
         .exec_in(
             &format!("p{}", p.index),
-            &["conntrack", "-L", "-p", "udp", "--dport", &port, "-d", &p.server(k)],
+            &[
+                "conntrack",
+                "-L",
+                "-p",
+                "udp",
+                "--dport",
+                &port,
+                "-d",
+                &p.server(k),
+            ],
         )
         .unwrap_or_default();
     let mut seen: Vec<String> = table
@@ -187,7 +209,11 @@ fn a_chain_client_pings_at_the_mtu_computed_through_every_hop_with_dont_fragment
             .unwrap()
     };
     let fits = (1..=3).any(|_| ping(mtu - 28).status.success());
-    assert!(fits, "a {mtu}-byte packet did not pass: {:?}", ping(mtu - 28));
+    assert!(
+        fits,
+        "a {mtu}-byte packet did not pass: {:?}",
+        ping(mtu - 28)
+    );
     let over = ping(mtu - 27);
     let said = format!(
         "{}{}",
@@ -212,16 +238,16 @@ fn a_dead_first_hop_server_moves_hop_one_alone_and_the_inner_hops_keep_their_pod
     let _turn = lab::serial();
     let chain = healthy_chain(lab);
     let providers = providers();
-    let hop1 = chain["status"]["hops"][0].clone();
-    let old_server = str_at(&hop1, "/server");
-    let switches = hop1["switches"].as_u64().unwrap_or(0);
+    let first = chain["status"]["hops"][0].clone();
+    let old_server = str_at(&first, "/server");
+    let switches = first["switches"].as_u64().unwrap_or(0);
     let inner: Vec<String> = (2..=3)
         .map(|k| str_at(&hop_pod(lab, k), "/metadata/uid"))
         .collect();
     let name = "chain-repair";
     running_chain_client(lab, name);
     let started = Instant::now();
-    let outage = lab::Outage::start(lab, &[providers[0].server(server_number(&hop1))]);
+    let outage = lab::Outage::start(lab, &[providers[0].server(server_number(&first))]);
     let moved = eventually(
         "hop 1 moves to its pool's next server and the chain recovers",
         Duration::from_mins(4),
@@ -239,7 +265,11 @@ fn a_dead_first_hop_server_moves_hop_one_alone_and_the_inner_hops_keep_their_pod
     drop(outage);
     eprintln!("hop 1 moved and the chain recovered in {took:?}");
     let hops = moved["status"]["hops"].as_array().unwrap();
-    assert_eq!(hops[0]["switches"].as_u64().unwrap(), switches + 1, "{moved}");
+    assert_eq!(
+        hops[0]["switches"].as_u64().unwrap(),
+        switches + 1,
+        "{moved}"
+    );
     for (k, uid) in (2..=3).zip(&inner) {
         assert_eq!(
             &str_at(&hop_pod(lab, k), "/metadata/uid"),
@@ -248,14 +278,18 @@ fn a_dead_first_hop_server_moves_hop_one_alone_and_the_inner_hops_keep_their_pod
         );
         assert_eq!(hops[k - 1]["switches"].as_u64().unwrap_or(0), 0, "{moved}");
     }
-    let answers = eventually("the client is carried again", Duration::from_mins(1), || {
-        let answers = ask(lab, name, 3);
-        if answers.iter().all(|a| *a == providers[2].exit()) {
-            Ok(answers)
-        } else {
-            Err(format!("{answers:?}"))
-        }
-    });
+    let answers = eventually(
+        "the client is carried again",
+        Duration::from_mins(1),
+        || {
+            let answers = ask(lab, name, 3);
+            if answers.iter().all(|a| *a == providers[2].exit()) {
+                Ok(answers)
+            } else {
+                Err(format!("{answers:?}"))
+            }
+        },
+    );
     assert_eq!(answers.len(), 3);
     let events = lab.kubectl(&[
         "-n",
@@ -268,7 +302,9 @@ fn a_dead_first_hop_server_moves_hop_one_alone_and_the_inner_hops_keep_their_pod
         "jsonpath={.items[*].message}",
     ]);
     assert!(
-        events.contains(&format!("hop 1 (chain-alpha) switched from server {old_server} to ")),
+        events.contains(&format!(
+            "hop 1 (chain-alpha) switched from server {old_server} to "
+        )),
         "{events}"
     );
     delete_client(lab, name);

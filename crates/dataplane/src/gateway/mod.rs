@@ -575,7 +575,10 @@ tcp      6 431999 ESTABLISHED src=fd00:10::5 dst=fd00:10::9 sport=9090 dport=500
             "{hop}"
         );
         assert!(!hop.contains("dnat") && !output.contains(DNS), "{hop}");
-        assert!(output.contains("reject with icmpx admin-prohibited"), "{hop}");
+        assert!(
+            output.contains("reject with icmpx admin-prohibited"),
+            "{hop}"
+        );
         client.own_tunnel = None;
         client.unprotected = true;
         assert!(!client.render().contains("reject"));

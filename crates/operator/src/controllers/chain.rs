@@ -64,9 +64,27 @@ async fn apply(chain: &VpnChain, ctx: &Context) -> Result<Action> {
     let gateways: Api<VpnGateway> = Api::namespaced(ctx.client.clone(), &ns);
     let hops = chain.spec.hops.len();
 
-    // Every hop's gateway as the spec says now. A gateway of that name the chain does not own
-    // is not taken over.
+    // Every hop's gateway as the spec says now, outermost first. Unless the spec allows two
+    // hops on one provider, a hop is made once every hop before it holds its slot, and avoids
+    // their providers and those of the hops after it that hold one already (made before, or
+    // kept from an older spec). A gateway of that name the chain does not own is not taken over.
+    let existing: Vec<VpnGateway> = gateways
+        .list(&ListParams::default().labels(&format!("{}={name}", chain::LABEL_CHAIN)))
+        .await?
+        .items;
+    let held_by = |hop: &str| -> Option<String> {
+        existing
+            .iter()
+            .find(|g| g.name_any() == hop)?
+            .status
+            .as_ref()?
+            .exits
+            .first()?
+            .provider
+            .clone()
+    };
     let mut applied = Vec::with_capacity(hops);
+    let mut waiting = false;
     for k in 1..=hops {
         let hop = chain::hop_name(&name, k);
         if let Some(other) = gateways.get_opt(&hop).await?
@@ -79,7 +97,24 @@ async fn apply(chain: &VpnChain, ctx: &Context) -> Result<Action> {
                 "chain {name}: gateway {hop} exists and is not this chain's"
             )));
         }
-        let wanted = chain::hop_gateway(chain, k, &owner);
+        let avoid: Vec<String> = if chain.spec.share_providers {
+            Vec::new()
+        } else {
+            let others: Vec<Option<String>> = (1..=hops)
+                .filter(|j| *j != k)
+                .map(|j| held_by(&chain::hop_name(&name, j)))
+                .collect();
+            if k > 1 && held_by(&chain::hop_name(&name, k - 1)).is_none() {
+                // The hop before holds no slot yet: which provider to avoid is not known.
+                waiting = true;
+                break;
+            }
+            let mut avoid: Vec<String> = others.into_iter().flatten().collect();
+            avoid.sort();
+            avoid.dedup();
+            avoid
+        };
+        let wanted = chain::hop_gateway(chain, k, &owner, &avoid);
         let gateway = gateways
             .patch(
                 &hop,
@@ -90,8 +125,7 @@ async fn apply(chain: &VpnChain, ctx: &Context) -> Result<Action> {
         applied.push(gateway);
     }
     // Hops past the end go (the last ones first: each is the client of the one before).
-    let mine = ListParams::default().labels(&format!("{}={name}", chain::LABEL_CHAIN));
-    for gateway in gateways.list(&mine).await?.items {
+    for gateway in existing {
         let k: usize = gateway
             .labels()
             .get(chain::LABEL_HOP)
@@ -109,6 +143,12 @@ async fn apply(chain: &VpnChain, ctx: &Context) -> Result<Action> {
     let hop_statuses: Vec<_> = (1..=hops)
         .map(|k| chain::hop_status(&name, k, applied.get(k - 1)))
         .collect();
+    let next = if waiting {
+        // The hop before holds its slot within a reconcile or two of its gateway's.
+        std::time::Duration::from_secs(2)
+    } else {
+        std::time::Duration::from_mins(1)
+    };
     for (hop, old, new) in chain::switches(&previous.hops, &hop_statuses) {
         publish(
             ctx,
@@ -129,7 +169,8 @@ async fn apply(chain: &VpnChain, ctx: &Context) -> Result<Action> {
         .filter(|h| h.health == cloak_api::ExitHealth::Healthy)
         .count();
     let all_healthy = healthy == hops;
-    let last = applied.last();
+    // Clients attach to the last hop, once it is there.
+    let last = applied.get(hops - 1);
     let down: Vec<String> = hop_statuses
         .iter()
         .filter(|h| h.health != cloak_api::ExitHealth::Healthy)
@@ -144,7 +185,7 @@ async fn apply(chain: &VpnChain, ctx: &Context) -> Result<Action> {
     let generation = chain.meta().generation;
     let status = VpnChainStatus {
         healthy_hops: u32::try_from(healthy).unwrap_or(u32::MAX),
-        gateway: last.map(ResourceExt::name_any),
+        gateway: Some(chain::hop_name(&name, hops)),
         public_address: hop_statuses.last().and_then(|h| h.public_address.clone()),
         mtu: last.and_then(|g| g.status.as_ref()?.mtu),
         conditions: vec![
@@ -152,7 +193,11 @@ async fn apply(chain: &VpnChain, ctx: &Context) -> Result<Action> {
                 &previous.conditions,
                 "Ready",
                 all_healthy,
-                if all_healthy { "HopsHealthy" } else { "HopDown" },
+                if all_healthy {
+                    "HopsHealthy"
+                } else {
+                    "HopDown"
+                },
                 &message,
                 generation,
             ),
@@ -160,7 +205,11 @@ async fn apply(chain: &VpnChain, ctx: &Context) -> Result<Action> {
                 &previous.conditions,
                 "ProvidersShared",
                 shared.is_some(),
-                if shared.is_some() { "Shared" } else { "Distinct" },
+                if shared.is_some() {
+                    "Shared"
+                } else {
+                    "Distinct"
+                },
                 &shared.as_ref().map_or_else(
                     || "every hop holds a slot of its own provider".to_owned(),
                     |(p, a, b)| {
@@ -182,7 +231,7 @@ async fn apply(chain: &VpnChain, ctx: &Context) -> Result<Action> {
     };
     let api: Api<VpnChain> = Api::namespaced(ctx.client.clone(), &ns);
     write_if_changed(&api, &name, &previous, &status, None).await?;
-    Ok(Action::requeue(std::time::Duration::from_mins(1)))
+    Ok(Action::requeue(next))
 }
 
 /// Runs the controller until `stop`.

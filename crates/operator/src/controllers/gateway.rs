@@ -447,7 +447,7 @@ async fn apply(gateway: &VpnGateway, ctx: &Context) -> Result<Action> {
                 )
                 .await;
                 let record = format!("{now} from {from}: {why}");
-                let moved = moves_of(&f.mask).saturating_add(1);
+                let count = moves_of(&f.mask).saturating_add(1);
                 // Kept on the mask, read fresh each reconcile: a status written from a cached
                 // gateway of before the move must not lose it.
                 f.mask = masks
@@ -456,7 +456,7 @@ async fn apply(gateway: &VpnGateway, ctx: &Context) -> Result<Action> {
                         &PatchParams::default(),
                         &Patch::Merge(serde_json::json!({"metadata": {"annotations": {
                             exit::ANNOTATION_LAST_MOVE: record.clone(),
-                            exit::ANNOTATION_MOVES: moved.to_string()}}})),
+                            exit::ANNOTATION_MOVES: count.to_string()}}})),
                     )
                     .await?;
                 moves.insert(exit_name.clone(), record);
@@ -487,16 +487,7 @@ async fn apply(gateway: &VpnGateway, ctx: &Context) -> Result<Action> {
             .filter(|(provider, _)| *provider == held.uid)
             .map(|(_, server)| server.as_str())
             .collect();
-        let chosen = exit_pod(
-            gateway,
-            exit_name,
-            &f.mask,
-            &held,
-            &siblings,
-            underlay,
-            ctx,
-        )
-        .await?;
+        let chosen = exit_pod(gateway, exit_name, &f.mask, &held, &siblings, underlay, ctx).await?;
         if let Some(pod) = chosen {
             if let Some(server) = pod.annotations().get(exit::ANNOTATION_SERVER) {
                 servers_in_use.push((held.uid.clone(), server.clone()));
@@ -834,6 +825,7 @@ async fn create_mask(
         },
         spec: VpnMaskSpec {
             providers: gateway.spec.exits.providers.clone(),
+            avoid_providers: gateway.spec.exits.avoid_providers.clone(),
         },
         status: None,
     };

@@ -145,6 +145,7 @@ pub(crate) async fn allocate(
         tags: &mask.spec.providers,
         pinned_uid: pinned.as_deref(),
         uid: &uid,
+        avoid: &mask.spec.avoid_providers,
     };
     let attempts = match slots::plan(&providers, &request) {
         Plan::NoProviders => {
