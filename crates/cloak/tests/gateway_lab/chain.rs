@@ -309,3 +309,87 @@ fn a_dead_first_hop_server_moves_hop_one_alone_and_the_inner_hops_keep_their_pod
     );
     delete_client(lab, name);
 }
+
+/// `spec.hops` of the example chain set to its first `count` hops (of the three).
+fn set_hops(lab: &lab::TestLab, count: usize) {
+    let hops: Vec<Value> = (1..=count)
+        .map(|k| serde_json::json!({"providers": [format!("chain-{k}")]}))
+        .collect();
+    lab.kubectl(&[
+        "-n",
+        DEMO_NAMESPACE,
+        "patch",
+        "vpnchain",
+        CHAIN,
+        "--type",
+        "merge",
+        "-p",
+        &serde_json::json!({"spec": {"hops": hops}}).to_string(),
+    ]);
+}
+
+#[test]
+fn a_chain_that_loses_its_last_hop_and_gets_it_back_keeps_its_other_hops_and_its_running_client() {
+    let lab = lab::shared();
+    let _turn = lab::serial();
+    healthy_chain(lab);
+    let providers = providers();
+    let inner: Vec<String> = (1..=2)
+        .map(|k| str_at(&hop_pod(lab, k), "/metadata/uid"))
+        .collect();
+    let name = "chain-spec";
+    running_chain_client(lab, name);
+    assert!(ask(lab, name, 3).iter().all(|a| *a == providers[2].exit()));
+
+    set_hops(lab, 2);
+    // The last hop goes with its slot; the running client now leaves by hop 2.
+    eventually("the chain has two hops", Duration::from_mins(2), || {
+        let chain = lab.json(&["-n", DEMO_NAMESPACE, "get", "vpnchain", CHAIN]);
+        let masks = lab.json(&["-n", DEMO_NAMESPACE, "get", "vpnmasks"]);
+        let hop3_mask = masks["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| str_at(m, "/metadata/name").starts_with("onion-hop-3"));
+        if chain["status"]["hops"].as_array().map(Vec::len) == Some(2)
+            && chain["status"]["healthyHops"] == 2
+            && str_at(&chain, "/status/gateway") == "onion-hop-2"
+            && !hop3_mask
+        {
+            Ok(())
+        } else {
+            Err(format!("{} hop 3's mask: {hop3_mask}", chain["status"]))
+        }
+    });
+    eventually("the client leaves by hop 2", Duration::from_mins(1), || {
+        let answers = ask(lab, name, 3);
+        if answers.iter().all(|a| *a == providers[1].exit()) {
+            Ok(())
+        } else {
+            Err(format!("{answers:?}"))
+        }
+    });
+
+    set_hops(lab, 3);
+    healthy_chain(lab);
+    eventually(
+        "the client leaves by hop 3 again",
+        Duration::from_mins(1),
+        || {
+            let answers = ask(lab, name, 3);
+            if answers.iter().all(|a| *a == providers[2].exit()) {
+                Ok(())
+            } else {
+                Err(format!("{answers:?}"))
+            }
+        },
+    );
+    for (k, uid) in (1..=2).zip(&inner) {
+        assert_eq!(
+            &str_at(&hop_pod(lab, k), "/metadata/uid"),
+            uid,
+            "hop {k} was restarted by a change to another hop"
+        );
+    }
+    delete_client(lab, name);
+}
