@@ -583,19 +583,24 @@ async fn an_exit_whose_tunnel_does_not_connect_or_that_a_user_moves_goes_to_the_
 /// kubelet would once its containers stopped (there is no kubelet here).
 async fn kubelet_confirms_deletion(client: &Client, ns: &str, pod: &str) {
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let uid = pods.get(pod).await.unwrap().uid();
     let deadline = Instant::now() + WAIT;
+    // Deleted at once (grace 0: an exit with nothing to drain) it may be made again under its
+    // name before this looks: a pod of another uid is the old one gone.
     while pods
         .get_opt(pod)
         .await
         .unwrap()
-        .is_some_and(|p| p.metadata.deletion_timestamp.is_none())
+        .is_some_and(|p| p.uid() == uid && p.metadata.deletion_timestamp.is_none())
     {
         assert!(Instant::now() < deadline, "{pod} was not deleted");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let _ = pods
-        .delete(pod, &kube::api::DeleteParams::default().grace_period(0))
-        .await;
+    if pods.get_opt(pod).await.unwrap().is_some_and(|p| p.uid() == uid) {
+        let _ = pods
+            .delete(pod, &kube::api::DeleteParams::default().grace_period(0))
+            .await;
+    }
 }
 
 /// The VXLAN identifiers of the gateway's exits as its status says, once each has one.

@@ -429,8 +429,21 @@ async fn apply(gateway: &VpnGateway, ctx: &Context) -> Result<Action> {
                         next_check = next_check
                             .min(move_after.saturating_sub(lost_for) + Duration::from_secs(1));
                     }
-                    exit::move_reason(&view, asked, down, move_after)
-                        .map(|why| (why, DeleteParams::background()))
+                    // Asked to move, a working exit drains its flows first. One whose tunnel
+                    // has not connected (or whose pod stopped) carries none (the nodes took it
+                    // out when it stopped answering them, and reset its flows): it goes at once,
+                    // so its replacement starts without waiting out a drain.
+                    exit::move_reason(&view, asked, down, move_after).map(|why| {
+                        let how = if asked {
+                            DeleteParams::background()
+                        } else {
+                            DeleteParams {
+                                grace_period_seconds: Some(0),
+                                ..DeleteParams::background()
+                            }
+                        };
+                        (why, how)
+                    })
                 };
             if let Some((why, how)) = moving {
                 let from = pod
