@@ -160,6 +160,30 @@ pub(crate) fn render(lab: &Lab, kubectl: &Path) -> Result<String> {
         }
     }
     table(&mut out, &rows);
+    // Chains, a row a hop: what each provider sees is the address of the hop before.
+    let chains = get(&["get", "vpnchains", "-A"]).unwrap_or_default();
+    let mut rows = vec![row(&[
+        "CHAIN HOP",
+        "PROVIDER",
+        "SERVER",
+        "PUBLIC ADDRESS",
+        "HEALTH",
+        "SWITCHES",
+    ])];
+    for c in &chains {
+        let chain = namespaced(c);
+        for h in c["status"]["hops"].as_array().into_iter().flatten() {
+            rows.push(vec![
+                format!("{chain}:{}", h["hop"]),
+                str_at(h, "/provider"),
+                str_at(h, "/server"),
+                str_at(h, "/publicAddress"),
+                str_at(h, "/health"),
+                h["switches"].as_u64().unwrap_or(0).to_string(),
+            ]);
+        }
+    }
+    table(&mut out, &rows);
     // Clients by the gateway label (pods a gateway's `podSelector` adds are not listed here).
     let mut rows = vec![row(&[
         "GATEWAY CLIENT",

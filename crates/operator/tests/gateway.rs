@@ -596,7 +596,12 @@ async fn kubelet_confirms_deletion(client: &Client, ns: &str, pod: &str) {
         assert!(Instant::now() < deadline, "{pod} was not deleted");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    if pods.get_opt(pod).await.unwrap().is_some_and(|p| p.uid() == uid) {
+    if pods
+        .get_opt(pod)
+        .await
+        .unwrap()
+        .is_some_and(|p| p.uid() == uid)
+    {
         let _ = pods
             .delete(pod, &kube::api::DeleteParams::default().grace_period(0))
             .await;

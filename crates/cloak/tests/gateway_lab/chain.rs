@@ -393,3 +393,41 @@ fn a_chain_that_loses_its_last_hop_and_gets_it_back_keeps_its_other_hops_and_its
     }
     delete_client(lab, name);
 }
+
+#[test]
+fn lab_status_shows_each_hop_and_the_example_chain_client_seen_with_the_last_hops_address() {
+    let lab = lab::shared();
+    let _turn = lab::serial();
+    healthy_chain(lab);
+    let providers = providers();
+    // The example client asks the echo service every 5 s.
+    eventually(
+        "the echo service sees the example chain client from the last hop",
+        Duration::from_mins(1),
+        || match lab.lab.echo_seen().get("cloak-demo/chain-client") {
+            Some((ip, _)) if *ip == providers[2].exit() => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    let out = lab::cloak_lab(lab.lab.name(), &["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    for (k, (p, name)) in providers
+        .iter()
+        .zip(["chain-alpha", "chain-beta", "chain-gamma"])
+        .enumerate()
+    {
+        let row = format!("cloak-demo/onion:{}", k + 1);
+        assert!(
+            text.lines().any(|l| l.starts_with(&row)
+                && l.contains(name)
+                && l.contains(&p.exit())
+                && l.contains("Healthy")),
+            "{row}: {text}"
+        );
+    }
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("cloak-demo/chain-client") && l.contains(&providers[2].exit())),
+        "{text}"
+    );
+}
