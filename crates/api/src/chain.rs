@@ -52,7 +52,8 @@ pub const CHAIN_LABEL: &str = "cloak.dev/chain";
 #[serde(rename_all = "camelCase")]
 pub struct VpnChainSpec {
     /// The hops, outermost (the one the node reaches) first, 1 to 8. Hops added or removed at
-    /// the end leave the others running; a hop whose providers change gets a new slot.
+    /// the end leave the others running. A hop's providers are read when it takes its slot (a
+    /// new hop, or one whose slot was released): a hop holding one keeps it.
     #[schemars(length(min = 1, max = 8))]
     pub hops: Vec<HopSpec>,
 
@@ -113,8 +114,8 @@ pub struct VpnChainStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtu: Option<u16>,
 
-    /// `Ready` (every hop carries traffic), `Degraded` (some hop does not; clients get nothing
-    /// out meanwhile), `ProvidersShared` (two hops hold slots of one provider).
+    /// `Ready` (every hop carries traffic; while one does not, clients get nothing out), and
+    /// `ProvidersShared` (two hops hold slots of one provider).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "crate::conditions_schema")]
     pub conditions: Vec<Condition>,

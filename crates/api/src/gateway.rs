@@ -136,9 +136,11 @@ pub struct ExitsSpec {
 
     /// A gateway of this namespace whose client every exit is: the exits' own tunnels then run
     /// through that gateway's exits, one encryption inside the other (each hop of a VpnChain
-    /// names the hop before it). While that gateway has no healthy exit, these exits do not
-    /// move: a dead outer hop makes every inner one look dead. Absent: the exits reach their
-    /// servers over the pod network.
+    /// names the hop before it). The exits take their slots once that gateway's exits hold
+    /// theirs, start once it carries traffic, and while it has none are not moved for a tunnel
+    /// that does not connect (a dead outer hop makes every inner one look dead); `moveAfter`
+    /// counts from when it is healthy again. Absent: the exits reach their servers over the
+    /// pod network.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
     pub through: Option<String>,

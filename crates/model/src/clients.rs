@@ -25,7 +25,9 @@ pub const LAST_HOP_LABEL: &str = "cloak.dev/last-hop-of";
 /// The gateway a pod in `namespace` with `labels` belongs to.
 ///
 /// - An exit (`cloak.dev/exit-of: <gateway>`) is a client only of the gateway its own gateway's
-///   `exits.through` names (a chain's hop, through the hop before it): never by its labels.
+///   `exits.through` names (a chain's hop, through the hop before it): never by its labels. An
+///   exit whose own gateway is not there is [`Choice::Missing`]: a hop's exit must never run
+///   outside the hop before it, so the node refuses it or cuts it off, never frees it.
 /// - Otherwise the `cloak.dev/gateway` label decides when present, then the
 ///   `cloak.dev/chain` label (the gateway of the chain's last hop), then the first gateway (by
 ///   name) of the namespace whose `clients.podSelector` matches.
@@ -47,16 +49,17 @@ pub fn choose<'a>(
         }
     };
     if let Some(own) = labels.get(crate::exit::LABEL_GATEWAY) {
-        return here
-            .iter()
-            .find(|g| name_of(g) == own)
-            .and_then(|g| g.spec.exits.through.as_deref())
-            .map_or(Choice::None, named);
+        return match here.iter().find(|g| name_of(g) == own) {
+            None => Choice::Missing(own.clone()),
+            Some(g) => g.spec.exits.through.as_deref().map_or(Choice::None, named),
+        };
     }
     if let Some(name) = labels.get(GATEWAY_LABEL) {
         return named(name);
     }
     if let Some(chain) = labels.get(CHAIN_LABEL) {
+        // The chain's own last hop: labelled so, and owned by that chain (another gateway of the
+        // namespace given the label does not take the chain's clients).
         return here
             .iter()
             .find(|g| {
@@ -65,6 +68,9 @@ pub fn choose<'a>(
                     .as_ref()
                     .and_then(|l| l.get(LAST_HOP_LABEL))
                     == Some(chain)
+                    && g.metadata.owner_references.iter().flatten().any(|o| {
+                        o.kind == "VpnChain" && &o.name == chain && o.controller == Some(true)
+                    })
             })
             .map_or_else(
                 || Choice::Missing(format!("the last hop of chain {chain}")),
@@ -173,9 +179,11 @@ mod tests {
     #[test]
     fn a_hops_exits_are_clients_of_the_hop_before_and_a_chains_clients_of_its_last_hop() {
         let hop = |name: &str, through: Option<&str>, last_of: Option<&str>| -> VpnGateway {
+            let owner = json!([{"apiVersion": "cloak.dev/v1alpha1", "kind": "VpnChain",
+                "name": last_of.unwrap_or("c"), "uid": "u", "controller": true}]);
             serde_json::from_value(json!({
                 "apiVersion": "cloak.dev/v1alpha1", "kind": "VpnGateway",
-                "metadata": {"name": name, "namespace": "apps",
+                "metadata": {"name": name, "namespace": "apps", "ownerReferences": owner,
                     "labels": last_of.map(|c| json!({LAST_HOP_LABEL: c})).unwrap_or(json!({}))},
                 "spec": {"exits": {"count": 1, "through": through}},
             }))
@@ -186,6 +194,14 @@ mod tests {
             hop("c-hop-2", Some("c-hop-1"), None),
             hop("c-hop-3", Some("c-hop-2"), Some("c")),
             hop("loose", Some("gone"), None),
+            // Labelled as chain c's last hop, sorted before it, but not c's own.
+            serde_json::from_value(json!({
+                "apiVersion": "cloak.dev/v1alpha1", "kind": "VpnGateway",
+                "metadata": {"name": "a-impostor", "namespace": "apps",
+                    "labels": {LAST_HOP_LABEL: "c"}},
+                "spec": {"exits": {"count": 1}},
+            }))
+            .unwrap(),
         ];
         let choose = |l: &[(&str, &str)]| choose("apps", &labels(l), &gateways);
         assert_eq!(choose(&[("cloak.dev/exit-of", "c-hop-1")]), Choice::None);
@@ -197,6 +213,11 @@ mod tests {
             choose(&[("cloak.dev/exit-of", "loose")]),
             Choice::Missing("gone".into()),
             "an exit whose hop before is missing must not start outside it"
+        );
+        assert_eq!(
+            choose(&[("cloak.dev/exit-of", "c-hop-9")]),
+            Choice::Missing("c-hop-9".into()),
+            "an exit whose own gateway went is cut off, never freed"
         );
         assert_eq!(
             choose(&[("cloak.dev/chain", "c")]),

@@ -583,7 +583,9 @@ async fn an_exit_whose_tunnel_does_not_connect_or_that_a_user_moves_goes_to_the_
 /// kubelet would once its containers stopped (there is no kubelet here).
 async fn kubelet_confirms_deletion(client: &Client, ns: &str, pod: &str) {
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    let uid = pods.get(pod).await.unwrap().uid();
+    let Some(uid) = pods.get_opt(pod).await.unwrap().map(|p| p.uid()) else {
+        return;
+    };
     let deadline = Instant::now() + WAIT;
     // Deleted at once (grace 0: an exit with nothing to drain) it may be made again under its
     // name before this looks: a pod of another uid is the old one gone.
@@ -1069,9 +1071,32 @@ async fn a_hop_behind_a_dead_hop_is_not_moved_and_is_judged_again_once_the_hop_b
     let still = pods.get("onion-hop-2-exit-0").await.unwrap();
     assert_eq!(still.uid(), first.uid(), "hop 2 moved while hop 1 was down");
     assert!(still.metadata.deletion_timestamp.is_none());
-    // Hop 1 connects on its next server; hop 2 does not within its moveAfter from then: it is
-    // judged, and moves.
+    // Hop 1 connects on its next server. Hop 2's clock starts then, not when its tunnel went
+    // down: looked at again at once (a change to its gateway), it stays.
     run_hop(&client, ns.name(), 1, true).await;
+    until(
+        &client,
+        ns.name(),
+        "onion-hop-1",
+        "hop 1 healthy again",
+        |g, _| (g.status.as_ref()?.healthy_exits == 1).then_some(()),
+    )
+    .await;
+    Api::<VpnGateway>::namespaced(client.clone(), ns.name())
+        .patch(
+            "onion-hop-2",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {"test/poke": "1"}}})),
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let still = pods.get("onion-hop-2-exit-0").await.unwrap();
+    assert!(
+        still.uid() == first.uid() && still.metadata.deletion_timestamp.is_none(),
+        "hop 2 was judged by the time its tunnel was down behind a dead hop 1"
+    );
+    // It does not connect within its moveAfter from then: it is judged, and moves.
     kubelet_confirms_deletion(&client, ns.name(), "onion-hop-2-exit-0").await;
     let moved = until(
         &client,

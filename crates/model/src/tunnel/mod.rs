@@ -135,13 +135,24 @@ impl TunnelConfig {
     }
 
     /// Lowers the tunnel interface's MTU to `most` when it is above it (a chain's hop: what
-    /// fits through the hop before it).
+    /// fits through the hop before it). Under 1280 bytes the tunnel carries IPv4 alone (the
+    /// kernel keeps no IPv6 on such a link): its IPv6 addresses are dropped, so IPv6 is refused
+    /// as by any tunnel without it.
     pub fn cap_mtu(&mut self, most: u32) {
-        let mtu = match self {
-            Self::WireGuard(c) => &mut c.mtu,
-            Self::OpenVpn(c) => &mut c.mtu,
-        };
-        *mtu = (*mtu).min(most);
+        match self {
+            Self::WireGuard(c) => {
+                c.mtu = c.mtu.min(most);
+                if c.mtu < 1280 {
+                    c.addresses.retain(|a| a.addr().is_ipv4());
+                }
+            }
+            Self::OpenVpn(c) => {
+                c.mtu = c.mtu.min(most);
+                if c.mtu < 1280 {
+                    c.ipv6 = false;
+                }
+            }
+        }
     }
 
     /// DNS servers the credentials name (wg-quick `DNS =`), if any.
@@ -266,4 +277,30 @@ pub fn default_routes() -> Vec<IpNet> {
         IpNet::new(std::net::Ipv4Addr::UNSPECIFIED.into(), 0).unwrap_or_default(),
         IpNet::new(std::net::Ipv6Addr::UNSPECIFIED.into(), 0).unwrap_or_default(),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tunnel_capped_under_1280_bytes_drops_its_ipv6_and_one_above_keeps_it() {
+        let text = "[Interface]\nPrivateKey = wOEI9rqqbDwnN8/Bpp22sVz48T71vJ4fYmFWujulwUU=\nAddress = 10.64.0.2/32, fd00::2/128\n\n[Peer]\nPublicKey = wOEI9rqqbDwnN8/Bpp22sVz48T71vJ4fYmFWujulwUU=\nEndpoint = 192.0.2.1:51820\nAllowedIPs = 0.0.0.0/0, ::/0\n";
+        let wg = || {
+            TunnelConfig::WireGuard(wireguard::WireguardConfig::from_wg_quick(text, "ck0").unwrap())
+        };
+        let addresses = |t: &TunnelConfig| match t {
+            TunnelConfig::WireGuard(c) => c.addresses.len(),
+            TunnelConfig::OpenVpn(_) => 0,
+        };
+        let mut through_one = wg();
+        through_one.cap_mtu(1340);
+        assert_eq!((through_one.mtu(), addresses(&through_one)), (1340, 2));
+        let mut through_two = wg();
+        through_two.cap_mtu(1260);
+        assert_eq!((through_two.mtu(), addresses(&through_two)), (1260, 1));
+        let mut wide = wg();
+        wide.cap_mtu(9000);
+        assert_eq!(wide.mtu(), 1420, "never raised");
+    }
 }

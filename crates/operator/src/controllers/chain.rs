@@ -64,10 +64,13 @@ async fn apply(chain: &VpnChain, ctx: &Context) -> Result<Action> {
     let gateways: Api<VpnGateway> = Api::namespaced(ctx.client.clone(), &ns);
     let hops = chain.spec.hops.len();
 
-    // Every hop's gateway as the spec says now, outermost first. Unless the spec allows two
-    // hops on one provider, a hop is made once every hop before it holds its slot, and avoids
-    // their providers and those of the hops after it that hold one already (made before, or
-    // kept from an older spec). A gateway of that name the chain does not own is not taken over.
+    // Every hop's gateway as the spec says now, all at once: the last hop (the one that chooses
+    // the clients) exists from the start, so a pod the chain selects never starts outside it.
+    // Applied last hop first: when a hop is added at the end, the new last hop selects the
+    // clients before the old one stops. A hop takes its slot once the hop before holds one
+    // (its gateway waits for that), avoiding the providers the other hops hold: the lists are
+    // recomputed here whenever a hop's status changes. A gateway of that name the chain does
+    // not own is not taken over.
     let existing: Vec<VpnGateway> = gateways
         .list(&ListParams::default().labels(&format!("{}={name}", chain::LABEL_CHAIN)))
         .await?
@@ -84,8 +87,7 @@ async fn apply(chain: &VpnChain, ctx: &Context) -> Result<Action> {
             .clone()
     };
     let mut applied = Vec::with_capacity(hops);
-    let mut waiting = false;
-    for k in 1..=hops {
+    for k in (1..=hops).rev() {
         let hop = chain::hop_name(&name, k);
         if let Some(other) = gateways.get_opt(&hop).await?
             && !other
@@ -100,16 +102,10 @@ async fn apply(chain: &VpnChain, ctx: &Context) -> Result<Action> {
         let avoid: Vec<String> = if chain.spec.share_providers {
             Vec::new()
         } else {
-            let others: Vec<Option<String>> = (1..=hops)
+            let mut avoid: Vec<String> = (1..=hops)
                 .filter(|j| *j != k)
-                .map(|j| held_by(&chain::hop_name(&name, j)))
+                .filter_map(|j| held_by(&chain::hop_name(&name, j)))
                 .collect();
-            if k > 1 && held_by(&chain::hop_name(&name, k - 1)).is_none() {
-                // The hop before holds no slot yet: which provider to avoid is not known.
-                waiting = true;
-                break;
-            }
-            let mut avoid: Vec<String> = others.into_iter().flatten().collect();
             avoid.sort();
             avoid.dedup();
             avoid
@@ -124,7 +120,9 @@ async fn apply(chain: &VpnChain, ctx: &Context) -> Result<Action> {
             .await?;
         applied.push(gateway);
     }
-    // Hops past the end go (the last ones first: each is the client of the one before).
+    applied.reverse();
+    // Hops past the end go, each in the foreground: its exit pod goes before its gateway, so the
+    // node never sees a hop's exit whose gateway is gone (it would cut it off, never free it).
     for gateway in existing {
         let k: usize = gateway
             .labels()
@@ -133,7 +131,7 @@ async fn apply(chain: &VpnChain, ctx: &Context) -> Result<Action> {
             .unwrap_or(0);
         if k > hops && gateway.meta().deletion_timestamp.is_none() {
             gateways
-                .delete(&gateway.name_any(), &DeleteParams::background())
+                .delete(&gateway.name_any(), &DeleteParams::foreground())
                 .await?;
             tracing::info!(chain = %name, hop = k, "hop removed");
         }
@@ -143,12 +141,7 @@ async fn apply(chain: &VpnChain, ctx: &Context) -> Result<Action> {
     let hop_statuses: Vec<_> = (1..=hops)
         .map(|k| chain::hop_status(&name, k, applied.get(k - 1)))
         .collect();
-    let next = if waiting {
-        // The hop before holds its slot within a reconcile or two of its gateway's.
-        std::time::Duration::from_secs(2)
-    } else {
-        std::time::Duration::from_mins(1)
-    };
+    let next = std::time::Duration::from_mins(1);
     for (hop, old, new) in chain::switches(&previous.hops, &hop_statuses) {
         publish(
             ctx,

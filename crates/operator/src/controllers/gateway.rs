@@ -244,10 +244,13 @@ async fn apply(gateway: &VpnGateway, ctx: &Context) -> Result<Action> {
         }
     }
 
-    // Missing exits get a mask, each with a VXLAN identifier no other exit has.
+    // Missing exits get a mask, each with a VXLAN identifier no other exit has. A chain's hop
+    // takes its slot once the hop before holds one: the chain's list of providers to avoid
+    // then names that one.
     let mut vnis = Vnis::recorded(gateway);
+    let may_lease = upstream.as_ref().is_none_or(|u| u.holds_slot);
     for exit_name in &wanted {
-        if !found.contains_key(exit_name) {
+        if !found.contains_key(exit_name) && may_lease {
             let (mask, vni) = create_mask(gateway, exit_name, &owner, ctx).await?;
             vnis.assigned.insert(exit_name.clone(), vni);
             found.insert(exit_name.clone(), Found { mask, pod: None });
@@ -256,7 +259,8 @@ async fn apply(gateway: &VpnGateway, ctx: &Context) -> Result<Action> {
 
     // `auto`: what fits the smallest of the exits' tunnels (each pod says its server's) and,
     // wrapped in VXLAN, the pod network.
-    // Read from pods a tenant may edit: never outside `spec.mtu`'s range. With no pod to ask
+    // Read from pods a tenant may edit: never outside 576 (IPv4's minimum: a deep chain's hop
+    // carries less than IPv6's 1280) to 9000. With no pod to ask
     // (all moving), the last figure stands.
     let tunnel_mtu = found
         .values()
@@ -359,7 +363,7 @@ async fn apply(gateway: &VpnGateway, ctx: &Context) -> Result<Action> {
         .map_or(exit::MOVE_AFTER, cloak_api::GoDuration::get);
     let now = k8s_openapi::jiff::Timestamp::now();
     let mut moves: BTreeMap<String, String> = BTreeMap::new();
-    let mut next_check = RESYNC;
+    let mut next_check = if may_lease { RESYNC } else { UPSTREAM_WAIT };
     for (exit_name, f) in &mut found {
         let Some(held) = f.mask.status.as_ref().and_then(|s| s.provider.clone()) else {
             continue;
@@ -431,14 +435,16 @@ async fn apply(gateway: &VpnGateway, ctx: &Context) -> Result<Action> {
                     }
                     // Asked to move, a working exit drains its flows first. One whose tunnel
                     // has not connected (or whose pod stopped) carries none (the nodes took it
-                    // out when it stopped answering them, and reset its flows): it goes at once,
-                    // so its replacement starts without waiting out a drain.
+                    // out when it stopped answering them, and reset its flows): it gets a second
+                    // to stop, not a drain, so its replacement starts soon. Not a force delete
+                    // (grace 0): the pod stays in the API until its kubelet has stopped it, so
+                    // the replacement, on the same slot, never runs beside it.
                     exit::move_reason(&view, asked, down, move_after).map(|why| {
                         let how = if asked {
                             DeleteParams::background()
                         } else {
                             DeleteParams {
-                                grace_period_seconds: Some(0),
+                                grace_period_seconds: Some(1),
                                 ..DeleteParams::background()
                             }
                         };
@@ -937,6 +943,8 @@ struct Upstream {
     healthy: bool,
     /// Since when (its `Ready` condition's transition), in seconds.
     healthy_since: Option<i64>,
+    /// Whether each of its exits holds a provider's slot.
+    holds_slot: bool,
 }
 
 impl Upstream {
@@ -969,6 +977,8 @@ impl Upstream {
             .find(|c| c.type_ == "Ready" && c.status == "True");
         Ok(Self {
             mtu: status.mtu,
+            holds_slot: !status.exits.is_empty()
+                && status.exits.iter().all(|e| e.provider.is_some()),
             healthy: status.healthy_exits > 0,
             healthy_since: ready.map(|c| c.last_transition_time.0.as_second()),
         })
