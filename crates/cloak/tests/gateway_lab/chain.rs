@@ -69,43 +69,49 @@ fn server_number(hop: &Value) -> u8 {
 /// provider's verification pod connected to it straight from a node before the hop did.
 fn forget_seen(lab: &lab::TestLab, p: &layout::Provider, k: u8) {
     let port = p.port(k).to_string();
-    let _ = lab.exec_in(
-        &format!("p{}", p.index),
-        &[
-            "conntrack",
-            "-D",
-            "-p",
-            "udp",
-            "--dport",
-            &port,
-            "-d",
-            &p.server(k),
-        ],
-    );
-}
-
-/// The source addresses provider `p`'s namespace saw for the tunnel flows to its server `k`.
-fn seen_by(lab: &lab::TestLab, p: &layout::Provider, k: u8) -> Vec<String> {
-    let port = p.port(k).to_string();
-    let table = lab
-        .exec_in(
+    for direction in [["--dport", "-d"], ["--sport", "-s"]] {
+        let _ = lab.exec_in(
             &format!("p{}", p.index),
             &[
                 "conntrack",
-                "-L",
+                "-D",
                 "-p",
                 "udp",
-                "--dport",
+                direction[0],
                 &port,
-                "-d",
+                direction[1],
                 &p.server(k),
             ],
-        )
+        );
+    }
+}
+
+/// The addresses provider `p`'s namespace saw its server `k`'s tunnel flows with: the flow's
+/// far end, whichever side sent first (after [`forget_seen`], the server's own keepalive may).
+fn seen_by(lab: &lab::TestLab, p: &layout::Provider, k: u8) -> Vec<String> {
+    let (server, port) = (p.server(k), p.port(k).to_string());
+    let table = lab
+        .exec_in(&format!("p{}", p.index), &["conntrack", "-L", "-p", "udp"])
         .unwrap_or_default();
     let mut seen: Vec<String> = table
         .lines()
-        .filter_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("src=")))
-        .map(str::to_owned)
+        .filter_map(|l| {
+            // The original direction's tuple: its first src=, dst=, sport=, dport=.
+            let field = |key: &str| {
+                l.split_whitespace()
+                    .find_map(|w| w.strip_prefix(key))
+                    .map(str::to_owned)
+            };
+            let (src, dst) = (field("src=")?, field("dst=")?);
+            let (sport, dport) = (field("sport=")?, field("dport=")?);
+            if dst == server && dport == port {
+                Some(src)
+            } else if src == server && sport == port {
+                Some(dst)
+            } else {
+                None
+            }
+        })
         .collect();
     seen.sort();
     seen.dedup();
