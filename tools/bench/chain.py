@@ -52,21 +52,6 @@ def set_hops(lab, count):
                 "-p", json.dumps({"spec": {"hops": hops}}))
 
 
-def client(lab, name):
-    yaml = (f"apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {gw.NS}\n"
-            f"  labels: {{app: chain-bench, cloak.dev/chain: {CHAIN}}}\nspec:\n"
-            f"  terminationGracePeriodSeconds: 0\n  containers:\n    - name: c\n"
-            f"      image: cloak.dev/lab/client:dev\n      imagePullPolicy: Never\n"
-            f"      command: [sleep, \"100000\"]\n")
-    subprocess.run([lab.cloak, "lab", "kubectl", "--name", lab.name, "--", "apply", "-f", "-"],
-                   input=yaml, text=True, check=True, capture_output=True)
-
-    def running():
-        p = lab.json("-n", gw.NS, "get", "pod", name)
-        return p if p["status"].get("phase") == "Running" else None
-    return lab.wait(f"pod {name} Running", running, 120)
-
-
 def rate(report):
     return report["bytes"] * 8 / report["seconds"] / 1e6  # Mbit/s, 10^6 bits
 
@@ -206,7 +191,7 @@ def main():
                                "serve"])
     try:
         healthy(lab, 3)
-        client(lab, "cbench")
+        lab.client("cbench", labels=f"{{app: chain-bench, cloak.dev/chain: {CHAIN}}}")
         if "throughput" in parts:
             bench_throughput(lab, 100)
         if "cost" in parts:

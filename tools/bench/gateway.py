@@ -254,8 +254,12 @@ class Lab:
             raise SystemExit(f"{args} in {pod}: {r.stderr}")
         return r.stdout
 
-    def client(self, name, labelled=True):
-        labels = f"{{app: gw-bench, cloak.dev/gateway: {GATEWAY}}}" if labelled else "{app: gw-bench}"
+    def client(self, name, labelled=True, labels=None):
+        """Pod `name` once Running: the gateway's client (`labelled`), a plain pod, or a pod
+        with `labels` (YAML flow mapping)."""
+        if labels is None:
+            labels = (f"{{app: gw-bench, cloak.dev/gateway: {GATEWAY}}}" if labelled
+                      else "{app: gw-bench}")
         yaml = (f"apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {NS}\n"
                 f"  labels: {labels}\nspec:\n  terminationGracePeriodSeconds: 0\n  containers:\n"
                 f"    - name: c\n      image: cloak.dev/lab/client:dev\n      imagePullPolicy: Never\n"

@@ -135,8 +135,11 @@ fn the_charts_crds_are_the_generated_ones_marked_keep() {
         "charts/cloak/files/crds.yaml drifted: copy deploy/crds/cloak.dev.yaml over it"
     );
     let rendered = render("default", &[]);
-    // One per CRD: VpnProvider, VpnMask, VpnGateway.
-    assert_eq!(rendered.matches("helm.sh/resource-policy: keep").count(), 3);
+    // One per CRD: VpnProvider, VpnMask, VpnGateway, VpnChain.
+    assert_eq!(
+        rendered.matches("helm.sh/resource-policy: keep").count(),
+        cloak_api::crds().len()
+    );
 }
 
 /// The chart's RBAC is enough for the operator: applied for real, then the operator runs as the

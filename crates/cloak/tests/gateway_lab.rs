@@ -842,33 +842,7 @@ fn a_client_pings_the_internet_at_its_gateways_mtu_with_dont_fragment_and_one_by
     assert_eq!(mtu, 1420, "{gw}");
     let client = running_client(lab, "gw-mtu");
     let netns = pod_netns(&str_at(&client, "/metadata/uid"));
-    let ping = |payload: u64| {
-        std::process::Command::new("nsenter")
-            .arg(format!("--net={netns}"))
-            .args(["ping", "-n", "-M", "do", "-c", "1", "-W", "3", "-s"])
-            .arg(payload.to_string())
-            .arg(ECHO)
-            .output()
-            .unwrap()
-    };
-    // IPv4's 20 bytes and ICMP's 8 around the payload.
-    let fits = (1..=3).any(|_| ping(mtu - 28).status.success());
-    assert!(
-        fits,
-        "a {mtu}-byte packet did not pass: {:?}",
-        ping(mtu - 28)
-    );
-    let over = ping(mtu - 27);
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&over.stdout),
-        String::from_utf8_lossy(&over.stderr)
-    );
-    assert!(
-        !over.status.success() && said.contains(&format!("mtu={mtu}")),
-        "a {}-byte packet: {said}",
-        mtu + 1
-    );
+    assert_pings_at_mtu(&netns, mtu);
     // Each exit's end of the links has the pod network's MTU less VXLAN's 50 bytes.
     for exit in gw["status"]["exits"].as_array().unwrap() {
         let inside = pod_netns(&str_at(&exit_pod(lab, exit), "/metadata/uid"));

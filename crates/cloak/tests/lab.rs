@@ -236,7 +236,16 @@ fn the_chart_installs_two_ready_replicas_rolls_out_an_upgrade_hands_leadership_o
         .collect();
     assert_eq!(
         names,
-        ["gw-alpha", "gw-beta", "ovpn-gamma", "wg-alpha", "wg-beta"]
+        [
+            "chain-alpha",
+            "chain-beta",
+            "chain-gamma",
+            "gw-alpha",
+            "gw-beta",
+            "ovpn-gamma",
+            "wg-alpha",
+            "wg-beta"
+        ]
     );
 
     // Back as the lab installed it, for the other tests.

@@ -937,6 +937,33 @@ async fn pods_of(client: &Client, ns: &str, name: &str) -> Pod {
         .unwrap()
 }
 
+/// Polls `check` on chain `onion`'s status until it returns `Some`, for at most [`WAIT`].
+async fn until_chain<T>(
+    client: &Client,
+    ns: &str,
+    what: &str,
+    check: impl Fn(&cloak_api::VpnChainStatus) -> Option<T>,
+) -> T {
+    let chains: Api<VpnChain> = Api::namespaced(client.clone(), ns);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let status = chains
+            .get("onion")
+            .await
+            .unwrap()
+            .status
+            .unwrap_or_default();
+        if let Some(found) = check(&status) {
+            return found;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not within {WAIT:?}; chain status {status:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Hop `k`'s exit pod running, its tunnel connected or not.
 async fn run_hop(client: &Client, ns: &str, k: usize, ready: bool) -> Pod {
     let gateway = format!("onion-hop-{k}");
@@ -992,29 +1019,18 @@ async fn a_chains_hops_are_gateways_through_the_hop_before_each_on_a_provider_no
         assert_eq!(g.owner_references()[0].kind, "VpnChain");
     }
     assert_eq!(held.len(), 3, "two hops share a provider: {held:?}");
-    let chains: Api<VpnChain> = Api::namespaced(client.clone(), ns.name());
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let status = chains
-            .get("onion")
-            .await
-            .unwrap()
-            .status
-            .unwrap_or_default();
+    let gateway = until_chain(&client, ns.name(), "the chain's status", |status| {
         let shared = status
             .conditions
             .iter()
             .find(|c| c.type_ == "ProvidersShared");
-        if status.hops.len() == 3
+        (status.hops.len() == 3
             && status.hops.iter().all(|h| h.provider.is_some())
-            && shared.is_some_and(|c| c.status == "False")
-        {
-            assert_eq!(status.gateway.as_deref(), Some("onion-hop-3"));
-            break;
-        }
-        assert!(Instant::now() < deadline, "chain status: {status:#?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+            && shared.is_some_and(|c| c.status == "False"))
+        .then(|| status.gateway.clone())
+    })
+    .await;
+    assert_eq!(gateway.as_deref(), Some("onion-hop-3"));
 }
 
 #[tokio::test]
@@ -1114,22 +1130,12 @@ async fn a_hop_behind_a_dead_hop_is_not_moved_and_is_judged_again_once_the_hop_b
         moved.annotations()[exit::ANNOTATION_SERVER],
         first.annotations()[exit::ANNOTATION_SERVER]
     );
-    let chains: Api<VpnChain> = Api::namespaced(client.clone(), ns.name());
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let status = chains
-            .get("onion")
-            .await
-            .unwrap()
-            .status
-            .unwrap_or_default();
-        if status.hops.get(1).is_some_and(|h| h.switches == 1) {
-            assert_eq!(status.hops[0].switches, 1, "{status:#?}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "chain status: {status:#?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let switches = until_chain(&client, ns.name(), "hop 2's switch counted", |status| {
+        let counts: Vec<u32> = status.hops.iter().map(|h| h.switches).collect();
+        (counts.get(1) == Some(&1)).then_some(counts)
+    })
+    .await;
+    assert_eq!(switches, [1, 1], "hop 1 moved once, hop 2 once");
     let deadline = Instant::now() + WAIT;
     while !event_reasons(&client, ns.name())
         .await

@@ -43,18 +43,7 @@ fn running_chain_client(lab: &lab::TestLab, name: &str) -> Value {
     lab.apply(&format!(
         "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {DEMO_NAMESPACE}\n  labels: {{cloak.dev/chain: {CHAIN}, app: chain-test}}\nspec:\n  terminationGracePeriodSeconds: 0\n  containers:\n    - name: c\n      image: cloak.dev/lab/client:dev\n      imagePullPolicy: Never\n      command: [sleep, \"100000\"]\n"
     ));
-    eventually(
-        &format!("pod {name} Running"),
-        Duration::from_secs(90),
-        || {
-            let pod = lab.json(&["-n", DEMO_NAMESPACE, "get", "pod", name]);
-            if pod["status"]["phase"] == "Running" {
-                Ok(pod)
-            } else {
-                Err(format!("{}", pod["status"]))
-            }
-        },
-    )
+    until_running(lab, name)
 }
 
 /// The server number `k` of a hop's `server` status (`server-4` → 4).
@@ -205,32 +194,7 @@ fn a_chain_client_pings_at_the_mtu_computed_through_every_hop_with_dont_fragment
         .map(|k| pod_netns(&str_at(&hop_pod(lab, k), "/metadata/uid")))
         .collect();
     let before: Vec<u64> = hop_netns.iter().map(|n| fragments_made(n)).collect();
-    let ping = |payload: u64| {
-        std::process::Command::new("nsenter")
-            .arg(format!("--net={netns}"))
-            .args(["ping", "-n", "-M", "do", "-c", "1", "-W", "3", "-s"])
-            .arg(payload.to_string())
-            .arg(ECHO)
-            .output()
-            .unwrap()
-    };
-    let fits = (1..=3).any(|_| ping(mtu - 28).status.success());
-    assert!(
-        fits,
-        "a {mtu}-byte packet did not pass: {:?}",
-        ping(mtu - 28)
-    );
-    let over = ping(mtu - 27);
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&over.stdout),
-        String::from_utf8_lossy(&over.stderr)
-    );
-    assert!(
-        !over.status.success() && said.contains(&format!("mtu={mtu}")),
-        "a {}-byte packet: {said}",
-        mtu + 1
-    );
+    assert_pings_at_mtu(&netns, mtu);
     // A full-size TCP exchange too (the clamped MSS), then no hop has fragmented anything.
     assert_eq!(ask(lab, "chain-mtu", 3).len(), 3);
     let after: Vec<u64> = hop_netns.iter().map(|n| fragments_made(n)).collect();

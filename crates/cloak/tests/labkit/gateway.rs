@@ -108,7 +108,7 @@ pub(crate) fn running_client_on(lab: &TestLab, name: &str, node: Option<&str>) -
 }
 
 /// The pod `name` of the demo namespace once it runs (90 s at most).
-fn until_running(lab: &TestLab, name: &str) -> Value {
+pub(crate) fn until_running(lab: &TestLab, name: &str) -> Value {
     eventually(
         &format!("pod {name} Running"),
         Duration::from_secs(90),
@@ -446,4 +446,36 @@ pub(crate) fn settled_client_links(lab: &TestLab, nodes: &[String]) -> Vec<Vec<S
             }
         },
     )
+}
+
+/// A client pod at `netns` pings the echo service with don't-fragment: a packet of exactly `mtu`
+/// bytes passes (one of three tries), and one byte more is refused at once, naming that MTU.
+pub(crate) fn assert_pings_at_mtu(netns: &str, mtu: u64) {
+    let ping = |payload: u64| {
+        std::process::Command::new("nsenter")
+            .arg(format!("--net={netns}"))
+            .args(["ping", "-n", "-M", "do", "-c", "1", "-W", "3", "-s"])
+            .arg(payload.to_string())
+            .arg(ECHO)
+            .output()
+            .unwrap()
+    };
+    // IPv4's 20 bytes and ICMP's 8 around the payload.
+    let fits = (1..=3).any(|_| ping(mtu - 28).status.success());
+    assert!(
+        fits,
+        "a {mtu}-byte packet did not pass: {:?}",
+        ping(mtu - 28)
+    );
+    let over = ping(mtu - 27);
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&over.stdout),
+        String::from_utf8_lossy(&over.stderr)
+    );
+    assert!(
+        !over.status.success() && said.contains(&format!("mtu={mtu}")),
+        "a {}-byte packet: {said}",
+        mtu + 1
+    );
 }
