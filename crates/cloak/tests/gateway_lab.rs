@@ -310,6 +310,17 @@ fn a_deleted_exit_drains_keeping_its_established_flows_taking_no_new_ones_and_le
         "/metadata/uid",
     );
     let leaks = Leaks::install(lab, &str_at(&pod, "/status/podIP"));
+    // The client is carried before its flows are counted. (Once, in a full run with the example
+    // chain still coming up, a new client's first twelve flows were all refused at once by its
+    // node: an open question noted with issue 23, not this test's subject, which is the drain.)
+    eventually("the client is carried", Duration::from_secs(30), || {
+        let answers = ask(lab, name, 1);
+        if answers.iter().all(|a| *a == draining || *a == survivor) {
+            Ok(())
+        } else {
+            Err(format!("{answers:?}"))
+        }
+    });
 
     let (answers, flows_ended) = std::thread::scope(|scope| {
         // Twelve flows, each on either exit: all twelve on the survivor is 1 run in 4,096.
