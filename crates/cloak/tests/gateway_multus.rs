@@ -61,6 +61,8 @@ fn under_multus_the_plugin_joins_the_delegated_list_and_pods_on_either_node_egre
     }
 
     let nodes: Vec<String> = (1..=2).map(layout::node_name).collect();
+    // The example chain's hops are clients too, each made once the hop before it is up.
+    healthy_example_chain(lab);
     let settled = settled_client_links(lab, &nodes);
     let before: Vec<(Vec<String>, usize)> = settled
         .into_iter()

@@ -13,19 +13,7 @@ const CHAIN: &str = "onion";
 
 /// The example chain once every hop carries traffic and the last one's address is known.
 pub(crate) fn healthy_chain(lab: &lab::TestLab) -> Value {
-    eventually(
-        "chain onion: every hop healthy",
-        Duration::from_mins(5),
-        || {
-            let chain = lab.json(&["-n", DEMO_NAMESPACE, "get", "vpnchain", CHAIN]);
-            let status = &chain["status"];
-            if status["healthyHops"] == 3 && status["publicAddress"].is_string() {
-                Ok(chain)
-            } else {
-                Err(status.to_string())
-            }
-        },
-    )
+    healthy_example_chain(lab)
 }
 
 /// The fake providers in the example's order of hops.

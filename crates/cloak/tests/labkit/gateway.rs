@@ -479,3 +479,22 @@ pub(crate) fn assert_pings_at_mtu(netns: &str, mtu: u64) {
         mtu + 1
     );
 }
+
+/// The lab's example chain (`onion`, `examples/lab/60-chain.yaml`) once every hop carries
+/// traffic and the last one's address is known: its hops' exits are clients too, each made once
+/// the hop before is up, so counts of client links settle only then.
+pub(crate) fn healthy_example_chain(lab: &TestLab) -> Value {
+    eventually(
+        "chain onion: every hop healthy",
+        Duration::from_mins(5),
+        || {
+            let chain = lab.json(&["-n", DEMO_NAMESPACE, "get", "vpnchain", "onion"]);
+            let status = &chain["status"];
+            if status["healthyHops"] == 3 && status["publicAddress"].is_string() {
+                Ok(chain)
+            } else {
+                Err(status.to_string())
+            }
+        },
+    )
+}
