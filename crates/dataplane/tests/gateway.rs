@@ -87,8 +87,8 @@ impl Gateway {
                 iface: "ckg1".into(),
                 address: CLIENT_ADDRESS.parse().unwrap(),
                 gateway: 0,
+                mss: 1360,
             }],
-            mss: 1360,
         };
         let mut gateway = Self { net, plan };
         gateway.apply();

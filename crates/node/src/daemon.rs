@@ -1070,7 +1070,8 @@ impl Daemon {
             );
         }
         let mut exits = Vec::new();
-        let mut mtu = u16::MAX;
+        // Each gateway's clients' MTU, by its node-local number: their flows' MSS clamp.
+        let mut mtus: BTreeMap<u16, u16> = BTreeMap::new();
         let mut live_vnis = std::collections::BTreeSet::new();
         for ((ns, name), id) in &state.gateway_ids {
             let Some(gateway) = gateways
@@ -1082,7 +1083,7 @@ impl Daemon {
             let Some(status) = gateway.status.as_ref() else {
                 continue;
             };
-            mtu = mtu.min(status.mtu.unwrap_or(1420));
+            mtus.insert(*id, status.mtu.unwrap_or(1420));
             for exit in &status.exits {
                 let Some(remote) = exit.pod_ip.as_deref().and_then(|ip| ip.parse().ok()) else {
                     continue;
@@ -1134,22 +1135,25 @@ impl Daemon {
         let clients = state
             .clients
             .values()
-            .map(|c| ClientPort {
-                iface: c.iface.clone(),
-                address: c.address,
-                gateway: state
+            .map(|c| {
+                let gateway = state
                     .gateway_ids
                     .get(&(c.pod_namespace.clone(), c.gateway.clone()))
                     .copied()
-                    .unwrap_or_default(),
+                    .unwrap_or_default();
+                let mtu = mtus.get(&gateway).copied().unwrap_or(1420);
+                ClientPort {
+                    iface: c.iface.clone(),
+                    address: c.address,
+                    gateway,
+                    mss: cloak_model::gateway::mss(mtu, false),
+                }
             })
             .collect();
-        let mtu = if mtu == u16::MAX { 1420 } else { mtu };
         NodePlan {
             transit: self.options.transit,
             exits: links,
             clients,
-            mss: cloak_model::gateway::mss(mtu, false),
         }
     }
 

@@ -369,8 +369,8 @@ tcp      6 431999 ESTABLISHED src=fd00:10::5 dst=fd00:10::9 sport=9090 dport=500
                 iface: "ckg1".into(),
                 address: Ipv4Addr::new(198, 18, 0, 2),
                 gateway: 0,
+                mss: 1360,
             }],
-            mss: 1360,
         }
     }
 
@@ -405,11 +405,13 @@ tcp      6 431999 ESTABLISHED src=fd00:10::5 dst=fd00:10::9 sport=9090 dport=500
             iface: "ckg2".into(),
             address: Ipv4Addr::new(198, 18, 0, 3),
             gateway: 1,
+            mss: 1228,
         });
         two.clients.push(ClientPort {
             iface: "ckg3".into(),
             address: Ipv4Addr::new(198, 18, 0, 4),
             gateway: 2,
+            mss: 1360,
         });
         let picks: Vec<String> = two
             .render()
@@ -424,6 +426,23 @@ tcp      6 431999 ESTABLISHED src=fd00:10::5 dst=fd00:10::9 sport=9090 dport=500
                 "iifname { \"ckg2\" } meta nfproto ipv4 ct state new ct mark set numgen random mod 1 map { 0 : 0x43020000 }",
             ],
             "gateway 2 has no exit: its client gets no mark and is refused"
+        );
+        // Each client's flows are clamped to its own gateway's MSS: a gateway with a small MTU
+        // (a deep chain's 1268) lowers no other gateway's clients.
+        let clamps: Vec<String> = two
+            .render()
+            .lines()
+            .filter(|l| l.contains("maxseg size set") && l.contains("ipv4"))
+            .map(|l| l.trim().to_owned())
+            .collect();
+        assert_eq!(
+            clamps,
+            [
+                "iifname { \"ckg2\" } oifname \"ckx*\" meta nfproto ipv4 tcp flags syn / syn,rst tcp option maxseg size > 1228 tcp option maxseg size set 1228",
+                "iifname \"ckx*\" oifname { \"ckg2\" } meta nfproto ipv4 tcp flags syn / syn,rst tcp option maxseg size > 1228 tcp option maxseg size set 1228",
+                "iifname { \"ckg1\", \"ckg3\" } oifname \"ckx*\" meta nfproto ipv4 tcp flags syn / syn,rst tcp option maxseg size > 1360 tcp option maxseg size set 1360",
+                "iifname \"ckx*\" oifname { \"ckg1\", \"ckg3\" } meta nfproto ipv4 tcp flags syn / syn,rst tcp option maxseg size > 1360 tcp option maxseg size set 1360",
+            ]
         );
     }
 
@@ -457,7 +476,8 @@ tcp      6 431999 ESTABLISHED src=fd00:10::5 dst=fd00:10::9 sport=9090 dport=500
         for rule in [
             "meta nfproto ipv6 snat ip6 to fd63:6c6b::c613:2",
             "meta nfproto ipv4 snat ip to 198.19.0.2",
-            "meta nfproto ipv6 tcp flags syn / syn,rst tcp option maxseg size > 1340 tcp option maxseg size set 1340",
+            "iifname { \"ckg1\" } oifname \"ckx*\" meta nfproto ipv6 tcp flags syn / syn,rst tcp option maxseg size > 1340 tcp option maxseg size set 1340",
+            "iifname \"ckx*\" oifname { \"ckg1\" } meta nfproto ipv4 tcp flags syn / syn,rst tcp option maxseg size > 1360 tcp option maxseg size set 1360",
             "ip6 saddr fd63:6c6b::c613:0/112 oifname != \"ckx*\" drop",
         ] {
             assert!(rendered.contains(rule), "{rule}: {rendered}");

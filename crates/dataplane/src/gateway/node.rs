@@ -18,6 +18,9 @@ pub struct ClientPort {
     pub address: Ipv4Addr,
     /// The gateway it belongs to (a node-local number): its flows go to that gateway's exits.
     pub gateway: u16,
+    /// TCP MSS clamped on its flows, both ways (NETNOTES trap 2): its own gateway's, so that a
+    /// gateway with a small MTU (a deep chain's) lowers no other gateway's clients.
+    pub mss: u16,
 }
 
 /// What a node's exit link is for, as health and rollouts decide.
@@ -61,8 +64,6 @@ pub struct NodePlan {
     pub transit: Ipv4Addr,
     pub exits: Vec<ExitLink>,
     pub clients: Vec<ClientPort>,
-    /// TCP MSS clamped on client flows, both ways (NETNOTES trap 2).
-    pub mss: u16,
 }
 
 impl NodePlan {
@@ -137,7 +138,25 @@ impl NodePlan {
                  \t\tct mark {{ {marks} }} drop\n"
             )
         };
-        let clamp = clamps(self.mss);
+        // One set of clamps per MSS, over the clients whose gateways have it.
+        let mut by_mss: std::collections::BTreeMap<u16, Vec<String>> =
+            std::collections::BTreeMap::new();
+        for client in &self.clients {
+            by_mss
+                .entry(client.mss)
+                .or_default()
+                .push(format!("\"{}\"", client.iface));
+        }
+        let mut clamp = String::new();
+        for (mss, ifaces) in &by_mss {
+            let set = format!("{{ {} }}", ifaces.join(", "));
+            let links = format!("\"{LINK_PREFIX}*\"");
+            for (from, to) in [(&set, &links), (&links, &set)] {
+                for rule in clamps(*mss) {
+                    let _ = writeln!(clamp, "\t\tiifname {from} oifname {to} {rule}");
+                }
+            }
+        }
         // IPv6 with no exit's mark is refused here, before routing: a node with no IPv6 route of
         // its own would otherwise answer it with rate-limited "no route" errors, a second
         // apart, instead of at once. The link's own traffic (neighbour discovery) and the
@@ -158,10 +177,7 @@ impl NodePlan {
              \t}}\n\
              \tchain forward {{\n\
              \t\ttype filter hook forward priority filter; policy accept;\n\
-             \t\tiifname \"{CLIENT_PREFIX}*\" oifname \"{LINK_PREFIX}*\" {clamp_v4}\n\
-             \t\tiifname \"{CLIENT_PREFIX}*\" oifname \"{LINK_PREFIX}*\" {clamp_v6}\n\
-             \t\tiifname \"{LINK_PREFIX}*\" oifname \"{CLIENT_PREFIX}*\" {clamp_v4}\n\
-             \t\tiifname \"{LINK_PREFIX}*\" oifname \"{CLIENT_PREFIX}*\" {clamp_v6}\n\
+             {clamp}\
              {refuse_dead}\
              \t\tiifname \"{CLIENT_PREFIX}*\" oifname \"{LINK_PREFIX}*\" ct mark and {TAG_MASK:#x} == {MARK_TAG:#x} accept\n\
              \t\tiifname \"{LINK_PREFIX}*\" oifname \"{CLIENT_PREFIX}*\" ct state established,related accept\n\
@@ -201,8 +217,6 @@ impl NodePlan {
              }}\n",
             transit = self.transit,
             transit6 = twin(self.transit),
-            clamp_v4 = clamp[0],
-            clamp_v6 = clamp[1],
         )
     }
 
