@@ -156,17 +156,7 @@ def bench_repair(lab, drills):
 
 def bench_cost(lab):
     hz = os.sysconf("SC_CLK_TCK")
-    pids = {}
-    for k in (1, 2, 3):
-        p = lab.json("-n", gw.NS, "get", "pod", hop_pod(k))
-        uid = p["metadata"]["uid"]
-        root = f"/sys/fs/cgroup/memory/cloak-lab-{lab.name}-{p['spec']['nodeName']}"
-        found = []
-        for dirpath, _, files in os.walk(root):
-            if uid in dirpath and not dirpath.endswith(uid) and "cgroup.procs" in files:
-                with open(os.path.join(dirpath, "cgroup.procs")) as f:
-                    found += f.read().split()
-        pids[k] = [q for q in set(found) if gw.comm(q) not in ("pause", None)]
+    pids = {k: lab.pod_processes(gw.NS, hop_pod(k)) for k in (1, 2, 3)}
     before = {k: [gw.rss_cpu(q) for q in v] for k, v in pids.items()}
     pid = lab.pod_pid("cbench")
     load = subprocess.Popen(["nsenter", "-t", pid, "-n", sys.executable, gw.HERE, "send", "100"],

@@ -246,6 +246,18 @@ class Lab:
                     return pids[0]
         raise SystemExit(f"no process of pod {pod}")
 
+    def pod_processes(self, ns, pod):
+        """Every process of the pod (found by its cgroups) but its sandbox's `pause`."""
+        p = self.json("-n", ns, "get", "pod", pod)
+        uid = p["metadata"]["uid"]
+        root = f"/sys/fs/cgroup/memory/cloak-lab-{self.name}-{p['spec']['nodeName']}"
+        found = []
+        for dirpath, _, files in os.walk(root):
+            if uid in dirpath and not dirpath.endswith(uid) and "cgroup.procs" in files:
+                with open(os.path.join(dirpath, "cgroup.procs")) as f:
+                    found += f.read().split()
+        return [q for q in set(found) if comm(q) not in ("pause", None)]
+
     def in_pod(self, pod, *args, timeout=300):
         pid = self.pod_pid(pod)
         r = subprocess.run(["nsenter", "-t", pid, "-n", sys.executable, HERE, *args],
@@ -410,18 +422,7 @@ def cost(lab):
     procs = {f"node component ({p['spec']['nodeName']})": ("cloak-system", p["metadata"]["name"])
              for p in node_pods["items"]}
     procs.update({f"exit {e['name']}": (NS, e["name"]) for e in exits})
-    pids = {}
-    for label, (ns, pod) in procs.items():
-        p = lab.json("-n", ns, "get", "pod", pod)
-        uid = p["metadata"]["uid"]
-        root = f"/sys/fs/cgroup/memory/cloak-lab-{lab.name}-{p['spec']['nodeName']}"
-        found = []
-        for dirpath, _, files in os.walk(root):
-            if uid in dirpath and not dirpath.endswith(uid) and "cgroup.procs" in files:
-                with open(os.path.join(dirpath, "cgroup.procs")) as f:
-                    found += f.read().split()
-        # The pod's processes but its sandbox's `pause`.
-        pids[label] = [p for p in set(found) if comm(p) not in ("pause", None)]
+    pids = {label: lab.pod_processes(ns, pod) for label, (ns, pod) in procs.items()}
     before = {k: [rss_cpu(p) for p in v] for k, v in pids.items()}
     time.sleep(30)
     for label, v in pids.items():

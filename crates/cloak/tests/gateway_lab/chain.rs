@@ -95,17 +95,9 @@ fn seen_by(lab: &lab::TestLab, p: &layout::Provider, k: u8) -> Vec<String> {
     seen
 }
 
-/// The pod of hop `k`'s exit.
+/// The pod of hop `k`'s exit (the one exit of its gateway).
 fn hop_pod(lab: &lab::TestLab, k: usize) -> Value {
-    let pods = lab.json(&[
-        "-n",
-        DEMO_NAMESPACE,
-        "get",
-        "pod",
-        "-l",
-        &format!("cloak.dev/exit-of={CHAIN}-hop-{k}"),
-    ]);
-    pods["items"][0].clone()
+    exit_pod_named(lab, &format!("{CHAIN}-hop-{k}-exit-0"))
 }
 
 /// IPv4 fragments made in the network namespace at `netns` since it was made.

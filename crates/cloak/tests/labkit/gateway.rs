@@ -158,13 +158,18 @@ pub(crate) fn pod_process(uid: &str, comm: Option<&str>) -> u32 {
 
 /// The pod of a gateway's exit as its status lists it.
 pub(crate) fn exit_pod(lab: &TestLab, exit: &Value) -> Value {
+    exit_pod_named(lab, &str_at(exit, "/name"))
+}
+
+/// The pod of the exit called `name` (its label `cloak.dev/exit`).
+pub(crate) fn exit_pod_named(lab: &TestLab, name: &str) -> Value {
     let pods = lab.json(&[
         "-n",
         DEMO_NAMESPACE,
         "get",
         "pod",
         "-l",
-        &format!("cloak.dev/exit={}", str_at(exit, "/name")),
+        &format!("cloak.dev/exit={name}"),
     ]);
     pods["items"][0].clone()
 }
