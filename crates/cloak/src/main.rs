@@ -20,7 +20,8 @@ enum Command {
     Crds,
     /// Run the VpnProvider and VpnMask controllers (in the cluster, or against any kubeconfig).
     Operator(OperatorArgs),
-    /// Forward host ports to NodePort Services from `cloak.dev/external-ports` annotations.
+    /// Forward host ports to NodePort Services from `cloak.dev/external-ports` annotations
+    /// (or Epok's `epok.getbetter.ro/externalports`; Epok's flags and EPOK_* variables work too).
     Portfwd(PortfwdArgs),
     /// The data plane inside a pod: bring up the VPN tunnel with a kill switch, keep it healthy.
     Agent(AgentArgs),
@@ -183,11 +184,21 @@ enum AgentCommand {
 #[derive(Debug, clap::Args)]
 struct PortfwdArgs {
     /// Interfaces to forward from, comma-separated (required to forward; not for `clean`).
+    /// Also read from Epok's EPOK_INTERFACES.
     #[arg(short, long, env = "CLOAK_INTERFACES", value_delimiter = ',')]
     interfaces: Vec<String>,
-    /// Services annotated `cloak.dev/internal` are not reachable through this interface.
+    /// Services annotated `cloak.dev/internal` (or `epok.getbetter.ro/internal`) are not
+    /// reachable through this interface. Also read from Epok's EPOK_EXTERNAL_INTERFACE.
     #[arg(long, env = "CLOAK_EXTERNAL_INTERFACE")]
     external_interface: Option<String>,
+    /// Epok's option, accepted so its command lines run unchanged; no effect: the whole ruleset
+    /// is always one load.
+    #[arg(long, env = "EPOK_BATCH_COMMANDS", value_name = "BOOL")]
+    batch_commands: Option<bool>,
+    /// Epok's option, accepted so its command lines run unchanged; no effect: the whole ruleset
+    /// is always one load, whatever its size.
+    #[arg(long, env = "EPOK_BATCH_SIZE", value_name = "BATCH_SIZE")]
+    batch_size: Option<u64>,
     /// Quiet time after a change before syncing, in milliseconds (a burst becomes one sync).
     #[arg(long, env = "CLOAK_DEBOUNCE_MS", default_value_t = 200)]
     debounce_ms: u64,
@@ -251,14 +262,15 @@ struct LocalArgs {
 
 #[derive(Debug, clap::Args)]
 struct SshArgs {
-    /// user@host of an account allowed to run only the rule-loading command.
-    #[arg(long, env = "CLOAK_SSH_HOST")]
-    host: String,
-    /// SSH port.
-    #[arg(long, env = "CLOAK_SSH_PORT")]
+    /// user@host of an account allowed to run only the rule-loading command (required). Also
+    /// read from Epok's EPOK_SSH_HOST.
+    #[arg(short = 'H', long, env = "CLOAK_SSH_HOST")]
+    host: Option<String>,
+    /// SSH port. Also read from Epok's EPOK_SSH_PORT.
+    #[arg(short, long, env = "CLOAK_SSH_PORT")]
     port: Option<u16>,
-    /// Private key file.
-    #[arg(long, env = "CLOAK_SSH_KEY")]
+    /// Private key file. Also read from Epok's EPOK_SSH_KEY.
+    #[arg(short, long, env = "CLOAK_SSH_KEY")]
     key: Option<std::path::PathBuf>,
     /// Command run on the host; the script arrives on its standard input.
     #[arg(long, env = "CLOAK_SSH_COMMAND", default_value = "sudo nft -f -")]
@@ -270,6 +282,7 @@ struct SshArgs {
 }
 
 impl From<ExecutorArgs> for cloak_portfwd::Executor {
+    /// Call after [`PortfwdArgs::epok_fallbacks`], which makes sure an SSH host is given.
     fn from(args: ExecutorArgs) -> Self {
         match args {
             ExecutorArgs::Local(LocalArgs { netns }) => Self::Local { netns },
@@ -280,13 +293,74 @@ impl From<ExecutorArgs> for cloak_portfwd::Executor {
                 remote_command,
                 ssh_options,
             }) => Self::Ssh {
-                destination: host,
+                destination: host.unwrap_or_default(),
                 port,
                 key,
                 remote_command,
                 options: ssh_options,
             },
         }
+    }
+}
+
+impl PortfwdArgs {
+    /// Fills what the command line and `CLOAK_*` left unset from Epok's `EPOK_*` variables,
+    /// so an Epok deployment's environment works unchanged; returns what is worth a log line
+    /// (Epok's options that have no effect here).
+    fn epok_fallbacks(
+        &mut self,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> anyhow::Result<Vec<String>> {
+        if self.interfaces.is_empty()
+            && let Some(list) = env("EPOK_INTERFACES")
+        {
+            self.interfaces = list
+                .split(',')
+                .map(str::trim)
+                .filter(|i| !i.is_empty())
+                .map(str::to_owned)
+                .collect();
+        }
+        if self.external_interface.is_none() {
+            self.external_interface = env("EPOK_EXTERNAL_INTERFACE").filter(|i| !i.is_empty());
+        }
+        let ssh = match &mut self.command {
+            PortfwdCommand::Ssh(ssh)
+            | PortfwdCommand::Clean {
+                executor: ExecutorArgs::Ssh(ssh),
+            } => Some(ssh),
+            _ => None,
+        };
+        if let Some(ssh) = ssh {
+            if ssh.host.is_none() {
+                ssh.host = env("EPOK_SSH_HOST");
+            }
+            if ssh.host.is_none() {
+                anyhow::bail!(
+                    "--host (CLOAK_SSH_HOST or EPOK_SSH_HOST) is required: the user@host to load rules on"
+                );
+            }
+            if ssh.port.is_none()
+                && let Some(port) = env("EPOK_SSH_PORT")
+            {
+                ssh.port = Some(
+                    port.trim()
+                        .parse()
+                        .with_context(|| format!("EPOK_SSH_PORT={port:?} is not a port number"))?,
+                );
+            }
+            if ssh.key.is_none() {
+                ssh.key = env("EPOK_SSH_KEY").map(Into::into);
+            }
+        }
+        let mut ignored = Vec::new();
+        if let Some(batch) = self.batch_commands {
+            ignored.push(format!("--batch-commands {batch} has no effect: cloak loads the whole ruleset in one transaction"));
+        }
+        if let Some(size) = self.batch_size {
+            ignored.push(format!("--batch-size {size} has no effect: cloak loads the whole ruleset in one transaction"));
+        }
+        Ok(ignored)
     }
 }
 
@@ -618,8 +692,11 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         .context("agent")
 }
 
-fn run_portfwd(args: PortfwdArgs) -> anyhow::Result<()> {
+fn run_portfwd(mut args: PortfwdArgs) -> anyhow::Result<()> {
     init_logging();
+    for ignored in args.epok_fallbacks(|key| std::env::var(key).ok())? {
+        tracing::info!("{ignored}");
+    }
     let (executor, clean): (cloak_portfwd::Executor, bool) = match args.command {
         PortfwdCommand::Local(local) => (ExecutorArgs::Local(local).into(), false),
         PortfwdCommand::Ssh(ssh) => (ExecutorArgs::Ssh(ssh).into(), false),
@@ -627,7 +704,7 @@ fn run_portfwd(args: PortfwdArgs) -> anyhow::Result<()> {
     };
     if !clean && args.interfaces.is_empty() {
         anyhow::bail!(
-            "--interfaces (CLOAK_INTERFACES) is required: the interfaces to forward from"
+            "--interfaces (CLOAK_INTERFACES or EPOK_INTERFACES) is required: the interfaces to forward from"
         );
     }
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
@@ -794,6 +871,141 @@ mod tests {
                 "Ciphers=aes128-ctr,aes256-ctr",
                 "UserKnownHostsFile=/etc/cloak/known_hosts"
             ]
+        );
+    }
+
+    fn portfwd(argv: &[&str]) -> PortfwdArgs {
+        let cli = Cli::try_parse_from(argv).unwrap();
+        let Command::Portfwd(args) = cli.command else {
+            panic!("not portfwd");
+        };
+        args
+    }
+
+    fn ssh_of(args: PortfwdArgs) -> cloak_portfwd::Executor {
+        let PortfwdCommand::Ssh(ssh) = args.command else {
+            panic!("not ssh");
+        };
+        ExecutorArgs::Ssh(ssh).into()
+    }
+
+    #[test]
+    fn epoks_command_lines_run_unchanged() {
+        // Seed 003's README, word for word after the program name.
+        let mut args = portfwd(&[
+            "cloak",
+            "portfwd",
+            "-i",
+            "eth0",
+            "ssh",
+            "--host",
+            "epok@host_machine",
+            "--key",
+            "/path/to/private.key",
+        ]);
+        assert!(args.epok_fallbacks(|_| None).unwrap().is_empty());
+        assert_eq!(args.interfaces, ["eth0"]);
+        let cloak_portfwd::Executor::Ssh {
+            destination,
+            key,
+            port,
+            ..
+        } = ssh_of(args)
+        else {
+            panic!("not ssh");
+        };
+        assert_eq!(destination, "epok@host_machine");
+        assert_eq!(key.unwrap().to_str(), Some("/path/to/private.key"));
+        assert_eq!(port, None);
+        // Epok's short SSH flags and its batch options, which are accepted and reported as
+        // having no effect.
+        let mut args = portfwd(&[
+            "cloak",
+            "portfwd",
+            "--interfaces",
+            "eth0,wg0",
+            "--external-interface",
+            "eth0",
+            "--batch-commands",
+            "true",
+            "--batch-size",
+            "1677722",
+            "ssh",
+            "-H",
+            "epok@10.0.0.1",
+            "-p",
+            "22222",
+            "-k",
+            "/key",
+        ]);
+        let ignored = args.epok_fallbacks(|_| None).unwrap();
+        assert_eq!(ignored.len(), 2, "{ignored:?}");
+        assert!(
+            ignored[1].starts_with("--batch-size 1677722 has no effect"),
+            "{ignored:?}"
+        );
+        assert_eq!(args.external_interface.as_deref(), Some("eth0"));
+        let cloak_portfwd::Executor::Ssh {
+            destination, port, ..
+        } = ssh_of(args)
+        else {
+            panic!("not ssh");
+        };
+        assert_eq!((destination.as_str(), port), ("epok@10.0.0.1", Some(22222)));
+    }
+
+    #[test]
+    fn epoks_environment_fills_what_the_command_line_leaves_unset() {
+        let epok = |key: &str| {
+            Some(match key {
+                "EPOK_INTERFACES" => "eth0, wg0".to_owned(),
+                "EPOK_EXTERNAL_INTERFACE" => "eth0".to_owned(),
+                "EPOK_SSH_HOST" => "epok@10.0.0.1".to_owned(),
+                "EPOK_SSH_PORT" => "22222".to_owned(),
+                "EPOK_SSH_KEY" => "/path/to/private.key".to_owned(),
+                _ => return None,
+            })
+        };
+        let mut args = portfwd(&["cloak", "portfwd", "ssh"]);
+        args.epok_fallbacks(epok).unwrap();
+        assert_eq!(args.interfaces, ["eth0", "wg0"]);
+        assert_eq!(args.external_interface.as_deref(), Some("eth0"));
+        let cloak_portfwd::Executor::Ssh {
+            destination,
+            port,
+            key,
+            ..
+        } = ssh_of(args)
+        else {
+            panic!("not ssh");
+        };
+        assert_eq!((destination.as_str(), port), ("epok@10.0.0.1", Some(22222)));
+        assert!(key.is_some());
+        // What is given wins over Epok's variables.
+        let mut args = portfwd(&[
+            "cloak", "portfwd", "-i", "ens3", "ssh", "--host", "me@h", "-p", "2",
+        ]);
+        args.epok_fallbacks(epok).unwrap();
+        assert_eq!(args.interfaces, ["ens3"]);
+        let cloak_portfwd::Executor::Ssh {
+            destination, port, ..
+        } = ssh_of(args)
+        else {
+            panic!("not ssh");
+        };
+        assert_eq!((destination.as_str(), port), ("me@h", Some(2)));
+        // No host anywhere, or a port that is not one, is a clear error.
+        let error = portfwd(&["cloak", "portfwd", "ssh"])
+            .epok_fallbacks(|_| None)
+            .unwrap_err();
+        assert!(error.to_string().contains("EPOK_SSH_HOST"), "{error}");
+        let bad_port = |key: &str| (key == "EPOK_SSH_PORT").then(|| "ssh".to_owned());
+        let error = portfwd(&["cloak", "portfwd", "ssh", "-H", "h"])
+            .epok_fallbacks(bad_port)
+            .unwrap_err();
+        assert!(
+            error.to_string().contains("EPOK_SSH_PORT=\"ssh\""),
+            "{error}"
         );
     }
 

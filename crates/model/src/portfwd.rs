@@ -1,13 +1,20 @@
 //! Host port forwarding, pure: Service annotations and Nodes in, one nftables ruleset out.
 //!
-//! Seed 003 (Epok) drove iptables from `epok.getbetter.ro/*` annotations; cloak reads the same
-//! information from `cloak.dev/*`:
-//! - `cloak.dev/external-ports: "22:2022,53:8053:udp"`: host port 22 to the Service's port 2022
-//!   (through its NodePort), host port 53/udp to its port 8053.
-//! - `cloak.dev/internal`: not reachable through the external interface.
-//! - `cloak.dev/allow-range: "203.0.113.0/24"`: only that source range may connect.
-//! - Nodes with the `cloak.dev/exclude` annotation or label, or not Ready, receive nothing.
+//! Seed 003 (Epok) drove iptables from `epok.getbetter.ro/*` annotations. cloak reads its own
+//! `cloak.dev/*` names and Epok's, exactly as Epok documents them, so an Epok user's Services
+//! work unchanged:
+//! - `cloak.dev/external-ports` or `epok.getbetter.ro/externalports`: `"22:2022,53:8053:udp"`,
+//!   host port 22 to the Service's port 2022 (through its NodePort), host port 53/udp to its
+//!   port 8053.
+//! - `cloak.dev/internal` or `epok.getbetter.ro/internal`: not reachable through the external
+//!   interface.
+//! - `cloak.dev/allow-range` or `epok.getbetter.ro/allow-range`: `"203.0.113.0/24"`, only that
+//!   source range may connect.
+//! - Nodes with the `cloak.dev/exclude` annotation or label, the `epok.getbetter.ro/exclude`
+//!   annotation or the `epok_exclude` label, or not Ready, receive nothing.
 //!
+//! Each setting is read from its `cloak.dev` name when present, from Epok's otherwise; a Service
+//! whose two names disagree is a [`Conflict`] (an Event), and the `cloak.dev` one is used.
 //! Annotations are parsed once into typed values; a Service with a bad annotation yields an
 //! error for that Service and is left out, the others are still forwarded. The ruleset is one
 //! table cloak owns outright, rendered so that loading it replaces the table atomically.
@@ -23,6 +30,13 @@ pub const ANNOTATION_PORTS: &str = "cloak.dev/external-ports";
 pub const ANNOTATION_INTERNAL: &str = "cloak.dev/internal";
 pub const ANNOTATION_ALLOW: &str = "cloak.dev/allow-range";
 pub const EXCLUDE: &str = "cloak.dev/exclude";
+/// Epok's names for the same settings (seed 003), read when the `cloak.dev` one is absent.
+pub const EPOK_PORTS: &str = "epok.getbetter.ro/externalports";
+pub const EPOK_INTERNAL: &str = "epok.getbetter.ro/internal";
+pub const EPOK_ALLOW: &str = "epok.getbetter.ro/allow-range";
+/// Epok excludes a node by this annotation (any value) or by the label [`EPOK_EXCLUDE_LABEL`].
+pub const EPOK_EXCLUDE: &str = "epok.getbetter.ro/exclude";
+pub const EPOK_EXCLUDE_LABEL: &str = "epok_exclude";
 /// The nftables table cloak owns (family `ip`); nothing else is ever touched.
 pub const TABLE: &str = "cloak_portfwd";
 /// The iptables chains cloak owns (nat and filter), for hosts without nft.
@@ -65,20 +79,21 @@ impl fmt::Display for Ipv4Cidr {
     }
 }
 
-/// Why a Service's annotations cannot be used. Becomes an Event on that Service.
+/// Why a Service's annotations cannot be used. Becomes an Event on that Service, prefixed with
+/// the annotation it was read from ([`Rejected::message`]).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AnnotationError {
-    #[error("{ANNOTATION_PORTS}: {term:?} is not external:port or external:port:udp")]
+    #[error("{term:?} is not external:port or external:port:udp")]
     Term { term: String },
-    #[error("{ANNOTATION_PORTS}: {port:?} is not a port number from 1 to 65535")]
+    #[error("{port:?} is not a port number from 1 to 65535")]
     Port { port: String },
-    #[error("{ANNOTATION_PORTS}: protocol {0:?} is not tcp or udp")]
+    #[error("protocol {0:?} is not tcp or udp")]
     Protocol(String),
-    #[error("{ANNOTATION_PORTS}: external port {0} is listed twice")]
+    #[error("external port {0} is listed twice")]
     Duplicate(String),
-    #[error("{ANNOTATION_ALLOW}: {0:?} is not an IPv4 CIDR like 203.0.113.0/24")]
+    #[error("{0:?} is not an IPv4 CIDR like 203.0.113.0/24")]
     Cidr(String),
-    #[error("{ANNOTATION_ALLOW}: {0} has host bits set (did you mean {1}?)")]
+    #[error("{0} has host bits set (did you mean {1}?)")]
     HostBits(String, Ipv4Cidr),
     #[error("service has no port {port}/{protocol} with a nodePort (is it of type NodePort?)")]
     NoNodePort { port: u16, protocol: Protocol },
@@ -92,7 +107,7 @@ fn port(text: &str) -> Result<u16, AnnotationError> {
         .ok_or_else(|| AnnotationError::Port { port: text.into() })
 }
 
-/// Parses `cloak.dev/external-ports`.
+/// Parses a port list (`cloak.dev/external-ports`, `epok.getbetter.ro/externalports`).
 pub fn parse_ports(value: &str) -> Result<Vec<PortMapping>, AnnotationError> {
     let mut mappings: Vec<PortMapping> = Vec::new();
     for term in value.split(',').map(str::trim).filter(|t| !t.is_empty()) {
@@ -208,7 +223,112 @@ pub struct Ruleset {
 pub struct Rejected {
     pub namespace: String,
     pub name: String,
+    /// The annotation the faulty setting was read from (a `cloak.dev` name or Epok's).
+    pub annotation: &'static str,
     pub error: AnnotationError,
+}
+
+impl Rejected {
+    /// What the Event on the Service says: the annotation, then what is wrong with it.
+    pub fn message(&self) -> String {
+        format!("{}: {}", self.annotation, self.error)
+    }
+}
+
+/// A Service that sets one setting under both names, to different values: the `cloak.dev` one
+/// is used, and an Event on the Service says so.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conflict {
+    pub namespace: String,
+    pub name: String,
+    /// The `cloak.dev` annotation, used.
+    pub used: &'static str,
+    pub used_value: String,
+    /// Epok's annotation, ignored.
+    pub ignored: &'static str,
+    pub ignored_value: String,
+}
+
+impl fmt::Display for Conflict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} ({:?}) and {} ({:?}) disagree: {} is used",
+            self.used, self.used_value, self.ignored, self.ignored_value, self.used
+        )
+    }
+}
+
+/// One setting's `cloak.dev` name and Epok's.
+const SETTINGS: [(&str, &str); 3] = [
+    (ANNOTATION_PORTS, EPOK_PORTS),
+    (ANNOTATION_INTERNAL, EPOK_INTERNAL),
+    (ANNOTATION_ALLOW, EPOK_ALLOW),
+];
+
+/// The annotation a setting is read from and its value: the `cloak.dev` name when present,
+/// Epok's otherwise.
+fn read<'a>(
+    annotations: &'a BTreeMap<String, String>,
+    (cloak, epok): (&'static str, &'static str),
+) -> Option<(&'static str, &'a str)> {
+    annotations
+        .get(cloak)
+        .map(|v| (cloak, v.as_str()))
+        .or_else(|| annotations.get(epok).map(|v| (epok, v.as_str())))
+}
+
+/// Whether two values of one setting mean the same: equal once parsed (port lists in any
+/// order), or equal as text. `internal` is read by presence, so any two values agree.
+fn agree(cloak: &str, a: &str, b: &str) -> bool {
+    if a.trim() == b.trim() {
+        return true;
+    }
+    match cloak {
+        ANNOTATION_PORTS => match (parse_ports(a), parse_ports(b)) {
+            (Ok(mut a), Ok(mut b)) => {
+                let key = |m: &PortMapping| (m.protocol, m.external, m.service_port);
+                a.sort_by_key(key);
+                b.sort_by_key(key);
+                a == b
+            }
+            _ => false,
+        },
+        ANNOTATION_INTERNAL => true,
+        _ => matches!((a.parse::<Ipv4Cidr>(), b.parse::<Ipv4Cidr>()), (Ok(a), Ok(b)) if a == b),
+    }
+}
+
+/// Services whose `cloak.dev` and Epok annotations of one setting disagree, in namespace/name
+/// order.
+pub fn conflicts(services: &[ServiceInput]) -> Vec<Conflict> {
+    let mut found: Vec<Conflict> = services
+        .iter()
+        .flat_map(|s| {
+            SETTINGS.iter().filter_map(move |&(cloak, epok)| {
+                let (used, ignored) = (s.annotations.get(cloak)?, s.annotations.get(epok)?);
+                (!agree(cloak, used, ignored)).then(|| Conflict {
+                    namespace: s.namespace.clone(),
+                    name: s.name.clone(),
+                    used: cloak,
+                    used_value: used.clone(),
+                    ignored: epok,
+                    ignored_value: ignored.clone(),
+                })
+            })
+        })
+        .collect();
+    found.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    found
+}
+
+/// Whether a node is left out: the `cloak.dev/exclude` annotation or label, Epok's
+/// `epok.getbetter.ro/exclude` annotation (any value) or its `epok_exclude` label.
+pub fn excluded(annotations: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    annotations.contains_key(EXCLUDE)
+        || labels.contains_key(EXCLUDE)
+        || annotations.contains_key(EPOK_EXCLUDE)
+        || labels.contains_key(EPOK_EXCLUDE_LABEL)
 }
 
 /// (services, nodes, options) → desired ruleset, plus the Services left out with their reason.
@@ -228,7 +348,7 @@ pub fn desired(
     nodes.dedup();
     let mut sorted: Vec<&ServiceInput> = services
         .iter()
-        .filter(|s| s.annotations.contains_key(ANNOTATION_PORTS))
+        .filter(|s| read(&s.annotations, SETTINGS[0]).is_some())
         .collect();
     sorted.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     let mut forwards: Vec<Forward> = Vec::new();
@@ -245,6 +365,8 @@ pub fn desired(
                     Some(f) => rejected.push(Rejected {
                         namespace: service.namespace.clone(),
                         name: service.name.clone(),
+                        annotation: read(&service.annotations, SETTINGS[0])
+                            .map_or(ANNOTATION_PORTS, |(key, _)| key),
                         error: AnnotationError::Duplicate(format!(
                             "{}/{} (already forwarded for another Service)",
                             f.external, f.protocol
@@ -253,9 +375,10 @@ pub fn desired(
                     None => forwards.extend(mine),
                 }
             }
-            Err(error) => rejected.push(Rejected {
+            Err((annotation, error)) => rejected.push(Rejected {
                 namespace: service.namespace.clone(),
                 name: service.name.clone(),
+                annotation,
                 error,
             }),
         }
@@ -271,13 +394,16 @@ pub fn desired(
     )
 }
 
-fn service_forwards(service: &ServiceInput) -> Result<Vec<Forward>, AnnotationError> {
-    let mappings = parse_ports(&service.annotations[ANNOTATION_PORTS])?;
-    let internal = service.annotations.contains_key(ANNOTATION_INTERNAL);
-    let allow = service
-        .annotations
-        .get(ANNOTATION_ALLOW)
-        .map(|a| a.parse::<Ipv4Cidr>())
+/// A Service's forwards, or the annotation at fault and why.
+fn service_forwards(
+    service: &ServiceInput,
+) -> Result<Vec<Forward>, (&'static str, AnnotationError)> {
+    let (ports_key, ports) =
+        read(&service.annotations, SETTINGS[0]).unwrap_or((ANNOTATION_PORTS, ""));
+    let mappings = parse_ports(ports).map_err(|e| (ports_key, e))?;
+    let internal = read(&service.annotations, SETTINGS[1]).is_some();
+    let allow = read(&service.annotations, SETTINGS[2])
+        .map(|(key, value)| value.parse::<Ipv4Cidr>().map_err(|e| (key, e)))
         .transpose()?;
     mappings
         .into_iter()
@@ -285,10 +411,13 @@ fn service_forwards(service: &ServiceInput) -> Result<Vec<Forward>, AnnotationEr
             let node_port = *service
                 .node_ports
                 .get(&(m.service_port, m.protocol))
-                .ok_or(AnnotationError::NoNodePort {
-                    port: m.service_port,
-                    protocol: m.protocol,
-                })?;
+                .ok_or((
+                    ports_key,
+                    AnnotationError::NoNodePort {
+                        port: m.service_port,
+                        protocol: m.protocol,
+                    },
+                ))?;
             Ok(Forward {
                 protocol: m.protocol,
                 external: m.external,
@@ -781,6 +910,147 @@ mod tests {
                 .0
                 .update_from(&new)
                 .is_none()
+        );
+    }
+
+    #[test]
+    fn epoks_annotations_are_read_as_epok_documents_them() {
+        let services = [
+            service(
+                "mail",
+                &[
+                    (EPOK_PORTS, "22:2022,25:2025"),
+                    (EPOK_INTERNAL, "true"),
+                    (EPOK_ALLOW, "203.0.113.0/24"),
+                ],
+                &[(2022, Protocol::Tcp, 30022), (2025, Protocol::Tcp, 30025)],
+            ),
+            service(
+                "dns",
+                &[(EPOK_PORTS, "53:8053:udp")],
+                &[(8053, Protocol::Udp, 30053)],
+            ),
+        ];
+        let (ruleset, rejected) = desired(
+            &services,
+            &[node("a", [10, 0, 0, 2], true, false)],
+            &options(),
+        );
+        assert!(rejected.is_empty(), "{rejected:?}");
+        let forwards: Vec<(Protocol, u16, u16, bool, Option<String>)> = ruleset
+            .forwards
+            .iter()
+            .map(|f| {
+                let allow = f.allow.map(|a| a.to_string());
+                (f.protocol, f.external, f.node_port, f.internal, allow)
+            })
+            .collect();
+        let net = Some("203.0.113.0/24".to_owned());
+        assert_eq!(
+            forwards,
+            [
+                (Protocol::Tcp, 22, 30022, true, net.clone()),
+                (Protocol::Tcp, 25, 30025, true, net),
+                (Protocol::Udp, 53, 30053, false, None),
+            ]
+        );
+        assert!(conflicts(&services).is_empty());
+    }
+
+    #[test]
+    fn the_cloak_name_wins_over_epoks_and_only_a_real_disagreement_is_a_conflict() {
+        let services = [
+            service(
+                "both",
+                &[
+                    (ANNOTATION_PORTS, "9000:9000"),
+                    (EPOK_PORTS, "9001:9000"),
+                    (ANNOTATION_ALLOW, "198.51.100.0/24"),
+                    (EPOK_ALLOW, "198.51.100.0/24"),
+                    (ANNOTATION_INTERNAL, "true"),
+                    (EPOK_INTERNAL, "yes"),
+                ],
+                &[(9000, Protocol::Tcp, 30090)],
+            ),
+            service(
+                "same",
+                &[
+                    (ANNOTATION_PORTS, "25:2025, 22:2022"),
+                    (EPOK_PORTS, "22:2022,25:2025"),
+                    (ANNOTATION_ALLOW, "10.0.0.0/8"),
+                    (EPOK_ALLOW, "10.1.0.0/16"),
+                ],
+                &[(2022, Protocol::Tcp, 30022), (2025, Protocol::Tcp, 30025)],
+            ),
+        ];
+        let (ruleset, rejected) = desired(
+            &services,
+            &[node("a", [10, 0, 0, 2], true, false)],
+            &options(),
+        );
+        assert!(rejected.is_empty(), "{rejected:?}");
+        let both: Vec<u16> = ruleset
+            .forwards
+            .iter()
+            .filter(|f| f.service == "default/both")
+            .map(|f| f.external)
+            .collect();
+        assert_eq!(both, [9000], "cloak.dev/external-ports is used");
+        let found = conflicts(&services);
+        let pairs: Vec<(&str, &str)> = found.iter().map(|c| (c.name.as_str(), c.used)).collect();
+        assert_eq!(
+            pairs,
+            [("both", ANNOTATION_PORTS), ("same", ANNOTATION_ALLOW)]
+        );
+        assert_eq!(
+            found[0].to_string(),
+            "cloak.dev/external-ports (\"9000:9000\") and epok.getbetter.ro/externalports \
+             (\"9001:9000\") disagree: cloak.dev/external-ports is used"
+        );
+        let same_allow = ruleset
+            .forwards
+            .iter()
+            .find(|f| f.service == "default/same")
+            .unwrap();
+        assert_eq!(same_allow.allow.unwrap().to_string(), "10.0.0.0/8");
+    }
+
+    #[test]
+    fn an_error_names_the_annotation_it_was_read_from() {
+        let services = [
+            service("epok", &[(EPOK_PORTS, "22")], &[]),
+            service(
+                "cloak",
+                &[(ANNOTATION_PORTS, "22:22"), (EPOK_ALLOW, "10.0.0.1/8")],
+                &[],
+            ),
+        ];
+        let (_, rejected) = desired(&services, &[], &options());
+        let messages: Vec<String> = rejected.iter().map(Rejected::message).collect();
+        assert_eq!(
+            messages,
+            [
+                "epok.getbetter.ro/allow-range: 10.0.0.1/8 has host bits set (did you mean 10.0.0.0/8?)",
+                "epok.getbetter.ro/externalports: \"22\" is not external:port or external:port:udp",
+            ]
+        );
+    }
+
+    #[test]
+    fn nodes_are_excluded_by_cloaks_and_epoks_names() {
+        let map = |k: &str| BTreeMap::from([(k.to_owned(), String::new())]);
+        let none = BTreeMap::new();
+        assert!(excluded(&map(EXCLUDE), &none));
+        assert!(excluded(&none, &map(EXCLUDE)));
+        assert!(excluded(&map(EPOK_EXCLUDE), &none));
+        assert!(excluded(&none, &map(EPOK_EXCLUDE_LABEL)));
+        assert!(
+            !excluded(&none, &map(EPOK_EXCLUDE)),
+            "Epok's annotation name is not a label"
+        );
+        assert!(
+            !excluded(&map("epok_exclude"), &none),
+            "nor its label an annotation"
         );
     }
 }

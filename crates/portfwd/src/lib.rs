@@ -365,8 +365,7 @@ fn node_input(node: &Node) -> NodeInput {
         .and_then(|s| s.addresses.as_ref())
         .and_then(|a| a.iter().find(|a| a.type_ == "InternalIP"))
         .and_then(|a| a.address.parse().ok());
-    let excluded = node.annotations().contains_key(model::EXCLUDE)
-        || node.labels().contains_key(model::EXCLUDE);
+    let excluded = model::excluded(node.annotations(), node.labels());
     NodeInput {
         name: node.name_any(),
         ready,
@@ -541,7 +540,8 @@ pub async fn run(
     }
 }
 
-/// Computes the ruleset from the caches and reports newly rejected Services as Events.
+/// Computes the ruleset from the caches and reports, as Events, Services newly rejected and
+/// Services whose `cloak.dev` and Epok annotations newly disagree.
 async fn sync_once(
     services: &Store<Service>,
     nodes: &Store<Node>,
@@ -557,18 +557,34 @@ async fn sync_once(
     metrics
         .rules
         .set(i64::try_from(ruleset.forwards.len()).unwrap_or(i64::MAX));
+    let rejected = rejected.into_iter().map(|r| {
+        (
+            r.namespace.clone(),
+            r.name.clone(),
+            "InvalidPortForward",
+            r.message(),
+        )
+    });
+    let conflicts = model::conflicts(&service_inputs).into_iter().map(|c| {
+        (
+            c.namespace.clone(),
+            c.name.clone(),
+            "ConflictingAnnotations",
+            c.to_string(),
+        )
+    });
     let mut now_reported = BTreeSet::new();
-    for r in rejected {
-        let key = format!("{}/{}: {}", r.namespace, r.name, r.error);
+    for (namespace, name, reason, note) in rejected.chain(conflicts) {
+        let key = format!("{namespace}/{name}: {reason}: {note}");
         if !reported.contains(&key) {
-            tracing::warn!(service = %format!("{}/{}", r.namespace, r.name), error = %r.error, "service not forwarded");
+            tracing::warn!(service = %format!("{namespace}/{name}"), reason, "{note}");
             if let Some(service) =
-                services.get(&reflector::ObjectRef::new(&r.name).within(&r.namespace))
+                services.get(&reflector::ObjectRef::new(&name).within(&namespace))
             {
                 let event = Event {
                     type_: EventType::Warning,
-                    reason: "InvalidPortForward".into(),
-                    note: Some(r.error.to_string()),
+                    reason: reason.into(),
+                    note: Some(note),
                     action: "PortForward".into(),
                     secondary: None,
                 };

@@ -491,6 +491,191 @@ async fn scenario(backend: Backend, prefix: &str, base: u16) {
     }
 }
 
+/// A NodePort Service with several ports: `(port, nodePort, protocol)`.
+async fn service_ports(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    annotations: serde_json::Value,
+    ports: &[(u16, u16, &str)],
+) {
+    let ports: Vec<serde_json::Value> = ports
+        .iter()
+        .map(|(port, node_port, protocol)| {
+            json!({"name": format!("p{port}"), "port": port, "nodePort": node_port, "protocol": protocol})
+        })
+        .collect();
+    let object: Service = serde_json::from_value(json!({
+        "metadata": {"name": name, "annotations": annotations},
+        "spec": {"type": "NodePort", "ports": ports}
+    }))
+    .unwrap();
+    Api::<Service>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &object)
+        .await
+        .unwrap();
+}
+
+/// Seed 003's README annotations, word for word, on real Services: an Epok user's cluster is
+/// forwarded by `cloak portfwd` unchanged (TCP and UDP, `internal`, `allow-range`, Epok's two
+/// ways to exclude a node), and a Service whose `cloak.dev` and Epok names disagree is
+/// forwarded by the `cloak.dev` one and gets an Event saying so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn epoks_annotations_and_node_exclusions_are_honoured_as_epok_documents_them() {
+    let _turn = NODES_IN_USE.lock().await;
+    let (prefix, base) = ("pf-epok", 30_200);
+    let cp = ControlPlane::shared();
+    let client = cp.client();
+    let ns = TestNamespace::create(&client, prefix).await.unwrap();
+    let ns = ns.name().to_owned();
+    let lab = Lab::new(base);
+    let node_name = |i: usize| format!("{prefix}-{}", NODES[i].0);
+    node(&client, &node_name(0), NODES[0].1, true, false).await;
+    node(&client, &node_name(1), NODES[1].1, true, false).await;
+    node(&client, &node_name(2), NODES[2].1, true, false).await;
+    node(&client, &node_name(3), NODES[3].1, true, false).await;
+    // Epok's two exclusions: the annotation with any value, and the label.
+    let nodes: Api<Node> = Api::all(client.clone());
+    nodes
+        .patch(
+            &node_name(2),
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {"epok.getbetter.ro/exclude": ""}}})),
+        )
+        .await
+        .unwrap();
+    nodes
+        .patch(
+            &node_name(3),
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"epok_exclude": "true"}}})),
+        )
+        .await
+        .unwrap();
+    // `epok.getbetter.ro/externalports: 22:2022,25:2025`, internal.
+    service_ports(
+        &client,
+        &ns,
+        "mail",
+        json!({"epok.getbetter.ro/externalports": "22:2022,25:2025", "epok.getbetter.ro/internal": "true"}),
+        &[(2022, base + 22, "TCP"), (2025, base + 80, "TCP")],
+    )
+    .await;
+    // `epok.getbetter.ro/externalports: 53:8053:udp`, for one source range only.
+    service_ports(
+        &client,
+        &ns,
+        "dns",
+        json!({"epok.getbetter.ro/externalports": "53:8053:udp", "epok.getbetter.ro/allow-range": "198.51.100.2/32"}),
+        &[(8053, base + 53, "UDP")],
+    )
+    .await;
+    // Both names, disagreeing: cloak.dev's 9000 is forwarded, Epok's 9001 is not.
+    service_ports(
+        &client,
+        &ns,
+        "both",
+        json!({"cloak.dev/external-ports": "9000:9000", "epok.getbetter.ro/externalports": "9001:9000"}),
+        &[(9000, base + 90, "TCP")],
+    )
+    .await;
+
+    let config = Config {
+        options: Options {
+            interfaces: vec!["ext0".into(), "int0".into()],
+            external_interface: Some("ext0".into()),
+        },
+        executor: Executor::Local {
+            netns: Some(lab.host.name().to_owned()),
+        },
+        backend: Backend::Nftables,
+        debounce: Duration::from_millis(100),
+        resync: Duration::from_secs(1),
+        instance: "test".into(),
+    };
+    let forwarder = Forwarder::start(cp.client(), config);
+
+    eventually("mail is forwarded on the internal interface", || {
+        let r = Lab::connect(&lab.int, "tcp", "10.99.0.1", 22, None);
+        (r.starts_with("node"), r)
+    })
+    .await;
+    // Only the two nodes Epok's names do not exclude receive, both of them.
+    let answers: Vec<String> = (0..12)
+        .map(|_| Lab::connect(&lab.int, "tcp", "10.99.0.1", 25, None))
+        .collect();
+    assert!(
+        answers.iter().all(|a| a == "node1" || a == "node2"),
+        "excluded nodes received: {answers:?}"
+    );
+    assert!(
+        answers.iter().any(|a| a == "node1") && answers.iter().any(|a| a == "node2"),
+        "spread: {answers:?}"
+    );
+    // internal: not through the external interface.
+    for port in [22, 25] {
+        let r = Lab::connect(&lab.ext, "tcp", "198.51.100.1", port, None);
+        assert!(
+            r.starts_with("ERR"),
+            "internal port {port} from outside: {r}"
+        );
+    }
+    // allow-range over UDP: its source is answered, another is not.
+    let udp = Lab::connect(&lab.ext, "udp", "198.51.100.1", 53, Some("198.51.100.2"));
+    assert!(
+        udp == "node1" || udp == "node2",
+        "udp from the range: {udp}"
+    );
+    let udp = Lab::connect(&lab.ext, "udp", "198.51.100.1", 53, Some("198.51.100.3"));
+    assert!(udp.starts_with("ERR"), "udp from outside the range: {udp}");
+    // The cloak.dev name won.
+    let r = Lab::connect(&lab.ext, "tcp", "198.51.100.1", 9000, None);
+    assert!(r.starts_with("node"), "cloak.dev port: {r}");
+    let r = Lab::connect(&lab.ext, "tcp", "198.51.100.1", 9001, None);
+    assert!(r.starts_with("ERR"), "Epok's disagreeing port: {r}");
+
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), &ns);
+    let mut conflict = None;
+    for _ in 0..50 {
+        let listed = events
+            .list(&kube::api::ListParams::default())
+            .await
+            .unwrap();
+        conflict = listed
+            .items
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some("ConflictingAnnotations"));
+        if conflict.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let conflict = conflict.expect("no ConflictingAnnotations event");
+    assert_eq!(
+        conflict.regarding.as_ref().and_then(|r| r.name.as_deref()),
+        Some("both")
+    );
+    let note = conflict.note.unwrap_or_default();
+    assert!(
+        note.contains("\"9001:9000\"") && note.ends_with("cloak.dev/external-ports is used"),
+        "{note}"
+    );
+
+    forwarder.stop().await;
+    Executor::Local {
+        netns: Some(lab.host.name().to_owned()),
+    }
+    .clean_with(Backend::Nftables)
+    .await
+    .unwrap();
+    for i in 0..NODES.len() {
+        nodes
+            .delete(&node_name(i), &DeleteParams::default())
+            .await
+            .unwrap();
+    }
+}
+
 /// Kills sshd and removes its files when the test ends, even on panic.
 struct Kill(Child, std::path::PathBuf);
 impl Drop for Kill {
