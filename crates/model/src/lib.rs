@@ -17,6 +17,8 @@
 //! - [`mask`]: a mask's phase and message, and which phases are announced.
 //! - [`verify`]: the verification pod, with the user's overrides merged in.
 //! - [`merge`]: JSON merge patch (RFC 7386), used for overrides.
+//! - [`migrate`]: seed 000's `vpn.beebs.dev` Providers and Masks as VpnProviders and VpnMasks,
+//!   with every field that has no equivalent listed.
 //! - [`portfwd`]: Service annotations and Nodes to the host port-forwarding nftables ruleset.
 
 pub mod chain;
@@ -26,6 +28,7 @@ pub mod exit;
 pub mod gateway;
 pub mod mask;
 pub mod merge;
+pub mod migrate;
 pub mod names;
 pub mod portfwd;
 pub mod secret;
