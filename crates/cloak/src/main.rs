@@ -29,6 +29,12 @@ enum Command {
     /// plugin, attaches client pods before their containers start, keeps the node's links to
     /// the exits and fails over between them.
     Node(NodeArgs),
+    /// Turn another tool's objects into cloak's (`cloak migrate vpn-operator`); the old objects
+    /// are only read.
+    Migrate {
+        #[command(subcommand)]
+        from: MigrateFrom,
+    },
     /// A real Kubernetes cluster on this machine, in network namespaces of its own, with cloak
     /// installed by its Helm chart, fake VPN providers and an internet (as root).
     Lab(LabArgs),
@@ -364,6 +370,30 @@ impl PortfwdArgs {
     }
 }
 
+#[derive(Debug, Subcommand)]
+enum MigrateFrom {
+    /// seed 000's vpn-operator: `vpn.beebs.dev/v1` Providers and Masks become VpnProviders and
+    /// VpnMasks of the same names. Prints them as YAML (or applies them with --apply), lists
+    /// every field without an equivalent, and the pods that must change to use the new masks.
+    VpnOperator(VpnOperatorArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct VpnOperatorArgs {
+    /// Read the old objects from these YAML or JSON files (`-`: standard input; repeatable;
+    /// `kubectl get -o yaml` lists work). Absent: read them from the cluster.
+    #[arg(short = 'f', long = "filename")]
+    files: Vec<std::path::PathBuf>,
+    /// Read only this namespace of the cluster; for files, the namespace of objects that name
+    /// none. Default: every namespace; `default` for files.
+    #[arg(short, long)]
+    namespace: Option<String>,
+    /// Server-side apply the new objects instead of printing them. Nothing is applied when any
+    /// object cannot be migrated; the old objects are never changed or deleted.
+    #[arg(long)]
+    apply: bool,
+}
+
 #[derive(Debug, clap::Args)]
 struct OperatorArgs {
     /// Admin server address (/livez, /readyz, /metrics).
@@ -414,6 +444,9 @@ fn main() -> anyhow::Result<()> {
     }
     match Cli::parse().command {
         Command::Node(args) => run_node(args),
+        Command::Migrate {
+            from: MigrateFrom::VpnOperator(args),
+        } => run_migrate(&args),
         Command::Crds => print_crds(&mut std::io::stdout().lock()),
         Command::Operator(args) => run_operator(args),
         Command::Portfwd(args) => run_portfwd(args),
@@ -746,6 +779,127 @@ fn run_portfwd(mut args: PortfwdArgs) -> anyhow::Result<()> {
     })
 }
 
+/// The objects of YAML or JSON documents (a `List`'s items counted one by one).
+fn read_documents(text: &str, into: &mut Vec<serde_json::Value>) -> anyhow::Result<()> {
+    for document in serde_yaml::Deserializer::from_str(text) {
+        let value: serde_json::Value =
+            serde::Deserialize::deserialize(document).context("parsing YAML")?;
+        match value {
+            serde_json::Value::Null => {}
+            serde_json::Value::Object(ref map)
+                if map.get("kind").and_then(serde_json::Value::as_str) == Some("List") =>
+            {
+                into.extend(
+                    map.get("items")
+                        .and_then(serde_json::Value::as_array)
+                        .into_iter()
+                        .flatten()
+                        .cloned(),
+                );
+            }
+            other => into.push(other),
+        }
+    }
+    Ok(())
+}
+
+/// `cloak migrate vpn-operator`: the new objects on standard output (or applied), what the user
+/// must know on standard error; exit status 1, with nothing printed or applied, when an object
+/// cannot be migrated.
+fn run_migrate(args: &VpnOperatorArgs) -> anyhow::Result<()> {
+    use cloak_operator::migrate as io;
+    let default_namespace = args.namespace.as_deref().unwrap_or("default");
+    let mut objects = Vec::new();
+    for file in &args.files {
+        let text = if file.as_os_str() == "-" {
+            std::io::read_to_string(std::io::stdin()).context("reading standard input")?
+        } else {
+            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?
+        };
+        read_documents(&text, &mut objects).with_context(|| format!("in {}", file.display()))?;
+    }
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(async {
+        let client = if args.files.is_empty() || args.apply {
+            Some(
+                kube::Client::try_default()
+                    .await
+                    .context("connecting to the Kubernetes API")?,
+            )
+        } else {
+            None
+        };
+        if args.files.is_empty()
+            && let Some(client) = &client
+        {
+            objects = io::read_cluster(client, args.namespace.as_deref())
+                .await
+                .context("listing vpn.beebs.dev objects")?;
+        }
+        let formats = io::secret_formats(client.as_ref(), &objects, default_namespace).await;
+        let migration = cloak_model::migrate::migrate(&objects, default_namespace, &|ns, name| {
+            formats.get(&(ns.to_owned(), name.to_owned())).copied()
+        });
+        let mut err = std::io::stderr().lock();
+        for note in &migration.notes {
+            writeln!(err, "note: {note}")?;
+        }
+        for error in &migration.errors {
+            writeln!(err, "error: {error}")?;
+        }
+        if !migration.errors.is_empty() {
+            anyhow::bail!(
+                "{} object(s) cannot be migrated as they are; nothing was {}",
+                migration.errors.len(),
+                if args.apply { "applied" } else { "printed" }
+            );
+        }
+        if migration.providers.is_empty() && migration.masks.is_empty() {
+            writeln!(err, "no vpn.beebs.dev Providers or Masks found")?;
+            return Ok(());
+        }
+        let mut out = std::io::stdout().lock();
+        if let (true, Some(client)) = (args.apply, &client) {
+            io::apply(client, &migration)
+                .await
+                .context("applying the new objects")?;
+            for p in &migration.providers {
+                writeln!(
+                    out,
+                    "vpnprovider {}/{} applied",
+                    p.metadata.namespace.as_deref().unwrap_or_default(),
+                    p.metadata.name.as_deref().unwrap_or_default()
+                )?;
+            }
+            for m in &migration.masks {
+                writeln!(
+                    out,
+                    "vpnmask {}/{} applied",
+                    m.metadata.namespace.as_deref().unwrap_or_default(),
+                    m.metadata.name.as_deref().unwrap_or_default()
+                )?;
+            }
+        } else {
+            out.write_all(io::to_yaml(&migration).context("writing YAML")?.as_bytes())?;
+        }
+        if let Some(client) = &client {
+            let masks: Vec<cloak_model::migrate::OldMask> = objects
+                .iter()
+                .filter_map(|o| cloak_model::migrate::OldMask::of(o, default_namespace))
+                .collect();
+            for (pod, changes) in io::pods_to_change(client, &masks)
+                .await
+                .context("listing pods")?
+            {
+                for change in changes {
+                    writeln!(err, "pod {pod} must change: {change}")?;
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
 /// Resolves on SIGTERM (how Kubernetes stops a pod) or SIGINT (a terminal).
 fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()> + Send> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -874,8 +1028,8 @@ mod tests {
         );
     }
 
-    fn portfwd(argv: &[&str]) -> PortfwdArgs {
-        let cli = Cli::try_parse_from(argv).unwrap();
+    fn portfwd(words: &[&str]) -> PortfwdArgs {
+        let cli = Cli::try_parse_from(words).unwrap();
         let Command::Portfwd(args) = cli.command else {
             panic!("not portfwd");
         };

@@ -16,6 +16,7 @@ mod controllers;
 pub mod error;
 pub mod leader;
 pub mod metrics;
+pub mod migrate;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
