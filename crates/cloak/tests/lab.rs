@@ -770,3 +770,106 @@ fn verify_interval_re_verifies_while_masks_keep_their_slots() {
     );
     assert_eq!(mask["status"]["provider"]["slot"], slot, "and its slot");
 }
+
+/// seed 000's README Provider and Mask, word for word, held in vpn-operator's CRDs: `cloak
+/// migrate vpn-operator --apply` makes their cloak equivalents, the new provider passes a real
+/// verification pod (with the seed's pod label; its gluetun-only container overrides reported
+/// as left out, since the lab's Secret holds a native wg0.conf) and the new mask gets a slot.
+#[test]
+fn seed_000s_provider_and_mask_migrated_by_cloak_verify_and_lease_a_slot() {
+    let lab = lab::shared();
+    let _turn = lab::serial();
+    let fixture = |name: &str| {
+        cloak_testkit::repo_path(&format!("crates/cloak/tests/fixtures/vpn-operator/{name}"))
+            .display()
+            .to_string()
+    };
+    lab.kubectl(&["apply", "-f", &fixture("crds.yaml")]);
+    lab.kubectl(&[
+        "wait",
+        "--for=condition=Established",
+        "crd/providers.vpn.beebs.dev",
+        "crd/masks.vpn.beebs.dev",
+        "--timeout=30s",
+    ]);
+    let beta = layout::PROVIDERS[1];
+    let conf = cloak_lab::client_config(&lab.lab, &beta, 1).unwrap();
+    lab.apply(
+        &serde_json::json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "my-vpn-credentials", "namespace": "default"},
+            "stringData": {"wg0.conf": conf},
+        })
+        .to_string(),
+    );
+    lab.kubectl(&[
+        "apply",
+        "-f",
+        &fixture("provider.yaml"),
+        "-f",
+        &fixture("mask.yaml"),
+    ]);
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cloak"))
+        .args([
+            "migrate",
+            "vpn-operator",
+            "--apply",
+            "--namespace",
+            "default",
+        ])
+        .env("KUBECONFIG", lab.lab.kubeconfig())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stderr}");
+    for field in [
+        "containers.init",
+        "containers.vpn",
+        "containers.probe.image",
+    ] {
+        assert!(
+            stderr.contains(&format!(
+                "note: Provider default/my-vpn spec.verify.overrides.{field}: left out"
+            )),
+            "{field}: {stderr}"
+        );
+    }
+
+    let status = provider_phase(lab, "default", "my-vpn", "Ready", Duration::from_mins(2));
+    assert_eq!(str_at(&status, "/message"), "credentials verified");
+    let mask = eventually(
+        "the migrated mask holds a slot",
+        Duration::from_mins(1),
+        || {
+            let m = lab.json(&["-n", "default", "get", "vpnmask", "my-mask"]);
+            match str_at(&m, "/status/phase").as_str() {
+                "Ready" | "Active" => Ok(m),
+                other => Err(format!("{other}: {}", str_at(&m, "/status/message"))),
+            }
+        },
+    );
+    assert!(!str_at(&mask, "/status/provider/name").is_empty(), "{mask}");
+    // The old objects are untouched.
+    lab.kubectl(&["-n", "default", "get", "provider.vpn.beebs.dev", "my-vpn"]);
+    lab.kubectl(&["-n", "default", "get", "mask.vpn.beebs.dev", "my-mask"]);
+
+    lab.kubectl(&[
+        "-n",
+        "default",
+        "delete",
+        "vpnmask",
+        "my-mask",
+        "--wait=true",
+    ]);
+    lab.kubectl(&[
+        "-n",
+        "default",
+        "delete",
+        "vpnprovider",
+        "my-vpn",
+        "--wait=true",
+    ]);
+    lab.kubectl(&["-n", "default", "delete", "secret", "my-vpn-credentials"]);
+    lab.kubectl(&["delete", "-f", &fixture("crds.yaml"), "--wait=true"]);
+}
