@@ -156,6 +156,20 @@ fn seed_000s_provider_and_mask_are_printed_applied_and_left_in_place_and_pods_to
         )),
     );
 
+    let versions = || {
+        kubectl(
+            cp,
+            &[
+                "get",
+                "providers.vpn.beebs.dev,masks.vpn.beebs.dev,pods",
+                "-o",
+                "jsonpath={range .items[*]}{.kind}/{.metadata.name}={.metadata.resourceVersion} {end}",
+            ],
+            None,
+        )
+    };
+    let before = versions();
+
     // Printed, from the cluster: every field carried over, nothing applied yet.
     let out = migrate(cp, &[], "");
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
@@ -254,9 +268,12 @@ fn seed_000s_provider_and_mask_are_printed_applied_and_left_in_place_and_pods_to
         "cloak-migrate"
     );
     kubectl(cp, &["get", "vpnmask", "my-mask"], None);
-    kubectl(cp, &["get", "provider.vpn.beebs.dev", "my-vpn"], None);
-    kubectl(cp, &["get", "mask.vpn.beebs.dev", "my-mask"], None);
-    kubectl(cp, &["get", "pod", "downloader"], None);
+    // The old objects and the pod are exactly as they were.
+    assert_eq!(versions(), before);
+    assert!(
+        before.contains("Provider/my-vpn=") && before.contains("Pod/downloader="),
+        "{before}"
+    );
 }
 
 #[test]
@@ -313,6 +330,35 @@ fn from_a_file_a_field_without_an_equivalent_is_listed_and_a_broken_object_stops
     let none = kubectl(
         cp,
         &["get", "vpnmask", "fine", "--ignore-not-found", "-o", "name"],
+        None,
+    );
+    assert!(none.trim().is_empty(), "half-applied: {none}");
+
+    // An object the API server refuses (a namespace that does not exist) stops the apply before
+    // anything is written: the provider before it is not created either.
+    let refused = format!(
+        "{}\n---\n{}",
+        provider.replace("name: my-vpn", "name: first"),
+        mask.replace("name: my-mask", "name: lost")
+            .replace("namespace: default", "namespace: nowhere")
+    );
+    let out = migrate(cp, &["-f", "-", "--apply"], &refused);
+    assert!(!out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("applying the new objects"),
+        "{}",
+        text(&out.stderr)
+    );
+    let none = kubectl(
+        cp,
+        &[
+            "get",
+            "vpnprovider",
+            "first",
+            "--ignore-not-found",
+            "-o",
+            "name",
+        ],
         None,
     );
     assert!(none.trim().is_empty(), "half-applied: {none}");

@@ -10,6 +10,10 @@
 //!   `args` would replace the agent. They are left out, each listed. gluetun variables are
 //!   verified by the same trio as in vpn-operator, so their overrides carry over whole.
 //! - A field cloak does not know (a newer vpn-operator's, a typo) is left out and listed.
+//! - ownerReferences into `vpn.beebs.dev` are left out (deleting vpn-operator's objects would
+//!   delete the new ones), each listed; other owners are kept. vpn-operator's own verification
+//!   masks (owned by a `Provider`) are not migrated: cloak verifies through a mask of its own,
+//!   of the same name.
 //! - Observed state (`status`) is not carried: cloak verifies and leases anew.
 //!
 //! Nothing here deletes or changes the old objects; the caller only ever creates new ones.
@@ -102,6 +106,18 @@ fn carry_metadata(object: &Value, default_namespace: &str) -> Option<ObjectMeta>
             .filter(|o: &Vec<_>| !o.is_empty()),
         ..ObjectMeta::default()
     })
+}
+
+/// Just the namespace and name, for [`describe`].
+fn meta_name(namespace: &str, object: &Value) -> ObjectMeta {
+    ObjectMeta {
+        namespace: Some(namespace.to_owned()),
+        name: object
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+        ..ObjectMeta::default()
+    }
 }
 
 /// Collects notes and errors about one object.
@@ -365,6 +381,23 @@ fn mask(migration: &mut Migration, object: &Value, meta: ObjectMeta) {
     });
 }
 
+/// Whether an ownerReference points into seed 000's group, and at which kind.
+fn old_owner_kind(owner: &Value) -> Option<&str> {
+    let api_version = owner.get("apiVersion")?.as_str()?;
+    (api_version.split_once('/')?.0 == GROUP).then(|| owner.get("kind")?.as_str())?
+}
+
+/// Whether `object` (a Mask) is vpn-operator's own: the verification mask a Provider owns.
+/// cloak's verification leases through a mask of its own (`<provider>-verify`, the same name).
+fn owned_by_old_provider(object: &Value) -> bool {
+    object
+        .pointer("/metadata/ownerReferences")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .any(|o| matches!(old_owner_kind(o), Some("Provider" | "MaskProvider")))
+}
+
 /// Whether `object` is of seed 000's group, and its kind.
 fn old_kind(object: &Value) -> Option<&str> {
     let api_version = object.get("apiVersion")?.as_str()?;
@@ -386,7 +419,7 @@ pub fn migrate(
         let Some(kind) = old_kind(object) else {
             continue;
         };
-        let Some(meta) = carry_metadata(object, default_namespace) else {
+        let Some(mut meta) = carry_metadata(object, default_namespace) else {
             migration.errors.push(Note {
                 object: kind.to_owned(),
                 field: "metadata.name".into(),
@@ -395,6 +428,38 @@ pub fn migrate(
             continue;
         };
         let namespace = meta.namespace.clone().unwrap_or_default();
+        if kind == "Mask" && owned_by_old_provider(object) {
+            migration.notes.push(Note {
+                object: describe(kind, &meta),
+                field: String::new(),
+                message: "vpn-operator's own verification mask: cloak verifies through a mask \
+                          of its own; not migrated"
+                    .into(),
+            });
+            continue;
+        }
+        // An owner in seed 000's group would take the new object with it when vpn-operator's
+        // objects are deleted.
+        if let Some(owners) = meta.owner_references.as_mut() {
+            owners.retain(|o| {
+                let old = o.api_version.split_once('/').map(|(g, _)| g) == Some(GROUP);
+                if old {
+                    migration.notes.push(Note {
+                        object: describe(kind, &meta_name(&namespace, object)),
+                        field: "metadata.ownerReferences".into(),
+                        message: format!(
+                            "{} {} ({GROUP}) left out: deleting vpn-operator's objects would \
+                             delete the new one",
+                            o.kind, o.name
+                        ),
+                    });
+                }
+                !old
+            });
+            if owners.is_empty() {
+                meta.owner_references = None;
+            }
+        }
         match kind {
             "Provider" | "MaskProvider" => {
                 let secret = object
@@ -425,6 +490,36 @@ pub fn migrate(
             }),
         }
     }
+    // A mask named as cloak names a provider's verification mask would be taken for it.
+    let verification: Vec<(String, String)> = migration
+        .providers
+        .iter()
+        .map(|p| {
+            let (ns, name) = (p.metadata.namespace.clone(), p.metadata.name.clone());
+            (
+                ns.unwrap_or_default(),
+                crate::names::verification(&name.unwrap_or_default()),
+            )
+        })
+        .collect();
+    let masks = std::mem::take(&mut migration.masks);
+    for mask in masks {
+        let key = (
+            mask.metadata.namespace.clone().unwrap_or_default(),
+            mask.metadata.name.clone().unwrap_or_default(),
+        );
+        if verification.contains(&key) {
+            migration.notes.push(Note {
+                object: describe("Mask", &mask.metadata),
+                field: String::new(),
+                message: "not migrated: cloak's verification of the provider of that name uses \
+                          a mask of this name; recreate it under another name"
+                    .into(),
+            });
+        } else {
+            migration.masks.push(mask);
+        }
+    }
     for ((namespace, name), slots) in held {
         migration.notes.push(Note {
             object: format!("Provider {namespace}/{name}"),
@@ -451,7 +546,7 @@ pub struct OldMask {
 impl OldMask {
     /// Reads an old `Mask` object.
     pub fn of(object: &Value, default_namespace: &str) -> Option<Self> {
-        (old_kind(object)? == "Mask").then_some(())?;
+        (old_kind(object)? == "Mask" && !owned_by_old_provider(object)).then_some(())?;
         let meta = object.get("metadata")?;
         Some(Self {
             namespace: meta
@@ -485,24 +580,13 @@ pub fn pod_changes(pod: &Value, masks: &[OldMask]) -> Vec<String> {
         .into_iter()
         .flatten()
     {
-        let group_of = owner
-            .get("apiVersion")
+        let name = owner
+            .get("name")
             .and_then(Value::as_str)
-            .and_then(|v| v.split_once('/'))
-            .map(|(g, _)| g);
-        let (kind, name) = (
-            owner
-                .get("kind")
-                .and_then(Value::as_str)
-                .unwrap_or_default(),
-            owner
-                .get("name")
-                .and_then(Value::as_str)
-                .unwrap_or_default(),
-        );
-        if group_of == Some(GROUP) {
+            .unwrap_or_default();
+        if old_owner_kind(owner) == Some("Mask") && mine.iter().any(|m| m.name == name) {
             changes.push(format!(
-                "ownerReference {kind} {name} ({GROUP}) -> VpnMask {name} (apiVersion \
+                "ownerReference Mask {name} ({GROUP}) -> VpnMask {name} (apiVersion \
                  cloak.dev/v1alpha1, the new object's uid, blockOwnerDeletion: true)"
             ));
         }
@@ -744,6 +828,53 @@ mod tests {
     }
 
     #[test]
+    fn vpn_operators_own_masks_and_owners_in_its_group_are_left_out_each_listed() {
+        // vpn-operator's verification mask, owned by its Provider.
+        let verify = json!({"apiVersion": "vpn.beebs.dev/v1", "kind": "Mask",
+            "metadata": {"name": "my-vpn-verify", "namespace": "default", "ownerReferences": [
+                {"apiVersion": "vpn.beebs.dev/v1", "kind": "Provider", "name": "my-vpn", "uid": "p",
+                 "controller": true}]}});
+        // A user's mask owned by the user's resource and, oddly, by an old MaskConsumer.
+        let mut mask = seed_mask();
+        mask["metadata"]["ownerReferences"] = json!([
+            {"apiVersion": "example.com/v1", "kind": "Download", "name": "d", "uid": "u"},
+            {"apiVersion": "vpn.beebs.dev/v1", "kind": "MaskConsumer", "name": "c", "uid": "c"}]);
+        // A mask that is not vpn-operator's but carries the name cloak's verification uses.
+        let mut clash = seed_mask();
+        clash["metadata"]["name"] = json!("my-vpn-verify");
+        clash["metadata"]["namespace"] = json!("default");
+        let m = migrate(
+            &[seed_provider(), verify.clone(), mask],
+            "default",
+            &|_, _| None,
+        );
+        let names: Vec<&str> = m
+            .masks
+            .iter()
+            .filter_map(|m| m.metadata.name.as_deref())
+            .collect();
+        assert_eq!(names, ["my-mask"]);
+        let owners = m.masks[0].metadata.owner_references.as_ref().unwrap();
+        let kinds: Vec<&str> = owners.iter().map(|o| o.kind.as_str()).collect();
+        assert_eq!(kinds, ["Download"]);
+        let notes: Vec<String> = m.notes.iter().map(ToString::to_string).collect();
+        assert!(
+            notes.iter().any(|n| n
+                .starts_with("Mask default/my-vpn-verify: vpn-operator's own verification mask")),
+            "{notes:?}"
+        );
+        assert!(notes.iter().any(|n| n.starts_with("Mask default/my-mask metadata.ownerReferences: MaskConsumer c (vpn.beebs.dev) left out")), "{notes:?}");
+        assert!(OldMask::of(&verify, "default").is_none());
+        let m = migrate(&[seed_provider(), clash], "default", &|_, _| None);
+        assert!(m.masks.is_empty());
+        assert!(
+            m.notes
+                .iter()
+                .any(|n| n.message.starts_with("not migrated: cloak's verification"))
+        );
+    }
+
+    #[test]
     fn a_pod_learns_which_owner_and_which_secret_to_change() {
         let masks = [OldMask::of(&seed_mask(), "default").unwrap()];
         let pod = json!({
@@ -763,7 +894,14 @@ mod tests {
             changes[1],
             "Secret my-mask-my-vpn (mask my-mask's credentials) -> my-mask-vpn-credentials"
         );
-        // A pod of another namespace, or one that uses none of it, has nothing to change.
+        // vpn-operator's own pods (owned by a Provider or a MaskConsumer) and pods of another
+        // namespace have nothing to change.
+        let mut own = pod.clone();
+        own["metadata"]["ownerReferences"] = json!([
+            {"apiVersion": "vpn.beebs.dev/v1", "kind": "Provider", "name": "my-vpn", "uid": "p"},
+            {"apiVersion": "vpn.beebs.dev/v1", "kind": "Mask", "name": "my-vpn-verify", "uid": "v"}]);
+        own["spec"] = json!({});
+        assert!(pod_changes(&own, &masks).is_empty());
         let mut elsewhere = pod.clone();
         elsewhere["metadata"]["namespace"] = json!("other");
         elsewhere["metadata"]["ownerReferences"] = json!([]);

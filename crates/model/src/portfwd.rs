@@ -251,10 +251,22 @@ pub struct Conflict {
 
 impl fmt::Display for Conflict {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // An Event's note holds at most 1 KiB: long values are cut.
+        let cut = |v: &str| -> String {
+            if v.chars().count() > 200 {
+                format!("{}...", v.chars().take(200).collect::<String>())
+            } else {
+                v.to_owned()
+            }
+        };
         write!(
             f,
             "{} ({:?}) and {} ({:?}) disagree: {} is used",
-            self.used, self.used_value, self.ignored, self.ignored_value, self.used
+            self.used,
+            cut(&self.used_value),
+            self.ignored,
+            cut(&self.ignored_value),
+            self.used
         )
     }
 }
@@ -299,11 +311,12 @@ fn agree(cloak: &str, a: &str, b: &str) -> bool {
     }
 }
 
-/// Services whose `cloak.dev` and Epok annotations of one setting disagree, in namespace/name
-/// order.
+/// Services to forward (a port list under either name) whose `cloak.dev` and Epok annotations
+/// of one setting disagree, in namespace/name order.
 pub fn conflicts(services: &[ServiceInput]) -> Vec<Conflict> {
     let mut found: Vec<Conflict> = services
         .iter()
+        .filter(|s| read(&s.annotations, SETTINGS[0]).is_some())
         .flat_map(|s| {
             SETTINGS.iter().filter_map(move |&(cloak, epok)| {
                 let (used, ignored) = (s.annotations.get(cloak)?, s.annotations.get(epok)?);
@@ -403,7 +416,12 @@ fn service_forwards(
     let mappings = parse_ports(ports).map_err(|e| (ports_key, e))?;
     let internal = read(&service.annotations, SETTINGS[1]).is_some();
     let allow = read(&service.annotations, SETTINGS[2])
-        .map(|(key, value)| value.parse::<Ipv4Cidr>().map_err(|e| (key, e)))
+        .map(|(key, value)| match value.parse::<Ipv4Cidr>() {
+            // Epok handed the range to `iptables -s`, which clears host bits: so does cloak for
+            // Epok's name (its own name refuses them, naming the network meant).
+            Err(AnnotationError::HostBits(_, network)) if key == EPOK_ALLOW => Ok(network),
+            other => other.map_err(|e| (key, e)),
+        })
         .transpose()?;
     mappings
         .into_iter()
@@ -1021,7 +1039,10 @@ mod tests {
             service("epok", &[(EPOK_PORTS, "22")], &[]),
             service(
                 "cloak",
-                &[(ANNOTATION_PORTS, "22:22"), (EPOK_ALLOW, "10.0.0.1/8")],
+                &[
+                    (ANNOTATION_PORTS, "22:22"),
+                    (ANNOTATION_ALLOW, "10.0.0.1/8"),
+                ],
                 &[],
             ),
         ];
@@ -1030,10 +1051,55 @@ mod tests {
         assert_eq!(
             messages,
             [
-                "epok.getbetter.ro/allow-range: 10.0.0.1/8 has host bits set (did you mean 10.0.0.0/8?)",
+                "cloak.dev/allow-range: 10.0.0.1/8 has host bits set (did you mean 10.0.0.0/8?)",
                 "epok.getbetter.ro/externalports: \"22\" is not external:port or external:port:udp",
             ]
         );
+    }
+
+    #[test]
+    fn settings_mix_names_one_by_one_and_epoks_range_is_cleared_of_host_bits_as_iptables_did() {
+        let services = [
+            service(
+                "mixed",
+                &[
+                    (ANNOTATION_PORTS, "22:2022"),
+                    (EPOK_INTERNAL, ""),
+                    (EPOK_ALLOW, "10.1.2.3/16"),
+                ],
+                &[(2022, Protocol::Tcp, 30022)],
+            ),
+            // Not forwarded (no port list under either name): no conflict is reported.
+            service(
+                "idle",
+                &[
+                    (ANNOTATION_ALLOW, "10.0.0.0/8"),
+                    (EPOK_ALLOW, "10.1.0.0/16"),
+                ],
+                &[],
+            ),
+        ];
+        let (ruleset, rejected) = desired(
+            &services,
+            &[node("a", [10, 0, 0, 2], true, false)],
+            &options(),
+        );
+        assert!(rejected.is_empty(), "{rejected:?}");
+        let f = &ruleset.forwards[0];
+        assert!(f.internal);
+        assert_eq!(f.allow.unwrap().to_string(), "10.1.0.0/16");
+        assert!(conflicts(&services).is_empty());
+        // A long value is cut in the Event's note.
+        let long = "1:1,".repeat(300);
+        let conflict = Conflict {
+            namespace: "n".into(),
+            name: "s".into(),
+            used: ANNOTATION_PORTS,
+            used_value: "2:2".into(),
+            ignored: EPOK_PORTS,
+            ignored_value: long,
+        };
+        assert!(conflict.to_string().len() < 400, "{conflict}");
     }
 
     #[test]

@@ -147,9 +147,22 @@ fn objects(migration: &Migration) -> Vec<Value> {
         .collect()
 }
 
-/// Server-side applies the new objects (providers first), as [`MANAGER`].
+/// Server-side applies the new objects (providers first), as [`MANAGER`]: all of them as a dry
+/// run first, so that one the API server refuses (a conflict, a webhook, RBAC) stops the
+/// migration before anything is written.
 pub async fn apply(client: &Client, migration: &Migration) -> kube::Result<()> {
-    let params = PatchParams::apply(MANAGER);
+    let real = PatchParams::apply(MANAGER);
+    for params in [real.clone().dry_run(), real] {
+        apply_all(client, migration, &params).await?;
+    }
+    Ok(())
+}
+
+async fn apply_all(
+    client: &Client,
+    migration: &Migration,
+    params: &PatchParams,
+) -> kube::Result<()> {
     for object in objects(migration) {
         let at = |key: &str| {
             object
@@ -161,11 +174,11 @@ pub async fn apply(client: &Client, migration: &Migration) -> kube::Result<()> {
         let (namespace, name) = (at("namespace"), at("name"));
         if object["kind"] == "VpnProvider" {
             Api::<cloak_api::VpnProvider>::namespaced(client.clone(), &namespace)
-                .patch(&name, &params, &Patch::Apply(&object))
+                .patch(&name, params, &Patch::Apply(&object))
                 .await?;
         } else {
             Api::<cloak_api::VpnMask>::namespaced(client.clone(), &namespace)
-                .patch(&name, &params, &Patch::Apply(&object))
+                .patch(&name, params, &Patch::Apply(&object))
                 .await?;
         }
     }

@@ -660,6 +660,33 @@ async fn epoks_annotations_and_node_exclusions_are_honoured_as_epok_documents_th
         note.contains("\"9001:9000\"") && note.ends_with("cloak.dev/external-ports is used"),
         "{note}"
     );
+    // Reported once: later syncs (a change to another Service) do not publish it again, which
+    // the recorder would show as a series on the same Event.
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+    services
+        .patch(
+            "mail",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {"touched": "1"}}})),
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let listed = events
+        .list(&kube::api::ListParams::default())
+        .await
+        .unwrap();
+    let again: Vec<_> = listed
+        .items
+        .iter()
+        .filter(|e| e.reason.as_deref() == Some("ConflictingAnnotations"))
+        .collect();
+    assert_eq!(again.len(), 1);
+    assert!(
+        again[0].series.is_none(),
+        "published again: {:?}",
+        again[0].series
+    );
 
     forwarder.stop().await;
     Executor::Local {
@@ -668,6 +695,14 @@ async fn epoks_annotations_and_node_exclusions_are_honoured_as_epok_documents_th
     .clean_with(Backend::Nftables)
     .await
     .unwrap();
+    // Removed now, not with the namespace later: the other scenarios claim the same external
+    // ports (22, 53), which go to the first Service in namespace order.
+    for name in ["mail", "dns", "both"] {
+        services
+            .delete(name, &DeleteParams::default())
+            .await
+            .unwrap();
+    }
     for i in 0..NODES.len() {
         nodes
             .delete(&node_name(i), &DeleteParams::default())
