@@ -865,20 +865,18 @@ fn run_migrate(args: &VpnOperatorArgs) -> anyhow::Result<()> {
             io::apply(client, &migration)
                 .await
                 .context("applying the new objects")?;
-            for p in &migration.providers {
+            let applied = (migration
+                .providers
+                .iter()
+                .map(|p| ("vpnprovider", &p.metadata)))
+            .chain(migration.masks.iter().map(|m| ("vpnmask", &m.metadata)));
+            for (kind, meta) in applied {
+                let (ns, name) = (meta.namespace.as_deref(), meta.name.as_deref());
                 writeln!(
                     out,
-                    "vpnprovider {}/{} applied",
-                    p.metadata.namespace.as_deref().unwrap_or_default(),
-                    p.metadata.name.as_deref().unwrap_or_default()
-                )?;
-            }
-            for m in &migration.masks {
-                writeln!(
-                    out,
-                    "vpnmask {}/{} applied",
-                    m.metadata.namespace.as_deref().unwrap_or_default(),
-                    m.metadata.name.as_deref().unwrap_or_default()
+                    "{kind} {}/{} applied",
+                    ns.unwrap_or_default(),
+                    name.unwrap_or_default()
                 )?;
             }
         } else {

@@ -21,33 +21,9 @@ fn fixture(name: &str) -> String {
         .to_string()
 }
 
-fn kubectl(cp: &ControlPlane, args: &[&str], stdin: Option<&str>) -> String {
-    let mut child = Command::new(tool("kubectl"))
-        .args(args)
-        .env("KUBECONFIG", cp.kubeconfig())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.unwrap_or_default().as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "kubectl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn migrate(cp: &ControlPlane, args: &[&str], stdin: &str) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cloak"))
-        .args(["migrate", "vpn-operator"])
+/// Runs `program args...` against the control plane with `stdin` on its standard input.
+fn run(cp: &ControlPlane, program: &std::path::Path, args: &[&str], stdin: &str) -> Output {
+    let mut child = Command::new(program)
         .args(args)
         .env("KUBECONFIG", cp.kubeconfig())
         .stdin(Stdio::piped())
@@ -62,6 +38,28 @@ fn migrate(cp: &ControlPlane, args: &[&str], stdin: &str) -> Output {
         .write_all(stdin.as_bytes())
         .unwrap();
     child.wait_with_output().unwrap()
+}
+
+fn kubectl(cp: &ControlPlane, args: &[&str], stdin: Option<&str>) -> String {
+    let out = run(cp, &tool("kubectl"), args, stdin.unwrap_or_default());
+    assert!(
+        out.status.success(),
+        "kubectl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// `cloak migrate vpn-operator args...`.
+fn migrate(cp: &ControlPlane, args: &[&str], stdin: &str) -> Output {
+    let mut all = vec!["migrate", "vpn-operator"];
+    all.extend(args);
+    run(
+        cp,
+        std::path::Path::new(env!("CARGO_BIN_EXE_cloak")),
+        &all,
+        stdin,
+    )
 }
 
 fn text(bytes: &[u8]) -> String {

@@ -661,6 +661,12 @@ mod tests {
                           "secret": "my-mask-my-vpn"}}})
     }
 
+    /// The first migrated provider's verification overrides.
+    fn overrides_of(m: &Migration) -> &VerifyOverrides {
+        let verify = m.providers[0].spec.verify.as_ref().unwrap();
+        verify.overrides.as_ref().unwrap()
+    }
+
     #[test]
     fn seed_000s_objects_carry_over_field_by_field_for_gluetun_credentials() {
         let m = migrate(&[seed_provider(), seed_mask()], "default", &|_, _| {
@@ -726,14 +732,7 @@ mod tests {
         p["spec"]["verify"]["overrides"]["containers"]["probe"]["resources"] =
             json!({"limits": {"memory": "64Mi"}});
         let m = migrate(&[p], "default", &|_, _| Some(Format::Ovpn));
-        let c = m.providers[0]
-            .spec
-            .verify
-            .as_ref()
-            .unwrap()
-            .overrides
-            .as_ref()
-            .unwrap();
+        let c = overrides_of(&m);
         let probe = c.containers.as_ref().unwrap().probe.as_ref().unwrap();
         assert_eq!(probe, &json!({"resources": {"limits": {"memory": "64Mi"}}}));
     }
@@ -741,14 +740,7 @@ mod tests {
     #[test]
     fn an_unread_secret_keeps_the_overrides_and_says_how_they_may_apply() {
         let m = migrate(&[seed_provider()], "default", &|_, _| None);
-        let c = m.providers[0]
-            .spec
-            .verify
-            .as_ref()
-            .unwrap()
-            .overrides
-            .as_ref()
-            .unwrap();
+        let c = overrides_of(&m);
         assert!(c.containers.as_ref().unwrap().init.is_some());
         assert!(
             m.notes
