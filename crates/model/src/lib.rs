@@ -8,6 +8,8 @@
 //!   parser the operator (classification, verification) and the agent share; a provider's pool
 //!   of servers and which one an exit uses next.
 //! - [`tunnel`]: that tunnel as a value (WireGuard, OpenVPN), its servers and their names.
+//! - [`serverlist`]: gluetun's server list, its `SERVER_*` filters, and the WireGuard pool it
+//!   gives a gluetun Secret.
 //! - [`secret`]: keys and secret strings that never print and are zeroized when dropped.
 //! - [`clients`]: which gateway a pod is a client of (its label, then the gateways' selectors).
 //! - [`gateway`]: a gateway's client routes (the intranet's complement), MTU, MSS, exit names
@@ -32,6 +34,7 @@ pub mod migrate;
 pub mod names;
 pub mod portfwd;
 pub mod secret;
+pub mod serverlist;
 pub mod slots;
 pub mod tunnel;
 pub mod verify;
