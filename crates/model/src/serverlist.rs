@@ -317,6 +317,31 @@ pub fn pool(
         .collect()
 }
 
+/// The pool as the files of a `<server>.conf` pool: `<hostname>.conf` → a wg-quick file, what
+/// a mask's copy of the credentials holds, so that the agent, verification, exits and chain
+/// hops read a list's servers exactly as a pool a user wrote (no second path). A hostname that
+/// cannot be a Secret key, or a second server of the same hostname, is left out.
+pub fn files(
+    list: &ServerList,
+    variables: &BTreeMap<String, String>,
+) -> Result<BTreeMap<String, Secret>, ListError> {
+    let servers = pool(list, variables, crate::tunnel::DEFAULT_INTERFACE)?;
+    let mut files = BTreeMap::new();
+    for server in servers {
+        let key = format!("{}.conf", server.name);
+        let valid = key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if !valid || files.contains_key(&key) {
+            continue;
+        }
+        if let TunnelConfig::WireGuard(wg) = &server.tunnel {
+            files.insert(key, wg.to_wg_quick());
+        }
+    }
+    Ok(files)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -484,6 +509,26 @@ mod tests {
         assert_eq!(list.sections["mullvad"].servers.len(), 1);
         assert_eq!(list.skipped.len(), 3, "{:?}", list.skipped);
         assert!(!list.sections.contains_key("odd"));
+    }
+
+    #[test]
+    fn the_files_are_a_pool_the_credentials_parser_reads_as_the_same_servers() {
+        let list = parse(sample().as_bytes()).unwrap();
+        let variables = vars(&[
+            ("VPN_SERVICE_PROVIDER", "mullvad"),
+            ("SERVER_CITIES", "Amsterdam"),
+        ]);
+        let files = files(&list, &variables).unwrap();
+        let keys: Vec<&str> = files.keys().map(String::as_str).collect();
+        assert_eq!(keys, ["nl-ams-wg-001.conf", "nl-ams-wg-002.conf"]);
+        let from_files = crate::credentials::pool(&files, "ck0").unwrap();
+        let from_list = pool(&list, &variables, "ck0").unwrap();
+        let tunnels = |servers: &[Server]| -> Vec<TunnelConfig> {
+            servers.iter().map(|s| s.tunnel.clone()).collect()
+        };
+        assert_eq!(tunnels(&from_files.servers), tunnels(&from_list));
+        let names: Vec<&str> = from_files.servers.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["nl-ams-wg-001", "nl-ams-wg-002"]);
     }
 
     #[test]

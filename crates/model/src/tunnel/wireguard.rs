@@ -143,6 +143,42 @@ impl WireguardConfig {
         })
     }
 
+    /// The config as a wg-quick file, which [`Self::from_wg_quick`] reads back as the same
+    /// config (for the agent's one peer; a name endpoint is written by name). A [`Secret`]: it
+    /// holds the private key.
+    pub fn to_wg_quick(&self) -> Secret {
+        use std::fmt::Write as _;
+        let join = |items: &[String]| items.join(", ");
+        let mut out = String::from("[Interface]\n");
+        let _ = writeln!(out, "PrivateKey = {}", &*self.private_key.to_base64());
+        let addresses: Vec<String> = self.addresses.iter().map(ToString::to_string).collect();
+        let _ = writeln!(out, "Address = {}", join(&addresses));
+        if !self.dns.is_empty() {
+            let dns: Vec<String> = self.dns.iter().map(ToString::to_string).collect();
+            let _ = writeln!(out, "DNS = {}", join(&dns));
+        }
+        let _ = writeln!(out, "MTU = {}", self.mtu);
+        if let Some(port) = self.listen_port {
+            let _ = writeln!(out, "ListenPort = {port}");
+        }
+        let peer = &self.peer;
+        let _ = writeln!(out, "\n[Peer]\nPublicKey = {}", peer.public_key);
+        if let Some(psk) = &peer.preshared_key {
+            let _ = writeln!(out, "PresharedKey = {}", &*psk.to_base64());
+        }
+        let endpoint = peer.endpoint_name.as_ref().map_or_else(
+            || peer.endpoint.to_string(),
+            |name| format!("{name}:{}", peer.endpoint.port()),
+        );
+        let _ = writeln!(out, "Endpoint = {endpoint}");
+        let allowed: Vec<String> = peer.allowed_ips.iter().map(ToString::to_string).collect();
+        let _ = writeln!(out, "AllowedIPs = {}", join(&allowed));
+        if let Some(keepalive) = peer.persistent_keepalive {
+            let _ = writeln!(out, "PersistentKeepalive = {keepalive}");
+        }
+        Secret::new(out)
+    }
+
     /// Builds a config from gluetun's variables for a custom WireGuard endpoint
     /// (`VPN_ENDPOINT_IP`, `VPN_ENDPOINT_PORT`, `WIREGUARD_PUBLIC_KEY`, `WIREGUARD_PRIVATE_KEY`,
     /// `WIREGUARD_ADDRESSES`, optional `WIREGUARD_PRESHARED_KEY`, `WIREGUARD_MTU`,
@@ -380,6 +416,23 @@ mod tests {
             WireguardConfig::from_wg_quick(&two_peers, "ck0"),
             Err(ParseError::Peers(2))
         );
+    }
+
+    #[test]
+    fn a_config_written_as_wg_quick_reads_back_the_same() {
+        let (k, p, psk) = (Key::generate(), Key::generate(), Key::generate());
+        let mut c = WireguardConfig::from_wg_quick(&conf(&k, &p), "ck0").unwrap();
+        c.peer.preshared_key = Some(psk);
+        c.dns = vec!["10.64.0.1".parse().unwrap()];
+        let text = c.to_wg_quick();
+        assert_eq!(
+            WireguardConfig::from_wg_quick(text.expose(), "ck0").unwrap(),
+            c
+        );
+        c.peer.endpoint_name = Some("vpn.example".into());
+        let named = WireguardConfig::from_wg_quick(c.to_wg_quick().expose(), "ck0").unwrap();
+        assert_eq!(named.peer.endpoint_name.as_deref(), Some("vpn.example"));
+        assert_eq!(named.peer.endpoint.port(), c.peer.endpoint.port());
     }
 
     #[test]
