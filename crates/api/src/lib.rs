@@ -18,8 +18,8 @@ pub use gateway::{
 };
 pub use mask::{AssignedProvider, MaskPhase, VpnMask, VpnMaskSpec, VpnMaskStatus};
 pub use provider::{
-    ContainerOverrides, ProviderPhase, TunnelKind, VerifyOverrides, VerifySpec, VpnProvider,
-    VpnProviderSpec, VpnProviderStatus,
+    ConfigMapKey, ContainerOverrides, ProviderPhase, ServerListSource, ServerListStatus,
+    TunnelKind, VerifyOverrides, VerifySpec, VpnProvider, VpnProviderSpec, VpnProviderStatus,
 };
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;

@@ -64,10 +64,45 @@ pub struct VpnProviderSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verify: Option<VerifySpec>,
 
+    /// gluetun's server list, for a Secret of gluetun's WireGuard variables that names a
+    /// provider (`VPN_SERVICE_PROVIDER: mullvad`, `WIREGUARD_PRIVATE_KEY`, `WIREGUARD_ADDRESSES`):
+    /// the provider's WireGuard servers that pass the Secret's `SERVER_COUNTRIES`,
+    /// `SERVER_REGIONS`, `SERVER_CITIES`, `SERVER_HOSTNAMES` and `SERVER_NAMES` become the pool
+    /// cloak's agent runs (verification, masks, gateway exits, chain hops). Absent: such a
+    /// Secret is run by gluetun only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_list: Option<ServerListSource>,
+
     /// Tunnel the credentials are for: `wireguard` or `openvpn`. Absent: read from the Secret's keys (`wg0.conf` or
     /// WIREGUARD_* → wireguard, `config.ovpn` or OPENVPN_* → openvpn).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tunnel: Option<TunnelKind>,
+}
+
+/// Where gluetun's server list is read from.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServerListSource {
+    /// A ConfigMap in the provider's namespace holding the list: gluetun's
+    /// `internal/storage/servers.json` as it is, or trimmed to its `version` and your provider's
+    /// section (a ConfigMap holds at most 1 MiB; the whole file is about 2 MB). Only public
+    /// data: the private key stays in the Secret.
+    pub config_map: ConfigMapKey,
+}
+
+/// One key of a ConfigMap.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigMapKey {
+    /// The ConfigMap's name.
+    pub name: String,
+    /// The key holding the list. Default `servers.json`.
+    #[serde(default = "servers_json")]
+    pub key: String,
+}
+
+fn servers_json() -> String {
+    "servers.json".into()
 }
 
 // The kind of tunnel a provider's credentials open. (A `//` comment: a type's doc would replace
@@ -173,6 +208,23 @@ pub struct VpnProviderStatus {
     /// verification is retried once the spec or the Secret changes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_secret_version: Option<String>,
+
+    /// The pool read from `spec.serverList`, when one is given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_list: Option<ServerListStatus>,
+}
+
+/// What the server list gave.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServerListStatus {
+    /// WireGuard servers of the provider's section that pass the Secret's filters: the pool.
+    pub servers: u32,
+    /// When the provider's section was last updated, as the list says: the list's age.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated: Option<Time>,
+    /// Where the list was read from (`configmap/<name>/<key>`) and its resourceVersion.
+    pub source: String,
 }
 
 // Phases of a `VpnProvider` (seed 000's, unchanged).

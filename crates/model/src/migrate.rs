@@ -353,6 +353,7 @@ fn provider(
             namespaces,
             verify,
             tunnel: None,
+            server_list: None,
         },
         status: None,
     });

@@ -1146,3 +1146,146 @@ async fn a_hop_behind_a_dead_hop_is_not_moved_and_is_judged_again_once_the_hop_b
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// gluetun's server list (issue 27): a gluetun Secret naming a provider, with the list in a
+/// ConfigMap, is a pool of the provider's WireGuard servers that pass the Secret's filters; the
+/// masks' copies hold them as `<hostname>.conf` files and a gateway's exits take two different
+/// ones. A filter that matches nothing stops the provider with a message naming it.
+#[tokio::test]
+async fn a_gluetun_secret_with_a_server_list_is_a_pool_of_its_filtered_servers() {
+    let client = operator();
+    let ns = TestNamespace::create(&client, "gw-list").await.unwrap();
+    let ns = ns.name().to_owned();
+    // A public key is public: the fixed test key serves as every server's.
+    let key = "wOEI9rqqbDwnN8/Bpp22sVz48T71vJ4fYmFWujulwUU=";
+    let wg = |host: &str, city: &str, ip: &str| {
+        json!({"vpn": "wireguard", "country": "Netherlands", "city": city, "hostname": host,
+               "wgpubkey": key, "ips": [ip], "owned": true})
+    };
+    let list = json!({"version": 4, "mullvad": {"version": 4, "timestamp": 1_733_000_000, "servers": [
+        wg("nl-ams-wg-001", "Amsterdam", "192.0.2.11"),
+        wg("se-got-wg-001", "Gothenburg", "192.0.2.12"),
+        {"vpn": "openvpn", "city": "Amsterdam", "hostname": "nl-ams-ovpn-001", "udp": true, "ips": ["192.0.2.13"]},
+        wg("nl-ams-wg-002", "Amsterdam", "192.0.2.14"),
+        wg("nl-ams-wg-003", "amsterdam", "192.0.2.15")]}});
+    let config_map: ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": "gluetun-servers"},
+        "data": {"servers.json": list.to_string()},
+    }))
+    .unwrap();
+    Api::<ConfigMap>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &config_map)
+        .await
+        .unwrap();
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "mullvad"},
+        "stringData": {"VPN_SERVICE_PROVIDER": "mullvad", "VPN_TYPE": "wireguard",
+                       "WIREGUARD_PRIVATE_KEY": key, "WIREGUARD_ADDRESSES": "10.64.222.21/32",
+                       "SERVER_CITIES": "Amsterdam"},
+    }))
+    .unwrap();
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    secrets
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+    let provider: VpnProvider = serde_json::from_value(json!({
+        "apiVersion": "cloak.dev/v1alpha1", "kind": "VpnProvider", "metadata": {"name": "listed"},
+        "spec": {"secret": "mullvad", "maxSlots": 3, "tags": ["gl"], "namespaces": [&ns],
+                 "verify": {"skip": true}, "serverList": {"configMap": {"name": "gluetun-servers"}}},
+    }))
+    .unwrap();
+    let providers: Api<VpnProvider> = Api::namespaced(client.clone(), &ns);
+    providers
+        .create(&PostParams::default(), &provider)
+        .await
+        .unwrap();
+
+    let status = |p: &VpnProvider| p.status.clone().unwrap_or_default();
+    let deadline = Instant::now() + WAIT;
+    let listed = loop {
+        let p = providers.get("listed").await.unwrap();
+        if status(&p).server_list.is_some() {
+            break status(&p);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no server list in {:?}",
+            p.status
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let list_status = listed.server_list.unwrap();
+    assert_eq!(
+        list_status.servers, 3,
+        "the three WireGuard servers in Amsterdam, any case"
+    );
+    assert_eq!(list_status.updated.unwrap().0.as_second(), 1_733_000_000);
+    assert!(
+        list_status
+            .source
+            .starts_with("configmap/gluetun-servers/servers.json@")
+    );
+
+    gateway_with(
+        &client,
+        &ns,
+        "egress",
+        json!({"count": 2, "providers": ["gl"]}),
+    )
+    .await;
+    let pods = until(&client, &ns, "egress", "two exit pods", |_, pods| {
+        (pods.len() == 2).then(|| pods.to_vec())
+    })
+    .await;
+    let servers: BTreeSet<String> = pods
+        .iter()
+        .map(|p| p.annotations()[exit::ANNOTATION_SERVER].clone())
+        .collect();
+    assert_eq!(servers.len(), 2, "two exits, two servers: {servers:?}");
+    for (pod, server) in pods.iter().zip(&servers) {
+        assert!(server.starts_with("nl-ams-wg-00"), "{server}");
+        let v = serde_json::to_value(pod).unwrap();
+        let items = &v["spec"]["volumes"][0]["secret"]["items"];
+        assert_eq!(items[0]["path"], "wg0.conf", "{items}");
+    }
+    // The mask's copy holds the servers as files, and the Secret's variables.
+    let mask = Api::<VpnMask>::namespaced(client.clone(), &ns)
+        .get(&pods[0].owner_references()[0].name)
+        .await
+        .unwrap();
+    let copy_name = mask.status.unwrap().provider.unwrap().secret;
+    let copy = secrets.get(&copy_name).await.unwrap();
+    let keys: Vec<String> = copy.data.unwrap().into_keys().collect();
+    for want in [
+        "nl-ams-wg-001.conf",
+        "nl-ams-wg-002.conf",
+        "nl-ams-wg-003.conf",
+        "WIREGUARD_PRIVATE_KEY",
+    ] {
+        assert!(keys.contains(&want.to_owned()), "{want}: {keys:?}");
+    }
+    assert!(!keys.contains(&"se-got-wg-001.conf".to_owned()), "{keys:?}");
+
+    // A filter that matches nothing: the provider says which, and gives no new slot.
+    secrets
+        .patch(
+            "mullvad",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"stringData": {"SERVER_CITIES": "Paris"}})),
+        )
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let s = status(&providers.get("listed").await.unwrap());
+        let message = s.message.clone().unwrap_or_default();
+        if message.contains("SERVER_CITIES=Paris matches none of the 4 servers left") {
+            assert_eq!(s.phase, Some(cloak_api::ProviderPhase::ErrVerifyFailed));
+            assert!(s.server_list.is_none());
+            break;
+        }
+        assert!(Instant::now() < deadline, "no filter error: {s:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}

@@ -13,7 +13,9 @@ use kube::{
 use crate::{Context, Error, MANAGER, Result, labels};
 
 /// Copies the provider's credentials into the mask's namespace (owned by the mask), keeping the
-/// copy equal to the source: keys removed from the source are removed from the copy. The copy
+/// copy equal to the source: keys removed from the source are removed from the copy. With a
+/// server list (`spec.serverList`), the copy also holds its servers as `<hostname>.conf` files,
+/// which everything that reads a pool reads as one. The copy
 /// records the source's uid and resourceVersion, so an up-to-date copy costs no request at all.
 pub(super) async fn sync_secret_copy(
     mask: &VpnMask,
@@ -31,9 +33,17 @@ pub(super) async fn sync_secret_copy(
     };
     let ns = mask.namespace().unwrap_or_default();
     let cached = |ns: &str, name: &str| ctx.secrets.get(&ObjectRef::new(name).within(ns));
+    // A server list's version (its ConfigMap's, as the provider last read it) is part of the
+    // source: a new list rewrites the copy's server files.
+    let list_version = provider
+        .status
+        .as_ref()
+        .and_then(|s| s.server_list.as_ref())
+        .map(|l| format!("+{}", l.source))
+        .unwrap_or_default();
     let source_version = cached(&held.namespace, &provider.spec.secret).map(|s| {
         format!(
-            "{}/{}",
+            "{}/{}{list_version}",
             s.uid().unwrap_or_default(),
             s.resource_version().unwrap_or_default()
         )
@@ -60,10 +70,29 @@ pub(super) async fn sync_secret_copy(
         )));
     };
     let version = format!(
-        "{}/{}",
+        "{}/{}{list_version}",
         source.uid().unwrap_or_default(),
         source.resource_version().unwrap_or_default()
     );
+    let mut data: BTreeMap<String, ByteString> = source
+        .data
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| (k, ByteString(v.0)))
+        .collect();
+    if let Some(list) = &provider.spec.server_list {
+        let files =
+            crate::controllers::provider::serverlist::files(ctx, &held.namespace, list, &source)
+                .await?
+                .map_err(|why| {
+                    Error::Invalid(format!(
+                        "provider {}/{}: server list: {why}",
+                        held.namespace, held.name
+                    ))
+                })?;
+        data.extend(files.into_iter().map(|(k, v)| (k, ByteString(v))));
+    }
     let copy = Secret {
         metadata: ObjectMeta {
             name: Some(held.secret.clone()),
@@ -76,14 +105,7 @@ pub(super) async fn sync_secret_copy(
             owner_references: Some(vec![mask.controller_owner_ref(&()).unwrap_or_default()]),
             ..ObjectMeta::default()
         },
-        data: Some(
-            source
-                .data
-                .unwrap_or_default()
-                .into_iter()
-                .map(|(k, v)| (k, ByteString(v.0)))
-                .collect(),
-        ),
+        data: Some(data),
         type_: Some("Opaque".into()),
         ..Secret::default()
     };

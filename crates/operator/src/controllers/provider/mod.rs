@@ -18,6 +18,7 @@ use kube::{
     runtime::{Controller, controller::Action, events::EventType, watcher},
 };
 
+pub(crate) mod serverlist;
 mod verification;
 
 use self::verification::{end_verification, verification};
@@ -27,6 +28,8 @@ use crate::{Context, Result, labels};
 const CONTROLLER: &str = "vpnprovider";
 /// Seed 000's default verification timeout.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(90);
+/// How often a provider's server list (a ConfigMap, not watched) is read again.
+const LIST_REREAD: Duration = Duration::from_mins(1);
 
 /// The provider controller, on the operator's one watch of providers (`stream`, reflected into
 /// `store`: the cache the mask controller allocates from). Its verification pods and masks are
@@ -91,18 +94,53 @@ async fn apply(provider: &VpnProvider, ctx: &Context) -> Result<Action> {
     let secret = Api::<Secret>::namespaced(ctx.client.clone(), &ns)
         .get_opt(&provider.spec.secret)
         .await?;
-    let secret_version = secret.as_ref().and_then(ResourceExt::resource_version);
-    let decision = match secret {
-        None => Decision {
+    // gluetun's server list, when given: its servers are the pool, verified by cloak's agent.
+    let (server_list, list_error) = match (&provider.spec.server_list, &secret) {
+        (Some(source), Some(secret)) => {
+            match serverlist::read(provider, source, secret, ctx).await? {
+                Ok(status) => (Some(status), None),
+                Err(why) => (None, Some(why)),
+            }
+        }
+        _ => (None, None),
+    };
+    // The list is part of the credentials: a new list retries a failed verification.
+    let secret_version = secret
+        .as_ref()
+        .and_then(ResourceExt::resource_version)
+        .map(|v| match &server_list {
+            Some(list) => format!("{v}+{}", list.source),
+            None => v,
+        });
+    let mut decision = match (secret, list_error) {
+        (None, _) => Decision {
             phase: ProviderPhase::ErrSecretNotFound,
             message: format!("Secret {ns}/{} not found", provider.spec.secret),
             last_verified: previous.last_verified.clone(),
             requeue: None,
         },
-        Some(secret) => {
-            verification(provider, &secret, secret_version.as_deref(), &previous, ctx).await?
+        (Some(_), Some(why)) => Decision {
+            phase: ProviderPhase::ErrVerifyFailed,
+            message: format!("server list: {why}"),
+            last_verified: previous.last_verified.clone(),
+            requeue: None,
+        },
+        (Some(secret), None) => {
+            verification(
+                provider,
+                &secret,
+                secret_version.as_deref(),
+                &previous,
+                server_list.is_some(),
+                ctx,
+            )
+            .await?
         }
     };
+    // ConfigMaps are not watched: a list is read again every minute.
+    if provider.spec.server_list.is_some() {
+        decision.requeue = Some(decision.requeue.map_or(LIST_REREAD, |r| r.min(LIST_REREAD)));
+    }
     let phase = match decision.phase {
         ProviderPhase::Ready | ProviderPhase::Active => {
             if active > 0 {
@@ -134,6 +172,7 @@ async fn apply(provider: &VpnProvider, ctx: &Context) -> Result<Action> {
         last_verified: decision.last_verified,
         observed_generation: provider.meta().generation,
         observed_secret_version: secret_version,
+        server_list,
     };
     if super::status::write_if_changed(&api, &provider.name_any(), &previous, &status, None).await?
         && previous.phase != status.phase

@@ -25,6 +25,7 @@ pub(super) async fn verification(
     secret: &Secret,
     secret_version: Option<&str>,
     previous: &VpnProviderStatus,
+    server_list: bool,
     ctx: &Context,
 ) -> Result<Decision> {
     let verify_spec = provider.spec.verify.clone().unwrap_or_default();
@@ -75,6 +76,11 @@ pub(super) async fn verification(
                 previous.last_verified.clone(),
                 requeue,
             ));
+        }
+        // A server list turns gluetun's variables into `<server>.conf` files in the mask's
+        // copy: cloak's agent runs them.
+        verify::Step::Verify(credentials::Format::Gluetun) if server_list => {
+            credentials::Format::WgQuick
         }
         verify::Step::Verify(format) => format,
     };
