@@ -79,6 +79,14 @@ pub enum ListError {
     Port { key: &'static str, value: String },
     #[error("server {server}: {problem}")]
     Server { server: String, problem: String },
+    #[error(
+        "{0} is not applied by cloak yet: unset it, or narrow the pool with SERVER_COUNTRIES, SERVER_REGIONS, SERVER_CITIES, SERVER_HOSTNAMES or SERVER_NAMES"
+    )]
+    Unsupported(&'static str),
+    #[error(
+        "none of the {0} servers of provider {1:?} left by the filters has an IPv4 address and a wgpubkey"
+    )]
+    NoUsable(usize, String),
 }
 
 fn text(server: &Value, key: &str) -> String {
@@ -187,14 +195,42 @@ fn same_provider(a: &str, b: &str) -> bool {
 /// The field of a server a filter reads.
 type Field = fn(&ListedServer) -> &str;
 
-/// gluetun's filters, in the order they narrow the list, with the server field each reads.
-const FILTERS: [(&str, Field); 5] = [
-    ("SERVER_COUNTRIES", |s| &s.country),
-    ("SERVER_REGIONS", |s| &s.region),
-    ("SERVER_CITIES", |s| &s.city),
-    ("SERVER_HOSTNAMES", |s| &s.hostname),
-    ("SERVER_NAMES", |s| &s.server_name),
+/// gluetun's filters, in the order they narrow the list: the variable, its older name (still
+/// read by gluetun), and the server field it reads.
+const FILTERS: [(&str, &str, Field); 5] = [
+    ("SERVER_COUNTRIES", "COUNTRY", |s| &s.country),
+    ("SERVER_REGIONS", "REGION", |s| &s.region),
+    ("SERVER_CITIES", "CITY", |s| &s.city),
+    ("SERVER_HOSTNAMES", "SERVER_HOSTNAME", |s| &s.hostname),
+    ("SERVER_NAMES", "SERVER_NAME", |s| &s.server_name),
 ];
+
+/// gluetun's other filters, which cloak does not apply yet: refused when set, rather than a pool
+/// wider than the user asked for.
+const UNSUPPORTED: [&str; 11] = [
+    "ISP",
+    "SERVER_NUMBER",
+    "SERVER_CATEGORIES",
+    "OWNED_ONLY",
+    "FREE_ONLY",
+    "PREMIUM_ONLY",
+    "STREAM_ONLY",
+    "MULTIHOP_ONLY",
+    "SECURE_CORE_ONLY",
+    "TOR_ONLY",
+    "PORT_FORWARD_ONLY",
+];
+
+/// A variable that is set to something: not empty, and not one of gluetun's "off" words.
+fn set(variables: &BTreeMap<String, String>, key: &str) -> Option<String> {
+    variables
+        .get(key)
+        .map(|v| v.trim())
+        .filter(|v| {
+            !v.is_empty() && !matches!(v.to_ascii_lowercase().as_str(), "off" | "no" | "false")
+        })
+        .map(str::to_owned)
+}
 
 /// The provider's WireGuard servers that pass the Secret's `SERVER_*` filters (comma lists,
 /// compared without case, as gluetun does), in the list's order. A filter that leaves nothing
@@ -221,14 +257,19 @@ pub fn select<'a>(
     let mut servers: Vec<&ListedServer> = section
         .servers
         .iter()
-        .filter(|s| s.vpn.eq_ignore_ascii_case("wireguard"))
+        .filter(|s| s.vpn.eq_ignore_ascii_case("wireguard") || s.vpn.eq_ignore_ascii_case("both"))
         .collect();
     if servers.is_empty() {
         return Err(ListError::NoWireguard(name.clone()));
     }
-    for (filter, field) in FILTERS {
-        let Some(value) = variables.get(filter).filter(|v| !v.trim().is_empty()) else {
-            continue;
+    if let Some(filter) = UNSUPPORTED.iter().find(|f| set(variables, f).is_some()) {
+        return Err(ListError::Unsupported(filter));
+    }
+    for (filter, older, field) in FILTERS {
+        let (filter, value) = match (set(variables, filter), set(variables, older)) {
+            (Some(value), _) => (filter, value),
+            (None, Some(value)) => (older, value),
+            (None, None) => continue,
         };
         let wanted: Vec<String> = value
             .split(',')
@@ -250,22 +291,35 @@ pub fn select<'a>(
 }
 
 /// The WireGuard port: `WIREGUARD_ENDPOINT_PORT` (gluetun's name), or the older
-/// `VPN_ENDPOINT_PORT`, or 51820.
-fn port(variables: &BTreeMap<String, String>) -> Result<u16, ListError> {
+/// `VPN_ENDPOINT_PORT`, `0` meaning unset as in gluetun; else the provider's default, as gluetun
+/// has it (IVPN 58237, Windscribe 1194, AirVPN 1637, the others 51820).
+fn port(variables: &BTreeMap<String, String>, provider: &str) -> Result<u16, ListError> {
     for key in ["WIREGUARD_ENDPOINT_PORT", "VPN_ENDPOINT_PORT"] {
         if let Some(value) = variables.get(key).filter(|v| !v.trim().is_empty()) {
-            return value
-                .trim()
-                .parse()
-                .ok()
-                .filter(|p| *p != 0)
-                .ok_or_else(|| ListError::Port {
-                    key,
-                    value: value.clone(),
-                });
+            match value.trim().parse::<u16>() {
+                Ok(0) => break,
+                Ok(port) => return Ok(port),
+                Err(_) => {
+                    return Err(ListError::Port {
+                        key,
+                        value: value.clone(),
+                    });
+                }
+            }
         }
     }
-    Ok(51820)
+    Ok(
+        match provider
+            .to_ascii_lowercase()
+            .replace([' ', '-', '_'], "")
+            .as_str()
+        {
+            "ivpn" => 58237,
+            "windscribe" => 1194,
+            "airvpn" => 1637,
+            _ => 51820,
+        },
+    )
 }
 
 /// The provider's pool from the list: each selected server as a tunnel config made of the
@@ -276,25 +330,31 @@ pub fn pool(
     variables: &BTreeMap<String, String>,
     interface: &str,
 ) -> Result<Vec<Server>, ListError> {
-    let (_, servers) = select(list, variables)?;
-    let port = port(variables)?;
-    servers
+    let (provider, servers) = select(list, variables)?;
+    let port = port(variables, provider)?;
+    let selected = servers.len();
+    // A server without an IPv4 address (gluetun, too, leaves IPv6 out unless asked) or a public
+    // key cannot be connected to: it is left out, not fatal for the others.
+    let usable: Vec<(&ListedServer, IpAddr, &str)> = servers
         .into_iter()
-        .map(|s| {
+        .filter_map(|s| {
+            Some((
+                s,
+                *s.ips.iter().find(|ip| ip.is_ipv4())?,
+                s.wgpubkey.as_deref()?,
+            ))
+        })
+        .collect();
+    if usable.is_empty() {
+        return Err(ListError::NoUsable(selected, provider.to_owned()));
+    }
+    usable
+        .into_iter()
+        .map(|(s, ip, key)| {
             let bad = |problem: String| ListError::Server {
                 server: s.hostname.clone(),
                 problem,
             };
-            let ip = s
-                .ips
-                .iter()
-                .find(|ip| ip.is_ipv4())
-                .or_else(|| s.ips.first())
-                .ok_or_else(|| bad("no IP address in the list".into()))?;
-            let key = s
-                .wgpubkey
-                .as_deref()
-                .ok_or_else(|| bad("no wgpubkey in the list".into()))?;
             let endpoint = ip.to_string();
             let get = |k: &str| -> Option<Secret> {
                 match k {
@@ -336,7 +396,14 @@ pub fn files(
             continue;
         }
         if let TunnelConfig::WireGuard(wg) = &server.tunnel {
-            files.insert(key, wg.to_wg_quick());
+            let text = wg.to_wg_quick();
+            // What the agent will read: a config that does not read back is refused here.
+            WireguardConfig::from_wg_quick(text.expose(), crate::tunnel::DEFAULT_INTERFACE)
+                .map_err(|e| ListError::Server {
+                    server: server.name.clone(),
+                    problem: e.to_string(),
+                })?;
+            files.insert(key, text);
         }
     }
     Ok(files)
@@ -529,6 +596,73 @@ mod tests {
         assert_eq!(tunnels(&from_files.servers), tunnels(&from_list));
         let names: Vec<&str> = from_files.servers.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(names, ["nl-ams-wg-001", "nl-ams-wg-002"]);
+    }
+
+    #[test]
+    fn gluetuns_older_names_default_ports_and_both_servers_are_honoured_and_other_filters_refused()
+    {
+        let k = Key::generate().public().to_string();
+        let list = parse(
+            serde_json::json!({"version": 1,
+                "ivpn": {"version": 1, "timestamp": 1, "servers": [
+                    {"vpn": "both", "country": "Germany", "city": "Frankfurt", "hostname": "de1", "wgpubkey": k, "ips": ["192.0.2.1"]},
+                    {"vpn": "wireguard", "country": "Germany", "city": "Berlin", "hostname": "de2", "wgpubkey": k, "ips": ["2001:db8::2"]},
+                    {"vpn": "wireguard", "country": "Germany", "city": "Berlin", "hostname": "de3", "ips": ["192.0.2.3"]}]}})
+            .to_string()
+            .as_bytes(),
+        )
+        .unwrap();
+        let servers = pool(
+            &list,
+            &vars(&[("VPN_SERVICE_PROVIDER", "ivpn"), ("COUNTRY", "germany")]),
+            "ck0",
+        )
+        .unwrap();
+        let names: Vec<&str> = servers.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["de1"],
+            "`both` counts, IPv6-only and keyless servers are left out"
+        );
+        let TunnelConfig::WireGuard(wg) = &servers[0].tunnel else {
+            panic!()
+        };
+        assert_eq!(wg.peer.endpoint.port(), 58237, "IVPN's default port");
+        let zero = vars(&[
+            ("VPN_SERVICE_PROVIDER", "ivpn"),
+            ("WIREGUARD_ENDPOINT_PORT", "0"),
+        ]);
+        let TunnelConfig::WireGuard(wg) = &pool(&list, &zero, "ck0").unwrap()[0].tunnel else {
+            panic!()
+        };
+        assert_eq!(wg.peer.endpoint.port(), 58237, "0 is unset, as in gluetun");
+        assert_eq!(
+            pool(
+                &list,
+                &vars(&[("VPN_SERVICE_PROVIDER", "ivpn"), ("CITY", "Berlin")]),
+                "ck0"
+            )
+            .unwrap_err(),
+            ListError::NoUsable(2, "ivpn".into())
+        );
+        let refused = select(
+            &list,
+            &vars(&[
+                ("VPN_SERVICE_PROVIDER", "ivpn"),
+                ("PORT_FORWARD_ONLY", "on"),
+            ]),
+        );
+        assert_eq!(
+            refused.unwrap_err(),
+            ListError::Unsupported("PORT_FORWARD_ONLY")
+        );
+        assert!(
+            select(
+                &list,
+                &vars(&[("VPN_SERVICE_PROVIDER", "ivpn"), ("FREE_ONLY", "off")])
+            )
+            .is_ok()
+        );
     }
 
     #[test]

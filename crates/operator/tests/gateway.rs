@@ -1267,6 +1267,37 @@ async fn a_gluetun_secret_with_a_server_list_is_a_pool_of_its_filtered_servers()
     }
     assert!(!keys.contains(&"se-got-wg-001.conf".to_owned()), "{keys:?}");
 
+    // A new list (ConfigMaps are not watched: read again within a minute) rewrites the copies.
+    let mut shorter = list.clone();
+    shorter["mullvad"]["servers"].as_array_mut().unwrap().pop();
+    Api::<ConfigMap>::namespaced(client.clone(), &ns)
+        .patch(
+            "gluetun-servers",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"data": {"servers.json": shorter.to_string()}})),
+        )
+        .await
+        .unwrap();
+    let copy_keys = || async {
+        let copy = secrets.get(&copy_name).await.unwrap();
+        copy.data.unwrap().into_keys().collect::<Vec<String>>()
+    };
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let keys = copy_keys().await;
+        if !keys.contains(&"nl-ams-wg-003.conf".to_owned()) {
+            assert!(keys.contains(&"nl-ams-wg-001.conf".to_owned()), "{keys:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the copy kept the old list: {keys:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let s = status(&providers.get("listed").await.unwrap());
+    assert_eq!(s.server_list.map(|l| l.servers), Some(2));
+
     // A filter that matches nothing: the provider says which, and gives no new slot.
     secrets
         .patch(
@@ -1280,12 +1311,27 @@ async fn a_gluetun_secret_with_a_server_list_is_a_pool_of_its_filtered_servers()
     loop {
         let s = status(&providers.get("listed").await.unwrap());
         let message = s.message.clone().unwrap_or_default();
-        if message.contains("SERVER_CITIES=Paris matches none of the 4 servers left") {
+        if message.contains("SERVER_CITIES=Paris matches none of the 3 servers left") {
             assert_eq!(s.phase, Some(cloak_api::ProviderPhase::ErrVerifyFailed));
             assert!(s.server_list.is_none());
             break;
         }
         assert!(Instant::now() < deadline, "no filter error: {s:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // The masks holding slots keep the servers their copies have, and get the Secret's change.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let copy = secrets.get(&copy_name).await.unwrap();
+        let data = copy.data.unwrap();
+        if data.get("SERVER_CITIES").map(|v| v.0.as_slice()) == Some(b"Paris".as_slice()) {
+            assert!(data.contains_key("nl-ams-wg-001.conf"), "{:?}", data.keys());
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the copy did not follow the Secret"
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }

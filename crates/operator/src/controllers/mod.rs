@@ -139,7 +139,9 @@ pub(crate) fn masks_of_provider(ctx: &Context, provider_uid: &str) -> Vec<MaskRe
 pub(crate) struct ProviderChanges {
     ctx: Arc<Context>,
     triggers: Triggers,
-    last_seen: HashMap<String, (Option<i64>, bool, bool)>,
+    /// Per provider: generation, usable, deleting, and its server list's version (a new list
+    /// rewrites its masks' credential copies).
+    last_seen: HashMap<String, (Option<i64>, bool, bool, Option<String>)>,
 }
 
 impl ProviderChanges {
@@ -170,10 +172,14 @@ impl ProviderChanges {
                     p.meta().generation,
                     provider::usable(p),
                     p.meta().deletion_timestamp.is_some(),
+                    p.status
+                        .as_ref()
+                        .and_then(|s| s.server_list.as_ref())
+                        .map(|l| l.source.clone()),
                 ),
-                Err(_) => (None, false, false),
+                Err(_) => (None, false, false, None),
             };
-            self.last_seen.insert(uid.clone(), state) != Some(state)
+            self.last_seen.insert(uid.clone(), state.clone()) != Some(state)
         };
         if changed {
             let mut refs = waiting_masks(&self.ctx);

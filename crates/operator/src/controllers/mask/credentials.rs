@@ -35,12 +35,17 @@ pub(super) async fn sync_secret_copy(
     let cached = |ns: &str, name: &str| ctx.secrets.get(&ObjectRef::new(name).within(ns));
     // A server list's version (its ConfigMap's, as the provider last read it) is part of the
     // source: a new list rewrites the copy's server files.
-    let list_version = provider
-        .status
-        .as_ref()
-        .and_then(|s| s.server_list.as_ref())
-        .map(|l| format!("+{}", l.source))
-        .unwrap_or_default();
+    let list_version = match (&provider.spec.server_list, provider.status.as_ref()) {
+        (Some(list), status) => format!(
+            "+list:{}/{}:{}",
+            list.config_map.name,
+            list.config_map.key,
+            status
+                .and_then(|s| s.server_list.as_ref())
+                .map_or("", |l| l.source.as_str())
+        ),
+        (None, _) => String::new(),
+    };
     let source_version = cached(&held.namespace, &provider.spec.secret).map(|s| {
         format!(
             "{}/{}{list_version}",
@@ -82,16 +87,34 @@ pub(super) async fn sync_secret_copy(
         .map(|(k, v)| (k, ByteString(v.0)))
         .collect();
     if let Some(list) = &provider.spec.server_list {
-        let files =
-            crate::controllers::provider::serverlist::files(ctx, &held.namespace, list, &source)
-                .await?
-                .map_err(|why| {
-                    Error::Invalid(format!(
-                        "provider {}/{}: server list: {why}",
-                        held.namespace, held.name
-                    ))
-                })?;
-        data.extend(files.into_iter().map(|(k, v)| (k, ByteString(v))));
+        match crate::controllers::provider::serverlist::files(ctx, &held.namespace, list, &source)
+            .await?
+        {
+            Ok(files) => data.extend(files.into_iter().map(|(k, v)| (k, ByteString(v)))),
+            // The provider reports the list's problem and gives no new slot; a mask that holds
+            // one keeps the servers its copy has (its exits keep running), and the rest of the
+            // Secret (a rotated key) still reaches it.
+            Err(why) => {
+                tracing::warn!(mask = %mask.name_any(), provider = %held.name, "server list: {why}; keeping the copy's servers");
+                if let Some(old) = Api::<Secret>::namespaced(ctx.client.clone(), &ns)
+                    .get_opt(&held.secret)
+                    .await?
+                {
+                    let kept: Vec<(String, ByteString)> = old
+                        .data
+                        .unwrap_or_default()
+                        .into_iter()
+                        .filter(|(k, _)| {
+                            std::path::Path::new(k)
+                                .extension()
+                                .is_some_and(|e| e == "conf")
+                                && !data.contains_key(k)
+                        })
+                        .collect();
+                    data.extend(kept);
+                }
+            }
+        }
     }
     let copy = Secret {
         metadata: ObjectMeta {

@@ -15,6 +15,9 @@ use kube::{Api, ResourceExt};
 
 use crate::{Context, Result};
 
+/// A Secret holds at most 1 MiB; the copy's other keys and metadata need a little room.
+const COPY_LIMIT: usize = 1_000_000;
+
 /// The list as read, or why it cannot be used (a message for the provider's status).
 pub(crate) type Read<T> = Result<std::result::Result<T, String>>;
 
@@ -77,23 +80,38 @@ pub(crate) async fn read(
         Err(why) => return Ok(Err(why)),
     };
     let variables = variables(secret);
-    let (section, servers) = match serverlist::select(&list, &variables) {
-        Ok(selected) => selected,
+    let section = match serverlist::select(&list, &variables) {
+        Ok((section, _)) => section,
         Err(e) => return Ok(Err(e.to_string())),
     };
-    if let Err(e) = serverlist::pool(&list, &variables, cloak_model::tunnel::DEFAULT_INTERFACE) {
-        return Ok(Err(e.to_string()));
+    // The files a mask's copy will hold: what is counted is what the agent gets.
+    let files = match serverlist::files(&list, &variables) {
+        Ok(files) => files,
+        Err(e) => return Ok(Err(e.to_string())),
+    };
+    let size = files.values().map(|f| f.expose().len()).sum::<usize>()
+        + secret
+            .data
+            .iter()
+            .flatten()
+            .map(|(_, v)| v.0.len())
+            .sum::<usize>();
+    if size > COPY_LIMIT {
+        return Ok(Err(format!(
+            "its {} servers make a credentials copy of {size} bytes, more than a Secret holds \
+             (1 MiB): narrow the pool with SERVER_COUNTRIES, SERVER_CITIES, ...",
+            files.len()
+        )));
     }
     if !list.skipped.is_empty() {
-        tracing::warn!(provider = %provider.name_any(), skipped = ?list.skipped, "parts of the server list were skipped");
+        tracing::debug!(provider = %provider.name_any(), skipped = ?list.skipped, "parts of the server list were skipped");
     }
+    let timestamp = list.sections.get(section).map_or(0, |s| s.timestamp);
     Ok(Ok(ServerListStatus {
-        servers: u32::try_from(servers.len()).unwrap_or(u32::MAX),
-        updated: list
-            .sections
-            .get(section)
-            .and_then(|s| Timestamp::from_second(s.timestamp).ok())
-            .filter(|_| list.sections.get(section).is_some_and(|s| s.timestamp > 0))
+        servers: u32::try_from(files.len()).unwrap_or(u32::MAX),
+        updated: (timestamp > 0)
+            .then(|| Timestamp::from_second(timestamp).ok())
+            .flatten()
             .map(Time),
         source: format!(
             "configmap/{}/{}@{version}",
