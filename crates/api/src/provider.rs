@@ -79,7 +79,7 @@ pub struct VpnProviderSpec {
     pub tunnel: Option<TunnelKind>,
 }
 
-/// Where gluetun's server list is read from.
+/// Where gluetun's server list is read from: `configMap` or `url`, one of them.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ServerListSource {
@@ -87,7 +87,19 @@ pub struct ServerListSource {
     /// `internal/storage/servers.json` as it is, or trimmed to its `version` and your provider's
     /// section (a ConfigMap holds at most 1 MiB; the whole file is about 2 MB). Only public
     /// data: the private key stays in the Secret.
-    pub config_map: ConfigMapKey,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_map: Option<ConfigMapKey>,
+
+    /// An `http://` or `https://` URL the operator fetches the list from (gluetun's whole file
+    /// is fine), every `refreshInterval`. The provider's section of the last good copy is kept
+    /// in the ConfigMap `<provider>-server-list`, which is used while a fetch fails. Nothing is
+    /// fetched unless this is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+
+    /// How often `url` is fetched again. Default 24h.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_interval: Option<GoDuration>,
 }
 
 /// One key of a ConfigMap.
@@ -225,6 +237,18 @@ pub struct ServerListStatus {
     pub updated: Option<Time>,
     /// Where the list was read from (`configmap/<name>/<key>`) and its resourceVersion.
     pub source: String,
+
+    /// For a `url`: when the copy in use was fetched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fetched: Option<Time>,
+
+    /// For a `url`: the SHA-256 of the copy in use, as fetched (hex).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash: Option<String>,
+
+    /// For a `url`: why the last fetch failed, while the last good copy is used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fetch_error: Option<String>,
 }
 
 // Phases of a `VpnProvider` (seed 000's, unchanged).

@@ -30,6 +30,11 @@ pub fn mask_secret(mask: &str) -> String {
     join(&[mask, "vpn-credentials"])
 }
 
+/// The operator's copy of a provider's server list fetched from a URL (a ConfigMap).
+pub fn server_list(provider: &str) -> String {
+    join(&[provider, "server-list"])
+}
+
 /// The mask a provider's verification leases its slot through, and the verification pod.
 pub fn verification(provider: &str) -> String {
     join(&[provider, "verify"])

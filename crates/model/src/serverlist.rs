@@ -182,7 +182,7 @@ pub fn parse(json: &[u8]) -> Result<ServerList, ListError> {
 
 /// Provider names as gluetun's variable and file spell them, compared without case, spaces,
 /// hyphens or underscores (`private internet access`, `Private-Internet-Access`).
-fn same_provider(a: &str, b: &str) -> bool {
+pub fn same_provider(a: &str, b: &str) -> bool {
     let norm = |s: &str| -> String {
         s.chars()
             .filter(|c| !matches!(c, ' ' | '-' | '_'))
@@ -194,6 +194,32 @@ fn same_provider(a: &str, b: &str) -> bool {
 
 /// The field of a server a filter reads.
 type Field = fn(&ListedServer) -> &str;
+
+/// The list trimmed to its `version` and `provider`'s section (as JSON): what fits in a
+/// ConfigMap when the whole file (about 2 MB) does not.
+pub fn section_only(json: &[u8], provider: &str) -> Result<Vec<u8>, ListError> {
+    let root: Value = serde_json::from_slice(json).map_err(|e| ListError::Json(e.to_string()))?;
+    let Value::Object(root) = root else {
+        return Err(ListError::NotAnObject);
+    };
+    let (name, section) = root
+        .iter()
+        .find(|(name, _)| *name != "version" && same_provider(name, provider))
+        .ok_or_else(|| {
+            let names: Vec<&str> = root
+                .keys()
+                .filter(|k| *k != "version")
+                .map(String::as_str)
+                .collect();
+            ListError::NoSection(provider.to_owned(), names.join(", "))
+        })?;
+    let mut trimmed = serde_json::Map::new();
+    if let Some(version) = root.get("version") {
+        trimmed.insert("version".into(), version.clone());
+    }
+    trimmed.insert(name.clone(), section.clone());
+    serde_json::to_vec(&Value::Object(trimmed)).map_err(|e| ListError::Json(e.to_string()))
+}
 
 /// gluetun's filters, in the order they narrow the list: the variable, its older name (still
 /// read by gluetun), and the server field it reads.
@@ -596,6 +622,20 @@ mod tests {
         assert_eq!(tunnels(&from_files.servers), tunnels(&from_list));
         let names: Vec<&str> = from_files.servers.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(names, ["nl-ams-wg-001", "nl-ams-wg-002"]);
+    }
+
+    #[test]
+    fn a_list_trimmed_to_one_section_reads_the_same_for_that_provider() {
+        let whole = sample();
+        let trimmed = section_only(whole.as_bytes(), "Mullvad").unwrap();
+        let (a, b) = (parse(whole.as_bytes()).unwrap(), parse(&trimmed).unwrap());
+        assert_eq!(b.sections.keys().collect::<Vec<_>>(), ["mullvad"]);
+        assert_eq!(a.sections["mullvad"], b.sections["mullvad"]);
+        assert_eq!(b.version, 4);
+        assert!(matches!(
+            section_only(whole.as_bytes(), "nordvpn"),
+            Err(ListError::NoSection(..))
+        ));
     }
 
     #[test]

@@ -122,6 +122,10 @@ pub(crate) struct Context {
     pub retries: Arc<controllers::retry::Retries>,
     /// Held while a gateway's new exit picks its VXLAN identifier.
     pub vni_lock: Arc<tokio::sync::Mutex<()>>,
+    /// Per provider uid: why its server list's last fetch failed, and when, while no good copy
+    /// exists to record it on.
+    pub fetch_errors:
+        Arc<std::sync::Mutex<std::collections::HashMap<String, (String, std::time::Instant)>>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -240,6 +244,7 @@ pub async fn run(
         secrets,
         retries: Arc::default(),
         vni_lock: Arc::default(),
+        fetch_errors: Arc::default(),
     });
 
     if let Some(addr) = config.admin_addr {

@@ -1335,3 +1335,190 @@ async fn a_gluetun_secret_with_a_server_list_is_a_pool_of_its_filtered_servers()
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
+
+/// A loopback HTTP server answering every request with the current `(status, body)`.
+fn list_server(answer: std::sync::Arc<std::sync::Mutex<(u16, String)>>) -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+            let mut request = [0_u8; 2048];
+            let _ = std::io::Read::read(&mut stream, &mut request);
+            let (status, body) = answer.lock().unwrap().clone();
+            let reply = format!(
+                "HTTP/1.1 {status} X\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = std::io::Write::write_all(&mut stream, reply.as_bytes());
+        }
+    });
+    port
+}
+
+/// A server list from a URL: fetched, trimmed to the provider's section in the operator's
+/// ConfigMap, its hash and time in status; a failed fetch keeps the last good copy and says
+/// why; a later good fetch replaces it; a URL never fetched well stops the provider.
+#[tokio::test]
+async fn a_server_list_url_is_fetched_refreshed_and_its_last_good_copy_kept_when_a_fetch_fails() {
+    let client = operator();
+    let ns = TestNamespace::create(&client, "gw-url").await.unwrap();
+    let ns = ns.name().to_owned();
+    let key = "wOEI9rqqbDwnN8/Bpp22sVz48T71vJ4fYmFWujulwUU=";
+    let wg = |host: &str, ip: &str| {
+        json!({"vpn": "wireguard", "country": "Sweden", "city": "Gothenburg", "hostname": host,
+               "wgpubkey": key, "ips": [ip]})
+    };
+    let whole = |hosts: &[(&str, &str)]| {
+        let servers: Vec<serde_json::Value> = hosts.iter().map(|(h, ip)| wg(h, ip)).collect();
+        json!({"version": 4,
+               "mullvad": {"version": 4, "timestamp": 1_733_000_000, "servers": servers},
+               "ivpn": {"version": 2, "timestamp": 1, "servers": [wg("de1.wg.ivpn.net", "192.0.2.99")]}})
+        .to_string()
+    };
+    let answer = std::sync::Arc::new(std::sync::Mutex::new((
+        200_u16,
+        whole(&[
+            ("se-got-wg-001", "192.0.2.21"),
+            ("se-got-wg-002", "192.0.2.22"),
+        ]),
+    )));
+    let port = list_server(answer.clone());
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "mullvad"},
+        "stringData": {"VPN_SERVICE_PROVIDER": "mullvad", "VPN_TYPE": "wireguard",
+                       "WIREGUARD_PRIVATE_KEY": key, "WIREGUARD_ADDRESSES": "10.64.222.21/32"},
+    }))
+    .unwrap();
+    Api::<Secret>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+    let providers: Api<VpnProvider> = Api::namespaced(client.clone(), &ns);
+    for (name, url) in [
+        ("fetched", format!("http://127.0.0.1:{port}/servers.json")),
+        // Nothing listens on port 9 of loopback (discard, not served here).
+        ("unreachable", "http://127.0.0.1:9/servers.json".to_owned()),
+    ] {
+        let provider: VpnProvider = serde_json::from_value(json!({
+            "apiVersion": "cloak.dev/v1alpha1", "kind": "VpnProvider", "metadata": {"name": name},
+            "spec": {"secret": "mullvad", "maxSlots": 1, "namespaces": [&ns], "verify": {"skip": true},
+                     "serverList": {"url": url, "refreshInterval": "1s"}},
+        }))
+        .unwrap();
+        providers
+            .create(&PostParams::default(), &provider)
+            .await
+            .unwrap();
+    }
+    let until_status = |name: &'static str,
+                        what: &'static str,
+                        check: fn(&cloak_api::VpnProviderStatus) -> bool| {
+        let providers = providers.clone();
+        async move {
+            let deadline = Instant::now() + WAIT;
+            loop {
+                let s = providers
+                    .get(name)
+                    .await
+                    .unwrap()
+                    .status
+                    .unwrap_or_default();
+                if check(&s) {
+                    return s;
+                }
+                assert!(Instant::now() < deadline, "{name}: {what}: {s:?}");
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+    };
+    let first = until_status("fetched", "fetched", |s| {
+        s.server_list.as_ref().is_some_and(|l| l.servers == 2)
+    })
+    .await;
+    let list = first.server_list.unwrap();
+    let hash = list.hash.clone().unwrap();
+    assert_eq!(hash.len(), 64, "{hash}");
+    assert!(
+        list.fetched.is_some() && list.fetch_error.is_none(),
+        "{list:?}"
+    );
+    assert!(
+        list.source
+            .starts_with("configmap/fetched-server-list/servers.json@"),
+        "{list:?}"
+    );
+    let copy = Api::<ConfigMap>::namespaced(client.clone(), &ns)
+        .get("fetched-server-list")
+        .await
+        .unwrap();
+    let kept = &copy.data.clone().unwrap()["servers.json"];
+    assert!(
+        kept.contains("se-got-wg-002") && !kept.contains("ivpn"),
+        "only mullvad's section: {kept}"
+    );
+    assert_eq!(copy.owner_references()[0].kind, "VpnProvider");
+
+    // The URL fails: the last good copy stays in use, and the status says why.
+    answer.lock().unwrap().0 = 500;
+    let failing = until_status("fetched", "the failure reported", |s| {
+        s.server_list
+            .as_ref()
+            .is_some_and(|l| l.fetch_error.is_some())
+    })
+    .await;
+    let list = failing.server_list.unwrap();
+    assert_eq!(list.servers, 2);
+    assert_eq!(list.hash.as_deref(), Some(hash.as_str()));
+    assert!(list.fetch_error.unwrap().contains("HTTP 500"));
+    assert_eq!(failing.phase, Some(cloak_api::ProviderPhase::Ready));
+
+    // It answers again, with a longer list: the new copy replaces the old one. (A failed
+    // fetch is tried again after a minute.)
+    *answer.lock().unwrap() = (
+        200,
+        whole(&[
+            ("se-got-wg-001", "192.0.2.21"),
+            ("se-got-wg-002", "192.0.2.22"),
+            ("se-got-wg-003", "192.0.2.23"),
+        ]),
+    );
+    let deadline = Instant::now() + Duration::from_secs(100);
+    loop {
+        let s = providers
+            .get("fetched")
+            .await
+            .unwrap()
+            .status
+            .unwrap_or_default();
+        let l = s.server_list.clone().unwrap_or_default();
+        if l.servers == 3 {
+            let cm = Api::<ConfigMap>::namespaced(client.clone(), &ns)
+                .get("fetched-server-list")
+                .await
+                .unwrap();
+            assert!(
+                l.fetch_error.is_none() && l.hash.as_deref() != Some(hash.as_str()),
+                "{l:?} {:?} {:?}",
+                cm.metadata.annotations,
+                cm.metadata.resource_version
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the new list was not fetched: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    // Never fetched well: the provider is stopped with the fetch's error.
+    let s = until_status("unreachable", "the fetch error", |s| {
+        s.message
+            .as_deref()
+            .is_some_and(|m| m.contains("fetching http://127.0.0.1:9/servers.json failed"))
+    })
+    .await;
+    assert_eq!(s.phase, Some(cloak_api::ProviderPhase::ErrVerifyFailed));
+}

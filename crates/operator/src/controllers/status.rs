@@ -32,6 +32,22 @@ where
     Ok(true)
 }
 
+/// Marks every key of `old` that `new` lacks as `null`, at any depth of nested objects, so
+/// that a merge patch of `new` removes it (a merge patch leaves absent keys as they were).
+/// Arrays are replaced whole by a merge patch and need nothing.
+fn nulls_for_removed(old: &serde_json::Value, new: &mut serde_json::Value) {
+    if let (serde_json::Value::Object(old), serde_json::Value::Object(new)) = (old, new) {
+        for (key, old_value) in old {
+            match new.get_mut(key) {
+                None => {
+                    new.insert(key.clone(), serde_json::Value::Null);
+                }
+                Some(new_value) => nulls_for_removed(old_value, new_value),
+            }
+        }
+    }
+}
+
 /// The merge patch that turns `previous` into `status`.
 fn merge_patch<S: Serialize>(
     previous: &S,
@@ -39,13 +55,7 @@ fn merge_patch<S: Serialize>(
     over_version: Option<&str>,
 ) -> serde_json::Result<serde_json::Value> {
     let mut value = serde_json::to_value(status)?;
-    if let (serde_json::Value::Object(old), serde_json::Value::Object(new)) =
-        (serde_json::to_value(previous)?, &mut value)
-    {
-        for key in old.keys() {
-            new.entry(key.clone()).or_insert(serde_json::Value::Null);
-        }
-    }
+    nulls_for_removed(&serde_json::to_value(previous)?, &mut value);
     let mut patch = serde_json::json!({ "status": value });
     if let Some(version) = over_version {
         patch["metadata"] = serde_json::json!({ "resourceVersion": version });
@@ -89,5 +99,25 @@ mod tests {
         let plain = merge_patch(&lost, &held, None).unwrap();
         assert_eq!(plain["status"]["provider"]["slot"], 0);
         assert!(plain.get("metadata").is_none());
+    }
+
+    #[test]
+    fn a_nested_field_that_went_away_is_removed_too() {
+        let list = |error: Option<&str>| cloak_api::VpnProviderStatus {
+            server_list: Some(cloak_api::ServerListStatus {
+                servers: 3,
+                fetch_error: error.map(str::to_owned),
+                ..cloak_api::ServerListStatus::default()
+            }),
+            ..cloak_api::VpnProviderStatus::default()
+        };
+        let patch = merge_patch(&list(Some("HTTP 500")), &list(None), None).unwrap();
+        let written = &patch["status"]["serverList"];
+        assert_eq!(written["servers"], 3);
+        assert!(
+            written.as_object().unwrap().contains_key("fetchError"),
+            "{patch}"
+        );
+        assert_eq!(written["fetchError"], serde_json::Value::Null);
     }
 }

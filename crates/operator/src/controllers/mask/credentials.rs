@@ -36,14 +36,16 @@ pub(super) async fn sync_secret_copy(
     // A server list's version (its ConfigMap's, as the provider last read it) is part of the
     // source: a new list rewrites the copy's server files.
     let list_version = match (&provider.spec.server_list, provider.status.as_ref()) {
-        (Some(list), status) => format!(
-            "+list:{}/{}:{}",
-            list.config_map.name,
-            list.config_map.key,
-            status
-                .and_then(|s| s.server_list.as_ref())
-                .map_or("", |l| l.source.as_str())
-        ),
+        (Some(list), status) => {
+            let (name, key) =
+                crate::controllers::provider::serverlist::location(&provider.name_any(), list);
+            format!(
+                "+list:{name}/{key}:{}",
+                status
+                    .and_then(|s| s.server_list.as_ref())
+                    .map_or("", |l| l.source.as_str())
+            )
+        }
         (None, _) => String::new(),
     };
     let source_version = cached(&held.namespace, &provider.spec.secret).map(|s| {
@@ -87,8 +89,14 @@ pub(super) async fn sync_secret_copy(
         .map(|(k, v)| (k, ByteString(v.0)))
         .collect();
     if let Some(list) = &provider.spec.server_list {
-        match crate::controllers::provider::serverlist::files(ctx, &held.namespace, list, &source)
-            .await?
+        match crate::controllers::provider::serverlist::files(
+            ctx,
+            &held.namespace,
+            &held.name,
+            list,
+            &source,
+        )
+        .await?
         {
             Ok(files) => data.extend(files.into_iter().map(|(k, v)| (k, ByteString(v)))),
             // The provider reports the list's problem and gives no new slot; a mask that holds

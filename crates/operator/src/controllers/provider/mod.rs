@@ -137,9 +137,18 @@ async fn apply(provider: &VpnProvider, ctx: &Context) -> Result<Action> {
             .await?
         }
     };
-    // ConfigMaps are not watched: a list is read again every minute.
-    if provider.spec.server_list.is_some() {
-        decision.requeue = Some(decision.requeue.map_or(LIST_REREAD, |r| r.min(LIST_REREAD)));
+    // ConfigMaps are not watched: a list is read again every minute (a URL's when its refresh
+    // interval is shorter).
+    if let Some(list) = &provider.spec.server_list {
+        let mut every = LIST_REREAD;
+        if list.url.is_some() {
+            let refresh = list
+                .refresh_interval
+                .as_ref()
+                .map_or(serverlist::REFRESH, cloak_api::GoDuration::get);
+            every = every.min(refresh.max(Duration::from_secs(1)));
+        }
+        decision.requeue = Some(decision.requeue.map_or(every, |r| r.min(every)));
     }
     let phase = match decision.phase {
         ProviderPhase::Ready | ProviderPhase::Active => {
