@@ -437,6 +437,11 @@ struct OperatorArgs {
     /// the VXLAN links to the exits.
     #[arg(long, env = "CLOAK_POD_NETWORK_MTU", default_value_t = 1500)]
     pod_network_mtu: u16,
+    /// Fetch VpnProviders' `serverList.url` over plain http:// too (a mirror inside the
+    /// cluster). Off: https:// only, since whoever answers a plain request could hand out
+    /// server endpoints and keys.
+    #[arg(long, env = "CLOAK_ALLOW_HTTP_SERVER_LISTS")]
+    allow_http_server_lists: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -975,6 +980,7 @@ fn run_operator(args: OperatorArgs) -> anyhow::Result<()> {
             agent_image: args.image,
             intranet: args.intranet,
             pod_network_mtu: args.pod_network_mtu,
+            allow_http_server_lists: args.allow_http_server_lists,
             ..cloak_operator::Config::default()
         };
         // Kubernetes stops pods with SIGTERM; a terminal sends SIGINT.

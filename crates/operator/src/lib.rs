@@ -86,6 +86,10 @@ pub struct Config {
     /// The pod network's MTU between nodes: the links to the exits wrap client packets in
     /// VXLAN inside it, so `mtu: auto` leaves room for that.
     pub pod_network_mtu: u16,
+    /// Fetch `serverList.url`s over plain `http://` too (tests, a mirror inside the cluster).
+    /// Off: only `https://`, since whoever can answer a plain request could hand out server
+    /// endpoints and keys.
+    pub allow_http_server_lists: bool,
 }
 
 impl Default for Config {
@@ -101,6 +105,7 @@ impl Default for Config {
             holder_resync: Duration::from_mins(5),
             exit_admin_port: Some(cloak_model::exit::ADMIN_PORT),
             pod_network_mtu: 1500,
+            allow_http_server_lists: false,
         }
     }
 }
@@ -122,10 +127,13 @@ pub(crate) struct Context {
     pub retries: Arc<controllers::retry::Retries>,
     /// Held while a gateway's new exit picks its VXLAN identifier.
     pub vni_lock: Arc<tokio::sync::Mutex<()>>,
-    /// Per provider uid: why its server list's last fetch failed, and when, while no good copy
-    /// exists to record it on.
-    pub fetch_errors:
-        Arc<std::sync::Mutex<std::collections::HashMap<String, (String, std::time::Instant)>>>,
+    /// Per provider uid: its server list's last fetch (which URL and section, when, and why it
+    /// failed if it did).
+    pub fetches: Arc<
+        std::sync::Mutex<
+            std::collections::HashMap<String, controllers::provider::serverlist::Fetch>,
+        >,
+    >,
 }
 
 impl std::fmt::Debug for Context {
@@ -244,7 +252,7 @@ pub async fn run(
         secrets,
         retries: Arc::default(),
         vni_lock: Arc::default(),
-        fetch_errors: Arc::default(),
+        fetches: Arc::default(),
     });
 
     if let Some(addr) = config.admin_addr {

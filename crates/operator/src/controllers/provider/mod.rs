@@ -137,18 +137,10 @@ async fn apply(provider: &VpnProvider, ctx: &Context) -> Result<Action> {
             .await?
         }
     };
-    // ConfigMaps are not watched: a list is read again every minute (a URL's when its refresh
-    // interval is shorter).
-    if let Some(list) = &provider.spec.server_list {
-        let mut every = LIST_REREAD;
-        if list.url.is_some() {
-            let refresh = list
-                .refresh_interval
-                .as_ref()
-                .map_or(serverlist::REFRESH, cloak_api::GoDuration::get);
-            every = every.min(refresh.max(Duration::from_secs(1)));
-        }
-        decision.requeue = Some(decision.requeue.map_or(every, |r| r.min(every)));
+    // ConfigMaps are not watched, and a URL is due at most once a minute: a list is looked at
+    // again every minute.
+    if provider.spec.server_list.is_some() {
+        decision.requeue = Some(decision.requeue.map_or(LIST_REREAD, |r| r.min(LIST_REREAD)));
     }
     let phase = match decision.phase {
         ProviderPhase::Ready | ProviderPhase::Active => {
@@ -210,6 +202,7 @@ fn phase_is_error(phase: ProviderPhase) -> bool {
 /// and so does any verification in progress.
 async fn cleanup(provider: &VpnProvider, ctx: &Context) -> Result<Action> {
     let ns = provider.namespace().unwrap_or_default();
+    serverlist::forget(provider, ctx);
     end_verification(ctx, &ns, &names::verification(&provider.name_any())).await?;
     let uid = provider.uid().unwrap_or_default();
     let leases: Api<Lease> = Api::namespaced(ctx.client.clone(), &ns);

@@ -22,16 +22,38 @@ use crate::{Context, MANAGER, Result};
 
 /// Annotations of the operator's copy of a fetched list.
 const URL: &str = "cloak.dev/server-list-url";
+const SECTION: &str = "cloak.dev/server-list-provider";
 const FETCHED: &str = "cloak.dev/fetched-at";
-const ATTEMPTED: &str = "cloak.dev/attempted-at";
 const HASH: &str = "cloak.dev/sha256";
-const FETCH_ERROR: &str = "cloak.dev/fetch-error";
 /// A failed fetch is tried again after this long.
 const RETRY: std::time::Duration = std::time::Duration::from_mins(1);
 /// The default `refreshInterval`.
 pub(crate) const REFRESH: std::time::Duration = std::time::Duration::from_hours(24);
+/// The shortest `refreshInterval` honoured.
+pub(crate) const MIN_REFRESH: std::time::Duration = std::time::Duration::from_mins(1);
 /// A list larger than this is refused (gluetun's whole file is about 2 MB).
 const MAX_FETCH: usize = 32 << 20;
+/// A ConfigMap holds at most 1 MiB.
+const MAX_SECTION: usize = 1_000_000;
+
+/// A provider's last fetch, kept in memory: nothing is written while a URL fails, so a failing
+/// URL costs one request a minute and no write.
+#[derive(Debug, Clone)]
+pub(crate) struct Fetch {
+    url: String,
+    section: String,
+    checked: std::time::Instant,
+    error: Option<String>,
+}
+
+/// The refresh interval of a source, never under [`MIN_REFRESH`].
+pub(crate) fn refresh_interval(source: &ServerListSource) -> std::time::Duration {
+    source
+        .refresh_interval
+        .as_ref()
+        .map_or(REFRESH, cloak_api::GoDuration::get)
+        .max(MIN_REFRESH)
+}
 
 /// The ConfigMap and key the list is read from: the user's, or the operator's copy of a URL's.
 pub(crate) fn location(provider: &str, source: &ServerListSource) -> (String, String) {
@@ -118,19 +140,30 @@ pub(crate) async fn read(
         refresh(provider, url, source, &variables, &where_, ctx).await?;
     } else if source.config_map.is_none() {
         return Ok(Err("give configMap or url".into()));
+    } else {
+        forget(provider, ctx);
     }
+    let fetch_error = source
+        .url
+        .as_ref()
+        .and_then(|url| last_fetch(provider, url, ctx))
+        .and_then(|f| f.error);
     let (list, version, annotations) = match load(ctx, &ns, &where_).await? {
         Ok(read) => read,
-        Err(why) => {
-            // A URL never fetched well: the last fetch's error says why.
-            let fetch = source
-                .url
-                .as_ref()
-                .and_then(|_| last_error(provider, ctx))
-                .map(|(e, _)| e);
-            return Ok(Err(fetch.unwrap_or(why)));
-        }
+        // A URL never fetched well: the fetch's error says why.
+        Err(why) => return Ok(Err(fetch_error.unwrap_or(why))),
     };
+    // A copy of another URL's list, or of another provider's section, is not this one's.
+    if let Some(url) = &source.url {
+        let section = variables.get("VPN_SERVICE_PROVIDER").map(String::as_str);
+        if annotations.get(URL).map(String::as_str) != Some(url.as_str())
+            || annotations.get(SECTION).map(String::as_str) != section
+        {
+            return Ok(Err(
+                fetch_error.unwrap_or_else(|| format!("{url} not fetched yet"))
+            ));
+        }
+    }
     let section = match serverlist::select(&list, &variables) {
         Ok((section, _)) => section,
         Err(e) => return Ok(Err(e.to_string())),
@@ -170,10 +203,7 @@ pub(crate) async fn read(
             .and_then(|t| t.parse::<Timestamp>().ok())
             .map(Time),
         hash: annotations.get(HASH).cloned(),
-        fetch_error: annotations
-            .get(FETCH_ERROR)
-            .filter(|e| !e.is_empty())
-            .cloned(),
+        fetch_error,
     }))
 }
 
@@ -199,30 +229,24 @@ pub(crate) async fn files(
         .map_err(|e| e.to_string()))
 }
 
-/// The error of the last failed fetch, kept in memory for a list that was never fetched well
-/// (there is no ConfigMap to keep it in).
-fn last_error(provider: &VpnProvider, ctx: &Context) -> Option<(String, std::time::Instant)> {
+/// The last fetch of `provider`'s list from `url`, if it was of that URL.
+fn last_fetch(provider: &VpnProvider, url: &str, ctx: &Context) -> Option<Fetch> {
     let key = provider.uid().unwrap_or_default();
-    ctx.fetch_errors.lock().ok()?.get(&key).cloned()
+    let fetches = ctx.fetches.lock().ok()?;
+    fetches.get(&key).filter(|f| f.url == url).cloned()
 }
 
-fn remember_error(provider: &VpnProvider, ctx: &Context, error: Option<String>) {
-    let key = provider.uid().unwrap_or_default();
-    if let Ok(mut errors) = ctx.fetch_errors.lock() {
-        match error {
-            Some(e) => {
-                errors.insert(key, (e, std::time::Instant::now()));
-            }
-            None => {
-                errors.remove(&key);
-            }
-        }
+/// Forgets a provider's fetches (deleted, or no longer fetching).
+pub(crate) fn forget(provider: &VpnProvider, ctx: &Context) {
+    if let Ok(mut fetches) = ctx.fetches.lock() {
+        fetches.remove(&provider.uid().unwrap_or_default());
     }
 }
 
-/// Fetches `url` again when due (never fetched, another URL, `refreshInterval` passed, and no
-/// failed attempt within the last minute) and keeps the provider's section in the operator's
-/// ConfigMap. A failed fetch leaves the last good copy in place and records why.
+/// Fetches `url` again when due: never fetched (by this operator) or its section's provider
+/// changed, or `refreshInterval` passed, or a minute after a failure. A good list whose
+/// provider's section differs from the copy's is written to the operator's ConfigMap; a failure
+/// is only remembered, and the last good copy stays in use.
 async fn refresh(
     provider: &VpnProvider,
     url: &str,
@@ -231,101 +255,111 @@ async fn refresh(
     (name, key): &(String, String),
     ctx: &Context,
 ) -> Result<()> {
-    let ns = provider.namespace().unwrap_or_default();
-    let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
-    let current = api.get_opt(name).await?;
-    let annotation = |k: &str| {
-        current
-            .as_ref()
-            .and_then(|c| c.annotations().get(k).cloned())
-    };
-    let age = |k: &str| {
-        annotation(k)
-            .and_then(|t| t.parse::<Timestamp>().ok())
-            .and_then(|t| std::time::Duration::try_from(Timestamp::now().duration_since(t)).ok())
-    };
-    let interval = source
-        .refresh_interval
-        .as_ref()
-        .map_or(REFRESH, cloak_api::GoDuration::get);
-    let same_url = annotation(URL).as_deref() == Some(url);
-    let stale = age(FETCHED).is_none_or(|a| a >= interval);
-    let failed = annotation(FETCH_ERROR).is_some_and(|e| !e.is_empty());
-    let tried = failed && age(ATTEMPTED).is_some_and(|a| a < RETRY);
-    if same_url && (!stale || tried) {
-        return Ok(());
-    }
-    let failed_lately = last_error(provider, ctx).is_some_and(|(_, at)| at.elapsed() < RETRY);
-    if current.is_none() && failed_lately {
-        return Ok(());
-    }
-    let now = Timestamp::now().to_string();
-    let provider_name = variables
+    let section = variables
         .get("VPN_SERVICE_PROVIDER")
         .cloned()
         .unwrap_or_default();
-    let fetched = fetch(url).await.and_then(|bytes| {
-        let hash = hex(ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref());
-        serverlist::section_only(&bytes, &provider_name)
-            .map(|trimmed| (trimmed, hash))
-            .map_err(|e| e.to_string())
-    });
-    let owner = provider.controller_owner_ref(&()).unwrap_or_default();
-    let params = PatchParams::apply(MANAGER).force();
-    match fetched {
-        Ok((trimmed, hash)) => {
-            remember_error(provider, ctx, None);
-            let map = ConfigMap {
-                metadata: ObjectMeta {
-                    name: Some(name.clone()),
-                    namespace: Some(ns.clone()),
-                    owner_references: Some(vec![owner]),
-                    annotations: Some(BTreeMap::from([
-                        (URL.into(), url.to_owned()),
-                        (FETCHED.into(), now.clone()),
-                        (ATTEMPTED.into(), now),
-                        (HASH.into(), hash),
-                    ])),
-                    ..ObjectMeta::default()
-                },
-                data: Some(BTreeMap::from([(
-                    key.clone(),
-                    String::from_utf8_lossy(&trimmed).into_owned(),
-                )])),
-                ..ConfigMap::default()
+    let due = match last_fetch(provider, url, ctx) {
+        Some(last) if last.section == section => {
+            let wait = if last.error.is_some() {
+                RETRY
+            } else {
+                refresh_interval(source)
             };
-            api.patch(name, &params, &Patch::Apply(&map)).await?;
-            tracing::info!(provider = %provider.name_any(), url, "server list fetched");
+            last.checked.elapsed() >= wait
         }
-        Err(why) => {
-            let why = format!("fetching {url} failed: {why}");
-            tracing::warn!(provider = %provider.name_any(), "{why}");
-            remember_error(provider, ctx, Some(why.clone()));
-            if let (Some(current), true) = (current, same_url) {
-                // The last good copy stays; the attempt and its error are recorded beside it,
-                // applied by the same manager, so the next good fetch's apply removes the error.
-                let mut annotations = current.annotations().clone();
-                annotations.insert(ATTEMPTED.into(), now);
-                annotations.insert(FETCH_ERROR.into(), why);
-                annotations.retain(|k, _| {
-                    [URL, FETCHED, ATTEMPTED, HASH, FETCH_ERROR].contains(&k.as_str())
-                });
+        _ => true,
+    };
+    if !due {
+        return Ok(());
+    }
+    let ns = provider.namespace().unwrap_or_default();
+    let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
+    let current = api.get_opt(name).await?;
+    let uid = provider.uid().unwrap_or_default();
+    let outcome = match &current {
+        Some(c) if !c.owner_references().iter().any(|o| o.uid == uid) => Err(format!(
+            "ConfigMap {ns}/{name} exists and is not this provider's: cloak keeps the fetched \
+             list there"
+        )),
+        _ => fetch(url, ctx.config.allow_http_server_lists)
+            .await
+            .and_then(|bytes| checked(&bytes, &section)),
+    };
+    let error = match outcome {
+        Ok((trimmed, hash)) => {
+            let annotation = |k: &str| current.as_ref().and_then(|c| c.annotations().get(k));
+            let same = annotation(URL).map(String::as_str) == Some(url)
+                && annotation(SECTION) == Some(&section)
+                && annotation(HASH) == Some(&hash);
+            if !same {
                 let map = ConfigMap {
                     metadata: ObjectMeta {
                         name: Some(name.clone()),
                         namespace: Some(ns.clone()),
-                        owner_references: Some(vec![owner]),
-                        annotations: Some(annotations),
+                        owner_references: Some(vec![
+                            provider.controller_owner_ref(&()).unwrap_or_default(),
+                        ]),
+                        annotations: Some(BTreeMap::from([
+                            (URL.into(), url.to_owned()),
+                            (SECTION.into(), section.clone()),
+                            (FETCHED.into(), Timestamp::now().to_string()),
+                            (HASH.into(), hash),
+                        ])),
                         ..ObjectMeta::default()
                     },
-                    data: current.data,
+                    data: Some(BTreeMap::from([(
+                        key.clone(),
+                        String::from_utf8_lossy(&trimmed).into_owned(),
+                    )])),
                     ..ConfigMap::default()
                 };
-                api.patch(name, &params, &Patch::Apply(&map)).await?;
+                api.patch(
+                    name,
+                    &PatchParams::apply(MANAGER).force(),
+                    &Patch::Apply(&map),
+                )
+                .await?;
+                tracing::info!(provider = %provider.name_any(), url, "server list fetched");
             }
+            None
         }
+        Err(why) => {
+            let why = format!("fetching {url} failed: {why}");
+            tracing::warn!(provider = %provider.name_any(), "{why}");
+            Some(why)
+        }
+    };
+    if let Ok(mut fetches) = ctx.fetches.lock() {
+        fetches.insert(
+            uid,
+            Fetch {
+                url: url.to_owned(),
+                section,
+                checked: std::time::Instant::now(),
+                error,
+            },
+        );
     }
     Ok(())
+}
+
+/// A fetched list, checked before it replaces a good one: the provider's section (which must
+/// read as a list with servers and fit in a ConfigMap), and the SHA-256 of the whole download.
+fn checked(bytes: &[u8], section: &str) -> std::result::Result<(Vec<u8>, String), String> {
+    let hash = hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref());
+    let trimmed = serverlist::section_only(bytes, section).map_err(|e| e.to_string())?;
+    let list = serverlist::parse(&trimmed).map_err(|e| e.to_string())?;
+    if list.sections.values().all(|s| s.servers.is_empty()) {
+        return Err(format!("the list has no server for provider {section:?}"));
+    }
+    if trimmed.len() > MAX_SECTION {
+        return Err(format!(
+            "provider {section:?}'s section is {} bytes, more than a ConfigMap holds (1 MiB)",
+            trimmed.len()
+        ));
+    }
+    Ok((trimmed, hash))
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -338,15 +372,22 @@ fn hex(bytes: &[u8]) -> String {
 
 /// One GET: a 2xx answer's body, at most [`MAX_FETCH`] bytes, within 30 s. Redirects are not
 /// followed (give the final URL).
-async fn fetch(url: &str) -> std::result::Result<Vec<u8>, String> {
+async fn fetch(url: &str, allow_http: bool) -> std::result::Result<Vec<u8>, String> {
     use http_body_util::{BodyExt, Empty, Limited};
     let uri: http::Uri = url.parse().map_err(|e| format!("not a URL: {e}"))?;
-    if !matches!(uri.scheme_str(), Some("http" | "https")) {
-        return Err("only http:// and https:// URLs are fetched".into());
+    match uri.scheme_str() {
+        Some("https") => {}
+        Some("http") if allow_http => {}
+        Some("http") => {
+            return Err("only https:// URLs are fetched (the operator's \
+                        --allow-http-server-lists allows http://)"
+                .into());
+        }
+        _ => return Err("only https:// URLs are fetched".into()),
     }
+    // The Mozilla roots compiled in: the operator's image carries no certificate store.
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_native_roots()
-        .map_err(|e| format!("no TLS root certificates: {e}"))?
+        .with_webpki_roots()
         .https_or_http()
         .enable_http1()
         .build();
