@@ -110,6 +110,21 @@ impl Default for Config {
     }
 }
 
+/// A Secret's keys and bytes, as the credentials parser takes them: `data`, and `stringData`
+/// (which only a Secret read from a file carries; the API server folds it into `data`).
+pub(crate) fn secret_bytes(secret: &Secret) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut bytes: std::collections::BTreeMap<String, Vec<u8>> = secret
+        .data
+        .iter()
+        .flatten()
+        .map(|(k, v)| (k.clone(), v.0.clone()))
+        .collect();
+    for (k, v) in secret.string_data.iter().flatten() {
+        bytes.insert(k.clone(), v.clone().into_bytes());
+    }
+    bytes
+}
+
 /// Everything reconcilers share: the client, the caches, metrics.
 #[derive(Clone)]
 pub(crate) struct Context {

@@ -112,16 +112,9 @@ pub async fn secret_formats(
 
 /// The credentials' format, from `data` and `stringData` (a Secret in a file may use either).
 fn format_of(secret: &Secret) -> Option<Format> {
-    let mut data: BTreeMap<String, Vec<u8>> = secret
-        .data
-        .iter()
-        .flatten()
-        .map(|(k, v)| (k.clone(), v.0.clone()))
-        .collect();
-    for (k, v) in secret.string_data.iter().flatten() {
-        data.insert(k.clone(), v.clone().into_bytes());
-    }
-    credentials::classify(&data, None).ok().map(|s| s.format)
+    credentials::classify(&crate::secret_bytes(secret), None)
+        .ok()
+        .map(|s| s.format)
 }
 
 /// The new objects, providers first, each with its type and without status.

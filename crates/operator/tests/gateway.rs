@@ -162,6 +162,14 @@ async fn gateway_with(client: &Client, ns: &str, name: &str, exits: serde_json::
         .unwrap();
 }
 
+/// Waits until `gateway` has its one exit healthy.
+async fn until_healthy(client: &Client, ns: &str, gateway: &str, what: &str) {
+    until(client, ns, gateway, what, |g, _| {
+        (g.status.as_ref()?.healthy_exits == 1).then_some(())
+    })
+    .await;
+}
+
 /// Polls `check` on the gateway until it returns `Some`, for at most [`WAIT`].
 async fn until<T>(
     client: &Client,
@@ -1047,24 +1055,10 @@ async fn a_hop_behind_a_dead_hop_is_not_moved_and_is_judged_again_once_the_hop_b
     )
     .await;
     run_hop(&client, ns.name(), 1, true).await;
-    until(
-        &client,
-        ns.name(),
-        "onion-hop-1",
-        "hop 1 healthy",
-        |g, _| (g.status.as_ref()?.healthy_exits == 1).then_some(()),
-    )
-    .await;
+    until_healthy(&client, ns.name(), "onion-hop-1", "hop 1 healthy").await;
     // Hop 2 starts once hop 1 carries traffic, and connects.
     let first = run_hop(&client, ns.name(), 2, true).await;
-    until(
-        &client,
-        ns.name(),
-        "onion-hop-2",
-        "hop 2 healthy",
-        |g, _| (g.status.as_ref()?.healthy_exits == 1).then_some(()),
-    )
-    .await;
+    until_healthy(&client, ns.name(), "onion-hop-2", "hop 2 healthy").await;
     // Hop 1's server dies: hop 1 and, through it, hop 2 lose their tunnels. Hop 1 moves on
     // after its moveAfter; hop 2 stays where it is meanwhile, and for twice its moveAfter more
     // while hop 1's next pod has not connected: its server is not the one to blame.
@@ -1092,14 +1086,7 @@ async fn a_hop_behind_a_dead_hop_is_not_moved_and_is_judged_again_once_the_hop_b
     // Hop 1 connects on its next server. Hop 2's clock starts then, not when its tunnel went
     // down: looked at again at once (a change to its gateway), it stays.
     run_hop(&client, ns.name(), 1, true).await;
-    until(
-        &client,
-        ns.name(),
-        "onion-hop-1",
-        "hop 1 healthy again",
-        |g, _| (g.status.as_ref()?.healthy_exits == 1).then_some(()),
-    )
-    .await;
+    until_healthy(&client, ns.name(), "onion-hop-1", "hop 1 healthy again").await;
     Api::<VpnGateway>::namespaced(client.clone(), ns.name())
         .patch(
             "onion-hop-2",

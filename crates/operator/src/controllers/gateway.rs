@@ -872,12 +872,7 @@ async fn exit_pod(
     let Some(copy) = secrets.get_opt(&held.secret).await? else {
         return Ok(None);
     };
-    let data: BTreeMap<String, Vec<u8>> = copy
-        .data
-        .unwrap_or_default()
-        .into_iter()
-        .map(|(k, v)| (k, v.0))
-        .collect();
+    let data = crate::secret_bytes(&copy);
     let keys = credentials::keys(data.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
         .map_err(|e| Error::Invalid(format!("exit {exit_name}: credentials: {e}")))?;
     let pool = credentials::pool(&keys, cloak_model::tunnel::DEFAULT_INTERFACE)

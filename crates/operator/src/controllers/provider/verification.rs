@@ -36,16 +36,7 @@ pub(super) async fn verification(
         last_verified,
         requeue,
     };
-    let classify = || {
-        let data = secret
-            .data
-            .clone()
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(k, v)| (k, v.0))
-            .collect();
-        credentials::classify(&data, provider.spec.tunnel)
-    };
+    let classify = || credentials::classify(&crate::secret_bytes(secret), provider.spec.tunnel);
     let now = Timestamp::now();
     let since = |t: &Time| Duration::try_from(now.duration_since(t.0)).unwrap_or_default();
     let step = verify::first_step(
