@@ -11,6 +11,8 @@ mod labkit;
 
 #[path = "gateway_lab/chain.rs"]
 mod chain;
+#[path = "gateway_lab/gluetun.rs"]
+mod gluetun;
 
 use labkit as lab;
 

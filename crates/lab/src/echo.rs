@@ -2,7 +2,8 @@
 //! [`ECHO6`](crate::layout::ECHO6) answers every request with the source address it saw (so a
 //! client learns its exit address), and remembers the last address per `?from=<name>`, which
 //! `cloak lab status` shows as each workload's exit. UDP port 7 answers each datagram with the
-//! source address too.
+//! source address too. `GET /files/<name>` serves the lab's file `www/<name>` instead (the
+//! server list a VpnProvider may fetch).
 
 use std::{
     collections::BTreeMap,
@@ -17,7 +18,7 @@ use std::{
 use crate::error::{Error, Result};
 
 /// Starts the service on threads that entered `netns_path`; they run until the process exits.
-pub(crate) fn start(netns_path: &str, record: PathBuf) -> Result<()> {
+pub(crate) fn start(netns_path: &str, record: PathBuf, files: PathBuf) -> Result<()> {
     let (ready_tx, ready) = std::sync::mpsc::channel::<std::result::Result<(), String>>();
     let path = netns_path.to_owned();
     std::thread::Builder::new()
@@ -60,11 +61,11 @@ pub(crate) fn start(netns_path: &str, record: PathBuf) -> Result<()> {
             let seen = Arc::new(Mutex::new(BTreeMap::<String, (String, u64)>::new()));
             // A thread a listener (threads inherit the namespace of the thread that starts them).
             for tcp in tcp {
-                let (seen, record) = (seen.clone(), record.clone());
+                let (seen, record, files) = (seen.clone(), record.clone(), files.clone());
                 std::thread::spawn(move || {
                     for stream in tcp.incoming().flatten() {
-                        let (seen, record) = (seen.clone(), record.clone());
-                        std::thread::spawn(move || answer(&stream, &seen, &record));
+                        let (seen, record, files) = (seen.clone(), record.clone(), files.clone());
+                        std::thread::spawn(move || answer(&stream, &seen, &record, &files));
                     }
                 });
             }
@@ -83,7 +84,12 @@ fn enter(path: &str) -> std::result::Result<(), String> {
         .map_err(|e| format!("entering {path}: {e}"))
 }
 
-fn answer(stream: &TcpStream, seen: &Mutex<BTreeMap<String, (String, u64)>>, record: &PathBuf) {
+fn answer(
+    stream: &TcpStream,
+    seen: &Mutex<BTreeMap<String, (String, u64)>>,
+    record: &PathBuf,
+    files: &std::path::Path,
+) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
     let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
     let Ok(peer) = stream.peer_addr() else {
@@ -102,6 +108,10 @@ fn answer(stream: &TcpStream, seen: &Mutex<BTreeMap<String, (String, u64)>>, rec
             Ok(_) if line.trim().is_empty() => break,
             Ok(_) => {}
         }
+    }
+    if let Some(name) = file_name(&request_line) {
+        serve(stream, &files.join(name));
+        return;
     }
     let ip = peer.ip().to_string();
     if let Some(name) = from_parameter(&request_line) {
@@ -137,6 +147,38 @@ fn answer(stream: &TcpStream, seen: &Mutex<BTreeMap<String, (String, u64)>>, rec
         "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
+}
+
+/// `name` from `GET /files/<name> HTTP/1.1`, when it is a plain file name.
+fn file_name(request_line: &str) -> Option<&str> {
+    let target = request_line.split_whitespace().nth(1)?;
+    let name = target.strip_prefix("/files/")?;
+    let valid = !name.is_empty()
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
+    valid.then_some(name)
+}
+
+/// Answers with the file at `path` (at most 64 MiB), or 404 when there is none.
+fn serve(mut stream: &TcpStream, path: &std::path::Path) {
+    let body = fs::metadata(path)
+        .ok()
+        .filter(|m| m.is_file() && m.len() <= 64 << 20)
+        .and_then(|_| fs::read(path).ok());
+    let _ = match body {
+        Some(body) => write!(
+            stream,
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        )
+        .and_then(|()| stream.write_all(&body)),
+        None => write!(
+            stream,
+            "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        ),
+    };
 }
 
 /// `name` from `GET /anything?from=name HTTP/1.1`, when it is a plain label.
@@ -185,5 +227,22 @@ mod tests {
         assert_eq!(from_parameter("GET / HTTP/1.1"), None);
         assert_eq!(from_parameter("GET /?from=<script> HTTP/1.1"), None);
         assert_eq!(from_parameter("GET /?from= HTTP/1.1"), None);
+    }
+
+    #[test]
+    fn only_plain_file_names_are_served() {
+        assert_eq!(
+            file_name("GET /files/servers.json HTTP/1.1"),
+            Some("servers.json")
+        );
+        for bad in [
+            "GET /files/ HTTP/1.1",
+            "GET /files/../pki/ca.key HTTP/1.1",
+            "GET /files/.hidden HTTP/1.1",
+            "GET /files/a/b HTTP/1.1",
+            "GET /ip HTTP/1.1",
+        ] {
+            assert_eq!(file_name(bad), None, "{bad}");
+        }
     }
 }

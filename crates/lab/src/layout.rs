@@ -58,6 +58,11 @@ pub struct Provider {
     pub chain_from: u8,
     /// Whether its tunnels carry IPv6 (its clients get an IPv6 address and route).
     pub ipv6: bool,
+    /// Whether it is given to cloak as a gluetun user holds it: a Secret of gluetun's variables
+    /// and a server list in gluetun's format. Its servers then behave as a commercial
+    /// service's do: every one accepts the account's one address
+    /// ([`Provider::account_address`]) and answers on one port.
+    pub gluetun: bool,
 }
 
 impl Provider {
@@ -82,15 +87,33 @@ impl Provider {
         format!("{}-{k}.vpn.{INTERNET_ZONE}", self.name)
     }
 
-    /// Server `k`'s port. Each server of a pool has its own: the userspace WireGuard servers
-    /// of one provider share its namespace and bind the wildcard address, and two devices on one
-    /// port would split a client's handshakes between them (SO_REUSEPORT).
+    /// Server `k`'s port, as its clients reach it: each server's own
+    /// ([`Provider::listen_port`]), or one for all of a gluetun provider's, as a commercial
+    /// service has (its namespace forwards each server address's packets to that server's own).
     pub fn port(&self, k: u8) -> u16 {
+        if self.gluetun {
+            self.listen_port(1)
+        } else {
+            self.listen_port(k)
+        }
+    }
+
+    /// The port server `k`'s device listens on. Each server of a pool has its own: the
+    /// userspace WireGuard servers of one provider share its namespace and bind the wildcard
+    /// address, and two devices on one port would split a client's handshakes between them
+    /// (SO_REUSEPORT).
+    pub fn listen_port(&self, k: u8) -> u16 {
         let base = match self.kind {
             TunnelKind::Wireguard => 51820,
             TunnelKind::OpenVpn => 1194,
         };
         base + u16::from(k) - 1
+    }
+
+    /// The client address a gluetun provider's account has on every one of its servers
+    /// (`WIREGUARD_ADDRESSES`), outside every server's own tunnel subnet.
+    pub fn account_address(&self) -> String {
+        format!("10.{}.0.2", 64 + self.index)
     }
 
     /// The tunnel subnet of server `k`: the server is `.1`, its client `.2`.
@@ -114,9 +137,10 @@ impl Provider {
     }
 }
 
-/// The lab's fake providers: two WireGuard services whose tunnels carry IPv6 too and one OpenVPN
-/// service that carries IPv4 alone, each with its own exit addresses and a pool of servers.
-pub const PROVIDERS: [Provider; 3] = [
+/// The lab's fake providers: two WireGuard services whose tunnels carry IPv6 too, one OpenVPN
+/// service that carries IPv4 alone, and one WireGuard service given as a gluetun Secret and
+/// server list, each with its own exit addresses and a pool of servers.
+pub const PROVIDERS: [Provider; 4] = [
     Provider {
         name: "wg-alpha",
         kind: TunnelKind::Wireguard,
@@ -124,6 +148,7 @@ pub const PROVIDERS: [Provider; 3] = [
         servers: 5,
         chain_from: 4,
         ipv6: true,
+        gluetun: false,
     },
     Provider {
         name: "wg-beta",
@@ -132,6 +157,7 @@ pub const PROVIDERS: [Provider; 3] = [
         servers: 5,
         chain_from: 4,
         ipv6: true,
+        gluetun: false,
     },
     Provider {
         name: "ovpn-gamma",
@@ -140,8 +166,32 @@ pub const PROVIDERS: [Provider; 3] = [
         servers: 4,
         chain_from: 3,
         ipv6: false,
+        gluetun: false,
+    },
+    // Servers 1-3 are in the Netherlands (the example provider's filter), 4 in Switzerland
+    // (`examples/lab/70-gluetun.yaml`; see [`GLUETUN_LOCATIONS`]).
+    Provider {
+        name: "wg-delta",
+        kind: TunnelKind::Wireguard,
+        index: 4,
+        servers: 4,
+        chain_from: 5,
+        ipv6: false,
+        gluetun: true,
     },
 ];
+
+/// Where a gluetun provider's server `k` is, by its list: (country, city).
+pub const GLUETUN_LOCATIONS: [(&str, &str); 4] = [
+    ("Netherlands", "Amsterdam"),
+    ("Netherlands", "Amsterdam"),
+    ("Netherlands", "Rotterdam"),
+    ("Switzerland", "Zurich"),
+];
+
+/// The section of the lab's server list that holds a gluetun provider's servers: its
+/// `VPN_SERVICE_PROVIDER`, named as a gluetun user's would be.
+pub const GLUETUN_SERVICE: &str = "mullvad";
 
 /// The most nodes a lab may have (addresses `.11`–`.20`, pod subnets `10.244.1–10`).
 pub const MAX_NODES: u8 = 10;
@@ -256,12 +306,22 @@ mod tests {
         let mut seen = std::collections::BTreeSet::new();
         for p in PROVIDERS {
             assert!(seen.insert(p.exit()), "{}", p.exit());
-            assert!(p.chain_from > 2, "{} needs a pool for the gateway", p.name);
-            assert!(
-                p.servers > p.chain_from,
-                "{} needs a pool for the chains",
-                p.name
-            );
+            if p.gluetun {
+                assert_eq!(
+                    usize::from(p.servers),
+                    GLUETUN_LOCATIONS.len(),
+                    "{}",
+                    p.name
+                );
+                assert!(seen.insert(p.account_address()), "{}", p.name);
+            } else {
+                assert!(p.chain_from > 2, "{} needs a pool for the gateway", p.name);
+                assert!(
+                    p.servers > p.chain_from,
+                    "{} needs a pool for the chains",
+                    p.name
+                );
+            }
             for k in 1..=p.servers {
                 assert!(seen.insert(p.server(k)), "{}", p.server(k));
                 assert!(seen.insert(p.tunnel_prefix(k)), "{}", p.tunnel_prefix(k));

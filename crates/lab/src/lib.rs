@@ -14,8 +14,8 @@
 //!  cp .2      n1 .11 … nN    host .254       net .1 (gateway)   │
 //!  etcd       containerd     cloak portfwd   echo 203.0.113.10  ├─ p1 wg-alpha: WireGuard servers, exit 198.51.100.11
 //!  apiserver  kubelet        ext0 ── ext     DNS  203.0.113.53  ├─ p2 wg-beta: WireGuard servers, exit 198.51.100.12
-//!  kcm, sched kube-proxy     100.127.0.0/24                     └─ p3 ovpn-gamma: OpenVPN servers, exit 198.51.100.13
-//!             pods 10.244.<n>.0/24 on cni0
+//!  kcm, sched kube-proxy     100.127.0.0/24  /files/servers.json├─ p3 ovpn-gamma: OpenVPN servers, exit 198.51.100.13
+//!             pods 10.244.<n>.0/24 on cni0                      └─ p4 wg-delta: gluetun-style WireGuard servers, exit 198.51.100.14
 //! ```
 //!
 //! Life cycle. `cloak lab up` starts a supervisor (`cloak lab supervise`, detached) that builds
@@ -45,7 +45,7 @@ pub use images::CLOAK_PACKAGES;
 pub use layout::Lab;
 pub use manifests::HELM_VALUES;
 pub use supervisor::{CLOAK_NAMESPACE, Cni, DEMO_NAMESPACE, Reaped, UpOptions, tool};
-pub use vpn::{Pki, client_config};
+pub use vpn::{Pki, client_config, server_list_file};
 
 mod manifests;
 mod status;

@@ -13,11 +13,13 @@ use crate::{
 /// `helm --set` values for the lab: the locally built image, never pulled, and the internet's
 /// echo service as the address verification pods ask. The node component runs as the chart
 /// ships it: each lab node binds directories of its own over the paths its hostPath volumes name.
-pub const HELM_VALUES: [&str; 4] = [
+pub const HELM_VALUES: [&str; 5] = [
     "image.repository=cloak.dev/lab/cloak",
     "image.tag=dev",
     "image.pullPolicy=Never",
     "operator.verifyIpUrl=http://203.0.113.10/ip",
+    // The lab's server list is served by the echo service, over plain HTTP.
+    "operator.allowHttpServerLists=true",
 ];
 
 /// CoreDNS in `kube-system`, Service `kube-dns` on the cluster DNS address, forwarding

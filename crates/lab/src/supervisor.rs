@@ -53,6 +53,27 @@ pub struct UpOptions {
     pub owner: Option<u32>,
 }
 
+/// A gluetun provider's Secret as a gluetun user holds it (`<provider>-gluetun`: the account's
+/// key and address, and a filter to the Netherlands' servers), and the ConfigMap
+/// `<provider>-servers` with the lab's server list, `servers.json` as gluetun names it.
+fn gluetun_example(lab: &Lab, p: &layout::Provider, config: &str) -> Result<String> {
+    let key = config
+        .lines()
+        .find_map(|l| l.strip_prefix("PrivateKey = "))
+        .ok_or_else(|| Error::Other(format!("{}: no PrivateKey in server 1's config", p.name)))?;
+    let path = vpn::server_list_file(lab);
+    let list = fs::read_to_string(&path).map_err(Error::io(&path))?;
+    let quote = |v: &str| serde_json::to_string(v).map_err(|e| Error::Other(e.to_string()));
+    Ok(format!(
+        "---\napiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}-gluetun\n  namespace: {DEMO_NAMESPACE}\n  labels: {{app.kubernetes.io/part-of: cloak-lab}}\nstringData:\n  VPN_SERVICE_PROVIDER: {service}\n  VPN_TYPE: wireguard\n  WIREGUARD_PRIVATE_KEY: {key}\n  WIREGUARD_ADDRESSES: {address}/32\n  SERVER_COUNTRIES: Netherlands\n---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}-servers\n  namespace: {DEMO_NAMESPACE}\n  labels: {{app.kubernetes.io/part-of: cloak-lab}}\ndata:\n  servers.json: {list}\n",
+        name = p.name,
+        service = layout::GLUETUN_SERVICE,
+        key = quote(key)?,
+        address = p.account_address(),
+        list = quote(&list)?,
+    ))
+}
+
 impl UpOptions {
     fn binaries(&self) -> Binaries {
         Binaries {
@@ -349,7 +370,7 @@ impl Lab {
         })?;
         step(self, "internet: echo, DNS, fake VPN providers", || {
             let net = format!("/var/run/netns/{}", self.netns("net"));
-            echo::start(&net, self.dir().join("echo.json"))?;
+            echo::start(&net, self.dir().join("echo.json"), self.dir().join("www"))?;
             cluster::internet_dns(self, &bins, procs)?;
             for p in &layout::PROVIDERS {
                 servers.extend(vpn::start(self, p, procs)?);
@@ -592,12 +613,16 @@ fn portfwd(lab: &Lab, options: &UpOptions, procs: &mut Procs) -> Result<()> {
 }
 
 /// The fake providers' Secrets (their keys are made fresh per lab): `<provider>-credentials`
-/// with server 1, `<provider>-pool` with the gateway's, `<provider>-chain` with the chains'. Then
-/// `examples/lab`.
+/// with server 1, `<provider>-pool` with the gateway's, `<provider>-chain` with the chains'; for
+/// a gluetun provider, `<provider>-gluetun` and its server list. Then `examples/lab`.
 fn examples(lab: &Lab, options: &UpOptions) -> Result<()> {
     let mut secrets = String::new();
     for p in &layout::PROVIDERS {
         let config = vpn::client_config(lab, p, 1)?;
+        if p.gluetun {
+            secrets.push_str(&gluetun_example(lab, p, &config)?);
+            continue;
+        }
         let (key, ext) = match p.kind {
             TunnelKind::Wireguard => ("wg0.conf", "conf"),
             TunnelKind::OpenVpn => ("config.ovpn", "ovpn"),

@@ -100,7 +100,7 @@ pub(crate) fn network(lab: &Lab, p: &Provider) -> Result<()> {
     if p.kind == TunnelKind::Wireguard {
         for k in 1..=p.servers {
             let table = (100 + u32::from(k)).to_string();
-            let port = p.port(k).to_string();
+            let port = p.listen_port(k).to_string();
             sh::ip(
                 &ns,
                 &[
@@ -141,12 +141,63 @@ pub(crate) fn network(lab: &Lab, p: &Provider) -> Result<()> {
             p.exit6()
         );
     }
+    let shared = if p.gluetun {
+        one_account(lab, p)?
+    } else {
+        String::new()
+    };
     sh::nft(
         &ns,
         &format!(
-            "table inet provider {{\n  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n{masquerade}  }}\n}}\n"
+            "table inet provider {{\n  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n{masquerade}  }}\n{shared}}}\n"
         ),
     )
+}
+
+/// What makes a gluetun provider's servers behave as a commercial service's: one port on every
+/// server address (forwarded to the server's own device port), and one client address on every
+/// server. Its replies find their way back by connection: a connection is marked with the
+/// server it last came in from, and a reply to the account (seen after the masquerade is undone:
+/// the chain runs after `dstnat`) is routed to the device of the server its mark names
+/// (table `200 + k`, filled once the device exists: [`wireguard`]). A reply nobody marked is
+/// dropped. Returns the nftables chains.
+fn one_account(lab: &Lab, p: &Provider) -> Result<String> {
+    let ns = lab.netns(&format!("p{}", p.index));
+    let account = p.account_address();
+    sh::ip(
+        &ns,
+        &["route", "add", "blackhole", &format!("{account}/32")],
+    )?;
+    let (mut forward, mut mark) = (String::new(), String::new());
+    for k in 1..=p.servers {
+        let table = (200 + u32::from(k)).to_string();
+        sh::ip(
+            &ns,
+            &[
+                "rule",
+                "add",
+                "fwmark",
+                &k.to_string(),
+                "table",
+                &table,
+                "pref",
+                &table,
+            ],
+        )?;
+        if p.port(k) != p.listen_port(k) {
+            let _ = writeln!(
+                forward,
+                "    ip daddr {server} udp dport {} dnat ip to {server}:{}",
+                p.port(k),
+                p.listen_port(k),
+                server = p.server(k),
+            );
+        }
+        let _ = writeln!(mark, "    iifname \"wgs{k}\" ct mark set {k}");
+    }
+    Ok(format!(
+        "  chain ports {{\n    type nat hook prerouting priority dstnat; policy accept;\n{forward}  }}\n  chain servers {{\n    type filter hook prerouting priority -90; policy accept;\n{mark}    iifname \"up0\" ip daddr {account} meta mark set ct mark\n  }}\n"
+    ))
 }
 
 /// The IPv6 half of provider `p`'s network: its transit link's /64, its IPv6 exit address, and
@@ -214,7 +265,7 @@ fn network_ipv6(lab: &Lab, p: &Provider) -> Result<()> {
 pub(crate) fn wireguard(lab: &Lab, p: &Provider, dir: &Path) -> Result<Vec<WireguardServer>> {
     let ns_path = format!("/var/run/netns/{}", lab.netns(&format!("p{}", p.index)));
     let client = Key::generate();
-    let mut servers = Vec::new();
+    let (mut servers, mut listed) = (Vec::new(), Vec::new());
     for k in 1..=p.servers {
         let server_key = Key::generate();
         let prefix = p.tunnel_prefix(k);
@@ -223,12 +274,17 @@ pub(crate) fn wireguard(lab: &Lab, p: &Provider, dir: &Path) -> Result<Vec<Wireg
                 .map_err(|e| Error::Other(format!("{cidr}: {e}")))
         };
         let prefix6 = p.tunnel_prefix6(k);
+        let client_address = if p.gluetun {
+            p.account_address()
+        } else {
+            format!("{prefix}.2")
+        };
         let (mut addresses, mut allowed) = (
             vec![parse(format!("{prefix}.1/24"))?],
-            vec![parse(format!("{prefix}.2/32"))?],
+            vec![parse(format!("{client_address}/32"))?],
         );
         let (mut client_addresses, mut client_allowed) =
-            (format!("{prefix}.2/32"), "0.0.0.0/0".to_owned());
+            (format!("{client_address}/32"), "0.0.0.0/0".to_owned());
         if p.ipv6 {
             addresses.push(parse(format!("{prefix6}1/64"))?);
             allowed.push(parse(format!("{prefix6}2/128"))?);
@@ -238,7 +294,7 @@ pub(crate) fn wireguard(lab: &Lab, p: &Provider, dir: &Path) -> Result<Vec<Wireg
         let config = WireguardConfig {
             interface: format!("wgs{k}"),
             private_key: server_key.clone(),
-            listen_port: Some(p.port(k)),
+            listen_port: Some(p.listen_port(k)),
             fwmark: None,
             addresses,
             mtu: cloak_dataplane::wireguard::DEFAULT_MTU,
@@ -254,6 +310,30 @@ pub(crate) fn wireguard(lab: &Lab, p: &Provider, dir: &Path) -> Result<Vec<Wireg
             extra_peers: Vec::new(),
         };
         servers.push(start_wireguard(&ns_path, config)?);
+        if p.gluetun {
+            let ns = lab.netns(&format!("p{}", p.index));
+            let (table, device) = ((200 + u32::from(k)).to_string(), format!("wgs{k}"));
+            sh::ip(
+                &ns,
+                &[
+                    "route",
+                    "add",
+                    &client_address,
+                    "dev",
+                    &device,
+                    "table",
+                    &table,
+                ],
+            )?;
+            listed.push(serde_json::json!({
+                "vpn": "wireguard",
+                "country": layout::GLUETUN_LOCATIONS[usize::from(k) - 1].0,
+                "city": layout::GLUETUN_LOCATIONS[usize::from(k) - 1].1,
+                "hostname": p.server_name(k),
+                "ips": [p.server(k)],
+                "wgpubkey": server_key.public().to_string(),
+            }));
+        }
         let conf = format!(
             "[Interface]\nPrivateKey = {}\nAddress = {client_addresses}\nDNS = {}\n\n[Peer]\nPublicKey = {}\nEndpoint = {}:{}\nAllowedIPs = {client_allowed}\n",
             &*client.to_base64(),
@@ -264,7 +344,41 @@ pub(crate) fn wireguard(lab: &Lab, p: &Provider, dir: &Path) -> Result<Vec<Wireg
         );
         crate::certs::write_private(&dir.join(format!("server-{k}.conf")), &conf)?;
     }
+    if p.gluetun {
+        let list = server_list(&listed);
+        let path = dir.join("servers.json");
+        fs::write(&path, &list).map_err(Error::io(&path))?;
+        let www = lab.dir().join("www");
+        fs::create_dir_all(&www).map_err(Error::io(&www))?;
+        let path = www.join("servers.json");
+        fs::write(&path, &list).map_err(Error::io(&path))?;
+    }
     Ok(servers)
+}
+
+/// A server list in gluetun's format (`internal/storage/servers.json`) whose
+/// [`GLUETUN_SERVICE`](layout::GLUETUN_SERVICE) section holds `servers`, beside a section of
+/// another provider as gluetun's own file has.
+fn server_list(servers: &[serde_json::Value]) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let list = serde_json::json!({
+        "version": 1,
+        layout::GLUETUN_SERVICE: {"version": 4, "timestamp": now, "servers": servers},
+        "ivpn": {"version": 2, "timestamp": now, "servers": [{
+            "vpn": "wireguard", "country": "Netherlands", "city": "Amsterdam",
+            "hostname": "nl1.wg.ivpn.net", "ips": ["192.0.2.250"],
+            "wgpubkey": "xpfMb6l6lJ1Jg8ikBS2dRCUJqg4PVkSoKBR5ElLd7kw="
+        }]},
+    });
+    serde_json::to_string_pretty(&list).unwrap_or_default()
+}
+
+/// The lab's server list (gluetun's format), as [`start`] wrote it: what the examples'
+/// ConfigMap holds and the echo service serves at `/files/servers.json`.
+pub fn server_list_file(lab: &Lab) -> std::path::PathBuf {
+    lab.dir().join("www").join("servers.json")
 }
 
 /// One WireGuard device on a thread that entered the provider's namespace (namespaces are per
