@@ -13,7 +13,7 @@
 
 use std::{collections::BTreeMap, net::IpAddr};
 
-use serde_json::Value;
+use serde_json::{Value, value::RawValue};
 
 use crate::{
     credentials::Server,
@@ -138,29 +138,54 @@ fn server(value: &Value) -> Result<ListedServer, String> {
     })
 }
 
+/// A JSON object's members, each left as its text: walking a list this way never holds more
+/// than one server as a tree (gluetun's whole file as one `Value` took about ten times its
+/// size, which the allocator then kept).
+type Members<'a> = BTreeMap<String, &'a RawValue>;
+
+/// The list's top level: a JSON object, or [`ListError`].
+fn members(json: &[u8]) -> Result<Members<'_>, ListError> {
+    serde_json::from_slice::<Members<'_>>(json).map_err(|e| {
+        if serde_json::from_slice::<serde::de::IgnoredAny>(json).is_ok() {
+            ListError::NotAnObject
+        } else {
+            ListError::Json(e.to_string())
+        }
+    })
+}
+
+/// A member read as `T`, when it is one.
+fn member<T: serde::de::DeserializeOwned>(members: &Members<'_>, key: &str) -> Option<T> {
+    serde_json::from_str(members.get(key)?.get()).ok()
+}
+
 /// Parses gluetun's server list. Only a file that is not a JSON object is an error; a section
 /// or a server that cannot be read is listed in [`ServerList::skipped`] and left out.
 pub fn parse(json: &[u8]) -> Result<ServerList, ListError> {
-    let root: Value = serde_json::from_slice(json).map_err(|e| ListError::Json(e.to_string()))?;
-    let Value::Object(root) = root else {
-        return Err(ListError::NotAnObject);
-    };
+    let root = members(json)?;
     let mut list = ServerList {
-        version: root.get("version").and_then(Value::as_u64).unwrap_or(0),
+        version: member(&root, "version").unwrap_or(0),
         ..ServerList::default()
     };
     for (name, section) in &root {
         if name == "version" {
             continue;
         }
-        let Some(servers) = section.get("servers").and_then(Value::as_array) else {
+        let section: Members<'_> = serde_json::from_str(section.get()).unwrap_or_default();
+        let Some(servers) = section
+            .get("servers")
+            .and_then(|s| serde_json::from_str::<Vec<&RawValue>>(s.get()).ok())
+        else {
             list.skipped
                 .push(format!("section {name:?}: no servers list"));
             continue;
         };
         let mut read = Vec::with_capacity(servers.len());
         for s in servers {
-            match server(s) {
+            let parsed = serde_json::from_str::<Value>(s.get())
+                .map_err(|e| e.to_string())
+                .and_then(|s| server(&s));
+            match parsed {
                 Ok(s) => read.push(s),
                 Err(e) => list.skipped.push(format!("section {name:?}: {e}")),
             }
@@ -168,11 +193,8 @@ pub fn parse(json: &[u8]) -> Result<ServerList, ListError> {
         list.sections.insert(
             name.clone(),
             Section {
-                version: section.get("version").and_then(Value::as_u64).unwrap_or(0),
-                timestamp: section
-                    .get("timestamp")
-                    .and_then(Value::as_i64)
-                    .unwrap_or(0),
+                version: member(&section, "version").unwrap_or(0),
+                timestamp: member(&section, "timestamp").unwrap_or(0),
                 servers: read,
             },
         );
@@ -198,10 +220,7 @@ type Field = fn(&ListedServer) -> &str;
 /// The list trimmed to its `version` and `provider`'s section (as JSON): what fits in a
 /// ConfigMap when the whole file (about 2 MB) does not.
 pub fn section_only(json: &[u8], provider: &str) -> Result<Vec<u8>, ListError> {
-    let root: Value = serde_json::from_slice(json).map_err(|e| ListError::Json(e.to_string()))?;
-    let Value::Object(root) = root else {
-        return Err(ListError::NotAnObject);
-    };
+    let root = members(json)?;
     let (name, section) = root
         .iter()
         .find(|(name, _)| *name != "version" && same_provider(name, provider))
@@ -213,12 +232,11 @@ pub fn section_only(json: &[u8], provider: &str) -> Result<Vec<u8>, ListError> {
                 .collect();
             ListError::NoSection(provider.to_owned(), names.join(", "))
         })?;
-    let mut trimmed = serde_json::Map::new();
+    let mut trimmed: BTreeMap<&str, &RawValue> = BTreeMap::from([(name.as_str(), *section)]);
     if let Some(version) = root.get("version") {
-        trimmed.insert("version".into(), version.clone());
+        trimmed.insert("version", version);
     }
-    trimmed.insert(name.clone(), section.clone());
-    serde_json::to_vec(&Value::Object(trimmed)).map_err(|e| ListError::Json(e.to_string()))
+    serde_json::to_vec(&trimmed).map_err(|e| ListError::Json(e.to_string()))
 }
 
 /// gluetun's filters, in the order they narrow the list: the variable, its older name (still
