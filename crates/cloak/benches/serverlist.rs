@@ -27,10 +27,7 @@ use std::{
 
 use cloak_testkit::ControlPlane;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
-use kube::{
-    Api, Client,
-    api::PostParams,
-};
+use kube::{Api, Client, api::PostParams};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -72,7 +69,8 @@ fn server_list(others: bool) -> String {
             })
         })
         .collect();
-    let mut root = json!({"version": 1, "mullvad": {"version": 4, "timestamp": now, "servers": mullvad}});
+    let mut root =
+        json!({"version": 1, "mullvad": {"version": 4, "timestamp": now, "servers": mullvad}});
     if others {
         let names = [
             "cyberghost",
@@ -139,7 +137,12 @@ async fn time_to_ready(client: &Client, ns: &str, name: &str, source: Value) -> 
     providers.create(&PostParams::default(), &p).await.unwrap();
     let deadline = started + Duration::from_mins(2);
     loop {
-        let status = providers.get(name).await.unwrap().status.unwrap_or_default();
+        let status = providers
+            .get(name)
+            .await
+            .unwrap()
+            .status
+            .unwrap_or_default();
         if status.phase == Some(cloak_api::ProviderPhase::Ready) {
             let servers = status.server_list.map_or(0, |l| u64::from(l.servers));
             return (started.elapsed(), servers);
@@ -215,7 +218,10 @@ async fn main() {
     }))
     .unwrap();
     let providers: Api<cloak_api::VpnProvider> = Api::namespaced(client.clone(), ns);
-    providers.create(&PostParams::default(), &plain).await.unwrap();
+    providers
+        .create(&PostParams::default(), &plain)
+        .await
+        .unwrap();
     let deadline = Instant::now() + Duration::from_mins(2);
     while providers
         .get("plain")
@@ -225,7 +231,10 @@ async fn main() {
         .and_then(|s| s.phase)
         != Some(cloak_api::ProviderPhase::Ready)
     {
-        assert!(Instant::now() < deadline, "the operator never made a provider Ready");
+        assert!(
+            Instant::now() < deadline,
+            "the operator never made a provider Ready"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -234,7 +243,11 @@ async fn main() {
     // The bare baseline: the same Secret, no list (its pool is gluetun's, not run natively).
     let mut bare = Vec::new();
     for run in 0..RUNS {
-        bare.push(time_to_ready(&client, ns, &format!("bare{run}"), Value::Null).await.0);
+        bare.push(
+            time_to_ready(&client, ns, &format!("bare{run}"), Value::Null)
+                .await
+                .0,
+        );
     }
     let mut from_map = Vec::new();
     for run in 0..RUNS {
@@ -284,7 +297,14 @@ async fn main() {
         .await
         .unwrap();
     let data = copy.data.unwrap_or_default();
-    let files = data.keys().filter(|k| k.ends_with(".conf")).count();
+    let files = data
+        .keys()
+        .filter(|k| {
+            std::path::Path::new(k)
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("conf"))
+        })
+        .count();
     let copy_bytes: usize = data.values().map(|v| v.0.len()).sum();
     let (rss_end, hwm_end) = rss_mib(pid);
 
@@ -296,13 +316,13 @@ async fn main() {
         times.sort();
         times[times.len() / 2].as_secs_f64() * 1e3
     };
-    let base = median(&mut bare);
+    let baseline = median(&mut bare);
     let summary = |times: &mut Vec<Duration>| {
         let m = median(times);
         format!(
             "median {m:6.0} ms, max {:6.0} ms ({:.2}x bare)",
             times[times.len() - 1].as_secs_f64() * 1e3,
-            m / base
+            m / baseline
         )
     };
     let mut out = String::new();
@@ -312,7 +332,7 @@ async fn main() {
     );
     let _ = writeln!(
         out,
-        "  created -> Ready, no list (bare baseline)      median {base:6.0} ms"
+        "  created -> Ready, no list (bare baseline)      median {baseline:6.0} ms"
     );
     let _ = writeln!(
         out,
@@ -332,7 +352,10 @@ async fn main() {
         copy_bytes as f64 / 1024.0,
         mask_took.as_secs_f64() * 1e3
     );
-    let _ = writeln!(out, "  operator RSS idle (one plain provider)     {idle:6.1} MiB");
+    let _ = writeln!(
+        out,
+        "  operator RSS idle (one plain provider)     {idle:6.1} MiB"
+    );
     let _ = writeln!(
         out,
         "  operator RSS, {RUNS} ConfigMap-list providers    {rss_map:6.1} MiB"

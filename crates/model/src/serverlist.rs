@@ -73,6 +73,10 @@ pub enum ListError {
     },
     #[error("provider {0:?} lists no WireGuard server (only WireGuard lists are run natively)")]
     NoWireguard(String),
+    #[error(
+        "VPN_TYPE={0}: cloak runs a list's WireGuard servers only (OpenVPN through the list is not supported yet); remove serverList to have gluetun run this Secret"
+    )]
+    NotWireguard(String),
     #[error("the Secret has no VPN_SERVICE_PROVIDER naming a section of the server list")]
     NoProvider,
     #[error("{key}: {value:?} is not a port number")]
@@ -288,6 +292,11 @@ pub fn select<'a>(
         .map(|p| p.trim())
         .filter(|p| !p.is_empty())
         .ok_or(ListError::NoProvider)?;
+    if let Some(kind) = set(variables, "VPN_TYPE")
+        && !kind.eq_ignore_ascii_case("wireguard")
+    {
+        return Err(ListError::NotWireguard(kind.clone()));
+    }
     let (name, section) = list
         .sections
         .iter()
@@ -603,6 +612,22 @@ mod tests {
                 .contains("lists no WireGuard server")
         );
         assert!(err(&[]).contains("no VPN_SERVICE_PROVIDER"));
+        // An OpenVPN account is not turned into WireGuard tunnels it has no key for.
+        assert_eq!(
+            err(&[("VPN_SERVICE_PROVIDER", "mullvad"), ("VPN_TYPE", "OpenVPN")]),
+            "VPN_TYPE=OpenVPN: cloak runs a list's WireGuard servers only (OpenVPN through the \
+             list is not supported yet); remove serverList to have gluetun run this Secret"
+        );
+        assert!(
+            select(
+                &list,
+                &vars(&[
+                    ("VPN_SERVICE_PROVIDER", "mullvad"),
+                    ("VPN_TYPE", "WireGuard")
+                ])
+            )
+            .is_ok()
+        );
     }
 
     #[test]
