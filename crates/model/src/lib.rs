@@ -32,6 +32,7 @@ pub mod mask;
 pub mod merge;
 pub mod migrate;
 pub mod names;
+pub mod natpmp;
 pub mod portfwd;
 pub mod secret;
 pub mod serverlist;
