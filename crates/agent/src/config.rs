@@ -116,6 +116,29 @@ pub struct ExitRole {
     /// grace ends. Default 1m.
     #[serde(default = "default_drain_quiet", with = "duration")]
     pub drain_quiet: Duration,
+    /// Inbound ports: what the exit's provider forwards to it, and the Service address each
+    /// reaches (`crate::inbound`).
+    #[serde(default)]
+    pub forwards: Vec<Forward>,
+}
+
+/// One inbound port of an exit.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Forward {
+    /// The gateway's request it serves (`spec.ports[].name`).
+    pub name: String,
+    pub protocols: Vec<cloak_model::natpmp::Protocol>,
+    /// The Service's cluster address and port that connections go to. Its port is also the
+    /// internal port asked of the provider.
+    pub target: std::net::SocketAddrV4,
+    /// The provider's static external port; absent: asked for by NAT-PMP and renewed.
+    #[serde(default)]
+    pub external: Option<u16>,
+    /// The NAT-PMP gateway; absent: the tunnel address's `.1` (ProtonVPN's 10.2.0.1 for its
+    /// 10.2.0.2).
+    #[serde(default)]
+    pub gateway: Option<std::net::Ipv4Addr>,
 }
 
 fn default_drain_grace() -> Duration {

@@ -8,6 +8,7 @@
 pub mod config;
 pub mod exit;
 pub mod health;
+pub mod inbound;
 pub mod machine;
 pub mod metrics;
 pub mod probe;
@@ -84,6 +85,14 @@ pub async fn run(options: Options) -> std::io::Result<()> {
         draining_rx,
     ));
     let dns = tokio::spawn(exit::serve_dns(config_rx.clone()));
+    // A gateway exit's inbound ports (nothing happens without `exit.forwards`).
+    let (inbound_tx, inbound_rx) = watch::channel(Vec::new());
+    let inbound = tokio::spawn(inbound::follow(
+        config_rx.clone(),
+        status_rx.clone(),
+        inbound_tx,
+        Arc::clone(&metrics),
+    ));
 
     let app = Router::new()
         .route("/livez", get(|| async { "ok" }))
@@ -92,6 +101,7 @@ pub async fn run(options: Options) -> std::io::Result<()> {
         .route("/metrics", get(metrics_text))
         .with_state(AdminState {
             status: status_rx,
+            inbound: inbound_rx,
             metrics: Arc::clone(&metrics),
             token: options.admin_token.clone().map(Arc::from),
         });
@@ -136,6 +146,7 @@ pub async fn run(options: Options) -> std::io::Result<()> {
     signals.abort();
     exit.abort();
     dns.abort();
+    inbound.abort();
     Ok(())
 }
 
@@ -209,6 +220,7 @@ async fn watch_config(options: Options, tx: watch::Sender<ConfigResult>) {
 #[derive(Clone)]
 struct AdminState {
     status: watch::Receiver<Status>,
+    inbound: watch::Receiver<Vec<inbound::Mapped>>,
     metrics: Arc<Metrics>,
     token: Option<Arc<str>>,
 }
@@ -273,6 +285,7 @@ async fn status_json(
         "ready": s.ready(),
         "exitAddress": s.exit_ip,
         "reconnects": s.reconnects,
+        "forwards": *admin.inbound.borrow(),
     });
     (
         [(axum::http::header::CONTENT_TYPE, "application/json")],

@@ -33,6 +33,10 @@ pub struct Metrics {
     pub(crate) probe_failures: Counter,
     exit: Family<ExitLabels, Gauge>,
     exit_now: Mutex<Option<IpAddr>>,
+    pub(crate) inbound_mappings: Gauge,
+    pub(crate) inbound_renewals: Counter,
+    pub(crate) inbound_failures: Counter,
+    pub(crate) inbound_epoch_resets: Counter,
 }
 
 impl Metrics {
@@ -80,6 +84,28 @@ impl Metrics {
             "The public exit address the probe target reported (value 1)",
             exit.clone(),
         );
+        let inbound_mappings = Gauge::default();
+        let (inbound_renewals, inbound_failures, inbound_epoch_resets) = Default::default();
+        registry.register(
+            "inbound_mappings",
+            "Inbound ports the provider forwards to this exit now",
+            inbound_mappings.clone(),
+        );
+        registry.register(
+            "inbound_renewals",
+            "NAT-PMP mappings granted or renewed",
+            Counter::clone(&inbound_renewals),
+        );
+        registry.register(
+            "inbound_failures",
+            "NAT-PMP requests refused or unanswered",
+            Counter::clone(&inbound_failures),
+        );
+        registry.register(
+            "inbound_epoch_resets",
+            "Times the NAT-PMP gateway's epoch said it had lost every mapping",
+            Counter::clone(&inbound_epoch_resets),
+        );
         let m = Self {
             registry,
             state,
@@ -91,6 +117,10 @@ impl Metrics {
             probe_failures,
             exit,
             exit_now: Mutex::new(None),
+            inbound_mappings,
+            inbound_renewals,
+            inbound_failures,
+            inbound_epoch_resets,
         };
         m.set_phase(Phase::Blocked);
         m

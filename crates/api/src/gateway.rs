@@ -95,6 +95,70 @@ pub struct VpnGatewaySpec {
     /// it in both directions.
     #[serde(default, skip_serializing_if = "Mtu::is_auto")]
     pub mtu: Mtu,
+
+    /// Inbound ports: ports the VPN provider forwards to each exit, each reaching a Service of
+    /// this namespace. Published in `status.exits[].ports`, on the Service (annotation
+    /// `cloak.dev/forwarded-ports`), in the ConfigMap `<gateway>-ports` and by an Event on every
+    /// change.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PortRequest>,
+}
+
+/// One inbound port request.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PortRequest {
+    /// The request's name (a DNS label): its key in the ConfigMap and the status.
+    pub name: String,
+    /// The Service, in the gateway's namespace, that connections to the forwarded port reach.
+    /// It needs a cluster IP (not headless).
+    pub service: String,
+    /// The Service's port connections reach (its `port`, a number). Absent: its first port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// `TCP`, `UDP` or `Both` (default).
+    #[serde(default, skip_serializing_if = "PortProtocol::is_both")]
+    pub protocol: PortProtocol,
+    /// Static ports: the external port each exit's provider forwards, in exit order (`exit-0`
+    /// first), as picked in the provider's account page (AirVPN, Windscribe). Absent: each exit
+    /// asks its tunnel's gateway for a port by NAT-PMP (ProtonVPN) and renews it.
+    #[serde(default, rename = "static", skip_serializing_if = "Vec::is_empty")]
+    pub static_ports: Vec<u16>,
+    /// The NAT-PMP gateway inside the tunnel. Absent: the tunnel's DNS server (ProtonVPN's
+    /// 10.2.0.1 is both).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nat_pmp_gateway: Option<std::net::Ipv4Addr>,
+}
+
+// TCP, UDP or both. (A `//` comment: a type's doc would replace the field's own in the
+// generated schema.)
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
+pub enum PortProtocol {
+    #[serde(rename = "TCP")]
+    Tcp,
+    #[serde(rename = "UDP")]
+    Udp,
+    #[default]
+    Both,
+}
+
+impl PortProtocol {
+    #[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+    fn is_both(&self) -> bool {
+        *self == Self::Both
+    }
+}
+
+/// A port an exit's provider forwards to it now.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ForwardedPort {
+    /// The request (`spec.ports[].name`).
+    pub name: String,
+    /// `TCP` or `UDP`.
+    pub protocol: String,
+    /// The external port, on the exit's public address.
+    pub port: u16,
 }
 
 fn enabled() -> bool {
@@ -419,6 +483,9 @@ pub struct ExitStatus {
     /// How many times the exit has moved to another server since it was made.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub moves: u32,
+    /// The inbound ports its provider forwards to it now (`spec.ports`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<ForwardedPort>,
 }
 
 #[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference

@@ -13,8 +13,8 @@ mod provider;
 pub use chain::{CHAIN_LABEL, HopSpec, HopStatus, VpnChain, VpnChainSpec, VpnChainStatus};
 pub use duration::{DurationError, GoDuration};
 pub use gateway::{
-    Cidr, CidrError, ClientsSpec, DnsSpec, ExitHealth, ExitStatus, ExitsSpec, GATEWAY_LABEL, Mtu,
-    VpnGateway, VpnGatewaySpec, VpnGatewayStatus,
+    Cidr, CidrError, ClientsSpec, DnsSpec, ExitHealth, ExitStatus, ExitsSpec, ForwardedPort,
+    GATEWAY_LABEL, Mtu, PortProtocol, PortRequest, VpnGateway, VpnGatewaySpec, VpnGatewayStatus,
 };
 pub use mask::{AssignedProvider, MaskPhase, VpnMask, VpnMaskSpec, VpnMaskStatus};
 pub use provider::{

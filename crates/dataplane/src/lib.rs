@@ -25,6 +25,11 @@ pub mod tunnel;
 pub mod wireguard;
 
 pub use firewall::{Firewall, FirewallPolicy};
+
+/// Loads an nftables script (`nft -f -`) in the calling thread's network namespace.
+pub fn nft(script: &str) -> Result<(), Error> {
+    command::run("nft", &["-f", "-"], Some(script.as_bytes())).map(drop)
+}
 pub use routes::{RouteSet, Routes};
 pub use secret::{Key, Secret};
 pub use tunnel::{

@@ -32,6 +32,7 @@ mod echo;
 mod error;
 mod images;
 pub mod layout;
+pub mod natpmp;
 mod procs;
 mod proxy;
 mod reap;

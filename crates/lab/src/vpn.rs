@@ -475,6 +475,11 @@ pub(crate) fn start(lab: &Lab, p: &Provider, procs: &mut Procs) -> Result<Vec<Wi
     let dir = lab.dir().join("providers").join(p.name);
     fs::create_dir_all(&dir).map_err(Error::io(&dir))?;
     network(lab, p)?;
+    // Not for a gluetun provider: its clients share one address, which an inbound connection
+    // (marked by no server) could not be routed to.
+    if !p.gluetun {
+        crate::natpmp::start(lab, p)?;
+    }
     match p.kind {
         TunnelKind::Wireguard => wireguard(lab, p, &dir),
         TunnelKind::OpenVpn => openvpn(lab, p, &dir, procs).map(|()| Vec::new()),

@@ -24,7 +24,10 @@ pub const FIRST_WAIT: Duration = Duration::from_millis(250);
 pub const TRIES: u32 = 9;
 
 /// A mapping's transport protocol.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Udp,
     Tcp,
@@ -314,7 +317,7 @@ pub fn waits(limit: Duration) -> Vec<Duration> {
         if total >= limit {
             break;
         }
-        let this = wait.min(limit - total);
+        let this = wait.min(limit.saturating_sub(total));
         waits.push(this);
         total += this;
         wait *= 2;

@@ -86,6 +86,7 @@ pub(crate) fn exit_role() -> crate::config::ExitRole {
         cluster_resolver: Some("10.96.0.10".parse().unwrap()),
         drain_grace: Duration::ZERO,
         drain_quiet: Duration::ZERO,
+        forwards: Vec::new(),
     }
 }
 

@@ -114,6 +114,8 @@ impl ExitPlan {
              \t\tiifname \"{EXIT_IFACE}\" oifname \"{tunnel}\" meta nfproto ipv4 accept\n\
              {ipv6}\
              \t\tiifname \"{tunnel}\" oifname \"{EXIT_IFACE}\" ct state established,related accept\n\
+             \t\tiifname \"{tunnel}\" oifname \"eth0\" ct status dnat accept\n\
+             \t\tiifname \"eth0\" oifname \"{tunnel}\" ct status dnat accept\n\
              \t}}\n\
              \tchain output {{\n\
              \t\ttype filter hook output priority filter; policy accept;\n\

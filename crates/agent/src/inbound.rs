@@ -1,0 +1,446 @@
+//! Inbound ports of a gateway exit (`exit.forwards`): the ports its provider forwards to it,
+//! static or asked for by NAT-PMP (RFC 6886) through the tunnel, and the exit's own nftables
+//! table that sends each to its Service.
+//!
+//! - A dynamic port is asked of the tunnel's gateway from the tunnel's own address (a socket on
+//!   `0.0.0.0` would lose its answer to policy routing), renewed at half its lifetime suggesting
+//!   the port it had, asked again at once for every mapping when the gateway's epoch says it
+//!   lost them, and after every reconnect. Retransmissions double from 250 ms, bounded by what
+//!   is left of the lease. A request removed from the config is released (lifetime 0).
+//! - Connections arriving on the tunnel for a mapped port (its internal port, or its external
+//!   one: ProtonVPN forwards the external port number as it is) are sent to the Service's
+//!   cluster address, their source masqueraded to the exit's pod address, so their replies come
+//!   back to this exit and leave by the tunnel they arrived on.
+//!
+//! What is mapped is published on a watch channel: the admin server's `/status` shows it, and
+//! the operator publishes it.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    sync::Arc,
+    time::Duration,
+};
+
+use cloak_model::natpmp::{self, Epoch, Map, Protocol, Request, Response, ResultCode};
+use serde::Serialize;
+use tokio::{net::UdpSocket, sync::watch, time::Instant};
+
+use crate::{
+    config::Forward,
+    machine::{ConfigResult, Phase, Status},
+    metrics::Metrics,
+};
+
+/// The exit's table for inbound ports.
+pub const TABLE: &str = "cloak_inbound";
+/// A failed request is tried again after this long.
+const RETRY: Duration = Duration::from_secs(10);
+/// How long a first request may take in all (there is no lease to bound it yet).
+const FIRST_LIMIT: Duration = Duration::from_secs(8);
+
+/// One port the provider forwards to this exit now, or why it does not.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Mapped {
+    pub name: String,
+    pub protocol: Protocol,
+    /// The external port; 0 while there is none.
+    pub port: u16,
+    /// `static` or `natpmp`.
+    pub source: &'static str,
+    /// Seconds the gateway granted (NAT-PMP).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lifetime: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// One mapping's state.
+#[derive(Debug, Clone)]
+struct Lease {
+    internal: u16,
+    target: SocketAddrV4,
+    external: u16,
+    lifetime: u32,
+    /// When it is asked again (renewal, or retry after a failure).
+    due: Instant,
+    /// When the provider forgets it.
+    expires: Option<Instant>,
+    error: Option<String>,
+    dynamic: bool,
+    gateway: Option<Ipv4Addr>,
+}
+
+/// The exit's inbound nftables table for these leases on tunnel `tunnel` (pure).
+pub fn render(tunnel: &str, rules: &[(Protocol, u16, u16, SocketAddrV4)]) -> String {
+    use std::fmt::Write as _;
+    let mut dnat = String::new();
+    for (protocol, internal, external, target) in rules {
+        let ports = if internal == external || *external == 0 {
+            internal.to_string()
+        } else {
+            format!("{{ {internal}, {external} }}")
+        };
+        let _ = writeln!(
+            dnat,
+            "\t\tiifname \"{tunnel}\" meta nfproto ipv4 {p} dport {ports} counter dnat ip to {target}",
+            p = protocol.as_str()
+        );
+    }
+    format!(
+        "table inet {TABLE}\n\
+         delete table inet {TABLE}\n\
+         table inet {TABLE} {{\n\
+         \tchain prerouting {{\n\
+         \t\ttype nat hook prerouting priority dstnat; policy accept;\n\
+         {dnat}\
+         \t}}\n\
+         \tchain postrouting {{\n\
+         \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
+         \t\tiifname \"{tunnel}\" ct status dnat masquerade\n\
+         \t}}\n\
+         }}\n"
+    )
+}
+
+/// The first IPv4 address of interface `name`.
+fn interface_ipv4(name: &str) -> Option<Ipv4Addr> {
+    nix::ifaddrs::getifaddrs().ok()?.find_map(|ifa| {
+        if ifa.interface_name != name {
+            return None;
+        }
+        let addr = ifa.address?;
+        addr.as_sockaddr_in().map(nix::sys::socket::SockaddrIn::ip)
+    })
+}
+
+/// The default NAT-PMP gateway of a tunnel address: its `.1`.
+pub fn default_gateway(address: Ipv4Addr) -> Ipv4Addr {
+    let [a, b, c, _] = address.octets();
+    Ipv4Addr::new(a, b, c, 1)
+}
+
+/// Sends `request` to `gateway` until an answer comes, as RFC 6886 says: 250 ms, doubling,
+/// for at most `limit` in all.
+async fn ask(
+    socket: &UdpSocket,
+    gateway: Ipv4Addr,
+    request: &Request,
+    bytes: &[u8],
+    limit: Duration,
+) -> Result<Response, String> {
+    let to = SocketAddr::from((gateway, natpmp::PORT));
+    let mut buf = [0u8; 64];
+    for wait in natpmp::waits(limit) {
+        socket
+            .send_to(bytes, to)
+            .await
+            .map_err(|e| format!("sending to {to}: {e}"))?;
+        let deadline = Instant::now() + wait;
+        loop {
+            match tokio::time::timeout_at(deadline, socket.recv_from(&mut buf)).await {
+                Err(_) => break,
+                Ok(Err(e)) => return Err(format!("reading from {to}: {e}")),
+                Ok(Ok((n, from))) => {
+                    if from != to {
+                        continue;
+                    }
+                    if let Ok(answer) = Response::decode(&buf[..n])
+                        && answer.answers(request)
+                    {
+                        return Ok(answer);
+                    }
+                }
+            }
+        }
+    }
+    Err(format!("no answer from {to} within {limit:?}"))
+}
+
+/// The forwards of a config, and its tunnel's interface.
+fn wanted(config: &ConfigResult) -> (Vec<Forward>, String) {
+    match config.as_ref() {
+        Ok(cfg) => (
+            cfg.exit
+                .as_ref()
+                .map(|e| e.forwards.clone())
+                .unwrap_or_default(),
+            cfg.tunnel.interface().to_owned(),
+        ),
+        Err(_) => (Vec::new(), String::new()),
+    }
+}
+
+/// Keeps the exit's inbound ports in step with its config and tunnel until a channel closes.
+pub async fn follow(
+    mut config: watch::Receiver<ConfigResult>,
+    mut status: watch::Receiver<Status>,
+    published: watch::Sender<Vec<Mapped>>,
+    metrics: Arc<Metrics>,
+) {
+    let mut leases: BTreeMap<(String, Protocol), Lease> = BTreeMap::new();
+    let mut epoch = Epoch::default();
+    let mut applied: Option<String> = None;
+    let mut reconnects = status.borrow().reconnects;
+    let start = Instant::now();
+    loop {
+        let (forwards, tunnel) = wanted(&config.borrow_and_update());
+        let connected = status.borrow_and_update().phase == Phase::Connected;
+        let now_reconnects = status.borrow().reconnects;
+        // A new connection (another session, maybe another server): every mapping is asked
+        // again.
+        if now_reconnects != reconnects {
+            reconnects = now_reconnects;
+            for lease in leases.values_mut() {
+                lease.due = Instant::now();
+            }
+        }
+        let address = if connected {
+            interface_ipv4(&tunnel)
+        } else {
+            None
+        };
+        let socket = match address {
+            Some(a) => UdpSocket::bind((a, 0)).await.ok(),
+            None => None,
+        };
+
+        // Removed requests are released; new ones are added.
+        let keep: Vec<(String, Protocol)> = forwards
+            .iter()
+            .flat_map(|f| f.protocols.iter().map(|p| (f.name.clone(), *p)))
+            .collect();
+        let gone: Vec<(String, Protocol)> = leases
+            .keys()
+            .filter(|k| !keep.contains(k))
+            .cloned()
+            .collect();
+        for key in gone {
+            if let Some(lease) = leases.remove(&key)
+                && lease.dynamic
+                && lease.external != 0
+                && let (Some(socket), Some(address)) = (&socket, address)
+            {
+                let request = Request::Map(Map {
+                    protocol: key.1,
+                    internal: lease.internal,
+                    external: 0,
+                    lifetime: 0,
+                });
+                let bytes = release_bytes(key.1, lease.internal);
+                let gateway = lease.gateway.unwrap_or_else(|| default_gateway(address));
+                match ask(socket, gateway, &request, &bytes, Duration::from_secs(2)).await {
+                    Ok(_) => tracing::info!(name = %key.0, protocol = ?key.1, "inbound port released"),
+                    Err(e) => tracing::warn!(name = %key.0, %e, "releasing an inbound port"),
+                }
+            }
+        }
+        for f in &forwards {
+            for protocol in &f.protocols {
+                let key = (f.name.clone(), *protocol);
+                let fresh = Lease {
+                    internal: f.target.port(),
+                    target: f.target,
+                    external: f.external.unwrap_or(0),
+                    lifetime: 0,
+                    due: Instant::now(),
+                    expires: None,
+                    error: None,
+                    dynamic: f.external.is_none(),
+                    gateway: f.gateway,
+                };
+                let same = leases.get(&key).is_some_and(|l| {
+                    l.target == fresh.target
+                        && l.dynamic == fresh.dynamic
+                        && l.gateway == fresh.gateway
+                        && (l.dynamic || l.external == fresh.external)
+                });
+                if !same {
+                    leases.insert(key, fresh);
+                }
+            }
+        }
+
+        // Due requests, while the tunnel is up.
+        if let (Some(socket), Some(address)) = (&socket, address) {
+            let mut round = 0;
+            'again: while round < 3 {
+                round += 1;
+                let keys: Vec<(String, Protocol)> = leases.keys().cloned().collect();
+                for key in keys {
+                    let Some(lease) = leases.get(&key).cloned() else {
+                        continue;
+                    };
+                    if !lease.dynamic || lease.due > Instant::now() {
+                        continue;
+                    }
+                    let map = Map {
+                        protocol: key.1,
+                        internal: lease.internal,
+                        external: lease.external,
+                        lifetime: natpmp::LIFETIME,
+                    };
+                    let limit = lease
+                        .expires
+                        .map_or(FIRST_LIMIT, |e| e.saturating_duration_since(Instant::now()))
+                        .max(Duration::from_secs(1));
+                    let gateway = lease.gateway.unwrap_or_else(|| default_gateway(address));
+                    let answer = ask(socket, gateway, &Request::Map(map), &map.encode(), limit).await;
+                    let Some(entry) = leases.get_mut(&key) else {
+                        continue;
+                    };
+                    match answer {
+                        Ok(Response::Map {
+                            result: ResultCode::Success,
+                            epoch: e,
+                            external,
+                            lifetime,
+                            ..
+                        }) => {
+                            metrics.inbound_renewals.inc();
+                            if entry.external != external {
+                                tracing::info!(name = %key.0, protocol = ?key.1, external, "inbound port mapped");
+                            }
+                            entry.external = external;
+                            entry.lifetime = lifetime;
+                            entry.due = Instant::now() + natpmp::renew_after(lifetime);
+                            entry.expires =
+                                Some(Instant::now() + Duration::from_secs(u64::from(lifetime)));
+                            entry.error = None;
+                            if epoch.observe(e, start.elapsed().as_secs_f64()) {
+                                metrics.inbound_epoch_resets.inc();
+                                tracing::warn!(epoch = e, "the NAT-PMP gateway lost its mappings: asking again for every one");
+                                for l in leases.values_mut() {
+                                    l.due = Instant::now();
+                                }
+                                continue 'again;
+                            }
+                        }
+                        Ok(other) => {
+                            metrics.inbound_failures.inc();
+                            epoch.observe(other.epoch(), start.elapsed().as_secs_f64());
+                            entry.error = Some(format!("the gateway answered: {}", other.result()));
+                            entry.due = Instant::now() + RETRY;
+                        }
+                        Err(e) => {
+                            metrics.inbound_failures.inc();
+                            entry.error = Some(e);
+                            entry.due = Instant::now() + RETRY;
+                        }
+                    }
+                }
+                break;
+            }
+        }
+        // A lease past its lifetime is gone at the provider.
+        for lease in leases.values_mut() {
+            if lease.dynamic && lease.expires.is_some_and(|e| e <= Instant::now()) {
+                lease.external = 0;
+                lease.expires = None;
+            }
+            if !connected && lease.dynamic {
+                lease.error.get_or_insert_with(|| "the tunnel is down".into());
+            }
+        }
+
+        let rules: Vec<(Protocol, u16, u16, SocketAddrV4)> = leases
+            .iter()
+            .filter(|(_, l)| l.external != 0)
+            .map(|((_, p), l)| (*p, l.internal, l.external, l.target))
+            .collect();
+        if !tunnel.is_empty() && (!rules.is_empty() || applied.is_some()) {
+            let script = render(&tunnel, &rules);
+            if applied.as_deref() != Some(script.as_str()) {
+                match cloak_dataplane::nft(&script) {
+                    Ok(()) => applied = Some(script),
+                    Err(e) => tracing::warn!(%e, "inbound ports: applying the table"),
+                }
+            }
+        }
+        let now_published: Vec<Mapped> = leases
+            .iter()
+            .map(|((name, protocol), l)| Mapped {
+                name: name.clone(),
+                protocol: *protocol,
+                port: if connected { l.external } else { 0 },
+                source: if l.dynamic { "natpmp" } else { "static" },
+                lifetime: l.dynamic.then_some(l.lifetime).filter(|l| *l > 0),
+                error: l.error.clone(),
+            })
+            .collect();
+        metrics
+            .inbound_mappings
+            .set(i64::try_from(now_published.iter().filter(|m| m.port != 0).count()).unwrap_or(0));
+        published.send_if_modified(|p| {
+            if *p == now_published {
+                false
+            } else {
+                *p = now_published;
+                true
+            }
+        });
+
+        let next = leases
+            .values()
+            .filter(|l| l.dynamic)
+            .map(|l| l.due)
+            .min()
+            .map_or(Duration::from_mins(1), |d| {
+                d.saturating_duration_since(Instant::now())
+            })
+            .max(Duration::from_millis(100));
+        tokio::select! {
+            changed = config.changed() => if changed.is_err() { return },
+            changed = status.changed() => if changed.is_err() { return },
+            () = tokio::time::sleep(next) => {}
+        }
+    }
+}
+
+/// A release: lifetime 0, suggested external 0 (RFC 6886 §3.4).
+fn release_bytes(protocol: Protocol, internal: u16) -> [u8; 12] {
+    Map {
+        protocol,
+        internal,
+        external: 0,
+        lifetime: 0,
+    }
+    .encode()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_mapped_port_and_its_internal_one_reach_the_service_and_only_from_the_tunnel() {
+        let target: SocketAddrV4 = "10.96.0.50:6881".parse().unwrap();
+        let table = render(
+            "wg0",
+            &[
+                (Protocol::Tcp, 6881, 40001, target),
+                (Protocol::Udp, 6881, 6881, target),
+            ],
+        );
+        assert!(table.contains(
+            "iifname \"wg0\" meta nfproto ipv4 tcp dport { 6881, 40001 } counter dnat ip to 10.96.0.50:6881"
+        ));
+        assert!(table.contains(
+            "iifname \"wg0\" meta nfproto ipv4 udp dport 6881 counter dnat ip to 10.96.0.50:6881"
+        ));
+        assert!(table.contains("iifname \"wg0\" ct status dnat masquerade"));
+        // Replaced whole, never appended to.
+        assert!(table.starts_with("table inet cloak_inbound\ndelete table inet cloak_inbound\n"));
+        // Nothing mapped: no rule sends anything anywhere.
+        assert!(!render("wg0", &[]).contains("dnat ip to"));
+    }
+
+    #[test]
+    fn the_default_gateway_is_the_tunnel_addresss_first() {
+        assert_eq!(
+            default_gateway(Ipv4Addr::new(10, 2, 0, 2)),
+            Ipv4Addr::new(10, 2, 0, 1)
+        );
+    }
+}
