@@ -231,7 +231,9 @@ pub async fn follow(
                 let bytes = release_bytes(key.1, lease.internal);
                 let gateway = lease.gateway.unwrap_or_else(|| default_gateway(address));
                 match ask(socket, gateway, &request, &bytes, Duration::from_secs(2)).await {
-                    Ok(_) => tracing::info!(name = %key.0, protocol = ?key.1, "inbound port released"),
+                    Ok(_) => {
+                        tracing::info!(name = %key.0, protocol = ?key.1, "inbound port released");
+                    }
                     Err(e) => tracing::warn!(name = %key.0, %e, "releasing an inbound port"),
                 }
             }
@@ -286,7 +288,8 @@ pub async fn follow(
                         .map_or(FIRST_LIMIT, |e| e.saturating_duration_since(Instant::now()))
                         .max(Duration::from_secs(1));
                     let gateway = lease.gateway.unwrap_or_else(|| default_gateway(address));
-                    let answer = ask(socket, gateway, &Request::Map(map), &map.encode(), limit).await;
+                    let answer =
+                        ask(socket, gateway, &Request::Map(map), &map.encode(), limit).await;
                     let Some(entry) = leases.get_mut(&key) else {
                         continue;
                     };
@@ -310,7 +313,10 @@ pub async fn follow(
                             entry.error = None;
                             if epoch.observe(e, start.elapsed().as_secs_f64()) {
                                 metrics.inbound_epoch_resets.inc();
-                                tracing::warn!(epoch = e, "the NAT-PMP gateway lost its mappings: asking again for every one");
+                                tracing::warn!(
+                                    epoch = e,
+                                    "the NAT-PMP gateway lost its mappings: asking again for every one"
+                                );
                                 for l in leases.values_mut() {
                                     l.due = Instant::now();
                                 }
@@ -340,7 +346,9 @@ pub async fn follow(
                 lease.expires = None;
             }
             if !connected && lease.dynamic {
-                lease.error.get_or_insert_with(|| "the tunnel is down".into());
+                lease
+                    .error
+                    .get_or_insert_with(|| "the tunnel is down".into());
             }
         }
 

@@ -13,6 +13,8 @@ mod labkit;
 mod chain;
 #[path = "gateway_lab/gluetun.rs"]
 mod gluetun;
+#[path = "gateway_lab/inbound.rs"]
+mod inbound;
 
 use labkit as lab;
 

@@ -45,10 +45,7 @@ pub struct Control {
 
 /// Where a test writes provider `p`'s [`Control`].
 pub fn control_file(lab: &Lab, p: &Provider) -> PathBuf {
-    lab.dir()
-        .join("providers")
-        .join(p.name)
-        .join("natpmp.json")
+    lab.dir().join("providers").join(p.name).join("natpmp.json")
 }
 
 /// Provider `p`'s gateway's log: a line a request.

@@ -124,6 +124,55 @@ pub struct ExitAgent<'a> {
     /// another gateway (a chain's hop: that gateway's client MTU). The agent fits its tunnel
     /// into it, less its kind's overhead. `None`: the pod network, which the credentials fit.
     pub underlay_mtu: Option<u16>,
+    /// Inbound ports the exit serves (the gateway's `spec.ports`, resolved).
+    pub forwards: &'a [ExitForward],
+}
+
+/// One inbound port of an exit, as its agent is told (`exit.forwards`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExitForward {
+    pub name: String,
+    pub protocols: Vec<crate::natpmp::Protocol>,
+    /// The Service's cluster address and port.
+    pub target: std::net::SocketAddrV4,
+    /// The provider's static port for this exit; `None`: NAT-PMP.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub external: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<std::net::Ipv4Addr>,
+}
+
+/// The ports an exit's agent says its provider forwards now (its [`STATUS_PATH`] answer's
+/// `forwards`, those with a port), as the gateway's status lists them.
+pub fn forwarded_ports(response: &str) -> Vec<cloak_api::ForwardedPort> {
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or(response, |(_, body)| body);
+    let Ok(status) = serde_json::from_str::<Value>(body.trim()) else {
+        return Vec::new();
+    };
+    let mut ports: Vec<cloak_api::ForwardedPort> = status
+        .get("forwards")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|f| {
+            let port = u16::try_from(f.get("port")?.as_u64()?).ok()?;
+            let protocol = f.get("protocol")?.as_str()?.to_ascii_uppercase();
+            let name = f.get("name")?.as_str()?.to_owned();
+            (port != 0 && matches!(protocol.as_str(), "TCP" | "UDP")).then_some(
+                cloak_api::ForwardedPort {
+                    name,
+                    protocol,
+                    port,
+                },
+            )
+        })
+        .collect();
+    ports.sort_by(|a, b| (&a.name, &a.protocol).cmp(&(&b.name, &b.protocol)));
+    ports.truncate(64);
+    ports
 }
 
 /// `spec.exits.drainGrace` when absent.
@@ -154,6 +203,9 @@ pub fn agent_config(exit: &ExitAgent<'_>) -> String {
     }
     if let Some(mtu) = exit.underlay_mtu {
         role["underlayMtu"] = json!(mtu);
+    }
+    if !exit.forwards.is_empty() {
+        role["forwards"] = json!(exit.forwards);
     }
     let mut config = json!({
         "credentials": CREDENTIALS_DIR,
@@ -637,6 +689,7 @@ mod tests {
             drain_grace: DEFAULT_DRAIN_GRACE,
             link_mtu: 1450,
             underlay_mtu: None,
+            forwards: &[],
         });
         let v: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(
@@ -658,10 +711,51 @@ mod tests {
             drain_grace: std::time::Duration::ZERO,
             link_mtu: 1450,
             underlay_mtu: None,
+            forwards: &[ExitForward {
+                name: "torrent".into(),
+                protocols: vec![crate::natpmp::Protocol::Tcp, crate::natpmp::Protocol::Udp],
+                target: "10.96.0.50:6881".parse().unwrap(),
+                external: None,
+                gateway: None,
+            }],
         });
         let v: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(v["exit"]["clusterDomains"], json!(domains));
         assert_eq!(v["dns"], "9.9.9.9");
+        assert_eq!(
+            v["exit"]["forwards"],
+            json!([{"name": "torrent", "protocols": ["tcp", "udp"], "target": "10.96.0.50:6881"}])
+        );
+    }
+
+    #[test]
+    fn an_exits_forwarded_ports_are_read_from_its_status_answer_and_unmapped_ones_left_out() {
+        let answer = "HTTP/1.0 200 OK\r\ncontent-type: application/json\r\n\r\n{\"exitAddress\":\"198.51.100.11\",\"forwards\":[\
+            {\"name\":\"web\",\"protocol\":\"udp\",\"port\":40001,\"source\":\"natpmp\"},\
+            {\"name\":\"web\",\"protocol\":\"tcp\",\"port\":40000,\"source\":\"natpmp\"},\
+            {\"name\":\"other\",\"protocol\":\"tcp\",\"port\":0,\"error\":\"refused\"},\
+            {\"name\":\"odd\",\"protocol\":\"sctp\",\"port\":9}]}";
+        let ports = forwarded_ports(answer);
+        assert_eq!(
+            ports,
+            vec![
+                cloak_api::ForwardedPort {
+                    name: "web".into(),
+                    protocol: "TCP".into(),
+                    port: 40000
+                },
+                cloak_api::ForwardedPort {
+                    name: "web".into(),
+                    protocol: "UDP".into(),
+                    port: 40001
+                },
+            ]
+        );
+        assert!(forwarded_ports("not json").is_empty());
+        assert_eq!(
+            public_address(answer),
+            Some("198.51.100.11".parse().unwrap())
+        );
     }
 
     fn view(node: Option<&str>, phase: &str, ready: bool) -> PodView {

@@ -288,8 +288,15 @@ async fn apply(gateway: &VpnGateway, ctx: &Context) -> Result<Action> {
     };
     let dns = gateway.spec.dns.as_ref();
     let drain_grace = drain_grace(gateway);
+    let (ports, port_problems) = if gateway.spec.ports.is_empty() {
+        (Vec::new(), Vec::new())
+    } else {
+        super::inbound::resolve(gateway, ctx).await?
+    };
     let configs = found.iter().filter_map(|(exit_name, f)| {
         let vni = vnis.of(exit_name, &f.mask)?;
+        let index = wanted.iter().position(|w| w == exit_name)?;
+        let forwards = super::inbound::forwards_for(&ports, index);
         let config = exit::agent_config(&exit::ExitAgent {
             vni,
             mss: gateway::mss(mtu, false),
@@ -306,6 +313,7 @@ async fn apply(gateway: &VpnGateway, ctx: &Context) -> Result<Action> {
                 .unwrap_or(drain_grace),
             link_mtu,
             underlay_mtu: upstream.as_ref().and_then(|u| u.mtu),
+            forwards: &forwards,
         });
         Some((exit_name.clone(), config))
     });
@@ -541,13 +549,23 @@ async fn apply(gateway: &VpnGateway, ctx: &Context) -> Result<Action> {
         let known = was
             .filter(|w| w.server == server)
             .and_then(|w| w.public_address.clone());
-        let public_address = match (health, view.as_ref().and_then(|v| v.ip)) {
-            (ExitHealth::Healthy, Some(ip)) if known.is_none() => {
-                ask_public_address(ctx, &ns, &name, ip)
-                    .await
-                    .map(|a| a.to_string())
+        // With inbound ports, a healthy exit is asked every time: its ports may change at any
+        // renewal.
+        let answer = match (health, view.as_ref().and_then(|v| v.ip)) {
+            (ExitHealth::Healthy, Some(ip)) if known.is_none() || !ports.is_empty() => {
+                ask_status(ctx, &ns, &name, ip).await
             }
+            _ => None,
+        };
+        let public_address = match (&known, &answer) {
+            (None, Some(answer)) => exit::public_address(answer).map(|a| a.to_string()),
             _ => known,
+        };
+        let forwarded = match (&answer, health) {
+            (Some(answer), _) => exit::forwarded_ports(answer),
+            // Not answering now: what it said last stands while it stays healthy.
+            (None, ExitHealth::Healthy) => was.map(|w| w.ports.clone()).unwrap_or_default(),
+            (None, _) => Vec::new(),
         };
         exits.push(ExitStatus {
             name: exit_name.clone(),
@@ -568,7 +586,17 @@ async fn apply(gateway: &VpnGateway, ctx: &Context) -> Result<Action> {
                     .cloned()
             }),
             moves: moves_of(&f.mask),
+            ports: if ports.is_empty() {
+                Vec::new()
+            } else {
+                forwarded
+            },
         });
+    }
+    if !ports.is_empty() || previous.exits.iter().any(|e| !e.ports.is_empty()) {
+        super::inbound::publish_ports(gateway, ctx, &ports, &exits, &previous).await?;
+        // Within one renewal (NAT-PMP's is 30 s) of a change.
+        next_check = next_check.min(PORTS_CHECK);
     }
     let healthy = u32::try_from(
         exits
@@ -626,7 +654,27 @@ async fn apply(gateway: &VpnGateway, ctx: &Context) -> Result<Action> {
                 },
                 generation,
             ),
-        ],
+        ]
+        .into_iter()
+        .chain((!gateway.spec.ports.is_empty()).then(|| {
+            condition(
+                &previous.conditions,
+                "PortsResolved",
+                port_problems.is_empty(),
+                if port_problems.is_empty() {
+                    "ServicesFound"
+                } else {
+                    "ServiceProblem"
+                },
+                &if port_problems.is_empty() {
+                    format!("{} port request(s) reach their Services", ports.len())
+                } else {
+                    port_problems.join("; ")
+                },
+                generation,
+            )
+        }))
+        .collect(),
         observed_generation: generation,
     };
     let api: Api<VpnGateway> = Api::namespaced(ctx.client.clone(), &ns);
@@ -715,14 +763,19 @@ fn drain_grace(gateway: &VpnGateway) -> Duration {
         .map_or(exit::DEFAULT_DRAIN_GRACE, cloak_api::GoDuration::get)
 }
 
-/// The public address an exit's agent saw its tunnel leave with (its probe's answer), from
-/// the agent's admin server. `None` when it cannot tell within a second.
-async fn ask_public_address(
+/// How often a gateway with inbound ports asks its exits what is forwarded (NAT-PMP renews
+/// every 30 s).
+const PORTS_CHECK: Duration = Duration::from_secs(5);
+
+/// An exit's agent's status answer (the public address its probe saw the tunnel leave with,
+/// its forwarded ports), from the agent's admin server. `None` when it cannot tell within a
+/// second.
+async fn ask_status(
     ctx: &Context,
     namespace: &str,
     gateway: &str,
     pod_ip: std::net::IpAddr,
-) -> Option<std::net::IpAddr> {
+) -> Option<String> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let port = ctx.config.exit_admin_port?;
     let asked = async {
@@ -745,7 +798,7 @@ async fn ask_public_address(
         std::io::Result::Ok(answer)
     };
     match tokio::time::timeout(Duration::from_secs(1), asked).await {
-        Ok(Ok(answer)) => exit::public_address(&String::from_utf8_lossy(&answer)),
+        Ok(Ok(answer)) => Some(String::from_utf8_lossy(&answer).into_owned()),
         Ok(Err(e)) => {
             tracing::debug!(%pod_ip, %e, "asking an exit for its public address");
             None

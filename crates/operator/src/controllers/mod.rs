@@ -3,6 +3,7 @@
 
 pub(crate) mod chain;
 pub(crate) mod gateway;
+pub(crate) mod inbound;
 pub(crate) mod leasing;
 pub(crate) mod mask;
 pub(crate) mod provider;

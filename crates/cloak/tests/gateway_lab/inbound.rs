@@ -1,0 +1,312 @@
+//! Inbound ports through the example gateway's exits: the lab's fake providers run a NAT-PMP
+//! gateway (`cloak_lab::natpmp`) that forwards its exit address's ports into the tunnels, each
+//! exit asks for its ports and sends what arrives to the example Service `web`
+//! (`examples/lab/40-portfwd.yaml`: HTTP on port 80, a UDP echo on 5353), and a remote client in
+//! the lab's internet connects.
+
+use std::time::Duration;
+
+use cloak_lab::{DEMO_NAMESPACE, layout, natpmp};
+use serde_json::Value;
+
+use super::lab;
+use lab::gateway::*;
+use lab::{eventually, str_at};
+
+/// `spec.ports` on the example gateway, removed (and the providers' gateways put back) when
+/// dropped.
+struct Ports<'a> {
+    lab: &'a lab::TestLab,
+}
+
+impl Drop for Ports<'_> {
+    fn drop(&mut self) {
+        let _ = self.lab.try_kubectl(&[
+            "-n",
+            DEMO_NAMESPACE,
+            "patch",
+            "vpngateway",
+            GATEWAY,
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"ports":null}}"#,
+        ]);
+        for p in layout::PROVIDERS.iter().filter(|p| !p.gluetun) {
+            let _ = natpmp::control(&self.lab.lab, p, natpmp::Control::default());
+        }
+    }
+}
+
+/// Each exit's (public address, forwarded ports by `name/PROTO`) once every exit has both
+/// requests mapped and `accept` says yes.
+fn mapped(
+    lab: &lab::TestLab,
+    what: &str,
+    limit: Duration,
+    accept: impl Fn(&[(String, Vec<(String, u64)>)]) -> bool,
+) -> Vec<(String, Vec<(String, u64)>)> {
+    eventually(what, limit, || {
+        let gw = gateway(lab);
+        let exits: Vec<(String, Vec<(String, u64)>)> = gw["status"]["exits"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|e| {
+                let ports = e["ports"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|p| {
+                        (
+                            format!("{}/{}", str_at(p, "/name"), str_at(p, "/protocol")),
+                            p["port"].as_u64().unwrap_or(0),
+                        )
+                    })
+                    .collect();
+                (str_at(e, "/publicAddress"), ports)
+            })
+            .collect();
+        let whole = exits.len() == 2
+            && exits.iter().all(|(address, ports)| {
+                !address.is_empty()
+                    && ports.iter().any(|(k, _)| k == "http/TCP")
+                    && ports.iter().any(|(k, _)| k == "echo/UDP")
+            });
+        if whole && accept(&exits) {
+            Ok(exits)
+        } else {
+            Err(gw["status"]["exits"].to_string())
+        }
+    })
+}
+
+fn port_of(ports: &[(String, u64)], key: &str) -> u64 {
+    ports.iter().find(|(k, _)| k == key).map_or(0, |(_, p)| *p)
+}
+
+/// The web page at `address:port`, from the lab's internet.
+fn page(lab: &lab::TestLab, address: &str, port: u64) -> Result<String, String> {
+    lab.exec_in(
+        "net",
+        &[
+            "curl",
+            "-s",
+            "-m",
+            "3",
+            &format!("http://{address}:{port}/"),
+        ],
+    )
+}
+
+/// One UDP exchange with `address:port`, from the lab's internet.
+fn udp(lab: &lab::TestLab, address: &str, port: u64, payload: &str) -> Result<String, String> {
+    let script = format!(
+        "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.settimeout(2)\ns.sendto(b'{payload}',('{address}',{port}))\nprint(s.recvfrom(200)[0].decode())\n"
+    );
+    lab.exec_in("net", &["python3", "-c", &script])
+        .map(|s| s.trim().to_owned())
+}
+
+fn provider_of(address: &str) -> &'static layout::Provider {
+    layout::PROVIDERS
+        .iter()
+        .find(|p| p.exit() == address)
+        .unwrap()
+}
+
+#[test]
+fn provider_forwarded_ports_reach_the_service_through_every_exit_follow_changes_and_resets_and_are_released()
+ {
+    let lab = lab::shared();
+    let _turn = lab::serial();
+    healthy_gateway(lab);
+    let started = std::time::Instant::now();
+    lab.kubectl(&[
+        "-n",
+        DEMO_NAMESPACE,
+        "patch",
+        "vpngateway",
+        GATEWAY,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"ports":[{"name":"http","service":"web","port":80,"protocol":"TCP"},{"name":"echo","service":"web","port":5353,"protocol":"UDP"}]}}"#,
+    ]);
+    let _ports = Ports { lab };
+    let exits = mapped(
+        lab,
+        "both exits publish both ports",
+        Duration::from_mins(2),
+        |_| true,
+    );
+    eprintln!("ports published {:?} after the request", started.elapsed());
+
+    // A remote client reaches the Service through each exit's forwarded address, TCP and UDP.
+    for (address, ports) in &exits {
+        let http = port_of(ports, "http/TCP");
+        let body = eventually(
+            &format!("http through {address}:{http}"),
+            Duration::from_secs(30),
+            || page(lab, address, http),
+        );
+        assert_eq!(body.trim(), "hello from the cloak lab");
+        let echo = port_of(ports, "echo/UDP");
+        let echoed = eventually(
+            &format!("udp through {address}:{echo}"),
+            Duration::from_secs(30),
+            || udp(lab, address, echo, "inbound"),
+        );
+        assert_eq!(echoed, "inbound");
+    }
+
+    // Published where applications read it: the ConfigMap and the Service's annotation.
+    let cm = lab.json(&["-n", DEMO_NAMESPACE, "get", "configmap", "egress-ports"]);
+    let service = lab.json(&["-n", DEMO_NAMESPACE, "get", "service", "web"]);
+    let annotation = str_at(&service, "/metadata/annotations/cloak.dev~1forwarded-ports");
+    for (address, ports) in &exits {
+        let http = format!("{address}:{}/tcp", port_of(ports, "http/TCP"));
+        assert!(str_at(&cm, "/data/http").contains(&http), "{cm}");
+        assert!(annotation.contains(&http), "{annotation}");
+        let echo = format!("{address}:{}/udp", port_of(ports, "echo/UDP"));
+        assert!(str_at(&cm, "/data/echo").contains(&echo), "{cm}");
+    }
+
+    // Nothing is open on a node's uplink: the same port on a node's address is closed.
+    let (_, first_ports) = &exits[0];
+    let http = port_of(first_ports, "http/TCP");
+    for k in 1..=2 {
+        assert!(
+            page(lab, &layout::node_ip(k), http).is_err(),
+            "port {http} answered on node {k}"
+        );
+    }
+
+    // The provider gives the first exit's mappings new ports: published within a renewal.
+    let (address, before) = exits[0].clone();
+    let provider = provider_of(&address);
+    let old_http = port_of(&before, "http/TCP");
+    natpmp::control(
+        &lab.lab,
+        provider,
+        natpmp::Control {
+            moves: 1,
+            ..natpmp::Control::default()
+        },
+    )
+    .unwrap();
+    let moved_at = std::time::Instant::now();
+    let moved = mapped(
+        lab,
+        "the new port published",
+        Duration::from_mins(1),
+        |exits| {
+            exits.iter().any(|(a, p)| {
+                *a == address && port_of(p, "http/TCP") != old_http && port_of(p, "http/TCP") != 0
+            })
+        },
+    );
+    eprintln!("a changed port was published in {:?}", moved_at.elapsed());
+    let new_http = moved
+        .iter()
+        .find(|(a, _)| *a == address)
+        .map(|(_, p)| port_of(p, "http/TCP"))
+        .unwrap();
+    let body = eventually("http through the new port", Duration::from_secs(30), || {
+        page(lab, &address, new_http)
+    });
+    assert_eq!(body.trim(), "hello from the cloak lab");
+    let annotation = eventually("the annotation follows", Duration::from_secs(15), || {
+        let service = lab.json(&["-n", DEMO_NAMESPACE, "get", "service", "web"]);
+        let a = str_at(&service, "/metadata/annotations/cloak.dev~1forwarded-ports");
+        if a.contains(&format!("{address}:{new_http}/tcp")) {
+            Ok(a)
+        } else {
+            Err(a)
+        }
+    });
+    assert!(!annotation.contains(&format!("{address}:{old_http}/tcp")));
+
+    // The provider's gateway restarts and loses every mapping: the exit sees its epoch go back
+    // at its next renewal and asks for every mapping at once.
+    let log = natpmp::log_file(&lab.lab, provider);
+    let lines_before = std::fs::read_to_string(&log).unwrap().lines().count();
+    natpmp::control(
+        &lab.lab,
+        provider,
+        natpmp::Control {
+            moves: 1,
+            resets: 1,
+            ..natpmp::Control::default()
+        },
+    )
+    .unwrap();
+    let recreated = eventually(
+        "every mapping asked again after the reset",
+        Duration::from_mins(1),
+        || {
+            let text = std::fs::read_to_string(&log).unwrap();
+            let after: Vec<&str> = text.lines().skip(lines_before).collect();
+            let reset = after.iter().position(|l| l.contains("reset:"));
+            let Some(reset) = reset else {
+                return Err("no reset yet".to_owned());
+            };
+            // Both of this exit's mappings (TCP and UDP), granted after the reset.
+            let granted: Vec<&&str> = after[reset..]
+                .iter()
+                .filter(|l| l.contains("Success") && l.contains("lifetime: 60"))
+                .collect();
+            let tcp = granted.iter().any(|l| l.contains("Tcp"));
+            let udp = granted.iter().any(|l| l.contains("Udp"));
+            if tcp && udp {
+                Ok(after.join("\n"))
+            } else {
+                Err(after.join("\n"))
+            }
+        },
+    );
+    let still = eventually(
+        "the exit carries its ports again",
+        Duration::from_secs(30),
+        || page(lab, &address, new_http),
+    );
+    assert_eq!(still.trim(), "hello from the cloak lab", "{recreated}");
+
+    // The request removed: the exits release their mappings (the fake gateway sees lifetime 0).
+    let lines_before = std::fs::read_to_string(&log).unwrap().lines().count();
+    lab.kubectl(&[
+        "-n",
+        DEMO_NAMESPACE,
+        "patch",
+        "vpngateway",
+        GATEWAY,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"ports":null}}"#,
+    ]);
+    eventually("the mappings released", Duration::from_mins(2), || {
+        let text = std::fs::read_to_string(&log).unwrap();
+        let released = text
+            .lines()
+            .skip(lines_before)
+            .filter(|l| l.contains("lifetime: 0 })"))
+            .count();
+        if released >= 2 {
+            Ok(())
+        } else {
+            Err(text
+                .lines()
+                .skip(lines_before)
+                .collect::<Vec<_>>()
+                .join("\n"))
+        }
+    });
+    let gw: Value = gateway(lab);
+    assert!(
+        gw["status"]["exits"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .all(|e| e.get("ports").is_none()),
+        "{}",
+        gw["status"]
+    );
+}

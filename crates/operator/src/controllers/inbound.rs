@@ -1,0 +1,331 @@
+//! A gateway's inbound ports (`spec.ports`): each request resolved to its Service's cluster
+//! address (only a Service of the gateway's own namespace: a tenant cannot point a request at
+//! another's), told to every exit's agent, and what the exits' providers forward published
+//! where applications and people read it: the gateway's status (per exit), an annotation on
+//! the Service, the ConfigMap `<gateway>-ports`, and an Event on every change.
+
+use std::{collections::BTreeMap, net::SocketAddrV4};
+
+use cloak_api::{ExitStatus, PortProtocol, PortRequest, VpnGateway, VpnGatewayStatus};
+use cloak_model::{exit::ExitForward, natpmp::Protocol};
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use kube::{
+    Api, ResourceExt,
+    api::{ObjectMeta, Patch, PatchParams},
+    runtime::events::EventType,
+};
+
+use super::publish;
+use crate::{Context, MANAGER, Result};
+
+/// The annotation on a Service listing the addresses its ports are forwarded from:
+/// `<address>:<port>/<tcp|udp>`, space-separated.
+pub(crate) const ANNOTATION: &str = "cloak.dev/forwarded-ports";
+
+/// The annotation on `<gateway>-ports` naming the Services annotated from it.
+const SERVICES: &str = "cloak.dev/services";
+
+/// A request with the address it reaches.
+#[derive(Debug, Clone)]
+pub(crate) struct Resolved {
+    pub(crate) request: PortRequest,
+    pub(crate) target: SocketAddrV4,
+}
+
+/// The ConfigMap publishing a gateway's forwarded ports.
+pub(crate) fn config_map_name(gateway: &str) -> String {
+    cloak_model::names::join(&[gateway, "ports"])
+}
+
+fn protocols(p: PortProtocol) -> Vec<Protocol> {
+    match p {
+        PortProtocol::Tcp => vec![Protocol::Tcp],
+        PortProtocol::Udp => vec![Protocol::Udp],
+        PortProtocol::Both => vec![Protocol::Tcp, Protocol::Udp],
+    }
+}
+
+/// The gateway's requests with their Services' addresses, and what is wrong with the others.
+pub(crate) async fn resolve(
+    gateway: &VpnGateway,
+    ctx: &Context,
+) -> Result<(Vec<Resolved>, Vec<String>)> {
+    let ns = gateway.namespace().unwrap_or_default();
+    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
+    let (mut resolved, mut problems) = (Vec::new(), Vec::new());
+    let mut names = std::collections::BTreeSet::new();
+    for request in &gateway.spec.ports {
+        if !names.insert(request.name.as_str()) {
+            problems.push(format!("port {}: the name is used twice", request.name));
+            continue;
+        }
+        let Some(service) = services.get_opt(&request.service).await? else {
+            problems.push(format!(
+                "port {}: no Service {ns}/{}",
+                request.name, request.service
+            ));
+            continue;
+        };
+        let spec = service.spec.unwrap_or_default();
+        let ip = spec
+            .cluster_ip
+            .as_deref()
+            .and_then(|ip| ip.parse::<std::net::Ipv4Addr>().ok());
+        let Some(ip) = ip else {
+            problems.push(format!(
+                "port {}: Service {} has no IPv4 cluster address (headless?)",
+                request.name, request.service
+            ));
+            continue;
+        };
+        let ports = spec.ports.unwrap_or_default();
+        let port = match request.port {
+            Some(p) => ports.iter().find(|sp| sp.port == i32::from(p)).map(|_| p),
+            None => ports.first().and_then(|sp| u16::try_from(sp.port).ok()),
+        };
+        let Some(port) = port else {
+            problems.push(format!(
+                "port {}: Service {} has no port {}",
+                request.name,
+                request.service,
+                request
+                    .port
+                    .map_or_else(|| "at all".into(), |p| p.to_string())
+            ));
+            continue;
+        };
+        resolved.push(Resolved {
+            request: request.clone(),
+            target: SocketAddrV4::new(ip, port),
+        });
+    }
+    Ok((resolved, problems))
+}
+
+/// What exit number `index` (`exit-0` first) is told.
+pub(crate) fn forwards_for(resolved: &[Resolved], index: usize) -> Vec<ExitForward> {
+    resolved
+        .iter()
+        .filter_map(|r| {
+            // Static ports: one per exit; an exit past the list gets none of this request.
+            let external = if r.request.static_ports.is_empty() {
+                None
+            } else {
+                Some(*r.request.static_ports.get(index)?)
+            };
+            Some(ExitForward {
+                name: r.request.name.clone(),
+                protocols: protocols(r.request.protocol),
+                target: r.target,
+                external,
+                gateway: r.request.nat_pmp_gateway,
+            })
+        })
+        .collect()
+}
+
+/// `address:port/proto` of every forwarded port of `request`, over the exits, sorted.
+fn published(exits: &[ExitStatus], request: &str) -> Vec<String> {
+    let mut out: Vec<String> = exits
+        .iter()
+        .filter_map(|e| Some((e.public_address.as_ref()?, &e.ports)))
+        .flat_map(|(address, ports)| {
+            ports
+                .iter()
+                .filter(|p| p.name == request)
+                .map(move |p| format!("{address}:{}/{}", p.port, p.protocol.to_lowercase()))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Publishes the exits' forwarded ports: the ConfigMap `<gateway>-ports` (a key a request: its
+/// `address:port/proto` lines; `<request>.ports`: its distinct external ports), the annotation
+/// on each Service, and an Event for each request whose ports changed since `previous`.
+pub(crate) async fn publish_ports(
+    gateway: &VpnGateway,
+    ctx: &Context,
+    resolved: &[Resolved],
+    exits: &[ExitStatus],
+    previous: &VpnGatewayStatus,
+) -> Result<()> {
+    let ns = gateway.namespace().unwrap_or_default();
+    let name = gateway.name_any();
+    let mut data = BTreeMap::new();
+    let mut per_service: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for r in resolved {
+        let now = published(exits, &r.request.name);
+        let before = published(&previous.exits, &r.request.name);
+        if now != before {
+            let note = if now.is_empty() {
+                format!("port {}: no exit has a forwarded port now", r.request.name)
+            } else {
+                format!(
+                    "port {} is forwarded from {}",
+                    r.request.name,
+                    now.join(", ")
+                )
+            };
+            publish(ctx, gateway, EventType::Normal, "PortsChanged", note).await;
+        }
+        let mut ports: Vec<String> = now
+            .iter()
+            .filter_map(|a| {
+                a.rsplit_once(':')
+                    .map(|(_, p)| p.split('/').next().unwrap_or(p).to_owned())
+            })
+            .collect();
+        ports.sort();
+        ports.dedup();
+        data.insert(format!("{}.ports", r.request.name), ports.join(" "));
+        data.insert(r.request.name.clone(), now.join("\n"));
+        per_service
+            .entry(r.request.service.as_str())
+            .or_default()
+            .extend(now);
+    }
+    let owner = kube::Resource::controller_owner_ref(gateway, &());
+    let maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
+    // The Services annotated last time: one no request names now loses the annotation.
+    let annotated_before: Vec<String> = maps
+        .get_opt(&config_map_name(&name))
+        .await?
+        .and_then(|m| m.annotations().get(SERVICES).cloned())
+        .map(|s| {
+            s.split(',')
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default();
+    let services_now: Vec<&str> = per_service.keys().copied().collect();
+    let map = ConfigMap {
+        metadata: ObjectMeta {
+            name: Some(config_map_name(&name)),
+            namespace: Some(ns.clone()),
+            annotations: Some(BTreeMap::from([(
+                SERVICES.to_owned(),
+                services_now.join(","),
+            )])),
+            owner_references: owner.map(|o| vec![o]),
+            labels: Some(BTreeMap::from([(
+                cloak_model::exit::LABEL_GATEWAY.to_owned(),
+                name.clone(),
+            )])),
+            ..ObjectMeta::default()
+        },
+        data: Some(data),
+        ..ConfigMap::default()
+    };
+    maps.patch(
+        &config_map_name(&name),
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&map),
+    )
+    .await?;
+    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
+    for gone in annotated_before
+        .iter()
+        .filter(|s| !services_now.contains(&s.as_str()))
+    {
+        if let Some(current) = services.get_opt(gone).await?
+            && current.annotations().contains_key(ANNOTATION)
+        {
+            let patch = serde_json::json!({"metadata": {"annotations": {ANNOTATION: null}}});
+            services
+                .patch(gone, &PatchParams::default(), &Patch::Merge(&patch))
+                .await?;
+        }
+    }
+    for (service, mut addresses) in per_service {
+        addresses.sort();
+        let value = addresses.join(" ");
+        let Some(current) = services.get_opt(service).await? else {
+            continue;
+        };
+        if current.annotations().get(ANNOTATION) == Some(&value) {
+            continue;
+        }
+        let patch = serde_json::json!({"metadata": {"annotations": {ANNOTATION: value}}});
+        services
+            .patch(service, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(name: &str, static_ports: Vec<u16>) -> Resolved {
+        Resolved {
+            request: PortRequest {
+                name: name.into(),
+                service: "web".into(),
+                port: None,
+                protocol: PortProtocol::Both,
+                static_ports,
+                nat_pmp_gateway: None,
+            },
+            target: "10.96.0.50:80".parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn static_ports_go_one_to_an_exit_and_dynamic_ones_to_every_exit() {
+        let resolved = [
+            request("fixed", vec![51413, 51414]),
+            request("asked", vec![]),
+        ];
+        let first = forwards_for(&resolved, 0);
+        assert_eq!(first.len(), 2);
+        assert_eq!(first[0].external, Some(51413));
+        assert_eq!(first[0].protocols, vec![Protocol::Tcp, Protocol::Udp]);
+        assert_eq!(first[1].external, None);
+        assert_eq!(forwards_for(&resolved, 1)[0].external, Some(51414));
+        // A third exit has no static port of its own: it serves only the asked one.
+        let third = forwards_for(&resolved, 2);
+        assert_eq!(third.len(), 1);
+        assert_eq!(third[0].name, "asked");
+    }
+
+    #[test]
+    fn a_requests_ports_are_published_as_address_port_protocol_over_the_exits() {
+        let exit = |address: &str, port: u16| ExitStatus {
+            name: "e".into(),
+            node: None,
+            vni: 0,
+            pod_ip: None,
+            provider: None,
+            slot: None,
+            server: None,
+            public_address: Some(address.into()),
+            health: cloak_api::ExitHealth::Healthy,
+            since: None,
+            message: None,
+            last_move: None,
+            moves: 0,
+            ports: vec![
+                cloak_api::ForwardedPort {
+                    name: "web".into(),
+                    protocol: "TCP".into(),
+                    port,
+                },
+                cloak_api::ForwardedPort {
+                    name: "other".into(),
+                    protocol: "UDP".into(),
+                    port: 1,
+                },
+            ],
+        };
+        assert_eq!(
+            published(
+                &[exit("198.51.100.12", 40002), exit("198.51.100.11", 40001)],
+                "web"
+            ),
+            vec!["198.51.100.11:40001/tcp", "198.51.100.12:40002/tcp"]
+        );
+    }
+}
