@@ -270,6 +270,70 @@ fn provider_forwarded_ports_reach_the_service_through_every_exit_follow_changes_
     );
     assert_eq!(still.trim(), "hello from the cloak lab", "{recreated}");
 
+    // The other exit's pod is killed: its replacement (on its pool's next server) asks for its
+    // own ports, published as soon as it is healthy.
+    let (other_address, _) = exits[1].clone();
+    let gw = gateway(lab);
+    let other = gw["status"]["exits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| str_at(e, "/publicAddress") == other_address)
+        .cloned()
+        .unwrap();
+    let (other_name, other_server) = (str_at(&other, "/name"), str_at(&other, "/server"));
+    lab.kubectl(&[
+        "-n",
+        DEMO_NAMESPACE,
+        "delete",
+        "pod",
+        &other_name,
+        "--grace-period=0",
+        "--force",
+        "--wait=false",
+    ]);
+    let mut healthy_at = None;
+    let published_after = eventually(
+        "the replaced exit's ports published",
+        Duration::from_mins(3),
+        || {
+            let gw = gateway(lab);
+            let exit = gw["status"]["exits"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|e| str_at(e, "/name") == other_name)
+                .cloned()
+                .unwrap_or_default();
+            let replaced = str_at(&exit, "/server") != other_server && exit["health"] == "Healthy";
+            if replaced && healthy_at.is_none() {
+                healthy_at = Some(std::time::Instant::now());
+            }
+            let ports = exit["ports"].as_array().map_or(0, Vec::len);
+            match healthy_at {
+                Some(at) if replaced && ports == 2 => Ok(at.elapsed()),
+                _ => Err(exit.to_string()),
+            }
+        },
+    );
+    let seen = k8s_openapi::jiff::Timestamp::now();
+    // From the new pod's Ready (the kubelet's clock, to the second) to the ports seen.
+    let pod = lab.json(&["-n", DEMO_NAMESPACE, "get", "pod", &other_name]);
+    let ready_at: k8s_openapi::jiff::Timestamp = pod["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["type"] == "Ready")
+        .map(|c| str_at(c, "/lastTransitionTime"))
+        .unwrap_or_default()
+        .parse()
+        .unwrap();
+    eprintln!(
+        "a replaced exit's ports were seen published {:.1} s after its pod was Ready \
+         (the Ready time to the second; {published_after:?} after the test saw it healthy)",
+        seen.duration_since(ready_at).as_secs_f64()
+    );
+
     // The request removed: the exits release their mappings (the fake gateway sees lifetime 0).
     let lines_before = std::fs::read_to_string(&log).unwrap().lines().count();
     lab.kubectl(&[
