@@ -158,6 +158,107 @@ async fn ask(
     Err(format!("no answer from {to} within {limit:?}"))
 }
 
+/// What a provider grants for a port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grant {
+    pub external: u16,
+    /// Seconds; renewed at half of it.
+    pub lifetime: u32,
+    /// The provider says it lost every mapping since it was last asked: every other one must
+    /// be asked for again at once.
+    pub lost_all: bool,
+}
+
+/// A provider's way of handing out forwarded ports: the one provider-specific part. NAT-PMP
+/// ([`NatPmp`], ProtonVPN) is one; PIA's signed-port API would be another, with nothing else
+/// changed.
+pub trait PortSource {
+    /// Asks for (or renews) a mapping of `internal`, suggesting `suggested` (0: any), within
+    /// `limit`.
+    fn map(
+        &mut self,
+        protocol: Protocol,
+        internal: u16,
+        suggested: u16,
+        limit: Duration,
+    ) -> impl Future<Output = Result<Grant, String>> + Send;
+    /// Gives a mapping back.
+    fn release(
+        &mut self,
+        protocol: Protocol,
+        internal: u16,
+    ) -> impl Future<Output = Result<(), String>> + Send;
+}
+
+/// NAT-PMP (RFC 6886) from the tunnel's address to its gateway; `epoch` is what this gateway
+/// said last (kept across rounds), `clock` when the agent started.
+#[derive(Debug)]
+pub struct NatPmp<'a> {
+    pub socket: &'a UdpSocket,
+    pub gateway: Ipv4Addr,
+    pub epoch: &'a mut Epoch,
+    pub clock: Instant,
+}
+
+impl PortSource for NatPmp<'_> {
+    async fn map(
+        &mut self,
+        protocol: Protocol,
+        internal: u16,
+        suggested: u16,
+        limit: Duration,
+    ) -> Result<Grant, String> {
+        let map = Map {
+            protocol,
+            internal,
+            external: suggested,
+            lifetime: natpmp::LIFETIME,
+        };
+        let answer = ask(
+            self.socket,
+            self.gateway,
+            &Request::Map(map),
+            &map.encode(),
+            limit,
+        )
+        .await?;
+        let lost_all = self
+            .epoch
+            .observe(answer.epoch(), self.clock.elapsed().as_secs_f64());
+        match answer {
+            Response::Map {
+                result: ResultCode::Success,
+                external,
+                lifetime,
+                ..
+            } if external != 0 => Ok(Grant {
+                external,
+                lifetime,
+                lost_all,
+            }),
+            other => Err(format!("the gateway answered: {}", other.result())),
+        }
+    }
+
+    async fn release(&mut self, protocol: Protocol, internal: u16) -> Result<(), String> {
+        let map = Map {
+            protocol,
+            internal,
+            external: 0,
+            lifetime: 0,
+        };
+        ask(
+            self.socket,
+            self.gateway,
+            &Request::Map(map),
+            &map.encode(),
+            Duration::from_secs(2),
+        )
+        .await
+        .map(drop)
+    }
+}
+
 /// The forwards of a config, and its tunnel's interface.
 fn wanted(config: &ConfigResult) -> (Vec<Forward>, String) {
     match config.as_ref() {
@@ -180,7 +281,7 @@ pub async fn follow(
     metrics: Arc<Metrics>,
 ) {
     let mut leases: BTreeMap<(String, Protocol), Lease> = BTreeMap::new();
-    let mut epoch = Epoch::default();
+    let mut epochs: BTreeMap<Ipv4Addr, Epoch> = BTreeMap::new();
     let mut applied: Option<String> = None;
     let mut reconnects = status.borrow().reconnects;
     let start = Instant::now();
@@ -222,16 +323,15 @@ pub async fn follow(
                 && lease.external != 0
                 && let (Some(socket), Some(address)) = (&socket, address)
             {
-                let request = Request::Map(Map {
-                    protocol: key.1,
-                    internal: lease.internal,
-                    external: 0,
-                    lifetime: 0,
-                });
-                let bytes = release_bytes(key.1, lease.internal);
                 let gateway = lease.gateway.unwrap_or_else(|| default_gateway(address));
-                match ask(socket, gateway, &request, &bytes, Duration::from_secs(2)).await {
-                    Ok(_) => {
+                let mut source = NatPmp {
+                    socket,
+                    gateway,
+                    epoch: epochs.entry(gateway).or_default(),
+                    clock: start,
+                };
+                match source.release(key.1, lease.internal).await {
+                    Ok(()) => {
                         tracing::info!(name = %key.0, protocol = ?key.1, "inbound port released");
                     }
                     Err(e) => tracing::warn!(name = %key.0, %e, "releasing an inbound port"),
@@ -277,57 +377,46 @@ pub async fn follow(
                     if !lease.dynamic || lease.due > Instant::now() {
                         continue;
                     }
-                    let map = Map {
-                        protocol: key.1,
-                        internal: lease.internal,
-                        external: lease.external,
-                        lifetime: natpmp::LIFETIME,
-                    };
                     let limit = lease
                         .expires
                         .map_or(FIRST_LIMIT, |e| e.saturating_duration_since(Instant::now()))
                         .max(Duration::from_secs(1));
                     let gateway = lease.gateway.unwrap_or_else(|| default_gateway(address));
-                    let answer =
-                        ask(socket, gateway, &Request::Map(map), &map.encode(), limit).await;
+                    let mut source = NatPmp {
+                        socket,
+                        gateway,
+                        epoch: epochs.entry(gateway).or_default(),
+                        clock: start,
+                    };
+                    let grant = source
+                        .map(key.1, lease.internal, lease.external, limit)
+                        .await;
                     let Some(entry) = leases.get_mut(&key) else {
                         continue;
                     };
-                    match answer {
-                        Ok(Response::Map {
-                            result: ResultCode::Success,
-                            epoch: e,
-                            external,
-                            lifetime,
-                            ..
-                        }) => {
+                    match grant {
+                        Ok(grant) => {
                             metrics.inbound_renewals.inc();
-                            if entry.external != external {
-                                tracing::info!(name = %key.0, protocol = ?key.1, external, "inbound port mapped");
+                            if entry.external != grant.external {
+                                tracing::info!(name = %key.0, protocol = ?key.1, external = grant.external, "inbound port mapped");
                             }
-                            entry.external = external;
-                            entry.lifetime = lifetime;
-                            entry.due = Instant::now() + natpmp::renew_after(lifetime);
-                            entry.expires =
-                                Some(Instant::now() + Duration::from_secs(u64::from(lifetime)));
+                            entry.external = grant.external;
+                            entry.lifetime = grant.lifetime;
+                            entry.due = Instant::now() + natpmp::renew_after(grant.lifetime);
+                            entry.expires = Some(
+                                Instant::now() + Duration::from_secs(u64::from(grant.lifetime)),
+                            );
                             entry.error = None;
-                            if epoch.observe(e, start.elapsed().as_secs_f64()) {
+                            if grant.lost_all {
                                 metrics.inbound_epoch_resets.inc();
-                                tracing::warn!(
-                                    epoch = e,
-                                    "the NAT-PMP gateway lost its mappings: asking again for every one"
-                                );
-                                for l in leases.values_mut() {
-                                    l.due = Instant::now();
+                                tracing::warn!(%gateway, "the port gateway lost its mappings: asking again for every one");
+                                for (k, l) in &mut leases {
+                                    if *k != key {
+                                        l.due = Instant::now();
+                                    }
                                 }
                                 continue 'again;
                             }
-                        }
-                        Ok(other) => {
-                            metrics.inbound_failures.inc();
-                            epoch.observe(other.epoch(), start.elapsed().as_secs_f64());
-                            entry.error = Some(format!("the gateway answered: {}", other.result()));
-                            entry.due = Instant::now() + RETRY;
                         }
                         Err(e) => {
                             metrics.inbound_failures.inc();
@@ -406,17 +495,6 @@ pub async fn follow(
     }
 }
 
-/// A release: lifetime 0, suggested external 0 (RFC 6886 §3.4).
-fn release_bytes(protocol: Protocol, internal: u16) -> [u8; 12] {
-    Map {
-        protocol,
-        internal,
-        external: 0,
-        lifetime: 0,
-    }
-    .encode()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -442,6 +520,116 @@ mod tests {
         assert!(table.starts_with("table inet cloak_inbound\ndelete table inet cloak_inbound\n"));
         // Nothing mapped: no rule sends anything anywhere.
         assert!(!render("wg0", &[]).contains("dnat ip to"));
+    }
+
+    /// A NAT-PMP gateway on `address:5351` (a loopback address of the test's own) that
+    /// ignores the first `drop` requests, then answers each mapping with `epochs` in turn
+    /// (port 40000 + the request's number); returns the times requests came.
+    fn fake_gateway(
+        address: Ipv4Addr,
+        drop: usize,
+        epochs: Vec<u32>,
+    ) -> std::thread::JoinHandle<Vec<std::time::Instant>> {
+        let socket = std::net::UdpSocket::bind((address, natpmp::PORT)).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 64];
+            let mut answered = 0;
+            while answered < epochs.len() {
+                let Ok((n, from)) = socket.recv_from(&mut buf) else {
+                    break;
+                };
+                seen.push(std::time::Instant::now());
+                if seen.len() <= drop {
+                    continue;
+                }
+                let Ok(Request::Map(m)) = Request::decode(&buf[..n]) else {
+                    continue;
+                };
+                let answer = Response::Map {
+                    protocol: m.protocol,
+                    result: ResultCode::Success,
+                    epoch: epochs[answered],
+                    internal: m.internal,
+                    external: 40000 + u16::try_from(answered).unwrap(),
+                    lifetime: 60,
+                };
+                answered += 1;
+                socket.send_to(&answer.encode(), from).unwrap();
+            }
+            seen
+        })
+    }
+
+    #[tokio::test]
+    async fn a_request_is_retransmitted_from_250_ms_doubling_until_the_gateway_answers() {
+        let gateway = Ipv4Addr::new(127, 77, 0, 1);
+        let fake = fake_gateway(gateway, 2, vec![100]);
+        let socket = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        let mut epoch = Epoch::default();
+        let mut source = NatPmp {
+            socket: &socket,
+            gateway,
+            epoch: &mut epoch,
+            clock: Instant::now(),
+        };
+        let grant = source
+            .map(Protocol::Tcp, 6881, 0, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(
+            grant,
+            Grant {
+                external: 40000,
+                lifetime: 60,
+                lost_all: false
+            }
+        );
+        let seen = fake.join().unwrap();
+        assert_eq!(seen.len(), 3, "two unanswered tries, then one answered");
+        let gaps: Vec<u128> = seen.windows(2).map(|w| (w[1] - w[0]).as_millis()).collect();
+        assert!((240..400).contains(&gaps[0]), "{gaps:?}");
+        assert!((490..700).contains(&gaps[1]), "{gaps:?}");
+    }
+
+    #[tokio::test]
+    async fn a_gateway_whose_epoch_goes_back_has_lost_every_mapping() {
+        let gateway = Ipv4Addr::new(127, 77, 0, 2);
+        let fake = fake_gateway(gateway, 0, vec![500, 501, 3]);
+        let socket = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        let mut epoch = Epoch::default();
+        let mut source = NatPmp {
+            socket: &socket,
+            gateway,
+            epoch: &mut epoch,
+            clock: Instant::now(),
+        };
+        let mut lost = Vec::new();
+        for _ in 0..3 {
+            let grant = source
+                .map(Protocol::Udp, 6881, 0, Duration::from_secs(2))
+                .await
+                .unwrap();
+            lost.push(grant.lost_all);
+        }
+        assert_eq!(lost, [false, false, true]);
+        fake.join().unwrap();
+        // Nobody answers: an error naming the gateway, within the limit.
+        let started = Instant::now();
+        let err = NatPmp {
+            socket: &socket,
+            gateway: Ipv4Addr::new(127, 77, 0, 3),
+            epoch: &mut epoch,
+            clock: Instant::now(),
+        }
+        .map(Protocol::Udp, 6881, 0, Duration::from_secs(1))
+        .await
+        .unwrap_err();
+        assert!(err.contains("127.77.0.3:5351"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(2));
     }
 
     #[test]
