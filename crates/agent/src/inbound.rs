@@ -72,11 +72,50 @@ struct Lease {
     gateway: Option<Ipv4Addr>,
 }
 
+/// One inbound rule: the request's name, its protocol, internal and external ports, and where
+/// it goes.
+pub type Rule = (String, Protocol, u16, u16, SocketAddrV4);
+
+/// The connections each inbound rule has taken, by `<name>/<protocol>` (its counter: the nat
+/// chain sees the first packet of a connection only). Empty without the table.
+pub fn connection_counts() -> BTreeMap<String, u64> {
+    let Ok(out) = std::process::Command::new("nft")
+        .args(["-j", "list", "chain", "inet", TABLE, "prerouting"])
+        .stderr(std::process::Stdio::null())
+        .output()
+    else {
+        return BTreeMap::new();
+    };
+    counts_of(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// [`connection_counts`] from `nft -j` output (pure).
+fn counts_of(json: &str) -> BTreeMap<String, u64> {
+    let Ok(value) = serde_json::from_str::<serde_json::Value>(json) else {
+        return BTreeMap::new();
+    };
+    value["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|item| {
+            let rule = item.get("rule")?;
+            let comment = rule.get("comment")?.as_str()?.to_owned();
+            let packets = rule
+                .get("expr")?
+                .as_array()?
+                .iter()
+                .find_map(|e| e.get("counter")?.get("packets")?.as_u64())?;
+            Some((comment, packets))
+        })
+        .collect()
+}
+
 /// The exit's inbound nftables table for these leases on tunnel `tunnel` (pure).
-pub fn render(tunnel: &str, rules: &[(Protocol, u16, u16, SocketAddrV4)]) -> String {
+pub fn render(tunnel: &str, rules: &[Rule]) -> String {
     use std::fmt::Write as _;
     let mut dnat = String::new();
-    for (protocol, internal, external, target) in rules {
+    for (name, protocol, internal, external, target) in rules {
         let ports = if internal == external || *external == 0 {
             internal.to_string()
         } else {
@@ -84,7 +123,7 @@ pub fn render(tunnel: &str, rules: &[(Protocol, u16, u16, SocketAddrV4)]) -> Str
         };
         let _ = writeln!(
             dnat,
-            "\t\tiifname \"{tunnel}\" meta nfproto ipv4 {p} dport {ports} counter dnat ip to {target}",
+            "\t\tiifname \"{tunnel}\" meta nfproto ipv4 {p} dport {ports} counter dnat ip to {target} comment \"{name}/{p}\"",
             p = protocol.as_str()
         );
     }
@@ -441,10 +480,10 @@ pub async fn follow(
             }
         }
 
-        let rules: Vec<(Protocol, u16, u16, SocketAddrV4)> = leases
+        let rules: Vec<Rule> = leases
             .iter()
             .filter(|(_, l)| l.external != 0)
-            .map(|((_, p), l)| (*p, l.internal, l.external, l.target))
+            .map(|((name, p), l)| (name.clone(), *p, l.internal, l.external, l.target))
             .collect();
         if !tunnel.is_empty() && (!rules.is_empty() || applied.is_some()) {
             let script = render(&tunnel, &rules);
@@ -505,15 +544,15 @@ mod tests {
         let table = render(
             "wg0",
             &[
-                (Protocol::Tcp, 6881, 40001, target),
-                (Protocol::Udp, 6881, 6881, target),
+                ("torrent".into(), Protocol::Tcp, 6881, 40001, target),
+                ("torrent".into(), Protocol::Udp, 6881, 6881, target),
             ],
         );
         assert!(table.contains(
-            "iifname \"wg0\" meta nfproto ipv4 tcp dport { 6881, 40001 } counter dnat ip to 10.96.0.50:6881"
+            "iifname \"wg0\" meta nfproto ipv4 tcp dport { 6881, 40001 } counter dnat ip to 10.96.0.50:6881 comment \"torrent/tcp\""
         ));
         assert!(table.contains(
-            "iifname \"wg0\" meta nfproto ipv4 udp dport 6881 counter dnat ip to 10.96.0.50:6881"
+            "iifname \"wg0\" meta nfproto ipv4 udp dport 6881 counter dnat ip to 10.96.0.50:6881 comment \"torrent/udp\""
         ));
         assert!(table.contains("iifname \"wg0\" ct status dnat masquerade"));
         // Replaced whole, never appended to.
@@ -630,6 +669,21 @@ mod tests {
         .unwrap_err();
         assert!(err.contains("127.77.0.3:5351"), "{err}");
         assert!(started.elapsed() < Duration::from_secs(2));
+    }
+
+    #[test]
+    fn each_rules_connections_are_read_from_its_counter_by_its_comment() {
+        let json = r#"{"nftables": [{"metainfo": {"version": "1.0.6"}},
+            {"chain": {"family": "inet", "table": "cloak_inbound", "name": "prerouting"}},
+            {"rule": {"family": "inet", "table": "cloak_inbound", "chain": "prerouting", "handle": 2,
+              "comment": "http/tcp", "expr": [{"match": {}}, {"counter": {"packets": 7, "bytes": 420}}, {"dnat": {}}]}},
+            {"rule": {"family": "inet", "table": "cloak_inbound", "chain": "prerouting", "handle": 3,
+              "expr": [{"counter": {"packets": 1, "bytes": 60}}]}}]}"#;
+        assert_eq!(
+            counts_of(json),
+            BTreeMap::from([("http/tcp".to_owned(), 7)])
+        );
+        assert!(counts_of("").is_empty());
     }
 
     #[test]

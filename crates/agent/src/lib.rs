@@ -302,6 +302,12 @@ async fn metrics_text(
     if !admin.authorized(&headers) {
         return UNAUTHORIZED.into_response();
     }
+    if !admin.inbound.borrow().is_empty() {
+        let counts = tokio::task::spawn_blocking(inbound::connection_counts)
+            .await
+            .unwrap_or_default();
+        admin.metrics.record_inbound(&counts);
+    }
     admin.metrics.encode().into_response()
 }
 

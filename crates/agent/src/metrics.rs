@@ -21,6 +21,12 @@ struct ExitLabels {
     ip: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct InboundLabels {
+    name: String,
+    protocol: String,
+}
+
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
@@ -37,6 +43,9 @@ pub struct Metrics {
     pub(crate) inbound_renewals: Counter,
     pub(crate) inbound_failures: Counter,
     pub(crate) inbound_epoch_resets: Counter,
+    inbound_connections: Family<InboundLabels, Counter>,
+    /// The inbound rules' counters as last read (a table written anew starts them from 0).
+    inbound_last: Mutex<std::collections::BTreeMap<String, u64>>,
 }
 
 impl Metrics {
@@ -106,6 +115,12 @@ impl Metrics {
             "Times the NAT-PMP gateway's epoch said it had lost every mapping",
             Counter::clone(&inbound_epoch_resets),
         );
+        let inbound_connections = Family::<InboundLabels, Counter>::default();
+        registry.register(
+            "inbound_connections",
+            "Connections taken on an inbound port, by request name and protocol",
+            inbound_connections.clone(),
+        );
         let m = Self {
             registry,
             state,
@@ -121,6 +136,8 @@ impl Metrics {
             inbound_renewals,
             inbound_failures,
             inbound_epoch_resets,
+            inbound_connections,
+            inbound_last: Mutex::new(std::collections::BTreeMap::new()),
         };
         m.set_phase(Phase::Blocked);
         m
@@ -164,6 +181,27 @@ impl Metrics {
             }
             *now = ip;
         }
+    }
+
+    /// Adds the connections the inbound rules took since they were last read (`counts`: by
+    /// `<name>/<protocol>`, as the rules' counters stand now).
+    pub(crate) fn record_inbound(&self, counts: &std::collections::BTreeMap<String, u64>) {
+        let Ok(mut last) = self.inbound_last.lock() else {
+            return;
+        };
+        for (key, now) in counts {
+            let before = last.get(key).copied().unwrap_or(0);
+            // Lower than before: the table was written anew, its counters started from 0.
+            let new = if *now >= before { now - before } else { *now };
+            let (name, protocol) = key.rsplit_once('/').unwrap_or((key, ""));
+            self.inbound_connections
+                .get_or_create(&InboundLabels {
+                    name: name.to_owned(),
+                    protocol: protocol.to_owned(),
+                })
+                .inc_by(new);
+        }
+        last.clone_from(counts);
     }
 
     /// Prometheus text format.

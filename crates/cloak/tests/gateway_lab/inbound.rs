@@ -158,6 +158,56 @@ fn provider_forwarded_ports_reach_the_service_through_every_exit_follow_changes_
         assert_eq!(echoed, "inbound");
     }
 
+    // Each exit counts what it took and what it holds (its /metrics, with the gateway's token,
+    // from its node).
+    let token = lab.kubectl(&[
+        "-n",
+        DEMO_NAMESPACE,
+        "get",
+        "secret",
+        "egress-exit-admin",
+        "-o",
+        "go-template={{.data.token | base64decode}}",
+    ]);
+    for exit in gateway(lab)["status"]["exits"].as_array().unwrap() {
+        let url = format!(
+            "http://{}:{}/metrics",
+            str_at(exit, "/podIp"),
+            cloak_model::exit::ADMIN_PORT
+        );
+        let node = str_at(exit, "/node");
+        let metrics = lab
+            .exec_in(
+                &node,
+                &[
+                    "curl",
+                    "-s",
+                    "-m",
+                    "3",
+                    "-H",
+                    &format!("Authorization: Bearer {}", token.trim()),
+                    &url,
+                ],
+            )
+            .unwrap();
+        let value = |line: &str| {
+            metrics
+                .lines()
+                .find(|l| l.starts_with(line))
+                .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        assert!(
+            value("cloak_agent_inbound_connections_total{name=\"http\",protocol=\"tcp\"}") >= 1,
+            "{metrics}"
+        );
+        assert_eq!(value("cloak_agent_inbound_mappings "), 2, "{metrics}");
+        assert!(
+            value("cloak_agent_inbound_renewals_total") >= 2,
+            "{metrics}"
+        );
+    }
+
     // Published where applications read it: the ConfigMap and the Service's annotation.
     let cm = lab.json(&["-n", DEMO_NAMESPACE, "get", "configmap", "egress-ports"]);
     let service = lab.json(&["-n", DEMO_NAMESPACE, "get", "service", "web"]);
