@@ -107,6 +107,43 @@ fn udp(lab: &lab::TestLab, address: &str, port: u64, payload: &str) -> Result<St
         .map(|s| s.trim().to_owned())
 }
 
+/// A remote's UDP flows to the given `address:port`s, one datagram to each every 0.2 s for
+/// `seconds`, from the lab's internet.
+struct UdpFlows(std::process::Child);
+
+impl UdpFlows {
+    fn start(lab: &lab::TestLab, targets: &[(String, u64)], seconds: u64) -> Self {
+        let targets: Vec<String> = targets
+            .iter()
+            .map(|(a, p)| format!("('{a}',{p})"))
+            .collect();
+        let script = format!(
+            "import socket,time,json\n\
+             targets=[{targets}]\n\
+             socks=[]\n\
+             for t in targets:\n  s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); s.settimeout(0.1); s.connect(t); socks.append(s)\n\
+             start=time.time(); res=[[0,0.0,start] for t in targets]\n\
+             while time.time()<start+{seconds}:\n  for i,s in enumerate(socks):\n    try:\n      s.send(b'x'); s.recv(100); now=time.time(); r=res[i]; r[1]=max(r[1],now-r[2]); r[2]=now; r[0]+=1\n    except Exception: pass\n  time.sleep(0.2)\n\
+             end=time.time()\n\
+             print(json.dumps([[r[0],max(r[1],end-r[2])] for r in res]))\n",
+            targets = targets.join(",")
+        );
+        let child = std::process::Command::new("ip")
+            .args(["netns", "exec", &lab.netns("net"), "python3", "-c", &script])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        Self(child)
+    }
+
+    /// Per target: answers, and the longest time without one (s).
+    fn results(self) -> Vec<(u64, f64)> {
+        let out = self.0.wait_with_output().unwrap();
+        let parsed: Vec<(u64, f64)> = serde_json::from_slice(&out.stdout).unwrap();
+        parsed
+    }
+}
+
 fn provider_of(address: &str) -> &'static layout::Provider {
     layout::PROVIDERS
         .iter()
@@ -332,6 +369,18 @@ fn provider_forwarded_ports_reach_the_service_through_every_exit_follow_changes_
         .cloned()
         .unwrap();
     let (other_name, other_server) = (str_at(&other, "/name"), str_at(&other, "/server"));
+    // A remote keeps a UDP flow going through each exit meanwhile: killing one exit costs
+    // only its own.
+    let echo_ports: Vec<(String, u64)> =
+        mapped(lab, "both exits mapped", Duration::from_mins(1), |_| true)
+            .into_iter()
+            .map(|(a, p)| {
+                let port = port_of(&p, "echo/UDP");
+                (a, port)
+            })
+            .collect();
+    let flows = UdpFlows::start(lab, &echo_ports, 15);
+    std::thread::sleep(Duration::from_secs(3));
     lab.kubectl(&[
         "-n",
         DEMO_NAMESPACE,
@@ -367,6 +416,18 @@ fn provider_forwarded_ports_reach_the_service_through_every_exit_follow_changes_
         },
     );
     let seen = k8s_openapi::jiff::Timestamp::now();
+    let flows = flows.results();
+    for ((a, _), (answered, gap)) in echo_ports.iter().zip(&flows) {
+        if *a == other_address {
+            // Answered until its pod went (2-3 s of the 15), then not.
+            assert!(*gap > 5.0, "the killed exit's flow went on: {flows:?}");
+        } else {
+            assert!(
+                *gap < 1.5 && *answered > 40,
+                "the surviving exit's flow was hurt: {flows:?}"
+            );
+        }
+    }
     // From the new pod's Ready (the kubelet's clock, to the second) to the ports seen.
     let pod = lab.json(&["-n", DEMO_NAMESPACE, "get", "pod", &other_name]);
     let ready_at: k8s_openapi::jiff::Timestamp = pod["status"]["conditions"]
