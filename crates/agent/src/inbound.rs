@@ -111,7 +111,9 @@ fn counts_of(json: &str) -> BTreeMap<String, u64> {
         .collect()
 }
 
-/// The exit's inbound nftables table for these leases on tunnel `tunnel` (pure).
+/// The exit's inbound nftables table for these leases on tunnel `tunnel` (pure). Besides the
+/// rules, it drops NAT-PMP answers that did not come by the tunnel: a neighbour on the pod
+/// network could otherwise send one to the tunnel's address.
 pub fn render(tunnel: &str, rules: &[Rule]) -> String {
     use std::fmt::Write as _;
     let mut dnat = String::new();
@@ -139,7 +141,12 @@ pub fn render(tunnel: &str, rules: &[Rule]) -> String {
          \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
          \t\tiifname \"{tunnel}\" ct status dnat masquerade\n\
          \t}}\n\
-         }}\n"
+         \tchain input {{\n\
+         \t\ttype filter hook input priority filter; policy accept;\n\
+         \t\tudp sport {port} iifname != \"{tunnel}\" drop\n\
+         \t}}\n\
+         }}\n",
+        port = natpmp::PORT
     )
 }
 
@@ -302,14 +309,39 @@ impl PortSource for NatPmp<'_> {
 fn wanted(config: &ConfigResult) -> (Vec<Forward>, String) {
     match config.as_ref() {
         Ok(cfg) => (
-            cfg.exit
-                .as_ref()
-                .map(|e| e.forwards.clone())
-                .unwrap_or_default(),
+            usable(
+                cfg.exit
+                    .as_ref()
+                    .map(|e| e.forwards.clone())
+                    .unwrap_or_default(),
+            ),
             cfg.tunnel.interface().to_owned(),
         ),
         Err(_) => (Vec::new(), String::new()),
     }
+}
+
+/// The forwards the exit can serve: a name that is a DNS label (it goes into the table's
+/// rules) and an internal port no earlier forward of the same protocol has (the provider maps
+/// one internal port once). The operator sends no others; the config is in the tenant's
+/// namespace, so it is checked again here.
+fn usable(forwards: Vec<Forward>) -> Vec<Forward> {
+    let mut taken = std::collections::BTreeSet::new();
+    forwards
+        .into_iter()
+        .filter(|f| {
+            let internal = f.external.unwrap_or(f.target.port());
+            let ok = cloak_model::names::is_dns_label(&f.name)
+                && internal != 0
+                && f.protocols.iter().all(|p| !taken.contains(&(*p, internal)));
+            if ok {
+                taken.extend(f.protocols.iter().map(|p| (*p, internal)));
+            } else {
+                tracing::warn!(name = ?f.name, "inbound port refused: a bad name or a port asked for twice");
+            }
+            ok
+        })
+        .collect()
 }
 
 /// Keeps the exit's inbound ports in step with its config and tunnel until a channel closes.
@@ -381,7 +413,8 @@ pub async fn follow(
             for protocol in &f.protocols {
                 let key = (f.name.clone(), *protocol);
                 let fresh = Lease {
-                    internal: f.target.port(),
+                    // A static port arrives as it is; a dynamic one on the Service's port number.
+                    internal: f.external.unwrap_or(f.target.port()),
                     target: f.target,
                     external: f.external.unwrap_or(0),
                     lifetime: 0,
@@ -416,10 +449,11 @@ pub async fn follow(
                     if !lease.dynamic || lease.due > Instant::now() {
                         continue;
                     }
+                    // One request at a time: none may hold the others up for long.
                     let limit = lease
                         .expires
                         .map_or(FIRST_LIMIT, |e| e.saturating_duration_since(Instant::now()))
-                        .max(Duration::from_secs(1));
+                        .clamp(Duration::from_secs(1), FIRST_LIMIT);
                     let gateway = lease.gateway.unwrap_or_else(|| default_gateway(address));
                     let mut source = NatPmp {
                         socket,
@@ -439,12 +473,12 @@ pub async fn follow(
                             if entry.external != grant.external {
                                 tracing::info!(name = %key.0, protocol = ?key.1, external = grant.external, "inbound port mapped");
                             }
+                            let lifetime = grant.lifetime.min(natpmp::MAX_LIFETIME);
                             entry.external = grant.external;
-                            entry.lifetime = grant.lifetime;
-                            entry.due = Instant::now() + natpmp::renew_after(grant.lifetime);
-                            entry.expires = Some(
-                                Instant::now() + Duration::from_secs(u64::from(grant.lifetime)),
-                            );
+                            entry.lifetime = lifetime;
+                            entry.due = Instant::now() + natpmp::renew_after(lifetime);
+                            entry.expires =
+                                Some(Instant::now() + Duration::from_secs(u64::from(lifetime)));
                             entry.error = None;
                             if grant.lost_all {
                                 metrics.inbound_epoch_resets.inc();
@@ -485,24 +519,39 @@ pub async fn follow(
             .filter(|(_, l)| l.external != 0)
             .map(|((name, p), l)| (name.clone(), *p, l.internal, l.external, l.target))
             .collect();
-        if !tunnel.is_empty() && (!rules.is_empty() || applied.is_some()) {
+        // Written as soon as there are forwards (its input chain guards the first request),
+        // kept (emptied) once there were.
+        let mut table_error = None;
+        if !tunnel.is_empty() && (!forwards.is_empty() || applied.is_some()) {
             let script = render(&tunnel, &rules);
             if applied.as_deref() != Some(script.as_str()) {
+                // The counters start again with a new table: what they counted goes first.
+                if applied.is_some() {
+                    metrics.record_inbound(&connection_counts());
+                }
                 match cloak_dataplane::nft(&script) {
-                    Ok(()) => applied = Some(script),
-                    Err(e) => tracing::warn!(%e, "inbound ports: applying the table"),
+                    Ok(()) => {
+                        applied = Some(script);
+                        metrics.reset_inbound_counts();
+                    }
+                    Err(e) => {
+                        tracing::warn!(%e, "inbound ports: applying the table");
+                        table_error = Some(format!("the exit's rules could not be written: {e}"));
+                    }
                 }
             }
         }
+        // Published only as the table carries them: with no table, no port leads anywhere.
+        let carried = table_error.is_none() && applied.is_some();
         let now_published: Vec<Mapped> = leases
             .iter()
             .map(|((name, protocol), l)| Mapped {
                 name: name.clone(),
                 protocol: *protocol,
-                port: if connected { l.external } else { 0 },
+                port: if connected && carried { l.external } else { 0 },
                 source: if l.dynamic { "natpmp" } else { "static" },
                 lifetime: l.dynamic.then_some(l.lifetime).filter(|l| *l > 0),
-                error: l.error.clone(),
+                error: table_error.clone().or_else(|| l.error.clone()),
             })
             .collect();
         metrics
@@ -517,9 +566,10 @@ pub async fn follow(
             }
         });
 
+        // While the tunnel is down, only a change wakes it.
         let next = leases
             .values()
-            .filter(|l| l.dynamic)
+            .filter(|l| l.dynamic && connected)
             .map(|l| l.due)
             .min()
             .map_or(Duration::from_mins(1), |d| {
@@ -555,6 +605,8 @@ mod tests {
             "iifname \"wg0\" meta nfproto ipv4 udp dport 6881 counter dnat ip to 10.96.0.50:6881 comment \"torrent/udp\""
         ));
         assert!(table.contains("iifname \"wg0\" ct status dnat masquerade"));
+        // A NAT-PMP answer is believed only from the tunnel.
+        assert!(table.contains("udp sport 5351 iifname != \"wg0\" drop"));
         // Replaced whole, never appended to.
         assert!(table.starts_with("table inet cloak_inbound\ndelete table inet cloak_inbound\n"));
         // Nothing mapped: no rule sends anything anywhere.
@@ -684,6 +736,26 @@ mod tests {
             BTreeMap::from([("http/tcp".to_owned(), 7)])
         );
         assert!(counts_of("").is_empty());
+    }
+
+    #[test]
+    fn a_forward_with_a_name_that_is_no_label_or_a_port_asked_twice_is_left_out() {
+        let forward = |name: &str, port: u16, external: Option<u16>| Forward {
+            name: name.into(),
+            protocols: vec![Protocol::Tcp],
+            target: SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 50), port),
+            external,
+            gateway: None,
+        };
+        let kept = usable(vec![
+            forward("web", 80, None),
+            forward("x\" ; flush ruleset", 81, None),
+            forward("again", 80, None),
+            forward("fixed", 80, Some(51413)),
+            forward("zero", 0, None),
+        ]);
+        let names: Vec<&str> = kept.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(names, ["web", "fixed"]);
     }
 
     #[test]

@@ -192,7 +192,7 @@ impl Metrics {
         for (key, now) in counts {
             let before = last.get(key).copied().unwrap_or(0);
             // Lower than before: the table was written anew, its counters started from 0.
-            let new = if *now >= before { now - before } else { *now };
+            let new = now.checked_sub(before).unwrap_or(*now);
             let (name, protocol) = key.rsplit_once('/').unwrap_or((key, ""));
             self.inbound_connections
                 .get_or_create(&InboundLabels {
@@ -202,6 +202,14 @@ impl Metrics {
                 .inc_by(new);
         }
         last.clone_from(counts);
+    }
+
+    /// Forgets the inbound rules' last counts: their table was written anew, its counters
+    /// start from 0.
+    pub(crate) fn reset_inbound_counts(&self) {
+        if let Ok(mut last) = self.inbound_last.lock() {
+            last.clear();
+        }
     }
 
     /// Prometheus text format.

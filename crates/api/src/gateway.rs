@@ -101,6 +101,7 @@ pub struct VpnGatewaySpec {
     /// `cloak.dev/forwarded-ports`), in the ConfigMap `<gateway>-ports` and by an Event on every
     /// change.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
     pub ports: Vec<PortRequest>,
 }
 
@@ -108,13 +109,21 @@ pub struct VpnGatewaySpec {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PortRequest {
-    /// The request's name (a DNS label): its key in the ConfigMap and the status.
+    /// The request's name (a DNS label: lowercase letters, digits and `-`, at most 63): its
+    /// key in the ConfigMap and the status.
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub name: String,
     /// The Service, in the gateway's namespace, that connections to the forwarded port reach.
-    /// It needs a cluster IP (not headless).
+    /// It needs a cluster IP (not headless) and a selector: a Service without one sends to
+    /// whatever endpoints are written for it, which could be any address of the cluster.
+    #[schemars(length(min = 1, max = 63))]
     pub service: String,
     /// The Service's port connections reach (its `port`, a number). Absent: its first port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
     pub port: Option<u16>,
     /// `TCP`, `UDP` or `Both` (default).
     #[serde(default, skip_serializing_if = "PortProtocol::is_both")]
@@ -123,9 +132,10 @@ pub struct PortRequest {
     /// first), as picked in the provider's account page (AirVPN, Windscribe). Absent: each exit
     /// asks its tunnel's gateway for a port by NAT-PMP (ProtonVPN) and renews it.
     #[serde(default, rename = "static", skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16), inner(range(min = 1, max = 65535)))]
     pub static_ports: Vec<u16>,
-    /// The NAT-PMP gateway inside the tunnel. Absent: the tunnel's DNS server (ProtonVPN's
-    /// 10.2.0.1 is both).
+    /// The NAT-PMP gateway inside the tunnel. Absent: the tunnel address's `.1` (ProtonVPN's
+    /// 10.2.0.1 for its 10.2.0.2).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nat_pmp_gateway: Option<std::net::Ipv4Addr>,
 }

@@ -199,9 +199,14 @@ impl Gateway {
     }
 
     fn answer(&mut self, datagram: &[u8], from: SocketAddr) -> Option<Vec<u8>> {
+        // Only the provider's own clients, from inside their tunnels (never the internet).
         let SocketAddr::V4(from) = from else {
             return None;
         };
+        if from.ip().octets()[0] != 10 {
+            self.log(&format!("{from}: not a tunnel client, ignored"));
+            return None;
+        }
         let request = match Request::decode(datagram) {
             Ok(r) => r,
             Err(e) => {
@@ -227,14 +232,14 @@ impl Gateway {
                     client: *from.ip(),
                     internal: map.internal,
                 };
+                let port = self.port_for(key, map.external);
                 let (result, external, lifetime) = if refuse {
                     (ResultCode::NotAuthorized, 0, 0)
                 } else if map.lifetime == 0 {
                     self.mappings.remove(&key);
                     (ResultCode::Success, 0, 0)
-                } else {
+                } else if let Some(external) = port {
                     let lifetime = map.lifetime.min(MAX_LIFETIME);
-                    let external = self.port_for(key, map.external);
                     self.mappings.insert(
                         key,
                         Mapping {
@@ -243,6 +248,8 @@ impl Gateway {
                         },
                     );
                     (ResultCode::Success, external, lifetime)
+                } else {
+                    (ResultCode::OutOfResources, 0, 0)
                 };
                 Response::Map {
                     protocol: map.protocol,
@@ -259,12 +266,12 @@ impl Gateway {
     }
 
     /// The external port for `key`: the one it has, else the suggested one when free (and not
-    /// after a move), else the lowest free one.
-    fn port_for(&self, key: Key, suggested: u16) -> u16 {
+    /// after a move), else the lowest free one; `None` when none is free.
+    fn port_for(&self, key: Key, suggested: u16) -> Option<u16> {
         if let Some(m) = self.mappings.get(&key)
             && m.external != 0
         {
-            return m.external;
+            return Some(m.external);
         }
         let moved = self.mappings.get(&key).is_some_and(|m| m.external == 0);
         let taken = |port: u16| {
@@ -273,11 +280,9 @@ impl Gateway {
                 .any(|(k, m)| k.protocol == key.protocol && m.external == port && *k != key)
         };
         if suggested >= FIRST_PORT && !moved && !taken(suggested) {
-            return suggested;
+            return Some(suggested);
         }
-        (FIRST_PORT..=u16::MAX)
-            .find(|&p| !(taken(p) || (moved && p == suggested)))
-            .unwrap_or(FIRST_PORT)
+        (FIRST_PORT..=u16::MAX).find(|&p| !(taken(p) || (moved && p == suggested)))
     }
 
     /// The namespace's DNAT maps, when they changed.

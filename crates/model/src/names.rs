@@ -20,6 +20,17 @@ pub fn join(parts: &[&str]) -> String {
     format!("{prefix}-{hash}")
 }
 
+/// Whether `name` is a DNS label (RFC 1123: 1-63 lowercase letters, digits and `-`, neither
+/// first nor last a `-`): what can go into a key, a rule's comment or a file name as it is.
+pub fn is_dns_label(name: &str) -> bool {
+    (1..=63).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+}
+
 /// The reservation of slot `slot` of provider `provider` (a `Lease` in the provider's namespace).
 pub fn slot_lease(provider: &str, slot: u32) -> String {
     join(&["cloak-slot", provider, &slot.to_string()])
@@ -64,5 +75,25 @@ mod tests {
         assert!(x.len() <= MAX_NAME && y.len() <= MAX_NAME);
         assert_ne!(x, y);
         assert!(x.starts_with("cloak-slot-aaa"));
+    }
+
+    #[test]
+    fn dns_labels_are_told_from_what_could_break_a_key_or_a_rule() {
+        for good in ["web", "a", "torrent-1", &"x".repeat(63)] {
+            assert!(is_dns_label(good), "{good}");
+        }
+        for bad in [
+            "",
+            "-a",
+            "a-",
+            "A",
+            "a b",
+            "a\"",
+            "a\nflush ruleset",
+            "a.b",
+            &"x".repeat(64),
+        ] {
+            assert!(!is_dns_label(bad), "{bad:?}");
+        }
     }
 }

@@ -15,6 +15,9 @@ use std::{net::Ipv4Addr, time::Duration};
 
 /// The gateway's port.
 pub const PORT: u16 = 5351;
+/// The longest lifetime a client believes: a gateway granting more (up to `u32::MAX`, never
+/// renewed) is renewed as if it had granted this (the RFC's recommended 7200 s).
+pub const MAX_LIFETIME: u32 = 7200;
 /// The lifetime a client asks for (the RFC recommends 7200 s; ProtonVPN grants 60 s whatever
 /// is asked, and gluetun asks 60 s).
 pub const LIFETIME: u32 = 60;
@@ -300,8 +303,10 @@ impl Response {
                 },
                 Request::Map(m),
             ) => {
+                // A short error answer (its header alone) carries no internal port: read as 0.
                 *protocol == m.protocol
-                    && (*internal == m.internal || self.result() != ResultCode::Success)
+                    && (*internal == m.internal
+                        || (*internal == 0 && self.result() != ResultCode::Success))
             }
             _ => false,
         }

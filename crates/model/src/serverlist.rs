@@ -240,7 +240,34 @@ pub fn section_only(json: &[u8], provider: &str) -> Result<Vec<u8>, ListError> {
     if let Some(version) = root.get("version") {
         trimmed.insert("version", version);
     }
-    serde_json::to_vec(&trimmed).map_err(|e| ListError::Json(e.to_string()))
+    // gluetun's file is indented: the section's text is copied without the blanks between
+    // tokens, or a section that fits a ConfigMap compact would not as it is written.
+    let text = serde_json::to_string(&trimmed).map_err(|e| ListError::Json(e.to_string()))?;
+    Ok(compact(&text).into_bytes())
+}
+
+/// JSON text without the blanks between its tokens (strings kept as they are).
+fn compact(json: &str) -> String {
+    let mut out = String::with_capacity(json.len());
+    let (mut in_string, mut escaped) = (false, false);
+    for c in json.chars() {
+        if in_string {
+            out.push(c);
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                in_string = false;
+            }
+        } else if c == '"' {
+            in_string = true;
+            out.push(c);
+        } else if !c.is_ascii_whitespace() {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// gluetun's filters, in the order they narrow the list: the variable, its older name (still
@@ -627,6 +654,16 @@ mod tests {
                 ])
             )
             .is_ok()
+        );
+    }
+
+    #[test]
+    fn a_section_is_kept_without_the_files_indentation() {
+        let pretty = b"{\n  \"version\": 1,\n  \"mullvad\": {\n    \"version\": 4,\n    \"servers\": [\n      {\"hostname\": \"a b\\\" c\", \"ips\": [ \"192.0.2.1\" ]}\n    ]\n  },\n  \"ivpn\": {}\n}";
+        let trimmed = String::from_utf8(section_only(pretty, "mullvad").unwrap()).unwrap();
+        assert_eq!(
+            trimmed,
+            r#"{"mullvad":{"version":4,"servers":[{"hostname":"a b\" c","ips":["192.0.2.1"]}]},"version":1}"#
         );
     }
 

@@ -118,7 +118,8 @@ fn a_gluetun_secret_with_a_server_list_is_verified_natively_and_a_gateways_exits
     lab.apply(&gateway_yaml(name, 2));
     let _gateway = Gateway { lab, name };
     // Both exits carry traffic (their health is their own echo watch through the tunnel), each
-    // on its own server, with the one account address on both.
+    // on its own server; the Secret gives both the account's one address, which every server of
+    // the lab's gluetun provider accepts.
     let exits = healthy_exits(lab, name, 2, Duration::from_mins(3));
     let servers: Vec<u8> = exits
         .iter()

@@ -144,6 +144,46 @@ impl UdpFlows {
     }
 }
 
+/// An exit's `/metrics`, asked from its node with the gateway's admin token.
+fn exit_metrics(lab: &lab::TestLab, exit: &Value) -> String {
+    let token = lab.kubectl(&[
+        "-n",
+        DEMO_NAMESPACE,
+        "get",
+        "secret",
+        "egress-exit-admin",
+        "-o",
+        "go-template={{.data.token | base64decode}}",
+    ]);
+    let url = format!(
+        "http://{}:{}/metrics",
+        str_at(exit, "/podIp"),
+        cloak_model::exit::ADMIN_PORT
+    );
+    lab.exec_in(
+        &str_at(exit, "/node"),
+        &[
+            "curl",
+            "-s",
+            "-m",
+            "3",
+            "-H",
+            &format!("Authorization: Bearer {}", token.trim()),
+            &url,
+        ],
+    )
+    .unwrap()
+}
+
+/// The value of the first metric line starting with `line`; 0 without one.
+fn metric(metrics: &str, line: &str) -> u64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(line))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .unwrap_or(0)
+}
+
 fn provider_of(address: &str) -> &'static layout::Provider {
     layout::PROVIDERS
         .iter()
@@ -197,50 +237,22 @@ fn provider_forwarded_ports_reach_the_service_through_every_exit_follow_changes_
 
     // Each exit counts what it took and what it holds (its /metrics, with the gateway's token,
     // from its node).
-    let token = lab.kubectl(&[
-        "-n",
-        DEMO_NAMESPACE,
-        "get",
-        "secret",
-        "egress-exit-admin",
-        "-o",
-        "go-template={{.data.token | base64decode}}",
-    ]);
     for exit in gateway(lab)["status"]["exits"].as_array().unwrap() {
-        let url = format!(
-            "http://{}:{}/metrics",
-            str_at(exit, "/podIp"),
-            cloak_model::exit::ADMIN_PORT
-        );
-        let node = str_at(exit, "/node");
-        let metrics = lab
-            .exec_in(
-                &node,
-                &[
-                    "curl",
-                    "-s",
-                    "-m",
-                    "3",
-                    "-H",
-                    &format!("Authorization: Bearer {}", token.trim()),
-                    &url,
-                ],
-            )
-            .unwrap();
-        let value = |line: &str| {
-            metrics
-                .lines()
-                .find(|l| l.starts_with(line))
-                .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-                .unwrap_or(0)
-        };
+        let metrics = exit_metrics(lab, exit);
         assert!(
-            value("cloak_agent_inbound_connections_total{name=\"http\",protocol=\"tcp\"}") >= 1,
+            metric(
+                &metrics,
+                "cloak_agent_inbound_connections_total{name=\"http\",protocol=\"tcp\"}"
+            ) >= 1,
             "{metrics}"
         );
-        assert_eq!(value("cloak_agent_inbound_mappings "), 2, "{metrics}");
+        assert_eq!(
+            metric(&metrics, "cloak_agent_inbound_mappings "),
+            2,
+            "{metrics}"
+        );
         assert!(
-            value("cloak_agent_inbound_renewals_total") >= 2,
+            metric(&metrics, "cloak_agent_inbound_renewals_total") >= 2,
             "{metrics}"
         );
     }
@@ -255,6 +267,18 @@ fn provider_forwarded_ports_reach_the_service_through_every_exit_follow_changes_
         assert!(annotation.contains(&http), "{annotation}");
         let echo = format!("{address}:{}/udp", port_of(ports, "echo/UDP"));
         assert!(str_at(&cm, "/data/echo").contains(&echo), "{cm}");
+    }
+
+    // Only what comes by the tunnel is sent on: the Service's port on the exit pod's own
+    // address (the pod network) leads nowhere.
+    for exit in gateway(lab)["status"]["exits"].as_array().unwrap() {
+        let url = format!("http://{}:80/", str_at(exit, "/podIp"));
+        let node = str_at(exit, "/node");
+        assert!(
+            lab.exec_in(&node, &["curl", "-s", "-m", "3", &url])
+                .is_err(),
+            "the exit's pod address sent port 80 on: {exit}"
+        );
     }
 
     // Nothing is open on a node's uplink: the same port on a node's address is closed.
@@ -350,6 +374,19 @@ fn provider_forwarded_ports_reach_the_service_through_every_exit_follow_changes_
             }
         },
     );
+    // The exit saw its gateway's epoch go back (not only its regular renewal).
+    let lost_exit = gateway(lab)["status"]["exits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| str_at(e, "/publicAddress") == address)
+        .cloned()
+        .unwrap();
+    let resets = metric(
+        &exit_metrics(lab, &lost_exit),
+        "cloak_agent_inbound_epoch_resets_total",
+    );
+    assert!(resets >= 1, "no epoch reset seen by the exit");
     let still = eventually(
         "the exit carries its ports again",
         Duration::from_secs(30),

@@ -179,7 +179,15 @@ pub(crate) async fn reconcile(
         };
         if gateway.meta().deletion_timestamp.is_some() {
             // Its masks, pods and ConfigMap are its dependents: the garbage collector removes
-            // them, each mask releasing its slot once its pod is gone.
+            // them, each mask releasing its slot once its pod is gone. What it wrote on its
+            // Services (not its own) it clears first.
+            if gateway
+                .finalizers()
+                .iter()
+                .any(|f| f == super::inbound::FINALIZER)
+            {
+                super::inbound::finalize(gateway, &ctx).await?;
+            }
             return Ok(Action::await_change());
         }
         // The schema refuses a /0; a gateway stored before it did is refused here.
@@ -288,7 +296,7 @@ async fn apply(gateway: &VpnGateway, ctx: &Context) -> Result<Action> {
     };
     let dns = gateway.spec.dns.as_ref();
     let drain_grace = drain_grace(gateway);
-    let (ports, port_problems) = if gateway.spec.ports.is_empty() {
+    let (ports, mut port_problems) = if gateway.spec.ports.is_empty() {
         (Vec::new(), Vec::new())
     } else {
         super::inbound::resolve(gateway, ctx).await?
@@ -593,10 +601,21 @@ async fn apply(gateway: &VpnGateway, ctx: &Context) -> Result<Action> {
             },
         });
     }
-    if !ports.is_empty() || previous.exits.iter().any(|e| !e.ports.is_empty()) {
-        super::inbound::publish_ports(gateway, ctx, &ports, &exits, &previous).await?;
+    let has_finalizer = gateway
+        .finalizers()
+        .iter()
+        .any(|f| f == super::inbound::FINALIZER);
+    if !gateway.spec.ports.is_empty() || has_finalizer {
+        // Before anything is written on a Service, so that it is cleared when the gateway goes.
+        super::inbound::set_finalizer(gateway, ctx, true).await?;
+        port_problems
+            .extend(super::inbound::publish_ports(gateway, ctx, &ports, &exits, &previous).await?);
         // Within one renewal (NAT-PMP's is 30 s) of a change.
         next_check = next_check.min(PORTS_CHECK);
+        if gateway.spec.ports.is_empty() {
+            // Everything cleared by the publish above.
+            super::inbound::set_finalizer(gateway, ctx, false).await?;
+        }
     }
     let healthy = u32::try_from(
         exits

@@ -1,6 +1,7 @@
 //! A gateway's inbound ports (`spec.ports`): each request resolved to its Service's cluster
-//! address (only a Service of the gateway's own namespace: a tenant cannot point a request at
-//! another's), told to every exit's agent, and what the exits' providers forward published
+//! address (only a Service of the gateway's own namespace, with a selector: a request cannot
+//! name another tenant's Service, nor one whose hand-written endpoints point anywhere), told
+//! to every exit's agent, and what the exits' providers forward published
 //! where applications and people read it: the gateway's status (per exit), an annotation on
 //! the Service, the ConfigMap `<gateway>-ports`, and an Event on every change.
 
@@ -24,6 +25,12 @@ pub(crate) const ANNOTATION: &str = "cloak.dev/forwarded-ports";
 
 /// The annotation on `<gateway>-ports` naming the Services annotated from it.
 const SERVICES: &str = "cloak.dev/services";
+/// The annotation on a Service naming the gateway that publishes its forwarded ports: one
+/// gateway a Service, and only that one clears it.
+pub(crate) const PUBLISHER: &str = "cloak.dev/forwarded-by";
+/// The gateway's finalizer while it has published ports: its Services' annotations are cleared
+/// before it goes.
+pub(crate) const FINALIZER: &str = "cloak.dev/forwarded-ports";
 
 /// A request with the address it reaches.
 #[derive(Debug, Clone)]
@@ -54,9 +61,25 @@ pub(crate) async fn resolve(
     let services: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
     let (mut resolved, mut problems) = (Vec::new(), Vec::new());
     let mut names = std::collections::BTreeSet::new();
+    // (protocol, internal port): NAT-PMP maps one internal port once, and the exit's rules
+    // tell requests apart by it.
+    let mut internal = std::collections::BTreeSet::new();
     for request in &gateway.spec.ports {
+        // The schema says so; an object stored before it did is refused here. The name is a
+        // ConfigMap key and part of the exit's rules.
+        if !cloak_model::names::is_dns_label(&request.name) {
+            problems.push(format!(
+                "port {:?}: the name must be a DNS label (lowercase letters, digits, '-')",
+                request.name
+            ));
+            continue;
+        }
         if !names.insert(request.name.as_str()) {
             problems.push(format!("port {}: the name is used twice", request.name));
+            continue;
+        }
+        if request.port == Some(0) || request.static_ports.contains(&0) {
+            problems.push(format!("port {}: port 0 is not a port", request.name));
             continue;
         }
         let Some(service) = services.get_opt(&request.service).await? else {
@@ -67,6 +90,17 @@ pub(crate) async fn resolve(
             continue;
         };
         let spec = service.spec.unwrap_or_default();
+        // Without a selector a Service sends to whatever endpoints are written for it: any
+        // address of the cluster (a node's kubelet) would be opened to the internet.
+        if spec.selector.as_ref().is_none_or(BTreeMap::is_empty)
+            || spec.type_.as_deref() == Some("ExternalName")
+        {
+            problems.push(format!(
+                "port {}: Service {} has no selector (its endpoints could be any address)",
+                request.name, request.service
+            ));
+            continue;
+        }
         let ip = spec
             .cluster_ip
             .as_deref()
@@ -94,6 +128,32 @@ pub(crate) async fn resolve(
             ));
             continue;
         };
+        // A static port arrives as it is; a dynamic one on the Service's port number.
+        let keys: Vec<(Protocol, u16)> = if request.static_ports.is_empty() {
+            protocols(request.protocol)
+                .into_iter()
+                .map(|p| (p, port))
+                .collect()
+        } else {
+            request
+                .static_ports
+                .iter()
+                .flat_map(|s| {
+                    protocols(request.protocol)
+                        .into_iter()
+                        .map(move |p| (p, *s))
+                })
+                .collect()
+        };
+        if let Some((protocol, port)) = keys.iter().find(|key| internal.contains(*key)) {
+            problems.push(format!(
+                "port {}: {port}/{} is asked for by another request already",
+                request.name,
+                protocol.as_str()
+            ));
+            continue;
+        }
+        internal.extend(keys);
         resolved.push(Resolved {
             request: request.clone(),
             target: SocketAddrV4::new(ip, port),
@@ -149,7 +209,8 @@ pub(crate) async fn publish_ports(
     resolved: &[Resolved],
     exits: &[ExitStatus],
     previous: &VpnGatewayStatus,
-) -> Result<()> {
+) -> Result<Vec<String>> {
+    let mut problems = Vec::new();
     let ns = gateway.namespace().unwrap_or_default();
     let name = gateway.name_any();
     let mut data = BTreeMap::new();
@@ -187,19 +248,36 @@ pub(crate) async fn publish_ports(
     }
     let owner = kube::Resource::controller_owner_ref(gateway, &());
     let maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
+    let existing = maps.get_opt(&config_map_name(&name)).await?;
+    // Somebody else's ConfigMap of that name is left alone.
+    let uid = gateway.uid().unwrap_or_default();
+    if let Some(other) = existing
+        .as_ref()
+        .filter(|m| !m.owner_references().iter().any(|o| o.uid == uid))
+    {
+        problems.push(format!(
+            "ConfigMap {ns}/{} exists and is not this gateway's: the forwarded ports are not published there",
+            other.name_any()
+        ));
+        return Ok(problems);
+    }
     // The Services annotated last time: one no request names now loses the annotation.
-    let annotated_before: Vec<String> = maps
-        .get_opt(&config_map_name(&name))
-        .await?
-        .and_then(|m| m.annotations().get(SERVICES).cloned())
-        .map(|s| {
-            s.split(',')
-                .filter(|s| !s.is_empty())
-                .map(str::to_owned)
-                .collect()
-        })
-        .unwrap_or_default();
-    let services_now: Vec<&str> = per_service.keys().copied().collect();
+    let annotated_before = annotated_services(existing.as_ref());
+    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
+    // A Service another gateway publishes to is left to it.
+    let mut services_now: Vec<&str> = Vec::new();
+    for service in per_service.keys() {
+        let publisher = services
+            .get_opt(service)
+            .await?
+            .and_then(|s| s.annotations().get(PUBLISHER).cloned());
+        match publisher {
+            Some(other) if other != name => problems.push(format!(
+                "Service {service}: its forwarded ports are published by gateway {other}"
+            )),
+            _ => services_now.push(service),
+        }
+    }
     let map = ConfigMap {
         metadata: ObjectMeta {
             name: Some(config_map_name(&name)),
@@ -224,34 +302,97 @@ pub(crate) async fn publish_ports(
         &Patch::Apply(&map),
     )
     .await?;
-    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
     for gone in annotated_before
         .iter()
         .filter(|s| !services_now.contains(&s.as_str()))
     {
-        if let Some(current) = services.get_opt(gone).await?
-            && current.annotations().contains_key(ANNOTATION)
-        {
-            let patch = serde_json::json!({"metadata": {"annotations": {ANNOTATION: null}}});
-            services
-                .patch(gone, &PatchParams::default(), &Patch::Merge(&patch))
-                .await?;
-        }
+        clear_service(&services, gone, &name).await?;
     }
     for (service, mut addresses) in per_service {
+        if !services_now.contains(&service) {
+            continue;
+        }
         addresses.sort();
         let value = addresses.join(" ");
         let Some(current) = services.get_opt(service).await? else {
             continue;
         };
-        if current.annotations().get(ANNOTATION) == Some(&value) {
+        if current.annotations().get(ANNOTATION) == Some(&value)
+            && current.annotations().get(PUBLISHER) == Some(&name)
+        {
             continue;
         }
-        let patch = serde_json::json!({"metadata": {"annotations": {ANNOTATION: value}}});
+        let patch =
+            serde_json::json!({"metadata": {"annotations": {ANNOTATION: value, PUBLISHER: name}}});
         services
             .patch(service, &PatchParams::default(), &Patch::Merge(&patch))
             .await?;
     }
+    Ok(problems)
+}
+
+/// The Services a gateway's `<gateway>-ports` says it annotated.
+fn annotated_services(map: Option<&ConfigMap>) -> Vec<String> {
+    map.and_then(|m| m.annotations().get(SERVICES).cloned())
+        .map(|s| {
+            s.split(',')
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Removes gateway `gateway`'s annotations from Service `service` (not another gateway's).
+async fn clear_service(services: &Api<Service>, service: &str, gateway: &str) -> Result<()> {
+    if let Some(current) = services.get_opt(service).await?
+        && current.annotations().get(PUBLISHER).map(String::as_str) == Some(gateway)
+    {
+        let patch =
+            serde_json::json!({"metadata": {"annotations": {ANNOTATION: null, PUBLISHER: null}}});
+        services
+            .patch(service, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+    }
+    Ok(())
+}
+
+/// A gateway going away: its Services' annotations are cleared, then its finalizer removed.
+pub(crate) async fn finalize(gateway: &VpnGateway, ctx: &Context) -> Result<()> {
+    let ns = gateway.namespace().unwrap_or_default();
+    let name = gateway.name_any();
+    let maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
+    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
+    let existing = maps.get_opt(&config_map_name(&name)).await?;
+    for service in annotated_services(existing.as_ref()) {
+        clear_service(&services, &service, &name).await?;
+    }
+    set_finalizer(gateway, ctx, false).await
+}
+
+/// Adds (`on`) or removes the gateway's [`FINALIZER`] when it is not so already. The list is
+/// written with the gateway's resourceVersion: a concurrent change makes it fail and retry.
+pub(crate) async fn set_finalizer(gateway: &VpnGateway, ctx: &Context, on: bool) -> Result<()> {
+    let mut finalizers = gateway.finalizers().to_vec();
+    if finalizers.iter().any(|f| f == FINALIZER) == on {
+        return Ok(());
+    }
+    if on {
+        finalizers.push(FINALIZER.to_owned());
+    } else {
+        finalizers.retain(|f| f != FINALIZER);
+    }
+    let patch = serde_json::json!({"metadata": {
+        "finalizers": finalizers,
+        "resourceVersion": gateway.resource_version(),
+    }});
+    Api::<VpnGateway>::namespaced(ctx.client.clone(), &gateway.namespace().unwrap_or_default())
+        .patch(
+            &gateway.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?;
     Ok(())
 }
 
