@@ -453,6 +453,14 @@ fn provider_forwarded_ports_reach_the_service_through_every_exit_follow_changes_
         },
     );
     let seen = k8s_openapi::jiff::Timestamp::now();
+    if published_after > Duration::from_secs(3) {
+        // Slower than its target: what the exit did meanwhile.
+        eprintln!(
+            "{}",
+            lab.try_kubectl(&["-n", DEMO_NAMESPACE, "logs", &other_name])
+                .unwrap_or_default()
+        );
+    }
     let flows = flows.results();
     for ((a, _), (answered, gap)) in echo_ports.iter().zip(&flows) {
         if *a == other_address {
