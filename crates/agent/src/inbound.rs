@@ -79,14 +79,9 @@ pub type Rule = (String, Protocol, u16, u16, SocketAddrV4);
 /// The connections each inbound rule has taken, by `<name>/<protocol>` (its counter: the nat
 /// chain sees the first packet of a connection only). Empty without the table.
 pub fn connection_counts() -> BTreeMap<String, u64> {
-    let Ok(out) = std::process::Command::new("nft")
-        .args(["-j", "list", "chain", "inet", TABLE, "prerouting"])
-        .stderr(std::process::Stdio::null())
-        .output()
-    else {
-        return BTreeMap::new();
-    };
-    counts_of(&String::from_utf8_lossy(&out.stdout))
+    cloak_dataplane::nft_list_json(&["chain", "inet", TABLE, "prerouting"])
+        .map(|json| counts_of(&json))
+        .unwrap_or_default()
 }
 
 /// [`connection_counts`] from `nft -j` output (pure).
@@ -352,6 +347,7 @@ pub async fn follow(
     metrics: Arc<Metrics>,
 ) {
     let mut leases: BTreeMap<(String, Protocol), Lease> = BTreeMap::new();
+    let mut releasing: BTreeMap<(String, Protocol), Lease> = BTreeMap::new();
     let mut epochs: BTreeMap<Ipv4Addr, Epoch> = BTreeMap::new();
     let mut applied: Option<String> = None;
     let mut reconnects = status.borrow().reconnects;
@@ -388,12 +384,25 @@ pub async fn follow(
             .filter(|k| !keep.contains(k))
             .cloned()
             .collect();
+        // Released once the tunnel carries the request (a mapping still alive at the
+        // provider would otherwise forward to this exit until it lapses).
         for key in gone {
             if let Some(lease) = leases.remove(&key)
                 && lease.dynamic
                 && lease.external != 0
-                && let (Some(socket), Some(address)) = (&socket, address)
+                && lease.expires.is_some_and(|e| e > Instant::now())
             {
+                releasing.insert(key, lease);
+            }
+        }
+        releasing.retain(|_, l| l.expires.is_some_and(|e| e > Instant::now()));
+        let pending: Vec<((String, Protocol), Lease)> = if socket.is_some() {
+            std::mem::take(&mut releasing).into_iter().collect()
+        } else {
+            Vec::new()
+        };
+        for (key, lease) in pending {
+            if let (Some(socket), Some(address)) = (&socket, address) {
                 let gateway = lease.gateway.unwrap_or_else(|| default_gateway(address));
                 let mut source = NatPmp {
                     socket,

@@ -244,7 +244,8 @@ fn the_chart_installs_two_ready_replicas_rolls_out_an_upgrade_hands_leadership_o
             "gw-beta",
             "ovpn-gamma",
             "wg-alpha",
-            "wg-beta"
+            "wg-beta",
+            "wg-delta"
         ]
     );
 

@@ -30,6 +30,13 @@ pub use firewall::{Firewall, FirewallPolicy};
 pub fn nft(script: &str) -> Result<(), Error> {
     command::run("nft", &["-f", "-"], Some(script.as_bytes())).map(drop)
 }
+
+/// `nft -j list <what>` in the calling thread's network namespace: the JSON listing.
+pub fn nft_list_json(what: &[&str]) -> Result<String, Error> {
+    let mut args = vec!["-j", "list"];
+    args.extend_from_slice(what);
+    command::run("nft", &args, None)
+}
 pub use routes::{RouteSet, Routes};
 pub use secret::{Key, Secret};
 pub use tunnel::{

@@ -185,6 +185,9 @@ where
         mut shutdown: watch::Receiver<bool>,
     ) {
         let mut next = read(&mut config);
+        // The config the tunnel runs with: a change of the exit's inbound ports alone leaves
+        // it running (`crate::inbound` follows those).
+        let mut running: Option<Arc<Resolved>> = None;
         loop {
             if *shutdown.borrow() {
                 // The tunnel (held by the state) closes before the block-all below.
@@ -195,10 +198,12 @@ where
                 Transition::Stop => break,
                 Transition::Stay(state) => state,
                 Transition::Block(reason) => {
+                    running = None;
                     blocked::enter(&mut self, &reason);
                     State::Blocked
                 }
                 Transition::Connect { cfg, failures } => {
+                    running = Some(Arc::clone(&cfg));
                     // Resolving names takes time: a config change or the shutdown cuts it short.
                     let entered = tokio::select! {
                         entered = Connecting::enter(&mut self, Arc::clone(&cfg), failures) => entered,
@@ -240,8 +245,17 @@ where
                     State::Connected(c) => (*c).on_tick(&mut self).await,
                     State::Reconnecting(r) => r.on_tick(),
                 },
-                // The state (and its tunnel) is dropped before the next one is entered.
-                () = changed(&mut config) => read(&mut config),
+                // The state (and its tunnel) is dropped before the next one is entered, unless
+                // only the exit's inbound ports changed.
+                () = changed(&mut config) => {
+                    let fresh = config.borrow().clone();
+                    match (&fresh, &running) {
+                        (Ok(new), Some(old)) if new != old && same_but_inbound(new, old) => {
+                            Transition::Stay(state)
+                        }
+                        _ => read(&mut config),
+                    }
+                }
                 _ = shutdown.changed() => Transition::Stop,
             };
         }
@@ -441,6 +455,19 @@ fn read(config: &mut watch::Receiver<ConfigResult>) -> Transition {
         Err(e) => Transition::Block(format!("config: {e}")),
         Ok(cfg) => Transition::Connect { cfg, failures: 0 },
     }
+}
+
+/// Whether two configs differ in the exit's inbound ports (`exit.forwards`) at most: the
+/// tunnel need not be made again for those.
+fn same_but_inbound(a: &Resolved, b: &Resolved) -> bool {
+    let strip = |r: &Resolved| {
+        let mut r = r.clone();
+        if let Some(exit) = r.exit.as_mut() {
+            exit.forwards.clear();
+        }
+        r
+    };
+    strip(a) == strip(b)
 }
 
 /// A change of the config. Once its sender is gone no change can come, which is not a change:

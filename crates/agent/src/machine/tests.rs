@@ -409,6 +409,48 @@ async fn a_config_change_reconnects_at_once_and_a_broken_one_blocks() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn an_exit_whose_inbound_ports_alone_change_keeps_its_tunnel() {
+    let exit = Resolved {
+        exit: Some(exit_role()),
+        ..resolved()
+    };
+    let mut rig = start(Ok(Arc::new(exit.clone())));
+    rig.set_tunnel(TunnelState::Up, Some(1));
+    rig.wait_phase(Phase::Connected).await;
+    let mut ports = exit.clone();
+    if let Some(role) = ports.exit.as_mut() {
+        role.forwards.push(crate::config::Forward {
+            name: "web".into(),
+            protocols: vec![cloak_model::natpmp::Protocol::Tcp],
+            target: "10.96.0.50:80".parse().unwrap(),
+            external: None,
+            gateway: None,
+        });
+    }
+    rig.config.send(Ok(Arc::new(ports))).unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        rig.driver.inner.lock().unwrap().opened.len(),
+        1,
+        "reconnected"
+    );
+    assert_eq!(rig.status.borrow().phase, Phase::Connected);
+    // Anything else that changes is a new connection, as before.
+    let other = Resolved {
+        exit: Some(crate::config::ExitRole {
+            mss: 1200,
+            ..exit_role()
+        }),
+        ..resolved()
+    };
+    rig.config.send(Ok(Arc::new(other))).unwrap();
+    rig.wait_phase(Phase::Connecting).await;
+    rig.wait_phase(Phase::Connected).await;
+    assert_eq!(rig.driver.inner.lock().unwrap().opened.len(), 2);
+    rig.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_tunnel_that_cannot_open_is_retried() {
     let rig = start(Ok(Arc::new(resolved())));
     rig.driver.inner.lock().unwrap().fail_open = Some("creating ck0: permission denied".into());

@@ -19,18 +19,23 @@ struct Ports<'a> {
     lab: &'a lab::TestLab,
 }
 
+/// Removes `spec.ports` from the example gateway.
+fn clear_ports(lab: &lab::TestLab) -> Result<String, String> {
+    lab.try_kubectl(&[
+        "-n",
+        DEMO_NAMESPACE,
+        "patch",
+        "vpngateway",
+        GATEWAY,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"ports":null}}"#,
+    ])
+}
+
 impl Drop for Ports<'_> {
     fn drop(&mut self) {
-        let _ = self.lab.try_kubectl(&[
-            "-n",
-            DEMO_NAMESPACE,
-            "patch",
-            "vpngateway",
-            GATEWAY,
-            "--type=merge",
-            "-p",
-            r#"{"spec":{"ports":null}}"#,
-        ]);
+        let _ = clear_ports(self.lab);
         for p in layout::PROVIDERS.iter().filter(|p| !p.gluetun) {
             let _ = natpmp::control(&self.lab.lab, p, natpmp::Control::default());
         }
@@ -492,16 +497,7 @@ fn provider_forwarded_ports_reach_the_service_through_every_exit_follow_changes_
 
     // The request removed: the exits release their mappings (the fake gateway sees lifetime 0).
     let lines_before = std::fs::read_to_string(&log).unwrap().lines().count();
-    lab.kubectl(&[
-        "-n",
-        DEMO_NAMESPACE,
-        "patch",
-        "vpngateway",
-        GATEWAY,
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"ports":null}}"#,
-    ]);
+    clear_ports(lab).unwrap();
     eventually("the mappings released", Duration::from_mins(2), || {
         let text = std::fs::read_to_string(&log).unwrap();
         let released = text
