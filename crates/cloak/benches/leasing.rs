@@ -21,7 +21,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use cloak_testkit::ControlPlane;
+use cloak_testkit::{ControlPlane, rss_mib};
 use futures::StreamExt;
 use k8s_openapi::{
     ByteString,
@@ -46,21 +46,6 @@ async fn apiserver_requests(client: &Client) -> f64 {
         .filter(|l| l.starts_with("apiserver_request_total{"))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
-}
-
-/// (VmRSS, VmHWM) of `pid` in MiB.
-fn rss_mib(pid: u32) -> (f64, f64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kib = |key: &str| -> f64 {
-        status
-            .lines()
-            .find(|l| l.starts_with(key))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .unwrap()
-            .parse::<f64>()
-            .unwrap()
-    };
-    (kib("VmRSS:") / 1024.0, kib("VmHWM:") / 1024.0)
 }
 
 /// Creates masks `from..to`, 16 at a time; returns how many requests that took.

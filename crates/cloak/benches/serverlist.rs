@@ -25,7 +25,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use cloak_testkit::ControlPlane;
+use cloak_testkit::{ControlPlane, rss_mib};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
 use kube::{Api, Client, api::PostParams};
 use serde_json::{Value, json};
@@ -35,21 +35,6 @@ const SERVERS: usize = 1000;
 /// OpenVPN servers of other providers in the whole file, to reach gluetun's file's size.
 const OTHERS: usize = 9000;
 const RUNS: usize = 5;
-
-/// (VmRSS, VmHWM) of `pid` in MiB.
-fn rss_mib(pid: u32) -> (f64, f64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kib = |key: &str| -> f64 {
-        status
-            .lines()
-            .find(|l| l.starts_with(key))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .unwrap()
-            .parse::<f64>()
-            .unwrap()
-    };
-    (kib("VmRSS:") / 1024.0, kib("VmHWM:") / 1024.0)
-}
 
 /// A list in gluetun's format: `mullvad` with `SERVERS` WireGuard servers in 40 cities,
 /// and, when `others`, sections of other providers with `OTHERS` OpenVPN servers between them.

@@ -44,3 +44,18 @@ pub fn repo_path(relative: &str) -> std::path::PathBuf {
     );
     manifest_dir.join("../..").join(relative)
 }
+
+/// (VmRSS, VmHWM) of process `pid` in MiB (0 when it cannot be read): what the benchmarks
+/// report for a process of their own.
+pub fn rss_mib(pid: u32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib = |key: &str| -> f64 {
+        status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (kib("VmRSS:") / 1024.0, kib("VmHWM:") / 1024.0)
+}
