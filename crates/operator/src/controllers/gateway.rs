@@ -610,8 +610,27 @@ async fn apply(gateway: &VpnGateway, ctx: &Context) -> Result<Action> {
         super::inbound::set_finalizer(gateway, ctx, true).await?;
         port_problems
             .extend(super::inbound::publish_ports(gateway, ctx, &ports, &exits, &previous).await?);
-        // Within one renewal (NAT-PMP's is 30 s) of a change.
+        // Within one renewal (NAT-PMP's is 30 s) of a change; a healthy exit still waiting
+        // for its ports (just started: its requests follow its tunnel) is asked again soon.
         next_check = next_check.min(PORTS_CHECK);
+        let waiting = exits.iter().any(|e| {
+            let Some(index) = wanted.iter().position(|w| *w == e.name) else {
+                return false;
+            };
+            let asked: usize = super::inbound::forwards_for(&ports, index)
+                .iter()
+                .map(|f| f.protocols.len())
+                .sum();
+            // Only for its first half minute: one whose provider refuses is not asked twice a
+            // second for ever.
+            let fresh = e.since.as_ref().is_some_and(|t| {
+                k8s_openapi::jiff::Timestamp::now().as_second() - t.0.as_second() < 30
+            });
+            e.health == ExitHealth::Healthy && fresh && e.ports.len() < asked
+        });
+        if waiting {
+            next_check = next_check.min(PORTS_SOON);
+        }
         if gateway.spec.ports.is_empty() {
             // Everything cleared by the publish above.
             super::inbound::set_finalizer(gateway, ctx, false).await?;
@@ -785,6 +804,8 @@ fn drain_grace(gateway: &VpnGateway) -> Duration {
 /// How often a gateway with inbound ports asks its exits what is forwarded (NAT-PMP renews
 /// every 30 s).
 const PORTS_CHECK: Duration = Duration::from_secs(5);
+/// How soon a healthy exit that has not said its ports yet is asked again.
+const PORTS_SOON: Duration = Duration::from_millis(500);
 
 /// An exit's agent's status answer (the public address its probe saw the tunnel leave with,
 /// its forwarded ports), from the agent's admin server. `None` when it cannot tell within a
