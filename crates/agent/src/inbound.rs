@@ -241,6 +241,26 @@ pub struct NatPmp<'a> {
     pub clock: Instant,
 }
 
+impl<'a> NatPmp<'a> {
+    /// The source for `lease` from the tunnel address `address`: its gateway (or the
+    /// address's `.1`), with the epoch that gateway said last.
+    fn of(
+        socket: &'a UdpSocket,
+        address: Ipv4Addr,
+        lease: &Lease,
+        epochs: &'a mut BTreeMap<Ipv4Addr, Epoch>,
+        clock: Instant,
+    ) -> Self {
+        let gateway = lease.gateway.unwrap_or_else(|| default_gateway(address));
+        Self {
+            socket,
+            gateway,
+            epoch: epochs.entry(gateway).or_default(),
+            clock,
+        }
+    }
+}
+
 impl PortSource for NatPmp<'_> {
     async fn map(
         &mut self,
@@ -403,13 +423,7 @@ pub async fn follow(
         };
         for (key, lease) in pending {
             if let (Some(socket), Some(address)) = (&socket, address) {
-                let gateway = lease.gateway.unwrap_or_else(|| default_gateway(address));
-                let mut source = NatPmp {
-                    socket,
-                    gateway,
-                    epoch: epochs.entry(gateway).or_default(),
-                    clock: start,
-                };
+                let mut source = NatPmp::of(socket, address, &lease, &mut epochs, start);
                 match source.release(key.1, lease.internal).await {
                     Ok(()) => {
                         tracing::info!(name = %key.0, protocol = ?key.1, "inbound port released");
@@ -463,13 +477,8 @@ pub async fn follow(
                         .expires
                         .map_or(FIRST_LIMIT, |e| e.saturating_duration_since(Instant::now()))
                         .clamp(Duration::from_secs(1), FIRST_LIMIT);
-                    let gateway = lease.gateway.unwrap_or_else(|| default_gateway(address));
-                    let mut source = NatPmp {
-                        socket,
-                        gateway,
-                        epoch: epochs.entry(gateway).or_default(),
-                        clock: start,
-                    };
+                    let mut source = NatPmp::of(socket, address, &lease, &mut epochs, start);
+                    let gateway = source.gateway;
                     let grant = source
                         .map(key.1, lease.internal, lease.external, limit)
                         .await;

@@ -266,11 +266,15 @@ pub(crate) async fn publish_ports(
     let services: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
     // A Service another gateway publishes to is left to it.
     let mut services_now: Vec<&str> = Vec::new();
+    let mut found: BTreeMap<&str, Service> = BTreeMap::new();
     for service in per_service.keys() {
-        let publisher = services
-            .get_opt(service)
-            .await?
+        let current = services.get_opt(service).await?;
+        let publisher = current
+            .as_ref()
             .and_then(|s| s.annotations().get(PUBLISHER).cloned());
+        if let Some(current) = current {
+            found.insert(service, current);
+        }
         match publisher {
             Some(other) if other != name => problems.push(format!(
                 "Service {service}: its forwarded ports are published by gateway {other}"
@@ -314,7 +318,8 @@ pub(crate) async fn publish_ports(
         }
         addresses.sort();
         let value = addresses.join(" ");
-        let Some(current) = services.get_opt(service).await? else {
+        // As read above: one read of each Service a reconcile.
+        let Some(current) = found.get(service) else {
             continue;
         };
         if current.annotations().get(ANNOTATION) == Some(&value)
