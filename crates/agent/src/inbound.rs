@@ -6,7 +6,8 @@
 //!   `0.0.0.0` would lose its answer to policy routing), renewed at half its lifetime suggesting
 //!   the port it had, asked again at once for every mapping when the gateway's epoch says it
 //!   lost them, and after every reconnect. Retransmissions double from 250 ms, bounded by what
-//!   is left of the lease. A request removed from the config is released (lifetime 0).
+//!   is left of the lease. A request removed from the config is released (lifetime 0), again
+//!   until the provider answers or the mapping has lapsed.
 //! - Connections arriving on the tunnel for a mapped port (its internal port, or its external
 //!   one: ProtonVPN forwards the external port number as it is) are sent to the Service's
 //!   cluster address, their source masqueraded to the exit's pod address, so their replies come
@@ -36,6 +37,9 @@ use crate::{
 pub const TABLE: &str = "cloak_inbound";
 /// A failed request is tried again after this long.
 const RETRY: Duration = Duration::from_secs(10);
+/// A release the provider did not answer is sent again after this long, while the mapping may
+/// still live there.
+const RELEASE_RETRY: Duration = Duration::from_secs(1);
 /// How long a first request may take in all (there is no lease to bound it yet).
 const FIRST_LIMIT: Duration = Duration::from_secs(8);
 
@@ -428,7 +432,12 @@ pub async fn follow(
                     Ok(()) => {
                         tracing::info!(name = %key.0, protocol = ?key.1, "inbound port released");
                     }
-                    Err(e) => tracing::warn!(name = %key.0, %e, "releasing an inbound port"),
+                    // Asked again (while the mapping may still live at the provider) until
+                    // the provider answers.
+                    Err(e) => {
+                        tracing::warn!(name = %key.0, protocol = ?key.1, %e, "releasing an inbound port; trying again");
+                        releasing.insert(key, lease);
+                    }
                 }
             }
         }
@@ -584,11 +593,13 @@ pub async fn follow(
             }
         });
 
-        // While the tunnel is down, only a change wakes it.
+        // While the tunnel is down, only a change wakes it; a release that failed is tried
+        // again after `RELEASE_RETRY`.
         let next = leases
             .values()
             .filter(|l| l.dynamic && connected)
             .map(|l| l.due)
+            .chain((connected && !releasing.is_empty()).then(|| Instant::now() + RELEASE_RETRY))
             .min()
             .map_or(Duration::from_mins(1), |d| {
                 d.saturating_duration_since(Instant::now())

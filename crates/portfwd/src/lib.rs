@@ -483,6 +483,18 @@ pub async fn run(
                     }
                     Err(e) => {
                         metrics.failures.inc();
+                        // A delta that failed on rules changed outside cloak (a flushed table)
+                        // is that drift, noticed by the load before the resync could.
+                        if !full
+                            && let Some((_, Some(expected))) = applied.as_ref()
+                            && let Some(now) = config.executor.read_back(config.backend).await
+                            && !matches!(&now, Ok(now) if now == expected)
+                        {
+                            metrics.drift.inc();
+                            tracing::warn!(
+                                "the loaded rules changed outside cloak; loading them in full"
+                            );
+                        }
                         // Whatever the failed script was, the next attempt loads it all: a
                         // delta that failed once (an element someone removed) fails again.
                         applied = None;

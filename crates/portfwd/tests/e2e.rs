@@ -1036,7 +1036,9 @@ async fn rules_flushed_on_the_host_are_noticed_and_restored() {
         // again then, a few times at most.
         for _ in 0..5 {
             host.run(flush);
-            assert!(!loaded().contains("42001"));
+            if loaded().contains("42001") {
+                continue; // a load came between the flush and the look
+            }
             eventually("the flushed rules are back", || {
                 let l = loaded();
                 (l.contains("42001"), l)
@@ -1047,7 +1049,12 @@ async fn rules_flushed_on_the_host_are_noticed_and_restored() {
             }
         }
         assert!(forwarder.metrics.drift.get() >= 1, "{backend:?}");
-        assert!(forwarder.metrics.full_loads.get() >= 2, "{backend:?}");
+        // Counted once the loader has exited, which may be just after the rules are seen.
+        eventually("the repair counted as a full load", || {
+            let loads = forwarder.metrics.full_loads.get();
+            (loads >= 2, format!("{backend:?}: {loads} full loads"))
+        })
+        .await;
         forwarder.stop().await;
     }
     let _ = Api::<Node>::all(client.clone())

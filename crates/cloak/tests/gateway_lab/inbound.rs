@@ -4,7 +4,7 @@
 //! (`examples/lab/40-portfwd.yaml`: HTTP on port 80, a UDP echo on 5353), and a remote client in
 //! the lab's internet connects.
 
-use std::time::Duration;
+use std::{fmt::Write as _, time::Duration};
 
 use cloak_lab::{DEMO_NAMESPACE, layout, natpmp};
 use serde_json::Value;
@@ -498,6 +498,7 @@ fn provider_forwarded_ports_reach_the_service_through_every_exit_follow_changes_
     // The request removed: the exits release their mappings (the fake gateway sees lifetime 0).
     let lines_before = std::fs::read_to_string(&log).unwrap().lines().count();
     clear_ports(lab).unwrap();
+    let cleared = std::time::Instant::now();
     eventually("the mappings released", Duration::from_mins(2), || {
         let text = std::fs::read_to_string(&log).unwrap();
         let released = text
@@ -506,14 +507,27 @@ fn provider_forwarded_ports_reach_the_service_through_every_exit_follow_changes_
             .filter(|l| l.contains("lifetime: 0 })"))
             .count();
         if released >= 2 {
-            Ok(())
-        } else {
-            Err(text
-                .lines()
-                .skip(lines_before)
-                .collect::<Vec<_>>()
-                .join("\n"))
+            return Ok(());
         }
+        let mut seen = text
+            .lines()
+            .skip(lines_before)
+            .collect::<Vec<_>>()
+            .join("\n");
+        // The last look: what the exits said meanwhile.
+        if cleared.elapsed() > Duration::from_secs(110) {
+            for exit in gateway(lab)["status"]["exits"]
+                .as_array()
+                .into_iter()
+                .flatten()
+            {
+                let logs = lab
+                    .try_kubectl(&["-n", DEMO_NAMESPACE, "logs", &str_at(exit, "/name")])
+                    .unwrap_or_else(|e| e);
+                let _ = write!(seen, "\n--- {}:\n{logs}", str_at(exit, "/name"));
+            }
+        }
+        Err(seen)
     });
     let gw: Value = gateway(lab);
     assert!(
