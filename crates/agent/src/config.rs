@@ -139,6 +139,10 @@ pub struct Forward {
     /// 10.2.0.2).
     #[serde(default)]
     pub gateway: Option<std::net::Ipv4Addr>,
+    /// The Service's backends, when every one is a client of the exit's gateway: connections
+    /// go to them over the links with the remote's address kept, instead of to `target`.
+    #[serde(default)]
+    pub backends: Vec<cloak_model::exit::Backend>,
 }
 
 fn default_drain_grace() -> Duration {

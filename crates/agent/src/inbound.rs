@@ -23,7 +23,10 @@ use std::{
     time::Duration,
 };
 
-use cloak_model::natpmp::{self, Epoch, Map, Protocol, Request, Response, ResultCode};
+use cloak_model::{
+    exit::Backend,
+    natpmp::{self, Epoch, Map, Protocol, Request, Response, ResultCode},
+};
 use serde::Serialize;
 use tokio::{net::UdpSocket, sync::watch, time::Instant};
 
@@ -65,6 +68,7 @@ pub struct Mapped {
 struct Lease {
     internal: u16,
     target: SocketAddrV4,
+    backends: Vec<Backend>,
     external: u16,
     lifetime: u32,
     /// When it is asked again (renewal, or retry after a failure).
@@ -76,9 +80,19 @@ struct Lease {
     gateway: Option<Ipv4Addr>,
 }
 
-/// One inbound rule: the request's name, its protocol, internal and external ports, and where
-/// it goes.
-pub type Rule = (String, Protocol, u16, u16, SocketAddrV4);
+/// One inbound rule: the request's name, its protocol, its internal and external ports, and
+/// where its connections go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    pub name: String,
+    pub protocol: Protocol,
+    pub internal: u16,
+    pub external: u16,
+    /// The Service's cluster address (masqueraded).
+    pub target: SocketAddrV4,
+    /// When not empty, these instead, over the links with the remote's address kept.
+    pub backends: Vec<Backend>,
+}
 
 /// The connections each inbound rule has taken, by `<name>/<protocol>` (its counter: the nat
 /// chain sees the first packet of a connection only). Empty without the table.
@@ -116,16 +130,35 @@ fn counts_of(json: &str) -> BTreeMap<String, u64> {
 pub fn render(tunnel: &str, rules: &[Rule]) -> String {
     use std::fmt::Write as _;
     let mut dnat = String::new();
-    for (name, protocol, internal, external, target) in rules {
-        let ports = if internal == external || *external == 0 {
+    for rule in rules {
+        let (internal, external) = (rule.internal, rule.external);
+        let ports = if internal == external || external == 0 {
             internal.to_string()
         } else {
             format!("{{ {internal}, {external} }}")
         };
+        // One backend: to it; several: one picked at random a connection.
+        let to = match rule.backends.as_slice() {
+            [] => format!("ip to {}", rule.target),
+            [one] => format!("ip to {}", one.address),
+            many => {
+                let elements: Vec<String> = many
+                    .iter()
+                    .enumerate()
+                    .map(|(i, b)| format!("{i} : {} . {}", b.address.ip(), b.address.port()))
+                    .collect();
+                format!(
+                    "ip addr . port to numgen random mod {} map {{ {} }}",
+                    many.len(),
+                    elements.join(", ")
+                )
+            }
+        };
         let _ = writeln!(
             dnat,
-            "\t\tiifname \"{tunnel}\" meta nfproto ipv4 {p} dport {ports} counter dnat ip to {target} comment \"{name}/{p}\"",
-            p = protocol.as_str()
+            "\t\tiifname \"{tunnel}\" meta nfproto ipv4 {p} dport {ports} counter dnat {to} comment \"{name}/{p}\"",
+            p = rule.protocol.as_str(),
+            name = rule.name,
         );
     }
     format!(
@@ -138,14 +171,15 @@ pub fn render(tunnel: &str, rules: &[Rule]) -> String {
          \t}}\n\
          \tchain postrouting {{\n\
          \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
-         \t\tiifname \"{tunnel}\" ct status dnat masquerade\n\
+         \t\tiifname \"{tunnel}\" oifname != \"{link}\" ct status dnat masquerade\n\
          \t}}\n\
          \tchain input {{\n\
          \t\ttype filter hook input priority filter; policy accept;\n\
          \t\tudp sport {port} iifname != \"{tunnel}\" drop\n\
          \t}}\n\
          }}\n",
-        port = natpmp::PORT
+        port = natpmp::PORT,
+        link = cloak_dataplane::gateway::EXIT_IFACE,
     )
 }
 
@@ -374,6 +408,7 @@ pub async fn follow(
     let mut releasing: BTreeMap<(String, Protocol), Lease> = BTreeMap::new();
     let mut epochs: BTreeMap<Ipv4Addr, Epoch> = BTreeMap::new();
     let mut applied: Option<String> = None;
+    let mut routed: Option<Vec<(Ipv4Addr, Ipv4Addr)>> = None;
     let mut reconnects = status.borrow().reconnects;
     let start = Instant::now();
     loop {
@@ -448,6 +483,7 @@ pub async fn follow(
                     // A static port arrives as it is; a dynamic one on the Service's port number.
                     internal: f.external.unwrap_or(f.target.port()),
                     target: f.target,
+                    backends: f.backends.clone(),
                     external: f.external.unwrap_or(0),
                     lifetime: 0,
                     due: Instant::now(),
@@ -458,6 +494,7 @@ pub async fn follow(
                 };
                 let same = leases.get(&key).is_some_and(|l| {
                     l.target == fresh.target
+                        && l.backends == fresh.backends
                         && l.dynamic == fresh.dynamic
                         && l.gateway == fresh.gateway
                         && (l.dynamic || l.external == fresh.external)
@@ -544,11 +581,37 @@ pub async fn follow(
         let rules: Vec<Rule> = leases
             .iter()
             .filter(|(_, l)| l.external != 0)
-            .map(|((name, p), l)| (name.clone(), *p, l.internal, l.external, l.target))
+            .map(|((name, p), l)| Rule {
+                name: name.clone(),
+                protocol: *p,
+                internal: l.internal,
+                external: l.external,
+                target: l.target,
+                backends: l.backends.clone(),
+            })
             .collect();
+        // The backends that are clients of the gateway are routed over the links before any
+        // rule sends them a connection.
+        let mut table_error = None;
+        let mut backend_routes: Vec<(Ipv4Addr, Ipv4Addr)> = forwards
+            .iter()
+            .flat_map(|f| f.backends.iter().map(|b| (*b.address.ip(), b.node)))
+            .collect();
+        backend_routes.sort();
+        backend_routes.dedup_by_key(|r| r.0);
+        if routed.as_ref() != Some(&backend_routes)
+            && (!backend_routes.is_empty() || routed.is_some())
+        {
+            match cloak_dataplane::gateway::route_inbound(&backend_routes) {
+                Ok(()) => routed = Some(backend_routes),
+                Err(e) => {
+                    tracing::warn!(%e, "inbound ports: routing the backends");
+                    table_error = Some(format!("the exit's routes could not be written: {e}"));
+                }
+            }
+        }
         // Written as soon as there are forwards (its input chain guards the first request),
         // kept (emptied) once there were.
-        let mut table_error = None;
         if !tunnel.is_empty() && (!forwards.is_empty() || applied.is_some()) {
             let script = render(&tunnel, &rules);
             if applied.as_deref() != Some(script.as_str()) {
@@ -563,7 +626,8 @@ pub async fn follow(
                     }
                     Err(e) => {
                         tracing::warn!(%e, "inbound ports: applying the table");
-                        table_error = Some(format!("the exit's rules could not be written: {e}"));
+                        table_error
+                            .get_or_insert(format!("the exit's rules could not be written: {e}"));
                     }
                 }
             }
@@ -620,12 +684,17 @@ mod tests {
     #[test]
     fn a_mapped_port_and_its_internal_one_reach_the_service_and_only_from_the_tunnel() {
         let target: SocketAddrV4 = "10.96.0.50:6881".parse().unwrap();
+        let rule = |protocol, external| Rule {
+            name: "torrent".into(),
+            protocol,
+            internal: 6881,
+            external,
+            target,
+            backends: Vec::new(),
+        };
         let table = render(
             "wg0",
-            &[
-                ("torrent".into(), Protocol::Tcp, 6881, 40001, target),
-                ("torrent".into(), Protocol::Udp, 6881, 6881, target),
-            ],
+            &[rule(Protocol::Tcp, 40001), rule(Protocol::Udp, 6881)],
         );
         assert!(table.contains(
             "iifname \"wg0\" meta nfproto ipv4 tcp dport { 6881, 40001 } counter dnat ip to 10.96.0.50:6881 comment \"torrent/tcp\""
@@ -633,13 +702,38 @@ mod tests {
         assert!(table.contains(
             "iifname \"wg0\" meta nfproto ipv4 udp dport 6881 counter dnat ip to 10.96.0.50:6881 comment \"torrent/udp\""
         ));
-        assert!(table.contains("iifname \"wg0\" ct status dnat masquerade"));
+        // The Service's address is masqueraded to; backends over the links are not.
+        assert!(table.contains("iifname \"wg0\" oifname != \"ckx0\" ct status dnat masquerade"));
         // A NAT-PMP answer is believed only from the tunnel.
         assert!(table.contains("udp sport 5351 iifname != \"wg0\" drop"));
         // Replaced whole, never appended to.
         assert!(table.starts_with("table inet cloak_inbound\ndelete table inet cloak_inbound\n"));
         // Nothing mapped: no rule sends anything anywhere.
         assert!(!render("wg0", &[]).contains("dnat ip to"));
+    }
+
+    #[test]
+    fn backends_that_are_clients_of_the_gateway_are_sent_to_directly_one_picked_a_connection() {
+        let backend = |address: &str, node: &str| Backend {
+            address: address.parse().unwrap(),
+            node: node.parse().unwrap(),
+        };
+        let mut rule = Rule {
+            name: "web".into(),
+            protocol: Protocol::Tcp,
+            internal: 80,
+            external: 40001,
+            target: "10.96.0.50:80".parse().unwrap(),
+            backends: vec![backend("10.244.1.5:8080", "198.19.0.11")],
+        };
+        assert!(render("wg0", std::slice::from_ref(&rule)).contains(
+            "tcp dport { 80, 40001 } counter dnat ip to 10.244.1.5:8080 comment \"web/tcp\""
+        ));
+        rule.backends
+            .push(backend("10.244.2.7:8081", "198.19.0.12"));
+        assert!(render("wg0", &[rule]).contains(
+            "counter dnat ip addr . port to numgen random mod 2 map { 0 : 10.244.1.5 . 8080, 1 : 10.244.2.7 . 8081 } comment \"web/tcp\""
+        ));
     }
 
     /// A NAT-PMP gateway on `address:5351` (a loopback address of the test's own) that
@@ -775,6 +869,7 @@ mod tests {
             target: SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 50), port),
             external,
             gateway: None,
+            backends: Vec::new(),
         };
         let kept = usable(vec![
             forward("web", 80, None),

@@ -88,6 +88,7 @@ impl Gateway {
                 address: CLIENT_ADDRESS.parse().unwrap(),
                 gateway: 0,
                 mss: 1360,
+                pod_ip: None,
             }],
         };
         let mut gateway = Self { net, plan };

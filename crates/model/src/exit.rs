@@ -141,6 +141,25 @@ pub struct ExitForward {
     pub external: Option<u16>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gateway: Option<std::net::Ipv4Addr>,
+    /// When every backend of the Service is a client of this gateway: the backends themselves,
+    /// reached over the links with the remote's own address kept (their replies go back
+    /// through the exit they came in by); `target` is then unused. Empty: the Service's cluster
+    /// address, masqueraded.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub backends: Vec<Backend>,
+}
+
+/// A backend pod of an inbound port that is a client of the exit's gateway.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "camelCase")]
+pub struct Backend {
+    /// The pod's address and the port it listens on (the Service's target port).
+    pub address: std::net::SocketAddrV4,
+    /// Its node's transit address ([`crate::gateway::transit_for`]): the exit sends it there
+    /// over the node's link.
+    pub node: std::net::Ipv4Addr,
 }
 
 /// The ports an exit's agent says its provider forwards now (its [`STATUS_PATH`] answer's
@@ -711,20 +730,38 @@ mod tests {
             drain_grace: std::time::Duration::ZERO,
             link_mtu: 1450,
             underlay_mtu: None,
-            forwards: &[ExitForward {
-                name: "torrent".into(),
-                protocols: vec![crate::natpmp::Protocol::Tcp, crate::natpmp::Protocol::Udp],
-                target: "10.96.0.50:6881".parse().unwrap(),
-                external: None,
-                gateway: None,
-            }],
+            forwards: &[
+                ExitForward {
+                    name: "torrent".into(),
+                    protocols: vec![crate::natpmp::Protocol::Tcp, crate::natpmp::Protocol::Udp],
+                    target: "10.96.0.50:6881".parse().unwrap(),
+                    external: None,
+                    gateway: None,
+                    backends: Vec::new(),
+                },
+                ExitForward {
+                    name: "web".into(),
+                    protocols: vec![crate::natpmp::Protocol::Tcp],
+                    target: "10.96.0.51:80".parse().unwrap(),
+                    external: Some(51413),
+                    gateway: None,
+                    backends: vec![Backend {
+                        address: "10.244.1.5:8080".parse().unwrap(),
+                        node: "198.19.0.11".parse().unwrap(),
+                    }],
+                },
+            ],
         });
         let v: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(v["exit"]["clusterDomains"], json!(domains));
         assert_eq!(v["dns"], "9.9.9.9");
         assert_eq!(
             v["exit"]["forwards"],
-            json!([{"name": "torrent", "protocols": ["tcp", "udp"], "target": "10.96.0.50:6881"}])
+            json!([
+                {"name": "torrent", "protocols": ["tcp", "udp"], "target": "10.96.0.50:6881"},
+                {"name": "web", "protocols": ["tcp"], "target": "10.96.0.51:80", "external": 51413,
+                 "backends": [{"address": "10.244.1.5:8080", "node": "198.19.0.11"}]}
+            ])
         );
     }
 

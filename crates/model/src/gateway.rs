@@ -169,6 +169,17 @@ pub fn is_intranet(address: IpAddr, intranet: &[IpNet]) -> bool {
     intranet.iter().any(|net| net.contains(&address))
 }
 
+/// The node's transit address derived from its own IPv4 address: `198.19.<c>.<d>` for
+/// `a.b.c.d`, unique among nodes whose addresses differ in their last two bytes (avoiding the
+/// exits' `198.19.0.1`).
+pub fn transit_for(node_ip: std::net::Ipv4Addr) -> std::net::Ipv4Addr {
+    let [_, _, c, d] = node_ip.octets();
+    match (c, d) {
+        (0, 0 | 1) | (255, 255) => std::net::Ipv4Addr::new(198, 19, 255, 254),
+        _ => std::net::Ipv4Addr::new(198, 19, c, d),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1142,11 +1142,20 @@ impl Daemon {
                     .copied()
                     .unwrap_or_default();
                 let mtu = mtus.get(&gateway).copied().unwrap_or(1420);
+                // Its pod's address as the API says it (the kubelet writes it, not the pod).
+                let pod_ip = self
+                    .pods
+                    .get(
+                        &kube::runtime::reflector::ObjectRef::new(&c.pod_name)
+                            .within(&c.pod_namespace),
+                    )
+                    .and_then(|p| p.status.as_ref()?.pod_ip.as_deref()?.parse().ok());
                 ClientPort {
                     iface: c.iface.clone(),
                     address: c.address,
                     gateway,
                     mss: cloak_model::gateway::mss(mtu, false),
+                    pod_ip,
                 }
             })
             .collect();
@@ -1961,16 +1970,7 @@ pub fn iface_name(container_id: &str) -> String {
     format!("{}{id}", cloak_dataplane::gateway::CLIENT_PREFIX)
 }
 
-/// The node's transit address derived from its own IPv4 address: `198.19.<c>.<d>` for
-/// `a.b.c.d`, unique among nodes whose addresses differ in their last two bytes (avoiding the
-/// exits' `198.19.0.1`).
-pub fn transit_for(node_ip: Ipv4Addr) -> Ipv4Addr {
-    let [_, _, c, d] = node_ip.octets();
-    match (c, d) {
-        (0, 0 | 1) | (255, 255) => Ipv4Addr::new(198, 19, 255, 254),
-        _ => Ipv4Addr::new(198, 19, c, d),
-    }
-}
+pub use cloak_model::gateway::transit_for;
 
 /// The tunnel interface of a pod that is an exit (a chain's hop, the client of the hop before
 /// it): its own kill switch rules what leaves by it. `None` for any other pod.

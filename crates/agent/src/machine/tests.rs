@@ -425,6 +425,7 @@ async fn an_exit_whose_inbound_ports_alone_change_keeps_its_tunnel() {
             target: "10.96.0.50:80".parse().unwrap(),
             external: None,
             gateway: None,
+            backends: Vec::new(),
         });
     }
     rig.config.send(Ok(Arc::new(ports))).unwrap();

@@ -2,9 +2,10 @@
 //! nodes probe ([`ExitPlan`]), and the sysctls the node sets in its namespace.
 
 use super::{
-    DNS, EXIT_ADDRESS, EXIT_IFACE, EXIT_TABLE, Error, IpAddr, NEIGHBOUR_DISCOVERY, TRANSIT_PREFIX,
-    TRANSIT_PREFIX6, TRANSIT_RANGE, TRANSIT_RANGE6, VXLAN_PORT, add_ipv6, clamps, ensure_vxlan,
-    forward_ipv6, has_ipv6, ip, refuse_ipv6, replace_rule, run, sysctl, twin,
+    DNS, EXIT_ADDRESS, EXIT_IFACE, EXIT_TABLE, Error, INBOUND_ROUTE_TABLE, IpAddr, Ipv4Addr,
+    NEIGHBOUR_DISCOVERY, TRANSIT_PREFIX, TRANSIT_PREFIX6, TRANSIT_RANGE, TRANSIT_RANGE6,
+    VXLAN_PORT, add_ipv6, clamps, ensure_vxlan, forward_ipv6, has_ipv6, ip, refuse_ipv6,
+    replace_rule, run, sysctl, twin,
 };
 
 /// The sysctls an exit needs in its own namespace, which it cannot write itself (its
@@ -116,6 +117,7 @@ impl ExitPlan {
              \t\tiifname \"{tunnel}\" oifname \"{EXIT_IFACE}\" ct state established,related accept\n\
              \t\tiifname \"{tunnel}\" oifname \"eth0\" ct status dnat accept\n\
              \t\tiifname \"eth0\" oifname \"{tunnel}\" ct status dnat accept\n\
+             \t\tiifname \"{tunnel}\" oifname \"{EXIT_IFACE}\" ct status dnat accept\n\
              \t}}\n\
              \tchain output {{\n\
              \t\ttype filter hook output priority filter; policy accept;\n\
@@ -208,4 +210,42 @@ impl ExitPlan {
         run("nft", &["-f", "-"], Some(self.render().as_bytes()))?;
         Ok(())
     }
+}
+
+/// Routes each backend of the exit's inbound ports (a client pod of its gateway) by way of its
+/// node's transit address over the links, in a table of their own ([`INBOUND_ROUTE_TABLE`])
+/// looked up ahead of the tunnel's, replacing what that table held. `backends` are (pod
+/// address, node transit address) pairs.
+pub fn route_inbound(backends: &[(Ipv4Addr, Ipv4Addr)]) -> Result<(), Error> {
+    let table = INBOUND_ROUTE_TABLE.to_string();
+    replace_rule(
+        "-4",
+        crate::RULE_PRIORITY - 3,
+        &["lookup", &table],
+        &format!("lookup {table}"),
+    )?;
+    // An empty table does not exist for `ip route show`: nothing to remove then.
+    let listing = ip(&["-4", "route", "show", "table", &table]).unwrap_or_default();
+    for line in listing.lines() {
+        let dst = line.split_whitespace().next().unwrap_or_default();
+        if !dst.is_empty() && !backends.iter().any(|(a, _)| a.to_string() == dst) {
+            ip(&["-4", "route", "del", dst, "table", &table])?;
+        }
+    }
+    for (address, node) in backends {
+        ip(&[
+            "-4",
+            "route",
+            "replace",
+            &address.to_string(),
+            "via",
+            &node.to_string(),
+            "dev",
+            EXIT_IFACE,
+            "onlink",
+            "table",
+            &table,
+        ])?;
+    }
+    Ok(())
 }

@@ -52,7 +52,7 @@ mod flows;
 mod node;
 
 pub use client::ClientPlan;
-pub use exit::{DRAINING_DSCP, ExitPlan, IPV6_DSCP, prepare_exit_namespace};
+pub use exit::{DRAINING_DSCP, ExitPlan, IPV6_DSCP, prepare_exit_namespace, route_inbound};
 pub use flows::{FlowWatch, list_flows};
 pub use node::{
     ClientPort, ExitLink, ExitUse, NodePlan, forget_client_flows, link_mac, reset_flows,
@@ -138,6 +138,9 @@ pub const EXIT_TABLE: &str = "cloak_exit";
 pub const CLIENT_TABLE: &str = "cloak_client";
 /// The node's routing table for the routes back to its clients.
 pub const CLIENTS_ROUTE_TABLE: u32 = 17_299;
+/// An exit's routing table for the backends of its inbound ports that are clients of its
+/// gateway (each by way of its node over the links).
+pub const INBOUND_ROUTE_TABLE: u32 = 17_298;
 /// Exit slot `s` routes by table `17_300 + s` and rule priorities `17_300 + 2s` (`to <exit>
 /// lookup main`, for the link's own outer packets) and `17_301 + 2s` (the mark's table).
 pub const EXIT_ROUTE_TABLE_BASE: u32 = 17_300;
@@ -148,6 +151,9 @@ pub const MARK_TAG: u32 = 0x4300_0000;
 pub const MARK_MASK: u32 = 0xffff_0000;
 /// The bits of a mark that say "a gateway flow".
 pub const TAG_MASK: u32 = 0xff00_0000;
+/// The packet mark of whatever a node receives by an exit's link: routed by
+/// [`CLIENTS_ROUTE_TABLE`] first, where the clients' pod addresses lead to their veths.
+pub const LINK_MARK: u32 = 0x4200_0000;
 
 /// The mark of the flows on exit slot `slot`.
 pub fn mark(slot: u8) -> u32 {
@@ -370,6 +376,7 @@ tcp      6 431999 ESTABLISHED src=fd00:10::5 dst=fd00:10::9 sport=9090 dport=500
                 address: Ipv4Addr::new(198, 18, 0, 2),
                 gateway: 0,
                 mss: 1360,
+                pod_ip: None,
             }],
         }
     }
@@ -398,6 +405,44 @@ tcp      6 431999 ESTABLISHED src=fd00:10::5 dst=fd00:10::9 sport=9090 dport=500
     }
 
     #[test]
+    fn an_exits_link_may_open_connections_to_its_own_gateways_clients_alone_pinned_to_it() {
+        let mut plan = plan(&[ExitUse::Healthy, ExitUse::Dead]);
+        plan.clients[0].pod_ip = Some(Ipv4Addr::new(10, 244, 1, 5));
+        // Another gateway's client on the same node.
+        plan.clients.push(ClientPort {
+            iface: "ckg9".into(),
+            address: Ipv4Addr::new(198, 18, 0, 9),
+            gateway: 1,
+            mss: 1360,
+            pod_ip: Some(Ipv4Addr::new(10, 244, 1, 9)),
+        });
+        let table = plan.render();
+        let inbound: Vec<&str> = table
+            .lines()
+            .filter(|l| l.contains("ct state new ct mark set 0x"))
+            .map(str::trim)
+            .collect();
+        // The healthy exit's link to gateway 0's client, with that exit's mark; the dead
+        // exit's link to nothing.
+        assert_eq!(
+            inbound,
+            [
+                "iifname \"ckx4096\" oifname { \"ckg1\" } meta nfproto ipv4 ct state new ct mark set 0x43000000 accept"
+            ]
+        );
+        assert!(table.contains("iifname \"ckx*\" meta mark set 0x42000000"));
+        // What a link sends otherwise goes nowhere new.
+        let forward = &table[table.find("chain forward").unwrap()..];
+        assert!(
+            forward.find("ct mark set 0x43000000 accept").unwrap()
+                < forward.find("iifname \"ckx*\" drop").unwrap()
+        );
+        // No pod address known: no path in.
+        plan.clients[0].pod_ip = None;
+        assert!(!plan.render().contains("ct mark set 0x43000000 accept"));
+    }
+
+    #[test]
     fn each_gateways_clients_are_spread_over_that_gateways_exits_alone() {
         let mut two = plan(&[ExitUse::Healthy, ExitUse::Healthy, ExitUse::Healthy]);
         two.exits[2].gateway = 1;
@@ -406,12 +451,14 @@ tcp      6 431999 ESTABLISHED src=fd00:10::5 dst=fd00:10::9 sport=9090 dport=500
             address: Ipv4Addr::new(198, 18, 0, 3),
             gateway: 1,
             mss: 1228,
+            pod_ip: None,
         });
         two.clients.push(ClientPort {
             iface: "ckg3".into(),
             address: Ipv4Addr::new(198, 18, 0, 4),
             gateway: 2,
             mss: 1360,
+            pod_ip: None,
         });
         let picks: Vec<String> = two
             .render()

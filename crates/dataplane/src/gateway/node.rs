@@ -21,6 +21,9 @@ pub struct ClientPort {
     /// TCP MSS clamped on its flows, both ways (NETNOTES trap 2): its own gateway's, so that a
     /// gateway with a small MTU (a deep chain's) lowers no other gateway's clients.
     pub mss: u16,
+    /// The pod's own address (its primary interface's): an exit of its gateway may send it the
+    /// connections of an inbound port, over the exit's link, with the remote's address kept.
+    pub pod_ip: Option<Ipv4Addr>,
 }
 
 /// What a node's exit link is for, as health and rollouts decide.
@@ -138,6 +141,28 @@ impl NodePlan {
                  \t\tct mark {{ {marks} }} drop\n"
             )
         };
+        // Inbound ports: an exit's link may open connections to its own gateway's clients only
+        // (to their pod addresses, which the links' packets are routed to), each pinned to the
+        // exit it came by, so that the replies go back through it.
+        let mut inbound = String::new();
+        for link in self.exits.iter().filter(|e| e.state != ExitUse::Dead) {
+            let ifaces: Vec<String> = self
+                .clients
+                .iter()
+                .filter(|c| c.gateway == link.gateway && c.pod_ip.is_some())
+                .map(|c| format!("\"{}\"", c.iface))
+                .collect();
+            if ifaces.is_empty() {
+                continue;
+            }
+            let _ = writeln!(
+                inbound,
+                "\t\tiifname \"{}\" oifname {{ {} }} meta nfproto ipv4 ct state new ct mark set {:#x} accept",
+                link.iface(),
+                ifaces.join(", "),
+                mark(link.slot)
+            );
+        }
         // One set of clamps per MSS, over the clients whose gateways have it.
         let mut by_mss: std::collections::BTreeMap<u16, Vec<String>> =
             std::collections::BTreeMap::new();
@@ -173,12 +198,14 @@ impl NodePlan {
              \t\ttype filter hook prerouting priority mangle; policy accept;\n\
              {pick}\
              \t\tiifname \"{CLIENT_PREFIX}*\" meta mark set ct mark\n\
+             \t\tiifname \"{LINK_PREFIX}*\" meta mark set {LINK_MARK:#x}\n\
              {refuse_v6}\
              \t}}\n\
              \tchain forward {{\n\
              \t\ttype filter hook forward priority filter; policy accept;\n\
              {clamp}\
              {refuse_dead}\
+             {inbound}\
              \t\tiifname \"{CLIENT_PREFIX}*\" oifname \"{LINK_PREFIX}*\" ct mark and {TAG_MASK:#x} == {MARK_TAG:#x} accept\n\
              \t\tiifname \"{LINK_PREFIX}*\" oifname \"{CLIENT_PREFIX}*\" ct state established,related accept\n\
              \t\tiifname \"{CLIENT_PREFIX}*\" meta l4proto tcp reject with tcp reset\n\
@@ -270,6 +297,13 @@ impl NodePlan {
             let _ = ip(&[family, "rule", "del", "priority", &table]);
             let _ = ip(&[family, "route", "flush", "table", &table]);
         }
+        let _ = ip(&[
+            "-4",
+            "rule",
+            "del",
+            "priority",
+            &(CLIENTS_ROUTE_TABLE - 1).to_string(),
+        ]);
         match run("nft", &["delete", "table", "inet", NODE_TABLE], None) {
             Err(Error::Command { stderr, .. }) if stderr.contains("No such file") => Ok(()),
             other => other.map(drop),
@@ -429,6 +463,19 @@ fn route_clients(clients: &[ClientPort], ipv6: bool) -> Result<(), Error> {
     if ipv6 {
         families.push(("-6", CLIENT_RANGE6, |c| IpAddr::V6(twin(c.address))));
     }
+    // What comes by a link is routed by this table first: the clients' pod addresses (an
+    // exit's inbound port) are here, routed to their veths.
+    let link_mark = format!("{LINK_MARK:#x}/{TAG_MASK:#x}");
+    replace_rule(
+        "-4",
+        CLIENTS_ROUTE_TABLE - 1,
+        &["fwmark", &link_mark, "lookup", &table],
+        &format!("fwmark {link_mark} lookup {table}"),
+    )?;
+    let pods: Vec<(String, &ClientPort)> = clients
+        .iter()
+        .filter_map(|c| Some((c.pod_ip?.to_string(), c)))
+        .collect();
     for (family, range, address) in families {
         replace_rule(
             family,
@@ -440,7 +487,8 @@ fn route_clients(clients: &[ClientPort], ipv6: bool) -> Result<(), Error> {
         let listing = ip(&[family, "route", "show", "table", &table]).unwrap_or_default();
         for line in listing.lines() {
             let dst = line.split_whitespace().next().unwrap_or_default();
-            if !clients.iter().any(|c| address(c).to_string() == dst) && !dst.is_empty() {
+            let pod = family == "-4" && pods.iter().any(|(ip, _)| *ip == dst);
+            if !clients.iter().any(|c| address(c).to_string() == dst) && !pod && !dst.is_empty() {
                 let _ = ip(&[family, "route", "del", dst, "table", &table]);
             }
         }
@@ -481,6 +529,29 @@ fn route_clients(clients: &[ClientPort], ipv6: bool) -> Result<(), Error> {
                 }
                 Err(e) => return Err(e),
             }
+        }
+    }
+    for (pod_ip, client) in &pods {
+        let via = client.address.to_string();
+        let routed = ip(&[
+            "-4",
+            "route",
+            "replace",
+            pod_ip,
+            "via",
+            &via,
+            "dev",
+            &client.iface,
+            "onlink",
+            "table",
+            &table,
+        ]);
+        match routed {
+            Ok(_) => {}
+            Err(e) if !link_exists(&client.iface) => {
+                tracing::warn!(iface = %client.iface, error = %e, "a client's interface is gone");
+            }
+            Err(e) => return Err(e),
         }
     }
     Ok(())

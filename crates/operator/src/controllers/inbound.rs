@@ -8,11 +8,15 @@
 use std::{collections::BTreeMap, net::SocketAddrV4};
 
 use cloak_api::{ExitStatus, PortProtocol, PortRequest, VpnGateway, VpnGatewayStatus};
-use cloak_model::{exit::ExitForward, natpmp::Protocol};
-use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use cloak_model::{
+    exit::{Backend, ExitForward},
+    natpmp::Protocol,
+};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service, ServicePort};
 use kube::{
     Api, ResourceExt,
-    api::{ObjectMeta, Patch, PatchParams},
+    api::{ListParams, ObjectMeta, Patch, PatchParams},
+    core::DeserializeGuard,
     runtime::events::EventType,
 };
 
@@ -37,6 +41,8 @@ pub(crate) const FINALIZER: &str = "cloak.dev/forwarded-ports";
 pub(crate) struct Resolved {
     pub(crate) request: PortRequest,
     pub(crate) target: SocketAddrV4,
+    /// The Service's backends when all are clients of the gateway (see [`client_backends`]).
+    pub(crate) backends: Vec<Backend>,
 }
 
 /// The ConfigMap publishing a gateway's forwarded ports.
@@ -154,12 +160,119 @@ pub(crate) async fn resolve(
             continue;
         }
         internal.extend(keys);
+        let service_port = ports
+            .iter()
+            .find(|sp| sp.port == i32::from(port))
+            .cloned()
+            .unwrap_or_default();
+        let selector = spec.selector.clone().unwrap_or_default();
+        let backends = client_backends(gateway, ctx, &selector, &service_port).await?;
         resolved.push(Resolved {
             request: request.clone(),
             target: SocketAddrV4::new(ip, port),
+            backends,
         });
     }
     Ok((resolved, problems))
+}
+
+/// The Service's ready backends, when every pod it selects is a client of `gateway`: their
+/// replies go through the gateway's exits anyway, so an exit sends them the remote's
+/// connections over the links with the remote's address kept. Empty otherwise (a backend
+/// outside the gateway would send its replies elsewhere): the exit then masquerades to the
+/// Service's cluster address.
+async fn client_backends(
+    gateway: &VpnGateway,
+    ctx: &Context,
+    selector: &BTreeMap<String, String>,
+    service_port: &ServicePort,
+) -> Result<Vec<Backend>> {
+    let ns = gateway.namespace().unwrap_or_default();
+    let labels = selector
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let pods = Api::<Pod>::namespaced(ctx.client.clone(), &ns)
+        .list(&ListParams::default().labels(&labels))
+        .await?
+        .items;
+    if pods.is_empty() {
+        return Ok(Vec::new());
+    }
+    let gateways: Vec<VpnGateway> =
+        Api::<DeserializeGuard<VpnGateway>>::namespaced(ctx.client.clone(), &ns)
+            .list(&ListParams::default())
+            .await?
+            .items
+            .into_iter()
+            .filter_map(|g| g.0.ok())
+            .collect();
+    let name = gateway.name_any();
+    let ours = |pod: &Pod| {
+        cloak_model::clients::choose(&ns, pod.labels(), &gateways)
+            == cloak_model::clients::Choice::Gateway(name.clone())
+    };
+    if !pods.iter().all(ours) {
+        return Ok(Vec::new());
+    }
+    let transits: BTreeMap<String, std::net::Ipv4Addr> = Api::<Node>::all(ctx.client.clone())
+        .list(&ListParams::default())
+        .await?
+        .items
+        .iter()
+        .filter_map(|n| {
+            let ip = n
+                .status
+                .as_ref()?
+                .addresses
+                .as_ref()?
+                .iter()
+                .filter(|a| a.type_ == "InternalIP")
+                .find_map(|a| a.address.parse::<std::net::Ipv4Addr>().ok())?;
+            Some((n.name_any(), cloak_model::gateway::transit_for(ip)))
+        })
+        .collect();
+    let mut backends: Vec<Backend> = pods
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none() && is_ready(p))
+        .filter_map(|p| {
+            let address = p.status.as_ref()?.pod_ip.as_deref()?.parse().ok()?;
+            let node = transits.get(p.spec.as_ref()?.node_name.as_deref()?)?;
+            let port = target_port(p, service_port)?;
+            Some(Backend {
+                address: SocketAddrV4::new(address, port),
+                node: *node,
+            })
+        })
+        .collect();
+    backends.sort();
+    Ok(backends)
+}
+
+fn is_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// The port `pod` listens on for `service_port`: its target port by number, or the pod's
+/// container port of that name.
+fn target_port(pod: &Pod, service_port: &ServicePort) -> Option<u16> {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    match &service_port.target_port {
+        None => u16::try_from(service_port.port).ok(),
+        Some(IntOrString::Int(n)) => u16::try_from(*n).ok(),
+        Some(IntOrString::String(name)) => pod
+            .spec
+            .as_ref()?
+            .containers
+            .iter()
+            .flat_map(|c| c.ports.iter().flatten())
+            .find(|p| p.name.as_deref() == Some(name.as_str()))
+            .and_then(|p| u16::try_from(p.container_port).ok()),
+    }
 }
 
 /// What exit number `index` (`exit-0` first) is told.
@@ -179,6 +292,7 @@ pub(crate) fn forwards_for(resolved: &[Resolved], index: usize) -> Vec<ExitForwa
                 target: r.target,
                 external,
                 gateway: r.request.nat_pmp_gateway,
+                backends: r.backends.clone(),
             })
         })
         .collect()
@@ -416,6 +530,7 @@ mod tests {
                 nat_pmp_gateway: None,
             },
             target: "10.96.0.50:80".parse().unwrap(),
+            backends: Vec::new(),
         }
     }
 
