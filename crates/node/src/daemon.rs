@@ -385,6 +385,9 @@ pub async fn run(
                 let daemon = daemon.clone();
                 async move {
                     daemon.sweep().await;
+                    // A client's pod address (an inbound port's backend) comes after its
+                    // attachment.
+                    daemon.reconcile().await;
                 }
             },
         )

@@ -540,3 +540,246 @@ fn provider_forwarded_ports_reach_the_service_through_every_exit_follow_changes_
         gw["status"]
     );
 }
+
+/// A Service whose every backend is a client of the gateway: an exit sends the remote's
+/// connections to the backends over the links, unmasqueraded, and their replies go back
+/// through the exit each came by.
+#[test]
+fn backends_that_are_clients_of_the_gateway_see_the_remotes_own_address_through_every_exit() {
+    let lab = lab::shared();
+    let _turn = lab::serial();
+    healthy_gateway(lab);
+    // Two backends, clients of the gateway, each answering with the address it saw.
+    lab.apply(&format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: seen
+  namespace: {DEMO_NAMESPACE}
+spec:
+  replicas: 2
+  selector:
+    matchLabels: {{app: seen}}
+  template:
+    metadata:
+      labels: {{app: seen, cloak.dev/gateway: {GATEWAY}}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      containers:
+        - name: web
+          image: cloak.dev/lab/client:dev
+          imagePullPolicy: Never
+          command:
+            - sh
+            - -c
+            - |
+              mkdir -p /www/cgi-bin
+              printf '#!/bin/sh\necho "Content-Type: text/plain"\necho\necho "seen from $REMOTE_ADDR"\n' > /www/cgi-bin/ip
+              chmod +x /www/cgi-bin/ip
+              exec httpd -f -p 8080 -h /www
+          ports: [{{name: http, containerPort: 8080}}]
+          readinessProbe:
+            tcpSocket: {{port: 8080}}
+            periodSeconds: 2
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: seen
+  namespace: {DEMO_NAMESPACE}
+spec:
+  selector: {{app: seen}}
+  ports: [{{name: http, port: 80, targetPort: http}}]
+"#
+    ));
+    let _cleanup = Seen { lab };
+    lab.kubectl(&[
+        "-n",
+        DEMO_NAMESPACE,
+        "rollout",
+        "status",
+        "deployment/seen",
+        "--timeout=120s",
+    ]);
+    lab.kubectl(&[
+        "-n",
+        DEMO_NAMESPACE,
+        "patch",
+        "vpngateway",
+        GATEWAY,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"ports":[{"name":"seen","service":"seen","port":80,"protocol":"TCP"}]}}"#,
+    ]);
+    let _ports = Ports { lab };
+
+    // Each exit is told the two backends, by the pods' own addresses and their nodes.
+    let pods = lab.json(&["-n", DEMO_NAMESPACE, "get", "pods", "-l", "app=seen"]);
+    let mut pod_ips: Vec<String> = pods["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| str_at(p, "/status/podIP"))
+        .collect();
+    pod_ips.sort();
+    let told = eventually(
+        "the exits told the backends",
+        Duration::from_mins(1),
+        || {
+            let cm = lab.json(&[
+                "-n",
+                DEMO_NAMESPACE,
+                "get",
+                "configmap",
+                &format!("{GATEWAY}-exits"),
+            ]);
+            let text = cm["data"].to_string();
+            if pod_ips
+                .iter()
+                .all(|ip| text.contains(&format!("{ip}:8080")))
+            {
+                Ok(text)
+            } else {
+                Err(text)
+            }
+        },
+    );
+    assert!(told.contains("198.19."), "{told}");
+
+    // Both exits' forwarded ports.
+    let exits: Vec<(String, u64)> = eventually(
+        "both exits publish the port",
+        Duration::from_mins(2),
+        || {
+            let gw = gateway(lab);
+            let exits: Vec<(String, u64)> = gw["status"]["exits"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|e| {
+                    let port = e["ports"]
+                        .as_array()?
+                        .iter()
+                        .find(|p| p["name"] == "seen")?["port"]
+                        .as_u64()?;
+                    Some((str_at(e, "/publicAddress"), port))
+                })
+                .filter(|(a, p)| !a.is_empty() && *p != 0)
+                .collect();
+            if exits.len() == 2 {
+                Ok(exits)
+            } else {
+                Err(gw["status"]["exits"].to_string())
+            }
+        },
+    );
+    // The remote: the lab internet's own address toward each exit.
+    for (address, port) in &exits {
+        let route = lab
+            .exec_in("net", &["ip", "-4", "route", "get", address])
+            .unwrap();
+        let remote = route
+            .split_whitespace()
+            .skip_while(|w| *w != "src")
+            .nth(1)
+            .unwrap()
+            .to_owned();
+        // Several connections, so both backends (on their nodes) answer some.
+        let mut seen = Vec::new();
+        for _ in 0..6 {
+            let body = eventually(
+                &format!("a connection through {address}:{port}"),
+                Duration::from_secs(30),
+                || {
+                    lab.exec_in(
+                        "net",
+                        &[
+                            "curl",
+                            "-s",
+                            "-m",
+                            "3",
+                            &format!("http://{address}:{port}/cgi-bin/ip"),
+                        ],
+                    )
+                    .and_then(|b| {
+                        if b.contains("seen from") {
+                            Ok(b)
+                        } else {
+                            Err(b)
+                        }
+                    })
+                },
+            );
+            // busybox's httpd listens on IPv6 and writes an IPv4 peer as `[::ffff:a.b.c.d]`.
+            seen.push(body.trim().replace("[::ffff:", "").replace(']', ""));
+        }
+        assert!(
+            seen.iter().all(|b| *b == format!("seen from {remote}")),
+            "through {address}: {seen:?} (the remote is {remote})"
+        );
+    }
+
+    // A backend that is no client: the Service's address again, masqueraded.
+    lab.kubectl(&[
+        "-n",
+        DEMO_NAMESPACE,
+        "patch",
+        "deployment",
+        "seen",
+        "--type=json",
+        "-p",
+        r#"[{"op":"remove","path":"/spec/template/metadata/labels/cloak.dev~1gateway"}]"#,
+    ]);
+    lab.kubectl(&[
+        "-n",
+        DEMO_NAMESPACE,
+        "rollout",
+        "status",
+        "deployment/seen",
+        "--timeout=120s",
+    ]);
+    let (address, port) = &exits[0];
+    let masqueraded = eventually(
+        "the connections masqueraded once a backend is no client",
+        Duration::from_mins(1),
+        || {
+            let body = lab.exec_in(
+                "net",
+                &[
+                    "curl",
+                    "-s",
+                    "-m",
+                    "3",
+                    &format!("http://{address}:{port}/cgi-bin/ip"),
+                ],
+            )?;
+            if body.contains("seen from 10.244.") || body.contains("seen from [::ffff:10.244.") {
+                Ok(body)
+            } else {
+                Err(body)
+            }
+        },
+    );
+    assert!(masqueraded.contains("seen from"), "{masqueraded}");
+}
+
+/// Removes the backends of the test above.
+struct Seen<'a> {
+    lab: &'a lab::TestLab,
+}
+
+impl Drop for Seen<'_> {
+    fn drop(&mut self) {
+        for kind in ["deployment", "service"] {
+            let _ = self.lab.try_kubectl(&[
+                "-n",
+                DEMO_NAMESPACE,
+                "delete",
+                kind,
+                "seen",
+                "--ignore-not-found",
+                "--wait=false",
+            ]);
+        }
+    }
+}
