@@ -574,7 +574,7 @@ spec:
             - -c
             - |
               mkdir -p /www/cgi-bin
-              printf '#!/bin/sh\necho "Content-Type: text/plain"\necho\necho "seen from $REMOTE_ADDR"\n' > /www/cgi-bin/ip
+              printf '#!/bin/sh\necho "Content-Type: text/plain"\necho\necho "seen from $REMOTE_ADDR by $(hostname)"\n' > /www/cgi-bin/ip
               chmod +x /www/cgi-bin/ip
               exec httpd -f -p 8080 -h /www
           ports: [{{name: http, containerPort: 8080}}]
@@ -674,6 +674,7 @@ spec:
         },
     );
     // The remote: the lab internet's own address toward each exit.
+    let mut answered_by = std::collections::BTreeSet::new();
     for (address, port) in &exits {
         let route = lab
             .exec_in("net", &["ip", "-4", "route", "get", address])
@@ -714,10 +715,18 @@ spec:
             seen.push(body.trim().replace("[::ffff:", "").replace(']', ""));
         }
         assert!(
-            seen.iter().all(|b| *b == format!("seen from {remote}")),
+            seen.iter()
+                .all(|b| b.starts_with(&format!("seen from {remote} by "))),
             "through {address}: {seen:?} (the remote is {remote})"
         );
+        answered_by.extend(
+            seen.iter()
+                .filter_map(|b| b.split(" by ").nth(1).map(str::to_owned)),
+        );
     }
+    // Twelve connections, each to one of the two backends at random: both answered (all
+    // twelve to one would come once in 2,048 runs).
+    assert_eq!(answered_by.len(), 2, "{answered_by:?}");
 
     // A backend that is no client: the Service's address again, masqueraded.
     lab.kubectl(&[
