@@ -1,6 +1,6 @@
 //! The supervisor's processes: each started under `setpriv --pdeathsig KILL` (it dies with the
 //! supervisor's main thread, whatever kills it), logging to `logs/<name>.log`, its PID recorded
-//! in `pids/<name>`; stopped in reverse order of start, SIGTERM then SIGKILL.
+//! in `pids/<name>`; stopped together, SIGTERM (the last started first) then SIGKILL.
 
 use std::{
     fs,
@@ -8,6 +8,8 @@ use std::{
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
+
+use nix::sys::signal::Signal;
 
 use crate::error::{Error, Result};
 
@@ -36,20 +38,55 @@ impl Proc {
         }
     }
 
-    fn stop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(Some(_))) {
-            return;
-        }
-        signal(self.child.id(), nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + STOP_GRACE;
-        while Instant::now() < deadline {
-            if matches!(self.child.try_wait(), Ok(Some(_)) | Err(_)) {
-                return;
+    fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+/// SIGTERM, SIGINT and SIGHUP, caught until [`StopSignals::wait`] takes one. Caught, never
+/// blocked: a child starts with its parent thread's signal mask (neither `std` nor `setpriv`
+/// clears it), so a supervisor that blocked them to wait for them started every process with
+/// them blocked, and `cloak portfwd`, kube-apiserver and OpenVPN then ignored their SIGTERM
+/// until killed 10 s later. A caught signal is reset to its default in a child at exec.
+pub(crate) struct StopSignals {
+    runtime: tokio::runtime::Runtime,
+    term: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+    hangup: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    pub(crate) fn install() -> Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let failed = |e: std::io::Error| Error::Other(format!("catching signals: {e}"));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(failed)?;
+        let _in = runtime.enter();
+        Ok(Self {
+            term: signal(SignalKind::terminate()).map_err(failed)?,
+            interrupt: signal(SignalKind::interrupt()).map_err(failed)?,
+            hangup: signal(SignalKind::hangup()).map_err(failed)?,
+            runtime,
+        })
+    }
+
+    /// Until one of them comes (at once if one came since [`Self::install`]).
+    pub(crate) fn wait(self) {
+        let Self {
+            runtime,
+            mut term,
+            mut interrupt,
+            mut hangup,
+        } = self;
+        runtime.block_on(async {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = interrupt.recv() => {}
+                _ = hangup.recv() => {}
             }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        });
     }
 }
 
@@ -119,10 +156,25 @@ impl Procs {
         self.list.iter_mut().try_for_each(Proc::check)
     }
 
-    /// Stops every process, last started first.
+    /// Stops every process: all told at once (SIGTERM, the last started first) and given one
+    /// [`STOP_GRACE`] together, then whatever still runs is killed. (One grace each, in turn,
+    /// took a lab a minute to stop.)
     pub(crate) fn stop_all(&mut self) {
+        for p in self.list.iter_mut().rev() {
+            if p.running() {
+                signal(p.child.id(), Signal::SIGTERM);
+            }
+        }
+        let deadline = Instant::now() + STOP_GRACE;
+        while Instant::now() < deadline && self.list.iter_mut().any(Proc::running) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
         while let Some(mut p) = self.list.pop() {
-            p.stop();
+            if p.running() {
+                eprintln!("{} still ran {STOP_GRACE:?} after SIGTERM: killed", p.name);
+                let _ = p.child.kill();
+            }
+            let _ = p.child.wait();
             let _ = fs::remove_file(self.pids.join(&p.name));
         }
     }
@@ -153,4 +205,57 @@ pub(crate) fn tail(path: &Path, lines: usize) -> String {
     let text = fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The signals blocked (`SigBlk`) and ignored (`SigIgn`) of process `pid`, as bit masks.
+    fn masks(pid: u32) -> (u64, u64) {
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let field = |name: &str| {
+            let line = status.lines().find(|l| l.starts_with(name)).unwrap();
+            u64::from_str_radix(line.split_whitespace().nth(1).unwrap(), 16).unwrap()
+        };
+        (field("SigBlk:"), field("SigIgn:"))
+    }
+
+    #[test]
+    fn a_process_started_while_stop_signals_are_caught_stops_at_its_sigterm() {
+        let dir = std::env::temp_dir().join(format!("cloak-procs-{}", std::process::id()));
+        let signals = StopSignals::install().unwrap();
+        let mut procs = Procs::new(&dir).unwrap();
+        let pid = procs
+            .spawn("sleeper", &["sleep".into(), "30".into()], None)
+            .unwrap();
+        // Until setpriv has exec'd sleep.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default() != "sleep\n" {
+            assert!(Instant::now() < deadline, "sleep never started");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let term = 1u64 << (Signal::SIGTERM as u64 - 1);
+        let (blocked, ignored) = masks(pid);
+        assert_eq!(
+            blocked & term,
+            0,
+            "SIGTERM blocked in the child: {blocked:#x}"
+        );
+        assert_eq!(
+            ignored & term,
+            0,
+            "SIGTERM ignored in the child: {ignored:#x}"
+        );
+        // So it goes at its SIGTERM, not at the SIGKILL after the grace.
+        let started = Instant::now();
+        procs.stop_all();
+        assert!(
+            started.elapsed() < STOP_GRACE / 2,
+            "{:?}",
+            started.elapsed()
+        );
+        drop(signals);
+        let _ = fs::remove_dir_all(&dir);
+    }
 }

@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signal::Signal;
 use serde_json::Value;
 
 use crate::{
@@ -316,15 +316,8 @@ impl Lab {
             &fs::read_to_string(&options_file).map_err(Error::io(&options_file))?,
         )
         .map_err(|e| Error::Other(format!("{}: {e}", options_file.display())))?;
-        // Blocked before any thread starts, so only `wait` below receives them. Children get an
-        // empty mask (std resets it before exec).
-        let mut signals = SigSet::empty();
-        for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
-            signals.add(s);
-        }
-        signals
-            .thread_block()
-            .map_err(|e| Error::Other(format!("blocking signals: {e}")))?;
+        // Caught from here on (one that comes while the lab is built stops it once built).
+        let signals = procs::StopSignals::install()?;
         let me = procs::identity(std::process::id()).unwrap_or_default();
         fs::write(self.supervisor_file(), &me).map_err(Error::io(self.supervisor_file()))?;
         if let Some(owner) = options.owner {
@@ -348,7 +341,7 @@ impl Lab {
             procs.stop_all();
         }
         // Held until told to stop; a process that dies meanwhile is for `status` to show.
-        let _ = signals.wait();
+        signals.wait();
         drop(servers);
         procs.stop_all();
         reap::reap(self)?;
