@@ -6,6 +6,9 @@ own namespaces only: every connection goes from the lab's internet namespace to 
 
   through cloak   a remote in the internet -> the provider's forwarded port (NAT-PMP) -> the
                   tunnel -> the exit's DNAT and masquerade -> the Service -> a backend pod
+  kept address    the same, to a backend pod that is a client of the gateway: the exit's DNAT
+                  straight to the pod over the link to its node, the remote's address kept,
+                  the replies back through the client's veth, its node and the same link
   bare            the same remote -> a port the same provider forwards (asked by NAT-PMP from
                   inside the exit pod) -> the same tunnel -> a server in the exit pod itself:
                   the path without cloak's rules, the Service and the pod network
@@ -31,6 +34,7 @@ from gateway import GATEWAY, NS, Lab, read_all  # noqa: E402
 
 HERE = os.path.abspath(__file__)
 SINK, CONN = 9001, 9002
+KEPT_SINK, KEPT_CONN = 9003, 9004
 BARE_SINK, BARE_CONN = 9101, 9102
 
 
@@ -146,16 +150,30 @@ def main():
     backend_pid = lab.pod_pid("in-backend")
     procs = [subprocess.Popen(["nsenter", "-t", backend_pid, "-n", sys.executable, HERE,
                                "backend", str(SINK), str(CONN)])]
+    # A backend that is a client of the gateway: its Service's connections keep their address.
+    lab.client("in-kept", labels=f"{{app: in-kept, cloak.dev/gateway: {GATEWAY}}}")
+    kept_service = (f"apiVersion: v1\nkind: Service\nmetadata:\n  name: in-kept\n"
+                    f"  namespace: {NS}\nspec:\n  selector: {{app: in-kept}}\n  ports:\n"
+                    f"    - {{name: sink, port: {KEPT_SINK}, protocol: TCP}}\n"
+                    f"    - {{name: conn, port: {KEPT_CONN}, protocol: TCP}}\n")
+    subprocess.run([cloak, "lab", "kubectl", "--name", name, "--", "apply", "-f", "-"],
+                   input=kept_service, text=True, check=True, capture_output=True)
+    procs.append(subprocess.Popen(["nsenter", "-t", lab.pod_pid("in-kept"), "-n",
+                                   sys.executable, HERE, "backend", str(KEPT_SINK),
+                                   str(KEPT_CONN)]))
     try:
         requested = time.monotonic()
         lab.kubectl("-n", NS, "patch", "vpngateway", GATEWAY, "--type=merge", "-p", json.dumps(
             {"spec": {"ports": [
                 {"name": "sink", "service": "in-backend", "port": SINK, "protocol": "TCP"},
-                {"name": "conn", "service": "in-backend", "port": CONN, "protocol": "TCP"}]}}))
+                {"name": "conn", "service": "in-backend", "port": CONN, "protocol": "TCP"},
+                {"name": "ksink", "service": "in-kept", "port": KEPT_SINK, "protocol": "TCP"},
+                {"name": "kconn", "service": "in-kept", "port": KEPT_CONN,
+                 "protocol": "TCP"}]}}))
 
         def published():
             exits = lab.gateway().get("status", {}).get("exits", [])
-            ok = [e for e in exits if len(e.get("ports", [])) == 2]
+            ok = [e for e in exits if len(e.get("ports", [])) == 4]
             return ok if len(ok) == 2 else None
         exits = lab.wait("both exits' ports published", published, 180)
         print(f"ports published {time.monotonic() - requested:.1f} s after the request "
@@ -182,12 +200,15 @@ def main():
 
         print(f"inbound through exit {exit['name']} ({address}, userspace WireGuard, 2 cores):")
         via = measure(lab, address, ports["sink"], ports["conn"])
+        kept = measure(lab, address, ports["ksink"], ports["kconn"])
         raw = measure(lab, address, bare[BARE_SINK], bare[BARE_CONN])
-        print(f"  one TCP stream, 200 MB: through cloak {via[0]:.0f} Mbit/s, bare {raw[0]:.0f} "
-              f"Mbit/s, ratio {via[0] / raw[0]:.2f}x")
+        print(f"  one TCP stream, 200 MB: through cloak {via[0]:.0f} Mbit/s, address kept "
+              f"{kept[0]:.0f} Mbit/s, bare {raw[0]:.0f} Mbit/s; ratios {via[0] / raw[0]:.2f}x "
+              f"and {kept[0] / raw[0]:.2f}x")
         print(f"  new connections, 8 threads for 5 s: through cloak {via[1]:.0f}/s "
-              f"({via[2]} failed), bare {raw[1]:.0f}/s ({raw[2]} failed), "
-              f"ratio {via[1] / raw[1]:.2f}x")
+              f"({via[2]} failed), address kept {kept[1]:.0f}/s ({kept[2]} failed), bare "
+              f"{raw[1]:.0f}/s ({raw[2]} failed); ratios {via[1] / raw[1]:.2f}x and "
+              f"{kept[1] / raw[1]:.2f}x")
 
         # Renewal traffic: the provider's gateway logs every request, with its source.
         provider = {"198.51.100.11": "wg-alpha", "198.51.100.12": "wg-beta"}[address]
@@ -202,8 +223,8 @@ def main():
         before, t0 = count(), time.monotonic()
         time.sleep(90)
         minutes = (time.monotonic() - t0) / 60
-        per = (count() - before) / 2 / minutes
-        print(f"  renewal traffic: {per:.1f} requests a minute per mapping (the exit's 2 mappings "
+        per = (count() - before) / 4 / minutes
+        print(f"  renewal traffic: {per:.1f} requests a minute per mapping (the exit's 4 mappings "
               f"over {minutes * 60:.0f} s, counted at the provider's gateway); a request is 12 "
               f"bytes and its answer 16, {per * (12 + 16 + 2 * (28 + 32)) / 60:.1f} bytes/s "
               f"with UDP/IP and WireGuard's own 32 each")
@@ -212,8 +233,8 @@ def main():
             p.kill()
         lab.kubectl("-n", NS, "patch", "vpngateway", GATEWAY, "--type=merge",
                     "-p", '{"spec":{"ports":null}}', check=False)
-        lab.delete("service", "in-backend")
-        lab.delete("pod", "in-backend")
+        lab.delete("service", "in-backend", "in-kept")
+        lab.delete("pod", "in-backend", "in-kept")
 
 
 if __name__ == "__main__":

@@ -322,7 +322,7 @@ impl Resolved {
             return Err(ConfigError::Interface(iface.clone()));
         }
         let credentials = base.join(&config.credentials);
-        let mut tunnel = read_credentials(&credentials, iface)?;
+        let (mut tunnel, static_ports) = read_credentials(&credentials, iface)?;
         if let TunnelConfig::WireGuard(wg) = &mut tunnel {
             // The pod sits behind the node's NAT, whose UDP mappings expire after ~30 s idle.
             wg.peer
@@ -343,7 +343,20 @@ impl Resolved {
             .transpose()?;
         let exit = config
             .exit
-            .map(|role| resolve_exit(role, dns))
+            .map(|mut role| {
+                // The ports the provider forwards to this account for good (the Secret's
+                // `FIREWALL_VPN_INPUT_PORTS`) go to the requests that name none, in order,
+                // instead of NAT-PMP.
+                for (forward, port) in role
+                    .forwards
+                    .iter_mut()
+                    .filter(|f| f.external.is_none())
+                    .zip(&static_ports)
+                {
+                    forward.external = Some(*port);
+                }
+                resolve_exit(role, dns)
+            })
             .transpose()?;
         Ok(Self {
             exit,
@@ -455,7 +468,9 @@ fn read(path: &Path) -> Result<String, ConfigError> {
     })
 }
 
-fn read_credentials(path: &Path, iface: &str) -> Result<TunnelConfig, ConfigError> {
+/// The tunnel of the credentials at `path`, and the static forwarded ports they name
+/// ([`credentials::static_ports`]).
+fn read_credentials(path: &Path, iface: &str) -> Result<(TunnelConfig, Vec<u16>), ConfigError> {
     let err = |p: &Path, reason: String| ConfigError::Credentials {
         path: p.display().to_string(),
         reason,
@@ -477,7 +492,7 @@ fn read_credentials(path: &Path, iface: &str) -> Result<TunnelConfig, ConfigErro
         // The operator's classification takes the same bytes the same way.
         let keys = credentials::keys(files.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
             .map_err(|e| err(path, e.to_string()))?;
-        from_keys(&keys, iface).map_err(|reason| err(path, reason))
+        tunnel_and_ports(&keys, iface).map_err(|reason| err(path, reason))
     } else {
         let text = Secret::new(read(path)?);
         let name = path
@@ -504,11 +519,18 @@ fn read_credentials(path: &Path, iface: &str) -> Result<TunnelConfig, ConfigErro
                     )
                 })
                 .collect();
-            return from_keys(&keys, iface).map_err(|reason| err(path, reason));
+            return tunnel_and_ports(&keys, iface).map_err(|reason| err(path, reason));
         };
         let keys = BTreeMap::from([(key, text)]);
-        from_keys(&keys, iface).map_err(|reason| err(path, reason))
+        tunnel_and_ports(&keys, iface).map_err(|reason| err(path, reason))
     }
+}
+
+fn tunnel_and_ports(
+    keys: &BTreeMap<String, Secret>,
+    iface: &str,
+) -> Result<(TunnelConfig, Vec<u16>), String> {
+    Ok((from_keys(keys, iface)?, credentials::static_ports(keys)?))
 }
 
 /// Credentials from Secret-style keys, by the parser the operator classifies them with.
@@ -673,6 +695,51 @@ mod tests {
 
     /// Names are kept as names: resolving them is the machine's step, at each connection, and
     /// a config must load whether or not DNS works (the kill switch may be closed).
+    #[test]
+    fn the_static_ports_of_a_mounted_secret_go_to_the_requests_that_name_none_in_order() {
+        let d = dir();
+        std::fs::create_dir(d.path().join("creds")).unwrap();
+        write(&d.path().join("creds"), "wg0.conf", &wg_conf());
+        write(
+            &d.path().join("creds"),
+            "FIREWALL_VPN_INPUT_PORTS",
+            "51413, 51414",
+        );
+        let cfg = write(
+            d.path(),
+            "exit.yaml",
+            "credentials: creds\nexit:\n  vni: 4096\n  mss: 1380\n  local: 10.244.1.7\n  forwards:\n\
+             \x20   - {name: a, protocols: [tcp], target: 10.96.0.1:80}\n\
+             \x20   - {name: b, protocols: [tcp], target: 10.96.0.1:81, external: 40000}\n\
+             \x20   - {name: c, protocols: [tcp, udp], target: 10.96.0.1:82}\n\
+             \x20   - {name: d, protocols: [tcp], target: 10.96.0.1:83}\n",
+        );
+        let role = Resolved::load(&cfg).unwrap().exit.unwrap();
+        let externals: Vec<(&str, Option<u16>)> = role
+            .forwards
+            .iter()
+            .map(|f| (f.name.as_str(), f.external))
+            .collect();
+        // The request's own static port stands; the Secret's two go to the next two; the last
+        // is asked for by NAT-PMP.
+        assert_eq!(
+            externals,
+            [
+                ("a", Some(51413)),
+                ("b", Some(40000)),
+                ("c", Some(51414)),
+                ("d", None)
+            ]
+        );
+        write(
+            &d.path().join("creds"),
+            "FIREWALL_VPN_INPUT_PORTS",
+            "51413,x",
+        );
+        let err = Resolved::load(&cfg).unwrap_err().to_string();
+        assert!(err.contains("FIREWALL_VPN_INPUT_PORTS"), "{err}");
+    }
+
     #[test]
     fn an_exit_role_loads_with_its_address_and_an_identifier_out_of_range_is_refused() {
         let d = dir();

@@ -358,8 +358,8 @@ impl PortSource for NatPmp<'_> {
     }
 }
 
-/// The forwards of a config, and its tunnel's interface.
-fn wanted(config: &ConfigResult) -> (Vec<Forward>, String) {
+/// The forwards of a config, its tunnel's interface, and whether it is an exit's.
+fn wanted(config: &ConfigResult) -> (Vec<Forward>, String, bool) {
     match config.as_ref() {
         Ok(cfg) => (
             usable(
@@ -369,8 +369,9 @@ fn wanted(config: &ConfigResult) -> (Vec<Forward>, String) {
                     .unwrap_or_default(),
             ),
             cfg.tunnel.interface().to_owned(),
+            cfg.exit.is_some(),
         ),
-        Err(_) => (Vec::new(), String::new()),
+        Err(_) => (Vec::new(), String::new(), false),
     }
 }
 
@@ -412,7 +413,7 @@ pub async fn follow(
     let mut reconnects = status.borrow().reconnects;
     let start = Instant::now();
     loop {
-        let (forwards, tunnel) = wanted(&config.borrow_and_update());
+        let (forwards, tunnel, is_exit) = wanted(&config.borrow_and_update());
         let connected = status.borrow_and_update().phase == Phase::Connected;
         let now_reconnects = status.borrow().reconnects;
         // A new connection (another session, maybe another server): every mapping is asked
@@ -454,7 +455,19 @@ pub async fn follow(
                 releasing.insert(key, lease);
             }
         }
-        releasing.retain(|_, l| l.expires.is_some_and(|e| e > Instant::now()));
+        // A release still pending for an internal port that a current request uses again
+        // would delete that request's mapping: dropped.
+        let in_use: Vec<(Protocol, u16)> = forwards
+            .iter()
+            .flat_map(|f| {
+                let internal = f.external.unwrap_or(f.target.port());
+                f.protocols.iter().map(move |p| (*p, internal))
+            })
+            .collect();
+        releasing.retain(|(_, protocol), l| {
+            l.expires.is_some_and(|e| e > Instant::now())
+                && !in_use.contains(&(*protocol, l.internal))
+        });
         let pending: Vec<((String, Protocol), Lease)> = if socket.is_some() {
             std::mem::take(&mut releasing).into_iter().collect()
         } else {
@@ -492,9 +505,13 @@ pub async fn follow(
                     dynamic: f.external.is_none(),
                     gateway: f.gateway,
                 };
+                // The backends change with the pods (a restart, a scale-out): the mapping
+                // stays, only the rules follow them.
+                if let Some(l) = leases.get_mut(&key) {
+                    l.backends.clone_from(&fresh.backends);
+                }
                 let same = leases.get(&key).is_some_and(|l| {
                     l.target == fresh.target
-                        && l.backends == fresh.backends
                         && l.dynamic == fresh.dynamic
                         && l.gateway == fresh.gateway
                         && (l.dynamic || l.external == fresh.external)
@@ -599,10 +616,10 @@ pub async fn follow(
             .collect();
         backend_routes.sort();
         backend_routes.dedup_by_key(|r| r.0);
-        if routed.as_ref() != Some(&backend_routes)
-            && (!backend_routes.is_empty() || routed.is_some())
-        {
-            match cloak_dataplane::gateway::route_inbound(&backend_routes) {
+        // Once at an exit's start (a restarted agent's namespace may hold an older table), then
+        // on every change.
+        if is_exit && !tunnel.is_empty() && routed.as_ref() != Some(&backend_routes) {
+            match cloak_dataplane::gateway::route_inbound(&tunnel, &backend_routes) {
                 Ok(()) => routed = Some(backend_routes),
                 Err(e) => {
                     tracing::warn!(%e, "inbound ports: routing the backends");

@@ -44,10 +44,11 @@ impl Proc {
 }
 
 /// SIGTERM, SIGINT and SIGHUP, caught until [`StopSignals::wait`] takes one. Caught, never
-/// blocked: a child starts with its parent thread's signal mask (neither `std` nor `setpriv`
-/// clears it), so a supervisor that blocked them to wait for them started every process with
-/// them blocked, and `cloak portfwd`, kube-apiserver and OpenVPN then ignored their SIGTERM
-/// until killed 10 s later. A caught signal is reset to its default in a child at exec.
+/// blocked: the supervisor's children started with its blocked mask (measured: `SigBlk:
+/// 0x4003` in `/proc/<pid>/status` of its `cloak portfwd`, whose SIGTERM stayed pending; the
+/// test below sees the same when the spawning thread blocks SIGTERM), so `cloak portfwd`,
+/// kube-apiserver and OpenVPN ignored their SIGTERM until killed 10 s later. A caught signal
+/// is reset to its default in a child at exec.
 pub(crate) struct StopSignals {
     runtime: tokio::runtime::Runtime,
     term: tokio::signal::unix::Signal,

@@ -90,6 +90,39 @@ pub enum CredentialsError {
     },
 }
 
+/// The Secret key naming the ports a provider forwards to this account for good (picked in the
+/// provider's account page: AirVPN, Windscribe): gluetun's name for them.
+pub const STATIC_PORTS_KEY: &str = "FIREWALL_VPN_INPUT_PORTS";
+
+/// The ports of [`STATIC_PORTS_KEY`] (comma-separated, spaces allowed), in order, each once;
+/// none when the key is absent. A value that is no port list is an error naming it.
+pub fn static_ports(keys: &BTreeMap<String, Secret>) -> Result<Vec<u16>, String> {
+    let Some(value) = keys.get(STATIC_PORTS_KEY) else {
+        return Ok(Vec::new());
+    };
+    let mut ports = Vec::new();
+    for item in value
+        .expose()
+        .split(',')
+        .map(str::trim)
+        .filter(|i| !i.is_empty())
+    {
+        match item.parse::<u16>() {
+            Ok(port) if port != 0 => {
+                if !ports.contains(&port) {
+                    ports.push(port);
+                }
+            }
+            _ => {
+                return Err(format!(
+                    "{STATIC_PORTS_KEY}: {item:?} is not a port (1-65535; a comma-separated list)"
+                ));
+            }
+        }
+    }
+    Ok(ports)
+}
+
 /// Parses credentials from Secret keys (a Secret's `data`, or a mounted Secret's files).
 /// `interface` names the tunnel interface the result will have.
 ///
@@ -403,6 +436,20 @@ pub fn classify(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_secrets_static_ports_are_read_in_order_once_each_and_a_bad_one_is_named() {
+        let keys =
+            |v: &str| BTreeMap::from([(STATIC_PORTS_KEY.to_owned(), Secret::new(v.to_owned()))]);
+        assert_eq!(
+            static_ports(&keys("51413, 51414,51413")),
+            Ok(vec![51413, 51414])
+        );
+        assert_eq!(static_ports(&BTreeMap::new()), Ok(Vec::new()));
+        let err = static_ports(&keys("51413,http")).unwrap_err();
+        assert!(err.contains("\"http\" is not a port"), "{err}");
+        assert!(static_ports(&keys("0")).is_err());
+    }
     use super::*;
 
     fn secret(pairs: &[(&str, &str)]) -> BTreeMap<String, Vec<u8>> {

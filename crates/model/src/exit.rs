@@ -194,6 +194,36 @@ pub fn forwarded_ports(response: &str) -> Vec<cloak_api::ForwardedPort> {
     ports
 }
 
+/// The requests an exit's agent says it has no port for, with why (its [`STATUS_PATH`]
+/// answer's `forwards` with port 0 and an error): `<name>/<PROTOCOL>: <error>`, at most 16,
+/// each cut to 200 characters. What a provider that refuses (or a gateway that never answers)
+/// looks like from the gateway's status.
+pub fn port_failures(response: &str) -> Vec<String> {
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or(response, |(_, body)| body);
+    let Ok(status) = serde_json::from_str::<Value>(body.trim()) else {
+        return Vec::new();
+    };
+    let mut failures: Vec<String> = status
+        .get("forwards")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter(|f| f.get("port").and_then(Value::as_u64) == Some(0))
+        .filter_map(|f| {
+            let error = f.get("error")?.as_str()?;
+            let name = f.get("name")?.as_str()?;
+            let protocol = f.get("protocol")?.as_str()?.to_ascii_uppercase();
+            let line = format!("{name}/{protocol}: {error}");
+            Some(line.chars().take(200).collect())
+        })
+        .collect();
+    failures.sort();
+    failures.truncate(16);
+    failures
+}
+
 /// `spec.exits.drainGrace` when absent.
 pub const DEFAULT_DRAIN_GRACE: std::time::Duration = std::time::Duration::from_mins(5);
 
@@ -763,6 +793,20 @@ mod tests {
                  "backends": [{"address": "10.244.1.5:8080", "node": "198.19.0.11"}]}
             ])
         );
+    }
+
+    #[test]
+    fn an_exits_refused_ports_are_read_with_their_reasons() {
+        let answer = "HTTP/1.0 200 OK\r\n\r\n{\"forwards\":[\
+            {\"name\":\"web\",\"protocol\":\"tcp\",\"port\":40000},\
+            {\"name\":\"web\",\"protocol\":\"udp\",\"port\":0,\"error\":\"the gateway answered: not authorized\"},\
+            {\"name\":\"new\",\"protocol\":\"tcp\",\"port\":0}]}";
+        // A port still being asked for (no error yet) is no failure.
+        assert_eq!(
+            port_failures(answer),
+            ["web/UDP: the gateway answered: not authorized"]
+        );
+        assert!(port_failures("not json").is_empty());
     }
 
     #[test]

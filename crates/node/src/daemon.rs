@@ -1135,24 +1135,31 @@ impl Daemon {
             });
         }
         links.sort_by_key(|l| l.slot);
+        // A pod address goes to one client: two sandboxes of one pod (its old one not yet
+        // gone) would route it twice.
+        let mut addressed = std::collections::BTreeSet::new();
         let clients = state
             .clients
-            .values()
-            .map(|c| {
+            .iter()
+            .map(|(id, c)| {
                 let gateway = state
                     .gateway_ids
                     .get(&(c.pod_namespace.clone(), c.gateway.clone()))
                     .copied()
                     .unwrap_or_default();
                 let mtu = mtus.get(&gateway).copied().unwrap_or(1420);
-                // Its pod's address as the API says it (the kubelet writes it, not the pod).
-                let pod_ip = self
+                // Its pod's address as the API says it (the kubelet writes it, not the pod), for
+                // the pod of this sandbox (by UID) alone.
+                let uid = state.sandboxes.get(id).map(|s| s.uid.as_str());
+                let pod_ip: Option<Ipv4Addr> = self
                     .pods
                     .get(
                         &kube::runtime::reflector::ObjectRef::new(&c.pod_name)
                             .within(&c.pod_namespace),
                     )
-                    .and_then(|p| p.status.as_ref()?.pod_ip.as_deref()?.parse().ok());
+                    .filter(|p| uid.is_some() && p.metadata.uid.as_deref() == uid)
+                    .and_then(|p| p.status.as_ref()?.pod_ip.as_deref()?.parse().ok())
+                    .filter(|ip| addressed.insert(*ip));
                 ClientPort {
                     iface: c.iface.clone(),
                     address: c.address,

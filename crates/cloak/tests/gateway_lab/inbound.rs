@@ -565,6 +565,12 @@ spec:
       labels: {{app: seen, cloak.dev/gateway: {GATEWAY}}}
     spec:
       terminationGracePeriodSeconds: 1
+      # One on each node: the exits reach both nodes' links.
+      topologySpreadConstraints:
+        - maxSkew: 1
+          topologyKey: kubernetes.io/hostname
+          whenUnsatisfiable: DoNotSchedule
+          labelSelector: {{matchLabels: {{app: seen}}}}
       containers:
         - name: web
           image: cloak.dev/lab/client:dev
@@ -644,7 +650,20 @@ spec:
             }
         },
     );
-    assert!(told.contains("198.19."), "{told}");
+    // On two nodes: two transit addresses.
+    let transits: std::collections::BTreeSet<String> = pods["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            let host: std::net::Ipv4Addr = str_at(p, "/status/hostIP").parse().unwrap();
+            cloak_model::gateway::transit_for(host).to_string()
+        })
+        .collect();
+    assert_eq!(transits.len(), 2, "{transits:?}");
+    for transit in &transits {
+        assert!(told.contains(transit.as_str()), "{transit}: {told}");
+    }
 
     // Both exits' forwarded ports.
     let exits: Vec<(String, u64)> = eventually(
@@ -728,28 +747,27 @@ spec:
     // twelve to one would come once in 2,048 runs).
     assert_eq!(answered_by.len(), 2, "{answered_by:?}");
 
-    // A backend that is no client: the Service's address again, masqueraded.
-    lab.kubectl(&[
-        "-n",
-        DEMO_NAMESPACE,
-        "patch",
-        "deployment",
-        "seen",
-        "--type=json",
-        "-p",
-        r#"[{"op":"remove","path":"/spec/template/metadata/labels/cloak.dev~1gateway"}]"#,
-    ]);
-    lab.kubectl(&[
-        "-n",
-        DEMO_NAMESPACE,
-        "rollout",
-        "status",
-        "deployment/seen",
-        "--timeout=120s",
-    ]);
+    // One more pod of the Service that is no client: the Service's address again, masqueraded
+    // (the pods see the exit pod's address).
+    lab.apply(&format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: seen-plain
+  namespace: {DEMO_NAMESPACE}
+  labels: {{app: seen}}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+    - name: web
+      image: cloak.dev/lab/client:dev
+      imagePullPolicy: Never
+      command: [sleep, "100000"]
+"#
+    ));
     let (address, port) = &exits[0];
-    let masqueraded = eventually(
-        "the connections masqueraded once a backend is no client",
+    eventually(
+        "the connections masqueraded once a pod of the Service is no client",
         Duration::from_mins(1),
         || {
             let body = lab.exec_in(
@@ -769,7 +787,6 @@ spec:
             }
         },
     );
-    assert!(masqueraded.contains("seen from"), "{masqueraded}");
 }
 
 /// Removes the backends of the test above.
@@ -779,16 +796,108 @@ struct Seen<'a> {
 
 impl Drop for Seen<'_> {
     fn drop(&mut self) {
-        for kind in ["deployment", "service"] {
+        for (kind, name) in [
+            ("deployment", "seen"),
+            ("service", "seen"),
+            ("pod", "seen-plain"),
+        ] {
             let _ = self.lab.try_kubectl(&[
                 "-n",
                 DEMO_NAMESPACE,
                 "delete",
                 kind,
-                "seen",
+                name,
                 "--ignore-not-found",
                 "--wait=false",
             ]);
         }
     }
+}
+
+/// The gateway's condition `type`, as (status, message).
+fn condition(gateway: &Value, type_: &str) -> (String, String) {
+    gateway["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["type"] == type_)
+        .map(|c| (str_at(c, "/status"), str_at(c, "/message")))
+        .unwrap_or_default()
+}
+
+/// A provider that refuses to forward a port: the gateway says which exit and which port, and
+/// why; once the provider gives in, the exits' next try maps it and the condition clears.
+#[test]
+fn a_provider_that_refuses_a_port_is_told_in_the_gateways_condition_and_asked_again() {
+    let lab = lab::shared();
+    let _turn = lab::serial();
+    healthy_gateway(lab);
+    let _ports = Ports { lab };
+    let refusing = natpmp::Control {
+        refuse: true,
+        ..natpmp::Control::default()
+    };
+    for p in layout::PROVIDERS.iter().filter(|p| !p.gluetun) {
+        natpmp::control(&lab.lab, p, refusing).unwrap();
+    }
+    lab.kubectl(&[
+        "-n",
+        DEMO_NAMESPACE,
+        "patch",
+        "vpngateway",
+        GATEWAY,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"ports":[{"name":"http","service":"web","port":80,"protocol":"TCP"}]}}"#,
+    ]);
+    let refused = eventually(
+        "the refusal in the condition PortsForwarded",
+        Duration::from_mins(2),
+        || {
+            let gw = gateway(lab);
+            let (status, message) = condition(&gw, "PortsForwarded");
+            let both = gw["status"]["exits"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .all(|e| message.contains(&format!("{}: http/TCP: ", str_at(e, "/name"))));
+            if status == "False" && both && message.contains("not authorized") {
+                Ok(message)
+            } else {
+                Err(format!("{status}: {message}"))
+            }
+        },
+    );
+    // Nothing is published while refused.
+    let gw = gateway(lab);
+    assert!(
+        gw["status"]["exits"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .all(|e| e.get("ports").is_none()),
+        "{refused}: {}",
+        gw["status"]["exits"]
+    );
+    for p in layout::PROVIDERS.iter().filter(|p| !p.gluetun) {
+        natpmp::control(&lab.lab, p, natpmp::Control::default()).unwrap();
+    }
+    eventually(
+        "the port mapped and the condition clear once the provider gives in",
+        Duration::from_mins(1),
+        || {
+            let gw = gateway(lab);
+            let (status, message) = condition(&gw, "PortsForwarded");
+            let mapped = gw["status"]["exits"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .all(|e| e["ports"].as_array().is_some_and(|p| !p.is_empty()));
+            if status == "True" && mapped {
+                Ok(())
+            } else {
+                Err(format!("{status}: {message}; {}", gw["status"]["exits"]))
+            }
+        },
+    );
 }

@@ -214,15 +214,16 @@ impl ExitPlan {
 
 /// Routes each backend of the exit's inbound ports (a client pod of its gateway) by way of its
 /// node's transit address over the links, in a table of their own ([`INBOUND_ROUTE_TABLE`])
-/// looked up ahead of the tunnel's, replacing what that table held. `backends` are (pod
-/// address, node transit address) pairs.
-pub fn route_inbound(backends: &[(Ipv4Addr, Ipv4Addr)]) -> Result<(), Error> {
+/// looked up ahead of the tunnel's for what arrives by the tunnel `tunnel` (the connections
+/// its DNAT rules turned to the pods; nothing of the exit's own), replacing what that table
+/// held. `backends` are (pod address, node transit address) pairs.
+pub fn route_inbound(tunnel: &str, backends: &[(Ipv4Addr, Ipv4Addr)]) -> Result<(), Error> {
     let table = INBOUND_ROUTE_TABLE.to_string();
     replace_rule(
         "-4",
         crate::RULE_PRIORITY - 3,
-        &["lookup", &table],
-        &format!("lookup {table}"),
+        &["iif", tunnel, "lookup", &table],
+        &format!("iif {tunnel} lookup {table}"),
     )?;
     // An empty table does not exist for `ip route show`: nothing to remove then.
     let listing = ip(&["-4", "route", "show", "table", &table]).unwrap_or_default();

@@ -535,6 +535,8 @@ async fn apply(gateway: &VpnGateway, ctx: &Context) -> Result<Action> {
 
     // Status.
     let mut exits = Vec::new();
+    // The ports the exits say their providers refuse: `<exit>: <name>/<PROTOCOL>: <why>`.
+    let mut failures: Vec<String> = Vec::new();
     for (exit_name, f) in &found {
         let was = previous.exits.iter().find(|e| &e.name == exit_name);
         let view = f.pod.as_ref().map(exit::PodView::of);
@@ -569,6 +571,15 @@ async fn apply(gateway: &VpnGateway, ctx: &Context) -> Result<Action> {
             (None, Some(answer)) => exit::public_address(answer).map(|a| a.to_string()),
             _ => known,
         };
+        if let Some(answer) = &answer
+            && !ports.is_empty()
+        {
+            failures.extend(
+                exit::port_failures(answer)
+                    .into_iter()
+                    .map(|f| format!("{exit_name}: {f}")),
+            );
+        }
         let forwarded = match (&answer, health) {
             (Some(answer), _) => exit::forwarded_ports(answer),
             // Not answering now: what it said last stands while it stays healthy.
@@ -694,6 +705,25 @@ async fn apply(gateway: &VpnGateway, ctx: &Context) -> Result<Action> {
             ),
         ]
         .into_iter()
+        .chain((!gateway.spec.ports.is_empty()).then(|| {
+            // What the exits' providers refuse (or never answer), as the exits say it.
+            condition(
+                &previous.conditions,
+                "PortsForwarded",
+                failures.is_empty(),
+                if failures.is_empty() {
+                    "NoneRefused"
+                } else {
+                    "NotForwarded"
+                },
+                &if failures.is_empty() {
+                    "no exit's provider refuses a port".to_owned()
+                } else {
+                    failures.join("; ")
+                },
+                generation,
+            )
+        }))
         .chain((!gateway.spec.ports.is_empty()).then(|| {
             condition(
                 &previous.conditions,

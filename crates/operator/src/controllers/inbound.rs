@@ -12,7 +12,7 @@ use cloak_model::{
     exit::{Backend, ExitForward},
     natpmp::Protocol,
 };
-use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service, ServicePort};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service, ServicePort};
 use kube::{
     Api, ResourceExt,
     api::{ListParams, ObjectMeta, Patch, PatchParams},
@@ -166,7 +166,7 @@ pub(crate) async fn resolve(
             .cloned()
             .unwrap_or_default();
         let selector = spec.selector.clone().unwrap_or_default();
-        let backends = client_backends(gateway, ctx, &selector, &service_port).await?;
+        let backends = client_backends(gateway, ctx, &selector, &service_port).await;
         resolved.push(Resolved {
             request: request.clone(),
             target: SocketAddrV4::new(ip, port),
@@ -178,10 +178,27 @@ pub(crate) async fn resolve(
 
 /// The Service's ready backends, when every pod it selects is a client of `gateway`: their
 /// replies go through the gateway's exits anyway, so an exit sends them the remote's
-/// connections over the links with the remote's address kept. Empty otherwise (a backend
-/// outside the gateway would send its replies elsewhere): the exit then masquerades to the
-/// Service's cluster address.
+/// connections over the links with the remote's address kept. Empty otherwise, and the exit
+/// then masquerades to the Service's cluster address: when a selected pod is no client (its
+/// replies would go elsewhere), shares its node's network (`hostNetwork`: never a client, and
+/// its address is the node's), or is Ready with no address, node or port to send to; and when
+/// the pods cannot be listed (said in the log, tried again at the next reconcile).
 async fn client_backends(
+    gateway: &VpnGateway,
+    ctx: &Context,
+    selector: &BTreeMap<String, String>,
+    service_port: &ServicePort,
+) -> Vec<Backend> {
+    match try_client_backends(gateway, ctx, selector, service_port).await {
+        Ok(backends) => backends,
+        Err(e) => {
+            tracing::warn!(error = %e, "listing an inbound port's pods: its cluster address for now");
+            Vec::new()
+        }
+    }
+}
+
+async fn try_client_backends(
     gateway: &VpnGateway,
     ctx: &Context,
     selector: &BTreeMap<String, String>,
@@ -197,7 +214,11 @@ async fn client_backends(
         .list(&ListParams::default().labels(&labels))
         .await?
         .items;
-    if pods.is_empty() {
+    if pods.is_empty()
+        || pods
+            .iter()
+            .any(|p| p.spec.as_ref().and_then(|s| s.host_network) == Some(true))
+    {
         return Ok(Vec::new());
     }
     let gateways: Vec<VpnGateway> =
@@ -216,36 +237,28 @@ async fn client_backends(
     if !pods.iter().all(ours) {
         return Ok(Vec::new());
     }
-    let transits: BTreeMap<String, std::net::Ipv4Addr> = Api::<Node>::all(ctx.client.clone())
-        .list(&ListParams::default())
-        .await?
-        .items
-        .iter()
-        .filter_map(|n| {
-            let ip = n
-                .status
-                .as_ref()?
-                .addresses
-                .as_ref()?
-                .iter()
-                .filter(|a| a.type_ == "InternalIP")
-                .find_map(|a| a.address.parse::<std::net::Ipv4Addr>().ok())?;
-            Some((n.name_any(), cloak_model::gateway::transit_for(ip)))
-        })
-        .collect();
-    let mut backends: Vec<Backend> = pods
+    let ready: Vec<&Pod> = pods
         .iter()
         .filter(|p| p.metadata.deletion_timestamp.is_none() && is_ready(p))
+        .collect();
+    let mut backends: Vec<Backend> = ready
+        .iter()
         .filter_map(|p| {
-            let address = p.status.as_ref()?.pod_ip.as_deref()?.parse().ok()?;
-            let node = transits.get(p.spec.as_ref()?.node_name.as_deref()?)?;
+            let status = p.status.as_ref()?;
+            let address = status.pod_ip.as_deref()?.parse().ok()?;
+            // The node's address as its `cloak node` takes it (the chart passes it
+            // `status.hostIP`), so the transit address is the one that node holds.
+            let host = status.host_ip.as_deref()?.parse().ok()?;
             let port = target_port(p, service_port)?;
             Some(Backend {
                 address: SocketAddrV4::new(address, port),
-                node: *node,
+                node: cloak_model::gateway::transit_for(host),
             })
         })
         .collect();
+    if backends.len() != ready.len() {
+        return Ok(Vec::new());
+    }
     backends.sort();
     Ok(backends)
 }
