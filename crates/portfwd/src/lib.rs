@@ -440,11 +440,7 @@ pub async fn run(
                 let full = delta.is_none();
                 // A full load repairs whatever changed outside cloak since the last one: count
                 // that as drift, as the resync would have (a change can come first).
-                if full
-                    && let Some((_, Some(expected))) = applied.as_ref()
-                    && let Some(now) = config.executor.read_back(config.backend).await
-                    && !matches!(&now, Ok(now) if now == expected)
-                {
+                if full && drifted(&config, applied.as_ref()).await {
                     metrics.drift.inc();
                     tracing::warn!(
                         "the loaded rules changed outside cloak; the next load is full anyway"
@@ -485,11 +481,7 @@ pub async fn run(
                         metrics.failures.inc();
                         // A delta that failed on rules changed outside cloak (a flushed table)
                         // is that drift, noticed by the load before the resync could.
-                        if !full
-                            && let Some((_, Some(expected))) = applied.as_ref()
-                            && let Some(now) = config.executor.read_back(config.backend).await
-                            && !matches!(&now, Ok(now) if now == expected)
-                        {
+                        if !full && drifted(&config, applied.as_ref()).await {
                             metrics.drift.inc();
                             tracing::warn!(
                                 "the loaded rules changed outside cloak; loading them in full"
@@ -549,6 +541,19 @@ pub async fn run(
         () = sync_loop => {},
         () = service_events => {},
         () = node_events => {},
+    }
+}
+
+/// Whether what is loaded now differs from what the kernel listed right after the last load
+/// (`applied`; nothing to compare when that listing failed or the backend cannot be read back).
+async fn drifted(config: &Config, applied: Option<&(model::Ruleset, Option<String>)>) -> bool {
+    let Some((_, Some(expected))) = applied else {
+        return false;
+    };
+    match config.executor.read_back(config.backend).await {
+        Some(Ok(now)) => now != *expected,
+        Some(Err(_)) => true,
+        None => false,
     }
 }
 

@@ -21,6 +21,11 @@ struct Ports<'a> {
 
 /// Removes `spec.ports` from the example gateway.
 fn clear_ports(lab: &lab::TestLab) -> Result<String, String> {
+    set_ports(lab, "null")
+}
+
+/// Sets the example gateway's `spec.ports` to `ports` (JSON).
+fn set_ports(lab: &lab::TestLab, ports: &str) -> Result<String, String> {
     lab.try_kubectl(&[
         "-n",
         DEMO_NAMESPACE,
@@ -29,7 +34,7 @@ fn clear_ports(lab: &lab::TestLab) -> Result<String, String> {
         GATEWAY,
         "--type=merge",
         "-p",
-        r#"{"spec":{"ports":null}}"#,
+        &format!(r#"{{"spec":{{"ports":{ports}}}}}"#),
     ])
 }
 
@@ -203,16 +208,11 @@ fn provider_forwarded_ports_reach_the_service_through_every_exit_follow_changes_
     let _turn = lab::serial();
     healthy_gateway(lab);
     let started = std::time::Instant::now();
-    lab.kubectl(&[
-        "-n",
-        DEMO_NAMESPACE,
-        "patch",
-        "vpngateway",
-        GATEWAY,
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"ports":[{"name":"http","service":"web","port":80,"protocol":"TCP"},{"name":"echo","service":"web","port":5353,"protocol":"UDP"}]}}"#,
-    ]);
+    set_ports(
+        lab,
+        r#"[{"name":"http","service":"web","port":80,"protocol":"TCP"},{"name":"echo","service":"web","port":5353,"protocol":"UDP"}]"#,
+    )
+    .unwrap();
     let _ports = Ports { lab };
     let exits = mapped(
         lab,
@@ -607,16 +607,11 @@ spec:
         "deployment/seen",
         "--timeout=120s",
     ]);
-    lab.kubectl(&[
-        "-n",
-        DEMO_NAMESPACE,
-        "patch",
-        "vpngateway",
-        GATEWAY,
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"ports":[{"name":"seen","service":"seen","port":80,"protocol":"TCP"}]}}"#,
-    ]);
+    set_ports(
+        lab,
+        r#"[{"name":"seen","service":"seen","port":80,"protocol":"TCP"}]"#,
+    )
+    .unwrap();
     let _ports = Ports { lab };
 
     // Each exit is told the two backends, by the pods' own addresses and their nodes.
@@ -840,16 +835,11 @@ fn a_provider_that_refuses_a_port_is_told_in_the_gateways_condition_and_asked_ag
     for p in layout::PROVIDERS.iter().filter(|p| !p.gluetun) {
         natpmp::control(&lab.lab, p, refusing).unwrap();
     }
-    lab.kubectl(&[
-        "-n",
-        DEMO_NAMESPACE,
-        "patch",
-        "vpngateway",
-        GATEWAY,
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"ports":[{"name":"http","service":"web","port":80,"protocol":"TCP"}]}}"#,
-    ]);
+    set_ports(
+        lab,
+        r#"[{"name":"http","service":"web","port":80,"protocol":"TCP"}]"#,
+    )
+    .unwrap();
     let refused = eventually(
         "the refusal in the condition PortsForwarded",
         Duration::from_mins(2),
