@@ -344,17 +344,7 @@ impl Resolved {
         let exit = config
             .exit
             .map(|mut role| {
-                // The ports the provider forwards to this account for good (the Secret's
-                // `FIREWALL_VPN_INPUT_PORTS`) go to the requests that name none, in order,
-                // instead of NAT-PMP.
-                for (forward, port) in role
-                    .forwards
-                    .iter_mut()
-                    .filter(|f| f.external.is_none())
-                    .zip(&static_ports)
-                {
-                    forward.external = Some(*port);
-                }
+                assign_static_ports(&mut role.forwards, &static_ports);
                 resolve_exit(role, dns)
             })
             .transpose()?;
@@ -466,6 +456,24 @@ fn read(path: &Path) -> Result<String, ConfigError> {
         path: path.display().to_string(),
         reason: e.to_string(),
     })
+}
+
+/// The ports the provider forwards to this account for good (the Secret's
+/// `FIREWALL_VPN_INPUT_PORTS`) go to the requests that name none, in order, instead of NAT-PMP;
+/// a port some request already uses (its own static port, or a Service port asked for by
+/// NAT-PMP) is passed over, so no two requests end up on one port.
+fn assign_static_ports(forwards: &mut [Forward], ports: &[u16]) {
+    let used: Vec<u16> = forwards
+        .iter()
+        .flat_map(|f| [f.external, Some(f.target.port())])
+        .flatten()
+        .collect();
+    // (`ports` holds each port once.)
+    let mut free = ports.iter().copied().filter(|p| !used.contains(p));
+    for forward in forwards.iter_mut().filter(|f| f.external.is_none()) {
+        let Some(port) = free.next() else { break };
+        forward.external = Some(port);
+    }
 }
 
 /// The tunnel of the credentials at `path`, and the static forwarded ports they name
@@ -693,8 +701,6 @@ mod tests {
         assert_eq!(r.health.failures, 3);
     }
 
-    /// Names are kept as names: resolving them is the machine's step, at each connection, and
-    /// a config must load whether or not DNS works (the kill switch may be closed).
     #[test]
     fn the_static_ports_of_a_mounted_secret_go_to_the_requests_that_name_none_in_order() {
         let d = dir();
@@ -703,7 +709,7 @@ mod tests {
         write(
             &d.path().join("creds"),
             "FIREWALL_VPN_INPUT_PORTS",
-            "51413, 51414",
+            "40000, 51413, 51414", // 40000 is request b's own: passed over
         );
         let cfg = write(
             d.path(),
@@ -720,8 +726,8 @@ mod tests {
             .iter()
             .map(|f| (f.name.as_str(), f.external))
             .collect();
-        // The request's own static port stands; the Secret's two go to the next two; the last
-        // is asked for by NAT-PMP.
+        // The request's own static port stands; the Secret's other two go to the next two; the
+        // last is asked for by NAT-PMP.
         assert_eq!(
             externals,
             [
@@ -740,6 +746,8 @@ mod tests {
         assert!(err.contains("FIREWALL_VPN_INPUT_PORTS"), "{err}");
     }
 
+    /// Names are kept as names: resolving them is the machine's step, at each connection, and
+    /// a config must load whether or not DNS works (the kill switch may be closed).
     #[test]
     fn an_exit_role_loads_with_its_address_and_an_identifier_out_of_range_is_refused() {
         let d = dir();

@@ -409,7 +409,8 @@ pub async fn follow(
     let mut releasing: BTreeMap<(String, Protocol), Lease> = BTreeMap::new();
     let mut epochs: BTreeMap<Ipv4Addr, Epoch> = BTreeMap::new();
     let mut applied: Option<String> = None;
-    let mut routed: Option<Vec<(Ipv4Addr, Ipv4Addr)>> = None;
+    // The tunnel and the backend routes last put in.
+    let mut routed: Option<(String, Vec<(Ipv4Addr, Ipv4Addr)>)> = None;
     let mut reconnects = status.borrow().reconnects;
     let start = Instant::now();
     loop {
@@ -595,6 +596,28 @@ pub async fn follow(
             }
         }
 
+        // The backends that are clients of the gateway are routed over the links before any
+        // rule sends them a connection: once at an exit's start (a restarted agent's namespace
+        // may hold an older table), then on every change. Until their routes are in, their
+        // connections go to the Service's cluster address (masqueraded) instead.
+        let mut table_error = None;
+        let mut backend_routes: Vec<(Ipv4Addr, Ipv4Addr)> = forwards
+            .iter()
+            .flat_map(|f| f.backends.iter().map(|b| (*b.address.ip(), b.node)))
+            .collect();
+        backend_routes.sort();
+        backend_routes.dedup_by_key(|r| r.0);
+        let wanted_routes = (tunnel.clone(), backend_routes);
+        if is_exit && !tunnel.is_empty() && routed.as_ref() != Some(&wanted_routes) {
+            match cloak_dataplane::gateway::route_inbound(&tunnel, &wanted_routes.1) {
+                Ok(()) => routed = Some(wanted_routes.clone()),
+                Err(e) => {
+                    routed = None;
+                    tracing::warn!(%e, "inbound ports: routing the backends; the Services' cluster addresses meanwhile");
+                }
+            }
+        }
+        let routes_in = routed.as_ref() == Some(&wanted_routes);
         let rules: Vec<Rule> = leases
             .iter()
             .filter(|(_, l)| l.external != 0)
@@ -604,29 +627,13 @@ pub async fn follow(
                 internal: l.internal,
                 external: l.external,
                 target: l.target,
-                backends: l.backends.clone(),
+                backends: if routes_in {
+                    l.backends.clone()
+                } else {
+                    Vec::new()
+                },
             })
             .collect();
-        // The backends that are clients of the gateway are routed over the links before any
-        // rule sends them a connection.
-        let mut table_error = None;
-        let mut backend_routes: Vec<(Ipv4Addr, Ipv4Addr)> = forwards
-            .iter()
-            .flat_map(|f| f.backends.iter().map(|b| (*b.address.ip(), b.node)))
-            .collect();
-        backend_routes.sort();
-        backend_routes.dedup_by_key(|r| r.0);
-        // Once at an exit's start (a restarted agent's namespace may hold an older table), then
-        // on every change.
-        if is_exit && !tunnel.is_empty() && routed.as_ref() != Some(&backend_routes) {
-            match cloak_dataplane::gateway::route_inbound(&tunnel, &backend_routes) {
-                Ok(()) => routed = Some(backend_routes),
-                Err(e) => {
-                    tracing::warn!(%e, "inbound ports: routing the backends");
-                    table_error = Some(format!("the exit's routes could not be written: {e}"));
-                }
-            }
-        }
         // Written as soon as there are forwards (its input chain guards the first request),
         // kept (emptied) once there were.
         if !tunnel.is_empty() && (!forwards.is_empty() || applied.is_some()) {

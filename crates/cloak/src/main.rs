@@ -604,6 +604,7 @@ fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         let netns = args.netns.clone();
         let node_name = args.node_name.clone();
         let daemon = Box::pin(cloak_node::daemon::run(client.clone(), options, shutdown));
+        let mut installer = None;
         if let Some(paths) = &paths {
             // After the socket listens: a plugin entry must never point at no daemon for longer
             // than a restart.
@@ -612,7 +613,7 @@ fn run_node(args: NodeArgs) -> anyhow::Result<()> {
             // Checked again every few seconds: the primary CNI may write its conflist after this
             // pod started, or rewrite it, and a list without the plugin would start client pods
             // unattached. (Installing is idempotent: an unchanged list is not rewritten.)
-            tokio::spawn(async move {
+            installer = Some(tokio::spawn(async move {
                 tokio::time::sleep(std::time::Duration::from_millis(200)).await;
                 loop {
                     match cloak_node::install::install(&paths, &exe) {
@@ -624,9 +625,16 @@ fn run_node(args: NodeArgs) -> anyhow::Result<()> {
                     }
                     tokio::time::sleep(std::time::Duration::from_secs(5)).await;
                 }
-            });
+            }));
         }
         daemon.await.context("node daemon")?;
+        // The installer stops first: its next round would put back a plugin an uninstall below
+        // has just taken out (it did, now and then: the chart test found the plugin in a
+        // node's list after `helm uninstall --wait`).
+        if let Some(installer) = installer {
+            installer.abort();
+            let _ = installer.await;
+        }
         // A restart (rollout, crash) leaves the plugin in place: pods started meanwhile wait for
         // the daemon instead of starting unattached. Only when its DaemonSet goes (uninstall)
         // does it take the plugin out.

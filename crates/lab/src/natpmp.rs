@@ -41,6 +41,10 @@ pub struct Control {
     pub refuse: bool,
     pub moves: u32,
     pub resets: u32,
+    /// A static port, as a provider's account page sets one up: this port of the provider's
+    /// exit address forwarded, TCP and UDP, to the same port of this tunnel client, whatever
+    /// NAT-PMP says.
+    pub static_port: Option<(std::net::Ipv4Addr, u16)>,
 }
 
 /// Where a test writes provider `p`'s [`Control`].
@@ -287,12 +291,24 @@ impl Gateway {
 
     /// The namespace's DNAT maps, when they changed.
     fn write_table(&mut self) -> Result<()> {
-        let ports: BTreeMap<Key, u16> = self
+        let mut ports: BTreeMap<Key, u16> = self
             .mappings
             .iter()
             .filter(|(_, m)| m.external != 0)
             .map(|(k, m)| (*k, m.external))
             .collect();
+        if let Some((client, port)) = self.control.static_port {
+            for protocol in [Protocol::Tcp, Protocol::Udp] {
+                ports.insert(
+                    Key {
+                        protocol,
+                        client,
+                        internal: port,
+                    },
+                    port,
+                );
+            }
+        }
         if self.written.as_ref() == Some(&ports) {
             return Ok(());
         }

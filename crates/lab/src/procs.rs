@@ -46,7 +46,7 @@ impl Proc {
 /// SIGTERM, SIGINT and SIGHUP, caught until [`StopSignals::wait`] takes one. Caught, never
 /// blocked: the supervisor's children started with its blocked mask (measured: `SigBlk:
 /// 0x4003` in `/proc/<pid>/status` of its `cloak portfwd`, whose SIGTERM stayed pending; the
-/// test below sees the same when the spawning thread blocks SIGTERM), so `cloak portfwd`,
+/// test below, given a spawning thread that blocks SIGTERM, fails so), so `cloak portfwd`,
 /// kube-apiserver and OpenVPN ignored their SIGTERM until killed 10 s later. A caught signal
 /// is reset to its default in a child at exec.
 pub(crate) struct StopSignals {

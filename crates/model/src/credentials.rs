@@ -342,7 +342,14 @@ impl Pool {
         keys: &'a BTreeMap<String, Secret>,
     ) -> Vec<(&'static str, &'a str)> {
         let mut copy = vec![(single_server_file(self.kind), server.key.as_str())];
-        for login in ["username", "password", "OPENVPN_USER", "OPENVPN_PASSWORD"] {
+        // The login, and the ports the provider forwards to the account for good.
+        for login in [
+            "username",
+            "password",
+            "OPENVPN_USER",
+            "OPENVPN_PASSWORD",
+            STATIC_PORTS_KEY,
+        ] {
             if let Some((key, _)) = keys.get_key_value(login) {
                 copy.push((login, key.as_str()));
             }

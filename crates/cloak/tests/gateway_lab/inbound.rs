@@ -846,11 +846,14 @@ fn a_provider_that_refuses_a_port_is_told_in_the_gateways_condition_and_asked_ag
         || {
             let gw = gateway(lab);
             let (status, message) = condition(&gw, "PortsForwarded");
-            let both = gw["status"]["exits"]
+            let exits = gw["status"]["exits"]
                 .as_array()
-                .into_iter()
-                .flatten()
-                .all(|e| message.contains(&format!("{}: http/TCP: ", str_at(e, "/name"))));
+                .cloned()
+                .unwrap_or_default();
+            let both = exits.len() == 2
+                && exits
+                    .iter()
+                    .all(|e| message.contains(&format!("{}: http/TCP: ", str_at(e, "/name"))));
             if status == "False" && both && message.contains("not authorized") {
                 Ok(message)
             } else {
@@ -878,11 +881,14 @@ fn a_provider_that_refuses_a_port_is_told_in_the_gateways_condition_and_asked_ag
         || {
             let gw = gateway(lab);
             let (status, message) = condition(&gw, "PortsForwarded");
-            let mapped = gw["status"]["exits"]
+            let exits = gw["status"]["exits"]
                 .as_array()
-                .into_iter()
-                .flatten()
-                .all(|e| e["ports"].as_array().is_some_and(|p| !p.is_empty()));
+                .cloned()
+                .unwrap_or_default();
+            let mapped = exits.len() == 2
+                && exits
+                    .iter()
+                    .all(|e| e["ports"].as_array().is_some_and(|p| !p.is_empty()));
             if status == "True" && mapped {
                 Ok(())
             } else {
@@ -890,4 +896,102 @@ fn a_provider_that_refuses_a_port_is_told_in_the_gateways_condition_and_asked_ag
             }
         },
     );
+}
+
+/// Static ports, as a provider's account page sets them up (AirVPN, Windscribe): each exit's
+/// own (the request's list, exit-0 first) is forwarded by its provider with nothing asked of
+/// NAT-PMP, published, and reaches the Service.
+#[test]
+fn static_ports_reach_the_service_through_each_exit_with_nothing_asked() {
+    let lab = lab::shared();
+    let _turn = lab::serial();
+    let gw = healthy_gateway(lab);
+    let _ports = Ports { lab };
+    let mut exits: Vec<(String, String, String)> = gw["status"]["exits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                str_at(e, "/name"),
+                str_at(e, "/publicAddress"),
+                str_at(e, "/server"),
+            )
+        })
+        .collect();
+    exits.sort();
+    let mut logs = Vec::new();
+    for (i, (_, address, server)) in exits.iter().enumerate() {
+        let provider = provider_of(address);
+        // The exit's tunnel address at its server: `.2` of that server's subnet.
+        let k: u8 = server
+            .rsplit(|c: char| !c.is_ascii_digit())
+            .find(|d| !d.is_empty())
+            .and_then(|d| d.parse().ok())
+            .unwrap_or_else(|| panic!("no server number in {server:?}"));
+        let client = format!("{}.2", provider.tunnel_prefix(k)).parse().unwrap();
+        natpmp::control(
+            &lab.lab,
+            provider,
+            natpmp::Control {
+                static_port: Some((client, 41_001 + u16::try_from(i).unwrap())),
+                ..natpmp::Control::default()
+            },
+        )
+        .unwrap();
+        let log = natpmp::log_file(&lab.lab, provider);
+        let seen = std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .count();
+        logs.push((log, seen));
+    }
+    set_ports(
+        lab,
+        r#"[{"name":"http","service":"web","port":80,"protocol":"TCP","static":[41001,41002]}]"#,
+    )
+    .unwrap();
+    for (i, (name, address, _)) in exits.iter().enumerate() {
+        let port = 41_001 + u64::try_from(i).unwrap();
+        eventually(
+            &format!("{name} publishes its static port {port}"),
+            Duration::from_mins(2),
+            || {
+                let gw = gateway(lab);
+                let exit = gw["status"]["exits"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|e| str_at(e, "/name") == *name)
+                    .cloned()
+                    .unwrap_or_default();
+                let published = exit["ports"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|p| p["name"] == "http" && p["port"].as_u64() == Some(port));
+                if published {
+                    Ok(())
+                } else {
+                    Err(exit.to_string())
+                }
+            },
+        );
+        let body = eventually(
+            &format!("http through {address}:{port}"),
+            Duration::from_secs(30),
+            || page(lab, address, port),
+        );
+        assert_eq!(body.trim(), "hello from the cloak lab");
+    }
+    // Nothing was asked of the providers' NAT-PMP gateways for it.
+    for (log, seen) in logs {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let asked: Vec<&str> = text
+            .lines()
+            .skip(seen)
+            .filter(|l| l.contains("Map(Map") && l.contains("internal: 4100"))
+            .collect();
+        assert!(asked.is_empty(), "{asked:?}");
+    }
 }

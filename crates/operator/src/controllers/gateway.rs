@@ -571,14 +571,27 @@ async fn apply(gateway: &VpnGateway, ctx: &Context) -> Result<Action> {
             (None, Some(answer)) => exit::public_address(answer).map(|a| a.to_string()),
             _ => known,
         };
-        if let Some(answer) = &answer
-            && !ports.is_empty()
-        {
-            failures.extend(
-                exit::port_failures(answer)
-                    .into_iter()
-                    .map(|f| format!("{exit_name}: {f}")),
-            );
+        if !ports.is_empty() {
+            let prefix = format!("{exit_name}: ");
+            match &answer {
+                Some(answer) => failures.extend(
+                    exit::port_failures(answer)
+                        .into_iter()
+                        .map(|f| format!("{prefix}{f}")),
+                ),
+                // Not answering now: what it said last stands while it stays healthy (as its
+                // ports do), so the condition does not turn for one missed answer.
+                None if health == ExitHealth::Healthy => failures.extend(
+                    previous
+                        .conditions
+                        .iter()
+                        .filter(|c| c.type_ == "PortsForwarded" && c.status == "False")
+                        .flat_map(|c| c.message.split("; "))
+                        .filter(|line| line.starts_with(&prefix))
+                        .map(str::to_owned),
+                ),
+                None => {}
+            }
         }
         let forwarded = match (&answer, health) {
             (Some(answer), _) => exit::forwarded_ports(answer),

@@ -166,7 +166,7 @@ pub(crate) async fn resolve(
             .cloned()
             .unwrap_or_default();
         let selector = spec.selector.clone().unwrap_or_default();
-        let backends = client_backends(gateway, ctx, &selector, &service_port).await;
+        let backends = client_backends(gateway, ctx, &selector, &service_port).await?;
         resolved.push(Resolved {
             request: request.clone(),
             target: SocketAddrV4::new(ip, port),
@@ -181,24 +181,10 @@ pub(crate) async fn resolve(
 /// connections over the links with the remote's address kept. Empty otherwise, and the exit
 /// then masquerades to the Service's cluster address: when a selected pod is no client (its
 /// replies would go elsewhere), shares its node's network (`hostNetwork`: never a client, and
-/// its address is the node's), or is Ready with no address, node or port to send to; and when
-/// the pods cannot be listed (said in the log, tried again at the next reconcile).
+/// its address is the node's), or is Ready with no address, node or port to send to. A failed
+/// list fails the reconcile (tried again with its backoff) rather than turn every exit to the
+/// cluster address for one API error.
 async fn client_backends(
-    gateway: &VpnGateway,
-    ctx: &Context,
-    selector: &BTreeMap<String, String>,
-    service_port: &ServicePort,
-) -> Vec<Backend> {
-    match try_client_backends(gateway, ctx, selector, service_port).await {
-        Ok(backends) => backends,
-        Err(e) => {
-            tracing::warn!(error = %e, "listing an inbound port's pods: its cluster address for now");
-            Vec::new()
-        }
-    }
-}
-
-async fn try_client_backends(
     gateway: &VpnGateway,
     ctx: &Context,
     selector: &BTreeMap<String, String>,
