@@ -548,3 +548,95 @@ fn with_every_exit_dead_a_clients_dns_is_redirected_to_its_node_and_reaches_no_e
     assert_eq!(exits, 0);
     assert_eq!(gateway.uplink_packets(), 0);
 }
+
+/// One connection from the internet to exit `exit`'s public address, port 7070, which the exit
+/// DNATs to `10.244.1.5:7070` (the client pod's own address) and routes over its link to the
+/// node, as an inbound port whose backends are clients does: the client's answer, or the error.
+fn connect_over_link(gateway: &Gateway, exit: u8) -> Result<String, String> {
+    let ns = &gateway.net[&format!("exit{exit}")];
+    ns.run(&[
+        "ip",
+        "route",
+        "replace",
+        "10.244.1.5/32",
+        "via",
+        TRANSIT,
+        "dev",
+        "ckx0",
+        "onlink",
+    ]);
+    let script = format!(
+        "table ip inbound_test\ndelete table ip inbound_test\ntable ip inbound_test {{\n\
+         chain pre {{ type nat hook prerouting priority dstnat; iifname \"tun{exit}\" tcp dport 7070 dnat to 10.244.1.5:7070; }}\n}}\n"
+    );
+    let mut nft = ns
+        .command("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut nft.stdin.take().unwrap(), script.as_bytes()).unwrap();
+    assert!(nft.wait().unwrap().success());
+    let out = gateway.net["internet"]
+        .command("python3")
+        .args([
+            "-c",
+            &format!(
+                "import socket\ns=socket.create_connection(('{}',7070),timeout=2)\nprint(s.recv(100).decode())",
+                exit_public(exit)
+            ),
+        ])
+        .output()
+        .unwrap();
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
+    }
+}
+
+/// An inbound port's path: an exit's link opens a connection to its own gateway's client by
+/// the client's pod address, and the answer comes back through that exit; to a pod that is no
+/// client, or a client of another gateway, the node lets nothing through.
+#[test]
+fn an_exits_link_reaches_its_own_gateways_client_by_its_pod_address_and_no_other_pod() {
+    let mut gateway = Gateway::new();
+    // The client pod answers on its own address, as a backend does.
+    let mut server = gateway.net["client"]
+        .command("python3")
+        .args([
+            "-c",
+            "import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('0.0.0.0',7070))\ns.listen(8)\ns.settimeout(30)\nwhile True:\n  c,a=s.accept(); c.sendall(('from '+a[0]).encode()); c.close()\n",
+        ])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // The exits learn where the node is from what it sends them (in a cluster, its health
+    // probes every 100 ms): client flows over every exit here.
+    let seen = spread(&gateway.net["client"], 30);
+    assert_eq!(seen.len(), usize::from(EXITS), "{seen:?}");
+
+    // No pod address known: no path in.
+    assert!(connect_over_link(&gateway, 1).is_err());
+
+    // Its own gateway's client: reached through either exit with the remote's own address,
+    // the answer back through the exit it came by (another would not un-NAT it).
+    gateway.plan.clients[0].pod_ip = Some("10.244.1.5".parse().unwrap());
+    gateway.apply();
+    for exit in [1, 2] {
+        let answer = connect_over_link(&gateway, exit);
+        let answer = answer.unwrap_or_else(|e| panic!("through exit {exit}: {e}"));
+        assert!(
+            answer.starts_with("from 198.51."),
+            "through exit {exit}: {answer}"
+        );
+    }
+
+    // A client of another gateway: its exits' links are not this gateway's.
+    gateway.plan.clients[0].gateway = 1;
+    gateway.apply();
+    assert!(connect_over_link(&gateway, 1).is_err());
+
+    let _ = server.kill();
+    let _ = server.wait();
+}
