@@ -145,6 +145,14 @@ pub struct Forward {
     pub backends: Vec<cloak_model::exit::Backend>,
 }
 
+impl Forward {
+    /// The port the exit asks the provider to forward to (and its rules match): a static port
+    /// arrives as it is, a dynamic one on the Service's port number.
+    pub fn internal(&self) -> u16 {
+        self.external.unwrap_or(self.target.port())
+    }
+}
+
 fn default_drain_grace() -> Duration {
     Duration::from_mins(5)
 }

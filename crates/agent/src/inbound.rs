@@ -384,7 +384,7 @@ fn usable(forwards: Vec<Forward>) -> Vec<Forward> {
     forwards
         .into_iter()
         .filter(|f| {
-            let internal = f.external.unwrap_or(f.target.port());
+            let internal = f.internal();
             let ok = cloak_model::names::is_dns_label(&f.name)
                 && internal != 0
                 && f.protocols.iter().all(|p| !taken.contains(&(*p, internal)));
@@ -460,10 +460,7 @@ pub async fn follow(
         // would delete that request's mapping: dropped.
         let in_use: Vec<(Protocol, u16)> = forwards
             .iter()
-            .flat_map(|f| {
-                let internal = f.external.unwrap_or(f.target.port());
-                f.protocols.iter().map(move |p| (*p, internal))
-            })
+            .flat_map(|f| f.protocols.iter().map(move |p| (*p, f.internal())))
             .collect();
         releasing.retain(|(_, protocol), l| {
             l.expires.is_some_and(|e| e > Instant::now())
@@ -494,8 +491,7 @@ pub async fn follow(
             for protocol in &f.protocols {
                 let key = (f.name.clone(), *protocol);
                 let fresh = Lease {
-                    // A static port arrives as it is; a dynamic one on the Service's port number.
-                    internal: f.external.unwrap_or(f.target.port()),
+                    internal: f.internal(),
                     target: f.target,
                     backends: f.backends.clone(),
                     external: f.external.unwrap_or(0),

@@ -569,14 +569,7 @@ fn connect_over_link(gateway: &Gateway, exit: u8) -> Result<String, String> {
         "table ip inbound_test\ndelete table ip inbound_test\ntable ip inbound_test {{\n\
          chain pre {{ type nat hook prerouting priority dstnat; iifname \"tun{exit}\" tcp dport 7070 dnat to 10.244.1.5:7070; }}\n}}\n"
     );
-    let mut nft = ns
-        .command("nft")
-        .args(["-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(&mut nft.stdin.take().unwrap(), script.as_bytes()).unwrap();
-    assert!(nft.wait().unwrap().success());
+    cloak_testkit::netlab::nft(ns, &script);
     let out = gateway.net["internet"]
         .command("python3")
         .args([

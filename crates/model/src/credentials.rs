@@ -443,6 +443,7 @@ pub fn classify(
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     #[test]
     fn a_secrets_static_ports_are_read_in_order_once_each_and_a_bad_one_is_named() {
@@ -457,7 +458,6 @@ mod tests {
         assert!(err.contains("\"http\" is not a port"), "{err}");
         assert!(static_ports(&keys("0")).is_err());
     }
-    use super::*;
 
     fn secret(pairs: &[(&str, &str)]) -> BTreeMap<String, Vec<u8>> {
         pairs

@@ -165,17 +165,8 @@ pub struct Backend {
 /// The ports an exit's agent says its provider forwards now (its [`STATUS_PATH`] answer's
 /// `forwards`, those with a port), as the gateway's status lists them.
 pub fn forwarded_ports(response: &str) -> Vec<cloak_api::ForwardedPort> {
-    let body = response
-        .split_once("\r\n\r\n")
-        .map_or(response, |(_, body)| body);
-    let Ok(status) = serde_json::from_str::<Value>(body.trim()) else {
-        return Vec::new();
-    };
-    let mut ports: Vec<cloak_api::ForwardedPort> = status
-        .get("forwards")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
+    let mut ports: Vec<cloak_api::ForwardedPort> = forwards_in(response)
+        .iter()
         .filter_map(|f| {
             let port = u16::try_from(f.get("port")?.as_u64()?).ok()?;
             let protocol = f.get("protocol")?.as_str()?.to_ascii_uppercase();
@@ -199,17 +190,8 @@ pub fn forwarded_ports(response: &str) -> Vec<cloak_api::ForwardedPort> {
 /// each cut to 200 characters. What a provider that refuses (or a gateway that never answers)
 /// looks like from the gateway's status.
 pub fn port_failures(response: &str) -> Vec<String> {
-    let body = response
-        .split_once("\r\n\r\n")
-        .map_or(response, |(_, body)| body);
-    let Ok(status) = serde_json::from_str::<Value>(body.trim()) else {
-        return Vec::new();
-    };
-    let mut failures: Vec<String> = status
-        .get("forwards")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
+    let mut failures: Vec<String> = forwards_in(response)
+        .iter()
         .filter(|f| f.get("port").and_then(Value::as_u64) == Some(0))
         .filter_map(|f| {
             let error = f.get("error")?.as_str()?;
@@ -222,6 +204,21 @@ pub fn port_failures(response: &str) -> Vec<String> {
     failures.sort();
     failures.truncate(16);
     failures
+}
+
+/// The `forwards` of an exit's [`STATUS_PATH`] answer (headers and all): none when it is no
+/// JSON or says none.
+fn forwards_in(response: &str) -> Vec<Value> {
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or(response, |(_, body)| body);
+    match serde_json::from_str::<Value>(body.trim()) {
+        Ok(Value::Object(mut status)) => match status.remove("forwards") {
+            Some(Value::Array(forwards)) => forwards,
+            _ => Vec::new(),
+        },
+        _ => Vec::new(),
+    }
 }
 
 /// `spec.exits.drainGrace` when absent.

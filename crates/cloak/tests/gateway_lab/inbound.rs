@@ -26,16 +26,7 @@ fn clear_ports(lab: &lab::TestLab) -> Result<String, String> {
 
 /// Sets the example gateway's `spec.ports` to `ports` (JSON).
 fn set_ports(lab: &lab::TestLab, ports: &str) -> Result<String, String> {
-    lab.try_kubectl(&[
-        "-n",
-        DEMO_NAMESPACE,
-        "patch",
-        "vpngateway",
-        GATEWAY,
-        "--type=merge",
-        "-p",
-        &format!(r#"{{"spec":{{"ports":{ports}}}}}"#),
-    ])
+    patch_spec(lab, &format!(r#"{{"ports":{ports}}}"#))
 }
 
 impl Drop for Ports<'_> {

@@ -256,8 +256,8 @@ pub(crate) fn assert_spread(
     counts
 }
 
-/// Sets the example gateway's exit count.
-pub(crate) fn set_exit_count(lab: &TestLab, count: u32) -> Result<String, String> {
+/// Merges `spec` (JSON) into the example gateway's spec.
+pub(crate) fn patch_spec(lab: &TestLab, spec: &str) -> Result<String, String> {
     lab.try_kubectl(&[
         "-n",
         DEMO_NAMESPACE,
@@ -266,8 +266,13 @@ pub(crate) fn set_exit_count(lab: &TestLab, count: u32) -> Result<String, String
         GATEWAY,
         "--type=merge",
         "-p",
-        &format!("{{\"spec\":{{\"exits\":{{\"count\":{count}}}}}}}"),
+        &format!("{{\"spec\":{spec}}}"),
     ])
+}
+
+/// Sets the example gateway's exit count.
+pub(crate) fn set_exit_count(lab: &TestLab, count: u32) -> Result<String, String> {
+    patch_spec(lab, &format!("{{\"exits\":{{\"count\":{count}}}}}"))
 }
 
 /// The pod resolves a cluster name through the cluster DNS and fetches the example web page

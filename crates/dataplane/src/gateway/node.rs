@@ -4,6 +4,10 @@
 
 use super::*;
 
+/// The priority of the rule that looks up [`CLIENTS_ROUTE_TABLE`] for what a link sends
+/// ([`LINK_MARK`]), just ahead of the clients' range's own.
+const LINK_RULE: u32 = CLIENTS_ROUTE_TABLE - 1;
+
 /// Resets the flows carrying slot `slot`'s mark (a slot about to be taken by another exit).
 pub fn reset_flows(slot: u8) -> Result<u32, Error> {
     delete_flows(mark(slot))
@@ -297,13 +301,7 @@ impl NodePlan {
             let _ = ip(&[family, "rule", "del", "priority", &table]);
             let _ = ip(&[family, "route", "flush", "table", &table]);
         }
-        let _ = ip(&[
-            "-4",
-            "rule",
-            "del",
-            "priority",
-            &(CLIENTS_ROUTE_TABLE - 1).to_string(),
-        ]);
+        let _ = ip(&["-4", "rule", "del", "priority", &LINK_RULE.to_string()]);
         match run("nft", &["delete", "table", "inet", NODE_TABLE], None) {
             Err(Error::Command { stderr, .. }) if stderr.contains("No such file") => Ok(()),
             other => other.map(drop),
@@ -468,7 +466,7 @@ fn route_clients(clients: &[ClientPort], ipv6: bool) -> Result<(), Error> {
     let link_mark = format!("{LINK_MARK:#x}/{TAG_MASK:#x}");
     replace_rule(
         "-4",
-        CLIENTS_ROUTE_TABLE - 1,
+        LINK_RULE,
         &["fwmark", &link_mark, "lookup", &table],
         &format!("fwmark {link_mark} lookup {table}"),
     )?;

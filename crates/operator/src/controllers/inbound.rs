@@ -70,6 +70,8 @@ pub(crate) async fn resolve(
     // (protocol, internal port): NAT-PMP maps one internal port once, and the exit's rules
     // tell requests apart by it.
     let mut internal = std::collections::BTreeSet::new();
+    // The namespace's gateways (which one a pod is a client of), listed once if asked.
+    let mut gateways: Option<Vec<VpnGateway>> = None;
     for request in &gateway.spec.ports {
         // The schema says so; an object stored before it did is refused here. The name is a
         // ConfigMap key and part of the exit's rules.
@@ -119,11 +121,13 @@ pub(crate) async fn resolve(
             continue;
         };
         let ports = spec.ports.unwrap_or_default();
-        let port = match request.port {
-            Some(p) => ports.iter().find(|sp| sp.port == i32::from(p)).map(|_| p),
-            None => ports.first().and_then(|sp| u16::try_from(sp.port).ok()),
+        let service_port = match request.port {
+            Some(p) => ports.iter().find(|sp| sp.port == i32::from(p)),
+            None => ports.first(),
         };
-        let Some(port) = port else {
+        let Some((service_port, port)) =
+            service_port.and_then(|sp| Some((sp, u16::try_from(sp.port).ok()?)))
+        else {
             problems.push(format!(
                 "port {}: Service {} has no port {}",
                 request.name,
@@ -160,13 +164,9 @@ pub(crate) async fn resolve(
             continue;
         }
         internal.extend(keys);
-        let service_port = ports
-            .iter()
-            .find(|sp| sp.port == i32::from(port))
-            .cloned()
-            .unwrap_or_default();
         let selector = spec.selector.clone().unwrap_or_default();
-        let backends = client_backends(gateway, ctx, &selector, &service_port).await?;
+        let backends =
+            client_backends(gateway, ctx, &mut gateways, &selector, service_port).await?;
         resolved.push(Resolved {
             request: request.clone(),
             target: SocketAddrV4::new(ip, port),
@@ -187,6 +187,7 @@ pub(crate) async fn resolve(
 async fn client_backends(
     gateway: &VpnGateway,
     ctx: &Context,
+    gateways: &mut Option<Vec<VpnGateway>>,
     selector: &BTreeMap<String, String>,
     service_port: &ServicePort,
 ) -> Result<Vec<Backend>> {
@@ -207,17 +208,21 @@ async fn client_backends(
     {
         return Ok(Vec::new());
     }
-    let gateways: Vec<VpnGateway> =
-        Api::<DeserializeGuard<VpnGateway>>::namespaced(ctx.client.clone(), &ns)
-            .list(&ListParams::default())
-            .await?
-            .items
-            .into_iter()
-            .filter_map(|g| g.0.ok())
-            .collect();
+    let gateways: &[VpnGateway] = match gateways {
+        Some(listed) => listed,
+        None => gateways.insert(
+            Api::<DeserializeGuard<VpnGateway>>::namespaced(ctx.client.clone(), &ns)
+                .list(&ListParams::default())
+                .await?
+                .items
+                .into_iter()
+                .filter_map(|g| g.0.ok())
+                .collect(),
+        ),
+    };
     let name = gateway.name_any();
     let ours = |pod: &Pod| {
-        cloak_model::clients::choose(&ns, pod.labels(), &gateways)
+        cloak_model::clients::choose(&ns, pod.labels(), gateways)
             == cloak_model::clients::Choice::Gateway(name.clone())
     };
     if !pods.iter().all(ours) {
