@@ -16,7 +16,7 @@ pub mod resolve;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
-use axum::{Router, extract::State, http::StatusCode, routing::get};
+use axum::{extract::State, http::StatusCode};
 use cloak_dataplane::{
     Firewall, FirewallPolicy, Identifiers, RouteSet, Routes, firewall::Nftables,
     routes::LinuxRoutes, tunnel::LinuxDriver,
@@ -94,19 +94,24 @@ pub async fn run(options: Options) -> std::io::Result<()> {
         Arc::clone(&metrics),
     ));
 
-    let app = Router::new()
-        .route("/livez", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
-        .route(cloak_model::exit::STATUS_PATH, get(status_json))
-        .route("/metrics", get(metrics_text))
-        .with_state(AdminState {
-            status: status_rx,
-            inbound: inbound_rx,
-            metrics: Arc::clone(&metrics),
-            token: options.admin_token.clone().map(Arc::from),
-        });
+    let admin = AdminState {
+        status: status_rx,
+        inbound: inbound_rx,
+        metrics: Arc::clone(&metrics),
+        token: options.admin_token.clone().map(Arc::from),
+    };
+    let app = {
+        let (ready, scrape, allowed) = (admin.clone(), admin.clone(), admin.clone());
+        cloak_admin::Admin::new_async(move || scrape.clone().metrics_text())
+            .ready(move |headers| ready.readyz(headers))
+            .metrics_allowed(move |headers| allowed.authorized(headers))
+            .route(
+                cloak_model::exit::STATUS_PATH,
+                axum::routing::get(status_json).with_state(admin),
+            )
+    };
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
+        if let Err(e) = app.serve(listener).await {
             tracing::error!(%e, "admin server stopped");
         }
     });
@@ -251,22 +256,30 @@ const UNAUTHORIZED: (StatusCode, &str) = (
     "this needs the exit's admin token (Authorization: Bearer)\n",
 );
 
-async fn readyz(
-    State(admin): State<AdminState>,
-    headers: axum::http::HeaderMap,
-) -> (StatusCode, String) {
-    let s = admin.status.borrow().clone();
-    let mut line = format!("{}: {}", s.phase, s.message);
-    if let Some(ip) = s.exit_ip.filter(|_| admin.authorized(&headers)) {
-        line = format!("{line}, exit {ip}");
+impl AdminState {
+    /// Ready while the tunnel passes its probe; the exit address only for a caller with the
+    /// token.
+    fn readyz(&self, headers: &axum::http::HeaderMap) -> cloak_admin::Readiness {
+        let s = self.status.borrow().clone();
+        let mut line = format!("{}: {}", s.phase, s.message);
+        if let Some(ip) = s.exit_ip.filter(|_| self.authorized(headers)) {
+            line = format!("{line}, exit {ip}");
+        }
+        if s.ready() {
+            Ok(format!("ready: {line}"))
+        } else {
+            Err(format!("not ready: {line}"))
+        }
     }
-    if s.ready() {
-        (StatusCode::OK, format!("ready: {line}\n"))
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: {line}\n"),
-        )
+
+    async fn metrics_text(self) -> String {
+        if !self.inbound.borrow().is_empty() {
+            let counts = tokio::task::spawn_blocking(inbound::connection_counts)
+                .await
+                .unwrap_or_default();
+            self.metrics.record_inbound(&counts);
+        }
+        self.metrics.encode()
     }
 }
 
@@ -292,23 +305,6 @@ async fn status_json(
         body.to_string(),
     )
         .into_response()
-}
-
-async fn metrics_text(
-    State(admin): State<AdminState>,
-    headers: axum::http::HeaderMap,
-) -> axum::response::Response {
-    use axum::response::IntoResponse as _;
-    if !admin.authorized(&headers) {
-        return UNAUTHORIZED.into_response();
-    }
-    if !admin.inbound.borrow().is_empty() {
-        let counts = tokio::task::spawn_blocking(inbound::connection_counts)
-            .await
-            .unwrap_or_default();
-        admin.metrics.record_inbound(&counts);
-    }
-    admin.metrics.encode().into_response()
 }
 
 /// What `cloak agent verify` needs: the credentials (a mounted Secret), the URL that answers

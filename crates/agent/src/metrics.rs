@@ -212,11 +212,9 @@ impl Metrics {
         }
     }
 
-    /// Prometheus text format.
+    /// OpenMetrics text.
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+        cloak_admin::encode(&self.registry)
     }
 }
 

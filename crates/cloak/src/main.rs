@@ -71,6 +71,10 @@ struct NodeArgs {
     /// An exit that misses this many probes in a row takes no flows.
     #[arg(long, default_value_t = 2)]
     probe_misses: u32,
+    /// Admin server address (/livez, /readyz once the node's plan is applied, /metrics); none
+    /// when not given (the chart gives it).
+    #[arg(long, env = "CLOAK_ADMIN_ADDR")]
+    admin_addr: Option<std::net::SocketAddr>,
     /// Program a node that is a network namespace of its own (a path): tests and labs.
     #[arg(long, hide = true)]
     netns: Option<std::path::PathBuf>,
@@ -599,6 +603,7 @@ fn run_node(args: NodeArgs) -> anyhow::Result<()> {
             netns: args.netns.clone(),
             probe_interval: std::time::Duration::from_millis(args.probe_interval_ms),
             probe_misses: args.probe_misses,
+            admin_addr: args.admin_addr,
         };
         let shutdown = shutdown_signal()?;
         let netns = args.netns.clone();
@@ -948,28 +953,16 @@ async fn admin_server(
     registry: std::sync::Arc<prometheus_client::registry::Registry>,
     ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> std::io::Result<()> {
-    use axum::{http::StatusCode, routing::get};
-    let app = axum::Router::new()
-        .route("/livez", get(|| async { "ok" }))
-        .route(
-            "/readyz",
-            get(move || async move {
-                if ready.load(std::sync::atomic::Ordering::Relaxed) {
-                    (StatusCode::OK, "ok")
-                } else {
-                    (StatusCode::SERVICE_UNAVAILABLE, "no ruleset loaded yet")
-                }
-            }),
-        )
-        .route(
-            "/metrics",
-            get(move || async move {
-                let mut out = String::new();
-                let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
-                out
-            }),
-        );
-    axum::serve(tokio::net::TcpListener::bind(addr).await?, app).await
+    cloak_admin::Admin::new(move || cloak_admin::encode(&registry))
+        .ready(move |_| {
+            if ready.load(std::sync::atomic::Ordering::Relaxed) {
+                Ok("ok".into())
+            } else {
+                Err("no ruleset loaded yet".into())
+            }
+        })
+        .bind_and_serve(addr)
+        .await
 }
 
 fn run_operator(args: OperatorArgs) -> anyhow::Result<()> {

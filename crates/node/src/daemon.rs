@@ -48,6 +48,10 @@ use cloak_model::clients::{Choice, choose};
 
 use crate::attach::{self, Step, Want};
 use crate::cni::{Command, Guarded, Reply, Request};
+use crate::metrics::{
+    ExitLabels, ExitState, FailoverLabels, FailoverReason, GatewayLabels, Metrics, Outcome,
+    OutcomeLabels, ResetLabels, ResetReason,
+};
 use crate::probe::Answer;
 use crate::sandbox::{NamespaceId, fd_path, find_pod_netns, in_sandbox, namespace_id};
 
@@ -72,6 +76,9 @@ pub struct Options {
     /// Probe round length: an exit that misses `probe_misses` rounds in a row is dead.
     pub probe_interval: Duration,
     pub probe_misses: u32,
+    /// Where the admin server listens (`/livez`, `/readyz` once the node's plan is applied,
+    /// `/metrics`); None: no server.
+    pub admin_addr: Option<std::net::SocketAddr>,
 }
 
 /// One attached client.
@@ -209,6 +216,9 @@ struct Daemon {
     kernel: Kernel,
     /// The exits to probe (VNI → slot), as the last applied plan has them.
     targets: Arc<Mutex<BTreeMap<u32, u8>>>,
+    metrics: Arc<Metrics>,
+    /// Whether the node's plan is applied now (`/readyz`).
+    plan_applied: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Kernel work runs on one thread inside the node's namespace, in order.
@@ -352,8 +362,29 @@ pub async fn run(
         domains: Arc::default(),
         kernel,
         targets: Arc::default(),
+        metrics: Arc::new(Metrics::new()),
+        plan_applied: Arc::default(),
     });
     daemon.forget_vanished().await;
+    if let Some(addr) = daemon.options.admin_addr {
+        let (scraped, applied) = (daemon.clone(), daemon.plan_applied.clone());
+        cloak_admin::Admin::new_async(move || {
+            let daemon = scraped.clone();
+            async move {
+                daemon.refresh_gauges().await;
+                daemon.metrics.encode()
+            }
+        })
+        .ready(move |_| {
+            if applied.load(std::sync::atomic::Ordering::Relaxed) {
+                Ok("the node's plan is applied".into())
+            } else {
+                Err("the node's plan is not applied yet (or its last apply failed)".into())
+            }
+        })
+        .spawn(addr)
+        .await?;
+    }
 
     // Gateways (their exits and health) drive the plan.
     let watch = {
@@ -423,10 +454,11 @@ pub async fn run(
     // Probe results drive it too.
     let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
     {
-        let (targets, interval, netns) = (
+        let (targets, interval, netns, metrics) = (
             daemon.targets.clone(),
             daemon.options.probe_interval,
             daemon.options.netns.clone(),
+            daemon.metrics.clone(),
         );
         std::thread::Builder::new()
             .name("cloak-node-probe".into())
@@ -437,7 +469,8 @@ pub async fn run(
                 }
                 let targets = move || targets.lock().map(|t| t.clone()).unwrap_or_default();
                 let mut report = |round| seen_tx.send(round).is_ok();
-                if let Err(e) = crate::probe::run(interval, &targets, &mut report) {
+                let rtt = |rtt: Duration| metrics.probe_rtt.observe(rtt.as_secs_f64());
+                if let Err(e) = crate::probe::run(interval, &targets, &mut report, &rtt) {
                     tracing::error!(error = %e, "probing the exits stopped");
                 }
             })?;
@@ -715,6 +748,26 @@ impl Daemon {
             if (seen.up, seen.draining, seen.ipv6) != was {
                 tracing::info!(vni, up = ?seen.up, draining = seen.draining, ipv6 = seen.ipv6, "exit health changed");
                 changed = true;
+                // New flows leave an exit that stopped answering, or that began draining.
+                let reason = if was.0 == Some(true) && seen.up == Some(false) {
+                    Some(FailoverReason::unanswered)
+                } else if seen.draining && !was.1 && seen.up == Some(true) {
+                    Some(FailoverReason::draining)
+                } else {
+                    None
+                };
+                if let Some(reason) = reason
+                    && let Some((namespace, gateway)) = self.gateway_of(vni)
+                {
+                    self.metrics
+                        .failovers
+                        .get_or_create(&FailoverLabels {
+                            namespace,
+                            gateway,
+                            reason,
+                        })
+                        .inc();
+                }
                 if let (Some(before), Some(now)) = (was.0, seen.up)
                     && before != now
                 {
@@ -723,6 +776,60 @@ impl Daemon {
             }
         }
         (changed, turned)
+    }
+
+    /// The gateway (namespace, name) whose status lists exit `vni`.
+    fn gateway_of(&self, vni: u32) -> Option<(String, String)> {
+        self.gateways.state().iter().find_map(|g| {
+            let gateway = g.0.as_ref().ok()?;
+            let listed = gateway.status.as_ref()?.exits.iter().any(|e| e.vni == vni);
+            listed.then(|| (gateway.namespace().unwrap_or_default(), gateway.name_any()))
+        })
+    }
+
+    /// The gauges a scrape reads: this node's exits by how its probes see them, and its clients,
+    /// by gateway.
+    async fn refresh_gauges(&self) {
+        let state = self.state.lock().await;
+        let mut exits: BTreeMap<(String, String, ExitState), i64> = BTreeMap::new();
+        for exit in state.applied.iter().flat_map(|p| &p.exits) {
+            let Some((namespace, gateway)) = self.gateway_of(exit.vni) else {
+                continue;
+            };
+            let seen = state.seen.get(&exit.vni).copied().unwrap_or_default();
+            let now = match seen.up {
+                Some(true) if seen.draining => ExitState::draining,
+                Some(true) => ExitState::healthy,
+                Some(false) => ExitState::dead,
+                None => ExitState::unknown,
+            };
+            *exits.entry((namespace, gateway, now)).or_default() += 1;
+        }
+        let mut clients: BTreeMap<(String, String), i64> = BTreeMap::new();
+        for attached in state.clients.values() {
+            *clients
+                .entry((attached.pod_namespace.clone(), attached.gateway.clone()))
+                .or_default() += 1;
+        }
+        drop(state);
+        self.metrics.exits.clear();
+        for ((namespace, gateway, state), count) in exits {
+            self.metrics
+                .exits
+                .get_or_create(&ExitLabels {
+                    namespace,
+                    gateway,
+                    state,
+                })
+                .set(count);
+        }
+        self.metrics.clients.clear();
+        for ((namespace, gateway), count) in clients {
+            self.metrics
+                .clients
+                .get_or_create(&GatewayLabels { namespace, gateway })
+                .set(count);
+        }
     }
 
     /// An Event on the gateway of the exit `vni` when this node's probes saw it stop (or start
@@ -767,6 +874,7 @@ impl Daemon {
 
     /// Recomputes the node's plan from the clients, the gateways and the probes, and applies it
     /// when it changed; flows of exits that just died are reset.
+    #[tracing::instrument(name = "reconcile", skip_all, fields(node = %self.options.node_name))]
     async fn reconcile(&self) -> bool {
         // Nothing is applied before the first full list of gateways: a plan made from part of
         // them would take the links of the other gateways' clients away.
@@ -821,7 +929,7 @@ impl Daemon {
         if state.applied.as_ref() == Some(&plan) {
             return true;
         }
-        let newly_dead: Vec<u8> = plan
+        let dead_slots: Vec<u8> = plan
             .exits
             .iter()
             .filter(|e| {
@@ -835,7 +943,7 @@ impl Daemon {
             .map(|e| e.slot)
             .collect();
         // And slots that left the plan: their flows go before another exit may take the slot.
-        let reset_slots: Vec<u8> = state
+        let left_slots: Vec<u8> = state
             .applied
             .iter()
             .flat_map(|old| old.exits.iter())
@@ -846,25 +954,48 @@ impl Daemon {
                     .any(|e| e.slot == o.slot && e.vni == o.vni)
             })
             .map(|o| o.slot)
-            .chain(newly_dead)
             .collect();
         tracing::debug!(exits = ?plan.exits.iter().map(|e| (e.vni, e.slot, e.state)).collect::<Vec<_>>(), clients = plan.clients.len(), "applying the node's plan");
         let to_apply = plan.clone();
+        let started = std::time::Instant::now();
         let result = self
             .kernel
             .run(move || {
                 to_apply.apply()?;
-                let mut reset = 0;
-                for slot in reset_slots {
-                    reset += reset_flows(slot)?;
+                let (mut dead, mut left) = (0, 0);
+                for slot in dead_slots {
+                    dead += reset_flows(slot)?;
                 }
-                Ok::<u32, cloak_dataplane::Error>(reset)
+                for slot in left_slots {
+                    left += reset_flows(slot)?;
+                }
+                Ok::<(u32, u32), cloak_dataplane::Error>((dead, left))
             })
             .await;
+        self.metrics
+            .plan_apply_duration
+            .observe(started.elapsed().as_secs_f64());
+        let outcome = if result.is_ok() {
+            Outcome::ok
+        } else {
+            Outcome::error
+        };
+        self.metrics
+            .plan_applies
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+        self.plan_applied
+            .store(result.is_ok(), std::sync::atomic::Ordering::Relaxed);
         match result {
-            Ok(reset) => {
-                if reset > 0 {
-                    tracing::info!(flows = reset, "reset the flows of dead or removed exits");
+            Ok((dead, left)) => {
+                for (reason, flows) in [(ResetReason::dead, dead), (ResetReason::removed, left)] {
+                    self.metrics
+                        .flows_reset
+                        .get_or_create(&ResetLabels { reason })
+                        .inc_by(u64::from(flows));
+                }
+                if dead + left > 0 {
+                    tracing::info!(dead, left, "reset the flows of dead or removed exits");
                 }
                 if let Ok(mut targets) = self.targets.lock() {
                     *targets = plan.exits.iter().map(|e| (e.vni, e.slot)).collect();
@@ -922,6 +1053,7 @@ impl Daemon {
             state.guarded = None;
             if state.applied.is_some() && listed != state.listed {
                 state.drifts += 1;
+                self.metrics.drift_repairs.inc();
                 tracing::warn!(
                     drifts = state.drifts,
                     "the node's table changed under the daemon; applying it again"

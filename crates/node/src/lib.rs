@@ -7,5 +7,6 @@ pub mod attach;
 pub mod cni;
 pub mod daemon;
 pub mod install;
+mod metrics;
 pub mod probe;
 pub mod sandbox;

@@ -80,6 +80,7 @@ pub fn run(
     interval: Duration,
     targets: &dyn Fn() -> BTreeMap<u32, u8>,
     report: &mut dyn FnMut(BTreeMap<u32, Answer>) -> bool,
+    rtt: &dyn Fn(Duration),
 ) -> std::io::Result<()> {
     let sock = icmp::raw_socket()?;
     setsockopt(&sock, sockopt::Ipv4PacketInfo, &true)?;
@@ -131,6 +132,7 @@ pub fn run(
                 Ok((n, ifindex)) => {
                     if let Some(vni) = answered_by(&buf[..n], ifindex, seq, &sent) {
                         answered.insert(vni, answer(&buf[..n]));
+                        rtt(started.elapsed());
                     }
                 }
                 // Nothing more queued once the round is over.

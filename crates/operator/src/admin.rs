@@ -1,53 +1,37 @@
-//! The admin server: `/livez` (the process runs), `/readyz` (see [`Health`]) and `/metrics`
-//! (Prometheus text). State gauges are computed from the caches on each scrape.
+//! The operator's admin server: `/livez`, `/readyz` (see [`Health`]) and `/metrics`. State
+//! gauges are computed from the caches on each scrape.
 
 use std::{collections::BTreeMap, net::SocketAddr, sync::Arc};
 
-use axum::{Router, extract::State, http::StatusCode, routing::get};
 use kube::ResourceExt;
 
 use crate::{Context, Health, metrics::Metrics};
 
-#[derive(Clone)]
-struct Admin {
-    metrics: Arc<Metrics>,
-    health: Health,
-    ctx: Arc<Context>,
-}
-
-pub(crate) async fn serve(
+/// Binds `addr` and serves it in a task ([`cloak_admin::Admin`]): ready while caches are synced
+/// and the last election attempt was answered; gauges refreshed from the caches at each scrape.
+pub(crate) async fn spawn(
     addr: SocketAddr,
     metrics: Arc<Metrics>,
     health: Health,
     ctx: Arc<Context>,
 ) -> std::io::Result<()> {
-    let app = Router::new()
-        .route("/livez", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics_text))
-        .with_state(Admin {
-            metrics,
-            health,
-            ctx,
-        });
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    axum::serve(listener, app).await
-}
-
-async fn readyz(State(admin): State<Admin>) -> (StatusCode, &'static str) {
-    if admin.health.is_ready() {
-        (StatusCode::OK, "ok")
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "caches not synced, or the API server did not answer the last election attempt",
-        )
-    }
-}
-
-async fn metrics_text(State(admin): State<Admin>) -> String {
-    refresh_gauges(&admin.ctx, &admin.metrics);
-    admin.metrics.encode()
+    cloak_admin::Admin::new(move || {
+        refresh_gauges(&ctx, &metrics);
+        metrics.encode()
+    })
+    .ready(move |_| {
+        if health.is_ready() {
+            Ok("ok".into())
+        } else {
+            Err(
+                "caches not synced, or the API server did not answer the last election attempt"
+                    .into(),
+            )
+        }
+    })
+    .spawn(addr)
+    .await
+    .map(drop)
 }
 
 /// Masks by phase and slots per provider, from the caches.
@@ -72,9 +56,11 @@ pub(crate) fn refresh_gauges(ctx: &Context, metrics: &Metrics) {
             .get_or_create(&PhaseLabels { phase })
             .set(count);
     }
+    refresh_gateways(ctx, metrics);
     let taken = crate::controllers::leasing::reservations_by_provider(ctx);
     metrics.slots_used.clear();
     metrics.slots_max.clear();
+    metrics.provider_phase.clear();
     for provider in ctx.providers.state() {
         let Ok(p) = &provider.0 else { continue };
         let key = ProviderLabels {
@@ -93,5 +79,65 @@ pub(crate) fn refresh_gauges(ctx: &Context, metrics: &Metrics) {
             .slots_max
             .get_or_create(&key)
             .set(i64::from(p.spec.max_slots.get()));
+        let phase = p
+            .status
+            .as_ref()
+            .and_then(|s| s.phase)
+            .map_or_else(|| "Pending".to_owned(), |p| format!("{p:?}"));
+        metrics
+            .provider_phase
+            .get_or_create(&crate::metrics::ProviderPhaseLabels {
+                namespace: key.namespace.clone(),
+                provider: key.provider.clone(),
+                phase,
+            })
+            .set(1);
+    }
+}
+
+/// Each gateway's exits by health, healthy and wanted exits and clients, from its status.
+fn refresh_gateways(ctx: &Context, metrics: &Metrics) {
+    use crate::metrics::{ExitHealthLabels, GatewayLabels};
+    metrics.gateway_exits.clear();
+    metrics.gateway_healthy_exits.clear();
+    metrics.gateway_exits_wanted.clear();
+    metrics.gateway_clients.clear();
+    let Some(gateways) = ctx.gateways.get() else {
+        return;
+    };
+    for gateway in gateways.state() {
+        let Ok(g) = &gateway.0 else { continue };
+        let key = GatewayLabels {
+            namespace: g.namespace().unwrap_or_default(),
+            gateway: g.name_any(),
+        };
+        let status = g.status.clone().unwrap_or_default();
+        let mut by_health: BTreeMap<String, i64> = BTreeMap::new();
+        for exit in &status.exits {
+            let health = format!("{:?}", exit.health);
+            *by_health.entry(health).or_default() += 1;
+        }
+        for (health, count) in by_health {
+            metrics
+                .gateway_exits
+                .get_or_create(&ExitHealthLabels {
+                    namespace: key.namespace.clone(),
+                    gateway: key.gateway.clone(),
+                    health,
+                })
+                .set(count);
+        }
+        metrics
+            .gateway_healthy_exits
+            .get_or_create(&key)
+            .set(i64::from(status.healthy_exits));
+        metrics
+            .gateway_exits_wanted
+            .get_or_create(&key)
+            .set(i64::from(g.spec.exits.count.get()));
+        metrics
+            .gateway_clients
+            .get_or_create(&key)
+            .set(i64::from(status.clients));
     }
 }

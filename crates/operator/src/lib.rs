@@ -140,6 +140,8 @@ pub(crate) struct Context {
     pub secrets: Store<PartialObjectMeta<Secret>>,
     /// Failing objects: their backoff and when their errors were last told as Events.
     pub retries: Arc<controllers::retry::Retries>,
+    /// The gateway controller's cache, once it runs (the metrics read it).
+    pub gateways: Arc<std::sync::OnceLock<Store<DeserializeGuard<cloak_api::VpnGateway>>>>,
     /// Held while a gateway's new exit picks its VXLAN identifier.
     pub vni_lock: Arc<tokio::sync::Mutex<()>>,
     /// Per provider uid: its server list's last fetch (which URL and section, when, and why it
@@ -268,15 +270,13 @@ pub async fn run(
         retries: Arc::default(),
         vni_lock: Arc::default(),
         fetches: Arc::default(),
+        gateways: Arc::default(),
     });
 
-    if let Some(addr) = config.admin_addr {
-        let (metrics, health, ctx) = (metrics.clone(), health.clone(), ctx.clone());
-        tokio::spawn(async move {
-            if let Err(e) = admin::serve(addr, metrics, health, ctx).await {
-                tracing::error!(error = %e, "admin server stopped");
-            }
-        });
+    if let Some(addr) = config.admin_addr
+        && let Err(e) = admin::spawn(addr, metrics.clone(), health.clone(), ctx.clone()).await
+    {
+        tracing::error!(error = %e, %addr, "the admin server cannot listen");
     }
 
     let mut leadership = match &config.leader_lease {

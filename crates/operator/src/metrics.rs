@@ -38,6 +38,26 @@ pub struct PhaseLabels {
     pub phase: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProviderPhaseLabels {
+    pub namespace: String,
+    pub provider: String,
+    pub phase: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GatewayLabels {
+    pub namespace: String,
+    pub gateway: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ExitHealthLabels {
+    pub namespace: String,
+    pub gateway: String,
+    pub health: String,
+}
+
 #[derive(Debug)]
 pub struct Metrics {
     pub registry: Registry,
@@ -49,6 +69,16 @@ pub struct Metrics {
     pub masks: Family<PhaseLabels, Gauge>,
     /// 1 while this instance holds the leader Lease, 0 while it stands by.
     pub leader: Gauge,
+    /// 1 for each provider's phase (one series a provider).
+    pub provider_phase: Family<ProviderPhaseLabels, Gauge>,
+    /// Exits by gateway and health, as the gateways' statuses say.
+    pub gateway_exits: Family<ExitHealthLabels, Gauge>,
+    /// Exits that take new flows, by gateway.
+    pub gateway_healthy_exits: Family<GatewayLabels, Gauge>,
+    /// `spec.exits.count`, by gateway.
+    pub gateway_exits_wanted: Family<GatewayLabels, Gauge>,
+    /// Clients, by gateway.
+    pub gateway_clients: Family<GatewayLabels, Gauge>,
 }
 
 impl Metrics {
@@ -95,6 +125,36 @@ impl Metrics {
             "1 while this instance holds the leader Lease and acts, 0 while it stands by",
             leader.clone(),
         );
+        let provider_phase = Family::<ProviderPhaseLabels, Gauge>::default();
+        registry.register(
+            "provider_phase",
+            "1 for the phase each VpnProvider is in",
+            provider_phase.clone(),
+        );
+        let gateway_exits = Family::<ExitHealthLabels, Gauge>::default();
+        registry.register(
+            "gateway_exits",
+            "A VpnGateway's exits by health, as its status says",
+            gateway_exits.clone(),
+        );
+        let gateway_healthy_exits = Family::<GatewayLabels, Gauge>::default();
+        registry.register(
+            "gateway_healthy_exits",
+            "A VpnGateway's exits that take new flows",
+            gateway_healthy_exits.clone(),
+        );
+        let gateway_exits_wanted = Family::<GatewayLabels, Gauge>::default();
+        registry.register(
+            "gateway_exits_wanted",
+            "A VpnGateway's spec.exits.count",
+            gateway_exits_wanted.clone(),
+        );
+        let gateway_clients = Family::<GatewayLabels, Gauge>::default();
+        registry.register(
+            "gateway_clients",
+            "A VpnGateway's client pods",
+            gateway_clients.clone(),
+        );
         Arc::new(Self {
             registry,
             reconciles,
@@ -104,14 +164,15 @@ impl Metrics {
             slots_max,
             masks,
             leader,
+            provider_phase,
+            gateway_exits,
+            gateway_healthy_exits,
+            gateway_exits_wanted,
+            gateway_clients,
         })
     }
 
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
-            out.clear();
-        }
-        out
+        cloak_admin::encode(&self.registry)
     }
 }

@@ -35,6 +35,11 @@ pub(crate) fn controller(client: &Client) -> Controller<DeserializeGuard<VpnChai
     )
 }
 
+#[tracing::instrument(
+    name = "reconcile",
+    skip_all,
+    fields(kind = "VpnChain", object = %super::object_name(&*guard))
+)]
 pub(crate) async fn reconcile(
     guard: Arc<DeserializeGuard<VpnChain>>,
     ctx: Arc<Context>,

@@ -168,6 +168,11 @@ impl ClientTracker {
     }
 }
 
+#[tracing::instrument(
+    name = "reconcile",
+    skip_all,
+    fields(kind = "VpnGateway", object = %super::object_name(&*guard))
+)]
 pub(crate) async fn reconcile(
     guard: Arc<DeserializeGuard<VpnGateway>>,
     ctx: Arc<Context>,
@@ -1146,6 +1151,7 @@ async fn announce(
 /// Runs the controller until `stop`.
 pub(crate) async fn run(ctx: Arc<Context>, stop: tokio::sync::watch::Receiver<bool>) {
     let controller = controller(&ctx.client);
+    let _ = ctx.gateways.set(controller.store());
     let triggers = client_triggers(&ctx.client, controller.store());
     super::run(controller, reconcile, ctx, triggers, stop).await;
 }

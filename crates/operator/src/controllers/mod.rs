@@ -393,6 +393,15 @@ where
     Error::Invalid(message)
 }
 
+/// `namespace/name`, what a reconcile's span is named after.
+pub(crate) fn object_name(object: &impl ResourceExt) -> String {
+    format!(
+        "{}/{}",
+        object.namespace().unwrap_or_default(),
+        object.name_any()
+    )
+}
+
 /// The reconcile every controller runs: report an unreadable object, otherwise hand the object
 /// to `apply` or, once it is being deleted, to `cleanup` (behind the finalizer); record metrics.
 pub(crate) async fn reconcile_guarded<K>(

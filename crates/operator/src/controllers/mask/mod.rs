@@ -67,6 +67,11 @@ pub(crate) fn controller(
 /// Mask reconciles in flight at once.
 const MAX_CONCURRENT: u16 = 16;
 
+#[tracing::instrument(
+    name = "reconcile",
+    skip_all,
+    fields(kind = "VpnMask", object = %super::object_name(&*guard))
+)]
 pub(crate) async fn reconcile(
     guard: Arc<DeserializeGuard<VpnMask>>,
     ctx: Arc<Context>,

@@ -60,6 +60,11 @@ pub(crate) fn usable(provider: &VpnProvider) -> bool {
     }
 }
 
+#[tracing::instrument(
+    name = "reconcile",
+    skip_all,
+    fields(kind = "VpnProvider", object = %super::object_name(&*guard))
+)]
 pub(crate) async fn reconcile(
     guard: Arc<DeserializeGuard<VpnProvider>>,
     ctx: Arc<Context>,
