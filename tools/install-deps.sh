@@ -57,4 +57,5 @@ fi
 # --- the Kubernetes binaries, and what `cloak lab` runs besides (no-ops when cached)
 "$here/build-control-plane.sh" >/dev/null
 "$here/build-lab.sh" >/dev/null
+"$here/build-prometheus.sh" >/dev/null
 echo "$bin"

@@ -242,3 +242,95 @@ async fn the_operator_works_with_exactly_the_charts_rbac() {
     let _ = stop.send(());
     operator.await.unwrap().unwrap();
 }
+
+/// The PodMonitor, the PrometheusRule and the dashboard's ConfigMap, checked against the
+/// prometheus-operator's own CRDs (generated from its Go types by `tools/build-prometheus.sh`):
+/// accepted as rendered, and a rule the schema forbids is refused (so the check can fail).
+#[tokio::test]
+async fn monitoring_objects_are_accepted_by_the_prometheus_operators_crds() {
+    let cp = ControlPlane::shared();
+    let crds = cloak_testkit::controlplane::prometheus_dir()
+        .unwrap()
+        .join("crds");
+    let kubectl = || {
+        let mut c = Command::new(tool("kubectl"));
+        c.arg("--kubeconfig").arg(cp.kubeconfig());
+        c
+    };
+    run(
+        kubectl()
+            .args(["apply", "--server-side", "--field-manager=chart-test", "-f"])
+            .arg(&crds),
+        None,
+    );
+    run(
+        kubectl().args([
+            "wait",
+            "--for=condition=established",
+            "--timeout=60s",
+            "crd/podmonitors.monitoring.coreos.com",
+            "crd/prometheusrules.monitoring.coreos.com",
+        ]),
+        None,
+    );
+    let ns = TestNamespace::create(&cp.client(), "chart-monitoring")
+        .await
+        .unwrap();
+    let manifest = render(
+        ns.name(),
+        &[
+            "prometheus.podMonitors=true",
+            "prometheus.rules=true",
+            "prometheus.dashboard=true",
+            "prometheus.labels.release=kps",
+        ],
+    );
+    let applied = server_dry_run(cp.kubeconfig(), ns.name(), &manifest);
+    for object in [
+        "podmonitor.monitoring.coreos.com/cloak",
+        "prometheusrule.monitoring.coreos.com/cloak",
+        "configmap/cloak-dashboard",
+    ] {
+        assert!(
+            applied.contains(object),
+            "{object} missing from:\n{applied}"
+        );
+    }
+    assert!(manifest.contains("grafana_dashboard: \"1\""), "{manifest}");
+    assert!(
+        manifest.contains("alert: CloakGatewayNoHealthyExit"),
+        "{manifest}"
+    );
+
+    let broken = manifest.replacen("for: 1m", "for: soon", 1);
+    assert_ne!(broken, manifest);
+    let refused = kubectl()
+        .args([
+            "apply",
+            "--server-side",
+            "--field-manager=chart-test",
+            "--dry-run=server",
+            "--namespace",
+            ns.name(),
+            "-f",
+            "-",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = refused;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(broken.as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success() && stderr.contains("PrometheusRule"),
+        "a rule with `for: soon` was accepted: {stderr}"
+    );
+}

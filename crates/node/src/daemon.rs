@@ -986,6 +986,7 @@ impl Daemon {
             .inc();
         self.plan_applied
             .store(result.is_ok(), std::sync::atomic::Ordering::Relaxed);
+        self.metrics.plan_applied.set(i64::from(result.is_ok()));
         match result {
             Ok((dead, left)) => {
                 for (reason, flows) in [(ResetReason::dead, dead), (ResetReason::removed, left)] {

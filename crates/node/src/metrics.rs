@@ -91,6 +91,8 @@ pub(crate) struct Metrics {
     pub(crate) plan_applies: Family<OutcomeLabels, Counter>,
     pub(crate) plan_apply_duration: Histogram,
     pub(crate) drift_repairs: Counter,
+    /// 1 while the node's plan is applied (what `/readyz` says).
+    pub(crate) plan_applied: Gauge,
 }
 
 impl Metrics {
@@ -148,6 +150,12 @@ impl Metrics {
             "Times the node's table was found changed under the daemon and applied again",
             drift_repairs.clone(),
         );
+        let plan_applied = Gauge::default();
+        registry.register(
+            "plan_applied",
+            "1 while the node's plan is applied, 0 before the first apply or after a failed one",
+            plan_applied.clone(),
+        );
         Self {
             registry,
             exits,
@@ -158,6 +166,7 @@ impl Metrics {
             plan_applies,
             plan_apply_duration,
             drift_repairs,
+            plan_applied,
         }
     }
 

@@ -633,7 +633,18 @@ fn control_plane_binaries() -> Result<PathBuf, Error> {
     if let Some(dir) = std::env::var_os("CLOAK_CONTROL_PLANE_BIN") {
         return Ok(PathBuf::from(dir));
     }
-    let script = crate::repo_path("tools/build-control-plane.sh");
+    built_by("tools/build-control-plane.sh")
+}
+
+/// The directory holding `prometheus`, `promtool` and the prometheus-operator's CRDs
+/// (`crds/`), built by `tools/build-prometheus.sh` (a no-op when cached).
+pub fn prometheus_dir() -> Result<PathBuf, Error> {
+    built_by("tools/build-prometheus.sh")
+}
+
+/// Runs a build script of this repository (each prints its output directory).
+fn built_by(script: &str) -> Result<PathBuf, Error> {
+    let script = crate::repo_path(script);
     let output = Command::new("bash")
         .arg(&script)
         .stderr(Stdio::inherit())
