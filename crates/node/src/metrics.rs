@@ -150,11 +150,11 @@ impl Metrics {
             "Times the node's table was found changed under the daemon and applied again",
             drift_repairs.clone(),
         );
-        let plan_applied = Gauge::default();
+        let applied_now = Gauge::default();
         registry.register(
             "plan_applied",
             "1 while the node's plan is applied, 0 before the first apply or after a failed one",
-            plan_applied.clone(),
+            applied_now.clone(),
         );
         Self {
             registry,
@@ -166,7 +166,7 @@ impl Metrics {
             plan_applies,
             plan_apply_duration,
             drift_repairs,
-            plan_applied,
+            plan_applied: applied_now,
         }
     }
 
