@@ -72,6 +72,8 @@ struct Rig {
     ns: TestNamespace,
     dir: PathBuf,
     daemon: Option<Child>,
+    /// The daemon's admin server, on loopback.
+    admin: std::net::SocketAddr,
 }
 
 impl Rig {
@@ -141,6 +143,10 @@ impl Rig {
             ns,
             dir,
             daemon: None,
+            admin: std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap(),
         };
         rig.start_daemon();
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -174,6 +180,8 @@ impl Rig {
             .arg("--cni-bin-dir")
             .arg(self.dir.join("bin"))
             .args(["--netns", &node_netns])
+            .arg("--admin-addr")
+            .arg(self.admin.to_string())
             .env("KUBECONFIG", ControlPlane::shared().kubeconfig())
             .env("RUST_LOG", "cloak_node=debug,info")
             .stdout(log.try_clone().unwrap())
@@ -181,6 +189,30 @@ impl Rig {
             .spawn()
             .unwrap();
         self.daemon = Some(child);
+    }
+
+    /// `GET path` from the daemon's admin server: status code and body.
+    fn admin_get(&self, path: &str) -> (u16, String) {
+        use std::io::{Read as _, Write as _};
+        let mut stream =
+            std::net::TcpStream::connect_timeout(&self.admin, Duration::from_secs(2)).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        write!(stream, "GET {path} HTTP/1.0\r\nHost: node\r\n\r\n").unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap();
+        let status = answer[9..12].parse().unwrap();
+        let body = answer.split_once("\r\n\r\n").unwrap().1.to_owned();
+        (status, body)
+    }
+
+    /// One sample's value from the daemon's `/metrics` (0 when absent).
+    fn metric(&self, sample: &str) -> f64 {
+        let (_, body) = self.admin_get("/metrics");
+        body.lines()
+            .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' '))
+            .map_or(0.0, |v| v.trim().parse().unwrap())
     }
 
     fn stop_daemon(&mut self) {
@@ -480,6 +512,34 @@ async fn a_labelled_pod_is_attached_at_sandbox_creation_and_its_flows_spread_ove
     inside(&rig.net["exit1"], move || down.apply()).unwrap();
     let took = until_new_flows_avoid(&rig.net, &exit_public(1));
     eprintln!("new flows avoided the failed exit after {took:?}");
+    // The daemon's metrics say so: one failover of the gateway because the exit stopped
+    // answering, the exit seen dead and the other healthy, the client attached, the plan applied.
+    let gateway = format!("namespace=\"{}\",gateway=\"egress\"", rig.ns.name());
+    assert_eq!(
+        rig.metric(&format!(
+            "cloak_node_failovers_total{{{gateway},reason=\"unanswered\"}}"
+        )),
+        1.0,
+        "{}",
+        rig.admin_get("/metrics").1
+    );
+    for state in ["dead", "healthy"] {
+        assert_eq!(
+            rig.metric(&format!("cloak_node_exits{{{gateway},state=\"{state}\"}}")),
+            1.0,
+            "{}",
+            rig.admin_get("/metrics").1
+        );
+    }
+    assert_eq!(rig.metric(&format!("cloak_node_clients{{{gateway}}}")), 1.0);
+    assert!(rig.metric("cloak_node_probe_rtt_seconds_count") > 0.0);
+    assert!(rig.metric("cloak_node_plan_applies_total{outcome=\"ok\"}") >= 1.0);
+    assert_eq!(rig.metric("cloak_node_plan_applied"), 1.0);
+    assert_eq!(rig.admin_get("/readyz").0, 200);
+    if survivors.iter().any(|s| !*s) {
+        // Flows were held on the dead exit: they were reset.
+        assert!(rig.metric("cloak_node_flows_reset_total{reason=\"dead\"}") >= 1.0);
+    }
     let pokes = held.say("poke");
     for (survivor, poke) in survivors.iter().zip(pokes.split(',')) {
         if *survivor {
@@ -1065,6 +1125,11 @@ async fn a_flushed_ruleset_is_loaded_again_and_client_traffic_goes_on_through_th
         "client traffic left by the uplink"
     );
     assert!(rig.daemon_log().contains("changed under the daemon"));
+    assert!(
+        rig.metric("cloak_node_drift_repairs_total") >= 1.0,
+        "{}",
+        rig.admin_get("/metrics").1
+    );
     rig.cni("DEL", "app", "c0ffee0012").unwrap();
 }
 
