@@ -75,6 +75,7 @@ pub async fn follow(
     mut config: watch::Receiver<ConfigResult>,
     mut status: watch::Receiver<Status>,
     mut draining: watch::Receiver<bool>,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
 ) {
     let (silent_tx, mut silent) = watch::channel(false);
     let mut watching: Option<(LivenessConfig, Liveness)> = None;
@@ -123,6 +124,11 @@ pub async fn follow(
         {
             match tokio::task::spawn_blocking(move || next.apply()).await {
                 Ok(Ok(())) => {
+                    let (healthy, draining) = want
+                        .as_ref()
+                        .map_or((false, false), |p| (p.healthy, p.draining));
+                    metrics.exit_healthy.set(i64::from(healthy));
+                    metrics.exit_draining.set(i64::from(draining));
                     tracing::info!(
                         healthy = want.as_ref().is_some_and(|p| p.healthy),
                         draining = want.as_ref().is_some_and(|p| p.draining),
@@ -201,8 +207,12 @@ pub async fn drain(grace: Duration, quiet: Duration) {
 }
 
 /// Waits for a config with an exit role, then serves its clients' DNS on the exits' inner address
-/// (`dataplane::dnsforward`), routing each query by the config current when it arrives.
-pub async fn serve_dns(mut config: watch::Receiver<ConfigResult>) {
+/// (`dataplane::dnsforward`), routing each query by the config current when it arrives (and
+/// counting it).
+pub async fn serve_dns(
+    mut config: watch::Receiver<ConfigResult>,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+) {
     while dns_routing(&config.borrow_and_update()).is_none() {
         if config.changed().await.is_err() {
             return;
@@ -211,10 +221,15 @@ pub async fn serve_dns(mut config: watch::Receiver<ConfigResult>) {
     let addr = SocketAddrV4::new(EXIT_ADDRESS, 53);
     loop {
         let config = config.clone();
+        let metrics = std::sync::Arc::clone(&metrics);
         let served = match Sockets::bind(addr) {
             Ok(sockets) => {
                 tracing::info!(%addr, "serving the clients' DNS");
-                dnsforward::serve(sockets, move |_| dns_routing(&config.borrow())).await
+                dnsforward::serve(sockets, move |_| {
+                    metrics.exit_dns_queries.inc();
+                    dns_routing(&config.borrow())
+                })
+                .await
             }
             Err(e) => Err(e),
         };
@@ -223,6 +238,17 @@ pub async fn serve_dns(mut config: watch::Receiver<ConfigResult>) {
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+}
+
+/// How many client flows the exit carries now (its namespace's conntrack, as a draining exit
+/// reads it); None when they cannot be listed.
+pub(crate) fn client_flows() -> Option<usize> {
+    let listing = cloak_dataplane::gateway::list_flows().ok()?;
+    Some(cloak_dataplane::gateway::FlowWatch::default().update(
+        &listing,
+        std::time::Instant::now(),
+        Duration::MAX,
+    ))
 }
 
 #[cfg(test)]

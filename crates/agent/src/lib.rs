@@ -45,6 +45,9 @@ pub struct Options {
     /// `/readyz`. A gateway exit has one (its gateway's Secret): its admin port is on the pod
     /// network, where any pod can reach it.
     pub admin_token: Option<String>,
+    /// The SHA-256 (hex) of a token that may read `/metrics` alone: the cluster's metrics
+    /// reader (a gateway exit gets it from the operator, who never hands out the token itself).
+    pub metrics_token_sha256: Option<String>,
 }
 
 /// Runs until SIGTERM/SIGINT, then leaves the namespace blocked. A gateway exit first drains:
@@ -83,8 +86,9 @@ pub async fn run(options: Options) -> std::io::Result<()> {
         config_rx.clone(),
         status_rx.clone(),
         draining_rx,
+        Arc::clone(&metrics),
     ));
-    let dns = tokio::spawn(exit::serve_dns(config_rx.clone()));
+    let dns = tokio::spawn(exit::serve_dns(config_rx.clone(), Arc::clone(&metrics)));
     // A gateway exit's inbound ports (nothing happens without `exit.forwards`).
     let (inbound_tx, inbound_rx) = watch::channel(Vec::new());
     let inbound = tokio::spawn(inbound::follow(
@@ -97,14 +101,18 @@ pub async fn run(options: Options) -> std::io::Result<()> {
     let admin = AdminState {
         status: status_rx,
         inbound: inbound_rx,
+        config: config_rx.clone(),
         metrics: Arc::clone(&metrics),
         token: options.admin_token.clone().map(Arc::from),
+        metrics_token_sha256: options.metrics_token_sha256.clone().map(Arc::from),
     };
     let app = {
         let (ready, scrape, allowed) = (admin.clone(), admin.clone(), admin.clone());
         cloak_admin::Admin::new_async(move || scrape.clone().metrics_text())
             .ready(move |headers| ready.readyz(headers))
-            .metrics_allowed(move |headers| allowed.authorized(headers))
+            .metrics_allowed(move |headers| {
+                allowed.authorized(headers) || allowed.metrics_reader(headers)
+            })
             .route(
                 cloak_model::exit::STATUS_PATH,
                 axum::routing::get(status_json).with_state(admin),
@@ -226,28 +234,48 @@ async fn watch_config(options: Options, tx: watch::Sender<ConfigResult>) {
 struct AdminState {
     status: watch::Receiver<Status>,
     inbound: watch::Receiver<Vec<inbound::Mapped>>,
+    config: watch::Receiver<ConfigResult>,
     metrics: Arc<Metrics>,
     token: Option<Arc<str>>,
+    metrics_token_sha256: Option<Arc<str>>,
+}
+
+/// Whether `given` and `want` are the same, in a time that does not tell where they differ.
+fn same_secret(given: &str, want: &str) -> bool {
+    given.len() == want.len()
+        && given
+            .bytes()
+            .zip(want.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+fn bearer(headers: &axum::http::HeaderMap) -> &str {
+    headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default()
 }
 
 impl AdminState {
+    /// Whether the request carries the metrics reader's token (its hash is what this agent
+    /// was given).
+    fn metrics_reader(&self, headers: &axum::http::HeaderMap) -> bool {
+        let Some(want) = &self.metrics_token_sha256 else {
+            return false;
+        };
+        let given = bearer(headers);
+        !given.is_empty() && same_secret(&cloak_model::exit::token_sha256(given), want)
+    }
+
     /// Whether the request may be told more than ready or not: no token is asked for, or it
     /// carries it (compared in constant time).
     fn authorized(&self, headers: &axum::http::HeaderMap) -> bool {
         let Some(token) = &self.token else {
             return true;
         };
-        let given = headers
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or_default();
-        given.len() == token.len()
-            && given
-                .bytes()
-                .zip(token.bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0
+        same_secret(bearer(headers), token)
     }
 }
 
@@ -273,6 +301,14 @@ impl AdminState {
     }
 
     async fn metrics_text(self) -> String {
+        if exit::dns_routing(&self.config.borrow()).is_some() {
+            let flows = tokio::task::spawn_blocking(exit::client_flows).await;
+            if let Ok(Some(flows)) = flows {
+                self.metrics
+                    .exit_client_flows
+                    .set(i64::try_from(flows).unwrap_or(i64::MAX));
+            }
+        }
         if !self.inbound.borrow().is_empty() {
             let counts = tokio::task::spawn_blocking(inbound::connection_counts)
                 .await
@@ -385,4 +421,50 @@ pub async fn verify(options: VerifyOptions) -> Result<Option<std::net::IpAddr>, 
 /// A YAML single-quoted scalar: any text, with `'` doubled.
 fn yaml_quoted(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn admin(token: Option<&str>, reader: Option<&str>) -> AdminState {
+        AdminState {
+            status: watch::channel(Status::default()).1,
+            inbound: watch::channel(Vec::new()).1,
+            config: watch::channel(Err(config::ConfigError::Read {
+                path: String::new(),
+                reason: String::new(),
+            }))
+            .1,
+            metrics: Arc::new(Metrics::new()),
+            token: token.map(Arc::from),
+            metrics_token_sha256: reader.map(|r| Arc::from(cloak_model::exit::token_sha256(r))),
+        }
+    }
+
+    fn bearing(token: &str) -> axum::http::HeaderMap {
+        let mut headers = axum::http::HeaderMap::new();
+        headers.insert(
+            axum::http::header::AUTHORIZATION,
+            format!("Bearer {token}").parse().unwrap(),
+        );
+        headers
+    }
+
+    #[test]
+    fn the_metrics_reader_token_reads_metrics_only_and_only_by_its_hash() {
+        let exit = admin(Some("admin"), Some("reader"));
+        assert!(exit.authorized(&bearing("admin")));
+        assert!(!exit.metrics_reader(&bearing("admin")));
+        // The reader: /metrics, not /status or the exit address.
+        assert!(exit.metrics_reader(&bearing("reader")));
+        assert!(!exit.authorized(&bearing("reader")));
+        // Its hash is no token.
+        let hash = cloak_model::exit::token_sha256("reader");
+        assert!(!exit.metrics_reader(&bearing(&hash)));
+        assert!(!exit.metrics_reader(&axum::http::HeaderMap::new()));
+        assert!(!exit.metrics_reader(&bearing("")));
+        // Without a reader hash nobody but the admin token's holder reads.
+        assert!(!admin(Some("admin"), None).metrics_reader(&bearing("reader")));
+    }
 }

@@ -46,6 +46,10 @@ pub struct Metrics {
     inbound_connections: Family<InboundLabels, Counter>,
     /// The inbound rules' counters as last read (a table written anew starts them from 0).
     inbound_last: Mutex<std::collections::BTreeMap<String, u64>>,
+    pub(crate) exit_healthy: Gauge,
+    pub(crate) exit_draining: Gauge,
+    pub(crate) exit_client_flows: Gauge,
+    pub(crate) exit_dns_queries: Counter,
 }
 
 impl Metrics {
@@ -121,8 +125,8 @@ impl Metrics {
             "Connections taken on an inbound port, by request name and protocol",
             inbound_connections.clone(),
         );
-        let m = Self {
-            registry,
+        let mut m = Self {
+            registry: Registry::default(),
             state,
             handshake_age,
             rx,
@@ -138,9 +142,39 @@ impl Metrics {
             inbound_epoch_resets,
             inbound_connections,
             inbound_last: Mutex::new(std::collections::BTreeMap::new()),
+            exit_healthy: Gauge::default(),
+            exit_draining: Gauge::default(),
+            exit_client_flows: Gauge::default(),
+            exit_dns_queries: Counter::default(),
         };
+        m.register_exit(&mut registry);
         m.set_phase(Phase::Blocked);
+        m.registry = registry;
         m
+    }
+
+    /// A gateway exit's own series (0 on an agent that is no exit).
+    fn register_exit(&self, registry: &mut Registry) {
+        registry.register(
+            "exit_healthy",
+            "1 while this gateway exit takes new flows (its tunnel up and its probes answered)",
+            self.exit_healthy.clone(),
+        );
+        registry.register(
+            "exit_draining",
+            "1 while this gateway exit drains: established flows go on, no new ones come",
+            self.exit_draining.clone(),
+        );
+        registry.register(
+            "exit_client_flows",
+            "Client flows this gateway exit carries now (conntrack, read at each scrape)",
+            self.exit_client_flows.clone(),
+        );
+        registry.register(
+            "exit_dns_queries",
+            "DNS queries of the gateway's clients this exit forwarded",
+            Counter::clone(&self.exit_dns_queries),
+        );
     }
 
     pub(crate) fn set_phase(&self, phase: Phase) {

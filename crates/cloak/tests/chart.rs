@@ -287,7 +287,9 @@ async fn monitoring_objects_are_accepted_by_the_prometheus_operators_crds() {
     );
     let applied = server_dry_run(cp.kubeconfig(), ns.name(), &manifest);
     for object in [
-        "podmonitor.monitoring.coreos.com/cloak",
+        "podmonitor.monitoring.coreos.com/cloak ",
+        "podmonitor.monitoring.coreos.com/cloak-exits",
+        "secret/cloak-metrics-token",
         "prometheusrule.monitoring.coreos.com/cloak",
         "configmap/cloak-dashboard",
     ] {

@@ -207,12 +207,12 @@ impl Rig {
         (status, body)
     }
 
-    /// One sample's value from the daemon's `/metrics` (0 when absent).
-    fn metric(&self, sample: &str) -> f64 {
+    /// One sample's value from the daemon's `/metrics`, a whole number (0 when absent).
+    fn metric(&self, sample: &str) -> u64 {
         let (_, body) = self.admin_get("/metrics");
         body.lines()
             .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' '))
-            .map_or(0.0, |v| v.trim().parse().unwrap())
+            .map_or(0, |v| v.trim().parse().unwrap())
     }
 
     fn stop_daemon(&mut self) {
@@ -519,26 +519,26 @@ async fn a_labelled_pod_is_attached_at_sandbox_creation_and_its_flows_spread_ove
         rig.metric(&format!(
             "cloak_node_failovers_total{{{gateway},reason=\"unanswered\"}}"
         )),
-        1.0,
+        1,
         "{}",
         rig.admin_get("/metrics").1
     );
     for state in ["dead", "healthy"] {
         assert_eq!(
             rig.metric(&format!("cloak_node_exits{{{gateway},state=\"{state}\"}}")),
-            1.0,
+            1,
             "{}",
             rig.admin_get("/metrics").1
         );
     }
-    assert_eq!(rig.metric(&format!("cloak_node_clients{{{gateway}}}")), 1.0);
-    assert!(rig.metric("cloak_node_probe_rtt_seconds_count") > 0.0);
-    assert!(rig.metric("cloak_node_plan_applies_total{outcome=\"ok\"}") >= 1.0);
-    assert_eq!(rig.metric("cloak_node_plan_applied"), 1.0);
+    assert_eq!(rig.metric(&format!("cloak_node_clients{{{gateway}}}")), 1);
+    assert!(rig.metric("cloak_node_probe_rtt_seconds_count") > 0);
+    assert!(rig.metric("cloak_node_plan_applies_total{outcome=\"ok\"}") >= 1);
+    assert_eq!(rig.metric("cloak_node_plan_applied"), 1);
     assert_eq!(rig.admin_get("/readyz").0, 200);
     if survivors.iter().any(|s| !*s) {
         // Flows were held on the dead exit: they were reset.
-        assert!(rig.metric("cloak_node_flows_reset_total{reason=\"dead\"}") >= 1.0);
+        assert!(rig.metric("cloak_node_flows_reset_total{reason=\"dead\"}") >= 1);
     }
     let pokes = held.say("poke");
     for (survivor, poke) in survivors.iter().zip(pokes.split(',')) {
@@ -1126,7 +1126,7 @@ async fn a_flushed_ruleset_is_loaded_again_and_client_traffic_goes_on_through_th
     );
     assert!(rig.daemon_log().contains("changed under the daemon"));
     assert!(
-        rig.metric("cloak_node_drift_repairs_total") >= 1.0,
+        rig.metric("cloak_node_drift_repairs_total") >= 1,
         "{}",
         rig.admin_get("/metrics").1
     );

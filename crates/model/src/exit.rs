@@ -54,6 +54,15 @@ pub fn admin_secret_name(gateway: &str) -> String {
     names::join(&[gateway, "exit-admin"])
 }
 
+/// A token's SHA-256, in hex: what an exit is given of the cluster's metrics reader token
+/// (`--metrics-token-sha256`), so a tenant who reads its pod spec learns nothing it could send.
+pub fn token_sha256(token: &str) -> String {
+    hex::encode(ring::digest::digest(
+        &ring::digest::SHA256,
+        token.as_bytes(),
+    ))
+}
+
 /// A new admin token: 32 random bytes, in hex.
 pub fn new_admin_token() -> String {
     let mut bytes = [0u8; 32];
@@ -309,6 +318,9 @@ pub struct ExitPod<'a> {
     /// How long the agent drains once the pod is deleted: the kubelet waits that long, and a
     /// little more, before it kills it.
     pub drain_grace: std::time::Duration,
+    /// The SHA-256 of the token that may read the exit's `/metrics` ([`token_sha256`] of the
+    /// chart's metrics reader token), when the operator was given one.
+    pub metrics_token_sha256: Option<&'a str>,
 }
 
 /// The exit pod: `cloak agent` with the one server's credentials and a few capabilities (it
@@ -321,6 +333,16 @@ pub fn pod(input: &ExitPod<'_>) -> Result<Pod, serde_json::Error> {
         .map(|(path, key)| json!({"key": key, "path": path}))
         .collect();
     let config = format!("{CONFIG_DIR}/{}", config_key(input.name));
+    let mut args = vec![
+        "agent".to_owned(),
+        "--config".to_owned(),
+        config,
+        "--admin-token-file".to_owned(),
+        format!("{ADMIN_TOKEN_DIR}/{ADMIN_TOKEN_KEY}"),
+    ];
+    if let Some(hash) = input.metrics_token_sha256 {
+        args.extend(["--metrics-token-sha256".to_owned(), hash.to_owned()]);
+    }
     serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {
@@ -354,10 +376,7 @@ pub fn pod(input: &ExitPod<'_>) -> Result<Pod, serde_json::Error> {
             }]}},
             "containers": [{
                 "name": "agent", "image": input.image, "imagePullPolicy": "IfNotPresent",
-                "args": [
-                    "agent", "--config", config,
-                    "--admin-token-file", format!("{ADMIN_TOKEN_DIR}/{ADMIN_TOKEN_KEY}"),
-                ],
+                "args": args,
                 "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
                 // The least an exit needs, not privileged: NET_ADMIN for its tunnel, routes,
                 // VXLAN end and nftables table; NET_RAW for its probe; MKNOD to make
@@ -627,7 +646,7 @@ mod tests {
 
     #[test]
     fn an_exit_pod_mounts_one_server_as_a_one_server_secret_and_is_owned_by_its_mask() {
-        let pod = pod(&ExitPod {
+        let input = ExitPod {
             name: "g-exit-0",
             namespace: "ns",
             gateway: "g",
@@ -638,9 +657,9 @@ mod tests {
             tunnel_mtu: 1420,
             owner: owner(),
             drain_grace: std::time::Duration::from_millis(90_500),
-        })
-        .unwrap();
-        let v = serde_json::to_value(&pod).unwrap();
+            metrics_token_sha256: None,
+        };
+        let v = serde_json::to_value(pod(&input).unwrap()).unwrap();
         assert_eq!(
             v["spec"]["volumes"][0]["secret"],
             json!({"secretName": "g-exit-0-vpn-credentials", "items": [{"key": "nl-2.conf", "path": "wg0.conf"}]})
@@ -671,6 +690,19 @@ mod tests {
         assert_eq!(
             v["spec"]["terminationGracePeriodSeconds"], 101,
             "the drain grace, rounded up, and time to stop"
+        );
+        // With a metrics reader: its token's hash, never the token.
+        let hash = token_sha256("reader");
+        let pod = pod(&ExitPod {
+            metrics_token_sha256: Some(&hash),
+            ..input
+        })
+        .unwrap();
+        let args = serde_json::to_value(&pod).unwrap()["spec"]["containers"][0]["args"].clone();
+        assert_eq!(args[5], "--metrics-token-sha256");
+        assert_eq!(
+            args[6],
+            "3d0941964aa3ebdcb00ccef58b1bb399f9f898465e9886d5aec7f31090a0fb30"
         );
         assert_eq!(
             drain_grace_of(&pod),

@@ -90,6 +90,9 @@ pub struct Config {
     /// Off: only `https://`, since whoever can answer a plain request could hand out server
     /// endpoints and keys.
     pub allow_http_server_lists: bool,
+    /// The SHA-256 (hex) of the cluster's metrics reader token: exits let whoever sends that
+    /// token read their `/metrics`. None: only the operator (with each gateway's admin token).
+    pub metrics_token_sha256: Option<String>,
 }
 
 impl Default for Config {
@@ -106,6 +109,7 @@ impl Default for Config {
             exit_admin_port: Some(cloak_model::exit::ADMIN_PORT),
             pod_network_mtu: 1500,
             allow_http_server_lists: false,
+            metrics_token_sha256: None,
         }
     }
 }

@@ -1045,6 +1045,7 @@ async fn exit_pod(
             ..mask_ref
         },
         drain_grace: drain_grace(gateway),
+        metrics_token_sha256: ctx.config.metrics_token_sha256.as_deref(),
     })?;
     let created = Api::<Pod>::namespaced(ctx.client.clone(), &ns)
         .create(&PostParams::default(), &pod)
