@@ -15,6 +15,8 @@ mod chain;
 mod gluetun;
 #[path = "gateway_lab/inbound.rs"]
 mod inbound;
+#[path = "gateway_lab/observability.rs"]
+mod observability;
 
 use labkit as lab;
 

@@ -34,6 +34,7 @@ mod images;
 pub mod layout;
 pub mod natpmp;
 mod procs;
+pub mod prometheus;
 mod proxy;
 mod reap;
 mod sh;

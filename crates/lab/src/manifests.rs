@@ -22,6 +22,15 @@ pub const HELM_VALUES: [&str; 5] = [
     "operator.allowHttpServerLists=true",
 ];
 
+/// With the lab's Prometheus: the chart's monitoring objects too, checked against the
+/// prometheus-operator's CRDs at install (no prometheus-operator runs: the lab's Prometheus has
+/// its own configuration, the same jobs as those PodMonitors).
+pub(crate) const MONITORING_VALUES: [&str; 3] = [
+    "prometheus.podMonitors=true",
+    "prometheus.rules=true",
+    "prometheus.dashboard=true",
+];
+
 /// CoreDNS in `kube-system`, Service `kube-dns` on the cluster DNS address, forwarding
 /// everything outside the cluster to the internet's DNS.
 pub(crate) fn coredns() -> String {

@@ -1,7 +1,8 @@
-//! The API server on the host's loopback: a TCP proxy from `127.0.0.1:<port>` (in the
-//! supervisor's own namespace, the host's) to kube-apiserver in the control-plane namespace.
-//! Nothing of the host's network changes: the proxy is a listening socket, and each upstream
-//! connection is made by a thread that entered the control-plane namespace.
+//! The lab's servers on the host's loopback: a TCP proxy from `127.0.0.1:<port>` (in the
+//! supervisor's own namespace, the host's) to a server in one of the lab's namespaces
+//! (kube-apiserver in the control-plane namespace, Prometheus on node 1). Nothing of the host's
+//! network changes: the proxy is a listening socket, and each upstream connection is made by a
+//! thread that entered the server's namespace.
 
 use std::{
     fs, io,
@@ -14,38 +15,49 @@ use crate::{
     layout,
 };
 
-/// Listens on a free loopback port and serves until the process exits. Returns the port.
+/// The API server, on a free loopback port (or `port`), until the process exits. Returns the
+/// port.
 pub(crate) fn start(cp_netns_path: &str, port: u16) -> Result<u16> {
+    to(
+        cp_netns_path,
+        port,
+        (layout::API_SERVER.to_owned(), layout::API_PORT),
+    )
+}
+
+/// `target` in the namespace at `netns_path`, on a free loopback port (or `port`), until the
+/// process exits. Returns the port.
+pub(crate) fn to(netns_path: &str, port: u16, target: (String, u16)) -> Result<u16> {
     let listener = TcpListener::bind(("127.0.0.1", port))
         .or_else(|_| TcpListener::bind(("127.0.0.1", 0)))
-        .map_err(|e| Error::Other(format!("binding the API proxy on 127.0.0.1: {e}")))?;
+        .map_err(|e| Error::Other(format!("binding a proxy on 127.0.0.1: {e}")))?;
     let port = listener
         .local_addr()
         .map_err(|e| Error::Other(e.to_string()))?
         .port();
-    let path = cp_netns_path.to_owned();
+    let path = netns_path.to_owned();
     std::thread::Builder::new()
-        .name("api-proxy".into())
+        .name(format!("proxy-{}", target.1))
         .spawn(move || {
             for client in listener.incoming().flatten() {
-                let path = path.clone();
+                let (path, target) = (path.clone(), target.clone());
                 std::thread::spawn(move || {
-                    if let Ok(upstream) = connect_in(&path) {
+                    if let Ok(upstream) = connect_in(&path, &target) {
                         pipe(client, upstream);
                     }
                 });
             }
         })
-        .map_err(|e| Error::Other(format!("starting the API proxy: {e}")))?;
+        .map_err(|e| Error::Other(format!("starting a proxy: {e}")))?;
     Ok(port)
 }
 
-/// Connects to the API server from inside the control-plane namespace (this thread enters it
-/// for good: it serves only this connection).
-fn connect_in(path: &str) -> io::Result<TcpStream> {
+/// Connects to `target` from inside the namespace at `path` (this thread enters it for good:
+/// it serves only this connection).
+fn connect_in(path: &str, target: &(String, u16)) -> io::Result<TcpStream> {
     let file = fs::File::open(path)?;
     nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(io::Error::other)?;
-    let addr = (layout::API_SERVER, layout::API_PORT);
+    let addr = (target.0.as_str(), target.1);
     let stream = std::net::ToSocketAddrs::to_socket_addrs(&addr)?
         .next()
         .ok_or_else(|| io::Error::other("no address"))

@@ -24,11 +24,19 @@ pub(crate) fn render(lab: &Lab, kubectl: &Path) -> Result<String> {
     let port = std::fs::read_to_string(lab.dir().join("api-port")).unwrap_or_default();
     let _ = writeln!(
         out,
-        "lab {}: supervisor PID {pid}, API https://127.0.0.1:{} (kubeconfig {})\n",
+        "lab {}: supervisor PID {pid}, API https://127.0.0.1:{} (kubeconfig {})",
         lab.name(),
         port.trim(),
         lab.kubeconfig().display()
     );
+    if let Ok(port) = std::fs::read_to_string(crate::prometheus::port_file(lab)) {
+        let _ = writeln!(
+            out,
+            "Prometheus http://127.0.0.1:{} (its HTTP API; scrapes every cloak component, the chart's alerts loaded)",
+            port.trim()
+        );
+    }
+    out.push('\n');
     let get = |args: &[&str]| -> Result<Vec<Value>> {
         let mut command = lab.kubectl(kubectl);
         command.args(args).args(["-o", "json"]);

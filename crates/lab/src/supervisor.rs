@@ -25,7 +25,7 @@ use crate::{
     images,
     layout::{self, Lab, TunnelKind},
     procs::{self, Procs},
-    proxy, reap, sh, vpn,
+    prometheus, proxy, reap, sh, vpn,
 };
 
 pub use reap::Reaped;
@@ -51,6 +51,10 @@ pub struct UpOptions {
     pub supervisor: Vec<String>,
     /// Stop the lab when this process exits (tests pass their own PID).
     pub owner: Option<u32>,
+    /// Prometheus, promtool and the prometheus-operator's CRDs (`tools/build-prometheus.sh`);
+    /// empty: the lab runs no Prometheus (a lab written before it had one).
+    #[serde(default)]
+    pub prometheus_bin: PathBuf,
 }
 
 /// A gluetun provider's Secret as a gluetun user holds it (`<provider>-gluetun`: the account's
@@ -388,10 +392,47 @@ impl Lab {
             wait_nodes_ready(self, &bins, procs, options.nodes)
         })?;
         step(self, "cluster DNS (CoreDNS)", || cluster_dns(self, &bins))?;
-        step(self, "cloak (helm install)", || helm_install(self, options))?;
+        let monitored = !options.prometheus_bin.as_os_str().is_empty();
+        if monitored {
+            step(self, "PodMonitor and PrometheusRule CRDs", || {
+                prometheus::install_crds(self, &options.kubectl, &options.prometheus_bin)
+            })?;
+        }
+        step(self, "cloak (helm install)", || {
+            helm_install(self, options, monitored)
+        })?;
         step(self, "cloak portfwd (host namespace)", || {
             portfwd(self, options, procs)
         })?;
+        if monitored {
+            step(self, "Prometheus (node 1)", || {
+                let token = crate::lab_kubectl_jsonpath(
+                    self,
+                    &options.kubectl,
+                    &[
+                        "-n",
+                        CLOAK_NAMESPACE,
+                        "get",
+                        "secret",
+                        "cloak-metrics-token",
+                    ],
+                    "{.data.token}",
+                )?;
+                let token = base64::Engine::decode(
+                    &base64::engine::general_purpose::STANDARD,
+                    token.trim(),
+                )
+                .map_err(|e| Error::Other(format!("the metrics reader token: {e}")))?;
+                prometheus::start(
+                    self,
+                    procs,
+                    &options.prometheus_bin,
+                    &options.chart,
+                    &String::from_utf8_lossy(&token),
+                )
+                .map(drop)
+            })?;
+        }
         step(self, "examples", || examples(self, options))?;
         Ok(())
     }
@@ -560,7 +601,8 @@ fn cluster_dns(lab: &Lab, bins: &Binaries) -> Result<()> {
     sh::output(&mut command).map(drop)
 }
 
-fn helm_install(lab: &Lab, options: &UpOptions) -> Result<()> {
+/// `monitored`: the chart's PodMonitors, PrometheusRule and dashboard too (their CRDs are in).
+fn helm_install(lab: &Lab, options: &UpOptions, monitored: bool) -> Result<()> {
     // Under the supervisor's death signal like its servers: a killed supervisor leaves no helm
     // waiting out its timeout.
     let mut command = Command::new("setpriv");
@@ -577,6 +619,12 @@ fn helm_install(lab: &Lab, options: &UpOptions) -> Result<()> {
         .args(
             crate::manifests::HELM_VALUES
                 .iter()
+                .flat_map(|v| ["--set", v]),
+        )
+        .args(
+            crate::manifests::MONITORING_VALUES
+                .iter()
+                .filter(|_| monitored)
                 .flat_map(|v| ["--set", v]),
         )
         .args(["--wait", "--timeout", "180s"]);
@@ -596,7 +644,12 @@ fn portfwd(lab: &Lab, options: &UpOptions, procs: &mut Procs) -> Result<()> {
                     options.cloak.to_string_lossy().into_owned(),
                     "portfwd".into(),
                     "--interfaces=ext0".into(),
-                    "--admin-addr=127.0.0.1:8081".into(),
+                    // On the lan: the lab's Prometheus scrapes it.
+                    format!(
+                        "--admin-addr={}:{}",
+                        layout::HOST,
+                        prometheus::PORTFWD_ADMIN_PORT
+                    ),
                     "local".into(),
                 ],
             ),
@@ -693,6 +746,10 @@ impl UpOptions {
             Some(dir) => PathBuf::from(dir),
             None => build("build-lab.sh")?,
         };
+        let prometheus_bin = match std::env::var_os("CLOAK_PROMETHEUS_BIN") {
+            Some(dir) => PathBuf::from(dir),
+            None => build("build-prometheus.sh")?,
+        };
         Ok(Self {
             nodes,
             cni,
@@ -705,6 +762,7 @@ impl UpOptions {
             cloak,
             supervisor,
             owner: None,
+            prometheus_bin,
         })
     }
 }

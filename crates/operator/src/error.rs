@@ -26,8 +26,21 @@ pub enum Error {
     LeadershipLost(String),
 }
 
+/// The categories reconcile errors are counted by (`cloak_reconcile_errors_total{category}`).
+pub const CATEGORIES: [&str; 8] = [
+    "Conflict",
+    "KubeApi",
+    "Finalizer",
+    "Serialize",
+    "InvalidSpec",
+    "Waiting",
+    "Timeout",
+    "LeadershipLost",
+];
+
 impl Error {
     /// Stable, PascalCase: a metric label and an Event reason.
+    /// One of [`CATEGORIES`].
     pub fn category(&self) -> &'static str {
         match self {
             Self::Kube(kube::Error::Api(status)) if status.code == 409 => "Conflict",

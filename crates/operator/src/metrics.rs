@@ -155,6 +155,16 @@ impl Metrics {
             "A VpnGateway's client pods",
             gateway_clients.clone(),
         );
+        // Every controller's error categories from the start, at 0: a dashboard's or an alert's
+        // rate over them has series before the first error.
+        for controller in ["vpnprovider", "vpnmask", "vpngateway", "vpnchain"] {
+            for category in crate::error::CATEGORIES {
+                let _ = errors.get_or_create(&ErrorLabels {
+                    controller,
+                    category,
+                });
+            }
+        }
         Arc::new(Self {
             registry,
             reconciles,

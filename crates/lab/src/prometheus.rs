@@ -1,0 +1,211 @@
+//! A real Prometheus in the lab (built from its Go module by `tools/build-prometheus.sh`),
+//! scraping every cloak component as a user's Prometheus would, with the chart's alert rules
+//! loaded:
+//!
+//! - `cloak`: pods annotated `prometheus.io/scrape` (the operator, `cloak node` on every node),
+//!   found through the API server (`kubernetes_sd_configs`, role `pod`);
+//! - `cloak-exits`: gateway exits in every namespace, with the metrics reader token the chart
+//!   made (an exit's `/metrics` answers nothing else);
+//! - `cloak-portfwd`: `cloak portfwd` on the lab's host.
+//!
+//! It runs in node 1's network namespace: the nodes' addresses are in every gateway's intranet,
+//! so exits answer it outside their tunnels (from the control plane's address they would not),
+//! and it reaches the pods as a kubelet's probes do. It listens on that namespace's loopback,
+//! and on the host's loopback through a proxy (`cloak lab status` says where).
+
+use std::{fs, path::Path};
+
+use crate::{
+    error::{Error, Result},
+    layout::{self, Lab},
+    procs::Procs,
+    sh,
+};
+
+/// Where Prometheus listens inside node 1's namespace.
+const LISTEN: (&str, u16) = ("127.0.0.1", 9090);
+/// How often it scrapes and evaluates the rules: fast, so a test sees a failover within seconds.
+const INTERVAL: &str = "5s";
+
+/// The file holding the port of Prometheus on the host's loopback.
+pub fn port_file(lab: &Lab) -> std::path::PathBuf {
+    lab.dir().join("prometheus-port")
+}
+
+/// Applies the prometheus-operator's PodMonitor and PrometheusRule CRDs (`<dir>/crds`), so the
+/// chart's monitoring objects are installed against their real schemas.
+pub(crate) fn install_crds(lab: &Lab, kubectl: &Path, dir: &Path) -> Result<()> {
+    let crds = dir.join("crds");
+    let mut apply = lab.kubectl(kubectl);
+    apply
+        .args(["apply", "--server-side", "--force-conflicts", "-f"])
+        .arg(&crds);
+    sh::output(&mut apply)?;
+    let mut wait = lab.kubectl(kubectl);
+    wait.args([
+        "wait",
+        "--for=condition=established",
+        "--timeout=60s",
+        "crd/podmonitors.monitoring.coreos.com",
+        "crd/prometheusrules.monitoring.coreos.com",
+    ]);
+    sh::output(&mut wait).map(drop)
+}
+
+/// Starts Prometheus (`<dir>/prometheus`) with the chart's rules (`<chart>/files/alerts.yaml`)
+/// and waits until it is ready. `token` is the chart's metrics reader token.
+pub(crate) fn start(
+    lab: &Lab,
+    procs: &mut Procs,
+    dir: &Path,
+    chart: &Path,
+    token: &str,
+) -> Result<u16> {
+    let home = lab.dir().join("prometheus");
+    fs::create_dir_all(home.join("data")).map_err(Error::io(&home))?;
+    let token_file = home.join("metrics-token");
+    crate::certs::write_private(&token_file, token)?;
+    let rules = home.join("alerts.yaml");
+    let chart_rules = chart.join("files/alerts.yaml");
+    fs::copy(&chart_rules, &rules).map_err(Error::io(&chart_rules))?;
+    let config = home.join("prometheus.yml");
+    fs::write(
+        &config,
+        config_yaml(
+            &crate::cluster::cluster_kubeconfig(lab),
+            &token_file,
+            &rules,
+        ),
+    )
+    .map_err(Error::io(&config))?;
+    let node = lab.netns(&layout::node_name(1));
+    procs.spawn(
+        "prometheus",
+        &sh::in_netns(
+            &node,
+            [
+                dir.join("prometheus").to_string_lossy().into_owned(),
+                format!("--config.file={}", config.display()),
+                format!("--storage.tsdb.path={}", home.join("data").display()),
+                format!("--web.listen-address={}:{}", LISTEN.0, LISTEN.1),
+                "--storage.tsdb.retention.time=1d".into(),
+                "--log.level=warn".into(),
+            ],
+        ),
+        Some(&home),
+    )?;
+    let port = crate::proxy::to(
+        &format!("/var/run/netns/{node}"),
+        0,
+        (LISTEN.0.to_owned(), LISTEN.1),
+    )?;
+    fs::write(port_file(lab), port.to_string()).map_err(Error::io(port_file(lab)))?;
+    wait_ready(port)?;
+    Ok(port)
+}
+
+/// Polls `/-/ready` for up to 60 s.
+fn wait_ready(port: u16) -> Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_mins(1);
+    loop {
+        if get(port, "/-/ready").is_ok_and(|(status, _)| status == 200) {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(Error::Other(
+                "Prometheus was not ready within 60 s (logs/prometheus.log)".into(),
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+}
+
+/// `GET path` from Prometheus on the host's loopback: status code and body.
+pub fn get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read as _, Write as _};
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut stream =
+        std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: prometheus\r\n\r\n")?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    let status = answer
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not HTTP: {answer:.80}")))?;
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// The scrape configuration. `honor_labels`: cloak's own `namespace` label (a gateway's or a
+/// provider's namespace) is kept, as the chart's PodMonitors keep it.
+fn config_yaml(kubeconfig: &Path, token: &Path, rules: &Path) -> String {
+    let sd = format!(
+        "    kubernetes_sd_configs:\n      - role: pod\n        kubeconfig_file: {}\n",
+        kubeconfig.display()
+    );
+    let running = "      - source_labels: [__meta_kubernetes_pod_phase]\n        regex: Running\n        action: keep\n";
+    let pod_labels = "      - source_labels: [__meta_kubernetes_pod_name]\n        target_label: pod\n      - source_labels: [__meta_kubernetes_pod_label_app_kubernetes_io_component]\n        target_label: component\n";
+    format!(
+        "global:\n  scrape_interval: {INTERVAL}\n  scrape_timeout: 4s\n  evaluation_interval: {INTERVAL}\n\
+rule_files:\n  - {rules}\n\
+scrape_configs:\n\
+  - job_name: cloak\n    honor_labels: true\n{sd}    relabel_configs:\n\
+      - source_labels: [__meta_kubernetes_pod_annotation_prometheus_io_scrape]\n        regex: \"true\"\n        action: keep\n\
+{running}\
+      - source_labels: [__address__, __meta_kubernetes_pod_annotation_prometheus_io_port]\n        regex: '([^:]+)(?::\\d+)?;(\\d+)'\n        replacement: '$1:$2'\n        target_label: __address__\n\
+      - source_labels: [__meta_kubernetes_pod_annotation_prometheus_io_path]\n        regex: (.+)\n        target_label: __metrics_path__\n\
+{pod_labels}\
+  - job_name: cloak-exits\n    honor_labels: true\n    authorization:\n      type: Bearer\n      credentials_file: {token}\n{sd}    relabel_configs:\n\
+      - source_labels: [__meta_kubernetes_pod_label_app_kubernetes_io_managed_by, __meta_kubernetes_pod_label_app_kubernetes_io_component, __meta_kubernetes_pod_container_port_name]\n        regex: cloak;exit;admin\n        action: keep\n\
+{running}\
+      - source_labels: [__meta_kubernetes_namespace]\n        target_label: namespace\n\
+      - source_labels: [__meta_kubernetes_pod_label_cloak_dev_exit_of]\n        target_label: gateway\n\
+{pod_labels}\
+  - job_name: cloak-portfwd\n    static_configs:\n      - targets: ['{host}:{portfwd}']\n        labels: {{component: portfwd}}\n",
+        rules = rules.display(),
+        token = token.display(),
+        host = layout::HOST,
+        portfwd = PORTFWD_ADMIN_PORT,
+    )
+}
+
+/// `cloak portfwd`'s admin port on the lab's host (its lan address).
+pub(crate) const PORTFWD_ADMIN_PORT: u16 = 8081;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_scrape_configuration_is_yaml_with_the_three_jobs() {
+        let text = config_yaml(
+            Path::new("/lab/cluster.kubeconfig"),
+            Path::new("/lab/prometheus/metrics-token"),
+            Path::new("/lab/prometheus/alerts.yaml"),
+        );
+        let config: serde_json::Value = serde_yaml::from_str(&text).unwrap();
+        let jobs: Vec<&str> = config["scrape_configs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|j| j["job_name"].as_str().unwrap())
+            .collect();
+        assert_eq!(jobs, ["cloak", "cloak-exits", "cloak-portfwd"]);
+        let exits = &config["scrape_configs"][1];
+        assert_eq!(
+            exits["authorization"]["credentials_file"],
+            "/lab/prometheus/metrics-token"
+        );
+        assert_eq!(exits["relabel_configs"][0]["regex"], "cloak;exit;admin");
+        assert_eq!(
+            config["scrape_configs"][2]["static_configs"][0]["targets"][0],
+            "10.250.0.254:8081"
+        );
+        assert_eq!(config["rule_files"][0], "/lab/prometheus/alerts.yaml");
+    }
+}
