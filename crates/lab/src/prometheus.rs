@@ -144,30 +144,67 @@ pub fn get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
 /// The scrape configuration. `honor_labels`: cloak's own `namespace` label (a gateway's or a
 /// provider's namespace) is kept, as the chart's PodMonitors keep it.
 fn config_yaml(kubeconfig: &Path, token: &Path, rules: &Path) -> String {
-    let sd = format!(
-        "    kubernetes_sd_configs:\n      - role: pod\n        kubeconfig_file: {}\n",
-        kubeconfig.display()
-    );
-    let running = "      - source_labels: [__meta_kubernetes_pod_phase]\n        regex: Running\n        action: keep\n";
-    let pod_labels = "      - source_labels: [__meta_kubernetes_pod_name]\n        target_label: pod\n      - source_labels: [__meta_kubernetes_pod_label_app_kubernetes_io_component]\n        target_label: component\n";
     format!(
-        "global:\n  scrape_interval: {INTERVAL}\n  scrape_timeout: 4s\n  evaluation_interval: {INTERVAL}\n\
-rule_files:\n  - {rules}\n\
-scrape_configs:\n\
-  - job_name: cloak\n    honor_labels: true\n{sd}    relabel_configs:\n\
-      - source_labels: [__meta_kubernetes_pod_annotation_prometheus_io_scrape]\n        regex: \"true\"\n        action: keep\n\
-{running}\
-      - source_labels: [__address__, __meta_kubernetes_pod_annotation_prometheus_io_port]\n        regex: '([^:]+)(?::\\d+)?;(\\d+)'\n        replacement: '$1:$2'\n        target_label: __address__\n\
-      - source_labels: [__meta_kubernetes_pod_annotation_prometheus_io_path]\n        regex: (.+)\n        target_label: __metrics_path__\n\
-{pod_labels}\
-  - job_name: cloak-exits\n    honor_labels: true\n    authorization:\n      type: Bearer\n      credentials_file: {token}\n{sd}    relabel_configs:\n\
-      - source_labels: [__meta_kubernetes_pod_label_app_kubernetes_io_managed_by, __meta_kubernetes_pod_label_app_kubernetes_io_component, __meta_kubernetes_pod_container_port_name]\n        regex: cloak;exit;admin\n        action: keep\n\
-{running}\
-      - source_labels: [__meta_kubernetes_namespace]\n        target_label: namespace\n\
-      - source_labels: [__meta_kubernetes_pod_label_cloak_dev_exit_of]\n        target_label: gateway\n\
-{pod_labels}\
-  - job_name: cloak-portfwd\n    static_configs:\n      - targets: ['{host}:{portfwd}']\n        labels: {{component: portfwd}}\n",
+        r#"global:
+  scrape_interval: {INTERVAL}
+  scrape_timeout: 4s
+  evaluation_interval: {INTERVAL}
+rule_files:
+  - {rules}
+scrape_configs:
+  - job_name: cloak
+    honor_labels: true
+    kubernetes_sd_configs:
+      - role: pod
+        kubeconfig_file: {kubeconfig}
+    relabel_configs:
+      - source_labels: [__meta_kubernetes_pod_annotation_prometheus_io_scrape]
+        regex: "true"
+        action: keep
+      - source_labels: [__meta_kubernetes_pod_phase]
+        regex: Running
+        action: keep
+      - source_labels: [__address__, __meta_kubernetes_pod_annotation_prometheus_io_port]
+        regex: '([^:]+)(?::\d+)?;(\d+)'
+        replacement: '$1:$2'
+        target_label: __address__
+      - source_labels: [__meta_kubernetes_pod_annotation_prometheus_io_path]
+        regex: (.+)
+        target_label: __metrics_path__
+      - source_labels: [__meta_kubernetes_pod_name]
+        target_label: pod
+      - source_labels: [__meta_kubernetes_pod_label_app_kubernetes_io_component]
+        target_label: component
+  - job_name: cloak-exits
+    honor_labels: true
+    authorization:
+      type: Bearer
+      credentials_file: {token}
+    kubernetes_sd_configs:
+      - role: pod
+        kubeconfig_file: {kubeconfig}
+    relabel_configs:
+      - source_labels: [__meta_kubernetes_pod_label_app_kubernetes_io_managed_by, __meta_kubernetes_pod_label_app_kubernetes_io_component, __meta_kubernetes_pod_container_port_name]
+        regex: cloak;exit;admin
+        action: keep
+      - source_labels: [__meta_kubernetes_pod_phase]
+        regex: Running
+        action: keep
+      - source_labels: [__meta_kubernetes_namespace]
+        target_label: namespace
+      - source_labels: [__meta_kubernetes_pod_label_cloak_dev_exit_of]
+        target_label: gateway
+      - source_labels: [__meta_kubernetes_pod_name]
+        target_label: pod
+      - source_labels: [__meta_kubernetes_pod_label_app_kubernetes_io_component]
+        target_label: component
+  - job_name: cloak-portfwd
+    static_configs:
+      - targets: ['{host}:{portfwd}']
+        labels: {{component: portfwd}}
+"#,
         rules = rules.display(),
+        kubeconfig = kubeconfig.display(),
         token = token.display(),
         host = layout::HOST,
         portfwd = PORTFWD_ADMIN_PORT,
@@ -207,5 +244,9 @@ mod tests {
             "10.250.0.254:8081"
         );
         assert_eq!(config["rule_files"][0], "/lab/prometheus/alerts.yaml");
+        assert_eq!(
+            config["scrape_configs"][0]["relabel_configs"][2]["regex"],
+            r"([^:]+)(?::\d+)?;(\d+)"
+        );
     }
 }
