@@ -48,6 +48,21 @@ async fn apiserver_requests(client: &Client) -> f64 {
         .sum()
 }
 
+/// How many samples the operator's `/metrics` holds (what one scrape stores).
+fn series(admin: std::net::SocketAddr) -> usize {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(admin).unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: operator\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    body.lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .count()
+}
+
 /// Creates masks `from..to`, 16 at a time; returns how many requests that took.
 async fn create_masks(client: &Client, ns: &str, from: usize, to: usize) -> usize {
     let masks: Api<cloak_api::VpnMask> = Api::namespaced(client.clone(), ns);
@@ -158,13 +173,14 @@ async fn main() {
     };
     // Its own process group: a wrapper's children are stopped with it.
     std::os::unix::process::CommandExt::process_group(&mut operator, 0);
+    // A free port for its admin server, read for the series it exports.
+    let admin = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let mut operator = operator
-        .args([
-            "operator",
-            "--no-leader-election",
-            "--admin-addr",
-            "127.0.0.1:0",
-        ])
+        .args(["operator", "--no-leader-election", "--admin-addr"])
+        .arg(admin.to_string())
         .env("KUBECONFIG", cp.kubeconfig())
         .env("RUST_LOG", "warn")
         // As the chart runs it (fewer glibc arenas: 8-14 % less RSS at 1,000-10,000 masks).
@@ -209,6 +225,7 @@ async fn main() {
     let ours = (creates + polls + 2) as f64;
     let per_mask = (after - before - ours) / first as f64;
     let (rss_first, hwm_first) = rss_mib(pid);
+    let series_first = series(admin);
 
     let started_second = Instant::now();
     create_masks(&client, ns, first, second).await;
@@ -216,6 +233,7 @@ async fn main() {
     let elapsed_second = started_second.elapsed();
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (rss_second, hwm_second) = rss_mib(pid);
+    let series_second = series(admin);
 
     // `--`: without it, `kill` takes `-<pid>` for a signal and stops nothing (the run then
     // waited forever for the operator).
@@ -243,6 +261,9 @@ async fn main() {
     );
     println!(
         "  operator RSS at {second:>6} masks            {rss_second:8.1} MiB (peak {hwm_second:.1} MiB)"
+    );
+    println!(
+        "  operator /metrics series at {first} / {second} masks   {series_first} / {series_second}"
     );
     drop(cp);
 }
