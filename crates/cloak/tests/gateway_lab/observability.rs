@@ -97,6 +97,13 @@ fn prometheus_scrapes_every_cloak_component_sees_a_failover_fire_its_alert_and_a
     let gw = healthy_gateway(lab);
     let prometheus = Prometheus::of(lab);
     let gateway = str_at(&gw, "/metadata/name");
+    // `cloak lab status` says where it is.
+    let status = lab::cloak_lab(lab.lab.name(), &["status"]);
+    let said = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        said.contains(&format!("Prometheus http://127.0.0.1:{} ", prometheus.port)),
+        "{said}"
+    );
 
     // Every component is a target, and up: the operator's two replicas and a node daemon per
     // node (annotations), both exits (with the metrics reader token), portfwd on the host.
