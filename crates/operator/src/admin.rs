@@ -57,6 +57,7 @@ pub(crate) fn refresh_gauges(ctx: &Context, metrics: &Metrics) {
             .set(count);
     }
     refresh_gateways(ctx, metrics);
+    refresh_chains(ctx, metrics);
     let taken = crate::controllers::leasing::reservations_by_provider(ctx);
     metrics.slots_used.clear();
     metrics.slots_max.clear();
@@ -139,5 +140,30 @@ fn refresh_gateways(ctx: &Context, metrics: &Metrics) {
             .gateway_clients
             .get_or_create(&key)
             .set(i64::from(status.clients));
+    }
+}
+
+/// Each chain's hops and healthy hops, from its status.
+fn refresh_chains(ctx: &Context, metrics: &Metrics) {
+    use crate::metrics::ChainLabels;
+    metrics.chain_hops.clear();
+    metrics.chain_healthy_hops.clear();
+    let Some(chains) = ctx.chains.get() else {
+        return;
+    };
+    for chain in chains.state() {
+        let Ok(c) = &chain.0 else { continue };
+        let key = ChainLabels {
+            namespace: c.namespace().unwrap_or_default(),
+            chain: c.name_any(),
+        };
+        metrics
+            .chain_hops
+            .get_or_create(&key)
+            .set(i64::try_from(c.spec.hops.len()).unwrap_or(i64::MAX));
+        metrics
+            .chain_healthy_hops
+            .get_or_create(&key)
+            .set(i64::from(c.status.as_ref().map_or(0, |s| s.healthy_hops)));
     }
 }

@@ -146,6 +146,8 @@ pub(crate) struct Context {
     pub retries: Arc<controllers::retry::Retries>,
     /// The gateway controller's cache, once it runs (the metrics read it).
     pub gateways: Arc<std::sync::OnceLock<Store<DeserializeGuard<cloak_api::VpnGateway>>>>,
+    /// The chain controller's cache, once it runs (the metrics read it).
+    pub chains: Arc<std::sync::OnceLock<Store<DeserializeGuard<cloak_api::VpnChain>>>>,
     /// Held while a gateway's new exit picks its VXLAN identifier.
     pub vni_lock: Arc<tokio::sync::Mutex<()>>,
     /// Per provider uid: its server list's last fetch (which URL and section, when, and why it
@@ -275,6 +277,7 @@ pub async fn run(
         vni_lock: Arc::default(),
         fetches: Arc::default(),
         gateways: Arc::default(),
+        chains: Arc::default(),
     });
 
     if let Some(addr) = config.admin_addr

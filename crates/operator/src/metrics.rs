@@ -52,6 +52,12 @@ pub struct GatewayLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ChainLabels {
+    pub namespace: String,
+    pub chain: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ExitHealthLabels {
     pub namespace: String,
     pub gateway: String,
@@ -79,6 +85,10 @@ pub struct Metrics {
     pub gateway_exits_wanted: Family<GatewayLabels, Gauge>,
     /// Clients, by gateway.
     pub gateway_clients: Family<GatewayLabels, Gauge>,
+    /// Hops, by chain.
+    pub chain_hops: Family<ChainLabels, Gauge>,
+    /// Hops whose gateway has a healthy exit, by chain.
+    pub chain_healthy_hops: Family<ChainLabels, Gauge>,
 }
 
 impl Metrics {
@@ -149,6 +159,14 @@ impl Metrics {
             "A VpnGateway's spec.exits.count",
             gateway_exits_wanted.clone(),
         );
+        let chain_hops = Family::<ChainLabels, Gauge>::default();
+        registry.register("chain_hops", "A VpnChain's hops", chain_hops.clone());
+        let chain_healthy_hops = Family::<ChainLabels, Gauge>::default();
+        registry.register(
+            "chain_healthy_hops",
+            "A VpnChain's hops whose gateway has a healthy exit",
+            chain_healthy_hops.clone(),
+        );
         let gateway_clients = Family::<GatewayLabels, Gauge>::default();
         registry.register(
             "gateway_clients",
@@ -179,6 +197,8 @@ impl Metrics {
             gateway_healthy_exits,
             gateway_exits_wanted,
             gateway_clients,
+            chain_hops,
+            chain_healthy_hops,
         })
     }
 

@@ -234,12 +234,7 @@ async fn apply(chain: &VpnChain, ctx: &Context) -> Result<Action> {
 
 /// Runs the controller until `stop`.
 pub(crate) async fn run(ctx: Arc<Context>, stop: tokio::sync::watch::Receiver<bool>) {
-    super::run(
-        controller(&ctx.client),
-        reconcile,
-        ctx,
-        futures::stream::empty(),
-        stop,
-    )
-    .await;
+    let controller = controller(&ctx.client);
+    let _ = ctx.chains.set(controller.store());
+    super::run(controller, reconcile, ctx, futures::stream::empty(), stop).await;
 }
