@@ -28,11 +28,14 @@ pub type Readiness = Result<String, String>;
 
 type ReadyFn = dyn Fn(&HeaderMap) -> Readiness + Send + Sync;
 type AllowFn = dyn Fn(&HeaderMap) -> bool + Send + Sync;
-type ScrapeFn = dyn Fn() -> Pin<Box<dyn Future<Output = String> + Send>> + Send + Sync;
+type ScrapeFn = dyn Fn(&HeaderMap) -> Pin<Box<dyn Future<Output = String> + Send>> + Send + Sync;
 
 /// One process's admin server, built up and then [served](Admin::serve).
 pub struct Admin {
     scrape: Arc<ScrapeFn>,
+    /// One scrape at a time: a scrape that clears and refills a family must not encode while
+    /// another is half through (two Prometheus servers of an HA pair scrape at once).
+    scraping: Arc<tokio::sync::Mutex<()>>,
     ready: Arc<ReadyFn>,
     allow_metrics: Arc<AllowFn>,
     routes: Router,
@@ -49,20 +52,21 @@ impl Admin {
     /// then the registry is [encoded](encode)); ready until [`Admin::ready`] says otherwise.
     pub fn new(scrape: impl Fn() -> String + Send + Sync + 'static) -> Self {
         let scrape = Arc::new(scrape);
-        Self::new_async(move || {
+        Self::new_async(move |_| {
             let scrape = Arc::clone(&scrape);
             async move { scrape() }
         })
     }
 
     /// [`Admin::new`] for a scrape that waits on something first (a blocking read on its own
-    /// thread).
-    pub fn new_async<F>(scrape: impl Fn() -> F + Send + Sync + 'static) -> Self
+    /// thread), or that answers by who asks (the request's headers).
+    pub fn new_async<F>(scrape: impl Fn(&HeaderMap) -> F + Send + Sync + 'static) -> Self
     where
         F: Future<Output = String> + Send + 'static,
     {
         Self {
-            scrape: Arc::new(move || Box::pin(scrape())),
+            scrape: Arc::new(move |headers| Box::pin(scrape(headers))),
+            scraping: Arc::default(),
             ready: Arc::new(|_| Ok("ok".to_owned())),
             allow_metrics: Arc::new(|_| true),
             routes: Router::new(),
@@ -101,6 +105,7 @@ impl Admin {
     pub fn router(self) -> Router {
         let Self {
             scrape,
+            scraping,
             ready,
             allow_metrics,
             routes,
@@ -122,7 +127,9 @@ impl Admin {
                     if !allow_metrics(&headers) {
                         return (StatusCode::UNAUTHORIZED, "this needs a token\n").into_response();
                     }
-                    ([(header::CONTENT_TYPE, OPENMETRICS)], scrape().await).into_response()
+                    let _one = scraping.lock().await;
+                    let body = scrape(&headers).await;
+                    ([(header::CONTENT_TYPE, OPENMETRICS)], body).into_response()
                 }),
             )
     }

@@ -45,9 +45,10 @@ pub struct Options {
     /// `/readyz`. A gateway exit has one (its gateway's Secret): its admin port is on the pod
     /// network, where any pod can reach it.
     pub admin_token: Option<String>,
-    /// The SHA-256 (hex) of a token that may read `/metrics` alone: the cluster's metrics
-    /// reader (a gateway exit gets it from the operator, who never hands out the token itself).
-    pub metrics_token_sha256: Option<String>,
+    /// A file holding the SHA-256 (hex) of a token that may read `/metrics` alone: the
+    /// cluster's metrics reader (a gateway exit's admin Secret has it, written by the operator,
+    /// who never hands out the token itself). Read at each request: a new hash applies at once.
+    pub metrics_token_sha256_file: Option<PathBuf>,
 }
 
 /// Runs until SIGTERM/SIGINT, then leaves the namespace blocked. A gateway exit first drains:
@@ -104,20 +105,9 @@ pub async fn run(options: Options) -> std::io::Result<()> {
         config: config_rx.clone(),
         metrics: Arc::clone(&metrics),
         token: options.admin_token.clone().map(Arc::from),
-        metrics_token_sha256: options.metrics_token_sha256.clone().map(Arc::from),
+        metrics_hash_file: options.metrics_token_sha256_file.clone().map(Arc::from),
     };
-    let app = {
-        let (ready, scrape, allowed) = (admin.clone(), admin.clone(), admin.clone());
-        cloak_admin::Admin::new_async(move || scrape.clone().metrics_text())
-            .ready(move |headers| ready.readyz(headers))
-            .metrics_allowed(move |headers| {
-                allowed.authorized(headers) || allowed.metrics_reader(headers)
-            })
-            .route(
-                cloak_model::exit::STATUS_PATH,
-                axum::routing::get(status_json).with_state(admin),
-            )
-    };
+    let app = admin_app(admin);
     tokio::spawn(async move {
         if let Err(e) = app.serve(listener).await {
             tracing::error!(%e, "admin server stopped");
@@ -237,7 +227,38 @@ struct AdminState {
     config: watch::Receiver<ConfigResult>,
     metrics: Arc<Metrics>,
     token: Option<Arc<str>>,
-    metrics_token_sha256: Option<Arc<str>>,
+    metrics_hash_file: Option<Arc<std::path::Path>>,
+}
+
+/// The admin server: `/readyz` (the exit address only with the admin token), `/metrics` (with
+/// the admin token, or the metrics reader's without the exit address), `/status` (the admin
+/// token).
+fn admin_app(admin: AdminState) -> cloak_admin::Admin {
+    let (ready, scrape, allowed) = (admin.clone(), admin.clone(), admin.clone());
+    cloak_admin::Admin::new_async(move |headers| {
+        let full = scrape.authorized(headers);
+        scrape.clone().metrics_text(full)
+    })
+    .ready(move |headers| ready.readyz(headers))
+    .metrics_allowed(move |headers| allowed.authorized(headers) || allowed.metrics_reader(headers))
+    .route(
+        cloak_model::exit::STATUS_PATH,
+        axum::routing::get(status_json).with_state(admin),
+    )
+}
+
+/// OpenMetrics text without the family `name` (its metadata and samples).
+fn without_family(text: &str, name: &str) -> String {
+    text.lines()
+        .filter(|line| {
+            let sample = line
+                .trim_start_matches("# HELP ")
+                .trim_start_matches("# TYPE ");
+            let sample = sample.trim_start_matches("# UNIT ");
+            !(sample.starts_with(name) && sample[name.len()..].starts_with([' ', '{']))
+        })
+        .flat_map(|line| [line, "\n"])
+        .collect()
 }
 
 /// Whether `given` and `want` are the same, in a time that does not tell where they differ.
@@ -262,11 +283,17 @@ impl AdminState {
     /// Whether the request carries the metrics reader's token (its hash is what this agent
     /// was given).
     fn metrics_reader(&self, headers: &axum::http::HeaderMap) -> bool {
-        let Some(want) = &self.metrics_token_sha256 else {
+        let Some(want) = self
+            .metrics_hash_file
+            .as_deref()
+            .and_then(|f| std::fs::read_to_string(f).ok())
+            .map(|h| h.trim().to_ascii_lowercase())
+            .filter(|h| h.len() == 64)
+        else {
             return false;
         };
         let given = bearer(headers);
-        !given.is_empty() && same_secret(&cloak_model::exit::token_sha256(given), want)
+        !given.is_empty() && same_secret(&cloak_model::exit::token_sha256(given), &want)
     }
 
     /// Whether the request may be told more than ready or not: no token is asked for, or it
@@ -300,7 +327,10 @@ impl AdminState {
         }
     }
 
-    async fn metrics_text(self) -> String {
+    /// The metrics; `full`: for the admin token's holder. The metrics reader (a weaker
+    /// credential: the exits' PodMonitor presents it to any pod that looks like an exit) is not
+    /// told the exit's public address (`cloak_agent_exit_info`).
+    async fn metrics_text(self, full: bool) -> String {
         if exit::dns_routing(&self.config.borrow()).is_some() {
             let flows = tokio::task::spawn_blocking(exit::client_flows).await;
             if let Ok(Some(flows)) = flows {
@@ -315,7 +345,12 @@ impl AdminState {
                 .unwrap_or_default();
             self.metrics.record_inbound(&counts);
         }
-        self.metrics.encode()
+        let text = self.metrics.encode();
+        if full {
+            text
+        } else {
+            without_family(&text, "cloak_agent_exit_info")
+        }
     }
 }
 
@@ -428,6 +463,12 @@ mod tests {
     use super::*;
 
     fn admin(token: Option<&str>, reader: Option<&str>) -> AdminState {
+        let metrics_hash_file = reader.map(|r| {
+            let dir = tempfile::tempdir().unwrap().keep();
+            let file = dir.join("metrics-token-sha256");
+            std::fs::write(&file, cloak_model::exit::token_sha256(r)).unwrap();
+            Arc::from(file.as_path())
+        });
         AdminState {
             status: watch::channel(Status::default()).1,
             inbound: watch::channel(Vec::new()).1,
@@ -438,7 +479,7 @@ mod tests {
             .1,
             metrics: Arc::new(Metrics::new()),
             token: token.map(Arc::from),
-            metrics_token_sha256: reader.map(|r| Arc::from(cloak_model::exit::token_sha256(r))),
+            metrics_hash_file,
         }
     }
 
@@ -466,5 +507,49 @@ mod tests {
         assert!(!exit.metrics_reader(&bearing("")));
         // Without a reader hash nobody but the admin token's holder reads.
         assert!(!admin(Some("admin"), None).metrics_reader(&bearing("reader")));
+    }
+
+    /// `GET path` from the agent's admin server with `token` as its bearer: status and body.
+    async fn get(admin: AdminState, path: &str, token: &str) -> (u16, String) {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(admin_app(admin).serve(listener));
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let request =
+            format!("GET {path} HTTP/1.0\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await.unwrap();
+        server.abort();
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+        (head[9..12].parse().unwrap(), body.to_owned())
+    }
+
+    #[tokio::test]
+    async fn over_http_the_reader_gets_metrics_without_the_exit_address_and_no_status() {
+        let exit = admin(Some("admin"), Some("reader"));
+        exit.metrics
+            .set_exit_ip(Some("198.51.100.11".parse().unwrap()));
+        let (status, full) = get(exit.clone(), "/metrics", "admin").await;
+        assert_eq!(status, 200);
+        assert!(
+            full.contains("cloak_agent_exit_info{ip=\"198.51.100.11\"} 1"),
+            "{full}"
+        );
+        let (status, read) = get(exit.clone(), "/metrics", "reader").await;
+        assert_eq!(status, 200);
+        assert!(
+            !read.contains("exit_info") && !read.contains("198.51.100.11"),
+            "{read}"
+        );
+        assert!(
+            read.contains("cloak_agent_tunnel_sent_bytes_total"),
+            "{read}"
+        );
+        assert!(read.ends_with("# EOF\n"), "{read}");
+        assert_eq!(get(exit.clone(), "/status", "reader").await.0, 401);
+        assert_eq!(get(exit.clone(), "/status", "admin").await.0, 200);
+        assert_eq!(get(exit.clone(), "/metrics", "nobody").await.0, 401);
     }
 }

@@ -160,10 +160,11 @@ struct AgentArgs {
     /// their gateway's.
     #[arg(long, env = "CLOAK_ADMIN_TOKEN_FILE")]
     admin_token_file: Option<std::path::PathBuf>,
-    /// The SHA-256 (hex) of a token that may read /metrics alone (the cluster's metrics reader;
-    /// a gateway's exits get it from the operator).
-    #[arg(long, env = "CLOAK_METRICS_TOKEN_SHA256", value_parser = parse_sha256)]
-    metrics_token_sha256: Option<String>,
+    /// A file holding the SHA-256 (hex) of a token that may read /metrics alone (the cluster's
+    /// metrics reader; a gateway's exits have it in their admin Secret). Read at each request;
+    /// missing or not a SHA-256: nobody reads with it.
+    #[arg(long, env = "CLOAK_METRICS_TOKEN_SHA256_FILE")]
+    metrics_token_sha256_file: Option<std::path::PathBuf>,
     /// Private directory for tunnel state (OpenVPN's management socket and credentials).
     #[arg(long, env = "CLOAK_STATE_DIR", default_value = "/run/cloak")]
     state_dir: std::path::PathBuf,
@@ -451,8 +452,9 @@ struct OperatorArgs {
     #[arg(long, env = "CLOAK_ALLOW_HTTP_SERVER_LISTS")]
     allow_http_server_lists: bool,
     /// A file holding the cluster's metrics reader token (the chart's `<release>-metrics-token`
-    /// Secret): gateway exits get its SHA-256 and let whoever sends the token read their
-    /// /metrics (a PodMonitor, a Prometheus job). Without it only the operator reads them.
+    /// Secret, with `prometheus.scrapeExits`): gateway exits get its SHA-256 and let whoever
+    /// sends the token read their /metrics (a PodMonitor, a Prometheus job). Read again at each
+    /// gateway reconcile. Without it only the operator reads them.
     #[arg(long, env = "CLOAK_METRICS_TOKEN_FILE")]
     metrics_token_file: Option<std::path::PathBuf>,
 }
@@ -741,18 +743,9 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
             state_dir: args.state_dir,
             watch_interval: std::time::Duration::from_millis(args.watch_ms),
             admin_token,
-            metrics_token_sha256: args.metrics_token_sha256,
+            metrics_token_sha256_file: args.metrics_token_sha256_file,
         }))
         .context("agent")
-}
-
-/// 64 hex digits, lowercased.
-fn parse_sha256(hex: &str) -> Result<String, String> {
-    if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-        Ok(hex.to_ascii_lowercase())
-    } else {
-        Err("a SHA-256 is 64 hex digits".into())
-    }
 }
 
 /// A token from a file (a mounted Secret's key), trimmed; an empty one is an error.
@@ -1001,10 +994,7 @@ fn run_operator(args: OperatorArgs) -> anyhow::Result<()> {
             intranet: args.intranet,
             pod_network_mtu: args.pod_network_mtu,
             allow_http_server_lists: args.allow_http_server_lists,
-            metrics_token_sha256: match &args.metrics_token_file {
-                Some(path) => Some(cloak_model::exit::token_sha256(&read_token(path)?)),
-                None => None,
-            },
+            metrics_token_file: args.metrics_token_file,
             ..cloak_operator::Config::default()
         };
         // Kubernetes stops pods with SIGTERM; a terminal sends SIGINT.

@@ -280,6 +280,7 @@ async fn monitoring_objects_are_accepted_by_the_prometheus_operators_crds() {
         ns.name(),
         &[
             "prometheus.podMonitors=true",
+            "prometheus.scrapeExits=true",
             "prometheus.rules=true",
             "prometheus.dashboard=true",
             "prometheus.labels.release=kps",
@@ -299,6 +300,13 @@ async fn monitoring_objects_are_accepted_by_the_prometheus_operators_crds() {
         );
     }
     assert!(manifest.contains("grafana_dashboard: \"1\""), "{manifest}");
+    // Exits are scraped only when asked: no token, no exits' PodMonitor, no operator mount.
+    let without = render(ns.name(), &["prometheus.podMonitors=true"]);
+    assert!(
+        !without.contains("cloak-metrics-token") && !without.contains("cloak-exits"),
+        "{without}"
+    );
+    assert!(manifest.contains("CLOAK_METRICS_TOKEN_FILE"), "{manifest}");
     assert!(
         manifest.contains("alert: CloakGatewayNoHealthyExit"),
         "{manifest}"

@@ -77,7 +77,7 @@ fn the_portfwd_binary_loads_rules_and_reports_ready_and_metrics() {
         assert!(Instant::now() < deadline, "never ready");
         std::thread::sleep(Duration::from_millis(100));
     };
-    assert_eq!(ready, "ok");
+    assert_eq!(ready, "ok\n");
     assert!(
         host.run(&["nft", "list", "tables"])
             .contains("table ip cloak_portfwd")

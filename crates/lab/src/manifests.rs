@@ -25,8 +25,9 @@ pub const HELM_VALUES: [&str; 5] = [
 /// With the lab's Prometheus: the chart's monitoring objects too, checked against the
 /// prometheus-operator's CRDs at install (no prometheus-operator runs: the lab's Prometheus has
 /// its own configuration, the same jobs as those PodMonitors).
-pub(crate) const MONITORING_VALUES: [&str; 3] = [
+pub(crate) const MONITORING_VALUES: [&str; 4] = [
     "prometheus.podMonitors=true",
+    "prometheus.scrapeExits=true",
     "prometheus.rules=true",
     "prometheus.dashboard=true",
 ];

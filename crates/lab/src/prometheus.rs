@@ -141,8 +141,11 @@ pub fn get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
     Ok((status, body))
 }
 
-/// The scrape configuration. `honor_labels`: cloak's own `namespace` label (a gateway's or a
-/// provider's namespace) is kept, as the chart's PodMonitors keep it.
+/// The scrape configuration, the chart's PodMonitors' jobs written out: `cloak` is the
+/// operator and the node daemons in cloak's own namespace (their `namespace` label, a gateway's
+/// or a provider's, honoured: tenants cannot make pods there); `cloak-exits` the exits of every
+/// namespace, whose labels are the tenant's to set, so none is honoured and only the agent's own
+/// series are kept.
 fn config_yaml(kubeconfig: &Path, token: &Path, rules: &Path) -> String {
     format!(
         r#"global:
@@ -157,9 +160,11 @@ scrape_configs:
     kubernetes_sd_configs:
       - role: pod
         kubeconfig_file: {kubeconfig}
+        namespaces:
+          names: [{namespace}]
     relabel_configs:
-      - source_labels: [__meta_kubernetes_pod_annotation_prometheus_io_scrape]
-        regex: "true"
+      - source_labels: [__meta_kubernetes_pod_annotation_prometheus_io_scrape, __meta_kubernetes_pod_label_app_kubernetes_io_component]
+        regex: "true;(operator|node)"
         action: keep
       - source_labels: [__meta_kubernetes_pod_phase]
         regex: Running
@@ -176,7 +181,6 @@ scrape_configs:
       - source_labels: [__meta_kubernetes_pod_label_app_kubernetes_io_component]
         target_label: component
   - job_name: cloak-exits
-    honor_labels: true
     authorization:
       type: Bearer
       credentials_file: {token}
@@ -198,6 +202,10 @@ scrape_configs:
         target_label: pod
       - source_labels: [__meta_kubernetes_pod_label_app_kubernetes_io_component]
         target_label: component
+    metric_relabel_configs:
+      - source_labels: [__name__]
+        regex: cloak_agent_.+
+        action: keep
   - job_name: cloak-portfwd
     static_configs:
       - targets: ['{host}:{portfwd}']
@@ -207,6 +215,7 @@ scrape_configs:
         kubeconfig = kubeconfig.display(),
         token = token.display(),
         host = layout::HOST,
+        namespace = crate::CLOAK_NAMESPACE,
         portfwd = PORTFWD_ADMIN_PORT,
     )
 }
@@ -233,7 +242,18 @@ mod tests {
             .map(|j| j["job_name"].as_str().unwrap())
             .collect();
         assert_eq!(jobs, ["cloak", "cloak-exits", "cloak-portfwd"]);
+        let cloak = &config["scrape_configs"][0];
+        assert_eq!(
+            cloak["kubernetes_sd_configs"][0]["namespaces"]["names"][0],
+            "cloak-system"
+        );
+        assert_eq!(cloak["honor_labels"], true);
         let exits = &config["scrape_configs"][1];
+        assert!(exits["honor_labels"].is_null(), "tenants' labels honoured");
+        assert_eq!(
+            exits["metric_relabel_configs"][0]["regex"],
+            "cloak_agent_.+"
+        );
         assert_eq!(
             exits["authorization"]["credentials_file"],
             "/lab/prometheus/metrics-token"

@@ -47,6 +47,12 @@ pub const STATUS_PATH: &str = "/status";
 /// [`ADMIN_TOKEN_KEY`]).
 pub const ADMIN_TOKEN_DIR: &str = "/var/run/cloak/admin";
 pub const ADMIN_TOKEN_KEY: &str = "token";
+/// The admin Secret's key with the SHA-256 of the cluster's metrics reader token (absent: no
+/// reader), beside [`ADMIN_TOKEN_KEY`]; the Secret is mounted whole, so a new hash reaches
+/// running exits with the kubelet's next sync.
+pub const METRICS_HASH_KEY: &str = "metrics-token-sha256";
+/// The same hash on the Secret's metadata: the operator compares it without reading the Secret.
+pub const ANNOTATION_METRICS_HASH: &str = "cloak.dev/metrics-token-sha256";
 
 /// The Secret holding a gateway's exits' admin token: what the operator sends to ask an exit
 /// for its status, and what no other pod has.
@@ -70,23 +76,41 @@ pub fn new_admin_token() -> String {
     hex::encode(bytes)
 }
 
-/// The admin token Secret of a gateway (owned by it), with `token`.
+/// The admin token Secret of a gateway (owned by it), with `token` and, when the cluster has
+/// a metrics reader, its token's hash ([`METRICS_HASH_KEY`]).
 pub fn admin_secret(
     gateway: &str,
     namespace: &str,
     owner: &OwnerReference,
     token: &str,
+    metrics_hash: Option<&str>,
 ) -> Result<Secret, serde_json::Error> {
+    let mut data = serde_json::Map::new();
+    data.insert(ADMIN_TOKEN_KEY.into(), json!(token));
+    if let Some(hash) = metrics_hash {
+        data.insert(METRICS_HASH_KEY.into(), json!(hash));
+    }
     serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Secret",
         "metadata": {
             "name": admin_secret_name(gateway), "namespace": namespace,
             "labels": {LABEL_GATEWAY: gateway, "app.kubernetes.io/managed-by": "cloak"},
+            "annotations": {ANNOTATION_METRICS_HASH: metrics_hash.unwrap_or_default()},
             "ownerReferences": [owner],
         },
         "type": "Opaque",
-        "stringData": {ADMIN_TOKEN_KEY: token},
+        "stringData": data,
     }))
+}
+
+/// The merge patch that sets (or, with None, removes) the metrics reader hash on a gateway's
+/// admin Secret, data and annotation together.
+pub fn metrics_hash_patch(metrics_hash: Option<&str>) -> Value {
+    json!({
+        "metadata": {"annotations": {ANNOTATION_METRICS_HASH: metrics_hash.unwrap_or_default()}},
+        "stringData": metrics_hash.map(|h| json!({METRICS_HASH_KEY: h})),
+        "data": if metrics_hash.is_none() { json!({METRICS_HASH_KEY: null}) } else { Value::Null },
+    })
 }
 
 /// The public address in an agent's [`STATUS_PATH`] answer (an HTTP/1.0 response or its body):
@@ -318,9 +342,6 @@ pub struct ExitPod<'a> {
     /// How long the agent drains once the pod is deleted: the kubelet waits that long, and a
     /// little more, before it kills it.
     pub drain_grace: std::time::Duration,
-    /// The SHA-256 of the token that may read the exit's `/metrics` ([`token_sha256`] of the
-    /// chart's metrics reader token), when the operator was given one.
-    pub metrics_token_sha256: Option<&'a str>,
 }
 
 /// The exit pod: `cloak agent` with the one server's credentials and a few capabilities (it
@@ -333,16 +354,6 @@ pub fn pod(input: &ExitPod<'_>) -> Result<Pod, serde_json::Error> {
         .map(|(path, key)| json!({"key": key, "path": path}))
         .collect();
     let config = format!("{CONFIG_DIR}/{}", config_key(input.name));
-    let mut args = vec![
-        "agent".to_owned(),
-        "--config".to_owned(),
-        config,
-        "--admin-token-file".to_owned(),
-        format!("{ADMIN_TOKEN_DIR}/{ADMIN_TOKEN_KEY}"),
-    ];
-    if let Some(hash) = input.metrics_token_sha256 {
-        args.extend(["--metrics-token-sha256".to_owned(), hash.to_owned()]);
-    }
     serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {
@@ -376,7 +387,11 @@ pub fn pod(input: &ExitPod<'_>) -> Result<Pod, serde_json::Error> {
             }]}},
             "containers": [{
                 "name": "agent", "image": input.image, "imagePullPolicy": "IfNotPresent",
-                "args": args,
+                "args": [
+                    "agent", "--config", config,
+                    "--admin-token-file", format!("{ADMIN_TOKEN_DIR}/{ADMIN_TOKEN_KEY}"),
+                    "--metrics-token-sha256-file", format!("{ADMIN_TOKEN_DIR}/{METRICS_HASH_KEY}"),
+                ],
                 "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
                 // The least an exit needs, not privileged: NET_ADMIN for its tunnel, routes,
                 // VXLAN end and nftables table; NET_RAW for its probe; MKNOD to make
@@ -406,9 +421,9 @@ pub fn pod(input: &ExitPod<'_>) -> Result<Pod, serde_json::Error> {
             "volumes": [
                 {"name": "credentials", "secret": {"secretName": input.secret, "items": items}},
                 {"name": "config", "configMap": {"name": config_map_name(input.gateway)}},
+                // Whole: a metrics reader hash written later reaches the running exit.
                 {"name": "admin", "secret": {
                     "secretName": admin_secret_name(input.gateway),
-                    "items": [{"key": ADMIN_TOKEN_KEY, "path": ADMIN_TOKEN_KEY}],
                     "defaultMode": 0o400,
                 }},
             ],
@@ -657,9 +672,9 @@ mod tests {
             tunnel_mtu: 1420,
             owner: owner(),
             drain_grace: std::time::Duration::from_millis(90_500),
-            metrics_token_sha256: None,
         };
-        let v = serde_json::to_value(pod(&input).unwrap()).unwrap();
+        let pod = pod(&input).unwrap();
+        let v = serde_json::to_value(&pod).unwrap();
         assert_eq!(
             v["spec"]["volumes"][0]["secret"],
             json!({"secretName": "g-exit-0-vpn-credentials", "items": [{"key": "nl-2.conf", "path": "wg0.conf"}]})
@@ -674,13 +689,16 @@ mod tests {
                 "--config",
                 "/etc/cloak/g-exit-0.yaml",
                 "--admin-token-file",
-                "/var/run/cloak/admin/token"
+                "/var/run/cloak/admin/token",
+                "--metrics-token-sha256-file",
+                "/var/run/cloak/admin/metrics-token-sha256"
             ])
         );
-        // The gateway's admin token, readable by the agent alone.
+        // The gateway's admin Secret (its token, and the metrics reader's hash when there is
+        // one), readable by the agent alone, whole: a new hash reaches the running pod.
         assert_eq!(
             v["spec"]["volumes"][2]["secret"],
-            json!({"secretName": "g-exit-admin", "items": [{"key": "token", "path": "token"}], "defaultMode": 256})
+            json!({"secretName": "g-exit-admin", "defaultMode": 256})
         );
         assert_eq!(v["metadata"]["annotations"][ANNOTATION_TUNNEL_MTU], "1420");
         assert!(
@@ -691,18 +709,27 @@ mod tests {
             v["spec"]["terminationGracePeriodSeconds"], 101,
             "the drain grace, rounded up, and time to stop"
         );
-        // With a metrics reader: its token's hash, never the token.
+        // The metrics reader: its token's hash, never the token; a patch sets or clears it.
         let hash = token_sha256("reader");
-        let pod = pod(&ExitPod {
-            metrics_token_sha256: Some(&hash),
-            ..input
-        })
-        .unwrap();
-        let args = serde_json::to_value(&pod).unwrap()["spec"]["containers"][0]["args"].clone();
-        assert_eq!(args[5], "--metrics-token-sha256");
         assert_eq!(
-            args[6],
+            hash,
             "3d0941964aa3ebdcb00ccef58b1bb399f9f898465e9886d5aec7f31090a0fb30"
+        );
+        let secret = admin_secret("g", "ns", &owner(), "t", Some(&hash)).unwrap();
+        let secret = serde_json::to_value(&secret).unwrap();
+        assert_eq!(secret["stringData"][METRICS_HASH_KEY], hash);
+        assert_eq!(
+            secret["metadata"]["annotations"][ANNOTATION_METRICS_HASH],
+            hash
+        );
+        assert_eq!(
+            metrics_hash_patch(None)["data"][METRICS_HASH_KEY],
+            Value::Null
+        );
+        assert!(metrics_hash_patch(None)["data"].is_object());
+        assert_eq!(
+            metrics_hash_patch(Some(&hash))["stringData"][METRICS_HASH_KEY],
+            hash
         );
         assert_eq!(
             drain_grace_of(&pod),

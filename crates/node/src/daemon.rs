@@ -368,7 +368,7 @@ pub async fn run(
     daemon.forget_vanished().await;
     if let Some(addr) = daemon.options.admin_addr {
         let (scraped, applied) = (daemon.clone(), daemon.plan_applied.clone());
-        cloak_admin::Admin::new_async(move || {
+        cloak_admin::Admin::new_async(move |_| {
             let daemon = scraped.clone();
             async move {
                 daemon.refresh_gauges().await;

@@ -101,6 +101,8 @@ pub fn run(
         let mut answered: BTreeMap<u32, Answer> =
             round.keys().map(|vni| (*vni, Answer::Missed)).collect();
         let mut sent: BTreeMap<u16, Sent> = BTreeMap::new();
+        // When each exit's probe left: its answer's round trip.
+        let mut sent_at: BTreeMap<u32, Instant> = BTreeMap::new();
         for (vni, slot) in &round {
             // A link that is not there (yet) cannot be probed: a probe not answered.
             let Ok(ifindex) = nix::net::if_::if_nametoindex(format!("{LINK_PREFIX}{vni}").as_str())
@@ -116,6 +118,7 @@ pub fn run(
                 MsgFlags::MSG_DONTWAIT,
             );
             sent.insert(ident(base, *slot), Sent { vni: *vni, ifindex });
+            sent_at.insert(*vni, Instant::now());
         }
         loop {
             // Once the round is over, the answers already queued are still read, without
@@ -132,7 +135,9 @@ pub fn run(
                 Ok((n, ifindex)) => {
                     if let Some(vni) = answered_by(&buf[..n], ifindex, seq, &sent) {
                         answered.insert(vni, answer(&buf[..n]));
-                        rtt(started.elapsed());
+                        if let Some(at) = sent_at.get(&vni) {
+                            rtt(at.elapsed());
+                        }
                     }
                 }
                 // Nothing more queued once the round is over.

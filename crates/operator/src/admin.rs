@@ -59,9 +59,11 @@ pub(crate) fn refresh_gauges(ctx: &Context, metrics: &Metrics) {
     refresh_gateways(ctx, metrics);
     refresh_chains(ctx, metrics);
     let taken = crate::controllers::leasing::reservations_by_provider(ctx);
+    let waiting = crate::controllers::leasing::waiting_by_provider(ctx);
     metrics.slots_used.clear();
     metrics.slots_max.clear();
     metrics.provider_phase.clear();
+    metrics.provider_masks_waiting.clear();
     for provider in ctx.providers.state() {
         let Ok(p) = &provider.0 else { continue };
         let key = ProviderLabels {
@@ -80,6 +82,11 @@ pub(crate) fn refresh_gauges(ctx: &Context, metrics: &Metrics) {
             .slots_max
             .get_or_create(&key)
             .set(i64::from(p.spec.max_slots.get()));
+        metrics.provider_masks_waiting.get_or_create(&key).set(
+            p.uid()
+                .and_then(|uid| waiting.get(&uid).copied())
+                .unwrap_or(0),
+        );
         let phase = p
             .status
             .as_ref()

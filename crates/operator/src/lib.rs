@@ -90,9 +90,11 @@ pub struct Config {
     /// Off: only `https://`, since whoever can answer a plain request could hand out server
     /// endpoints and keys.
     pub allow_http_server_lists: bool,
-    /// The SHA-256 (hex) of the cluster's metrics reader token: exits let whoever sends that
-    /// token read their `/metrics`. None: only the operator (with each gateway's admin token).
-    pub metrics_token_sha256: Option<String>,
+    /// A file holding the cluster's metrics reader token (a mounted Secret: read again at each
+    /// gateway reconcile, so a new token reaches the exits). Exits are given its SHA-256 and
+    /// let whoever sends the token read their `/metrics`. None: only the operator reads them
+    /// (with each gateway's admin token).
+    pub metrics_token_file: Option<std::path::PathBuf>,
 }
 
 impl Default for Config {
@@ -109,7 +111,7 @@ impl Default for Config {
             exit_admin_port: Some(cloak_model::exit::ADMIN_PORT),
             pod_network_mtu: 1500,
             allow_http_server_lists: false,
-            metrics_token_sha256: None,
+            metrics_token_file: None,
         }
     }
 }
@@ -346,7 +348,15 @@ pub async fn run(
         )
         .modify(|secret| {
             let kind = <VpnMask as kube::Resource>::kind(&());
-            keep_only(secret, Some(&[]), &[labels::SOURCE_VERSION], Some(&kind));
+            keep_only(
+                secret,
+                Some(&[]),
+                &[
+                    labels::SOURCE_VERSION,
+                    cloak_model::exit::ANNOTATION_METRICS_HASH,
+                ],
+                Some(&kind),
+            );
         }),
     )
     .default_backoff()

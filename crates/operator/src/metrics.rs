@@ -75,6 +75,8 @@ pub struct Metrics {
     pub masks: Family<PhaseLabels, Gauge>,
     /// 1 while this instance holds the leader Lease, 0 while it stands by.
     pub leader: Gauge,
+    /// Masks waiting for a slot that each provider could serve.
+    pub provider_masks_waiting: Family<ProviderLabels, Gauge>,
     /// 1 for each provider's phase (one series a provider).
     pub provider_phase: Family<ProviderPhaseLabels, Gauge>,
     /// Exits by gateway and health, as the gateways' statuses say.
@@ -135,6 +137,12 @@ impl Metrics {
             "1 while this instance holds the leader Lease and acts, 0 while it stands by",
             leader.clone(),
         );
+        let provider_masks_waiting = Family::<ProviderLabels, Gauge>::default();
+        registry.register(
+            "provider_masks_waiting",
+            "VpnMasks waiting for a slot that the provider could serve",
+            provider_masks_waiting.clone(),
+        );
         let provider_phase = Family::<ProviderPhaseLabels, Gauge>::default();
         registry.register(
             "provider_phase",
@@ -192,6 +200,7 @@ impl Metrics {
             slots_max,
             masks,
             leader,
+            provider_masks_waiting,
             provider_phase,
             gateway_exits,
             gateway_healthy_exits,

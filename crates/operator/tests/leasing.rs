@@ -679,8 +679,8 @@ async fn the_admin_server_reports_liveness_readiness_and_recorded_metrics() {
         |(code, _)| *code == 200,
     )
     .await;
-    assert_eq!((code, body.as_str()), (200, "ok"));
-    assert_eq!(admin_get("/readyz").await, (200, "ok".to_owned()));
+    assert_eq!((code, body.as_str()), (200, "ok\n"));
+    assert_eq!(admin_get("/readyz").await, (200, "ok\n".to_owned()));
     let (code, metrics) = admin_get("/metrics").await;
     assert_eq!(code, 200);
     // Seed 000's metrics were never recorded (a feature-flag typo); these must be.
@@ -714,6 +714,50 @@ async fn the_admin_server_reports_liveness_readiness_and_recorded_metrics() {
     );
     assert!(metrics.lines().any(|l| l == max), "missing {max}");
     assert!(line("cloak_masks{phase=\"Ready\"}").is_some(), "{metrics}");
+    // The provider's phase, the masks it keeps waiting (none), and every error category from
+    // 0 before any error.
+    // (Ready or Active: the status follows the lease a reconcile later.)
+    let usable = ["Ready", "Active"].map(|p| {
+        format!("cloak_provider_phase{{namespace=\"{ns}\",provider=\"metered\",phase=\"{p}\"}} 1")
+    });
+    assert!(
+        metrics.lines().any(|l| usable.iter().any(|u| u == l)),
+        "missing {usable:?} in\n{metrics}"
+    );
+    let waiting =
+        format!("cloak_provider_masks_waiting{{namespace=\"{ns}\",provider=\"metered\"}} 0");
+    assert!(
+        metrics.lines().any(|l| l == waiting),
+        "missing {waiting} in\n{metrics}"
+    );
+    assert!(
+        line("cloak_reconcile_errors_total{controller=\"vpnchain\",category=\"Timeout\"}")
+            .is_some(),
+        "{metrics}"
+    );
+    // Four masks for three slots: the provider keeps one waiting.
+    for name in ["m2", "m3", "m4"] {
+        mask(&client, &ns, name, &[]).await;
+    }
+    wait_for(
+        "one of them waits",
+        async || {
+            let mut phases = Vec::new();
+            for name in ["m2", "m3", "m4"] {
+                phases.push(phase(&mask_status(&client, &ns, name).await));
+            }
+            phases
+        },
+        |phases| phases.contains(&Some(MaskPhase::Waiting)),
+    )
+    .await;
+    let waiting =
+        format!("cloak_provider_masks_waiting{{namespace=\"{ns}\",provider=\"metered\"}} 1");
+    let (_, metrics) = admin_get("/metrics").await;
+    assert!(
+        metrics.lines().any(|l| l == waiting),
+        "missing {waiting} in\n{metrics}"
+    );
 }
 
 #[tokio::test]

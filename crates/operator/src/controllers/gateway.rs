@@ -341,20 +341,41 @@ async fn apply(gateway: &VpnGateway, ctx: &Context) -> Result<Action> {
 
     // The exits' admin token, made once and kept: their pods mount it, and the operator alone
     // (of every pod) sends it to ask them for their status.
+    // Beside it, the metrics reader token's hash, followed when the token changes.
     let admin = exit::admin_secret_name(&name);
-    if ctx
-        .secrets
-        .get(&ObjectRef::new(&admin).within(&ns))
-        .is_none()
-    {
-        let secret = exit::admin_secret(&name, &ns, &owner, &exit::new_admin_token())?;
-        match Api::<Secret>::namespaced(ctx.client.clone(), &ns)
-            .create(&PostParams::default(), &secret)
-            .await
-        {
-            Ok(_) => {}
-            Err(kube::Error::Api(e)) if e.code == 409 => {}
-            Err(e) => return Err(e.into()),
+    let metrics_hash = metrics_hash(ctx);
+    match ctx.secrets.get(&ObjectRef::new(&admin).within(&ns)) {
+        None => {
+            let secret = exit::admin_secret(
+                &name,
+                &ns,
+                &owner,
+                &exit::new_admin_token(),
+                metrics_hash.as_deref(),
+            )?;
+            match Api::<Secret>::namespaced(ctx.client.clone(), &ns)
+                .create(&PostParams::default(), &secret)
+                .await
+            {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 409 => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Some(found) => {
+            let recorded = found
+                .annotations()
+                .get(exit::ANNOTATION_METRICS_HASH)
+                .filter(|h| !h.is_empty());
+            if recorded != metrics_hash.as_ref() {
+                Api::<Secret>::namespaced(ctx.client.clone(), &ns)
+                    .patch(
+                        &admin,
+                        &PatchParams::default(),
+                        &Patch::Merge(exit::metrics_hash_patch(metrics_hash.as_deref())),
+                    )
+                    .await?;
+            }
         }
     }
 
@@ -849,6 +870,20 @@ fn drain_grace(gateway: &VpnGateway) -> Duration {
         .map_or(exit::DEFAULT_DRAIN_GRACE, cloak_api::GoDuration::get)
 }
 
+/// The SHA-256 of the cluster's metrics reader token, read from its file now (a mounted Secret
+/// follows a new token); None without one, or while it cannot be read.
+fn metrics_hash(ctx: &Context) -> Option<String> {
+    let path = ctx.config.metrics_token_file.as_ref()?;
+    match std::fs::read_to_string(path) {
+        Ok(token) if !token.trim().is_empty() => Some(exit::token_sha256(token.trim())),
+        Ok(_) => None,
+        Err(e) => {
+            tracing::debug!(path = %path.display(), %e, "no metrics reader token");
+            None
+        }
+    }
+}
+
 /// How often a gateway with inbound ports asks its exits what is forwarded (NAT-PMP renews
 /// every 30 s).
 const PORTS_CHECK: Duration = Duration::from_secs(5);
@@ -1045,7 +1080,6 @@ async fn exit_pod(
             ..mask_ref
         },
         drain_grace: drain_grace(gateway),
-        metrics_token_sha256: ctx.config.metrics_token_sha256.as_deref(),
     })?;
     let created = Api::<Pod>::namespaced(ctx.client.clone(), &ns)
         .create(&PostParams::default(), &pod)

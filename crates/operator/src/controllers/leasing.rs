@@ -206,6 +206,32 @@ fn assignment(provider: &ProviderSlots, slot: u32, mask: &VpnMask) -> AssignedPr
     }
 }
 
+/// Per provider uid: the masks waiting for a slot that it could serve (its tags and namespaces
+/// match theirs), from the caches: what `cloak_provider_masks_waiting` says.
+pub(crate) fn waiting_by_provider(ctx: &Context) -> std::collections::BTreeMap<String, i64> {
+    let providers = provider_slots(ctx, false);
+    let mut waiting = std::collections::BTreeMap::new();
+    for mask in ctx.masks.state() {
+        let Ok(mask) = &mask.0 else { continue };
+        let phase = mask.status.as_ref().and_then(|s| s.phase);
+        if phase != Some(MaskPhase::Waiting) {
+            continue;
+        }
+        let (namespace, uid) = (mask.namespace().unwrap_or_default(), mask.uid());
+        let request = MaskRequest {
+            namespace: &namespace,
+            tags: &mask.spec.providers,
+            pinned_uid: None,
+            uid: uid.as_deref().unwrap_or_default(),
+            avoid: &mask.spec.avoid_providers,
+        };
+        for provider in providers.iter().filter(|p| slots::matches(p, &request)) {
+            *waiting.entry(provider.uid.clone()).or_default() += 1;
+        }
+    }
+    waiting
+}
+
 /// The allocator's view of every provider, from the caches.
 fn provider_slots(ctx: &Context, include_unusable: bool) -> Vec<ProviderSlots> {
     // One pass over the reservations, not one per provider: with 10,000 reservations and 50
