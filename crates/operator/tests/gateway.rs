@@ -52,6 +52,7 @@ fn operator() -> Client {
             intranet: vec!["10.244.0.0/16".parse().unwrap()],
             // The server-list test serves its list on loopback, over plain HTTP.
             allow_http_server_lists: true,
+            metrics_token_file: Some(metrics_token_file()),
             ..cloak_operator::Config::default()
         };
         std::thread::spawn(move || {
@@ -64,6 +65,18 @@ fn operator() -> Client {
         });
     });
     cp.client()
+}
+
+/// The metrics reader token the operator reads (written before it starts, changed by a test).
+fn metrics_token_file() -> std::path::PathBuf {
+    static FILE: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    FILE.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap().keep();
+        let file = dir.join("token");
+        std::fs::write(&file, "reader-1\n").unwrap();
+        file
+    })
+    .clone()
 }
 
 /// What every exit's agent answers when the operator asks for its public address.
@@ -1510,4 +1523,74 @@ async fn a_server_list_url_is_fetched_refreshed_and_its_last_good_copy_kept_when
     })
     .await;
     assert_eq!(s.phase, Some(cloak_api::ProviderPhase::ErrVerifyFailed));
+}
+
+/// The metrics reader's hash on a gateway's admin Secret: (annotation, data key).
+async fn metrics_hash_on(client: &Client, ns: &str, gateway: &str) -> (String, String) {
+    let secret = Api::<Secret>::namespaced(client.clone(), ns)
+        .get_opt(&exit::admin_secret_name(gateway))
+        .await
+        .unwrap()
+        .unwrap_or_default();
+    let annotation = secret
+        .annotations()
+        .get(exit::ANNOTATION_METRICS_HASH)
+        .cloned()
+        .unwrap_or_default();
+    let data = secret
+        .data
+        .unwrap_or_default()
+        .get(exit::METRICS_HASH_KEY)
+        .map(|v| String::from_utf8_lossy(&v.0).into_owned())
+        .unwrap_or_default();
+    (annotation, data)
+}
+
+#[tokio::test]
+async fn exits_get_the_metrics_readers_hash_in_their_admin_secret_and_a_new_token_follows() {
+    let (client, ns) = setup("gw-metrics-hash", 1).await;
+    let want = |token: &str| {
+        let hash = exit::token_sha256(token);
+        (hash.clone(), hash)
+    };
+    gateway(&client, ns.name(), "scraped", 1).await;
+    let deadline = Instant::now() + WAIT;
+    while metrics_hash_on(&client, ns.name(), "scraped").await != want("reader-1") {
+        assert!(
+            Instant::now() < deadline,
+            "no hash of the reader token: {:?}",
+            metrics_hash_on(&client, ns.name(), "scraped").await
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The token changes (a new Secret, mounted into the operator): the next reconcile writes
+    // the new hash, which the exits' mounted Secret follows.
+    std::fs::write(metrics_token_file(), "reader-2").unwrap();
+    Api::<VpnGateway>::namespaced(client.clone(), ns.name())
+        .patch(
+            "scraped",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {"test/nudge": "1"}}})),
+        )
+        .await
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    while metrics_hash_on(&client, ns.name(), "scraped").await != want("reader-2") {
+        assert!(
+            Instant::now() < deadline,
+            "the new token's hash never came: {:?}",
+            metrics_hash_on(&client, ns.name(), "scraped").await
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Never the token itself.
+    let secret = Api::<Secret>::namespaced(client.clone(), ns.name())
+        .get(&exit::admin_secret_name("scraped"))
+        .await
+        .unwrap();
+    let text = serde_json::to_string(&secret).unwrap();
+    assert!(
+        !text.contains("reader-2") && !text.contains("cmVhZGVyLTI"),
+        "{text}"
+    );
 }
