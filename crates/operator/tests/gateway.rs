@@ -1553,16 +1553,19 @@ async fn exits_get_the_metrics_readers_hash_in_their_admin_secret_and_a_new_toke
         let hash = exit::token_sha256(token);
         (hash.clone(), hash)
     };
+    let until_hash = async |token: &str| {
+        let deadline = Instant::now() + WAIT;
+        while metrics_hash_on(&client, ns.name(), "scraped").await != want(token) {
+            assert!(
+                Instant::now() < deadline,
+                "no hash of {token}: {:?}",
+                metrics_hash_on(&client, ns.name(), "scraped").await
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
     gateway(&client, ns.name(), "scraped", 1).await;
-    let deadline = Instant::now() + WAIT;
-    while metrics_hash_on(&client, ns.name(), "scraped").await != want("reader-1") {
-        assert!(
-            Instant::now() < deadline,
-            "no hash of the reader token: {:?}",
-            metrics_hash_on(&client, ns.name(), "scraped").await
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    until_hash("reader-1").await;
     // The token changes (a new Secret, mounted into the operator): the next reconcile writes
     // the new hash, which the exits' mounted Secret follows.
     std::fs::write(metrics_token_file(), "reader-2").unwrap();
@@ -1574,15 +1577,7 @@ async fn exits_get_the_metrics_readers_hash_in_their_admin_secret_and_a_new_toke
         )
         .await
         .unwrap();
-    let deadline = Instant::now() + WAIT;
-    while metrics_hash_on(&client, ns.name(), "scraped").await != want("reader-2") {
-        assert!(
-            Instant::now() < deadline,
-            "the new token's hash never came: {:?}",
-            metrics_hash_on(&client, ns.name(), "scraped").await
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    until_hash("reader-2").await;
     // Never the token itself.
     let secret = Api::<Secret>::namespaced(client.clone(), ns.name())
         .get(&exit::admin_secret_name("scraped"))
