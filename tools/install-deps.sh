@@ -21,6 +21,7 @@ declare -A packages=(
   [ip]=iproute2 [nft]=nftables [iptables]=iptables [conntrack]=conntrack
   [openvpn]=openvpn [sshd]=openssh-server [ssh]=openssh-client [wg]=wireguard-tools
   [curl]=curl [python3]=python3 [unzip]=unzip [npm]=npm [iperf3]=iperf3 [ping]=iputils-ping
+  [make]=make [gcc]=gcc
 )
 missing=()
 for cmd in "${!packages[@]}"; do
