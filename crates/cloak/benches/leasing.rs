@@ -50,14 +50,7 @@ async fn apiserver_requests(client: &Client) -> f64 {
 
 /// How many samples the operator's `/metrics` holds (what one scrape stores).
 fn series(admin: std::net::SocketAddr) -> usize {
-    use std::io::{Read as _, Write as _};
-    let mut stream = std::net::TcpStream::connect(admin).unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.0\r\nHost: operator\r\n\r\n")
-        .unwrap();
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).unwrap();
-    let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    let (_, body) = cloak_testkit::http_get(admin, "/metrics").unwrap();
     body.lines()
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
         .count()

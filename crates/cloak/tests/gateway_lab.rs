@@ -121,13 +121,7 @@ fn a_deleted_exit_pod_moves_new_flows_to_the_other_and_is_replaced_on_the_next_s
         Duration::from_mins(3),
         || {
             let gw = gateway(lab);
-            let exit = gw["status"]["exits"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .find(|e| str_at(e, "/name") == gone_name)
-                .cloned()
-                .unwrap_or_default();
+            let exit = exit_named(&gw, &gone_name);
             if exit["health"] == "Healthy" && str_at(&exit, "/server") != gone_server {
                 Ok(exit)
             } else {

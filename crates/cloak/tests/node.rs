@@ -193,18 +193,7 @@ impl Rig {
 
     /// `GET path` from the daemon's admin server: status code and body.
     fn admin_get(&self, path: &str) -> (u16, String) {
-        use std::io::{Read as _, Write as _};
-        let mut stream =
-            std::net::TcpStream::connect_timeout(&self.admin, Duration::from_secs(2)).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
-        write!(stream, "GET {path} HTTP/1.0\r\nHost: node\r\n\r\n").unwrap();
-        let mut answer = String::new();
-        stream.read_to_string(&mut answer).unwrap();
-        let status = answer[9..12].parse().unwrap();
-        let body = answer.split_once("\r\n\r\n").unwrap().1.to_owned();
-        (status, body)
+        cloak_testkit::http_get(self.admin, path).unwrap()
     }
 
     /// One sample's value from the daemon's `/metrics`, a whole number (0 when absent).

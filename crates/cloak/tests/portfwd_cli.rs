@@ -4,7 +4,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers
 
 use std::{
-    io::{Read, Write},
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -12,20 +11,7 @@ use std::{
 use cloak_testkit::{ControlPlane, netns::Netns};
 
 fn get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
-        .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let code = response.split_whitespace().nth(1)?.parse().ok()?;
-    Some((
-        code,
-        response
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default(),
-    ))
+    cloak_testkit::http_get(([127, 0, 0, 1], port).into(), path).ok()
 }
 
 /// Kills the process when the test ends, even on panic.

@@ -780,10 +780,17 @@ impl Daemon {
 
     /// The gateway (namespace, name) whose status lists exit `vni`.
     fn gateway_of(&self, vni: u32) -> Option<(String, String)> {
-        self.gateways.state().iter().find_map(|g| {
-            let gateway = g.0.as_ref().ok()?;
-            let listed = gateway.status.as_ref()?.exits.iter().any(|e| e.vni == vni);
-            listed.then(|| (gateway.namespace().unwrap_or_default(), gateway.name_any()))
+        let (guard, _) = self.exit_by_vni(vni)?;
+        let gateway = guard.0.as_ref().ok()?;
+        Some((gateway.namespace().unwrap_or_default(), gateway.name_any()))
+    }
+
+    /// The gateway whose status lists exit `vni`, and that exit's name.
+    fn exit_by_vni(&self, vni: u32) -> Option<(Arc<DeserializeGuard<VpnGateway>>, String)> {
+        self.gateways.state().into_iter().find_map(|guard| {
+            let exits = &guard.0.as_ref().ok()?.status.as_ref()?.exits;
+            let exit = exits.iter().find(|e| e.vni == vni)?.name.clone();
+            Some((guard, exit))
         })
     }
 
@@ -836,17 +843,10 @@ impl Daemon {
     /// again) answering through its link: the failover the node makes on its own, which no pod's
     /// readiness shows.
     async fn tell_failover(&self, vni: u32, up: bool) {
-        let gateways = self.gateways.state();
-        let Some((gateway, exit)) = gateways.iter().find_map(|g| {
-            let gateway = g.0.as_ref().ok()?;
-            let exit = gateway
-                .status
-                .as_ref()?
-                .exits
-                .iter()
-                .find(|e| e.vni == vni)?;
-            Some((gateway, exit.name.clone()))
-        }) else {
+        let Some((guard, exit)) = self.exit_by_vni(vni) else {
+            return;
+        };
+        let Ok(gateway) = &guard.0 else {
             return;
         };
         let here = &self.options.node_name;

@@ -59,3 +59,26 @@ pub fn rss_mib(pid: u32) -> (f64, f64) {
     };
     (kib("VmRSS:") / 1024.0, kib("VmHWM:") / 1024.0)
 }
+
+/// `GET path` over HTTP/1.0 from a server on `addr` (an admin server, on loopback): its status
+/// code and body. Blocking, bounded (2 s to connect, 10 s to answer): for tests and benchmarks
+/// whose server runs in another process or thread.
+pub fn http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read as _, Write as _};
+    let mut stream =
+        std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    let status = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP answer: {answer:.80}")))?;
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}

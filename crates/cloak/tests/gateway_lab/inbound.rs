@@ -430,13 +430,7 @@ fn provider_forwarded_ports_reach_the_service_through_every_exit_follow_changes_
         Duration::from_mins(3),
         || {
             let gw = gateway(lab);
-            let exit = gw["status"]["exits"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .find(|e| str_at(e, "/name") == other_name)
-                .cloned()
-                .unwrap_or_default();
+            let exit = exit_named(&gw, &other_name);
             let replaced = str_at(&exit, "/server") != other_server && exit["health"] == "Healthy";
             if replaced && healthy_at.is_none() {
                 healthy_at = Some(std::time::Instant::now());
@@ -949,13 +943,7 @@ fn static_ports_reach_the_service_through_each_exit_with_nothing_asked() {
             Duration::from_mins(2),
             || {
                 let gw = gateway(lab);
-                let exit = gw["status"]["exits"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .find(|e| str_at(e, "/name") == *name)
-                    .cloned()
-                    .unwrap_or_default();
+                let exit = exit_named(&gw, name);
                 let published = exit["ports"]
                     .as_array()
                     .into_iter()

@@ -24,6 +24,17 @@ pub(crate) fn healthy_gateway(lab: &TestLab) -> Value {
     healthy_gateway_of(lab, 2)
 }
 
+/// Exit `name` as the gateway's status `gw` lists it (`null` while it is not listed).
+pub(crate) fn exit_named(gw: &Value, name: &str) -> Value {
+    gw["status"]["exits"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| str_at(e, "/name") == name)
+        .cloned()
+        .unwrap_or_default()
+}
+
 /// The example gateway once it has exactly `count` exits, every one healthy.
 pub(crate) fn healthy_gateway_of(lab: &TestLab, count: usize) -> Value {
     eventually(
